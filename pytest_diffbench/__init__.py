@@ -1,0 +1,3 @@
+"""pytest-diffbench: DiffBench as a pytest plugin."""
+
+__version__ = "0.1.0"
