@@ -1,0 +1,45 @@
+"""Hooks of pytest-diffbench. Implement them in a conftest.py or a plugin."""
+
+import pytest
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_diffbench_generate(task, config):
+    """Return the code under test for `task` as a `pytest_diffbench.evaluate.Candidate`.
+
+    The first non-None result wins. The reference generator (gold solutions) is the fallback;
+    `--diffbench-candidates` and DiffAgent (`--llm`) come before it. Raise
+    `pytest_diffbench.evaluate.HarnessError` for failures that are not the model's (API down).
+
+    Example conftest.py::
+
+        from pytest_diffbench.evaluate import Candidate
+
+        def pytest_diffbench_generate(task, config):
+            if task.family == "sd15":
+                return Candidate(code=open(f"mine/{task.id}.py").read(), source="mine")
+    """
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_diffbench_model_setup(config, mode, zoo_dir, model_ids):
+    """Return a `ModelSetup` (zoo, env, clip, detail) that makes `model_ids` loadable offline.
+
+    `mode` is the value of `--diffbench-models` (tiny | hub | auto). The repository's
+    `fixtures/plugin.py` implements it with the offline tiny zoo.
+    """
+
+
+@pytest.hookspec(firstresult=True)
+def pytest_diffbench_data_source(config):
+    """Return the `pytest_diffbench.workload.DataSource` with captions, class names, init images."""
+
+
+def pytest_diffbench_evaluated(task, record, config):
+    """Called after each task is evaluated with its result record (a dict, also in result.json).
+
+    Example conftest.py::
+
+        def pytest_diffbench_evaluated(task, record, config):
+            print(task.id, record["passed"], record.get("U"))
+    """

@@ -1,0 +1,304 @@
+"""The pytest surface of DiffBench: options, collection, fixtures, hooks, summary.
+
+The work is done by plain modules (tasks, evaluate, sandbox, stages, metrics, report); this
+module only wires them into pytest. Without `--diffbench-level` it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from . import hookspecs, report
+from .devices import device_for_worker, visible_devices
+from .evaluate import Candidate, Evaluator, HarnessError, Profile
+from .sandbox import SandboxLimits
+
+SESSION_KEY = pytest.StashKey["DiffbenchSession"]()
+SUITE_FILE = Path(__file__).with_name("suite.py")
+
+
+def pytest_addhooks(pluginmanager):
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("diffbench", "DiffBench: diffusion acceleration code benchmark")
+    group.addoption("--diffbench-level", metavar="LEVELS", default=None,
+                    help="run the DiffBench tasks of these levels: L1..L5, comma separated, or 'all'. "
+                         "Without it the plugin collects nothing.")
+    group.addoption("--diffbench-tasks", metavar="DIR", default=None,
+                    help="folder of task YAML files (default: <rootdir>/tasks)")
+    group.addoption("--diffbench-models", choices=("auto", "tiny", "hub"), default="auto",
+                    help="model weights: tiny = offline random stand-ins, hub = real weights from the "
+                         "Hugging Face cache, auto = hub where available locally, else tiny (default: auto)")
+    group.addoption("--diffbench-zoo-dir", metavar="DIR", default=None,
+                    help="where the tiny zoo is built (default: $DIFFBENCH_ZOO_DIR or "
+                         "~/.cache/pytest-diffbench/zoo)")
+    group.addoption("--diffbench-candidates", metavar="PATH", default=None,
+                    help="evaluate code already written: a folder of <task id>.py files or a JSONL "
+                         "file of {task_id, code}")
+    group.addoption("--diffbench-out", metavar="DIR", default=None,
+                    help="run directory for per-task code, images and result JSON "
+                         "(default: <rootdir>/.diffbench/runs/<timestamp>)")
+    group.addoption("--diffbench-cache-dir", metavar="DIR", default=None,
+                    help="baseline cache (default: $DIFFBENCH_CACHE_DIR or ~/.cache/pytest-diffbench)")
+    group.addoption("--diffbench-device", default="auto", metavar="DEVICE",
+                    help="cpu, cuda or auto (cuda when available) (default: auto)")
+    group.addoption("--diffbench-speed", choices=("auto", "flops", "wall"), default="auto",
+                    help="how U is measured: flops (denoiser FLOPs, deterministic), wall (timed calls), "
+                         "auto = flops on the tiny zoo, wall otherwise (default: auto)")
+    group.addoption("--diffbench-repeats", type=int, default=None, metavar="N",
+                    help="timed calls per evaluation after the first (default: 1 with flops, 3 with wall)")
+    group.addoption("--diffbench-samples", type=int, default=None, metavar="N",
+                    help="override the workload size of every task (default: the task's, usually 10)")
+    group.addoption("--diffbench-clip", default=None, metavar="SPEC",
+                    help="open_clip model for CLIP score: NAME/PRETRAINED or local-dir:DIR "
+                         "(default: the zoo's choice; on the tiny zoo a tiny random CLIP)")
+    group.addoption("--diffbench-clip-threshold", type=float, default=20.0, metavar="SCORE",
+                    help="stage 2 minimum mean CLIP score, applied with learned CLIP weights (default: 20)")
+    group.addoption("--diffbench-candidate-timeout", type=float, default=900.0, metavar="SECONDS",
+                    help="wall-clock limit per sandboxed run (default: 900)")
+    group.addoption("--diffbench-memory-mb", type=int, default=16384, metavar="MB",
+                    help="resident memory limit per sandboxed run (default: 16384)")
+    group.addoption("--diffbench-threads", type=int, default=None, metavar="N",
+                    help="torch threads per child (default: CPU count / xdist workers)")
+
+
+class DiffbenchSession:
+    """The run's state, built once per process in pytest_configure."""
+
+    def __init__(self, config, tasks, levels):
+        self.config, self.tasks, self.levels = config, tasks, levels
+        self.by_id = {t.id: t for t in tasks}
+        self.started = time.time()
+        self.records: list[dict] = []  # controller: from reports
+        self.run_dir = self._run_dir()
+        self.cache_dir = Path(config.getoption("diffbench_cache_dir") or os.environ.get("DIFFBENCH_CACHE_DIR")
+                              or Path.home() / ".cache" / "pytest-diffbench")
+        self.zoo_dir = Path(config.getoption("diffbench_zoo_dir") or os.environ.get("DIFFBENCH_ZOO_DIR")
+                            or Path.home() / ".cache" / "pytest-diffbench" / "zoo")
+        self._evaluator: Evaluator | None = None
+        self._setup_error: str | None = None
+
+    def _run_dir(self) -> Path:
+        workerinput = getattr(self.config, "workerinput", None)
+        if workerinput and "diffbench_out" in workerinput:
+            return Path(workerinput["diffbench_out"])
+        given = self.config.getoption("diffbench_out")
+        if given:
+            return Path(given).resolve()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return self.config.rootpath / ".diffbench" / "runs" / stamp
+
+    # -- hooks: the session object is registered as a plugin ------------------------------
+    def pytest_runtest_logreport(self, report):
+        row = report_row(report)
+        if row is not None:
+            self.records.append(row)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if getattr(self.config, "workerinput", None) is not None:
+            return
+        terminalreporter.section("diffbench summary")
+        for line in report.summary_lines(self.records, self.levels, time.time() - self.started, self.run_dir):
+            terminalreporter.write_line(line)
+
+    def model_setup(self, build: bool):
+        ids = sorted({t.model for t in self.tasks})
+        setup = self.config.hook.pytest_diffbench_model_setup(
+            config=self.config, mode=self.config.getoption("diffbench_models"), zoo_dir=self.zoo_dir,
+            model_ids=ids, build=build)
+        if setup is None:
+            raise HarnessError("no plugin provides the model zoo (pytest_diffbench_model_setup); run pytest from "
+                               "the pytest-diffbench repository, whose conftest.py loads fixtures/plugin.py")
+        return setup
+
+    def evaluator(self) -> Evaluator:
+        """Built on first use in each worker; a failure is a harness error for every task."""
+        if self._setup_error:
+            raise HarnessError(self._setup_error)
+        if self._evaluator is None:
+            try:
+                self._evaluator = self._build_evaluator()
+            except HarnessError as exc:
+                self._setup_error = str(exc)
+                raise
+        return self._evaluator
+
+    def _build_evaluator(self) -> Evaluator:
+        import torch
+
+        from . import __version__
+
+        config = self.config
+        setup = self.model_setup(build=True)
+        data = config.hook.pytest_diffbench_data_source(config=config)
+        if data is None:
+            raise HarnessError("no plugin provides the benchmark data (pytest_diffbench_data_source)")
+        device = config.getoption("diffbench_device")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise HarnessError("--diffbench-device=cuda but CUDA is not available in this process")
+        worker_id = getattr(config, "workerinput", {}).get("workerid")
+        visible = None
+        device_name = "cpu"
+        if device.startswith("cuda"):
+            visible = device_for_worker(worker_id, visible_devices())
+            device_name = torch.cuda.get_device_name(0)
+            device = "cuda"
+        speed = config.getoption("diffbench_speed")
+        if speed == "auto":
+            speed = "flops" if setup.zoo == "tiny" else "wall"
+        repeats = config.getoption("diffbench_repeats") or (1 if speed == "flops" else 3)
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        threads = config.getoption("diffbench_threads") or max(1, (os.cpu_count() or 1) // workers)
+        clip_spec = config.getoption("diffbench_clip") or setup.clip
+        clip_pretrained = bool(clip_spec) and setup.zoo != "tiny" and not clip_spec.startswith("local-dir:")
+        import diffusers
+        import transformers
+
+        versions = {"pytest_diffbench": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                    "transformers": transformers.__version__}
+        profile = Profile(zoo=setup.zoo, zoo_detail=setup.detail, model_env=dict(setup.env), device=device,
+                          device_name=device_name, visible_devices=visible, clip_spec=clip_spec,
+                          clip_pretrained=clip_pretrained,
+                          clip_threshold=config.getoption("diffbench_clip_threshold"), speed_method=speed,
+                          repeats=repeats, threads=threads, samples=config.getoption("diffbench_samples"),
+                          limits=SandboxLimits(timeout_s=config.getoption("diffbench_candidate_timeout"),
+                                               memory_mb=config.getoption("diffbench_memory_mb")),
+                          versions=versions)
+        return Evaluator(profile, data, self.cache_dir, self.run_dir)
+
+
+def _load_tasks(config):
+    from .tasks import TaskError, load_tasks, parse_levels, select_tasks
+
+    try:
+        levels = parse_levels(config.getoption("diffbench_level"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--diffbench-level: {exc}") from None
+    tasks_dir = Path(config.getoption("diffbench_tasks") or config.rootpath / "tasks")
+    if not tasks_dir.is_dir():
+        raise pytest.UsageError(f"--diffbench-tasks: {tasks_dir} is not a folder of task YAML files")
+    try:
+        tasks = load_tasks(tasks_dir)
+    except TaskError as exc:
+        raise pytest.UsageError(f"invalid DiffBench task: {exc}") from None
+    return select_tasks(tasks, levels), levels
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if not config.getoption("diffbench_level"):
+        return
+    tasks, levels = _load_tasks(config)
+    session = DiffbenchSession(config, tasks, levels)
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(session, "diffbench-session")
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args[:] = [str(SUITE_FILE)]
+    elif str(SUITE_FILE) not in config.args:
+        config.args.append(str(SUITE_FILE))
+    from .candidates import CandidatesGenerator, ReferenceGenerator
+
+    config.pluginmanager.register(ReferenceGenerator(), "diffbench-reference-generator")
+    path = config.getoption("diffbench_candidates")
+    if path:
+        try:
+            generator = CandidatesGenerator(Path(path), set(session.by_id))
+        except ValueError as exc:
+            raise pytest.UsageError(f"--diffbench-candidates: {exc}") from None
+        config.pluginmanager.register(generator, "diffbench-candidates-generator")
+
+
+def _session(config) -> DiffbenchSession | None:
+    return config.stash.get(SESSION_KEY, None)
+
+
+def pytest_configure_node(node):  # xdist controller -> worker: one run directory for all
+    session = _session(node.config)
+    if session is not None:
+        node.workerinput["diffbench_out"] = str(session.run_dir)
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.name != "test_task" or Path(str(metafunc.definition.path)) != SUITE_FILE:
+        return
+    session = _session(metafunc.config)
+    tasks = session.tasks if session else []
+    metafunc.parametrize("diffbench_task", [pytest.param(t, id=t.id, marks=pytest.mark.xdist_group(t.family))
+                                            for t in tasks])
+
+
+def pytest_report_header(config):
+    session = _session(config)
+    if session is None:
+        return None
+    counts = ", ".join(f"{lvl} {sum(t.level == lvl for t in session.tasks)}" for lvl in sorted(session.levels))
+    generator = "candidates from " + config.getoption("diffbench_candidates") if config.getoption(
+        "diffbench_candidates") else (f"llm {config.getoption('llm')}" if getattr(config.option, "llm", None)
+                                      else "reference (gold solutions)")
+    try:
+        setup = session.model_setup(build=False)
+        models = f"{setup.zoo} ({setup.detail})"
+    except Exception as exc:
+        models = f"unavailable: {exc}"
+    return [f"diffbench: {len(session.tasks)} tasks ({counts}); generator: {generator}",
+            f"diffbench: models: {models}; device: {config.getoption('diffbench_device')}; "
+            f"speed: {config.getoption('diffbench_speed')}; run dir: {session.run_dir}"]
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def diffbench_session(request) -> DiffbenchSession:
+    session = _session(request.config)
+    if session is None:
+        pytest.skip("DiffBench is not enabled (use --diffbench-level)")
+    return session
+
+
+@pytest.fixture
+def diffbench_candidate(diffbench_task, request) -> Candidate:
+    """The code under test, from the first generator that answers (hook pytest_diffbench_generate)."""
+    candidate = request.config.hook.pytest_diffbench_generate(task=diffbench_task, config=request.config)
+    if candidate is None:
+        raise HarnessError(f"no generator produced a candidate for {diffbench_task.id}")
+    return candidate
+
+
+@pytest.fixture
+def diffbench_evaluation(diffbench_task, diffbench_candidate, diffbench_session, request) -> dict:
+    """Runs the candidate and the three stages; the test function asserts on the result."""
+    evaluator = diffbench_session.evaluator()
+    task = diffbench_task
+    record = evaluator.evaluate(task, diffbench_candidate, task.reference, task.gold)
+    for name, value in report.junit_properties(record):
+        request.node.user_properties.append((name, value))
+    request.config.hook.pytest_diffbench_evaluated(task=task, record=record, config=request.config)
+    return record
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+def report_row(rep) -> dict | None:
+    """One summary row per task, from the call report (or the setup report when setup failed)."""
+    if "test_task[" not in rep.nodeid:
+        return None
+    props = dict(rep.user_properties)
+    task_id = rep.nodeid.rsplit("[", 1)[1].rstrip("]")
+    if rep.when == "setup" and rep.failed:
+        return {"task_id": task_id, "level": task_id.split("-")[0], "passed": False, "category": "harness",
+                "message": str(rep.longrepr)[-500:]}
+    if rep.when != "call":
+        return None
+    return {"task_id": task_id, "level": props.get("diffbench_level", task_id.split("-")[0]),
+            "passed": rep.passed, "category": props.get("diffbench_category") or (None if rep.passed else "harness"),
+            "props": props, "duration": rep.duration}
+
+

@@ -1,0 +1,195 @@
+"""The three evaluation stages as plain functions over run results; no pytest here.
+
+Each stage returns the failures it found; `judge` runs them in order and stops at the first
+stage that fails, which gives the failure category of the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# Failure categories. The last two are not model failures.
+RUNTIME = "runtime"
+KEY_ATTRIBUTE = "key_attribute"
+ABSOLUTE_QUALITY = "absolute_quality"
+RELATIVE_QUALITY = "relative_quality"
+RELATIVE_SPEED = "relative_speed"
+NO_CANDIDATE = "no_candidate"
+HARNESS = "harness"
+MODEL_FAILURES = (RUNTIME, KEY_ATTRIBUTE, ABSOLUTE_QUALITY, RELATIVE_QUALITY, RELATIVE_SPEED)
+CATEGORY_TITLES = {
+    RUNTIME: "compilation/runtime error",
+    KEY_ATTRIBUTE: "key attribute error",
+    ABSOLUTE_QUALITY: "absolute quality error",
+    RELATIVE_QUALITY: "relative quality error",
+    RELATIVE_SPEED: "relative speed error",
+    NO_CANDIDATE: "no candidate",
+    HARNESS: "harness error",
+}
+
+# Fidelity bounds on profiles without a meaningful CLIP (tiny zoo): a candidate may lose at most
+# max(FIDELITY_MARGIN x gold's loss, gold's loss + FIDELITY_FLOOR), measured against the reference.
+FIDELITY_MARGIN = 1.5
+FIDELITY_FLOOR = 0.05
+# L1-L3 judge speed against the gold solution (not the reference: fp16 is slower on a CPU, and a
+# correct L2 answer must still pass there): a candidate may be at most this factor slower.
+MAX_SLOWDOWN_VS_GOLD = 2.0
+FLOAT_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    field: str
+    expected: Any
+    found: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: expected {self.expected!r}, found {self.found!r}"
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    stage_reached: int  # the stage that failed, or 3 when all passed
+    category: str | None
+    message: str
+    figures: dict = field(default_factory=dict)
+
+
+def _same_value(expected: Any, found: Any) -> bool:
+    if isinstance(expected, (int, float)) and isinstance(found, (int, float)) and not isinstance(expected, bool):
+        return math.isclose(float(expected), float(found), rel_tol=FLOAT_TOLERANCE, abs_tol=FLOAT_TOLERANCE)
+    return expected == found
+
+
+def key_attribute_mismatches(expect: Any, level: str, attributes: Mapping, gold_attributes: Mapping | None) -> list[Mismatch]:
+    """Stage 1: compare the live pipeline's attributes with the task's ground truth.
+
+    Fields that `expect` leaves as None are not checked (L4/L5 leave scheduler and steps free).
+    Steps are checked twice: the count requested from the scheduler on every pipeline call, and
+    the number of denoiser calls actually run, which must equal the gold solution's.
+    """
+    found_methods = dict(attributes.get("methods") or {})
+    out: list[Mismatch] = []
+    for name in ("pipeline_class", "model_id", "scheduler", "dtype"):
+        want = getattr(expect, name)
+        if want is not None and attributes.get(name) != want:
+            out.append(Mismatch(name, want, attributes.get(name)))
+    steps = attributes.get("steps") or {}
+    requested, calls = list(steps.get("requested") or []), list(steps.get("denoiser_calls") or [])
+    if expect.steps is not None:
+        if not requested:
+            out.append(Mismatch("steps", expect.steps, "no pipeline call reached the scheduler"))
+        elif any(r != expect.steps for r in requested):
+            out.append(Mismatch("steps", expect.steps, sorted(set(requested))))
+        elif gold_attributes is not None:
+            gold_calls = list((gold_attributes.get("steps") or {}).get("denoiser_calls") or [])
+            if gold_calls and sorted(set(calls)) != sorted(set(gold_calls)):
+                out.append(Mismatch("steps actually run (denoiser calls per pipeline call)",
+                                    sorted(set(gold_calls)), sorted(set(calls))))
+    if level in ("L4", "L5"):
+        allowed = expect.allowed_methods
+        if allowed is not None:
+            extra = sorted(set(found_methods) - set(allowed) - {"fp16"})
+            if extra:
+                out.append(Mismatch("methods", f"only {sorted(allowed)}", extra))
+        return out
+    want_methods = dict(expect.methods or {})
+    for name in sorted(set(want_methods) | set(found_methods)):
+        if name not in found_methods:
+            out.append(Mismatch(f"methods.{name}", "applied", "not applied"))
+            continue
+        if name not in want_methods:
+            out.append(Mismatch(f"methods.{name}", "not applied", found_methods[name]))
+            continue
+        for param, value in sorted((want_methods[name] or {}).items()):
+            got = (found_methods[name] or {}).get(param)
+            if not _same_value(value, got):
+                out.append(Mismatch(f"methods.{name}.{param}", value, got))
+    return out
+
+
+def runtime_failure(outcome_status: str, outcome_detail: str, result: Mapping | None) -> str | None:
+    """A message when the candidate did not run to the end, else None."""
+    if outcome_status != "ok":
+        return f"candidate process {outcome_status}: {outcome_detail}"
+    if result and result.get("status") == "error":
+        err = result.get("error") or {}
+        return f"{err.get('type', 'Error')} during {err.get('phase', '?')}: {err.get('message', '')}".strip()
+    return None
+
+
+def fidelity_bound(gold_loss: float | None) -> float:
+    gold_loss = gold_loss or 0.0
+    return max(FIDELITY_MARGIN * gold_loss, gold_loss + FIDELITY_FLOOR)
+
+
+@dataclass
+class StageInputs:
+    """Everything the stages need, computed by the evaluation driver."""
+
+    level: str
+    expect: Any
+    constraint: Any
+    outcome_status: str
+    outcome_detail: str
+    result: Mapping | None
+    gold_attributes: Mapping | None
+    structural_problems: tuple[str, ...] = ()
+    clip_meaningful: bool = False
+    clip_threshold: float | None = None
+    mean_clip: float | None = None
+    quality_method: str = "fidelity"  # clip | fidelity
+    quality_loss: float | None = None
+    quality_bound: float | None = None
+    speed_method: str = "flops"  # flops | wall
+    speedup: float | None = None
+    gold_speedup: float | None = None
+    latency_ms: float | None = None
+    figures: dict = field(default_factory=dict)
+
+
+def judge(inp: StageInputs) -> Verdict:
+    figures = dict(inp.figures)
+    failure = runtime_failure(inp.outcome_status, inp.outcome_detail, inp.result)
+    if failure:
+        return Verdict(False, 1, RUNTIME, failure, figures)
+
+    mismatches = key_attribute_mismatches(inp.expect, inp.level, inp.result.get("attributes") or {}, inp.gold_attributes)
+    if mismatches:
+        return Verdict(False, 1, KEY_ATTRIBUTE, "; ".join(str(m) for m in mismatches), figures)
+
+    if inp.structural_problems:
+        return Verdict(False, 2, ABSOLUTE_QUALITY, "; ".join(inp.structural_problems), figures)
+    if inp.clip_meaningful and inp.clip_threshold is not None and inp.mean_clip is not None:
+        if inp.mean_clip < inp.clip_threshold:
+            return Verdict(False, 2, ABSOLUTE_QUALITY,
+                           f"mean CLIP score: expected >= {inp.clip_threshold:.2f}, found {inp.mean_clip:.2f}", figures)
+
+    if inp.quality_loss is None or inp.quality_bound is None:
+        return Verdict(False, 3, HARNESS, "stage 3 figures missing (no baseline)", figures)
+    q_name = "L (CLIP)" if inp.quality_method == "clip" else "L (fidelity, nRMSE vs reference)"
+    if not inp.quality_loss <= inp.quality_bound:
+        return Verdict(False, 3, RELATIVE_QUALITY,
+                       f"{q_name}: expected <= {inp.quality_bound:.4f}, found {inp.quality_loss:.4f}", figures)
+    speed_name = f"speedup U ({inp.speed_method})"
+    if inp.level in ("L1", "L2", "L3"):
+        if inp.speedup is not None and inp.gold_speedup:
+            ratio = inp.speedup / inp.gold_speedup
+            if ratio < 1.0 / MAX_SLOWDOWN_VS_GOLD:
+                return Verdict(False, 3, RELATIVE_SPEED,
+                               f"{speed_name}: expected >= {inp.gold_speedup / MAX_SLOWDOWN_VS_GOLD:.3f} "
+                               f"(within {MAX_SLOWDOWN_VS_GOLD:g}x of the gold solution's {inp.gold_speedup:.3f}), "
+                               f"found {inp.speedup:.3f}", figures)
+    elif inp.level == "L4":
+        target = inp.constraint.min_speedup
+        if inp.speedup is None or inp.speedup < target:
+            return Verdict(False, 3, RELATIVE_SPEED, f"{speed_name}: expected >= {target:.3f}, found {inp.speedup}", figures)
+    elif inp.level == "L5":
+        target = inp.constraint.max_latency_ms
+        if inp.latency_ms is None or inp.latency_ms > target:
+            return Verdict(False, 3, RELATIVE_SPEED,
+                           f"latency per image ({inp.speed_method}): expected <= {target:.1f} ms, found {inp.latency_ms}", figures)
+    return Verdict(True, 3, None, "passed", figures)
