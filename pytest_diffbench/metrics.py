@@ -48,17 +48,17 @@ def structural_checks(images: np.ndarray, expected_count: int, expected_hw: tupl
     """Broken-output checks that need no learned model: count, size, non-constant, not all equal."""
     problems = []
     if len(images) != expected_count:
-        problems.append(f"expected {expected_count} images, found {len(images)}")
+        problems.append(f"image count: expected {expected_count}, found {len(images)}")
     if len(images):
         hw = tuple(images.shape[1:3])
         if hw != tuple(expected_hw):
-            problems.append(f"expected images of {expected_hw[1]}x{expected_hw[0]} (WxH), found {hw[1]}x{hw[0]}")
+            problems.append(f"image size (WxH): expected {expected_hw[1]}x{expected_hw[0]}, found {hw[1]}x{hw[0]}")
         stds = images.reshape(len(images), -1).astype(np.float64).std(axis=1)
         constant = [i for i, s in enumerate(stds) if s < CONSTANT_IMAGE_STD]
         if constant:
-            problems.append(f"{len(constant)} of {len(images)} images are constant (e.g. sample {constant[0]})")
+            problems.append(f"constant images: expected none, found {len(constant)} of {len(images)} (e.g. sample {constant[0]})")
         if len(images) > 1 and all(np.array_equal(images[0], im) for im in images[1:]):
-            problems.append("all samples are identical although each has its own seed")
+            problems.append(f"identical samples: expected one image per seed, found all {len(images)} identical")
     return StructuralReport(ok=not problems, problems=tuple(problems))
 
 

@@ -1,0 +1,151 @@
+"""Stage judgement, metrics, baseline cache, device mapping and prediction files, without torch."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pytest_diffbench import metrics, stages
+from pytest_diffbench.baselines import get_or_measure
+from pytest_diffbench.candidates import load_candidates
+from pytest_diffbench.devices import device_for_worker, visible_devices, worker_index
+
+
+def expect(**kw):
+    base = dict(pipeline_class="StableDiffusionPipeline", model_id="m/id", scheduler="DDIMScheduler", steps=20,
+                dtype="float32", methods={"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}, allowed_methods=None)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def attrs(**kw):
+    base = {"pipeline_class": "StableDiffusionPipeline", "model_id": "m/id", "scheduler": "DDIMScheduler",
+            "dtype": "float32", "steps": {"requested": [20, 20], "denoiser_calls": [20, 20]},
+            "methods": {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}}
+    base.update(kw)
+    return base
+
+
+def test_matching_attributes_pass():
+    assert stages.key_attribute_mismatches(expect(), "L2", attrs(), attrs()) == []
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"scheduler": "PNDMScheduler"}, "scheduler"),
+    ({"model_id": "other/model"}, "model_id"),
+    ({"dtype": "float16"}, "dtype"),
+    ({"steps": {"requested": [25], "denoiser_calls": [25]}}, "steps"),
+    ({"methods": {}}, "methods.deepcache"),
+    ({"methods": {"deepcache": {"cache_interval": 5, "cache_branch_id": 0}}}, "methods.deepcache.cache_interval"),
+    ({"methods": {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}, "tomesd": {"ratio": 0.5}}}, "methods.tomesd"),
+])
+def test_each_wrong_attribute_is_named(change, field):
+    found = stages.key_attribute_mismatches(expect(), "L2", attrs(**change), attrs())
+    assert [m.field for m in found] == [field]
+
+
+def test_steps_reported_but_not_run_is_caught():
+    lying = attrs(steps={"requested": [20], "denoiser_calls": [10]})
+    found = stages.key_attribute_mismatches(expect(), "L2", lying, attrs())
+    assert found and found[0].field.startswith("steps actually run")
+
+
+def test_l4_allows_free_scheduler_but_only_allowed_methods():
+    e = expect(scheduler=None, steps=None, methods=None, allowed_methods=["deepcache", "tomesd"])
+    assert stages.key_attribute_mismatches(e, "L4", attrs(scheduler="UniPCMultistepScheduler"), None) == []
+    bad = attrs(methods={"tgate": {"gate_step": 10}})
+    assert [m.field for m in stages.key_attribute_mismatches(e, "L4", bad, None)] == ["methods"]
+
+
+def inputs(**kw):
+    base = dict(level="L2", expect=expect(), constraint=SimpleNamespace(max_quality_loss=0.05, min_speedup=2.0,
+                                                                       max_latency_ms=100.0),
+                outcome_status="ok", outcome_detail="", result={"status": "ok", "attributes": attrs()},
+                gold_attributes=attrs(), quality_loss=0.01, quality_bound=0.05, speedup=2.0, gold_speedup=2.0)
+    base.update(kw)
+    return stages.StageInputs(**base)
+
+
+@pytest.mark.parametrize("change, stage, category", [
+    ({}, 3, None),
+    ({"outcome_status": "timeout", "outcome_detail": "killed"}, 1, stages.RUNTIME),
+    ({"result": {"status": "error", "error": {"phase": "import", "type": "SyntaxError", "message": "bad"}}}, 1, stages.RUNTIME),
+    ({"result": {"status": "ok", "attributes": attrs(scheduler="X")}}, 1, stages.KEY_ATTRIBUTE),
+    ({"structural_problems": ("constant images: expected none, found 10 of 10",)}, 2, stages.ABSOLUTE_QUALITY),
+    ({"clip_meaningful": True, "clip_threshold": 20.0, "mean_clip": 5.0}, 2, stages.ABSOLUTE_QUALITY),
+    ({"quality_loss": 0.2}, 3, stages.RELATIVE_QUALITY),
+    ({"speedup": 0.5}, 3, stages.RELATIVE_SPEED),
+    ({"level": "L4", "expect": expect(allowed_methods=None, methods=None), "speedup": 1.5}, 3, stages.RELATIVE_SPEED),
+    ({"level": "L5", "expect": expect(allowed_methods=None, methods=None), "latency_ms": 150.0}, 3, stages.RELATIVE_SPEED),
+    ({"level": "L5", "expect": expect(allowed_methods=None, methods=None), "latency_ms": 90.0}, 3, None),
+])
+def test_judge_stops_at_the_first_failing_stage(change, stage, category):
+    verdict = stages.judge(inputs(**change))
+    assert (verdict.stage_reached, verdict.category, verdict.passed) == (stage, category, category is None)
+    if category:
+        assert "expected" in verdict.message or "killed" in verdict.message or "SyntaxError" in verdict.message
+
+
+def test_fidelity_bound_has_margin_and_floor():
+    assert stages.fidelity_bound(0.0) == pytest.approx(0.05)
+    assert stages.fidelity_bound(0.4) == pytest.approx(0.6)
+
+
+def test_fidelity_and_structural_checks():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+    same = metrics.fidelity(ref, ref)
+    assert same["mean_nrmse"] == 0 and same["psnr_db"][0] == float("inf")
+    noisy = np.clip(ref.astype(int) + rng.integers(-20, 20, ref.shape), 0, 255).astype(np.uint8)
+    assert 0 < metrics.fidelity(noisy, ref)["mean_nrmse"] < 1
+    assert metrics.structural_checks(ref, 3, (16, 16)).ok
+    flat = np.full_like(ref, 128)
+    rep = metrics.structural_checks(flat, 4, (32, 16))
+    assert not rep.ok and len(rep.problems) == 4  # count, size, constant, identical
+
+
+def test_paper_l_and_u():
+    assert metrics.quality_loss([30, 30], [28.5, 28.5]) == pytest.approx(0.05)
+    assert metrics.speedup(10.0, 4.0) == pytest.approx(2.5)
+
+
+def test_baseline_cache_measures_once_and_rebuilds_corrupt_entries(tmp_path):
+    calls = []
+
+    def measure(images_dir):
+        calls.append(1)
+        (images_dir / "000.png").write_bytes(b"png-bytes")
+        return {"status": "ok", "images": ["000.png"]}
+
+    first = get_or_measure(tmp_path, "ab" * 16, measure)
+    second = get_or_measure(tmp_path, "ab" * 16, measure)
+    assert (first.hit, second.hit, len(calls)) == (False, True, 1)
+    (second.folder / "images" / "000.png").write_bytes(b"tampered")
+    third = get_or_measure(tmp_path, "ab" * 16, measure)
+    assert not third.hit and len(calls) == 2 and third.image_paths[0].read_bytes() == b"png-bytes"
+
+
+def test_worker_gpu_mapping():
+    assert worker_index("gw12") == 12 and worker_index("master") is None and worker_index(None) is None
+    assert device_for_worker("gw0", ["0", "1"]) == "0"
+    assert device_for_worker("gw1", ["0", "1"]) == "1"
+    assert device_for_worker("gw2", ["0", "1"]) == "0"
+    assert device_for_worker("gw1", ["4", "7"]) == "7"  # worker i -> i-th *visible* device
+    assert device_for_worker(None, ["0", "1"]) == "0,1"
+    assert device_for_worker("gw0", []) is None
+    assert visible_devices({"CUDA_VISIBLE_DEVICES": "3, 5"}) == ["3", "5"]
+    assert visible_devices({}, device_count=2) == ["0", "1"]
+
+
+def test_candidates_from_folder_and_jsonl(tmp_path):
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    (folder / "L1-a.py").write_text("x = 1\n")
+    assert load_candidates(folder) == {"L1-a": "x = 1\n"}
+    jsonl = tmp_path / "preds.jsonl"
+    jsonl.write_text(json.dumps({"task_id": "L1-a", "code": "y"}) + "\n\n")
+    assert load_candidates(jsonl) == {"L1-a": "y"}
+    jsonl.write_text('{"task_id": "L1-a", "code": "y"}\n{broken\n')
+    with pytest.raises(ValueError, match=r"preds.jsonl:2: not valid JSON"):
+        load_candidates(jsonl)
