@@ -26,7 +26,11 @@ class ReferenceGenerator:
 
 
 def load_candidates(path: Path) -> dict[str, str]:
-    """task id -> code, from a folder of `<task id>.py` files or a JSONL file of {task_id, code}."""
+    """Key -> code, from a folder of `<task id>.py` files or a JSONL file of {task_id, code}.
+
+    The key is the task id, or `<task id>@<candidate id>` for JSONL entries with a `candidate_id`
+    (a manifest of several candidates for one task, as the GA writes).
+    """
     if path.is_dir():
         return {p.stem: p.read_text() for p in sorted(path.glob("*.py"))}
     if not path.is_file():
@@ -41,9 +45,12 @@ def load_candidates(path: Path) -> dict[str, str]:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("task_id"), str) or not isinstance(entry.get("code"), str):
             raise ValueError(f"{path}:{lineno}: expected an object with string fields 'task_id' and 'code'")
-        if entry["task_id"] in codes:
-            raise ValueError(f"{path}:{lineno}: task {entry['task_id']} appears twice")
-        codes[entry["task_id"]] = entry["code"]
+        key = entry["task_id"]
+        if entry.get("candidate_id") is not None:
+            key = f"{key}@{entry['candidate_id']}"
+        if key in codes:
+            raise ValueError(f"{path}:{lineno}: {key} appears twice")
+        codes[key] = entry["code"]
     return codes
 
 
@@ -53,11 +60,22 @@ class CandidatesGenerator:
     def __init__(self, path: Path, known_task_ids: set[str]):
         self.path = path
         self.codes = load_candidates(path)
-        # Ids of tasks that exist in the suite but were not selected are fine; unknown ids are likely typos.
-        self.unknown = sorted(set(self.codes) - known_task_ids)
+        self.variants: dict[str, list[str]] = {}  # task id -> candidate ids, for manifests with several
+        for key in self.codes:
+            task_id, _, candidate_id = key.partition("@")
+            if candidate_id:
+                self.variants.setdefault(task_id, []).append(candidate_id)
+        self.unknown = sorted({k.partition("@")[0] for k in self.codes} - known_task_ids)
         if self.unknown:
-            warnings.warn(f"--diffbench-candidates {path}: {len(self.unknown)} entries match no selected task, "
+            warnings.warn(f"--diffbench-candidates {path}: {len(self.unknown)} entries match no task of the suite, "
                           f"e.g. {self.unknown[:3]}", stacklevel=2)
+
+    def candidate_for(self, task, candidate_id: str | None) -> Candidate:
+        key = f"{task.id}@{candidate_id}" if candidate_id else task.id
+        code = self.codes.get(key)
+        if code is None:
+            return Candidate(code=None, source=f"candidates:{self.path}", reason=f"no candidate for {key} in {self.path}")
+        return Candidate(code=code, source=f"candidates:{self.path}")
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_diffbench_generate(self, task, config):

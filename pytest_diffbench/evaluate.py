@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,13 +133,39 @@ class Evaluator:
         return (result.get("timing") or {}).get("latency_ms_per_image")
 
     # -- the whole evaluation -----------------------------------------------------------------
-    def evaluate(self, task, candidate: Candidate, reference_code: str, gold_code: str | None) -> dict:
-        task_dir = self.run_dir / task.id
-        shutil.rmtree(task_dir, ignore_errors=True)
-        task_dir.mkdir(parents=True)
+    def smoke(self, task, code: str, harness_dir: Path | None = None) -> dict:
+        """A quick run of `code` on one sample: does it run, and are its key attributes right?
+
+        Used by generators (the debugging agent) so that a fix is judged by running it in the same
+        sandbox as the evaluation. Returns {ok, category, message, attributes}.
+        """
+        batch, _ = build_batch(task, self.profile.zoo, self.data, self.cache_dir / "inputs", 1)
+        harness_dir = Path(harness_dir or Path(tempfile.mkdtemp(prefix="diffbench-smoke-")))
+        outcome = self.run_code("smoke", task, code, batch, harness_dir / "images", harness_dir / "sandbox")
+        failure = stages.runtime_failure(outcome.status, outcome.detail, outcome.result)
+        if failure:
+            err = (outcome.result or {}).get("error") or {}
+            tb = err.get("traceback") or outcome.stderr_tail[-2000:]
+            return {"ok": False, "category": stages.RUNTIME, "message": f"{failure}\n{tb}".strip(), "attributes": None}
+        attributes = outcome.result.get("attributes") or {}
+        mismatches = stages.key_attribute_mismatches(task.expect, task.level, attributes, None)
+        if mismatches:
+            return {"ok": False, "category": stages.KEY_ATTRIBUTE, "message": "; ".join(map(str, mismatches)),
+                    "attributes": attributes}
+        return {"ok": True, "category": None, "message": "runs; key attributes match", "attributes": attributes}
+
+    def evaluate(self, task, candidate: Candidate, reference_code: str, gold_code: str | None,
+                 label: str | None = None) -> dict:
+        """Evaluate `candidate`; results go to <run dir>/<label or task id>/ (its agent/ folder is kept)."""
+        task_dir = self.run_dir / (label or task.id)
+        if task_dir.exists():
+            for child in task_dir.iterdir():
+                if child.name != "agent":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        task_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         batch, texts = build_batch(task, self.profile.zoo, self.data, self.cache_dir / "inputs", self.profile.samples)
-        record = {"task_id": task.id, "level": task.level, "model": task.model, "family": task.family,
+        record = {"task_id": task.id, "label": label or task.id, "level": task.level, "model": task.model, "family": task.family,
                   "profile": self.profile.name, "zoo": self.profile.zoo, "zoo_detail": self.profile.zoo_detail,
                   "device": self.profile.device_name, "candidate_source": candidate.source,
                   "quality_method": self.profile.quality_method, "speed_method": self.profile.speed_method,

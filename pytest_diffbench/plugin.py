@@ -82,6 +82,7 @@ class DiffbenchSession:
         self.zoo_dir = Path(config.getoption("diffbench_zoo_dir") or os.environ.get("DIFFBENCH_ZOO_DIR")
                             or Path.home() / ".cache" / "pytest-diffbench" / "zoo")
         self._evaluator: Evaluator | None = None
+        self.candidates = None  # the CandidatesGenerator when --diffbench-candidates is given
         self._setup_error: str | None = None
 
     def _run_dir(self) -> Path:
@@ -189,14 +190,14 @@ def _load_tasks(config):
         tasks = load_tasks(tasks_dir)
     except TaskError as exc:
         raise pytest.UsageError(f"invalid DiffBench task: {exc}") from None
-    return select_tasks(tasks, levels), levels
+    return select_tasks(tasks, levels), {t.id for t in tasks}, levels
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     if not config.getoption("diffbench_level"):
         return
-    tasks, levels = _load_tasks(config)
+    tasks, all_ids, levels = _load_tasks(config)
     session = DiffbenchSession(config, tasks, levels)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "diffbench-session")
@@ -210,10 +211,11 @@ def pytest_configure(config):
     path = config.getoption("diffbench_candidates")
     if path:
         try:
-            generator = CandidatesGenerator(Path(path), set(session.by_id))
+            generator = CandidatesGenerator(Path(path), all_ids)
         except ValueError as exc:
             raise pytest.UsageError(f"--diffbench-candidates: {exc}") from None
         config.pluginmanager.register(generator, "diffbench-candidates-generator")
+        session.candidates = generator
 
 
 def _session(config) -> DiffbenchSession | None:
@@ -230,9 +232,13 @@ def pytest_generate_tests(metafunc):
     if metafunc.definition.name != "test_task" or Path(str(metafunc.definition.path)) != SUITE_FILE:
         return
     session = _session(metafunc.config)
-    tasks = session.tasks if session else []
-    metafunc.parametrize("diffbench_task", [pytest.param(t, id=t.id, marks=pytest.mark.xdist_group(t.family))
-                                            for t in tasks])
+    params = []
+    for task in session.tasks if session else []:
+        variants = session.candidates.variants.get(task.id) if session.candidates else None
+        for candidate_id in variants or [None]:
+            label = f"{task.id}@{candidate_id}" if candidate_id else task.id
+            params.append(pytest.param(task, candidate_id, id=label, marks=pytest.mark.xdist_group(task.family)))
+    metafunc.parametrize(["diffbench_task", "diffbench_candidate_id"], params)
 
 
 def pytest_report_header(config):
@@ -264,8 +270,14 @@ def diffbench_session(request) -> DiffbenchSession:
 
 
 @pytest.fixture
-def diffbench_candidate(diffbench_task, request) -> Candidate:
-    """The code under test, from the first generator that answers (hook pytest_diffbench_generate)."""
+def diffbench_candidate(diffbench_task, diffbench_candidate_id, diffbench_session, request) -> Candidate:
+    """The code under test, from the first generator that answers (hook pytest_diffbench_generate).
+
+    Items of a manifest with several candidates per task (`<task id>@<candidate id>`) take their
+    code straight from the manifest.
+    """
+    if diffbench_candidate_id is not None:
+        return diffbench_session.candidates.candidate_for(diffbench_task, diffbench_candidate_id)
     candidate = request.config.hook.pytest_diffbench_generate(task=diffbench_task, config=request.config)
     if candidate is None:
         raise HarnessError(f"no generator produced a candidate for {diffbench_task.id}")
@@ -273,11 +285,12 @@ def diffbench_candidate(diffbench_task, request) -> Candidate:
 
 
 @pytest.fixture
-def diffbench_evaluation(diffbench_task, diffbench_candidate, diffbench_session, request) -> dict:
+def diffbench_evaluation(diffbench_task, diffbench_candidate_id, diffbench_candidate, diffbench_session, request) -> dict:
     """Runs the candidate and the three stages; the test function asserts on the result."""
     evaluator = diffbench_session.evaluator()
     task = diffbench_task
-    record = evaluator.evaluate(task, diffbench_candidate, task.reference, task.gold)
+    label = f"{task.id}@{diffbench_candidate_id}" if diffbench_candidate_id else task.id
+    record = evaluator.evaluate(task, diffbench_candidate, task.reference, task.gold, label=label)
     for name, value in report.junit_properties(record):
         request.node.user_properties.append((name, value))
     request.config.hook.pytest_diffbench_evaluated(task=task, record=record, config=request.config)
@@ -291,7 +304,7 @@ def report_row(rep) -> dict | None:
     if "test_task[" not in rep.nodeid:
         return None
     props = dict(rep.user_properties)
-    task_id = rep.nodeid.rsplit("[", 1)[1].rstrip("]")
+    task_id = rep.nodeid.rsplit("[", 1)[1].rstrip("]").partition("@")[0]
     if rep.when == "setup" and rep.failed:
         return {"task_id": task_id, "level": task_id.split("-")[0], "passed": False, "category": "harness",
                 "message": str(rep.longrepr)[-500:]}
