@@ -22,11 +22,12 @@ def pytest_diffbench_generate(task, config):
 
 
 @pytest.hookspec(firstresult=True)
-def pytest_diffbench_model_setup(config, mode, zoo_dir, model_ids):
+def pytest_diffbench_model_setup(config, mode, zoo_dir, model_ids, build):
     """Return a `ModelSetup` (zoo, env, clip, detail) that makes `model_ids` loadable offline.
 
-    `mode` is the value of `--diffbench-models` (tiny | hub | auto). The repository's
-    `fixtures/plugin.py` implements it with the offline tiny zoo.
+    `mode` is the value of `--diffbench-models` (tiny | hub | auto). With `build=False` only
+    decide (for the session header); with `build=True` also build what is missing. The
+    repository's conftest.py implements it with the offline tiny zoo of `fixtures/`.
     """
 
 

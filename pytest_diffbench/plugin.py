@@ -102,7 +102,7 @@ class DiffbenchSession:
             self.records.append(row)
 
     def pytest_terminal_summary(self, terminalreporter):
-        if getattr(self.config, "workerinput", None) is not None:
+        if getattr(self.config, "workerinput", None) is not None or self.config.option.collectonly:
             return
         terminalreporter.section("diffbench summary")
         for line in report.summary_lines(self.records, self.levels, time.time() - self.started, self.run_dir):

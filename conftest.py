@@ -1,0 +1,21 @@
+"""Repository root: wires the benchmark's data and model zoo (fixtures/) and DiffAgent (agent/)
+into the pytest-diffbench plugin. pytest-diffbench itself is the installed `pytest_diffbench`."""
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm otherwise fetches prices at import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_diffbench_model_setup(config, mode, zoo_dir, model_ids, build):
+    from fixtures.plugin import resolve_models
+
+    return resolve_models(mode, zoo_dir, model_ids, build=build)
+
+
+def pytest_diffbench_data_source(config):
+    from fixtures import data
+    from pytest_diffbench.workload import DataSource
+
+    return DataSource(captions=data.coco_captions, class_names=data.imagenet_class_names,
+                      init_images=data.init_image_paths)
