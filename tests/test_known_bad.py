@@ -1,0 +1,104 @@
+"""Known-bad candidates, one per failure category: each fails at the right stage with the right
+category. Each is the task's gold solution with one defect added (a wrapper appended to the
+module or one value replaced), run through the real sandbox on the real tiny zoo."""
+
+from pathlib import Path
+
+import pytest
+
+from pytest_diffbench import stages
+from pytest_diffbench.evaluate import Candidate
+from pytest_diffbench.tasks import load_task
+
+TASK_FILE = Path(__file__).resolve().parent.parent / "tasks" / "L2" / "L2-sd15-t2i-deepcache-0006.yaml"
+
+WRAP_LOAD = """
+_gold_load_pipeline = load_pipeline
+def load_pipeline(device, dtype):
+    pipe = _gold_load_pipeline(device, dtype)
+{body}
+    return pipe
+"""
+WRAP_GENERATE = """
+_gold_generate = generate
+def generate(pipe, batch):
+{body}
+"""
+
+
+def wrap_load(body):
+    return WRAP_LOAD.format(body="\n".join("    " + line for line in body.splitlines()))
+
+
+def wrap_generate(body):
+    return WRAP_GENERATE.format(body="\n".join("    " + line for line in body.splitlines()))
+
+
+BAD = {
+    "syntax_error": (lambda gold, ref: gold + "\ndef broken(:\n    pass\n", 1, stages.RUNTIME, "SyntaxError"),
+    "exception": (lambda gold, ref: gold + wrap_generate("raise RuntimeError('boom in generate')"),
+                  1, stages.RUNTIME, "boom in generate"),
+    "wrong_model_id": (lambda gold, ref: gold.replace('"stable-diffusion-v1-5/stable-diffusion-v1-5"',
+                                                      '"stabilityai/stable-diffusion-2-1"'),
+                       1, stages.KEY_ATTRIBUTE, "model_id"),
+    "wrong_scheduler": (lambda gold, ref: gold + wrap_load(
+        "from diffusers import EulerDiscreteScheduler\n"
+        "pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)"),
+        1, stages.KEY_ATTRIBUTE, "scheduler: expected 'PNDMScheduler', found 'EulerDiscreteScheduler'"),
+    "wrong_steps": (lambda gold, ref: gold + wrap_generate(
+        "return _gold_generate(pipe, {**batch, 'num_inference_steps': batch['num_inference_steps'] - 10})"),
+        1, stages.KEY_ATTRIBUTE, "steps: expected 50"),
+    "acceleration_missing": (lambda gold, ref: ref, 1, stages.KEY_ATTRIBUTE, "methods.deepcache: expected 'applied'"),
+    "wrong_parameter": (lambda gold, ref: gold.replace("cache_interval=3", "cache_interval=5"),
+                        1, stages.KEY_ATTRIBUTE, "methods.deepcache.cache_interval: expected 3, found 5"),
+    "degenerate_images": (lambda gold, ref: gold + wrap_generate(
+        "from PIL import Image\n"
+        "images = _gold_generate(pipe, batch)\n"
+        "return [Image.new('RGB', im.size, (127, 127, 127)) for im in images]"),
+        2, stages.ABSOLUTE_QUALITY, "constant images"),
+    "noisy_images": (lambda gold, ref: gold + wrap_generate(
+        "import numpy as np\nfrom PIL import Image\n"
+        "rng = np.random.default_rng(0)\n"
+        "out = []\n"
+        "for im in _gold_generate(pipe, batch):\n"
+        "    a = np.asarray(im).astype(float) + rng.normal(0, 40, (im.size[1], im.size[0], 3))\n"
+        "    out.append(Image.fromarray(np.clip(a, 0, 255).astype('uint8')))\n"
+        "return out"),
+        3, stages.RELATIVE_QUALITY, "expected <="),
+    "much_slower": (lambda gold, ref: gold + wrap_generate(
+        "for _ in range(3):\n    _gold_generate(pipe, batch)\nreturn _gold_generate(pipe, batch)"),
+        3, stages.RELATIVE_SPEED, "within 2x of the gold solution"),
+    "hang": (lambda gold, ref: gold + wrap_generate("import time\ntime.sleep(10_000)"),
+             1, stages.RUNTIME, "timeout"),
+}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task(TASK_FILE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_known_bad_candidate_fails_at_its_stage(name, task, make_evaluator, tmp_path):
+    mutate, stage, category, message_part = BAD[name]
+    evaluator = make_evaluator(tmp_path / "run", timeout_s=60.0 if name == "hang" else 300.0)
+    code = mutate(task.gold, task.reference)
+    assert code != task.gold
+    record = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    assert (record["stage_reached"], record["category"]) == (stage, category), record["message"]
+    assert message_part in record["message"]
+    assert not record["passed"]
+    assert (tmp_path / "run" / task.id / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_gold_passes_and_no_candidate_is_not_a_model_failure(task, make_evaluator, tmp_path):
+    evaluator = make_evaluator(tmp_path / "run")
+    record = evaluator.evaluate(task, Candidate(code=task.gold, source="reference"), task.reference, task.gold)
+    assert record["passed"], record["message"]
+    assert record["U"] == pytest.approx(record["U_gold"]) and record["U"] > 1.5  # DeepCache cuts FLOPs
+    assert record["L"] <= record["L_bound"]
+    missing = evaluator.evaluate(task, Candidate(code=None, source="preds", reason="no candidate for it"),
+                                 task.reference, task.gold)
+    assert missing["category"] == stages.NO_CANDIDATE and stages.NO_CANDIDATE not in stages.MODEL_FAILURES
