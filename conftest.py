@@ -14,8 +14,6 @@ def pytest_diffbench_model_setup(config, mode, zoo_dir, model_ids, build):
 
 
 def pytest_diffbench_data_source(config):
-    from fixtures import data
-    from pytest_diffbench.workload import DataSource
+    from fixtures.profiles import data_source
 
-    return DataSource(captions=data.coco_captions, class_names=data.imagenet_class_names,
-                      init_images=data.init_image_paths)
+    return data_source()

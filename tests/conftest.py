@@ -23,19 +23,9 @@ def baseline_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def make_evaluator(tiny_zoo, baseline_cache_dir):
     """Build an Evaluator on the tiny zoo the way the plugin does, with small workloads."""
-    from fixtures import data
-    from pytest_diffbench.evaluate import Evaluator, Profile
-    from pytest_diffbench.sandbox import SandboxLimits
-    from pytest_diffbench.workload import DataSource
+    from fixtures.profiles import tiny_evaluator
 
     def make(run_dir, samples=2, timeout_s=300.0):
-        profile = Profile(zoo="tiny", zoo_detail=f"tiny zoo at {tiny_zoo.root}", model_env=tiny_zoo.env(),
-                          device="cpu", device_name="cpu", visible_devices=None, clip_spec=tiny_zoo.clip_spec,
-                          clip_pretrained=False, clip_threshold=20.0, speed_method="flops", repeats=1, threads=2,
-                          samples=samples, limits=SandboxLimits(timeout_s=timeout_s, memory_mb=8192),
-                          versions={"tests": "1"})
-        source = DataSource(captions=data.coco_captions, class_names=data.imagenet_class_names,
-                            init_images=data.init_image_paths)
-        return Evaluator(profile, source, baseline_cache_dir, run_dir)
+        return tiny_evaluator(tiny_zoo, baseline_cache_dir, run_dir, samples=samples, timeout_s=timeout_s)
 
     return make
