@@ -1,0 +1,77 @@
+"""Harness benchmark: where the time of one task goes, baseline cache hits, and how repeatable U is.
+
+    python benchmarks/harness_bench.py [--tasks ID ...] [--repeats 5] [--samples 10] [--speed flops|wall]
+
+For each task it evaluates the gold solution `--repeats` times with a cold then warm baseline
+cache and prints: time per task, time in the candidate's sandboxed child versus the rest of the
+harness (baselines, metrics, I/O), baseline cache hits, and the spread of U over the repeats.
+Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fixtures.profiles import tiny_evaluator  # noqa: E402
+from fixtures.zoo import ensure_tiny_zoo  # noqa: E402
+from pytest_diffbench.evaluate import Candidate  # noqa: E402
+from pytest_diffbench.tasks import load_tasks  # noqa: E402
+
+DEFAULT_TASKS = ["L1-sd15-t2i-0001", "L2-sd15-t2i-deepcache-0006", "L3-sdxl-t2i-dpmsolver-deepcache-0002",
+                 "L2-pixart-alpha-t2i-tgate-0014"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="*", default=DEFAULT_TASKS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=None, help="default: each task's workload (10)")
+    parser.add_argument("--speed", choices=("flops", "wall"), default="flops")
+    parser.add_argument("--zoo-dir", default=os.environ.get("DIFFBENCH_ZOO_DIR", str(REPO / ".diffbench" / "zoo")))
+    args = parser.parse_args()
+
+    t0 = time.monotonic()
+    zoo = ensure_tiny_zoo(Path(args.zoo_dir))
+    print(f"zoo ready in {time.monotonic() - t0:.1f} s ({zoo.root})")
+    tasks = {t.id: t for t in load_tasks(REPO / "tasks")}
+    work = Path(tempfile.mkdtemp(prefix="diffbench-bench-"))
+    print(f"speed method: {args.speed}; repeats: {args.repeats}; samples: {args.samples or 'task default'}\n")
+    header = f"{'task':<40}{'run':>4}{'task s':>8}{'cand s':>8}{'harness s':>10}{'cache':>12}{'U':>9}{'verdict':>9}"
+    print(header)
+    summary = []
+    for task_id in args.tasks:
+        task = tasks[task_id]
+        evaluator = tiny_evaluator(zoo, work / "cache", work / "runs", samples=args.samples, speed=args.speed,
+                                   repeats=1 if args.speed == "flops" else 3)
+        us = []
+        for i in range(args.repeats):
+            record = evaluator.evaluate(task, Candidate(code=task.gold, source="reference"), task.reference, task.gold)
+            cand_s = record["sandbox"]["wall_s"]
+            cache = ",".join(f"{v}" for v in record["baseline_cache"].values() if v)
+            us.append(record["U"])
+            print(f"{task_id:<40}{i + 1:>4}{record['task_s']:>8.1f}{cand_s:>8.1f}{record['task_s'] - cand_s:>10.1f}"
+                  f"{cache:>12}{record['U']:>9.4f}{'pass' if record['passed'] else record['category']:>9}")
+        spread = (max(us) - min(us)) / statistics.mean(us) * 100
+        summary.append((task_id, statistics.mean(us), spread, evaluator.stats))
+    print("\nU over repeats (the same candidate evaluated again):")
+    for task_id, mean_u, spread, stats in summary:
+        print(f"  {task_id:<40} mean U {mean_u:.4f}  spread (max-min)/mean {spread:.2f} %  "
+              f"baseline cache {stats['baseline_hits']} hits / {stats['baseline_misses']} misses; "
+              f"seconds in baselines {stats['baseline_s']:.1f}, in candidates {stats['candidate_s']:.1f}")
+    print(f"\ntotal {time.monotonic() - t0:.1f} s; scratch folder {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
