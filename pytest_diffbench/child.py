@@ -1,0 +1,471 @@
+"""Harness side of the sandbox child: `python -m pytest_diffbench.child JOB.json`.
+
+Runs one candidate module under the candidate contract and writes the result JSON described
+in docs/architecture.md. Procedure:
+
+1. phase `import`: the file `code_path` is imported as module `candidate`; it must define
+   callables `load_pipeline` and `generate`;
+2. phase `load`: `pipe = load_pipeline(device, dtype)` (timed: `timing.load_s`);
+3. a `StepProbe` is installed on `pipe`;
+4. phase `generate`: one call of `generate(pipe, batch)` under
+   `torch.utils.flop_counter.FlopCounterMode` (when `count_flops`); its images are the result
+   images and its pipeline calls give `attributes.steps`; attributes are introspected right
+   after it. `flops` = {total, per_image} of the whole call (text encoder, denoiser, VAE, ...)
+   plus `denoiser` (its share). If the call fails only under the FLOP counter, it is run again
+   without it and `flops` = {total: null, per_image: null, error: why};
+5. phase `output`: the images must be a list (or tuple) of `PIL.Image.Image`, one per seed
+   (their size is judged later, as a structural quality check; `image_size` is
+   `[height, width]` of the first image, like the task's `resolution`);
+6. `repeats` timed calls (device synchronised before and after each); every one must return
+   images equal (uint8 arrays) to the first call's, else `deterministic` is false;
+7. images saved as `out_dir/000.png ...`, the result JSON written atomically.
+
+Before every call (the first and each timed one) the harness calls
+`reset_library_state(pipe)` and `torch.manual_seed(seeds[0])`, and builds a fresh batch (new
+lists, copies of the init images) so a candidate cannot carry state through the batch.
+
+Exit status: 0 whenever the result file was written (also when the candidate failed:
+`status` is `error`); 2 when the harness itself failed (bad job file, unwritable paths, ...).
+No pytest imports here: the child must start fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Any
+
+# Bound before any candidate code runs, so a candidate patching these cannot fool the harness.
+_perf_counter = time.perf_counter
+_os_replace = os.replace
+_json_dumps = json.dumps
+
+PHASES = ("import", "load", "generate", "output")
+MAX_TRACEBACK_CHARS = 20000
+ENV_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "numpy", "pillow", "tomesd", "DeepCache",
+                "tgate", "safetensors")
+
+
+class CandidateError(Exception):
+    """A failure attributed to the candidate, raised with the phase it happened in."""
+
+    def __init__(self, phase: str, exc: BaseException, code_path: str | None = None):
+        super().__init__(f"{phase}: {exc!r}")
+        self.phase = phase
+        self.exc = exc
+        self.code_path = code_path
+
+    def to_json(self) -> dict:
+        exc = self.exc
+        return {"phase": self.phase, "type": type(exc).__name__, "message": _safe_str(exc),
+                "traceback": _format_traceback(exc, self.code_path)}
+
+
+class ContractError(Exception):
+    """The candidate broke the candidate contract (missing function, wrong return value)."""
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # a candidate exception whose __str__ raises
+        return repr(type(exc))
+
+
+def _format_traceback(exc: BaseException, code_path: str | None) -> str:
+    """Traceback starting at the candidate's first frame (harness frames above it dropped).
+
+    Frames below the candidate's (library code it called) are kept: they say where it broke.
+    Without any candidate frame (e.g. a SyntaxError while compiling it) the harness and
+    importlib frames are dropped and the exception text (file, line, caret) remains.
+    """
+    try:
+        te = traceback.TracebackException.from_exception(exc)
+        stack = list(te.stack)
+        real = os.path.realpath(code_path) if code_path else None
+        start = None
+        if real:
+            for i, frame in enumerate(stack):
+                if frame.filename and os.path.realpath(frame.filename) == real:
+                    start = i
+                    break
+        if start is None:
+            here = os.path.realpath(__file__)
+            start = 0
+            for i, frame in enumerate(stack):
+                name = frame.filename or ""
+                if os.path.realpath(name) == here or name.startswith("<frozen importlib"):
+                    start = i + 1
+        te.stack = traceback.StackSummary.from_list(stack[start:])
+        text = "".join(te.format())
+        if isinstance(exc, ContractError):  # the harness's own class: no module path in front of it
+            text = text.replace(f"{ContractError.__module__}.ContractError", "ContractError")
+    except Exception:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if len(text) > MAX_TRACEBACK_CHARS:
+        text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
+    return text
+
+
+def _json_default(value: Any) -> Any:
+    for convert in (int, float):
+        try:
+            if hasattr(value, "item"):
+                return value.item()
+            return convert(value)
+        except Exception:
+            continue
+    return repr(value)
+
+
+def write_result(path: str, result: dict) -> None:
+    """Write `result` as JSON atomically (temporary file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    text = _json_dumps(result, indent=1, default=_json_default, allow_nan=True)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _os_replace(tmp, path)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ENV_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {"device": device, "device_name": "cpu", "cpu": _cpu_model(), "platform": platform.platform(),
+           "threads": torch.get_num_threads(), **_versions(), "torch": torch.__version__,
+           "cuda": torch.version.cuda}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index
+        env["device_name"] = torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())
+    return env
+
+
+def import_candidate(code_path: str):
+    """Import `code_path` as module `candidate` (phase import)."""
+    spec = importlib.util.spec_from_file_location("candidate", code_path)
+    if spec is None or spec.loader is None:
+        raise ContractError(f"cannot import {code_path!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["candidate"] = module
+    spec.loader.exec_module(module)
+    for name in ("load_pipeline", "generate"):
+        if not callable(getattr(module, name, None)):
+            raise ContractError(f"the candidate module does not define a function {name}()")
+    return module
+
+
+def load_images(paths: list[str], width: int, height: int) -> list:
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.Resampling.BICUBIC)
+            images.append(img.copy())
+    return images
+
+
+class BatchFactory:
+    """Fresh batch dicts for every call: the candidate may mutate what it gets."""
+
+    def __init__(self, batch: dict):
+        self.spec = dict(batch)
+        self.width, self.height = int(batch["width"]), int(batch["height"])
+        paths = batch.get("images")
+        self.images = load_images(paths, self.width, self.height) if paths else None
+
+    def __call__(self) -> dict:
+        batch = {}
+        for key, value in self.spec.items():
+            batch[key] = list(value) if isinstance(value, (list, tuple)) else value
+        batch["images"] = [img.copy() for img in self.images] if self.images is not None else None
+        return batch
+
+
+def validate_output(images: Any, count: int) -> list:
+    """Phase `output`: a list (or tuple) of PIL images, one per sample; returns RGB copies.
+    The image size is not checked here: a wrong size is a structural quality failure
+    (metrics.structural_checks), judged by the parent."""
+    from PIL import Image
+
+    if not isinstance(images, (list, tuple)):
+        raise ContractError(f"generate() must return a list of PIL images, got {type(images).__name__}")
+    if len(images) != count:
+        raise ContractError(f"generate() returned {len(images)} images for {count} samples")
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image):
+            raise ContractError(f"generate() returned a {type(img).__name__} at index {i}, not a PIL image")
+    # RGB copies: what is saved and compared cannot change if the candidate mutates its objects later
+    return [img.convert("RGB") for img in images]
+
+
+def image_arrays(images: list) -> list:
+    import numpy as np
+
+    return [np.asarray(img, dtype=np.uint8) for img in images]
+
+
+def same_images(a: list, b: list) -> bool:
+    import numpy as np
+
+    return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+class Runner:
+    """The child procedure for one job (see module docstring)."""
+
+    def __init__(self, job: dict):
+        self.job = job
+        self.code_path = os.path.abspath(job["code_path"])
+        self.device = str(job.get("device") or "cpu")
+        self.batch = job["batch"]
+        self.seeds = [int(s) for s in self.batch["seeds"]]
+        self.count = len(self.seeds)
+        self.width, self.height = int(self.batch["width"]), int(self.batch["height"])
+        self.repeats = int(job.get("repeats", 1))
+        self.count_flops = bool(job.get("count_flops", True))
+        self.cuda = self.device.startswith("cuda")
+        self.result: dict = {
+            "status": "ok", "error": None, "attributes": None, "images": [], "num_images": 0,
+            "image_size": None, "timing": None, "flops": None, "deterministic": None, "environment": None,
+        }
+
+    # -- helpers --------------------------------------------------------------------------------
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def call_generate(self, module, pipe, batch_factory, probe, flop_mode=None):
+        """reset + seed + one generate() call; returns (output, seconds)."""
+        import torch
+
+        from pytest_diffbench.introspect import reset_library_state
+
+        reset_library_state(pipe)
+        torch.manual_seed(self.seeds[0])
+        batch = batch_factory()
+        self.sync()
+        start = _perf_counter()
+        if flop_mode is not None:
+            with flop_mode:
+                out = module.generate(pipe, batch)
+        else:
+            out = module.generate(pipe, batch)
+        self.sync()
+        return out, _perf_counter() - start
+
+    # -- the procedure --------------------------------------------------------------------------
+    def run(self) -> dict:
+        import torch
+
+        threads = self.job.get("threads")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.result["environment"] = environment(self.device)
+        batch_factory = BatchFactory(self.batch)  # harness failure if the init images are unreadable
+        dtype = getattr(torch, str(self.job.get("dtype") or "float32"))
+        try:
+            self._run(torch, dtype, batch_factory)
+        except CandidateError as err:
+            self.result["status"] = "error"
+            self.result["error"] = err.to_json()
+        return self.result
+
+    def _run(self, torch, dtype, batch_factory) -> None:
+        from pytest_diffbench.introspect import StepProbe
+
+        try:
+            module = import_candidate(self.code_path)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit from candidate code too
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise CandidateError("import", exc, self.code_path) from None
+
+        start = _perf_counter()
+        try:
+            pipe = module.load_pipeline(self.device, dtype)
+            self.sync()
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise CandidateError("load", exc, self.code_path) from None
+        load_s = _perf_counter() - start
+
+        probe = StepProbe(pipe).install()
+        try:
+            self._measure(module, pipe, probe, batch_factory, load_s)
+        finally:
+            probe.remove()
+
+    def _introspect(self, pipe, probe) -> dict:
+        from pytest_diffbench.introspect import introspect
+
+        try:
+            return introspect(pipe, probe)
+        except Exception as exc:  # an odd pipeline object must not cost the candidate its result
+            traceback.print_exc()
+            return {"pipeline_class": type(pipe).__name__, "model_id": None, "scheduler": None, "dtype": None,
+                    "steps": probe.steps(), "methods": {}, "introspection_error": f"{type(exc).__name__}: {exc}"}
+
+    def _flops(self, flop_mode, pipe) -> dict:
+        """Whole-call FLOPs (text encoder, denoiser, VAE, ...: `total`, `per_image`) plus the
+        denoiser's share (`denoiser`: FlopCounterMode's entry for the denoiser's class, None if
+        it has none, e.g. a compiled or replaced denoiser)."""
+        from pytest_diffbench.introspect import denoiser
+
+        total = float(flop_mode.get_total_flops())
+        den = denoiser(pipe)
+        den_flops = None
+        if den is not None:
+            try:
+                counts = flop_mode.get_flop_counts().get(type(den).__name__)
+                den_flops = float(sum(counts.values())) if counts else None
+            except Exception:
+                den_flops = None
+        return {"total": total, "per_image": total / self.count, "denoiser": den_flops}
+
+    def _measure(self, module, pipe, probe, batch_factory, load_s: float) -> None:
+        probe.record_methods = True
+        flops: dict | None = None
+        try:
+            flop_mode = None
+            if self.count_flops:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                flop_mode = FlopCounterMode(display=False)
+            counted_failure = None
+            try:
+                first, first_s = self.call_generate(module, pipe, batch_factory, probe, flop_mode)
+                if flop_mode is not None:
+                    flops = self._flops(flop_mode, pipe)
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, KeyboardInterrupt) or flop_mode is None:
+                    raise
+                counted_failure = f"FlopCounterMode: {type(exc).__name__}: {_safe_str(exc)}"[:2000]
+            if counted_failure is not None:
+                # Does it fail only under the FLOP counter? Then run it plainly, without FLOPs.
+                # (Outside the except block: a real error is reported without the first as context.)
+                probe.clear()
+                first, first_s = self.call_generate(module, pipe, batch_factory, probe)
+                flops = {"total": None, "per_image": None, "error": counted_failure}
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise CandidateError("generate", exc, self.code_path) from None
+        probe.record_methods = False
+        self.result["attributes"] = self._introspect(pipe, probe)
+        self.result["flops"] = flops
+
+        try:
+            images = validate_output(first, self.count)
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise CandidateError("output", exc, self.code_path) from None
+        reference = image_arrays(images)
+
+        calls_s: list[float] = []
+        denoiser_calls: list[int] = []
+        deterministic = None if self.repeats <= 0 else True
+        for _ in range(max(0, self.repeats)):
+            probe.clear()
+            try:
+                out, seconds = self.call_generate(module, pipe, batch_factory, probe)
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise CandidateError("generate", exc, self.code_path) from None
+            try:
+                again = validate_output(out, self.count)
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise CandidateError("output", exc, self.code_path) from None
+            calls_s.append(seconds)
+            denoiser_calls.append(probe.total_denoiser_calls())
+            if not same_images(reference, image_arrays(again)):
+                deterministic = False
+
+        out_dir = self.job["out_dir"]
+        os.makedirs(out_dir, exist_ok=True)
+        names = []
+        for i, img in enumerate(images):
+            name = f"{i:03d}.png"
+            img.save(os.path.join(out_dir, name), format="PNG")
+            names.append(name)
+        median = statistics.median(calls_s) if calls_s else None
+        self.result.update({
+            "images": names,
+            "num_images": len(names),
+            "image_size": [images[0].size[1], images[0].size[0]] if images else None,  # [height, width]
+            "timing": {
+                "load_s": load_s,
+                "first_call_s": first_s,
+                "calls_s": calls_s,
+                "median_s": median,
+                "latency_ms_per_image": median * 1000.0 / self.count if median is not None else None,
+                "repeats": len(calls_s),
+                "synchronised": "cuda" if self.cuda else "none",
+                "denoiser_calls": denoiser_calls,
+            },
+            "deterministic": deterministic,
+        })
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m pytest_diffbench.child JOB.json", file=sys.stderr)
+        return 2
+    try:
+        with open(argv[0], encoding="utf-8") as fh:
+            job = json.load(fh)
+        result = Runner(job).run()
+        write_result(job["result_path"], result)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException:  # noqa: BLE001 - any failure here is the harness's own
+        print("diffbench child: harness failure", file=sys.stderr)
+        traceback.print_exc()
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

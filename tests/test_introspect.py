@@ -1,0 +1,310 @@
+"""introspect(pipe), StepProbe and reset_library_state on real tiny pipelines (the tiny zoo's SD1.5).
+
+No mocks: every method is applied with its own library, exactly as candidate code would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from pytest_diffbench.introspect import StepProbe, denoiser, detect_methods, introspect, reset_library_state  # noqa: E402
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PROMPT = "a photo of a cat"
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The tiny zoo, built once per session (shared with test_child.py through the same folder)."""
+    zoo = pytest.importorskip("fixtures.zoo", reason="fixtures/zoo.py (the tiny zoo builder) is not there yet")
+    root = os.environ.get("DIFFBENCH_TEST_ZOO")  # reuse a built zoo across runs
+    return zoo.ensure_tiny_zoo(Path(root) if root else tmp_path_factory.getbasetemp() / "diffbench-zoo")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all overhead: one thread is as fast and does not collapse on a busy machine
+    (2 OpenMP threads on 2 shared cores ran 10-20x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def load(tiny_zoo):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+
+    def _load(**kwargs):
+        pipe = StableDiffusionPipeline.from_pretrained(SD15, cache_dir=str(tiny_zoo.hub_cache), local_files_only=True,
+                                                       **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return _load
+
+
+def call(pipe, steps=2, n=1, fn=None, **kwargs):
+    fn = fn or pipe
+    generators = [torch.Generator("cpu").manual_seed(i) for i in range(n)]
+    out = fn(prompt=[PROMPT] * n, height=64, width=64, num_inference_steps=steps, generator=generators,
+             guidance_scale=7.5, **kwargs)
+    return np.stack([np.asarray(img) for img in out.images])
+
+
+# ------------------------------------------------------------------------------------------------
+# introspect: plain pipeline, dtype, scheduler
+
+
+def test_plain_pipeline_attributes(load):
+    pipe = load()
+    attrs = introspect(pipe)
+    assert attrs == {
+        "pipeline_class": "StableDiffusionPipeline",
+        "model_id": SD15,
+        "scheduler": "PNDMScheduler",
+        "dtype": "float32",
+        "steps": {"requested": [], "denoiser_calls": []},
+        "methods": {},
+    }
+    assert denoiser(pipe) is pipe.unet
+
+
+def test_fp16_dtype_and_scheduler_swap(load):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = load(dtype=torch.float16)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    attrs = introspect(pipe)
+    assert attrs["dtype"] == "float16"
+    assert attrs["scheduler"] == "DPMSolverMultistepScheduler"
+    assert attrs["methods"] == {}
+
+
+# ------------------------------------------------------------------------------------------------
+# methods: tomesd, DeepCache, T-Gate, T-Gate + DeepCache, diffusers hooks; gone after removal
+
+
+def test_tomesd_detected_and_gone_after_remove_patch(load):
+    import tomesd
+
+    pipe = load()
+    tomesd.apply_patch(pipe, ratio=0.4, max_downsample=2)
+    assert detect_methods(pipe) == {"tomesd": {"ratio": 0.4, "max_downsample": 2}}
+    tomesd.remove_patch(pipe)
+    assert hasattr(pipe.unet, "_tome_info")  # tomesd leaves this behind: the ToMeBlock class is what counts
+    assert detect_methods(pipe) == {}
+
+
+def test_deepcache_detected_with_user_facing_branch_id_and_gone_after_disable(load):
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = load()
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=4)  # stored as cache_block_id=1, cache_layer_id=1
+    helper.enable()
+    assert detect_methods(pipe) == {"deepcache": {"cache_interval": 3, "cache_branch_id": 4}}
+    helper.disable()
+    assert "forward" in vars(pipe.unet)  # DeepCache leaves the bound original behind
+    assert detect_methods(pipe) == {}
+
+
+def test_tgate_needs_a_call_and_gate_step_comes_from_the_probe(load):
+    from tgate import TgateSDLoader
+
+    pipe = TgateSDLoader(load())
+    assert detect_methods(pipe) == {}  # loader applied, nothing ran yet
+    with StepProbe(pipe) as probe:
+        call(pipe, steps=4, fn=pipe.tgate, gate_step=2)
+        attrs = introspect(pipe, probe)
+    assert attrs["methods"] == {"tgate": {"gate_step": 2}}
+    assert probe.tgate_calls == [{"gate_step": 2, "num_inference_steps": 4}]
+    assert attrs["steps"]["requested"] == [4]
+    # without a probe the patched Attention modules still show that T-Gate ran; the gate step is unknown
+    assert detect_methods(pipe) == {"tgate": {"gate_step": None}}
+    assert pipe.tgate.__func__.__module__ == "tgate.SD"  # the probe put the original back
+
+
+def test_tgate_deepcache_loader_reports_both(load):
+    from tgate import TgateSDDeepCacheLoader
+
+    pipe = load()
+    TgateSDDeepCacheLoader(pipe, cache_interval=2, cache_branch_id=0)
+    with StepProbe(pipe) as probe:
+        call(pipe, steps=4, fn=pipe.tgate)  # gate_step left at tgate's default (10)
+        attrs = introspect(pipe, probe)
+    assert attrs["methods"] == {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}, "tgate": {"gate_step": 10}}
+
+
+def test_diffusers_pab_hooks_counted_and_empty_registries_ignored(load):
+    from diffusers import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+    from diffusers.hooks import HookRegistry
+
+    pipe = load()
+    config = PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                             spatial_attention_timestep_skip_range=(100, 800),
+                                             current_timestep_callback=lambda: 500)
+    apply_pyramid_attention_broadcast(pipe.unet, config)
+    methods = detect_methods(pipe)
+    assert list(methods) == ["diffusers_hooks"]
+    assert list(methods["diffusers_hooks"]) == ["pyramid_attention_broadcast"]
+    assert methods["diffusers_hooks"]["pyramid_attention_broadcast"] >= 2
+    assert reset_library_state(pipe)["diffusers_hooks"] == methods["diffusers_hooks"]["pyramid_attention_broadcast"]
+    HookRegistry.check_if_exists_or_initialize(pipe.unet).remove_hook("pyramid_attention_broadcast", recurse=True)
+    assert detect_methods(pipe) == {}  # the (now empty) registries stay on the modules
+
+
+def test_methods_applied_inside_generate_are_seen_through_the_run_snapshot(load):
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = load()
+    with StepProbe(pipe) as probe:
+        probe.record_methods = True
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=2, cache_branch_id=1)
+        helper.enable()
+        call(pipe, steps=2)
+        helper.disable()  # gone from the pipeline before introspection
+        attrs = introspect(pipe, probe)
+    assert detect_methods(pipe) == {}
+    assert attrs["methods"] == {"deepcache": {"cache_interval": 2, "cache_branch_id": 1}}
+
+
+# ------------------------------------------------------------------------------------------------
+# StepProbe
+
+
+def test_step_probe_counts_per_pipeline_call(load):
+    from diffusers import DDIMScheduler
+
+    pipe = load()
+    with StepProbe(pipe) as probe:
+        call(pipe, steps=4)  # PNDM (the SD1.5 default) runs one extra denoiser call (its PLMS warm-up)
+        assert probe.steps() == {"requested": [4], "denoiser_calls": [5]}
+        probe.clear()
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        call(pipe, steps=20)
+        call(pipe, steps=10)
+        assert probe.steps() == {"requested": [20, 10], "denoiser_calls": [20, 10]}
+        timesteps = probe.timesteps()
+        assert len(timesteps[0]) == 20 and timesteps[0] == sorted(timesteps[0], reverse=True)
+        assert introspect(pipe, probe)["scheduler"] == "DDIMScheduler"
+    assert not getattr(type(pipe.scheduler).set_timesteps, "_diffbench_probe_wrapper", False)  # unwrapped
+
+
+def test_step_probe_img2img_counts_strength_fraction(load):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from diffusers import DDIMScheduler
+
+    pipe = load()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # one denoiser call per step
+    with StepProbe(pipe) as probe:
+        img2img = StableDiffusionImg2ImgPipeline(**pipe.components)  # shares unet + scheduler
+        img2img.set_progress_bar_config(disable=True)
+        init = Image.new("RGB", (64, 64), (120, 80, 200))
+        img2img(prompt=PROMPT, image=init, strength=0.5, num_inference_steps=10,
+                generator=torch.Generator("cpu").manual_seed(0))
+        assert probe.steps() == {"requested": [10], "denoiser_calls": [5]}  # int(10 * 0.5)
+
+
+def test_step_probe_survives_scheduler_swap_inside_generate(load):
+    from diffusers import EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    pipe = load()
+
+    def generate(pipe, scheduler_cls, steps):  # what a candidate does inside generate()
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        return call(pipe, steps=steps)
+
+    with StepProbe(pipe) as probe:
+        generate(pipe, EulerDiscreteScheduler, 3)  # class unknown to the probe when set_timesteps ran
+        generate(pipe, EulerDiscreteScheduler, 4)  # a new instance of a now-wrapped class
+        generate(pipe, UniPCMultistepScheduler, 2)
+        assert probe.steps() == {"requested": [3, 4, 2], "denoiser_calls": [3, 4, 2]}
+        assert [run["scheduler"] for run in probe.runs] == [
+            "EulerDiscreteScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler"]
+        assert introspect(pipe, probe)["scheduler"] == "EulerDiscreteScheduler"  # the first pipeline call's
+
+
+def test_step_probe_merges_a_hand_primed_set_timesteps(load):
+    from diffusers import DDIMScheduler
+
+    pipe = load()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    with StepProbe(pipe) as probe:
+        pipe.scheduler.set_timesteps(50)  # no denoiser call before the pipeline's own set_timesteps
+        call(pipe, steps=3)
+        assert probe.steps() == {"requested": [3], "denoiser_calls": [3]}
+
+
+# ------------------------------------------------------------------------------------------------
+# reset_library_state
+
+
+def test_reset_makes_tomesd_repeat_calls_identical(load):
+    import tomesd
+
+    pipe = load()
+    tomesd.apply_patch(pipe, ratio=0.5)  # use_rand=True: a generator forked from the global RNG, kept across calls
+
+    def seeded_call(reset):
+        if reset:
+            reset_library_state(pipe)
+        torch.manual_seed(0)
+        return call(pipe, steps=2)
+
+    first = seeded_call(reset=True)
+    assert not np.array_equal(first, seeded_call(reset=False))  # the leak this reset exists for
+    assert np.array_equal(first, seeded_call(reset=True))
+
+
+def test_reset_clears_stale_deepcache_state_without_changing_behaviour(load):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from DeepCache import DeepCacheSDHelper
+    from PIL import Image
+
+    pipe = load()
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    fresh = call(pipe, steps=4)
+    assert np.array_equal(fresh, call(pipe, steps=4))  # text2img starts at index 0: no leak between these
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+
+    def run_img2img():
+        img2img(prompt=PROMPT, image=Image.new("RGB", (64, 64), (10, 200, 30)), strength=0.5,
+                num_inference_steps=10, generator=torch.Generator("cpu").manual_seed(0))
+
+    reset_library_state(pipe)
+    run_img2img()
+    assert helper.start_timestep not in (None, 0)  # img2img started mid-schedule and DeepCache kept that
+    stale = call(pipe, steps=4)
+    assert not np.array_equal(fresh, stale)  # the next call skipped its first step on img2img's caches
+
+    run_img2img()
+    assert reset_library_state(pipe)["deepcache"] == 1
+    assert helper.start_timestep is None and helper.cached_output == {} and helper.cur_timestep == 0
+    assert np.array_equal(fresh, call(pipe, steps=4))
+    assert detect_methods(pipe) == {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}  # still applied
+
+
+def test_reset_on_plain_pipeline_is_a_no_op(load):
+    pipe = load()
+    before = call(pipe, steps=2)
+    assert reset_library_state(pipe) == {"deepcache": 0, "tomesd": 0, "tgate": 0, "diffusers_hooks": 0}
+    assert np.array_equal(before, call(pipe, steps=2))
+    assert reset_library_state(object()) == {"deepcache": 0, "tomesd": 0, "tgate": 0, "diffusers_hooks": 0}
