@@ -7,12 +7,14 @@ in docs/architecture.md. Procedure:
    callables `load_pipeline` and `generate`;
 2. phase `load`: `pipe = load_pipeline(device, dtype)` (timed: `timing.load_s`);
 3. a `StepProbe` is installed on `pipe`;
-4. phase `generate`: one call of `generate(pipe, batch)` under
-   `torch.utils.flop_counter.FlopCounterMode` (when `count_flops`); its images are the result
+4. phase `generate`: one plain call of `generate(pipe, batch)`; its images are the result
    images and its pipeline calls give `attributes.steps`; attributes are introspected right
-   after it. `flops` = {total, per_image} of the whole call (text encoder, denoiser, VAE, ...)
-   plus `denoiser` (its share). If the call fails only under the FLOP counter, it is run again
-   without it and `flops` = {total: null, per_image: null, error: why};
+   after it;
+4b. when `count_flops`: one more call on the first sample only, under
+   `torch.utils.flop_counter.FlopCounterMode` (it slows small models ~4x, so not on the whole
+   batch): `flops` = {total, per_image} of that call (text encoder, denoiser, VAE, ...) plus
+   `denoiser` (its share). If it fails only under the counter, `flops` = {total: null,
+   per_image: null, error: why};
 5. phase `output`: the images must be a list (or tuple) of `PIL.Image.Image`, one per seed
    (their size is judged later, as a structural quality check; `image_size` is
    `[height, width]` of the first image, like the task's `resolution`);
@@ -199,6 +201,20 @@ def load_images(paths: list[str], width: int, height: int) -> list:
     return images
 
 
+def quiet_libraries() -> None:
+    """Keep the child's log to what matters: no loading progress bars or offline-mode notices."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        for lib in (diffusers_logging, transformers_logging):
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+    except Exception:  # a missing library is the candidate's import error, reported later
+        pass
+
+
 class BatchFactory:
     """Fresh batch dicts for every call: the candidate may mutate what it gets."""
 
@@ -298,6 +314,7 @@ class Runner:
         if threads:
             torch.set_num_threads(int(threads))
         self.result["environment"] = environment(self.device)
+        quiet_libraries()
         batch_factory = BatchFactory(self.batch)  # harness failure if the init images are unreadable
         dtype = getattr(torch, str(self.job.get("dtype") or "float32"))
         try:
@@ -358,39 +375,43 @@ class Runner:
                 den_flops = float(sum(counts.values())) if counts else None
             except Exception:
                 den_flops = None
-        return {"total": total, "per_image": total / self.count, "denoiser": den_flops}
+        return {"total": total, "per_image": total, "denoiser": den_flops, "samples_counted": 1}
+
+    def _count_flops(self, module, pipe, batch_factory, probe) -> dict:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def one_sample():
+            batch = batch_factory()
+            for key, value in batch.items():
+                if isinstance(value, list):
+                    batch[key] = value[:1]
+            return batch
+
+        flop_mode = FlopCounterMode(display=False)
+        probe.clear()
+        try:
+            self.call_generate(module, pipe, one_sample, probe, flop_mode)
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            # It ran without the counter, so this is not the candidate's error: report no FLOPs.
+            return {"total": None, "per_image": None, "error": f"FlopCounterMode: {type(exc).__name__}: {_safe_str(exc)}"[:2000]}
+        return self._flops(flop_mode, pipe)
 
     def _measure(self, module, pipe, probe, batch_factory, load_s: float) -> None:
         probe.record_methods = True
-        flops: dict | None = None
         try:
-            flop_mode = None
-            if self.count_flops:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                flop_mode = FlopCounterMode(display=False)
-            counted_failure = None
-            try:
-                first, first_s = self.call_generate(module, pipe, batch_factory, probe, flop_mode)
-                if flop_mode is not None:
-                    flops = self._flops(flop_mode, pipe)
-            except BaseException as exc:  # noqa: BLE001
-                if isinstance(exc, KeyboardInterrupt) or flop_mode is None:
-                    raise
-                counted_failure = f"FlopCounterMode: {type(exc).__name__}: {_safe_str(exc)}"[:2000]
-            if counted_failure is not None:
-                # Does it fail only under the FLOP counter? Then run it plainly, without FLOPs.
-                # (Outside the except block: a real error is reported without the first as context.)
-                probe.clear()
-                first, first_s = self.call_generate(module, pipe, batch_factory, probe)
-                flops = {"total": None, "per_image": None, "error": counted_failure}
+            first, first_s = self.call_generate(module, pipe, batch_factory, probe)
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise CandidateError("generate", exc, self.code_path) from None
         probe.record_methods = False
         self.result["attributes"] = self._introspect(pipe, probe)
-        self.result["flops"] = flops
+        # FLOPs are counted on a separate call with the first sample only: FlopCounterMode
+        # intercepts every op in Python and makes small models ~4x slower, and the cost per
+        # image does not depend on the batch.
+        self.result["flops"] = self._count_flops(module, pipe, batch_factory, probe) if self.count_flops else None
 
         try:
             images = validate_output(first, self.count)

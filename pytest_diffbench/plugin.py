@@ -65,7 +65,7 @@ def pytest_addoption(parser):
     group.addoption("--diffbench-memory-mb", type=int, default=16384, metavar="MB",
                     help="resident memory limit per sandboxed run (default: 16384)")
     group.addoption("--diffbench-threads", type=int, default=None, metavar="N",
-                    help="torch threads per child (default: CPU count / xdist workers)")
+                    help="torch threads per child (default: 1 on the tiny zoo on a CPU, else CPU count / xdist workers)")
 
 
 class DiffbenchSession:
@@ -157,7 +157,9 @@ class DiffbenchSession:
             speed = "flops" if setup.zoo == "tiny" else "wall"
         repeats = config.getoption("diffbench_repeats") or (1 if speed == "flops" else 3)
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-        threads = config.getoption("diffbench_threads") or max(1, (os.cpu_count() or 1) // workers)
+        # Tiny models are overhead-bound: one thread is as fast and does not thrash a shared CPU.
+        threads = config.getoption("diffbench_threads") or (
+            1 if setup.zoo == "tiny" and device == "cpu" else max(1, (os.cpu_count() or 1) // workers))
         clip_spec = config.getoption("diffbench_clip") or setup.clip
         clip_pretrained = bool(clip_spec) and setup.zoo != "tiny" and not clip_spec.startswith("local-dir:")
         import diffusers
