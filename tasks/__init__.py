@@ -1,0 +1,1 @@
+"""The DiffBench task suite: YAML files per level, written by ``tasks/generate.py``."""
