@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-# The tiny zoo's denoisers are built for 64 px (8x8 latents); real resolutions are scaled by this.
+# The tiny zoo's models are built at 1/8 of the real default size (SD1.5 512 -> 64 px, SDXL
+# 1024 -> 128 px, DiT-256 -> 32 px: DiTPipeline has no size argument, so this must match the zoo).
 TINY_RESOLUTION_DIVISOR = 8
-TINY_MIN_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def run_size(resolution: Sequence[int], zoo: str) -> tuple[int, int]:
         return height, width
 
     def scale(side: int) -> int:
-        return max(TINY_MIN_SIDE, (side // TINY_RESOLUTION_DIVISOR) // 8 * 8)
+        return max(8, (side // TINY_RESOLUTION_DIVISOR) // 8 * 8)
 
     return scale(height), scale(width)
 

@@ -77,3 +77,84 @@ def test_help_lists_the_options():
     for option in ("--diffbench-level", "--diffbench-models", "--diffbench-candidates", "--diffbench-out",
                    "--diffbench-speed"):
         assert option in out.stdout
+
+
+# -- end to end on the tiny zoo: real children, real pipelines -------------------------------------
+
+E2E_TASKS = ["L1-sd15-t2i-0001", "L2-sd15-t2i-deepcache-0006"]
+E2E_K = " or ".join(E2E_TASKS)
+
+
+@pytest.fixture(scope="module")
+def e2e_env(tiny_zoo, baseline_cache_dir):
+    return {"DIFFBENCH_ZOO_DIR": str(tiny_zoo.root), "DIFFBENCH_CACHE_DIR": str(baseline_cache_dir)}
+
+
+def junit_cases(path):
+    import xml.etree.ElementTree as ET
+
+    cases = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        task_id = case.get("name").split("[", 1)[1].rstrip("]")
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        outcome = "failed" if case.find("failure") is not None else "error" if case.find("error") is not None else "passed"
+        cases[task_id] = (outcome, props)
+    return cases
+
+
+@pytest.mark.slow
+def test_reference_run_passes_with_reports(tmp_path, e2e_env):
+    out_dir = tmp_path / "run"
+    out = run_pytest("--diffbench-level=L1,L2", "-k", E2E_K, "--diffbench-samples=2", f"--diffbench-out={out_dir}",
+                     f"--junitxml={tmp_path / 'report.xml'}", env=e2e_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "2 passed" in out.stdout
+    # header and summary
+    assert "diffbench: 2 tasks" not in out.stdout  # the header counts the selected levels, -k comes later
+    assert re.search(r"models: tiny", out.stdout) and "diffbench summary" in out.stdout
+    assert re.search(r"(?m)^L1\s+1\s+1\s+0\s+100\.00%", out.stdout)
+    assert re.search(r"(?m)^L2\s+1\s+1\s+0\s+100\.00%", out.stdout)
+    assert "zoo: tiny" in out.stdout and "device: cpu" in out.stdout and "CLIP: local-dir:" in out.stdout
+    cases = junit_cases(tmp_path / "report.xml")
+    assert set(cases) == set(E2E_TASKS)
+    outcome, props = cases["L2-sd15-t2i-deepcache-0006"]
+    assert outcome == "passed" and props["diffbench_stage"] == "3" and props["diffbench_speed_method"] == "flops"
+    assert float(props["diffbench_U"]) > 1.5 and float(props["diffbench_L"]) <= float(props["diffbench_L_bound"])
+    for task_id in E2E_TASKS:
+        task_dir = out_dir / task_id
+        assert (task_dir / "candidate.py").exists() and (task_dir / "result.json").exists()
+        assert sorted(p.name for p in (task_dir / "images").glob("*.png")) == ["000.png", "001.png"]
+
+
+def write_candidates(folder):
+    folder.mkdir()
+    from pytest_diffbench.tasks import load_task
+
+    gold = load_task(TASKS / "L1" / "L1-sd15-t2i-0001.yaml").gold
+    wrong = gold + ("\n_load = load_pipeline\n"
+                    "def load_pipeline(device, dtype):\n"
+                    "    from diffusers import UniPCMultistepScheduler\n"
+                    "    pipe = _load(device, dtype)\n"
+                    "    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)\n"
+                    "    return pipe\n")
+    (folder / "L1-sd15-t2i-0001.py").write_text(wrong)  # L2-sd15-t2i-deepcache-0006 has none
+
+
+@pytest.mark.slow
+def test_candidates_folder_categories_and_xdist_agree_with_serial(tmp_path, e2e_env):
+    preds = tmp_path / "preds"
+    write_candidates(preds)
+    verdicts = {}
+    for mode, extra in (("serial", []), ("xdist", ["-n", "2"])):
+        report = tmp_path / f"{mode}.xml"
+        out = run_pytest("--diffbench-level=L1,L2", "-k", E2E_K, "--diffbench-samples=2",
+                         f"--diffbench-candidates={preds}", f"--diffbench-out={tmp_path / mode}",
+                         f"--junitxml={report}", *extra, env=e2e_env)
+        assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "key attribute error 1" in out.stdout and "no candidate 1" in out.stdout
+        cases = junit_cases(report)
+        verdicts[mode] = {t: (o, p.get("diffbench_category"), p.get("diffbench_message")) for t, (o, p) in cases.items()}
+    assert verdicts["serial"] == verdicts["xdist"]
+    assert verdicts["serial"]["L1-sd15-t2i-0001"][:2] == ("failed", "key_attribute")
+    assert "scheduler" in verdicts["serial"]["L1-sd15-t2i-0001"][2]
+    assert verdicts["serial"]["L2-sd15-t2i-deepcache-0006"][:2] == ("failed", "no_candidate")
