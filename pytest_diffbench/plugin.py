@@ -6,6 +6,8 @@ module only wires them into pytest. Without `--diffbench-level` it does nothing.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -44,6 +46,9 @@ def pytest_addoption(parser):
     group.addoption("--diffbench-out", metavar="DIR", default=None,
                     help="run directory for per-task code, images and result JSON "
                          "(default: <rootdir>/.diffbench/runs/<timestamp>)")
+    group.addoption("--diffbench-resume", action=argparse.BooleanOptionalAction, default=None,
+                    help="reuse complete task results already in the run directory (default: on when "
+                         "--diffbench-out names an existing run directory, off otherwise)")
     group.addoption("--diffbench-cache-dir", metavar="DIR", default=None,
                     help="baseline cache (default: $DIFFBENCH_CACHE_DIR or ~/.cache/pytest-diffbench)")
     group.addoption("--diffbench-device", default="auto", metavar="DEVICE",
@@ -83,6 +88,14 @@ class DiffbenchSession:
                             or Path.home() / ".cache" / "pytest-diffbench" / "zoo")
         self._evaluator: Evaluator | None = None
         self.candidates = None  # the CandidatesGenerator when --diffbench-candidates is given
+        resume = config.getoption("diffbench_resume")
+        workerinput = getattr(config, "workerinput", None)
+        if workerinput and "diffbench_resume" in workerinput:
+            resume = workerinput["diffbench_resume"]  # decided once by the controller
+        elif resume is None:
+            given = config.getoption("diffbench_out")
+            resume = bool(given) and Path(given).is_dir()
+        self.resume = resume
         self._setup_error: str | None = None
 
     def _run_dir(self) -> Path:
@@ -107,6 +120,18 @@ class DiffbenchSession:
         terminalreporter.section("diffbench summary")
         for line in report.summary_lines(self.records, self.levels, time.time() - self.started, self.run_dir):
             terminalreporter.write_line(line)
+
+    def previous_record(self, label: str, profile_name: str) -> dict | None:
+        """A complete result.json of `label` from an earlier session on the same profile, if any."""
+        path = self.run_dir / label / "result.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # absent, or cut short by a kill: evaluate again
+        if not isinstance(record, dict) or not record.get("complete") or record.get("profile") != profile_name:
+            return None
+        record["resumed"] = True
+        return record
 
     def model_setup(self, build: bool):
         ids = sorted({t.model for t in self.tasks})
@@ -228,6 +253,7 @@ def pytest_configure_node(node):  # xdist controller -> worker: one run director
     session = _session(node.config)
     if session is not None:
         node.workerinput["diffbench_out"] = str(session.run_dir)
+        node.workerinput["diffbench_resume"] = session.resume
 
 
 def pytest_generate_tests(metafunc):
@@ -287,12 +313,19 @@ def diffbench_candidate(diffbench_task, diffbench_candidate_id, diffbench_sessio
 
 
 @pytest.fixture
-def diffbench_evaluation(diffbench_task, diffbench_candidate_id, diffbench_candidate, diffbench_session, request) -> dict:
-    """Runs the candidate and the three stages; the test function asserts on the result."""
+def diffbench_evaluation(diffbench_task, diffbench_candidate_id, diffbench_session, request) -> dict:
+    """Runs the candidate and the three stages; the test function asserts on the result.
+
+    With resume on, a complete result from an earlier session in the same run directory (same
+    profile) is reused: neither the generator (no LLM call) nor the evaluation runs again.
+    """
     evaluator = diffbench_session.evaluator()
     task = diffbench_task
     label = f"{task.id}@{diffbench_candidate_id}" if diffbench_candidate_id else task.id
-    record = evaluator.evaluate(task, diffbench_candidate, task.reference, task.gold, label=label)
+    record = diffbench_session.previous_record(label, evaluator.profile.name) if diffbench_session.resume else None
+    if record is None:
+        candidate = request.getfixturevalue("diffbench_candidate")
+        record = evaluator.evaluate(task, candidate, task.reference, task.gold, label=label)
     for name, value in report.junit_properties(record):
         request.node.user_properties.append((name, value))
     request.config.hook.pytest_diffbench_evaluated(task=task, record=record, config=request.config)

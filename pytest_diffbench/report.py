@@ -42,6 +42,7 @@ def junit_properties(record: dict) -> list[tuple[str, str]]:
         "diffbench_candidate_source": record.get("candidate_source"),
         "diffbench_baseline_cache": ",".join(f"{k}:{v}" for k, v in (record.get("baseline_cache") or {}).items() if v),
         "diffbench_task_s": record.get("task_s"),
+        "diffbench_resumed": record.get("resumed", False),
         "diffbench_candidate_s": (record.get("sandbox") or {}).get("wall_s"),
     }
     for key, value in sorted((record.get("cost") or {}).items()):

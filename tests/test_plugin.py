@@ -1,5 +1,6 @@
 """The pytest surface, driven as a user drives it: `pytest` in a subprocess from the repo root."""
 
+import json
 import os
 import re
 import shutil
@@ -158,3 +159,23 @@ def test_candidates_folder_categories_and_xdist_agree_with_serial(tmp_path, e2e_
     assert verdicts["serial"]["L1-sd15-t2i-0001"][:2] == ("failed", "key_attribute")
     assert "scheduler" in verdicts["serial"]["L1-sd15-t2i-0001"][2]
     assert verdicts["serial"]["L2-sd15-t2i-deepcache-0006"][:2] == ("failed", "no_candidate")
+
+
+@pytest.mark.slow
+def test_resume_reuses_complete_results_and_redoes_broken_ones(tmp_path, e2e_env):
+    out_dir = tmp_path / "run"
+    args = ["--diffbench-level=L1", "-k", "L1-sd15-t2i-0001 or L1-sd15-t2i-euler-0002", "--diffbench-samples=2",
+            f"--diffbench-out={out_dir}"]
+    first = run_pytest(*args, f"--junitxml={tmp_path / 'first.xml'}", env=e2e_env)
+    assert first.returncode == 0, first.stdout[-3000:]
+    # a kill in the middle of writing leaves no result.json (atomic rename) or, at worst, a truncated one
+    broken = out_dir / "L1-sd15-t2i-euler-0002" / "result.json"
+    broken.write_text(broken.read_text()[:40])
+    second = run_pytest(*args, f"--junitxml={tmp_path / 'second.xml'}", env=e2e_env)
+    assert second.returncode == 0, second.stdout[-3000:]
+    cases = junit_cases(tmp_path / "second.xml")
+    assert cases["L1-sd15-t2i-0001"][1]["diffbench_resumed"] == "True"
+    assert cases["L1-sd15-t2i-euler-0002"][1]["diffbench_resumed"] == "False"
+    assert json.loads(broken.read_text())["complete"] is True
+    third = run_pytest(*args, "--no-diffbench-resume", f"--junitxml={tmp_path / 'third.xml'}", env=e2e_env)
+    assert all(props["diffbench_resumed"] == "False" for _, props in junit_cases(tmp_path / "third.xml").values())
