@@ -298,7 +298,7 @@ def test_resolve_models(tz, tmp_path):
     tiny = resolve_models("tiny", tz.root, ids)
     assert isinstance(tiny, ModelSetup) and tiny.zoo == "tiny"
     assert tiny.env == tz.env() and tiny.clip == f"local-dir:{tz.clip_dir}"
-    assert "tiny" in tiny.detail
+    assert "random-weight stand-ins" in tiny.detail
     unbuilt = tmp_path / "not-built"
     decided = resolve_models("tiny", unbuilt, ids, build=False)
     assert decided.zoo == "tiny" and "not built yet" in decided.detail and not unbuilt.exists()
