@@ -11,8 +11,8 @@ def tiny_zoo(tmp_path_factory):
     """The offline tiny zoo (built once; $DIFFBENCH_ZOO_DIR reuses a zoo built before)."""
     from fixtures.zoo import ensure_tiny_zoo
 
-    root = os.environ.get("DIFFBENCH_ZOO_DIR") or tmp_path_factory.mktemp("zoo")
-    return ensure_tiny_zoo(Path(root))
+    root = os.environ.get("DIFFBENCH_ZOO_DIR") or os.environ.get("DIFFBENCH_TEST_ZOO")
+    return ensure_tiny_zoo(Path(root) if root else tmp_path_factory.getbasetemp() / "diffbench-zoo")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ No mocks: every method is applied with its own library, exactly as candidate cod
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,6 @@ from pytest_diffbench.introspect import StepProbe, denoiser, detect_methods, int
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PROMPT = "a photo of a cat"
-
-
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory):
-    """The tiny zoo, built once per session (shared with test_child.py through the same folder)."""
-    zoo = pytest.importorskip("fixtures.zoo", reason="fixtures/zoo.py (the tiny zoo builder) is not there yet")
-    root = os.environ.get("DIFFBENCH_TEST_ZOO")  # reuse a built zoo across runs
-    return zoo.ensure_tiny_zoo(Path(root) if root else tmp_path_factory.getbasetemp() / "diffbench-zoo")
 
 
 @pytest.fixture(scope="module", autouse=True)
