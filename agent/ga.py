@@ -1,0 +1,332 @@
+"""The genetic-algorithm selector for L4/L5 (PAPER.md, DiffAgent).
+
+One round:
+
+1. the planning agent writes P plans: in round 1 all new; later the M survivors' refinements (it
+   sees their configurations and measurements) plus P - M new ones;
+2. plans the knowledge base rejects (a method the task does not allow, a parameter out of range)
+   get fitness 0 and their reason as feedback, without any code; a plan whose configuration was
+   already measured reuses that measurement (deduplication by configuration, then by code);
+3. every other plan goes through the coding and debugging agents (smoke runs), and the modules
+   that run are evaluated together by a child pytest session of this plugin over a manifest of
+   candidate files (`agent.population`), so fitness comes from the same stages as the verdict;
+4. fitness (below); the round is saved; the search stops as soon as a candidate passes;
+5. M survivors are drawn without replacement with probabilities proportional to fitness
+   (normalised to sum 1; a floor keeps zero-fitness candidates drawable when too few score).
+
+After at most T_sel rounds the best candidate ever measured is the answer (passing first).
+
+Fitness (docs/agent.md), from the result record of the harness::
+
+    q = clamp(1 - L / L_bound, 0, 1)                  quality headroom (1: no loss, 0: at the bound)
+    s = min(r, 2) / 2,  r = U / U_target (L4)         speed relative to the goal (0.5: exactly met,
+                        r = latency_target / latency (L5)          1: twice better)
+    fitness = W_Q * q + W_S * s,  W_Q = 0.4, W_S = 0.6
+    x 0.5 when L > L_bound or stage 2 failed; 0 when the module did not run or its key attributes
+    are wrong; + 1 when the candidate passed (every passing candidate ranks above every failing one)
+
+Checkpoints: ``<agent dir>/ga/state.json`` and ``round-<r>/population.json`` (plans, code,
+results, fitness, feedback, survivors). A task that is run again with the same run directory
+resumes after its last finished round.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .knowledge import config_from_attributes, config_key
+
+W_QUALITY = 0.4
+W_SPEED = 0.6
+SPEED_CAP = 2.0
+PENALTY = 0.5
+PASS_BONUS = 1.0
+FLOOR = 1e-3
+STATE_FORMAT = 1
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return max(lo, min(hi, x))
+
+
+def fitness(task, result: dict | None) -> float:
+    """The documented weighted sum of quality and speed (see the module docstring)."""
+    if not result:
+        return 0.0
+    category = result.get("category")
+    if category in ("runtime", "key_attribute", "harness", "no_candidate"):
+        return 0.0
+    L, bound = result.get("L"), result.get("L_bound")
+    if bound is None:
+        bound = task.constraint.max_quality_loss
+    if L is None:
+        return 0.0
+    q = _clamp(1.0 - L / bound, 0.0, 1.0) if bound and bound > 0 else (1.0 if L <= 0 else 0.0)
+    r = 0.0
+    if task.level == "L5":
+        latency, target = result.get("latency_ms"), task.constraint.max_latency_ms
+        if latency and target:
+            r = target / latency
+    else:
+        U, target = result.get("U"), task.constraint.min_speedup
+        if U is not None and target:
+            r = U / target
+    s = min(max(r, 0.0), SPEED_CAP) / SPEED_CAP
+    f = W_QUALITY * q + W_SPEED * s
+    if L > bound or category == "absolute_quality":
+        f *= PENALTY
+    if result.get("passed"):
+        f += PASS_BONUS
+    return round(f, 6)
+
+
+def feedback_text(task, result: dict | None, note: str = "") -> str:
+    """What the planner is told about one measured candidate."""
+    if note and not result:
+        return note
+    if not result:
+        return "no result (the evaluation produced none)"
+    verdict = "PASSED" if result.get("passed") else f"failed ({result.get('category')})"
+    parts = [verdict]
+    if result.get("L") is not None:
+        parts.append(f"L={result['L']:.4f} (bound {result.get('L_bound') or task.constraint.max_quality_loss:.4f})")
+    if result.get("U") is not None:
+        target = f" (target >= {task.constraint.min_speedup:g})" if task.level == "L4" else ""
+        parts.append(f"U={result['U']:.3f}{target}")
+    if result.get("latency_ms") is not None:
+        target = f" (target <= {task.constraint.max_latency_ms:g})" if task.level == "L5" else ""
+        parts.append(f"latency={result['latency_ms']:.1f} ms{target}")
+    msg = (result.get("message") or "").strip()
+    if msg and not result.get("passed"):
+        parts.append(msg[:400])
+    return "; ".join(parts)
+
+
+@dataclass
+class Individual:
+    id: str
+    round: int
+    origin: str  # new | refines <id> | duplicate of <id>
+    config: dict | None
+    rationale: str = ""
+    code: str | None = None
+    smoke_ok: bool = False
+    note: str = ""  # why it was not evaluated (rejected plan, smoke failure)
+    result: dict | None = None
+    fitness: float = 0.0
+    feedback: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.result and self.result.get("passed"))
+
+    def brief(self) -> dict:
+        return {"id": self.id, "config": self.config, "feedback": self.feedback, "fitness": self.fitness}
+
+
+# A population evaluator: (task, round_dir, [(candidate id, code)]) -> {candidate id: result record or None}
+PopulationEvaluator = Callable[[object, Path, list], dict]
+
+_RESULT_KEYS = ("passed", "category", "message", "stage_reached", "L", "L_bound", "U", "U_gold", "latency_ms",
+                "reference_latency_ms", "attributes", "quality_method", "speed_method")
+
+
+def _original(p: Individual) -> bool:
+    return p.note != "rejected" and not p.note.startswith("duplicate")
+
+
+def _slim(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    return {k: result.get(k) for k in _RESULT_KEYS if k in result}
+
+
+class GeneticSelector:
+    def __init__(self, agent, evaluate: PopulationEvaluator, bounds, folder: Path | None = None, memory=None):
+        self.agent, self.evaluate, self.bounds = agent, evaluate, bounds
+        self.task = agent.task
+        self.folder = Path(folder) if folder is not None else None
+        self.memory = memory
+        self.history: list[Individual] = []  # every individual of every round
+        self.rounds_run = 0
+        self.stopped_early = False
+        self.baseline: str | None = None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        b = self.bounds
+        # T_sel is not part of it: a search may resume with more rounds allowed.
+        return {"task_id": self.task.id, "population": b.population, "survivors": b.survivors,
+                "t_debug": b.t_debug, "t_code": b.t_code, "format": STATE_FORMAT}
+
+    def _write(self, path: Path, data: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
+        tmp.replace(path)
+
+    def _resume(self) -> tuple[int, list[Individual]]:
+        """(last finished round, its survivors) from the checkpoints; (0, []) for a fresh start."""
+        if self.folder is None:
+            return 0, []
+        state_path = self.folder / "state.json"
+        if not state_path.is_file():
+            return 0, []
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+        except ValueError:
+            state = {}
+        if state.get("settings") != self._settings():
+            self.agent.note("GA checkpoints ignored", "they were written with other settings; starting afresh")
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return 0, []
+        finished = int(state.get("finished_rounds", 0))
+        self.baseline = state.get("baseline_plan")
+        survivors: list[Individual] = []
+        for r in range(1, finished + 1):
+            data = json.loads((self.folder / f"round-{r}" / "population.json").read_text(encoding="utf-8"))
+            people = [Individual(**p) for p in data["individuals"]]
+            self.history.extend(people)
+            by_id = {p.id: p for p in people}
+            survivors = [by_id[i] for i in data.get("survivors", []) if i in by_id]
+        if finished:
+            self.rounds_run = finished
+            self.agent.note(f"GA resumed after round {finished}",
+                            f"{len(self.history)} candidates restored from {self.folder}")
+        return finished, survivors
+
+    def _save_round(self, r: int, people: list[Individual], survivors: list[Individual]) -> None:
+        if self.folder is None:
+            return
+        self._write(self.folder / f"round-{r}" / "population.json",
+                    {"round": r, "individuals": [asdict(p) for p in people], "survivors": [s.id for s in survivors]})
+        self._write(self.folder / "state.json", {"settings": self._settings(), "finished_rounds": r,
+                                                 "baseline_plan": self.baseline})
+
+    # -- selection ---------------------------------------------------------------------------
+    def select(self, people: list[Individual], k: int, rng: random.Random) -> list[Individual]:
+        """k distinct individuals drawn with probability proportional to (floored) fitness."""
+        pool = list(people)
+        chosen = []
+        while pool and len(chosen) < k:
+            weights = [max(p.fitness, FLOOR) for p in pool]
+            total = sum(weights)
+            pick = rng.random() * total
+            acc = 0.0
+            for i, w in enumerate(weights):
+                acc += w
+                if pick <= acc:
+                    break
+            chosen.append(pool.pop(i))
+        return chosen
+
+    def best(self) -> Individual | None:
+        measured = [p for p in self.history if p.code is not None]
+        if not measured:
+            return None
+        return max(measured, key=lambda p: (p.passed, p.fitness, p.smoke_ok, -p.round))
+
+    # -- the search --------------------------------------------------------------------------
+    def run(self) -> Individual | None:
+        b = self.bounds
+        finished, survivors = self._resume()
+        if any(p.passed for p in self.history):
+            self.stopped_early = True
+            return self.best()
+        if self.baseline is None:
+            self.baseline = self.agent.baseline_plan()
+        for r in range(finished + 1, b.rounds + 1):
+            self.rounds_run = r
+            rng = random.Random(f"{self.task.id}:ga:{r}")
+            people = self._round(r, survivors)
+            if not people:
+                self.agent.note(f"GA round {r}: no plans", "the planner gave no usable plan; the search stops")
+                break
+            passed = [p for p in people if p.passed]
+            # a plan that repeats another of the same round is the same individual: drawn once at most
+            pool = [p for p in people if not p.note.startswith(f"duplicate of r{r}c")]
+            survivors = [] if passed else self.select(pool, b.survivors, rng)
+            self._save_round(r, people, survivors)
+            table = "\n".join(f"{p.id:>6}  fitness {p.fitness:.3f}  {json.dumps(p.config, sort_keys=True)}  {p.feedback}"
+                              for p in people)
+            self.agent.note(f"GA round {r}: fitness", table + ("\nsurvivors: " + ", ".join(s.id for s in survivors)
+                                                                if survivors else ""))
+            if passed:
+                self.stopped_early = True
+                self.agent.note(f"GA stops after round {r}", f"{passed[0].id} meets the constraint")
+                break
+        return self.best()
+
+    def _round(self, r: int, survivors: list[Individual]) -> list[Individual]:
+        b = self.bounds
+        tried = [p.brief() for p in self.history]
+        plans = self.agent.acceleration_plans(self.baseline, b.population, [s.brief() for s in survivors], tried,
+                                             round_no=r)
+        people: list[Individual] = []
+        # configurations measured before (originals only: a duplicate points to its original)
+        known = {config_key(p.config): p for p in self.history if p.config is not None and _original(p)}
+        duplicates: list[tuple[Individual, Individual]] = []
+        to_run: list[Individual] = []
+        for i, plan in enumerate(plans[: b.population], 1):
+            origin = f"refines {survivors[i - 1].id}" if i <= len(survivors) else "new"
+            ind = Individual(id=f"r{r}c{i}", round=r, origin=origin, config=plan.config, rationale=plan.rationale)
+            people.append(ind)
+            if plan.config is None or plan.problems:
+                ind.note = "rejected"
+                ind.feedback = "rejected by the knowledge base: " + ("; ".join(plan.problems) or "unreadable plan")
+                continue
+            key = config_key(plan.config)
+            twin = known.get(key)
+            if twin is not None:  # measured already (this round's are filled in after the evaluation)
+                ind.origin = f"{origin}; duplicate of {twin.id}"
+                ind.note = f"duplicate of {twin.id}"
+                duplicates.append((ind, twin))
+                continue
+            known[key] = ind
+            outcome = self.agent.develop(plan, f"{ind.id}, ")
+            ind.code = outcome.code
+            ind.smoke_ok = outcome.ok
+            if not outcome.ok:
+                ind.note = "smoke run failed"
+                ind.feedback = f"did not run: {outcome.check.summary() if outcome.check else 'no code'}"
+                continue
+            to_run.append(ind)
+        # the same module twice (different plans, same code): evaluate once
+        unique: dict[str, Individual] = {}
+        for ind in to_run:
+            unique.setdefault(ind.code, ind)
+        if unique:
+            round_dir = (self.folder / f"round-{r}") if self.folder is not None else Path(f"round-{r}")
+            results = self.evaluate(self.task, round_dir, [(ind.id, ind.code) for ind in unique.values()])
+            for ind in to_run:
+                first = unique[ind.code]
+                ind.result = _slim(results.get(first.id))
+                if first is not ind:
+                    ind.note = f"same code as {first.id}"
+        for ind in to_run:
+            ind.fitness = fitness(self.task, ind.result)
+            ind.feedback = feedback_text(self.task, ind.result)
+        for ind, twin in duplicates:
+            ind.code, ind.smoke_ok, ind.result = twin.code, twin.smoke_ok, twin.result
+            ind.fitness, ind.feedback = twin.fitness, twin.feedback
+        self.history.extend(people)
+        self._remember([ind for ind in to_run if ind.result])
+        return people
+
+    def _remember(self, people: list[Individual]) -> None:
+        if self.memory is None or not getattr(self.memory, "enabled", False):
+            return
+        entries = []
+        for p in people:
+            res = p.result or {}
+            attrs = res.get("attributes") or {}
+            config = config_from_attributes(attrs, self.task) if attrs else p.config
+            entries.append({"config": config, "L": res.get("L"), "U": res.get("U"),
+                            "latency_ms": res.get("latency_ms"), "passed": bool(res.get("passed")),
+                            "category": res.get("category"), "steps_reference": self.task.steps})
+        self.memory.record(self.task, entries)

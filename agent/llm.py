@@ -1,0 +1,356 @@
+"""One LLM client over litellm: retries with backoff, timeouts, a disk cache, tokens and cost.
+
+Any model litellm reaches works (`o3-mini`, `anthropic/claude-sonnet-4-20250514`,
+`openai/<name>` with `api_base` for a local OpenAI-compatible server, `ollama/<name>`).
+
+Retries: rate limits (429), server errors (5xx), connection errors, timeouts and answers with no
+choices are retried up to `retries` times. The wait honours the server's `Retry-After` (capped at
+`backoff_max_s`), else it doubles from `backoff_s` with a little jitter. Other errors
+(authentication, bad request, unknown model) are not retried. A final failure raises `LLMError`;
+the plugin turns it into a harness error of that task.
+
+Cache: the answer to a request is stored under the sha256 of the full request (model, messages,
+temperature, max_tokens, api_base, extra parameters) and of its occurrence number within this
+client: the n-th identical request of a task replays the n-th stored answer. A rerun of a task
+therefore replays the same conversation at no cost, and a regeneration that asks the same
+question twice in one run still gets a fresh answer the first time.
+
+Accounting: tokens from the response's usage; cost from `litellm.completion_cost` (litellm's
+price map), or from `price_per_mtok` when given, or 0 with `cost_known = False` when the model
+has no price. Replayed answers cost nothing and count as `cache_hits`.
+
+litellm is imported on first use, never at import time.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+CACHE_FORMAT = 1
+
+
+class LLMError(Exception):
+    """The LLM could not answer (after retries, or with an error that retrying cannot fix)."""
+
+    def __init__(self, message: str, *, fatal: bool = False, attempts: int = 0):
+        super().__init__(message)
+        self.fatal = fatal  # authentication / permission: every later call fails the same way
+        self.attempts = attempts
+
+
+class EmptyResponse(Exception):
+    """The provider answered without any choice (retried like a server error)."""
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    model: str
+    api_base: str | None = None
+    api_key: str | None = None
+    temperature: float | None = None  # None: the provider's default
+    max_tokens: int | None = None
+    timeout_s: float = 300.0
+    retries: int = 5
+    backoff_s: float = 2.0
+    backoff_max_s: float = 60.0
+    cache_dir: Path | None = None  # None: no cache
+    price_per_mtok: tuple[float, float] | None = None  # (input, output) USD per million tokens
+    extra: dict = field(default_factory=dict)  # more litellm.completion parameters
+
+    def request(self, messages: list[dict]) -> dict:
+        """The request as it identifies an answer (the cache key's content); no secrets."""
+        return {"model": self.model, "messages": messages, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "api_base": self.api_base,
+                "extra": {k: self.extra[k] for k in sorted(self.extra)}}
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cost_usd: float = 0.0
+    llm_calls: int = 0  # answered requests sent to the provider
+    cache_hits: int = 0  # answers replayed from the cache
+    retries: int = 0  # failed attempts that were retried
+    cost_known: bool = True
+
+    def add(self, other: "Usage") -> None:
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens", "llm_calls", "cache_hits", "retries"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.cost_usd += other.cost_usd
+        self.cost_known = self.cost_known and other.cost_known
+
+    def cost_dict(self) -> dict:
+        """The `Candidate.cost` dict (JUnit properties diffbench_llm_<key>)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens, "cost_usd": round(self.cost_usd, 6),
+                "llm_calls": self.llm_calls, "cache_hits": self.cache_hits, "retries": self.retries,
+                "cost_known": self.cost_known}
+
+
+@dataclass
+class Reply:
+    text: str
+    usage: Usage
+    cached: bool
+    attempts: int
+    key: str
+    finish_reason: str | None = None
+
+
+_litellm = None
+
+
+def import_litellm():
+    """litellm, imported once, quietly, with the local price map (no network at import)."""
+    global _litellm
+    if _litellm is None:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        import logging
+
+        import litellm
+
+        litellm.suppress_debug_info = True
+        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        _litellm = litellm
+    return _litellm
+
+
+def _retryable_classes(litellm) -> tuple:
+    names = ("RateLimitError", "APIConnectionError", "Timeout", "InternalServerError",
+             "ServiceUnavailableError", "BadGatewayError")
+    return tuple(getattr(litellm, n) for n in names if hasattr(litellm, n)) + (EmptyResponse,)
+
+
+def _fatal_classes(litellm) -> tuple:
+    names = ("AuthenticationError", "PermissionDeniedError")
+    return tuple(getattr(litellm, n) for n in names if hasattr(litellm, n))
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """Seconds from the error's Retry-After header (or retry-after-ms), else None."""
+    for headers in (getattr(exc, "litellm_response_headers", None), getattr(exc, "headers", None),
+                    getattr(getattr(exc, "response", None), "headers", None)):
+        if not headers:
+            continue
+        try:
+            ms = headers.get("retry-after-ms")
+            if ms is not None:
+                return max(0.0, float(ms) / 1000.0)
+            value = headers.get("retry-after")
+        except Exception:
+            continue
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            parsed = email.utils.parsedate_tz(value)
+            if parsed is not None:
+                return max(0.0, email.utils.mktime_tz(parsed) - time.time())
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ")
+    return f"{type(exc).__name__}: {text[:500]}"
+
+
+class LLMClient:
+    """One client per task: usage and the occurrence counter of the cache are per client."""
+
+    def __init__(self, settings: LLMSettings, *, transcript=None, sleep: Callable[[float], None] = time.sleep,
+                 completion: Callable | None = None, rng: random.Random | None = None):
+        self.settings = settings
+        self.transcript = transcript
+        self.usage = Usage()
+        self.sleep = sleep
+        self._completion = completion  # tests may replace litellm.completion
+        self._seen: Counter = Counter()
+        self._rng = rng or random.Random(0)
+        self.delays: list[float] = []  # every backoff wait, for reports and tests
+
+    # -- cache ------------------------------------------------------------------------------
+    def cache_key(self, messages: list[dict]) -> str:
+        request = self.settings.request(messages)
+        base = json.dumps(request, sort_keys=True, ensure_ascii=False)
+        occurrence = self._seen[base]
+        self._seen[base] += 1
+        return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "request": base, "occurrence": occurrence},
+                                         sort_keys=True).encode()).hexdigest()
+
+    def _cache_path(self, key: str) -> Path | None:
+        if self.settings.cache_dir is None:
+            return None
+        return Path(self.settings.cache_dir) / key[:2] / f"{key}.json"
+
+    def _cache_get(self, key: str) -> dict | None:
+        path = self._cache_path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return entry if isinstance(entry.get("text"), str) else None
+
+    def _cache_put(self, key: str, messages: list[dict], reply: Reply, purpose: str) -> None:
+        path = self._cache_path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"format": CACHE_FORMAT, "request": self.settings.request(messages), "purpose": purpose,
+                 "text": reply.text, "finish_reason": reply.finish_reason,
+                 "usage": {"prompt_tokens": reply.usage.prompt_tokens,
+                           "completion_tokens": reply.usage.completion_tokens,
+                           "cost_usd": reply.usage.cost_usd},
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entry, indent=1, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+
+    # -- calls ------------------------------------------------------------------------------
+    def _call(self, messages: list[dict]):
+        s = self.settings
+        kwargs = dict(model=s.model, messages=messages, timeout=s.timeout_s, max_retries=0, num_retries=0,
+                      drop_params=True)
+        if s.api_base:
+            kwargs["api_base"] = s.api_base
+        if s.api_key:
+            kwargs["api_key"] = s.api_key
+        if s.temperature is not None:
+            kwargs["temperature"] = s.temperature
+        if s.max_tokens is not None:
+            kwargs["max_tokens"] = s.max_tokens
+        kwargs.update(s.extra)
+        if self._completion is not None:
+            return self._completion(**kwargs)
+        return import_litellm().completion(**kwargs)
+
+    def _usage_of(self, response) -> Usage:
+        u = getattr(response, "usage", None)
+        prompt = int(getattr(u, "prompt_tokens", 0) or 0)
+        completion = int(getattr(u, "completion_tokens", 0) or 0)
+        total = int(getattr(u, "total_tokens", 0) or 0) or prompt + completion
+        usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total, llm_calls=1)
+        price = self.settings.price_per_mtok
+        if price is not None:
+            usage.cost_usd = (prompt * price[0] + completion * price[1]) / 1e6
+            return usage
+        try:
+            usage.cost_usd = float(import_litellm().completion_cost(completion_response=response) or 0.0)
+        except Exception:  # the model has no price in litellm's map
+            usage.cost_usd = 0.0
+            usage.cost_known = False
+        return usage
+
+    def _wait(self, attempt: int, exc: BaseException) -> float:
+        s = self.settings
+        hinted = retry_after_s(exc)
+        if hinted is not None:
+            delay = min(hinted, s.backoff_max_s)
+        else:
+            delay = min(s.backoff_s * (2 ** attempt), s.backoff_max_s)
+            delay += self._rng.uniform(0, 0.1 * delay)
+        return delay
+
+    def complete(self, messages: list[dict], *, purpose: str = "") -> Reply:
+        """The answer to `messages` (from the cache when there is one)."""
+        key = self.cache_key(messages)
+        cached = self._cache_get(key)
+        if cached is not None:
+            usage = Usage(cache_hits=1)
+            reply = Reply(cached["text"], usage, True, 0, key, cached.get("finish_reason"))
+            self.usage.add(usage)
+            self._log(purpose, messages, reply, None)
+            return reply
+
+        litellm = import_litellm()
+        retryable, fatal = _retryable_classes(litellm), _fatal_classes(litellm)
+        attempts = 0
+        failed = 0
+        last: BaseException | None = None
+        while True:
+            attempts += 1
+            try:
+                response = self._call(messages)
+                choices = getattr(response, "choices", None) or []
+                if not choices:
+                    raise EmptyResponse("the provider answered with no choices")
+                message = getattr(choices[0], "message", None)
+                text = getattr(message, "content", None) or ""
+                usage = self._usage_of(response)
+                usage.retries = failed
+                reply = Reply(text, usage, False, attempts, key, getattr(choices[0], "finish_reason", None))
+                self.usage.add(usage)
+                self._cache_put(key, messages, reply, purpose)
+                self._log(purpose, messages, reply, None)
+                return reply
+            except fatal as exc:
+                last = exc
+                err = LLMError(f"{self.settings.model}: {_describe(exc)}", fatal=True, attempts=attempts)
+                break
+            except retryable as exc:
+                last = exc
+                if failed >= self.settings.retries:
+                    err = LLMError(f"{self.settings.model}: gave up after {attempts} attempts; last error "
+                                   f"{_describe(exc)}", attempts=attempts)
+                    break
+                delay = self._wait(failed, exc)
+                failed += 1
+                self.delays.append(delay)
+                self.sleep(delay)
+            except Exception as exc:  # bad request, unknown model, ...: retrying cannot help
+                last = exc
+                err = LLMError(f"{self.settings.model}: {_describe(exc)}", attempts=attempts)
+                break
+        self.usage.retries += failed
+        self._log(purpose, messages, None, str(err))
+        raise err from last
+
+    def _log(self, purpose: str, messages: list[dict], reply: Reply | None, error: str | None) -> None:
+        if self.transcript is None:
+            return
+        meta = {"model": self.settings.model, "error": error}
+        if reply is not None:
+            meta.update({"cached": reply.cached, "attempts": reply.attempts, "cache_key": reply.key,
+                         "finish_reason": reply.finish_reason,
+                         "usage": {k: v for k, v in asdict(reply.usage).items() if k != "cost_known"}})
+        self.transcript.exchange(purpose, messages, reply.text if reply else None, meta)
+
+
+PLACEHOLDER_KEY = "sk-no-key-needed"
+
+
+def resolve_credentials(model: str, api_base: str | None, api_key: str | None = None) -> tuple[str | None, str | None]:
+    """(problem, api_key): a message naming the missing environment variables (None when the model
+    can be called) and the key to pass.
+
+    With `api_base` (a local OpenAI-compatible server, vLLM, Ollama) no key is required: where the
+    provider's variable is missing a placeholder key is passed, since the OpenAI client insists on one.
+    """
+    if api_key:
+        return None, api_key
+    litellm = import_litellm()
+    try:
+        found = litellm.validate_environment(model=model)
+    except Exception as exc:  # unknown provider
+        return f"--llm={model}: cannot tell which provider serves it ({exc})", None
+    missing = list(found.get("missing_keys") or [])
+    if found.get("keys_in_environment") or not missing:
+        return None, None
+    if api_base:
+        return None, PLACEHOLDER_KEY if any("KEY" in m for m in missing) else None
+    return (f"--llm={model} needs {' and '.join(missing)} in the environment (or --llm-api-base=URL for a "
+            f"local OpenAI-compatible server, which needs no key)"), None

@@ -1,0 +1,253 @@
+"""The pytest surface of DiffAgent: options, the API-key check, the generate hook, a summary line.
+
+Loaded by the repository's conftest.py (``pytest_plugins = [..., "agent.plugin"]``). Cheap to
+import: litellm and torch are imported only when ``--llm`` is given. The work is done by the
+plain modules of this package; see docs/agent.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+DEFAULT_CACHE = Path.home() / ".cache" / "pytest-diffbench" / "llm"
+# Options of the harness that the GA's child session inherits (when the parent has them).
+CHILD_OPTIONS = ("diffbench_models", "diffbench_device", "diffbench_samples", "diffbench_speed",
+                 "diffbench_repeats", "diffbench_clip", "diffbench_clip_threshold",
+                 "diffbench_candidate_timeout", "diffbench_memory_mb", "diffbench_threads",
+                 "diffbench_resolution_scale")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _price(text: str) -> tuple[float, float]:
+    parts = [float(p) for p in text.split(",")]
+    if len(parts) != 2 or min(parts) < 0:
+        raise ValueError(text)
+    return parts[0], parts[1]
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("diffagent", "DiffAgent: candidates written by an LLM (agent/)")
+    group.addoption("--llm", metavar="MODEL", default=None,
+                    help="write the candidates with this LLM, any litellm model string (o3-mini, "
+                         "anthropic/claude-sonnet-4-20250514, openai/<name> with --llm-api-base, ollama/<name>)")
+    group.addoption("--llm-api-base", metavar="URL", default=None,
+                    help="base URL of an OpenAI-compatible server (vLLM, Ollama, ...); such a server needs no "
+                         "API key")
+    group.addoption("--agent", choices=("plain", "diffagent"), default="diffagent",
+                    help="plain = one LLM call per task (the paper's baseline); diffagent = planning, coding, "
+                         "debugging and, on L4/L5, the GA selector (default: diffagent)")
+    group.addoption("--llm-cache", choices=("on", "off"), default="on",
+                    help="replay answers from the response cache on disk (default: on)")
+    group.addoption("--llm-cache-dir", metavar="DIR", default=None,
+                    help=f"response cache (default: $DIFFAGENT_CACHE_DIR or {DEFAULT_CACHE})")
+    group.addoption("--llm-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="timeout of one LLM request (default: 300)")
+    group.addoption("--llm-retries", type=_positive_int, default=5, metavar="N",
+                    help="retries of an LLM request after rate limits, server errors and timeouts (default: 5)")
+    group.addoption("--llm-temperature", type=float, default=None, metavar="T",
+                    help="sampling temperature (default: the provider's)")
+    group.addoption("--llm-max-tokens", type=int, default=None, metavar="N",
+                    help="maximum tokens of one answer (default: the provider's)")
+    group.addoption("--llm-price", type=_price, default=None, metavar="IN,OUT",
+                    help="USD per million input and output tokens, for models litellm has no price for "
+                         "(default: litellm's price map; 0 when the model is not in it)")
+    group.addoption("--agent-memory", choices=("on", "off"), default="on",
+                    help="keep tuning experience (configurations with their L and U) per hardware profile and "
+                         "offer it to the planner on later tasks (default: on)")
+    group.addoption("--agent-knowledge", action="append", default=[], metavar="DIR",
+                    help="an extra folder of knowledge-base method files (*.yaml), see docs/agent.md; repeatable")
+    group.addoption("--agent-t-debug", type=_positive_int, default=3, metavar="N",
+                    help="fix rounds of the debugging agent after each code generation (default: 3)")
+    group.addoption("--agent-t-code", type=int, default=5, metavar="N",
+                    help="code generations per plan before replanning (default: 5)")
+    group.addoption("--agent-replans", type=_positive_int, default=1, metavar="N",
+                    help="L1-L3: new plans after a plan's code generations all failed (default: 1)")
+    group.addoption("--agent-population", type=int, default=7, metavar="P",
+                    help="GA population per round on L4/L5 (default: 7)")
+    group.addoption("--agent-survivors", type=int, default=4, metavar="M",
+                    help="GA survivors per round (default: 4)")
+    group.addoption("--agent-rounds", type=int, default=4, metavar="T",
+                    help="GA rounds at most (default: 4)")
+    group.addoption("--agent-ga-timeout", type=float, default=7200.0, metavar="SECONDS",
+                    help="time limit of one GA round's child pytest session (default: 7200)")
+
+
+class DiffAgentGenerator:
+    """Implements pytest_diffbench_generate when --llm is given (registered in pytest_configure)."""
+
+    def __init__(self, config, settings, kind: str, bounds, memory: bool, knowledge_dirs: list[str],
+                 ga_timeout: float):
+        from .knowledge import load_knowledge
+
+        self.config = config
+        self.settings = settings
+        self.kind = kind
+        self.bounds = bounds
+        self.memory = memory
+        self.ga_timeout = ga_timeout
+        self.kb = load_knowledge(knowledge_dirs)
+        self.fatal: str | None = None
+
+    # -- parts ---------------------------------------------------------------------------------
+    def _child_pytest(self, session, evaluator):
+        from pytest_diffbench.devices import visible_devices
+
+        from .population import ChildPytest
+
+        config = self.config
+        passthrough = [f"--diffbench-cache-dir={session.cache_dir}", f"--diffbench-zoo-dir={session.zoo_dir}"]
+        for name in CHILD_OPTIONS:
+            value = config.getoption(name, None)
+            if value is not None:
+                passthrough.append(f"--{name.replace('_', '-')}={value}")
+        workers, visible = 0, None
+        profile = evaluator.profile
+        if profile.device == "cuda":
+            if getattr(config, "workerinput", None) is not None:
+                visible = profile.visible_devices  # this xdist worker's own device
+            else:
+                devices = visible_devices()
+                workers = len(devices) if len(devices) > 1 else 0
+        tasks_dir = config.getoption("diffbench_tasks", None)
+        return ChildPytest(rootdir=Path(config.rootpath), inifile=Path(config.inipath) if config.inipath else None,
+                           tasks_dir=Path(tasks_dir).resolve() if tasks_dir else None, passthrough=passthrough,
+                           workers=workers, timeout_s=self.ga_timeout, visible_devices=visible)
+
+    @staticmethod
+    def _profile(evaluator) -> dict:
+        p = evaluator.profile
+        return {"device": p.device, "device_name": p.device_name, "zoo": p.zoo, "speed_method": p.speed_method,
+                "quality_method": p.quality_method, "name": p.name}
+
+    # -- the hook ------------------------------------------------------------------------------
+    def pytest_diffbench_generate(self, task, config):
+        from pytest_diffbench.evaluate import Candidate, HarnessError
+        from pytest_diffbench.plugin import SESSION_KEY
+
+        from .agents import DiffAgent, PlainAgent
+        from .llm import LLMClient, LLMError
+        from .memory import TuningMemory
+        from .population import PopulationError
+        from .smoke import smoke_function
+        from .transcript import Transcript
+
+        if self.fatal:
+            raise HarnessError(f"the LLM is unusable ({self.fatal}); no further calls are made")
+        session = config.stash[SESSION_KEY]
+        agent_dir = Path(session.run_dir) / task.id / "agent"
+        transcript = Transcript(agent_dir, f"{task.id}: --agent={self.kind} --llm={self.settings.model}")
+        llm = LLMClient(self.settings, transcript=transcript)
+        try:
+            if self.kind == "plain":
+                result = PlainAgent(task, llm, transcript=transcript).run()
+            else:
+                evaluator = session.evaluator()
+                memory_dir = Path(session.cache_dir) / "agent-memory" if self.memory else None
+                agent = DiffAgent(task, llm, smoke=smoke_function(evaluator, agent_dir / "smoke"), kb=self.kb,
+                                  transcript=transcript, bounds=self.bounds, profile=self._profile(evaluator),
+                                  memory=TuningMemory(memory_dir, evaluator.profile.name),
+                                  evaluate_population=(self._child_pytest(session, evaluator)
+                                                       if task.level in ("L4", "L5") else None),
+                                  ga_dir=agent_dir / "ga")
+                result = agent.run()
+        except LLMError as exc:
+            if exc.fatal:
+                self.fatal = str(exc)
+            transcript.note("LLM failure: the task is a harness error", str(exc))
+            raise HarnessError(f"LLM failure on {task.id} (not the model's answer): {exc}") from exc
+        except PopulationError as exc:
+            transcript.note("GA evaluation failure", str(exc))
+            raise HarnessError(str(exc)) from exc
+        cost = llm.usage.cost_dict()
+        transcript.note("answer", result.code or f"(no code: {result.reason})", "python" if result.code else "text",
+                        data={"stats": result.stats, "cost": cost})
+        (agent_dir / "summary.json").write_text(json.dumps(
+            {"task_id": task.id, "agent": self.kind, "model": self.settings.model, "ok": result.ok,
+             "reason": result.reason, "stats": result.stats, "cost": cost}, indent=1, sort_keys=True, default=str))
+        return Candidate(code=result.code, source=f"llm:{self.settings.model}", reason=result.reason,
+                         transcript=transcript.summary(), cost=cost)
+
+
+def pytest_configure(config):
+    model = config.getoption("llm", None)
+    if not model or not config.getoption("diffbench_level", None):
+        return
+    from .population import CHILD_ENV
+
+    if os.environ.get(CHILD_ENV):
+        raise pytest.UsageError("--llm in a GA child session: the child evaluates candidate files only")
+    if config.getoption("diffbench_candidates", None):
+        raise pytest.UsageError("--llm and --diffbench-candidates exclude each other: either the LLM writes the "
+                                "candidates or they come from files")
+    from .agents import Bounds
+    from .knowledge import KnowledgeError
+    from .llm import LLMSettings, resolve_credentials
+
+    try:
+        bounds = Bounds(t_debug=config.getoption("agent_t_debug"), t_code=config.getoption("agent_t_code"),
+                        replans=config.getoption("agent_replans"), population=config.getoption("agent_population"),
+                        survivors=config.getoption("agent_survivors"), rounds=config.getoption("agent_rounds"))
+    except ValueError as exc:
+        raise pytest.UsageError(f"DiffAgent bounds (--agent-*): {exc}") from None
+    api_base = config.getoption("llm_api_base")
+    problem, api_key = resolve_credentials(model, api_base)
+    if problem:
+        raise pytest.UsageError(problem)
+    cache_dir = None
+    if config.getoption("llm_cache") == "on":
+        cache_dir = Path(config.getoption("llm_cache_dir") or os.environ.get("DIFFAGENT_CACHE_DIR") or DEFAULT_CACHE)
+    settings = LLMSettings(model=model, api_base=api_base, api_key=api_key,
+                           temperature=config.getoption("llm_temperature"),
+                           max_tokens=config.getoption("llm_max_tokens"), timeout_s=config.getoption("llm_timeout"),
+                           retries=config.getoption("llm_retries"), cache_dir=cache_dir,
+                           price_per_mtok=config.getoption("llm_price"))
+    try:
+        generator = DiffAgentGenerator(config, settings, config.getoption("agent"), bounds,
+                                       config.getoption("agent_memory") == "on", config.getoption("agent_knowledge"),
+                                       config.getoption("agent_ga_timeout"))
+    except KnowledgeError as exc:
+        raise pytest.UsageError(f"DiffAgent knowledge base: {exc}") from None
+    config.pluginmanager.register(generator, "diffagent-generator")
+
+
+def pytest_report_header(config):
+    generator = config.pluginmanager.get_plugin("diffagent-generator")
+    if generator is None:
+        return None
+    s, b = generator.settings, generator.bounds
+    where = f" at {s.api_base}" if s.api_base else ""
+    cache = f"cache {s.cache_dir}" if s.cache_dir else "cache off"
+    line = f"diffagent: --agent={generator.kind} --llm={s.model}{where}; {cache}"
+    if generator.kind == "diffagent":
+        line += (f"; T_debug={b.t_debug} T_code={b.t_code} replans={b.replans} P={b.population} "
+                 f"M={b.survivors} T_sel={b.rounds}; memory {'on' if generator.memory else 'off'}")
+    return line
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    """LLM calls, cache hits and retries over the session (tokens and cost are in diffbench's summary)."""
+    if config.pluginmanager.get_plugin("diffagent-generator") is None or getattr(config, "workerinput", None):
+        return
+    session = config.pluginmanager.get_plugin("diffbench-session")
+    rows = getattr(session, "records", None) or []
+    totals = {"llm_calls": 0, "cache_hits": 0, "retries": 0}
+    for row in rows:
+        props = row.get("props") or {}
+        for key in totals:
+            try:
+                totals[key] += int(float(props.get(f"diffbench_llm_{key}", 0) or 0))
+            except ValueError:
+                pass
+    terminalreporter.write_line(f"diffagent: {totals['llm_calls']} LLM calls, {totals['cache_hits']} replayed "
+                                f"from the cache, {totals['retries']} retries")

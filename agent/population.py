@@ -1,0 +1,129 @@
+"""Evaluate one GA round by a pytest session of this plugin, run as a child process.
+
+The round's modules go into a manifest (``<round>/candidates.jsonl``, one
+``{"task_id", "code", "candidate_id"}`` per line) and a child
+``python -m pytest --diffbench-level=<level> -k <task id> --diffbench-candidates=<manifest>
+--diffbench-out=<round>/out`` evaluates them with the same stages as the final verdict; the
+fitness is read from ``<round>/out/<task id>@<candidate id>/result.json``. Where several devices
+exist the child runs them in parallel with pytest-xdist (``-n``).
+
+Where the harness does not collect one item per candidate (no `CandidatesGenerator.candidate_for` in
+`pytest_diffbench.candidates`), each module gets its own child session and manifest instead.
+
+The child never runs an LLM: it evaluates files. Its environment drops PYTEST_ADDOPTS and the
+parent's xdist variables and sets DIFFAGENT_CHILD=1 (agent/plugin.py refuses --llm there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHILD_ENV = "DIFFAGENT_CHILD"
+
+
+class PopulationError(Exception):
+    """The child session itself failed (not a candidate): a harness error."""
+
+
+@dataclass
+class ChildPytest:
+    rootdir: Path
+    tasks_dir: Path | None = None
+    inifile: Path | None = None
+    passthrough: list = field(default_factory=list)  # e.g. ["--diffbench-models=tiny", ...]
+    workers: int = 0  # xdist -n; 0 = no xdist
+    timeout_s: float = 3600.0
+    python: str = sys.executable
+    visible_devices: str | None = None
+    per_candidate_items: bool | None = None  # None: ask pytest_diffbench.candidates
+
+    def supports_candidate_ids(self) -> bool:
+        if self.per_candidate_items is not None:
+            return self.per_candidate_items
+        try:
+            from pytest_diffbench import candidates
+        except ImportError:
+            return False
+        flag = getattr(candidates, "SUPPORTS_CANDIDATE_ID", None)
+        if flag is not None:
+            return bool(flag)
+        return hasattr(getattr(candidates, "CandidatesGenerator", None), "candidate_for")
+
+    def command(self, task, manifest: Path, out: Path, workers: int) -> list[str]:
+        cmd = [self.python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "addopts=",
+               "--rootdir", str(self.rootdir), f"--diffbench-level={task.level}", "-k", task.id,
+               f"--diffbench-candidates={manifest}", f"--diffbench-out={out}"]
+        if self.inifile is not None:
+            cmd += ["-c", str(self.inifile)]
+        if self.tasks_dir is not None:
+            cmd.append(f"--diffbench-tasks={self.tasks_dir}")
+        cmd += list(self.passthrough)
+        if workers > 1:
+            cmd += ["-n", str(workers)]
+        return cmd
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items()
+               if k != "PYTEST_ADDOPTS" and not k.startswith("PYTEST_XDIST_") and k != "PYTEST_CURRENT_TEST"}
+        env[CHILD_ENV] = "1"
+        if self.visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
+        return env
+
+    def _run(self, cmd: list[str], log: Path) -> int:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as fh:
+            fh.write(("$ " + " ".join(cmd) + "\n").encode())
+            fh.flush()
+            start = time.monotonic()
+            try:
+                proc = subprocess.run(cmd, cwd=self.rootdir, env=self.env(), stdout=fh, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                raise PopulationError(f"the GA's child pytest took longer than {self.timeout_s:.0f} s (log: {log})")
+            fh.write(f"\n[exit {proc.returncode} after {time.monotonic() - start:.1f} s]\n".encode())
+        return proc.returncode
+
+    def _check_exit(self, code: int, log: Path) -> None:
+        # 0 all passed, 1 some failed: both are results. Others: the session itself broke.
+        if code not in (0, 1):
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise PopulationError(f"the GA's child pytest exited with {code} (log: {log}):\n{tail}")
+
+    def __call__(self, task, round_dir: Path, candidates: list[tuple[str, str]]) -> dict[str, dict | None]:
+        """{candidate id: result record (or None when the child wrote none)}."""
+        round_dir = Path(round_dir)
+        round_dir.mkdir(parents=True, exist_ok=True)
+        log = round_dir / "pytest.log"
+        results: dict[str, dict | None] = {}
+        if self.supports_candidate_ids():
+            manifest = round_dir / "candidates.jsonl"
+            manifest.write_text("".join(json.dumps({"task_id": task.id, "code": code, "candidate_id": cid}) + "\n"
+                                        for cid, code in candidates), encoding="utf-8")
+            out = round_dir / "out"
+            workers = min(self.workers, len(candidates))
+            self._check_exit(self._run(self.command(task, manifest, out, workers), log), log)
+            for cid, _ in candidates:
+                results[cid] = _read(out / f"{task.id}@{cid}" / "result.json")
+            return results
+        for cid, code in candidates:
+            folder = round_dir / f"child-{cid}"
+            manifest = folder / "candidates.jsonl"
+            folder.mkdir(parents=True, exist_ok=True)
+            manifest.write_text(json.dumps({"task_id": task.id, "code": code}) + "\n", encoding="utf-8")
+            self._check_exit(self._run(self.command(task, manifest, folder / "out", 0), log), log)
+            results[cid] = _read(folder / "out" / task.id / "result.json")
+        return results
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

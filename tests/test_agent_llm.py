@@ -1,0 +1,169 @@
+"""The LLM client on the real client path: litellm's OpenAI provider talking HTTP to a scripted
+OpenAI-compatible server on 127.0.0.1 that injects rate limits, server errors, slow answers and
+empty answers."""
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from agent.llm import PLACEHOLDER_KEY, LLMClient, LLMError, LLMSettings, resolve_credentials  # noqa: E402
+from agent.scripted import ScriptedModel, ScriptedServer  # noqa: E402
+from agent.transcript import Transcript  # noqa: E402
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+
+
+class Sleeps(list):
+    """Records the backoff waits instead of sleeping."""
+
+    def __call__(self, seconds):
+        self.append(seconds)
+
+
+@pytest.fixture
+def server():
+    model = ScriptedModel(script=[f"hello {i}" for i in range(1, 50)])
+    with ScriptedServer(model, max_requests=60) as srv:
+        yield srv
+
+
+def make(server, tmp_path=None, model="openai/scripted", **kw):
+    sleeps = Sleeps()
+    settings = LLMSettings(model=model, api_base=server.api_base, api_key="sk-test",
+                           cache_dir=(tmp_path / "cache") if tmp_path else None, **kw)
+    return LLMClient(settings, sleep=sleeps), sleeps
+
+
+def test_answer_tokens_and_transcript(server, tmp_path):
+    transcript = Transcript(tmp_path / "agent", "t")
+    llm, _ = make(server)
+    llm.transcript = transcript
+    reply = llm.complete(MESSAGES, purpose="coder: test")
+    assert reply.text == "hello 1" and not reply.cached and reply.attempts == 1
+    assert len(server.requests) == 1 and server.requests[0]["messages"] == MESSAGES
+    assert server.requests[0]["model"] == "scripted"
+    assert llm.usage.llm_calls == 1 and llm.usage.prompt_tokens > 0 and llm.usage.completion_tokens == 2
+    line = json.loads((tmp_path / "agent" / "exchanges.jsonl").read_text())
+    assert line["purpose"] == "coder: test" and line["response"] == "hello 1" and line["messages"] == MESSAGES
+    md = (tmp_path / "agent" / "transcript.md").read_text()
+    assert "Say hello." in md and "hello 1" in md and "## 1. LLM: coder: test" in md
+
+
+def test_rate_limit_waits_as_told_by_retry_after(server):
+    server.faults.extend([{"status": 429, "retry_after": 7}, {"status": 429, "retry_after": 2}])
+    llm, sleeps = make(server, backoff_s=0.5)
+    assert llm.complete(MESSAGES).text == "hello 1"
+    assert len(server.requests) == 3 and sleeps == [7.0, 2.0]
+    assert llm.usage.retries == 2 and llm.usage.llm_calls == 1
+
+
+def test_retry_after_is_capped(server):
+    server.faults.append({"status": 429, "retry_after": 3600})
+    llm, sleeps = make(server, backoff_max_s=30)
+    llm.complete(MESSAGES)
+    assert sleeps == [30]
+
+
+def test_server_errors_back_off_exponentially(server):
+    server.faults.extend([{"status": 500}, {"status": 503}, {"status": 502}])
+    llm, sleeps = make(server, backoff_s=1.0)
+    assert llm.complete(MESSAGES).text == "hello 1"
+    assert len(server.requests) == 4
+    assert [int(s) for s in sleeps] == [1, 2, 4] and all(s < b * 1.1 + 1e-9 for s, b in zip(sleeps, (1, 2, 4)))
+
+
+def test_timeouts_and_empty_answers_are_retried(server):
+    server.faults.extend([{"delay": 3.0}, {"empty": True}])
+    llm, sleeps = make(server, timeout_s=0.5, backoff_s=0.01)
+    reply = llm.complete(MESSAGES)
+    assert reply.attempts == 3 and len(sleeps) == 2
+    assert reply.text in ("hello 1", "hello 2")  # the slow request may still have been answered server-side
+
+
+def test_final_failure_is_an_llm_error_after_the_retries(server):
+    server.faults.extend([{"status": 500}] * 10)
+    llm, sleeps = make(server, retries=3, backoff_s=0.01)
+    with pytest.raises(LLMError, match="gave up after 4 attempts.*InternalServerError") as info:
+        llm.complete(MESSAGES)
+    assert not info.value.fatal and len(server.requests) == 4 and len(sleeps) == 3
+
+
+def test_authentication_errors_are_not_retried(server):
+    server.faults.append({"status": 401})
+    llm, sleeps = make(server)
+    with pytest.raises(LLMError, match="AuthenticationError") as info:
+        llm.complete(MESSAGES)
+    assert info.value.fatal and len(server.requests) == 1 and sleeps == []
+
+
+def test_cache_replays_a_rerun_without_requests(server, tmp_path):
+    first, _ = make(server, tmp_path)
+    answers = [first.complete(MESSAGES).text, first.complete(MESSAGES).text,
+               first.complete(MESSAGES + [{"role": "user", "content": "again"}]).text]
+    assert answers == ["hello 1", "hello 2", "hello 3"]  # the same request twice in a run: two answers
+    assert len(server.requests) == 3
+
+    rerun, _ = make(server, tmp_path)
+    replay = [rerun.complete(MESSAGES).text, rerun.complete(MESSAGES).text,
+              rerun.complete(MESSAGES + [{"role": "user", "content": "again"}]).text]
+    assert replay == answers and len(server.requests) == 3  # no new HTTP request
+    assert rerun.usage.cache_hits == 3 and rerun.usage.llm_calls == 0
+    assert rerun.usage.total_tokens == 0 and rerun.usage.cost_usd == 0.0
+
+    other, _ = make(server, tmp_path, temperature=0.7)  # another request: not in the cache
+    assert other.complete(MESSAGES).text == "hello 4" and len(server.requests) == 4
+
+
+def test_cache_off_always_asks(server):
+    llm, _ = make(server)  # cache_dir None (--llm-cache=off)
+    llm.complete(MESSAGES)
+    again, _ = make(server)
+    again.complete(MESSAGES)
+    assert len(server.requests) == 2 and again.usage.cache_hits == 0
+
+
+def test_cost_from_litellm_price_map(server):
+    from agent.llm import import_litellm
+
+    litellm = import_litellm()
+    llm, _ = make(server, model="openai/gpt-4o-mini")
+    llm.complete(MESSAGES)
+    price = litellm.model_cost["gpt-4o-mini"]
+    expected = (llm.usage.prompt_tokens * price["input_cost_per_token"]
+                + llm.usage.completion_tokens * price["output_cost_per_token"])
+    assert llm.usage.cost_known and llm.usage.cost_usd == pytest.approx(expected, rel=1e-6) and expected > 0
+    cost = llm.usage.cost_dict()
+    assert set(cost) >= {"prompt_tokens", "completion_tokens", "total_tokens", "cost_usd", "llm_calls"}
+
+
+def test_cost_of_an_unpriced_model_falls_back(server):
+    llm, _ = make(server, model="openai/my-local-model")
+    llm.complete(MESSAGES)
+    assert llm.usage.cost_usd == 0.0 and not llm.usage.cost_known and llm.usage.total_tokens > 0
+    priced, _ = make(server, model="openai/my-local-model", price_per_mtok=(1.0, 3.0))
+    priced.complete(MESSAGES)
+    u = priced.usage
+    assert u.cost_known and u.cost_usd == pytest.approx((u.prompt_tokens * 1.0 + u.completion_tokens * 3.0) / 1e6)
+
+
+def test_missing_api_key_is_named(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    problem, _ = resolve_credentials("o3-mini", None)
+    assert "OPENAI_API_KEY" in problem and "--llm-api-base" in problem
+    problem, _ = resolve_credentials("anthropic/claude-sonnet-4-20250514", None)
+    assert "ANTHROPIC_API_KEY" in problem
+    assert resolve_credentials("openai/local", "http://127.0.0.1:8000/v1") == (None, PLACEHOLDER_KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real")
+    assert resolve_credentials("o3-mini", None) == (None, None)
+
+
+def test_no_key_needed_for_a_local_server(server, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    problem, key = resolve_credentials("openai/scripted", server.api_base)
+    assert problem is None
+    llm = LLMClient(LLMSettings(model="openai/scripted", api_base=server.api_base, api_key=key))
+    assert llm.complete(MESSAGES).text == "hello 1"

@@ -1,0 +1,353 @@
+"""DiffAgent's loop driven by a scripted model served through litellm (a custom provider).
+
+The smoke run here is a stand-in that reports what the sandbox reports for these four kinds of
+module (test_agent_sandbox.py runs the same script through the real sandbox); the GA's population
+evaluator is a stand-in too (test_agent_plugin.py runs the real child pytest session).
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from agent.agents import Bounds, DiffAgent, PlainAgent  # noqa: E402
+from agent.ga import GeneticSelector, fitness  # noqa: E402
+from agent.knowledge import config_key, load_knowledge, render_candidate  # noqa: E402
+from agent.llm import LLMClient, LLMSettings  # noqa: E402
+from agent.memory import TuningMemory  # noqa: E402
+from agent.scripted import Oracle, ScriptedModel, make_l4_task, register_provider  # noqa: E402
+from agent.transcript import Transcript  # noqa: E402
+from pytest_diffbench.tasks import load_tasks  # noqa: E402
+
+TASKS = Path(__file__).resolve().parent.parent / "tasks"
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {t.id: t for t in load_tasks(TASKS)}
+
+
+@pytest.fixture(scope="module")
+def kb():
+    return load_knowledge()
+
+
+def client(model: ScriptedModel, tmp_path: Path, cache: bool = False, transcript=None) -> LLMClient:
+    register_provider(model)
+    settings = LLMSettings(model="scripted/test", cache_dir=(tmp_path / "llm-cache") if cache else None, retries=0)
+    return LLMClient(settings, transcript=transcript)
+
+
+# -- four answers for one task: syntax error, import error, wrong scheduler, correct ------------------
+
+def variants(task):
+    gold = task.gold
+    assert "pipe.scheduler = DPMSolverMultistepScheduler.from_config" in gold
+    return {
+        "syntax": gold.replace("def load_pipeline(device, dtype):", "def load_pipeline(device, dtype)"),
+        "import": gold.replace("import torch\n", "import torch\nfrom diffusers.accelerate import FastPipeline\n", 1),
+        "scheduler": gold.replace("    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)\n", ""),
+        "correct": gold,
+    }
+
+
+def py(code: str, prose: str = "Here is the module.") -> str:
+    return f"{prose}\n\n```python\n{code}```\n"
+
+
+class FakeSmoke:
+    """What the sandbox reports for the variants above (import error; key-attribute mismatch)."""
+
+    def __init__(self):
+        self.runs = []
+
+    def __call__(self, task, code):
+        self.runs.append(code)
+        if "diffusers.accelerate import FastPipeline" in code:
+            return {"ok": False, "category": "runtime", "attributes": None, "message": (
+                "ModuleNotFoundError during import: No module named 'diffusers.accelerate'\n"
+                "Traceback (most recent call last):\n"
+                '  File "/tmp/diffbench-cand-x1y2/sandbox/candidate.py", line 3, in <module>\n'
+                "    from diffusers.accelerate import FastPipeline\n"
+                "ModuleNotFoundError: No module named 'diffusers.accelerate'")}
+        found = re.search(r"pipe\.scheduler = (\w+)\.from_config", code)
+        scheduler = found.group(1) if found else task.scheduler
+        if task.expect.scheduler and scheduler != task.expect.scheduler:
+            return {"ok": False, "category": "key_attribute", "attributes": {"scheduler": scheduler},
+                    "message": f"scheduler: expected {task.expect.scheduler!r}, found {scheduler!r}"}
+        return {"ok": True, "category": None, "message": "ok", "attributes": {"scheduler": scheduler}}
+
+
+PLAN = ('1. Keep the reference.\n2. Swap in DPM-Solver++ at 20 steps.\n\n```json\n{"methods": {"fast_sampler": '
+        '{"scheduler": "DPMSolverMultistepScheduler", "steps": 20}}}\n```')
+
+
+def test_debugging_agent_fixes_syntax_then_import_then_scheduler(tasks, tmp_path):
+    task = tasks["L2-sd15-t2i-dpmsolver-0001"]
+    v = variants(task)
+    model = ScriptedModel(by_role={"coding_plan": [PLAN], "coder": [py(v["syntax"])],
+                                   "debugger": [py(v["import"], "The colon was missing."),
+                                                py(v["scheduler"], "Drop the bogus import."),
+                                                py(v["correct"], "The scheduler must be DPM-Solver++.")]})
+    transcript = Transcript(tmp_path / "agent", task.id)
+    smoke = FakeSmoke()
+    agent = DiffAgent(task, client(model, tmp_path, transcript=transcript), smoke=smoke, transcript=transcript,
+                      bounds=Bounds(t_debug=3, t_code=5))
+    result = agent.run()
+
+    assert result.ok and result.code == v["correct"]
+    assert model.roles() == ["coding_plan", "coder", "debugger", "debugger", "debugger"]
+    assert len(smoke.runs) == 3  # the syntax error is caught by compiling, without a sandbox run
+    fixes = [c["messages"][-1]["content"] for c in model.calls if c["role"] == "debugger"]
+    assert "SyntaxError" in fixes[0] and 'File "candidate.py", line' in fixes[0]
+    assert "ModuleNotFoundError: No module named 'diffusers.accelerate'" in fixes[1]
+    assert "/tmp/" not in fixes[1] and 'File "candidate.py", line 3' in fixes[1]  # paths stripped: cacheable prompts
+    assert "scheduler: expected 'DPMSolverMultistepScheduler', found 'PNDMScheduler'" in fixes[2]
+    assert "Fix 1: syntax" in fixes[2] and "Fix 2: runtime" in fixes[2]  # Reflexion: the history of fixes
+    coder_prompt = model.calls[1]["messages"][-1]["content"]
+    assert "## Template" in coder_prompt and "DPMSolverMultistepScheduler.from_config" in coder_prompt
+    assert "DiffAgent role: coder" in model.calls[1]["messages"][0]["content"]
+    md = (tmp_path / "agent" / "transcript.md").read_text()
+    assert md.count("## ") >= 10 and "smoke run: failed (key_attribute)" in md and "smoke run: ok" in md
+    assert len((tmp_path / "agent" / "exchanges.jsonl").read_text().splitlines()) == 5
+    assert agent.llm.usage.llm_calls == 5 and agent.llm.usage.total_tokens > 0
+
+
+def test_bounds_regenerate_then_replan_then_give_up(tasks, tmp_path):
+    task = tasks["L2-sd15-t2i-dpmsolver-0001"]
+    wrong = variants(task)["scheduler"]
+    model = ScriptedModel(by_role={"coding_plan": [PLAN, PLAN], "coder": [py(wrong)] * 4, "debugger": [py(wrong)] * 4})
+    smoke = FakeSmoke()
+    agent = DiffAgent(task, client(model, tmp_path), smoke=smoke, bounds=Bounds(t_debug=1, t_code=2, replans=1))
+    result = agent.run()
+    # per plan: 2 generations x (1 code + 1 fix); 2 plans
+    assert model.roles() == ["coding_plan", "coder", "debugger", "coder", "debugger"] * 2
+    assert not result.ok and result.code == wrong  # still returned: its failure is the model's
+    assert len(smoke.runs) == 1  # the same module again is not run again
+    assert agent.stats["replans"] == 1 and agent.stats["generations"] == 4 and agent.stats["fixes"] == 4
+    replan = model.calls[5]["messages"][-1]["content"]
+    assert "## Earlier plans that failed" in replan and "key_attribute: scheduler" in replan
+    regenerate = model.calls[3]["messages"][-1]["content"]
+    assert "## Earlier attempts at this plan failed" in regenerate
+
+
+def test_an_answer_without_code_is_fed_back(tasks, tmp_path):
+    task = tasks["L2-sd15-t2i-dpmsolver-0001"]
+    model = ScriptedModel(by_role={"coding_plan": [PLAN], "coder": ["I would use DPM-Solver++."],
+                                   "debugger": [py(variants(task)["correct"])]})
+    agent = DiffAgent(task, client(model, tmp_path), smoke=FakeSmoke(), bounds=Bounds(t_debug=1, t_code=1, replans=0))
+    assert agent.run().ok
+    fix = model.calls[2]["messages"][-1]["content"]
+    assert "## Your answer" in fix and "no code block" in fix
+
+
+def test_plain_agent_is_one_call(tasks, tmp_path):
+    task = tasks["L2-sd15-t2i-dpmsolver-0001"]
+    model = ScriptedModel(by_role={"plain": [py(task.gold)]})
+    result = PlainAgent(task, client(model, tmp_path)).run()
+    assert result.code == task.gold and model.roles() == ["plain"]
+    prompt = model.calls[0]["messages"][-1]["content"]
+    assert task.requirement.strip()[:60] in prompt and "## Reference code" in prompt
+    model = ScriptedModel(by_role={"plain": ["Sorry, I cannot."]})
+    result = PlainAgent(task, client(model, tmp_path)).run()
+    assert result.code is None and "no code block" in result.reason
+
+
+# -- the GA on an L4 task ------------------------------------------------------------------------------
+
+def measured(task, config):
+    """A stand-in for the benchmark: speed and quality loss of a configuration (SD 1.5, 50 steps)."""
+    U, L = 1.0, 0.0
+    fs = config.get("fast_sampler") or {}
+    if fs.get("steps"):
+        U *= task.steps / fs["steps"]
+        L += 0.004 * (task.steps - fs["steps"]) / 5
+    dc = config.get("deepcache")
+    if dc:
+        U *= {1: 1.0, 2: 1.6, 3: 2.2, 4: 2.6, 5: 2.9}[dc["cache_interval"]]
+        L += {1: 0.0, 2: 0.02, 3: 0.035, 4: 0.07, 5: 0.1}[dc["cache_interval"]]
+    if config.get("tomesd"):
+        U *= 1.02
+        L += 0.01
+    passed = U >= task.constraint.min_speedup and L <= 0.05
+    return {"passed": passed, "category": None if passed else ("relative_quality" if L > 0.05 else "relative_speed"),
+            "message": "passed" if passed else "not yet", "L": round(L, 4), "L_bound": 0.05, "U": round(U, 4),
+            "latency_ms": 400 / U, "attributes": None}
+
+
+class FakePopulation:
+    def __init__(self, kb, fail_on_call: int | None = None):
+        self.kb, self.rounds, self.fail_on_call = kb, [], fail_on_call
+
+    def __call__(self, task, round_dir, candidates):
+        self.rounds.append([cid for cid, _ in candidates])
+        if self.fail_on_call == len(self.rounds):
+            raise RuntimeError("interrupted")
+        out = {}
+        for cid, code in candidates:
+            config = json.loads(re.search(r"#CONFIG (.*)", code).group(1))
+            out[cid] = measured(task, config)
+        return out
+
+
+def plans_json(*configs, rationale="try"):
+    return "```json\n" + json.dumps({"plans": [{"methods": c, "rationale": rationale} for c in configs]}) + "\n```"
+
+
+DPM = "DPMSolverMultistepScheduler"
+ROUND1 = [{"fast_sampler": {"scheduler": DPM, "steps": 40}},  # U 1.25
+          {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}},  # U 1.6, L .02
+          {"tomesd": {"ratio": 0.5, "max_downsample": 1}},  # U 1.02
+          {"deepcache": {"cache_interval": 5, "cache_branch_id": 0}},  # U 2.9 but L .1
+          {"warp_drive": {"factor": 9}}]  # rejected by the knowledge base
+ROUND2 = [{"deepcache": {"cache_interval": 3, "cache_branch_id": 0}},  # U 2.2, L .035: passes
+          {"fast_sampler": {"scheduler": DPM, "steps": 30}},
+          {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}},  # a duplicate of round 1
+          {"tomesd": {"ratio": 0.3, "max_downsample": 1}},
+          {"fast_sampler": {"scheduler": DPM, "steps": 45}}]
+
+
+def tagging_coder(kb, task):
+    """A coder that copies the template and tags it with its configuration (for FakePopulation)."""
+    def answer(messages):
+        prompt = messages[-1]["content"]
+        config = json.loads(re.search(r"Configuration:\n```json\n(.*?)\n```", prompt, re.S).group(1))
+        return py(render_candidate(task, config, kb) + f"#CONFIG {json.dumps(config)}\n")
+    return answer
+
+
+def ga_agent(task, kb, tmp_path, plans, population, bounds, memory=None, folder="ga"):
+    model = ScriptedModel(by_role={"baseline_plan": ["Keep everything of the reference."],
+                                   "acceleration_plans": plans, "coder": [tagging_coder(kb, task)] * 40})
+    agent = DiffAgent(task, client(model, tmp_path), smoke=FakeSmoke(), kb=kb, bounds=bounds,
+                      profile={"device": "cpu", "device_name": "cpu", "zoo": "tiny", "speed_method": "flops",
+                               "quality_method": "fidelity"},
+                      memory=memory or TuningMemory(None), evaluate_population=population, ga_dir=tmp_path / folder)
+    return agent, model
+
+
+def test_ga_selects_refines_and_stops_early(tasks, kb, tmp_path):
+    task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"], min_speedup=1.8)
+    population = FakePopulation(kb)
+    bounds = Bounds(population=5, survivors=3, rounds=4)
+    agent, model = ga_agent(task, kb, tmp_path, [plans_json(*ROUND1), plans_json(*ROUND2)], population, bounds)
+    result = agent.run()
+
+    assert result.ok and "cache_interval=3" in result.code
+    assert result.stats["ga_rounds"] == 2 and result.stats["ga_stopped_early"]
+    assert model.roles().count("acceleration_plans") == 2  # stopped before round 3
+    assert population.rounds == [["r1c1", "r1c2", "r1c3", "r1c4"], ["r2c1", "r2c2", "r2c4", "r2c5"]]  # no r1c5, no r2c3
+    round1 = json.loads((tmp_path / "ga" / "round-1" / "population.json").read_text())
+    people = {p["id"]: p for p in round1["individuals"]}
+    assert people["r1c5"]["fitness"] == 0 and "warp_drive" in people["r1c5"]["feedback"]
+    assert people["r1c4"]["fitness"] < people["r1c2"]["fitness"]  # fast but over the quality bound
+    assert len(round1["survivors"]) == 3
+    # the round-2 prompt shows the survivors' measurements and asks for 3 refinements + 2 new plans
+    prompt2 = [c for c in model.calls if c["purpose"] == "acceleration_plans"][1]["messages"][-1]["content"]
+    assert "Plans 1-3 refine the selected candidates" in prompt2 and "Plans 4-5 are new" in prompt2
+    for sid in round1["survivors"]:
+        assert people[sid]["feedback"].split(";")[0] in prompt2
+    assert "U=" in prompt2 and "L=" in prompt2 and "rejected by the knowledge base" in prompt2
+    round2 = json.loads((tmp_path / "ga" / "round-2" / "population.json").read_text())
+    dup = next(p for p in round2["individuals"] if p["id"] == "r2c3")
+    assert dup["note"] == "duplicate of r1c2" and dup["fitness"] == people["r1c2"]["fitness"]
+    assert round2["survivors"] == []  # the search stopped
+    assert json.loads((tmp_path / "ga" / "state.json").read_text())["finished_rounds"] == 2
+
+
+def test_ga_returns_the_best_when_nothing_passes(tasks, kb, tmp_path):
+    task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"], min_speedup=5.0)
+    plans = [plans_json(*ROUND1[:3]), plans_json(*ROUND2[1:4])]
+    agent, model = ga_agent(task, kb, tmp_path, plans, FakePopulation(kb), Bounds(population=3, survivors=2, rounds=2))
+    result = agent.run()
+    assert not result.ok and model.roles().count("acceleration_plans") == 2
+    tried = ROUND1[:3] + ROUND2[1:4]
+    fittest = max(tried, key=lambda c: fitness(task, measured(task, c)))
+    assert f"#CONFIG {json.dumps(fittest)}" in result.code
+
+
+def test_ga_resumes_an_interrupted_task_at_its_last_finished_round(tasks, kb, tmp_path):
+    task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"], min_speedup=1.8)
+    bounds = Bounds(population=5, survivors=3, rounds=4)
+    agent, model = ga_agent(task, kb, tmp_path, [plans_json(*ROUND1), plans_json(*ROUND2)],
+                            FakePopulation(kb, fail_on_call=2), bounds)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        agent.run()
+    assert json.loads((tmp_path / "ga" / "state.json").read_text())["finished_rounds"] == 1
+
+    population = FakePopulation(kb)
+    agent, model = ga_agent(task, kb, tmp_path, [plans_json(*ROUND2)], population, bounds)
+    result = agent.run()
+    assert result.ok
+    assert model.roles() == ["acceleration_plans"] + ["coder"] * 4  # no baseline plan, no round 1 again
+    assert population.rounds == [["r2c1", "r2c2", "r2c4", "r2c5"]]
+
+
+def test_a_plan_repeated_in_one_round_is_measured_once(tasks, kb, tmp_path):
+    task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"], min_speedup=5.0)
+    population = FakePopulation(kb)
+    agent, model = ga_agent(task, kb, tmp_path, [plans_json(ROUND1[1], ROUND1[0], ROUND1[1])], population,
+                            Bounds(population=3, survivors=2, rounds=1))
+    agent.run()
+    assert population.rounds == [["r1c1", "r1c2"]] and model.roles().count("coder") == 2
+    people = {p["id"]: p for p in json.loads((tmp_path / "ga" / "round-1" / "population.json").read_text())["individuals"]}
+    assert people["r1c3"]["note"] == "duplicate of r1c1"
+    assert people["r1c3"]["fitness"] == people["r1c1"]["fitness"] > 0 and people["r1c3"]["feedback"]
+
+
+def test_tuning_experience_reaches_the_next_task(tasks, kb, tmp_path):
+    memory = TuningMemory(tmp_path / "memory", "cpu-tiny")
+    task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"], min_speedup=1.8)
+    agent, _ = ga_agent(task, kb, tmp_path, [plans_json(*ROUND1), plans_json(*ROUND2)], FakePopulation(kb),
+                        Bounds(population=5, survivors=3, rounds=4), memory=memory)
+    assert agent.run().ok
+    entries = memory.load()
+    assert len(entries) == 8 and any(e["passed"] for e in entries)
+    winner = next(e for e in entries if e["passed"])
+    assert config_key(winner["config"]) == config_key(ROUND2[0]) and winner["U"] == 2.2
+
+    other = make_l4_task(tasks["L2-sd15-t2i-tomesd-0009"], min_speedup=2.0, task_id="L4-sd15-t2i-9002")
+    agent, model = ga_agent(other, kb, tmp_path, [plans_json(ROUND2[0])], FakePopulation(kb),
+                            Bounds(population=1, survivors=1, rounds=1), memory=memory, folder="ga2")
+    agent.run()
+    prompt = [c for c in model.calls if c["purpose"] == "acceleration_plans"][0]["messages"][-1]["content"]
+    rows = [ln for ln in prompt.split("## Tuning experience")[1].splitlines() if ln.startswith("| stable-")]
+    assert len(rows) == 8 and '"cache_interval": 3' in rows[0] and "passed" in rows[0]  # what worked comes first
+
+    agent, model = ga_agent(other, kb, tmp_path, [plans_json(ROUND2[0])], FakePopulation(kb),
+                            Bounds(population=1, survivors=1, rounds=1), memory=TuningMemory(None), folder="ga3")
+    agent.run()
+    assert "Tuning experience" not in [c for c in model.calls if c["purpose"] == "acceleration_plans"][0][
+        "messages"][-1]["content"]
+
+
+def test_selection_follows_normalised_fitness(tasks, kb):
+    from agent.ga import Individual
+
+    task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"])
+    selector = GeneticSelector(type("A", (), {"task": task})(), None, Bounds())
+    people = [Individual(id=f"c{i}", round=1, origin="new", config={}, fitness=f) for i, f in
+              enumerate([0.9, 0.3, 0.0, 0.0])]
+    import random
+
+    counts = {p.id: 0 for p in people}
+    rng = random.Random(1)
+    for _ in range(2000):
+        counts[selector.select(people, 1, rng)[0].id] += 1
+    assert counts["c0"] > 2.5 * counts["c1"] > 0 and counts["c2"] < 20
+    assert sorted(p.id for p in selector.select(people, 4, rng)) == ["c0", "c1", "c2", "c3"]
+
+
+def test_fitness_formula(tasks):
+    task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"], min_speedup=2.0)
+    base = {"L_bound": 0.05, "passed": False, "category": "relative_speed"}
+    assert fitness(task, {**base, "L": 0.0, "U": 1.0}) == pytest.approx(0.4 + 0.6 * 0.25)
+    assert fitness(task, {**base, "L": 0.025, "U": 4.0}) == pytest.approx(0.2 + 0.6)
+    assert fitness(task, {**base, "L": 0.1, "U": 4.0, "category": "relative_quality"}) == pytest.approx(0.3)
+    assert fitness(task, {**base, "L": 0.04, "U": 2.2, "passed": True, "category": None}) > 1.0
+    assert fitness(task, {"category": "runtime", "passed": False}) == 0.0
+    assert fitness(task, None) == 0.0
