@@ -6,6 +6,8 @@ import os
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm otherwise fetches prices at import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytest_plugins = ["agent.plugin"]  # DiffAgent: the generator behind --llm
+
 
 def pytest_diffbench_model_setup(config, mode, zoo_dir, model_ids, build):
     from fixtures.plugin import resolve_models
