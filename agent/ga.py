@@ -67,15 +67,14 @@ def fitness(task, result: dict | None) -> float:
     if L is None:
         return 0.0
     q = _clamp(1.0 - L / bound, 0.0, 1.0) if bound and bound > 0 else (1.0 if L <= 0 else 0.0)
+    # r: how far the goal is met (1 = exactly); without a target (an uncalibrated task) U itself
     r = 0.0
-    if task.level == "L5":
-        latency, target = result.get("latency_ms"), task.constraint.max_latency_ms
-        if latency and target:
-            r = target / latency
-    else:
-        U, target = result.get("U"), task.constraint.min_speedup
-        if U is not None and target:
-            r = U / target
+    latency, max_latency = result.get("latency_ms"), task.constraint.max_latency_ms
+    U, min_speedup = result.get("U"), task.constraint.min_speedup
+    if task.level == "L5" and latency and max_latency:
+        r = max_latency / latency
+    elif U is not None:
+        r = U / (min_speedup if task.level == "L4" and min_speedup else 1.0)
     s = min(max(r, 0.0), SPEED_CAP) / SPEED_CAP
     f = W_QUALITY * q + W_SPEED * s
     if L > bound or category == "absolute_quality":

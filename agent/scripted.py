@@ -212,18 +212,29 @@ def make_l4_task(base, allowed=("fast_sampler", "fp16", "tomesd", "deepcache", "
                  task_id: str | None = None):
     """An L4 variant of an L1-L3 task (for tests and demos while the suite has no calibrated L4 tasks):
     the same model, pipeline and reference, scheduler/steps/methods left free, `allowed` methods."""
+    return _accelerate_task(base, "L4", allowed, task_id, min_speedup=min_speedup)
+
+
+def make_l5_task(base, allowed=("fast_sampler", "fp16", "tomesd", "deepcache", "tgate"),
+                 max_latency_ms: float = 1000.0, task_id: str | None = None):
+    """An L5 variant of an L1-L3 task: a maximum latency per image instead of a speedup."""
+    return _accelerate_task(base, "L5", allowed, task_id, max_latency_ms=max_latency_ms)
+
+
+def _accelerate_task(base, level: str, allowed, task_id, min_speedup=None, max_latency_ms=None):
     import dataclasses
 
-    from pytest_diffbench.tasks import Constraint
+    from pytest_diffbench.tasks import PIPELINE_KINDS, Constraint
 
     expect = dataclasses.replace(base.expect, scheduler=None, steps=None, methods=None, allowed_methods=tuple(allowed))
     contract = base.requirement.split("Candidate contract:")[-1]
-    requirement = (f"Accelerate the reference: reach a speedup of at least {min_speedup:g}x over it (speed measured "
-                   f"by the benchmark) with a relative quality loss of at most 5%. Allowed methods: "
+    goal = (f"reach a speedup of at least {min_speedup:g}x over it (speed measured by the benchmark)"
+            if level == "L4" else f"generate an image in at most {max_latency_ms:g} ms on this hardware")
+    requirement = (f"Accelerate the reference: {goal} with a relative quality loss of at most 5%. Allowed methods: "
                    f"{', '.join(allowed)}.\n\nCandidate contract:{contract}")
-    return dataclasses.replace(base, id=task_id or f"L4-{base.family}-{base.id.split('-')[2]}-9001", level="L4",
+    return dataclasses.replace(base, id=task_id or f"{level}-{base.family}-{PIPELINE_KINDS[base.pipeline]}-9001", level=level,
                                difficulty="medium", expect=expect, gold=None, requirement=requirement,
-                               constraint=Constraint(0.05, min_speedup, None))
+                               constraint=Constraint(0.05, min_speedup, max_latency_ms))
 
 
 def write_task(task, folder: Path) -> Path:

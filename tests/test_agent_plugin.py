@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_run(args, env=None, drop=("OPENAI_API_KEY",), timeout=3000):
-    """`python -m pytest ARGS` in the repository root, without an OpenAI key in the environment (the
-    plugin loaded explicitly as well, so these tests do not depend on how conftest.py wires it)."""
+    """`python -m pytest ARGS` in the repository root (whose conftest.py loads agent.plugin), without an
+    OpenAI key in the environment: the command lines of the README."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k not in drop}
     full_env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1"})
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "pytest", "-p", "agent.plugin", "-p", "no:cacheprovider", *args]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -83,7 +83,7 @@ E2E_TASKS = ["L1-pixart-alpha-t2i-0006", "L2-pixart-alpha-t2i-unipc-0005", "L3-s
 
 @pytest.fixture(scope="module")
 def e2e_tasks(tmp_path_factory):
-    from agent.scripted import make_l4_task, write_task
+    from agent.scripted import make_l4_task, make_l5_task, write_task
     from pytest_diffbench.tasks import load_tasks
 
     folder = tmp_path_factory.mktemp("e2e-tasks")
@@ -93,7 +93,10 @@ def e2e_tasks(tmp_path_factory):
     l4 = make_l4_task(suite["L2-pixart-alpha-t2i-unipc-0005"], allowed=("fast_sampler", "fp16", "tgate"),
                       min_speedup=1.3, task_id="L4-pixart-alpha-t2i-9001")
     write_task(l4, folder)
-    assert len(load_tasks(folder)) == 4
+    l5 = make_l5_task(suite["L2-pixart-alpha-t2i-unipc-0005"], allowed=("fast_sampler", "fp16", "tgate"),
+                      max_latency_ms=10000.0, task_id="L5-pixart-alpha-t2i-9001")  # generous: round 1 meets it
+    write_task(l5, folder)
+    assert len(load_tasks(folder)) == 5
     return folder
 
 
@@ -131,6 +134,13 @@ def test_end_to_end_with_a_local_openai_compatible_server(e2e_tasks, tmp_path):
     evaluated = [p for p in round1["individuals"] if p["result"] is not None]
     assert evaluated and all((ga / "round-1" / "out" / f"L4-pixart-alpha-t2i-9001@{p['id']}" / "result.json").is_file()
                              for p in evaluated if not p["note"])
+    l5 = json.loads((run / "L5-pixart-alpha-t2i-9001" / "result.json").read_text())
+    assert l5["passed"], l5["message"]
+    ga5 = run / "L5-pixart-alpha-t2i-9001" / "agent" / "ga"
+    assert json.loads((ga5 / "state.json").read_text())["finished_rounds"] == 1  # stopped early
+    plans5 = [json.loads(line) for line in (run / "L5-pixart-alpha-t2i-9001" / "agent" / "exchanges.jsonl")
+              .read_text().splitlines() if "acceleration plans" in json.loads(line)["purpose"]]
+    assert "## Tuning experience" in plans5[0]["messages"][-1]["content"]  # what the L4 task measured
     props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "report.xml").iter("property")}
     assert int(props["diffbench_llm_total_tokens"]) > 0 and "diffbench_llm_cost_usd" in props
     assert "LLM: " in out and "2 retries" in out
