@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -107,6 +108,7 @@ class ChildPytest:
             manifest.write_text("".join(json.dumps({"task_id": task.id, "code": code, "candidate_id": cid}) + "\n"
                                         for cid, code in candidates), encoding="utf-8")
             out = round_dir / "out"
+            shutil.rmtree(out, ignore_errors=True)  # never results of an interrupted earlier attempt
             workers = min(self.workers, len(candidates))
             self._check_exit(self._run(self.command(task, manifest, out, workers), log), log)
             for cid, _ in candidates:
@@ -114,6 +116,7 @@ class ChildPytest:
             return results
         for cid, code in candidates:
             folder = round_dir / f"child-{cid}"
+            shutil.rmtree(folder, ignore_errors=True)
             manifest = folder / "candidates.jsonl"
             folder.mkdir(parents=True, exist_ok=True)
             manifest.write_text(json.dumps({"task_id": task.id, "code": code}) + "\n", encoding="utf-8")
