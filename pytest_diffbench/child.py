@@ -1,43 +1,57 @@
 """Harness side of the sandbox child: `python -m pytest_diffbench.child JOB.json`.
 
-Runs one candidate module under the candidate contract and writes the result JSON described
+Runs one candidate module under the candidate contract and sends the result JSON described
 in docs/architecture.md. Procedure:
 
+0. before any candidate code: read the result-stream token from stdin (sandbox runs), import
+   torch, build the FLOP counter, take the integrity snapshot (pytest_diffbench.integrity) and
+   screen the candidate's source;
 1. phase `import`: the file `code_path` is imported as module `candidate`; it must define
    callables `load_pipeline` and `generate`;
 2. phase `load`: `pipe = load_pipeline(device, dtype)` (timed: `timing.load_s`);
-3. a `StepProbe` is installed on `pipe`;
+3. a `StepProbe` and a `CallGuard` are installed on `pipe`;
 4. phase `generate`: one plain call of `generate(pipe, batch)`; its images are the result
    images and its pipeline calls give `attributes.steps`; attributes are introspected right
    after it;
-4b. when `count_flops`: one more call on the first sample only, under
-   `torch.utils.flop_counter.FlopCounterMode` (it slows small models ~4x, so not on the whole
-   batch): `flops` = {total, per_image} of that call (text encoder, denoiser, VAE, ...) plus
-   `denoiser` (its share). If it fails only under the counter, `flops` = {total: null,
+4b. when `count_flops`: one more call on the first sample, with a fresh random seed (outputs
+   kept from an earlier call cannot answer it), under `torch.utils.flop_counter.FlopCounterMode`
+   (it slows small models ~4x, so not on the whole batch): `flops` = {total, per_image} of that
+   call (text encoder, denoiser, VAE, ...) plus `denoiser` (its share). It must run the denoiser
+   as the first call did. If it fails only under the counter, `flops` = {total: null,
    per_image: null, error: why};
 5. phase `output`: the images must be a list (or tuple) of `PIL.Image.Image`, one per seed
    (their size is judged later, as a structural quality check; `image_size` is
    `[height, width]` of the first image, like the task's `resolution`);
-6. `repeats` timed calls (device synchronised before and after each); every one must return
-   images equal (uint8 arrays) to the first call's, else `deterministic` is false;
-7. images saved as `out_dir/000.png ...`, the result JSON written atomically.
+6. `repeats` timed calls (device synchronised before and after each, marks sent to the parent
+   around each so it can time them with its own clock); every one must run the denoiser as the
+   first call did, and return images equal (uint8 arrays) to the first call's, else
+   `deterministic` is false;
+7. the images and the result are sent to the parent (sandbox runs: framed on the inherited fd
+   `result_fd`), or, without `result_fd` (direct runs in tests), saved as `out_dir/000.png ...`
+   and the result JSON written atomically to `result_path`.
+
+Tampering found by the integrity checks (a replaced timer, FLOP counter or harness function, work
+on a side thread, the counter switched off, a call that reuses earlier outputs) makes the result
+an error of type `IntegrityError` in the phase where it was found.
 
 Before every call (the first and each timed one) the harness calls
 `reset_library_state(pipe)` and `torch.manual_seed(seeds[0])`, and builds a fresh batch (new
 lists, copies of the init images) so a candidate cannot carry state through the batch.
 
-Exit status: 0 whenever the result file was written (also when the candidate failed:
-`status` is `error`); 2 when the harness itself failed (bad job file, unwritable paths, ...).
+Exit status: 0 whenever the result was sent (also when the candidate failed: `status` is
+`error`); 2 when the harness itself failed (bad job file, unwritable paths, ...).
 No pytest imports here: the child must start fast.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import platform
 import statistics
+import struct
 import sys
 import time
 import traceback
@@ -46,12 +60,18 @@ from typing import Any
 # Bound before any candidate code runs, so a candidate patching these cannot fool the harness.
 _perf_counter = time.perf_counter
 _os_replace = os.replace
+_os_write = os.write
 _json_dumps = json.dumps
+_urandom = os.urandom
 
 PHASES = ("import", "load", "generate", "output")
 MAX_TRACEBACK_CHARS = 20000
 ENV_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "numpy", "pillow", "tomesd", "DeepCache",
                 "tgate", "safetensors")
+# the result stream's frame layout (pytest_diffbench.sandbox reads it)
+_FRAME = struct.Struct(">4s16scI")
+_FRAME_MAGIC = b"DBF1"
+_TOKEN_BYTES = 16
 
 
 class CandidateError(Exception):
@@ -71,6 +91,12 @@ class CandidateError(Exception):
 
 class ContractError(Exception):
     """The candidate broke the candidate contract (missing function, wrong return value)."""
+
+
+def _harness_exception_types() -> tuple:
+    from pytest_diffbench.integrity import IntegrityError
+
+    return (ContractError, IntegrityError)
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -106,8 +132,8 @@ def _format_traceback(exc: BaseException, code_path: str | None) -> str:
                     start = i + 1
         te.stack = traceback.StackSummary.from_list(stack[start:])
         text = "".join(te.format())
-        if isinstance(exc, ContractError):  # the harness's own class: no module path in front of it
-            text = text.replace(f"{ContractError.__module__}.ContractError", "ContractError")
+        for cls in _harness_exception_types():  # the harness's own classes: no module path in front
+            text = text.replace(f"{cls.__module__}.{cls.__name__}", cls.__name__)
     except Exception:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if len(text) > MAX_TRACEBACK_CHARS:
@@ -137,6 +163,48 @@ def write_result(path: str, result: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     _os_replace(tmp, path)
+
+
+class Channel:
+    """The harness side of the result stream to the sandbox (see pytest_diffbench.sandbox):
+    framed messages on the inherited fd `result_fd`, each carrying the token the parent wrote
+    on stdin. Opened before any candidate code runs; the token lives only in a closure."""
+
+    def __init__(self, send):
+        self._send = send
+
+    @classmethod
+    def from_job(cls, job: dict, stdin=None) -> "Channel | None":
+        fd = job.get("result_fd")
+        if fd is None:
+            return None
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        token = bytes.fromhex(stream.readline().decode("ascii").strip())
+        if len(token) != _TOKEN_BYTES:
+            raise ValueError("no result-stream token on stdin")
+        if stdin is None:  # nothing else comes on stdin: give the candidate /dev/null
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+        fd = int(fd)
+        os.set_inheritable(fd, False)  # subprocesses the candidate starts do not get it
+
+        def send(kind: bytes, payload: bytes) -> None:
+            data = memoryview(_FRAME.pack(_FRAME_MAGIC, token, kind, len(payload)) + payload)
+            while data:
+                written = _os_write(fd, data)
+                data = data[written:]
+
+        return cls(send)
+
+    def mark(self, event: str, call: str, index: int) -> None:
+        self._send(b"M", _json_dumps({"event": event, "call": call, "index": index}).encode())
+
+    def image(self, index: int, png: bytes) -> None:
+        self._send(b"I", index.to_bytes(2, "big") + png)
+
+    def result(self, result: dict) -> None:
+        self._send(b"R", _json_dumps(result, default=_json_default, allow_nan=True).encode())
 
 
 def _versions() -> dict:
@@ -202,16 +270,16 @@ def load_images(paths: list[str], width: int, height: int) -> list:
 
 
 def quiet_libraries() -> None:
-    """Keep the child's log to what matters: no loading progress bars or offline-mode notices."""
+    """Keep the child's log to what matters: no loading progress bars or offline-mode notices.
+    Applied to the libraries the candidate imported (importing diffusers for nothing costs seconds)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        for lib in (diffusers_logging, transformers_logging):
-            lib.set_verbosity_error()
-            lib.disable_progress_bar()
-    except Exception:  # a missing library is the candidate's import error, reported later
+        for name in ("diffusers", "transformers"):
+            if name in sys.modules:
+                lib = importlib.import_module(f"{name}.utils.logging")
+                lib.set_verbosity_error()
+                lib.disable_progress_bar()
+    except Exception:  # a broken library is the candidate's error, reported where it uses it
         pass
 
 
@@ -261,11 +329,24 @@ def same_images(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def _steps_text(steps: dict) -> str:
+    return f"requested {steps.get('requested')}, denoiser calls {steps.get('denoiser_calls')}"
+
+
+def _log(text: str) -> None:
+    """A harness note on stderr; the candidate may have closed it."""
+    try:
+        print(text, file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class Runner:
     """The child procedure for one job (see module docstring)."""
 
-    def __init__(self, job: dict):
+    def __init__(self, job: dict, channel: Channel | None = None):
         self.job = job
+        self.channel = channel
         self.code_path = os.path.abspath(job["code_path"])
         self.device = str(job.get("device") or "cpu")
         self.batch = job["batch"]
@@ -275,6 +356,10 @@ class Runner:
         self.repeats = int(job.get("repeats", 1))
         self.count_flops = bool(job.get("count_flops", True))
         self.cuda = self.device.startswith("cuda")
+        self._sync = None
+        self._manual_seed = None
+        self.counter = None
+        self.guard = None
         self.result: dict = {
             "status": "ok", "error": None, "attributes": None, "images": [], "num_images": 0,
             "image_size": None, "timing": None, "flops": None, "deterministic": None, "environment": None,
@@ -282,41 +367,74 @@ class Runner:
 
     # -- helpers --------------------------------------------------------------------------------
     def sync(self) -> None:
-        if self.cuda:
-            import torch
+        if self._sync is not None:
+            self._sync()
 
-            torch.cuda.synchronize()
+    def _check(self, phase: str) -> None:
+        """Raise the integrity violations found so far as the candidate's error in `phase`."""
+        from pytest_diffbench.integrity import IntegrityError
 
-    def call_generate(self, module, pipe, batch_factory, probe, flop_mode=None):
+        if self.guard is None:
+            return
+        found = self.guard.take()
+        if found:
+            raise CandidateError(phase, IntegrityError("; ".join(found)), self.code_path)
+
+    def call_generate(self, module, pipe, batch_factory, probe, flop_mode=None, mark: int | None = None,
+                      measuring: str | None = None, seed: int | None = None):
         """reset + seed + one generate() call; returns (output, seconds)."""
-        import torch
-
         from pytest_diffbench.introspect import reset_library_state
 
         reset_library_state(pipe)
-        torch.manual_seed(self.seeds[0])
+        self._manual_seed(self.seeds[0] if seed is None else seed)
         batch = batch_factory()
         self.sync()
+        if mark is not None and self.channel is not None:
+            self.channel.mark("start", "timed", mark)
+        if self.guard is not None:
+            self.guard.measuring = measuring
+            self.guard.flop_mode = flop_mode
         start = _perf_counter()
-        if flop_mode is not None:
-            with flop_mode:
+        try:
+            if flop_mode is not None:
+                with flop_mode:
+                    out = module.generate(pipe, batch)
+            else:
                 out = module.generate(pipe, batch)
-        else:
-            out = module.generate(pipe, batch)
-        self.sync()
-        return out, _perf_counter() - start
+            self.sync()
+            seconds = _perf_counter() - start
+        finally:
+            if self.guard is not None:
+                self.guard.measuring = None
+                self.guard.flop_mode = None
+        if mark is not None and self.channel is not None:
+            self.channel.mark("end", "timed", mark)
+        return out, seconds
 
     # -- the procedure --------------------------------------------------------------------------
     def run(self) -> dict:
+        import numpy  # noqa: F401 - imported before the candidate: the snapshot watches them
+        import PIL.Image  # noqa: F401
         import torch
 
+        from pytest_diffbench import integrity, introspect
+
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
         threads = self.job.get("threads")
         if threads:
             torch.set_num_threads(int(threads))
+        self._manual_seed = torch.manual_seed
+        if self.cuda:
+            self._sync = torch.cuda.synchronize
         self.result["environment"] = environment(self.device)
-        quiet_libraries()
         batch_factory = BatchFactory(self.batch)  # harness failure if the init images are unreadable
         dtype = getattr(torch, str(self.job.get("dtype") or "float32"))
+        if self.count_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.counter = FlopCounterMode(display=False)
+        snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity], self.counter)
+        self.guard = integrity.CallGuard(snapshot)
         try:
             self._run(torch, dtype, batch_factory)
         except CandidateError as err:
@@ -325,14 +443,25 @@ class Runner:
         return self.result
 
     def _run(self, torch, dtype, batch_factory) -> None:
-        from pytest_diffbench.introspect import StepProbe
+        from pytest_diffbench.integrity import IntegrityError, screen_source
+        from pytest_diffbench.introspect import StepProbe, denoiser
 
+        try:
+            with open(self.code_path, encoding="utf-8", errors="replace") as fh:
+                findings = screen_source(fh.read())
+        except OSError:
+            findings = []
+        if findings:
+            raise CandidateError("import", IntegrityError(
+                "the code reaches into the harness or the measurement: " + "; ".join(findings[:5])), self.code_path)
         try:
             module = import_candidate(self.code_path)
         except BaseException as exc:  # noqa: BLE001 - SystemExit from candidate code too
             if isinstance(exc, KeyboardInterrupt):
                 raise
             raise CandidateError("import", exc, self.code_path) from None
+        self._check("import")
+        quiet_libraries()
 
         start = _perf_counter()
         try:
@@ -343,11 +472,16 @@ class Runner:
                 raise
             raise CandidateError("load", exc, self.code_path) from None
         load_s = _perf_counter() - start
+        self._check("load")
 
         probe = StepProbe(pipe).install()
+        probe.observers.append(self.guard.on_denoiser)
+        self.guard.watch_hook(denoiser(pipe), probe._hook)
+        self.guard.install()
         try:
             self._measure(module, pipe, probe, batch_factory, load_s)
         finally:
+            self.guard.remove()
             probe.remove()
 
     def _introspect(self, pipe, probe) -> dict:
@@ -356,7 +490,7 @@ class Runner:
         try:
             return introspect(pipe, probe)
         except Exception as exc:  # an odd pipeline object must not cost the candidate its result
-            traceback.print_exc()
+            _log(traceback.format_exc())
             return {"pipeline_class": type(pipe).__name__, "model_id": None, "scheduler": None, "dtype": None,
                     "steps": probe.steps(), "methods": {}, "introspection_error": f"{type(exc).__name__}: {exc}"}
 
@@ -377,41 +511,59 @@ class Runner:
                 den_flops = None
         return {"total": total, "per_image": total, "denoiser": den_flops, "samples_counted": 1}
 
-    def _count_flops(self, module, pipe, batch_factory, probe) -> dict:
-        from torch.utils.flop_counter import FlopCounterMode
+    def _count_flops(self, module, pipe, batch_factory, probe, first_steps: dict) -> dict:
+        """The FLOP-counting call: the first sample with a fresh random seed (see module docstring)."""
+        from pytest_diffbench.integrity import IntegrityError
+
+        seed = int.from_bytes(_urandom(4), "big") & 0x7FFFFFFF
 
         def one_sample():
             batch = batch_factory()
             for key, value in batch.items():
                 if isinstance(value, list):
                     batch[key] = value[:1]
+            batch["seeds"] = [seed]
             return batch
 
-        flop_mode = FlopCounterMode(display=False)
+        flop_mode = self.counter
         probe.clear()
         try:
-            self.call_generate(module, pipe, one_sample, probe, flop_mode)
+            self.call_generate(module, pipe, one_sample, probe, flop_mode, measuring="flops", seed=seed)
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):
                 raise
+            self._check("generate")
             # It ran without the counter, so this is not the candidate's error: report no FLOPs.
             return {"total": None, "per_image": None, "error": f"FlopCounterMode: {type(exc).__name__}: {_safe_str(exc)}"[:2000]}
+        self._check("generate")
+        steps = probe.steps()
+        if first_steps.get("requested") and (
+                sorted(set(steps["requested"])) != sorted(set(first_steps["requested"]))
+                or sorted(set(steps["denoiser_calls"])) != sorted(set(first_steps["denoiser_calls"]))):
+            raise CandidateError("generate", IntegrityError(
+                f"the FLOP-counting call (one sample, a new seed) did not run the denoiser as the first call did "
+                f"({_steps_text(steps)} against {_steps_text(first_steps)}): a call must do its own work, "
+                f"outputs reused from earlier calls are not allowed"), self.code_path)
         return self._flops(flop_mode, pipe)
 
     def _measure(self, module, pipe, probe, batch_factory, load_s: float) -> None:
         probe.record_methods = True
         try:
-            first, first_s = self.call_generate(module, pipe, batch_factory, probe)
+            first, first_s = self.call_generate(module, pipe, batch_factory, probe, measuring="first")
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):
                 raise
+            self._check("generate")
             raise CandidateError("generate", exc, self.code_path) from None
+        self._check("generate")
         probe.record_methods = False
+        first_steps = probe.steps()
         self.result["attributes"] = self._introspect(pipe, probe)
         # FLOPs are counted on a separate call with the first sample only: FlopCounterMode
         # intercepts every op in Python and makes small models ~4x slower, and the cost per
         # image does not depend on the batch.
-        self.result["flops"] = self._count_flops(module, pipe, batch_factory, probe) if self.count_flops else None
+        self.result["flops"] = self._count_flops(module, pipe, batch_factory, probe, first_steps) \
+            if self.count_flops else None
 
         try:
             images = validate_output(first, self.count)
@@ -421,17 +573,28 @@ class Runner:
             raise CandidateError("output", exc, self.code_path) from None
         reference = image_arrays(images)
 
+        from pytest_diffbench.integrity import IntegrityError
+
+        self.guard.remove()  # no per-module hook while timing; the denoiser hook still checks threads
         calls_s: list[float] = []
         denoiser_calls: list[int] = []
         deterministic = None if self.repeats <= 0 else True
-        for _ in range(max(0, self.repeats)):
+        for index in range(max(0, self.repeats)):
             probe.clear()
             try:
-                out, seconds = self.call_generate(module, pipe, batch_factory, probe)
+                out, seconds = self.call_generate(module, pipe, batch_factory, probe, mark=index, measuring="timed")
             except BaseException as exc:  # noqa: BLE001
                 if isinstance(exc, KeyboardInterrupt):
                     raise
+                self._check("generate")
                 raise CandidateError("generate", exc, self.code_path) from None
+            self._check("generate")
+            steps = probe.steps()
+            if steps != first_steps:
+                raise CandidateError("generate", IntegrityError(
+                    f"timed call {index} did not run the denoiser as the first call did ({_steps_text(steps)} "
+                    f"against {_steps_text(first_steps)}): a call must do its own work, outputs reused from "
+                    f"earlier calls are not allowed"), self.code_path)
             try:
                 again = validate_output(out, self.count)
             except BaseException as exc:  # noqa: BLE001
@@ -443,13 +606,17 @@ class Runner:
             if not same_images(reference, image_arrays(again)):
                 deterministic = False
 
-        out_dir = self.job["out_dir"]
-        os.makedirs(out_dir, exist_ok=True)
-        names = []
-        for i, img in enumerate(images):
-            name = f"{i:03d}.png"
-            img.save(os.path.join(out_dir, name), format="PNG")
-            names.append(name)
+        names = [f"{i:03d}.png" for i in range(len(images))]
+        if self.channel is not None:
+            for i, img in enumerate(images):
+                buffer = io.BytesIO()
+                img.save(buffer, format="PNG")
+                self.channel.image(i, buffer.getvalue())
+        else:
+            out_dir = self.job["out_dir"]
+            os.makedirs(out_dir, exist_ok=True)
+            for name, img in zip(names, images):
+                img.save(os.path.join(out_dir, name), format="PNG")
         median = statistics.median(calls_s) if calls_s else None
         self.result.update({
             "images": names,
@@ -477,13 +644,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(argv[0], encoding="utf-8") as fh:
             job = json.load(fh)
-        result = Runner(job).run()
-        write_result(job["result_path"], result)
+        channel = Channel.from_job(job)
+        result = Runner(job, channel).run()
+        if channel is not None:
+            channel.result(result)
+        else:
+            write_result(job["result_path"], result)
     except KeyboardInterrupt:
         return 130
     except BaseException:  # noqa: BLE001 - any failure here is the harness's own
-        print("diffbench child: harness failure", file=sys.stderr)
-        traceback.print_exc()
+        _log("diffbench child: harness failure\n" + traceback.format_exc())
         return 2
     return 0
 

@@ -40,6 +40,13 @@ _DEEPCACHE_QUALNAME = "DeepCacheSDHelper.wrap_"
 _TGATE_ATTN_QUALNAME = "register_forward.<locals>.warp_custom.<locals>.forward"
 
 
+def _warn(text: str) -> None:
+    try:
+        print(text, file=sys.stderr)
+    except Exception:  # noqa: BLE001 - stderr closed by the candidate
+        pass
+
+
 # --------------------------------------------------------------------------------------------
 # basic attributes
 
@@ -342,7 +349,8 @@ class StepProbe:
 
     Set `record_methods = True` to snapshot `detect_methods(pipe)` at the first denoiser call
     of every pipeline call (cheap, but a walk over the denoiser's modules; the child turns it
-    on for the untimed first call only).
+    on for the untimed first call only). `observers`: callables run with the denoiser module at
+    every denoiser call (the child's integrity guard); their exceptions are logged, not raised.
     """
 
     def __init__(self, pipe: Any):
@@ -350,6 +358,7 @@ class StepProbe:
         self.runs: list[dict] = []
         self.tgate_calls: list[dict] = []
         self.record_methods = False
+        self.observers: list = []
         self._hook = None
         self._classes: list[type] = []
         self._tgate_original = None
@@ -467,8 +476,13 @@ class StepProbe:
             try:
                 run["methods"] = detect_methods(self.pipe, self)
             except Exception as exc:  # never let introspection break the candidate's call
-                print(f"diffbench: method snapshot failed: {exc!r}", file=sys.stderr)
+                _warn(f"diffbench: method snapshot failed: {exc!r}")
         run["denoiser_calls"] += 1
+        for observer in self.observers:
+            try:
+                observer(module)
+            except Exception as exc:  # noqa: BLE001 - never break the candidate's call
+                _warn(f"diffbench: denoiser observer failed: {exc!r}")
         t = args[1] if len(args) > 1 else kwargs.get("timestep", kwargs.get("t"))
         run["timesteps"].append(t)
         return None

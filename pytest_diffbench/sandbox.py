@@ -1,14 +1,37 @@
 """Run one evaluation job in a child process that untrusted code cannot use to hurt the harness.
 
-The child is `python -m pytest_diffbench.child JOB.json`. It gets:
-- an environment built from an allowlist, with anything that looks like a secret removed;
-- its own temporary working directory (also its TMPDIR);
-- its own session / process group, killed as a whole on timeout and after exit;
-- a memory limit enforced by a watchdog that sums the RSS of the process group (an RLIMIT_AS
-  limit breaks CUDA, which reserves huge virtual ranges);
-- no network where the OS allows it (`unshare -n` as root, `unshare -rn` otherwise).
-The result comes back as the JSON file that the harness side of the child writes; stdout and
-stderr are only kept as logs.
+The child is `python -m pytest_diffbench.child JOB.json`. What it gets depends on the isolation
+backend (`SandboxLimits.isolation`; `auto` picks the strongest one this machine offers, and
+every outcome records which one ran in `SandboxOutcome.isolation`):
+
+`bwrap` (bubblewrap; the default where it works)
+    new user, pid, network, IPC, UTS and cgroup namespaces; no capabilities, no further user
+    namespaces; a root file system that holds only what the child needs, read-only: the system
+    (/usr, a few files of /etc), the Python installation and virtual environment, the harness
+    package, the model caches named in its environment, the job file, the candidate file and
+    the workload's input images. Everything else (home, the repository, the run directory, the
+    baseline cache, other users' files, /proc of other processes) is not there. Writable: only a
+    private, size-limited tmpfs on /tmp (its working directory, TMPDIR and HOME) and /dev/shm.
+`unshare` (util-linux)
+    new pid (with its own /proc) and network namespaces: the parent's environment, memory and
+    processes are out of sight and every process the child starts dies with it. The file system
+    is shared: the child can read and write what the user running pytest can.
+`none`
+    a plain child process: no network or file system isolation.
+
+Always: an environment built from an allowlist with anything that looks like a secret removed;
+its own session / process group; a wall-clock timeout and a watchdog that sums the resident
+memory of every process of the child (an RLIMIT_AS limit breaks CUDA, which reserves huge virtual
+ranges) and counts them (fork bombs), killing the whole tree; no core files; stdout and stderr read
+through pipes and kept as bounded logs (a flood cannot fill the disk).
+
+The result comes back through an inherited pipe, never through a file the child writes nor text
+it prints: the harness side of the child sends framed messages (timing marks, PNG images, the
+result JSON), each carrying a token the parent passed on stdin before the candidate was imported.
+The parent timestamps the marks with its own clock, writes the images into the job's `out_dir`
+and the result into `<harness_dir>/result.json` itself, so the child never needs write access to
+anything of the harness. A child that dies, hangs, floods, or sends a malformed or forged stream
+gets a status (see `SandboxOutcome`) and the session goes on.
 """
 
 from __future__ import annotations
@@ -16,8 +39,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 # Variables passed through to the child when present; everything else is dropped.
 ENV_ALLOWLIST = re.compile(
@@ -41,7 +67,26 @@ SECRET_PATTERN = re.compile(
 )
 
 LOG_TAIL_BYTES = 8000
-MAX_FILE_BYTES = 4 << 30  # RLIMIT_FSIZE: a candidate flooding stdout cannot fill the disk
+LOG_KEEP_BYTES = 256 << 10  # per stream, the head and the tail written to the log file
+MAX_FILE_BYTES = 4 << 30  # RLIMIT_FSIZE (backends without a private size-limited /tmp)
+ISOLATIONS = ("auto", "bwrap", "unshare", "none")
+WATCH_INTERVAL_S = 0.1
+# A timed call must not report less than half the time the parent saw minus this slack (the
+# parent's reader thread may be scheduled late on a busy machine): a timer that under-reports
+# calls longer than ~0.5 s by half or more is caught.
+TIMING_SLACK_S = 0.25
+KILL_GRACE_S = 5.0
+
+# -- the result stream (child -> parent), see pytest_diffbench.child.Channel ----------------------
+FRAME_MAGIC = b"DBF1"
+TOKEN_BYTES = 16
+FRAME_HEADER = struct.Struct(">4s16scI")  # magic, token, kind, payload length
+FRAME_MARK, FRAME_IMAGE, FRAME_RESULT = b"M", b"I", b"R"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class SandboxUnavailable(RuntimeError):
+    """The isolation backend asked for explicitly cannot run on this machine (a harness error)."""
 
 
 def scrubbed_env(base: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -56,8 +101,24 @@ def scrubbed_env(base: Mapping[str, str], extra: Mapping[str, str] | None = None
     env["HF_HUB_DISABLE_TELEMETRY"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = str(_harness_root())
     return env
+
+
+def _harness_root() -> Path:
+    """The folder that holds the `pytest_diffbench` package (what PYTHONPATH needs)."""
+    return Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------
+# isolation backends
+
+
+def _probe(cmd: Sequence[str]) -> bool:
+    try:
+        return subprocess.run(list(cmd), capture_output=True, timeout=20, stdin=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 @lru_cache(maxsize=None)
@@ -67,13 +128,167 @@ def network_isolation_prefix() -> tuple[str, ...]:
     if not unshare:
         return ()
     for prefix in ((unshare, "-n", "--"), (unshare, "-rn", "--")):
-        try:
-            probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if probe.returncode == 0:
+        if _probe([*prefix, "true"]):
             return prefix
     return ()
+
+
+@lru_cache(maxsize=None)
+def _bwrap_mode() -> tuple[str, bool] | None:
+    """(bwrap path, with a user namespace) when bubblewrap can build our sandbox here, else None."""
+    bwrap = shutil.which("bwrap")
+    if not bwrap:
+        return None
+    true = shutil.which("true") or "/bin/true"
+    for userns in (True, False):
+        cmd = [bwrap, *(_USERNS_ARGS if userns else ()), "--unshare-pid", "--unshare-net", "--unshare-ipc",
+               "--die-with-parent", *_system_binds(), "--proc", "/proc", "--dev", "/dev",
+               "--size", str(1 << 20), "--tmpfs", "/tmp", "--remount-ro", "/", "--", true]
+        if _probe(cmd):
+            return bwrap, userns
+    return None
+
+
+@lru_cache(maxsize=None)
+def _unshare_prefix(network: bool) -> tuple[str, ...] | None:
+    unshare = shutil.which("unshare")
+    if not unshare:
+        return None
+    flags = ["--pid", "--fork", "--mount-proc", "--kill-child", "--ipc", "--uts", *(["--net"] if network else [])]
+    for user in ([], ["--user", "--map-root-user"]):
+        prefix = (unshare, *user, *flags, "--")
+        if _probe([*prefix, "true"]):
+            return prefix
+    return None
+
+
+def available_isolations() -> list[str]:
+    """The backends that work on this machine, strongest first ("none" always)."""
+    out = []
+    if _bwrap_mode():
+        out.append("bwrap")
+    if _unshare_prefix(True) or _unshare_prefix(False):
+        out.append("unshare")
+    return out + ["none"]
+
+
+def resolve_isolation(requested: str = "auto") -> str:
+    """The backend a run with `requested` uses. `auto` honours $DIFFBENCH_SANDBOX, else the
+    strongest available; an explicit backend that cannot run raises SandboxUnavailable."""
+    if requested == "auto":
+        requested = os.environ.get("DIFFBENCH_SANDBOX", "auto").strip().lower() or "auto"
+    if requested not in ISOLATIONS:
+        raise ValueError(f"unknown sandbox isolation {requested!r}; expected one of {', '.join(ISOLATIONS)}")
+    available = available_isolations()
+    if requested == "auto":
+        return available[0]
+    if requested not in available:
+        hint = " (install bubblewrap: apt-get install bubblewrap)" if requested == "bwrap" else ""
+        raise SandboxUnavailable(f"sandbox isolation {requested!r} does not work on this machine{hint}; "
+                                 f"available: {', '.join(available)}")
+    return requested
+
+
+_USERNS_ARGS = ("--unshare-user", "--uid", "65534", "--gid", "65534", "--disable-userns")
+_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# What of /etc a Python/torch process needs (dynamic linker, certificates, names, time zone).
+_ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl", "ca-certificates",
+              "ca-certificates.conf", "localtime", "timezone", "passwd", "group", "nsswitch.conf", "host.conf",
+              "hosts", "resolv.conf", "gai.conf", "protocols", "services", "mime.types", "os-release",
+              "debian_version", "lsb-release", "fonts", "glvnd", "OpenCL", "vulkan")
+_GPU_DEVICES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia-caps", "dri", "kfd")
+
+
+def _system_binds() -> list[str]:
+    args = []
+    for name in _SYSTEM_DIRS:
+        path = Path("/") / name
+        if path.is_symlink():
+            args += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            args += ["--ro-bind", str(path), str(path)]
+    for name in _ETC_FILES:
+        path = Path("/etc") / name
+        if path.exists():
+            args += ["--ro-bind", str(path), str(path)]
+    return args
+
+
+# Folders never bound whole (a PYTHONPATH or LD_LIBRARY_PATH entry like these would show everything).
+_TOO_BROAD = {"/", "/home", "/root", "/tmp", "/var", "/etc", "/run", "/mnt", "/media", "/srv", "/opt", "/usr/local"}
+
+
+def _readable_paths(env: Mapping[str, str], job: dict, extra: Sequence[os.PathLike | str]) -> list[str]:
+    """What the child may read besides the system: Python, the harness package, model caches,
+    the job's own files, and what the caller adds. PYTHONPATH entries are visible, except that of
+    the harness package root, where only the package itself is (not the repository around it)."""
+    paths: list[str] = []
+    for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix):
+        paths += [prefix, os.path.realpath(prefix)]
+    harness_root = str(_harness_root())
+    paths.append(os.path.join(harness_root, "pytest_diffbench"))
+    for entry in env.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and os.path.realpath(entry) != harness_root:
+            paths.append(entry)
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "DIFFUSERS_CACHE", "TORCH_HOME",
+                "VIRTUAL_ENV", "CONDA_PREFIX", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        if env.get(key):
+            paths.append(env[key])
+    for entry in env.get("LD_LIBRARY_PATH", "").split(os.pathsep):
+        if entry:
+            paths.append(entry)
+    if job.get("code_path"):
+        paths.append(job["code_path"])
+    for image in (job.get("batch") or {}).get("images") or ():
+        paths.append(image)
+    paths += [os.fspath(p) for p in extra]
+    out: list[str] = []
+    for path in paths:
+        if not os.path.isabs(path) or not os.path.exists(path) or os.path.realpath(path) in _TOO_BROAD:
+            continue
+        for variant in (os.path.abspath(path), os.path.realpath(path)):
+            if variant not in out and not variant.startswith(("/proc", "/dev", "/sys")):
+                out.append(variant)
+    return sorted(out, key=lambda p: (p.count("/"), p))
+
+
+def _effective_hub_cache(env: Mapping[str, str]) -> str:
+    if env.get("HF_HUB_CACHE"):
+        return env["HF_HUB_CACHE"]
+    if env.get("HUGGINGFACE_HUB_CACHE"):
+        return env["HUGGINGFACE_HUB_CACHE"]
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME", "/"), ".cache"),
+                                              "huggingface")
+    return os.path.join(home, "hub")
+
+
+def _bwrap_command(bwrap: str, userns: bool, network: bool, readable: list[str], job_path: Path,
+                   tmp_bytes: int) -> list[str]:
+    args = [bwrap, *(_USERNS_ARGS if userns else ()), "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--die-with-parent"]
+    if network:
+        args.append("--unshare-net")
+    args += _system_binds()
+    args += ["--size", str(tmp_bytes), "--tmpfs", "/tmp", "--dir", "/tmp/home", "--dir", "/tmp/work"]
+    for path in readable + [str(job_path)]:
+        args += ["--ro-bind", path, path]
+    args += ["--ro-bind-try", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev"]
+    for name in _GPU_DEVICES + tuple(sorted(n for n in _listdir("/dev") if re.fullmatch(r"nvidia\d+", n))):
+        args += ["--dev-bind-try", f"/dev/{name}", f"/dev/{name}"]
+    args += ["--size", str(tmp_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev", "--remount-ro", "/",
+             "--chdir", "/tmp/work"]
+    return args
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+# ------------------------------------------------------------------------------------------------
+# limits, outcome
 
 
 @dataclass(frozen=True)
@@ -81,13 +296,21 @@ class SandboxLimits:
     timeout_s: float = 600.0
     memory_mb: int | None = 16384
     isolate_network: bool = True
+    isolation: str = "auto"  # auto | bwrap | unshare | none (auto: $DIFFBENCH_SANDBOX, else the strongest)
+    max_processes: int = 256  # processes (not threads) of the child, itself included
+    tmp_mb: int = 4096  # bwrap: size of the private /tmp and of /dev/shm (tmpfs: memory)
+    max_result_mb: int = 1024  # the result stream (images + JSON)
 
 
 @dataclass
 class SandboxOutcome:
-    """What happened to one child. `status` is `ok` when the child wrote a valid result file."""
+    """What happened to one child. `status` is `ok` when the child sent a valid result.
 
-    status: str  # ok | timeout | memory | crashed | no_result | bad_result
+    Other statuses: `timeout`, `memory`, `processes` (more than `max_processes`), `crashed`
+    (killed by a signal), `no_result` (exited without a result), `bad_result` (a malformed,
+    oversized or forged result stream)."""
+
+    status: str
     returncode: int | None
     result: dict | None
     wall_s: float
@@ -95,52 +318,289 @@ class SandboxOutcome:
     stdout_tail: str = ""
     stderr_tail: str = ""
     network_isolated: bool = False
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0  # peak memory of the child's processes together (PSS where known)
     extra: dict = field(default_factory=dict)
+    isolation: dict = field(default_factory=dict)
+    peak_processes: int = 0
 
 
-def _group_rss_bytes(pgid: int) -> int:
-    """Sum of resident memory of every process in the process group (Linux /proc)."""
-    total = 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
+def isolation_record(backend: str, network: bool) -> dict:
+    """What a backend guarantees, for reports (`SandboxOutcome.isolation`)."""
+    if backend == "bwrap":
+        userns = bool(_bwrap_mode() and _bwrap_mode()[1])
+        return {"backend": "bwrap", "network": network, "processes": "private pid namespace",
+                "filesystem": "read-only allowlist, private /tmp", "secrets": "environment scrubbed, home hidden",
+                "user_namespace": userns}
+    if backend == "unshare":
+        return {"backend": "unshare", "network": network, "processes": "private pid namespace",
+                "filesystem": "shared (readable and writable as the pytest user)", "secrets": "environment scrubbed",
+                "user_namespace": False}
+    return {"backend": "none", "network": network, "processes": "process group only",
+            "filesystem": "shared (readable and writable as the pytest user)", "secrets": "environment scrubbed",
+            "user_namespace": False}
+
+
+# ------------------------------------------------------------------------------------------------
+# process tree: watchdog and kill
+
+
+def _proc_table() -> dict[int, tuple[int, int, int, str]]:
+    """pid -> (ppid, pgrp, rss pages, state) of every visible process."""
+    table = {}
+    for entry in _listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as fh:
                 stat = fh.read().decode(errors="replace")
             fields = stat[stat.rfind(")") + 2:].split()
-            # fields[2] is pgrp, fields[21] rss in pages (after pid and comm are cut off)
-            if int(fields[2]) == pgid:
-                total += int(fields[21]) * page
+            # after pid and comm: [0] state, [1] ppid, [2] pgrp, [21] rss in pages
+            table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[21]), fields[0])
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return table
 
 
-def _kill_group(pgid: int) -> None:
+def _tree(table: dict, root: int, pgid: int | None) -> list[int]:
+    """`root`, its descendants (orphans of a pid namespace stay under its init) and, without a pid
+    namespace, the members of process group `pgid`."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, stack = [], [root]
+    seen = set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen or pid not in table:
+            continue
+        seen.add(pid)
+        out.append(pid)
+        stack.extend(children.get(pid, ()))
+    if pgid is not None:
+        out += [pid for pid, row in table.items() if row[1] == pgid and pid not in seen]
+    return out
+
+
+def _memory_bytes(pid: int, rss_pages: int, page: int) -> int:
+    """Proportional set size (shared pages split between the processes sharing them, so forked
+    children are not counted many times over), or the resident set size where it is unknown."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
         pass
+    return rss_pages * page
 
 
-def _tail(path: Path) -> str:
+def _pid_ns(pid: int) -> str | None:
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - LOG_TAIL_BYTES))
-            return fh.read().decode(errors="replace")
+        return os.readlink(f"/proc/{pid}/ns/pid")
     except OSError:
-        return ""
+        return None
 
 
-def _limit_child() -> None:  # runs in the child between fork and exec
+def _members_of_ns(ns: str) -> list[int]:
+    return [int(e) for e in _listdir("/proc") if e.isdigit() and _pid_ns(int(e)) == ns]
+
+
+def _kill(pids: Sequence[int], pgid: int | None) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if pgid is not None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _limit_child(nproc: int | None) -> None:  # runs in the child between fork and exec
     import resource
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
+    if nproc is not None:  # only effective for a non-root user (counts all of the user's processes)
+        try:
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        except (ValueError, OSError):
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# reading the child's pipes
+
+
+class _Stream:
+    """A bounded copy of a text stream: its first and last LOG_KEEP_BYTES."""
+
+    def __init__(self):
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        room = LOG_KEEP_BYTES - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > LOG_KEEP_BYTES:
+                del self.tail[:len(self.tail) - LOG_KEEP_BYTES]
+
+    def text(self) -> bytes:
+        omitted = self.total - len(self.head) - len(self.tail)
+        middle = f"\n[... {omitted} bytes omitted by the sandbox ...]\n".encode() if omitted > 0 else b""
+        return bytes(self.head) + middle + bytes(self.tail)
+
+    def tail_text(self) -> str:
+        data = self.text()
+        return data[-LOG_TAIL_BYTES:].decode(errors="replace")
+
+
+class _ResultStream:
+    """Parses the framed result stream as it arrives (marks are timestamped on arrival)."""
+
+    def __init__(self, token: bytes, max_bytes: int):
+        self.token, self.max_bytes = token, max_bytes
+        self.buffer = bytearray()
+        self.received = 0
+        self.marks: list[tuple[float, dict]] = []
+        self.images: dict[int, bytes] = {}
+        self.result: bytes | None = None
+        self.error: str | None = None
+
+    def add(self, data: bytes, now: float) -> None:
+        self.received += len(data)
+        if self.error:
+            return
+        if self.received > self.max_bytes:
+            self.error = f"result stream larger than {self.max_bytes >> 20} MiB"
+            self.buffer.clear()
+            return
+        self.buffer += data
+        while len(self.buffer) >= FRAME_HEADER.size:
+            magic, token, kind, length = FRAME_HEADER.unpack_from(self.buffer)
+            if magic != FRAME_MAGIC or not secrets.compare_digest(token, self.token):
+                self.error = "a frame without the harness's token (forged or corrupted result stream)"
+                self.buffer.clear()
+                return
+            if len(self.buffer) < FRAME_HEADER.size + length:
+                return
+            payload = bytes(self.buffer[FRAME_HEADER.size:FRAME_HEADER.size + length])
+            del self.buffer[:FRAME_HEADER.size + length]
+            self._frame(kind, payload, now)
+            if self.error:
+                return
+
+    def finish(self) -> None:
+        """At the end of the stream: bytes that do not make a whole frame are an error."""
+        if self.buffer and not self.error:
+            if len(self.buffer) >= 4 + TOKEN_BYTES and (self.buffer[:4] != FRAME_MAGIC or not secrets.compare_digest(
+                    bytes(self.buffer[4:4 + TOKEN_BYTES]), self.token)):
+                self.error = "a frame without the harness's token (forged or corrupted result stream)"
+            elif not self.buffer.startswith(FRAME_MAGIC[:len(self.buffer)]) or len(self.buffer) < 4 + TOKEN_BYTES:
+                self.error = "bytes without the harness's token (forged or corrupted result stream)"
+            else:
+                self.error = "a truncated frame at the end of the result stream"
+
+    def _frame(self, kind: bytes, payload: bytes, now: float) -> None:
+        if self.result is not None:
+            self.error = "frames after the result"
+        elif kind == FRAME_MARK:
+            try:
+                self.marks.append((now, json.loads(payload)))
+            except ValueError:
+                self.error = "unreadable timing mark"
+        elif kind == FRAME_IMAGE:
+            if len(payload) < 2 or not payload[2:].startswith(PNG_MAGIC):
+                self.error = "an image frame that is not a PNG"
+                return
+            self.images[int.from_bytes(payload[:2], "big")] = payload[2:]
+        elif kind == FRAME_RESULT:
+            self.result = payload
+        else:
+            self.error = f"unknown frame kind {kind!r}"
+
+
+def _read_pipes(fds: dict[int, object], stop: threading.Event) -> None:
+    """Read every fd in `fds` into its sink until all hit EOF (or `stop` is set and they are quiet)."""
+    open_fds = set(fds)
+    while open_fds:
+        try:
+            ready, _, _ = select.select(list(open_fds), [], [], 0.1)
+        except (OSError, ValueError):
+            break
+        if not ready:
+            if stop.is_set():
+                break
+            continue
+        now = time.monotonic()
+        for fd in ready:
+            try:
+                data = os.read(fd, 1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                open_fds.discard(fd)
+                continue
+            sink = fds[fd]
+            if isinstance(sink, _ResultStream):
+                sink.add(data, now)
+            else:
+                sink.add(data)
+
+
+# ------------------------------------------------------------------------------------------------
+# checks of the result the parent can make itself
+
+
+def _timing_violation(result: dict, marks: list[tuple[float, dict]]) -> str | None:
+    """Compare the child's timed calls with the parent's clock (the marks' arrival times). A child
+    whose timer was tampered with reports less than the parent saw."""
+    timing = result.get("timing")
+    if result.get("status") != "ok" or not isinstance(timing, dict):
+        return None
+    calls = timing.get("calls_s") or []
+    starts = {m["index"]: t for t, m in marks if m.get("event") == "start" and m.get("call") == "timed"}
+    ends = {m["index"]: t for t, m in marks if m.get("event") == "end" and m.get("call") == "timed"}
+    if len(starts) != len(calls) or len(ends) != len(calls):
+        return (f"the child reported {len(calls)} timed calls but the sandbox saw {len(starts)} start and "
+                f"{len(ends)} end marks")
+    seen = []
+    for i, reported in enumerate(calls):
+        if i not in starts or i not in ends:
+            return f"timed call {i} has no start/end mark"
+        parent_s = ends[i] - starts[i]
+        seen.append(parent_s)
+        if not isinstance(reported, (int, float)) or reported < 0.5 * parent_s - TIMING_SLACK_S:
+            return (f"timed call {i} took {parent_s:.4f} s by the sandbox's clock but the child reported "
+                    f"{reported!r} s: its timer was tampered with")
+    timing["parent_calls_s"] = seen
+    return None
+
+
+def _integrity_error(result: dict, message: str) -> dict:
+    result = dict(result)
+    result["status"] = "error"
+    result["error"] = {"phase": "generate", "type": "IntegrityError", "message": message,
+                       "traceback": f"IntegrityError (found by the sandbox): {message}"}
+    return result
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
 
 
 def run_job(
@@ -151,99 +611,231 @@ def run_job(
     harness_dir: Path,
     python: str = sys.executable,
     module: str = "pytest_diffbench.child",
+    readable: Sequence[os.PathLike | str] = (),
 ) -> SandboxOutcome:
     """Run `job` in a sandboxed child and return its outcome.
 
-    `harness_dir` holds the job file, the result file and the logs; the candidate's working
-    directory is a fresh temporary directory removed afterwards. `env` must already be
-    scrubbed (see `scrubbed_env`).
+    `harness_dir` holds the job file, the result file and the logs (all written by the parent);
+    the images the child sends are written into `job["out_dir"]`. `env` must already be
+    scrubbed (see `scrubbed_env`). `readable`: further paths the child may read (bwrap only; the
+    job's candidate file and input images are added automatically).
     """
     harness_dir = Path(harness_dir)
     harness_dir.mkdir(parents=True, exist_ok=True)
     result_path = harness_dir / "result.json"
     if result_path.exists():
         result_path.unlink()
-    job = {**job, "result_path": str(result_path)}
+    backend = resolve_isolation(limits.isolation)
+    network = limits.isolate_network
+    token = secrets.token_bytes(TOKEN_BYTES)
+    res_r, res_w = os.pipe()
+    job = {**job, "result_fd": res_w}
+    job.pop("result_path", None)
     job_path = harness_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=1))
 
-    prefix = network_isolation_prefix() if limits.isolate_network else ()
-    workdir = Path(tempfile.mkdtemp(prefix="diffbench-cand-"))
-    child_env = {**env, "TMPDIR": str(workdir)}
-    stdout_path, stderr_path = harness_dir / "stdout.log", harness_dir / "stderr.log"
-    peak = [0]
+    child_env = dict(env)
+    workdir = None
+    if backend == "bwrap":
+        bwrap, userns = _bwrap_mode()
+        child_env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
+        readable_paths = _readable_paths(child_env, job, readable)
+        child_env.update({"HOME": "/tmp/home", "TMPDIR": "/tmp", "XDG_CACHE_HOME": "/tmp/home/.cache",
+                          "HF_HOME": "/tmp/home/.cache/huggingface"})
+        prefix = _bwrap_command(bwrap, userns, network, readable_paths, job_path, limits.tmp_mb << 20)
+        cwd = "/"
+    else:
+        prefix = list(_unshare_prefix(network) or _unshare_prefix(False) or ()) if backend == "unshare" else []
+        if backend == "none" and network:
+            prefix = list(network_isolation_prefix())
+        workdir = Path(tempfile.mkdtemp(prefix="diffbench-cand-"))
+        child_env["TMPDIR"] = str(workdir)
+        cwd = str(workdir)
+    network_isolated = network and (backend != "none" or bool(prefix))
+    if backend == "unshare" and network and not _unshare_prefix(True):
+        network_isolated = False
+
+    nproc = None
+    if os.geteuid() != 0:
+        nproc = sum(1 for _ in _listdir("/proc")) + limits.max_processes  # generous: all users' processes
+    out_stream, err_stream = _Stream(), _Stream()
+    results = _ResultStream(token, limits.max_result_mb << 20)
+    peak = {"rss": 0, "procs": 0}
     start = time.monotonic()
-    with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
+    try:
         proc = subprocess.Popen(
             [*prefix, python, "-m", module, str(job_path)],
-            cwd=workdir,
-            env=child_env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-            preexec_fn=_limit_child,
+            cwd=cwd, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=(res_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc),
         )
-        pgid = proc.pid
-        over_memory = threading.Event()
-        done = threading.Event()
+    except BaseException:
+        os.close(res_r)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    finally:
+        os.close(res_w)
+    pgid = proc.pid
+    try:  # the token, before anything of the candidate runs (the child reads it first)
+        proc.stdin.write(token.hex().encode() + b"\n")
+        proc.stdin.close()
+    except OSError:
+        pass
+    stop_reading = threading.Event()
+    reader = threading.Thread(target=_read_pipes, daemon=True, args=(
+        {res_r: results, proc.stdout.fileno(): out_stream, proc.stderr.fileno(): err_stream}, stop_reading))
+    reader.start()
 
-        def watch_memory() -> None:
-            limit = (limits.memory_mb or 0) << 20
-            while not done.wait(0.25):
-                rss = _group_rss_bytes(pgid)
-                peak[0] = max(peak[0], rss)
-                if limit and rss > limit:
-                    over_memory.set()
-                    _kill_group(pgid)
-                    return
+    over = {"memory": False, "processes": False, "output": False}
+    done = threading.Event()
+    our_ns = _pid_ns(os.getpid())
+    child_ns: set[str] = set()
 
-        watcher = threading.Thread(target=watch_memory, daemon=True)
-        watcher.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(pgid)
-            proc.wait()
-        finally:
-            done.set()
-            watcher.join()
-            _kill_group(pgid)  # whatever the candidate forked dies with it
+    def watch() -> None:
+        limit = (limits.memory_mb or 0) << 20
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not done.wait(WATCH_INTERVAL_S):
+            table = _proc_table()
+            members = _tree(table, proc.pid, pgid)
+            if not child_ns:
+                for pid in members:
+                    ns = _pid_ns(pid)
+                    if ns and ns != our_ns:
+                        child_ns.add(ns)
+            peak["procs"] = max(peak["procs"], len(members))
+            if len(members) > limits.max_processes:
+                rss = 0
+            else:
+                rss = sum(_memory_bytes(p, table[p][2], page) for p in members if p in table)
+            peak["rss"] = max(peak["rss"], rss)
+            reason = ("processes" if len(members) > limits.max_processes else
+                      "memory" if limit and rss > limit else
+                      "output" if results.error and "larger than" in results.error else None)
+            if reason:
+                over[reason] = True
+                _kill(members, pgid)
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=limits.timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        done.set()
+        watcher.join()
+        leftover = _terminate(proc, pgid, child_ns)
+        stop_reading.set()
+        reader.join(timeout=KILL_GRACE_S)
+        for fh in (proc.stdout, proc.stderr):
+            fh.close()
+        os.close(res_r)
+    results.finish()
     wall = time.monotonic() - start
-    shutil.rmtree(workdir, ignore_errors=True)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    (harness_dir / "stdout.log").write_bytes(out_stream.text())
+    (harness_dir / "stderr.log").write_bytes(err_stream.text())
 
     outcome = SandboxOutcome(
-        status="ok",
-        returncode=proc.returncode,
-        result=None,
-        wall_s=wall,
-        stdout_tail=_tail(stdout_path),
-        stderr_tail=_tail(stderr_path),
-        network_isolated=bool(prefix),
-        peak_rss_mb=peak[0] / (1 << 20),
+        status="ok", returncode=proc.returncode, result=None, wall_s=wall,
+        stdout_tail=out_stream.tail_text(), stderr_tail=err_stream.tail_text(),
+        network_isolated=network_isolated, peak_rss_mb=peak["rss"] / (1 << 20),
+        isolation=isolation_record(backend, network_isolated), peak_processes=peak["procs"],
     )
+    if leftover:
+        outcome.extra["leftover_pids"] = leftover
     if timed_out:
         outcome.status, outcome.detail = "timeout", f"killed after {limits.timeout_s:.0f} s wall-clock limit"
         return outcome
-    if over_memory.is_set():
+    if over["memory"]:
         outcome.status, outcome.detail = "memory", f"killed above the {limits.memory_mb} MiB memory limit"
         return outcome
-    if not result_path.exists():
-        if proc.returncode is not None and proc.returncode < 0:
-            name = signal.Signals(-proc.returncode).name
-            outcome.status, outcome.detail = "crashed", f"child died from {name} without a result"
+    if over["processes"]:
+        outcome.status = "processes"
+        outcome.detail = f"killed with more than {limits.max_processes} processes (fork bomb?)"
+        return outcome
+    if results.error:
+        outcome.status, outcome.detail = "bad_result", f"result stream rejected: {results.error}"
+        return outcome
+    if results.result is None:
+        rc = proc.returncode
+        signum = -rc if rc is not None and rc < 0 else (rc - 128 if prefix and rc is not None and 128 < rc < 160 else None)
+        if signum is not None:
+            try:
+                name = signal.Signals(signum).name
+            except ValueError:
+                name = f"signal {signum}"
+            outcome.status, outcome.detail = "crashed", f"child died from {name} without a result (exit status {rc})"
         else:
             outcome.status = "no_result"
-            outcome.detail = f"child exited with code {proc.returncode} without writing a result"
+            outcome.detail = f"child exited with code {rc} without sending a result"
         return outcome
     try:
-        result = json.loads(result_path.read_text())
+        result = json.loads(results.result)
         if not isinstance(result, dict) or result.get("status") not in ("ok", "error"):
             raise ValueError("result is not a harness result document")
-    except (ValueError, OSError) as exc:
-        outcome.status, outcome.detail = "bad_result", f"unreadable result file: {exc}"
+        violation = _timing_violation(result, results.marks)
+        if violation:
+            result = _integrity_error(result, violation)
+        _store_images(result, results.images, job.get("out_dir"))
+    except (ValueError, OSError, TypeError) as exc:
+        outcome.status, outcome.detail = "bad_result", f"unreadable result: {exc}"
         return outcome
+    _write_json_atomic(result_path, result)
     outcome.result = result
     return outcome
+
+
+def _store_images(result: dict, images: dict[int, bytes], out_dir: str | None) -> None:
+    """Write the images the child sent as out_dir/000.png ...; they must be exactly the ones the
+    result names."""
+    if result.get("status") != "ok":
+        return
+    names = result.get("images") or []
+    expected = [f"{i:03d}.png" for i in range(len(names))]
+    if names != expected or sorted(images) != list(range(len(names))):
+        raise ValueError(f"the result names images {names[:5]} but the stream held {len(images)} images")
+    if not names:
+        return
+    if not out_dir:
+        raise ValueError("the job has no out_dir for the images")
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, name in enumerate(names):
+        (folder / name).write_bytes(images[index])
+
+
+def _terminate(proc: subprocess.Popen, pgid: int, child_ns: set[str]) -> list[int]:
+    """Kill whatever is left of the child (its tree, its process group, its pid namespace) and
+    return the pids still alive after KILL_GRACE_S (none expected)."""
+    deadline = time.monotonic() + KILL_GRACE_S
+    while True:
+        table = _proc_table()
+        pids = [p for p in _tree(table, proc.pid, pgid) if table[p][3] != "Z" or p == proc.pid]
+        for ns in child_ns:
+            pids += [p for p in _members_of_ns(ns) if p not in pids]
+        alive = [p for p in pids if p in table and table[p][3] != "Z"]
+        if alive:
+            _kill(alive, pgid)
+        if proc.poll() is None:
+            _kill([proc.pid], pgid)
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        alive = [p for p in alive if p != proc.pid and _alive(p)]
+        if (not alive and proc.poll() is not None) or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+        return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,51 +1,58 @@
-"""The sandbox's guarantees, each shown with a real child process.
+"""The sandbox's mechanics, each shown with a real child process: isolation backends and what they
+record, the scrubbed environment, the private working directory, the result stream (images and
+result written by the parent, timing marks, malformed and oversized streams), killing on timeout.
 
 The child here is tests/sandbox_probe_child.py, a stand-in for the harness side of the real
-child (which needs torch); the process, limits and kill logic under test are the real ones.
+child (which needs torch); the process, isolation, limits, stream and kill logic under test are
+the real ones. The attacks themselves are in test_adversarial.py.
 """
 
+import json
 import os
-import socket
 import time
+from pathlib import Path
 
 import pytest
 
-from pytest_diffbench.sandbox import SandboxLimits, network_isolation_prefix, run_job, scrubbed_env
+from pytest_diffbench import sandbox
+from pytest_diffbench.sandbox import (SandboxLimits, SandboxUnavailable, available_isolations, resolve_isolation,
+                                      run_job, scrubbed_env)
 
 CHILD = "tests.sandbox_probe_child"
+REPO = Path(__file__).resolve().parent.parent
+BACKENDS = available_isolations()
 
 
-def run(tmp_path, action, limits=SandboxLimits(timeout_s=30, memory_mb=2048), env_base=None, **job):
+def run(tmp_path, action, limits=SandboxLimits(timeout_s=30, memory_mb=2048), env_base=None, readable=(), **job):
     env = scrubbed_env(env_base if env_base is not None else os.environ)
-    env["PYTHONPATH"] = os.getcwd() + os.pathsep + env["PYTHONPATH"]
-    return run_job({"action": action, **job}, env=env, limits=limits, harness_dir=tmp_path / "h", module=CHILD)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env["PYTHONPATH"]
+    return run_job({"action": action, **job}, env=env, limits=limits, harness_dir=tmp_path / "h", module=CHILD,
+                   readable=[REPO / "tests", *readable])
 
 
-def live_members(pgid):
-    """Processes of the group that are not zombies (an orphaned zombie waits for init to reap it)."""
-    members = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-        except OSError:
-            continue
-        state, _ppid, pgrp = stat[stat.rfind(")") + 2:].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(entry))
-    return members
+def limits_for(backend, **kw):
+    return SandboxLimits(**{"timeout_s": 30, "memory_mb": 2048, **kw, "isolation": backend})
 
 
-def test_env_is_scrubbed_and_cwd_is_private(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_env_is_scrubbed_and_cwd_is_private(tmp_path, backend):
     base = {**os.environ, "OPENAI_API_KEY": "sk-x", "HF_TOKEN": "hf_x", "AWS_SECRET_ACCESS_KEY": "a",
-            "MY_SERVICE_PASSWORD": "p", "RANDOM_VAR": "r", "HF_HOME": "/tmp/hf"}
-    out = run(tmp_path, "report", env_base=base)
-    assert out.status == "ok", out
+            "MY_SERVICE_PASSWORD": "p", "RANDOM_VAR": "r", "HF_HUB_CACHE": str(tmp_path)}
+    out = run(tmp_path, "report", env_base=base, limits=limits_for(backend))
+    assert out.status == "ok", (out.detail, out.stderr_tail)
+    assert out.isolation["backend"] == backend
     env = out.result["env"]
     for secret in ("OPENAI_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MY_SERVICE_PASSWORD", "RANDOM_VAR"):
         assert secret not in env
-    assert env["HF_HOME"] == "/tmp/hf" and env["HF_HUB_OFFLINE"] == "1"
-    assert out.result["cwd"] != os.getcwd() and "diffbench-cand-" in out.result["cwd"]
-    assert not os.path.exists(out.result["cwd"]), "the private working directory is removed afterwards"
+    assert env["HF_HUB_CACHE"] == str(tmp_path) and env["HF_HUB_OFFLINE"] == "1"
+    assert out.result["cwd"] != os.getcwd()
+    if backend == "bwrap":  # a private tmpfs: working directory, TMPDIR and HOME
+        assert (out.result["cwd"], env["TMPDIR"], env["HOME"]) == ("/tmp/work", "/tmp", "/tmp/home")
+        assert env["HF_HOME"].startswith("/tmp/home")  # HF_HOME (token files) is never the user's
+        assert out.result["uid"] != 0 or not out.isolation["user_namespace"]
+    else:
+        assert "diffbench-cand-" in out.result["cwd"] and env["TMPDIR"] == out.result["cwd"]
+        assert not os.path.exists(out.result["cwd"]), "the private working directory is removed afterwards"
 
 
 def test_secret_in_extra_env_is_refused():
@@ -53,52 +60,94 @@ def test_secret_in_extra_env_is_refused():
         scrubbed_env({}, {"ANTHROPIC_API_KEY": "x"})
 
 
-def test_timeout_kills_the_whole_process_group(tmp_path):
-    pid_file = tmp_path / "pid"
+def test_isolation_is_resolved_and_recorded(monkeypatch):
+    assert BACKENDS[-1] == "none"
+    assert resolve_isolation("auto") == BACKENDS[0]
+    monkeypatch.setenv("DIFFBENCH_SANDBOX", "none")
+    assert resolve_isolation("auto") == "none"
+    assert resolve_isolation("bwrap" if "bwrap" in BACKENDS else "none") in BACKENDS
+    with pytest.raises(ValueError, match="unknown sandbox isolation"):
+        resolve_isolation("docker")
+    monkeypatch.setattr(sandbox, "available_isolations", lambda: ["unshare", "none"])
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        resolve_isolation("bwrap")
+    records = {b: sandbox.isolation_record(b, True) for b in ("bwrap", "unshare", "none")}
+    assert records["bwrap"]["filesystem"].startswith("read-only")
+    assert records["unshare"]["processes"] == "private pid namespace" and records["unshare"]["filesystem"].startswith("shared")
+    assert records["none"]["processes"] == "process group only"
+
+
+def test_without_bwrap_the_sandbox_runs_with_a_recorded_weaker_isolation(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "_bwrap_mode", lambda: None)
+    monkeypatch.delenv("DIFFBENCH_SANDBOX", raising=False)
+    out = run(tmp_path, "report", limits=limits_for("auto"))
+    assert out.status == "ok"
+    assert out.isolation["backend"] in ("unshare", "none")
+    assert out.isolation["filesystem"].startswith("shared")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timeout_kills_every_process_of_the_child(tmp_path, backend):
     start = time.monotonic()
-    out = run(tmp_path, "sleep", limits=SandboxLimits(timeout_s=3, memory_mb=None), pid_file=str(pid_file))
+    out = run(tmp_path, "sleep", limits=limits_for(backend, timeout_s=3), pid_file=str(tmp_path / "pid"))
     assert out.status == "timeout" and "3 s" in out.detail
     assert time.monotonic() - start < 20
-    pgid = int(pid_file.read_text())
-    time.sleep(0.2)
-    assert live_members(pgid) == [], "no member of the group (grandchild included) is left running"
+    assert not out.extra.get("leftover_pids"), "no process of the child (grandchild included) is left running"
 
 
-def test_memory_limit_kills(tmp_path):
-    out = run(tmp_path, "memory", limits=SandboxLimits(timeout_s=60, memory_mb=400))
-    assert out.status == "memory", out
-    assert out.peak_rss_mb > 300
+# ------------------------------------------------------------------------------------------------
+# the result stream
 
 
-def test_segfault_is_a_crash(tmp_path):
-    out = run(tmp_path, "segfault")
-    assert out.status == "crashed" and "SIGSEGV" in out.detail
+def test_images_and_result_are_written_by_the_parent(tmp_path):
+    out_dir = tmp_path / "images"
+    out = run(tmp_path, "send_images", count=3, out_dir=str(out_dir))
+    assert out.status == "ok", out.detail
+    assert sorted(os.listdir(out_dir)) == ["000.png", "001.png", "002.png"]
+    assert json.loads((tmp_path / "h" / "result.json").read_text())["images"] == ["000.png", "001.png", "002.png"]
+    job = json.loads((tmp_path / "h" / "job.json").read_text())
+    assert "result_path" not in job and isinstance(job["result_fd"], int)  # the child gets a pipe, not a path
 
 
-def test_exit_without_result(tmp_path):
-    out = run(tmp_path, "exit_silently")
-    assert out.status == "no_result" and "code 0" in out.detail
+def test_result_naming_other_images_than_were_sent_is_rejected(tmp_path):
+    out = run(tmp_path, "send_images", count=2, names=3, out_dir=str(tmp_path / "images"))
+    assert out.status == "bad_result" and "held 2 images" in out.detail
+    assert not (tmp_path / "images").exists()
 
 
-def test_garbage_result(tmp_path):
-    out = run(tmp_path, "garbage")
-    assert out.status == "bad_result"
+def test_an_oversized_stream_is_cut_off(tmp_path):
+    out = run(tmp_path, "oversize", limits=SandboxLimits(timeout_s=60, memory_mb=2048, max_result_mb=16))
+    assert out.status == "bad_result" and "larger than 16 MiB" in out.detail
 
 
-def test_flooded_output_is_kept_as_a_bounded_tail(tmp_path):
-    out = run(tmp_path, "flood")
-    assert out.status == "ok"
-    assert len(out.stdout_tail) <= 8000 and out.stderr_tail.strip() == "the end"
+def test_timed_calls_are_checked_against_the_parents_clock(tmp_path):
+    honest = run(tmp_path / "honest", "send_images", count=1, out_dir=str(tmp_path / "i1"), marks=2, call_s=0.1,
+                 reported_s=[0.1, 0.1])
+    assert honest.status == "ok" and honest.result["status"] == "ok"
+    assert all(0.09 < s < 1.0 for s in honest.result["timing"]["parent_calls_s"])
+    faked = run(tmp_path / "faked", "send_images", count=1, out_dir=str(tmp_path / "i2"), marks=2, call_s=0.8,
+                reported_s=[0.8, 0.001])
+    assert faked.status == "ok" and faked.result["status"] == "error"
+    assert faked.result["error"]["type"] == "IntegrityError" and "timer was tampered" in faked.result["error"]["message"]
+    assert not (tmp_path / "i2").exists()  # no images for a rejected result
+    missing = run(tmp_path / "missing", "send_images", count=1, out_dir=str(tmp_path / "i3"), marks=1,
+                  reported_s=[0.1, 0.1])
+    assert missing.result["status"] == "error" and "2 timed calls" in missing.result["error"]["message"]
 
 
-@pytest.mark.skipif(not network_isolation_prefix(), reason="this OS refuses network namespaces")
-def test_no_network(tmp_path):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    try:
-        out = run(tmp_path, "network", port=server.getsockname()[1])
-    finally:
-        server.close()
-    assert out.status == "ok" and out.network_isolated
-    assert out.result["connected"] is False
+@pytest.mark.skipif("bwrap" not in BACKENDS, reason="bubblewrap is not usable here")
+def test_bwrap_shows_the_job_files_and_nothing_beside_them(tmp_path):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "init.png").write_bytes(b"init image")
+    (folder / "other.png").write_bytes(b"another task's file")
+    code = tmp_path / "code" / "candidate.py"
+    code.parent.mkdir()
+    code.write_text("# candidate")
+    (code.parent / "notes.txt").write_text("not for the candidate")
+    out = run(tmp_path, "snoop", code_path=str(code), batch={"images": [str(folder / "init.png")]},
+              files={"init": str(folder / "init.png"), "other": str(folder / "other.png"), "code": str(code),
+                     "notes": str(code.parent / "notes.txt")})
+    attempts = out.result["attempts"]
+    assert attempts["init"]["value"] == "init image" and attempts["code"]["value"] == "# candidate"
+    assert not attempts["other"]["ok"] and not attempts["notes"]["ok"]
