@@ -3,7 +3,8 @@
 A baseline is measured once per (code, batch, device, zoo, library versions, measurement
 settings) and stored as a folder holding the images and the child's result JSON. Creation is
 guarded by a file lock so pytest-xdist workers never measure the same baseline twice; an entry
-is only trusted when its manifest is complete and its image files match the recorded hashes.
+is only trusted when its manifest is complete, its result JSON matches the digest stored with it
+and its image files match the recorded hashes; anything else is measured again.
 """
 
 from __future__ import annotations
@@ -41,17 +42,29 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _result_digest(result: dict) -> str:
+    return hashlib.sha256(json.dumps(result, sort_keys=True).encode()).hexdigest()
+
+
 def _load_valid(folder: Path) -> dict | None:
+    """The cached result, if the entry is complete and intact: the result JSON matches its digest
+    and every image named by the result matches its recorded digest."""
     manifest = folder / "manifest.json"
     if not manifest.exists():
         return None
     try:
         data = json.loads(manifest.read_text())
-        for name, digest in data["image_digests"].items():
+        result = data["result"]
+        if _result_digest(result) != data["result_digest"]:
+            return None
+        digests = data["image_digests"]
+        if sorted(digests) != sorted(result.get("images") or []):
+            return None
+        for name, digest in digests.items():
             if _file_digest(folder / "images" / name) != digest:
                 return None
-        return data["result"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return result
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -59,7 +72,8 @@ def get_or_measure(cache_dir: Path, key: str, measure: Callable[[Path], dict]) -
     """Return the cached run for `key`, or call `measure(images_dir) -> result` once and store it.
 
     `measure` must write its images into the folder it is given and return a successful child
-    result; a corrupted entry (missing/changed image, broken manifest) is measured again.
+    result; a corrupted entry (missing/changed image, edited result, broken manifest) is
+    measured again.
     """
     folder = Path(cache_dir) / key[:2] / key
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +87,7 @@ def get_or_measure(cache_dir: Path, key: str, measure: Callable[[Path], dict]) -
         (staging / "images").mkdir(parents=True)
         result = measure(staging / "images")
         digests = {name: _file_digest(staging / "images" / name) for name in result.get("images", [])}
-        (staging / "manifest.json").write_text(json.dumps({"result": result, "image_digests": digests}, indent=1))
+        (staging / "manifest.json").write_text(json.dumps(
+            {"result": result, "result_digest": _result_digest(result), "image_digests": digests}, indent=1))
         staging.rename(folder)
         return CachedRun(key, folder, result, hit=False)
