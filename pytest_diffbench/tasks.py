@@ -29,6 +29,14 @@ What the fields mean (the decisions this module pins):
   exactly one, L3 tasks for at least two. ``expect.allowed_methods`` (L4/L5) names registry
   entries of any kind. A new method is added by one :class:`MethodSpec` entry in :data:`METHODS`.
 
+* L4/L5 tasks fix no method: ``expect.allowed_methods`` names what a candidate may use;
+  ``expect.scheduler``/``expect.steps`` are null (free) when a scheduler method is allowed, else
+  the reference's; ``expect.dtype`` is null (free) when a dtype method is allowed. Their concrete
+  target depends on the hardware: the file carries ``constraint.target_factor`` instead of
+  ``min_speedup``/``max_latency_ms`` and its requirement the placeholders
+  :data:`TARGET_PLACEHOLDER` / :data:`QUALITY_PLACEHOLDER`; ``Task.needs_calibration`` is true
+  until ``pytest_diffbench.calibration.Calibration.apply`` has filled them in for a profile.
+
 Validation errors raise :class:`TaskError`, which names file, task id and field, e.g.
 ``tasks/L1/x.yaml: task L1-sd15-t2i-0001: field 'expect.steps': expected int, got 'twenty'``.
 All problems found in a file are reported (one line each), not only the first.
@@ -36,6 +44,7 @@ All problems found in a file are reported (one line each), not only the first.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -56,7 +65,9 @@ __all__ = [
     "METHODS",
     "MethodSpec",
     "PIPELINE_KINDS",
+    "QUALITY_PLACEHOLDER",
     "SCHEDULERS",
+    "TARGET_PLACEHOLDER",
     "Task",
     "TaskError",
     "WORKLOAD_SOURCES",
@@ -96,6 +107,12 @@ Deliver one self-contained Python module that defines exactly these two function
 Disable progress bars (`pipe.set_progress_bar_config(disable=True)`) and do not time the code
 yourself: the harness measures latency around `generate` and calls it several times, so every
 call must return the same images."""
+
+#: L4/L5 requirement texts name their concrete target and quality bound through these
+#: placeholders: the numbers depend on the hardware profile and come from its calibration
+#: (``pytest_diffbench.calibration.Calibration.apply`` substitutes them).
+TARGET_PLACEHOLDER = "{{TARGET}}"
+QUALITY_PLACEHOLDER = "{{QUALITY}}"
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary
@@ -428,7 +445,7 @@ class Expect:
     model_id: str
     scheduler: str | None
     steps: int | None
-    dtype: str
+    dtype: str | None  # null = free (L4/L5 that allow a dtype method such as fp16)
     methods: dict[str, dict[str, Any]] | None
     allowed_methods: tuple[str, ...] | None = None
 
@@ -448,11 +465,19 @@ class Expect:
 
 @dataclass(frozen=True)
 class Constraint:
-    """Stage-3 bounds: quality loss L <= max_quality_loss; L4 U >= min_speedup; L5 latency."""
+    """Stage-3 bounds: quality loss L <= max_quality_loss; L4 U >= min_speedup; L5 latency.
+
+    ``target_factor`` (L4/L5 only) ties the target to the calibration of the hardware profile
+    the task runs on: L4 ``min_speedup = target_factor x`` the calibrated optimum speedup, L5
+    ``max_latency_ms =`` the calibrated optimum latency ``/ target_factor``. A task file with a
+    factor carries no concrete target (``min_speedup``/``max_latency_ms`` absent);
+    ``pytest_diffbench.calibration.Calibration.apply`` fills it in for the active profile.
+    """
 
     max_quality_loss: float = 0.05
     min_speedup: float | None = None
     max_latency_ms: float | None = None
+    target_factor: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"max_quality_loss": self.max_quality_loss}
@@ -460,6 +485,8 @@ class Constraint:
             d["min_speedup"] = self.min_speedup
         if self.max_latency_ms is not None:
             d["max_latency_ms"] = self.max_latency_ms
+        if self.target_factor is not None:
+            d["target_factor"] = self.target_factor
         return d
 
 
@@ -535,6 +562,12 @@ class Task:
     def techniques(self) -> tuple[str, ...]:
         """Registry names of the methods this task asks for (all three kinds), in registry order."""
         return _techniques(self.scheduler, self.steps, self.expect)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """An L4/L5 task whose concrete target still has to come from a profile's calibration."""
+        c = self.constraint
+        return (self.level == "L4" and c.min_speedup is None) or (self.level == "L5" and c.max_latency_ms is None)
 
     @property
     def run_steps(self) -> int:
@@ -660,18 +693,23 @@ _ID_SUFFIX = re.compile(r"^(?:-[a-z0-9][a-z0-9+_]*)*-(\d{4})$")
 _LEVEL_DIR = re.compile(r"^L\d+$")
 
 
+@functools.lru_cache(maxsize=4096)
+def _code_problems(code: str) -> tuple[str, ...]:
+    """Problems of one code block (cached: many tasks share their reference code)."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as exc:
+        return (f"code does not parse: {exc.msg} (line {exc.lineno})",)
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return tuple(f"code does not define {fn}() (candidate contract)"
+                 for fn in ("load_pipeline", "generate") if fn not in defined)
+
+
 def _check_code(ck: _Checker, name: str, code: str | None) -> None:
     if code is None:
         return
-    try:
-        tree = ast.parse(code, filename=name)
-    except SyntaxError as exc:
-        ck.add(name, f"code does not parse: {exc.msg} (line {exc.lineno})")
-        return
-    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    for fn in ("load_pipeline", "generate"):
-        if fn not in defined:
-            ck.add(name, f"code does not define {fn}() (candidate contract)")
+    for problem in _code_problems(code):
+        ck.add(name, problem)
 
 
 def task_from_dict(raw: Any, path: Path | str | None = None) -> Task:
@@ -790,26 +828,40 @@ def _validate(ck: _Checker, raw: dict, path: Path | None) -> Task | None:
     # ---- constraint ----
     constraint = None
     if constraint_raw is not None:
-        ck.unknown_keys(constraint_raw, ("max_quality_loss", "min_speedup", "max_latency_ms"), "constraint.")
+        ck.unknown_keys(constraint_raw, ("max_quality_loss", "min_speedup", "max_latency_ms", "target_factor"),
+                        "constraint.")
         mql = ck.get(constraint_raw, "max_quality_loss", "constraint.", "number", required=True)
         min_speedup = ck.get(constraint_raw, "min_speedup", "constraint.", "number", required=False, nullable=True)
         max_latency = ck.get(constraint_raw, "max_latency_ms", "constraint.", "number", required=False, nullable=True)
+        factor = ck.get(constraint_raw, "target_factor", "constraint.", "number", required=False, nullable=True)
         if mql is not None and not 0.0 <= mql <= 1.0:
             ck.add("constraint.max_quality_loss", f"must be in [0, 1], got {mql}")
         if min_speedup is not None and min_speedup <= 0:
             ck.add("constraint.min_speedup", f"must be > 0, got {min_speedup}")
         if max_latency is not None and max_latency <= 0:
             ck.add("constraint.max_latency_ms", f"must be > 0, got {max_latency}")
-        if level == "L4" and min_speedup is None and "constraint.min_speedup" not in ck.bad:
-            ck.add("constraint.min_speedup", "L4 tasks need a min_speedup")
-        if level == "L5" and max_latency is None and "constraint.max_latency_ms" not in ck.bad:
-            ck.add("constraint.max_latency_ms", "L5 tasks need a max_latency_ms")
+        if factor is not None and not 0.0 < factor <= 2.0:
+            ck.add("constraint.target_factor", f"must be in (0, 2], got {factor}")
+        if level == "L4" and min_speedup is None and factor is None and "constraint.min_speedup" not in ck.bad:
+            ck.add("constraint.min_speedup", "L4 tasks need a min_speedup (or a target_factor for the calibration)")
+        if level == "L5" and max_latency is None and factor is None and "constraint.max_latency_ms" not in ck.bad:
+            ck.add("constraint.max_latency_ms", "L5 tasks need a max_latency_ms (or a target_factor for the calibration)")
         if level in LEVELS and level != "L4" and min_speedup is not None:
             ck.add("constraint.min_speedup", f"only L4 tasks take a min_speedup, this is {level}")
         if level in LEVELS and level != "L5" and max_latency is not None:
             ck.add("constraint.max_latency_ms", f"only L5 tasks take a max_latency_ms, this is {level}")
+        if level in ("L1", "L2", "L3") and factor is not None:
+            ck.add("constraint.target_factor", f"only L4/L5 tasks take a target_factor, this is {level}")
         if mql is not None:
-            constraint = Constraint(mql, min_speedup, max_latency)
+            constraint = Constraint(mql, min_speedup, max_latency, factor)
+            open_target = (level == "L4" and min_speedup is None) or (level == "L5" and max_latency is None)
+            if requirement is not None and level in ("L4", "L5"):
+                for ph in (TARGET_PLACEHOLDER, QUALITY_PLACEHOLDER):
+                    if open_target and ph not in requirement:
+                        ck.add("requirement", f"an L4/L5 requirement without a concrete target must contain {ph} "
+                                              f"(filled in from the calibration)")
+                    elif not open_target and ph in requirement:
+                        ck.add("requirement", f"the target is concrete, but the requirement still contains {ph}")
 
     # ---- level rules ----
     if level in ("L1", "L2", "L3"):
@@ -864,7 +916,7 @@ def _validate_expect(ck: _Checker, raw, level, spec, pipeline, model, ref_schedu
     model_id = ck.get(raw, "model_id", p, "str", required=True)
     scheduler = ck.get(raw, "scheduler", p, "str", required=not free, nullable=free)
     steps = ck.get(raw, "steps", p, "int", required=not free, nullable=free)
-    dtype = ck.get(raw, "dtype", p, "str", required=True)
+    dtype = ck.get(raw, "dtype", p, "str", required=not free, nullable=free)  # L4/L5: null = free (fp16 allowed)
     methods_raw = ck.get(raw, "methods", p, "mapping", required=not free, nullable=free)
     allowed_raw = ck.get(raw, "allowed_methods", p, "list", required=free, nullable=not free)
 
@@ -877,7 +929,8 @@ def _validate_expect(ck: _Checker, raw, level, spec, pipeline, model, ref_schedu
         ck.one_of(p + "scheduler", scheduler, sorted(SCHEDULERS), "scheduler")
     if steps is not None and steps < 1:
         ck.add(p + "steps", f"must be >= 1, got {steps}")
-    ck.one_of(p + "dtype", dtype, DTYPES, "dtype")
+    if dtype is not None:
+        ck.one_of(p + "dtype", dtype, DTYPES, "dtype")
 
     methods: dict[str, dict[str, Any]] | None = None
     if methods_raw is not None:
@@ -949,8 +1002,23 @@ def _validate_expect(ck: _Checker, raw, level, spec, pipeline, model, ref_schedu
             ck.add(p + "methods", f"L1 tasks apply no acceleration method, got {', '.join(methods)}")
         if dtype is not None and dtype != REFERENCE_DTYPE:
             ck.add(p + "dtype", f"L1 tasks run in {REFERENCE_DTYPE}, got {dtype!r}")
-    elif level in ("L4", "L5") and methods_raw is not None:
-        ck.add(p + "methods", f"{level} tasks leave the methods free: use allowed_methods")
+    elif level in ("L4", "L5"):
+        if methods_raw is not None:
+            ck.add(p + "methods", f"{level} tasks leave the methods free: use allowed_methods")
+        if allowed is not None:
+            for name in allowed:
+                mspec = METHODS[name]
+                if spec is not None and spec.name not in mspec.families:
+                    ck.add(p + "allowed_methods", f"{name} does not support {spec.title}")
+                elif pipeline in PIPELINE_KINDS and pipeline not in mspec.pipelines:
+                    ck.add(p + "allowed_methods", f"{name} does not support {pipeline}")
+            sampler_free = any(METHODS[n].kind == "scheduler" for n in allowed)
+            if not sampler_free and (scheduler is None or steps is None):
+                ck.add(p + "scheduler", "without a scheduler method in allowed_methods the scheduler and steps "
+                                        "are the reference's: set expect.scheduler and expect.steps")
+            dtype_free = any(METHODS[n].kind == "dtype" for n in allowed)
+            if dtype is None and not dtype_free:
+                ck.add(p + "dtype", "no dtype method is allowed: expect.dtype must be the reference's float32")
     if level in ("L2", "L3") and steps is not None and isinstance(ref_steps, int) and steps > ref_steps:
         ck.add(p + "steps", f"{level} tasks may not run more steps than the reference ({ref_steps}), got {steps}")
 
