@@ -88,6 +88,8 @@ class DiffbenchSession:
                             or Path.home() / ".cache" / "pytest-diffbench" / "zoo")
         self._evaluator: Evaluator | None = None
         self.candidates = None  # the CandidatesGenerator when --diffbench-candidates is given
+        self._calibrations: dict = {}
+        self.tasks_dir: Path | None = None
         resume = config.getoption("diffbench_resume")
         workerinput = getattr(config, "workerinput", None)
         if workerinput and "diffbench_resume" in workerinput:
@@ -120,6 +122,14 @@ class DiffbenchSession:
         terminalreporter.section("diffbench summary")
         for line in report.summary_lines(self.records, self.levels, time.time() - self.started, self.run_dir):
             terminalreporter.write_line(line)
+
+    def calibration(self, profile_name: str):
+        """The L4/L5 calibration of this hardware profile (None when there is none)."""
+        if profile_name not in self._calibrations:
+            from .calibration import load_calibration
+
+            self._calibrations[profile_name] = load_calibration(self.tasks_dir, profile_name)
+        return self._calibrations[profile_name]
 
     def previous_record(self, label: str, profile_name: str) -> dict | None:
         """A complete result.json of `label` from an earlier session on the same profile, if any."""
@@ -217,15 +227,16 @@ def _load_tasks(config):
         tasks = load_tasks(tasks_dir)
     except TaskError as exc:
         raise pytest.UsageError(f"invalid DiffBench task: {exc}") from None
-    return select_tasks(tasks, levels), {t.id for t in tasks}, levels
+    return select_tasks(tasks, levels), {t.id for t in tasks}, levels, tasks_dir
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     if not config.getoption("diffbench_level"):
         return
-    tasks, all_ids, levels = _load_tasks(config)
+    tasks, all_ids, levels, tasks_dir = _load_tasks(config)
     session = DiffbenchSession(config, tasks, levels)
+    session.tasks_dir = tasks_dir
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "diffbench-session")
     if config.args_source != pytest.Config.ArgsSource.ARGS:
@@ -298,29 +309,54 @@ def diffbench_session(request) -> DiffbenchSession:
 
 
 @pytest.fixture
-def diffbench_candidate(diffbench_task, diffbench_candidate_id, diffbench_session, request) -> Candidate:
+def diffbench_profile_task(diffbench_task, diffbench_session):
+    """The task as posed on this hardware profile: L4/L5 get their calibrated target and gold.
+
+    Without a calibration for the profile, L4/L5 tasks are skipped with the command that makes one.
+    """
+    task = diffbench_task
+    if task.level not in ("L4", "L5"):
+        return task
+    name = diffbench_session.evaluator().profile.name
+    try:
+        from .calibration import CalibrationError, calibration_command
+    except ImportError:
+        pytest.skip(f"{task.id}: this installation has no L4/L5 calibration support")
+
+    calibration = diffbench_session.calibration(name)
+    if calibration is None:
+        pytest.skip(f"no L4/L5 calibration for hardware profile {name!r}; create one with: {calibration_command(name)}")
+    try:
+        return calibration.apply(task)
+    except CalibrationError as exc:
+        pytest.skip(f"{task.id}: {exc}; recalibrate with: {calibration_command(name)}")
+
+
+@pytest.fixture
+def diffbench_candidate(diffbench_profile_task, diffbench_candidate_id, diffbench_session, request) -> Candidate:
     """The code under test, from the first generator that answers (hook pytest_diffbench_generate).
 
     Items of a manifest with several candidates per task (`<task id>@<candidate id>`) take their
     code straight from the manifest.
     """
+    task = diffbench_profile_task
     if diffbench_candidate_id is not None:
-        return diffbench_session.candidates.candidate_for(diffbench_task, diffbench_candidate_id)
-    candidate = request.config.hook.pytest_diffbench_generate(task=diffbench_task, config=request.config)
+        return diffbench_session.candidates.candidate_for(task, diffbench_candidate_id)
+    candidate = request.config.hook.pytest_diffbench_generate(task=task, config=request.config)
     if candidate is None:
-        raise HarnessError(f"no generator produced a candidate for {diffbench_task.id}")
+        raise HarnessError(f"no generator produced a candidate for {task.id}")
     return candidate
 
 
 @pytest.fixture
-def diffbench_evaluation(diffbench_task, diffbench_candidate_id, diffbench_session, request) -> dict:
+def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffbench_session, request) -> dict:
     """Runs the candidate and the three stages; the test function asserts on the result.
 
     With resume on, a complete result from an earlier session in the same run directory (same
     profile) is reused: neither the generator (no LLM call) nor the evaluation runs again.
     """
     evaluator = diffbench_session.evaluator()
-    task = diffbench_task
+    task = diffbench_profile_task
     label = f"{task.id}@{diffbench_candidate_id}" if diffbench_candidate_id else task.id
     record = diffbench_session.previous_record(label, evaluator.profile.name) if diffbench_session.resume else None
     if record is None:
