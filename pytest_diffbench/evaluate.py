@@ -86,13 +86,16 @@ class Evaluator:
             extra["CUDA_VISIBLE_DEVICES"] = self.profile.visible_devices
         return scrubbed_env(os.environ, extra)
 
-    def run_code(self, role: str, task, code: str, batch: dict, images_dir: Path, harness_dir: Path) -> SandboxOutcome:
+    def run_code(self, role: str, task, code: str, batch: dict, images_dir: Path, harness_dir: Path,
+                 measure: bool = True) -> SandboxOutcome:
+        """Run `code` in the sandbox; `measure=False` skips the timed repeats and FLOP count (smoke runs)."""
         harness_dir.mkdir(parents=True, exist_ok=True)
         code_path = harness_dir / f"{role}.py"
         code_path.write_text(code)
         job = {"task_id": task.id, "role": role, "code_path": str(code_path), "out_dir": str(images_dir),
                "device": self.profile.device, "dtype": "float32", "batch": batch,
-               "repeats": self.profile.repeats, "count_flops": True, "threads": self.profile.threads}
+               "repeats": self.profile.repeats if measure else 0, "count_flops": measure,
+               "threads": self.profile.threads}
         images_dir.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         outcome = run_job(job, env=self._child_env(), limits=self.profile.limits, harness_dir=harness_dir)
@@ -142,7 +145,7 @@ class Evaluator:
         """
         batch, _ = build_batch(task, self.profile.zoo, self.data, self.cache_dir / "inputs", 1)
         harness_dir = Path(harness_dir or Path(tempfile.mkdtemp(prefix="diffbench-smoke-")))
-        outcome = self.run_code("smoke", task, code, batch, harness_dir / "images", harness_dir / "sandbox")
+        outcome = self.run_code("smoke", task, code, batch, harness_dir / "images", harness_dir / "sandbox", measure=False)
         failure = stages.runtime_failure(outcome.status, outcome.detail, outcome.result)
         if failure:
             err = (outcome.result or {}).get("error") or {}

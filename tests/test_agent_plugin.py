@@ -101,6 +101,7 @@ def e2e_tasks(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 10-40 min: excluded from `pytest tests` (pyproject addopts); run with -m long
 def test_end_to_end_with_a_local_openai_compatible_server(e2e_tasks, tmp_path):
     from agent.scripted import Oracle, ScriptedModel, ScriptedServer
 
