@@ -1,0 +1,788 @@
+"""Calibration of the L4/L5 targets for one hardware profile.
+
+An L4/L5 task file carries no concrete target: ``constraint.target_factor`` says which share of
+the best achievable result it asks for, and the requirement text holds the placeholders
+``{{TARGET}}`` and ``{{QUALITY}}``. What is achievable depends on the machine, so a calibration
+per hardware profile (``pytest_diffbench.evaluate.Profile.name``, e.g. ``cpu-tiny``) searches
+the knowledge space for each task family, and the plugin applies it before a task runs:
+
+    python -m pytest_diffbench.calibration --profile cpu-tiny            # writes tasks/calibration/cpu-tiny.yaml
+
+    cal = load_calibration(Path("tasks"), profile.name)                  # None when there is none
+    task = cal.apply(task)                                                # concrete target, gold, requirement
+
+The search (no LLM): for each family of L4/L5 tasks that share model, pipeline kind, resolution
+and workload (one batch, so one set of measurements serves all of them), configurations of the
+method space (scheduler x steps x ToMe x DeepCache x T-GATE (x FP16 on GPUs), with the
+knowledge base's parameter values) are rendered with the suite's own code templates
+(``tasks/generate.py``) and measured with the evaluator, exactly as candidates are: U and latency
+by the profile's speed method (FLOP ratio on the tiny zoo, wall time otherwise), L by its quality
+method (fidelity to the reference images on the tiny zoo, CLIP score with real CLIP weights).
+It starts from each method alone, then climbs: repeatedly the best feasible configuration's
+neighbours (one knob one notch more aggressive, or one more method switched on) until no
+neighbour is better or the budget (``--configs``, about 50 measurements per family) is spent.
+A configuration is feasible when L <= ``SEARCH_MARGIN`` x the bound, so that the optimum keeps
+its quality on the full workload (the search measures 2 samples, a run usually 10).
+
+For each allowed-method preset of the family the optimum is the feasible configuration with the
+highest U; it becomes the gold solution of the preset's tasks. Targets scale it:
+
+* L4 ``min_speedup = factor x U_opt`` (at least ``min(U_opt, MIN_SPEEDUP_TARGET)``),
+* L5 ``max_latency_ms = latency_opt / factor``,
+
+with the task's ``target_factor`` (easy 0.6, medium 0.8, hard 0.95 in the generated suite).
+
+Quality bound. The paper bounds the relative CLIP-score loss at 5 %. On the tiny zoo CLIP has
+random weights, so the bound is one of fidelity: L is the mean normalised RMS difference between
+a candidate's images and the reference images from the same seeds (``metrics.fidelity``), and
+an L4/L5 candidate may lose at most ``TINY_FIDELITY_BOUND`` = 0.10. The value was chosen from
+the losses single methods have there (SD1.5, 2 samples): DeepCache 0.016-0.023, ToMe 0.013,
+T-GATE 0.007-0.015, DPM-Solver++ at 20 of 50 steps 0.048, UniPC at 12 steps 0.049, the default
+PNDM cut to 20 / 15 / 10 steps 0.086 / 0.167 / 0.246 (DiT DDIM 20 / 12 steps 0.048 / 0.098,
+SDXL Euler 20 / 12 steps 0.047 / 0.110). It admits moderate settings of every method and
+rejects the aggressive ones, so that the search faces a real trade-off (see tasks/README.md). Profiles with learned CLIP weights keep the task's ``max_quality_loss`` (5 %).
+``Calibration.apply`` writes the profile's bound into ``constraint.max_quality_loss``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from .tasks import (
+    FAMILIES,
+    METHODS,
+    QUALITY_PLACEHOLDER,
+    TARGET_PLACEHOLDER,
+    Constraint,
+    Task,
+    TaskError,
+    load_tasks,
+    task_from_dict,
+)
+
+__all__ = [
+    "Calibration",
+    "CalibrationError",
+    "TINY_FIDELITY_BOUND",
+    "calibrate",
+    "calibration_command",
+    "calibration_path",
+    "family_key",
+    "load_calibration",
+]
+
+CALIBRATION_DIR = "calibration"
+#: L4/L5 fidelity bound (normalised RMS error vs the reference images) on profiles without a
+#: meaningful CLIP score (the tiny zoo)
+TINY_FIDELITY_BOUND = 0.10
+#: the search accepts a configuration when L <= SEARCH_MARGIN x bound (headroom for the full workload)
+SEARCH_MARGIN = 0.8
+#: an L4 target is never below min(U_opt, this): "at least as fast as the reference" is no task
+MIN_SPEEDUP_TARGET = 1.1
+DEFAULT_CONFIGS = 50
+DEFAULT_SAMPLES = 2
+FORMAT_VERSION = 1
+
+
+class CalibrationError(Exception):
+    """A calibration file that cannot be used (malformed, out of date, or lacking a task)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Task families
+# --------------------------------------------------------------------------------------------
+
+
+def family_key(task: Task) -> str:
+    """The calibration family of an L4/L5 task: tasks with equal keys share every measurement."""
+    h, w = task.resolution
+    return f"{task.family}-{task.kind_abbr}-{h}x{w}-{task.model.split('/')[-1]}"
+
+
+def family_digest(task: Task) -> str:
+    """What the measurements depend on: model, pipeline, resolution, reference code and workload."""
+    data = [task.model, task.pipeline, list(task.resolution), task.steps, task.scheduler, task.seed,
+            task.guidance_scale, task.strength, task.workload.to_dict(), task.reference]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preset_key(allowed: Iterable[str]) -> str:
+    return "+".join(sorted(allowed))
+
+
+def optimum_key(task: Task) -> str:
+    return f"{family_key(task)}/{preset_key(task.expect.allowed_methods or ())}"
+
+
+# --------------------------------------------------------------------------------------------
+# The calibration file and its use
+# --------------------------------------------------------------------------------------------
+
+
+def calibration_path(tasks_dir: Path, profile_name: str) -> Path:
+    return Path(tasks_dir) / CALIBRATION_DIR / f"{profile_name}.yaml"
+
+
+def calibration_command(profile_name: str) -> str:
+    """The command that writes the calibration of `profile_name` (for skip messages)."""
+    return f"python -m pytest_diffbench.calibration --profile {profile_name}"
+
+
+@dataclass(frozen=True)
+class Optimum:
+    key: str
+    config: dict
+    code: str
+    speedup: float
+    latency_ms: float | None
+    quality_loss: float | None
+
+
+@dataclass(frozen=True)
+class TaskTarget:
+    task_id: str
+    optimum: str
+    family: str
+    digest: str
+    difficulty: str
+    factor: float
+    min_speedup: float | None
+    max_latency_ms: float | None
+    targets: dict  # difficulty -> target of this task's level
+
+
+@dataclass
+class Calibration:
+    """One profile's calibration (``tasks/calibration/<profile>.yaml``)."""
+
+    path: Path
+    profile: str
+    quality_method: str  # fidelity | clip
+    quality_bound: float
+    speed_method: str  # flops | wall
+    device_name: str
+    families: dict  # family key -> {reference_latency_ms, digest, ...}
+    optima: dict[str, Optimum]
+    tasks: dict[str, TaskTarget]
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def __contains__(self, task: object) -> bool:
+        task_id = task.id if isinstance(task, Task) else task
+        return task_id in self.tasks
+
+    def target(self, task: Task) -> TaskTarget:
+        entry = self.tasks.get(task.id)
+        if entry is None:
+            raise CalibrationError(f"{self.path}: task {task.id} is not calibrated for profile {self.profile}; run "
+                                   f"`{calibration_command(self.profile)} --tasks-filter {task.id}`")
+        if entry.digest != family_digest(task):
+            raise CalibrationError(f"{self.path}: the calibration of {task.id} is out of date (its model, workload or "
+                                   f"reference code changed); run `{calibration_command(self.profile)}` again")
+        return entry
+
+    def reference_latency_ms(self, task: Task) -> float | None:
+        """The reference's latency per image measured during calibration (anchor of L5 targets)."""
+        return (self.families.get(self.target(task).family) or {}).get("reference_latency_ms")
+
+    def gold(self, task: Task) -> str:
+        return self.optima[self.target(task).optimum].code
+
+    def apply(self, task: Task) -> Task:
+        """A copy of an L4/L5 `task` with the profile's concrete target, quality bound, gold code and
+        requirement text. Tasks that need no calibration (L1-L3, or a concrete target already in the
+        file) are returned unchanged."""
+        if not task.needs_calibration:
+            return task
+        entry = self.target(task)
+        optimum = self.optima[entry.optimum]
+        bound = self.quality_bound
+        constraint = Constraint(max_quality_loss=bound,
+                                min_speedup=entry.min_speedup if task.level == "L4" else None,
+                                max_latency_ms=entry.max_latency_ms if task.level == "L5" else None,
+                                target_factor=task.constraint.target_factor)
+        paragraphs = []
+        for para in task.requirement.split("\n\n"):
+            if TARGET_PLACEHOLDER in para or QUALITY_PLACEHOLDER in para:
+                para = (para.replace(TARGET_PLACEHOLDER, self.target_text(task, entry))
+                        .replace(QUALITY_PLACEHOLDER, self.quality_text()))
+                if not para.lstrip().startswith(("- ", "1. ")):
+                    para = textwrap.fill(" ".join(para.split()), width=96, break_long_words=False,
+                                         break_on_hyphens=False)
+            paragraphs.append(para)
+        requirement = "\n\n".join(paragraphs)
+        applied = dataclasses.replace(task, constraint=constraint, gold=optimum.code, requirement=requirement)
+        try:
+            return task_from_dict(applied.to_dict(), task.path)
+        except TaskError as exc:  # pragma: no cover - a defect of this module or the file
+            raise CalibrationError(f"{self.path}: applying the calibration to {task.id} gives an invalid task: {exc}")
+
+    # -- texts ---------------------------------------------------------------------------------
+    def _speed_words(self) -> str:
+        if self.speed_method == "flops":
+            return "the reference's FLOPs per image divided by yours, counted by the benchmark"
+        return "the reference's latency per image divided by yours, timed by the benchmark"
+
+    def target_text(self, task: Task, entry: TaskTarget) -> str:
+        where = f"the '{self.profile}' hardware profile"
+        if task.level == "L4":
+            return (f"a speedup U of at least {entry.min_speedup:.2f}x over the reference code on {where} "
+                    f"(U = {self._speed_words()})")
+        ref = self.families.get(entry.family, {}).get("reference_latency_ms")
+        ref_text = f"; the reference takes about {ref:.1f} ms" if ref else ""
+        how = (" (on this profile latency = the reference's measured latency divided by your FLOP speedup)"
+               if self.speed_method == "flops" else "")
+        return (f"a latency of at most {entry.max_latency_ms:.1f} ms per image on {where}, device "
+                f"{self.device_name}{ref_text}{how}")
+
+    def quality_text(self) -> str:
+        if self.quality_method == "fidelity":
+            return (f"the quality loss L at or below {self.quality_bound:g}, where L is the mean normalised RMS "
+                    f"difference between your images and the reference images from the same seeds (this "
+                    f"profile's CLIP model has random weights, so fidelity to the reference replaces the "
+                    f"paper's 5% CLIP-score bound)")
+        return (f"the quality loss L = (reference mean CLIP score - yours) / reference mean CLIP score at or "
+                f"below {self.quality_bound:.0%}")
+
+
+def load_calibration(tasks_dir: Path, profile_name: str) -> Calibration | None:
+    """The calibration of `profile_name` under `tasks_dir`, or None when there is none."""
+    path = calibration_path(tasks_dir, profile_name)
+    if not path.is_file():
+        return None
+    try:
+        raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
+            raise CalibrationError(f"{path}: not a calibration file of format {FORMAT_VERSION}")
+        if raw.get("profile") != profile_name:
+            raise CalibrationError(f"{path}: is the calibration of profile {raw.get('profile')!r}, not {profile_name!r}")
+        optima = {k: Optimum(key=k, config=v["config"], code=v["code"], speedup=float(v["speedup"]),
+                             latency_ms=v.get("latency_ms"), quality_loss=v.get("L"))
+                  for k, v in (raw.get("optima") or {}).items()}
+        tasks = {}
+        for tid, v in (raw.get("tasks") or {}).items():
+            if v["optimum"] not in optima:
+                raise CalibrationError(f"{path}: task {tid} refers to unknown optimum {v['optimum']!r}")
+            tasks[tid] = TaskTarget(task_id=tid, optimum=v["optimum"], family=v["family"], digest=v["digest"],
+                                    difficulty=v["difficulty"], factor=float(v["factor"]),
+                                    min_speedup=v.get("min_speedup"), max_latency_ms=v.get("max_latency_ms"),
+                                    targets=dict(v.get("targets") or {}))
+        quality = raw["quality"]
+        return Calibration(path=path, profile=raw["profile"], quality_method=quality["method"],
+                           quality_bound=float(quality["bound"]), speed_method=raw["speed"]["method"],
+                           device_name=raw.get("device", ""), families=raw.get("families") or {},
+                           optima=optima, tasks=tasks, raw=raw)
+    except CalibrationError:
+        raise
+    except (KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
+        raise CalibrationError(f"{path}: malformed calibration file ({type(exc).__name__}: {exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The search space
+# --------------------------------------------------------------------------------------------
+
+DPM = "DPMSolverMultistepScheduler"
+UNIPC = "UniPCMultistepScheduler"
+#: step ladders by the reference's step count (the reference's own count first)
+STEP_LADDERS = {50: (50, 40, 30, 25, 20, 15, 12, 10, 8), 20: (20, 16, 14, 12, 10, 8, 6)}
+TOME_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7)
+DEEPCACHE_INTERVALS = (2, 3, 4, 5, 6, 8)
+DEEPCACHE_BRANCHES = (2, 1, 0)  # least to most aggressive
+TGATE_FRACTIONS = (0.6, 0.4, 0.3, 0.2, 0.1)  # gate_step = fraction x run steps
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One dimension of the search; level 0 = off (or the reference's setting)."""
+
+    name: str
+    method: str  # the registry method it belongs to
+    levels: int  # number of settings, 0 included
+
+
+def knobs_for(task: Task, allowed: Iterable[str], device: str) -> list[Knob]:
+    allowed = set(allowed)
+    out = []
+    ladder = STEP_LADDERS.get(task.steps) or tuple(sorted({task.steps, *[max(2, task.steps * f // 10) for f in (8, 6, 5, 4, 3, 2)]}, reverse=True))
+    if "fast_sampler" in allowed:
+        out.append(Knob("steps", "fast_sampler", len(ladder)))
+        out.append(Knob("scheduler", "fast_sampler", 3))  # default, DPM-Solver++, UniPC
+    for name, knob_list in (("tomesd", [Knob("tome_ratio", "tomesd", len(TOME_RATIOS) + 1)]),
+                            ("deepcache", [Knob("dc_interval", "deepcache", len(DEEPCACHE_INTERVALS) + 1),
+                                           Knob("dc_branch", "deepcache", len(DEEPCACHE_BRANCHES))]),
+                            ("tgate", [Knob("tgate", "tgate", len(TGATE_FRACTIONS) + 1)])):
+        spec = METHODS[name]
+        if name in allowed and task.family in spec.families and task.pipeline in spec.pipelines:
+            out.extend(knob_list)
+    if "fp16" in allowed and device == "cuda":
+        out.append(Knob("fp16", "fp16", 2))
+    return out
+
+
+def config_from_levels(task: Task, levels: Mapping[str, int]) -> dict:
+    """Knob levels -> a configuration {method: params} (the agent knowledge base's form)."""
+    fam = FAMILIES[task.family]
+    ladder = STEP_LADDERS.get(task.steps) or (task.steps,)
+    config: dict[str, Any] = {}
+    steps = ladder[min(levels.get("steps", 0), len(ladder) - 1)]
+    sched_level = levels.get("scheduler", 0)
+    scheduler = (fam.default_scheduler, DPM, UNIPC)[sched_level]
+    if scheduler == fam.default_scheduler:
+        scheduler = None
+    if steps != task.steps or scheduler:
+        config["fast_sampler"] = {"scheduler": scheduler or fam.default_scheduler, "steps": steps}
+    if levels.get("fp16"):
+        config["fp16"] = {}
+    if levels.get("tome_ratio"):
+        config["tomesd"] = {"ratio": TOME_RATIOS[levels["tome_ratio"] - 1],
+                            "max_downsample": 2 if task.family == "sdxl" else 1}
+    if levels.get("dc_interval"):
+        config["deepcache"] = {"cache_interval": DEEPCACHE_INTERVALS[levels["dc_interval"] - 1],
+                               "cache_branch_id": DEEPCACHE_BRANCHES[levels.get("dc_branch", 0)]}
+    if levels.get("tgate"):
+        run_steps = steps
+        gate = max(1, round(TGATE_FRACTIONS[levels["tgate"] - 1] * run_steps))
+        config["tgate"] = {"gate_step": min(gate, run_steps - 1)}
+    return config
+
+
+def config_id(config: Mapping) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def _load_generator(tasks_dir: Path):
+    """tasks/generate.py (the suite's code templates), imported from the repository root."""
+    root = str(Path(tasks_dir).resolve().parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"{Path(tasks_dir).resolve().name}.generate")
+
+
+def render_config(gen, task: Task, config: Mapping, label: str) -> str:
+    """The candidate module of `config` for `task`, from the suite's gold-code templates."""
+    fs = config.get("fast_sampler") or {}
+    methods = {k: dict(v) for k, v in config.items() if k in ("tomesd", "deepcache", "tgate")}
+    primary = gen.BASELINES[task.family].model
+    native = tuple(FAMILIES[task.family].models[task.model])
+    spec = gen.Spec(task.family, task.pipeline, scheduler=fs.get("scheduler"), steps=fs.get("steps"),
+                    fp16="fp16" in config, methods=methods, strength=task.strength,
+                    model=None if task.model == primary else task.model,
+                    resolution=None if tuple(task.resolution) == native else tuple(task.resolution))
+    return gen.render_code(label, spec, role="gold")
+
+
+# --------------------------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    config: dict
+    L: float | None
+    U: float | None
+    latency_ms: float | None
+    error: str | None = None
+    seconds: float = 0.0
+
+    def feasible(self, bound: float) -> bool:
+        return self.error is None and self.U is not None and self.L is not None and self.L <= SEARCH_MARGIN * bound
+
+    def to_dict(self) -> dict:
+        d = {"config": self.config, "L": _round(self.L, 5), "U": _round(self.U, 4), "latency_ms": _round(self.latency_ms, 2),
+             "seconds": round(self.seconds, 1)}
+        if self.error:
+            d["error"] = self.error[:500]
+        return d
+
+
+def _round(x, n):
+    return None if x is None else round(float(x), n)
+
+
+#: knob combinations the search never measures (method pairs that were not probed together)
+EXCLUDED_PAIRS = (("tome_ratio", "tgate"),)
+
+
+def climb(knobs: list[Knob], measure: Callable[[dict], tuple[Measurement, bool]], budget: int, bound: float,
+          seeds: Iterable[dict] = (), log: Callable[[str], None] = lambda s: None) -> list[Measurement]:
+    """Search knob levels for the highest feasible U with at most `budget` new measurements.
+
+    `measure(levels)` returns (Measurement, fresh); measurements that were cached (fresh False)
+    cost nothing. Phase 1 tries each knob alone at a middle and at its most aggressive setting;
+    phase 2 climbs from the best feasible configuration: its neighbours are one knob one notch
+    up, a method switched on (mildest and middle setting), another scheduler or DeepCache
+    branch; all neighbours are measured, the best feasible one becomes the new start, and the
+    climb ends when no neighbour improves U or the budget is spent.
+    """
+    seen: dict[str, Measurement] = {}
+    spent = 0
+
+    def run(levels: dict) -> Measurement | None:
+        nonlocal spent
+        clean = {k: v for k, v in levels.items() if v}
+        if any(clean.get(a) and clean.get(b) for a, b in EXCLUDED_PAIRS):
+            return None
+        key = json.dumps(clean, sort_keys=True)
+        if key in seen:
+            return seen[key]
+        if spent >= budget:
+            return None
+        m, fresh = measure(clean)
+        if fresh:
+            spent += 1
+            log(f"  [{spent}/{budget}] {config_id(m.config)}: L={_round(m.L, 4)} U={_round(m.U, 3)} "
+                f"{m.error or ''}".rstrip())
+        seen[key] = m
+        return m
+
+    def best() -> tuple[dict, Measurement] | None:
+        good = [(json.loads(k), m) for k, m in seen.items() if m.feasible(bound)]
+        return max(good, key=lambda x: (x[1].U, -len(x[0]))) if good else None
+
+    for s in seeds:
+        run(dict(s))
+    names = {k.name for k in knobs}
+    for knob in knobs:
+        if knob.name in ("scheduler", "dc_branch"):
+            continue
+        mid, top = max(1, (knob.levels - 1) // 2), knob.levels - 1
+        if knob.name == "steps" and "scheduler" in names:
+            # step cuts are screened with the fast samplers (the default scheduler may be PNDM/DDIM)
+            run({"steps": mid, "scheduler": 1})
+            run({"steps": max(mid, top - 2), "scheduler": 2})
+            continue
+        for level in sorted({mid, top}):
+            run({knob.name: level})
+    while spent < budget:
+        start = best()
+        base_levels = start[0] if start else {}
+        base_u = start[1].U if start else 0.0
+        neighbours = []
+        for knob in knobs:
+            cur = base_levels.get(knob.name, 0)
+            if knob.name in ("scheduler", "dc_branch"):
+                if knob.name == "dc_branch" and not base_levels.get("dc_interval"):
+                    continue
+                options = [lv for lv in range(knob.levels) if lv != cur]
+            elif cur == 0:
+                options = [max(1, (knob.levels - 1) // 2), 1]
+            else:
+                options = [cur + 1] if cur + 1 < knob.levels else []
+            neighbours += [{**base_levels, knob.name: lv} for lv in dict.fromkeys(options)]
+        improved = False
+        for levels in neighbours:
+            m = run(levels)
+            if m is not None and m.feasible(bound) and m.U > base_u + 1e-9:
+                improved = True
+        if not improved:
+            break
+    return list(seen.values())
+
+
+def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFAULT_CONFIGS,
+              quality_bound: float | None = None, log: Callable[[str], None] = print,
+              previous: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Search every family of the given L4/L5 `tasks` with `evaluator` and return the calibration
+    mapping (what ``write_calibration`` stores).
+
+    `previous` (a loaded file's raw mapping) keeps the families that are not searched again, and
+    its measurements of a searched family (same digest, profile and bound) are reused: `configs`
+    counts them, so a second run with a larger budget only measures the difference.
+    `checkpoint(data)` is called after each family (the CLI writes the file there)."""
+    from .evaluate import Candidate
+
+    profile = evaluator.profile
+    gen = _load_generator(tasks_dir)
+    bound = quality_bound if quality_bound is not None else (
+        TINY_FIDELITY_BOUND if profile.quality_method == "fidelity" else 0.05)
+    out = previous or {}
+    same_basis = (out.get("profile") == profile.name and (out.get("quality") or {}).get("bound") == bound
+                  and (out.get("quality") or {}).get("method") == profile.quality_method)
+    out.update({"format": FORMAT_VERSION, "profile": profile.name, "device": profile.device_name, "zoo": profile.zoo,
+                "quality": {"method": profile.quality_method, "bound": bound, "search_margin": SEARCH_MARGIN},
+                "speed": {"method": profile.speed_method},
+                "search": {"configs_per_family": configs, "samples": profile.samples, "repeats": profile.repeats},
+                "versions": dict(profile.versions)})
+    families_out = out.setdefault("families", {})
+    optima_out = out.setdefault("optima", {})
+    tasks_out = out.setdefault("tasks", {})
+    groups: dict[str, list[Task]] = {}
+    for t in tasks:
+        if t.level in ("L4", "L5"):
+            groups.setdefault(family_key(t), []).append(t)
+    for fkey, members in sorted(groups.items()):
+        started = time.monotonic()
+        probe = _probe_task(members[0], bound)
+        presets = sorted({tuple(sorted(t.expect.allowed_methods or ())) for t in members}, key=len)
+        log(f"{fkey}: {len(members)} tasks, presets {[preset_key(p) for p in presets]}")
+        cache: dict[str, Measurement] = {}
+        old = families_out.get(fkey) or {}
+        if same_basis and old.get("digest") == family_digest(probe):
+            for c in old.get("configurations") or []:
+                cache[config_id(c["config"])] = Measurement(c["config"], c.get("L"), c.get("U"), c.get("latency_ms"),
+                                                            c.get("error"), c.get("seconds", 0.0))
+            log(f"  reusing {len(cache)} measurements of an earlier run")
+        reused = len(cache)
+
+        def measure_config(config: dict) -> tuple[Measurement, bool]:
+            cid = config_id(config)
+            if cid in cache:
+                return cache[cid], False
+            code = render_config(gen, probe, config, f"{fkey} {cid}")
+            t0 = time.monotonic()
+            label = f"calibration/{fkey}/{hashlib.sha256(cid.encode()).hexdigest()[:12]}"
+            rec = evaluator.evaluate(probe, Candidate(code, "calibration"), probe.reference, None, label=label)
+            err = None
+            if rec.get("category") in ("runtime", "key_attribute", "absolute_quality", "harness", "no_candidate"):
+                err = f"{rec['category']}: {rec.get('message', '')}"
+            cache[cid] = Measurement(config, _round(rec.get("L"), 5), _round(rec.get("U"), 4),
+                                     _round(rec.get("latency_ms"), 2), err, time.monotonic() - t0)
+            if rec.get("reference_latency_ms"):
+                families_out.setdefault(fkey, {})["reference_latency_ms"] = round(rec["reference_latency_ms"], 3)
+            return cache[cid], True
+
+        seeds: list[dict] = []
+        for i, preset in enumerate(presets):
+            knobs = knobs_for(probe, preset, profile.device)
+            budget = max(0, (configs - len(cache)) // (len(presets) - i))
+            log(f"  preset {preset_key(preset)}: knobs {[k.name for k in knobs]}, budget {budget}")
+            ms = climb(knobs, lambda levels: measure_config(config_from_levels(probe, levels)), budget, bound,
+                       seeds=[s for s in seeds if set(s) <= {k.name for k in knobs}], log=log)
+            feasible = [m for m in ms if m.feasible(bound)]
+            if feasible:
+                best = max(feasible, key=lambda m: m.U)
+                seeds.append(_levels_of(probe, best.config))
+        fam = families_out.setdefault(fkey, {})
+        fam.update({"model": probe.model, "pipeline": probe.pipeline, "resolution": list(probe.resolution),
+                    "digest": family_digest(probe), "measured": len(cache),
+                    "seconds": round(float(old.get("seconds", 0.0)) * bool(reused) + time.monotonic() - started, 1),
+                    "configurations": [m.to_dict() for m in sorted(cache.values(), key=lambda m: -(m.U or 0))]})
+        for preset in presets:
+            pkey = preset_key(preset)
+            allowed_ok = [m for m in cache.values() if set(m.config) <= set(preset) and m.feasible(bound)]
+            if not allowed_ok:
+                log(f"  {pkey}: no feasible configuration; its tasks stay uncalibrated")
+                continue
+            best = max(allowed_ok, key=lambda m: (m.U, -len(m.config)))
+            okey = f"{fkey}/{pkey}"
+            shown = best.to_dict()  # the rounding of the measurements' list, so that reruns agree
+            optima_out[okey] = {"config": best.config, "speedup": shown["U"],
+                                "latency_ms": shown["latency_ms"], "L": shown["L"],
+                                "code": render_config(gen, probe, best.config,
+                                                      f"{okey} (calibration of profile {profile.name})")}
+            log(f"  optimum {okey}: U={best.U:.3f} L={best.L:.4f} {config_id(best.config)}")
+            preset_tasks = [t for t in members if preset_key(t.expect.allowed_methods or ()) == pkey]
+            factors = dict(sorted({t.difficulty: float(t.constraint.target_factor) for t in preset_tasks
+                                   if t.constraint.target_factor}.items(), key=lambda kv: kv[1]))
+            for t in preset_tasks:
+                if t.level == "L5" and best.latency_ms is None:
+                    log(f"  {t.id}: no latency measured; left uncalibrated")
+                    continue
+                tasks_out[t.id] = _task_entry(t, fkey, okey, best, factors)
+        log(f"{fkey}: {len(cache)} configurations ({len(cache) - reused} new) in {time.monotonic() - started:.0f} s")
+        if checkpoint is not None:
+            checkpoint(_sorted_sections(out))
+    return _sorted_sections(out)
+
+
+def _sorted_sections(out: dict) -> dict:
+    for key in ("families", "optima", "tasks"):
+        out[key] = dict(sorted((out.get(key) or {}).items()))
+    return out
+
+
+def _levels_of(task: Task, config: Mapping) -> dict:
+    """Knob levels of a configuration produced by config_from_levels (inverse, for seeding)."""
+    levels = {}
+    fs = config.get("fast_sampler")
+    if fs:
+        ladder = STEP_LADDERS.get(task.steps) or (task.steps,)
+        levels["steps"] = ladder.index(fs["steps"]) if fs["steps"] in ladder else 0
+        fam = FAMILIES[task.family]
+        levels["scheduler"] = (fam.default_scheduler, DPM, UNIPC).index(fs["scheduler"]) \
+            if fs["scheduler"] in (fam.default_scheduler, DPM, UNIPC) else 0
+    if "tomesd" in config:
+        levels["tome_ratio"] = TOME_RATIOS.index(config["tomesd"]["ratio"]) + 1
+    if "deepcache" in config:
+        levels["dc_interval"] = DEEPCACHE_INTERVALS.index(config["deepcache"]["cache_interval"]) + 1
+        levels["dc_branch"] = DEEPCACHE_BRANCHES.index(config["deepcache"]["cache_branch_id"])
+    if "tgate" in config:
+        run_steps = (fs or {}).get("steps", task.steps)
+        fracs = [abs(config["tgate"]["gate_step"] - max(1, round(f * run_steps))) for f in TGATE_FRACTIONS]
+        levels["tgate"] = fracs.index(min(fracs)) + 1
+    if "fp16" in config:
+        levels["fp16"] = 1
+    return {k: v for k, v in levels.items() if v}
+
+
+def _probe_task(task: Task, bound: float) -> Task:
+    """The family's measuring task: every method allowed, a trivially met target, the search's bound."""
+    expect = dataclasses.replace(task.expect, scheduler=None, steps=None, dtype=None, methods=None,
+                                 allowed_methods=tuple(METHODS))
+    return dataclasses.replace(task, level="L4", expect=expect, gold=None,
+                               constraint=Constraint(max_quality_loss=bound, min_speedup=1e-9))
+
+
+def _task_entry(task: Task, fkey: str, okey: str, best: Measurement, factors: Mapping[str, float]) -> dict:
+    factor = float(task.constraint.target_factor or factors[task.difficulty])
+    targets = _targets(task.level, best.U, best.latency_ms, factors)
+    entry = {"level": task.level, "family": fkey, "optimum": okey, "digest": family_digest(task),
+             "difficulty": task.difficulty, "factor": factor, "optimum_speedup": _round(best.U, 4),
+             "optimum_latency_ms": _round(best.latency_ms, 2), "targets": targets}
+    own = _targets(task.level, best.U, best.latency_ms, {task.difficulty: factor})[task.difficulty]
+    entry["min_speedup" if task.level == "L4" else "max_latency_ms"] = own
+    return entry
+
+
+def _targets(level: str, u_opt: float, latency_opt: float | None, factors: Mapping[str, float]) -> dict:
+    out = {}
+    for difficulty, factor in factors.items():
+        if level == "L4":
+            out[difficulty] = _floor(max(factor * u_opt, min(u_opt, MIN_SPEEDUP_TARGET)), 3)
+        elif latency_opt:
+            out[difficulty] = _ceil(latency_opt / factor, 2)
+    return out
+
+
+def _floor(x: float, n: int) -> float:
+    return math.floor(x * 10 ** n) / 10 ** n
+
+
+def _ceil(x: float, n: int) -> float:
+    return math.ceil(x * 10 ** n) / 10 ** n
+
+
+# --------------------------------------------------------------------------------------------
+# Writing, command line
+# --------------------------------------------------------------------------------------------
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):  # no &id001 anchors: every entry reads on its own
+        return True
+
+
+def _represent_str(dumper, value: str):
+    if "\n" in value:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def write_calibration(path: Path, data: Mapping, command: str) -> None:
+    header = (f"# Calibration of the L4/L5 targets for hardware profile {data['profile']}.\n"
+              f"# Written by `{command}`; measured, not hand-edited.\n"
+              f"# families: every configuration the search measured (best U first); optima: the best feasible\n"
+              f"# configuration per allowed-method preset (the gold solution); tasks: concrete targets.\n")
+    body = yaml.dump(dict(data), Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=140,
+                     allow_unicode=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + body)
+    tmp.replace(path)
+
+
+def _evaluator_for(profile_name: str, args) -> Any:
+    """An Evaluator for `profile_name`, built like the plugin builds it (cpu-tiny: the tiny zoo)."""
+    from .evaluate import Evaluator, Profile
+    from .sandbox import SandboxLimits
+
+    root = Path(args.tasks).resolve().parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from fixtures.profiles import data_source
+
+    cache_dir = Path(args.cache_dir).expanduser()
+    run_dir = Path(args.run_dir).expanduser() if args.run_dir else cache_dir / "calibration-runs" / profile_name
+    if profile_name == "cpu-tiny":
+        from fixtures.profiles import tiny_profile
+        from fixtures.zoo import ensure_tiny_zoo
+
+        zoo = ensure_tiny_zoo(Path(args.zoo_dir).expanduser())
+        profile = tiny_profile(zoo, samples=args.samples, speed="flops", repeats=1, threads=1,
+                               timeout_s=args.timeout)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"profile {profile_name!r}: only cpu-tiny can be calibrated without CUDA")
+        from fixtures.zoo import ZOO_VERSION  # noqa: F401  (the repository's fixtures are needed)
+
+        device_name = torch.cuda.get_device_name(0)
+        profile = Profile(zoo="hub", zoo_detail="hub (local Hugging Face cache)", model_env={"HF_HUB_OFFLINE": "1"},
+                          device="cuda", device_name=device_name, visible_devices=None,
+                          clip_spec=args.clip, clip_pretrained=bool(args.clip), clip_threshold=20.0,
+                          speed_method="wall", repeats=3, threads=4, samples=args.samples,
+                          limits=SandboxLimits(timeout_s=args.timeout, memory_mb=65536), versions={})
+    if profile.name != profile_name:
+        raise SystemExit(f"this machine gives profile {profile.name!r}, not {profile_name!r}")
+    return Evaluator(profile, data_source(), cache_dir, run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    repo_tasks = Path(__file__).resolve().parent.parent / "tasks"
+    parser = argparse.ArgumentParser(prog="python -m pytest_diffbench.calibration",
+                                     description="Calibrate the L4/L5 targets of a hardware profile.")
+    parser.add_argument("--profile", required=True, help="profile name, e.g. cpu-tiny")
+    parser.add_argument("--tasks", default=str(repo_tasks), help="tasks directory (default: %(default)s)")
+    parser.add_argument("--tasks-filter", "-k", action="append", default=[],
+                        help="only families with a task id or family key containing this (repeatable)")
+    parser.add_argument("--configs", type=int, default=DEFAULT_CONFIGS,
+                        help="measurements per task family (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                        help="samples per measurement (default: %(default)s)")
+    parser.add_argument("--quality-bound", type=float, default=None,
+                        help=f"L bound (default: {TINY_FIDELITY_BOUND} fidelity on the tiny zoo, 0.05 CLIP otherwise)")
+    parser.add_argument("--zoo-dir", default="~/.cache/pytest-diffbench/zoo")
+    parser.add_argument("--cache-dir", default="~/.cache/pytest-diffbench")
+    parser.add_argument("--run-dir", default=None)
+    parser.add_argument("--clip", default=None, help="open_clip spec with learned weights (GPU profiles)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="per-measurement timeout in seconds")
+    parser.add_argument("--out", default=None, help="output file (default: <tasks>/calibration/<profile>.yaml)")
+    parser.add_argument("--fresh", action="store_true", help="drop families already in the output file")
+    args = parser.parse_args(argv)
+
+    tasks_dir = Path(args.tasks)
+    tasks = [t for t in load_tasks(tasks_dir) if t.level in ("L4", "L5")]
+    if args.tasks_filter:
+        tasks = [t for t in tasks if any(f in t.id or f in family_key(t) for f in args.tasks_filter)]
+    if not tasks:
+        print("no L4/L5 task matches", file=sys.stderr)
+        return 2
+    out_path = Path(args.out) if args.out else calibration_path(tasks_dir, args.profile)
+    previous = None
+    if out_path.is_file() and not args.fresh:
+        previous = yaml.load(out_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    evaluator = _evaluator_for(args.profile, args)
+    started = time.monotonic()
+    command = " ".join(["python -m pytest_diffbench.calibration", *(argv if argv is not None else sys.argv[1:])])
+
+    def checkpoint(data: dict) -> None:
+        data["search"]["seconds_last_run"] = round(time.monotonic() - started, 1)
+        write_calibration(out_path, data, command)
+
+    data = calibrate(evaluator, tasks, tasks_dir, configs=args.configs, quality_bound=args.quality_bound,
+                     previous=previous, checkpoint=checkpoint)
+    checkpoint(data)
+    n = sum(1 for t in tasks if t.id in data["tasks"])
+    print(f"{out_path}: {n} of {len(tasks)} tasks calibrated in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""L4/L5 calibration: the search, the calibration file, and applying it to tasks.
+
+The fast tests drive `calibrate` with a stand-in evaluator whose L and U follow a simple model of
+the configuration in the rendered code (so the search, the presets, the targets and the file
+format are checked without running pipelines). The slow test calibrates one small family with the
+real evaluator on the tiny zoo.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from pytest_diffbench import calibration as C
+from pytest_diffbench.tasks import QUALITY_PLACEHOLDER, TARGET_PLACEHOLDER, load_tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS_DIR = ROOT / "tasks"
+
+
+@pytest.fixture(scope="module")
+def suite():
+    from test_tasks import committed_suite  # one load of the 604 files per session
+
+    return committed_suite()
+
+
+def l45(suite, family_key: str):
+    return [t for t in suite if t.level in ("L4", "L5") and C.family_key(t) == family_key]
+
+
+class FakeEvaluator:
+    """Evaluator stand-in: reads the configuration back from the candidate code and models L and U."""
+
+    def __init__(self, name="cpu-tiny", quality="fidelity", speed="flops"):
+        self.profile = SimpleNamespace(name=name, quality_method=quality, speed_method=speed, device="cpu",
+                                       device_name="cpu", zoo="tiny", samples=2, repeats=1, versions={})
+        self.calls = []
+
+    def evaluate(self, task, candidate, reference_code, gold_code, label=None):
+        code = candidate.code
+        compile(code, label or "candidate", "exec")
+        assert gold_code is None and reference_code == task.reference
+        self.calls.append(code)
+        ref_steps = task.steps
+        m = re.search(r"^NUM_INFERENCE_STEPS = (\d+)$", code, re.MULTILINE)
+        steps = int(m.group(1)) if m else ref_steps
+        swapped = "pipe.scheduler = " in code
+        u, loss = ref_steps / steps, (0.02 if swapped else 0.04) * (ref_steps / steps - 1)
+        if m := re.search(r"apply_patch\(pipe, ratio=([0-9.]+)", code):
+            u *= 1 + 0.3 * float(m.group(1))
+            loss += 0.02 * float(m.group(1))
+        if m := re.search(r"cache_interval=(\d+), cache_branch_id=(\d+)\)", code):
+            u *= 1 + 0.25 * (int(m.group(1)) - 1) * (1 + 0.1 * (2 - int(m.group(2))))
+            loss += 0.008 * int(m.group(1))
+        if m := re.search(r"gate_step=(\d+),", code):
+            u *= 1 + 0.2 * (1 - int(m.group(1)) / steps)
+            loss += 0.01
+        assert not ("apply_patch" in code and "gate_step=" in code), "ToMe + T-GATE was not probed"
+        return {"L": loss, "U": u, "latency_ms": 100.0 / u, "reference_latency_ms": 100.0, "category": None,
+                "passed": True, "stage_reached": 3}
+
+
+def test_calibrate_load_apply(suite, tmp_path):
+    key = "sd15-t2i-512x512-stable-diffusion-v1-5"
+    tasks = l45(suite, key)
+    assert len(tasks) == 12  # 2 presets x 3 difficulties x L4/L5
+    ev = FakeEvaluator()
+    data = C.calibrate(ev, tasks, TASKS_DIR, configs=30, log=lambda s: None)
+    assert len(ev.calls) <= 30
+    assert data["profile"] == "cpu-tiny" and data["quality"]["bound"] == C.TINY_FIDELITY_BOUND
+    fam = data["families"][key]
+    assert fam["measured"] == len(ev.calls) and fam["reference_latency_ms"] == 100.0
+    assert set(data["optima"]) == {f"{key}/deepcache+fast_sampler+fp16+tgate+tomesd", f"{key}/deepcache+fp16+tgate+tomesd"}
+    anyp = data["optima"][f"{key}/deepcache+fast_sampler+fp16+tgate+tomesd"]
+    fixed = data["optima"][f"{key}/deepcache+fp16+tgate+tomesd"]
+    assert "fast_sampler" not in fixed["config"] and fixed["speedup"] > 1.5
+    assert anyp["speedup"] >= fixed["speedup"]
+    for opt in (anyp, fixed):
+        assert opt["L"] <= C.SEARCH_MARGIN * C.TINY_FIDELITY_BOUND
+    assert set(data["tasks"]) == {t.id for t in tasks}
+
+    path = C.calibration_path(tmp_path, "cpu-tiny")
+    C.write_calibration(path, data, "python -m pytest_diffbench.calibration --profile cpu-tiny")
+    assert C.load_calibration(tmp_path, "cpu-tiny-other") is None
+    cal = C.load_calibration(tmp_path, "cpu-tiny")
+    assert cal.path == path and cal.quality_method == "fidelity"
+    for task in tasks:
+        applied = cal.apply(task)
+        assert not applied.needs_calibration
+        assert TARGET_PLACEHOLDER not in applied.requirement and QUALITY_PLACEHOLDER not in applied.requirement
+        assert applied.constraint.max_quality_loss == C.TINY_FIDELITY_BOUND
+        assert applied.constraint.target_factor == task.constraint.target_factor
+        opt = anyp if "fast_sampler" in task.expect.allowed_methods else fixed
+        assert applied.gold == opt["code"] and "def load_pipeline" in applied.gold
+        factor = task.constraint.target_factor
+        if task.level == "L4":
+            target = applied.constraint.min_speedup
+            assert target == pytest.approx(max(factor * opt["speedup"], min(opt["speedup"], C.MIN_SPEEDUP_TARGET)), abs=1e-3)
+            assert target <= opt["speedup"] and f"{target:.2f}x" in applied.requirement
+        else:
+            target = applied.constraint.max_latency_ms
+            assert target == pytest.approx(opt["latency_ms"] / factor, abs=0.01)
+            assert target >= opt["latency_ms"] and f"{target:.1f} ms" in applied.requirement
+        assert f"{C.TINY_FIDELITY_BOUND:g}" in applied.requirement
+        assert applied.id == task.id and applied.expect == task.expect
+    # harder means more demanding
+    l4 = {t.difficulty: cal.apply(t).constraint.min_speedup for t in tasks
+          if t.level == "L4" and "fast_sampler" in t.expect.allowed_methods}
+    assert l4["easy"] < l4["medium"] < l4["hard"]
+    # L1-L3 tasks pass through
+    l1 = next(t for t in suite if t.level == "L1")
+    assert cal.apply(l1) is l1
+
+
+def test_calibration_errors(suite, tmp_path):
+    key = "dit-c2i-256x256-DiT-XL-2-256"
+    tasks = l45(suite, key)
+    data = C.calibrate(FakeEvaluator(), tasks, TASKS_DIR, configs=8, log=lambda s: None)
+    path = C.calibration_path(tmp_path, "cpu-tiny")
+    C.write_calibration(path, data, "cmd")
+    cal = C.load_calibration(tmp_path, "cpu-tiny")
+    other = next(t for t in suite if t.level == "L4" and C.family_key(t) != key)
+    assert other not in cal
+    with pytest.raises(C.CalibrationError, match="not calibrated"):
+        cal.apply(other)
+    # a changed workload makes the entry stale
+    import dataclasses
+
+    changed = dataclasses.replace(tasks[0], guidance_scale=9.0)
+    with pytest.raises(C.CalibrationError, match="out of date"):
+        cal.apply(changed)
+    # wrong profile name inside, malformed file
+    raw = yaml.safe_load(path.read_text())
+    raw["profile"] = "gpu"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(C.CalibrationError, match="not 'cpu-tiny'"):
+        C.load_calibration(tmp_path, "cpu-tiny")
+    path.write_text("format: 1\nprofile: cpu-tiny\n")
+    with pytest.raises(C.CalibrationError, match="malformed"):
+        C.load_calibration(tmp_path, "cpu-tiny")
+
+
+def test_search_space_and_climb():
+    from pytest_diffbench.tasks import load_task
+
+    task = load_task(next((TASKS_DIR / "L4").glob("L4-sdxl-t2i-easy-*.yaml")))
+    knobs = C.knobs_for(task, task.expect.allowed_methods, "cpu")
+    assert [k.name for k in knobs] == ["steps", "scheduler", "tome_ratio", "dc_interval", "dc_branch", "tgate"]
+    assert "fp16" in [k.name for k in C.knobs_for(task, task.expect.allowed_methods, "cuda")]
+    cfg = C.config_from_levels(task, {"steps": 4, "scheduler": 1, "tome_ratio": 3, "dc_interval": 2})
+    assert cfg == {"fast_sampler": {"scheduler": "DPMSolverMultistepScheduler", "steps": 20},
+                   "tomesd": {"ratio": 0.5, "max_downsample": 2},
+                   "deepcache": {"cache_interval": 3, "cache_branch_id": 2}}
+    assert C._levels_of(task, cfg) == {"steps": 4, "scheduler": 1, "tome_ratio": 3, "dc_interval": 2}
+    cfg = C.config_from_levels(task, {"steps": 6, "tgate": 2})
+    assert cfg["tgate"]["gate_step"] == 5 and cfg["fast_sampler"]["steps"] == 12
+
+    # climb: U = sum of levels, L = 0.01 x sum; bound 0.1 x margin -> best sum is 8
+    def measure(levels):
+        total = sum(levels.values())
+        return C.Measurement(dict(levels), 0.01 * total, 1.0 + total, None), True
+
+    ms = C.climb(knobs, measure, budget=60, bound=0.1)
+    feasible = [m for m in ms if m.feasible(0.1)]
+    assert max(m.U for m in feasible) == pytest.approx(9.0)
+    assert all(not (m.config.get("tome_ratio") and m.config.get("tgate")) for m in ms)
+    assert len(C.climb(knobs, measure, budget=5, bound=0.1)) <= 5
+
+
+def test_calibration_command():
+    assert C.calibration_command("cpu-tiny") == "python -m pytest_diffbench.calibration --profile cpu-tiny"
+
+
+@pytest.mark.slow
+def test_real_calibration_of_one_family(suite, tiny_zoo, tmp_path):
+    """DiT-256 (the cheapest family) with a small budget, through the real evaluator."""
+    from fixtures.profiles import tiny_evaluator
+
+    tasks = l45(suite, "dit-c2i-256x256-DiT-XL-2-256")
+    ev = tiny_evaluator(tiny_zoo, tmp_path / "cache", tmp_path / "runs", samples=1)
+    data = C.calibrate(ev, tasks, TASKS_DIR, configs=5, log=print)
+    fam = data["families"]["dit-c2i-256x256-DiT-XL-2-256"]
+    assert fam["measured"] <= 5 and fam["reference_latency_ms"] > 0
+    assert all(c.get("error") is None for c in fam["configurations"]), fam["configurations"]
+    C.write_calibration(C.calibration_path(tmp_path, ev.profile.name), data, "test")
+    cal = C.load_calibration(tmp_path, ev.profile.name)
+    task = cal.apply(next(t for t in tasks if t.level == "L4" and t.difficulty == "easy"))
+    record = ev.evaluate(task, _candidate(task.gold), task.reference, None)
+    assert record["passed"], record["message"]
+
+
+def _candidate(code):
+    from pytest_diffbench.evaluate import Candidate
+
+    return Candidate(code, "reference")
+
+
+def test_a_second_run_reuses_measurements(suite, tmp_path):
+    import copy
+
+    tasks = l45(suite, "pixart-sigma-t2i-512x512-PixArt-Sigma-XL-2-512-MS")
+    first = FakeEvaluator()
+    data = C.calibrate(first, tasks, TASKS_DIR, configs=6, log=lambda s: None)
+    again = FakeEvaluator()
+    same = C.calibrate(again, tasks, TASKS_DIR, configs=6, log=lambda s: None, previous=copy.deepcopy(data))
+    assert again.calls == [] and same["optima"] == data["optima"]
+    more = FakeEvaluator()
+    bigger = C.calibrate(more, tasks, TASKS_DIR, configs=14, log=lambda s: None, previous=copy.deepcopy(data))
+    fam = bigger["families"]["pixart-sigma-t2i-512x512-PixArt-Sigma-XL-2-512-MS"]
+    assert len(first.calls) + len(more.calls) == fam["measured"] <= 14 and len(more.calls) > 0
+    checkpoints = []
+    C.calibrate(FakeEvaluator(), tasks, TASKS_DIR, configs=4, log=lambda s: None, checkpoint=checkpoints.append)
+    assert len(checkpoints) == 1 and checkpoints[0]["tasks"]
