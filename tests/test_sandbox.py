@@ -61,6 +61,7 @@ def test_secret_in_extra_env_is_refused():
 
 
 def test_isolation_is_resolved_and_recorded(monkeypatch):
+    monkeypatch.delenv("DIFFBENCH_SANDBOX", raising=False)
     assert BACKENDS[-1] == "none"
     assert resolve_isolation("auto") == BACKENDS[0]
     monkeypatch.setenv("DIFFBENCH_SANDBOX", "none")
