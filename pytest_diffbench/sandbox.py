@@ -747,6 +747,8 @@ def run_job(
     )
     if leftover:
         outcome.extra["leftover_pids"] = leftover
+    if result_path.exists():  # not the parent's: a child that can write here (no bwrap) put it there
+        result_path.unlink()
     if timed_out:
         outcome.status, outcome.detail = "timeout", f"killed after {limits.timeout_s:.0f} s wall-clock limit"
         return outcome
