@@ -185,7 +185,9 @@ class Evaluator:
         outcome = self.run_code("candidate", task, candidate.code, batch, task_dir / "images", task_dir / "sandbox")
         result = outcome.result
         record["sandbox"] = {"status": outcome.status, "detail": outcome.detail, "wall_s": round(outcome.wall_s, 3),
-                             "peak_rss_mb": round(outcome.peak_rss_mb, 1), "network_isolated": outcome.network_isolated}
+                             "peak_rss_mb": round(outcome.peak_rss_mb, 1), "network_isolated": outcome.network_isolated,
+                             "isolation": (outcome.isolation or {}).get("backend"),
+                             "filesystem": (outcome.isolation or {}).get("filesystem")}
         record["baseline_cache"] = {"reference": "hit" if reference.hit else "miss",
                                     "gold": None if gold is None else ("hit" if gold.hit else "miss")}
         inputs = stages.StageInputs(level=task.level, expect=task.expect, constraint=task.constraint,

@@ -69,6 +69,10 @@ def pytest_addoption(parser):
                     help="wall-clock limit per sandboxed run (default: 900)")
     group.addoption("--diffbench-memory-mb", type=int, default=16384, metavar="MB",
                     help="resident memory limit per sandboxed run (default: 16384)")
+    group.addoption("--diffbench-sandbox", choices=("auto", "bwrap", "unshare", "none"), default="auto",
+                    help="how candidates are isolated: bwrap (bubblewrap: read-only allowlisted file system, private "
+                         "/tmp, own pid and network namespaces), unshare (own pid and network namespaces, shared "
+                         "file system), none; auto = $DIFFBENCH_SANDBOX or the strongest that works (default: auto)")
     group.addoption("--diffbench-threads", type=int, default=None, metavar="N",
                     help="torch threads per child (default: 1 on the tiny zoo on a CPU, else CPU count / xdist workers)")
 
@@ -208,7 +212,8 @@ class DiffbenchSession:
                           clip_threshold=config.getoption("diffbench_clip_threshold"), speed_method=speed,
                           repeats=repeats, threads=threads, samples=config.getoption("diffbench_samples"),
                           limits=SandboxLimits(timeout_s=config.getoption("diffbench_candidate_timeout"),
-                                               memory_mb=config.getoption("diffbench_memory_mb")),
+                                               memory_mb=config.getoption("diffbench_memory_mb"),
+                                               isolation=config.getoption("diffbench_sandbox")),
                           versions=versions)
         return Evaluator(profile, data, self.cache_dir, self.run_dir)
 
@@ -295,7 +300,17 @@ def pytest_report_header(config):
         models = f"unavailable: {exc}"
     return [f"diffbench: {len(session.tasks)} tasks ({counts}); generator: {generator}",
             f"diffbench: models: {models}; device: {config.getoption('diffbench_device')}; "
-            f"speed: {config.getoption('diffbench_speed')}; run dir: {session.run_dir}"]
+            f"speed: {config.getoption('diffbench_speed')}; sandbox: {_sandbox_line(config)}; "
+            f"run dir: {session.run_dir}"]
+
+
+def _sandbox_line(config) -> str:
+    from .sandbox import SandboxUnavailable, resolve_isolation
+
+    try:
+        return resolve_isolation(config.getoption("diffbench_sandbox"))
+    except (SandboxUnavailable, ValueError) as exc:
+        return f"unavailable: {exc}"
 
 
 # -- fixtures ------------------------------------------------------------------------------------
