@@ -424,8 +424,9 @@ def climb(knobs: list[Knob], measure: Callable[[dict], tuple[Measurement, bool]]
     cost nothing. Phase 1 tries each knob alone at a middle and at its most aggressive setting;
     phase 2 climbs from the best feasible configuration: its neighbours are one knob one notch
     up, a method switched on (mildest and middle setting), another scheduler or DeepCache
-    branch; all neighbours are measured, the best feasible one becomes the new start, and the
-    climb ends when no neighbour improves U or the budget is spent.
+    branch, and, when none of these improves, trades (one knob up, another down); all are
+    measured, the best feasible one becomes the new start, and the climb ends when nothing
+    improves U or the budget is spent.
     """
     seen: dict[str, Measurement] = {}
     spent = 0
@@ -487,6 +488,17 @@ def climb(knobs: list[Knob], measure: Callable[[dict], tuple[Measurement, bool]]
             m = run(levels)
             if m is not None and m.feasible(bound) and m.U > base_u + 1e-9:
                 improved = True
+        if not improved:
+            # trades: one knob a notch up, another a notch down (e.g. fewer steps, a later T-GATE gate)
+            ordinal = [k for k in knobs if k.name not in ("scheduler", "dc_branch")]
+            for up in ordinal:
+                for down in ordinal:
+                    cur_up, cur_down = base_levels.get(up.name, 0), base_levels.get(down.name, 0)
+                    if up is down or cur_up + 1 >= up.levels or cur_down < 1:
+                        continue
+                    m = run({**base_levels, up.name: cur_up + 1, down.name: cur_down - 1})
+                    if m is not None and m.feasible(bound) and m.U > base_u + 1e-9:
+                        improved = True
         if not improved:
             break
     return list(seen.values())
