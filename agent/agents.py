@@ -129,7 +129,10 @@ class PlainAgent:
         self.task, self.llm, self.transcript = task, llm, transcript
 
     def run(self) -> AgentResult:
-        reply = self.llm.complete(prompts.plain(self.task), purpose="plain: single shot")
+        # An answer without a usable module is asked for again like a failed request (the plain
+        # baseline has no debugging agent to feed it back to); still none after the retries: harness error.
+        reply = self.llm.complete(prompts.plain(self.task), purpose="plain: single shot",
+                                  accept=lambda text: extract_code(text).problem)
         found = extract_code(reply.text)
         if self.transcript is not None:
             if found.code:

@@ -51,6 +51,12 @@ class EmptyResponse(Exception):
     """The provider answered without any choice (retried like a server error)."""
 
 
+class UnusableAnswer(Exception):
+    """An answer cut off at the token limit (finish_reason "length") or one the caller cannot use
+    (`accept` said why, e.g. no code block where code was asked for). Retried like a server error
+    and never cached; when the retries run out the task is a harness error, not the model's failure."""
+
+
 @dataclass(frozen=True)
 class LLMSettings:
     model: str
@@ -130,7 +136,7 @@ def import_litellm():
 def _retryable_classes(litellm) -> tuple:
     names = ("RateLimitError", "APIConnectionError", "Timeout", "InternalServerError",
              "ServiceUnavailableError", "BadGatewayError")
-    return tuple(getattr(litellm, n) for n in names if hasattr(litellm, n)) + (EmptyResponse,)
+    return tuple(getattr(litellm, n) for n in names if hasattr(litellm, n)) + (EmptyResponse, UnusableAnswer)
 
 
 def _fatal_classes(litellm) -> tuple:
@@ -265,10 +271,16 @@ class LLMClient:
             delay += self._rng.uniform(0, 0.1 * delay)
         return delay
 
-    def complete(self, messages: list[dict], *, purpose: str = "") -> Reply:
-        """The answer to `messages` (from the cache when there is one)."""
+    def complete(self, messages: list[dict], *, purpose: str = "",
+                 accept: Callable[[str], str | None] | None = None) -> Reply:
+        """The answer to `messages` (from the cache when there is one).
+
+        `accept(text)` returns None for a usable answer or why it is not (e.g. no code where code
+        was asked for): an unusable or truncated answer is asked for again like a failed request."""
         key = self.cache_key(messages)
         cached = self._cache_get(key)
+        if cached is not None and accept is not None and accept(cached["text"]):
+            cached = None  # written before the caller's check existed: ask again
         if cached is not None:
             usage = Usage(cache_hits=1)
             reply = Reply(cached["text"], usage, True, 0, key, cached.get("finish_reason"))
@@ -290,9 +302,17 @@ class LLMClient:
                     raise EmptyResponse("the provider answered with no choices")
                 message = getattr(choices[0], "message", None)
                 text = getattr(message, "content", None) or ""
+                finish_reason = getattr(choices[0], "finish_reason", None)
+                if finish_reason == "length":
+                    problem = f"the answer was cut off at the token limit after {len(text)} characters"
+                else:
+                    problem = accept(text) if accept is not None else None
+                if problem:
+                    self.usage.add(self._usage_of(response))  # billed even though it is asked again
+                    raise UnusableAnswer(problem)
                 usage = self._usage_of(response)
                 usage.retries = failed
-                reply = Reply(text, usage, False, attempts, key, getattr(choices[0], "finish_reason", None))
+                reply = Reply(text, usage, False, attempts, key, finish_reason)
                 self.usage.add(usage)
                 self._cache_put(key, messages, reply, purpose)
                 self._log(purpose, messages, reply, None)

@@ -286,7 +286,9 @@ class ScriptedServer:
 
     `faults` (consumed one per request, in order, before the answer): ``{"status": 429,
     "retry_after": 1}``, ``{"status": 500}``, ``{"status": 503}``, ``{"delay": 5.0}`` (answer late),
-    ``{"empty": True}`` (no choices). `requests` lists every request body received.
+    ``{"empty": True}`` (no choices), ``{"truncate": 40}`` (the answer cut to 40 characters with
+    finish_reason "length"), ``{"text": "..."}`` (this text instead of the model's answer, e.g. prose
+    without code). `requests` lists every request body received.
     """
 
     def __init__(self, model: ScriptedModel, port: int = 0, faults: list[dict] | None = None,
@@ -353,8 +355,13 @@ class ScriptedServer:
                         text = server.model.answer(messages)
                     except ScriptExhausted as exc:
                         return self._send(500, {"error": {"message": str(exc), "type": "server_error"}})
+                    finish = "stop"
+                    if "text" in fault:
+                        text = str(fault["text"])
+                    if fault.get("truncate") is not None:
+                        text, finish = text[:int(fault["truncate"])], "length"
                     choices = [{"index": 0, "message": {"role": "assistant", "content": text},
-                                "finish_reason": "stop"}]
+                                "finish_reason": finish}]
                 prompt = sum(tokens(str(m.get("content", ""))) for m in messages)
                 completion = tokens(text) if choices else 0
                 return self._send(200, {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),

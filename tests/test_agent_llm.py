@@ -83,6 +83,29 @@ def test_timeouts_and_empty_answers_are_retried(server):
     assert reply.text in ("hello 1", "hello 2")  # the slow request may still have been answered server-side
 
 
+def test_truncated_answers_are_asked_again_and_never_cached(server, tmp_path):
+    server.faults.append({"truncate": 3})
+    llm, sleeps = make(server, tmp_path, backoff_s=0.01)
+    reply = llm.complete(MESSAGES)
+    assert reply.text == "hello 2" and reply.attempts == 2 and len(sleeps) == 1
+    assert llm.usage.llm_calls == 2  # the cut-off answer was billed too
+    again, _ = make(server, tmp_path)
+    assert again.complete(MESSAGES).text == "hello 2"  # the cache holds the whole answer only
+    assert len(server.requests) == 2
+
+
+def test_unusable_answers_are_retried_then_an_llm_error(server):
+    server.faults.extend([{"text": "Sure! Here is how you could do it, in words."}] * 3)
+    llm, sleeps = make(server, retries=2, backoff_s=0.01)
+    no_code = lambda text: None if "```" in text else "no code block"  # noqa: E731
+    with pytest.raises(LLMError, match="gave up after 3 attempts.*UnusableAnswer: no code block") as info:
+        llm.complete(MESSAGES, accept=no_code)
+    assert not info.value.fatal and len(server.requests) == 3
+    server.faults.append({"text": "prose"})
+    assert llm.complete(MESSAGES, accept=lambda t: None if t.startswith("hello") else "not a greeting").text \
+        == "hello 5"
+
+
 def test_final_failure_is_an_llm_error_after_the_retries(server):
     server.faults.extend([{"status": 500}] * 10)
     llm, sleeps = make(server, retries=3, backoff_s=0.01)

@@ -17,7 +17,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from agent.agents import Bounds, DiffAgent, PlainAgent  # noqa: E402
 from agent.ga import GeneticSelector, fitness  # noqa: E402
 from agent.knowledge import config_key, load_knowledge, render_candidate  # noqa: E402
-from agent.llm import LLMClient, LLMSettings  # noqa: E402
+from agent.llm import LLMClient, LLMError, LLMSettings  # noqa: E402
 from agent.memory import TuningMemory  # noqa: E402
 from agent.scripted import Oracle, ScriptedModel, make_l4_task, register_provider  # noqa: E402
 from agent.transcript import Transcript  # noqa: E402
@@ -152,9 +152,20 @@ def test_plain_agent_is_one_call(tasks, tmp_path):
     assert result.code == task.gold and model.roles() == ["plain"]
     prompt = model.calls[0]["messages"][-1]["content"]
     assert task.requirement.strip()[:60] in prompt and "## Reference code" in prompt
-    model = ScriptedModel(by_role={"plain": ["Sorry, I cannot."]})
-    result = PlainAgent(task, client(model, tmp_path)).run()
-    assert result.code is None and "no code block" in result.reason
+
+
+
+def test_plain_agent_asks_again_after_an_answer_without_code(tasks, tmp_path):
+    """A prose answer is a fault of the exchange, retried; when the retries run out it is an LLMError
+    (the plugin turns it into a harness error), not a model failure."""
+    task = tasks["L2-sd15-t2i-dpmsolver-0001"]
+    model = ScriptedModel(by_role={"plain": ["Sorry, I cannot.", py(task.gold)]})
+    register_provider(model)
+    llm = LLMClient(LLMSettings(model="scripted/test", retries=1, backoff_s=0.0))
+    assert PlainAgent(task, llm).run().code == task.gold and len(model.calls) == 2
+    model = ScriptedModel(by_role={"plain": ["Sorry, I cannot."] * 2})
+    with pytest.raises(LLMError, match="gave up after 1 attempts.*no code block"):
+        PlainAgent(task, client(model, tmp_path)).run()
 
 
 # -- the GA on an L4 task ------------------------------------------------------------------------------
