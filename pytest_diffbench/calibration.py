@@ -709,6 +709,34 @@ def write_calibration(path: Path, data: Mapping, command: str) -> None:
     tmp.replace(path)
 
 
+def merge_calibrations(parts: list[Mapping], names: list[str]) -> dict:
+    """One calibration from files that calibrated disjoint families of one profile (e.g. one process
+    per GPU or per core, each with its own `--out`). They must agree on profile, quality and speed
+    basis; a family calibrated in two files with different digests is an error naming both files."""
+    if not parts:
+        raise CalibrationError("nothing to merge")
+    first = parts[0]
+    out = {k: v for k, v in first.items() if k not in ("families", "optima", "tasks")}
+    out.update({"families": {}, "optima": {}, "tasks": {}})
+    seconds = 0.0
+    origin: dict[str, str] = {}
+    for part, name in zip(parts, names):
+        for key in ("format", "profile", "quality", "speed"):
+            if part.get(key) != first.get(key):
+                raise CalibrationError(f"{name}: its {key} {part.get(key)!r} differs from {names[0]}'s {first.get(key)!r}")
+        seconds += float((part.get("search") or {}).get("seconds_last_run") or 0.0)
+        for fkey, fam in (part.get("families") or {}).items():
+            if fkey in out["families"] and out["families"][fkey].get("digest") != fam.get("digest"):
+                raise CalibrationError(f"family {fkey}: calibrated in {origin[fkey]} and in {name} with different "
+                                       f"task digests; calibrate it again in one of them")
+            origin[fkey] = name
+            out["families"][fkey] = fam
+        for section in ("optima", "tasks"):
+            out[section].update(part.get(section) or {})
+    out["search"] = {**(first.get("search") or {}), "seconds_last_run": round(seconds, 1), "merged_from": len(parts)}
+    return _sorted_sections(out)
+
+
 def _evaluator_for(profile_name: str, args) -> Any:
     """An Evaluator for `profile_name`, built like the plugin builds it (cpu-tiny: the tiny zoo)."""
     from .evaluate import Evaluator, Profile
@@ -767,7 +795,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="per-measurement timeout in seconds")
     parser.add_argument("--out", default=None, help="output file (default: <tasks>/calibration/<profile>.yaml)")
     parser.add_argument("--fresh", action="store_true", help="drop families already in the output file")
+    parser.add_argument("--merge", nargs="+", metavar="FILE", default=None,
+                        help="measure nothing: merge calibration files of disjoint families (parallel runs, each "
+                             "with its own --out) into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        out_path = Path(args.out) if args.out else calibration_path(Path(args.tasks), args.profile)
+        parts, commands = [], []
+        for name in args.merge:
+            text = Path(name).read_text()
+            parts.append(yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+            commands += [line.split("`")[1] for line in text.splitlines()[:3] if line.startswith("# Written by `")]
+        data = merge_calibrations(parts, args.merge)
+        if data["profile"] != args.profile:
+            raise SystemExit(f"the files calibrate profile {data['profile']!r}, not {args.profile!r}")
+        write_calibration(out_path, data, " + ".join(commands) or "merge")
+        print(f"{out_path}: {len(data['families'])} families, {len(data['tasks'])} tasks from {len(parts)} files")
+        return 0
 
     tasks_dir = Path(args.tasks)
     tasks = [t for t in load_tasks(tasks_dir) if t.level in ("L4", "L5")]

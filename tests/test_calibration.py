@@ -144,6 +144,28 @@ def test_calibration_errors(suite, tmp_path):
         C.load_calibration(tmp_path, "cpu-tiny")
 
 
+def test_merging_calibrations_of_disjoint_families(suite, tmp_path):
+    """Two processes calibrate different families, each into its own file; --merge joins them."""
+    dit, pixart = "dit-c2i-256x256-DiT-XL-2-256", "pixart-alpha-t2i-512x512-PixArt-XL-2-512x512"
+    files = []
+    for key in (dit, pixart):
+        data = C.calibrate(FakeEvaluator(), l45(suite, key), TASKS_DIR, configs=6, log=lambda s: None)
+        files.append(tmp_path / f"{key}.yaml")
+        C.write_calibration(files[-1], data, f"python -m pytest_diffbench.calibration --profile cpu-tiny -k {key}")
+    out = tmp_path / "tasks" / "calibration" / "cpu-tiny.yaml"
+    assert C.main(["--profile", "cpu-tiny", "--merge", *map(str, files), "--out", str(out)]) == 0
+    cal = C.load_calibration(tmp_path / "tasks", "cpu-tiny")
+    assert set(cal.families) == {dit, pixart}
+    assert all(t in cal for t in l45(suite, dit) + l45(suite, pixart))
+    assert f"-k {dit}" in out.read_text() and f"-k {pixart}" in out.read_text()
+    # the same family calibrated twice on different task digests cannot be merged silently
+    raw = yaml.safe_load(files[1].read_text())
+    raw["families"][dit] = {"digest": "0" * 16}
+    files[1].write_text(yaml.safe_dump(raw))
+    with pytest.raises(C.CalibrationError, match=f"family {dit}: calibrated in .* and in .*{pixart}.yaml"):
+        C.main(["--profile", "cpu-tiny", "--merge", *map(str, files), "--out", str(out)])
+
+
 def test_search_space_and_climb():
     from pytest_diffbench.tasks import load_task
 
