@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=30, help="tasks in the slice (every k-th L1-L3 task)")
     parser.add_argument("--kills", type=int, default=8)
-    parser.add_argument("--fault-rate", type=float, default=0.3, help="share of LLM requests that get a fault")
+    parser.add_argument("--fault-rate", type=float, default=0.5, help="share of LLM requests that get a fault")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("-n", type=int, default=0, help="xdist workers (0: none)")
     parser.add_argument("--min-delay", type=float, default=10.0, help="earliest kill, seconds into a session")
