@@ -1,6 +1,6 @@
 """Fault injection: does a run that is killed and hit by LLM API faults lose or change anything?
 
-    python benchmarks/fault_injection.py [--tasks 30] [--kills 8] [--fault-rate 0.3] [-n 2] [--samples 2]
+    python benchmarks/fault_injection.py [--tasks 30] [--kills 8] [--fault-rate 0.5] [-n 2] [--samples 2]
 
 A slice of the suite (every k-th L1-L3 task) is run twice with `--agent=plain` against the scripted
 oracle LLM served on 127.0.0.1 (tests/ and README use the same server):

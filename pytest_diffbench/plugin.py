@@ -391,7 +391,8 @@ def report_row(rep) -> dict | None:
         return None
     props = dict(rep.user_properties)
     task_id = rep.nodeid.rsplit("[", 1)[1].rstrip("]").partition("@")[0]
-    if rep.when == "setup" and rep.failed:
+    if rep.failed and rep.when not in ("call", "teardown"):
+        # setup failed, or pytest-xdist's report of a worker that died running this item (when "???")
         return {"task_id": task_id, "level": task_id.split("-")[0], "passed": False, "category": "harness",
                 "message": str(rep.longrepr)[-500:]}
     if rep.when != "call":

@@ -179,3 +179,20 @@ def test_resume_reuses_complete_results_and_redoes_broken_ones(tmp_path, e2e_env
     assert json.loads(broken.read_text())["complete"] is True
     third = run_pytest(*args, "--no-diffbench-resume", f"--junitxml={tmp_path / 'third.xml'}", env=e2e_env)
     assert all(props["diffbench_resumed"] == "False" for _, props in junit_cases(tmp_path / "third.xml").values())
+
+
+def test_a_crashed_xdist_worker_counts_as_a_harness_error():
+    """pytest-xdist reports the item a dead worker was running with when="???" (no call report):
+    the summary must count that task as a harness error, not drop it."""
+    from _pytest.reports import TestReport
+
+    from pytest_diffbench.plugin import report_row
+
+    nodeid = "pytest_diffbench/suite.py::test_task[L1-sd15-t2i-0001]"
+    crashed = TestReport(nodeid, ("suite.py", None, "suite.py"), {}, "failed",
+                         "worker 'gw1' crashed while running 'test_task[L1-sd15-t2i-0001]'", "???")
+    row = report_row(crashed)
+    assert row["task_id"] == "L1-sd15-t2i-0001" and row["category"] == "harness" and not row["passed"]
+    assert "crashed" in row["message"]
+    passed_setup = TestReport(nodeid, ("suite.py", None, "suite.py"), {}, "passed", None, "setup")
+    assert report_row(passed_setup) is None
