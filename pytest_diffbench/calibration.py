@@ -547,6 +547,12 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
                 cache[config_id(c["config"])] = Measurement(c["config"], c.get("L"), c.get("U"), c.get("latency_ms"),
                                                             c.get("error"), c.get("seconds", 0.0))
             log(f"  reusing {len(cache)} measurements of an earlier run")
+        family_dir = Path(evaluator.run_dir) / "calibration" / fkey
+        left = {k: m for k, m in _measured_in_run_dir(family_dir, family_digest(probe), profile.name).items()
+                if k not in cache}
+        if left:
+            cache.update(left)
+            log(f"  reusing {len(left)} measurements a killed run left in {family_dir}")
         reused = len(cache)
 
         def measure_config(config: dict) -> tuple[Measurement, bool]:
@@ -557,11 +563,9 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
             t0 = time.monotonic()
             label = f"calibration/{fkey}/{hashlib.sha256(cid.encode()).hexdigest()[:12]}"
             rec = evaluator.evaluate(probe, Candidate(code, "calibration"), probe.reference, None, label=label)
-            err = None
-            if rec.get("category") in ("runtime", "key_attribute", "absolute_quality", "harness", "no_candidate"):
-                err = f"{rec['category']}: {rec.get('message', '')}"
-            cache[cid] = Measurement(config, _round(rec.get("L"), 5), _round(rec.get("U"), 4),
-                                     _round(rec.get("latency_ms"), 2), err, time.monotonic() - t0)
+            (Path(evaluator.run_dir) / label / MEASUREMENT_FILE).write_text(
+                json.dumps({"config": config, "digest": family_digest(probe)}, sort_keys=True))
+            cache[cid] = dataclasses.replace(_measurement_of(config, rec), seconds=time.monotonic() - t0)
             if rec.get("reference_latency_ms"):
                 families_out.setdefault(fkey, {})["reference_latency_ms"] = round(rec["reference_latency_ms"], 3)
             return cache[cid], True
@@ -611,9 +615,37 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
 
 
 def _sorted_sections(out: dict) -> dict:
-    for key in ("families", "optima", "tasks"):
-        out[key] = dict(sorted((out.get(key) or {}).items()))
-    return out
+    """A copy of `out` with its sections sorted. A copy: `calibrate` keeps adding to the section
+    dicts of `out` after each checkpoint, so they must stay the ones it holds."""
+    return {**out, **{key: dict(sorted((out.get(key) or {}).items())) for key in ("families", "optima", "tasks")}}
+
+
+#: written beside each measurement's result.json, so that a calibration killed mid-family resumes
+MEASUREMENT_FILE = "calibration.json"
+
+
+def _measured_in_run_dir(family_dir: Path, digest: str, profile_name: str) -> dict[str, "Measurement"]:
+    """Measurements a killed run left in the evaluator's run directory (same family digest and
+    profile, complete result): config id -> Measurement."""
+    found = {}
+    for meta_path in sorted(Path(family_dir).glob(f"*/{MEASUREMENT_FILE}")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            rec = json.loads((meta_path.parent / "result.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("digest") != digest or rec.get("profile") != profile_name or not rec.get("complete"):
+            continue
+        found[config_id(meta["config"])] = _measurement_of(meta["config"], rec)
+    return found
+
+
+def _measurement_of(config: dict, rec: Mapping) -> "Measurement":
+    err = None
+    if rec.get("category") in ("runtime", "key_attribute", "absolute_quality", "harness", "no_candidate"):
+        err = f"{rec['category']}: {rec.get('message', '')}"
+    return Measurement(config, _round(rec.get("L"), 5), _round(rec.get("U"), 4), _round(rec.get("latency_ms"), 2),
+                       err, float(rec.get("task_s") or 0.0))
 
 
 def _levels_of(task: Task, config: Mapping) -> dict:

@@ -7,7 +7,9 @@ real evaluator on the tiny zoo.
 """
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,10 +37,11 @@ def l45(suite, family_key: str):
 class FakeEvaluator:
     """Evaluator stand-in: reads the configuration back from the candidate code and models L and U."""
 
-    def __init__(self, name="cpu-tiny", quality="fidelity", speed="flops"):
+    def __init__(self, name="cpu-tiny", quality="fidelity", speed="flops", run_dir=None):
         self.profile = SimpleNamespace(name=name, quality_method=quality, speed_method=speed, device="cpu",
                                        device_name="cpu", zoo="tiny", samples=2, repeats=1, versions={})
         self.calls = []
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="fake-evaluator-"))
 
     def evaluate(self, task, candidate, reference_code, gold_code, label=None):
         code = candidate.code
@@ -60,8 +63,12 @@ class FakeEvaluator:
             u *= 1 + 0.2 * (1 - int(m.group(1)) / steps)
             loss += 0.01
         assert not ("apply_patch" in code and "gate_step=" in code), "ToMe + T-GATE was not probed"
-        return {"L": loss, "U": u, "latency_ms": 100.0 / u, "reference_latency_ms": 100.0, "category": None,
-                "passed": True, "stage_reached": 3}
+        record = {"L": loss, "U": u, "latency_ms": 100.0 / u, "reference_latency_ms": 100.0, "category": None,
+                  "passed": True, "stage_reached": 3, "profile": self.profile.name, "complete": True}
+        out = self.run_dir / (label or task.id)  # as Evaluator.evaluate leaves it
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(record))
+        return record
 
 
 def test_calibrate_load_apply(suite, tmp_path):
@@ -237,3 +244,36 @@ def test_a_second_run_reuses_measurements(suite, tmp_path):
     checkpoints = []
     C.calibrate(FakeEvaluator(), tasks, TASKS_DIR, configs=4, log=lambda s: None, checkpoint=checkpoints.append)
     assert len(checkpoints) == 1 and checkpoints[0]["tasks"]
+
+
+def test_every_family_reaches_the_checkpoints_and_the_result(suite, tmp_path):
+    """Regression: sorting the sections at a checkpoint once detached the dicts later families were
+    added to, so a file held only the first family of a run."""
+    keys = ["dit-c2i-256x256-DiT-XL-2-256", "pixart-sigma-t2i-512x512-PixArt-Sigma-XL-2-512-MS",
+            "sd15-t2i-256x256-stable-diffusion-v1-5"]
+    tasks = [t for k in keys for t in l45(suite, k)]
+    path = tmp_path / "cpu-tiny.yaml"
+    data = C.calibrate(FakeEvaluator(), tasks, TASKS_DIR, configs=5, log=lambda s: None,
+                       checkpoint=lambda d: C.write_calibration(path, d, "test"))
+    assert list(data["families"]) == keys
+    assert {t.id for t in tasks} == set(data["tasks"])
+    written = yaml.safe_load(path.read_text())
+    assert list(written["families"]) == keys and set(written["tasks"]) == set(data["tasks"])
+
+
+def test_a_killed_run_resumes_from_the_measurements_it_left(suite, tmp_path):
+    tasks = l45(suite, "pixart-sigma-t2i-512x512-PixArt-Sigma-XL-2-512-MS")
+    first = FakeEvaluator(run_dir=tmp_path / "runs")
+    data = C.calibrate(first, tasks, TASKS_DIR, configs=6, log=lambda s: None)  # as if killed before writing
+    again = FakeEvaluator(run_dir=tmp_path / "runs")
+    logs = []
+    same = C.calibrate(again, tasks, TASKS_DIR, configs=6, log=logs.append)
+    assert again.calls == [] and same["optima"] == data["optima"]
+    assert any("reusing 6 measurements a killed run left" in line for line in logs)
+    # another family digest (a changed task) does not reuse them
+    import dataclasses
+
+    changed = [dataclasses.replace(t, guidance_scale=9.0) for t in tasks]
+    other = FakeEvaluator(run_dir=tmp_path / "runs")
+    C.calibrate(other, changed, TASKS_DIR, configs=6, log=lambda s: None)
+    assert len(other.calls) == 6
