@@ -125,7 +125,7 @@ def test_timed_calls_are_checked_against_the_parents_clock(tmp_path):
     honest = run(tmp_path / "honest", "send_images", count=1, out_dir=str(tmp_path / "i1"), marks=2, call_s=0.1,
                  reported_s=[0.1, 0.1])
     assert honest.status == "ok" and honest.result["status"] == "ok"
-    assert all(0.09 < s < 1.0 for s in honest.result["timing"]["parent_calls_s"])
+    assert all(0.09 < s < 3.0 for s in honest.result["timing"]["parent_calls_s"])  # slack for a loaded machine
     faked = run(tmp_path / "faked", "send_images", count=1, out_dir=str(tmp_path / "i2"), marks=2, call_s=0.8,
                 reported_s=[0.8, 0.001])
     assert faked.status == "ok" and faked.result["status"] == "error"
