@@ -211,7 +211,9 @@ class Calibration:
         constraint = Constraint(max_quality_loss=bound,
                                 min_speedup=entry.min_speedup if task.level == "L4" else None,
                                 max_latency_ms=entry.max_latency_ms if task.level == "L5" else None,
-                                target_factor=task.constraint.target_factor)
+                                target_factor=task.constraint.target_factor,
+                                reference_latency_ms=(self.reference_latency_ms(task)
+                                                      if task.level == "L5" and self.speed_method == "flops" else None))
         paragraphs = []
         for para in task.requirement.split("\n\n"):
             if TARGET_PLACEHOLDER in para or QUALITY_PLACEHOLDER in para:

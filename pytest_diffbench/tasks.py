@@ -478,15 +478,16 @@ class Constraint:
     min_speedup: float | None = None
     max_latency_ms: float | None = None
     target_factor: float | None = None
+    #: L5 on a profile whose speed is counted, not timed (FLOPs on the tiny zoo): the reference's
+    #: latency the target was calibrated against. The candidate's latency is then this / U, so the
+    #: verdict does not depend on how loaded the machine is when the task runs.
+    reference_latency_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"max_quality_loss": self.max_quality_loss}
-        if self.min_speedup is not None:
-            d["min_speedup"] = self.min_speedup
-        if self.max_latency_ms is not None:
-            d["max_latency_ms"] = self.max_latency_ms
-        if self.target_factor is not None:
-            d["target_factor"] = self.target_factor
+        for name in ("min_speedup", "max_latency_ms", "target_factor", "reference_latency_ms"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
         return d
 
 
@@ -828,12 +829,18 @@ def _validate(ck: _Checker, raw: dict, path: Path | None) -> Task | None:
     # ---- constraint ----
     constraint = None
     if constraint_raw is not None:
-        ck.unknown_keys(constraint_raw, ("max_quality_loss", "min_speedup", "max_latency_ms", "target_factor"),
+        ck.unknown_keys(constraint_raw, ("max_quality_loss", "min_speedup", "max_latency_ms", "target_factor",
+                                         "reference_latency_ms"),
                         "constraint.")
         mql = ck.get(constraint_raw, "max_quality_loss", "constraint.", "number", required=True)
         min_speedup = ck.get(constraint_raw, "min_speedup", "constraint.", "number", required=False, nullable=True)
         max_latency = ck.get(constraint_raw, "max_latency_ms", "constraint.", "number", required=False, nullable=True)
         factor = ck.get(constraint_raw, "target_factor", "constraint.", "number", required=False, nullable=True)
+        ref_latency = ck.get(constraint_raw, "reference_latency_ms", "constraint.", "number", required=False,
+                             nullable=True)
+        if ref_latency is not None and (level != "L5" or ref_latency <= 0):
+            ck.add("constraint.reference_latency_ms", f"only L5 tasks take a reference_latency_ms (> 0), this is "
+                                                      f"{level} with {ref_latency}")
         if mql is not None and not 0.0 <= mql <= 1.0:
             ck.add("constraint.max_quality_loss", f"must be in [0, 1], got {mql}")
         if min_speedup is not None and min_speedup <= 0:
@@ -853,7 +860,7 @@ def _validate(ck: _Checker, raw: dict, path: Path | None) -> Task | None:
         if level in ("L1", "L2", "L3") and factor is not None:
             ck.add("constraint.target_factor", f"only L4/L5 tasks take a target_factor, this is {level}")
         if mql is not None:
-            constraint = Constraint(mql, min_speedup, max_latency, factor)
+            constraint = Constraint(mql, min_speedup, max_latency, factor, ref_latency)
             open_target = (level == "L4" and min_speedup is None) or (level == "L5" and max_latency is None)
             if requirement is not None and level in ("L4", "L5"):
                 for ph in (TARGET_PLACEHOLDER, QUALITY_PLACEHOLDER):

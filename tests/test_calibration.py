@@ -112,6 +112,8 @@ def test_calibrate_load_apply(suite, tmp_path):
             target = applied.constraint.max_latency_ms
             assert target == pytest.approx(opt["latency_ms"] / factor, abs=0.01)
             assert target >= opt["latency_ms"] and f"{target:.1f} ms" in applied.requirement
+            # FLOP-counted profile: the latency is anchored to the calibration's reference latency
+            assert applied.constraint.reference_latency_ms == fam["reference_latency_ms"]
         assert f"{C.TINY_FIDELITY_BOUND:g}" in applied.requirement
         assert applied.id == task.id and applied.expect == task.expect
     # harder means more demanding

@@ -369,6 +369,8 @@ BROKEN = [
     (T2I, {"gold": "def load_pipeline(:\n"}, "gold", "code does not parse"),
     (T2I, {"reference": "def load_pipeline(device, dtype):\n    return None\n"}, "reference", "does not define generate()"),
     (T2I, {"constraint.min_speedup": 2.0}, "constraint.min_speedup", "only L4 tasks take a min_speedup"),
+    (T2I, {"constraint.reference_latency_ms": 80.0}, "constraint.reference_latency_ms",
+     "only L5 tasks take a reference_latency_ms"),
     (I2I, {"strength": None}, "strength", "img2img tasks need a strength"),
     (I2I, {"strength": 1.5}, "strength", "must be in (0, 1]"),
     (L2_TOME, {"expect.methods.magcache": {}}, "expect.methods.magcache", "unknown method 'magcache'"),
