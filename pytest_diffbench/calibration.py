@@ -550,8 +550,10 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
                                                             c.get("error"), c.get("seconds", 0.0))
             log(f"  reusing {len(cache)} measurements of an earlier run")
         family_dir = Path(evaluator.run_dir) / "calibration" / fkey
-        left = {k: m for k, m in _measured_in_run_dir(family_dir, family_digest(probe), profile.name).items()
-                if k not in cache}
+        in_run_dir, run_dir_latency = _measured_in_run_dir(family_dir, family_digest(probe), profile.name)
+        if run_dir_latency and not (families_out.get(fkey) or {}).get("reference_latency_ms"):
+            families_out.setdefault(fkey, {})["reference_latency_ms"] = round(run_dir_latency, 3)
+        left = {k: m for k, m in in_run_dir.items() if k not in cache}
         if left:
             cache.update(left)
             log(f"  reusing {len(left)} measurements a killed run left in {family_dir}")
@@ -626,10 +628,10 @@ def _sorted_sections(out: dict) -> dict:
 MEASUREMENT_FILE = "calibration.json"
 
 
-def _measured_in_run_dir(family_dir: Path, digest: str, profile_name: str) -> dict[str, "Measurement"]:
+def _measured_in_run_dir(family_dir: Path, digest: str, profile_name: str) -> tuple[dict[str, "Measurement"], float | None]:
     """Measurements a killed run left in the evaluator's run directory (same family digest and
-    profile, complete result): config id -> Measurement."""
-    found = {}
+    profile, complete result): (config id -> Measurement, the reference latency they were measured against)."""
+    found, reference_latency = {}, None
     for meta_path in sorted(Path(family_dir).glob(f"*/{MEASUREMENT_FILE}")):
         try:
             meta = json.loads(meta_path.read_text())
@@ -639,7 +641,8 @@ def _measured_in_run_dir(family_dir: Path, digest: str, profile_name: str) -> di
         if meta.get("digest") != digest or rec.get("profile") != profile_name or not rec.get("complete"):
             continue
         found[config_id(meta["config"])] = _measurement_of(meta["config"], rec)
-    return found
+        reference_latency = rec.get("reference_latency_ms") or reference_latency
+    return found, reference_latency
 
 
 def _measurement_of(config: dict, rec: Mapping) -> "Measurement":

@@ -272,6 +272,8 @@ def test_a_killed_run_resumes_from_the_measurements_it_left(suite, tmp_path):
     same = C.calibrate(again, tasks, TASKS_DIR, configs=6, log=logs.append)
     assert again.calls == [] and same["optima"] == data["optima"]
     assert any("reusing 6 measurements a killed run left" in line for line in logs)
+    key = "pixart-sigma-t2i-512x512-PixArt-Sigma-XL-2-512-MS"
+    assert same["families"][key]["reference_latency_ms"] == 100.0  # the anchor of L5 targets
     # another family digest (a changed task) does not reuse them
     import dataclasses
 
