@@ -196,3 +196,18 @@ def test_a_crashed_xdist_worker_counts_as_a_harness_error():
     assert "crashed" in row["message"]
     passed_setup = TestReport(nodeid, ("suite.py", None, "suite.py"), {}, "passed", None, "setup")
     assert report_row(passed_setup) is None
+
+
+def test_a_candidates_folder_with_missing_and_extra_files(tmp_path):
+    """Extra files (no such task) are named in a warning and ignored; a missing one is "no candidate"."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.candidates import CandidatesGenerator
+
+    (tmp_path / "L1-sd15-t2i-0001.py").write_text("def load_pipeline(device, dtype): ...\ndef generate(pipe, batch): ...\n")
+    (tmp_path / "L1-nonexistent-9999.py").write_text("x = 1\n")
+    with pytest.warns(UserWarning, match=r"1 entries match no task of the suite, e.g. \['L1-nonexistent-9999'\]"):
+        gen = CandidatesGenerator(tmp_path, {"L1-sd15-t2i-0001", "L1-sd21-t2i-0003"})
+    assert gen.pytest_diffbench_generate(SimpleNamespace(id="L1-sd15-t2i-0001"), None).code.startswith("def load")
+    missing = gen.pytest_diffbench_generate(SimpleNamespace(id="L1-sd21-t2i-0003"), None)
+    assert missing.code is None and "no candidate for L1-sd21-t2i-0003" in missing.reason
