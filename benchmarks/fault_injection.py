@@ -62,31 +62,18 @@ def results(run_dir: Path) -> dict[str, tuple]:
     return out
 
 
-def processes() -> dict[int, tuple[int, list[str]]]:
-    """pid -> (parent pid, argv) of every process."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(entry)] = (ppid, [a.decode(errors="replace") for a in argv if a])
-    return out
+def argv_of(pid: int) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 def descendants(root: int) -> dict[int, list[str]]:
-    procs = processes()
-    found, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, argv) in procs.items():
-            if ppid == parent and pid not in found:
-                found[pid] = argv
-                frontier.append(pid)
-    return found
+    """pid -> argv of every process below `root` (the sandbox watchdog's own process-tree walk)."""
+    from pytest_diffbench.sandbox import _proc_table, _tree
+
+    return {pid: argv_of(pid) for pid in _tree(_proc_table(), root, None) if pid != root}
 
 
 def targets(session_pid: int) -> dict[str, list[int]]:
@@ -153,7 +140,7 @@ def disturbed(task_ids, work: Path, args, rng: random.Random) -> dict:
                     found = targets(proc.pid)[kind]
                     if time.monotonic() >= deadline and found:
                         pid = rng.choice(found)
-                        argv = processes().get(pid, (0, []))[1]
+                        argv = argv_of(pid)
                         if kind == "session":
                             os.killpg(proc.pid, signal.SIGKILL)  # the job goes down with everything in it
                         else:
