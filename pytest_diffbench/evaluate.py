@@ -5,6 +5,7 @@ Plain module: the pytest plugin builds an `Evaluator` per worker and calls `eval
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -77,6 +78,10 @@ class Evaluator:
         self.cache_dir, self.run_dir = Path(cache_dir), Path(run_dir)
         self._clip = None
         self.stats = {"baseline_hits": 0, "baseline_misses": 0, "candidate_s": 0.0, "baseline_s": 0.0}
+
+    def with_samples(self, samples: int | None) -> "Evaluator":
+        """The same evaluator with another sample count per workload (None: each task's own)."""
+        return Evaluator(dataclasses.replace(self.profile, samples=samples), self.data, self.cache_dir, self.run_dir)
 
     # -- children -------------------------------------------------------------------------
     def _child_env(self) -> dict:

@@ -37,11 +37,22 @@ def l45(suite, family_key: str):
 class FakeEvaluator:
     """Evaluator stand-in: reads the configuration back from the candidate code and models L and U."""
 
-    def __init__(self, name="cpu-tiny", quality="fidelity", speed="flops", run_dir=None):
+    def __init__(self, name="cpu-tiny", quality="fidelity", speed="flops", run_dir=None, samples=2,
+                 full_loss_scale=1.0):
         self.profile = SimpleNamespace(name=name, quality_method=quality, speed_method=speed, device="cpu",
-                                       device_name="cpu", zoo="tiny", samples=2, repeats=1, versions={})
+                                       device_name="cpu", zoo="tiny", samples=samples, repeats=1, versions={})
         self.calls = []
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="fake-evaluator-"))
+        # the full workload (samples None) loses this much more quality than the search's 2 samples
+        self.loss_scale = 1.0 if samples else full_loss_scale
+        self.full_loss_scale = full_loss_scale
+        self.full = None
+
+    def with_samples(self, samples):
+        assert samples is None, "calibration re-measures optima on the tasks' own workload"
+        self.full = FakeEvaluator(self.profile.name, self.profile.quality_method, self.profile.speed_method,
+                                  self.run_dir, samples=None, full_loss_scale=self.full_loss_scale)
+        return self.full
 
     def evaluate(self, task, candidate, reference_code, gold_code, label=None):
         code = candidate.code
@@ -63,6 +74,7 @@ class FakeEvaluator:
             u *= 1 + 0.2 * (1 - int(m.group(1)) / steps)
             loss += 0.01
         assert not ("apply_patch" in code and "gate_step=" in code), "ToMe + T-GATE was not probed"
+        loss *= self.loss_scale
         record = {"L": loss, "U": u, "latency_ms": 100.0 / u, "reference_latency_ms": 100.0, "category": None,
                   "passed": True, "stage_reached": 3, "profile": self.profile.name, "complete": True}
         out = self.run_dir / (label or task.id)  # as Evaluator.evaluate leaves it
@@ -281,3 +293,52 @@ def test_a_killed_run_resumes_from_the_measurements_it_left(suite, tmp_path):
     other = FakeEvaluator(run_dir=tmp_path / "runs")
     C.calibrate(other, changed, TASKS_DIR, configs=6, log=lambda s: None)
     assert len(other.calls) == 6
+
+
+def test_an_optimum_that_loses_quality_on_the_full_workload_is_replaced(suite, tmp_path):
+    """Regression (sd15-t2i-256 on cpu-tiny): the optimum had L 0.079 on the search's 2 samples and
+    0.107 on the tasks' 10, so its gold failed every task. Here the full workload loses 30 % more
+    than the search, which pushes the configurations near the bound over it."""
+    key = "sd15-t2i-512x512-stable-diffusion-v1-5"
+    tasks = l45(suite, key)
+    bound = C.TINY_FIDELITY_BOUND
+    lenient = C.calibrate(FakeEvaluator(), tasks, TASKS_DIR, configs=30, log=lambda s: None)
+    ev = FakeEvaluator(run_dir=tmp_path / "runs", full_loss_scale=1.3)
+    logs = []
+    data = C.calibrate(ev, tasks, TASKS_DIR, configs=30, log=logs.append)
+    fam = data["families"][key]
+    checked = fam["full_workload"]["checked"]
+    assert fam["full_workload"]["margin"] == C.FULL_WORKLOAD_MARGIN
+    assert len(ev.full.calls) == len(checked) >= 2
+    rejected = [c for c in checked if c["L"] > C.FULL_WORKLOAD_MARGIN * bound]
+    assert rejected and any("rejected" in line for line in logs)
+    for okey, opt in data["optima"].items():
+        # the optimum's figures are the full workload's, its search figures are kept beside them
+        assert opt["L"] <= C.FULL_WORKLOAD_MARGIN * bound
+        assert opt["L"] == pytest.approx(opt["search"]["L"] * 1.3, abs=1e-4)
+        # a rejected configuration of this preset was faster: the check cost speed, as it must
+        assert opt["speedup"] <= lenient["optima"][okey]["speedup"]
+    assert any(data["optima"][k]["speedup"] < lenient["optima"][k]["speedup"] for k in data["optima"])
+    for tid, entry in data["tasks"].items():
+        assert entry["optimum_speedup"] == data["optima"][entry["optimum"]]["speedup"]
+
+    # a rerun (from the file, or from what a killed run left) checks nothing again
+    import copy
+
+    again = FakeEvaluator(run_dir=tmp_path / "runs", full_loss_scale=1.3)
+    same = C.calibrate(again, tasks, TASKS_DIR, configs=30, log=lambda s: None, previous=copy.deepcopy(data))
+    assert again.calls == [] and again.full.calls == [] and same["optima"] == data["optima"]
+    resumed = FakeEvaluator(run_dir=tmp_path / "runs", full_loss_scale=1.3)
+    same = C.calibrate(resumed, tasks, TASKS_DIR, configs=30, log=lambda s: None)
+    assert resumed.calls == [] and resumed.full.calls == [] and same["optima"] == data["optima"]
+
+
+def test_a_preset_whose_configurations_all_fail_the_full_workload_stays_uncalibrated(suite, tmp_path):
+    key = "pixart-sigma-t2i-512x512-PixArt-Sigma-XL-2-512-MS"
+    tasks = l45(suite, key)
+    ev = FakeEvaluator(full_loss_scale=50.0)
+    logs = []
+    data = C.calibrate(ev, tasks, TASKS_DIR, configs=8, log=logs.append)
+    assert data["optima"] == {} and data["tasks"] == {}
+    assert 0 < len(ev.full.calls) <= C.VERIFY_TRIES * 2
+    assert any("no configuration keeps its quality on the full workload" in line for line in logs)
