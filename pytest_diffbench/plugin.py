@@ -298,10 +298,23 @@ def pytest_report_header(config):
         models = f"{setup.zoo} ({setup.detail})"
     except Exception as exc:
         models = f"unavailable: {exc}"
-    return [f"diffbench: {len(session.tasks)} tasks ({counts}); generator: {generator}",
+    return [f"diffbench: {len(session.tasks)} tasks at these levels ({counts}); generator: {generator}",
             f"diffbench: models: {models}; device: {config.getoption('diffbench_device')}; "
             f"speed: {config.getoption('diffbench_speed')}; sandbox: {_sandbox_line(config)}; "
             f"run dir: {session.run_dir}"]
+
+
+def pytest_report_collectionfinish(config, items):
+    """The tasks that will run: the header counts the levels' tasks before -k and deselection."""
+    if _session(config) is None:
+        return None
+    levels: dict[str, int] = {}
+    for item in items:
+        task = getattr(item, "callspec", None) and item.callspec.params.get("diffbench_task")
+        if task is not None:
+            levels[task.level] = levels.get(task.level, 0) + 1
+    counts = ", ".join(f"{lvl} {n}" for lvl, n in sorted(levels.items())) or "none"
+    return f"diffbench: {sum(levels.values())} tasks selected ({counts})"
 
 
 def _sandbox_line(config) -> str:

@@ -111,7 +111,9 @@ def test_reference_run_passes_with_reports(tmp_path, e2e_env):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "2 passed" in out.stdout
     # header and summary
-    assert "diffbench: 2 tasks" not in out.stdout  # the header counts the selected levels, -k comes later
+    # the header counts the levels' tasks (-k comes later), the collection line the selected ones
+    assert re.search(r"diffbench: \d{3} tasks at these levels \(L1 41, L2 116\)", out.stdout)
+    assert "diffbench: 2 tasks selected (L1 1, L2 1)" in out.stdout
     assert re.search(r"models: tiny", out.stdout) and "diffbench summary" in out.stdout
     assert re.search(r"(?m)^L1\s+1\s+1\s+0\s+100\.00%", out.stdout)
     assert re.search(r"(?m)^L2\s+1\s+1\s+0\s+100\.00%", out.stdout)
