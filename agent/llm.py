@@ -308,7 +308,13 @@ class LLMClient:
                 else:
                     problem = accept(text) if accept is not None else None
                 if problem:
-                    self.usage.add(self._usage_of(response))  # billed even though it is asked again
+                    billed = self._usage_of(response)
+                    self.usage.add(billed)  # billed even though it is asked again
+                    if self.transcript is not None:  # kept for the reader: what was thrown away and why
+                        self.transcript.exchange(purpose, messages, text, {
+                            "model": self.settings.model, "error": None, "rejected": problem,
+                            "finish_reason": finish_reason, "attempts": attempts,
+                            "usage": {k: v for k, v in asdict(billed).items() if k != "cost_known"}})
                     raise UnusableAnswer(problem)
                 usage = self._usage_of(response)
                 usage.retries = failed

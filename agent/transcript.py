@@ -75,6 +75,8 @@ class Transcript:
                 flags.append(f"{usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} tokens")
             if meta.get("error"):
                 flags.append("FAILED")
+            if meta.get("rejected"):
+                flags.append(f"REJECTED, asked again: {meta['rejected']}")
             parts = [f"## {self._n}. LLM: {purpose}" + (f" ({', '.join(flags)})" if flags else "") + "\n\n"]
             for msg in messages:
                 parts.append(f"### {msg.get('role', '?')}\n\n{fence(str(msg.get('content', '')), 'text')}\n")

@@ -84,10 +84,18 @@ def test_timeouts_and_empty_answers_are_retried(server):
 
 
 def test_truncated_answers_are_asked_again_and_never_cached(server, tmp_path):
+    from agent.transcript import Transcript
+
     server.faults.append({"truncate": 3})
     llm, sleeps = make(server, tmp_path, backoff_s=0.01)
-    reply = llm.complete(MESSAGES)
+    llm.transcript = Transcript(tmp_path / "agent")
+    reply = llm.complete(MESSAGES, purpose="coding")
     assert reply.text == "hello 2" and reply.attempts == 2 and len(sleeps) == 1
+    # the thrown-away answer is in the transcript, marked, beside the kept one
+    rejected, kept = [e for e in llm.transcript.events if e["kind"] == "exchange"]
+    assert rejected["response"] == "hel" and "cut off at the token limit" in rejected["rejected"]
+    assert kept["response"] == "hello 2" and not kept.get("rejected")
+    assert "REJECTED, asked again: the answer was cut off" in (tmp_path / "agent" / "transcript.md").read_text()
     assert llm.usage.llm_calls == 2  # the cut-off answer was billed too
     again, _ = make(server, tmp_path)
     assert again.complete(MESSAGES).text == "hello 2"  # the cache holds the whole answer only
