@@ -182,7 +182,7 @@ class Evaluator:
                   "samples": len(batch["seeds"]), "cost": candidate.cost}
         if candidate.code is None:
             verdict = stages.Verdict(False, 1, stages.NO_CANDIDATE, candidate.reason or "no candidate code")
-            return self._finish(task_dir, record, verdict, started)
+            return self._finish(task_dir, record, verdict, started, task)
         (task_dir / "candidate.py").write_text(candidate.code)
 
         reference = self.baseline("reference", task, reference_code, batch)
@@ -210,7 +210,7 @@ class Evaluator:
             record["error"] = {"phase": "process", "type": outcome.status, "message": outcome.detail,
                                "traceback": outcome.stderr_tail[-3000:]}
         verdict = stages.judge(inputs)
-        return self._finish(task_dir, record, verdict, started)
+        return self._finish(task_dir, record, verdict, started, task)
 
     def _measure(self, task, batch, texts, result, images_dir, reference, gold, inputs, record) -> None:
         images = metrics.load_images([images_dir / n for n in result.get("images", [])])
@@ -262,8 +262,16 @@ class Evaluator:
                        "U_gold": inputs.gold_speedup, "latency_ms": inputs.latency_ms,
                        "reference_latency_ms": ref_latency, "images": result.get("images", [])})
 
-    def _finish(self, task_dir: Path, record: dict, verdict: stages.Verdict, started: float) -> dict:
+    def _finish(self, task_dir: Path, record: dict, verdict: stages.Verdict, started: float,
+                task=None) -> dict:
         record["verdict"] = asdict(verdict)
+        if task is not None and task.level in ("L4", "L5"):
+            record["difficulty"] = task.difficulty
+            record["target_speedup"] = task.constraint.min_speedup if task.level == "L4" else None
+            record["target_latency_ms"] = task.constraint.max_latency_ms if task.level == "L5" else None
+            record["attainment"] = metrics.target_attainment(
+                task.level, verdict.passed, verdict.category, record.get("U"), record.get("latency_ms"),
+                record["target_speedup"], record["target_latency_ms"])
         record["passed"] = verdict.passed
         record["category"] = verdict.category
         record["stage_reached"] = verdict.stage_reached

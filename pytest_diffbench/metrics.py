@@ -134,3 +134,25 @@ class ClipScorer:
             cos = (img * txt).sum(dim=-1).float().cpu().numpy()
         scores = [100.0 * max(float(c), 0.0) for c in cos]
         return {"clip_scores": scores, "clip_cosine": [float(c) for c in cos], "mean_clip": float(np.mean(scores))}
+
+
+def target_attainment(level: str, passed: bool, category: str | None, speedup: float | None,
+                      latency_ms: float | None, min_speedup: float | None, max_latency_ms: float | None) -> float | None:
+    """min(1, achieved / required) of an L4/L5 task, the per-task term of the paper's S_a.
+
+    L4: U / min_speedup; L5: max_latency_ms / latency_ms (the speedup achieved over the one the
+    latency target requires, both against the same reference latency). Only a candidate that is
+    correct and keeps its quality earns it: one that failed any stage before the speed check
+    (or produced nothing) attains 0. None for L1-L3 and for harness errors (not the model's).
+    """
+    if level not in ("L4", "L5") or category == "harness":
+        return None
+    if not passed and category != "relative_speed":
+        return 0.0
+    if level == "L4":
+        if not (speedup and min_speedup):
+            return 0.0
+        return min(1.0, speedup / min_speedup)
+    if not (latency_ms and max_latency_ms):
+        return 0.0
+    return min(1.0, max_latency_ms / latency_ms)

@@ -34,6 +34,10 @@ def junit_properties(record: dict) -> list[tuple[str, str]]:
         "diffbench_U_gold": record.get("U_gold"),
         "diffbench_speed_method": record.get("speed_method"),
         "diffbench_latency_ms": record.get("latency_ms"),
+        "diffbench_difficulty": record.get("difficulty"),
+        "diffbench_target_speedup": record.get("target_speedup"),
+        "diffbench_target_latency_ms": record.get("target_latency_ms"),
+        "diffbench_attainment": record.get("attainment"),
         "diffbench_clip": clip.get("mean"),
         "diffbench_clip_model": record.get("clip_model"),
         "diffbench_psnr_db": (record.get("fidelity") or {}).get("mean_psnr_db"),
@@ -71,13 +75,36 @@ def summary_lines(rows: list[dict], levels, elapsed_s: float, run_dir: Path) -> 
     if total["harness"]:
         lines.append(f"incomplete: {total['harness']} task(s) hit harness errors; S_p is over the "
                      f"{total['tasks'] - total['harness']} tasks that were evaluated")
+    sa = s_a_line(rows)
+    if sa:
+        lines.append(sa)
     hits = sum(r.get("props", {}).get("diffbench_baseline_cache", "").count("hit") for r in rows)
     misses = sum(r.get("props", {}).get("diffbench_baseline_cache", "").count("miss") for r in rows)
     cost = sum(float(r.get("props", {}).get("diffbench_llm_cost_usd", 0) or 0) for r in rows)
     tokens = sum(int(float(r.get("props", {}).get("diffbench_llm_total_tokens", 0) or 0)) for r in rows)
-    lines.append(f"baseline cache: {hits} hits, {misses} misses   LLM: {tokens} tokens, ${cost:.4f}")
+    unpriced = sum(r.get("props", {}).get("diffbench_llm_cost_known") == "False" for r in rows)
+    price = f"${cost:.4f}" + (f" (cost unknown for {unpriced} task(s): the model is not in litellm's price map; "
+                              f"--llm-price IN,OUT sets one)" if unpriced else "")
+    lines.append(f"baseline cache: {hits} hits, {misses} misses   LLM: {tokens} tokens, {price}")
     lines.append(f"total time: {elapsed_s:.1f} s   run directory: {run_dir}")
     return lines
+
+
+def s_a_line(rows: list[dict]) -> str | None:
+    """The paper's S_a: over hard L4/L5 tasks, the mean of min(1, achieved / required) (per task:
+    `metrics.target_attainment`; harness errors are left out, as from S_p)."""
+    per_level: dict[str, list[float]] = {}
+    for r in rows:
+        props = r.get("props") or {}
+        if r["level"] in ("L4", "L5") and props.get("diffbench_difficulty") == "hard" \
+                and props.get("diffbench_attainment") not in (None, ""):
+            per_level.setdefault(r["level"], []).append(float(props["diffbench_attainment"]))
+    if not per_level:
+        return None
+    everything = [x for xs in per_level.values() for x in xs]
+    parts = [f"{lvl} {100.0 * sum(xs) / len(xs):.2f}% ({len(xs)})" for lvl, xs in sorted(per_level.items())]
+    return (f"S_a (hard L4/L5, mean of min(1, achieved/required)): {', '.join(parts)}, "
+            f"all {100.0 * sum(everything) / len(everything):.2f}% ({len(everything)})")
 
 
 def _counts(rows: list[dict]) -> Counter:

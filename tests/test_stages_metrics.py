@@ -1,6 +1,7 @@
 """Stage judgement, metrics, baseline cache, device mapping and prediction files, without torch."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -149,3 +150,50 @@ def test_candidates_from_folder_and_jsonl(tmp_path):
     jsonl.write_text('{"task_id": "L1-a", "code": "y"}\n{broken\n')
     with pytest.raises(ValueError, match=r"preds.jsonl:2: not valid JSON"):
         load_candidates(jsonl)
+
+
+@pytest.mark.parametrize("level, passed, category, u, latency, target_u, target_lat, expected", [
+    ("L4", True, None, 3.0, None, 2.5, None, 1.0),                       # met: capped at 1
+    ("L4", False, "relative_speed", 2.0, None, 2.5, None, 0.8),          # slower than asked: partial
+    ("L5", False, "relative_speed", None, 125.0, None, 100.0, 0.8),      # latency 25 % over the target
+    ("L5", True, None, None, 80.0, None, 100.0, 1.0),
+    ("L4", False, "relative_quality", 9.0, None, 2.5, None, 0.0),        # fast but lost quality: nothing
+    ("L4", False, "runtime", None, None, 2.5, None, 0.0),
+    ("L4", False, "no_candidate", None, None, 2.5, None, 0.0),
+    ("L4", False, "harness", None, None, 2.5, None, None),               # not the model's: left out
+    ("L2", True, None, 2.0, None, None, None, None),
+])
+def test_target_attainment(level, passed, category, u, latency, target_u, target_lat, expected):
+    from pytest_diffbench.metrics import target_attainment
+
+    got = target_attainment(level, passed, category, u, latency, target_u, target_lat)
+    assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_summary_shows_s_a_over_hard_tasks_only():
+    from pytest_diffbench.report import summary_lines
+
+    def row(task_id, passed, difficulty, attainment, category=None):
+        return {"task_id": task_id, "level": task_id[:2], "passed": passed, "category": category,
+                "props": {"diffbench_difficulty": difficulty, "diffbench_attainment": attainment}}
+
+    rows = [row("L4-a", True, "hard", "1"), row("L4-b", False, "hard", "0.5", "relative_speed"),
+            row("L4-c", False, "easy", "0", "runtime"), row("L5-d", False, "hard", "0.25", "relative_speed"),
+            row("L5-e", False, "hard", "", "harness")]
+    text = "\n".join(summary_lines(rows, ["L4", "L5"], 1.0, Path("run")))
+    assert "S_a (hard L4/L5, mean of min(1, achieved/required)): L4 75.00% (2), L5 25.00% (1), all 58.33% (3)" in text
+    assert "S_a" not in "\n".join(summary_lines(rows[2:3], ["L4"], 1.0, Path("run")))
+
+
+def test_summary_says_when_the_llm_cost_is_unknown():
+    from pytest_diffbench.report import summary_lines
+
+    rows = [{"task_id": "L1-a", "level": "L1", "passed": True, "category": None,
+             "props": {"diffbench_llm_total_tokens": "100", "diffbench_llm_cost_usd": "0",
+                       "diffbench_llm_cost_known": "False"}},
+            {"task_id": "L1-b", "level": "L1", "passed": True, "category": None,
+             "props": {"diffbench_llm_total_tokens": "50", "diffbench_llm_cost_usd": "0.25",
+                       "diffbench_llm_cost_known": "True"}}]
+    text = "\n".join(summary_lines(rows, ["L1"], 1.0, Path("run")))
+    assert "LLM: 150 tokens, $0.2500 (cost unknown for 1 task(s)" in text
+    assert "cost unknown" not in "\n".join(summary_lines(rows[1:], ["L1"], 1.0, Path("run")))
