@@ -342,3 +342,28 @@ def test_a_preset_whose_configurations_all_fail_the_full_workload_stays_uncalibr
     assert data["optima"] == {} and data["tasks"] == {}
     assert 0 < len(ev.full.calls) <= C.VERIFY_TRIES * 2
     assert any("no configuration keeps its quality on the full workload" in line for line in logs)
+
+
+def test_the_committed_cpu_tiny_calibration_covers_the_suite_and_is_checked(suite):
+    """The file a fresh machine uses: every L4/L5 task calibrated and up to date, every optimum
+    checked on the full workload within its margin, targets derived from the checked figures."""
+    cal = C.load_calibration(TASKS_DIR, "cpu-tiny")
+    assert cal is not None and cal.quality_method == "fidelity"
+    l45_tasks = [t for t in suite if t.level in ("L4", "L5")]
+    assert len(l45_tasks) == 186 and {t.id for t in l45_tasks} == set(cal.tasks)
+    for task in l45_tasks:
+        cal.target(task)  # raises when the task changed after calibration
+        applied = cal.apply(task)
+        opt = cal.optima[cal.target(task).optimum]
+        if task.level == "L4":
+            assert applied.constraint.min_speedup <= opt.speedup
+        else:
+            assert applied.constraint.max_latency_ms >= opt.latency_ms
+            assert applied.constraint.reference_latency_ms == pytest.approx(opt.latency_ms * opt.speedup, rel=0.01)
+    bound = cal.quality_bound
+    for key, raw in cal.raw["optima"].items():
+        assert raw["L"] <= C.FULL_WORKLOAD_MARGIN * bound, key
+        assert raw["search"]["L"] <= C.SEARCH_MARGIN * bound and raw["search"]["samples"] < 10, key
+        family = cal.raw["families"][key.split("/")[0]]
+        checked = {C.config_id(c["config"]): c for c in family["full_workload"]["checked"]}
+        assert checked[C.config_id(raw["config"])]["L"] == raw["L"], key
