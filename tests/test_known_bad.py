@@ -95,10 +95,21 @@ def test_known_bad_candidate_fails_at_its_stage(name, task, make_evaluator, tmp_
 @pytest.mark.slow
 def test_gold_passes_and_no_candidate_is_not_a_model_failure(task, make_evaluator, tmp_path):
     evaluator = make_evaluator(tmp_path / "run")
+    roles = []
+    real_run_code = evaluator.run_code
+    evaluator.run_code = lambda role, *a, **kw: roles.append(role) or real_run_code(role, *a, **kw)
     record = evaluator.evaluate(task, Candidate(code=task.gold, source="reference"), task.reference, task.gold)
     assert record["passed"], record["message"]
     assert record["U"] == pytest.approx(record["U_gold"]) and record["U"] > 1.5  # DeepCache cuts FLOPs
     assert record["L"] <= record["L_bound"]
+    # the gold code is not run a second time for a candidate that is the gold code
+    assert record["baseline_cache"]["gold"] == "candidate" and roles.count("gold") == 0
+    assert roles.count("candidate") == 1
+    assert record["fidelity"]["gold_mean_nrmse"] == pytest.approx(record["L"])
+    # a candidate one character away from it gets a real gold baseline
+    other = evaluator.evaluate(task, Candidate(code=task.gold + "\n", source="test"), task.reference, task.gold)
+    assert other["passed"] and other["baseline_cache"]["gold"] in ("hit", "miss") and roles.count("gold") <= 1
+    assert other["U"] == pytest.approx(record["U"]) and other["L"] == pytest.approx(record["L"])
     missing = evaluator.evaluate(task, Candidate(code=None, source="preds", reason="no candidate for it"),
                                  task.reference, task.gold)
     assert missing["category"] == stages.NO_CANDIDATE and stages.NO_CANDIDATE not in stages.MODEL_FAILURES
