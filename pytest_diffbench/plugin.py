@@ -7,6 +7,7 @@ module only wires them into pytest. Without `--diffbench-level` it does nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -135,14 +136,34 @@ class DiffbenchSession:
             self._calibrations[profile_name] = load_calibration(self.tasks_dir, profile_name)
         return self._calibrations[profile_name]
 
-    def previous_record(self, label: str, profile_name: str) -> dict | None:
-        """A complete result.json of `label` from an earlier session on the same profile, if any."""
-        path = self.run_dir / label / "result.json"
+    def resume_fingerprint(self, task, candidate_code: str | None) -> dict:
+        """What a result may be reused for: the task as posed on this profile (calibrated target,
+        reference, gold) and the generator (with the candidate's code where it is known without
+        running the generator: --diffbench-candidates). Written beside result.json as resume.json."""
+        opt = self.config.getoption
+        if opt("diffbench_candidates"):
+            generator = f"candidates:{Path(opt('diffbench_candidates')).resolve()}"
+        elif getattr(self.config.option, "llm", None):
+            generator = f"llm:{opt('llm')}:agent={getattr(self.config.option, 'agent', None)}"
+        else:
+            generator = "reference"
+        digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
+        return {"task": digest(json.dumps(task.to_dict(), sort_keys=True, default=str)), "generator": generator,
+                "candidate": None if candidate_code is None else digest(candidate_code)}
+
+    def previous_record(self, label: str, profile_name: str, fingerprint: dict) -> dict | None:
+        """A complete result.json of `label` from an earlier session on the same profile, for the
+        same task and generator (`fingerprint`), if any."""
+        folder = self.run_dir / label
         try:
-            record = json.loads(path.read_text())
+            record = json.loads((folder / "result.json").read_text())
+            recorded = json.loads((folder / RESUME_FILE).read_text())
         except (OSError, ValueError):
-            return None  # absent, or cut short by a kill: evaluate again
+            return None  # absent, cut short by a kill, or from before fingerprints: evaluate again
         if not isinstance(record, dict) or not record.get("complete") or record.get("profile") != profile_name:
+            return None
+        if recorded != fingerprint:
+            # another task version, calibration, generator or candidate: the old verdict is not this one's
             return None
         record["resumed"] = True
         return record
@@ -386,10 +407,17 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
     evaluator = diffbench_session.evaluator()
     task = diffbench_profile_task
     label = f"{task.id}@{diffbench_candidate_id}" if diffbench_candidate_id else task.id
-    record = diffbench_session.previous_record(label, evaluator.profile.name) if diffbench_session.resume else None
+    known_code = None
+    if diffbench_session.candidates is not None:  # a file read, no generator run
+        known_code = request.getfixturevalue("diffbench_candidate").code or ""
+    fingerprint = diffbench_session.resume_fingerprint(task, known_code)
+    record = (diffbench_session.previous_record(label, evaluator.profile.name, fingerprint)
+              if diffbench_session.resume else None)
     if record is None:
         candidate = request.getfixturevalue("diffbench_candidate")
         record = evaluator.evaluate(task, candidate, task.reference, task.gold, label=label)
+        if record.get("complete"):
+            (evaluator.run_dir / label / RESUME_FILE).write_text(json.dumps(fingerprint, sort_keys=True))
     for name, value in report.junit_properties(record):
         request.node.user_properties.append((name, value))
     request.config.hook.pytest_diffbench_evaluated(task=task, record=record, config=request.config)
@@ -397,6 +425,10 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
 
 
 # -- reporting -----------------------------------------------------------------------------------
+
+#: beside each result.json: what it was computed from (see DiffbenchSession.resume_fingerprint)
+RESUME_FILE = "resume.json"
+
 
 def report_row(rep) -> dict | None:
     """One summary row per task, from the call report (or the setup report when setup failed)."""
