@@ -14,7 +14,9 @@ One round:
 5. M survivors are drawn without replacement with probabilities proportional to fitness
    (normalised to sum 1; a floor keeps zero-fitness candidates drawable when too few score).
 
-After at most T_sel rounds the best candidate ever measured is the answer (passing first).
+After at most T_sel rounds the best candidate ever measured is the answer: passing first, then
+the one that comes closest to the target while keeping its quality (min(1, achieved / required),
+the term of S_a), then fitness.
 
 Fitness (docs/agent.md), from the result record of the harness::
 
@@ -82,6 +84,18 @@ def fitness(task, result: dict | None) -> float:
     if result.get("passed"):
         f += PASS_BONUS
     return round(f, 6)
+
+
+def attainment(task, result: dict | None) -> float:
+    """min(1, achieved / required) of an L4/L5 result, 0 when it failed before the speed check
+    (`pytest_diffbench.metrics.target_attainment`, the per-task term of S_a)."""
+    from pytest_diffbench.metrics import target_attainment
+
+    if not result:
+        return 0.0
+    value = target_attainment(task.level, bool(result.get("passed")), result.get("category"), result.get("U"),
+                              result.get("latency_ms"), task.constraint.min_speedup, task.constraint.max_latency_ms)
+    return value or 0.0
 
 
 def feedback_text(task, result: dict | None, note: str = "") -> str:
@@ -225,10 +239,12 @@ class GeneticSelector:
         return chosen
 
     def best(self) -> Individual | None:
+        """Passing first; among the rest the one closest to the target that keeps its quality
+        (what S_a credits), then fitness: fitness steers the search, the answer is judged by the task."""
         measured = [p for p in self.history if p.code is not None]
         if not measured:
             return None
-        return max(measured, key=lambda p: (p.passed, p.fitness, p.smoke_ok, -p.round))
+        return max(measured, key=lambda p: (p.passed, attainment(self.task, p.result), p.fitness, p.smoke_ok, -p.round))
 
     # -- the search --------------------------------------------------------------------------
     def run(self) -> Individual | None:

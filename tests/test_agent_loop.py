@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from agent.agents import Bounds, DiffAgent, PlainAgent  # noqa: E402
-from agent.ga import GeneticSelector, fitness  # noqa: E402
+from agent.ga import GeneticSelector, Individual, attainment, fitness  # noqa: E402
 from agent.knowledge import config_key, load_knowledge, render_candidate  # noqa: E402
 from agent.llm import LLMClient, LLMError, LLMSettings  # noqa: E402
 from agent.memory import TuningMemory  # noqa: E402
@@ -277,8 +277,27 @@ def test_ga_returns_the_best_when_nothing_passes(tasks, kb, tmp_path):
     result = agent.run()
     assert not result.ok and model.roles().count("acceleration_plans") == 2
     tried = ROUND1[:3] + ROUND2[1:4]
-    fittest = max(tried, key=lambda c: fitness(task, measured(task, c)))
-    assert f"#CONFIG {json.dumps(fittest)}" in result.code
+    # the answer: closest to the speed target among those that keep quality (S_a's term), then fitness
+    closest = max(tried, key=lambda c: (attainment(task, measured(task, c)), fitness(task, measured(task, c))))
+    assert f"#CONFIG {json.dumps(closest)}" in result.code
+    assert attainment(task, measured(task, closest)) > 0
+
+
+def test_the_answer_is_the_candidate_closest_to_the_target_not_the_fittest(tasks):
+    """Seen on L4-dit-c2i-hard-0012 with the scripted model: 20 steps (U 1.415, L 0.026) had higher
+    fitness than 15 steps (U 1.520, L 0.036) against a 1.56x target; the answer must be the latter."""
+    task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"], min_speedup=1.56)
+
+    def person(i, U, L, category="relative_speed"):
+        result = {"passed": False, "category": category, "U": U, "L": L, "L_bound": 0.1}
+        return Individual(id=f"r1c{i}", round=1, origin="new", config={"steps": i}, code="x", smoke_ok=True,
+                          result=result, fitness=fitness(task, result))
+
+    slower, closer, broken = person(1, 1.415, 0.0262), person(2, 1.520, 0.0355), person(3, 3.0, 0.2, "relative_quality")
+    assert slower.fitness > closer.fitness  # the weighting that made the difference
+    selector = GeneticSelector.__new__(GeneticSelector)
+    selector.task, selector.history = task, [slower, closer, broken]
+    assert selector.best() is closer
 
 
 def test_ga_resumes_an_interrupted_task_at_its_last_finished_round(tasks, kb, tmp_path):
