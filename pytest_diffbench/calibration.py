@@ -526,7 +526,6 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
     its measurements of a searched family (same digest, profile and bound) are reused: `configs`
     counts them, so a second run with a larger budget only measures the difference.
     `checkpoint(data)` is called after each family (the CLI writes the file there)."""
-    from .evaluate import Candidate
 
     profile = evaluator.profile
     gen = _load_generator(tasks_dir)
@@ -584,13 +583,7 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
             cid = config_id(config)
             if cid in cache:
                 return cache[cid], False
-            code = render_config(gen, probe, config, f"{fkey} {cid}")
-            t0 = time.monotonic()
-            label = f"calibration/{fkey}/{hashlib.sha256(cid.encode()).hexdigest()[:12]}"
-            rec = evaluator.evaluate(probe, Candidate(code, "calibration"), probe.reference, None, label=label)
-            (Path(evaluator.run_dir) / label / MEASUREMENT_FILE).write_text(
-                json.dumps({"config": config, "digest": family_digest(probe)}, sort_keys=True))
-            cache[cid] = dataclasses.replace(_measurement_of(config, rec), seconds=time.monotonic() - t0)
+            cache[cid], rec = _measure(evaluator, gen, probe, fkey, config)
             if rec.get("reference_latency_ms"):
                 families_out.setdefault(fkey, {})["reference_latency_ms"] = round(rec["reference_latency_ms"], 3)
             return cache[cid], True
@@ -657,8 +650,6 @@ def _verify_presets(evaluator, probe: Task, presets, cache: Mapping[str, Measure
     measurement). The preset's feasible search configurations are re-measured with the task's own
     workload, best U first, until one keeps L <= FULL_WORKLOAD_MARGIN x bound; `verified` caches
     full-workload measurements by config id (reused across presets and reruns)."""
-    from .evaluate import Candidate
-
     out = {}
     for preset in presets:
         pkey = preset_key(preset)
@@ -667,14 +658,7 @@ def _verify_presets(evaluator, probe: Task, presets, cache: Mapping[str, Measure
         for search in ranked[:VERIFY_TRIES]:
             cid = config_id(search.config)
             if cid not in verified:
-                code = render_config(gen, probe, search.config, f"{fkey} {cid} (full workload)")
-                label = f"calibration/{fkey}/full-{hashlib.sha256(cid.encode()).hexdigest()[:12]}"
-                t0 = time.monotonic()
-                rec = evaluator.evaluate(probe, Candidate(code, "calibration"), probe.reference, None, label=label)
-                (Path(evaluator.run_dir) / label / MEASUREMENT_FILE).write_text(
-                    json.dumps({"config": search.config, "digest": family_digest(probe), "workload": "full"},
-                               sort_keys=True))
-                verified[cid] = dataclasses.replace(_measurement_of(search.config, rec), seconds=time.monotonic() - t0)
+                verified[cid], _ = _measure(evaluator, gen, probe, fkey, search.config, workload="full")
             full = verified[cid]
             ok = full.error is None and full.U is not None and full.L is not None and full.L <= FULL_WORKLOAD_MARGIN * bound
             log(f"  {pkey}: full workload {cid}: L={_round(full.L, 4)} (search {search.L}) U={_round(full.U, 3)} "
@@ -683,6 +667,24 @@ def _verify_presets(evaluator, probe: Task, presets, cache: Mapping[str, Measure
                 out[pkey] = (full, search)
                 break
     return out
+
+
+def _measure(evaluator, gen, probe: Task, fkey: str, config: dict,
+             workload: str | None = None) -> tuple[Measurement, dict]:
+    """Evaluate `config` rendered as the probe's code and return its measurement and the
+    evaluator's record. The config is written beside the run's result (MEASUREMENT_FILE) so that a
+    killed run's measurements are recovered; `workload="full"` marks the full-workload checks."""
+    from .evaluate import Candidate
+
+    cid = config_id(config)
+    full = workload == "full"
+    code = render_config(gen, probe, config, f"{fkey} {cid}" + (" (full workload)" if full else ""))
+    label = f"calibration/{fkey}/{'full-' if full else ''}{hashlib.sha256(cid.encode()).hexdigest()[:12]}"
+    t0 = time.monotonic()
+    rec = evaluator.evaluate(probe, Candidate(code, "calibration"), probe.reference, None, label=label)
+    meta = {"config": config, "digest": family_digest(probe), **({"workload": workload} if workload else {})}
+    (Path(evaluator.run_dir) / label / MEASUREMENT_FILE).write_text(json.dumps(meta, sort_keys=True))
+    return dataclasses.replace(_measurement_of(config, rec), seconds=time.monotonic() - t0), rec
 
 
 def _sorted_sections(out: dict) -> dict:
