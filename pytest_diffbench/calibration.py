@@ -18,9 +18,10 @@ knowledge base's parameter values) are rendered with the suite's own code templa
 (``tasks/generate.py``) and measured with the evaluator, exactly as candidates are: U and latency
 by the profile's speed method (FLOP ratio on the tiny zoo, wall time otherwise), L by its quality
 method (fidelity to the reference images on the tiny zoo, CLIP score with real CLIP weights).
-It starts from each method alone, then climbs: repeatedly the best feasible configuration's
-neighbours (one knob one notch more aggressive, or one more method switched on) until no
-neighbour is better or the budget (``--configs``, about 50 measurements per family) is spent.
+It starts from each method alone, then expands feasible configurations best first: their
+neighbours (one knob one notch more aggressive, or one more method switched on) are measured, a
+hill climb while that improves, then the runners-up's neighbourhoods, until the budget
+(``--configs``, about 50 measurements per family) is spent or nothing feasible is left to expand.
 A configuration is feasible when L <= ``SEARCH_MARGIN`` x the bound, so that the optimum keeps
 its quality on the full workload (the search measures 2 samples, a run usually 10).
 
@@ -434,11 +435,13 @@ def climb(knobs: list[Knob], measure: Callable[[dict], tuple[Measurement, bool]]
 
     `measure(levels)` returns (Measurement, fresh); measurements that were cached (fresh False)
     cost nothing. Phase 1 tries each knob alone at a middle and at its most aggressive setting;
-    phase 2 climbs from the best feasible configuration: its neighbours are one knob one notch
-    up, a method switched on (mildest and middle setting), another scheduler or DeepCache
-    branch, and, when none of these improves, trades (one knob up, another down); all are
-    measured, the best feasible one becomes the new start, and the climb ends when nothing
-    improves U or the budget is spent.
+    phase 2 expands the best feasible configuration not expanded yet: its neighbours are one knob
+    one notch up, a method switched on (mildest and middle setting), another scheduler or
+    DeepCache branch, and, when none of these improves, trades (one knob up, another down). While
+    expansions improve U this is a hill climb; at a local optimum the budget left goes to the
+    neighbourhoods of the runners-up, best first (the paper searches ~50 configurations, and a
+    climb alone stops after a dozen on small spaces). It ends when the budget is spent or every
+    feasible configuration has been expanded.
     """
     seen: dict[str, Measurement] = {}
     spent = 0
@@ -461,10 +464,6 @@ def climb(knobs: list[Knob], measure: Callable[[dict], tuple[Measurement, bool]]
         seen[key] = m
         return m
 
-    def best() -> tuple[dict, Measurement] | None:
-        good = [(json.loads(k), m) for k, m in seen.items() if m.feasible(bound)]
-        return max(good, key=lambda x: (x[1].U, -len(x[0]))) if good else None
-
     for s in seeds:
         run(dict(s))
     names = {k.name for k in knobs}
@@ -479,10 +478,7 @@ def climb(knobs: list[Knob], measure: Callable[[dict], tuple[Measurement, bool]]
             continue
         for level in sorted({mid, top}):
             run({knob.name: level})
-    while spent < budget:
-        start = best()
-        base_levels = start[0] if start else {}
-        base_u = start[1].U if start else 0.0
+    def expand(base_levels: dict, base_u: float) -> None:
         neighbours = []
         for knob in knobs:
             cur = base_levels.get(knob.name, 0)
@@ -508,11 +504,18 @@ def climb(knobs: list[Knob], measure: Callable[[dict], tuple[Measurement, bool]]
                     cur_up, cur_down = base_levels.get(up.name, 0), base_levels.get(down.name, 0)
                     if up is down or cur_up + 1 >= up.levels or cur_down < 1:
                         continue
-                    m = run({**base_levels, up.name: cur_up + 1, down.name: cur_down - 1})
-                    if m is not None and m.feasible(bound) and m.U > base_u + 1e-9:
-                        improved = True
-        if not improved:
+                    run({**base_levels, up.name: cur_up + 1, down.name: cur_down - 1})
+
+    expanded: set[str] = set()
+    while spent < budget:
+        frontier = [(json.loads(k), m.U) for k, m in seen.items() if m.feasible(bound) and k not in expanded]
+        if not frontier and "{}" not in expanded:
+            frontier = [({}, 0.0)]  # nothing feasible yet: the reference's own settings
+        if not frontier:
             break
+        levels, u = max(frontier, key=lambda x: (x[1], -len(x[0])))
+        expanded.add(json.dumps(levels, sort_keys=True))
+        expand(levels, u)
     return list(seen.values())
 
 

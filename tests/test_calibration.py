@@ -214,6 +214,23 @@ def test_search_space_and_climb():
     assert len(C.climb(knobs, measure, budget=5, bound=0.1)) <= 5
 
 
+def test_the_search_spends_its_budget_beyond_a_local_optimum():
+    # a ToMe level a and a DeepCache level b; a + 2b <= 4 keeps quality, U = 1 + a + 2b, and one
+    # pocket, ToMe alone at level 3, is much faster. The climb from the phase-1 best ({b: 2}, U 5)
+    # finds no better neighbour or trade there; only the runners-up's neighbourhoods lead to {a: 3}.
+    knobs = [C.Knob("tome_ratio", "tomesd", 6), C.Knob("dc_interval", "deepcache", 3)]
+
+    def measure(levels):
+        a, b = levels.get("tome_ratio", 0), levels.get("dc_interval", 0)
+        u = 1 + a + 2 * b + (3 if (a, b) == (3, 0) else 0)
+        return C.Measurement(dict(levels), 0.0 if a + 2 * b <= 4 else 1.0, u, None), True
+
+    ms = C.climb(knobs, measure, budget=50, bound=0.05)
+    assert max(m.U for m in ms if m.feasible(0.05)) == 7
+    assert len(ms) < 6 * 3  # it stops when every feasible configuration was expanded
+    assert max(m.U for m in C.climb(knobs, measure, budget=5, bound=0.05) if m.feasible(0.05)) == 5
+
+
 def test_calibration_command():
     assert C.calibration_command("cpu-tiny") == "python -m pytest_diffbench.calibration --profile cpu-tiny"
 
