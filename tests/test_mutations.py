@@ -272,4 +272,5 @@ def test_every_one_attribute_mutant_is_caught_at_stage_1(suite, make_evaluator, 
             ok, why = caught(task, mutant, smoke)
             if not ok:
                 missed.append(f"{task.id} [{mutant.kind}: {mutant.description}]: {why}")
+    print(f"mutation test: {total - len(missed)} of {total} mutants of {len(sample)} tasks caught at stage 1")
     assert not missed, f"{len(missed)} of {total} mutants not caught at stage 1:\n" + "\n".join(missed)
