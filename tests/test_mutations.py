@@ -7,7 +7,7 @@ extra method, the model id, or the precision. Every mutant is run with the evalu
 message names the changed attribute. The mutants are built by plain text edits of the gold code, so
 they look like what an LLM gets wrong.
 
-The slow test runs them all (about 75 sandbox runs; see the README of tasks/ for timings); the fast
+The slow test runs them all with DIFFBENCH_EXHAUSTIVE=1 (74 sandbox runs, ~15 minutes); the fast
 tests check that the mutants are well-formed.
 """
 from __future__ import annotations
@@ -256,8 +256,9 @@ CI_MUTATION_TASKS = ("L2-sd15-t2i-deepcache-0006",)
 
 @pytest.mark.slow
 def test_every_one_attribute_mutant_is_caught_at_stage_1(suite, make_evaluator, tmp_path):
-    """74 mutants of 12 tasks with DIFFBENCH_EXHAUSTIVE=1 (about 2 hours on a busy 2-core machine,
-    1-2 minutes per smoke run); by default the 7 mutants of CI_MUTATION_TASKS."""
+    """74 mutants of 12 tasks with DIFFBENCH_EXHAUSTIVE=1 (measured: 74 of 74 caught in 15 minutes,
+    ~12 s per smoke run, on the 2-core machine beside a sweep); by default the 7 mutants of
+    CI_MUTATION_TASKS."""
     import os
 
     evaluator = make_evaluator(tmp_path / "runs", samples=1)
