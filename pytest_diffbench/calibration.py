@@ -478,6 +478,7 @@ def climb(knobs: list[Knob], measure: Callable[[dict], tuple[Measurement, bool]]
             continue
         for level in sorted({mid, top}):
             run({knob.name: level})
+
     def expand(base_levels: dict, base_u: float) -> None:
         neighbours = []
         for knob in knobs:
@@ -529,7 +530,6 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
     its measurements of a searched family (same digest, profile and bound) are reused: `configs`
     counts them, so a second run with a larger budget only measures the difference.
     `checkpoint(data)` is called after each family (the CLI writes the file there)."""
-
     profile = evaluator.profile
     gen = _load_generator(tasks_dir)
     bound = quality_bound if quality_bound is not None else (
