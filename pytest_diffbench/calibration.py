@@ -57,6 +57,7 @@ import hashlib
 import importlib
 import json
 import math
+import shlex
 import sys
 import textwrap
 import time
@@ -90,6 +91,9 @@ __all__ = [
 ]
 
 CALIBRATION_DIR = "calibration"
+# The checkout's tasks/ (the calibration command's default --tasks).
+REPO_TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+
 #: L4/L5 fidelity bound (normalised RMS error vs the reference images) on profiles without a
 #: meaningful CLIP score (the tiny zoo)
 TINY_FIDELITY_BOUND = 0.10
@@ -146,9 +150,16 @@ def calibration_path(tasks_dir: Path, profile_name: str) -> Path:
     return Path(tasks_dir) / CALIBRATION_DIR / f"{profile_name}.yaml"
 
 
-def calibration_command(profile_name: str) -> str:
-    """The command that writes the calibration of `profile_name` (for skip messages)."""
-    return f"python -m pytest_diffbench.calibration --profile {profile_name}"
+def calibration_command(profile_name: str, tasks_dir: Path | None = None) -> str:
+    """The command that writes the calibration of `profile_name` (for skip messages).
+
+    `--tasks` is named only for a folder other than the repository's, where the command's default
+    would write the file somewhere the run does not read it.
+    """
+    command = f"python -m pytest_diffbench.calibration --profile {profile_name}"
+    if tasks_dir is not None and Path(tasks_dir).resolve() != REPO_TASKS_DIR:
+        command += f" --tasks {shlex.quote(str(tasks_dir))}"
+    return command
 
 
 @dataclass(frozen=True)
@@ -887,7 +898,7 @@ def _evaluator_for(profile_name: str, args) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    repo_tasks = Path(__file__).resolve().parent.parent / "tasks"
+    repo_tasks = REPO_TASKS_DIR
     parser = argparse.ArgumentParser(prog="python -m pytest_diffbench.calibration",
                                      description="Calibrate the L4/L5 targets of a hardware profile.")
     parser.add_argument("--profile", required=True, help="profile name, e.g. cpu-tiny")

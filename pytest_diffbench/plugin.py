@@ -374,11 +374,12 @@ def diffbench_profile_task(diffbench_task, diffbench_session):
 
     calibration = diffbench_session.calibration(name)
     if calibration is None:
-        pytest.skip(f"no L4/L5 calibration for hardware profile {name!r}; create one with: {calibration_command(name)}")
+        pytest.skip(f"no L4/L5 calibration for hardware profile {name!r}; create one with: "
+                    f"{calibration_command(name, diffbench_session.tasks_dir)}")
     try:
         return calibration.apply(task)
     except CalibrationError as exc:
-        pytest.skip(f"{task.id}: {exc}; recalibrate with: {calibration_command(name)}")
+        pytest.skip(f"{task.id}: {exc}; recalibrate with: {calibration_command(name, diffbench_session.tasks_dir)}")
 
 
 @pytest.fixture

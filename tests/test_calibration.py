@@ -233,6 +233,9 @@ def test_the_search_spends_its_budget_beyond_a_local_optimum():
 
 def test_calibration_command():
     assert C.calibration_command("cpu-tiny") == "python -m pytest_diffbench.calibration --profile cpu-tiny"
+    assert C.calibration_command("cpu-tiny", C.REPO_TASKS_DIR) == C.calibration_command("cpu-tiny")
+    assert (C.calibration_command("h100-random", Path("/data/my tasks"))
+            == "python -m pytest_diffbench.calibration --profile h100-random --tasks '/data/my tasks'")
 
 
 @pytest.mark.slow

@@ -73,6 +73,18 @@ def test_bad_task_file_names_file_task_and_field(tmp_path):
     assert victim.name in out.stderr and victim.stem in out.stderr and "steps" in out.stderr
 
 
+def test_l4_without_a_calibration_for_the_profile_is_a_skip_naming_the_command(tmp_path, e2e_env):
+    tasks = tmp_path / "tasks"
+    (tasks / "L4").mkdir(parents=True)
+    shutil.copy(sorted((TASKS / "L4").glob("*.yaml"))[0], tasks / "L4")  # and no calibration/ folder
+    out = run_pytest("--diffbench-level=L4", f"--diffbench-tasks={tasks}", f"--diffbench-out={tmp_path / 'run'}",
+                     "-rs", env=e2e_env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 skipped" in out.stdout and "passed" not in out.stdout.splitlines()[-1]
+    assert ("no L4/L5 calibration for hardware profile 'cpu-tiny'; create one with: "
+            f"python -m pytest_diffbench.calibration --profile cpu-tiny --tasks {tasks}") in out.stdout
+
+
 def test_help_lists_the_options():
     out = run_pytest("--help")
     for option in ("--diffbench-level", "--diffbench-models", "--diffbench-candidates", "--diffbench-out",
