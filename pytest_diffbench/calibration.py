@@ -898,11 +898,10 @@ def _evaluator_for(profile_name: str, args) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    repo_tasks = REPO_TASKS_DIR
     parser = argparse.ArgumentParser(prog="python -m pytest_diffbench.calibration",
                                      description="Calibrate the L4/L5 targets of a hardware profile.")
     parser.add_argument("--profile", required=True, help="profile name, e.g. cpu-tiny")
-    parser.add_argument("--tasks", default=str(repo_tasks), help="tasks directory (default: %(default)s)")
+    parser.add_argument("--tasks", default=str(REPO_TASKS_DIR), help="tasks directory (default: %(default)s)")
     parser.add_argument("--tasks-filter", "-k", action="append", default=[],
                         help="only families with a task id or family key containing this (repeatable)")
     parser.add_argument("--configs", type=int, default=DEFAULT_CONFIGS,

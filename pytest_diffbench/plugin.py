@@ -373,13 +373,13 @@ def diffbench_profile_task(diffbench_task, diffbench_session):
         pytest.skip(f"{task.id}: this installation has no L4/L5 calibration support")
 
     calibration = diffbench_session.calibration(name)
+    command = calibration_command(name, diffbench_session.tasks_dir)
     if calibration is None:
-        pytest.skip(f"no L4/L5 calibration for hardware profile {name!r}; create one with: "
-                    f"{calibration_command(name, diffbench_session.tasks_dir)}")
+        pytest.skip(f"no L4/L5 calibration for hardware profile {name!r}; create one with: {command}")
     try:
         return calibration.apply(task)
     except CalibrationError as exc:
-        pytest.skip(f"{task.id}: {exc}; recalibrate with: {calibration_command(name, diffbench_session.tasks_dir)}")
+        pytest.skip(f"{task.id}: {exc}; recalibrate with: {command}")
 
 
 @pytest.fixture
