@@ -43,6 +43,9 @@ class ChildPytest:
     python: str = sys.executable
     visible_devices: str | None = None
     per_candidate_items: bool | None = None  # None: ask pytest_diffbench.candidates
+    # the cache dir the child sessions share (--diffbench-cache-dir): its key authenticates the
+    # result.json they write, so a record a candidate forged is not read as fitness
+    cache_dir: Path | None = None
 
     def supports_candidate_ids(self) -> bool:
         if self.per_candidate_items is not None:
@@ -112,7 +115,7 @@ class ChildPytest:
             workers = min(self.workers, len(candidates))
             self._check_exit(self._run(self.command(task, manifest, out, workers), log), log)
             for cid, _ in candidates:
-                results[cid] = _read(out / f"{task.id}@{cid}" / "result.json")
+                results[cid] = self._read(out, f"{task.id}@{cid}")
             return results
         for cid, code in candidates:
             folder = round_dir / f"child-{cid}"
@@ -121,12 +124,20 @@ class ChildPytest:
             folder.mkdir(parents=True, exist_ok=True)
             manifest.write_text(json.dumps({"task_id": task.id, "code": code}) + "\n", encoding="utf-8")
             self._check_exit(self._run(self.command(task, manifest, folder / "out", 0), log), log)
-            results[cid] = _read(folder / "out" / task.id / "result.json")
+            results[cid] = self._read(folder / "out", task.id)
         return results
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    def _read(self, out: Path, label: str) -> dict | None:
+        """The child's record for `label`, or None when it wrote none (or, with `cache_dir`, when
+        its tag does not verify: then it was not the harness's)."""
+        try:
+            record = json.loads((out / label / "result.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if self.cache_dir is not None:
+            from pytest_diffbench import keys
+
+            if not keys.verify_record(keys.secret_key(self.cache_dir), "result", keys.run_context(out, label), record):
+                return None
+        return record

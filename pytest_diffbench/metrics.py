@@ -23,14 +23,32 @@ import numpy as np
 CONSTANT_IMAGE_STD = 0.5
 
 
-def load_images(paths: Sequence[Path]) -> np.ndarray:
-    """uint8 array (N, H, W, 3) of the PNGs at `paths`."""
+class ImageTooLarge(ValueError):
+    """An image with more pixels than the caller allows (checked from the header, before decoding)."""
+
+
+def load_images(paths: Sequence[Path | bytes], max_pixels: int | None = None) -> np.ndarray:
+    """uint8 array (N, H, W, 3) of the PNGs at `paths` (file paths or the PNG bytes themselves).
+
+    Only PNG is decoded. `max_pixels`: the most pixels an image may have, checked from its header
+    before any pixel is decoded (candidate output: a small file can expand to gigabytes); PIL's own
+    decompression-bomb limit applies in any case. Raises on anything that is not such a PNG.
+    """
+    import io
+    import warnings
+
     from PIL import Image
 
     arrays = []
     for path in paths:
-        with Image.open(path) as img:
-            arrays.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+        source = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is an error here
+            with Image.open(source, formats=["PNG"]) as img:
+                width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageTooLarge(f"image of {width}x{height} pixels, more than the {max_pixels} allowed")
+                arrays.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
     if not arrays:
         return np.zeros((0, 0, 0, 3), dtype=np.uint8)
     if len({a.shape for a in arrays}) != 1:
