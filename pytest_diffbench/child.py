@@ -12,13 +12,12 @@ in docs/architecture.md. Procedure:
 3. a `StepProbe` and a `CallGuard` are installed on `pipe`;
 4. phase `generate`: one plain call of `generate(pipe, batch)`; its images are the result
    images and its pipeline calls give `attributes.steps`; attributes are introspected right
-   after it;
-4b. when `count_flops`: one more call on the first sample, with a fresh random seed (outputs
-   kept from an earlier call cannot answer it), under `torch.utils.flop_counter.FlopCounterMode`
-   (it slows small models ~4x, so not on the whole batch): `flops` = {total, per_image} of that
-   call (text encoder, denoiser, VAE, ...) plus `denoiser` (its share). It must run the denoiser
-   as the first call did. If it fails only under the counter, `flops` = {total: null,
-   per_image: null, error: why};
+   after it. When `count_flops`, this very call runs under
+   `torch.utils.flop_counter.FlopCounterMode`: `flops` = {total, per_image} of the call whose
+   images are judged (text encoder, denoiser, VAE, ...) plus `denoiser` (its share). There is no
+   separate counting call a candidate could tell apart from the judged one. The parent brackets
+   the call with its own clock and the child's CPU time as the kernel accounts it (marks
+   `first`), and cross-checks the FLOPs against that CPU time (pytest_diffbench.crosscheck);
 5. phase `output`: the images must be a list (or tuple) of `PIL.Image.Image`, one per seed
    (their size is judged later, as a structural quality check; `image_size` is
    `[height, width]` of the first image, like the task's `resolution`);
@@ -62,7 +61,6 @@ _perf_counter = time.perf_counter
 _os_replace = os.replace
 _os_write = os.write
 _json_dumps = json.dumps
-_urandom = os.urandom
 
 PHASES = ("import", "load", "generate", "output")
 MAX_TRACEBACK_CHARS = 20000
@@ -341,6 +339,43 @@ def _log(text: str) -> None:
         pass
 
 
+class DenoiserInputs:
+    """The latents entering the denoiser during the judged call: whether the first call ran
+    classifier-free guidance (the batch is two equal halves: each latent twice) and their spatial
+    sizes (the resolution) show what the call really computed, whatever arguments the candidate
+    passed. Compared with the reference run's in stage 1 (stages.work_mismatches)."""
+
+    def __init__(self, module):
+        self.shapes: list[list[int]] = []
+        self.cfg: bool | None = None
+        self._handle = None
+        if module is not None:
+            self._handle = module.register_forward_pre_hook(self._on_call, with_kwargs=True)
+
+    def _on_call(self, module, args, kwargs):
+        import torch
+
+        tensor = next((v for v in (*args, kwargs.get("sample"), kwargs.get("hidden_states"))
+                       if isinstance(v, torch.Tensor)), None)
+        if tensor is None:
+            return None
+        if not self.shapes and tensor.dim() > 0:
+            # classifier-free guidance runs each latent twice: the batch is two equal halves
+            half = tensor.shape[0] // 2
+            self.cfg = bool(tensor.shape[0] % 2 == 0 and half and torch.equal(tensor[:half], tensor[half:]))
+        if len(self.shapes) < 10000:
+            self.shapes.append(list(tensor.shape))
+        return None
+
+    def remove(self) -> dict:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        first = self.shapes[0] if self.shapes else None
+        return {"first": first, "cfg": self.cfg, "batches": sorted({s[0] for s in self.shapes if s}),
+                "spatial": sorted({tuple(s[2:]) for s in self.shapes if len(s) > 2})}
+
+
 class Runner:
     """The child procedure for one job (see module docstring)."""
 
@@ -357,6 +392,7 @@ class Runner:
         self.count_flops = bool(job.get("count_flops", True))
         self.cuda = self.device.startswith("cuda")
         self._sync = None
+        self._reset_threads = None
         self._manual_seed = None
         self.counter = None
         self.guard = None
@@ -380,17 +416,20 @@ class Runner:
         if found:
             raise CandidateError(phase, IntegrityError("; ".join(found)), self.code_path)
 
-    def call_generate(self, module, pipe, batch_factory, probe, flop_mode=None, mark: int | None = None,
-                      measuring: str | None = None, seed: int | None = None):
-        """reset + seed + one generate() call; returns (output, seconds)."""
+    def call_generate(self, module, pipe, batch_factory, probe, flop_mode=None, mark: tuple[str, int] | None = None,
+                      measuring: str | None = None):
+        """reset + seed + one generate() call; returns (output, seconds). `mark`: (call, index) of
+        the start/end marks the parent times with its own clock and the child's CPU time."""
         from pytest_diffbench.introspect import reset_library_state
 
         reset_library_state(pipe)
-        self._manual_seed(self.seeds[0] if seed is None else seed)
+        if self._reset_threads is not None:
+            self._reset_threads()
+        self._manual_seed(self.seeds[0])
         batch = batch_factory()
         self.sync()
         if mark is not None and self.channel is not None:
-            self.channel.mark("start", "timed", mark)
+            self.channel.mark("start", *mark)
         if self.guard is not None:
             self.guard.measuring = measuring
             self.guard.flop_mode = flop_mode
@@ -408,7 +447,7 @@ class Runner:
                 self.guard.measuring = None
                 self.guard.flop_mode = None
         if mark is not None and self.channel is not None:
-            self.channel.mark("end", "timed", mark)
+            self.channel.mark("end", *mark)
         return out, seconds
 
     # -- the procedure --------------------------------------------------------------------------
@@ -423,6 +462,11 @@ class Runner:
         threads = self.job.get("threads")
         if threads:
             torch.set_num_threads(int(threads))
+            # and again before every call (a candidate may have changed it in load_pipeline): the
+            # profile's thread count is part of how a call is measured; more threads spin-wait and
+            # inflate the CPU time the parent cross-checks the FLOP count against
+            set_threads = torch.set_num_threads
+            self._reset_threads = lambda: set_threads(int(threads))
         self._manual_seed = torch.manual_seed
         if self.cuda:
             self._sync = torch.cuda.synchronize
@@ -509,61 +553,34 @@ class Runner:
                 den_flops = float(sum(counts.values())) if counts else None
             except Exception:
                 den_flops = None
-        return {"total": total, "per_image": total, "denoiser": den_flops, "samples_counted": 1}
-
-    def _count_flops(self, module, pipe, batch_factory, probe, first_steps: dict) -> dict:
-        """The FLOP-counting call: the first sample with a fresh random seed (see module docstring)."""
-        from pytest_diffbench.integrity import IntegrityError
-
-        seed = int.from_bytes(_urandom(4), "big") & 0x7FFFFFFF
-
-        def one_sample():
-            batch = batch_factory()
-            for key, value in batch.items():
-                if isinstance(value, list):
-                    batch[key] = value[:1]
-            batch["seeds"] = [seed]
-            return batch
-
-        flop_mode = self.counter
-        probe.clear()
-        try:
-            self.call_generate(module, pipe, one_sample, probe, flop_mode, measuring="flops", seed=seed)
-        except BaseException as exc:  # noqa: BLE001
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            self._check("generate")
-            # It ran without the counter, so this is not the candidate's error: report no FLOPs.
-            return {"total": None, "per_image": None, "error": f"FlopCounterMode: {type(exc).__name__}: {_safe_str(exc)}"[:2000]}
-        self._check("generate")
-        steps = probe.steps()
-        if first_steps.get("requested") and (
-                sorted(set(steps["requested"])) != sorted(set(first_steps["requested"]))
-                or sorted(set(steps["denoiser_calls"])) != sorted(set(first_steps["denoiser_calls"]))):
-            raise CandidateError("generate", IntegrityError(
-                f"the FLOP-counting call (one sample, a new seed) did not run the denoiser as the first call did "
-                f"({_steps_text(steps)} against {_steps_text(first_steps)}): a call must do its own work, "
-                f"outputs reused from earlier calls are not allowed"), self.code_path)
-        return self._flops(flop_mode, pipe)
+        count = max(1, self.count)
+        return {"total": total, "per_image": total / count, "denoiser": den_flops, "samples_counted": count}
 
     def _measure(self, module, pipe, probe, batch_factory, load_s: float) -> None:
         probe.record_methods = True
+        # The judged call is the counted call: its images are the result and, on FLOP-counted
+        # profiles, its FLOPs are the speed figure (nothing distinguishes a measuring call).
+        flop_mode = self.counter if self.count_flops else None
+        from pytest_diffbench.introspect import denoiser
+
+        inputs = DenoiserInputs(denoiser(pipe))
         try:
-            first, first_s = self.call_generate(module, pipe, batch_factory, probe, measuring="first")
+            first, first_s = self.call_generate(module, pipe, batch_factory, probe, flop_mode, mark=("first", 0),
+                                                measuring="first")
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):
                 raise
             self._check("generate")
             raise CandidateError("generate", exc, self.code_path) from None
+        finally:
+            denoiser_inputs = inputs.remove()
         self._check("generate")
         probe.record_methods = False
         first_steps = probe.steps()
         self.result["attributes"] = self._introspect(pipe, probe)
-        # FLOPs are counted on a separate call with the first sample only: FlopCounterMode
-        # intercepts every op in Python and makes small models ~4x slower, and the cost per
-        # image does not depend on the batch.
-        self.result["flops"] = self._count_flops(module, pipe, batch_factory, probe, first_steps) \
-            if self.count_flops else None
+        self.result["attributes"]["denoiser_inputs"] = {**denoiser_inputs,
+                                                        "spatial": [list(s) for s in denoiser_inputs["spatial"]]}
+        self.result["flops"] = self._flops(flop_mode, pipe) if flop_mode is not None else None
 
         try:
             images = validate_output(first, self.count)
@@ -582,7 +599,8 @@ class Runner:
         for index in range(max(0, self.repeats)):
             probe.clear()
             try:
-                out, seconds = self.call_generate(module, pipe, batch_factory, probe, mark=index, measuring="timed")
+                out, seconds = self.call_generate(module, pipe, batch_factory, probe, mark=("timed", index),
+                                                  measuring="timed")
             except BaseException as exc:  # noqa: BLE001
                 if isinstance(exc, KeyboardInterrupt):
                     raise

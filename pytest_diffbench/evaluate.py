@@ -15,10 +15,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import metrics, stages
+from . import crosscheck, metrics, stages
 from .baselines import CachedRun, cache_key, get_or_measure
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
 from .workload import DataSource, batch_digest, build_batch
+
+
+# Bumped when what a child result measures changes, so older cached baselines are measured again
+# (2: FLOPs counted on the judged call, the parent's CPU time of that call; 3: methods judged by
+# behaviour, the latents entering the denoiser).
+MEASUREMENT_FORMAT = 3
 
 
 class HarnessError(Exception):
@@ -112,7 +118,8 @@ class Evaluator:
         key = cache_key({"code": code, "task_model": task.model, "batch": batch_digest(batch),
                          "device": self.profile.device_name, "zoo": self.profile.zoo_detail,
                          "versions": self.profile.versions, "speed": self.profile.speed_method,
-                         "repeats": self.profile.repeats, "threads": self.profile.threads})
+                         "repeats": self.profile.repeats, "threads": self.profile.threads,
+                         "measurement": MEASUREMENT_FORMAT})
 
         def measure(images_dir: Path) -> dict:
             outcome = self.run_code(role, task, code, batch, images_dir, images_dir.parent / "sandbox")
@@ -123,7 +130,13 @@ class Evaluator:
                                    f"defect, not the candidate's:\n{tb[-3000:]}")
             return outcome.result
 
-        run = get_or_measure(self.cache_dir / "baselines", key, measure)
+        from .keys import KeyFileError, secret_key
+
+        try:  # manifests are authenticated with the harness key (keys.py), kept beside the cache
+            secret = secret_key(self.cache_dir)
+        except (KeyFileError, OSError) as exc:
+            raise HarnessError(str(exc)) from exc
+        run = get_or_measure(self.cache_dir / "baselines", key, measure, secret=secret)
         self.stats["baseline_hits" if run.hit else "baseline_misses"] += 1
         return run
 
@@ -210,6 +223,7 @@ class Evaluator:
         inputs = stages.StageInputs(level=task.level, expect=task.expect, constraint=task.constraint,
                                     outcome_status=outcome.status, outcome_detail=outcome.detail, result=result,
                                     gold_attributes=gold.result.get("attributes") if gold else None,
+                                    reference_attributes=reference.result.get("attributes"),
                                     quality_method=self.profile.quality_method, speed_method=self.profile.speed_method)
         if result and result.get("status") == "ok":
             record["attributes"] = result.get("attributes")
@@ -225,16 +239,83 @@ class Evaluator:
         return self._finish(task_dir, record, verdict, started, task)
 
     def _measure(self, task, batch, texts, result, images_dir, reference, gold, inputs, record) -> None:
-        images = metrics.load_images([images_dir / n for n in result.get("images", [])])
-        structural = metrics.structural_checks(images, len(batch["seeds"]), (batch["height"], batch["width"]))
+        """Figures of stages 2 and 3. Whatever is wrong with the candidate's output (its result's
+        figures, its images: undecodable, not PNG, too many pixels, wrong mode or size) ends as the
+        candidate's failure, never as an exception out of evaluate() (which would be a harness
+        error, left out of the scores): malformed figures are a bad result (runtime, as the
+        sandbox's own stream checks), malformed images a structural problem (stage 2, absolute
+        quality, like a wrong image count or size). Baseline images are checked against the digests
+        of their authenticated manifests right before they are decoded; problems with them stay
+        harness errors."""
+        import math
+        import warnings
+
+        from .baselines import BaselineChanged
+        from .sandbox import RESULT_PIXEL_FACTOR
+
+        def figure(value, name):
+            """A number from the candidate's result document (None when absent)."""
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} is {value!r}, not a finite non-negative number")
+            return float(value)
+
+        try:
+            cand_cost = figure(self._cost(result), "the cost per image")
+            cand_latency = figure((result.get("timing") or {}).get("latency_ms_per_image"), "timing.latency_ms_per_image")
+        except (AttributeError, TypeError, ValueError) as exc:
+            inputs.outcome_status, inputs.outcome_detail = "bad_result", f"result rejected by the parent: {exc}"
+            record["error"] = {"phase": "parent", "type": "BadResult", "message": inputs.outcome_detail}
+            return
+        expected_hw = (batch["height"], batch["width"])
+        try:
+            images = metrics.load_images([images_dir / n for n in result.get("images", [])],
+                                         max_pixels=RESULT_PIXEL_FACTOR * expected_hw[0] * expected_hw[1])
+            structural = metrics.structural_checks(images, len(batch["seeds"]), expected_hw)
+        except Exception as exc:  # noqa: BLE001 - candidate output: its failure, whatever it is
+            inputs.structural_problems = (f"unreadable images: {type(exc).__name__}: {str(exc)[:300]}",)
+            return
         inputs.structural_problems = structural.problems
         if not structural.ok:
             return
-        ref_images = metrics.load_images(reference.image_paths)
+
+        def baseline_images(run: CachedRun, role: str):
+            """(decoded images, run): the bytes checked against the digests the parent holds and
+            decoded from those same bytes. A file changed since the entry was opened (by anything,
+            the candidate's run included) makes the baseline be measured again once, so that the
+            verdict is against an honest baseline and the candidate is still judged (a harness
+            error would drop it from the scores); changed again, it is a harness error."""
+            if run.image_digests is None:  # the candidate's own run as gold: already decoded above
+                return images, run
+            try:
+                return metrics.load_images(run.read_images()), run
+            except BaselineChanged as exc:
+                if run.reload is None:
+                    raise HarnessError(f"the {role} baseline of task {task.id} changed: {exc}") from exc
+                warnings.warn(f"{exc}; the {role} baseline of task {task.id} is measured again", stacklevel=2)
+                record.setdefault("baseline_changed", []).append(role)
+                fresh = run.reload()
+                try:
+                    return metrics.load_images(fresh.read_images()), fresh
+                except BaselineChanged as again:
+                    raise HarnessError(f"the {role} baseline of task {task.id} changed again after it was "
+                                       f"measured again: {again}") from again
+
+        ref_images, reference = baseline_images(reference, "reference")
         loss = metrics.fidelity(images, ref_images)
         record["fidelity"] = {"mean_psnr_db": loss["mean_psnr_db"], "mean_nrmse": loss["mean_nrmse"]}
-        gold_loss = metrics.quality_loss_by_fidelity(metrics.load_images(gold.image_paths), ref_images) if gold else None
+        gold_images, gold = baseline_images(gold, "gold") if gold else (None, None)
+        gold_loss = metrics.quality_loss_by_fidelity(gold_images, ref_images) if gold else None
         record["fidelity"]["gold_mean_nrmse"] = gold_loss
+        if gold_images is not None:
+            # L1-L3: the gold solution is the specification; its images from the same seeds show
+            # what was asked where the reference is far away (e.g. an ancestral sampler)
+            vs_gold = metrics.quality_loss_by_fidelity(images, gold_images)
+            record["fidelity"]["vs_gold_nrmse"] = vs_gold
+            if self.profile.quality_method == "fidelity":
+                inputs.gold_fidelity_loss = vs_gold
+                inputs.gold_fidelity_bound = stages.GOLD_SPEC_BOUND
         scorer = self.clip()
         if scorer is not None:
             cand_clip = scorer.score(images, texts)
@@ -253,14 +334,20 @@ class Evaluator:
                 inputs.quality_bound = stages.fidelity_bound(gold_loss)
             else:
                 inputs.quality_bound = task.constraint.max_quality_loss
-        ref_cost, cand_cost = self._cost(reference.result), self._cost(result)
+        ref_cost = self._cost(reference.result)
         if ref_cost and cand_cost:
             inputs.speedup = metrics.speedup(ref_cost, cand_cost)
+        if self.profile.speed_method == "flops":
+            figures = crosscheck.speed_figures(reference.result, result)
+            record["speed_crosscheck"] = figures
+            violation = crosscheck.speed_violation(figures)
+            if violation:
+                inputs.integrity_problems = (violation,)
         if gold is not None and ref_cost and self._cost(gold.result):
             inputs.gold_speedup = metrics.speedup(ref_cost, self._cost(gold.result))
         ref_latency = (reference.result.get("timing") or {}).get("latency_ms_per_image")
         if self.profile.speed_method == "wall":
-            inputs.latency_ms = (result.get("timing") or {}).get("latency_ms_per_image")
+            inputs.latency_ms = cand_latency
         else:
             # Deterministic latency on noisy hardware: a reference latency scaled by the FLOP ratio;
             # for a calibrated L5 task the one its target was calibrated against, not today's.
@@ -270,7 +357,8 @@ class Evaluator:
                 ref_latency = anchor
             if ref_latency and inputs.speedup:
                 inputs.latency_ms = ref_latency / inputs.speedup
-        record.update({"L": inputs.quality_loss, "L_bound": inputs.quality_bound, "U": inputs.speedup,
+        record.update({"L": inputs.quality_loss, "L_bound": inputs.quality_bound,
+                       "L_gold": inputs.gold_fidelity_loss, "L_gold_bound": inputs.gold_fidelity_bound, "U": inputs.speedup,
                        "U_gold": inputs.gold_speedup, "latency_ms": inputs.latency_ms,
                        "reference_latency_ms": ref_latency, "images": result.get("images", [])})
 
@@ -290,5 +378,12 @@ class Evaluator:
         record["message"] = verdict.message
         record["task_s"] = round(time.monotonic() - started, 3)
         record["complete"] = True
-        write_json_atomic(task_dir / "result.json", record)
+        from .keys import KeyFileError, run_context, secret_key, sign_record
+
+        try:  # tagged with the harness key (keys.py): resume trusts only what this harness wrote here
+            secret = secret_key(self.cache_dir)
+        except (KeyFileError, OSError) as exc:
+            raise HarnessError(str(exc)) from exc
+        write_json_atomic(task_dir / "result.json",
+                          sign_record(secret, "result", run_context(self.run_dir, task_dir.name), record))
         return record

@@ -158,7 +158,9 @@ def test_child_process_writes_images_and_a_complete_result(subprocess_runs):
     assert result["attributes"] == {
         "pipeline_class": "StableDiffusionPipeline", "model_id": SD15, "scheduler": "PNDMScheduler",
         "dtype": "float32", "steps": {"requested": [STEPS], "denoiser_calls": [STEPS + 1]},  # PNDM: +1 warm-up call
-        "methods": {}}
+        "methods": {}, "unverified_methods": {}, "method_evidence": "behaviour",
+        # two samples, each twice (classifier-free guidance), 64 px / 8 = 8 px latents
+        "denoiser_inputs": {"first": [4, 4, 8, 8], "cfg": True, "batches": [4], "spatial": [[8, 8]]}}
     assert result["images"] == ["000.png", "001.png"] and result["num_images"] == 2
     assert result["image_size"] == [64, 64]
     for name in result["images"]:
@@ -170,7 +172,8 @@ def test_child_process_writes_images_and_a_complete_result(subprocess_runs):
     assert timing["latency_ms_per_image"] == pytest.approx(timing["median_s"] * 1000 / 2)
     assert timing["denoiser_calls"] == [STEPS + 1, STEPS + 1]
     flops = result["flops"]
-    assert flops["total"] > 0 and flops["per_image"] == flops["total"] and flops["samples_counted"] == 1
+    # counted on the judged call itself (both samples): per image is half the call's total
+    assert flops["total"] > 0 and flops["per_image"] == flops["total"] / 2 and flops["samples_counted"] == 2
     assert 0.5 * flops["total"] < flops["denoiser"] < flops["total"]  # the UNet's share
     assert result["deterministic"] is True
     env = result["environment"]
@@ -299,7 +302,7 @@ def test_fresh_batch_for_every_call_and_determinism_check(tmp_path):
     result = run_in_process(make_job(tmp_path / "mutating", mutating, repeats=2))
     assert result["status"] == "ok" and result["deterministic"] is True
     assert result["attributes"]["pipeline_class"] == "NoneType" and result["attributes"]["methods"] == {}
-    assert result["flops"] == {"total": 0.0, "per_image": 0.0, "denoiser": None, "samples_counted": 1}
+    assert result["flops"] == {"total": 0.0, "per_image": 0.0, "denoiser": None, "samples_counted": len(SEEDS)}
 
     drifting = plain_candidate(generate=f"global OFFSET\n    OFFSET += 1\n    return {RANDOM_IMAGES}")
     result = run_in_process(make_job(tmp_path / "drifting", drifting, repeats=2))
@@ -322,34 +325,44 @@ def test_init_images_are_loaded_as_rgb_and_resized_by_the_harness(tmp_path):
         assert np.array_equal(np.asarray(saved), expected)
 
 
-def test_a_call_that_fails_only_under_the_flop_counter_is_rerun_without_it(tmp_path):
-    # (as a library that does not support dispatch modes would; code that names torch's dispatch
-    # internals is stopped by the static screen, so the test spells the check indirectly)
+def test_a_call_that_fails_under_the_flop_counter_is_the_candidates_error(tmp_path):
+    """The judged call is the counted call: there is no uncounted rerun a candidate could use to
+    tell the measuring call apart. (Code that names torch's dispatch internals is stopped by the
+    static screen, so the test spells the check indirectly.)"""
     guard = ("import importlib\n"
              "    modes = importlib.import_module('torch.utils._python' + '_dispatch')\n"
              "    if getattr(modes, '_get_current' + '_dispatch_mode')() is not None:\n"
              "        raise RuntimeError('dispatch modes are not supported')\n"
              f"    return {RANDOM_IMAGES}")
     result = run_in_process(make_job(tmp_path, plain_candidate(generate=guard, extra="OFFSET = 0\nimport torch")))
-    assert result["status"] == "ok", result["error"]
-    assert result["flops"]["total"] is None and "dispatch modes are not supported" in result["flops"]["error"]
-    assert result["deterministic"] is True
+    assert result["status"] == "error"
+    assert result["error"]["phase"] == "generate" and "dispatch modes are not supported" in result["error"]["message"]
     plain = plain_candidate(generate="from torch.utils._python_dispatch import _get_current_dispatch_mode\n"
                                      f"    return {RANDOM_IMAGES}", extra="OFFSET = 0")
     screened = run_in_process(make_job(tmp_path / "screened", plain))
     assert (screened["error"]["phase"], screened["error"]["type"]) == ("import", "IntegrityError")
 
 
-def test_the_flop_call_uses_a_fresh_seed_and_every_call_gets_a_fresh_batch(tmp_path):
-    """The FLOP-counting call asks for the first sample with a new random seed (outputs kept from
-    an earlier call cannot answer it); the timed calls repeat the batch's seeds."""
-    code = plain_candidate(generate=f"SEEN.append(list(batch['seeds']))\n    return {RANDOM_IMAGES}",
+def test_every_call_gets_the_batchs_seeds_in_a_fresh_batch(tmp_path):
+    """The judged (counted) call and the timed calls all ask for the batch's own seeds: no call
+    with a different shape that would tell a candidate it is being measured."""
+    code = plain_candidate(generate=(f"SEEN.append(list(batch['seeds']))\n    out = {RANDOM_IMAGES}\n"
+                                     "    batch['seeds'].clear()\n    return out"),
                            extra="OFFSET = 0\nSEEN = []")
+    result = run_in_process(make_job(tmp_path, code, repeats=2))
+    assert result["status"] == "ok", result["error"]
+    assert sys.modules["candidate"].SEEN == [SEEDS, SEEDS, SEEDS]
+
+
+def test_every_call_runs_with_the_profiles_thread_count(tmp_path):
+    """A thread count changed in load_pipeline does not reach the measured calls (more threads
+    spin-wait and inflate the CPU time the parent cross-checks the FLOP count against)."""
+    code = plain_candidate(load="torch.set_num_threads(2)\n    return None",
+                           generate=f"SEEN.append(torch.get_num_threads())\n    return {RANDOM_IMAGES}",
+                           extra="OFFSET = 0\nSEEN = []\nimport torch")
     result = run_in_process(make_job(tmp_path, code, repeats=1))
     assert result["status"] == "ok", result["error"]
-    seen = sys.modules["candidate"].SEEN
-    assert seen[0] == SEEDS and seen[2] == SEEDS
-    assert len(seen[1]) == 1 and seen[1][0] not in SEEDS
+    assert sys.modules["candidate"].SEEN == [1, 1]
 
 
 def test_integrity_errors_are_reported_with_their_phase(tmp_path):

@@ -80,12 +80,36 @@ def inputs(**kw):
     ({"level": "L4", "expect": expect(allowed_methods=None, methods=None), "speedup": 1.5}, 3, stages.RELATIVE_SPEED),
     ({"level": "L5", "expect": expect(allowed_methods=None, methods=None), "latency_ms": 150.0}, 3, stages.RELATIVE_SPEED),
     ({"level": "L5", "expect": expect(allowed_methods=None, methods=None), "latency_ms": 90.0}, 3, None),
+    ({"integrity_problems": ("the FLOP count claims a speedup of 9.00x, but ... expected",)}, 1, stages.RUNTIME),
+    # guidance switched off: the first denoiser call's batch is not two equal halves
+    ({"result": {"status": "ok", "attributes": attrs(denoiser_inputs={"first": [2, 4, 8, 8], "cfg": False,
+                                                                      "spatial": [[8, 8]]})},
+      "reference_attributes": {"denoiser_inputs": {"first": [4, 4, 8, 8], "cfg": True, "spatial": [[8, 8]]}}},
+     1, stages.KEY_ATTRIBUTE),
+    ({"gold_fidelity_loss": 0.3, "gold_fidelity_bound": 0.1}, 3, stages.RELATIVE_QUALITY),
+    ({"gold_fidelity_loss": 0.05, "gold_fidelity_bound": 0.1}, 3, None),
 ])
 def test_judge_stops_at_the_first_failing_stage(change, stage, category):
     verdict = stages.judge(inputs(**change))
     assert (verdict.stage_reached, verdict.category, verdict.passed) == (stage, category, category is None)
     if category:
         assert "expected" in verdict.message or "killed" in verdict.message or "SyntaxError" in verdict.message
+
+
+def test_work_is_judged_by_guidance_and_resolution_not_by_batching():
+    reference = {"denoiser_inputs": {"first": [4, 4, 8, 8], "cfg": True, "spatial": [[8, 8]]}}
+    looped = {"denoiser_inputs": {"first": [2, 4, 8, 8], "cfg": True, "spatial": [[8, 8]]}}
+    assert stages.work_mismatches(looped, reference) == []
+    smaller = {"denoiser_inputs": {"first": [4, 4, 4, 4], "cfg": True, "spatial": [[4, 4]]}}
+    (mismatch,) = stages.work_mismatches(smaller, reference)
+    assert "resolution" in mismatch.field and mismatch.expected == [[8, 8]] and mismatch.found == [[4, 4]]
+    (mismatch,) = stages.work_mismatches({"denoiser_inputs": {"first": [2, 4, 8, 8], "cfg": False,
+                                                              "spatial": [[8, 8]]}}, reference)
+    assert "guidance" in mismatch.field and (mismatch.expected, mismatch.found) == ("on", "off")
+
+
+def test_gold_spec_bound_is_below_the_reference_bound():
+    assert 0 < stages.GOLD_SPEC_BOUND < stages.fidelity_bound(0.0)
 
 
 def test_fidelity_bound_has_margin_and_floor():

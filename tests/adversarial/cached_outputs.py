@@ -1,7 +1,8 @@
 """Fakes speed: computes the images once and returns them again on every later call (KernelBench's
-"reusing results across calls"). The FLOP-counting call asks for a sample with a new seed.
+"reusing results across calls"). The first (judged, counted) call does the work; the timed call
+that follows must run the denoiser as it did.
 
-expect: error IntegrityError in generate: the FLOP-counting call
+expect: error IntegrityError in generate: timed call 0 did not run the denoiser as the first call did
 job: {"count_flops": true}
 """
 _toy_generate = generate

@@ -1,0 +1,67 @@
+"""Speed bought without doing less work: FLOPs counted in the candidate's process, cross-checked
+by the parent against the child's CPU time as the kernel accounts it (pytest_diffbench.crosscheck).
+
+Each candidate is the toy pipeline of tests/adversarial/_toy.py plus a file of tests/speed_attacks/,
+run in the real sandboxed child with FLOP counting on a workload heavy enough (256 px, 20 steps)
+that its CPU time is well above the kernel's accounting resolution. The honest toy is the
+reference; an honest acceleration (fewer denoiser steps) must pass the cross-check, the attacks
+(work moved into numpy, the live counter scaled down) must not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_diffbench import crosscheck
+from pytest_diffbench.sandbox import SandboxLimits, run_job, scrubbed_env
+
+HERE = Path(__file__).resolve().parent
+TOY = (HERE / "adversarial" / "_toy.py").read_text()
+BATCH = {"kind": "text2img", "prompts": ["a", "b"], "class_ids": None, "images": None, "strength": None,
+         "seeds": [0, 1], "height": 256, "width": 256, "guidance_scale": 7.5, "num_inference_steps": 20}
+
+
+def run(name: str, folder: Path):
+    code = TOY if name == "honest" else TOY + "\n\n" + (HERE / "speed_attacks" / f"{name}.py").read_text()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "candidate.py").write_text(code)
+    job = {"task_id": f"toy-{name}", "role": "candidate", "code_path": str(folder / "candidate.py"),
+           "out_dir": str(folder / "images"), "device": "cpu", "dtype": "float32", "batch": BATCH,
+           "repeats": 1, "count_flops": True, "threads": 1}
+    outcome = run_job(job, env=scrubbed_env(__import__("os").environ), limits=SandboxLimits(timeout_s=300),
+                      harness_dir=folder / "sandbox")
+    assert outcome.status == "ok" and outcome.result["status"] == "ok", (outcome.detail, outcome.result,
+                                                                          outcome.stderr_tail)
+    return outcome.result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return run("honest", tmp_path_factory.mktemp("honest"))
+
+
+def test_the_parent_measures_the_judged_calls_cpu_time(reference):
+    timing = reference["timing"]
+    assert timing["parent_first_call_cpu_s"] > 0.05  # the workload is well above the tick
+    assert timing["parent_first_call_s"] > 0 and len(timing["parent_calls_cpu_s"]) == 1
+    # the judged call runs under the FLOP counter, so it costs at least the plain timed call
+    assert timing["parent_first_call_cpu_s"] >= 0.5 * timing["parent_calls_cpu_s"][0]
+
+
+def test_an_honest_acceleration_passes_the_cross_check(reference, tmp_path):
+    figures = crosscheck.speed_figures(reference, run("fewer_steps", tmp_path))
+    assert figures["U_flops"] == pytest.approx(2.0, rel=0.05), figures
+    assert figures["U_cpu"] > 1.0, figures  # less than 2: the toy is partly overhead-bound
+    assert crosscheck.speed_violation(figures) is None
+
+
+@pytest.mark.parametrize("attack", ["numpy_offload", "scale_counter"])
+def test_work_hidden_from_the_counter_is_an_integrity_failure_naming_both_figures(reference, tmp_path, attack):
+    candidate = run(attack, tmp_path)
+    figures = crosscheck.speed_figures(reference, candidate)
+    assert figures["U_flops"] > 5, figures  # what the forged count claims ...
+    assert figures["U_cpu"] < 2, figures  # ... and what the kernel saw
+    message = crosscheck.speed_violation(figures)
+    assert message and f"{figures['U_flops']:.2f}x" in message and f"{figures['U_cpu']:.2f}x" in message
