@@ -14,7 +14,9 @@ Three things live here, all used inside the sandbox child (no pytest imports):
   / diffusers hooks (probe-notes section 3b) so that repeated calls with the same seed are
   comparable. It resets caches only; it never changes what a method does.
 
-Method detection (user-facing parameter names):
+Method detection (user-facing parameter names) is in three layers:
+
+1. markers, as the libraries leave them:
 
 | method | marker |
 |---|---|
@@ -22,22 +24,138 @@ Method detection (user-facing parameter names):
 | `deepcache` | a `forward` instance attribute of the denoiser or one of its blocks that is a `DeepCacheSDHelper.wrap_*_forward.<locals>.wrapped_forward` closure; the helper (in the closure) gives `cache_interval`, and `cache_branch_id = 3 * cache_block_id + cache_layer_id` |
 | `tgate` | `pipe.tgate` is a function from a `tgate.*` module and it ran: the probe saw a call, or an `Attention` module carries T-Gate's patched forward; `gate_step` from the recorded call (None when unknown) |
 | `diffusers_hooks` | `HookRegistry` objects (`_diffusers_hook`) on the denoiser's modules: `{hook name: number of modules}`; empty registries are ignored |
+
+2. provenance (`is_library_code`): a marker counts only when the code behind it is the installed
+   library's: the ToMeBlock class's `forward`, DeepCache's wrapper closures and every method of
+   the helper's class (none overridden on the instance), `pipe.tgate` and T-Gate's Attention
+   forward must have code objects equal (bytecode, constants, names, line table) to those
+   compiled from the package's own source file, in the package directory found when this module
+   was imported (before any candidate code). A class merely named like the library's, a marker
+   set by hand or a function whose `co_filename` was forged fails; it is reported under
+   `unverified_methods`;
+3. behaviour (`_Observation`, installed by the `StepProbe` at the first denoiser call of every
+   observed pipeline call): DeepCache must skip the deep blocks on cached steps, ToMe must shorten
+   the sequences its blocks' attention sees, T-Gate must stop computing cross-attention from the
+   gate step on; parameters are derived from what was observed where it determines them (cache
+   interval and branch, ratio, max_downsample, gate_step). A method marked but without its effect
+   goes to `unverified_methods` with what was observed. The dtype is that of all the denoiser's
+   floating parameters, and of the latents entering it, while it ran.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
+import math
+import os
 import sys
 import threading
+import types
 from typing import Any
 
 import torch
 
-__all__ = ["denoiser", "introspect", "detect_methods", "StepProbe", "reset_library_state"]
+__all__ = ["denoiser", "introspect", "detect_methods", "StepProbe", "reset_library_state", "is_library_code"]
 
 _DEEPCACHE_QUALNAME = "DeepCacheSDHelper.wrap_"
 _TGATE_ATTN_QUALNAME = "register_forward.<locals>.warp_custom.<locals>.forward"
+_DEEPCACHE_FILE = os.path.join("extension", "deepcache.py")
+_DEEPCACHE_UNET_WRAPPER = "DeepCacheSDHelper.wrap_unet_forward.<locals>.wrapped_forward"
+_DEEPCACHE_BLOCK_WRAPPER = "DeepCacheSDHelper.wrap_block_forward.<locals>.wrapped_forward"
+_TGATE_UTILS_FILE = "tgate_utils.py"
+_TOME_FILE = "patch.py"
+_TOME_FORWARDS = ("make_diffusers_tome_block.<locals>.ToMeBlock.forward", "make_tome_block.<locals>.ToMeBlock._forward")
+
+
+# --------------------------------------------------------------------------------------------
+# library provenance
+#
+# Where the installed acceleration libraries live, found when this module is imported: the child
+# imports it before any candidate code runs, so a candidate editing sys.path or sys.modules later
+# cannot move them. `find_spec` of a top-level package does not import it (no cost).
+
+_LIBRARY_PACKAGES = ("diffusers", "tomesd", "DeepCache", "tgate")
+
+
+def _package_dir(name: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    locations = list(getattr(spec, "submodule_search_locations", None) or []) if spec is not None else []
+    return os.path.realpath(locations[0]) if locations else None
+
+
+_PACKAGE_DIRS: dict[str, str | None] = {name: _package_dir(name) for name in _LIBRARY_PACKAGES}
+_REFERENCE_CODES: dict[str, dict] = {}
+
+
+def _walk_codes(code: types.CodeType, prefix: str, out: dict) -> None:
+    for const in code.co_consts:
+        if not isinstance(const, types.CodeType):
+            continue
+        qualname = getattr(const, "co_qualname", None)
+        if qualname is None:  # Python 3.10: rebuild it (class bodies have no fresh locals)
+            qualname = f"{prefix}{const.co_name}"
+        out.setdefault(qualname, []).append(const)
+        is_class_body = not const.co_flags & inspect.CO_NEWLOCALS
+        _walk_codes(const, f"{qualname}." if is_class_body else f"{qualname}.<locals>.", out)
+
+
+def _reference_codes(path: str) -> dict:
+    """{qualname: [code objects]} of the installed source file `path`, compiled here (never
+    imported): what the library's functions are made of, independent of sys.modules."""
+    codes = _REFERENCE_CODES.get(path)
+    if codes is None:
+        codes = {}
+        try:
+            with open(path, "rb") as fh:
+                source = fh.read()
+            module_code = compile(source, path, "exec", dont_inherit=True, optimize=sys.flags.optimize)
+            _walk_codes(module_code, "", codes)
+        except (OSError, SyntaxError, ValueError):
+            codes = {}
+        _REFERENCE_CODES[path] = codes
+    return codes
+
+
+def is_library_code(fn: Any, package: str, qualnames: tuple | str | None = None, relpath: str | None = None) -> bool:
+    """True when `fn` (a function, bound method or code object) runs the installed `package`'s
+    own code: its code object lies in a file inside the package's directory (as found before
+    the candidate ran) and equals, bytecode, constants and names included, the code compiled
+    from that file under the same qualified name. A function of the candidate's, one merely
+    named like the library's, or one with a forged `co_filename` fails."""
+    func = getattr(fn, "__func__", fn)
+    code = func if isinstance(func, types.CodeType) else getattr(func, "__code__", None)
+    directory = _PACKAGE_DIRS.get(package)
+    if not isinstance(code, types.CodeType) or not directory:
+        return False
+    filename = os.path.realpath(code.co_filename or "")
+    if not filename.startswith(directory + os.sep):
+        return False
+    if relpath is not None and os.path.relpath(filename, directory) != relpath:
+        return False
+    if isinstance(qualnames, str):
+        qualnames = (qualnames,)
+    name = getattr(code, "co_qualname", None)
+    wanted = qualnames or ((name,) if name else ())
+    refs = _reference_codes(filename)
+    return any(code == ref for q in wanted for ref in refs.get(q, ()))
+
+
+def _library_class(cls: type, package: str, relpath: str | None = None) -> bool:
+    """Every function the class (and its bases up to `object`, ignoring builtins) defines is the
+    package's own code, and no instance could have overridden them (checked by the caller)."""
+    checked = 0
+    for klass in getattr(cls, "__mro__", ())[:-1]:
+        for name, value in vars(klass).items():
+            func = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+            if isinstance(func, types.FunctionType):
+                if not is_library_code(func, package, relpath=relpath):
+                    return False
+                checked += 1
+    return checked > 0
 
 
 def _warn(text: str) -> None:
@@ -112,8 +230,9 @@ def _unwrap_chain(fn: Any) -> list:
     return chain
 
 
-def _deepcache_helpers(module: torch.nn.Module) -> list:
-    """DeepCache helpers whose wrapped forward is installed on `module` (as closures)."""
+def _deepcache_helpers(module: torch.nn.Module, with_wrapper: bool = False) -> list:
+    """DeepCache helpers whose wrapped forward is installed on `module` (as closures); with
+    `with_wrapper`, (helper, wrapper function) pairs."""
     helpers = []
     for fn in _unwrap_chain(_instance_forward(module)):
         qualname = getattr(fn, "__qualname__", "") or ""
@@ -125,8 +244,27 @@ def _deepcache_helpers(module: torch.nn.Module) -> list:
             except ValueError:  # empty cell
                 continue
             if isinstance(getattr(obj, "params", None), dict) and hasattr(obj, "cached_output"):
-                helpers.append(obj)
+                helpers.append((obj, fn) if with_wrapper else obj)
     return helpers
+
+
+def _deepcache_library_problem(helper: Any, wrapper: Any) -> str | None:
+    """Why this DeepCache marker is not the installed DeepCache's code, or None when it is."""
+    if not is_library_code(wrapper, "DeepCache", (_DEEPCACHE_UNET_WRAPPER, _DEEPCACHE_BLOCK_WRAPPER),
+                           _DEEPCACHE_FILE):
+        return (f"the wrapped forward {getattr(wrapper, '__qualname__', wrapper)!r} is not the installed "
+                f"DeepCache's code")
+    if not _library_class(type(helper), "DeepCache", _DEEPCACHE_FILE):
+        return f"the helper's class {type(helper).__qualname__!r} is not the installed DeepCache's DeepCacheSDHelper"
+    try:
+        overridden = sorted(k for k, v in vars(helper).items()
+                            if isinstance(v, (types.FunctionType, types.MethodType, functools.partial))
+                            or callable(getattr(type(helper), k, None)))
+    except TypeError:
+        overridden = ["__dict__"]
+    if overridden:
+        return f"the helper object overrides {overridden}"
+    return None
 
 
 def _is_tgate_method(fn: Any) -> bool:
@@ -138,29 +276,67 @@ def _is_tgate_method(fn: Any) -> bool:
     return False
 
 
+def _is_library_tgate_method(fn: Any) -> bool:
+    """`pipe.tgate` is a T-Gate loader's `tgate` function (through the probe's wrapper)."""
+    for f in _unwrap_chain(fn):
+        func = getattr(f, "__func__", f)
+        if is_library_code(func, "tgate", "tgate"):
+            return True
+    return False
+
+
+def _tome_library_problem(module: torch.nn.Module) -> str | None:
+    cls = type(module)
+    if "forward" in vars(module):
+        return "a ToMeBlock with a forward set on the instance"
+    for name in ("forward", "_forward"):
+        fn = vars(cls).get(name)
+        if fn is not None and is_library_code(fn, "tomesd", _TOME_FORWARDS, _TOME_FILE):
+            return None
+    return f"the block class {cls.__qualname__!r} does not run tomesd's ToMeBlock code"
+
+
 def _scan(den: torch.nn.Module | None) -> dict:
-    """One walk over the denoiser's modules collecting every marker we know."""
+    """One walk over the denoiser's modules collecting every marker we know; markers whose code
+    is not the installed library's go to `fake` ({method: [why]}), not to the method's entries."""
     found = {"tome_blocks": 0, "tome_args": None, "deepcache": [], "hooks": {}, "tgate_attn": 0,
-             "tome_infos": [], "registries": []}
+             "tome_infos": [], "registries": [], "tome_modules": [], "deepcache_library": [],
+             "tgate_attn_modules": [], "fake": {}}
     if den is None:
         return found
     seen_helpers: set[int] = set()
     seen_infos: set[int] = set()
+
+    def fake(method: str, why: str) -> None:
+        reasons = found["fake"].setdefault(method, [])
+        if why not in reasons:
+            reasons.append(why)
+
     for _, module in den.named_modules():
         module_vars = vars(module)
         if type(module).__name__ == "ToMeBlock":
-            found["tome_blocks"] += 1
-            info = module_vars.get("_tome_info")
-            if found["tome_args"] is None and isinstance(info, dict):
-                found["tome_args"] = info.get("args")
+            problem = _tome_library_problem(module)
+            if problem:
+                fake("tomesd", problem)
+            else:
+                found["tome_blocks"] += 1
+                found["tome_modules"].append(module)
+                info = module_vars.get("_tome_info")
+                if found["tome_args"] is None and isinstance(info, dict):
+                    found["tome_args"] = info.get("args")
         info = module_vars.get("_tome_info")
         if isinstance(info, dict) and id(info) not in seen_infos:
             seen_infos.add(id(info))
             found["tome_infos"].append(info)
-        for helper in _deepcache_helpers(module):
+        for helper, wrapper in _deepcache_helpers(module, with_wrapper=True):
             if id(helper) not in seen_helpers:
                 seen_helpers.add(id(helper))
                 found["deepcache"].append(helper)
+                problem = _deepcache_library_problem(helper, wrapper)
+                if problem:
+                    fake("deepcache", problem)
+                else:
+                    found["deepcache_library"].append(helper)
         registry = module_vars.get("_diffusers_hook")
         if registry is not None:
             hooks = getattr(registry, "hooks", None) or {}
@@ -170,7 +346,12 @@ def _scan(den: torch.nn.Module | None) -> dict:
                 found["hooks"][name] = found["hooks"].get(name, 0) + 1
         fwd = module_vars.get("forward")
         if fwd is not None and (getattr(fwd, "__qualname__", "") or "") == _TGATE_ATTN_QUALNAME:
-            found["tgate_attn"] += 1
+            if is_library_code(fwd, "tgate", _TGATE_ATTN_QUALNAME, _TGATE_UTILS_FILE):
+                found["tgate_attn"] += 1
+                found["tgate_attn_modules"].append(module)
+            else:
+                fake("tgate", "an Attention forward named like T-Gate's that is not the installed tgate's code")
+    # a library helper also present: the fake one does not make DeepCache unapplied, but is reported
     return found
 
 
@@ -198,32 +379,78 @@ def _deepcache_params(helper: Any) -> dict:
     return {"cache_interval": _plain(params.get("cache_interval")), "cache_branch_id": branch}
 
 
-def detect_methods(pipe: Any, probe: "StepProbe | None" = None) -> dict:
-    """Acceleration methods live on `pipe` now: {name: {user-facing params}}; absent = not applied.
-
-    tgate needs evidence that it ran (see module docstring); `probe` supplies its `gate_step`.
-    """
-    den = denoiser(pipe)
-    found = _scan(den)
-    methods: dict[str, dict] = {}
-    if found["tome_blocks"]:
-        args = found["tome_args"] or {}
-        methods["tomesd"] = {"ratio": _plain(args.get("ratio")), "max_downsample": _plain(args.get("max_downsample"))}
-    if found["deepcache"]:
-        methods["deepcache"] = _deepcache_params(found["deepcache"][0])
+def _tgate_function(pipe: Any) -> Any:
     try:
         tgate_fn = vars(pipe).get("tgate") if hasattr(pipe, "__dict__") else None
     except TypeError:
         tgate_fn = None
     if tgate_fn is None:
-        tgate_fn = getattr(pipe, "tgate", None)
+        try:
+            tgate_fn = getattr(pipe, "tgate", None)
+        except Exception:
+            tgate_fn = None
+    return tgate_fn
+
+
+def _detect(pipe: Any, probe: "StepProbe | None" = None) -> tuple[dict, dict, dict]:
+    """(methods whose markers are the installed libraries' code, {method: why a marker was
+    rejected}, the scan)."""
+    den = denoiser(pipe)
+    found = _scan(den)
+    methods: dict[str, dict] = {}
+    fake = {name: "; ".join(reasons) for name, reasons in found["fake"].items()}
+    if found["tome_blocks"]:
+        args = found["tome_args"] or {}
+        methods["tomesd"] = {"ratio": _plain(args.get("ratio")), "max_downsample": _plain(args.get("max_downsample"))}
+    if found["deepcache_library"]:
+        methods["deepcache"] = _deepcache_params(found["deepcache_library"][0])
+    tgate_fn = _tgate_function(pipe)
     calls = probe.tgate_calls if probe is not None else []
-    if tgate_fn is not None and _is_tgate_method(tgate_fn) and (calls or found["tgate_attn"]):
-        gate_step = calls[0].get("gate_step") if calls else None
-        methods["tgate"] = {"gate_step": _plain(gate_step)}
+    if tgate_fn is not None and _is_tgate_method(tgate_fn):
+        if not _is_library_tgate_method(tgate_fn):
+            fake.setdefault("tgate", "pipe.tgate is not a T-Gate loader's tgate function from the installed tgate")
+        elif calls or found["tgate_attn"]:
+            gate_step = calls[0].get("gate_step") if calls else None
+            methods["tgate"] = {"gate_step": _plain(gate_step)}
+    elif found["fake"].get("tgate") is None and tgate_fn is not None and callable(tgate_fn):
+        fake.setdefault("tgate", "pipe.tgate is not a T-Gate loader's tgate function from the installed tgate")
     if found["hooks"]:
         methods["diffusers_hooks"] = dict(sorted(found["hooks"].items()))
-    return methods
+    for name in methods:
+        fake.pop(name, None)  # the real library is applied too: a stray look-alike does not undo it
+    return methods, fake, found
+
+
+def detect_methods(pipe: Any, probe: "StepProbe | None" = None) -> dict:
+    """Acceleration methods live on `pipe` now: {name: {user-facing params}}; absent = not applied.
+
+    Markers only (whose code must be the installed library's, see `is_library_code`); whether
+    the method did anything is judged from a `StepProbe`'s observation (`introspect`).
+    tgate needs evidence that it ran (see module docstring); `probe` supplies its `gate_step`.
+    """
+    return _detect(pipe, probe)[0]
+
+
+def _dtype_summary(counts: dict) -> str | None:
+    if not counts:
+        return None
+    if len(counts) == 1:
+        return _dtype_name(next(iter(counts)))
+    parts = ", ".join(f"{_dtype_name(d)} x{n}" for d, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"mixed parameters ({parts})"
+
+
+def _param_dtypes(den: torch.nn.Module | None) -> dict:
+    counts: dict = {}
+    if den is None:
+        return counts
+    try:
+        for param in den.parameters():
+            if param.is_floating_point():
+                counts[param.dtype] = counts.get(param.dtype, 0) + 1
+    except Exception:
+        pass
+    return counts
 
 
 def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
@@ -231,36 +458,344 @@ def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
 
     With a probe: `steps` holds its per-pipeline-call counts, `scheduler` is the class whose
     `set_timesteps` ran in the first recorded pipeline call (a candidate may swap schedulers
-    inside `generate`), and `methods` also holds the methods that were live while the denoiser
-    ran (snapshots taken at each pipeline call's first denoiser call) even if the candidate
-    removed them before returning; where both exist the in-run parameters win.
+    inside `generate`).
+
+    Methods: where the probe observed pipeline calls (`record_methods`), a method counts only
+    when it was live while the denoiser ran, its markers are the installed library's code and
+    its effect was observed (see `_Observation`); its parameters come from what was observed
+    where that determines them. Methods named or marked without that go to
+    `unverified_methods` ({name: what was observed}). Without an observed call the markers
+    alone decide (`method_evidence`: "markers"). `dtype` is the denoiser's parameter dtype
+    (all floating parameters; "mixed ..." otherwise) and, when observed, must match the dtype of
+    the latents entering the denoiser.
     """
     den = denoiser(pipe)
-    dtype = None
-    if den is not None:
-        try:
-            dtype = den.dtype
-        except Exception:
-            dtype = next((p.dtype for p in den.parameters()), None)
+    dtype = _dtype_summary(_param_dtypes(den))
     scheduler = _scheduler_name(pipe)
-    methods = detect_methods(pipe, probe)
+    live, live_fake, _ = _detect(pipe, probe)
     steps = {"requested": [], "denoiser_calls": []}
+    evidence = "markers"
+    methods: dict[str, dict] = dict(live)
+    unverified: dict[str, str] = dict(live_fake)
     if probe is not None:
         steps = probe.steps()
         runs = probe.runs
         if runs and runs[0].get("scheduler"):
             scheduler = runs[0]["scheduler"]
-        for run in runs:
-            for name, params in (run.get("methods") or {}).items():
-                methods[name] = params
+        observed = [run for run in runs if run.get("observation") is not None]
+        if observed:
+            evidence = "behaviour"
+            methods, unverified = {}, {}
+            many = len(observed) > 1
+            for index, run in enumerate(observed):
+                ok, bad = run["observation"].evaluate(run)
+                for name, params in ok.items():
+                    methods.setdefault(name, params)
+                for name, why in bad.items():
+                    unverified.setdefault(name, f"pipeline call {index + 1}: {why}" if many else why)
+            for name in unverified:
+                methods.pop(name, None)
+            for name in live:
+                if name not in methods and name not in unverified and name != "diffusers_hooks":
+                    unverified[name] = ("on the pipeline after the call, but not active while the denoiser ran "
+                                        "during the judged call")
+            first = observed[0]["observation"]
+            if first.param_dtypes:
+                dtype = _dtype_summary(first.param_dtypes)
+                if first.input_dtype is not None and len(first.param_dtypes) == 1 \
+                        and first.input_dtype not in first.param_dtypes:
+                    dtype = f"{dtype} parameters, {_dtype_name(first.input_dtype)} latents entering the denoiser"
+        else:
+            for run in runs:
+                for name, params in (run.get("methods") or {}).items():
+                    methods[name] = params
+                    unverified.pop(name, None)
     return {
         "pipeline_class": type(pipe).__name__,
         "model_id": _model_id(pipe),
         "scheduler": scheduler,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype,
         "steps": steps,
         "methods": dict(sorted(methods.items())),
+        "unverified_methods": dict(sorted(unverified.items())),
+        "method_evidence": evidence,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# observing what the methods do
+
+
+def _callable_children(module: torch.nn.Module) -> list:
+    """The sub-modules `module`'s forward calls directly (containers looked through)."""
+    out = []
+    for child in module.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            out.extend(_callable_children(child))
+        else:
+            out.append(child)
+    return out
+
+
+def _first_tensor(args: tuple, kwargs: dict, names: tuple) -> Any:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for name in names:
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _dc_skip(key: tuple, cache_block: int, cache_layer: int) -> bool:
+    """DeepCacheSDHelper.is_skip_step on a cached step."""
+    blocktype, _, block_i, layer_i = key
+    if blocktype == "mid" or block_i > cache_block:
+        return True
+    if block_i < cache_block:
+        return False
+    return layer_i >= cache_layer if blocktype == "down" else layer_i > cache_layer
+
+
+def _dc_predicted_skipped(keys: list, branch: int) -> frozenset:
+    block, layer = divmod(branch, 3)
+    out = set()
+    for key in keys:
+        skipped = _dc_skip(key, block, layer)
+        if not skipped and key[0] != "mid" and key[1] != "block":
+            skipped = _dc_skip((key[0], "block", key[2], 0), block, layer)  # its block returned the cache
+        if skipped:
+            out.add(key)
+    return frozenset(out)
+
+
+class _Observation:
+    """Hooks the harness installs for one pipeline call (at its first denoiser call) to see what
+    the applied methods really do, one record per denoiser call:
+
+    * DeepCache: for every module the (library) helper wrapped, whether its own forward ran,
+      i.e. whether any sub-module it calls was called (the wrapper returning the cache calls
+      none). A step whose mid block ran is a full step; the others are cached steps. The cache
+      interval is the most common distance between full steps (in scheduler positions, as
+      DeepCache counts them); the branch is the one whose skip set equals the observed one on cached steps;
+    * ToMe: the token count of the hidden states entering each ToMe block and the shortest
+      sequence entering its attention modules (merging makes it shorter). The ratio and
+      max_downsample are the library's when they explain the observed counts, else the observed;
+    * T-Gate: calls of the cross-attention key projections (`to_k` of every `Attention` with
+      `is_cross_attention`); after the gate step there are none. gate_step = first call from which
+      none run, less the scheduler's warm-up calls;
+    * dtype: the denoiser's floating parameter dtypes and the dtype of the latents entering it.
+    """
+
+    def __init__(self, pipe: Any, den: torch.nn.Module, methods: dict, fake: dict, found: dict, probe: "StepProbe"):
+        self.methods = methods
+        self.fake = fake
+        self.calls: list[dict] = []
+        self.handles: list = []
+        self.param_dtypes = _param_dtypes(den)
+        self.input_dtype = None
+        self.tgate_calls = list(probe.tgate_calls)
+        self.dc_helper = None
+        self.dc_keys: list = []
+        self.dc_params = None
+        self.tome_blocks = 0
+        self.tome_args = dict(found.get("tome_args") or {}) if found.get("tome_args") else {}
+        self.xattn_modules = 0
+        try:
+            self._attach(den, found)
+        except Exception as exc:  # noqa: BLE001 - never break the candidate's call
+            _warn(f"diffbench: method observation failed: {exc!r}")
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _hook(self, module: torch.nn.Module, fn) -> None:
+        self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+    def _attach(self, den: torch.nn.Module, found: dict) -> None:
+        if "deepcache" in self.methods and found["deepcache_library"]:
+            helper = found["deepcache_library"][0]
+            self.dc_helper = helper
+            self.dc_params = dict(getattr(helper, "params", {}) or {})
+            for key, bound in list((getattr(helper, "function_dict", None) or {}).items()):
+                module = getattr(bound, "__self__", None)
+                if not isinstance(key, tuple) or len(key) != 4 or not isinstance(module, torch.nn.Module):
+                    continue
+                children = _callable_children(module)
+                if not children:
+                    continue
+                self.dc_keys.append(key)
+                for child in children:
+                    self._hook(child, functools.partial(self._on_ran, key))
+        if "tomesd" in self.methods:
+            for index, block in enumerate(found["tome_modules"]):
+                self.tome_blocks += 1
+                self._hook(block, functools.partial(self._on_tome_block, index))
+                for name in ("attn1", "attn2"):
+                    attn = getattr(block, name, None)
+                    if isinstance(attn, torch.nn.Module):
+                        self._hook(attn, functools.partial(self._on_tome_attn, index))
+        if "tgate" in self.methods:
+            for module in den.modules():
+                if type(module).__name__ == "Attention" and getattr(module, "is_cross_attention", False):
+                    to_k = getattr(module, "to_k", None)
+                    if isinstance(to_k, torch.nn.Module):
+                        self.xattn_modules += 1
+                        self._hook(to_k, self._on_xattn)
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            try:
+                handle.remove()
+            except Exception:
+                pass
+        self.handles = []
+
+    def begin_call(self, args: tuple, kwargs: dict) -> None:
+        sample = _first_tensor(args, kwargs, ("sample", "hidden_states"))
+        size = tuple(sample.shape[-2:]) if sample is not None and sample.ndim == 4 else None
+        if sample is not None and self.input_dtype is None:
+            self.input_dtype = sample.dtype
+        self.calls.append({"ran": set(), "tome": {}, "xattn": 0, "size": size})
+
+    def _on_ran(self, key, module, args, kwargs):
+        if self.calls:
+            self.calls[-1]["ran"].add(key)
+
+    def _on_tome_block(self, index, module, args, kwargs):
+        x = _first_tensor(args, kwargs, ("hidden_states",))
+        if self.calls and x is not None and x.ndim == 3:
+            self.calls[-1]["tome"].setdefault(index, [int(x.shape[1]), None])
+
+    def _on_tome_attn(self, index, module, args, kwargs):
+        x = _first_tensor(args, kwargs, ("hidden_states",))
+        if self.calls and x is not None and x.ndim == 3:
+            record = self.calls[-1]["tome"].get(index)
+            if record is not None:
+                record[1] = int(x.shape[1]) if record[1] is None else min(record[1], int(x.shape[1]))
+
+    def _on_xattn(self, module, args, kwargs):
+        if self.calls:
+            self.calls[-1]["xattn"] += 1
+
+    # -- verdicts ---------------------------------------------------------------------------------
+    def evaluate(self, run: dict) -> tuple[dict, dict]:
+        """({method: params} observed at work, {method: why not}) for this pipeline call."""
+        ok: dict[str, dict] = {}
+        bad: dict[str, str] = {name: f"its marker is not the installed library's code ({why})"
+                               for name, why in self.fake.items()}
+        checks = {"deepcache": self._deepcache, "tomesd": self._tome, "tgate": self._tgate}
+        for name, params in self.methods.items():
+            check = checks.get(name)
+            if check is None:
+                ok[name] = params
+                continue
+            if not self.calls:
+                bad[name] = "applied, but no denoiser call was observed"
+                continue
+            try:
+                result, why = check(run, params)
+            except Exception as exc:  # noqa: BLE001
+                result, why = None, f"observation failed: {type(exc).__name__}: {exc}"
+            if result is None:
+                bad[name] = why
+            else:
+                ok[name] = result
+        return ok, bad
+
+    def _deepcache(self, run: dict, params: dict) -> tuple[dict | None, str]:
+        keys = self.dc_keys
+        if not keys:
+            return None, "DeepCache helper applied, but it wrapped no block the harness could observe"
+        mids = {k for k in keys if k[0] == "mid"}
+        full = [bool(c["ran"] & mids) if mids else len(c["ran"]) == len(keys) for c in self.calls]
+        n = len(self.calls)
+        if all(full):
+            return None, (f"DeepCache marker present, but the UNet's deep blocks (mid block) ran on all {n} denoiser "
+                          f"calls: nothing was served from a cache")
+        if not any(full):
+            return None, f"the UNet's mid block never ran in {n} denoiser calls (no full step to cache from)"
+        values = []
+        for t in run.get("timesteps") or []:
+            try:
+                values.append(float(t.detach().flatten()[0].item()) if isinstance(t, torch.Tensor) else float(t))
+            except Exception:
+                values.append(None)
+        if len(values) != n:
+            values = list(range(n))
+        positions = [values.index(v) if v is not None else i for i, v in enumerate(values)]
+        full_pos = sorted({p for p, f in zip(positions, full) if f})
+        diffs = [b - a for a, b in zip(full_pos, full_pos[1:])]
+        lib_interval = _plain(params.get("cache_interval"))
+        if diffs:
+            # the most common distance between full steps: PNDM repeats a timestep (DeepCache then
+            # jumps a position) and T-Gate's DeepCache loader restarts DeepCache at the gate, so a
+            # few distances differ from the interval; ties go to the library's own setting
+            counts = {d: diffs.count(d) for d in set(diffs)}
+            top = max(counts.values())
+            modes = sorted(d for d, c in counts.items() if c == top)
+            interval: Any = lib_interval if lib_interval in modes else modes[-1]
+        else:
+            span = max(positions) - full_pos[0] + 1
+            interval = lib_interval if isinstance(lib_interval, int) and lib_interval >= span else f">= {span}"
+        cached = [frozenset(k for k in keys if k not in c["ran"]) for c, f in zip(self.calls, full) if not f]
+        lib_branch = params.get("cache_branch_id")
+        if len(set(cached)) != 1:
+            branch: Any = "inconsistent (cached steps skipped different blocks)"
+        else:
+            n_down = 1 + max((k[2] for k in keys if k[0] == "down"), default=0)
+            matches = [b for b in range(3 * n_down + 3) if _dc_predicted_skipped(keys, b) == cached[0]]
+            if lib_branch in matches:
+                branch = lib_branch
+            elif matches:
+                branch = matches[0]
+            else:
+                branch = f"none matches (cached steps skipped {len(cached[0])} of {len(keys)} wrapped modules)"
+        return {"cache_interval": interval, "cache_branch_id": branch}, ""
+
+    def _tome(self, run: dict, params: dict) -> tuple[dict | None, str]:
+        records = []  # (tokens in, tokens attention saw, downsample)
+        for call in self.calls:
+            size = call["size"]
+            for tokens, seen in call["tome"].values():
+                if seen is None:
+                    continue
+                down = int(math.ceil(math.sqrt((size[0] * size[1]) // tokens))) if size and tokens else None
+                records.append((tokens, seen, down))
+        if not records:
+            return None, f"ToMe marker present on {self.tome_blocks} blocks, but no attention call in them was observed"
+        merged = [r for r in records if r[1] < r[0]]
+        if not merged:
+            tokens = sorted({r[0] for r in records})
+            return None, (f"tomesd marker present, but attention in the {self.tome_blocks} ToMe blocks saw every token "
+                          f"of the hidden states ({tokens} tokens): nothing was merged")
+        ratio, md = params.get("ratio"), params.get("max_downsample")
+        if isinstance(ratio, (int, float)) and all(int(t * ratio) == t - s for t, s, _ in merged):
+            got_ratio: Any = ratio
+        else:
+            t, s, _ = merged[0]
+            got_ratio = round((t - s) / t, 4)
+        merged_down = {d for _, _, d in merged if d is not None}
+        unmerged_down = {d for t, s, d in records if s >= t and d is not None
+                         and not (isinstance(ratio, (int, float)) and int(t * ratio) == 0)}
+        if isinstance(md, int) and all(d <= md for d in merged_down) and all(d > md for d in unmerged_down):
+            got_md: Any = md
+        else:
+            got_md = max(merged_down) if merged_down else None
+        return {"ratio": got_ratio, "max_downsample": got_md}, ""
+
+    def _tgate(self, run: dict, params: dict) -> tuple[dict | None, str]:
+        counts = [c["xattn"] for c in self.calls]
+        n = len(counts)
+        if not self.xattn_modules:
+            return None, "T-Gate marker present, but the denoiser has no cross-attention to observe"
+        if counts[-1] > 0:
+            return None, (f"T-Gate marker present, but cross-attention was computed on all {n} denoiser calls "
+                          f"({counts[-1]} key projections on the last): no gating")
+        gate = n
+        while gate > 0 and counts[gate - 1] == 0:
+            gate -= 1
+        requested = run.get("requested")
+        warm_up = max(0, n - requested) if isinstance(requested, int) else 0
+        return {"gate_step": max(0, gate - warm_up)}, ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +892,8 @@ class StepProbe:
         self.pipe = pipe
         self.runs: list[dict] = []
         self.tgate_calls: list[dict] = []
-        self.record_methods = False
+        self._record_methods = False
+        self._observation: _Observation | None = None
         self.observers: list = []
         self._hook = None
         self._classes: list[type] = []
@@ -380,7 +916,23 @@ class StepProbe:
         self._installed = True
         return self
 
+    @property
+    def record_methods(self) -> bool:
+        return self._record_methods
+
+    @record_methods.setter
+    def record_methods(self, value: bool) -> None:
+        self._record_methods = bool(value)
+        if not value:
+            self._detach_observation()
+
+    def _detach_observation(self) -> None:
+        if self._observation is not None:
+            self._observation.detach()
+            self._observation = None
+
     def remove(self) -> None:
+        self._detach_observation()
         if not self._installed:
             return
         if self._hook is not None:
@@ -445,7 +997,8 @@ class StepProbe:
 
     def _new_run(self, scheduler: Any, requested: Any) -> dict:
         run = {"requested": _plain(requested), "denoiser_calls": 0, "timesteps": [],
-               "scheduler": type(scheduler).__name__ if scheduler is not None else None, "methods": None}
+               "scheduler": type(scheduler).__name__ if scheduler is not None else None, "methods": None,
+               "observation": None}
         if self.runs and self.runs[-1]["denoiser_calls"] == 0:
             self.runs[-1] = run  # set_timesteps twice before any denoising: one pipeline call
         else:
@@ -472,11 +1025,19 @@ class StepProbe:
             run = None
         if run is None:
             run = self._new_run(scheduler, getattr(scheduler, "num_inference_steps", None))
-        if run["denoiser_calls"] == 0 and self.record_methods:
+        if run["denoiser_calls"] == 0 and self._record_methods:
+            self._detach_observation()
             try:
-                run["methods"] = detect_methods(self.pipe, self)
+                methods, fake, found = _detect(self.pipe, self)
+                run["methods"] = methods
+                self._observation = run["observation"] = _Observation(self.pipe, module, methods, fake, found, self)
             except Exception as exc:  # never let introspection break the candidate's call
                 _warn(f"diffbench: method snapshot failed: {exc!r}")
+        if self._observation is not None and run.get("observation") is self._observation:
+            try:
+                self._observation.begin_call(args, kwargs)
+            except Exception as exc:  # noqa: BLE001
+                _warn(f"diffbench: method observation failed: {exc!r}")
         run["denoiser_calls"] += 1
         for observer in self.observers:
             try:

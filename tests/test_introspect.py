@@ -67,6 +67,8 @@ def test_plain_pipeline_attributes(load):
         "dtype": "float32",
         "steps": {"requested": [], "denoiser_calls": []},
         "methods": {},
+        "unverified_methods": {},
+        "method_evidence": "markers",
     }
     assert denoiser(pipe) is pipe.unet
 
@@ -116,9 +118,11 @@ def test_tgate_needs_a_call_and_gate_step_comes_from_the_probe(load):
     pipe = TgateSDLoader(load())
     assert detect_methods(pipe) == {}  # loader applied, nothing ran yet
     with StepProbe(pipe) as probe:
+        probe.record_methods = True
         call(pipe, steps=4, fn=pipe.tgate, gate_step=2)
         attrs = introspect(pipe, probe)
-    assert attrs["methods"] == {"tgate": {"gate_step": 2}}
+    assert attrs["methods"] == {"tgate": {"gate_step": 2}}  # observed: no cross-attention from step 2 on
+    assert attrs["method_evidence"] == "behaviour"
     assert probe.tgate_calls == [{"gate_step": 2, "num_inference_steps": 4}]
     assert attrs["steps"]["requested"] == [4]
     # without a probe the patched Attention modules still show that T-Gate ran; the gate step is unknown
@@ -132,9 +136,15 @@ def test_tgate_deepcache_loader_reports_both(load):
     pipe = load()
     TgateSDDeepCacheLoader(pipe, cache_interval=2, cache_branch_id=0)
     with StepProbe(pipe) as probe:
-        call(pipe, steps=4, fn=pipe.tgate)  # gate_step left at tgate's default (10)
+        call(pipe, steps=4, fn=pipe.tgate)  # gate_step left at tgate's default (10); markers only
         attrs = introspect(pipe, probe)
     assert attrs["methods"] == {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}, "tgate": {"gate_step": 10}}
+    with StepProbe(pipe) as probe:
+        probe.record_methods = True
+        call(pipe, steps=12, fn=pipe.tgate, gate_step=7)
+        attrs = introspect(pipe, probe)
+    assert attrs["methods"] == {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}, "tgate": {"gate_step": 7}}
+    assert attrs["unverified_methods"] == {}
 
 
 def test_diffusers_pab_hooks_counted_and_empty_registries_ignored(load):
