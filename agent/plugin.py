@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 DEFAULT_CACHE = Path.home() / ".cache" / "pytest-diffbench" / "llm"
-# Options of the harness that the GA's child session inherits (when the parent has them).
+# Options of the harness that decide how a candidate is measured: the GA's child sessions get
+# the parent's values, so fitness is measured under exactly the settings of the final verdict.
+# (--diffbench-sandbox is passed resolved, see _child_pytest; tests check every name is an option.)
 CHILD_OPTIONS = ("diffbench_models", "diffbench_device", "diffbench_samples", "diffbench_speed",
                  "diffbench_repeats", "diffbench_clip", "diffbench_clip_threshold",
-                 "diffbench_candidate_timeout", "diffbench_memory_mb", "diffbench_threads",
-                 "diffbench_resolution_scale")
+                 "diffbench_candidate_timeout", "diffbench_memory_mb", "diffbench_threads")
 
 
 def _positive_int(text: str) -> int:
@@ -101,6 +102,7 @@ class DiffAgentGenerator:
     # -- parts ---------------------------------------------------------------------------------
     def _child_pytest(self, session, evaluator):
         from pytest_diffbench.devices import visible_devices
+        from pytest_diffbench.sandbox import resolve_isolation
 
         from .population import ChildPytest
 
@@ -110,8 +112,10 @@ class DiffAgentGenerator:
             value = config.getoption(name, None)
             if value is not None:
                 passthrough.append(f"--{name.replace('_', '-')}={value}")
-        workers, visible = 0, None
         profile = evaluator.profile
+        # the backend this session resolved, not "auto": a child must not resolve another one
+        passthrough.append(f"--diffbench-sandbox={resolve_isolation(profile.limits.isolation)}")
+        workers, visible = 0, None
         if profile.device == "cuda":
             if getattr(config, "workerinput", None) is not None:
                 visible = profile.visible_devices  # this xdist worker's own device
@@ -121,7 +125,8 @@ class DiffAgentGenerator:
         tasks_dir = config.getoption("diffbench_tasks", None)
         return ChildPytest(rootdir=Path(config.rootpath), inifile=Path(config.inipath) if config.inipath else None,
                            tasks_dir=Path(tasks_dir).resolve() if tasks_dir else None, passthrough=passthrough,
-                           workers=workers, timeout_s=self.ga_timeout, visible_devices=visible)
+                           workers=workers, timeout_s=self.ga_timeout, visible_devices=visible,
+                           cache_dir=Path(session.cache_dir))
 
     @staticmethod
     def _profile(evaluator) -> dict:

@@ -36,6 +36,34 @@ def test_help_lists_the_options(tmp_path):
         assert option in out, option
 
 
+def test_the_ga_child_sessions_get_only_real_options_and_the_resolved_sandbox():
+    """Fitness must be measured under the settings of the final verdict: every option the GA's child
+    sessions inherit exists, and the sandbox backend is passed as the parent resolved it."""
+    from agent import plugin as agent_plugin
+
+    code, out = pytest_run(["--help"])
+    assert code == 0
+    for name in agent_plugin.CHILD_OPTIONS:
+        assert f"--{name.replace('_', '-')}" in out, name
+    # the generator's own method with a stand-in config/session/evaluator (plain namespaces: only
+    # their option values and paths are read; a real pytest session is what the e2e test runs)
+    from types import SimpleNamespace
+
+    from pytest_diffbench.sandbox import SandboxLimits, resolve_isolation
+
+    options = {"diffbench_memory_mb": 1234, "diffbench_sandbox": "auto"}
+    config = SimpleNamespace(getoption=lambda name, default=None: options.get(name, default), rootpath=ROOT,
+                             inipath=None, workerinput=None)
+    generator = agent_plugin.DiffAgentGenerator.__new__(agent_plugin.DiffAgentGenerator)
+    generator.config, generator.ga_timeout = config, 60.0
+    profile = SimpleNamespace(device="cpu", visible_devices=None, limits=SandboxLimits(isolation="auto"))
+    child = generator._child_pytest(SimpleNamespace(cache_dir=ROOT / "c", zoo_dir=ROOT / "z"),
+                                    SimpleNamespace(profile=profile))
+    assert "--diffbench-memory-mb=1234" in child.passthrough
+    assert f"--diffbench-sandbox={resolve_isolation('auto')}" in child.passthrough
+    assert "--diffbench-sandbox=auto" not in child.passthrough
+
+
 def test_missing_key_is_a_usage_error_before_any_task(tmp_path):
     code, out = pytest_run(["--diffbench-level=L1", "--llm=o3-mini", f"--diffbench-out={tmp_path / 'run'}"])
     assert code == 4, out  # pytest's usage error
