@@ -575,7 +575,8 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
                                                             c.get("error"), c.get("seconds", 0.0))
             log(f"  reusing {len(cache)} measurements of an earlier run")
         family_dir = Path(evaluator.run_dir) / "calibration" / fkey
-        in_run_dir, run_dir_latency = _measured_in_run_dir(family_dir, family_digest(probe), profile.name)
+        in_run_dir, run_dir_latency = _measured_in_run_dir(family_dir, family_digest(probe), profile.name,
+                                                           evaluator=evaluator)
         if run_dir_latency and not (families_out.get(fkey) or {}).get("reference_latency_ms"):
             families_out.setdefault(fkey, {})["reference_latency_ms"] = round(run_dir_latency, 3)
         left = {k: m for k, m in in_run_dir.items() if k not in cache}
@@ -590,7 +591,7 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
                                                                      c.get("latency_ms"), c.get("error"),
                                                                      c.get("seconds", 0.0))
         verified_cache.update({k: m for k, m in _measured_in_run_dir(family_dir, family_digest(probe), profile.name,
-                                                                     workload="full")[0].items()
+                                                                     workload="full", evaluator=evaluator)[0].items()
                                if k not in verified_cache})
 
         def measure_config(config: dict) -> tuple[Measurement, bool]:
@@ -711,18 +712,26 @@ def _sorted_sections(out: dict) -> dict:
 MEASUREMENT_FILE = "calibration.json"
 
 
-def _measured_in_run_dir(family_dir: Path, digest: str, profile_name: str,
-                        workload: str = "search") -> tuple[dict[str, "Measurement"], float | None]:
+def _measured_in_run_dir(family_dir: Path, digest: str, profile_name: str, workload: str = "search",
+                        evaluator=None) -> tuple[dict[str, "Measurement"], float | None]:
     """Measurements a killed run left in the evaluator's run directory (same family digest and
     profile, complete result; `workload` "search" or "full"): (config id -> Measurement, the
-    reference latency they were measured against)."""
+    reference latency they were measured against). With `evaluator`, only results carrying a
+    valid tag of its cache's key (keys.py) for their run directory and label count."""
+    from . import keys
+
     found, reference_latency = {}, None
+    secret = keys.secret_key(evaluator.cache_dir) if evaluator is not None else None
     for meta_path in sorted(Path(family_dir).glob(f"*/{MEASUREMENT_FILE}")):
         try:
             meta = json.loads(meta_path.read_text())
             rec = json.loads((meta_path.parent / "result.json").read_text())
         except (OSError, ValueError):
             continue
+        if secret is not None:
+            # tagged as Evaluator._finish tags it: the run directory and the task folder's name
+            if not keys.verify_record(secret, "result", keys.run_context(evaluator.run_dir, meta_path.parent.name), rec):
+                continue
         if (meta.get("digest") != digest or rec.get("profile") != profile_name or not rec.get("complete")
                 or meta.get("workload", "search") != workload):
             continue

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from pytest_diffbench import calibration as C
+from pytest_diffbench import keys
 from pytest_diffbench.tasks import QUALITY_PLACEHOLDER, TARGET_PLACEHOLDER, load_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ class FakeEvaluator:
                                        device_name="cpu", zoo="tiny", samples=samples, repeats=1, versions={})
         self.calls = []
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="fake-evaluator-"))
+        self.cache_dir = self.run_dir.parent / "cache"  # its key tags result.json, as Evaluator._finish does
         # the full workload (samples None) loses this much more quality than the search's 2 samples
         self.loss_scale = 1.0 if samples else full_loss_scale
         self.full_loss_scale = full_loss_scale
@@ -52,6 +54,7 @@ class FakeEvaluator:
         assert samples is None, "calibration re-measures optima on the tasks' own workload"
         self.full = FakeEvaluator(self.profile.name, self.profile.quality_method, self.profile.speed_method,
                                   self.run_dir, samples=None, full_loss_scale=self.full_loss_scale)
+        self.full.cache_dir = self.cache_dir
         return self.full
 
     def evaluate(self, task, candidate, reference_code, gold_code, label=None):
@@ -79,7 +82,9 @@ class FakeEvaluator:
                   "passed": True, "stage_reached": 3, "profile": self.profile.name, "complete": True}
         out = self.run_dir / (label or task.id)  # as Evaluator.evaluate leaves it
         out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(record))
+        signed = keys.sign_record(keys.secret_key(self.cache_dir), "result",
+                                  keys.run_context(self.run_dir, out.name), record)
+        (out / "result.json").write_text(json.dumps(signed))
         return record
 
 
@@ -306,6 +311,14 @@ def test_a_killed_run_resumes_from_the_measurements_it_left(suite, tmp_path):
     assert any("reusing 6 measurements a killed run left" in line for line in logs)
     key = "pixart-sigma-t2i-512x512-PixArt-Sigma-XL-2-512-MS"
     assert same["families"][key]["reference_latency_ms"] == 100.0  # the anchor of L5 targets
+    # a result.json without the harness key's tag (written by anything else) is not reused
+    for path in (tmp_path / "runs").glob("calibration/*/*/result.json"):
+        record = json.loads(path.read_text())
+        record.pop("mac")
+        path.write_text(json.dumps(record))
+    forged = FakeEvaluator(run_dir=tmp_path / "runs")
+    C.calibrate(forged, tasks, TASKS_DIR, configs=6, log=lambda s: None)
+    assert len(forged.calls) == 6
     # another family digest (a changed task) does not reuse them
     import dataclasses
 
