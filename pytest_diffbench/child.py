@@ -60,6 +60,7 @@ from typing import Any
 _perf_counter = time.perf_counter
 _os_replace = os.replace
 _os_write = os.write
+_os_read = os.read
 _json_dumps = json.dumps
 
 PHASES = ("import", "load", "generate", "output")
@@ -168,8 +169,9 @@ class Channel:
     framed messages on the inherited fd `result_fd`, each carrying the token the parent wrote
     on stdin. Opened before any candidate code runs; the token lives only in a closure."""
 
-    def __init__(self, send):
+    def __init__(self, send, go_fd: int | None = None):
         self._send = send
+        self._go_fd = go_fd
 
     @classmethod
     def from_job(cls, job: dict, stdin=None) -> "Channel | None":
@@ -180,7 +182,10 @@ class Channel:
         token = bytes.fromhex(stream.readline().decode("ascii").strip())
         if len(token) != _TOKEN_BYTES:
             raise ValueError("no result-stream token on stdin")
-        if stdin is None:  # nothing else comes on stdin: give the candidate /dev/null
+        go_fd = None
+        if stdin is None:  # the parent's go byte comes on stdin too (wait_go); the candidate gets /dev/null
+            go_fd = os.dup(0)
+            os.set_inheritable(go_fd, False)
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.close(devnull)
@@ -193,7 +198,15 @@ class Channel:
                 written = _os_write(fd, data)
                 data = data[written:]
 
-        return cls(send)
+        return cls(send, go_fd)
+
+    def wait_go(self) -> None:
+        """Say `ready` and wait for the parent's go byte: the parent starts its measurement window
+        (clock, the child's CPU time) when it sends it, so no work of the measured calls can fall
+        before the window, whatever marks code in this process sends."""
+        self.mark("ready", "first", 0)
+        if self._go_fd is not None and not _os_read(self._go_fd, 1):
+            raise RuntimeError("the sandbox closed the channel before the measured calls")
 
     def mark(self, event: str, call: str, index: int) -> None:
         self._send(b"M", _json_dumps({"event": event, "call": call, "index": index}).encode())
@@ -563,6 +576,8 @@ class Runner:
         flop_mode = self.counter if self.count_flops else None
         from pytest_diffbench.introspect import denoiser
 
+        if self.channel is not None:
+            self.channel.wait_go()
         inputs = DenoiserInputs(denoiser(pipe))
         try:
             first, first_s = self.call_generate(module, pipe, batch_factory, probe, flop_mode, mark=("first", 0),

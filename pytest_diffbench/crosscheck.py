@@ -29,6 +29,9 @@ from typing import Mapping
 
 # The largest U_flops / U_cpu honest code shows on a FLOP-counted profile (see module docstring).
 MAX_FLOPS_OVER_CPU = 3.0
+# The same over the parent's own window (go byte to result: the judged call, the timed calls and
+# the images' encoding), which no mark the child sends can shorten.
+MAX_FLOPS_OVER_PHASE_CPU = 3.0
 # CPU time is accounted in clock ticks; widen both figures by this many ticks.
 TICKS_SLACK = 2
 
@@ -40,48 +43,65 @@ def _tick_s() -> float:
         return 0.01
 
 
-def per_image_cpu_s(result: Mapping | None) -> float | None:
-    """The parent-measured CPU seconds per image of the judged call, or None."""
+def per_image_cpu_s(result: Mapping | None, window: str = "parent_first_call_cpu_s") -> float | None:
+    """The parent-measured CPU seconds per image of `window` (the judged call between its marks,
+    or `parent_phase_cpu_s`: from the parent's go byte to the result), or None."""
     if not result:
         return None
     timing = result.get("timing") or {}
-    cpu = timing.get("parent_first_call_cpu_s")
+    cpu = timing.get(window)
     count = result.get("num_images") or len(result.get("images") or [])
     if not isinstance(cpu, (int, float)) or not count:
         return None
     return float(cpu) / count
 
 
+def _cpu_speedups(reference: Mapping, candidate: Mapping, window: str) -> tuple:
+    """(U_cpu, U_cpu_max, reference CPU s/image, candidate CPU s/image) over `window`."""
+    ref_cpu, cand_cpu = per_image_cpu_s(reference, window), per_image_cpu_s(candidate, window)
+    if ref_cpu is None or cand_cpu is None:
+        return None, None, ref_cpu, cand_cpu
+    slack_ref = TICKS_SLACK * _tick_s() / max(1, reference.get("num_images") or 1)
+    slack_cand = TICKS_SLACK * _tick_s() / max(1, candidate.get("num_images") or 1)
+    u_cpu = ref_cpu / cand_cpu if cand_cpu > 0 else None
+    return u_cpu, (ref_cpu + slack_ref) / max(cand_cpu - slack_cand, slack_cand), ref_cpu, cand_cpu
+
+
 def speed_figures(reference: Mapping, candidate: Mapping) -> dict:
     """U_flops, U_cpu (central) and U_cpu_max (the largest U the CPU figures allow given the
-    accounting resolution) of `candidate` against `reference`; None where a figure is missing."""
+    accounting resolution) of `candidate` against `reference`, over the judged call and over the
+    parent's whole measurement window (`_phase`); None where a figure is missing."""
     ref_flops = ((reference.get("flops") or {}).get("per_image"))
     cand_flops = ((candidate.get("flops") or {}).get("per_image"))
     u_flops = None
     if ref_flops and isinstance(cand_flops, (int, float)):
         u_flops = ref_flops / cand_flops if cand_flops > 0 else float("inf")  # nothing counted at all
-    ref_cpu, cand_cpu = per_image_cpu_s(reference), per_image_cpu_s(candidate)
-    u_cpu = u_cpu_max = None
-    if ref_cpu is not None and cand_cpu is not None:
-        slack_ref = TICKS_SLACK * _tick_s() / max(1, reference.get("num_images") or 1)
-        slack_cand = TICKS_SLACK * _tick_s() / max(1, candidate.get("num_images") or 1)
-        u_cpu = ref_cpu / cand_cpu if cand_cpu > 0 else None
-        u_cpu_max = (ref_cpu + slack_ref) / max(cand_cpu - slack_cand, slack_cand)
+    u_cpu, u_cpu_max, ref_cpu, cand_cpu = _cpu_speedups(reference, candidate, "parent_first_call_cpu_s")
+    u_phase, u_phase_max, ref_phase, cand_phase = _cpu_speedups(reference, candidate, "parent_phase_cpu_s")
     return {"U_flops": u_flops, "U_cpu": u_cpu, "U_cpu_max": u_cpu_max,
-            "reference_cpu_s_per_image": ref_cpu, "candidate_cpu_s_per_image": cand_cpu}
+            "reference_cpu_s_per_image": ref_cpu, "candidate_cpu_s_per_image": cand_cpu,
+            "U_cpu_phase": u_phase, "U_cpu_phase_max": u_phase_max,
+            "reference_phase_cpu_s_per_image": ref_phase, "candidate_phase_cpu_s_per_image": cand_phase}
 
 
-def speed_violation(figures: Mapping, limit: float = MAX_FLOPS_OVER_CPU) -> str | None:
+def speed_violation(figures: Mapping, limit: float = MAX_FLOPS_OVER_CPU,
+                    phase_limit: float = MAX_FLOPS_OVER_PHASE_CPU) -> str | None:
     """A message naming both figures when the FLOP count claims more than the CPU time allows."""
-    u_flops, u_cpu_max = figures.get("U_flops"), figures.get("U_cpu_max")
+    u_flops = figures.get("U_flops")
     if u_flops is None or figures.get("reference_cpu_s_per_image") is None:
         return None  # nothing claimed, or a baseline from before the parent read CPU time
-    if u_cpu_max is None:
-        return ("the parent could not read the child's CPU time for the judged call, so the FLOP count "
-                "cannot be cross-checked")
-    if u_flops > limit * u_cpu_max:
-        u_cpu = figures.get("U_cpu")
-        return (f"the FLOP count claims a speedup of {u_flops:.2f}x, but the child's CPU time (read by the "
-                f"parent from the kernel) shows {u_cpu:.2f}x (at most {u_cpu_max:.2f}x within its resolution); "
-                f"honest code stays within {limit:g}x of it: work was hidden from the FLOP counter")
+    checks = [("the judged call", "U_cpu", limit)]
+    if figures.get("reference_phase_cpu_s_per_image") is not None:
+        checks.append(("the parent's measurement window (all measured calls)", "U_cpu_phase", phase_limit))
+    for window, name, bound in checks:
+        u_cpu, u_cpu_max = figures.get(name), figures.get(f"{name}_max")
+        if u_cpu_max is None:
+            return (f"the parent could not read the child's CPU time over {window}, so the FLOP count "
+                    f"cannot be cross-checked")
+        if u_flops > bound * u_cpu_max:
+            shown = f"{u_cpu:.2f}x" if u_cpu is not None else "an unbounded speedup"
+            return (f"the FLOP count claims a speedup of {u_flops:.2f}x, but the child's CPU time over {window} "
+                    f"(read by the parent from the kernel) shows {shown} (at most {u_cpu_max:.2f}x within "
+                    f"its resolution); honest code stays within {bound:g}x of it: work was hidden from the "
+                    f"FLOP counter")
     return None

@@ -747,6 +747,11 @@ class _ResultStream:
         # the child's CPU seconds (kernel accounting, read by the parent) when each mark arrived
         self.cpu_clock = None
         self.mark_cpu: list[float | None] = []
+        # the measurement window the parent opens itself: the go byte it sends at the first `ready`
+        # mark, until the result frame arrives; (monotonic time, CPU seconds) at both ends
+        self.send_go = None
+        self.go_at: tuple[float, float | None] | None = None
+        self.result_at: tuple[float, float | None] | None = None
         self.images: dict[int, bytes] = {}
         self.result: bytes | None = None
         self.error: str | None = None
@@ -790,8 +795,14 @@ class _ResultStream:
             self.error = "frames after the result"
         elif kind == FRAME_MARK:
             try:
-                self.marks.append((now, json.loads(payload)))
-                self.mark_cpu.append(self.cpu_clock() if self.cpu_clock is not None else None)
+                mark = json.loads(payload)
+                self.marks.append((now, mark))
+                cpu = self.cpu_clock() if self.cpu_clock is not None else None
+                self.mark_cpu.append(cpu)
+                if isinstance(mark, dict) and mark.get("event") == "ready" and self.go_at is None:
+                    self.go_at = (now, cpu)
+                    if self.send_go is not None:
+                        self.send_go()
             except ValueError:
                 self.error = "unreadable timing mark"
         elif kind == FRAME_IMAGE:
@@ -810,6 +821,7 @@ class _ResultStream:
                 self.images[index] = payload[2:]
         elif kind == FRAME_RESULT:
             self.result = payload
+            self.result_at = (now, self.cpu_clock() if self.cpu_clock is not None else None)
         else:
             self.error = f"unknown frame kind {kind!r}"
 
@@ -888,13 +900,22 @@ def _tree_cpu_seconds(root: int, pgid: int | None) -> float:
     return total / tick
 
 
-def _parent_figures(result: dict, marks: list[tuple[float, dict]], mark_cpu: list[float | None]) -> None:
+def _parent_figures(result: dict, marks: list[tuple[float, dict]], mark_cpu: list[float | None],
+                    go_at: tuple[float, float | None] | None = None,
+                    result_at: tuple[float, float | None] | None = None) -> None:
     """Add what the parent saw of each marked call, on its own clock and the kernel's CPU
-    accounting, to `result["timing"]`: `parent_first_call_s`/`_cpu_s` (the judged call) and
-    `parent_calls_cpu_s` (the timed calls)."""
+    accounting, to `result["timing"]`: `parent_first_call_s`/`_cpu_s` (the judged call, between
+    its marks), `parent_calls_cpu_s` (the timed calls) and `parent_phase_s`/`_cpu_s`: from the go
+    byte the parent sent to the result's arrival, a window no mark of the child can move (all
+    measured calls and the images' encoding)."""
     timing = result.get("timing")
     if result.get("status") != "ok" or not isinstance(timing, dict):
         return
+    timing["parent_phase_s"] = timing["parent_phase_cpu_s"] = None
+    if go_at and result_at:
+        timing["parent_phase_s"] = result_at[0] - go_at[0]
+        if go_at[1] is not None and result_at[1] is not None:
+            timing["parent_phase_cpu_s"] = result_at[1] - go_at[1]
     seen: dict[tuple[str, int, str], tuple[float, float | None]] = {}
     for (now, mark), cpu in zip(marks, mark_cpu):
         key = (str(mark.get("call")), mark.get("index"), str(mark.get("event")))
@@ -1030,9 +1051,18 @@ def run_job(
     results.cpu_clock = lambda: _tree_cpu_seconds(proc.pid, pgid)
     try:  # the token, before anything of the candidate runs (the child reads it first)
         proc.stdin.write(token.hex().encode() + b"\n")
-        proc.stdin.close()
+        proc.stdin.flush()
     except OSError:
         pass
+
+    def send_go() -> None:  # stdin stays open for the go byte (child.Channel.wait_go)
+        try:
+            proc.stdin.write(b"g")
+            proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+    results.send_go = send_go
     stop_reading = threading.Event()
     reader = threading.Thread(target=_read_pipes, daemon=True, args=(
         {res_r: results, proc.stdout.fileno(): out_stream, proc.stderr.fileno(): err_stream}, stop_reading))
@@ -1093,8 +1123,11 @@ def run_job(
         leftover = _terminate(proc, pgid, child_ns)
         stop_reading.set()
         reader.join(timeout=KILL_GRACE_S)
-        for fh in (proc.stdout, proc.stderr):
-            fh.close()
+        for fh in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                fh.close()
+            except OSError:
+                pass
         os.close(res_r)
     results.finish()
     wall = time.monotonic() - start
@@ -1147,7 +1180,7 @@ def run_job(
         if not isinstance(result, dict) or result.get("status") not in ("ok", "error"):
             raise ValueError("result is not a harness result document")
         violation = _timing_violation(result, results.marks)
-        _parent_figures(result, results.marks, results.mark_cpu)
+        _parent_figures(result, results.marks, results.mark_cpu, results.go_at, results.result_at)
         if violation:
             result = _integrity_error(result, violation)
         _store_images(result, results.images, job.get("out_dir"))

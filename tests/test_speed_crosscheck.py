@@ -24,7 +24,9 @@ BATCH = {"kind": "text2img", "prompts": ["a", "b"], "class_ids": None, "images":
 
 
 def run(name: str, folder: Path):
-    code = TOY if name == "honest" else TOY + "\n\n" + (HERE / "speed_attacks" / f"{name}.py").read_text()
+    code = TOY
+    for part in {"honest": [], "forged_marks": ["scale_counter", "forged_marks"]}.get(name, [name]):
+        code += "\n\n" + (HERE / "speed_attacks" / f"{part}.py").read_text()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "candidate.py").write_text(code)
     job = {"task_id": f"toy-{name}", "role": "candidate", "code_path": str(folder / "candidate.py"),
@@ -46,6 +48,8 @@ def test_the_parent_measures_the_judged_calls_cpu_time(reference):
     timing = reference["timing"]
     assert timing["parent_first_call_cpu_s"] > 0.05  # the workload is well above the tick
     assert timing["parent_first_call_s"] > 0 and len(timing["parent_calls_cpu_s"]) == 1
+    # the parent's own window (go byte to result) holds the judged call and the timed one
+    assert timing["parent_phase_cpu_s"] >= timing["parent_first_call_cpu_s"] + 0.5 * timing["parent_calls_cpu_s"][0]
     # the judged call runs under the FLOP counter, so it costs at least the plain timed call
     assert timing["parent_first_call_cpu_s"] >= 0.5 * timing["parent_calls_cpu_s"][0]
 
@@ -65,3 +69,13 @@ def test_work_hidden_from_the_counter_is_an_integrity_failure_naming_both_figure
     assert figures["U_cpu"] < 2, figures  # ... and what the kernel saw
     message = crosscheck.speed_violation(figures)
     assert message and f"{figures['U_flops']:.2f}x" in message and f"{figures['U_cpu']:.2f}x" in message
+
+
+def test_forged_marks_do_not_shorten_the_parents_window(reference, tmp_path):
+    """The candidate sends the judged call's end mark itself, before the work: the call looks
+    instantaneous between its marks, but the parent's window from its go byte holds the work."""
+    figures = crosscheck.speed_figures(reference, run("forged_marks", tmp_path))
+    assert figures["U_flops"] > 5 and figures["U_flops"] < 3 * figures["U_cpu_max"], figures  # marks fooled ...
+    assert figures["U_cpu_phase"] < 2, figures  # ... the parent's window was not
+    message = crosscheck.speed_violation(figures)
+    assert message and "measurement window" in message
