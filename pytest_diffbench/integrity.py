@@ -13,7 +13,7 @@ that measures it, so the child checks that the measurement was not interfered wi
   imported; `changes()` names what was replaced since.
 * `CallGuard`: during the measured calls, every torch module must run on the thread that called
   `generate` (the FLOP counter only sees that thread, and work left running on a side thread is
-  not timed); during the FLOP-counting call the counter's dispatch mode must be active and Python
+  not timed); during the judged (FLOP-counted) call the counter's dispatch mode must be active and Python
   dispatch not disabled whenever the denoiser runs. Violations are recorded, never raised inside
   the candidate's call (where its own `try` could swallow them), and reported after it.
 
