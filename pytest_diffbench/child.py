@@ -200,13 +200,26 @@ class Channel:
 
         return cls(send, go_fd)
 
-    def wait_go(self) -> None:
-        """Say `ready` and wait for the parent's go byte: the parent starts its measurement window
-        (clock, the child's CPU time) when it sends it, so no work of the measured calls can fall
-        before the window, whatever marks code in this process sends."""
+    def wait_go(self) -> dict:
+        """Say `ready` and wait for the parent's go message; return the batch inputs it carries
+        (prompts, class ids, seeds, init images as base64 PNG: not in the job file, so that they
+        are unknown to the candidate until its measured calls). The parent starts its measurement
+        window (clock, the child's CPU time) when it sends it, so no work of the measured calls can
+        fall before the window, whatever marks code in this process sends."""
         self.mark("ready", "first", 0)
-        if self._go_fd is not None and not _os_read(self._go_fd, 1):
-            raise RuntimeError("the sandbox closed the channel before the measured calls")
+        if self._go_fd is None:
+            return {}
+        header = self._read_exactly(4)
+        return json.loads(self._read_exactly(struct.unpack(">I", header)[0]))["batch"]
+
+    def _read_exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = _os_read(self._go_fd, size - len(data))
+            if not chunk:
+                raise RuntimeError("the sandbox closed the channel before the measured calls")
+            data += chunk
+        return data
 
     def mark(self, event: str, call: str, index: int) -> None:
         self._send(b"M", _json_dumps({"event": event, "call": call, "index": index}).encode())
@@ -298,7 +311,7 @@ class BatchFactory:
     """Fresh batch dicts for every call: the candidate may mutate what it gets."""
 
     def __init__(self, batch: dict):
-        self.spec = dict(batch)
+        self.spec = {k: v for k, v in batch.items() if k != "samples"}  # the contract's keys only
         self.width, self.height = int(batch["width"]), int(batch["height"])
         paths = batch.get("images")
         self.images = load_images(paths, self.width, self.height) if paths else None
@@ -397,9 +410,10 @@ class Runner:
         self.channel = channel
         self.code_path = os.path.abspath(job["code_path"])
         self.device = str(job.get("device") or "cpu")
-        self.batch = job["batch"]
-        self.seeds = [int(s) for s in self.batch["seeds"]]
-        self.count = len(self.seeds)
+        self.batch = dict(job["batch"])
+        self.seeds = [int(s) for s in self.batch.get("seeds") or []]
+        # sandbox runs: the job file has the sample count, the inputs come with the go message
+        self.count = int(self.batch.get("samples") or len(self.seeds))
         self.width, self.height = int(self.batch["width"]), int(self.batch["height"])
         self.repeats = int(job.get("repeats", 1))
         self.count_flops = bool(job.get("count_flops", True))
@@ -484,7 +498,8 @@ class Runner:
         if self.cuda:
             self._sync = torch.cuda.synchronize
         self.result["environment"] = environment(self.device)
-        batch_factory = BatchFactory(self.batch)  # harness failure if the init images are unreadable
+        # harness failure if the init images are unreadable; sandbox runs: built after the go message
+        batch_factory = BatchFactory(self.batch) if self.channel is None else None
         dtype = getattr(torch, str(self.job.get("dtype") or "float32"))
         if self.count_flops:
             from torch.utils.flop_counter import FlopCounterMode
@@ -541,6 +556,20 @@ class Runner:
             self.guard.remove()
             probe.remove()
 
+    def _receive_batch(self, withheld: dict) -> "BatchFactory":
+        """The batch completed with the inputs of the go message (init images decoded from the
+        PNG bytes the parent read)."""
+        import base64
+
+        if withheld:
+            if withheld.get("images"):
+                withheld["images"] = [io.BytesIO(base64.b64decode(b)) for b in withheld["images"]]
+            self.batch.update(withheld)
+            self.seeds = [int(s) for s in self.batch.get("seeds") or []]
+            if len(self.seeds) != self.count:
+                raise RuntimeError(f"the go message has {len(self.seeds)} seeds for {self.count} samples")
+        return BatchFactory(self.batch)
+
     def _introspect(self, pipe, probe) -> dict:
         from pytest_diffbench.introspect import introspect
 
@@ -577,7 +606,7 @@ class Runner:
         from pytest_diffbench.introspect import denoiser
 
         if self.channel is not None:
-            self.channel.wait_go()
+            batch_factory = self._receive_batch(self.channel.wait_go())
         inputs = DenoiserInputs(denoiser(pipe))
         try:
             first, first_s = self.call_generate(module, pipe, batch_factory, probe, flop_mode, mark=("first", 0),

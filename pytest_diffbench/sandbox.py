@@ -125,6 +125,10 @@ FRAME_MAGIC = b"DBF1"
 TOKEN_BYTES = 16
 FRAME_HEADER = struct.Struct(">4s16scI")  # magic, token, kind, payload length
 FRAME_MARK, FRAME_IMAGE, FRAME_RESULT = b"M", b"I", b"R"
+# The batch's inputs (what a candidate could precompute outputs for) are not in the job file: the
+# parent sends them with the go byte, when the measured calls start (child.Channel.wait_go).
+WITHHELD_BATCH_KEYS = ("prompts", "class_ids", "images", "seeds")
+GO_HEADER = struct.Struct(">I")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -883,6 +887,29 @@ def _timing_violation(result: dict, marks: list[tuple[float, dict]]) -> str | No
     return None
 
 
+def _split_job(job: dict) -> tuple[dict, dict]:
+    """(the job file's content, the batch inputs sent with the go byte instead). The job file keeps
+    the sample count (`batch["samples"]`), size, steps and guidance."""
+    batch = job.get("batch")
+    if not isinstance(batch, dict):
+        return job, {}
+    withheld = {k: batch[k] for k in WITHHELD_BATCH_KEYS if k in batch}
+    public = {k: v for k, v in batch.items() if k not in WITHHELD_BATCH_KEYS}
+    public["samples"] = len(batch.get("seeds") or [])
+    return {**job, "batch": public}, withheld
+
+
+def _go_message(withheld: dict) -> bytes:
+    """The go message: the withheld batch inputs as JSON, init images as base64 PNG bytes read by
+    the parent (the child never sees their files)."""
+    import base64
+
+    batch = dict(withheld)
+    if batch.get("images"):
+        batch["images"] = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in batch["images"]]
+    return json.dumps({"batch": batch}).encode()
+
+
 def _tree_cpu_seconds(root: int, pgid: int | None) -> float:
     """CPU seconds (user + system, all threads, plus reaped children) of `root` and its
     descendants, as the kernel accounts them: a figure the child cannot lower without working less."""
@@ -978,8 +1005,9 @@ def run_job(
     res_r, res_w = os.pipe()
     job = {**job, "result_fd": res_w}
     job.pop("result_path", None)
+    job_file, withheld = _split_job(job)
     job_path = harness_dir / "job.json"
-    job_path.write_text(json.dumps(job, indent=1))
+    job_path.write_text(json.dumps(job_file, indent=1))
 
     child_env = dict(env)
     workdir = scratch = None  # scratch: the child's writable folder outside bwrap (the watchdog measures it)
@@ -987,7 +1015,7 @@ def run_job(
     if backend == "bwrap":
         bwrap, userns = _bwrap_mode()
         child_env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
-        readable_paths = _readable_paths(child_env, job, readable)
+        readable_paths = _readable_paths(child_env, job_file, readable)
         child_env.update({"HOME": "/tmp/home", "TMPDIR": "/tmp", "XDG_CACHE_HOME": "/tmp/home/.cache",
                           "HF_HOME": "/tmp/home/.cache/huggingface"})
         prefix = _bwrap_command(bwrap, userns, network, readable_paths, job_path, limits.tmp_mb << 20)
@@ -1003,7 +1031,7 @@ def run_job(
         scratch = workdir / "work"
         (scratch / "home").mkdir(parents=True)
         child_env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
-        readable_paths = _readable_paths(child_env, job, readable)
+        readable_paths = _readable_paths(child_env, job_file, readable)
         links = workdir / "path"
         child_env["PYTHONPATH"] = _pythonpath_links(child_env.get("PYTHONPATH", ""), readable_paths, links)
         child_env.update({"HOME": str(scratch / "home"), "TMPDIR": str(scratch),
@@ -1055,9 +1083,10 @@ def run_job(
     except OSError:
         pass
 
-    def send_go() -> None:  # stdin stays open for the go byte (child.Channel.wait_go)
+    def send_go() -> None:  # stdin stays open for the go message (child.Channel.wait_go)
         try:
-            proc.stdin.write(b"g")
+            payload = _go_message(withheld)
+            proc.stdin.write(GO_HEADER.pack(len(payload)) + payload)
             proc.stdin.flush()
         except (OSError, ValueError):
             pass

@@ -181,5 +181,9 @@ def test_bwrap_shows_the_job_files_and_nothing_beside_them(tmp_path):
               files={"init": str(folder / "init.png"), "other": str(folder / "other.png"), "code": str(code),
                      "notes": str(code.parent / "notes.txt")})
     attempts = out.result["attempts"]
-    assert attempts["init"]["value"] == "init image" and attempts["code"]["value"] == "# candidate"
+    assert attempts["code"]["value"] == "# candidate"
     assert not attempts["other"]["ok"] and not attempts["notes"]["ok"]
+    # the init images come with the parent's go message, when the measured calls start: not as files
+    assert not attempts["init"]["ok"]
+    job_file = json.loads((tmp_path / "h" / "job.json").read_text())
+    assert "images" not in job_file["batch"] and job_file["batch"]["samples"] == 0

@@ -79,3 +79,32 @@ def test_forged_marks_do_not_shorten_the_parents_window(reference, tmp_path):
     assert figures["U_cpu_phase"] < 2, figures  # ... the parent's window was not
     message = crosscheck.speed_violation(figures)
     assert message and "measurement window" in message
+
+
+def test_the_batch_inputs_are_not_there_before_the_measured_calls(tmp_path):
+    """Outputs cannot be precomputed from the job file: it holds the sample count, size and steps,
+    not the prompts, class ids, seeds or init images (they come with the parent's go message)."""
+    spy = '''
+import json as _json
+import sys as _sys
+
+_toy_load = load_pipeline
+
+
+def load_pipeline(device, dtype):
+    job = _json.load(open(_sys.argv[-1]))
+    found = sorted(set(job["batch"]) & {"prompts", "class_ids", "images", "seeds"})
+    if found or job["batch"].get("samples") != 2:
+        raise RuntimeError(f"the job file shows {found}")
+    return _toy_load(device, dtype)
+'''
+    code = TOY + "\n\n" + spy
+    (tmp_path / "candidate.py").write_text(code)
+    job = {"task_id": "toy-spy", "role": "candidate", "code_path": str(tmp_path / "candidate.py"),
+           "out_dir": str(tmp_path / "images"), "device": "cpu", "dtype": "float32",
+           "batch": {**BATCH, "height": 16, "width": 16, "num_inference_steps": 2}, "repeats": 1,
+           "count_flops": False, "threads": 1}
+    outcome = run_job(job, env=scrubbed_env(__import__("os").environ), limits=SandboxLimits(timeout_s=120),
+                      harness_dir=tmp_path / "sandbox")
+    assert outcome.status == "ok" and outcome.result["status"] == "ok", (outcome.result, outcome.stderr_tail)
+    assert outcome.result["num_images"] == 2  # the generate calls got the seeds all the same
