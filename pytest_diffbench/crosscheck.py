@@ -12,13 +12,15 @@ the parent when the judged call starts and ends; `sandbox._parent_figures`) and 
 
 Honest configurations save CPU time roughly in step with FLOPs (on the tiny zoo, whose models are
 overhead-bound, less than in step: U_cpu < U_flops); a forged count shows as U_flops far above
-U_cpu. `MAX_FLOPS_OVER_CPU` is the largest ratio honest code may show; it was set from the
-reference sweep's golds and calibration optima on cpu-tiny (docs/integrity.md gives the figures
-and the command). The CPU figures are widened by the kernel's accounting resolution before the
+U_cpu. `MAX_FLOPS_OVER_CPU` bounds the ratio over the judged call (between its marks) and
+`MAX_FLOPS_OVER_PHASE_CPU` over the parent's own window (its go byte to the result), set with a
+margin above what golds and calibration optima showed on cpu-tiny (docs/integrity.md gives the
+figures and the command). The CPU figures are widened by the kernel's accounting resolution before the
 ratio is taken, so very short calls are never flagged by rounding.
 
-What it does not catch: work shifted out of the judged call's window (into `load_pipeline`) is
-outside both figures; the in-process same-work checks (child.py) cover that, see
+What it does not catch: work shifted before the parent's window (into `load_pipeline`, for inputs
+predicted from the public workload: the real ones arrive only with the go message) is outside
+both figures; the in-process same-work checks (child.py) cover the known form, see
 docs/integrity.md.
 """
 
@@ -27,11 +29,12 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-# The largest U_flops / U_cpu honest code shows on a FLOP-counted profile (see module docstring).
-MAX_FLOPS_OVER_CPU = 3.0
+# The bound on U_flops / U_cpu: honest code showed 0.32-2.35 on cpu-tiny, moving ~25 % with the
+# machine's load (docs/integrity.md).
+MAX_FLOPS_OVER_CPU = 3.5
 # The same over the parent's own window (go byte to result: the judged call, the timed calls and
 # the images' encoding), which no mark the child sends can shorten.
-MAX_FLOPS_OVER_PHASE_CPU = 3.0
+MAX_FLOPS_OVER_PHASE_CPU = 3.5
 # CPU time is accounted in clock ticks; widen both figures by this many ticks.
 TICKS_SLACK = 2
 
