@@ -503,8 +503,9 @@ def isolation_record(backend: str, network: bool) -> dict:
 # process tree: watchdog and kill
 
 
-def _proc_table() -> dict[int, tuple[int, int, int, str]]:
-    """pid -> (ppid, pgrp, rss pages, state) of every visible process."""
+def _proc_table() -> dict[int, tuple[int, int, int, str, int]]:
+    """pid -> (ppid, pgrp, rss pages, state, CPU clock ticks) of every visible process; the ticks are
+    user + system of all its threads plus its reaped children (utime, stime, cutime, cstime)."""
     table = {}
     for entry in _listdir("/proc"):
         if not entry.isdigit():
@@ -513,8 +514,9 @@ def _proc_table() -> dict[int, tuple[int, int, int, str]]:
             with open(f"/proc/{entry}/stat", "rb") as fh:
                 stat = fh.read().decode(errors="replace")
             fields = stat[stat.rfind(")") + 2:].split()
-            # after pid and comm: [0] state, [1] ppid, [2] pgrp, [21] rss in pages
-            table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[21]), fields[0])
+            # after pid and comm: [0] state, [1] ppid, [2] pgrp, [11:15] CPU ticks, [21] rss in pages
+            table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[21]), fields[0],
+                                 sum(int(v) for v in fields[11:15]))
         except (OSError, IndexError, ValueError):
             continue
     return table
@@ -524,7 +526,7 @@ def _tree(table: dict, root: int, pgid: int | None) -> list[int]:
     """`root`, its descendants (orphans of a pid namespace stay under its init) and, without a pid
     namespace, the members of process group `pgid`."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _, _) in table.items():
+    for pid, (ppid, *_) in table.items():
         children.setdefault(ppid, []).append(pid)
     out, stack = [], [root]
     seen = set()
@@ -913,18 +915,8 @@ def _go_message(withheld: dict) -> bytes:
 def _tree_cpu_seconds(root: int, pgid: int | None) -> float:
     """CPU seconds (user + system, all threads, plus reaped children) of `root` and its
     descendants, as the kernel accounts them: a figure the child cannot lower without working less."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
     table = _proc_table()
-    for pid in _tree(table, root, pgid):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-            fields = stat[stat.rfind(")") + 2:].split()
-            total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / tick
+    return sum(table[pid][4] for pid in _tree(table, root, pgid)) / os.sysconf("SC_CLK_TCK")
 
 
 def _parent_figures(result: dict, marks: list[tuple[float, dict]], mark_cpu: list[float | None],
