@@ -1,11 +1,13 @@
 """Harness benchmark: where the time of one task goes, baseline cache hits, and how repeatable U is.
 
     python benchmarks/harness_bench.py [--tasks ID ...] [--repeats 5] [--samples 10] [--speed flops|wall]
+    DIFFBENCH_WARM_START=off python benchmarks/harness_bench.py ...   # every run a cold child
 
 For each task it evaluates the gold solution `--repeats` times with a cold then warm baseline
-cache and prints: time per task, time in the candidate's sandboxed child versus the rest of the
-harness (baselines, metrics, I/O), baseline cache hits, and the spread of U over the repeats.
-Prints figures; asserts nothing.
+cache and prints where a task's time goes: child start (until the candidate module is imported),
+the candidate's `load_pipeline` and `generate` calls, the rest of the child, baseline runs and the
+parent's own work (metrics, images, records); the median child start and harness share of the warm
+repeats; baseline cache hits; and the spread of U over the repeats. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -47,21 +49,39 @@ def main() -> int:
     tasks = {t.id: t for t in load_tasks(REPO / "tasks")}
     work = Path(tempfile.mkdtemp(prefix="diffbench-bench-"))
     print(f"speed method: {args.speed}; repeats: {args.repeats}; samples: {args.samples or 'task default'}\n")
-    header = f"{'task':<40}{'run':>4}{'task s':>8}{'cand s':>8}{'harness s':>10}{'cache':>12}{'U':>9}{'verdict':>9}"
+    header = (f"{'task':<40}{'run':>4}{'task s':>8}{'start':>7}{'load':>7}{'gen':>7}{'child+':>7}{'basel.':>7}"
+              f"{'parent':>7}{'harness%':>9}{'cache':>12}{'U':>9}{'verdict':>9}")
     print(header)
-    summary = []
+    print("  start: the run's start until the candidate's import (child start); load/gen: the candidate's"
+          " load_pipeline and generate calls; child+: the rest of the child's wall time (FLOP counting, checks,"
+          " images); basel.: reference/gold runs (0 when cached); parent: metrics, records, I/O; harness%:"
+          " everything but load, gen and the baselines, as a share of the task\n")
+    summary, starts, shares = [], [], []
     for task_id in args.tasks:
         task = tasks[task_id]
         evaluator = tiny_evaluator(zoo, work / "cache", work / "runs", samples=args.samples, speed=args.speed,
                                    repeats=1 if args.speed == "flops" else 3)
         us = []
         for i in range(args.repeats):
+            baseline_before = evaluator.stats["baseline_s"]
             record = evaluator.evaluate(task, Candidate(code=task.gold, source="reference"), task.reference, task.gold)
-            cand_s = record["sandbox"]["wall_s"]
+            baselines = evaluator.stats["baseline_s"] - baseline_before
+            wall = record["sandbox"]["wall_s"]
+            timing = record.get("timing") or {}
+            start_s = timing.get("start_s") or 0.0
+            load = timing.get("load_s") or 0.0
+            gen = (timing.get("first_call_s") or 0.0) + sum(timing.get("calls_s") or [])
+            child_rest = wall - start_s - load - gen
+            parent = record["task_s"] - wall - baselines
+            share = (record["task_s"] - load - gen - baselines) / record["task_s"] * 100
             cache = ",".join(f"{v}" for v in record["baseline_cache"].values() if v)
             us.append(record["U"])
-            print(f"{task_id:<40}{i + 1:>4}{record['task_s']:>8.1f}{cand_s:>8.1f}{record['task_s'] - cand_s:>10.1f}"
-                  f"{cache:>12}{record['U']:>9.4f}{'pass' if record['passed'] else record['category']:>9}")
+            if i > 0:  # warm: the baselines are cached and the worker has run a task before
+                starts.append(start_s)
+                shares.append(share)
+            print(f"{task_id:<40}{i + 1:>4}{record['task_s']:>8.1f}{start_s:>7.2f}{load:>7.2f}{gen:>7.2f}"
+                  f"{child_rest:>7.2f}{baselines:>7.1f}{parent:>7.2f}{share:>8.0f}%{cache:>12}{record['U']:>9.4f}"
+                  f"{'pass' if record['passed'] else record['category']:>9}")
         spread = (max(us) - min(us)) / statistics.mean(us) * 100
         summary.append((task_id, statistics.mean(us), spread, evaluator.stats))
     print("\nU over repeats (the same candidate evaluated again):")
@@ -69,6 +89,10 @@ def main() -> int:
         print(f"  {task_id:<40} mean U {mean_u:.4f}  spread (max-min)/mean {spread:.2f} %  "
               f"baseline cache {stats['baseline_hits']} hits / {stats['baseline_misses']} misses; "
               f"seconds in baselines {stats['baseline_s']:.1f}, in candidates {stats['candidate_s']:.1f}")
+    if starts:
+        print(f"\nwarm runs (repeats after the first): median child start {statistics.median(starts):.2f} s, "
+              f"median harness share {statistics.median(shares):.0f} % of a task "
+              f"(warm start: {os.environ.get('DIFFBENCH_WARM_START', 'auto')})")
     print(f"\ntotal {time.monotonic() - t0:.1f} s; scratch folder {work}")
     return 0
 

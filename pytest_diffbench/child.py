@@ -417,6 +417,7 @@ class Runner:
         self.width, self.height = int(self.batch["width"]), int(self.batch["height"])
         self.repeats = int(job.get("repeats", 1))
         self.count_flops = bool(job.get("count_flops", True))
+        self.start_s = None
         self.cuda = self.device.startswith("cuda")
         self._sync = None
         self._reset_threads = None
@@ -526,6 +527,8 @@ class Runner:
         if findings:
             raise CandidateError("import", IntegrityError(
                 "the code reaches into the harness or the measurement: " + "; ".join(findings[:5])), self.code_path)
+        launched = self.job.get("launched_at")  # the parent's CLOCK_MONOTONIC when it started this run
+        self.start_s = time.monotonic() - float(launched) if isinstance(launched, (int, float)) else None
         try:
             module = import_candidate(self.code_path)
         except BaseException as exc:  # noqa: BLE001 - SystemExit from candidate code too
@@ -685,6 +688,7 @@ class Runner:
             "num_images": len(names),
             "image_size": [images[0].size[1], images[0].size[0]] if images else None,  # [height, width]
             "timing": {
+                "start_s": self.start_s,  # from the parent's start of the run to the candidate's import
                 "load_s": load_s,
                 "first_call_s": first_s,
                 "calls_s": calls_s,

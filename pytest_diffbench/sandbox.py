@@ -68,6 +68,7 @@ gets a status (see `SandboxOutcome`) and the session goes on.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -75,6 +76,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -250,13 +252,16 @@ def _gpu_device_paths() -> list[str]:
     return [f"/dev/{n}" for n in names if os.path.exists(f"/dev/{n}")]
 
 
+def _landlock_spec(read: Sequence[str], write: Sequence[str], min_abi: int, deny_tcp: bool = True) -> dict:
+    return {"read": list(read), "write": list(write), "devices": list(_LANDLOCK_DEVICES) + _gpu_device_paths(),
+            "drop_caps": True, "min_abi": min_abi, "deny_tcp": deny_tcp}
+
+
 def _landlock_wrapper(python: str, read: Sequence[str], write: Sequence[str], min_abi: int,
                       deny_tcp: bool = True) -> list[str]:
     from .landlock import wrapper_command
 
-    return wrapper_command(python, {"read": list(read), "write": list(write),
-                                    "devices": list(_LANDLOCK_DEVICES) + _gpu_device_paths(),
-                                    "drop_caps": True, "min_abi": min_abi, "deny_tcp": deny_tcp})
+    return wrapper_command(python, _landlock_spec(read, write, min_abi, deny_tcp))
 
 
 def _pythonpath_links(pythonpath: str, readable: Sequence[str], folder: Path) -> str:
@@ -431,6 +436,88 @@ def _bwrap_command(bwrap: str, userns: bool, network: bool, readable: list[str],
     return args
 
 
+@dataclass
+class _IsolationSetup:
+    """How a child (or a zygote) is started under a backend: the namespace prefix, the Landlock
+    exec wrapper (and its spec, which a zygote applies again to each run it forks), environment,
+    working folder, and the private folders to empty between the runs of a zygote."""
+
+    prefix: list
+    wrapper: list
+    env: dict
+    cwd: str
+    workdir: Path | None  # removed after the run (the scratch folder's parent)
+    scratch: Path | None  # the child's writable folder outside bwrap (the watchdog measures it)
+    network_isolated: bool
+    landlock: dict | None = None
+    empty: tuple = ()  # what a zygote empties before and after each run
+    make: tuple = ()  # ... creates before each fork
+    remove: tuple = ()  # ... removes after each run
+    run_cwd: str = "/"
+    run_landlock: dict | None = None  # the domain a zygote gives each run (default: `landlock`)
+
+
+def _isolation_setup(backend: str, network: bool, env: Mapping[str, str], job_file: dict,
+                     readable: Sequence[os.PathLike | str], limits: "SandboxLimits", job_path: Path,
+                     python: str, zygote: bool = False) -> _IsolationSetup:
+    """`job_path`: the job file, or a zygote's inbox folder (bound/readable the same way). For a
+    zygote (landlock): it may write in `work`, each run only in `work/run` (removed after it)."""
+    child_env = dict(env)
+    workdir = scratch = None
+    wrapper: list[str] = []  # the Landlock exec wrapper, between the namespace prefix and the child
+    landlock = None
+    if backend == "bwrap":
+        bwrap, userns = _bwrap_mode()
+        child_env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
+        readable_paths = _readable_paths(child_env, job_file, readable)
+        child_env.update({"HOME": "/tmp/home", "TMPDIR": "/tmp", "XDG_CACHE_HOME": "/tmp/home/.cache",
+                          "HF_HOME": "/tmp/home/.cache/huggingface"})
+        prefix = _bwrap_command(bwrap, userns, network, readable_paths, job_path, limits.tmp_mb << 20)
+        if _landlock_works(inside_bwrap=True):  # a second, independent layer inside the namespaces
+            # (the harness root is on PYTHONPATH and must be listable; in bwrap's root it holds only
+            # what is bound above: the package, and what of it `readable` names)
+            landlock = _landlock_spec(_landlock_system_paths() + readable_paths + [str(job_path), str(_harness_root())],
+                                      ["/tmp", "/dev/shm"], 1, deny_tcp=network)
+        setup = _IsolationSetup(prefix, [], child_env, "/", None, None, network, landlock,
+                                empty=("/tmp", "/dev/shm"), make=("/tmp/home", "/tmp/work"), run_cwd="/tmp/work")
+    elif backend == "landlock":
+        workdir = Path(tempfile.mkdtemp(prefix="diffbench-cand-"))
+        zone = workdir / "work"
+        scratch = zone / "run" if zygote else zone
+        (scratch / "home").mkdir(parents=True)
+        child_env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
+        readable_paths = _readable_paths(child_env, job_file, readable)
+        links = workdir / "path"
+        child_env["PYTHONPATH"] = _pythonpath_links(child_env.get("PYTHONPATH", ""), readable_paths, links)
+        child_env.update({"HOME": str(scratch / "home"), "TMPDIR": str(scratch),
+                          "XDG_CACHE_HOME": str(scratch / "home" / ".cache"),
+                          "HF_HOME": str(scratch / "home" / ".cache" / "huggingface")})
+        prefix = list(_unshare_prefix(network) or _unshare_prefix(False) or ())
+        read = _landlock_system_paths() + readable_paths + [str(job_path), str(links)]
+        landlock = _landlock_spec(read, [str(zone)], LANDLOCK_MIN_ABI, deny_tcp=network)
+        network_isolated = network and (bool(_unshare_prefix(True)) or _landlock_abi() >= 4)
+        # (without a network namespace: TCP denied by Landlock, UDP is not)
+        setup = _IsolationSetup(prefix, [], child_env, str(scratch), workdir, scratch, network_isolated, landlock,
+                                make=(str(scratch / "home"),), remove=(str(scratch),), run_cwd=str(scratch),
+                                run_landlock=_landlock_spec(read, [str(scratch)], LANDLOCK_MIN_ABI, deny_tcp=network))
+    else:
+        prefix = list(_unshare_prefix(network) or _unshare_prefix(False) or ()) if backend == "unshare" else []
+        if backend == "none" and network:
+            prefix = list(network_isolation_prefix())
+        workdir = scratch = Path(tempfile.mkdtemp(prefix="diffbench-cand-"))
+        child_env["TMPDIR"] = str(workdir)
+        network_isolated = network and (backend != "none" or bool(prefix))
+        if backend == "unshare" and network and not _unshare_prefix(True):
+            network_isolated = False
+        setup = _IsolationSetup(prefix, [], child_env, str(workdir), workdir, scratch, network_isolated,
+                                run_cwd=str(workdir))
+    if setup.landlock is not None:
+        from .landlock import wrapper_command
+
+        setup.wrapper = wrapper_command(python, setup.landlock)
+    return setup
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)
@@ -451,6 +538,7 @@ class SandboxLimits:
     max_processes: int = 256  # processes (not threads) of the child, itself included
     tmp_mb: int = 4096  # bwrap: size of the private /tmp and of /dev/shm (tmpfs: memory)
     max_result_mb: int = 512  # the result stream (images + JSON); a job's own bound is lower (result_bounds)
+    warm_start: str = "auto"  # auto | on | off: fork runs from a per-worker zygote (see pytest_diffbench.zygote)
 
 
 @dataclass
@@ -966,6 +1054,274 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# warm start: runs forked from a per-worker zygote (pytest_diffbench.zygote)
+
+WARM_STARTS = ("auto", "on", "off")
+ZYGOTE_RESULT_FD = 3  # the result pipe's number in a forked run
+ZYGOTE_START_TIMEOUT_S = 300.0
+ZYGOTE_REPLY_TIMEOUT_S = 60.0
+MAX_IDLE_ZYGOTES = 3  # per worker; each holds torch and diffusers (~0.5 GiB resident)
+
+
+class ZygoteUnavailable(RuntimeError):
+    """The zygote could not start or answer; nothing of a candidate ran in it."""
+
+
+def _warm_start_wanted(limits: SandboxLimits, job: dict) -> bool:
+    """`auto` ($DIFFBENCH_WARM_START overrides it): on for CPU runs; GPU runs start cold until a
+    forked run has been verified on a GPU machine (CUDA must be initialised only after the fork)."""
+    setting = limits.warm_start
+    if setting == "auto":
+        setting = os.environ.get("DIFFBENCH_WARM_START", "auto").strip().lower() or "auto"
+    if setting not in WARM_STARTS:
+        raise ValueError(f"unknown warm start setting {setting!r}; expected one of {', '.join(WARM_STARTS)}")
+    if setting == "auto":
+        return not str(job.get("device") or "cpu").startswith("cuda")
+    return setting == "on"
+
+
+def _nproc_limit(limits: SandboxLimits) -> int | None:
+    if os.geteuid() == 0:
+        return None
+    return sum(1 for _ in _listdir("/proc")) + limits.max_processes  # generous: all users' processes
+
+
+class _ForkedRun:
+    """A run forked by a zygote, shaped like the `subprocess.Popen` of a cold child for run_job:
+    stdin/stdout/stderr pipes, `wait`, `poll`, `returncode` (from the zygote's waitpid)."""
+
+    def __init__(self, zygote: "_Zygote", pid: int, stdin_w: int, stdout_r: int, stderr_r: int):
+        self.zygote, self.pid_inside = zygote, pid
+        self.stdin = os.fdopen(stdin_w, "wb")
+        self.stdout = os.fdopen(stdout_r, "rb")
+        self.stderr = os.fdopen(stderr_r, "rb")
+        self.returncode: int | None = None
+        self.zygote_died = False
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        message = self.zygote.receive(timeout)
+        if message == "timeout":
+            raise subprocess.TimeoutExpired("zygote run", timeout)
+        if message == "eof" or "exit" not in message:  # the zygote died: the run's crash, never a pass
+            self.zygote_died = True
+            self.returncode = -signal.SIGKILL
+        else:
+            self.returncode = os.waitstatus_to_exitcode(int(message["status"]))
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class _Zygote:
+    """Client side of one zygote: started under the backend's isolation like a cold child, with an
+    inbox folder (read-only to it) for the job files of its runs."""
+
+    def __init__(self, key: str, backend: str, network: bool, env: Mapping[str, str],
+                 readable: Sequence[os.PathLike | str], limits: SandboxLimits, python: str):
+        self.key = key
+        self.dir = Path(tempfile.mkdtemp(prefix="diffbench-zygote-"))
+        self.inbox = self.dir / "inbox"
+        self.inbox.mkdir()
+        self.setup = _isolation_setup(backend, network, env, {}, readable, limits, self.inbox, python, zygote=True)
+        self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spec = {"ctl_fd": theirs.fileno(), "result_fd": ZYGOTE_RESULT_FD,
+                "landlock": self.setup.run_landlock or self.setup.landlock, "empty": list(self.setup.empty),
+                "make": list(self.setup.make), "remove": list(self.setup.remove)}
+        nproc = _nproc_limit(limits)
+        self.host_pid = -1
+        try:
+            with open(self.dir / "zygote.log", "wb") as log:
+                self.proc = subprocess.Popen(
+                    [*self.setup.prefix, *self.setup.wrapper, python, "-m", "pytest_diffbench.zygote",
+                     json.dumps(spec)], cwd=self.setup.cwd, env=self.setup.env, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, pass_fds=(theirs.fileno(),), start_new_session=True,
+                    preexec_fn=lambda: _limit_child(nproc))
+        except OSError as exc:
+            self.close()
+            raise ZygoteUnavailable(f"cannot start: {exc}") from None
+        finally:
+            theirs.close()
+        ready = self.receive(ZYGOTE_START_TIMEOUT_S)
+        if not isinstance(ready, dict) or "ready" not in ready:
+            log_tail = self.log_tail()
+            self.close()
+            raise ZygoteUnavailable(f"it did not start ({ready}): {log_tail}")
+        self.imported_s = ready.get("imported_s")
+        self.host_pid = self._find_host_pid()
+
+    def _find_host_pid(self) -> int:
+        """The zygote's pid as the parent sees it (inside bwrap it has another): the deepest process
+        of its tree started as `-m pytest_diffbench.zygote` (no candidate code has run yet)."""
+        table = _proc_table()
+        best, best_depth = self.proc.pid, -1
+        for pid in _tree(table, self.proc.pid, None):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if b"pytest_diffbench.zygote" not in argv or b"--" in argv or (argv and argv[0].endswith(b"bwrap")):
+                continue
+            depth, cur = 0, pid
+            while cur in table and cur != self.proc.pid:
+                cur, depth = table[cur][0], depth + 1
+            if depth > best_depth:
+                best, best_depth = pid, depth
+        return best
+
+    def receive(self, timeout: float | None) -> dict | str:
+        """The next message, or "timeout", or "eof" (the zygote is gone)."""
+        try:
+            ready, _, _ = select.select([self.ctl], [], [], timeout)
+            if not ready:
+                return "timeout"
+            data = self.ctl.recv(1 << 16)
+        except OSError:
+            return "eof"
+        if not data:
+            return "eof"
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return "eof"
+        return message if isinstance(message, dict) else "eof"
+
+    def start(self, module: str, job_file: dict) -> tuple[_ForkedRun, int]:
+        """Fork a run of `module` for `job_file`; returns it and the read end of its result pipe."""
+        for entry in self.inbox.iterdir():
+            entry.unlink()
+        job = dict(job_file)
+        if job.get("code_path"):  # the inbox is what of the parent's folders the zygote can read
+            code = Path(job["code_path"])
+            copy = self.inbox / code.name
+            copy.write_bytes(code.read_bytes())
+            job["code_path"] = str(copy)
+        job_path = self.inbox / "job.json"
+        job_path.write_text(json.dumps(job, indent=1))
+        pipes = [os.pipe() for _ in range(4)]  # stdin, stdout, stderr, result
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
+        request = {"run": {"module": module, "job_path": str(job_path), "env": self.setup.env,
+                           "cwd": self.setup.run_cwd}}
+        try:
+            socket.send_fds(self.ctl, [json.dumps(request).encode()], theirs)
+        except OSError as exc:
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+            raise ZygoteUnavailable(f"cannot send the run: {exc}") from None
+        for fd in theirs:
+            os.close(fd)
+        answer = self.receive(ZYGOTE_REPLY_TIMEOUT_S)
+        if not isinstance(answer, dict) or "started" not in answer:
+            for fd in (pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]):
+                os.close(fd)
+            raise ZygoteUnavailable(f"no fork ({answer}): {self.log_tail()}")
+        return _ForkedRun(self, int(answer["started"]), pipes[0][1], pipes[1][0], pipes[2][0]), pipes[3][0]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.host_pid > 0 and _alive(self.host_pid)
+
+    def log_tail(self) -> str:
+        try:
+            return (self.dir / "zygote.log").read_bytes()[-2000:].decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def close(self, child_ns: set[str] | None = None) -> list[int]:
+        """Kill the zygote and everything of its tree; remove its folders."""
+        leftover: list[int] = []
+        try:
+            self.ctl.close()
+        except OSError:
+            pass
+        if getattr(self, "proc", None) is not None:
+            leftover = _terminate(self.proc, self.proc.pid, child_ns or set())
+        for folder in (self.setup.workdir if hasattr(self, "setup") else None, self.dir):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        return leftover
+
+
+_IDLE_ZYGOTES: list[_Zygote] = []
+_ZYGOTE_FAILURES: dict[str, str] = {}
+_ZYGOTE_LOCK = threading.Lock()
+
+
+def _zygote_key(backend: str, network: bool, env: Mapping[str, str], readable: Sequence, limits: SandboxLimits,
+                python: str) -> str:
+    return json.dumps([backend, network, sorted(env.items()), sorted(os.fspath(r) for r in readable),
+                       limits.tmp_mb, limits.max_processes, python])
+
+
+def _take_zygote(backend: str, network: bool, env: Mapping[str, str], readable: Sequence, limits: SandboxLimits,
+                 python: str) -> tuple[_Zygote | None, str]:
+    """An idle zygote for these settings (started if there is none); (None, why) to start cold."""
+    key = _zygote_key(backend, network, env, readable, limits, python)
+    with _ZYGOTE_LOCK:
+        if key in _ZYGOTE_FAILURES:
+            return None, f"cold ({_ZYGOTE_FAILURES[key]})"
+        for zygote in list(_IDLE_ZYGOTES):
+            if zygote.key == key:
+                _IDLE_ZYGOTES.remove(zygote)
+                if zygote.alive():
+                    return zygote, "forked"
+                zygote.close()
+    try:
+        return _Zygote(key, backend, network, env, readable, limits, python), "forked (new zygote)"
+    except ZygoteUnavailable as exc:
+        with _ZYGOTE_LOCK:
+            _ZYGOTE_FAILURES[key] = f"no zygote: {exc}"[:500]
+        return None, f"cold (no zygote: {exc})"[:500]
+
+
+def _discard_zygote(zygote: _Zygote, child_ns: set[str] | None = None) -> list[int]:
+    return zygote.close(child_ns)
+
+
+def _release_zygote(zygote: _Zygote, run: _ForkedRun, child_ns: set[str]) -> list[int]:
+    """After a run: keep the zygote for the next one only if the run exited and nothing it started
+    is left (then the zygote has reaped it); otherwise kill the zygote with everything in it.
+    Returns the pids still alive after that (none expected)."""
+    clean = run.returncode is not None and not run.zygote_died and zygote.alive()
+    if clean:
+        table = _proc_table()
+        rest = [p for p in _tree(table, zygote.proc.pid, zygote.proc.pid)
+                if p != zygote.host_pid and table[p][3] != "Z" and p not in _ancestors(table, zygote.host_pid)]
+        clean = not rest
+    if not clean:
+        return _discard_zygote(zygote, child_ns)
+    with _ZYGOTE_LOCK:
+        _IDLE_ZYGOTES.append(zygote)
+        evicted = _IDLE_ZYGOTES[:-MAX_IDLE_ZYGOTES] if len(_IDLE_ZYGOTES) > MAX_IDLE_ZYGOTES else []
+        del _IDLE_ZYGOTES[:len(evicted)]
+    for old in evicted:
+        old.close()
+    return []
+
+
+def _ancestors(table: dict, pid: int) -> set[int]:
+    out, cur = set(), table.get(pid, (0,))[0]
+    while cur in table and cur not in out:
+        out.add(cur)
+        cur = table[cur][0]
+    return out
+
+
+@atexit.register
+def close_zygotes() -> None:
+    """Stop every idle zygote of this process (at exit, and for tests)."""
+    with _ZYGOTE_LOCK:
+        idle = list(_IDLE_ZYGOTES)
+        _IDLE_ZYGOTES.clear()
+        _ZYGOTE_FAILURES.clear()
+    for zygote in idle:
+        zygote.close()
+
+
+# ------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -994,81 +1350,59 @@ def run_job(
     backend = resolve_isolation(limits.isolation)
     network = limits.isolate_network
     token = secrets.token_bytes(TOKEN_BYTES)
-    res_r, res_w = os.pipe()
-    job = {**job, "result_fd": res_w}
+    job = dict(job)
     job.pop("result_path", None)
-    job_file, withheld = _split_job(job)
-    job_path = harness_dir / "job.json"
-    job_path.write_text(json.dumps(job_file, indent=1))
-
-    child_env = dict(env)
-    workdir = scratch = None  # scratch: the child's writable folder outside bwrap (the watchdog measures it)
-    wrapper: list[str] = []  # the Landlock exec wrapper, between the namespace prefix and the child
-    if backend == "bwrap":
-        bwrap, userns = _bwrap_mode()
-        child_env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
-        readable_paths = _readable_paths(child_env, job_file, readable)
-        child_env.update({"HOME": "/tmp/home", "TMPDIR": "/tmp", "XDG_CACHE_HOME": "/tmp/home/.cache",
-                          "HF_HOME": "/tmp/home/.cache/huggingface"})
-        prefix = _bwrap_command(bwrap, userns, network, readable_paths, job_path, limits.tmp_mb << 20)
-        cwd = "/"
-        if _landlock_works(inside_bwrap=True):  # a second, independent layer inside the namespaces
-            # (the harness root is on PYTHONPATH and must be listable; in bwrap's root it holds only
-            # what is bound above: the package, and what of it `readable` names)
-            wrapper = _landlock_wrapper(python, _landlock_system_paths() + readable_paths
-                                        + [str(job_path), str(_harness_root())], ["/tmp", "/dev/shm"], 1,
-                                        deny_tcp=network)
-    elif backend == "landlock":
-        workdir = Path(tempfile.mkdtemp(prefix="diffbench-cand-"))
-        scratch = workdir / "work"
-        (scratch / "home").mkdir(parents=True)
-        child_env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
-        readable_paths = _readable_paths(child_env, job_file, readable)
-        links = workdir / "path"
-        child_env["PYTHONPATH"] = _pythonpath_links(child_env.get("PYTHONPATH", ""), readable_paths, links)
-        child_env.update({"HOME": str(scratch / "home"), "TMPDIR": str(scratch),
-                          "XDG_CACHE_HOME": str(scratch / "home" / ".cache"),
-                          "HF_HOME": str(scratch / "home" / ".cache" / "huggingface")})
-        prefix = list(_unshare_prefix(network) or _unshare_prefix(False) or ())
-        wrapper = _landlock_wrapper(python, _landlock_system_paths() + readable_paths + [str(job_path), str(links)],
-                                    [str(scratch)], LANDLOCK_MIN_ABI, deny_tcp=network)
-        cwd = str(scratch)
-    else:
-        prefix = list(_unshare_prefix(network) or _unshare_prefix(False) or ()) if backend == "unshare" else []
-        if backend == "none" and network:
-            prefix = list(network_isolation_prefix())
-        workdir = scratch = Path(tempfile.mkdtemp(prefix="diffbench-cand-"))
-        child_env["TMPDIR"] = str(workdir)
-        cwd = str(workdir)
-    network_isolated = network and (backend != "none" or bool(prefix))
-    if backend == "unshare" and network and not _unshare_prefix(True):
-        network_isolated = False
-    if backend == "landlock" and network and not _unshare_prefix(True):
-        network_isolated = _landlock_abi() >= 4  # TCP denied by Landlock (UDP is not: no network namespace)
-
-    nproc = None
-    if os.geteuid() != 0:
-        nproc = sum(1 for _ in _listdir("/proc")) + limits.max_processes  # generous: all users' processes
+    job["launched_at"] = time.monotonic()  # the child reports its start-up time against it (a benchmark figure)
+    zygote = None
+    warm_start = "cold"
+    if backend in STRONG_ISOLATIONS and _warm_start_wanted(limits, job):
+        zygote, warm_start = _take_zygote(backend, network, env, readable, limits, python)
     out_stream, err_stream = _Stream(), _Stream()
     results = _ResultStream(token, *result_bounds(job, limits.max_result_mb))
     peak = {"rss": 0, "procs": 0, "tmp": 0}
-    meter = _ScratchMeter(backend, scratch)
+    exclude: set[int] = set()  # processes of the tree not counted (the zygote the run is forked from)
+    inherited = 0  # resident bytes a forked run starts with (the zygote's)
     start = time.monotonic()
-    try:
-        proc = subprocess.Popen(
-            [*prefix, *wrapper, python, "-m", module, str(job_path)],
-            cwd=cwd, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(res_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc),
-        )
-    except BaseException:
-        os.close(res_r)
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    finally:
-        os.close(res_w)
-    pgid = proc.pid
-    results.cpu_clock = lambda: _tree_cpu_seconds(proc.pid, pgid)
+    if zygote is not None:
+        job_file, withheld = _split_job({**job, "result_fd": ZYGOTE_RESULT_FD})
+        (harness_dir / "job.json").write_text(json.dumps(job_file, indent=1))
+        setup, workdir = zygote.setup, None
+        try:
+            proc, res_r = zygote.start(module, job_file)
+        except ZygoteUnavailable as exc:  # nothing of the candidate ran yet: start it cold
+            _discard_zygote(zygote)
+            zygote, warm_start = None, f"cold (the zygote failed: {exc})"
+    if zygote is None:
+        res_r, res_w = os.pipe()
+        job_file, withheld = _split_job({**job, "result_fd": res_w})
+        job_path = harness_dir / "job.json"
+        job_path.write_text(json.dumps(job_file, indent=1))
+        setup = _isolation_setup(backend, network, env, job_file, readable, limits, job_path, python)
+        workdir = setup.workdir
+        nproc = _nproc_limit(limits)
+        try:
+            proc = subprocess.Popen(
+                [*setup.prefix, *setup.wrapper, python, "-m", module, str(job_path)],
+                cwd=setup.cwd, env=setup.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=(res_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc),
+            )
+        except BaseException:
+            os.close(res_r)
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        finally:
+            os.close(res_w)
+        root = pgid = proc.pid
+    else:
+        root = pgid = zygote.proc.pid
+        exclude.add(zygote.host_pid)
+        # what the run shares with the zygote it was forked from (torch, diffusers: resident in the
+        # zygote already) is not its memory: a forked run is charged what it has beyond that
+        inherited = _proc_table().get(zygote.host_pid, (0, 0, 0))[2] * os.sysconf("SC_PAGE_SIZE")
+    prefix, network_isolated = setup.prefix, setup.network_isolated
+    meter = _ScratchMeter(backend, setup.scratch)
+    results.cpu_clock = lambda: _tree_cpu_seconds(root, pgid)
     try:  # the token, before anything of the candidate runs (the child reads it first)
         proc.stdin.write(token.hex().encode() + b"\n")
         proc.stdin.flush()
@@ -1099,7 +1433,8 @@ def run_job(
         page = os.sysconf("SC_PAGE_SIZE")
         while not done.wait(WATCH_INTERVAL_S):
             table = _proc_table()
-            members = _tree(table, proc.pid, pgid)
+            tree = _tree(table, root, pgid)
+            members = [p for p in tree if p not in exclude]
             if not child_ns:
                 for pid in members:
                     ns = _pid_ns(pid)
@@ -1117,7 +1452,9 @@ def run_job(
                 # cost ~10% of a core per running candidate) only when RSS is over the limit.
                 # PSS <= RSS, so the decision is the same.
                 rss = sum(table[p][2] for p in members if p in table) * page
-                if limit and rss + tmp > limit:
+                if inherited:  # (PSS would split the shared pages with the zygote and others: RSS here)
+                    rss = max(0, rss - inherited)
+                elif limit and rss + tmp > limit:
                     rss = sum(_memory_bytes(p, table[p][2], page) for p in members if p in table)
             peak["rss"] = max(peak["rss"], rss + tmp)
             if limit and rss + tmp > limit:
@@ -1128,7 +1465,7 @@ def run_job(
                       "output" if results.error and "larger than" in results.error else None)
             if reason:
                 over[reason] = True
-                _kill(members, pgid)
+                _kill(tree, pgid)  # a zygote's whole tree: it is discarded below
                 return
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -1141,7 +1478,10 @@ def run_job(
     finally:
         done.set()
         watcher.join()
-        leftover = _terminate(proc, pgid, child_ns)
+        if zygote is None:
+            leftover = _terminate(proc, pgid, child_ns)
+        else:  # reused only after a clean exit with nothing of the run left; else killed whole
+            leftover = _release_zygote(zygote, proc, child_ns)
         stop_reading.set()
         reader.join(timeout=KILL_GRACE_S)
         for fh in (proc.stdin, proc.stdout, proc.stderr):
@@ -1165,6 +1505,9 @@ def run_job(
     )
     if leftover:
         outcome.extra["leftover_pids"] = leftover
+    outcome.extra["start"] = warm_start
+    if zygote is not None and proc.zygote_died:
+        outcome.extra["zygote_died"] = True
     if peak["tmp"]:
         outcome.extra["peak_tmp_mb"] = round(peak["tmp"] / (1 << 20), 1)
     if result_path.exists():  # not the parent's: a child that can write here (no bwrap) put it there
@@ -1185,7 +1528,7 @@ def run_job(
         return outcome
     if results.result is None:
         rc = proc.returncode
-        signum = -rc if rc is not None and rc < 0 else (rc - 128 if prefix and rc is not None and 128 < rc < 160 else None)
+        signum = -rc if rc is not None and rc < 0 else (rc - 128 if prefix and zygote is None and rc is not None and 128 < rc < 160 else None)
         if signum is not None:
             try:
                 name = signal.Signals(signum).name

@@ -158,6 +158,8 @@ elif action == "snoop":
     attempt("all_cmdline", lambda: every_process("cmdline"))
     for name, path in job.get("files", {}).items():
         attempt(name, lambda path=path: read(path))
+    if job.get("code_path"):  # the candidate file where the child is told it is (a warm start copies it)
+        attempt("job_code", lambda: read(job["code_path"]))
     attempt("home_listing", lambda: os.listdir(os.path.expanduser("~")))
 elif action == "write_around":
     # try to write or delete everywhere the harness keeps something. Opened for appending without

@@ -181,7 +181,10 @@ def test_bwrap_shows_the_job_files_and_nothing_beside_them(tmp_path):
               files={"init": str(folder / "init.png"), "other": str(folder / "other.png"), "code": str(code),
                      "notes": str(code.parent / "notes.txt")})
     attempts = out.result["attempts"]
-    assert attempts["code"]["value"] == "# candidate"
+    assert attempts["job_code"]["value"] == "# candidate"
+    # cold: the candidate file is bound where it is; warm: copied into the zygote's inbox, the
+    # original's folder is not there at all
+    assert attempts["code"]["value"] == "# candidate" if out.extra["start"] == "cold" else not attempts["code"]["ok"]
     assert not attempts["other"]["ok"] and not attempts["notes"]["ok"]
     # the init images come with the parent's go message, when the measured calls start: not as files
     assert not attempts["init"]["ok"]

@@ -75,9 +75,13 @@ def test_forged_marks_do_not_shorten_the_parents_window(reference, tmp_path):
     """The candidate sends the judged call's end mark itself, before the work: the call looks
     instantaneous between its marks, but the parent's window from its go byte holds the work."""
     figures = crosscheck.speed_figures(reference, run("forged_marks", tmp_path))
-    assert figures["U_flops"] > 5 and figures["U_flops"] < 3 * figures["U_cpu_max"], figures  # marks fooled ...
+    # marks fooled: the judged call's own window holds (almost) none of the work ...
+    assert figures["U_flops"] > 5 and figures["candidate_cpu_s_per_image"] < 0.1 * figures["reference_cpu_s_per_image"], figures
     assert figures["U_cpu_phase"] < 2, figures  # ... the parent's window was not
-    message = crosscheck.speed_violation(figures)
+    assert crosscheck.speed_violation(figures)
+    # and the parent's window alone flags it, even where the per-call window allows any speedup
+    # (whether that one flags it too depends on the reference's CPU time against the clock tick)
+    message = crosscheck.speed_violation({**figures, "U_cpu": None, "U_cpu_max": float("inf")})
     assert message and "measurement window" in message
 
 

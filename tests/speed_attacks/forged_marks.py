@@ -1,9 +1,12 @@
 """Fakes speed (FLOPs) and hides it from the parent's per-call window: the counts are scaled down
 (as scale_counter, which this file is appended after), and before doing the work the candidate
 finds the harness's result channel among the garbage collector's objects and sends the judged
-call's `end` mark itself, so that the call looks instantaneous between its marks. The parent's
+call's `end` mark itself, so that the call looks instantaneous between its marks. The channel is
+looked up in load_pipeline, which no window measures, so the judged call's own window holds
+nothing but the mark (the search costs more the more the process has imported). The parent's
 own window (its go byte to the result) still holds all the work."""
 _forged = []
+_found = []
 
 
 def _channel():
@@ -14,11 +17,17 @@ def _channel():
 
 
 _scaled_generate = generate
+_plain_load = load_pipeline
+
+
+def load_pipeline(device, dtype):
+    _found.append(_channel())
+    return _plain_load(device, dtype)
 
 
 def generate(pipe, batch):
     if not _forged:
-        channel = _channel()
+        channel = _found[0] if _found else None
         if channel is not None:
             channel.mark("end", "first", 0)
             _forged.append(channel)

@@ -1,0 +1,248 @@
+"""Warm child start: a per-worker process that has imported torch, diffusers and the harness once
+and forks a fresh child for each sandboxed run (the server side; `sandbox.Zygote` is the client).
+
+    python -m pytest_diffbench.zygote SPEC_JSON      (started by pytest_diffbench.sandbox)
+
+Why: a cold child spends seconds importing torch and diffusers before it reaches the candidate
+(~6 s here, quiet), more than the candidate's own work on the tiny profile. Forking a process that
+already holds those modules makes the start a matter of milliseconds.
+
+Isolation is the cold child's, per run:
+
+- The zygote itself starts exactly like a cold child (the same bwrap namespaces, Landlock layer,
+  scrubbed environment, rlimits) and never runs candidate code: it imports libraries, then only
+  waits for requests. Nothing of one run can reach the next: each run is a fork of that clean
+  state (copy-on-write memory), the private /tmp, /dev/shm (bwrap) or scratch folder (landlock)
+  is emptied before each fork, and a run that ends in any other way than a clean exit with no
+  process left over makes the parent discard the whole zygote (sandbox.run_job).
+- Each run gets a Landlock domain of its own inside the zygote's (same rules), so it cannot
+  signal (ABI >= 6), ptrace or open /proc/PID/mem of the zygote; the zygote is also not dumpable
+  (PR_SET_DUMPABLE 0), which closes ptrace and /proc/PID/mem to same-uid processes without
+  CAP_SYS_PTRACE even where the kernel has no Landlock. The run is made dumpable again, so the
+  parent can read its memory figures as for a cold child.
+- The run gets its stdin/stdout/stderr and result pipe from the parent (SCM_RIGHTS on the control
+  socket), its own session, the run's environment and working folder, then executes the child
+  module as `python -m MODULE JOB.json` would (runpy): the harness's child procedure (integrity
+  snapshot, token, go message, ...) is unchanged.
+- CUDA is never initialised here (PYTORCH_NVML_BASED_CUDA_CHECK keeps `torch.cuda.is_available()`
+  in imported libraries from creating a CUDA context); the zygote refuses to serve if it was.
+- The zygote is a child subreaper, so whatever a run starts stays its descendant (in the parent's
+  view of the process tree) even after a double fork.
+
+Protocol (SOCK_SEQPACKET, JSON): zygote -> `{"ready": pid, "imported_s": s}`; parent -> `{"run":
+{"module", "job_path", "env", "cwd"}}` with 4 fds (stdin, stdout, stderr, result); zygote ->
+`{"started": pid}`, later `{"exit": pid, "status": waitstatus}`. EOF on either side ends it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+MAX_MESSAGE = 1 << 20
+RUN_FDS = 4  # stdin, stdout, stderr, result
+# What a child imports before it reaches the candidate, and what candidates import first. The
+# acceleration libraries (tomesd, DeepCache, tgate) are left to the run: importing one must not
+# change what a run that does not use it sees.
+PRELOAD = ("numpy", "PIL.Image", "PIL.PngImagePlugin", "torch", "torch.utils.flop_counter", "diffusers",
+           "pytest_diffbench.integrity", "pytest_diffbench.introspect")
+PRELOAD_ATTRS = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
+                 "StableDiffusionXLImg2ImgPipeline", "DiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline",
+                 "DPMSolverMultistepScheduler")
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def preload() -> None:
+    import importlib
+
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # is_available() without a CUDA context
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the run imports what it needs itself; a missing optional module costs time only
+    diffusers = sys.modules.get("diffusers")
+    for attr in PRELOAD_ATTRS if diffusers is not None else ():
+        try:
+            getattr(diffusers, attr)  # diffusers imports its pipelines lazily, on first access
+        except (AttributeError, ImportError):
+            pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised while preloading; forking would break it in the runs")
+
+
+def empty_folder(folder: str) -> None:
+    """Remove everything in `folder` (not following links); the folder itself stays."""
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        return
+    for name in entries:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _clean(spec: dict) -> None:
+    for folder in spec.get("empty", ()):
+        empty_folder(folder)
+    for folder in spec.get("remove", ()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _send(ctl: socket.socket, message: dict) -> None:
+    ctl.send(json.dumps(message).encode())
+
+
+def _run_child(spec: dict, request: dict, fds: list[int], ctl: socket.socket) -> None:
+    """In the forked process: become the run, then execute the child module. Never returns."""
+    code = 2
+    try:
+        ctl.close()
+        os.setsid()
+        stdin, stdout, stderr, result_fd = fds
+        for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
+            os.dup2(fd, target)
+        result_target = int(spec["result_fd"])
+        if result_fd != result_target:
+            os.dup2(result_fd, result_target)
+        keep = {0, 1, 2, result_target}
+        for fd in map(int, os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else ():
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        os.set_inheritable(result_target, True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        if spec.get("landlock"):  # a domain of its own: no signals, ptrace or /proc/PID/mem of the zygote
+            from pytest_diffbench.landlock import restrict
+
+            ll = spec["landlock"]
+            restrict(ll["read"], ll["write"], ll["devices"], deny_tcp=ll["deny_tcp"], min_abi=ll["min_abi"])
+        _prctl(PR_SET_DUMPABLE, 1)  # the parent reads its memory figures as for a cold child
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        sys.stdin = open(0, "r", closefd=False)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+        sys.argv = [request["module"], request["job_path"]]
+        sys.modules.pop(request["module"], None)
+        import runpy
+
+        try:
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # noqa: BLE001 - what `python -m` does with an uncaught exception
+            traceback.print_exc()
+            code = 1
+    except BaseException:  # noqa: BLE001 - whatever failed, the run must end here
+        try:
+            os.write(2, ("diffbench zygote: the run could not start\n" + traceback.format_exc()).encode())
+        except OSError:
+            pass
+        code = 2
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+def serve(spec: dict) -> int:
+    ctl = socket.socket(fileno=int(spec["ctl_fd"]))
+    _prctl(PR_SET_DUMPABLE, 0)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    start = time.monotonic()
+    preload()
+    _send(ctl, {"ready": os.getpid(), "imported_s": round(time.monotonic() - start, 3)})
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(ctl, MAX_MESSAGE, RUN_FDS)
+        except OSError:
+            return 0
+        if not data:
+            return 0
+        request = json.loads(data)["run"]
+        if len(fds) != RUN_FDS:
+            for fd in fds:
+                os.close(fd)
+            _send(ctl, {"error": f"expected {RUN_FDS} descriptors, got {len(fds)}"})
+            continue
+        _reap()
+        _clean(spec)
+        for folder in spec.get("make", ()):
+            os.makedirs(folder, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _run_child(spec, request, fds, ctl)
+        for fd in fds:
+            os.close(fd)
+        _send(ctl, {"started": pid})
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        _reap()
+        _clean(spec)  # nothing of the run stays on disk (or in tmpfs memory) once it has ended
+        _send(ctl, {"exit": pid, "status": status})
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        sys.stderr.write("usage: python -m pytest_diffbench.zygote SPEC_JSON\n")
+        return 2
+    try:
+        return serve(json.loads(argv[1]))
+    except BaseException:  # noqa: BLE001
+        sys.stderr.write("diffbench zygote failed:\n" + traceback.format_exc())
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,124 @@
+"""Warm start: runs forked from a per-worker zygote (pytest_diffbench.zygote) keep every per-run
+guarantee of a cold child. Real zygotes, real forks, the real sandbox backends; the child is
+tests/warm_probe_child.py (a stand-in for the harness side of the child, as in test_sandbox).
+
+The speed of a warm start is measured by benchmarks/harness_bench.py, not asserted here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_diffbench import sandbox
+from pytest_diffbench.sandbox import SandboxLimits, available_isolations, run_job, scrubbed_env
+
+CHILD = "tests.warm_probe_child"
+REPO = Path(__file__).resolve().parent.parent
+STRONG = [b for b in available_isolations() if b in sandbox.STRONG_ISOLATIONS]
+pytestmark = pytest.mark.skipif(not STRONG, reason="no strong sandbox backend here (warm start needs one)")
+
+
+@pytest.fixture(autouse=True)
+def fresh_zygotes():
+    sandbox.close_zygotes()
+    yield
+    sandbox.close_zygotes()
+
+
+def run(tmp_path: Path, backend: str, action: str, name: str = "h", timeout_s: float = 60, **job):
+    env = scrubbed_env(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env["PYTHONPATH"]
+    limits = SandboxLimits(timeout_s=timeout_s, memory_mb=4096, isolation=backend, warm_start="on")
+    return run_job({"action": action, **job}, env=env, limits=limits, harness_dir=tmp_path / name, module=CHILD,
+                   readable=[REPO / "tests"])
+
+
+@pytest.mark.parametrize("backend", STRONG)
+def test_consecutive_runs_of_one_zygote_cannot_see_each_other(tmp_path, backend):
+    first = run(tmp_path, backend, "leave", "a")
+    assert first.status == "ok", (first.detail, first.stderr_tail)
+    assert first.extra["start"] == "forked (new zygote)"
+    wrote = first.result["attempts"]
+    assert wrote["write:tmpdir"]["ok"] and wrote["write:home"]["ok"] and wrote["write:cwd"]["ok"], wrote
+    # the zygote it was forked from is out of its reach
+    assert not wrote["parent_environ"]["ok"] and not wrote["parent_mem"]["ok"], wrote
+    if sandbox._landlock_abi() >= 6:  # Landlock scopes signals from ABI 6
+        assert not wrote["signal_parent"]["ok"], wrote
+    assert first.result["cuda_initialized"] is False
+
+    second = run(tmp_path, backend, "look", "b")
+    assert second.status == "ok", (second.detail, second.stderr_tail)
+    assert second.extra["start"] == "forked", "a clean run leaves the zygote for the next one"
+    assert second.result["ppid"] == first.result["ppid"], "both runs come from the same zygote"
+    seen = second.result["attempts"]
+    for place in ("tmpdir", "home", "cwd", "shm"):
+        if f"read:{place}" in seen:
+            assert not seen[f"read:{place}"]["ok"], (place, seen)
+            # what is there is what every run starts with (bwrap: the folders its binds need)
+            left = [n for n in second.result[f"listing:{place}"] or [] if not n.startswith(("diffbench-zygote-", "pytest-of-"))]
+            assert left in ([], ["home", "work"], ["home"]), second.result
+    assert second.result["module_mark"] is None and second.result["env_mark"] is None
+
+
+@pytest.mark.parametrize("backend", STRONG)
+def test_a_run_that_leaves_a_process_behind_ends_its_zygote(tmp_path, backend):
+    lingering = run(tmp_path, backend, "linger", "a")
+    assert lingering.status == "ok", (lingering.detail, lingering.stderr_tail)
+    assert not lingering.extra.get("leftover_pids"), "the leftover is killed with the zygote"
+    after = run(tmp_path, backend, "look", "b")
+    assert after.status == "ok" and after.extra["start"] == "forked (new zygote)"
+
+
+@pytest.mark.parametrize("backend", STRONG)
+def test_a_killed_zygote_is_replaced(tmp_path, backend):
+    first = run(tmp_path, backend, "look", "a")
+    assert first.status == "ok"
+    (zygote,) = sandbox._IDLE_ZYGOTES
+    os.kill(zygote.host_pid, signal.SIGKILL)
+    zygote.proc.wait(timeout=10)
+    second = run(tmp_path, backend, "look", "b")
+    assert second.status == "ok", (second.detail, second.stderr_tail)
+    assert second.extra["start"] == "forked (new zygote)"
+
+
+@pytest.mark.parametrize("backend", STRONG)
+def test_a_zygote_dying_during_a_run_is_that_runs_crash(tmp_path, backend):
+    run(tmp_path, backend, "look", "warm-up")
+    (zygote,) = sandbox._IDLE_ZYGOTES
+    killer = threading.Timer(3.0, lambda: os.kill(zygote.host_pid, signal.SIGKILL))
+    killer.start()
+    try:
+        out = run(tmp_path, backend, "sleep", "a", seconds=30)
+    finally:
+        killer.cancel()
+    assert out.status in ("crashed", "no_result"), (out.status, out.detail)
+    assert out.result is None, "never a result, let alone a pass"
+    assert out.extra.get("zygote_died") or out.status == "crashed"
+    assert out.wall_s < 25, "the run was not left running"
+    again = run(tmp_path, backend, "look", "b")
+    assert again.status == "ok" and again.extra["start"] == "forked (new zygote)"
+
+
+@pytest.mark.parametrize("backend", STRONG)
+def test_a_run_past_its_timeout_is_killed_with_its_zygote(tmp_path, backend):
+    out = run(tmp_path, backend, "sleep", "a", timeout_s=3, seconds=60)
+    assert out.status == "timeout", (out.status, out.detail)
+    assert not sandbox._IDLE_ZYGOTES
+    again = run(tmp_path, backend, "look", "b")
+    assert again.status == "ok" and again.extra["start"] == "forked (new zygote)"
+
+
+def test_gpu_runs_start_cold_unless_asked():
+    limits = SandboxLimits(warm_start="auto")
+    assert sandbox._warm_start_wanted(limits, {"device": "cpu"})
+    assert not sandbox._warm_start_wanted(limits, {"device": "cuda:0"})
+    assert sandbox._warm_start_wanted(SandboxLimits(warm_start="on"), {"device": "cuda:0"})
+    assert not sandbox._warm_start_wanted(SandboxLimits(warm_start="off"), {"device": "cpu"})
+    with pytest.raises(ValueError, match="warm start"):
+        sandbox._warm_start_wanted(SandboxLimits(warm_start="sometimes"), {})

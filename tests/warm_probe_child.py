@@ -1,0 +1,72 @@
+"""A stand-in for pytest_diffbench.child used by test_warm_start: does what job["action"] says,
+in a run forked from a zygote (or started cold), and reports what it saw.
+
+Like the real child it opens the result stream before anything else. It imports torch (which the
+zygote has preloaded) so that it can leave a mark in a module shared with the zygote's image.
+"""
+
+import json
+import os
+import sys
+import time
+
+from pytest_diffbench.child import Channel
+
+job = json.load(open(sys.argv[1]))
+channel = Channel.from_job(job)
+action = job["action"]
+result = {"status": "ok", "pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd()}
+MARK = "left-by-an-earlier-run"
+
+
+def attempt(what, fn):
+    try:
+        value = fn()
+        result.setdefault("attempts", {})[what] = {"ok": True, "value": value if isinstance(value, (str, int, bool)) else None}
+    except Exception as exc:  # noqa: BLE001
+        result.setdefault("attempts", {})[what] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def places():
+    out = {"tmpdir": os.environ.get("TMPDIR", "/tmp"), "cwd": os.getcwd(), "home": os.environ.get("HOME", "/tmp")}
+    if os.path.isdir("/dev/shm"):
+        out["shm"] = "/dev/shm"
+    return out
+
+
+import torch  # noqa: E402 - after the channel, like the real child
+
+result["cuda_initialized"] = torch.cuda.is_initialized()
+result["modules"] = len(sys.modules)
+
+if action == "leave":
+    # leave whatever a later run could pick up: files, module state, environment, a process
+    for name, folder in places().items():
+        attempt(f"write:{name}", lambda folder=folder: open(os.path.join(folder, "left.txt"), "w").write(MARK))
+    torch.left_by_earlier_run = MARK
+    os.environ["LEFT_BY_EARLIER_RUN"] = MARK
+    # reach the zygote this run was forked from (its parent): signal, memory, environment
+    attempt("signal_parent", lambda: os.kill(os.getppid(), 0) or "signalled")
+    attempt("parent_environ", lambda: open(f"/proc/{os.getppid()}/environ", "rb").read(100).decode(errors="replace"))
+    attempt("parent_mem", lambda: open(f"/proc/{os.getppid()}/mem", "rb").close() or "opened")
+elif action == "look":
+    for name, folder in places().items():
+        attempt(f"read:{name}", lambda folder=folder: open(os.path.join(folder, "left.txt")).read())
+        try:
+            result[f"listing:{name}"] = sorted(os.listdir(folder))
+        except OSError:
+            result[f"listing:{name}"] = None  # not even listable (Landlock: /dev/shm)
+    result["module_mark"] = getattr(torch, "left_by_earlier_run", None)
+    result["env_mark"] = os.environ.get("LEFT_BY_EARLIER_RUN")
+elif action == "linger":
+    # a process that outlives the run (double fork, own session): the zygote must not be reused
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            time.sleep(120)
+        os._exit(0)
+    os.wait()
+elif action == "sleep":
+    time.sleep(job.get("seconds", 30))
+
+channel.result(result)
