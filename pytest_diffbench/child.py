@@ -12,8 +12,9 @@ in docs/architecture.md. Procedure:
 3. a `StepProbe` and a `CallGuard` are installed on `pipe`;
 4. phase `generate`: one plain call of `generate(pipe, batch)`; its images are the result
    images and its pipeline calls give `attributes.steps`; attributes are introspected right
-   after it. When `count_flops`, this very call runs under
-   `torch.utils.flop_counter.FlopCounterMode`: `flops` = {total, per_image} of the call whose
+   after it. When `count_flops`, this very call runs under the FLOP counter
+   (`pytest_diffbench.flops.LeanFlopCounterMode`: `FlopCounterMode`'s counts at a fraction of its
+   cost): `flops` = {total, per_image} of the call whose
    images are judged (text encoder, denoiser, VAE, ...) plus `denoiser` (its share). There is no
    separate counting call a candidate could tell apart from the judged one. The parent brackets
    the call with its own clock and the child's CPU time as the kernel accounts it (marks
@@ -503,10 +504,12 @@ class Runner:
         batch_factory = BatchFactory(self.batch) if self.channel is None else None
         dtype = getattr(torch, str(self.job.get("dtype") or "float32"))
         if self.count_flops:
-            from torch.utils.flop_counter import FlopCounterMode
+            from pytest_diffbench.flops import LeanFlopCounterMode
 
-            self.counter = FlopCounterMode(display=False)
-        snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity], self.counter)
+            self.counter = LeanFlopCounterMode()  # FlopCounterMode's counts, at a fraction of its cost
+        from pytest_diffbench import flops
+
+        snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity, flops], self.counter)
         self.guard = integrity.CallGuard(snapshot)
         try:
             self._run(torch, dtype, batch_factory)
@@ -585,8 +588,8 @@ class Runner:
 
     def _flops(self, flop_mode, pipe) -> dict:
         """Whole-call FLOPs (text encoder, denoiser, VAE, ...: `total`, `per_image`) plus the
-        denoiser's share (`denoiser`: FlopCounterMode's entry for the denoiser's class, None if
-        it has none, e.g. a compiled or replaced denoiser)."""
+        denoiser's share (`denoiser`: the counts while the denoiser ran, under its class name; None
+        if it has none, e.g. a compiled or replaced denoiser)."""
         from pytest_diffbench.introspect import denoiser
 
         total = float(flop_mode.get_total_flops())
@@ -611,6 +614,8 @@ class Runner:
         if self.channel is not None:
             batch_factory = self._receive_batch(self.channel.wait_go())
         inputs = DenoiserInputs(denoiser(pipe))
+        if flop_mode is not None:
+            flop_mode.watch(denoiser(pipe))  # its share of the FLOPs
         try:
             first, first_s = self.call_generate(module, pipe, batch_factory, probe, flop_mode, mark=("first", 0),
                                                 measuring="first")

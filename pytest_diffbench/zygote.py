@@ -55,7 +55,7 @@ RUN_FDS = 4  # stdin, stdout, stderr, result
 # acceleration libraries (tomesd, DeepCache, tgate) are left to the run: importing one must not
 # change what a run that does not use it sees.
 PRELOAD = ("numpy", "PIL.Image", "PIL.PngImagePlugin", "torch", "torch.utils.flop_counter", "diffusers",
-           "pytest_diffbench.integrity", "pytest_diffbench.introspect")
+           "pytest_diffbench.integrity", "pytest_diffbench.introspect", "pytest_diffbench.flops")
 PRELOAD_ATTRS = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionXLPipeline",
                  "StableDiffusionXLImg2ImgPipeline", "DiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline",
                  "DPMSolverMultistepScheduler")

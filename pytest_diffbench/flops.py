@@ -1,0 +1,117 @@
+"""The FLOP counter of the judged call: torch's `FlopCounterMode` counts, at a fraction of its cost.
+
+U on the FLOP-counted profiles is the ratio of these totals, so they must be exactly what
+`torch.utils.flop_counter.FlopCounterMode` counts: the same formula registry, the same rule for
+ops without a formula (decompose CompositeImplicitAutograd ops and count their parts), the same
+higher-order-op handling (inherited). What is left out is what made it slow here (the judged call
+of a tiny-zoo pipeline took 3-5x a plain call):
+
+- its `ModuleTracker`, which runs Python hooks around every module call to attribute each count to
+  every enclosing module. The harness needs two figures only: the total (`Global`) and the
+  denoiser's share, which this counter gets from one pre/post hook pair on the denoiser (`watch`);
+- a set literal rebuilt and a decomposition attempted (with the mode re-entered) for every op: here
+  a frozen set, and the decomposability of each op looked up once.
+
+Measured on SD1.5 (tiny zoo, 2 images, 20 steps, 1 thread): plain call 0.30 s CPU,
+FlopCounterMode 1.02 s, this counter 0.60 s, with identical totals (tests/test_flops.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
+
+# what _FlopCounterMode.__torch_dispatch__ leaves to the next handler (metadata queries)
+_METADATA_OPS = frozenset({
+    torch.ops.aten.sym_is_contiguous.default, torch.ops.aten.is_contiguous.default,
+    torch.ops.aten.is_contiguous.memory_format, torch.ops.aten.is_strides_like_format.default,
+    torch.ops.aten.is_non_overlapping_and_dense.default, torch.ops.aten.size.default,
+    torch.ops.aten.sym_size.default, torch.ops.aten.stride.default, torch.ops.aten.sym_stride.default,
+    torch.ops.aten.storage_offset.default, torch.ops.aten.sym_storage_offset.default,
+    torch.ops.aten.numel.default, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default,
+    torch.ops.prim.layout.default,
+})
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+def _decomposable(func) -> bool:
+    """Whether `func.decompose()` can do anything (what FlopCounterMode tries on every op)."""
+    if func is torch.ops.prim.device.default:
+        return False
+    return _COMPOSITE in getattr(func, "py_kernels", {}) or torch._C._dispatch_has_kernel_for_dispatch_key(
+        func.name(), _COMPOSITE)
+
+
+class _LeanDispatchMode(_FlopCounterMode):
+    def __init__(self, counter: "LeanFlopCounterMode") -> None:
+        super().__init__(counter)
+        self._decompose: dict[Any, bool] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs if kwargs else {}
+        if func in _METADATA_OPS:
+            return NotImplemented
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return self._handle_higher_order_ops(func, types, args, kwargs)
+        decomposable = self._decompose.get(func)
+        if decomposable is None:
+            decomposable = self._decompose[func] = _decomposable(func)
+        if decomposable:
+            with self:
+                r = func.decompose(*args, **kwargs)
+                if r is not NotImplemented:
+                    return r
+        out = func(*args, **kwargs)
+        return self.counter._count_flops(func._overloadpacket, out, args, kwargs)
+
+
+class LeanFlopCounterMode(FlopCounterMode):
+    """`FlopCounterMode(display=False)` with counts under `Global` and, while the module given to
+    `watch` runs, under its class name (what `get_flop_counts()[name]` gave for the denoiser)."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self._watched: Any = None
+        self._depth = 0
+        self._hooks: list = []
+
+    def watch(self, module: Any) -> None:
+        self._watched = module
+
+    def _enter_watched(self, *_args, **_kwargs) -> None:
+        self._depth += 1
+
+    def _leave_watched(self, *_args, **_kwargs) -> None:
+        self._depth = max(0, self._depth - 1)
+
+    def __enter__(self):
+        self.flop_counts.clear()
+        self._depth = 0
+        module = self._watched
+        if module is not None and hasattr(module, "register_forward_pre_hook"):
+            self._hooks = [module.register_forward_pre_hook(self._enter_watched),
+                           module.register_forward_hook(self._leave_watched, always_call=True)]
+        self.mode = _LeanDispatchMode(self)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *args):
+        if self.mode is None:
+            return False
+        result = self.mode.__exit__(*args)
+        self.mode = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        return result
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        formula = self.flop_registry.get(func_packet)
+        if formula is not None:
+            count = formula(*args, **kwargs, out_val=out)
+            self.flop_counts["Global"][func_packet] += count
+            if self._depth:
+                self.flop_counts[type(self._watched).__name__][func_packet] += count
+        return out
