@@ -48,13 +48,20 @@ def pick_tasks(count: int) -> list[str]:
     return ids[::stride][:count]
 
 
-def results(run_dir: Path) -> dict[str, tuple]:
-    """label -> (passed, category, U, L) of every complete result.json."""
+def results(run_dir: Path, cache_dir: Path) -> dict[str, tuple]:
+    """label -> (passed, category, U, L) of every complete result.json whose tag the run's key
+    verifies (a record a candidate wrote or changed is not a result)."""
+    from pytest_diffbench import keys
+
+    secret = keys.secret_key(cache_dir)
     out = {}
     for path in run_dir.glob("*/result.json"):
         try:
             r = json.loads(path.read_text())
         except (OSError, ValueError):
+            continue
+        if not keys.verify_record(secret, "result", keys.run_context(run_dir, path.parent.name), r):
+            print(f"  ignored {path}: its tag does not verify")
             continue
         if r.get("complete"):
             rnd = lambda x: None if x is None else round(float(x), 4)  # noqa: E731
@@ -114,7 +121,7 @@ def undisturbed(task_ids, work: Path, args) -> tuple[dict, float]:
     print(f"undisturbed: exit {proc.returncode}, {time.monotonic() - started:.0f} s")
     if proc.returncode not in (0, 1):
         print(proc.stdout[-3000:] + proc.stderr[-2000:])
-    return results(run_dir), time.monotonic() - started
+    return results(run_dir, cache), time.monotonic() - started
 
 
 def disturbed(task_ids, work: Path, args, rng: random.Random) -> dict:
@@ -127,7 +134,7 @@ def disturbed(task_ids, work: Path, args, rng: random.Random) -> dict:
     with ScriptedServer(ScriptedModel(oracle=Oracle([ROOT / "tasks"])), faults=faults) as server:
         while stats["sessions"] < args.kills + 5:
             stats["sessions"] += 1
-            before = results(run_dir)
+            before = results(run_dir, cache)
             kill = len(stats["kills"]) < args.kills
             proc = subprocess.Popen(pytest_command(task_ids, run_dir, cache, server.api_base, args), cwd=ROOT,
                                     env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -156,7 +163,7 @@ def disturbed(task_ids, work: Path, args, rng: random.Random) -> dict:
             out, _ = proc.communicate()
             if killed == "session":
                 time.sleep(1.0)
-            after = results(run_dir)
+            after = results(run_dir, cache)
             lost = [k for k, v in before.items() if after.get(k) != v]
             stats["lost"] += lost
             unfinished = {p.name for p in run_dir.iterdir() if p.is_dir()} - set(after) if run_dir.exists() else set()
@@ -171,7 +178,7 @@ def disturbed(task_ids, work: Path, args, rng: random.Random) -> dict:
                 break
         stats["requests"] = len(server.requests)
         stats["faults_injected"] = sum(1 for f in faults[:len(server.requests)] if f)
-    stats["results"] = results(run_dir)
+    stats["results"] = results(run_dir, cache)
     stats["seconds"] = time.monotonic() - started
     return stats
 
