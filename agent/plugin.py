@@ -16,7 +16,9 @@ import pytest
 DEFAULT_CACHE = Path.home() / ".cache" / "pytest-diffbench" / "llm"
 # Options of the harness that decide how a candidate is measured: the GA's child sessions get
 # the parent's values, so fitness is measured under exactly the settings of the final verdict.
-# (--diffbench-sandbox is passed resolved, see _child_pytest; tests check every name is an option.)
+# (--diffbench-sandbox and --diffbench-seeds are passed resolved, see _child_pytest; tests check
+# every name is an option.) Only the seeds' scope differs: the children evaluate with
+# --diffbench-seed-scope=agent, because their results and logs go back to the LLM.
 CHILD_OPTIONS = ("diffbench_models", "diffbench_device", "diffbench_samples", "diffbench_speed",
                  "diffbench_repeats", "diffbench_clip", "diffbench_clip_threshold",
                  "diffbench_candidate_timeout", "diffbench_memory_mb", "diffbench_threads")
@@ -103,6 +105,7 @@ class DiffAgentGenerator:
     def _child_pytest(self, session, evaluator):
         from pytest_diffbench.devices import visible_devices
         from pytest_diffbench.sandbox import resolve_isolation
+        from pytest_diffbench.workload import AGENT_SCOPE
 
         from .population import ChildPytest
 
@@ -115,6 +118,11 @@ class DiffAgentGenerator:
         profile = evaluator.profile
         # the backend this session resolved, not "auto": a child must not resolve another one
         passthrough.append(f"--diffbench-sandbox={resolve_isolation(profile.limits.isolation)}")
+        passthrough.append(f"--diffbench-warm-start={profile.limits.warm_start}")
+        # the same seed mode (option or $DIFFBENCH_SEEDS, as resolved here), but the agent's scope:
+        # what the GA's candidates see of their seeds (and may print into logs the LLM reads) says
+        # nothing about the seeds of the final verdict
+        passthrough += [f"--diffbench-seeds={profile.seeds}", f"--diffbench-seed-scope={AGENT_SCOPE}"]
         workers, visible = 0, None
         if profile.device == "cuda":
             if getattr(config, "workerinput", None) is not None:

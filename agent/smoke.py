@@ -56,13 +56,18 @@ def smoke_function(evaluator, work_dir: Path | None = None) -> SmokeFn:
 
 
 def fallback_smoke(evaluator, task, code: str, work_dir: Path | None = None) -> dict:
-    """One sample of the task's workload through the sandbox, then the stage-1 attribute check."""
+    """One sample of the task's workload through the sandbox, then the stage-1 attribute check.
+    Its output goes back to the LLM, so its seeds are of the agent's scope, never the verdict's."""
     from pytest_diffbench import stages
+    from pytest_diffbench.keys import secret_key
     from pytest_diffbench.sandbox import run_job
-    from pytest_diffbench.workload import build_batch
+    from pytest_diffbench.workload import AGENT_SCOPE, SECRET_SEEDS, build_batch
 
     profile = evaluator.profile
-    batch, _ = build_batch(task, profile.zoo, evaluator.data, evaluator.cache_dir / "inputs", 1)
+    mode = getattr(profile, "seeds", SECRET_SEEDS)
+    key = secret_key(evaluator.cache_dir) if mode == SECRET_SEEDS else None
+    batch, _ = build_batch(task, profile.zoo, evaluator.data, evaluator.cache_dir / "inputs", 1,
+                           seed_mode=mode, seed_scope=AGENT_SCOPE, key=key)
     digest = hashlib.sha256(code.encode()).hexdigest()[:12]
     base = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="diffagent-smoke-"))
     harness_dir = base / f"smoke-{digest}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import crosscheck, metrics, stages
 from .baselines import CachedRun, cache_key, get_or_measure
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
-from .workload import DataSource, batch_digest, build_batch
+from .workload import AGENT_SCOPE, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest, build_batch
 
 
 # Bumped when what a child result measures changes, so older cached baselines are measured again
@@ -61,6 +61,12 @@ class Profile:
     samples: int | None
     limits: SandboxLimits
     versions: dict
+    # the batch's seeds (workload.sample_seeds): secret = derived from the harness key, so that a
+    # candidate's author cannot predict them; public = task.seed + i (reproducible across users,
+    # weaker: named explicitly). The scope of the runs `evaluate` judges (the final verdict's,
+    # or AGENT_SCOPE in DiffAgent's GA child sessions); smoke runs always use AGENT_SCOPE.
+    seeds: str = SECRET_SEEDS
+    seed_scope: str = VERDICT_SCOPE
 
     @property
     def name(self) -> str:
@@ -88,6 +94,22 @@ class Evaluator:
     def with_samples(self, samples: int | None) -> "Evaluator":
         """The same evaluator with another sample count per workload (None: each task's own)."""
         return Evaluator(dataclasses.replace(self.profile, samples=samples), self.data, self.cache_dir, self.run_dir)
+
+    def _secret(self) -> bytes:
+        """The harness key (keys.py) of this cache dir; a key that cannot be read is a harness error."""
+        from .keys import KeyFileError, secret_key
+
+        try:
+            return secret_key(self.cache_dir)
+        except (KeyFileError, OSError) as exc:
+            raise HarnessError(str(exc)) from exc
+
+    def build_batch(self, task, samples: int | None, scope: str | None = None) -> tuple[dict, list[str]]:
+        """The batch of `task` with this profile's seeds (`Profile.seeds`) in `scope` (default: the
+        profile's `seed_scope`)."""
+        key = self._secret() if self.profile.seeds == SECRET_SEEDS else None
+        return build_batch(task, self.profile.zoo, self.data, self.cache_dir / "inputs", samples,
+                           seed_mode=self.profile.seeds, seed_scope=scope or self.profile.seed_scope, key=key)
 
     # -- children -------------------------------------------------------------------------
     def _child_env(self) -> dict:
@@ -130,12 +152,8 @@ class Evaluator:
                                    f"defect, not the candidate's:\n{tb[-3000:]}")
             return outcome.result
 
-        from .keys import KeyFileError, secret_key
-
-        try:  # manifests are authenticated with the harness key (keys.py), kept beside the cache
-            secret = secret_key(self.cache_dir)
-        except (KeyFileError, OSError) as exc:
-            raise HarnessError(str(exc)) from exc
+        # manifests are authenticated with the harness key (keys.py), kept beside the cache
+        secret = self._secret()
         run = get_or_measure(self.cache_dir / "baselines", key, measure, secret=secret)
         self.stats["baseline_hits" if run.hit else "baseline_misses"] += 1
         return run
@@ -159,9 +177,11 @@ class Evaluator:
         """A quick run of `code` on one sample: does it run, and are its key attributes right?
 
         Used by generators (the debugging agent) so that a fix is judged by running it in the same
-        sandbox as the evaluation. Returns {ok, category, message, attributes}.
+        sandbox as the evaluation. Its output (tracebacks, prints) goes back to the LLM, so its
+        seeds are always of `AGENT_SCOPE`, never the verdict's. Returns {ok, category, message,
+        attributes}.
         """
-        batch, _ = build_batch(task, self.profile.zoo, self.data, self.cache_dir / "inputs", 1)
+        batch, _ = self.build_batch(task, 1, scope=AGENT_SCOPE)
         harness_dir = Path(harness_dir or Path(tempfile.mkdtemp(prefix="diffbench-smoke-")))
         outcome = self.run_code("smoke", task, code, batch, harness_dir / "images", harness_dir / "sandbox", measure=False)
         failure = stages.runtime_failure(outcome.status, outcome.detail, outcome.result)
@@ -186,13 +206,14 @@ class Evaluator:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         task_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        batch, texts = build_batch(task, self.profile.zoo, self.data, self.cache_dir / "inputs", self.profile.samples)
+        batch, texts = self.build_batch(task, self.profile.samples)
         record = {"task_id": task.id, "label": label or task.id, "level": task.level, "model": task.model, "family": task.family,
                   "profile": self.profile.name, "zoo": self.profile.zoo, "zoo_detail": self.profile.zoo_detail,
                   "device": self.profile.device_name, "candidate_source": candidate.source,
                   "quality_method": self.profile.quality_method, "speed_method": self.profile.speed_method,
                   "clip_model": self.profile.clip_spec, "run_size": [batch["height"], batch["width"]],
-                  "samples": len(batch["seeds"]), "cost": candidate.cost}
+                  "samples": len(batch["seeds"]), "seeds": self.profile.seeds, "seed_scope": self.profile.seed_scope,
+                  "cost": candidate.cost}
         if candidate.code is None:
             verdict = stages.Verdict(False, 1, stages.NO_CANDIDATE, candidate.reason or "no candidate code")
             return self._finish(task_dir, record, verdict, started, task)
@@ -313,7 +334,9 @@ class Evaluator:
             # what was asked where the reference is far away (e.g. an ancestral sampler)
             vs_gold = metrics.quality_loss_by_fidelity(images, gold_images)
             record["fidelity"]["vs_gold_nrmse"] = vs_gold
-            if self.profile.quality_method == "fidelity":
+            # only L1-L3 have a gold that is the specification; an L4/L5 gold is the calibrated
+            # optimum, one of many valid configurations (recorded above, not judged)
+            if self.profile.quality_method == "fidelity" and task.level in ("L1", "L2", "L3"):
                 inputs.gold_fidelity_loss = vs_gold
                 inputs.gold_fidelity_bound = stages.GOLD_SPEC_BOUND
         scorer = self.clip()
@@ -333,7 +356,9 @@ class Evaluator:
             if task.level in ("L1", "L2", "L3"):
                 inputs.quality_bound = stages.fidelity_bound(gold_loss)
             else:
-                inputs.quality_bound = task.constraint.max_quality_loss
+                inputs.quality_bound = stages.seed_adjusted_bound(task.constraint.max_quality_loss, gold_loss,
+                                                                  task.constraint.calibrated_gold_loss)
+                record["L_bound_calibrated"] = task.constraint.max_quality_loss
         ref_cost = self._cost(reference.result)
         if ref_cost and cand_cost:
             inputs.speedup = metrics.speedup(ref_cost, cand_cost)
@@ -378,12 +403,10 @@ class Evaluator:
         record["message"] = verdict.message
         record["task_s"] = round(time.monotonic() - started, 3)
         record["complete"] = True
-        from .keys import KeyFileError, run_context, secret_key, sign_record
+        from .keys import run_context, sign_record
 
-        try:  # tagged with the harness key (keys.py): resume trusts only what this harness wrote here
-            secret = secret_key(self.cache_dir)
-        except (KeyFileError, OSError) as exc:
-            raise HarnessError(str(exc)) from exc
+        # tagged with the harness key (keys.py): resume trusts only what this harness wrote here
+        secret = self._secret()
         write_json_atomic(task_dir / "result.json",
                           sign_record(secret, "result", run_context(self.run_dir, task_dir.name), record))
         return record

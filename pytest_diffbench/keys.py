@@ -15,8 +15,13 @@ What it authenticates (`mac` / `verify`, a purpose and a context bound into ever
   directory and the task label (and `resume.json` to the exact `result.json` beside it); resume
   reuses a result only when both tags verify, otherwise it evaluates the task again with a warning.
 
-Deleting the key file invalidates all of it: every baseline entry is measured again and no earlier
-result is reused on resume (a new key is made on first use). Keep it private: anyone who can read
+What it derives (`derive_seed`): the workload's secret seeds (`workload.sample_seeds`, the default
+`--diffbench-seeds=secret`), so that a candidate's author cannot predict the initial noise and
+precompute the judged images; a *scope* keeps the seeds of the final verdict apart from those of
+runs whose output a generator (an LLM) reads.
+
+Deleting the key file invalidates all of it: every baseline entry is measured again, no earlier
+result is reused on resume, and the secret seeds change (a new key is made on first use). Keep it private: anyone who can read
 it can forge these files. With `--diffbench-sandbox=unshare` or `none` a candidate runs with the
 user's rights and can read the key too; the tags then only stop candidates that can write but not
 read (the threat model in README.md).
@@ -36,6 +41,8 @@ from pathlib import Path
 KEY_FILE = "secret.key"
 KEY_BYTES = 32
 MAC_FIELD = "mac"
+#: derived seeds lie in [0, SEED_MASK]: valid for torch.Generator.manual_seed, numpy and random
+SEED_MASK = 0x7FFFFFFF
 
 _lock = threading.Lock()
 
@@ -140,3 +147,25 @@ def verify_record(key: bytes, purpose: str, context: str, record) -> bool:
 def run_context(run_dir: os.PathLike | str, label: str) -> str:
     """The context of a task's records: its run directory (resolved) and label."""
     return f"{os.path.realpath(run_dir)}\0{label}"
+
+
+def derive_seed(key: bytes, scope: str, stream: str, index: int) -> int:
+    """The `index`-th secret seed of a workload: the first 4 bytes of
+    HMAC-SHA256(key, "seeds" NUL scope NUL stream NUL index), big-endian, masked to 31 bits.
+
+    `stream` names the workload (`workload.seed_stream`: the task's seed and its public inputs),
+    `scope` what the run is for (`workload.VERDICT_SCOPE` for the final verdict,
+    `workload.AGENT_SCOPE` for runs a generator sees the output of). Deterministic for one key,
+    scope, stream and index, so baselines are cached and shared as with public seeds;
+    unpredictable without the key (HMAC is a PRF), and the seeds of one scope say nothing about
+    those of another."""
+    if not isinstance(key, (bytes, bytearray)) or len(key) < 16:
+        raise ValueError("derive_seed needs the harness key (bytes)")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"seed index {index!r} is not a non-negative int")
+    for name, value in (("scope", scope), ("stream", stream)):
+        if not isinstance(value, str) or "\0" in value:
+            raise ValueError(f"seed {name} {value!r} must be a str without NUL")
+    message = b"\0".join([b"seeds", scope.encode(), stream.encode(), str(index).encode()])
+    digest = hmac.new(bytes(key), message, hashlib.sha256).digest()
+    return int.from_bytes(digest[:4], "big") & SEED_MASK

@@ -20,6 +20,7 @@ from . import hookspecs, report
 from .devices import device_for_worker, visible_devices
 from .evaluate import Candidate, Evaluator, HarnessError, Profile
 from .sandbox import SandboxLimits
+from .workload import PUBLIC_SEEDS, SECRET_SEEDS, SEED_MODES, SEED_SCOPES, VERDICT_SCOPE
 
 SESSION_KEY = pytest.StashKey["DiffbenchSession"]()
 SUITE_FILE = Path(__file__).with_name("suite.py")
@@ -78,8 +79,31 @@ def pytest_addoption(parser):
                          "unshare (WEAK: own pid and network namespaces, shared file system), none (WEAK); "
                          "auto = $DIFFBENCH_SANDBOX, else bwrap or landlock, else the session stops with an error "
                          "(it never picks a weak one) (default: auto)")
+    group.addoption("--diffbench-warm-start", choices=("auto", "on", "off"), default=None,
+                    help="fork each sandboxed run from a per-worker process that has imported torch and diffusers "
+                         "(same isolation per run; ~0.1 s instead of seconds to reach the candidate): on, off, or "
+                         "auto = on for CPU runs, off for GPU runs (default: $DIFFBENCH_WARM_START, else auto)")
     group.addoption("--diffbench-threads", type=int, default=None, metavar="N",
                     help="torch threads per child (default: 1 on the tiny zoo on a CPU, else CPU count / xdist workers)")
+    group.addoption("--diffbench-seeds", choices=SEED_MODES, default=None,
+                    help="the workload's seeds: secret = derived from the harness's per-user key (<cache dir>/"
+                         "secret.key), unpredictable to a candidate's author; public = the task's seed + i, the same "
+                         "for every user (reproducible figures) but predictable, so a candidate can precompute its "
+                         "images (WEAK, recorded in every result) (default: $DIFFBENCH_SEEDS, else secret)")
+    group.addoption("--diffbench-seed-scope", choices=SEED_SCOPES, default=VERDICT_SCOPE,
+                    help="whose seeds secret seeds are: verdict (the final verdict) or agent (runs whose output a "
+                         "generator reads: DiffAgent's GA child sessions pass it) (default: verdict)")
+
+
+def warm_start_setting(config) -> str:
+    """--diffbench-warm-start, else $DIFFBENCH_WARM_START, else auto; a bad value stops the session."""
+    from .sandbox import WARM_STARTS
+
+    value = (config.getoption("diffbench_warm_start") or os.environ.get("DIFFBENCH_WARM_START", "").strip().lower()
+             or "auto")
+    if value not in WARM_STARTS:
+        raise pytest.UsageError(f"$DIFFBENCH_WARM_START: {value!r} is not one of {', '.join(WARM_STARTS)}")
+    return value
 
 
 class DiffbenchSession:
@@ -153,7 +177,8 @@ class DiffbenchSession:
             generator = "reference"
         digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
         return {"task": digest(json.dumps(task.to_dict(), sort_keys=True, default=str)), "generator": generator,
-                "candidate": None if candidate_code is None else digest(candidate_code)}
+                "candidate": None if candidate_code is None else digest(candidate_code),
+                "seeds": f"{seed_mode(self.config)}:{opt('diffbench_seed_scope')}"}
 
     def previous_record(self, label: str, profile_name: str, fingerprint: dict) -> dict | None:
         """A complete result.json of `label` from an earlier session on the same profile, for the
@@ -271,8 +296,10 @@ class DiffbenchSession:
                           repeats=repeats, threads=threads, samples=config.getoption("diffbench_samples"),
                           limits=SandboxLimits(timeout_s=config.getoption("diffbench_candidate_timeout"),
                                                memory_mb=config.getoption("diffbench_memory_mb"),
-                                               isolation=config.getoption("diffbench_sandbox")),
-                          versions=versions)
+                                               isolation=config.getoption("diffbench_sandbox"),
+                                               warm_start=warm_start_setting(config)),
+                          versions=versions, seeds=seed_mode(config),
+                          seed_scope=config.getoption("diffbench_seed_scope"))
         return Evaluator(profile, data, self.cache_dir, self.run_dir)
 
 
@@ -299,6 +326,8 @@ def pytest_configure(config):
         return
     tasks, all_ids, levels, tasks_dir = _load_tasks(config)
     _check_sandbox(config)
+    seed_mode(config)  # a bad $DIFFBENCH_SEEDS stops the session here
+    warm_start_setting(config)  # ... and a bad $DIFFBENCH_WARM_START
     session = DiffbenchSession(config, tasks, levels)
     session.tasks_dir = tasks_dir
     config.stash[SESSION_KEY] = session
@@ -360,7 +389,7 @@ def pytest_report_header(config):
     return [f"diffbench: {len(session.tasks)} tasks at these levels ({counts}); generator: {generator}",
             f"diffbench: models: {models}; device: {config.getoption('diffbench_device')}; "
             f"speed: {config.getoption('diffbench_speed')}; sandbox: {_sandbox_line(config)}; "
-            f"run dir: {session.run_dir}"]
+            f"seeds: {_seeds_line(config)}; warm start: {warm_start_setting(config)}; run dir: {session.run_dir}"]
 
 
 def pytest_report_collectionfinish(config, items):
@@ -398,6 +427,27 @@ def _sandbox_line(config) -> str:
         return (f"{backend.upper()} - WEAK, NAMED EXPLICITLY: candidate code can read and write everything "
                 f"the pytest user can (golds, baseline cache, run directory, your files)")
     return backend
+
+
+def seed_mode(config) -> str:
+    """The seed mode of the session: --diffbench-seeds, else $DIFFBENCH_SEEDS, else secret; a usage
+    error for an unknown value of the variable."""
+    mode = config.getoption("diffbench_seeds", None) or os.environ.get("DIFFBENCH_SEEDS") or SECRET_SEEDS
+    if mode not in SEED_MODES:
+        raise pytest.UsageError(f"$DIFFBENCH_SEEDS: {mode!r} is not one of {', '.join(SEED_MODES)}")
+    return mode
+
+
+def _seeds_line(config) -> str:
+    try:
+        mode = seed_mode(config)
+    except pytest.UsageError as exc:
+        return f"unavailable: {exc}"
+    scope = config.getoption("diffbench_seed_scope", None) or VERDICT_SCOPE
+    if mode == PUBLIC_SEEDS:
+        return ("PUBLIC - WEAK, NAMED EXPLICITLY: task seed + i, the same for everyone and predictable from the "
+                "repository, so a candidate can precompute its images (reproducible figures only)")
+    return f"secret (per-user key, scope {scope})"
 
 
 # -- fixtures ------------------------------------------------------------------------------------

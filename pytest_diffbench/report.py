@@ -42,6 +42,7 @@ def junit_properties(record: dict) -> list[tuple[str, str]]:
         "diffbench_clip_model": record.get("clip_model"),
         "diffbench_psnr_db": (record.get("fidelity") or {}).get("mean_psnr_db"),
         "diffbench_zoo": record.get("zoo"),
+        "diffbench_seeds": record.get("seeds"),
         "diffbench_device": record.get("device"),
         "diffbench_candidate_source": record.get("candidate_source"),
         "diffbench_baseline_cache": ",".join(f"{k}:{v}" for k, v in (record.get("baseline_cache") or {}).items() if v),
@@ -60,7 +61,8 @@ def summary_lines(rows: list[dict], levels, elapsed_s: float, run_dir: Path) -> 
     props = next((r["props"] for r in rows if r.get("props")), {})
     lines.append(f"zoo: {props.get('diffbench_zoo', '?')}   device: {props.get('diffbench_device', '?')}   "
                  f"CLIP: {props.get('diffbench_clip_model', '?')}   quality: {props.get('diffbench_quality_method', '?')}"
-                 f"   speed: {props.get('diffbench_speed_method', '?')}")
+                 f"   speed: {props.get('diffbench_speed_method', '?')}"
+                 f"   seeds: {_seeds_summary(rows)}")
     lines.append(f"{'level':<6}{'tasks':>7}{'passed':>8}{'harness':>9}{'S_p':>9}")
     total = Counter()
     for level in [lvl for lvl in LEVELS if lvl in set(levels)]:
@@ -88,6 +90,14 @@ def summary_lines(rows: list[dict], levels, elapsed_s: float, run_dir: Path) -> 
     lines.append(f"baseline cache: {hits} hits, {misses} misses   LLM: {tokens} tokens, {price}")
     lines.append(f"total time: {elapsed_s:.1f} s   run directory: {run_dir}")
     return lines
+
+
+def _seeds_summary(rows: list[dict]) -> str:
+    """The seed modes the results were judged with (`public` is the weak, reproducible one)."""
+    modes = sorted({(r.get("props") or {}).get("diffbench_seeds") for r in rows} - {None, ""})
+    if not modes:
+        return "?"
+    return ", ".join(m.upper() + " (weak: predictable)" if m == "public" else m for m in modes)
 
 
 def s_a_line(rows: list[dict]) -> str | None:

@@ -157,6 +157,18 @@ def fidelity_bound(gold_loss: float | None) -> float:
     return max(FIDELITY_MARGIN * gold_loss, gold_loss + FIDELITY_FLOOR)
 
 
+def seed_adjusted_bound(bound: float, gold_loss: float | None, calibrated_gold_loss: float | None) -> float:
+    """L4/L5 fidelity bound on this run's seeds. The calibration placed the optimum (the gold) at
+    L <= 0.95 x `bound` on its public seeds; other seeds (the default secret ones) move every
+    configuration's L, the optimum's by -0.004..+0.021 here (docs/integrity.md). The bound is
+    widened by the factor the gold itself lost more on these seeds than on the calibration's
+    (never narrowed), so the optimum stays inside and the trade-off is the calibrated one. The gold
+    runs in the parent's baseline, out of the candidate's reach."""
+    if not gold_loss or not calibrated_gold_loss:
+        return bound
+    return bound * max(1.0, gold_loss / calibrated_gold_loss)
+
+
 @dataclass
 class StageInputs:
     """Everything the stages need, computed by the evaluation driver."""

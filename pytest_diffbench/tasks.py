@@ -97,10 +97,12 @@ Deliver one self-contained Python module that defines exactly these two function
   `batch` is a dict with the keys `kind` ("text2img", "img2img" or "class2img"), `prompts`
   (list of str, or None), `class_ids` (list of ImageNet class ids, or None), `images` (list of
   PIL init images already resized to width x height, or None), `strength` (float, or None),
-  `seeds` (list of int, one per sample), `height` and `width` (the output size in pixels for
-  this run, chosen by the harness: always take the size from the batch, never hard-code a
-  resolution), `guidance_scale` (float) and `num_inference_steps` (int, the reference's step
-  count: run it unless the task asks for a different number of steps). For every sample
+  `seeds` (list of int, one per sample: values the harness chooses for the run, secret and not
+  predictable, so never hard-code seeds or prepare images for particular ones), `height` and
+  `width` (the output size in pixels for this run, chosen by the harness: always take the size
+  from the batch, never hard-code a resolution), `guidance_scale` (float) and
+  `num_inference_steps` (int, the reference's step count: run it unless the task asks for a
+  different number of steps). For every sample
   create `torch.Generator(device=pipe.device).manual_seed(seed)` from that sample's seed and
   make exactly one image with it.
 
@@ -482,10 +484,14 @@ class Constraint:
     #: latency the target was calibrated against. The candidate's latency is then this / U, so the
     #: verdict does not depend on how loaded the machine is when the task runs.
     reference_latency_ms: float | None = None
+    #: L4/L5 (fidelity profiles): the calibrated optimum's own L on the calibration's (public) seeds.
+    #: Under other seeds the bound moves with it (`stages.seed_adjusted_bound`), so that the
+    #: optimum, which the calibration placed at <= 0.95 x the bound, stays inside it.
+    calibrated_gold_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"max_quality_loss": self.max_quality_loss}
-        for name in ("min_speedup", "max_latency_ms", "target_factor", "reference_latency_ms"):
+        for name in ("min_speedup", "max_latency_ms", "target_factor", "reference_latency_ms", "calibrated_gold_loss"):
             if getattr(self, name) is not None:
                 d[name] = getattr(self, name)
         return d
@@ -830,7 +836,7 @@ def _validate(ck: _Checker, raw: dict, path: Path | None) -> Task | None:
     constraint = None
     if constraint_raw is not None:
         ck.unknown_keys(constraint_raw, ("max_quality_loss", "min_speedup", "max_latency_ms", "target_factor",
-                                         "reference_latency_ms"),
+                                         "reference_latency_ms", "calibrated_gold_loss"),
                         "constraint.")
         mql = ck.get(constraint_raw, "max_quality_loss", "constraint.", "number", required=True)
         min_speedup = ck.get(constraint_raw, "min_speedup", "constraint.", "number", required=False, nullable=True)
@@ -838,6 +844,10 @@ def _validate(ck: _Checker, raw: dict, path: Path | None) -> Task | None:
         factor = ck.get(constraint_raw, "target_factor", "constraint.", "number", required=False, nullable=True)
         ref_latency = ck.get(constraint_raw, "reference_latency_ms", "constraint.", "number", required=False,
                              nullable=True)
+        gold_l = ck.get(constraint_raw, "calibrated_gold_loss", "constraint.", "number", required=False, nullable=True)
+        if gold_l is not None and (level not in ("L4", "L5") or not 0.0 < gold_l <= 1.0):
+            ck.add("constraint.calibrated_gold_loss", f"only L4/L5 tasks take a calibrated_gold_loss (in (0, 1]), this "
+                                                      f"is {level} with {gold_l}")
         if ref_latency is not None and (level != "L5" or ref_latency <= 0):
             ck.add("constraint.reference_latency_ms", f"only L5 tasks take a reference_latency_ms (> 0), this is "
                                                       f"{level} with {ref_latency}")
@@ -860,7 +870,7 @@ def _validate(ck: _Checker, raw: dict, path: Path | None) -> Task | None:
         if level in ("L1", "L2", "L3") and factor is not None:
             ck.add("constraint.target_factor", f"only L4/L5 tasks take a target_factor, this is {level}")
         if mql is not None:
-            constraint = Constraint(mql, min_speedup, max_latency, factor, ref_latency)
+            constraint = Constraint(mql, min_speedup, max_latency, factor, ref_latency, gold_l)
             open_target = (level == "L4" and min_speedup is None) or (level == "L5" and max_latency is None)
             if requirement is not None and level in ("L4", "L5"):
                 for ph in (TARGET_PLACEHOLDER, QUALITY_PLACEHOLDER):

@@ -2,6 +2,18 @@
 
 The data itself (COCO captions, ImageNet class names, init images) lives in the repository's
 `fixtures/data`; the harness reads it through a `DataSource` so that this module stays plain.
+
+Seeds (`sample_seeds`). Prompts, class ids and init images are public (a task's workload offsets
+into public data), so the images a candidate must produce are unpredictable only through the
+initial noise. `secret` seeds (the default, `--diffbench-seeds=secret`) are derived from the
+harness's per-user key (`keys.derive_seed`, the key no child can read) and a *scope*:
+`VERDICT_SCOPE` for the final verdict, `AGENT_SCOPE` for every run whose output a generator (an
+LLM) reads (DiffAgent's smoke runs and its GA rounds), so that a candidate that prints its seeds
+into a log the LLM reads learns nothing about the verdict's. `public` seeds are `task.seed + i`:
+the same for every user (reproducible published figures, the L4/L5 calibration), and predictable
+by anyone who reads the repository, so a candidate can precompute its images outside the judged
+call. Seeds are keyed by the workload (`seed_stream`), not the task id, so tasks that share a
+workload share their reference run exactly as with public seeds.
 """
 
 from __future__ import annotations
@@ -15,6 +27,12 @@ from typing import Callable, Sequence
 # The tiny zoo's models are built at 1/8 of the real default size (SD1.5 512 -> 64 px, SDXL
 # 1024 -> 128 px, DiT-256 -> 32 px: DiTPipeline has no size argument, so this must match the zoo).
 TINY_RESOLUTION_DIVISOR = 8
+
+SECRET_SEEDS, PUBLIC_SEEDS = "secret", "public"
+SEED_MODES = (SECRET_SEEDS, PUBLIC_SEEDS)
+#: the final verdict's seeds / those of runs a generator sees the output of
+VERDICT_SCOPE, AGENT_SCOPE = "verdict", "agent"
+SEED_SCOPES = (VERDICT_SCOPE, AGENT_SCOPE)
 
 
 @dataclass(frozen=True)
@@ -36,13 +54,42 @@ def run_size(resolution: Sequence[int], zoo: str) -> tuple[int, int]:
     return scale(height), scale(width)
 
 
-def build_batch(task, zoo: str, data: DataSource, inputs_dir: Path, samples: int | None = None) -> tuple[dict, list[str]]:
+def seed_stream(task) -> str:
+    """What a workload's secret seeds are keyed by: the task's seed and the public inputs it draws
+    (source and offset; not the count, so that a smaller `--diffbench-samples` takes a prefix)."""
+    wl = task.workload
+    return json.dumps([int(task.seed), wl.source, int(wl.offset)], separators=(",", ":"))
+
+
+def sample_seeds(task, count: int, mode: str = SECRET_SEEDS, scope: str = VERDICT_SCOPE,
+                 key: bytes | None = None) -> list[int]:
+    """The `count` seeds of `task`'s samples: `public` = task.seed + i; `secret` = derived from the
+    harness key `key` (required) and `scope` (see the module docstring)."""
+    if mode == PUBLIC_SEEDS:
+        return [int(task.seed) + i for i in range(count)]
+    if mode != SECRET_SEEDS:
+        raise ValueError(f"unknown seed mode {mode!r}; expected one of {', '.join(SEED_MODES)}")
+    if scope not in SEED_SCOPES:
+        raise ValueError(f"unknown seed scope {scope!r}; expected one of {', '.join(SEED_SCOPES)}")
+    if key is None:
+        raise ValueError("secret seeds need the harness key (keys.secret_key(cache_dir)); ask for public "
+                         "seeds (mode / seed_mode 'public') for the predictable task.seed + i")
+    from .keys import derive_seed
+
+    stream = seed_stream(task)
+    return [derive_seed(key, scope, stream, i) for i in range(count)]
+
+
+def build_batch(task, zoo: str, data: DataSource, inputs_dir: Path, samples: int | None = None, *,
+                seed_mode: str = SECRET_SEEDS, seed_scope: str = VERDICT_SCOPE,
+                key: bytes | None = None) -> tuple[dict, list[str]]:
     """The job's batch dict (init images as resized PNG paths under `inputs_dir`) and the texts
-    CLIP compares each image with."""
+    CLIP compares each image with. Seeds by `sample_seeds(task, count, seed_mode, seed_scope, key)`:
+    secret by default, so a caller that passes no key gets an error, never predictable seeds."""
     wl = task.workload
     count = samples or wl.count
     height, width = run_size(task.resolution, zoo)
-    seeds = [int(task.seed) + i for i in range(count)]
+    seeds = sample_seeds(task, count, seed_mode, seed_scope, key)
     batch = {"kind": task.pipeline, "prompts": None, "class_ids": None, "images": None, "strength": None,
              "seeds": seeds, "height": height, "width": width, "guidance_scale": float(task.guidance_scale),
              "num_inference_steps": task.steps}

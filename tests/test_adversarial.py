@@ -564,3 +564,58 @@ def test_the_snapshot_finds_replaced_timers_and_counters(monkeypatch):
         m.setitem(flop_counter.flop_registry, op, lambda *args, **kwargs: 0)
         assert any("flop_registry" in change for change in snapshot.changes())
     assert snapshot.changes() == []
+
+
+# ------------------------------------------------------------------------------------------------
+# a real task: images precomputed for predicted seeds (tests/adversarial_tasks/)
+
+TASK_ATTACKS = Path(__file__).resolve().parent / "adversarial_tasks"
+PRECOMPUTE_TASK = "L4-dit-c2i-hard-0012"  # the cheapest family (DiT-256: 32 px on the tiny zoo)
+
+
+def precompute_candidate(task, predicted: dict) -> str:
+    """The task's reference code with tests/adversarial_tasks/precompute_public_seeds.py appended,
+    its PREDICTED filled in with the public workload's {seed: class id}."""
+    attack = (TASK_ATTACKS / "precompute_public_seeds.py").read_text()
+    assert "PREDICTED: dict = {}" in attack
+    attack = attack.replace("PREDICTED: dict = {}", f"PREDICTED: dict = {predicted!r}")
+    return task.reference + "\n\n# ---- the attack (tests/adversarial_tasks/precompute_public_seeds.py) ----\n" + attack
+
+
+@pytest.mark.slow
+def test_images_precomputed_for_the_public_seeds_fail_under_secret_seeds(tiny_zoo, baseline_cache_dir, tmp_path):
+    """The workload is public except its seeds: with `--diffbench-seeds=public` an attacker who read
+    the repository precomputes the reference's images in load_pipeline and passes a hard L4 task
+    with L ~ 0 from a 2-step pipeline (the weakness the public mode keeps, shown so that the attack
+    is known to work); with the default secret seeds the same candidate fails on quality, as a
+    model failure, not a harness error."""
+    from fixtures.profiles import data_source, tiny_evaluator
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.workload import build_batch
+
+    raw = load_task(REPO / "tasks" / "L4" / f"{PRECOMPUTE_TASK}.yaml")
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(raw)
+    samples = 2
+    public, _ = build_batch(task, "tiny", data_source(), tmp_path / "inputs", samples, seed_mode="public")
+    assert public["seeds"] == [task.seed + i for i in range(samples)]
+    code = precompute_candidate(task, dict(zip(public["seeds"], public["class_ids"])))
+    expect = dict(re.findall(r"^expect (\w+): (\w+)$", (TASK_ATTACKS / "precompute_public_seeds.py").read_text(), re.M))
+    records = {}
+    for mode in ("public", "secret"):
+        evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / mode, samples=samples, timeout_s=300.0,
+                                   **({"seeds": mode} if mode == "public" else {}))  # secret: the default
+        records[mode] = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+        assert records[mode]["seeds"] == mode and records[mode]["seed_scope"] == "verdict"
+    weak, strong = records["public"], records["secret"]
+    summary = {m: (r["passed"], r["category"], r.get("L"), r.get("U"), r["message"][:200]) for m, r in records.items()}
+    print(f"\nprecomputed images on {task.id} (hard target U >= {task.constraint.min_speedup}): {summary}")
+    # public seeds: the attack works (L ~ 0 at the U of a 2-step sampler, above the hard target)
+    assert weak["passed"] and expect["public"] == "passed", summary
+    assert weak["L"] < 0.01 and weak["U"] >= task.constraint.min_speedup, summary
+    # secret seeds (the default): the precomputed images are of other noise; the candidate is left
+    # with its 2-step images and fails stage 3 on quality, a model failure
+    assert not strong["passed"] and strong["category"] == expect["secret"] == stages.RELATIVE_QUALITY, summary
+    assert strong["stage_reached"] == 3 and strong["L"] > strong["L_bound"], summary
+    assert strong["category"] in stages.MODEL_FAILURES

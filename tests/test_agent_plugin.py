@@ -36,9 +36,12 @@ def test_help_lists_the_options(tmp_path):
         assert option in out, option
 
 
-def test_the_ga_child_sessions_get_only_real_options_and_the_resolved_sandbox():
+@pytest.mark.parametrize("seeds", ["secret", "public"])
+def test_the_ga_child_sessions_get_only_real_options_and_the_resolved_sandbox(seeds):
     """Fitness must be measured under the settings of the final verdict: every option the GA's child
-    sessions inherit exists, and the sandbox backend is passed as the parent resolved it."""
+    sessions inherit exists, and the sandbox backend and the seed mode are passed as the parent
+    resolved them. Only the seeds' scope differs: the GA's results and logs go back to the LLM, so
+    its candidates see the agent's seeds, never the verdict's."""
     from agent import plugin as agent_plugin
 
     code, out = pytest_run(["--help"])
@@ -56,12 +59,43 @@ def test_the_ga_child_sessions_get_only_real_options_and_the_resolved_sandbox():
                              inipath=None, workerinput=None)
     generator = agent_plugin.DiffAgentGenerator.__new__(agent_plugin.DiffAgentGenerator)
     generator.config, generator.ga_timeout = config, 60.0
-    profile = SimpleNamespace(device="cpu", visible_devices=None, limits=SandboxLimits(isolation="auto"))
+    profile = SimpleNamespace(device="cpu", visible_devices=None, limits=SandboxLimits(isolation="auto"),
+                              seeds=seeds, seed_scope="verdict")
     child = generator._child_pytest(SimpleNamespace(cache_dir=ROOT / "c", zoo_dir=ROOT / "z"),
                                     SimpleNamespace(profile=profile))
     assert "--diffbench-memory-mb=1234" in child.passthrough
     assert f"--diffbench-sandbox={resolve_isolation('auto')}" in child.passthrough
     assert "--diffbench-sandbox=auto" not in child.passthrough
+    assert f"--diffbench-seeds={seeds}" in child.passthrough and "--diffbench-seed-scope=agent" in child.passthrough
+    for option in ("--diffbench-seeds", "--diffbench-seed-scope"):
+        assert option in out and sum(a.startswith(option + "=") for a in child.passthrough) == 1
+
+
+@pytest.mark.slow
+def test_a_ga_child_session_measures_with_the_agents_seeds(tiny_zoo, baseline_cache_dir, tmp_path):
+    """A real GA child session (agent.population.ChildPytest with the options _child_pytest gives it)
+    over a gold module: its fitness record is judged with the parent's seed mode in the agent's
+    scope, and is the record a verdict would be otherwise (the gold passes)."""
+    from types import SimpleNamespace
+
+    from agent import plugin as agent_plugin
+    from pytest_diffbench.sandbox import SandboxLimits
+    from pytest_diffbench.tasks import load_task
+
+    options = {"diffbench_models": "tiny", "diffbench_samples": 2}
+    config = SimpleNamespace(getoption=lambda name, default=None: options.get(name, default), rootpath=ROOT,
+                             inipath=None, workerinput=None)
+    generator = agent_plugin.DiffAgentGenerator.__new__(agent_plugin.DiffAgentGenerator)
+    generator.config, generator.ga_timeout = config, 900.0
+    profile = SimpleNamespace(device="cpu", visible_devices=None, limits=SandboxLimits(isolation="auto"),
+                              seeds="secret", seed_scope="verdict")
+    child = generator._child_pytest(SimpleNamespace(cache_dir=baseline_cache_dir, zoo_dir=tiny_zoo.root),
+                                    SimpleNamespace(profile=profile))
+    task = load_task(ROOT / "tasks" / "L1" / "L1-dit-c2i-0005.yaml")
+    record = child(task, tmp_path / "round-1", [("r1c1", task.gold)])["r1c1"]
+    assert record is not None, (tmp_path / "round-1" / "pytest.log").read_text()[-3000:]
+    assert record["passed"], record["message"]
+    assert (record["seeds"], record["seed_scope"], record["samples"]) == ("secret", "agent", 2)
 
 
 def test_missing_key_is_a_usage_error_before_any_task(tmp_path):
@@ -166,6 +200,11 @@ def test_end_to_end_with_a_local_openai_compatible_server(e2e_tasks, tmp_path):
     evaluated = [p for p in round1["individuals"] if p["result"] is not None]
     assert evaluated and all((ga / "round-1" / "out" / f"L4-pixart-alpha-t2i-9001@{p['id']}" / "result.json").is_file()
                              for p in evaluated if not p["note"])
+    # the GA measured fitness with the verdict's settings but the agent's seeds (its results reach the LLM)
+    fitness = [json.loads((ga / "round-1" / "out" / f"L4-pixart-alpha-t2i-9001@{p['id']}" / "result.json").read_text())
+               for p in evaluated if not p["note"]]
+    assert fitness and all((r["seeds"], r["seed_scope"]) == ("secret", "agent") for r in fitness)
+    assert (l4["seeds"], l4["seed_scope"]) == ("secret", "verdict")
     l5 = json.loads((run / "L5-pixart-alpha-t2i-9001" / "result.json").read_text())
     assert l5["passed"], l5["message"]
     ga5 = run / "L5-pixart-alpha-t2i-9001" / "agent" / "ga"

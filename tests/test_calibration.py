@@ -41,7 +41,8 @@ class FakeEvaluator:
     def __init__(self, name="cpu-tiny", quality="fidelity", speed="flops", run_dir=None, samples=2,
                  full_loss_scale=1.0):
         self.profile = SimpleNamespace(name=name, quality_method=quality, speed_method=speed, device="cpu",
-                                       device_name="cpu", zoo="tiny", samples=samples, repeats=1, versions={})
+                                       device_name="cpu", zoo="tiny", samples=samples, repeats=1, versions={},
+                                       seeds="public")
         self.calls = []
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="fake-evaluator-"))
         self.cache_dir = self.run_dir.parent / "cache"  # its key tags result.json, as Evaluator._finish does
@@ -236,6 +237,15 @@ def test_the_search_spends_its_budget_beyond_a_local_optimum():
     assert max(m.U for m in C.climb(knobs, measure, budget=5, bound=0.05) if m.feasible(0.05)) == 5
 
 
+def test_the_calibration_cli_measures_with_public_seeds(tiny_zoo, tmp_path):
+    from argparse import Namespace
+
+    args = Namespace(tasks=str(TASKS_DIR), cache_dir=str(tmp_path / "cache"), run_dir=None, zoo_dir=str(tiny_zoo.root),
+                     samples=2, timeout=60.0, clip=None)
+    ev = C._evaluator_for("cpu-tiny", args)
+    assert ev.profile.seeds == "public" and ev.profile.samples == 2
+
+
 def test_calibration_command():
     assert C.calibration_command("cpu-tiny") == "python -m pytest_diffbench.calibration --profile cpu-tiny"
     assert C.calibration_command("cpu-tiny", C.REPO_TASKS_DIR) == C.calibration_command("cpu-tiny")
@@ -249,8 +259,13 @@ def test_real_calibration_of_one_family(suite, tiny_zoo, tmp_path):
     from fixtures.profiles import tiny_evaluator
 
     tasks = l45(suite, "dit-c2i-256x256-DiT-XL-2-256")
-    ev = tiny_evaluator(tiny_zoo, tmp_path / "cache", tmp_path / "runs", samples=1)
+    # committed calibrations must be reproducible: public seeds, never a user's secret ones
+    with pytest.raises(C.CalibrationError, match="public seeds"):
+        C.calibrate(tiny_evaluator(tiny_zoo, tmp_path / "cache", tmp_path / "runs", samples=1), tasks, TASKS_DIR,
+                    configs=3, log=print)
+    ev = tiny_evaluator(tiny_zoo, tmp_path / "cache", tmp_path / "runs", samples=1, seeds="public")
     data = C.calibrate(ev, tasks, TASKS_DIR, configs=3, log=print)
+    assert data["search"]["seeds"] == "public"
     fam = data["families"]["dit-c2i-256x256-DiT-XL-2-256"]
     assert fam["measured"] <= 3 and fam["reference_latency_ms"] > 0
     assert all(c.get("error") is None for c in fam["configurations"]), fam["configurations"]

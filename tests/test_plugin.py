@@ -88,8 +88,36 @@ def test_l4_without_a_calibration_for_the_profile_is_a_skip_naming_the_command(t
 def test_help_lists_the_options():
     out = run_pytest("--help")
     for option in ("--diffbench-level", "--diffbench-models", "--diffbench-candidates", "--diffbench-out",
-                   "--diffbench-speed"):
+                   "--diffbench-speed", "--diffbench-seeds={secret,public}", "--diffbench-seed-scope={verdict,agent}"):
         assert option in out.stdout
+
+
+def test_the_header_names_the_seed_mode_and_public_seeds_are_weak():
+    """Secret seeds by default; public ones (option or $DIFFBENCH_SEEDS) are named as the weak mode,
+    next to the sandbox; an unknown $DIFFBENCH_SEEDS stops the session."""
+    default = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", env={"DIFFBENCH_SEEDS": ""})
+    assert default.returncode == 0, default.stdout[-2000:] + default.stderr[-2000:]
+    assert re.search(r"sandbox: [^;]+; seeds: secret \(per-user key, scope verdict\);", default.stdout)
+    for args, env in ((["--diffbench-seeds=public"], {}), ([], {"DIFFBENCH_SEEDS": "public"})):
+        out = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", *args, env=env)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert "seeds: PUBLIC - WEAK, NAMED EXPLICITLY" in out.stdout and "precompute" in out.stdout
+    option_wins = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001",
+                             "--diffbench-seeds=secret", env={"DIFFBENCH_SEEDS": "public"})
+    assert "seeds: secret" in option_wins.stdout
+    bad = run_pytest("--diffbench-level=L1", "--collect-only", "-q", env={"DIFFBENCH_SEEDS": "guessable"})
+    assert bad.returncode == 4 and "$DIFFBENCH_SEEDS: 'guessable' is not one of secret, public" in bad.stderr
+
+
+def test_the_header_names_the_warm_start_setting_and_a_bad_one_stops_the_session():
+    default = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001",
+                         env={"DIFFBENCH_WARM_START": ""})
+    assert default.returncode == 0 and "; warm start: auto; run dir:" in default.stdout
+    off = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", "--diffbench-warm-start=off",
+                     env={"DIFFBENCH_WARM_START": "on"})
+    assert "; warm start: off;" in off.stdout
+    bad = run_pytest("--diffbench-level=L1", "--collect-only", "-q", env={"DIFFBENCH_WARM_START": "sometimes"})
+    assert bad.returncode == 4 and "$DIFFBENCH_WARM_START: 'sometimes' is not one of auto, on, off" in bad.stderr
 
 
 # -- end to end on the tiny zoo: real children, real pipelines -------------------------------------
@@ -127,17 +155,22 @@ def test_reference_run_passes_with_reports(tmp_path, e2e_env):
     assert re.search(r"diffbench: \d{3} tasks at these levels \(L1 41, L2 116\)", out.stdout)
     assert "diffbench: 2 tasks selected (L1 1, L2 1)" in out.stdout
     assert re.search(r"models: tiny", out.stdout) and "diffbench summary" in out.stdout
+    assert "seeds: secret (per-user key, scope verdict)" in out.stdout  # the header: the default
     assert re.search(r"(?m)^L1\s+1\s+1\s+0\s+100\.00%", out.stdout)
     assert re.search(r"(?m)^L2\s+1\s+1\s+0\s+100\.00%", out.stdout)
     assert "zoo: tiny" in out.stdout and "device: cpu" in out.stdout and "CLIP: local-dir:" in out.stdout
+    assert re.search(r"(?m)^zoo: .*   seeds: secret$", out.stdout)  # the summary
     cases = junit_cases(tmp_path / "report.xml")
     assert set(cases) == set(E2E_TASKS)
     outcome, props = cases["L2-sd15-t2i-deepcache-0006"]
     assert outcome == "passed" and props["diffbench_stage"] == "3" and props["diffbench_speed_method"] == "flops"
+    assert props["diffbench_seeds"] == "secret"
     assert float(props["diffbench_U"]) > 1.5 and float(props["diffbench_L"]) <= float(props["diffbench_L_bound"])
     for task_id in E2E_TASKS:
         task_dir = out_dir / task_id
         assert (task_dir / "candidate.py").exists() and (task_dir / "result.json").exists()
+        record = json.loads((task_dir / "result.json").read_text())
+        assert (record["seeds"], record["seed_scope"]) == ("secret", "verdict")
         assert sorted(p.name for p in (task_dir / "images").glob("*.png")) == ["000.png", "001.png"]
 
 
@@ -208,6 +241,18 @@ def test_resume_reuses_complete_results_and_redoes_broken_ones(tmp_path, e2e_env
     cases = junit_cases(tmp_path / "fifth.xml")
     assert cases["L1-sd15-t2i-0001"][1]["diffbench_resumed"] == "False"
     assert cases["L1-sd15-t2i-euler-0002"][1]["diffbench_resumed"] == "True"
+    # other seeds: nothing is reused (a verdict on secret seeds is not one on public seeds), and the
+    # reference is measured again (its cache key holds the seeds), once: both tasks share its workload
+    sixth = run_pytest(*args, f"--diffbench-candidates={preds}", "--diffbench-seeds=public",
+                       f"--junitxml={tmp_path / 'sixth.xml'}", env=e2e_env)
+    assert sixth.returncode == 0, sixth.stdout[-3000:]
+    cases = junit_cases(tmp_path / "sixth.xml")
+    for task_id, (_, props) in cases.items():
+        assert props["diffbench_resumed"] == "False" and props["diffbench_seeds"] == "public", task_id
+        assert json.loads((out_dir / task_id / "result.json").read_text())["seeds"] == "public"
+    references = sorted(props["diffbench_baseline_cache"].split(",")[0] for _, props in cases.values())
+    assert references == ["reference:hit", "reference:miss"], references
+    assert "seeds: PUBLIC (weak: predictable)" in sixth.stdout
 
 
 def test_a_crashed_xdist_worker_counts_as_a_harness_error():

@@ -238,6 +238,46 @@ def test_malformed_figures_in_the_result_are_a_runtime_failure(evaluator, l1_tas
     assert verdict.category == stages.RUNTIME and "result rejected by the parent" in verdict.message, verdict
 
 
+@pytest.mark.parametrize("level", ["L1", "L4"])
+def test_the_gold_is_the_specification_on_l1_l3_only(evaluator, tmp_path, level):
+    """L1-L3: a candidate's images are judged against the gold's too (L_gold <= 0.04). An L4/L5
+    gold is the calibrated optimum, one valid configuration of many: its distance is recorded,
+    never judged (a candidate equal to the reference must not fail for being far from it)."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.tasks import Expect, load_task
+
+    secret = keys.secret_key(evaluator.cache_dir)
+    reference = get_or_measure(evaluator.cache_dir / "baselines", "r" * 32, _measure_into([]), secret=secret)
+
+    def far_gold(images_dir: Path) -> dict:
+        for i in range(2):
+            (images_dir / f"{i:03d}.png").write_bytes(png_bytes(noise(50 + i)))
+        return {"status": "ok", "images": ["000.png", "001.png"], "flops": {"per_image": 50.0}}
+
+    gold = get_or_measure(evaluator.cache_dir / "baselines", "g" * 32, far_gold, secret=secret)
+    task = load_task(REPO / "tasks" / "L4" / "L4-dit-c2i-hard-0012.yaml")
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(task) if level == "L4" else \
+        load_task(sorted((REPO / "tasks" / "L1").glob("*.yaml"))[0])
+    images_dir = tmp_path / "candidate-images"
+    images_dir.mkdir()
+    for i in range(2):  # the reference's own images: L = 0
+        (images_dir / f"{i:03d}.png").write_bytes(png_bytes(noise(i)))
+    result = {"status": "ok", "images": ["000.png", "001.png"], "attributes": {}, "flops": {"per_image": 10.0}}
+    inputs = stages.StageInputs(level=level, expect=Expect(pipeline_class=None, model_id=None, scheduler=None,
+                                                           steps=None, dtype=None, methods={}),
+                                constraint=task.constraint, outcome_status="ok", outcome_detail="", result=result,
+                                gold_attributes=None, quality_method="fidelity", speed_method="flops")
+    record: dict = {}
+    evaluator._measure(task, {**SMALL_JOB, "prompts": ["a", "b"]}, ["a", "b"], result, images_dir, reference, gold,
+                       inputs, record)
+    verdict = stages.judge(inputs)
+    assert record["L"] == 0.0 and record["fidelity"]["vs_gold_nrmse"] > 0.5  # recorded either way
+    if level == "L1":
+        assert verdict.category == stages.RELATIVE_QUALITY and "gold solution" in verdict.message, verdict
+    else:
+        assert record["L_gold"] is None and verdict.passed, verdict
+
+
 # ------------------------------------------------------------------------------------------------
 # the result stream: bounded before anything is decoded
 

@@ -1,6 +1,8 @@
 """Fakes speed: does the work in load_pipeline (untimed, uncounted) for the seeds it guesses the
 workload uses, and only hands the images out in generate. No denoiser call is seen in the
-measured call, which stage 1 reports as steps not run.
+measured call, which stage 1 reports as steps not run. The form that does call the denoiser in
+generate (and so passes every in-process check) is tests/adversarial_tasks/precompute_public_seeds.py
+on a real task: secret seeds stop it (tests/test_adversarial.py).
 
 expect: key_attribute: no pipeline call reached the scheduler
 """
