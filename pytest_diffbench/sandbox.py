@@ -1361,7 +1361,7 @@ def run_job(
     results = _ResultStream(token, *result_bounds(job, limits.max_result_mb))
     peak = {"rss": 0, "procs": 0, "tmp": 0}
     exclude: set[int] = set()  # processes of the tree not counted (the zygote the run is forked from)
-    inherited = 0  # resident bytes a forked run starts with (the zygote's)
+    inherited = inherited_pss = 0  # resident bytes (RSS, PSS) of the zygote a forked run starts from
     start = time.monotonic()
     if zygote is not None:
         job_file, withheld = _split_job({**job, "result_fd": ZYGOTE_RESULT_FD})
@@ -1399,7 +1399,10 @@ def run_job(
         exclude.add(zygote.host_pid)
         # what the run shares with the zygote it was forked from (torch, diffusers: resident in the
         # zygote already) is not its memory: a forked run is charged what it has beyond that
-        inherited = _proc_table().get(zygote.host_pid, (0, 0, 0))[2] * os.sysconf("SC_PAGE_SIZE")
+        page_size = os.sysconf("SC_PAGE_SIZE")
+        zygote_pages = _proc_table().get(zygote.host_pid, (0, 0, 0))[2]
+        inherited = zygote_pages * page_size
+        inherited_pss = _memory_bytes(zygote.host_pid, zygote_pages, page_size)
     prefix, network_isolated = setup.prefix, setup.network_isolated
     meter = _ScratchMeter(backend, setup.scratch)
     results.cpu_clock = lambda: _tree_cpu_seconds(root, pgid)
@@ -1452,8 +1455,14 @@ def run_job(
                 # cost ~10% of a core per running candidate) only when RSS is over the limit.
                 # PSS <= RSS, so the decision is the same.
                 rss = sum(table[p][2] for p in members if p in table) * page
-                if inherited:  # (PSS would split the shared pages with the zygote and others: RSS here)
+                if inherited:
                     rss = max(0, rss - inherited)
+                    if limit and rss + tmp > limit:  # e.g. forks of the run: each shares the zygote's pages
+                        # PSS over the run and the zygote: shared pages counted once, minus the
+                        # zygote's own share when the run started
+                        pss = sum(_memory_bytes(p, table[p][2], page) for p in members + [zygote.host_pid]
+                                  if p in table)
+                        rss = max(0, pss - inherited_pss)
                 elif limit and rss + tmp > limit:
                     rss = sum(_memory_bytes(p, table[p][2], page) for p in members if p in table)
             peak["rss"] = max(peak["rss"], rss + tmp)

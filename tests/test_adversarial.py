@@ -441,7 +441,7 @@ def test_a_failing_candidate_does_not_poison_the_next_one(toy_runs, worker_state
     # the worker's idle zygotes (warm start) are the only other children; nothing of a run is left
     # in them (a run leaving a process behind ends its zygote: tests/test_warm_start.py)
     zygotes = {z.proc.pid: z for z in sandbox._IDLE_ZYGOTES}
-    assert live_children(os.getpid()) - set(zygotes) == before["children"], "a child of the worker outlived its run"
+    assert live_children(os.getpid()) - set(zygotes) <= before["children"], "a child of the worker outlived its run"
     for zygote in zygotes.values():
         table = sandbox._proc_table()
         inside = sandbox._tree(table, zygote.proc.pid, None)
