@@ -1277,10 +1277,6 @@ def _take_zygote(backend: str, network: bool, env: Mapping[str, str], readable: 
         return None, f"cold (no zygote: {exc})"[:500]
 
 
-def _discard_zygote(zygote: _Zygote, child_ns: set[str] | None = None) -> list[int]:
-    return zygote.close(child_ns)
-
-
 def _release_zygote(zygote: _Zygote, run: _ForkedRun, child_ns: set[str]) -> list[int]:
     """After a run: keep the zygote for the next one only if the run exited and nothing it started
     is left (then the zygote has reaped it); otherwise kill the zygote with everything in it.
@@ -1292,7 +1288,7 @@ def _release_zygote(zygote: _Zygote, run: _ForkedRun, child_ns: set[str]) -> lis
                 if p != zygote.host_pid and table[p][3] != "Z" and p not in _ancestors(table, zygote.host_pid)]
         clean = not rest
     if not clean:
-        return _discard_zygote(zygote, child_ns)
+        return zygote.close(child_ns)
     with _ZYGOTE_LOCK:
         _IDLE_ZYGOTES.append(zygote)
         evicted = _IDLE_ZYGOTES[:-MAX_IDLE_ZYGOTES] if len(_IDLE_ZYGOTES) > MAX_IDLE_ZYGOTES else []
@@ -1370,7 +1366,7 @@ def run_job(
         try:
             proc, res_r = zygote.start(module, job_file)
         except ZygoteUnavailable as exc:  # nothing of the candidate ran yet: start it cold
-            _discard_zygote(zygote)
+            zygote.close()
             zygote, warm_start = None, f"cold (the zygote failed: {exc})"
     if zygote is None:
         res_r, res_w = os.pipe()
