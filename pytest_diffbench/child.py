@@ -27,7 +27,7 @@ in docs/architecture.md. Procedure:
    first call did, and return images equal (uint8 arrays) to the first call's, else
    `deterministic` is false;
 7. the images and the result are sent to the parent (sandbox runs: framed on the inherited fd
-   `result_fd`), or, without `result_fd` (direct runs in tests), saved as `out_dir/000.png ...`
+   `result_fd`, in the wire format of pytest_diffbench.frames), or, without `result_fd` (direct runs in tests), saved as `out_dir/000.png ...`
    and the result JSON written atomically to `result_path`.
 
 Tampering found by the integrity checks (a replaced timer, FLOP counter or harness function, work
@@ -51,11 +51,12 @@ import json
 import os
 import platform
 import statistics
-import struct
 import sys
 import time
 import traceback
 from typing import Any
+
+from pytest_diffbench import frames
 
 # Bound before any candidate code runs, so a candidate patching these cannot fool the harness.
 _perf_counter = time.perf_counter
@@ -63,15 +64,15 @@ _os_replace = os.replace
 _os_write = os.write
 _os_read = os.read
 _json_dumps = json.dumps
+_frame_encoder = frames.frame_encoder
+_image_payload = frames.image_payload
+_GO_HEADER = frames.GO_HEADER
+_parse_go_body = frames.parse_go_body
 
 PHASES = ("import", "load", "generate", "output")
 MAX_TRACEBACK_CHARS = 20000
 ENV_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "numpy", "pillow", "tomesd", "DeepCache",
                 "tgate", "safetensors")
-# the result stream's frame layout (pytest_diffbench.sandbox reads it)
-_FRAME = struct.Struct(">4s16scI")
-_FRAME_MAGIC = b"DBF1"
-_TOKEN_BYTES = 16
 
 
 class CandidateError(Exception):
@@ -166,7 +167,7 @@ def write_result(path: str, result: dict) -> None:
 
 
 class Channel:
-    """The harness side of the result stream to the sandbox (see pytest_diffbench.sandbox):
+    """The harness side of the result stream to the sandbox (wire format: pytest_diffbench.frames):
     framed messages on the inherited fd `result_fd`, each carrying the token the parent wrote
     on stdin. Opened before any candidate code runs; the token lives only in a closure."""
 
@@ -180,9 +181,7 @@ class Channel:
         if fd is None:
             return None
         stream = stdin if stdin is not None else sys.stdin.buffer
-        token = bytes.fromhex(stream.readline().decode("ascii").strip())
-        if len(token) != _TOKEN_BYTES:
-            raise ValueError("no result-stream token on stdin")
+        encode = _frame_encoder(frames.parse_token_line(stream.readline()))  # holds the token
         go_fd = None
         if stdin is None:  # the parent's go byte comes on stdin too (wait_go); the candidate gets /dev/null
             go_fd = os.dup(0)
@@ -194,7 +193,7 @@ class Channel:
         os.set_inheritable(fd, False)  # subprocesses the candidate starts do not get it
 
         def send(kind: bytes, payload: bytes) -> None:
-            data = memoryview(_FRAME.pack(_FRAME_MAGIC, token, kind, len(payload)) + payload)
+            data = memoryview(encode(kind, payload))
             while data:
                 written = _os_write(fd, data)
                 data = data[written:]
@@ -210,8 +209,8 @@ class Channel:
         self.mark("ready", "first", 0)
         if self._go_fd is None:
             return {}
-        header = self._read_exactly(4)
-        return json.loads(self._read_exactly(struct.unpack(">I", header)[0]))["batch"]
+        header = self._read_exactly(_GO_HEADER.size)
+        return _parse_go_body(self._read_exactly(_GO_HEADER.unpack(header)[0]))
 
     def _read_exactly(self, size: int) -> bytes:
         data = b""
@@ -223,13 +222,13 @@ class Channel:
         return data
 
     def mark(self, event: str, call: str, index: int) -> None:
-        self._send(b"M", _json_dumps({"event": event, "call": call, "index": index}).encode())
+        self._send(frames.FRAME_MARK, _json_dumps({"event": event, "call": call, "index": index}).encode())
 
     def image(self, index: int, png: bytes) -> None:
-        self._send(b"I", index.to_bytes(2, "big") + png)
+        self._send(frames.FRAME_IMAGE, _image_payload(index, png))
 
     def result(self, result: dict) -> None:
-        self._send(b"R", _json_dumps(result, default=_json_default, allow_nan=True).encode())
+        self._send(frames.FRAME_RESULT, _json_dumps(result, default=_json_default, allow_nan=True).encode())
 
 
 def _versions() -> dict:
@@ -509,7 +508,8 @@ class Runner:
             self.counter = LeanFlopCounterMode()  # FlopCounterMode's counts, at a fraction of its cost
         from pytest_diffbench import flops
 
-        snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity, flops], self.counter)
+        snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity, flops, frames],
+                                              self.counter)
         self.guard = integrity.CallGuard(snapshot)
         try:
             self._run(torch, dtype, batch_factory)

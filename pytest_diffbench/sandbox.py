@@ -59,7 +59,9 @@ through pipes and kept as bounded logs (a flood cannot fill the disk).
 
 The result comes back through an inherited pipe, never through a file the child writes nor text
 it prints: the harness side of the child sends framed messages (timing marks, PNG images, the
-result JSON), each carrying a token the parent passed on stdin before the candidate was imported.
+result JSON), each carrying a token the parent passed on stdin before the candidate was imported
+(the wire format, both directions: pytest_diffbench.frames; what the frames may hold, e.g. image
+sizes, is bounded here: `result_bounds`, `_ResultStream`).
 The parent timestamps the marks with its own clock, writes the images into the job's `out_dir`
 and the result into `<harness_dir>/result.json` itself, so the child never needs write access to
 anything of the harness. A child that dies, hangs, floods, or sends a malformed or forged stream
@@ -72,7 +74,6 @@ import atexit
 import json
 import os
 import re
-import secrets
 import select
 import shutil
 import signal
@@ -87,6 +88,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from . import frames
 
 # Variables passed through to the child when present; everything else is dropped.
 ENV_ALLOWLIST = re.compile(
@@ -122,15 +125,10 @@ WATCH_INTERVAL_S = 0.1
 TIMING_SLACK_S = 0.25
 KILL_GRACE_S = 5.0
 
-# -- the result stream (child -> parent), see pytest_diffbench.child.Channel ----------------------
-FRAME_MAGIC = b"DBF1"
-TOKEN_BYTES = 16
-FRAME_HEADER = struct.Struct(">4s16scI")  # magic, token, kind, payload length
-FRAME_MARK, FRAME_IMAGE, FRAME_RESULT = b"M", b"I", b"R"
+# -- the result stream (child -> parent): wire format in pytest_diffbench.frames ------------------
 # The batch's inputs (what a candidate could precompute outputs for) are not in the job file: the
 # parent sends them with the go byte, when the measured calls start (child.Channel.wait_go).
 WITHHELD_BATCH_KEYS = ("prompts", "class_ids", "images", "seeds")
-GO_HEADER = struct.Struct(">I")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -828,14 +826,15 @@ def _png_problem(png: bytes, max_pixels: int) -> str | None:
 
 
 class _ResultStream:
-    """Parses the framed result stream as it arrives (marks are timestamped on arrival)."""
+    """Reads the framed result stream as it arrives (frames.FrameDecoder) and holds what it
+    carried to the bounds of the job (marks are timestamped on arrival)."""
 
     def __init__(self, token: bytes, max_bytes: int, max_images: int | None = None,
                  max_pixels: int = RESULT_MAX_PIXELS):
         # bounds on candidate output, checked before anything is decoded (see `result_bounds`)
-        self.token, self.max_bytes = token, max_bytes
+        self.max_bytes = max_bytes
         self.max_images, self.max_pixels = max_images, max_pixels
-        self.buffer = bytearray()
+        self.decoder = frames.FrameDecoder(token)
         self.received = 0
         self.marks: list[tuple[float, dict]] = []
         # the child's CPU seconds (kernel accounting, read by the parent) when each mark arrived
@@ -856,38 +855,31 @@ class _ResultStream:
             return
         if self.received > self.max_bytes:
             self.error = f"result stream larger than {self.max_bytes >> 20} MiB (the bound for this job's images)"
-            self.buffer.clear()
+            self.decoder.clear()
             return
-        self.buffer += data
-        while len(self.buffer) >= FRAME_HEADER.size:
-            magic, token, kind, length = FRAME_HEADER.unpack_from(self.buffer)
-            if magic != FRAME_MAGIC or not secrets.compare_digest(token, self.token):
-                self.error = "a frame without the harness's token (forged or corrupted result stream)"
-                self.buffer.clear()
+        self.decoder.feed(data)
+        while True:
+            try:
+                frame = self.decoder.next_frame()
+            except frames.FrameError as exc:
+                self.error = str(exc)
+                self.decoder.clear()
                 return
-            if len(self.buffer) < FRAME_HEADER.size + length:
+            if frame is None:
                 return
-            payload = bytes(self.buffer[FRAME_HEADER.size:FRAME_HEADER.size + length])
-            del self.buffer[:FRAME_HEADER.size + length]
-            self._frame(kind, payload, now)
+            self._frame(*frame, now)
             if self.error:
                 return
 
     def finish(self) -> None:
         """At the end of the stream: bytes that do not make a whole frame are an error."""
-        if self.buffer and not self.error:
-            if len(self.buffer) >= 4 + TOKEN_BYTES and (self.buffer[:4] != FRAME_MAGIC or not secrets.compare_digest(
-                    bytes(self.buffer[4:4 + TOKEN_BYTES]), self.token)):
-                self.error = "a frame without the harness's token (forged or corrupted result stream)"
-            elif not self.buffer.startswith(FRAME_MAGIC[:len(self.buffer)]) or len(self.buffer) < 4 + TOKEN_BYTES:
-                self.error = "bytes without the harness's token (forged or corrupted result stream)"
-            else:
-                self.error = "a truncated frame at the end of the result stream"
+        if not self.error:
+            self.error = self.decoder.leftover_problem()
 
     def _frame(self, kind: bytes, payload: bytes, now: float) -> None:
         if self.result is not None:
             self.error = "frames after the result"
-        elif kind == FRAME_MARK:
+        elif kind == frames.FRAME_MARK:
             try:
                 mark = json.loads(payload)
                 self.marks.append((now, mark))
@@ -899,12 +891,13 @@ class _ResultStream:
                         self.send_go()
             except ValueError:
                 self.error = "unreadable timing mark"
-        elif kind == FRAME_IMAGE:
-            if len(payload) < 2 or not payload[2:].startswith(PNG_MAGIC):
+        elif kind == frames.FRAME_IMAGE:
+            image = frames.split_image_payload(payload)
+            if image is None or not image[1].startswith(PNG_MAGIC):
                 self.error = "an image frame that is not a PNG"
                 return
-            index = int.from_bytes(payload[:2], "big")
-            problem = _png_problem(payload[2:], self.max_pixels)
+            index, png = image
+            problem = _png_problem(png, self.max_pixels)
             if problem:
                 self.error = f"image {index}: {problem}"
             elif self.max_images is not None and index >= self.max_images:
@@ -912,8 +905,8 @@ class _ResultStream:
             elif index in self.images:
                 self.error = f"image {index} sent twice"
             else:
-                self.images[index] = payload[2:]
-        elif kind == FRAME_RESULT:
+                self.images[index] = png
+        elif kind == frames.FRAME_RESULT:
             self.result = payload
             self.result_at = (now, self.cpu_clock() if self.cpu_clock is not None else None)
         else:
@@ -990,14 +983,14 @@ def _split_job(job: dict) -> tuple[dict, dict]:
 
 
 def _go_message(withheld: dict) -> bytes:
-    """The go message: the withheld batch inputs as JSON, init images as base64 PNG bytes read by
-    the parent (the child never sees their files)."""
+    """The go message (frames.go_message): the withheld batch inputs, init images as base64 PNG
+    bytes read by the parent (the child never sees their files)."""
     import base64
 
     batch = dict(withheld)
     if batch.get("images"):
         batch["images"] = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in batch["images"]]
-    return json.dumps({"batch": batch}).encode()
+    return frames.go_message(batch)
 
 
 def _tree_cpu_seconds(root: int, pgid: int | None) -> float:
@@ -1345,7 +1338,7 @@ def run_job(
         result_path.unlink()
     backend = resolve_isolation(limits.isolation)
     network = limits.isolate_network
-    token = secrets.token_bytes(TOKEN_BYTES)
+    token = frames.new_token()
     job = dict(job)
     job.pop("result_path", None)
     job["launched_at"] = time.monotonic()  # the child reports its start-up time against it (a benchmark figure)
@@ -1403,15 +1396,14 @@ def run_job(
     meter = _ScratchMeter(backend, setup.scratch)
     results.cpu_clock = lambda: _tree_cpu_seconds(root, pgid)
     try:  # the token, before anything of the candidate runs (the child reads it first)
-        proc.stdin.write(token.hex().encode() + b"\n")
+        proc.stdin.write(frames.token_line(token))
         proc.stdin.flush()
     except OSError:
         pass
 
     def send_go() -> None:  # stdin stays open for the go message (child.Channel.wait_go)
         try:
-            payload = _go_message(withheld)
-            proc.stdin.write(GO_HEADER.pack(len(payload)) + payload)
+            proc.stdin.write(_go_message(withheld))
             proc.stdin.flush()
         except (OSError, ValueError):
             pass
