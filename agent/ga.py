@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pytest_diffbench.atomic import write_json_atomic
+
 from .knowledge import config_from_attributes, config_key
 
 W_QUALITY = 0.4
@@ -178,10 +180,7 @@ class GeneticSelector:
                 "t_debug": b.t_debug, "t_code": b.t_code, "format": STATE_FORMAT}
 
     def _write(self, path: Path, data: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomic(path, data, indent=1, sort_keys=True, default=str)
 
     def _resume(self) -> tuple[int, list[Individual]]:
         """(last finished round, its survivors) from the checkpoints; (0, []) for a fresh start."""

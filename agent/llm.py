@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pytest_diffbench.atomic import write_json_atomic
+
 CACHE_FORMAT = 1
 
 
@@ -222,9 +224,7 @@ class LLMClient:
                            "completion_tokens": reply.usage.completion_tokens,
                            "cost_usd": reply.usage.cost_usd},
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entry, indent=1, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomic(path, entry, indent=1, ensure_ascii=False)
 
     # -- calls ------------------------------------------------------------------------------
     def _call(self, messages: list[dict]):

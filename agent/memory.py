@@ -19,6 +19,8 @@ import re
 import time
 from pathlib import Path
 
+from pytest_diffbench.atomic import write_json_atomic
+
 from .knowledge import config_key
 
 MAX_ENTRIES = 2000
@@ -66,9 +68,7 @@ class TuningMemory:
                     index[key] = len(current)
                     current.append(entry)
             current = current[-MAX_ENTRIES:]
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"format": 1, "entries": current}, indent=1, sort_keys=True), encoding="utf-8")
-            tmp.replace(self.path)
+            write_json_atomic(self.path, {"format": 1, "entries": current}, indent=1, sort_keys=True)
 
     @staticmethod
     def _identity(e: dict) -> str:

@@ -56,7 +56,7 @@ import time
 import traceback
 from typing import Any
 
-from pytest_diffbench import frames
+from pytest_diffbench import atomic, frames
 
 # Bound before any candidate code runs, so a candidate patching these cannot fool the harness.
 _perf_counter = time.perf_counter
@@ -64,6 +64,7 @@ _os_replace = os.replace
 _os_write = os.write
 _os_read = os.read
 _json_dumps = json.dumps
+_write_atomic = atomic.write_atomic
 _frame_encoder = frames.frame_encoder
 _image_payload = frames.image_payload
 _GO_HEADER = frames.GO_HEADER
@@ -155,15 +156,8 @@ def _json_default(value: Any) -> Any:
 
 def write_result(path: str, result: dict) -> None:
     """Write `result` as JSON atomically (temporary file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     text = _json_dumps(result, indent=1, default=_json_default, allow_nan=True)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _os_replace(tmp, path)
+    _write_atomic(path, text, fsync=True, replace=_os_replace)  # the rename bound before candidate code
 
 
 class Channel:
@@ -508,7 +502,7 @@ class Runner:
             self.counter = LeanFlopCounterMode()  # FlopCounterMode's counts, at a fraction of its cost
         from pytest_diffbench import flops
 
-        snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity, flops, frames],
+        snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity, flops, frames, atomic],
                                               self.counter)
         self.guard = integrity.CallGuard(snapshot)
         try:

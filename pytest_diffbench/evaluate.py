@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import crosscheck, metrics, stages
+from . import atomic, crosscheck, metrics, stages
 from .baselines import CachedRun, cache_key, get_or_measure
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
 from .workload import AGENT_SCOPE, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest, build_batch
@@ -78,10 +78,7 @@ class Profile:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    tmp.replace(path)
+    atomic.write_json_atomic(path, data, indent=1, sort_keys=True, default=str)
 
 
 class Evaluator:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from . import hookspecs, report
+from .atomic import write_json_atomic
 from .devices import device_for_worker, visible_devices
 from .evaluate import Candidate, Evaluator, HarnessError, Profile
 from .sandbox import SandboxLimits
@@ -226,9 +227,7 @@ class DiffbenchSession:
         record = json.loads((folder / "result.json").read_text())
         data = {"fingerprint": fingerprint, "result": keys.canonical_digest(record)}
         signed = keys.sign_record(keys.secret_key(self.cache_dir), "resume", keys.run_context(self.run_dir, label), data)
-        tmp = folder / f".{RESUME_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(signed, sort_keys=True))
-        tmp.replace(folder / RESUME_FILE)
+        write_json_atomic(folder / RESUME_FILE, signed, sort_keys=True)
 
     def model_setup(self, build: bool):
         ids = sorted({t.model for t in self.tasks})

@@ -90,6 +90,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import frames
+from .atomic import write_json_atomic
 
 # Variables passed through to the child when present; everything else is dropped.
 ENV_ALLOWLIST = re.compile(
@@ -1040,12 +1041,6 @@ def _integrity_error(result: dict, message: str) -> dict:
     return result
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------
 # warm start: runs forked from a per-worker zygote (pytest_diffbench.zygote)
 
@@ -1548,7 +1543,7 @@ def run_job(
     except (ValueError, OSError, TypeError) as exc:
         outcome.status, outcome.detail = "bad_result", f"unreadable result: {exc}"
         return outcome
-    _write_json_atomic(result_path, result)
+    write_json_atomic(result_path, result, indent=1, default=str)
     outcome.result = result
     return outcome
 

@@ -1,7 +1,8 @@
 """The steps of `sandbox.run_job` and the protocol it speaks, each on its own, on data only (no
-child process): the frame format both ends import (pytest_diffbench.frames) and the child's
-`Channel` writing into a real pipe that the parent's `_ResultStream` reads. The same steps with
-real sandboxed children are in test_sandbox.py, test_landlock.py and test_warm_start.py.
+child process): the frame format both ends import (pytest_diffbench.frames), the child's
+`Channel` writing into a real pipe that the parent's `_ResultStream` reads, and the atomic writes
+of records (pytest_diffbench.atomic). The same steps with real sandboxed children are in
+test_sandbox.py, test_landlock.py and test_warm_start.py.
 """
 
 import io
@@ -12,7 +13,7 @@ import zlib
 
 import pytest
 
-from pytest_diffbench import frames, sandbox
+from pytest_diffbench import atomic, frames, sandbox
 from pytest_diffbench.child import Channel
 
 TOKEN = bytes(range(16))
@@ -126,3 +127,37 @@ def test_the_child_channel_speaks_what_the_parent_reads(tmp_path):
 
     for namespace in (vars(channel), vars(child), vars(frames)):
         assert TOKEN not in namespace.values() and TOKEN.hex() not in namespace.values()
+
+
+# -- atomic writes --------------------------------------------------------------------------------
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "new" / "result.json"
+    atomic.write_json_atomic(path, {"a": 1}, indent=1)
+    assert json.loads(path.read_text()) == {"a": 1}
+    atomic.write_atomic(path, "é\n", fsync=True)
+    assert path.read_bytes() == "é\n".encode()
+    assert os.listdir(path.parent) == ["result.json"]
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~_umask())
+
+
+def test_write_atomic_uses_the_given_replace_and_cleans_up_when_it_fails(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text("old")
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append((os.path.dirname(src), dst))
+        raise OSError("no rename")
+
+    with pytest.raises(OSError, match="no rename"):
+        atomic.write_atomic(path, b"new", replace=failing_replace)
+    assert calls == [(str(tmp_path), str(path))]  # the temporary file was in the same folder
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["result.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
