@@ -1306,7 +1306,301 @@ def close_zygotes() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# the run
+# the run: launch the child, watch it, collect its result, end it (run_job puts the steps together)
+
+
+@dataclass
+class _Launched:
+    """A started child: its process (a cold `subprocess.Popen`, or a `_ForkedRun` of a zygote),
+    the read end of its result pipe, and what watching it and cleaning up after it needs."""
+
+    proc: "subprocess.Popen | _ForkedRun"
+    result_r: int
+    withheld: dict  # the batch inputs the go message carries (not in the job file)
+    setup: _IsolationSetup
+    root: int  # the process tree watched and killed: the child's, or that of the zygote it was forked from
+    pgid: int
+    workdir: Path | None = None  # removed after the run (a zygote's folders are the zygote's)
+    zygote: "_Zygote | None" = None
+    start: str = "cold"  # outcome.extra["start"]
+    exclude: frozenset = frozenset()  # processes of the tree not counted (the zygote the run is forked from)
+    inherited: int = 0  # resident bytes (RSS, PSS) of the zygote a forked run starts from
+    inherited_pss: int = 0
+
+    @property
+    def wrapped(self) -> bool:
+        """Started cold through a namespace wrapper (bwrap, unshare), which reports a child killed
+        by a signal as exit status 128 + its number."""
+        return bool(self.setup.prefix) and self.zygote is None
+
+
+def _launch(job: dict, *, backend: str, network: bool, env: Mapping[str, str], limits: SandboxLimits,
+            harness_dir: Path, python: str, module: str, readable: Sequence[os.PathLike | str],
+            zygote: "_Zygote | None", start: str) -> _Launched:
+    """Start the child of `job`: forked from `zygote` when there is one, else (or when the zygote
+    fails before anything of the candidate ran in it) cold. Writes the job file into `harness_dir`."""
+    if zygote is not None:
+        try:
+            return _launch_forked(zygote, job, harness_dir, module, start)
+        except ZygoteUnavailable as exc:  # nothing of the candidate ran yet: start it cold
+            zygote.close()
+            start = f"cold (the zygote failed: {exc})"
+    return _launch_cold(job, backend=backend, network=network, env=env, limits=limits, harness_dir=harness_dir,
+                        python=python, module=module, readable=readable, start=start)
+
+
+def _launch_forked(zygote: "_Zygote", job: dict, harness_dir: Path, module: str, start: str) -> _Launched:
+    job_file, withheld = _split_job({**job, "result_fd": ZYGOTE_RESULT_FD})
+    (harness_dir / "job.json").write_text(json.dumps(job_file, indent=1))
+    proc, result_r = zygote.start(module, job_file)
+    # what the run shares with the zygote it was forked from (torch, diffusers: resident in the
+    # zygote already) is not its memory: a forked run is charged what it has beyond that
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    zygote_pages = _proc_table().get(zygote.host_pid, (0, 0, 0))[2]
+    return _Launched(proc, result_r, withheld, zygote.setup, root=zygote.proc.pid, pgid=zygote.proc.pid,
+                     zygote=zygote, start=start, exclude=frozenset({zygote.host_pid}),
+                     inherited=zygote_pages * page_size,
+                     inherited_pss=_memory_bytes(zygote.host_pid, zygote_pages, page_size))
+
+
+def _launch_cold(job: dict, *, backend: str, network: bool, env: Mapping[str, str], limits: SandboxLimits,
+                 harness_dir: Path, python: str, module: str, readable: Sequence[os.PathLike | str],
+                 start: str) -> _Launched:
+    result_r, result_w = os.pipe()
+    job_file, withheld = _split_job({**job, "result_fd": result_w})
+    job_path = harness_dir / "job.json"
+    job_path.write_text(json.dumps(job_file, indent=1))
+    setup = _isolation_setup(backend, network, env, job_file, readable, limits, job_path, python)
+    nproc = _nproc_limit(limits)
+    try:
+        proc = subprocess.Popen(
+            [*setup.prefix, *setup.wrapper, python, "-m", module, str(job_path)],
+            cwd=setup.cwd, env=setup.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=(result_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc),
+        )
+    except BaseException:
+        os.close(result_r)
+        if setup.workdir is not None:
+            shutil.rmtree(setup.workdir, ignore_errors=True)
+        raise
+    finally:
+        os.close(result_w)
+    return _Launched(proc, result_r, withheld, setup, root=proc.pid, pgid=proc.pid, workdir=setup.workdir,
+                     start=start)
+
+
+def _send_token(proc, token: bytes) -> None:
+    """The token line, before anything of the candidate runs (the child reads it first)."""
+    try:
+        proc.stdin.write(frames.token_line(token))
+        proc.stdin.flush()
+    except OSError:
+        pass
+
+
+def _go_sender(proc, withheld: dict):
+    """What sends the go message when the child says `ready` (`_ResultStream.send_go`); stdin
+    stays open for it (child.Channel.wait_go)."""
+
+    def send_go() -> None:
+        try:
+            proc.stdin.write(_go_message(withheld))
+            proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+    return send_go
+
+
+def _charged_memory(table: Mapping[int, tuple], members: Sequence[int], page: int, limit: int, tmp: int,
+                    inherited: int = 0, inherited_pss: int = 0, zygote_pid: int | None = None,
+                    pss=_memory_bytes) -> int:
+    """The bytes of memory the processes `members` (pids of `table`, a `_proc_table`) are charged.
+
+    Their RSS from the table is free; their PSS (`pss(pid, rss_pages, page)`: smaps_rollup walks
+    the page tables, at 10 Hz ~10% of a core per running candidate) is read only when the RSS plus
+    `tmp` is over `limit`. PSS <= RSS, so the decision is the same. A run forked from a zygote
+    (`inherited`: the zygote's resident bytes when the run started) is charged what it has beyond
+    that: by RSS, then, over the limit, by PSS over the run and the zygote (shared pages counted
+    once) minus the zygote's own share at the start (`inherited_pss`)."""
+    rss = sum(table[p][2] for p in members if p in table) * page
+    if inherited:
+        rss = max(0, rss - inherited)
+        if limit and rss + tmp > limit:  # e.g. forks of the run: each shares the zygote's pages
+            total = sum(pss(p, table[p][2], page) for p in [*members, zygote_pid] if p in table)
+            rss = max(0, total - inherited_pss)
+    elif limit and rss + tmp > limit:
+        rss = sum(pss(p, table[p][2], page) for p in members if p in table)
+    return rss
+
+
+def _limit_reached(processes: int, memory: int, tmp: int, limits: SandboxLimits,
+                   stream_error: str | None) -> str | None:
+    """The limit a child with these figures is over, first one first: `processes` (more than
+    limits.max_processes), `memory` (`memory` plus `tmp` bytes over limits.memory_mb), `output`
+    (its result stream over its bound, as `_ResultStream` reports it), else None."""
+    limit = (limits.memory_mb or 0) << 20
+    if processes > limits.max_processes:
+        return "processes"
+    if limit and memory + tmp > limit:
+        return "memory"
+    if stream_error and "larger than" in stream_error:
+        return "output"
+    return None
+
+
+class _Watchdog:
+    """Holds a running child to its limits: every WATCH_INTERVAL_S it reads the process table,
+    counts the child's processes, charges their memory and the files of its scratch space
+    (`_ScratchMeter`), and kills the whole tree at the first limit it is over (`_limit_reached`).
+    Keeps the peaks, the limit broken (`over`) and the child's pid namespaces (for the kill after
+    the run)."""
+
+    def __init__(self, run: _Launched, limits: SandboxLimits, meter: _ScratchMeter, results: _ResultStream):
+        self.run, self.limits, self.meter, self.results = run, limits, meter, results
+        self.over: str | None = None
+        self.memory_detail = ""
+        self.peak_memory = self.peak_processes = self.peak_tmp = 0
+        self.child_ns: set[str] = set()
+        self._our_ns = _pid_ns(os.getpid())
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(WATCH_INTERVAL_S):
+            if self.check(_proc_table()):
+                return
+
+    def check(self, table: Mapping[int, tuple]) -> str | None:
+        """One look at `table` (a `_proc_table`): the limit the child is over (its tree is then
+        killed: a zygote's whole tree, discarded after the run), or None."""
+        run = self.run
+        tree = _tree(table, run.root, run.pgid)
+        members = [p for p in tree if p not in run.exclude]
+        if not self.child_ns:
+            for pid in members:
+                ns = _pid_ns(pid)
+                if ns and ns != self._our_ns:
+                    self.child_ns.add(ns)
+        self.peak_processes = max(self.peak_processes, len(members))
+        # files parked in the private /tmp and /dev/shm (bwrap: tmpfs, i.e. memory) or in the
+        # scratch folder count against the memory limit too
+        tmp = self.meter(members)
+        self.peak_tmp = max(self.peak_tmp, tmp)
+        limit = (self.limits.memory_mb or 0) << 20
+        memory = 0
+        if len(members) <= self.limits.max_processes:
+            memory = _charged_memory(table, members, self._page, limit, tmp, run.inherited, run.inherited_pss,
+                                     run.zygote.host_pid if run.zygote is not None else None)
+        self.peak_memory = max(self.peak_memory, memory + tmp)
+        if limit and memory + tmp > limit:
+            self.memory_detail = (f" (processes {memory >> 20} MiB, files in its private /tmp, /dev/shm or "
+                                  f"scratch folder {tmp >> 20} MiB)")
+        reason = _limit_reached(len(members), memory, tmp, self.limits, self.results.error)
+        if reason:
+            self.over = reason
+            _kill(tree, run.pgid)
+        return reason
+
+
+def _supervise(run: _Launched, timeout_s: float, watchdog: _Watchdog,
+               sinks: dict[int, object]) -> tuple[bool, list[int]]:
+    """Wait for the child under the wall-clock limit while a thread reads its pipes into `sinks`
+    (fd -> `_Stream` or `_ResultStream`) and `watchdog` runs; then end it (`_end_run`) and close its
+    pipes. Returns (whether it timed out, the pids still alive after the kill)."""
+    stop_reading = threading.Event()
+    reader = threading.Thread(target=_read_pipes, daemon=True, args=(sinks, stop_reading))
+    reader.start()
+    watchdog.start()
+    timed_out = False
+    try:
+        run.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        watchdog.stop()
+        leftover = _end_run(run, watchdog.child_ns)
+        stop_reading.set()
+        reader.join(timeout=KILL_GRACE_S)
+        for fh in (run.proc.stdin, run.proc.stdout, run.proc.stderr):
+            try:
+                fh.close()
+            except OSError:
+                pass
+        os.close(run.result_r)
+    return timed_out, leftover
+
+
+def _end_run(run: _Launched, child_ns: set[str]) -> list[int]:
+    """Kill what is left of a cold child; a zygote is kept for the next run only after a clean exit
+    with nothing of the run left, else killed whole (`_release_zygote`). Returns the pids still
+    alive after that (none expected)."""
+    if run.zygote is None:
+        return _terminate(run.proc, run.pgid, child_ns)
+    return _release_zygote(run.zygote, run.proc, child_ns)
+
+
+def _limit_status(timed_out: bool, over: str | None, limits: SandboxLimits,
+                  memory_detail: str = "") -> tuple[str, str] | None:
+    """(status, detail) of a child killed at a limit (`over`: what the watchdog found), or None.
+    A stream over its bound is reported as the stream's error (`_collect_result`)."""
+    if timed_out:
+        return "timeout", f"killed after {limits.timeout_s:.0f} s wall-clock limit"
+    if over == "memory":
+        return "memory", f"killed above the {limits.memory_mb} MiB memory limit{memory_detail}"
+    if over == "processes":
+        return "processes", f"killed with more than {limits.max_processes} processes (fork bomb?)"
+    return None
+
+
+def _exit_without_result(returncode: int | None, wrapped: bool) -> tuple[str, str]:
+    """(status, detail) of a child that ended without sending a result: `crashed` when a signal
+    killed it (a negative return code, or with `wrapped`, see `_Launched.wrapped`, 128 + the
+    signal's number), else `no_result`."""
+    rc = returncode
+    signum = -rc if rc is not None and rc < 0 else (rc - 128 if wrapped and rc is not None and 128 < rc < 160 else None)
+    if signum is None:
+        return "no_result", f"child exited with code {rc} without sending a result"
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    return "crashed", f"child died from {name} without a result (exit status {rc})"
+
+
+def _collect_result(results: _ResultStream, returncode: int | None, wrapped: bool,
+                    out_dir: str | None) -> tuple[str, str, dict | None]:
+    """(status, detail, result) from the stream of a child that has ended (not at a limit).
+
+    `ok` with the result document the child sent, checked by the parent: its timed calls against
+    the parent's clock (a disagreement makes it an IntegrityError result), the parent's own figures
+    added (`_parent_figures`), its images written into `out_dir`. Otherwise `bad_result` (a
+    rejected stream, an unreadable result, images that do not match it), `crashed` or `no_result`
+    (`_exit_without_result`), with no result."""
+    if results.error:
+        return "bad_result", f"result stream rejected: {results.error}", None
+    if results.result is None:
+        return (*_exit_without_result(returncode, wrapped), None)
+    try:
+        result = json.loads(results.result)
+        if not isinstance(result, dict) or result.get("status") not in ("ok", "error"):
+            raise ValueError("result is not a harness result document")
+        violation = _timing_violation(result, results.marks)
+        _parent_figures(result, results.marks, results.mark_cpu, results.go_at, results.result_at)
+        if violation:
+            result = _integrity_error(result, violation)
+        _store_images(result, results.images, out_dir)
+    except (ValueError, OSError, TypeError) as exc:
+        return "bad_result", f"unreadable result: {exc}", None
+    return "ok", "", result
 
 
 def run_job(
@@ -1325,6 +1619,10 @@ def run_job(
     the images the child sends are written into `job["out_dir"]`. `env` must already be
     scrubbed (see `scrubbed_env`). `readable`: further paths the child may read (bwrap only; the
     job's candidate file and input images are added automatically).
+
+    Steps: `_launch` (cold, or forked from a zygote), the token and the go message on its stdin
+    (`_send_token`, `_go_sender`), `_supervise` (wall-clock limit, `_Watchdog`, pipes read into
+    bounded logs and the `_ResultStream`, `_end_run`), then `_limit_status` or `_collect_result`.
     """
     harness_dir = Path(harness_dir)
     harness_dir.mkdir(parents=True, exist_ok=True)
@@ -1337,214 +1635,52 @@ def run_job(
     job = dict(job)
     job.pop("result_path", None)
     job["launched_at"] = time.monotonic()  # the child reports its start-up time against it (a benchmark figure)
-    zygote = None
-    warm_start = "cold"
+    zygote, start = None, "cold"
     if backend in STRONG_ISOLATIONS and _warm_start_wanted(limits, job):
-        zygote, warm_start = _take_zygote(backend, network, env, readable, limits, python)
+        zygote, start = _take_zygote(backend, network, env, readable, limits, python)
     out_stream, err_stream = _Stream(), _Stream()
     results = _ResultStream(token, *result_bounds(job, limits.max_result_mb))
-    peak = {"rss": 0, "procs": 0, "tmp": 0}
-    exclude: set[int] = set()  # processes of the tree not counted (the zygote the run is forked from)
-    inherited = inherited_pss = 0  # resident bytes (RSS, PSS) of the zygote a forked run starts from
-    start = time.monotonic()
-    if zygote is not None:
-        job_file, withheld = _split_job({**job, "result_fd": ZYGOTE_RESULT_FD})
-        (harness_dir / "job.json").write_text(json.dumps(job_file, indent=1))
-        setup, workdir = zygote.setup, None
-        try:
-            proc, res_r = zygote.start(module, job_file)
-        except ZygoteUnavailable as exc:  # nothing of the candidate ran yet: start it cold
-            zygote.close()
-            zygote, warm_start = None, f"cold (the zygote failed: {exc})"
-    if zygote is None:
-        res_r, res_w = os.pipe()
-        job_file, withheld = _split_job({**job, "result_fd": res_w})
-        job_path = harness_dir / "job.json"
-        job_path.write_text(json.dumps(job_file, indent=1))
-        setup = _isolation_setup(backend, network, env, job_file, readable, limits, job_path, python)
-        workdir = setup.workdir
-        nproc = _nproc_limit(limits)
-        try:
-            proc = subprocess.Popen(
-                [*setup.prefix, *setup.wrapper, python, "-m", module, str(job_path)],
-                cwd=setup.cwd, env=setup.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(res_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc),
-            )
-        except BaseException:
-            os.close(res_r)
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        finally:
-            os.close(res_w)
-        root = pgid = proc.pid
-    else:
-        root = pgid = zygote.proc.pid
-        exclude.add(zygote.host_pid)
-        # what the run shares with the zygote it was forked from (torch, diffusers: resident in the
-        # zygote already) is not its memory: a forked run is charged what it has beyond that
-        page_size = os.sysconf("SC_PAGE_SIZE")
-        zygote_pages = _proc_table().get(zygote.host_pid, (0, 0, 0))[2]
-        inherited = zygote_pages * page_size
-        inherited_pss = _memory_bytes(zygote.host_pid, zygote_pages, page_size)
-    prefix, network_isolated = setup.prefix, setup.network_isolated
-    meter = _ScratchMeter(backend, setup.scratch)
-    results.cpu_clock = lambda: _tree_cpu_seconds(root, pgid)
-    try:  # the token, before anything of the candidate runs (the child reads it first)
-        proc.stdin.write(frames.token_line(token))
-        proc.stdin.flush()
-    except OSError:
-        pass
-
-    def send_go() -> None:  # stdin stays open for the go message (child.Channel.wait_go)
-        try:
-            proc.stdin.write(_go_message(withheld))
-            proc.stdin.flush()
-        except (OSError, ValueError):
-            pass
-
-    results.send_go = send_go
-    stop_reading = threading.Event()
-    reader = threading.Thread(target=_read_pipes, daemon=True, args=(
-        {res_r: results, proc.stdout.fileno(): out_stream, proc.stderr.fileno(): err_stream}, stop_reading))
-    reader.start()
-
-    over = {"memory": False, "processes": False, "output": False}
-    done = threading.Event()
-    our_ns = _pid_ns(os.getpid())
-    child_ns: set[str] = set()
-
-    def watch() -> None:
-        limit = (limits.memory_mb or 0) << 20
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not done.wait(WATCH_INTERVAL_S):
-            table = _proc_table()
-            tree = _tree(table, root, pgid)
-            members = [p for p in tree if p not in exclude]
-            if not child_ns:
-                for pid in members:
-                    ns = _pid_ns(pid)
-                    if ns and ns != our_ns:
-                        child_ns.add(ns)
-            peak["procs"] = max(peak["procs"], len(members))
-            # files parked in the private /tmp and /dev/shm (bwrap: tmpfs, i.e. memory) or in the
-            # scratch folder count against the memory limit too
-            tmp = meter(members)
-            peak["tmp"] = max(peak["tmp"], tmp)
-            if len(members) > limits.max_processes:
-                rss = 0
-            else:
-                # RSS from the table is free; PSS (smaps_rollup walks the page tables: at 10 Hz that
-                # cost ~10% of a core per running candidate) only when RSS is over the limit.
-                # PSS <= RSS, so the decision is the same.
-                rss = sum(table[p][2] for p in members if p in table) * page
-                if inherited:
-                    rss = max(0, rss - inherited)
-                    if limit and rss + tmp > limit:  # e.g. forks of the run: each shares the zygote's pages
-                        # PSS over the run and the zygote: shared pages counted once, minus the
-                        # zygote's own share when the run started
-                        pss = sum(_memory_bytes(p, table[p][2], page) for p in members + [zygote.host_pid]
-                                  if p in table)
-                        rss = max(0, pss - inherited_pss)
-                elif limit and rss + tmp > limit:
-                    rss = sum(_memory_bytes(p, table[p][2], page) for p in members if p in table)
-            peak["rss"] = max(peak["rss"], rss + tmp)
-            if limit and rss + tmp > limit:
-                over["memory_detail"] = (f" (processes {rss >> 20} MiB, files in its private /tmp, /dev/shm or "
-                                         f"scratch folder {tmp >> 20} MiB)")
-            reason = ("processes" if len(members) > limits.max_processes else
-                      "memory" if limit and rss + tmp > limit else
-                      "output" if results.error and "larger than" in results.error else None)
-            if reason:
-                over[reason] = True
-                _kill(tree, pgid)  # a zygote's whole tree: it is discarded below
-                return
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=limits.timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    finally:
-        done.set()
-        watcher.join()
-        if zygote is None:
-            leftover = _terminate(proc, pgid, child_ns)
-        else:  # reused only after a clean exit with nothing of the run left; else killed whole
-            leftover = _release_zygote(zygote, proc, child_ns)
-        stop_reading.set()
-        reader.join(timeout=KILL_GRACE_S)
-        for fh in (proc.stdin, proc.stdout, proc.stderr):
-            try:
-                fh.close()
-            except OSError:
-                pass
-        os.close(res_r)
+    started = time.monotonic()
+    run = _launch(job, backend=backend, network=network, env=env, limits=limits, harness_dir=harness_dir,
+                  python=python, module=module, readable=readable, zygote=zygote, start=start)
+    watchdog = _Watchdog(run, limits, _ScratchMeter(backend, run.setup.scratch), results)
+    results.cpu_clock = lambda: _tree_cpu_seconds(run.root, run.pgid)
+    _send_token(run.proc, token)
+    results.send_go = _go_sender(run.proc, run.withheld)
+    timed_out, leftover = _supervise(run, limits.timeout_s, watchdog, {
+        run.result_r: results, run.proc.stdout.fileno(): out_stream, run.proc.stderr.fileno(): err_stream})
     results.finish()
-    wall = time.monotonic() - start
-    if workdir is not None:
-        shutil.rmtree(workdir, ignore_errors=True)
+    wall = time.monotonic() - started
+    if run.workdir is not None:
+        shutil.rmtree(run.workdir, ignore_errors=True)
     (harness_dir / "stdout.log").write_bytes(out_stream.text())
     (harness_dir / "stderr.log").write_bytes(err_stream.text())
 
+    network_isolated = run.setup.network_isolated
     outcome = SandboxOutcome(
-        status="ok", returncode=proc.returncode, result=None, wall_s=wall,
+        status="ok", returncode=run.proc.returncode, result=None, wall_s=wall,
         stdout_tail=out_stream.tail_text(), stderr_tail=err_stream.tail_text(),
-        network_isolated=network_isolated, peak_rss_mb=peak["rss"] / (1 << 20),
-        isolation=isolation_record(backend, network_isolated), peak_processes=peak["procs"],
+        network_isolated=network_isolated, peak_rss_mb=watchdog.peak_memory / (1 << 20),
+        isolation=isolation_record(backend, network_isolated), peak_processes=watchdog.peak_processes,
     )
     if leftover:
         outcome.extra["leftover_pids"] = leftover
-    outcome.extra["start"] = warm_start
-    if zygote is not None and proc.zygote_died:
+    outcome.extra["start"] = run.start
+    if run.zygote is not None and run.proc.zygote_died:
         outcome.extra["zygote_died"] = True
-    if peak["tmp"]:
-        outcome.extra["peak_tmp_mb"] = round(peak["tmp"] / (1 << 20), 1)
+    if watchdog.peak_tmp:
+        outcome.extra["peak_tmp_mb"] = round(watchdog.peak_tmp / (1 << 20), 1)
     if result_path.exists():  # not the parent's: a child that can write here (no bwrap) put it there
         result_path.unlink()
-    if timed_out:
-        outcome.status, outcome.detail = "timeout", f"killed after {limits.timeout_s:.0f} s wall-clock limit"
+    stopped = _limit_status(timed_out, watchdog.over, limits, watchdog.memory_detail)
+    if stopped:
+        outcome.status, outcome.detail = stopped
         return outcome
-    if over["memory"]:
-        outcome.status = "memory"
-        outcome.detail = f"killed above the {limits.memory_mb} MiB memory limit{over.get('memory_detail', '')}"
-        return outcome
-    if over["processes"]:
-        outcome.status = "processes"
-        outcome.detail = f"killed with more than {limits.max_processes} processes (fork bomb?)"
-        return outcome
-    if results.error:
-        outcome.status, outcome.detail = "bad_result", f"result stream rejected: {results.error}"
-        return outcome
-    if results.result is None:
-        rc = proc.returncode
-        signum = -rc if rc is not None and rc < 0 else (rc - 128 if prefix and zygote is None and rc is not None and 128 < rc < 160 else None)
-        if signum is not None:
-            try:
-                name = signal.Signals(signum).name
-            except ValueError:
-                name = f"signal {signum}"
-            outcome.status, outcome.detail = "crashed", f"child died from {name} without a result (exit status {rc})"
-        else:
-            outcome.status = "no_result"
-            outcome.detail = f"child exited with code {rc} without sending a result"
-        return outcome
-    try:
-        result = json.loads(results.result)
-        if not isinstance(result, dict) or result.get("status") not in ("ok", "error"):
-            raise ValueError("result is not a harness result document")
-        violation = _timing_violation(result, results.marks)
-        _parent_figures(result, results.marks, results.mark_cpu, results.go_at, results.result_at)
-        if violation:
-            result = _integrity_error(result, violation)
-        _store_images(result, results.images, job.get("out_dir"))
-    except (ValueError, OSError, TypeError) as exc:
-        outcome.status, outcome.detail = "bad_result", f"unreadable result: {exc}"
-        return outcome
-    write_json_atomic(result_path, result, indent=1, default=str)
-    outcome.result = result
+    outcome.status, outcome.detail, result = _collect_result(results, run.proc.returncode, run.wrapped,
+                                                             job.get("out_dir"))
+    if result is not None:
+        write_json_atomic(result_path, result, indent=1, default=str)
+        outcome.result = result
     return outcome
 
 

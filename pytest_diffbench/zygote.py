@@ -1,5 +1,5 @@
 """Warm child start: a per-worker process that has imported torch, diffusers and the harness once
-and forks a fresh child for each sandboxed run (the server side; `sandbox.Zygote` is the client).
+and forks a fresh child for each sandboxed run (the server side; `sandbox._Zygote` is the client).
 
     python -m pytest_diffbench.zygote SPEC_JSON      (started by pytest_diffbench.sandbox)
 
@@ -14,7 +14,7 @@ Isolation is the cold child's, per run:
   waits for requests. Nothing of one run can reach the next: each run is a fork of that clean
   state (copy-on-write memory), the private /tmp, /dev/shm (bwrap) or scratch folder (landlock)
   is emptied before each fork, and a run that ends in any other way than a clean exit with no
-  process left over makes the parent discard the whole zygote (sandbox.run_job).
+  process left over makes the parent discard the whole zygote (sandbox._release_zygote).
 - Each run gets a Landlock domain of its own inside the zygote's (same rules), so it cannot
   signal (ABI >= 6), ptrace or open /proc/PID/mem of the zygote; the zygote is also not dumpable
   (PR_SET_DUMPABLE 0), which closes ptrace and /proc/PID/mem to same-uid processes without

@@ -1,8 +1,9 @@
 """The steps of `sandbox.run_job` and the protocol it speaks, each on its own, on data only (no
-child process): the frame format both ends import (pytest_diffbench.frames), the child's
-`Channel` writing into a real pipe that the parent's `_ResultStream` reads, and the atomic writes
-of records (pytest_diffbench.atomic). The same steps with real sandboxed children are in
-test_sandbox.py, test_landlock.py and test_warm_start.py.
+child process): the frame format both ends import (pytest_diffbench.frames), the child's `Channel`
+writing into a real pipe that the parent's `_ResultStream` reads, the judgement of what a child
+sent (`_collect_result`), the watchdog's decisions (`_charged_memory`, `_limit_reached`,
+`_limit_status`), and the atomic writes (pytest_diffbench.atomic). The same steps with real
+sandboxed children are in test_sandbox.py, test_landlock.py and test_warm_start.py.
 """
 
 import io
@@ -15,6 +16,7 @@ import pytest
 
 from pytest_diffbench import atomic, frames, sandbox
 from pytest_diffbench.child import Channel
+from pytest_diffbench.sandbox import SandboxLimits
 
 TOKEN = bytes(range(16))
 
@@ -127,6 +129,149 @@ def test_the_child_channel_speaks_what_the_parent_reads(tmp_path):
 
     for namespace in (vars(channel), vars(child), vars(frames)):
         assert TOKEN not in namespace.values() and TOKEN.hex() not in namespace.values()
+
+
+# -- collecting the result ----------------------------------------------------------------------
+
+
+def test_an_honest_stream_gives_the_result_with_the_parents_figures_and_images(tmp_path):
+    results = stream_of([
+        (1.0, mark("ready", "first", 0)),
+        (1.5, mark("start", "first", 0)), (2.5, mark("end", "first", 0)),
+        (3.0, mark("start", "timed", 0)), (5.0, mark("end", "timed", 0)),
+        (5.1, (frames.FRAME_IMAGE, frames.image_payload(0, png()))),
+        (5.2, result_frame(images=["000.png"], timing={"calls_s": [1.9]})),
+    ], max_images=1)
+    status, detail, result = sandbox._collect_result(results, 0, False, str(tmp_path / "out"))
+    assert (status, detail) == ("ok", "")
+    assert result["status"] == "ok"
+    timing = result["timing"]
+    assert timing["parent_calls_s"] == [2.0]
+    assert timing["parent_first_call_s"] == 1.0
+    assert timing["parent_phase_s"] == pytest.approx(4.2)  # the ready mark (go) to the result
+    assert (tmp_path / "out" / "000.png").read_bytes() == png()
+
+
+def test_a_timer_that_under_reports_makes_an_integrity_error():
+    results = stream_of([
+        (3.0, mark("start", "timed", 0)), (5.0, mark("end", "timed", 0)),
+        (5.2, result_frame(images=[], timing={"calls_s": [0.1]})),
+    ])
+    status, _, result = sandbox._collect_result(results, 0, False, None)
+    assert status == "ok"  # the stream was fine: the verdict is the candidate's error
+    assert result["status"] == "error" and result["error"]["type"] == "IntegrityError"
+    assert "its timer was tampered with" in result["error"]["message"]
+
+
+@pytest.mark.parametrize("frames_at, bounds, detail", [
+    ([(0, result_frame())], {"token": b"1" * 16}, "result stream rejected: a frame without the harness's token"),
+    ([(0, (frames.FRAME_IMAGE, frames.image_payload(2, png())))], {"max_images": 2},
+     "result stream rejected: image 2: the job asks for 2 images"),
+    ([(0, (frames.FRAME_IMAGE, frames.image_payload(0, png(64, 64))))], {"max_pixels": 1000},
+     "result stream rejected: image 0: a PNG of 64x64 pixels, more than the 1000"),
+    ([(0, (frames.FRAME_IMAGE, frames.image_payload(0, b"GIF89a")))], {}, "result stream rejected: an image frame that is not a PNG"),
+    ([(0, result_frame()), (1, mark("end", "timed", 0))], {}, "result stream rejected: frames after the result"),
+    ([(0, (b"X", b""))], {}, "result stream rejected: unknown frame kind"),
+    ([(0, (frames.FRAME_RESULT, b"[1, 2]"))], {}, "unreadable result: result is not a harness result document"),
+    ([(0, result_frame(images=["000.png"]))], {}, "unreadable result: the result names images"),
+])
+def test_a_bad_stream_is_a_bad_result(tmp_path, frames_at, bounds, detail):
+    results = stream_of(frames_at, **bounds)
+    status, got, result = sandbox._collect_result(results, 0, False, str(tmp_path / "out"))
+    assert (status, result) == ("bad_result", None)
+    assert got.startswith(detail), got
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stream_over_its_bound_is_an_output_limit():
+    results = stream_of([(0, (frames.FRAME_IMAGE, frames.image_payload(0, png() + bytes(4096))))], max_bytes=4096)
+    assert "larger than" in results.error and results.images == {}
+    assert sandbox._limit_reached(1, 0, 0, SandboxLimits(), results.error) == "output"
+    assert sandbox._collect_result(results, 0, False, None)[0] == "bad_result"
+
+
+@pytest.mark.parametrize("returncode, wrapped, status, detail", [
+    (-9, False, "crashed", "child died from SIGKILL without a result (exit status -9)"),
+    (139, True, "crashed", "child died from SIGSEGV without a result (exit status 139)"),
+    (139, False, "no_result", "child exited with code 139 without sending a result"),  # a forked run's own code
+    (0, True, "no_result", "child exited with code 0 without sending a result"),
+])
+def test_a_child_without_a_result(returncode, wrapped, status, detail):
+    results = stream_of([(0, mark("ready", "first", 0))])
+    assert sandbox._collect_result(results, returncode, wrapped, None) == (status, detail, None)
+
+
+# -- the watchdog's decisions -------------------------------------------------------------------
+
+PAGE = 4096
+MiB = 1 << 20
+
+
+def table_of(rss_mib: dict[int, int]) -> dict:
+    """A `_proc_table` shape: pid -> (ppid, pgrp, rss pages, state, CPU ticks)."""
+    return {pid: (1, 1, mib * MiB // PAGE, "S", 0) for pid, mib in rss_mib.items()}
+
+
+class PssOf:
+    """PSS per pid (bytes), recording which pids were asked for."""
+
+    def __init__(self, pss_mib: dict[int, int]):
+        self.pss, self.asked = pss_mib, []
+
+    def __call__(self, pid, rss_pages, page):
+        self.asked.append(pid)
+        return self.pss[pid] * MiB
+
+
+def test_memory_under_the_limit_is_charged_by_rss_without_reading_pss():
+    pss = PssOf({})
+    table = table_of({10: 300, 11: 200, 99: 5000})
+    assert sandbox._charged_memory(table, [10, 11], PAGE, 1024 * MiB, 0, pss=pss) == 500 * MiB
+    assert pss.asked == []
+
+
+def test_memory_over_the_limit_by_rss_is_charged_by_pss():
+    pss = PssOf({10: 400, 11: 300})  # forks sharing pages: RSS counts them twice
+    table = table_of({10: 600, 11: 600})
+    assert sandbox._charged_memory(table, [10, 11], PAGE, 1024 * MiB, 0, pss=pss) == 700 * MiB
+    assert sorted(pss.asked) == [10, 11]
+    # files in the scratch space count towards the limit: 100 MiB more RSS no longer fits
+    assert sandbox._charged_memory(table_of({10: 950}), [10], PAGE, 1024 * MiB, 100 * MiB,
+                                   pss=PssOf({10: 900})) == 900 * MiB
+
+
+def test_a_forked_run_is_charged_beyond_the_zygote():
+    table = table_of({10: 700, 20: 600})  # 20: the zygote
+    pss = PssOf({10: 500, 20: 300})
+    # by RSS: the run's 700 MiB minus the 600 MiB resident in the zygote when the run started
+    assert sandbox._charged_memory(table, [10], PAGE, 1024 * MiB, 0, inherited=600 * MiB, inherited_pss=350 * MiB,
+                                   zygote_pid=20, pss=pss) == 100 * MiB
+    assert pss.asked == []
+    # over the limit by RSS: PSS of the run and the zygote, minus the zygote's share at the start
+    over = table_of({10: 1700, 20: 600})
+    assert sandbox._charged_memory(over, [10], PAGE, 1024 * MiB, 0, inherited=600 * MiB, inherited_pss=350 * MiB,
+                                   zygote_pid=20, pss=PssOf({10: 1200, 20: 300})) == 1150 * MiB
+
+
+def test_the_first_limit_broken_is_the_one_reported():
+    limits = SandboxLimits(memory_mb=1024, max_processes=8)
+    stream_error = "result stream larger than 1 MiB (the bound for this job's images)"
+    assert sandbox._limit_reached(9, 2048 * MiB, 0, limits, stream_error) == "processes"
+    assert sandbox._limit_reached(8, 1000 * MiB, 25 * MiB, limits, stream_error) == "memory"
+    assert sandbox._limit_reached(8, 1024 * MiB, 0, limits, stream_error) == "output"
+    assert sandbox._limit_reached(8, 1024 * MiB, 0, limits, "unreadable timing mark") is None
+    assert sandbox._limit_reached(8, 1 << 40, 0, SandboxLimits(memory_mb=None), None) is None
+
+
+def test_limit_statuses_in_their_order():
+    limits = SandboxLimits(timeout_s=30, memory_mb=512, max_processes=8)
+    assert sandbox._limit_status(True, "memory", limits) == ("timeout", "killed after 30 s wall-clock limit")
+    assert sandbox._limit_status(False, "memory", limits, " (processes 600 MiB)") == (
+        "memory", "killed above the 512 MiB memory limit (processes 600 MiB)")
+    assert sandbox._limit_status(False, "processes", limits) == (
+        "processes", "killed with more than 8 processes (fork bomb?)")
+    assert sandbox._limit_status(False, "output", limits) is None  # the stream's own error says it
+    assert sandbox._limit_status(False, None, limits) is None
 
 
 # -- atomic writes --------------------------------------------------------------------------------
