@@ -1352,15 +1352,18 @@ def _launch(job: dict, *, backend: str, network: bool, env: Mapping[str, str], l
 def _launch_forked(zygote: "_Zygote", job: dict, harness_dir: Path, module: str, start: str) -> _Launched:
     job_file, withheld = _split_job({**job, "result_fd": ZYGOTE_RESULT_FD})
     (harness_dir / "job.json").write_text(json.dumps(job_file, indent=1))
-    proc, result_r = zygote.start(module, job_file)
-    # what the run shares with the zygote it was forked from (torch, diffusers: resident in the
-    # zygote already) is not its memory: a forked run is charged what it has beyond that
+    # what the run shares with the zygote it is forked from (torch, diffusers: resident in the
+    # zygote already) is not its memory: a forked run is charged what it has beyond that. The
+    # zygote's PSS is read before the fork, while it is the pages' only user: after it, the
+    # pages it shares with the run count half to each, and subtracting that half charged the
+    # run with the other (~0.2 GiB here) (`_charged_memory`)
     page_size = os.sysconf("SC_PAGE_SIZE")
     zygote_pages = _proc_table().get(zygote.host_pid, (0, 0, 0))[2]
+    zygote_pss = _memory_bytes(zygote.host_pid, zygote_pages, page_size)
+    proc, result_r = zygote.start(module, job_file)
     return _Launched(proc, result_r, withheld, zygote.setup, root=zygote.proc.pid, pgid=zygote.proc.pid,
                      zygote=zygote, start=start, exclude=frozenset({zygote.host_pid}),
-                     inherited=zygote_pages * page_size,
-                     inherited_pss=_memory_bytes(zygote.host_pid, zygote_pages, page_size))
+                     inherited=zygote_pages * page_size, inherited_pss=zygote_pss)
 
 
 def _launch_cold(job: dict, *, backend: str, network: bool, env: Mapping[str, str], limits: SandboxLimits,
@@ -1419,19 +1422,23 @@ def _charged_memory(table: Mapping[int, tuple], members: Sequence[int], page: in
 
     Their RSS from the table is free; their PSS (`pss(pid, rss_pages, page)`: smaps_rollup walks
     the page tables, at 10 Hz ~10% of a core per running candidate) is read only when the RSS plus
-    `tmp` is over `limit`. PSS <= RSS, so the decision is the same. A run forked from a zygote
-    (`inherited`: the zygote's resident bytes when the run started) is charged what it has beyond
-    that: by RSS, then, over the limit, by PSS over the run and the zygote (shared pages counted
-    once) minus the zygote's own share at the start (`inherited_pss`)."""
+    `tmp` is over `limit`. PSS <= RSS, so the decision is the same.
+
+    A run forked from a zygote (`inherited`: the zygote's resident bytes, `inherited_pss`: its PSS
+    before the fork) is charged what it has beyond the zygote. Under the limit by its whole RSS
+    (pages shared with the zygote included) that is RSS minus `inherited`, a figure for the
+    record only: it cannot be over. Over it, the charge is exact: PSS over the run and the zygote
+    (a shared page counted once, wherever it is mapped) minus `inherited_pss`. The gate is the
+    whole RSS, not RSS minus `inherited`: a run that unmaps or pages out what it inherited lowers
+    its RSS below the zygote's without using less memory of its own, and would otherwise allocate
+    that much again unseen."""
     rss = sum(table[p][2] for p in members if p in table) * page
+    if not (limit and rss + tmp > limit):
+        return max(0, rss - inherited) if inherited else rss
     if inherited:
-        rss = max(0, rss - inherited)
-        if limit and rss + tmp > limit:  # e.g. forks of the run: each shares the zygote's pages
-            total = sum(pss(p, table[p][2], page) for p in [*members, zygote_pid] if p in table)
-            rss = max(0, total - inherited_pss)
-    elif limit and rss + tmp > limit:
-        rss = sum(pss(p, table[p][2], page) for p in members if p in table)
-    return rss
+        total = sum(pss(p, table[p][2], page) for p in [*members, zygote_pid] if p in table)
+        return max(0, total - inherited_pss)
+    return sum(pss(p, table[p][2], page) for p in members if p in table)
 
 
 def _limit_reached(processes: int, memory: int, tmp: int, limits: SandboxLimits,

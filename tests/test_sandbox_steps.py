@@ -253,6 +253,23 @@ def test_a_forked_run_is_charged_beyond_the_zygote():
                                    zygote_pid=20, pss=PssOf({10: 1200, 20: 300})) == 1150 * MiB
 
 
+def test_a_forked_run_cannot_hide_memory_by_dropping_what_it_inherited():
+    # the run unmapped (or paged out) the 600 MiB it shared with the zygote and allocated 1100 MiB
+    # of its own: RSS minus the zygote's is 500 MiB, under the 1024 MiB limit, but the run holds
+    # more than the limit; its whole RSS is over it, so the charge is exact
+    table = table_of({10: 1100, 20: 600})
+    pss = PssOf({10: 1100, 20: 600})  # nothing shared any more: each holds its own pages in full
+    charged = sandbox._charged_memory(table, [10], PAGE, 1024 * MiB, 0, inherited=600 * MiB,
+                                      inherited_pss=600 * MiB, zygote_pid=20, pss=pss)
+    assert charged == 1100 * MiB > 1024 * MiB
+    assert sorted(pss.asked) == [10, 20]
+    # an honest run of the same size that kept its inherited pages: the same charge
+    shared = sandbox._charged_memory(table_of({10: 1700, 20: 600}), [10], PAGE, 1024 * MiB, 0,
+                                     inherited=600 * MiB, inherited_pss=600 * MiB, zygote_pid=20,
+                                     pss=PssOf({10: 300 + 1100, 20: 300}))
+    assert shared == 1100 * MiB
+
+
 def test_the_first_limit_broken_is_the_one_reported():
     limits = SandboxLimits(memory_mb=1024, max_processes=8)
     stream_error = "result stream larger than 1 MiB (the bound for this job's images)"
