@@ -82,7 +82,7 @@ def task():
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_known_bad_candidate_fails_at_its_stage(name, task, make_evaluator, tmp_path):
     mutate, stage, category, message_part = BAD[name]
-    evaluator = make_evaluator(tmp_path / "run", timeout_s=60.0 if name == "hang" else 300.0)
+    evaluator = make_evaluator(tmp_path / "run", timeout_s=20.0 if name == "hang" else 300.0)
     code = mutate(task.gold, task.reference)
     assert code != task.gold
     record = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)

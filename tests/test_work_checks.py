@@ -32,6 +32,7 @@ def test_a_changed_guidance_fails_where_the_reference_is_far(tmp_path, env):
         (preds / f"{task_id}.py").write_text(gold.replace('guidance_scale=batch["guidance_scale"]',
                                                           f"guidance_scale={guidance}"))
     out = run_pytest("--diffbench-level=L1,L2", "-k", f"{TASK} or {WEAKER_GUIDANCE}", f"--diffbench-candidates={preds}",
+                     "--diffbench-samples=2",
                      f"--diffbench-out={tmp_path / 'run'}", env=env)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     record = json.loads((tmp_path / "run" / TASK / "result.json").read_text())
