@@ -137,9 +137,12 @@ def family_key(task: Task) -> str:
 
 
 def family_digest(task: Task) -> str:
-    """What the measurements depend on: model, pipeline, resolution, reference code and workload."""
+    """What the measurements depend on: model, pipeline, resolution, reference code, workload and
+    what a measurement counts (`MEASUREMENT_FORMAT`)."""
+    from .evaluate import MEASUREMENT_FORMAT
+
     data = [task.model, task.pipeline, list(task.resolution), task.steps, task.scheduler, task.seed,
-            task.guidance_scale, task.strength, task.workload.to_dict(), task.reference]
+            task.guidance_scale, task.strength, task.workload.to_dict(), task.reference, MEASUREMENT_FORMAT]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -23,8 +23,9 @@ from .workload import AGENT_SCOPE, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batc
 
 # Bumped when what a child result measures changes, so older cached baselines are measured again
 # (2: FLOPs counted on the judged call, the parent's CPU time of that call; 3: methods judged by
-# behaviour, the latents entering the denoiser).
-MEASUREMENT_FORMAT = 3
+# behaviour, the latents entering the denoiser; 4: attention counted on the CPU, flops.py). Part of
+# every calibration family's digest too: targets measured under an older format are out of date.
+MEASUREMENT_FORMAT = 4
 
 
 class HarnessError(Exception):

@@ -14,6 +14,13 @@ of a tiny-zoo pipeline took 3-5x a plain call):
 
 Measured on SD1.5 (tiny zoo, 2 images, 20 steps, 1 thread): plain call 0.30 s CPU,
 FlopCounterMode 1.02 s, this counter 0.60 s, with identical totals (tests/test_flops.py).
+
+One formula is added to torch's registry (`ATTENTION_FORMULAS`): torch 2.14 has none for
+`aten._scaled_dot_product_flash_attention_for_cpu`, the kernel `scaled_dot_product_attention`
+dispatches to on a CPU, so attention went uncounted there and the attention savings of ToMe and
+T-GATE did not show in U. It is counted like the GPU flash kernel (`sdpa_flop_count`: the two
+matrix products; softmax and causal masking are not counted, as torch does for every SDPA kernel).
+Measurements made without it are told apart by `evaluate.MEASUREMENT_FORMAT`.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, sdpa_flop_count
 
 # what _FlopCounterMode.__torch_dispatch__ leaves to the next handler (metadata queries)
 _METADATA_OPS = frozenset({
@@ -34,6 +41,14 @@ _METADATA_OPS = frozenset({
     torch.ops.prim.layout.default,
 })
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: formulas torch's registry lacks, as `FlopCounterMode(custom_mapping=...)` takes them
+ATTENTION_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
 
 
 def _decomposable(func) -> bool:
@@ -68,11 +83,12 @@ class _LeanDispatchMode(_FlopCounterMode):
 
 
 class LeanFlopCounterMode(FlopCounterMode):
-    """`FlopCounterMode(display=False)` with counts under `Global` and, while the module given to
-    `watch` runs, under its class name (what `get_flop_counts()[name]` gave for the denoiser)."""
+    """`FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)` with counts under
+    `Global` and, while the module given to `watch` runs, under its class name (what
+    `get_flop_counts()[name]` gave for the denoiser)."""
 
     def __init__(self) -> None:
-        super().__init__(display=False)
+        super().__init__(display=False, custom_mapping=ATTENTION_FORMULAS)
         self._watched: Any = None
         self._depth = 0
         self._hooks: list = []

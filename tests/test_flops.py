@@ -1,5 +1,6 @@
 """The judged call's FLOP counter (pytest_diffbench.flops) counts exactly what torch's
-FlopCounterMode counts: U on the FLOP-counted profiles, and every calibrated target, rest on it.
+FlopCounterMode counts with the harness's attention formula added (torch has none for the CPU's
+SDPA kernel): U on the FLOP-counted profiles, and every calibrated target, rest on it.
 Real tiny-zoo pipelines (a UNet and a transformer) and real torch modes; the counter's speed is
 measured by benchmarks/harness_bench.py, not asserted here."""
 
@@ -9,7 +10,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pytest_diffbench.flops import LeanFlopCounterMode
+from pytest_diffbench.flops import ATTENTION_FORMULAS, LeanFlopCounterMode
+
+CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _torch_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
 
 
 def _pipeline(tiny_zoo, family: str):
@@ -34,7 +41,7 @@ def test_counts_equal_flopcountermode_on_real_pipelines(tiny_zoo, family):
         pipe(["a red bicycle", "two cats"], num_inference_steps=4, height=64, width=64, output_type="np",
              generator=torch.Generator().manual_seed(0), **extra)
 
-    reference = FlopCounterMode(display=False)
+    reference = _torch_counter()
     with reference:
         call()
     lean = LeanFlopCounterMode()
@@ -45,6 +52,7 @@ def test_counts_equal_flopcountermode_on_real_pipelines(tiny_zoo, family):
     name = type(denoiser).__name__
     assert lean.get_flop_counts()[name] == reference.get_flop_counts()[name]
     assert 0 < sum(lean.get_flop_counts()[name].values()) < lean.get_total_flops()  # text encoder, VAE too
+    assert lean.get_flop_counts()[name][CPU_SDPA] > 0, "the denoiser's attention is counted on a CPU"
     assert not denoiser._forward_pre_hooks and not denoiser._forward_hooks, "its hooks are removed on exit"
 
 
@@ -57,10 +65,30 @@ def test_decomposed_ops_are_counted_like_flopcountermode():
         torch.matmul(x, x.transpose(1, 2))
         torch.einsum("bij,bkj->bik", x, x)
 
-    reference, lean = FlopCounterMode(display=False), LeanFlopCounterMode()
+    reference, lean = _torch_counter(), LeanFlopCounterMode()
     with reference:
         work()
     with lean:
         work()
     assert lean.get_total_flops() == reference.get_total_flops() > 0
     assert lean.get_flop_counts()["Global"] == reference.get_flop_counts()["Global"]
+
+
+
+def test_attention_on_the_cpu_is_counted_as_its_two_matrix_products():
+    # torch's registry has no formula for the CPU's fused SDPA kernel (it counted 0 before); the
+    # harness counts it like the GPU kernels: q @ k^T and scores @ v, 2 FLOPs per multiply-add
+    q, k, v = torch.randn(2, 4, 64, 16), torch.randn(2, 4, 48, 16), torch.randn(2, 4, 48, 16)
+    lean = LeanFlopCounterMode()
+    with lean:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert out.shape == (2, 4, 64, 16)
+    expected = 2 * (2 * 4) * 64 * 16 * 48 * 2
+    assert lean.get_flop_counts()["Global"][CPU_SDPA] == expected
+    assert lean.get_total_flops() == expected
+    # the same attention through the unfused (math) kernel counts the same, from its bmm calls
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        with lean:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert CPU_SDPA not in lean.get_flop_counts()["Global"]
+    assert lean.get_total_flops() == expected
