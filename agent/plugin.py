@@ -187,8 +187,7 @@ class DiffAgentGenerator:
         (agent_dir / "summary.json").write_text(json.dumps(
             {"task_id": task.id, "agent": self.kind, "model": self.settings.model, "ok": result.ok,
              "reason": result.reason, "stats": result.stats, "cost": cost}, indent=1, sort_keys=True, default=str))
-        return Candidate(code=result.code, source=f"llm:{self.settings.model}", reason=result.reason,
-                         transcript=transcript.summary(), cost=cost)
+        return Candidate(code=result.code, source=f"llm:{self.settings.model}", reason=result.reason, cost=cost)
 
 
 def pytest_configure(config):

@@ -38,7 +38,6 @@ class Candidate:
     code: str | None
     source: str  # reference | candidates:<path> | llm:<model> ...
     reason: str = ""  # why there is no code
-    transcript: tuple = ()
     cost: dict = field(default_factory=dict)
 
 
