@@ -1,10 +1,12 @@
-"""The typed task result (pytest_diffbench/result.py): its JSON form and the label format."""
+"""The typed task result (pytest_diffbench/result.py): its JSON form, what is rendered from it
+(JUnit properties, the summary, S_a) and its way to the xdist controller in a test report."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from pytest_diffbench import keys
+from pytest_diffbench import keys, report
 from pytest_diffbench.result import (RESULT_FORMAT, Measures, Provenance, SandboxSummary, TaskResult, parse_label,
                                      task_label)
 from pytest_diffbench.stages import HARNESS, Verdict
@@ -111,10 +113,119 @@ def test_a_document_without_a_required_key_is_rejected(missing):
         TaskResult.from_json([doc])
 
 
+def _old_junit_properties(record: dict) -> list[tuple[str, str]]:
+    """report.junit_properties as it was, over the record dict (before TaskResult)."""
+    def fmt(value, digits=4):
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.{digits}g}"
+        return str(value)
+
+    clip = record.get("clip") or {}
+    fields = {
+        "diffbench_level": record.get("level"), "diffbench_passed": record.get("passed"),
+        "diffbench_stage": record.get("stage_reached"), "diffbench_category": record.get("category") or "",
+        "diffbench_message": record.get("message"), "diffbench_L": record.get("L"),
+        "diffbench_L_bound": record.get("L_bound"), "diffbench_quality_method": record.get("quality_method"),
+        "diffbench_U": record.get("U"), "diffbench_U_gold": record.get("U_gold"),
+        "diffbench_speed_method": record.get("speed_method"), "diffbench_latency_ms": record.get("latency_ms"),
+        "diffbench_difficulty": record.get("difficulty"), "diffbench_target_speedup": record.get("target_speedup"),
+        "diffbench_target_latency_ms": record.get("target_latency_ms"),
+        "diffbench_attainment": record.get("attainment"), "diffbench_clip": clip.get("mean"),
+        "diffbench_clip_model": record.get("clip_model"),
+        "diffbench_psnr_db": (record.get("fidelity") or {}).get("mean_psnr_db"), "diffbench_zoo": record.get("zoo"),
+        "diffbench_seeds": record.get("seeds"), "diffbench_device": record.get("device"),
+        "diffbench_candidate_source": record.get("candidate_source"),
+        "diffbench_baseline_cache": ",".join(f"{k}:{v}" for k, v in (record.get("baseline_cache") or {}).items() if v),
+        "diffbench_task_s": record.get("task_s"), "diffbench_resumed": record.get("resumed", False),
+        "diffbench_candidate_s": (record.get("sandbox") or {}).get("wall_s"),
+    }
+    for key, value in sorted((record.get("cost") or {}).items()):
+        fields[f"diffbench_llm_{key}"] = value
+    return [(k, fmt(v)) for k, v in fields.items() if v is not None]
+
+
+@pytest.mark.parametrize("which", ["l4", "clip", "no_candidate", "resumed"])
+def test_junit_properties_are_rendered_as_before(which):
+    result = {"l4": sample(),
+              "clip": sample(level="L1", measures=Measures(L=0.021, L_bound=0.1, U=1.9, clip={"mean": 27.123456})),
+              "no_candidate": TaskResult(task_id="L1-a-0001", label="L1-a-0001", level="L1",
+                                         verdict=Verdict(False, 1, "no_candidate", "none"), complete=True),
+              "resumed": sample(resumed=True, verdict=Verdict(True, 3, None, "passed"))}[which]
+    record = result.to_json()
+    if not result.resumed:  # the old record had no "resumed" key unless it was reused
+        record.pop("resumed")
+    assert report.junit_properties(result) == _old_junit_properties(record)
+    props = dict(report.junit_properties(sample()))
+    assert props["diffbench_U"] == "1" and props["diffbench_llm_cost_usd"] == "0.01235"
+    assert props["diffbench_baseline_cache"] == "reference:hit" and props["diffbench_passed"] == "False"
+
+
+def hard(task_id: str, attainment: float | None, passed=False, category="relative_speed") -> TaskResult:
+    return TaskResult(task_id=task_id, label=task_id, level=task_id[:2], verdict=Verdict(passed, 3, category, "m"),
+                      measures=Measures(difficulty="hard", attainment=attainment), complete=True)
+
+
+def test_s_a_is_the_mean_of_the_exact_attainments():
+    """0.33335 renders as "0.3333" in JUnit: S_a from those strings said 33.33 %, exactly it is 33.34 %."""
+    results = [hard("L4-a-0001", 0.33335), hard("L4-b-0002", 0.33335)]
+    line = report.s_a_line(results)
+    assert line == ("S_a (hard L4/L5, mean of min(1, achieved/required)): L4 33.34% (2), all 33.34% (2)")
+    rounded = float(dict(report.junit_properties(results[0]))["diffbench_attainment"])
+    assert rounded == 0.3333 and f"{100 * rounded:.2f}%" == "33.33%"
+    assert line in "\n".join(report.summary_lines(results, ["L4"], 1.0, Path("run")))
+
+
+def test_the_summary_counts_results_and_harness_failures():
+    results = [hard("L4-a-0001", 1.0, passed=True, category=None), hard("L4-b-0002", 0.5),
+               TaskResult.harness_failure("L4-c-0003", "L4-c-0003", "L4", "worker crashed")]
+    text = "\n".join(report.summary_lines(results, ["L4"], 1.0, Path("run")))
+    assert "L4          3       1        1   50.00%" in text
+    assert "harness error 1" in text and "relative speed error 1" in text
+    assert "incomplete: 1 task(s) hit harness errors" in text
+    assert "S_a (hard L4/L5, mean of min(1, achieved/required)): L4 75.00% (2)" in text
+    # the profile line comes from the first result that was evaluated; none: "?"
+    assert text.startswith("zoo: ?   device: ?   CLIP: ?   quality: ?   speed: ?   seeds: ?")
+    first = report.summary_lines([sample()], ["L4"], 1.0, Path("run"))[0]
+    assert first == ("zoo: tiny   device: cpu   CLIP: local-dir:/clip   quality: fidelity   speed: flops   "
+                     "seeds: secret")
+
+
 def test_labels_have_one_format():
     assert task_label("L1-a-0001") == "L1-a-0001" and task_label("L1-a-0001", None) == "L1-a-0001"
     assert task_label("L4-a-0001", "r1c2") == "L4-a-0001@r1c2"
     assert parse_label("L4-a-0001@r1c2") == ("L4-a-0001", "r1c2") and parse_label("L1-a-0001") == ("L1-a-0001", None)
+
+
+def test_the_result_reaches_the_controller_intact_through_report_serialization():
+    """What pytest-xdist does with a worker's report: _to_json on the worker, _from_json on the
+    controller. The result comes back equal, floats exact."""
+    from _pytest.reports import TestReport
+
+    from pytest_diffbench.plugin import REPORT_ITEM, REPORT_RESULT, report_row
+
+    result = sample(verdict=Verdict(True, 3, None, "passed"))
+    nodeid = f"pytest_diffbench/suite.py::test_task[{result.label}]"
+    rep = TestReport(nodeid, ("suite.py", None, "suite.py"), {}, "passed", None, "call")
+    setattr(rep, REPORT_ITEM, {"task_id": result.task_id, "label": result.label, "level": result.level})
+    setattr(rep, REPORT_RESULT, result.to_json())
+    wire = json.loads(json.dumps(rep._to_json()))
+    assert report_row(TestReport._from_json(wire)) == result
+    # setup failed: a harness error of the task the worker named (no node id parsing)
+    failed = TestReport(nodeid, ("suite.py", None, "suite.py"), {}, "failed", "HarnessError: no zoo", "setup")
+    setattr(failed, REPORT_ITEM, {"task_id": result.task_id, "label": result.label, "level": result.level})
+    row = report_row(TestReport._from_json(json.loads(json.dumps(failed._to_json()))))
+    assert row == TaskResult.harness_failure(result.task_id, result.label, "L4", "HarnessError: no zoo")
+    assert row.verdict.category == HARNESS and not row.complete
+    # a result the controller cannot read is a harness error, not a crash of the summary
+    bad = TestReport(nodeid, ("suite.py", None, "suite.py"), {}, "passed", None, "call")
+    setattr(bad, REPORT_ITEM, {"task_id": result.task_id, "label": result.label, "level": result.level})
+    setattr(bad, REPORT_RESULT, {**result.to_json(), "U": "fast"})
+    row = report_row(bad)
+    assert row.verdict.category == HARNESS and "'U'" in row.verdict.message
+    # reports of other tests are not rows
+    assert report_row(TestReport("tests/test_x.py::test_y", ("x", None, "x"), {}, "passed", None, "call")) is None
 
 
 def test_a_result_without_stage_ran_is_a_harness_failure():
