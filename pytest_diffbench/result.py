@@ -6,17 +6,19 @@ Decisions (issue 14, "clean seams"):
   of `stages.StageInputs` and writes its JSON form, tagged with the harness key, as the task's
   `result.json`. Everything else reads that object or that document through `from_json`: the
   JUnit properties (`report.junit_properties`), the terminal summary and S_a (`report`, from exact
-  floats), resume (`DiffbenchSession.previous_result`), the GA's fitness (`agent.population`),
-  the calibration's measurements (`calibration`).
+  floats), resume (`DiffbenchSession.previous_result`), the GA (`agent.population` reads the
+  child sessions' results; each individual checkpoints the figures its fitness needs,
+  `agent.ga._slim`), the calibration's measurements (`calibration`).
 * The JSON form is the `result.json` document: the flat key layout it always had (`L`, `U`,
   `passed`, `seeds`, ... at the top, `sandbox`, `fidelity`, `clip`, `cost` as objects) plus
   `"result_format": 1`, so that existing run folders, the GA and scripts reading result.json keep
   working. `to_json` writes every key, null where a run produced nothing (before format 1 some
   keys were left out instead; `from_json` reads both). The nested `verdict` object repeats the
   flat verdict keys for older readers; `from_json` ignores it.
-* `from_json` validates every key it knows (a `ValueError` names the first bad one). Unknown keys
-  are kept in `extra` and written back by `to_json`, so a key another tool added to result.json
-  survives a read and write; nothing here interprets them. The harness key's tag (`keys.MAC_FIELD`)
+* `from_json` validates every key it knows (a `ValueError` names the first bad one). Unknown
+  top-level keys are kept in `extra` and written back by `to_json`, so a key another tool added
+  to result.json survives a read and write; nothing here interprets them (unknown keys inside the
+  `sandbox` object are dropped). The harness key's tag (`keys.MAC_FIELD`)
   belongs to the file, not to the result: readers verify it, `from_json` drops it.
 * Floats go through JSON unchanged (Python writes the shortest repr that reads back exactly), so a
   result reaches the xdist controller, resume and the GA with the very numbers it was judged with.
