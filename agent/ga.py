@@ -18,7 +18,9 @@ After at most T_sel rounds the best candidate ever measured is the answer: passi
 the one that comes closest to the target while keeping its quality (min(1, achieved / required),
 the term of S_a), then fitness.
 
-Fitness (docs/agent.md), from the result record of the harness::
+Fitness (docs/agent.md), from the harness's result of a candidate (a
+`pytest_diffbench.result.TaskResult`, of which each individual keeps the figures below in its
+checkpointed ``result`` dict, `_slim`)::
 
     q = clamp(1 - L / L_bound, 0, 1)                  quality headroom (1: no loss, 0: at the bound)
     s = min(r, 2) / 2,  r = U / U_target (L4)         speed relative to the goal (0.5: exactly met,
@@ -39,11 +41,14 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pytest_diffbench.atomic import write_json_atomic
 
 from .knowledge import config_from_attributes, config_key
+
+if TYPE_CHECKING:
+    from pytest_diffbench.result import TaskResult
 
 W_QUALITY = 0.4
 W_SPEED = 0.6
@@ -144,21 +149,25 @@ class Individual:
         return {"id": self.id, "config": self.config, "feedback": self.feedback, "fitness": self.fitness}
 
 
-# A population evaluator: (task, round_dir, [(candidate id, code)]) -> {candidate id: result record or None}
+# A population evaluator: (task, round_dir, [(candidate id, code)]) -> {candidate id: TaskResult or None}
 PopulationEvaluator = Callable[[object, Path, list], dict]
-
-_RESULT_KEYS = ("passed", "category", "message", "stage_reached", "L", "L_bound", "U", "U_gold", "latency_ms",
-                "reference_latency_ms", "attributes", "quality_method", "speed_method")
 
 
 def _original(p: Individual) -> bool:
     return p.note != "rejected" and not p.note.startswith("duplicate")
 
 
-def _slim(result: dict | None) -> dict | None:
+def _slim(result: TaskResult | None) -> dict | None:
+    """What an individual keeps of its result (population.json's "result", read by `fitness`,
+    `attainment`, `feedback_text` and the tuning memory): the verdict, L, U, latency and the
+    attributes, under their result.json names."""
     if result is None:
         return None
-    return {k: result.get(k) for k in _RESULT_KEYS if k in result}
+    verdict, m, p = result.verdict, result.measures, result.provenance
+    return {"passed": verdict.passed, "category": verdict.category, "message": verdict.message,
+            "stage_reached": verdict.stage_reached, "L": m.L, "L_bound": m.L_bound, "U": m.U, "U_gold": m.U_gold,
+            "latency_ms": m.latency_ms, "reference_latency_ms": m.reference_latency_ms,
+            "attributes": result.attributes, "quality_method": p.quality_method, "speed_method": p.speed_method}
 
 
 class GeneticSelector:

@@ -187,8 +187,7 @@ class DiffAgentGenerator:
         (agent_dir / "summary.json").write_text(json.dumps(
             {"task_id": task.id, "agent": self.kind, "model": self.settings.model, "ok": result.ok,
              "reason": result.reason, "stats": result.stats, "cost": cost}, indent=1, sort_keys=True, default=str))
-        return Candidate(code=result.code, source=f"llm:{self.settings.model}", reason=result.reason,
-                         transcript=transcript.summary(), cost=cost)
+        return Candidate(code=result.code, source=f"llm:{self.settings.model}", reason=result.reason, cost=cost)
 
 
 def pytest_configure(config):
@@ -253,14 +252,13 @@ def pytest_terminal_summary(terminalreporter, config):
     if config.pluginmanager.get_plugin("diffagent-generator") is None or getattr(config, "workerinput", None):
         return
     session = config.pluginmanager.get_plugin("diffbench-session")
-    rows = getattr(session, "records", None) or []
+    results = getattr(session, "results", None) or []  # pytest_diffbench.result.TaskResult, one per task
     totals = {"llm_calls": 0, "cache_hits": 0, "retries": 0}
-    for row in rows:
-        props = row.get("props") or {}
+    for result in results:
         for key in totals:
             try:
-                totals[key] += int(float(props.get(f"diffbench_llm_{key}", 0) or 0))
-            except ValueError:
+                totals[key] += int(result.cost.get(key) or 0)
+            except (TypeError, ValueError):
                 pass
     terminalreporter.write_line(f"diffagent: {totals['llm_calls']} LLM calls, {totals['cache_hits']} replayed "
                                 f"from the cache, {totals['retries']} retries")

@@ -4,7 +4,8 @@ The round's modules go into a manifest (``<round>/candidates.jsonl``, one
 ``{"task_id", "code", "candidate_id"}`` per line) and a child
 ``python -m pytest --diffbench-level=<level> -k <task id> --diffbench-candidates=<manifest>
 --diffbench-out=<round>/out`` evaluates them with the same stages as the final verdict; the
-fitness is read from ``<round>/out/<task id>@<candidate id>/result.json``. Where several devices
+fitness is read from ``<round>/out/<task id>@<candidate id>/result.json`` (a
+`pytest_diffbench.result.TaskResult`). Where several devices
 exist the child runs them in parallel with pytest-xdist (``-n``).
 
 Where the harness does not collect one item per candidate (no `CandidatesGenerator.candidate_for` in
@@ -24,6 +25,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the harness is imported where it is used (see supports_candidate_ids)
+    from pytest_diffbench.result import TaskResult
 
 CHILD_ENV = "DIFFAGENT_CHILD"
 
@@ -100,12 +105,14 @@ class ChildPytest:
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
             raise PopulationError(f"the GA's child pytest exited with {code} (log: {log}):\n{tail}")
 
-    def __call__(self, task, round_dir: Path, candidates: list[tuple[str, str]]) -> dict[str, dict | None]:
-        """{candidate id: result record (or None when the child wrote none)}."""
+    def __call__(self, task, round_dir: Path, candidates: list[tuple[str, str]]) -> dict[str, TaskResult | None]:
+        """{candidate id: its TaskResult (or None when the child wrote none)}."""
+        from pytest_diffbench.result import task_label
+
         round_dir = Path(round_dir)
         round_dir.mkdir(parents=True, exist_ok=True)
         log = round_dir / "pytest.log"
-        results: dict[str, dict | None] = {}
+        results: dict[str, TaskResult | None] = {}
         if self.supports_candidate_ids():
             manifest = round_dir / "candidates.jsonl"
             manifest.write_text("".join(json.dumps({"task_id": task.id, "code": code, "candidate_id": cid}) + "\n"
@@ -115,7 +122,7 @@ class ChildPytest:
             workers = min(self.workers, len(candidates))
             self._check_exit(self._run(self.command(task, manifest, out, workers), log), log)
             for cid, _ in candidates:
-                results[cid] = self._read(out, f"{task.id}@{cid}")
+                results[cid] = self._read(out, task_label(task.id, cid))
             return results
         for cid, code in candidates:
             folder = round_dir / f"child-{cid}"
@@ -128,9 +135,11 @@ class ChildPytest:
         return results
 
 
-    def _read(self, out: Path, label: str) -> dict | None:
-        """The child's record for `label`, or None when it wrote none (or, with `cache_dir`, when
-        its tag does not verify: then it was not the harness's)."""
+    def _read(self, out: Path, label: str) -> TaskResult | None:
+        """The child's result for `label`, or None when it wrote none or none this version reads
+        (or, with `cache_dir`, when its tag does not verify: then it was not the harness's)."""
+        from pytest_diffbench.result import TaskResult
+
         try:
             record = json.loads((out / label / "result.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -140,4 +149,7 @@ class ChildPytest:
 
             if not keys.verify_record(keys.secret_key(self.cache_dir), "result", keys.run_context(out, label), record):
                 return None
-        return record
+        try:
+            return TaskResult.from_json(record)
+        except ValueError:
+            return None

@@ -96,14 +96,3 @@ class Transcript:
             self.events.append(event)
             body = fence(text, lang) if text else ""
             self._write_md(f"## {self._n}. {title}\n\n{body}\n")
-
-    def summary(self) -> tuple:
-        """A compact tuple of events for `Candidate.transcript` (the files hold the full text)."""
-        out = []
-        for e in self.events:
-            if e["kind"] == "exchange":
-                out.append({"kind": "exchange", "purpose": e["purpose"], "cached": bool(e.get("cached")),
-                            "error": e.get("error")})
-            else:
-                out.append({"kind": "note", "title": e["title"]})
-        return tuple(out)

@@ -52,20 +52,26 @@ def results(run_dir: Path, cache_dir: Path) -> dict[str, tuple]:
     """label -> (passed, category, U, L) of every complete result.json whose tag the run's key
     verifies (a record a candidate wrote or changed is not a result)."""
     from pytest_diffbench import keys
+    from pytest_diffbench.result import TaskResult
 
     secret = keys.secret_key(cache_dir)
     out = {}
     for path in run_dir.glob("*/result.json"):
         try:
-            r = json.loads(path.read_text())
+            doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not keys.verify_record(secret, "result", keys.run_context(run_dir, path.parent.name), r):
+        if not keys.verify_record(secret, "result", keys.run_context(run_dir, path.parent.name), doc):
             print(f"  ignored {path}: its tag does not verify")
             continue
-        if r.get("complete"):
+        try:
+            r = TaskResult.from_json(doc)
+        except ValueError as exc:
+            print(f"  ignored {path}: {exc}")
+            continue
+        if r.complete:
             rnd = lambda x: None if x is None else round(float(x), 4)  # noqa: E731
-            out[r["label"]] = (r.get("passed"), r.get("category"), rnd(r.get("U")), rnd(r.get("L")))
+            out[r.label] = (r.verdict.passed, r.verdict.category, rnd(r.measures.U), rnd(r.measures.L))
     return out
 
 

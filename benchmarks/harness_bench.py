@@ -64,24 +64,24 @@ def main() -> int:
         us = []
         for i in range(args.repeats):
             baseline_before = evaluator.stats["baseline_s"]
-            record = evaluator.evaluate(task, Candidate(code=task.gold, source="reference"), task.reference, task.gold)
+            result = evaluator.evaluate(task, Candidate(code=task.gold, source="reference"), task.reference, task.gold)
             baselines = evaluator.stats["baseline_s"] - baseline_before
-            wall = record["sandbox"]["wall_s"]
-            timing = record.get("timing") or {}
+            wall = result.sandbox.wall_s
+            timing = result.timing or {}
             start_s = timing.get("start_s") or 0.0
             load = timing.get("load_s") or 0.0
             gen = (timing.get("first_call_s") or 0.0) + sum(timing.get("calls_s") or [])
             child_rest = wall - start_s - load - gen
-            parent = record["task_s"] - wall - baselines
-            share = (record["task_s"] - load - gen - baselines) / record["task_s"] * 100
-            cache = ",".join(f"{v}" for v in record["baseline_cache"].values() if v)
-            us.append(record["U"])
+            parent = result.task_s - wall - baselines
+            share = (result.task_s - load - gen - baselines) / result.task_s * 100
+            cache = ",".join(f"{v}" for v in result.provenance.baseline_cache.values() if v)
+            us.append(result.measures.U)
             if i > 0:  # warm: the baselines are cached and the worker has run a task before
                 starts.append(start_s)
                 shares.append(share)
-            print(f"{task_id:<40}{i + 1:>4}{record['task_s']:>8.1f}{start_s:>7.2f}{load:>7.2f}{gen:>7.2f}"
-                  f"{child_rest:>7.2f}{baselines:>7.1f}{parent:>7.2f}{share:>8.0f}%{cache:>12}{record['U']:>9.4f}"
-                  f"{'pass' if record['passed'] else record['category']:>9}")
+            print(f"{task_id:<40}{i + 1:>4}{result.task_s:>8.1f}{start_s:>7.2f}{load:>7.2f}{gen:>7.2f}"
+                  f"{child_rest:>7.2f}{baselines:>7.1f}{parent:>7.2f}{share:>8.0f}%{cache:>12}{result.measures.U:>9.4f}"
+                  f"{'pass' if result.verdict.passed else result.verdict.category:>9}")
         spread = (max(us) - min(us)) / statistics.mean(us) * 100
         summary.append((task_id, statistics.mean(us), spread, evaluator.stats))
     print("\nU over repeats (the same candidate evaluated again):")

@@ -77,6 +77,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
+from .result import TaskResult
 from .tasks import (
     FAMILIES,
     METHODS,
@@ -618,9 +619,9 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
             cid = config_id(config)
             if cid in cache:
                 return cache[cid], False
-            cache[cid], rec = _measure(evaluator, gen, probe, fkey, config)
-            if rec.get("reference_latency_ms"):
-                families_out.setdefault(fkey, {})["reference_latency_ms"] = round(rec["reference_latency_ms"], 3)
+            cache[cid], result = _measure(evaluator, gen, probe, fkey, config)
+            if result.measures.reference_latency_ms:
+                families_out.setdefault(fkey, {})["reference_latency_ms"] = round(result.measures.reference_latency_ms, 3)
             return cache[cid], True
 
         seeds: list[dict] = []
@@ -705,9 +706,9 @@ def _verify_presets(evaluator, probe: Task, presets, cache: Mapping[str, Measure
 
 
 def _measure(evaluator, gen, probe: Task, fkey: str, config: dict,
-             workload: str | None = None) -> tuple[Measurement, dict]:
+             workload: str | None = None) -> tuple[Measurement, TaskResult]:
     """Evaluate `config` rendered as the probe's code and return its measurement and the
-    evaluator's record. The config is written beside the run's result (MEASUREMENT_FILE) so that a
+    evaluator's result. The config is written beside the run's result (MEASUREMENT_FILE) so that a
     killed run's measurements are recovered; `workload="full"` marks the full-workload checks."""
     from .evaluate import Candidate
 
@@ -716,10 +717,10 @@ def _measure(evaluator, gen, probe: Task, fkey: str, config: dict,
     code = render_config(gen, probe, config, f"{fkey} {cid}" + (" (full workload)" if full else ""))
     label = f"calibration/{fkey}/{'full-' if full else ''}{hashlib.sha256(cid.encode()).hexdigest()[:12]}"
     t0 = time.monotonic()
-    rec = evaluator.evaluate(probe, Candidate(code, "calibration"), probe.reference, None, label=label)
+    result = evaluator.evaluate(probe, Candidate(code, "calibration"), probe.reference, None, label=label)
     meta = {"config": config, "digest": family_digest(probe), **({"workload": workload} if workload else {})}
     (Path(evaluator.run_dir) / label / MEASUREMENT_FILE).write_text(json.dumps(meta, sort_keys=True))
-    return dataclasses.replace(_measurement_of(config, rec), seconds=time.monotonic() - t0), rec
+    return dataclasses.replace(_measurement_of(config, result), seconds=time.monotonic() - t0), result
 
 
 def _sorted_sections(out: dict) -> dict:
@@ -737,7 +738,8 @@ def _measured_in_run_dir(family_dir: Path, digest: str, profile_name: str, workl
     """Measurements a killed run left in the evaluator's run directory (same family digest and
     profile, complete result; `workload` "search" or "full"): (config id -> Measurement, the
     reference latency they were measured against). With `evaluator`, only results carrying a
-    valid tag of its cache's key (keys.py) for their run directory and label count."""
+    valid tag of its cache's key (keys.py) for their run directory and label count; a result
+    this version cannot read (`TaskResult.from_json`) does not."""
     from . import keys
 
     found, reference_latency = {}, None
@@ -752,20 +754,24 @@ def _measured_in_run_dir(family_dir: Path, digest: str, profile_name: str, workl
             # tagged as Evaluator._finish tags it: the run directory and the task folder's name
             if not keys.verify_record(secret, "result", keys.run_context(evaluator.run_dir, meta_path.parent.name), rec):
                 continue
-        if (meta.get("digest") != digest or rec.get("profile") != profile_name or not rec.get("complete")
+        try:
+            result = TaskResult.from_json(rec)
+        except ValueError:
+            continue
+        if (meta.get("digest") != digest or result.provenance.profile != profile_name or not result.complete
                 or meta.get("workload", "search") != workload):
             continue
-        found[config_id(meta["config"])] = _measurement_of(meta["config"], rec)
-        reference_latency = rec.get("reference_latency_ms") or reference_latency
+        found[config_id(meta["config"])] = _measurement_of(meta["config"], result)
+        reference_latency = result.measures.reference_latency_ms or reference_latency
     return found, reference_latency
 
 
-def _measurement_of(config: dict, rec: Mapping) -> "Measurement":
+def _measurement_of(config: dict, result: TaskResult) -> "Measurement":
     err = None
-    if rec.get("category") in ("runtime", "key_attribute", "absolute_quality", "harness", "no_candidate"):
-        err = f"{rec['category']}: {rec.get('message', '')}"
-    return Measurement(config, _round(rec.get("L"), 5), _round(rec.get("U"), 4), _round(rec.get("latency_ms"), 2),
-                       err, float(rec.get("task_s") or 0.0))
+    verdict, m = result.verdict, result.measures
+    if verdict.category in ("runtime", "key_attribute", "absolute_quality", "harness", "no_candidate"):
+        err = f"{verdict.category}: {verdict.message}"
+    return Measurement(config, _round(m.L, 5), _round(m.U, 4), _round(m.latency_ms, 2), err, float(result.task_s or 0.0))
 
 
 def _levels_of(task: Task, config: Mapping) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from .evaluate import Candidate
+from .result import parse_label, task_label
 
 
 class ReferenceGenerator:
@@ -45,9 +46,7 @@ def load_candidates(path: Path) -> dict[str, str]:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("task_id"), str) or not isinstance(entry.get("code"), str):
             raise ValueError(f"{path}:{lineno}: expected an object with string fields 'task_id' and 'code'")
-        key = entry["task_id"]
-        if entry.get("candidate_id") is not None:
-            key = f"{key}@{entry['candidate_id']}"
+        key = task_label(entry["task_id"], entry.get("candidate_id"))
         if key in codes:
             raise ValueError(f"{path}:{lineno}: {key} appears twice")
         codes[key] = entry["code"]
@@ -62,16 +61,16 @@ class CandidatesGenerator:
         self.codes = load_candidates(path)
         self.variants: dict[str, list[str]] = {}  # task id -> candidate ids, for manifests with several
         for key in self.codes:
-            task_id, _, candidate_id = key.partition("@")
+            task_id, candidate_id = parse_label(key)
             if candidate_id:
                 self.variants.setdefault(task_id, []).append(candidate_id)
-        self.unknown = sorted({k.partition("@")[0] for k in self.codes} - known_task_ids)
+        self.unknown = sorted({parse_label(k)[0] for k in self.codes} - known_task_ids)
         if self.unknown:
             warnings.warn(f"--diffbench-candidates {path}: {len(self.unknown)} entries match no task of the suite, "
                           f"e.g. {self.unknown[:3]}", stacklevel=2)
 
     def candidate_for(self, task, candidate_id: str | None) -> Candidate:
-        key = f"{task.id}@{candidate_id}" if candidate_id else task.id
+        key = task_label(task.id, candidate_id)
         code = self.codes.get(key)
         if code is None:
             return Candidate(code=None, source=f"candidates:{self.path}", reason=f"no candidate for {key} in {self.path}")

@@ -12,11 +12,12 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import atomic, crosscheck, metrics, stages
 from .baselines import CachedRun, cache_key, get_or_measure
+from .result import Measures, Provenance, SandboxSummary, TaskResult
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
 from .workload import AGENT_SCOPE, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest, build_batch
 
@@ -39,7 +40,6 @@ class Candidate:
     code: str | None
     source: str  # reference | candidates:<path> | llm:<model> ...
     reason: str = ""  # why there is no code
-    transcript: tuple = ()
     cost: dict = field(default_factory=dict)
 
 
@@ -195,9 +195,11 @@ class Evaluator:
         return {"ok": True, "category": None, "message": "runs; key attributes match", "attributes": attributes}
 
     def evaluate(self, task, candidate: Candidate, reference_code: str, gold_code: str | None,
-                 label: str | None = None) -> dict:
-        """Evaluate `candidate`; results go to <run dir>/<label or task id>/ (its agent/ folder is kept)."""
-        task_dir = self.run_dir / (label or task.id)
+                 label: str | None = None) -> TaskResult:
+        """Evaluate `candidate`; results go to <run dir>/<label or task id>/ (its agent/ folder is
+        kept), the returned result as its result.json."""
+        label = label or task.id
+        task_dir = self.run_dir / label
         if task_dir.exists():
             for child in task_dir.iterdir():
                 if child.name != "agent":
@@ -205,16 +207,15 @@ class Evaluator:
         task_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         batch, texts = self.build_batch(task, self.profile.samples)
-        record = {"task_id": task.id, "label": label or task.id, "level": task.level, "model": task.model, "family": task.family,
-                  "profile": self.profile.name, "zoo": self.profile.zoo, "zoo_detail": self.profile.zoo_detail,
-                  "device": self.profile.device_name, "candidate_source": candidate.source,
-                  "quality_method": self.profile.quality_method, "speed_method": self.profile.speed_method,
-                  "clip_model": self.profile.clip_spec, "run_size": [batch["height"], batch["width"]],
-                  "samples": len(batch["seeds"]), "seeds": self.profile.seeds, "seed_scope": self.profile.seed_scope,
-                  "cost": candidate.cost}
+        provenance = Provenance(model=task.model, family=task.family, profile=self.profile.name, zoo=self.profile.zoo,
+                                zoo_detail=self.profile.zoo_detail, device=self.profile.device_name,
+                                candidate_source=candidate.source, quality_method=self.profile.quality_method,
+                                speed_method=self.profile.speed_method, clip_model=self.profile.clip_spec,
+                                run_size=(batch["height"], batch["width"]), samples=len(batch["seeds"]),
+                                seeds=self.profile.seeds, seed_scope=self.profile.seed_scope)
         if candidate.code is None:
             verdict = stages.Verdict(False, 1, stages.NO_CANDIDATE, candidate.reason or "no candidate code")
-            return self._finish(task_dir, record, verdict, started, task)
+            return self._finish(task_dir, task, label, provenance, candidate.cost, verdict, started)
         (task_dir / "candidate.py").write_text(candidate.code)
 
         reference = self.baseline("reference", task, reference_code, batch)
@@ -232,38 +233,44 @@ class Evaluator:
             else:
                 gold = self.baseline("gold", task, gold_code, batch)
                 same_as_gold = False
-        record["sandbox"] = {"status": outcome.status, "detail": outcome.detail, "wall_s": round(outcome.wall_s, 3),
-                             "peak_rss_mb": round(outcome.peak_rss_mb, 1), "network_isolated": outcome.network_isolated,
-                             "isolation": (outcome.isolation or {}).get("backend"),
-                             "filesystem": (outcome.isolation or {}).get("filesystem")}
-        record["baseline_cache"] = {"reference": "hit" if reference.hit else "miss",
-                                    "gold": None if gold is None else "candidate" if same_as_gold
-                                    else ("hit" if gold.hit else "miss")}
+        sandbox = SandboxSummary(status=outcome.status, detail=outcome.detail, wall_s=round(outcome.wall_s, 3),
+                                 peak_rss_mb=round(outcome.peak_rss_mb, 1), network_isolated=outcome.network_isolated,
+                                 isolation=(outcome.isolation or {}).get("backend"),
+                                 filesystem=(outcome.isolation or {}).get("filesystem"))
+        provenance = dataclasses.replace(provenance, baseline_cache={
+            "reference": "hit" if reference.hit else "miss",
+            "gold": None if gold is None else "candidate" if same_as_gold else ("hit" if gold.hit else "miss")})
         inputs = stages.StageInputs(level=task.level, expect=task.expect, constraint=task.constraint,
                                     outcome_status=outcome.status, outcome_detail=outcome.detail, result=result,
                                     gold_attributes=gold.result.get("attributes") if gold else None,
                                     reference_attributes=reference.result.get("attributes"),
                                     quality_method=self.profile.quality_method, speed_method=self.profile.speed_method)
+        details: dict = {}
         if result and result.get("status") == "ok":
-            record["attributes"] = result.get("attributes")
-            record["timing"] = result.get("timing")
-            record["flops"] = result.get("flops")
-            self._measure(task, batch, texts, result, task_dir / "images", reference, gold, inputs, record)
+            details = {"attributes": result.get("attributes"), "timing": result.get("timing"),
+                       "flops": result.get("flops")}
+            details.update(self._measure(task, batch, texts, result, task_dir / "images", reference, gold, inputs))
         elif result:
-            record["error"] = result.get("error")
+            details["error"] = result.get("error")
         else:
-            record["error"] = {"phase": "process", "type": outcome.status, "message": outcome.detail,
-                               "traceback": outcome.stderr_tail[-3000:]}
+            details["error"] = {"phase": "process", "type": outcome.status, "message": outcome.detail,
+                                "traceback": outcome.stderr_tail[-3000:]}
         verdict = stages.judge(inputs)
-        return self._finish(task_dir, record, verdict, started, task)
+        return self._finish(task_dir, task, label, provenance, candidate.cost, verdict, started, sandbox=sandbox,
+                            inputs=inputs, details=details)
 
-    def _measure(self, task, batch, texts, result, images_dir, reference, gold, inputs, record) -> None:
-        """Figures of stages 2 and 3. Whatever is wrong with the candidate's output (its result's
-        figures, its images: undecodable, not PNG, too many pixels, wrong mode or size) ends as the
-        candidate's failure, never as an exception out of evaluate() (which would be a harness
-        error, left out of the scores): malformed figures are a bad result (runtime, as the
-        sandbox's own stream checks), malformed images a structural problem (stage 2, absolute
-        quality, like a wrong image count or size). Baseline images are checked against the digests
+    def _measure(self, task, batch, texts, result, images_dir, reference, gold, inputs) -> dict:
+        """Figures of stages 2 and 3: those the stages judge go into `inputs`; the others are
+        returned, keyed by their names in result.json (`_finish` puts them in the TaskResult):
+        fidelity, clip, speed_crosscheck, L_bound_calibrated, reference_latency_ms(_measured),
+        images, baseline_changed, error (a result the parent rejected).
+
+        Whatever is wrong with the candidate's output (its result's figures, its images:
+        undecodable, not PNG, too many pixels, wrong mode or size) ends as the candidate's
+        failure, never as an exception out of evaluate() (which would be a harness error, left
+        out of the scores): malformed figures are a bad result (runtime, as the sandbox's own
+        stream checks), malformed images a structural problem (stage 2, absolute quality, like a
+        wrong image count or size). Baseline images are checked against the digests
         of their authenticated manifests right before they are decoded; problems with them stay
         harness errors."""
         import math
@@ -285,8 +292,7 @@ class Evaluator:
             cand_latency = figure((result.get("timing") or {}).get("latency_ms_per_image"), "timing.latency_ms_per_image")
         except (AttributeError, TypeError, ValueError) as exc:
             inputs.outcome_status, inputs.outcome_detail = "bad_result", f"result rejected by the parent: {exc}"
-            record["error"] = {"phase": "parent", "type": "BadResult", "message": inputs.outcome_detail}
-            return
+            return {"error": {"phase": "parent", "type": "BadResult", "message": inputs.outcome_detail}}
         expected_hw = (batch["height"], batch["width"])
         try:
             images = metrics.load_images([images_dir / n for n in result.get("images", [])],
@@ -294,10 +300,11 @@ class Evaluator:
             structural = metrics.structural_checks(images, len(batch["seeds"]), expected_hw)
         except Exception as exc:  # noqa: BLE001 - candidate output: its failure, whatever it is
             inputs.structural_problems = (f"unreadable images: {type(exc).__name__}: {str(exc)[:300]}",)
-            return
+            return {}
         inputs.structural_problems = structural.problems
         if not structural.ok:
-            return
+            return {}
+        measured: dict = {}
 
         def baseline_images(run: CachedRun, role: str):
             """(decoded images, run): the bytes checked against the digests the parent holds and
@@ -313,7 +320,7 @@ class Evaluator:
                 if run.reload is None:
                     raise HarnessError(f"the {role} baseline of task {task.id} changed: {exc}") from exc
                 warnings.warn(f"{exc}; the {role} baseline of task {task.id} is measured again", stacklevel=2)
-                record.setdefault("baseline_changed", []).append(role)
+                measured.setdefault("baseline_changed", []).append(role)
                 fresh = run.reload()
                 try:
                     return metrics.load_images(fresh.read_images()), fresh
@@ -323,15 +330,15 @@ class Evaluator:
 
         ref_images, reference = baseline_images(reference, "reference")
         loss = metrics.fidelity(images, ref_images)
-        record["fidelity"] = {"mean_psnr_db": loss["mean_psnr_db"], "mean_nrmse": loss["mean_nrmse"]}
+        measured["fidelity"] = {"mean_psnr_db": loss["mean_psnr_db"], "mean_nrmse": loss["mean_nrmse"]}
         gold_images, gold = baseline_images(gold, "gold") if gold else (None, None)
         gold_loss = metrics.quality_loss_by_fidelity(gold_images, ref_images) if gold else None
-        record["fidelity"]["gold_mean_nrmse"] = gold_loss
+        measured["fidelity"]["gold_mean_nrmse"] = gold_loss
         if gold_images is not None:
             # L1-L3: the gold solution is the specification; its images from the same seeds show
             # what was asked where the reference is far away (e.g. an ancestral sampler)
             vs_gold = metrics.quality_loss_by_fidelity(images, gold_images)
-            record["fidelity"]["vs_gold_nrmse"] = vs_gold
+            measured["fidelity"]["vs_gold_nrmse"] = vs_gold
             # only L1-L3 have a gold that is the specification; an L4/L5 gold is the calibrated
             # optimum, one of many valid configurations (recorded above, not judged)
             if self.profile.quality_method == "fidelity" and task.level in ("L1", "L2", "L3"):
@@ -341,7 +348,7 @@ class Evaluator:
         if scorer is not None:
             cand_clip = scorer.score(images, texts)
             base_clip = scorer.score(ref_images, texts)
-            record["clip"] = {"mean": cand_clip["mean_clip"], "reference_mean": base_clip["mean_clip"],
+            measured["clip"] = {"mean": cand_clip["mean_clip"], "reference_mean": base_clip["mean_clip"],
                               "mean_cosine": sum(cand_clip["clip_cosine"]) / len(texts), "pretrained": scorer.pretrained}
             inputs.mean_clip = cand_clip["mean_clip"]
             inputs.clip_meaningful = scorer.pretrained
@@ -356,13 +363,13 @@ class Evaluator:
             else:
                 inputs.quality_bound = stages.seed_adjusted_bound(task.constraint.max_quality_loss, gold_loss,
                                                                   task.constraint.calibrated_gold_loss)
-                record["L_bound_calibrated"] = task.constraint.max_quality_loss
+                measured["L_bound_calibrated"] = task.constraint.max_quality_loss
         ref_cost = self._cost(reference.result)
         if ref_cost and cand_cost:
             inputs.speedup = metrics.speedup(ref_cost, cand_cost)
         if self.profile.speed_method == "flops":
             figures = crosscheck.speed_figures(reference.result, result)
-            record["speed_crosscheck"] = figures
+            measured["speed_crosscheck"] = figures
             violation = crosscheck.speed_violation(figures)
             if violation:
                 inputs.integrity_problems = (violation,)
@@ -376,35 +383,49 @@ class Evaluator:
             # for a calibrated L5 task the one its target was calibrated against, not today's.
             anchor = task.constraint.reference_latency_ms
             if anchor:
-                record["reference_latency_ms_measured"] = ref_latency
+                measured["reference_latency_ms_measured"] = ref_latency
                 ref_latency = anchor
             if ref_latency and inputs.speedup:
                 inputs.latency_ms = ref_latency / inputs.speedup
-        record.update({"L": inputs.quality_loss, "L_bound": inputs.quality_bound,
-                       "L_gold": inputs.gold_fidelity_loss, "L_gold_bound": inputs.gold_fidelity_bound, "U": inputs.speedup,
-                       "U_gold": inputs.gold_speedup, "latency_ms": inputs.latency_ms,
-                       "reference_latency_ms": ref_latency, "images": result.get("images", [])})
+        measured.update({"reference_latency_ms": ref_latency, "images": result.get("images", [])})
+        return measured
 
-    def _finish(self, task_dir: Path, record: dict, verdict: stages.Verdict, started: float,
-                task=None) -> dict:
-        record["verdict"] = asdict(verdict)
-        if task is not None and task.level in ("L4", "L5"):
-            record["difficulty"] = task.difficulty
-            record["target_speedup"] = task.constraint.min_speedup if task.level == "L4" else None
-            record["target_latency_ms"] = task.constraint.max_latency_ms if task.level == "L5" else None
-            record["attainment"] = metrics.target_attainment(
-                task.level, verdict.passed, verdict.category, record.get("U"), record.get("latency_ms"),
-                record["target_speedup"], record["target_latency_ms"])
-        record["passed"] = verdict.passed
-        record["category"] = verdict.category
-        record["stage_reached"] = verdict.stage_reached
-        record["message"] = verdict.message
-        record["task_s"] = round(time.monotonic() - started, 3)
-        record["complete"] = True
+    def _finish(self, task_dir: Path, task, label: str, provenance: Provenance, cost: dict,
+                verdict: stages.Verdict, started: float, *, sandbox: SandboxSummary | None = None,
+                inputs: stages.StageInputs | None = None, details: dict | None = None) -> TaskResult:
+        """The task's result, built once from the verdict, the figures the stages judged (`inputs`)
+        and the other figures and details of the run (`details`, keyed as in result.json), and
+        written as result.json."""
+        details = dict(details or {})
+        attributes, timing, flops = details.pop("attributes", None), details.pop("timing", None), details.pop("flops", None)
+        error, images = details.pop("error", None), details.pop("images", None)
+        provenance = dataclasses.replace(provenance, baseline_changed=tuple(details.pop("baseline_changed", ())))
+        judged = {} if inputs is None else {
+            "L": inputs.quality_loss, "L_bound": inputs.quality_bound, "L_gold": inputs.gold_fidelity_loss,
+            "L_gold_bound": inputs.gold_fidelity_bound, "U": inputs.speedup, "U_gold": inputs.gold_speedup,
+            "latency_ms": inputs.latency_ms}
+        measures = Measures(**judged, **details)  # a key of `details` that is no measure is a TypeError here
+        if task.level in ("L4", "L5"):
+            target_speedup = task.constraint.min_speedup if task.level == "L4" else None
+            target_latency_ms = task.constraint.max_latency_ms if task.level == "L5" else None
+            measures = dataclasses.replace(
+                measures, difficulty=task.difficulty, target_speedup=target_speedup, target_latency_ms=target_latency_ms,
+                attainment=metrics.target_attainment(task.level, verdict.passed, verdict.category, measures.U,
+                                                     measures.latency_ms, target_speedup, target_latency_ms))
+        result = TaskResult(task_id=task.id, label=label, level=task.level, verdict=verdict, measures=measures,
+                            provenance=provenance, sandbox=sandbox, cost=dict(cost), attributes=attributes,
+                            timing=timing, flops=flops, error=error,
+                            images=None if images is None else tuple(images),
+                            task_s=round(time.monotonic() - started, 3), complete=True)
+        self.write_result(task_dir, result)
+        return result
+
+    def write_result(self, task_dir: Path, result: TaskResult) -> None:
+        """result.json: the result's JSON form, tagged with the harness key (keys.py) for this run
+        directory and task folder, so that resume, the GA and the calibration trust only what this
+        harness wrote there."""
         from .keys import run_context, sign_record
 
-        # tagged with the harness key (keys.py): resume trusts only what this harness wrote here
         secret = self._secret()
         write_json_atomic(task_dir / "result.json",
-                          sign_record(secret, "result", run_context(self.run_dir, task_dir.name), record))
-        return record
+                          sign_record(secret, "result", run_context(self.run_dir, task_dir.name), result.to_json()))

@@ -36,11 +36,14 @@ def pytest_diffbench_data_source(config):
     """Return the `pytest_diffbench.workload.DataSource` with captions, class names, init images."""
 
 
-def pytest_diffbench_evaluated(task, record, config):
-    """Called after each task is evaluated with its result record (a dict, also in result.json).
+def pytest_diffbench_evaluated(task, result, record, config):
+    """Called after each task is evaluated (or its result reused on resume).
+
+    `result` is the `pytest_diffbench.result.TaskResult`; `record` its JSON form, the document of
+    the task's result.json (for implementations written when that dict was all there was).
 
     Example conftest.py::
 
-        def pytest_diffbench_evaluated(task, record, config):
-            print(task.id, record["passed"], record.get("U"))
+        def pytest_diffbench_evaluated(task, result, config):
+            print(task.id, result.verdict.passed, result.measures.U)
     """

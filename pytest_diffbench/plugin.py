@@ -7,6 +7,7 @@ module only wires them into pytest. Without `--diffbench-level` it does nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,10 +21,13 @@ from . import hookspecs, report
 from .atomic import write_json_atomic
 from .devices import device_for_worker, visible_devices
 from .evaluate import Candidate, Evaluator, HarnessError, Profile
+from .result import TaskResult, parse_label, task_label
 from .sandbox import SandboxLimits
 from .workload import PUBLIC_SEEDS, SECRET_SEEDS, SEED_MODES, SEED_SCOPES, VERDICT_SCOPE
 
 SESSION_KEY = pytest.StashKey["DiffbenchSession"]()
+#: an item's TaskResult, set by the diffbench_evaluation fixture for pytest_runtest_makereport
+RESULT_KEY = pytest.StashKey[TaskResult]()
 SUITE_FILE = Path(__file__).with_name("suite.py")
 
 
@@ -114,7 +118,7 @@ class DiffbenchSession:
         self.config, self.tasks, self.levels = config, tasks, levels
         self.by_id = {t.id: t for t in tasks}
         self.started = time.time()
-        self.records: list[dict] = []  # controller: from reports
+        self.results: list[TaskResult] = []  # controller: one per task, from the reports (report_row)
         self.run_dir = self._run_dir()
         self.cache_dir = Path(config.getoption("diffbench_cache_dir") or os.environ.get("DIFFBENCH_CACHE_DIR")
                               or Path.home() / ".cache" / "pytest-diffbench")
@@ -146,15 +150,15 @@ class DiffbenchSession:
 
     # -- hooks: the session object is registered as a plugin ------------------------------
     def pytest_runtest_logreport(self, report):
-        row = report_row(report)
-        if row is not None:
-            self.records.append(row)
+        result = report_row(report)
+        if result is not None:
+            self.results.append(result)
 
     def pytest_terminal_summary(self, terminalreporter):
         if getattr(self.config, "workerinput", None) is not None or self.config.option.collectonly:
             return
         terminalreporter.section("diffbench summary")
-        for line in report.summary_lines(self.records, self.levels, time.time() - self.started, self.run_dir):
+        for line in report.summary_lines(self.results, self.levels, time.time() - self.started, self.run_dir):
             terminalreporter.write_line(line)
 
     def calibration(self, profile_name: str):
@@ -181,9 +185,9 @@ class DiffbenchSession:
                 "candidate": None if candidate_code is None else digest(candidate_code),
                 "seeds": f"{seed_mode(self.config)}:{opt('diffbench_seed_scope')}"}
 
-    def previous_record(self, label: str, profile_name: str, fingerprint: dict) -> dict | None:
-        """A complete result.json of `label` from an earlier session on the same profile, for the
-        same task and generator (`fingerprint`), if any.
+    def previous_result(self, label: str, profile_name: str, fingerprint: dict) -> TaskResult | None:
+        """The complete result of `label` from an earlier session on the same profile, for the
+        same task and generator (`fingerprint`), if any (marked `resumed`).
 
         Both files must carry a valid tag of the harness key (keys.py) for this run directory and
         label, and resume.json must name the very result.json beside it: a file written by anything
@@ -209,14 +213,18 @@ class DiffbenchSession:
             warnings.warn(f"diffbench: not reusing {folder / 'result.json'}: it is not the result "
                           f"{folder / RESUME_FILE} was written for. The task is evaluated again.", stacklevel=2)
             return None
-        if not record.get("complete") or record.get("profile") != profile_name:
+        try:
+            result = TaskResult.from_json(record)
+        except ValueError as exc:  # tagged by this harness, but not a result this version reads
+            warnings.warn(f"diffbench: not reusing {folder / 'result.json'}: {exc}. The task is evaluated again.",
+                          stacklevel=2)
+            return None
+        if not result.complete or result.provenance.profile != profile_name:
             return None
         if recorded.get("fingerprint") != fingerprint:
             # another task version, calibration, generator or candidate: the old verdict is not this one's
             return None
-        record.pop(keys.MAC_FIELD, None)
-        record["resumed"] = True
-        return record
+        return dataclasses.replace(result, resumed=True)
 
     def write_resume(self, label: str, fingerprint: dict) -> None:
         """resume.json beside a complete result.json: its fingerprint and the digest of that
@@ -367,7 +375,7 @@ def pytest_generate_tests(metafunc):
     for task in session.tasks if session else []:
         variants = session.candidates.variants.get(task.id) if session.candidates else None
         for candidate_id in variants or [None]:
-            label = f"{task.id}@{candidate_id}" if candidate_id else task.id
+            label = task_label(task.id, candidate_id)
             params.append(pytest.param(task, candidate_id, id=label, marks=pytest.mark.xdist_group(task.family)))
     metafunc.parametrize(["diffbench_task", "diffbench_candidate_id"], params)
 
@@ -501,7 +509,7 @@ def diffbench_candidate(diffbench_profile_task, diffbench_candidate_id, diffbenc
 
 
 @pytest.fixture
-def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffbench_session, request) -> dict:
+def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffbench_session, request) -> TaskResult:
     """Runs the candidate and the three stages; the test function asserts on the result.
 
     With resume on, a complete result from an earlier session in the same run directory (same
@@ -509,44 +517,78 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
     """
     evaluator = diffbench_session.evaluator()
     task = diffbench_profile_task
-    label = f"{task.id}@{diffbench_candidate_id}" if diffbench_candidate_id else task.id
+    label = task_label(task.id, diffbench_candidate_id)
     known_code = None
     if diffbench_session.candidates is not None:  # a file read, no generator run
         known_code = request.getfixturevalue("diffbench_candidate").code or ""
     fingerprint = diffbench_session.resume_fingerprint(task, known_code)
-    record = (diffbench_session.previous_record(label, evaluator.profile.name, fingerprint)
+    result = (diffbench_session.previous_result(label, evaluator.profile.name, fingerprint)
               if diffbench_session.resume else None)
-    if record is None:
+    if result is None:
         candidate = request.getfixturevalue("diffbench_candidate")
-        record = evaluator.evaluate(task, candidate, task.reference, task.gold, label=label)
-        if record.get("complete"):
+        result = evaluator.evaluate(task, candidate, task.reference, task.gold, label=label)
+        if result.complete:
             diffbench_session.write_resume(label, fingerprint)
-    for name, value in report.junit_properties(record):
+    request.node.stash[RESULT_KEY] = result
+    for name, value in report.junit_properties(result):
         request.node.user_properties.append((name, value))
-    request.config.hook.pytest_diffbench_evaluated(task=task, record=record, config=request.config)
-    return record
+    request.config.hook.pytest_diffbench_evaluated(task=task, result=result, record=result.to_json(),
+                                                    config=request.config)
+    return result
 
 
 # -- reporting -----------------------------------------------------------------------------------
 
 #: beside each result.json: what it was computed from (see DiffbenchSession.resume_fingerprint)
 RESUME_FILE = "resume.json"
+#: attributes of the suite's test reports, carried to the xdist controller by pytest's report
+#: serialization: the item's task (task_id, label, level) on every phase, the TaskResult's JSON
+#: form on the call report
+REPORT_ITEM = "diffbench_item"
+REPORT_RESULT = "diffbench_result"
 
 
-def report_row(rep) -> dict | None:
-    """One summary row per task, from the call report (or the setup report when setup failed)."""
-    if "test_task[" not in rep.nodeid:
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    task = params.get("diffbench_task")
+    if task is not None and _session(item.config) is not None:
+        setattr(rep, REPORT_ITEM, {"task_id": task.id, "label": task_label(task.id, params.get("diffbench_candidate_id")),
+                                   "level": task.level})
+        result = item.stash.get(RESULT_KEY, None)
+        if result is not None and rep.when == "call":
+            setattr(rep, REPORT_RESULT, result.to_json())
+    return rep
+
+
+def report_row(rep) -> TaskResult | None:
+    """The task's result as the summary counts it: from the call report, or a harness error from a
+    failed setup or from pytest-xdist's report of a worker that died running the item; None for
+    other reports. The call's outcome is the verdict's (suite.test_task asserts it)."""
+    item = getattr(rep, REPORT_ITEM, None) or _crashed_worker_item(rep)
+    if item is None:
         return None
-    props = dict(rep.user_properties)
-    task_id = rep.nodeid.rsplit("[", 1)[1].rstrip("]").partition("@")[0]
     if rep.failed and rep.when not in ("call", "teardown"):
-        # setup failed, or pytest-xdist's report of a worker that died running this item (when "???")
-        return {"task_id": task_id, "level": task_id.split("-")[0], "passed": False, "category": "harness",
-                "message": str(rep.longrepr)[-500:]}
+        return TaskResult.harness_failure(item["task_id"], item["label"], item["level"], str(rep.longrepr)[-500:])
     if rep.when != "call":
         return None
-    return {"task_id": task_id, "level": props.get("diffbench_level", task_id.split("-")[0]),
-            "passed": rep.passed, "category": props.get("diffbench_category") or (None if rep.passed else "harness"),
-            "props": props, "duration": rep.duration}
+    document = getattr(rep, REPORT_RESULT, None)
+    if document is None:
+        return TaskResult.harness_failure(item["task_id"], item["label"], item["level"],
+                                          "no result reached the summary: " + str(rep.longrepr or "")[-400:])
+    try:
+        return TaskResult.from_json(document)
+    except ValueError as exc:
+        return TaskResult.harness_failure(item["task_id"], item["label"], item["level"], f"unreadable result: {exc}")
 
 
+def _crashed_worker_item(rep) -> dict | None:
+    """The task of pytest-xdist's report of a worker that died running the item (when "???"): the
+    controller makes that report itself, without the worker's attributes, so the task comes from
+    the node id. None for any other report."""
+    if rep.when != "???" or "test_task[" not in rep.nodeid:
+        return None
+    label = rep.nodeid.rsplit("[", 1)[1].rstrip("]")
+    task_id, _ = parse_label(label)
+    return {"task_id": task_id, "label": label, "level": task_id.split("-")[0]}

@@ -1,10 +1,11 @@
-"""Per-task JUnit properties and the end-of-session summary table."""
+"""Per-task JUnit properties and the end-of-session summary table, both from `TaskResult`s."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
+from .result import Provenance, TaskResult
 from .stages import CATEGORY_TITLES, HARNESS, MODEL_FAILURES, NO_CANDIDATE
 
 LEVELS = ("L1", "L2", "L3", "L4", "L5")
@@ -18,73 +19,76 @@ def _fmt(value, digits=4):
     return str(value)
 
 
-def junit_properties(record: dict) -> list[tuple[str, str]]:
-    """Flat name/value pairs for `--junitxml` (and for the controller's summary under xdist)."""
-    clip = record.get("clip") or {}
+def junit_properties(result: TaskResult) -> list[tuple[str, str]]:
+    """Flat name/value pairs for `--junitxml`, rendered from the result (4 significant digits for
+    floats; None values left out)."""
+    m, p, v = result.measures, result.provenance, result.verdict
     fields = {
-        "diffbench_level": record.get("level"),
-        "diffbench_passed": record.get("passed"),
-        "diffbench_stage": record.get("stage_reached"),
-        "diffbench_category": record.get("category") or "",
-        "diffbench_message": record.get("message"),
-        "diffbench_L": record.get("L"),
-        "diffbench_L_bound": record.get("L_bound"),
-        "diffbench_quality_method": record.get("quality_method"),
-        "diffbench_U": record.get("U"),
-        "diffbench_U_gold": record.get("U_gold"),
-        "diffbench_speed_method": record.get("speed_method"),
-        "diffbench_latency_ms": record.get("latency_ms"),
-        "diffbench_difficulty": record.get("difficulty"),
-        "diffbench_target_speedup": record.get("target_speedup"),
-        "diffbench_target_latency_ms": record.get("target_latency_ms"),
-        "diffbench_attainment": record.get("attainment"),
-        "diffbench_clip": clip.get("mean"),
-        "diffbench_clip_model": record.get("clip_model"),
-        "diffbench_psnr_db": (record.get("fidelity") or {}).get("mean_psnr_db"),
-        "diffbench_zoo": record.get("zoo"),
-        "diffbench_seeds": record.get("seeds"),
-        "diffbench_device": record.get("device"),
-        "diffbench_candidate_source": record.get("candidate_source"),
-        "diffbench_baseline_cache": ",".join(f"{k}:{v}" for k, v in (record.get("baseline_cache") or {}).items() if v),
-        "diffbench_task_s": record.get("task_s"),
-        "diffbench_resumed": record.get("resumed", False),
-        "diffbench_candidate_s": (record.get("sandbox") or {}).get("wall_s"),
+        "diffbench_level": result.level,
+        "diffbench_passed": v.passed,
+        "diffbench_stage": v.stage_reached,
+        "diffbench_category": v.category or "",
+        "diffbench_message": v.message,
+        "diffbench_L": m.L,
+        "diffbench_L_bound": m.L_bound,
+        "diffbench_quality_method": p.quality_method,
+        "diffbench_U": m.U,
+        "diffbench_U_gold": m.U_gold,
+        "diffbench_speed_method": p.speed_method,
+        "diffbench_latency_ms": m.latency_ms,
+        "diffbench_difficulty": m.difficulty,
+        "diffbench_target_speedup": m.target_speedup,
+        "diffbench_target_latency_ms": m.target_latency_ms,
+        "diffbench_attainment": m.attainment,
+        "diffbench_clip": (m.clip or {}).get("mean"),
+        "diffbench_clip_model": p.clip_model,
+        "diffbench_psnr_db": (m.fidelity or {}).get("mean_psnr_db"),
+        "diffbench_zoo": p.zoo,
+        "diffbench_seeds": p.seeds,
+        "diffbench_device": p.device,
+        "diffbench_candidate_source": p.candidate_source,
+        "diffbench_baseline_cache": ",".join(f"{k}:{v}" for k, v in (p.baseline_cache or {}).items() if v),
+        "diffbench_task_s": result.task_s,
+        "diffbench_resumed": result.resumed,
+        "diffbench_candidate_s": None if result.sandbox is None else result.sandbox.wall_s,
     }
-    for key, value in sorted((record.get("cost") or {}).items()):
+    for key, value in sorted(result.cost.items()):
         fields[f"diffbench_llm_{key}"] = value
     return [(k, _fmt(v)) for k, v in fields.items() if v is not None]
 
 
-def summary_lines(rows: list[dict], levels, elapsed_s: float, run_dir: Path) -> list[str]:
-    """The table printed at the end: per level tasks / passed / S_p, categories, profile."""
+def summary_lines(results: list[TaskResult], levels, elapsed_s: float, run_dir: Path) -> list[str]:
+    """The table printed at the end: per level tasks / passed / S_p, categories, profile. One
+    result per task (harness failures included: `TaskResult.harness_failure`)."""
     lines = []
-    props = next((r["props"] for r in rows if r.get("props")), {})
-    lines.append(f"zoo: {props.get('diffbench_zoo', '?')}   device: {props.get('diffbench_device', '?')}   "
-                 f"CLIP: {props.get('diffbench_clip_model', '?')}   quality: {props.get('diffbench_quality_method', '?')}"
-                 f"   speed: {props.get('diffbench_speed_method', '?')}"
-                 f"   seeds: {_seeds_summary(rows)}")
+    # the profile as the first evaluated task recorded it
+    first = next((r.provenance for r in results if r.complete), Provenance())
+    shown = lambda value: "?" if value is None else value  # noqa: E731
+    lines.append(f"zoo: {shown(first.zoo)}   device: {shown(first.device)}   CLIP: {shown(first.clip_model)}   "
+                 f"quality: {shown(first.quality_method)}   speed: {shown(first.speed_method)}"
+                 f"   seeds: {_seeds_summary(results)}")
     lines.append(f"{'level':<6}{'tasks':>7}{'passed':>8}{'harness':>9}{'S_p':>9}")
     total = Counter()
     for level in [lvl for lvl in LEVELS if lvl in set(levels)]:
-        mine = [r for r in rows if r["level"] == level]
+        mine = [r for r in results if r.level == level]
         c = _counts(mine)
         total.update(c)
         lines.append(_row(level, c))
     lines.append(_row("all", total))
-    cats = Counter(r.get("category") for r in rows if not r["passed"])
+    cats = Counter(r.verdict.category for r in results if not r.verdict.passed)
     order = list(MODEL_FAILURES) + [NO_CANDIDATE, HARNESS]
     lines.append("failures: " + ", ".join(f"{CATEGORY_TITLES[c]} {cats.get(c, 0)}" for c in order))
     if total["harness"]:
         lines.append(f"incomplete: {total['harness']} task(s) hit harness errors; S_p is over the "
                      f"{total['tasks'] - total['harness']} tasks that were evaluated")
-    sa = s_a_line(rows)
+    sa = s_a_line(results)
     if sa:
         lines.append(sa)
-    hits = sum(r.get("props", {}).get("diffbench_baseline_cache", "").count("hit") for r in rows)
-    misses = sum(r.get("props", {}).get("diffbench_baseline_cache", "").count("miss") for r in rows)
-    cost = sum(float(r.get("props", {}).get("diffbench_llm_cost_usd", 0) or 0) for r in rows)
-    tokens = sum(int(float(r.get("props", {}).get("diffbench_llm_total_tokens", 0) or 0)) for r in rows)
-    unpriced = sum(r.get("props", {}).get("diffbench_llm_cost_known") == "False" for r in rows)
+    caches = [v for r in results for v in (r.provenance.baseline_cache or {}).values()]
+    hits, misses = caches.count("hit"), caches.count("miss")
+    cost = sum(float(r.cost.get("cost_usd") or 0) for r in results)
+    tokens = sum(int(r.cost.get("total_tokens") or 0) for r in results)
+    unpriced = sum(r.cost.get("cost_known") is False for r in results)
     price = f"${cost:.4f}" + (f" (cost unknown for {unpriced} task(s): the model is not in litellm's price map; "
                               f"--llm-price IN,OUT sets one)" if unpriced else "")
     lines.append(f"baseline cache: {hits} hits, {misses} misses   LLM: {tokens} tokens, {price}")
@@ -92,23 +96,23 @@ def summary_lines(rows: list[dict], levels, elapsed_s: float, run_dir: Path) -> 
     return lines
 
 
-def _seeds_summary(rows: list[dict]) -> str:
+def _seeds_summary(results: list[TaskResult]) -> str:
     """The seed modes the results were judged with (`public` is the weak, reproducible one)."""
-    modes = sorted({(r.get("props") or {}).get("diffbench_seeds") for r in rows} - {None, ""})
+    modes = sorted({r.provenance.seeds for r in results} - {None, ""})
     if not modes:
         return "?"
     return ", ".join(m.upper() + " (weak: predictable)" if m == "public" else m for m in modes)
 
 
-def s_a_line(rows: list[dict]) -> str | None:
+def s_a_line(results: list[TaskResult]) -> str | None:
     """The paper's S_a: over hard L4/L5 tasks, the mean of min(1, achieved / required) (per task:
-    `metrics.target_attainment`; harness errors are left out, as from S_p)."""
+    `metrics.target_attainment`; harness errors are left out, as from S_p), from the exact
+    attainments (before results carried them to the controller as 4-digit JUnit strings, S_a was
+    the mean of the rounded values)."""
     per_level: dict[str, list[float]] = {}
-    for r in rows:
-        props = r.get("props") or {}
-        if r["level"] in ("L4", "L5") and props.get("diffbench_difficulty") == "hard" \
-                and props.get("diffbench_attainment") not in (None, ""):
-            per_level.setdefault(r["level"], []).append(float(props["diffbench_attainment"]))
+    for r in results:
+        if r.level in ("L4", "L5") and r.measures.difficulty == "hard" and r.measures.attainment is not None:
+            per_level.setdefault(r.level, []).append(r.measures.attainment)
     if not per_level:
         return None
     everything = [x for xs in per_level.values() for x in xs]
@@ -117,9 +121,9 @@ def s_a_line(rows: list[dict]) -> str | None:
             f"all {100.0 * sum(everything) / len(everything):.2f}% ({len(everything)})")
 
 
-def _counts(rows: list[dict]) -> Counter:
-    return Counter(tasks=len(rows), passed=sum(r["passed"] for r in rows),
-                   harness=sum(r.get("category") == HARNESS for r in rows))
+def _counts(results: list[TaskResult]) -> Counter:
+    return Counter(tasks=len(results), passed=sum(r.verdict.passed for r in results),
+                   harness=sum(r.verdict.category == HARNESS for r in results))
 
 
 def _row(label: str, c: Counter) -> str:

@@ -7,7 +7,7 @@ stage that fails, which gives the failure category of the paper.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 # Failure categories. The last two are not model failures.
@@ -61,7 +61,6 @@ class Verdict:
     stage_reached: int  # the stage that failed, or 3 when all passed
     category: str | None
     message: str
-    figures: dict = field(default_factory=dict)
 
 
 def _same_value(expected: Any, found: Any) -> bool:
@@ -196,42 +195,39 @@ class StageInputs:
     gold_fidelity_bound: float | None = None
     # what the parent found wrong with figures the candidate's process produced (crosscheck.py)
     integrity_problems: tuple[str, ...] = ()
-    figures: dict = field(default_factory=dict)
 
 
 def judge(inp: StageInputs) -> Verdict:
-    figures = dict(inp.figures)
     failure = runtime_failure(inp.outcome_status, inp.outcome_detail, inp.result)
     if failure:
-        return Verdict(False, 1, RUNTIME, failure, figures)
+        return Verdict(False, 1, RUNTIME, failure)
     if inp.integrity_problems:
-        return Verdict(False, 1, RUNTIME, "IntegrityError (found by the parent): " + "; ".join(inp.integrity_problems),
-                       figures)
+        return Verdict(False, 1, RUNTIME, "IntegrityError (found by the parent): " + "; ".join(inp.integrity_problems))
 
     attributes = inp.result.get("attributes") or {}
     mismatches = key_attribute_mismatches(inp.expect, inp.level, attributes, inp.gold_attributes)
     mismatches += work_mismatches(attributes, inp.reference_attributes)
     if mismatches:
-        return Verdict(False, 1, KEY_ATTRIBUTE, "; ".join(str(m) for m in mismatches), figures)
+        return Verdict(False, 1, KEY_ATTRIBUTE, "; ".join(str(m) for m in mismatches))
 
     if inp.structural_problems:
-        return Verdict(False, 2, ABSOLUTE_QUALITY, "; ".join(inp.structural_problems), figures)
+        return Verdict(False, 2, ABSOLUTE_QUALITY, "; ".join(inp.structural_problems))
     if inp.clip_meaningful and inp.clip_threshold is not None and inp.mean_clip is not None:
         if inp.mean_clip < inp.clip_threshold:
             return Verdict(False, 2, ABSOLUTE_QUALITY,
-                           f"mean CLIP score: expected >= {inp.clip_threshold:.2f}, found {inp.mean_clip:.2f}", figures)
+                           f"mean CLIP score: expected >= {inp.clip_threshold:.2f}, found {inp.mean_clip:.2f}")
 
     if inp.quality_loss is None or inp.quality_bound is None:
-        return Verdict(False, 3, HARNESS, "stage 3 figures missing (no baseline)", figures)
+        return Verdict(False, 3, HARNESS, "stage 3 figures missing (no baseline)")
     q_name = "L (CLIP)" if inp.quality_method == "clip" else "L (fidelity, nRMSE vs reference)"
     if not inp.quality_loss <= inp.quality_bound:
         return Verdict(False, 3, RELATIVE_QUALITY,
-                       f"{q_name}: expected <= {inp.quality_bound:.4f}, found {inp.quality_loss:.4f}", figures)
+                       f"{q_name}: expected <= {inp.quality_bound:.4f}, found {inp.quality_loss:.4f}")
     if inp.gold_fidelity_loss is not None and inp.gold_fidelity_bound is not None \
             and not inp.gold_fidelity_loss <= inp.gold_fidelity_bound:
         return Verdict(False, 3, RELATIVE_QUALITY,
                        f"L (fidelity, nRMSE vs the gold solution, the specification): expected <= "
-                       f"{inp.gold_fidelity_bound:.4f}, found {inp.gold_fidelity_loss:.4f}", figures)
+                       f"{inp.gold_fidelity_bound:.4f}, found {inp.gold_fidelity_loss:.4f}")
     speed_name = f"speedup U ({inp.speed_method})"
     if inp.level in ("L1", "L2", "L3"):
         if inp.speedup is not None and inp.gold_speedup:
@@ -240,14 +236,14 @@ def judge(inp: StageInputs) -> Verdict:
                 return Verdict(False, 3, RELATIVE_SPEED,
                                f"{speed_name}: expected >= {inp.gold_speedup / MAX_SLOWDOWN_VS_GOLD:.3f} "
                                f"(within {MAX_SLOWDOWN_VS_GOLD:g}x of the gold solution's {inp.gold_speedup:.3f}), "
-                               f"found {inp.speedup:.3f}", figures)
+                               f"found {inp.speedup:.3f}")
     elif inp.level == "L4":
         target = inp.constraint.min_speedup
         if inp.speedup is None or inp.speedup < target:
-            return Verdict(False, 3, RELATIVE_SPEED, f"{speed_name}: expected >= {target:.3f}, found {inp.speedup}", figures)
+            return Verdict(False, 3, RELATIVE_SPEED, f"{speed_name}: expected >= {target:.3f}, found {inp.speedup}")
     elif inp.level == "L5":
         target = inp.constraint.max_latency_ms
         if inp.latency_ms is None or inp.latency_ms > target:
             return Verdict(False, 3, RELATIVE_SPEED,
-                           f"latency per image ({inp.speed_method}): expected <= {target:.1f} ms, found {inp.latency_ms}", figures)
-    return Verdict(True, 3, None, "passed", figures)
+                           f"latency per image ({inp.speed_method}): expected <= {target:.1f} ms, found {inp.latency_ms}")
+    return Verdict(True, 3, None, "passed")

@@ -602,20 +602,22 @@ def test_images_precomputed_for_the_public_seeds_fail_under_secret_seeds(tiny_zo
     assert public["seeds"] == [task.seed + i for i in range(samples)]
     code = precompute_candidate(task, dict(zip(public["seeds"], public["class_ids"])))
     expect = dict(re.findall(r"^expect (\w+): (\w+)$", (TASK_ATTACKS / "precompute_public_seeds.py").read_text(), re.M))
-    records = {}
+    results = {}
     for mode in ("public", "secret"):
         evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / mode, samples=samples, timeout_s=300.0,
                                    **({"seeds": mode} if mode == "public" else {}))  # secret: the default
-        records[mode] = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
-        assert records[mode]["seeds"] == mode and records[mode]["seed_scope"] == "verdict"
-    weak, strong = records["public"], records["secret"]
-    summary = {m: (r["passed"], r["category"], r.get("L"), r.get("U"), r["message"][:200]) for m, r in records.items()}
+        results[mode] = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+        assert results[mode].provenance.seeds == mode and results[mode].provenance.seed_scope == "verdict"
+    weak, strong = (results[m].verdict for m in ("public", "secret"))
+    weak_m, strong_m = (results[m].measures for m in ("public", "secret"))
+    summary = {m: (r.verdict.passed, r.verdict.category, r.measures.L, r.measures.U, r.verdict.message[:200])
+               for m, r in results.items()}
     print(f"\nprecomputed images on {task.id} (hard target U >= {task.constraint.min_speedup}): {summary}")
     # public seeds: the attack works (L ~ 0 at the U of a 2-step sampler, above the hard target)
-    assert weak["passed"] and expect["public"] == "passed", summary
-    assert weak["L"] < 0.01 and weak["U"] >= task.constraint.min_speedup, summary
+    assert weak.passed and expect["public"] == "passed", summary
+    assert weak_m.L < 0.01 and weak_m.U >= task.constraint.min_speedup, summary
     # secret seeds (the default): the precomputed images are of other noise; the candidate is left
     # with its 2-step images and fails stage 3 on quality, a model failure
-    assert not strong["passed"] and strong["category"] == expect["secret"] == stages.RELATIVE_QUALITY, summary
-    assert strong["stage_reached"] == 3 and strong["L"] > strong["L_bound"], summary
-    assert strong["category"] in stages.MODEL_FAILURES
+    assert not strong.passed and strong.category == expect["secret"] == stages.RELATIVE_QUALITY, summary
+    assert strong.stage_reached == 3 and strong_m.L > strong_m.L_bound, summary
+    assert strong.category in stages.MODEL_FAILURES

@@ -21,6 +21,8 @@ from agent.llm import LLMClient, LLMError, LLMSettings  # noqa: E402
 from agent.memory import TuningMemory  # noqa: E402
 from agent.scripted import Oracle, ScriptedModel, make_l4_task, register_provider  # noqa: E402
 from agent.transcript import Transcript  # noqa: E402
+from pytest_diffbench.result import Measures, TaskResult, task_label  # noqa: E402
+from pytest_diffbench.stages import Verdict  # noqa: E402
 from pytest_diffbench.tasks import load_tasks  # noqa: E402
 
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
@@ -190,6 +192,15 @@ def measured(task, config):
             "latency_ms": 400 / U, "attributes": None}
 
 
+def as_result(task, cid: str, figures: dict) -> TaskResult:
+    """`measured`'s figures as the harness's result of the candidate (what a GA child session reads)."""
+    return TaskResult(task_id=task.id, label=task_label(task.id, cid), level=task.level,
+                      verdict=Verdict(figures["passed"], 3, figures["category"], figures["message"]),
+                      measures=Measures(L=figures["L"], L_bound=figures["L_bound"], U=figures["U"],
+                                        latency_ms=figures["latency_ms"]),
+                      attributes=figures["attributes"], complete=True)
+
+
 class FakePopulation:
     def __init__(self, kb, fail_on_call: int | None = None):
         self.kb, self.rounds, self.fail_on_call = kb, [], fail_on_call
@@ -201,7 +212,7 @@ class FakePopulation:
         out = {}
         for cid, code in candidates:
             config = json.loads(re.search(r"#CONFIG (.*)", code).group(1))
-            out[cid] = measured(task, config)
+            out[cid] = as_result(task, cid, measured(task, config))
         return out
 
 
@@ -397,7 +408,8 @@ for line in Path(opt("--diffbench-candidates")).read_text().splitlines():
     label = e["task_id"] + ("@" + e["candidate_id"] if e.get("candidate_id") else "")
     out = Path(opt("--diffbench-out")) / label
     out.mkdir(parents=True)
-    (out / "result.json").write_text(json.dumps({{"passed": "fast" in e["code"], "U": 2.0, "L": 0.01}}))
+    (out / "result.json").write_text(json.dumps({{"task_id": e["task_id"], "label": label, "level": "L4",
+        "passed": "fast" in e["code"], "stage_reached": 3, "category": None, "message": "", "U": 2.0, "L": 0.01}}))
 sys.exit(1)
 '''
 
@@ -417,7 +429,7 @@ def test_population_runs_one_child_session_per_round(tasks, tmp_path, monkeypatc
     child = ChildPytest(rootdir=TASKS.parent, tasks_dir=tmp_path / "tasks", passthrough=["--diffbench-models=tiny"],
                         python=str(fake), per_candidate_items=per_candidate, workers=4)
     results = child(task, tmp_path / "round-1", [("r1c1", "fast code"), ("r1c2", "slow code")])
-    assert {k: v["passed"] for k, v in results.items()} == {"r1c1": True, "r1c2": False}
+    assert {k: v.verdict.passed for k, v in results.items()} == {"r1c1": True, "r1c2": False}
     calls = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(calls) == (1 if per_candidate else 2)
     args = calls[0]["args"]

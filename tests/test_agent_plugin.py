@@ -92,10 +92,10 @@ def test_a_ga_child_session_measures_with_the_agents_seeds(tiny_zoo, baseline_ca
     child = generator._child_pytest(SimpleNamespace(cache_dir=baseline_cache_dir, zoo_dir=tiny_zoo.root),
                                     SimpleNamespace(profile=profile))
     task = load_task(ROOT / "tasks" / "L1" / "L1-dit-c2i-0005.yaml")
-    record = child(task, tmp_path / "round-1", [("r1c1", task.gold)])["r1c1"]
-    assert record is not None, (tmp_path / "round-1" / "pytest.log").read_text()[-3000:]
-    assert record["passed"], record["message"]
-    assert (record["seeds"], record["seed_scope"], record["samples"]) == ("secret", "agent", 2)
+    result = child(task, tmp_path / "round-1", [("r1c1", task.gold)])["r1c1"]
+    assert result is not None, (tmp_path / "round-1" / "pytest.log").read_text()[-3000:]
+    assert result.verdict.passed, result.verdict.message
+    assert (result.provenance.seeds, result.provenance.seed_scope, result.provenance.samples) == ("secret", "agent", 2)
 
 
 def test_missing_key_is_a_usage_error_before_any_task(tmp_path):

@@ -18,6 +18,8 @@ import yaml
 
 from pytest_diffbench import calibration as C
 from pytest_diffbench import keys
+from pytest_diffbench.result import Measures, Provenance, TaskResult
+from pytest_diffbench.stages import Verdict
 from pytest_diffbench.tasks import QUALITY_PLACEHOLDER, TARGET_PLACEHOLDER, load_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,14 +81,16 @@ class FakeEvaluator:
             loss += 0.01
         assert not ("apply_patch" in code and "gate_step=" in code), "ToMe + T-GATE was not probed"
         loss *= self.loss_scale
-        record = {"L": loss, "U": u, "latency_ms": 100.0 / u, "reference_latency_ms": 100.0, "category": None,
-                  "passed": True, "stage_reached": 3, "profile": self.profile.name, "complete": True}
-        out = self.run_dir / (label or task.id)  # as Evaluator.evaluate leaves it
+        result = TaskResult(task_id=task.id, label=label or task.id, level=task.level,
+                            verdict=Verdict(True, 3, None, "passed"),
+                            measures=Measures(L=loss, U=u, latency_ms=100.0 / u, reference_latency_ms=100.0),
+                            provenance=Provenance(profile=self.profile.name), complete=True)
+        out = self.run_dir / result.label  # as Evaluator.evaluate leaves it
         out.mkdir(parents=True, exist_ok=True)
         signed = keys.sign_record(keys.secret_key(self.cache_dir), "result",
-                                  keys.run_context(self.run_dir, out.name), record)
+                                  keys.run_context(self.run_dir, out.name), result.to_json())
         (out / "result.json").write_text(json.dumps(signed))
-        return record
+        return result
 
 
 def test_calibrate_load_apply(suite, tmp_path):
@@ -272,8 +276,8 @@ def test_real_calibration_of_one_family(suite, tiny_zoo, tmp_path):
     C.write_calibration(C.calibration_path(tmp_path, ev.profile.name), data, "test")
     cal = C.load_calibration(tmp_path, ev.profile.name)
     task = cal.apply(next(t for t in tasks if t.level == "L4" and t.difficulty == "easy"))
-    record = ev.evaluate(task, _candidate(task.gold), task.reference, None)
-    assert record["passed"], record["message"]
+    verdict = ev.evaluate(task, _candidate(task.gold), task.reference, None).verdict
+    assert verdict.passed, verdict.message
 
 
 def _candidate(code):

@@ -85,10 +85,11 @@ def test_known_bad_candidate_fails_at_its_stage(name, task, make_evaluator, tmp_
     evaluator = make_evaluator(tmp_path / "run", timeout_s=20.0 if name == "hang" else 300.0)
     code = mutate(task.gold, task.reference)
     assert code != task.gold
-    record = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
-    assert (record["stage_reached"], record["category"]) == (stage, category), record["message"]
-    assert message_part in record["message"]
-    assert not record["passed"]
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    verdict = result.verdict
+    assert (verdict.stage_reached, verdict.category) == (stage, category), verdict.message
+    assert message_part in verdict.message
+    assert not verdict.passed
     assert (tmp_path / "run" / task.id / "result.json").exists()
 
 
@@ -98,18 +99,19 @@ def test_gold_passes_and_no_candidate_is_not_a_model_failure(task, make_evaluato
     roles = []
     real_run_code = evaluator.run_code
     evaluator.run_code = lambda role, *a, **kw: roles.append(role) or real_run_code(role, *a, **kw)
-    record = evaluator.evaluate(task, Candidate(code=task.gold, source="reference"), task.reference, task.gold)
-    assert record["passed"], record["message"]
-    assert record["U"] == pytest.approx(record["U_gold"]) and record["U"] > 1.5  # DeepCache cuts FLOPs
-    assert record["L"] <= record["L_bound"]
+    result = evaluator.evaluate(task, Candidate(code=task.gold, source="reference"), task.reference, task.gold)
+    m = result.measures
+    assert result.verdict.passed, result.verdict.message
+    assert m.U == pytest.approx(m.U_gold) and m.U > 1.5  # DeepCache cuts FLOPs
+    assert m.L <= m.L_bound
     # the gold code is not run a second time for a candidate that is the gold code
-    assert record["baseline_cache"]["gold"] == "candidate" and roles.count("gold") == 0
+    assert result.provenance.baseline_cache["gold"] == "candidate" and roles.count("gold") == 0
     assert roles.count("candidate") == 1
-    assert record["fidelity"]["gold_mean_nrmse"] == pytest.approx(record["L"])
+    assert m.fidelity["gold_mean_nrmse"] == pytest.approx(m.L)
     # a candidate one character away from it gets a real gold baseline
     other = evaluator.evaluate(task, Candidate(code=task.gold + "\n", source="test"), task.reference, task.gold)
-    assert other["passed"] and other["baseline_cache"]["gold"] in ("hit", "miss") and roles.count("gold") <= 1
-    assert other["U"] == pytest.approx(record["U"]) and other["L"] == pytest.approx(record["L"])
+    assert other.verdict.passed and other.provenance.baseline_cache["gold"] in ("hit", "miss") and roles.count("gold") <= 1
+    assert other.measures.U == pytest.approx(m.U) and other.measures.L == pytest.approx(m.L)
     missing = evaluator.evaluate(task, Candidate(code=None, source="preds", reason="no candidate for it"),
                                  task.reference, task.gold)
-    assert missing["category"] == stages.NO_CANDIDATE and stages.NO_CANDIDATE not in stages.MODEL_FAILURES
+    assert missing.verdict.category == stages.NO_CANDIDATE and stages.NO_CANDIDATE not in stages.MODEL_FAILURES

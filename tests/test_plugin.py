@@ -188,20 +188,45 @@ def write_candidates(folder):
     (folder / "L1-sd15-t2i-0001.py").write_text(wrong)  # L2-sd15-t2i-deepcache-0006 has none
 
 
+#: a plugin that writes the results the controller's summary is made of (session.results) as JSON
+RESULTS_PROBE = """
+import json, os
+
+def pytest_terminal_summary(config):
+    if getattr(config, "workerinput", None) is None:
+        session = config.pluginmanager.get_plugin("diffbench-session")
+        with open(os.environ["RESULTS_PROBE_OUT"], "w") as fh:
+            json.dump([r.to_json() for r in session.results], fh)
+"""
+
+
 @pytest.mark.slow
 def test_candidates_folder_categories_and_xdist_agree_with_serial(tmp_path, e2e_env):
+    from pytest_diffbench import keys
+
     preds = tmp_path / "preds"
     write_candidates(preds)
+    (tmp_path / "results_probe.py").write_text(RESULTS_PROBE)
     verdicts = {}
     for mode, extra in (("serial", []), ("xdist", ["-n", "2"])):
         report = tmp_path / f"{mode}.xml"
+        env = {**e2e_env, "RESULTS_PROBE_OUT": str(tmp_path / f"{mode}-results.json"),
+               "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
         out = run_pytest("--diffbench-level=L1,L2", "-k", E2E_K, "--diffbench-samples=2",
                          f"--diffbench-candidates={preds}", f"--diffbench-out={tmp_path / mode}",
-                         f"--junitxml={report}", *extra, env=e2e_env)
+                         f"--junitxml={report}", "-p", "results_probe", *extra, env=env)
         assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
         assert "key attribute error 1" in out.stdout and "no candidate 1" in out.stdout
         cases = junit_cases(report)
         verdicts[mode] = {t: (o, p.get("diffbench_category"), p.get("diffbench_message")) for t, (o, p) in cases.items()}
+        # the controller's results are the workers' result.json documents, every key and float intact
+        summarised = {r["label"]: r for r in json.loads((tmp_path / f"{mode}-results.json").read_text())}
+        assert sorted(summarised) == sorted(E2E_TASKS)
+        for label, doc in summarised.items():
+            written = json.loads((tmp_path / mode / label / "result.json").read_text())
+            written.pop(keys.MAC_FIELD)
+            assert doc == written, label
+        assert isinstance(summarised["L1-sd15-t2i-0001"]["U"], float)
     assert verdicts["serial"] == verdicts["xdist"]
     assert verdicts["serial"]["L1-sd15-t2i-0001"][:2] == ("failed", "key_attribute")
     assert "scheduler" in verdicts["serial"]["L1-sd15-t2i-0001"][2]
@@ -266,8 +291,9 @@ def test_a_crashed_xdist_worker_counts_as_a_harness_error():
     crashed = TestReport(nodeid, ("suite.py", None, "suite.py"), {}, "failed",
                          "worker 'gw1' crashed while running 'test_task[L1-sd15-t2i-0001]'", "???")
     row = report_row(crashed)
-    assert row["task_id"] == "L1-sd15-t2i-0001" and row["category"] == "harness" and not row["passed"]
-    assert "crashed" in row["message"]
+    assert row.task_id == "L1-sd15-t2i-0001" and row.verdict.category == "harness" and not row.verdict.passed
+    assert "crashed" in row.verdict.message
+    assert row.level == "L1" and row.label == "L1-sd15-t2i-0001"
     passed_setup = TestReport(nodeid, ("suite.py", None, "suite.py"), {}, "passed", None, "setup")
     assert report_row(passed_setup) is None
 

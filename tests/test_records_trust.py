@@ -159,7 +159,8 @@ def l1_task():
 
 def judge_measure(evaluator, task, images: dict[str, bytes], reference, tmp_path, result_extra=None):
     """Run Evaluator._measure over candidate images written as the parent writes them, then
-    stages.judge as evaluate() does (stage 1 passes: no key attribute is asked for)."""
+    stages.judge as evaluate() does (stage 1 passes: no key attribute is asked for). Returns the
+    verdict, the figures the stages judged (`inputs`) and the others `_measure` measured."""
     from pytest_diffbench.tasks import Expect
 
     images_dir = tmp_path / "candidate-images"
@@ -173,9 +174,8 @@ def judge_measure(evaluator, task, images: dict[str, bytes], reference, tmp_path
                                                           steps=None, dtype=None, methods={}),
                                 constraint=task.constraint, outcome_status="ok", outcome_detail="", result=result,
                                 gold_attributes=None, quality_method="fidelity", speed_method="flops")
-    record: dict = {}
-    evaluator._measure(task, batch, ["a", "b"], result, images_dir, reference, None, inputs, record)
-    return stages.judge(inputs), record
+    measured = evaluator._measure(task, batch, ["a", "b"], result, images_dir, reference, None, inputs)
+    return stages.judge(inputs), inputs, measured
 
 
 def test_a_swapped_reference_image_is_measured_again_before_the_metrics(evaluator, l1_task, tmp_path):
@@ -189,13 +189,13 @@ def test_a_swapped_reference_image_is_measured_again_before_the_metrics(evaluato
     for name, data in bad.items():
         (run.folder / "images" / name).write_bytes(data)
     with pytest.warns(UserWarning, match="measured again"):
-        verdict, record = judge_measure(evaluator, l1_task, bad, run, tmp_path)
-    assert len(calls) == 2 and record["baseline_changed"] == ["reference"]
-    assert verdict.category == stages.RELATIVE_QUALITY and record["L"] > 1.0, (verdict, record)
+        verdict, inputs, measured = judge_measure(evaluator, l1_task, bad, run, tmp_path)
+    assert len(calls) == 2 and measured["baseline_changed"] == ["reference"]
+    assert verdict.category == stages.RELATIVE_QUALITY and inputs.quality_loss > 1.0, (verdict, inputs)
     # and an honest candidate against the honest reference passes
     honest = {f"{i:03d}.png": png_bytes(noise(i)) for i in range(2)}
-    verdict, record = judge_measure(evaluator, l1_task, honest, run, tmp_path)
-    assert verdict.passed and record["L"] == 0.0 and "baseline_changed" not in record
+    verdict, inputs, measured = judge_measure(evaluator, l1_task, honest, run, tmp_path)
+    assert verdict.passed and inputs.quality_loss == 0.0 and "baseline_changed" not in measured
 
 
 @pytest.mark.parametrize("case", ["truncated", "garbage_chunks", "mixed_sizes", "gray_16bit", "too_big"])
@@ -221,7 +221,7 @@ def test_an_image_broken_for_the_metrics_is_the_candidates_failure(evaluator, l1
         assert _png_problem(broken, stream_bound) is None  # the stream lets it through
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        verdict, record = judge_measure(evaluator, l1_task, {"000.png": good, "001.png": broken}, run, tmp_path)
+        verdict, _, _ = judge_measure(evaluator, l1_task, {"000.png": good, "001.png": broken}, run, tmp_path)
     assert not verdict.passed and verdict.category in stages.MODEL_FAILURES, (case, verdict)
     if case in ("truncated", "garbage_chunks", "mixed_sizes", "too_big"):
         assert verdict.category == stages.ABSOLUTE_QUALITY and verdict.stage_reached == 2, verdict
@@ -234,7 +234,7 @@ def test_malformed_figures_in_the_result_are_a_runtime_failure(evaluator, l1_tas
     run = get_or_measure(evaluator.cache_dir / "baselines", "r" * 32, _measure_into(calls),
                          secret=keys.secret_key(evaluator.cache_dir))
     honest = {f"{i:03d}.png": png_bytes(noise(i)) for i in range(2)}
-    verdict, record = judge_measure(evaluator, l1_task, honest, run, tmp_path, result_extra=bad)
+    verdict, _, _ = judge_measure(evaluator, l1_task, honest, run, tmp_path, result_extra=bad)
     assert verdict.category == stages.RUNTIME and "result rejected by the parent" in verdict.message, verdict
 
 
@@ -267,15 +267,14 @@ def test_the_gold_is_the_specification_on_l1_l3_only(evaluator, tmp_path, level)
                                                            steps=None, dtype=None, methods={}),
                                 constraint=task.constraint, outcome_status="ok", outcome_detail="", result=result,
                                 gold_attributes=None, quality_method="fidelity", speed_method="flops")
-    record: dict = {}
-    evaluator._measure(task, {**SMALL_JOB, "prompts": ["a", "b"]}, ["a", "b"], result, images_dir, reference, gold,
-                       inputs, record)
+    measured = evaluator._measure(task, {**SMALL_JOB, "prompts": ["a", "b"]}, ["a", "b"], result, images_dir,
+                                  reference, gold, inputs)
     verdict = stages.judge(inputs)
-    assert record["L"] == 0.0 and record["fidelity"]["vs_gold_nrmse"] > 0.5  # recorded either way
+    assert inputs.quality_loss == 0.0 and measured["fidelity"]["vs_gold_nrmse"] > 0.5  # recorded either way
     if level == "L1":
         assert verdict.category == stages.RELATIVE_QUALITY and "gold solution" in verdict.message, verdict
     else:
-        assert record["L_gold"] is None and verdict.passed, verdict
+        assert inputs.gold_fidelity_loss is None and verdict.passed, verdict
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,11 +357,12 @@ def session(tmp_path):
 
 def _evaluated(session, evaluator_for, label, passed=True):
     """result.json as the evaluator writes it (Evaluator._finish), resume.json as the plugin does."""
+    from pytest_diffbench.result import Provenance
+
     evaluator = evaluator_for(session)
     task = session.tasks[0]
-    record = {"task_id": task.id, "label": label, "level": task.level, "profile": "cpu-tiny"}
     verdict = stages.Verdict(passed, 3, None if passed else stages.RELATIVE_QUALITY, "passed" if passed else "slow")
-    evaluator._finish(session.run_dir / label, record, verdict, 0.0)
+    evaluator._finish(session.run_dir / label, task, label, Provenance(profile="cpu-tiny"), {}, verdict, 0.0)
     fingerprint = session.resume_fingerprint(task, None)
     session.write_resume(label, fingerprint)
     return fingerprint
@@ -386,10 +386,25 @@ def test_resume_reuses_what_the_harness_wrote(session, evaluator_for):
     fingerprint = _evaluated(session, evaluator_for, label)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        record = session.previous_record(label, "cpu-tiny", fingerprint)
-    assert record is not None and record["resumed"] is True and record["passed"] is True
-    assert keys.MAC_FIELD not in record
-    assert session.previous_record(label, "cpu-tiny", {**fingerprint, "candidate": "other"}) is None
+        result = session.previous_result(label, "cpu-tiny", fingerprint)
+    assert result is not None and result.resumed is True and result.verdict.passed is True
+    assert keys.MAC_FIELD not in result.to_json()
+    assert session.previous_result(label, "cpu-tiny", {**fingerprint, "candidate": "other"}) is None
+
+
+def test_a_tagged_result_this_version_cannot_read_is_evaluated_again(session, evaluator_for):
+    """A result.json with a valid tag whose document is not a result (a newer format, a wrong
+    type): not reused, with a warning naming the file and the key."""
+    label = session.tasks[0].id
+    fingerprint = _evaluated(session, evaluator_for, label)
+    folder = session.run_dir / label
+    document = {k: v for k, v in json.loads((folder / "result.json").read_text()).items() if k != keys.MAC_FIELD}
+    secret = keys.secret_key(session.cache_dir)
+    (folder / "result.json").write_text(json.dumps(keys.sign_record(
+        secret, "result", keys.run_context(session.run_dir, label), {**document, "U": "fast"})))
+    session.write_resume(label, fingerprint)
+    with pytest.warns(UserWarning, match="not reusing .*result.json: result document: 'U'"):
+        assert session.previous_result(label, "cpu-tiny", fingerprint) is None
 
 
 @pytest.mark.parametrize("forgery", ["no_mac", "bad_mac", "old_format_resume", "resume_for_another_result",
@@ -427,5 +442,5 @@ def test_a_forged_result_or_resume_file_is_not_reused(session, evaluator_for, fo
     (folder / "result.json").write_text(json.dumps(forged))
     (folder / "resume.json").write_text(json.dumps(resume))
     with pytest.warns(UserWarning, match="not reusing .*" + expected) as caught:
-        assert session.previous_record(label, "cpu-tiny", fingerprint) is None
+        assert session.previous_result(label, "cpu-tiny", fingerprint) is None
     assert str(folder) in str(caught[0].message)

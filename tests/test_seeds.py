@@ -152,21 +152,22 @@ def test_the_evaluator_takes_secret_seeds_from_its_cache_dirs_key_by_default(tmp
 
 
 def test_evaluate_records_the_seed_mode_and_scope(tmp_path):
-    """A candidate without code ends before any child runs: the record still says how its batch
-    was seeded, and the record is what JUnit and the summary report."""
+    """A candidate without code ends before any child runs: the result still says how its batch
+    was seeded, and the result is what JUnit and the summary report."""
     from pytest_diffbench import report
     from pytest_diffbench.evaluate import Candidate
 
     t = task(T2I)
+    results = []
     for mode in ("secret", "public"):
-        record = _evaluator(tmp_path / mode, seeds=mode).evaluate(t, Candidate(code=None, source="none"), t.reference,
+        result = _evaluator(tmp_path / mode, seeds=mode).evaluate(t, Candidate(code=None, source="none"), t.reference,
                                                                    t.gold)
-        assert (record["seeds"], record["seed_scope"]) == (mode, "verdict")
-        assert ("diffbench_seeds", mode) in report.junit_properties(record)
+        assert (result.provenance.seeds, result.provenance.seed_scope) == (mode, "verdict")
+        assert ("diffbench_seeds", mode) in report.junit_properties(result)
         written = json.loads((tmp_path / mode / "run" / t.id / "result.json").read_text())
         assert written["seeds"] == mode
-    rows = [{"level": "L1", "passed": False, "props": {"diffbench_seeds": m}} for m in ("secret", "public")]
-    assert "seeds: PUBLIC (weak: predictable), secret" in report.summary_lines(rows, ["L1"], 1.0, tmp_path)[0]
+        results.append(result)
+    assert "seeds: PUBLIC (weak: predictable), secret" in report.summary_lines(results, ["L1"], 1.0, tmp_path)[0]
 
 
 @pytest.mark.slow

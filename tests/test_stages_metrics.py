@@ -196,14 +196,16 @@ def test_target_attainment(level, passed, category, u, latency, target_u, target
 
 def test_summary_shows_s_a_over_hard_tasks_only():
     from pytest_diffbench.report import summary_lines
+    from pytest_diffbench.result import Measures, TaskResult
 
     def row(task_id, passed, difficulty, attainment, category=None):
-        return {"task_id": task_id, "level": task_id[:2], "passed": passed, "category": category,
-                "props": {"diffbench_difficulty": difficulty, "diffbench_attainment": attainment}}
+        return TaskResult(task_id=task_id, label=task_id, level=task_id[:2],
+                          verdict=stages.Verdict(passed, 3, category, ""),
+                          measures=Measures(difficulty=difficulty, attainment=attainment), complete=True)
 
-    rows = [row("L4-a", True, "hard", "1"), row("L4-b", False, "hard", "0.5", "relative_speed"),
-            row("L4-c", False, "easy", "0", "runtime"), row("L5-d", False, "hard", "0.25", "relative_speed"),
-            row("L5-e", False, "hard", "", "harness")]
+    rows = [row("L4-a", True, "hard", 1.0), row("L4-b", False, "hard", 0.5, "relative_speed"),
+            row("L4-c", False, "easy", 0.0, "runtime"), row("L5-d", False, "hard", 0.25, "relative_speed"),
+            row("L5-e", False, "hard", None, "harness")]
     text = "\n".join(summary_lines(rows, ["L4", "L5"], 1.0, Path("run")))
     assert "S_a (hard L4/L5, mean of min(1, achieved/required)): L4 75.00% (2), L5 25.00% (1), all 58.33% (3)" in text
     assert "S_a" not in "\n".join(summary_lines(rows[2:3], ["L4"], 1.0, Path("run")))
@@ -211,13 +213,14 @@ def test_summary_shows_s_a_over_hard_tasks_only():
 
 def test_summary_says_when_the_llm_cost_is_unknown():
     from pytest_diffbench.report import summary_lines
+    from pytest_diffbench.result import TaskResult
 
-    rows = [{"task_id": "L1-a", "level": "L1", "passed": True, "category": None,
-             "props": {"diffbench_llm_total_tokens": "100", "diffbench_llm_cost_usd": "0",
-                       "diffbench_llm_cost_known": "False"}},
-            {"task_id": "L1-b", "level": "L1", "passed": True, "category": None,
-             "props": {"diffbench_llm_total_tokens": "50", "diffbench_llm_cost_usd": "0.25",
-                       "diffbench_llm_cost_known": "True"}}]
+    def row(task_id, cost):
+        return TaskResult(task_id=task_id, label=task_id, level="L1", verdict=stages.Verdict(True, 3, None, "passed"),
+                          cost=cost, complete=True)
+
+    rows = [row("L1-a", {"total_tokens": 100, "cost_usd": 0.0, "cost_known": False}),
+            row("L1-b", {"total_tokens": 50, "cost_usd": 0.25, "cost_known": True})]
     text = "\n".join(summary_lines(rows, ["L1"], 1.0, Path("run")))
     assert "LLM: 150 tokens, $0.2500 (cost unknown for 1 task(s)" in text
     assert "cost unknown" not in "\n".join(summary_lines(rows[1:], ["L1"], 1.0, Path("run")))

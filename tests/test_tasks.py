@@ -633,5 +633,5 @@ def test_signature_sample_golds_pass(task_id, suite, make_evaluator, tmp_path_fa
         pytest.skip("one of the 157 signature-sample tasks: DIFFBENCH_EXHAUSTIVE=1 runs them all")
     task = next(t for t in suite if t.id == task_id)
     evaluator = make_evaluator(tmp_path_factory.mktemp("signature-runs"), samples=2)
-    record = evaluator.evaluate(task, Candidate(task.gold, "reference"), task.reference, task.gold)
-    assert record["passed"], f"{task_id}: {record['category']}: {record['message']}"
+    verdict = evaluator.evaluate(task, Candidate(task.gold, "reference"), task.reference, task.gold).verdict
+    assert verdict.passed, f"{task_id}: {verdict.category}: {verdict.message}"
