@@ -631,12 +631,18 @@ def _tree(table: dict, root: int, pgid: int | None) -> list[int]:
 
 def _memory_bytes(pid: int, rss_pages: int, page: int) -> int:
     """Proportional set size (shared pages split between the processes sharing them, so forked
-    children are not counted many times over), or the resident set size where it is unknown."""
+    children are not counted many times over); 0 for a process that has exited since the process
+    table was read (its smaps_rollup is gone, or empty once its memory is released: counting its
+    RSS from the table then charged a forked run the pages it shared with the zygote as it ended);
+    the resident set size where PSS cannot be read otherwise."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
             for line in fh:
                 if line.startswith(b"Pss:"):
                     return int(line.split()[1]) << 10
+        return 0  # no memory map left: the process is exiting
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
     except (OSError, ValueError, IndexError):
         pass
     return rss_pages * page

@@ -10,6 +10,9 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import pytest
@@ -323,3 +326,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_process_that_has_exited_holds_no_memory():
+    # the watchdog reads the process table, then each process's PSS: a run that ends in between
+    # must not be charged its table RSS (which counts the pages it shared with its zygote)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # a zombie until reaped: no memory map left
+        with open(f"/proc/{proc.pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    assert sandbox._memory_bytes(proc.pid, 100_000, PAGE) == 0
+    proc.wait()
+    assert sandbox._memory_bytes(proc.pid, 100_000, PAGE) == 0  # reaped: /proc/PID is gone
+    assert sandbox._memory_bytes(os.getpid(), 1, PAGE) > PAGE  # a live process: its PSS, not the 1-page RSS given
