@@ -12,7 +12,10 @@ def tiny_zoo(tmp_path_factory):
     from fixtures.zoo import ensure_tiny_zoo
 
     root = os.environ.get("DIFFBENCH_ZOO_DIR") or os.environ.get("DIFFBENCH_TEST_ZOO")
-    return ensure_tiny_zoo(Path(root) if root else tmp_path_factory.getbasetemp() / "diffbench-zoo")
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, shared by the xdist workers (the build takes a lock)
+    return ensure_tiny_zoo(Path(root) if root else base / "diffbench-zoo")
 
 
 @pytest.fixture(scope="session")
