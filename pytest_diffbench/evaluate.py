@@ -77,6 +77,35 @@ class Profile:
     def quality_method(self) -> str:
         return "clip" if self.clip_pretrained else "fidelity"
 
+    # -- the serialized form (pytest_diffbench.profile: run dir, xdist workers, GA child sessions) --
+    def to_json(self) -> str:
+        """Every field, `limits` as an object of SandboxLimits's fields; `from_json` reads it back equal."""
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Profile":
+        """The profile `to_json` wrote; ValueError naming an unknown or missing key."""
+        data = json.loads(text)
+        _checked_fields(cls, data, "profile")
+        _checked_fields(SandboxLimits, data["limits"], "profile.limits")
+        return cls(**{**data, "limits": SandboxLimits(**data["limits"])})
+
+
+def _checked_fields(cls, data, what: str) -> None:
+    """ValueError unless `data` is an object with exactly the fields of dataclass `cls` (those with
+    a default may be left out)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{what}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{what}: missing key {missing[0]!r}")
+
 
 def write_json_atomic(path: Path, data: dict) -> None:
     atomic.write_json_atomic(path, data, indent=1, sort_keys=True, default=str)
