@@ -14,14 +14,11 @@ from pathlib import Path
 import pytest
 
 DEFAULT_CACHE = Path.home() / ".cache" / "pytest-diffbench" / "llm"
-# Options of the harness that decide how a candidate is measured: the GA's child sessions get
-# the parent's values, so fitness is measured under exactly the settings of the final verdict.
-# (--diffbench-sandbox and --diffbench-seeds are passed resolved, see _child_pytest; tests check
-# every name is an option.) Only the seeds' scope differs: the children evaluate with
-# --diffbench-seed-scope=agent, because their results and logs go back to the LLM.
-CHILD_OPTIONS = ("diffbench_models", "diffbench_device", "diffbench_samples", "diffbench_speed",
-                 "diffbench_repeats", "diffbench_clip", "diffbench_clip_threshold",
-                 "diffbench_candidate_timeout", "diffbench_memory_mb", "diffbench_threads")
+# The GA's child sessions measure under the parent's resolved profile, handed over in its
+# serialized form (--diffbench-profile=FILE, see _child_pytest): fitness is measured under exactly
+# the settings of the final verdict. Only the seeds' scope differs: the children evaluate in the
+# agent's scope, because their results and logs go back to the LLM.
+CHILD_PROFILE_FILE = "child-profile.json"
 
 
 def _positive_int(text: str) -> int:
@@ -102,27 +99,24 @@ class DiffAgentGenerator:
         self.fatal: str | None = None
 
     # -- parts ---------------------------------------------------------------------------------
-    def _child_pytest(self, session, evaluator):
+    def _child_pytest(self, profile, cache_dir: Path, folder: Path):
+        """The GA's child sessions: `profile` (the parent's, resolved) with the agent's seed scope,
+        written to `folder`/child-profile.json and passed as --diffbench-profile; the same cache dir
+        (its key authenticates the children's results)."""
+        import dataclasses
+
         from pytest_diffbench.devices import visible_devices
-        from pytest_diffbench.sandbox import resolve_isolation
         from pytest_diffbench.workload import AGENT_SCOPE
 
         from .population import ChildPytest
 
         config = self.config
-        passthrough = [f"--diffbench-cache-dir={session.cache_dir}", f"--diffbench-zoo-dir={session.zoo_dir}"]
-        for name in CHILD_OPTIONS:
-            value = config.getoption(name, None)
-            if value is not None:
-                passthrough.append(f"--{name.replace('_', '-')}={value}")
-        profile = evaluator.profile
-        # the backend this session resolved, not "auto": a child must not resolve another one
-        passthrough.append(f"--diffbench-sandbox={resolve_isolation(profile.limits.isolation)}")
-        passthrough.append(f"--diffbench-warm-start={profile.limits.warm_start}")
-        # the same seed mode (option or $DIFFBENCH_SEEDS, as resolved here), but the agent's scope:
         # what the GA's candidates see of their seeds (and may print into logs the LLM reads) says
         # nothing about the seeds of the final verdict
-        passthrough += [f"--diffbench-seeds={profile.seeds}", f"--diffbench-seed-scope={AGENT_SCOPE}"]
+        child_profile = dataclasses.replace(profile, seed_scope=AGENT_SCOPE)
+        profile_file = Path(folder) / CHILD_PROFILE_FILE
+        profile_file.parent.mkdir(parents=True, exist_ok=True)
+        profile_file.write_text(child_profile.to_json() + "\n", encoding="utf-8")
         workers, visible = 0, None
         if profile.device == "cuda":
             if getattr(config, "workerinput", None) is not None:
@@ -132,9 +126,10 @@ class DiffAgentGenerator:
                 workers = len(devices) if len(devices) > 1 else 0
         tasks_dir = config.getoption("diffbench_tasks", None)
         return ChildPytest(rootdir=Path(config.rootpath), inifile=Path(config.inipath) if config.inipath else None,
-                           tasks_dir=Path(tasks_dir).resolve() if tasks_dir else None, passthrough=passthrough,
+                           tasks_dir=Path(tasks_dir).resolve() if tasks_dir else None,
+                           passthrough=[f"--diffbench-cache-dir={cache_dir}"], profile_file=profile_file,
                            workers=workers, timeout_s=self.ga_timeout, visible_devices=visible,
-                           cache_dir=Path(session.cache_dir))
+                           cache_dir=Path(cache_dir))
 
     @staticmethod
     def _profile(evaluator) -> dict:
@@ -169,7 +164,8 @@ class DiffAgentGenerator:
                 agent = DiffAgent(task, llm, smoke=smoke_function(evaluator, agent_dir / "smoke"), kb=self.kb,
                                   transcript=transcript, bounds=self.bounds, profile=self._profile(evaluator),
                                   memory=TuningMemory(memory_dir, evaluator.profile.name),
-                                  evaluate_population=(self._child_pytest(session, evaluator)
+                                  evaluate_population=(self._child_pytest(evaluator.profile, session.cache_dir,
+                                                                          agent_dir)
                                                        if task.level in ("L4", "L5") else None),
                                   ga_dir=agent_dir / "ga")
                 result = agent.run()

@@ -37,7 +37,9 @@ class ChildPytest:
     rootdir: Path
     tasks_dir: Path | None = None
     inifile: Path | None = None
-    passthrough: list = field(default_factory=list)  # e.g. ["--diffbench-models=tiny", ...]
+    passthrough: list = field(default_factory=list)  # e.g. ["--diffbench-cache-dir=...", ...]
+    # the parent's resolved profile (seed scope: the agent's), as --diffbench-profile=FILE
+    profile_file: Path | None = None
     workers: int = 0  # xdist -n; 0 = no xdist
     timeout_s: float = 3600.0
     python: str = sys.executable
@@ -67,6 +69,8 @@ class ChildPytest:
             cmd += ["-c", str(self.inifile)]
         if self.tasks_dir is not None:
             cmd.append(f"--diffbench-tasks={self.tasks_dir}")
+        if self.profile_file is not None:
+            cmd.append(f"--diffbench-profile={self.profile_file}")
         cmd += list(self.passthrough)
         if workers > 1:
             cmd += ["-n", str(workers)]
