@@ -7,8 +7,8 @@ The round's modules go into a manifest (``<round>/candidates.jsonl``, one
 fitness is read from ``<round>/out/<task id>@<candidate id>/result.json``. Where several devices
 exist the child runs them in parallel with pytest-xdist (``-n``).
 
-Where the harness does not collect one item per candidate (no `CandidatesGenerator.candidate_for` in
-`pytest_diffbench.candidates`), each module gets its own child session and manifest instead.
+The child measures under the parent's resolved profile (``--diffbench-profile=<file>``, written
+by agent/plugin.py with the agent's seed scope), so fitness is measured as the verdict will be.
 
 The child never runs an LLM: it evaluates files. Its environment drops PYTEST_ADDOPTS and the
 parent's xdist variables and sets DIFFAGENT_CHILD=1 (agent/plugin.py refuses --llm there).
@@ -44,22 +44,9 @@ class ChildPytest:
     timeout_s: float = 3600.0
     python: str = sys.executable
     visible_devices: str | None = None
-    per_candidate_items: bool | None = None  # None: ask pytest_diffbench.candidates
     # the cache dir the child sessions share (--diffbench-cache-dir): its key authenticates the
     # result.json they write, so a record a candidate forged is not read as fitness
     cache_dir: Path | None = None
-
-    def supports_candidate_ids(self) -> bool:
-        if self.per_candidate_items is not None:
-            return self.per_candidate_items
-        try:
-            from pytest_diffbench import candidates
-        except ImportError:
-            return False
-        flag = getattr(candidates, "SUPPORTS_CANDIDATE_ID", None)
-        if flag is not None:
-            return bool(flag)
-        return hasattr(getattr(candidates, "CandidatesGenerator", None), "candidate_for")
 
     def command(self, task, manifest: Path, out: Path, workers: int) -> list[str]:
         cmd = [self.python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "addopts=",
@@ -110,27 +97,16 @@ class ChildPytest:
         round_dir.mkdir(parents=True, exist_ok=True)
         log = round_dir / "pytest.log"
         results: dict[str, dict | None] = {}
-        if self.supports_candidate_ids():
-            manifest = round_dir / "candidates.jsonl"
-            manifest.write_text("".join(json.dumps({"task_id": task.id, "code": code, "candidate_id": cid}) + "\n"
-                                        for cid, code in candidates), encoding="utf-8")
-            out = round_dir / "out"
-            shutil.rmtree(out, ignore_errors=True)  # never results of an interrupted earlier attempt
-            workers = min(self.workers, len(candidates))
-            self._check_exit(self._run(self.command(task, manifest, out, workers), log), log)
-            for cid, _ in candidates:
-                results[cid] = self._read(out, f"{task.id}@{cid}")
-            return results
-        for cid, code in candidates:
-            folder = round_dir / f"child-{cid}"
-            shutil.rmtree(folder, ignore_errors=True)
-            manifest = folder / "candidates.jsonl"
-            folder.mkdir(parents=True, exist_ok=True)
-            manifest.write_text(json.dumps({"task_id": task.id, "code": code}) + "\n", encoding="utf-8")
-            self._check_exit(self._run(self.command(task, manifest, folder / "out", 0), log), log)
-            results[cid] = self._read(folder / "out", task.id)
+        manifest = round_dir / "candidates.jsonl"
+        manifest.write_text("".join(json.dumps({"task_id": task.id, "code": code, "candidate_id": cid}) + "\n"
+                                    for cid, code in candidates), encoding="utf-8")
+        out = round_dir / "out"
+        shutil.rmtree(out, ignore_errors=True)  # never results of an interrupted earlier attempt
+        workers = min(self.workers, len(candidates))
+        self._check_exit(self._run(self.command(task, manifest, out, workers), log), log)
+        for cid, _ in candidates:
+            results[cid] = self._read(out, f"{task.id}@{cid}")
         return results
-
 
     def _read(self, out: Path, label: str) -> dict | None:
         """The child's record for `label`, or None when it wrote none (or, with `cache_dir`, when

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import atomic, crosscheck, metrics, stages
 from .baselines import CachedRun, cache_key, get_or_measure
+from .generation import is_generator_folder
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
 from .workload import AGENT_SCOPE, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest, build_batch
 
@@ -225,11 +226,11 @@ class Evaluator:
 
     def evaluate(self, task, candidate: Candidate, reference_code: str, gold_code: str | None,
                  label: str | None = None) -> dict:
-        """Evaluate `candidate`; results go to <run dir>/<label or task id>/ (its agent/ folder is kept)."""
+        """Evaluate `candidate`; results go to <run dir>/<label or task id>/ (the generator's folders are kept)."""
         task_dir = self.run_dir / (label or task.id)
         if task_dir.exists():
             for child in task_dir.iterdir():
-                if child.name != "agent":
+                if not is_generator_folder(child):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         task_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()

@@ -2,6 +2,10 @@
 
 The work is done by plain modules (tasks, evaluate, sandbox, stages, metrics, report); this
 module only wires them into pytest. Without `--diffbench-level` it does nothing.
+
+The profile is resolved once per session by the controller (pytest_diffbench.profile), sent to
+xdist workers in its serialized form and written to `<run dir>/profile.json`; generators get a
+`GenerationContext` (pytest_diffbench.generation), never this module's session object.
 """
 
 from __future__ import annotations
@@ -173,17 +177,23 @@ class DiffbenchSession:
         """What a result may be reused for: the task as posed on this profile (calibrated target,
         reference, gold) and the generator (with the candidate's code where it is known without
         running the generator: --diffbench-candidates). Written beside result.json as resume.json."""
-        opt = self.config.getoption
-        if opt("diffbench_candidates"):
-            generator = f"candidates:{Path(opt('diffbench_candidates')).resolve()}"
-        elif getattr(self.config.option, "llm", None):
-            generator = f"llm:{opt('llm')}:agent={getattr(self.config.option, 'agent', None)}"
-        else:
-            generator = "reference"
+        generator = self.generator_id()
         digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
         return {"task": digest(json.dumps(task.to_dict(), sort_keys=True, default=str)), "generator": generator,
                 "candidate": None if candidate_code is None else digest(candidate_code),
                 "seeds": f"{self.profile.seeds}:{self.profile.seed_scope}"}
+
+    def generator_id(self) -> str:
+        """The generator of this session, as it names itself (hook pytest_diffbench_generator_id)."""
+        return self.config.hook.pytest_diffbench_generator_id(config=self.config) or "reference"
+
+    def generation_context(self, task, label: str):
+        """The context handed to pytest_diffbench_generate for `task` (pytest_diffbench.generation)."""
+        from .generation import GenerationContext
+
+        if self._setup_error:
+            raise HarnessError(self._setup_error)
+        return GenerationContext(task, self.profile, self.run_dir / label, self.cache_dir, self.evaluator)
 
     def previous_record(self, label: str, profile_name: str, fingerprint: dict) -> dict | None:
         """A complete result.json of `label` from an earlier session on the same profile, for the
@@ -397,9 +407,8 @@ def pytest_report_header(config):
     if session is None:
         return None
     counts = ", ".join(f"{lvl} {sum(t.level == lvl for t in session.tasks)}" for lvl in sorted(session.levels))
-    generator = "candidates from " + config.getoption("diffbench_candidates") if config.getoption(
-        "diffbench_candidates") else (f"llm {config.getoption('llm')}" if getattr(config.option, "llm", None)
-                                      else "reference (gold solutions)")
+    generator = session.generator_id()
+    generator = "reference (gold solutions)" if generator == "reference" else generator
     profile = session.profile
     if profile is None:
         return [f"diffbench: {len(session.tasks)} tasks at these levels ({counts}); generator: {generator}",
@@ -512,7 +521,8 @@ def diffbench_candidate(diffbench_profile_task, diffbench_candidate_id, diffbenc
     task = diffbench_profile_task
     if diffbench_candidate_id is not None:
         return diffbench_session.candidates.candidate_for(task, diffbench_candidate_id)
-    candidate = request.config.hook.pytest_diffbench_generate(task=task, config=request.config)
+    context = diffbench_session.generation_context(task, task.id)
+    candidate = request.config.hook.pytest_diffbench_generate(task=task, config=request.config, context=context)
     if candidate is None:
         raise HarnessError(f"no generator produced a candidate for {task.id}")
     return candidate
