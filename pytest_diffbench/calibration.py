@@ -933,11 +933,21 @@ def _evaluator_for(profile_name: str, args) -> Any:
     --zoo-dir, other profiles on the real weights in the Hugging Face cache. Public seeds: see the
     module docstring."""
     from .evaluate import Evaluator
-    from .profile import ProfileError, resolve_profile
+    from .profile import ProfileError, check_runnable, read_profile, resolve_profile
 
     fixtures_plugin, fixtures_profiles = _repository_fixtures()
     cache_dir = Path(args.cache_dir).expanduser()
     run_dir = Path(args.run_dir).expanduser() if args.run_dir else cache_dir / "calibration-runs" / profile_name
+    if getattr(args, "profile_file", None):  # a run's profile.json: measure under that very profile
+        try:
+            profile = read_profile(args.profile_file)
+            check_runnable(profile)
+        except ProfileError as exc:
+            raise SystemExit(f"--profile-file: {exc}") from None
+        profile = dataclasses.replace(profile, seeds="public", samples=args.samples)  # see the module docstring
+        if profile.name != profile_name:
+            raise SystemExit(f"{args.profile_file} is profile {profile.name!r}, not {profile_name!r}")
+        return Evaluator(profile, fixtures_profiles.data_source(), cache_dir, run_dir)
     tiny = profile_name == "cpu-tiny"
     if not tiny:
         import torch
@@ -976,6 +986,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--clip", default=None, help="open_clip spec with learned weights (GPU profiles)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per-measurement timeout in seconds")
+    parser.add_argument("--profile-file", default=None, metavar="FILE",
+                        help="measure under this resolved profile (a run directory's profile.json, the form the "
+                             "plugin writes) instead of resolving one; its seeds are made public and its samples "
+                             "--samples")
     parser.add_argument("--out", default=None, help="output file (default: <tasks>/calibration/<profile>.yaml)")
     parser.add_argument("--fresh", action="store_true", help="drop families already in the output file")
     parser.add_argument("--merge", nargs="+", metavar="FILE", default=None,
