@@ -14,14 +14,11 @@ from pathlib import Path
 import pytest
 
 DEFAULT_CACHE = Path.home() / ".cache" / "pytest-diffbench" / "llm"
-# Options of the harness that decide how a candidate is measured: the GA's child sessions get
-# the parent's values, so fitness is measured under exactly the settings of the final verdict.
-# (--diffbench-sandbox and --diffbench-seeds are passed resolved, see _child_pytest; tests check
-# every name is an option.) Only the seeds' scope differs: the children evaluate with
-# --diffbench-seed-scope=agent, because their results and logs go back to the LLM.
-CHILD_OPTIONS = ("diffbench_models", "diffbench_device", "diffbench_samples", "diffbench_speed",
-                 "diffbench_repeats", "diffbench_clip", "diffbench_clip_threshold",
-                 "diffbench_candidate_timeout", "diffbench_memory_mb", "diffbench_threads")
+# The GA's child sessions measure under the parent's resolved profile, handed over in its
+# serialized form (--diffbench-profile=FILE, see _child_pytest): fitness is measured under exactly
+# the settings of the final verdict. Only the seeds' scope differs: the children evaluate in the
+# agent's scope, because their results and logs go back to the LLM.
+CHILD_PROFILE_FILE = "child-profile.json"
 
 
 def _positive_int(text: str) -> int:
@@ -100,29 +97,27 @@ class DiffAgentGenerator:
         self.ga_timeout = ga_timeout
         self.kb = load_knowledge(knowledge_dirs)
         self.fatal: str | None = None
+        self.totals = {"llm_calls": 0, "cache_hits": 0, "retries": 0}  # over the session's call reports
 
     # -- parts ---------------------------------------------------------------------------------
-    def _child_pytest(self, session, evaluator):
+    def _child_pytest(self, profile, cache_dir: Path, folder: Path):
+        """The GA's child sessions: `profile` (the parent's, resolved) with the agent's seed scope,
+        written to `folder`/child-profile.json and passed as --diffbench-profile; the same cache dir
+        (its key authenticates the children's results)."""
+        import dataclasses
+
         from pytest_diffbench.devices import visible_devices
-        from pytest_diffbench.sandbox import resolve_isolation
         from pytest_diffbench.workload import AGENT_SCOPE
 
         from .population import ChildPytest
 
         config = self.config
-        passthrough = [f"--diffbench-cache-dir={session.cache_dir}", f"--diffbench-zoo-dir={session.zoo_dir}"]
-        for name in CHILD_OPTIONS:
-            value = config.getoption(name, None)
-            if value is not None:
-                passthrough.append(f"--{name.replace('_', '-')}={value}")
-        profile = evaluator.profile
-        # the backend this session resolved, not "auto": a child must not resolve another one
-        passthrough.append(f"--diffbench-sandbox={resolve_isolation(profile.limits.isolation)}")
-        passthrough.append(f"--diffbench-warm-start={profile.limits.warm_start}")
-        # the same seed mode (option or $DIFFBENCH_SEEDS, as resolved here), but the agent's scope:
         # what the GA's candidates see of their seeds (and may print into logs the LLM reads) says
         # nothing about the seeds of the final verdict
-        passthrough += [f"--diffbench-seeds={profile.seeds}", f"--diffbench-seed-scope={AGENT_SCOPE}"]
+        child_profile = dataclasses.replace(profile, seed_scope=AGENT_SCOPE)
+        profile_file = Path(folder) / CHILD_PROFILE_FILE
+        profile_file.parent.mkdir(parents=True, exist_ok=True)
+        profile_file.write_text(child_profile.to_json() + "\n", encoding="utf-8")
         workers, visible = 0, None
         if profile.device == "cuda":
             if getattr(config, "workerinput", None) is not None:
@@ -132,20 +127,39 @@ class DiffAgentGenerator:
                 workers = len(devices) if len(devices) > 1 else 0
         tasks_dir = config.getoption("diffbench_tasks", None)
         return ChildPytest(rootdir=Path(config.rootpath), inifile=Path(config.inipath) if config.inipath else None,
-                           tasks_dir=Path(tasks_dir).resolve() if tasks_dir else None, passthrough=passthrough,
+                           tasks_dir=Path(tasks_dir).resolve() if tasks_dir else None,
+                           passthrough=[f"--diffbench-cache-dir={cache_dir}"], profile_file=profile_file,
                            workers=workers, timeout_s=self.ga_timeout, visible_devices=visible,
-                           cache_dir=Path(session.cache_dir))
+                           cache_dir=Path(cache_dir))
 
     @staticmethod
-    def _profile(evaluator) -> dict:
-        p = evaluator.profile
+    def _profile(p) -> dict:
         return {"device": p.device, "device_name": p.device_name, "zoo": p.zoo, "speed_method": p.speed_method,
                 "quality_method": p.quality_method, "name": p.name}
 
-    # -- the hook ------------------------------------------------------------------------------
-    def pytest_diffbench_generate(self, task, config):
+    # -- the hooks -----------------------------------------------------------------------------
+    def pytest_runtest_logreport(self, report):
+        """The LLM figures of each task's call report (its task result's `cost`, which the harness
+        puts on the report and xdist carries to the controller), summed for the summary line: read
+        from the reports, not from the harness's session."""
+        data = getattr(report, "diffbench_result", None) if report.when == "call" else None
+        if not isinstance(data, dict):
+            return
+        cost = data.get("cost") or {}
+        for key in self.totals:
+            try:
+                self.totals[key] += int(cost.get(key) or 0)
+            except (TypeError, ValueError):
+                pass
+
+    def pytest_diffbench_generator_id(self, config):
+        """What a resumed result must have been generated by (the harness's resume check)."""
+        return f"llm:{self.settings.model}:agent={self.kind}"
+
+    def pytest_diffbench_generate(self, task, config, context):
+        """`context` (pytest_diffbench.generation.GenerationContext): the profile, the smoke run, the
+        harness's cache folder and this task's folder for the agent's files (`agent/`)."""
         from pytest_diffbench.evaluate import Candidate, HarnessError
-        from pytest_diffbench.plugin import SESSION_KEY
 
         from .agents import DiffAgent, PlainAgent
         from .llm import LLMClient, LLMError
@@ -156,20 +170,19 @@ class DiffAgentGenerator:
 
         if self.fatal:
             raise HarnessError(f"the LLM is unusable ({self.fatal}); no further calls are made")
-        session = config.stash[SESSION_KEY]
-        agent_dir = Path(session.run_dir) / task.id / "agent"
+        agent_dir = context.folder("agent")
         transcript = Transcript(agent_dir, f"{task.id}: --agent={self.kind} --llm={self.settings.model}")
         llm = LLMClient(self.settings, transcript=transcript)
         try:
             if self.kind == "plain":
                 result = PlainAgent(task, llm, transcript=transcript).run()
             else:
-                evaluator = session.evaluator()
-                memory_dir = Path(session.cache_dir) / "agent-memory" if self.memory else None
-                agent = DiffAgent(task, llm, smoke=smoke_function(evaluator, agent_dir / "smoke"), kb=self.kb,
-                                  transcript=transcript, bounds=self.bounds, profile=self._profile(evaluator),
-                                  memory=TuningMemory(memory_dir, evaluator.profile.name),
-                                  evaluate_population=(self._child_pytest(session, evaluator)
+                profile = context.profile
+                memory_dir = context.cache_dir / "agent-memory" if self.memory else None
+                agent = DiffAgent(task, llm, smoke=smoke_function(context, agent_dir / "smoke"), kb=self.kb,
+                                  transcript=transcript, bounds=self.bounds, profile=self._profile(profile),
+                                  memory=TuningMemory(memory_dir, profile.name),
+                                  evaluate_population=(self._child_pytest(profile, context.cache_dir, agent_dir)
                                                        if task.level in ("L4", "L5") else None),
                                   ga_dir=agent_dir / "ga")
                 result = agent.run()
@@ -251,14 +264,6 @@ def pytest_terminal_summary(terminalreporter, config):
     """LLM calls, cache hits and retries over the session (tokens and cost are in diffbench's summary)."""
     if config.pluginmanager.get_plugin("diffagent-generator") is None or getattr(config, "workerinput", None):
         return
-    session = config.pluginmanager.get_plugin("diffbench-session")
-    results = getattr(session, "results", None) or []  # pytest_diffbench.result.TaskResult, one per task
-    totals = {"llm_calls": 0, "cache_hits": 0, "retries": 0}
-    for result in results:
-        for key in totals:
-            try:
-                totals[key] += int(result.cost.get(key) or 0)
-            except (TypeError, ValueError):
-                pass
+    totals = config.pluginmanager.get_plugin("diffagent-generator").totals
     terminalreporter.write_line(f"diffagent: {totals['llm_calls']} LLM calls, {totals['cache_hits']} replayed "
                                 f"from the cache, {totals['retries']} retries")

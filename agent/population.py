@@ -8,8 +8,8 @@ fitness is read from ``<round>/out/<task id>@<candidate id>/result.json`` (a
 `pytest_diffbench.result.TaskResult`). Where several devices
 exist the child runs them in parallel with pytest-xdist (``-n``).
 
-Where the harness does not collect one item per candidate (no `CandidatesGenerator.candidate_for` in
-`pytest_diffbench.candidates`), each module gets its own child session and manifest instead.
+The child measures under the parent's resolved profile (``--diffbench-profile=<file>``, written
+by agent/plugin.py with the agent's seed scope), so fitness is measured as the verdict will be.
 
 The child never runs an LLM: it evaluates files. Its environment drops PYTEST_ADDOPTS and the
 parent's xdist variables and sets DIFFAGENT_CHILD=1 (agent/plugin.py refuses --llm there).
@@ -42,27 +42,16 @@ class ChildPytest:
     rootdir: Path
     tasks_dir: Path | None = None
     inifile: Path | None = None
-    passthrough: list = field(default_factory=list)  # e.g. ["--diffbench-models=tiny", ...]
+    passthrough: list = field(default_factory=list)  # e.g. ["--diffbench-cache-dir=...", ...]
+    # the parent's resolved profile (seed scope: the agent's), as --diffbench-profile=FILE
+    profile_file: Path | None = None
     workers: int = 0  # xdist -n; 0 = no xdist
     timeout_s: float = 3600.0
     python: str = sys.executable
     visible_devices: str | None = None
-    per_candidate_items: bool | None = None  # None: ask pytest_diffbench.candidates
     # the cache dir the child sessions share (--diffbench-cache-dir): its key authenticates the
     # result.json they write, so a record a candidate forged is not read as fitness
     cache_dir: Path | None = None
-
-    def supports_candidate_ids(self) -> bool:
-        if self.per_candidate_items is not None:
-            return self.per_candidate_items
-        try:
-            from pytest_diffbench import candidates
-        except ImportError:
-            return False
-        flag = getattr(candidates, "SUPPORTS_CANDIDATE_ID", None)
-        if flag is not None:
-            return bool(flag)
-        return hasattr(getattr(candidates, "CandidatesGenerator", None), "candidate_for")
 
     def command(self, task, manifest: Path, out: Path, workers: int) -> list[str]:
         cmd = [self.python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "addopts=",
@@ -72,6 +61,8 @@ class ChildPytest:
             cmd += ["-c", str(self.inifile)]
         if self.tasks_dir is not None:
             cmd.append(f"--diffbench-tasks={self.tasks_dir}")
+        if self.profile_file is not None:
+            cmd.append(f"--diffbench-profile={self.profile_file}")
         cmd += list(self.passthrough)
         if workers > 1:
             cmd += ["-n", str(workers)]
@@ -113,27 +104,16 @@ class ChildPytest:
         round_dir.mkdir(parents=True, exist_ok=True)
         log = round_dir / "pytest.log"
         results: dict[str, TaskResult | None] = {}
-        if self.supports_candidate_ids():
-            manifest = round_dir / "candidates.jsonl"
-            manifest.write_text("".join(json.dumps({"task_id": task.id, "code": code, "candidate_id": cid}) + "\n"
-                                        for cid, code in candidates), encoding="utf-8")
-            out = round_dir / "out"
-            shutil.rmtree(out, ignore_errors=True)  # never results of an interrupted earlier attempt
-            workers = min(self.workers, len(candidates))
-            self._check_exit(self._run(self.command(task, manifest, out, workers), log), log)
-            for cid, _ in candidates:
-                results[cid] = self._read(out, task_label(task.id, cid))
-            return results
-        for cid, code in candidates:
-            folder = round_dir / f"child-{cid}"
-            shutil.rmtree(folder, ignore_errors=True)
-            manifest = folder / "candidates.jsonl"
-            folder.mkdir(parents=True, exist_ok=True)
-            manifest.write_text(json.dumps({"task_id": task.id, "code": code}) + "\n", encoding="utf-8")
-            self._check_exit(self._run(self.command(task, manifest, folder / "out", 0), log), log)
-            results[cid] = self._read(folder / "out", task.id)
+        manifest = round_dir / "candidates.jsonl"
+        manifest.write_text("".join(json.dumps({"task_id": task.id, "code": code, "candidate_id": cid}) + "\n"
+                                    for cid, code in candidates), encoding="utf-8")
+        out = round_dir / "out"
+        shutil.rmtree(out, ignore_errors=True)  # never results of an interrupted earlier attempt
+        workers = min(self.workers, len(candidates))
+        self._check_exit(self._run(self.command(task, manifest, out, workers), log), log)
+        for cid, _ in candidates:
+            results[cid] = self._read(out, task_label(task.id, cid))
         return results
-
 
     def _read(self, out: Path, label: str) -> TaskResult | None:
         """The child's result for `label`, or None when it wrote none or none this version reads

@@ -58,6 +58,13 @@ PNDM cut to 20 / 15 / 10 steps 0.086 / 0.167 / 0.246 (DiT DDIM 20 / 12 steps 0.0
 SDXL Euler 20 / 12 steps 0.047 / 0.110). It admits moderate settings of every method and
 rejects the aggressive ones, so that the search faces a real trade-off (see tasks/README.md). Profiles with learned CLIP weights keep the task's ``max_quality_loss`` (5 %).
 ``Calibration.apply`` writes the profile's bound into ``constraint.max_quality_loss``.
+
+Profile. The command's evaluator is built with the harness's one resolver
+(``pytest_diffbench.profile.resolve_profile``), as the plugin's: the same versions in the baseline
+cache key, the same sandbox and warm-start resolution, the model setup from the repository's
+``fixtures`` (``resolve_models``, the tiny zoo built in ``--zoo-dir`` for cpu-tiny, the Hugging Face
+cache otherwise). ``fixtures`` and ``tasks/generate.py`` are imported as the repository provides
+them (run the command from the repository root); this module never edits ``sys.path``.
 """
 from __future__ import annotations
 
@@ -403,11 +410,29 @@ def config_id(config: Mapping) -> str:
 
 
 def _load_generator(tasks_dir: Path):
-    """tasks/generate.py (the suite's code templates), imported from the repository root."""
-    root = str(Path(tasks_dir).resolve().parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module(f"{Path(tasks_dir).resolve().name}.generate")
+    """tasks/generate.py (the suite's code templates): the module `<tasks folder>.generate` where that
+    package is importable as this folder (the repository root on sys.path), else the file itself
+    (run as a script, it makes its repository importable on its own). sys.path is not edited here."""
+    import importlib.util
+
+    tasks_dir = Path(tasks_dir).resolve()
+    name = f"{tasks_dir.name}.generate"
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:
+        spec = None
+    if spec is not None and spec.origin and Path(spec.origin).resolve() == tasks_dir / "generate.py":
+        return importlib.import_module(name)
+    module_name = f"_diffbench_generate_{hashlib.sha256(str(tasks_dir).encode()).hexdigest()[:12]}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, tasks_dir / "generate.py")
+    if spec is None:
+        raise SystemExit(f"{tasks_dir}: no generate.py (the suite's code templates)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def render_config(gen, task: Task, config: Mapping, label: str) -> str:
@@ -895,42 +920,58 @@ def merge_calibrations(parts: list[Mapping], names: list[str]) -> dict:
     return _sorted_sections(out)
 
 
+def _repository_fixtures():
+    """The repository's `fixtures` package (model zoo and benchmark data): importable when the command
+    runs from the pytest-diffbench repository root (``python -m`` puts the working folder first on
+    sys.path), as the plugin's root conftest.py needs it too. Never found by editing sys.path."""
+    try:
+        from fixtures import plugin, profiles
+    except ImportError as exc:
+        raise SystemExit("the calibration command needs the repository's `fixtures` package (the model zoo and "
+                         "the benchmark data) importable: run it from the pytest-diffbench repository root "
+                         f"({exc})") from None
+    return plugin, profiles
+
+
 def _evaluator_for(profile_name: str, args) -> Any:
-    """An Evaluator for `profile_name`, built like the plugin builds it (cpu-tiny: the tiny zoo)."""
-    from .evaluate import Evaluator, Profile
-    from .sandbox import SandboxLimits
+    """An Evaluator for `profile_name`, its profile from the harness's one resolver
+    (pytest_diffbench.profile.resolve_profile), as the plugin's: cpu-tiny on the tiny zoo built in
+    --zoo-dir, other profiles on the real weights in the Hugging Face cache. Public seeds: see the
+    module docstring."""
+    from .evaluate import Evaluator
+    from .profile import ProfileError, check_runnable, read_profile, resolve_profile
 
-    root = Path(args.tasks).resolve().parent
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from fixtures.profiles import data_source
-
+    fixtures_plugin, fixtures_profiles = _repository_fixtures()
     cache_dir = Path(args.cache_dir).expanduser()
     run_dir = Path(args.run_dir).expanduser() if args.run_dir else cache_dir / "calibration-runs" / profile_name
-    if profile_name == "cpu-tiny":
-        from fixtures.profiles import tiny_profile
-        from fixtures.zoo import ensure_tiny_zoo
-
-        zoo = ensure_tiny_zoo(Path(args.zoo_dir).expanduser())
-        profile = tiny_profile(zoo, samples=args.samples, speed="flops", repeats=1, threads=1,
-                               timeout_s=args.timeout, seeds="public")
-    else:
+    if getattr(args, "profile_file", None):  # a run's profile.json: measure under that very profile
+        try:
+            profile = read_profile(args.profile_file)
+            check_runnable(profile)
+        except ProfileError as exc:
+            raise SystemExit(f"--profile-file: {exc}") from None
+        profile = dataclasses.replace(profile, seeds="public", samples=args.samples)  # see the module docstring
+        if profile.name != profile_name:
+            raise SystemExit(f"{args.profile_file} is profile {profile.name!r}, not {profile_name!r}")
+        return Evaluator(profile, fixtures_profiles.data_source(), cache_dir, run_dir)
+    tiny = profile_name == "cpu-tiny"
+    if not tiny:
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit(f"profile {profile_name!r}: only cpu-tiny can be calibrated without CUDA")
-        from fixtures.zoo import ZOO_VERSION  # noqa: F401  (the repository's fixtures are needed)
-
-        device_name = torch.cuda.get_device_name(0)
-        profile = Profile(zoo="hub", zoo_detail="hub (local Hugging Face cache)", model_env={"HF_HUB_OFFLINE": "1"},
-                          device="cuda", device_name=device_name, visible_devices=None,
-                          clip_spec=args.clip, clip_pretrained=bool(args.clip), clip_threshold=20.0,
-                          speed_method="wall", repeats=3, threads=4, samples=args.samples,
-                          limits=SandboxLimits(timeout_s=args.timeout, memory_mb=65536), versions={},
-                          seeds="public")  # committed calibrations must be reproducible: see the docstring
+    try:
+        setup = fixtures_plugin.resolve_models("tiny" if tiny else "hub", Path(args.zoo_dir).expanduser(),
+                                               getattr(args, "model_ids", None), build=True)
+        profile = resolve_profile(setup, device="cpu" if tiny else "cuda", speed="flops" if tiny else "wall",
+                                  repeats=1 if tiny else 3, threads=1 if tiny else 4, samples=args.samples,
+                                  clip=args.clip, timeout_s=args.timeout, memory_mb=8192 if tiny else 65536,
+                                  seeds="public")  # committed calibrations must be reproducible
+    except (ProfileError, RuntimeError, ValueError) as exc:
+        raise SystemExit(f"profile {profile_name!r}: {exc}") from None
     if profile.name != profile_name:
         raise SystemExit(f"this machine gives profile {profile.name!r}, not {profile_name!r}")
-    return Evaluator(profile, data_source(), cache_dir, run_dir)
+    return Evaluator(profile, fixtures_profiles.data_source(), cache_dir, run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -951,6 +992,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--clip", default=None, help="open_clip spec with learned weights (GPU profiles)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per-measurement timeout in seconds")
+    parser.add_argument("--profile-file", default=None, metavar="FILE",
+                        help="measure under this resolved profile (a run directory's profile.json, the form the "
+                             "plugin writes) instead of resolving one; its seeds are made public and its samples "
+                             "--samples")
     parser.add_argument("--out", default=None, help="output file (default: <tasks>/calibration/<profile>.yaml)")
     parser.add_argument("--fresh", action="store_true", help="drop families already in the output file")
     parser.add_argument("--merge", nargs="+", metavar="FILE", default=None,
@@ -982,6 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if out_path.is_file() and not args.fresh:
         previous = yaml.load(out_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    args.model_ids = sorted({t.model for t in tasks})  # the weights the hub profile needs
     evaluator = _evaluator_for(args.profile, args)
     started = time.monotonic()
     command = " ".join(["python -m pytest_diffbench.calibration", *(argv if argv is not None else sys.argv[1:])])

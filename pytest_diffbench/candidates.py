@@ -18,6 +18,10 @@ from .result import parse_label, task_label
 
 class ReferenceGenerator:
     @pytest.hookimpl(trylast=True)
+    def pytest_diffbench_generator_id(self, config):
+        return "reference"
+
+    @pytest.hookimpl(trylast=True)
     def pytest_diffbench_generate(self, task, config):
         if task.gold:
             return Candidate(code=task.gold, source="reference")
@@ -75,6 +79,10 @@ class CandidatesGenerator:
         if code is None:
             return Candidate(code=None, source=f"candidates:{self.path}", reason=f"no candidate for {key} in {self.path}")
         return Candidate(code=code, source=f"candidates:{self.path}")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_diffbench_generator_id(self, config):
+        return f"candidates:{Path(self.path).resolve()}"
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_diffbench_generate(self, task, config):

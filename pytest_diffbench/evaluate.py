@@ -12,11 +12,12 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import atomic, crosscheck, metrics, stages
 from .baselines import CachedRun, cache_key, get_or_measure
+from .generation import is_generator_folder
 from .result import Measures, Provenance, SandboxSummary, TaskResult
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
 from .workload import AGENT_SCOPE, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest, build_batch
@@ -76,6 +77,35 @@ class Profile:
     @property
     def quality_method(self) -> str:
         return "clip" if self.clip_pretrained else "fidelity"
+
+    # -- the serialized form (pytest_diffbench.profile: run dir, xdist workers, GA child sessions) --
+    def to_json(self) -> str:
+        """Every field, `limits` as an object of SandboxLimits's fields; `from_json` reads it back equal."""
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Profile":
+        """The profile `to_json` wrote; ValueError naming an unknown or missing key."""
+        data = json.loads(text)
+        _checked_fields(cls, data, "profile")
+        _checked_fields(SandboxLimits, data["limits"], "profile.limits")
+        return cls(**{**data, "limits": SandboxLimits(**data["limits"])})
+
+
+def _checked_fields(cls, data, what: str) -> None:
+    """ValueError unless `data` is an object with exactly the fields of dataclass `cls` (those with
+    a default may be left out)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{what}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{what}: missing key {missing[0]!r}")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -196,13 +226,13 @@ class Evaluator:
 
     def evaluate(self, task, candidate: Candidate, reference_code: str, gold_code: str | None,
                  label: str | None = None) -> TaskResult:
-        """Evaluate `candidate`; results go to <run dir>/<label or task id>/ (its agent/ folder is
-        kept), the returned result as its result.json."""
+        """Evaluate `candidate`; results go to <run dir>/<label or task id>/ (the generator's
+        folders are kept), the returned result as its result.json."""
         label = label or task.id
         task_dir = self.run_dir / label
         if task_dir.exists():
             for child in task_dir.iterdir():
-                if child.name != "agent":
+                if not is_generator_folder(child):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         task_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()

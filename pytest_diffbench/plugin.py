@@ -2,6 +2,10 @@
 
 The work is done by plain modules (tasks, evaluate, sandbox, stages, metrics, report); this
 module only wires them into pytest. Without `--diffbench-level` it does nothing.
+
+The profile is resolved once per session by the controller (pytest_diffbench.profile), sent to
+xdist workers in its serialized form and written to `<run dir>/profile.json`; generators get a
+`GenerationContext` (pytest_diffbench.generation), never this module's session object.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ import pytest
 
 from . import hookspecs, report
 from .atomic import write_json_atomic
-from .devices import device_for_worker, visible_devices
 from .evaluate import Candidate, Evaluator, HarnessError, Profile
+from .profile import PROFILE_FILE, ProfileError, check_runnable, for_worker, read_profile, resolve_profile
 from .result import TaskResult, parse_label, task_label
-from .sandbox import SandboxLimits
 from .workload import PUBLIC_SEEDS, SECRET_SEEDS, SEED_MODES, SEED_SCOPES, VERDICT_SCOPE
 
 SESSION_KEY = pytest.StashKey["DiffbenchSession"]()
@@ -98,6 +101,10 @@ def pytest_addoption(parser):
     group.addoption("--diffbench-seed-scope", choices=SEED_SCOPES, default=VERDICT_SCOPE,
                     help="whose seeds secret seeds are: verdict (the final verdict) or agent (runs whose output a "
                          "generator reads: DiffAgent's GA child sessions pass it) (default: verdict)")
+    group.addoption("--diffbench-profile", metavar="FILE", default=None,
+                    help="use this resolved profile (the profile.json of a run directory) instead of resolving one "
+                         "from the options above; it is checked against what this machine can run (versions, "
+                         "device, sandbox). DiffAgent's GA child sessions get their parent's this way")
 
 
 def warm_start_setting(config) -> str:
@@ -125,6 +132,7 @@ class DiffbenchSession:
         self.zoo_dir = Path(config.getoption("diffbench_zoo_dir") or os.environ.get("DIFFBENCH_ZOO_DIR")
                             or Path.home() / ".cache" / "pytest-diffbench" / "zoo")
         self._evaluator: Evaluator | None = None
+        self.profile: Profile | None = None  # resolved once (resolve_session_profile); None: _setup_error says why
         self.candidates = None  # the CandidatesGenerator when --diffbench-candidates is given
         self._calibrations: dict = {}
         self.tasks_dir: Path | None = None
@@ -173,17 +181,23 @@ class DiffbenchSession:
         """What a result may be reused for: the task as posed on this profile (calibrated target,
         reference, gold) and the generator (with the candidate's code where it is known without
         running the generator: --diffbench-candidates). Written beside result.json as resume.json."""
-        opt = self.config.getoption
-        if opt("diffbench_candidates"):
-            generator = f"candidates:{Path(opt('diffbench_candidates')).resolve()}"
-        elif getattr(self.config.option, "llm", None):
-            generator = f"llm:{opt('llm')}:agent={getattr(self.config.option, 'agent', None)}"
-        else:
-            generator = "reference"
+        generator = self.generator_id()
         digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
         return {"task": digest(json.dumps(task.to_dict(), sort_keys=True, default=str)), "generator": generator,
                 "candidate": None if candidate_code is None else digest(candidate_code),
-                "seeds": f"{seed_mode(self.config)}:{opt('diffbench_seed_scope')}"}
+                "seeds": f"{self.profile.seeds}:{self.profile.seed_scope}"}
+
+    def generator_id(self) -> str:
+        """The generator of this session, as it names itself (hook pytest_diffbench_generator_id)."""
+        return self.config.hook.pytest_diffbench_generator_id(config=self.config) or "reference"
+
+    def generation_context(self, task, label: str):
+        """The context handed to pytest_diffbench_generate for `task` (pytest_diffbench.generation)."""
+        from .generation import GenerationContext
+
+        if self._setup_error:
+            raise HarnessError(self._setup_error)
+        return GenerationContext(task, self.profile, self.run_dir / label, self.cache_dir, self.evaluator)
 
     def previous_result(self, label: str, profile_name: str, fingerprint: dict) -> TaskResult | None:
         """The complete result of `label` from an earlier session on the same profile, for the
@@ -248,66 +262,75 @@ class DiffbenchSession:
         return setup
 
     def evaluator(self) -> Evaluator:
-        """Built on first use in each worker; a failure is a harness error for every task."""
+        """Built on first use in each worker from the session's profile; a failure is a harness error
+        for every task."""
         if self._setup_error:
             raise HarnessError(self._setup_error)
         if self._evaluator is None:
-            try:
-                self._evaluator = self._build_evaluator()
-            except HarnessError as exc:
-                self._setup_error = str(exc)
-                raise
+            data = self.config.hook.pytest_diffbench_data_source(config=self.config)
+            if data is None:
+                self._setup_error = "no plugin provides the benchmark data (pytest_diffbench_data_source)"
+                raise HarnessError(self._setup_error)
+            self._evaluator = Evaluator(self.profile, data, self.cache_dir, self.run_dir)
         return self._evaluator
 
-    def _build_evaluator(self) -> Evaluator:
-        import torch
-
-        from . import __version__
-
+    def resolve_session_profile(self) -> None:
+        """The profile, resolved once per session (pytest_diffbench.profile): an xdist worker takes
+        the controller's (workerinput) and applies its own CUDA device; --diffbench-profile names one
+        resolved elsewhere (a usage error when this machine cannot run it); otherwise it is resolved
+        from the options. A profile that cannot be resolved (models, CUDA) is a harness error of
+        every task, as the evaluator's setup was."""
         config = self.config
-        setup = self.model_setup(build=True)
-        data = config.hook.pytest_diffbench_data_source(config=config)
-        if data is None:
-            raise HarnessError("no plugin provides the benchmark data (pytest_diffbench_data_source)")
-        device = config.getoption("diffbench_device")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise HarnessError("--diffbench-device=cuda but CUDA is not available in this process")
-        worker_id = getattr(config, "workerinput", {}).get("workerid")
-        visible = None
-        device_name = "cpu"
-        if device.startswith("cuda"):
-            visible = device_for_worker(worker_id, visible_devices())
-            device_name = torch.cuda.get_device_name(0)
-            device = "cuda"
-        speed = config.getoption("diffbench_speed")
-        if speed == "auto":
-            speed = "flops" if setup.zoo == "tiny" else "wall"
-        repeats = config.getoption("diffbench_repeats") or (1 if speed == "flops" else 3)
-        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-        # Tiny models are overhead-bound: one thread is as fast and does not thrash a shared CPU.
-        threads = config.getoption("diffbench_threads") or (
-            1 if setup.zoo == "tiny" and device == "cpu" else max(1, (os.cpu_count() or 1) // workers))
-        clip_spec = config.getoption("diffbench_clip") or setup.clip
-        clip_pretrained = bool(clip_spec) and setup.zoo != "tiny" and not clip_spec.startswith("local-dir:")
-        import diffusers
-        import transformers
+        workerinput = getattr(config, "workerinput", None)
+        worker_id = (workerinput or {}).get("workerid")
+        if workerinput and ("diffbench_profile" in workerinput or "diffbench_profile_error" in workerinput):
+            self._setup_error = workerinput.get("diffbench_profile_error")
+            if workerinput.get("diffbench_profile"):
+                self.profile = for_worker(Profile.from_json(workerinput["diffbench_profile"]), worker_id)
+            return
+        given = config.getoption("diffbench_profile")
+        if given:
+            try:
+                profile = read_profile(given)
+                check_runnable(profile)
+            except ProfileError as exc:
+                raise pytest.UsageError(f"--diffbench-profile: {exc}") from None
+            self.profile = for_worker(profile, worker_id)
+            return
+        try:
+            # the zoo is built here, once, before any worker starts (not for --collect-only)
+            setup = self.model_setup(build=not config.option.collectonly)
+            opt = config.getoption
+            self.profile = resolve_profile(
+                setup, device=opt("diffbench_device"), speed=opt("diffbench_speed"), repeats=opt("diffbench_repeats"),
+                threads=opt("diffbench_threads"), workers=_measuring_workers(config), samples=opt("diffbench_samples"),
+                clip=opt("diffbench_clip"), clip_threshold=opt("diffbench_clip_threshold"),
+                timeout_s=opt("diffbench_candidate_timeout"), memory_mb=opt("diffbench_memory_mb"),
+                isolation=opt("diffbench_sandbox"), warm_start=warm_start_setting(config), seeds=seed_mode(config),
+                seed_scope=opt("diffbench_seed_scope"), worker_id=worker_id)
+        except pytest.UsageError:
+            raise
+        except Exception as exc:  # models unavailable, CUDA missing...: every task is a harness error
+            self._setup_error = str(exc) if isinstance(exc, (HarnessError, ProfileError)) else f"{type(exc).__name__}: {exc}"
 
-        versions = {"pytest_diffbench": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                    "transformers": transformers.__version__}
-        profile = Profile(zoo=setup.zoo, zoo_detail=setup.detail, model_env=dict(setup.env), device=device,
-                          device_name=device_name, visible_devices=visible, clip_spec=clip_spec,
-                          clip_pretrained=clip_pretrained,
-                          clip_threshold=config.getoption("diffbench_clip_threshold"), speed_method=speed,
-                          repeats=repeats, threads=threads, samples=config.getoption("diffbench_samples"),
-                          limits=SandboxLimits(timeout_s=config.getoption("diffbench_candidate_timeout"),
-                                               memory_mb=config.getoption("diffbench_memory_mb"),
-                                               isolation=config.getoption("diffbench_sandbox"),
-                                               warm_start=warm_start_setting(config)),
-                          versions=versions, seeds=seed_mode(config),
-                          seed_scope=config.getoption("diffbench_seed_scope"))
-        return Evaluator(profile, data, self.cache_dir, self.run_dir)
+    def pytest_sessionstart(self, session):
+        """The controller (or the only process) writes the resolved profile into the run directory."""
+        if getattr(self.config, "workerinput", None) is not None or self.config.option.collectonly:
+            return
+        if self.profile is not None:
+            from .atomic import write_atomic
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.run_dir / PROFILE_FILE, self.profile.to_json() + "\n")
+
+
+def _measuring_workers(config) -> int:
+    """How many processes measure at once: the xdist workers of this session (1 without xdist)."""
+    if getattr(config, "workerinput", None) is not None:
+        return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if config.getoption("dist", "no") == "no":
+        return 1
+    return max(1, len(config.getoption("tx", None) or []))
 
 
 def _load_tasks(config):
@@ -337,6 +360,7 @@ def pytest_configure(config):
     warm_start_setting(config)  # ... and a bad $DIFFBENCH_WARM_START
     session = DiffbenchSession(config, tasks, levels)
     session.tasks_dir = tasks_dir
+    session.resolve_session_profile()
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "diffbench-session")
     if config.args_source != pytest.Config.ArgsSource.ARGS:
@@ -360,11 +384,17 @@ def _session(config) -> DiffbenchSession | None:
     return config.stash.get(SESSION_KEY, None)
 
 
-def pytest_configure_node(node):  # xdist controller -> worker: one run directory for all
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):  # xdist controller -> worker: one run directory and one profile for all
     session = _session(node.config)
     if session is not None:
         node.workerinput["diffbench_out"] = str(session.run_dir)
         node.workerinput["diffbench_resume"] = session.resume
+        # the profile the controller resolved, in its serialized form (each worker applies its device)
+        if session.profile is not None:
+            node.workerinput["diffbench_profile"] = session.profile.to_json()
+        if session._setup_error:
+            node.workerinput["diffbench_profile_error"] = session._setup_error
 
 
 def pytest_generate_tests(metafunc):
@@ -385,18 +415,23 @@ def pytest_report_header(config):
     if session is None:
         return None
     counts = ", ".join(f"{lvl} {sum(t.level == lvl for t in session.tasks)}" for lvl in sorted(session.levels))
-    generator = "candidates from " + config.getoption("diffbench_candidates") if config.getoption(
-        "diffbench_candidates") else (f"llm {config.getoption('llm')}" if getattr(config.option, "llm", None)
-                                      else "reference (gold solutions)")
-    try:
-        setup = session.model_setup(build=False)
-        models = f"{setup.zoo} ({setup.detail})"
-    except Exception as exc:
-        models = f"unavailable: {exc}"
+    generator = session.generator_id()
+    generator = "reference (gold solutions)" if generator == "reference" else generator
+    profile = session.profile
+    if profile is None:
+        return [f"diffbench: {len(session.tasks)} tasks at these levels ({counts}); generator: {generator}",
+                f"diffbench: profile unavailable: {session._setup_error}; run dir: {session.run_dir}"]
+    device = profile.device if profile.device == "cpu" else f"{profile.device} ({profile.device_name})"
+    speed = f"{profile.speed_method} ({profile.repeats} timed call{'s' if profile.repeats != 1 else ''})"
+    warm = profile.limits.warm_start
+    if not config.getoption("diffbench_profile") and warm_start_setting(config) == "auto":
+        warm += " (auto)"
+    source = f"from {config.getoption('diffbench_profile')}" if config.getoption("diffbench_profile") else "resolved"
     return [f"diffbench: {len(session.tasks)} tasks at these levels ({counts}); generator: {generator}",
-            f"diffbench: models: {models}; device: {config.getoption('diffbench_device')}; "
-            f"speed: {config.getoption('diffbench_speed')}; sandbox: {_sandbox_line(config)}; "
-            f"seeds: {_seeds_line(config)}; warm start: {warm_start_setting(config)}; run dir: {session.run_dir}"]
+            f"diffbench: profile {profile.name} ({source}): models: {profile.zoo} ({profile.zoo_detail}); "
+            f"device: {device}; speed: {speed}; threads: {profile.threads}; "
+            f"quality: {profile.quality_method}; sandbox: {_sandbox_line(profile.limits.isolation)}; "
+            f"seeds: {_seeds_line(profile.seeds, profile.seed_scope)}; warm start: {warm}; run dir: {session.run_dir}"]
 
 
 def pytest_report_collectionfinish(config, items):
@@ -423,13 +458,10 @@ def _check_sandbox(config) -> str:
         raise pytest.UsageError(f"--diffbench-sandbox: {exc}") from None
 
 
-def _sandbox_line(config) -> str:
-    from .sandbox import WEAK_ISOLATIONS, SandboxUnavailable, resolve_isolation
+def _sandbox_line(backend: str) -> str:
+    """The profile's (resolved) sandbox backend, weak ones named as such."""
+    from .sandbox import WEAK_ISOLATIONS
 
-    try:
-        backend = resolve_isolation(config.getoption("diffbench_sandbox"))
-    except (SandboxUnavailable, ValueError) as exc:
-        return f"unavailable: {exc}"
     if backend in WEAK_ISOLATIONS:
         return (f"{backend.upper()} - WEAK, NAMED EXPLICITLY: candidate code can read and write everything "
                 f"the pytest user can (golds, baseline cache, run directory, your files)")
@@ -445,12 +477,7 @@ def seed_mode(config) -> str:
     return mode
 
 
-def _seeds_line(config) -> str:
-    try:
-        mode = seed_mode(config)
-    except pytest.UsageError as exc:
-        return f"unavailable: {exc}"
-    scope = config.getoption("diffbench_seed_scope", None) or VERDICT_SCOPE
+def _seeds_line(mode: str, scope: str) -> str:
     if mode == PUBLIC_SEEDS:
         return ("PUBLIC - WEAK, NAMED EXPLICITLY: task seed + i, the same for everyone and predictable from the "
                 "repository, so a candidate can precompute its images (reproducible figures only)")
@@ -502,7 +529,8 @@ def diffbench_candidate(diffbench_profile_task, diffbench_candidate_id, diffbenc
     task = diffbench_profile_task
     if diffbench_candidate_id is not None:
         return diffbench_session.candidates.candidate_for(task, diffbench_candidate_id)
-    candidate = request.config.hook.pytest_diffbench_generate(task=task, config=request.config)
+    context = diffbench_session.generation_context(task, task.id)
+    candidate = request.config.hook.pytest_diffbench_generate(task=task, config=request.config, context=context)
     if candidate is None:
         raise HarnessError(f"no generator produced a candidate for {task.id}")
     return candidate

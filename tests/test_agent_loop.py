@@ -414,8 +414,7 @@ sys.exit(1)
 '''
 
 
-@pytest.mark.parametrize("per_candidate", [True, False])
-def test_population_runs_one_child_session_per_round(tasks, tmp_path, monkeypatch, per_candidate):
+def test_population_runs_one_child_session_per_round(tasks, tmp_path, monkeypatch):
     import sys
 
     from agent.population import ChildPytest
@@ -427,14 +426,15 @@ def test_population_runs_one_child_session_per_round(tasks, tmp_path, monkeypatc
     monkeypatch.setenv("PYTEST_ADDOPTS", "--llm=o3-mini")
     task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"])
     child = ChildPytest(rootdir=TASKS.parent, tasks_dir=tmp_path / "tasks", passthrough=["--diffbench-models=tiny"],
-                        python=str(fake), per_candidate_items=per_candidate, workers=4)
+                        python=str(fake), workers=4, profile_file=tmp_path / "child-profile.json")
     results = child(task, tmp_path / "round-1", [("r1c1", "fast code"), ("r1c2", "slow code")])
     assert {k: v.verdict.passed for k, v in results.items()} == {"r1c1": True, "r1c2": False}
     calls = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(calls) == (1 if per_candidate else 2)
+    assert len(calls) == 1
     args = calls[0]["args"]
     assert args[:2] == ["-m", "pytest"] and "--diffbench-level=L4" in args and "--diffbench-models=tiny" in args
     assert args[args.index("-k") + 1] == task.id and f"--diffbench-tasks={tmp_path / 'tasks'}" in args
-    assert ("-n" in args) == per_candidate  # xdist over the round's candidates (2 of the 4 workers)
+    assert f"--diffbench-profile={tmp_path / 'child-profile.json'}" in args  # the parent's profile
+    assert "-n" in args  # xdist over the round's candidates (2 of the 4 workers)
     assert calls[0]["child"] == "1" and calls[0]["addopts"] is None  # no --llm can reach the child
     assert "addopts=" in args

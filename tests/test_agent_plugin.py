@@ -37,38 +37,39 @@ def test_help_lists_the_options(tmp_path):
 
 
 @pytest.mark.parametrize("seeds", ["secret", "public"])
-def test_the_ga_child_sessions_get_only_real_options_and_the_resolved_sandbox(seeds):
-    """Fitness must be measured under the settings of the final verdict: every option the GA's child
-    sessions inherit exists, and the sandbox backend and the seed mode are passed as the parent
-    resolved them. Only the seeds' scope differs: the GA's results and logs go back to the LLM, so
-    its candidates see the agent's seeds, never the verdict's."""
-    from agent import plugin as agent_plugin
-
-    code, out = pytest_run(["--help"])
-    assert code == 0
-    for name in agent_plugin.CHILD_OPTIONS:
-        assert f"--{name.replace('_', '-')}" in out, name
-    # the generator's own method with a stand-in config/session/evaluator (plain namespaces: only
-    # their option values and paths are read; a real pytest session is what the e2e test runs)
+def test_a_ga_child_sessions_profile_is_the_parents_but_for_the_seed_scope(seeds, tmp_path):
+    """Fitness must be measured under the settings of the final verdict: the GA's child sessions get
+    the parent's resolved profile in its serialized form (--diffbench-profile, an option the harness
+    documents), sandbox backend and seed mode included. Only the seeds' scope differs: the GA's
+    results and logs go back to the LLM, so its candidates see the agent's seeds, never the verdict's."""
+    import dataclasses
     from types import SimpleNamespace
 
+    from agent import plugin as agent_plugin
+    from pytest_diffbench.evaluate import Profile
     from pytest_diffbench.sandbox import SandboxLimits, resolve_isolation
 
-    options = {"diffbench_memory_mb": 1234, "diffbench_sandbox": "auto"}
-    config = SimpleNamespace(getoption=lambda name, default=None: options.get(name, default), rootpath=ROOT,
-                             inipath=None, workerinput=None)
+    code, out = pytest_run(["--help"])
+    assert code == 0 and "--diffbench-profile=FILE" in out and "use this resolved profile" in out
+    config = SimpleNamespace(getoption=lambda name, default=None: default, rootpath=ROOT, inipath=None,
+                             workerinput=None)
     generator = agent_plugin.DiffAgentGenerator.__new__(agent_plugin.DiffAgentGenerator)
     generator.config, generator.ga_timeout = config, 60.0
-    profile = SimpleNamespace(device="cpu", visible_devices=None, limits=SandboxLimits(isolation="auto"),
-                              seeds=seeds, seed_scope="verdict")
-    child = generator._child_pytest(SimpleNamespace(cache_dir=ROOT / "c", zoo_dir=ROOT / "z"),
-                                    SimpleNamespace(profile=profile))
-    assert "--diffbench-memory-mb=1234" in child.passthrough
-    assert f"--diffbench-sandbox={resolve_isolation('auto')}" in child.passthrough
-    assert "--diffbench-sandbox=auto" not in child.passthrough
-    assert f"--diffbench-seeds={seeds}" in child.passthrough and "--diffbench-seed-scope=agent" in child.passthrough
-    for option in ("--diffbench-seeds", "--diffbench-seed-scope"):
-        assert option in out and sum(a.startswith(option + "=") for a in child.passthrough) == 1
+    parent = Profile(zoo="tiny", zoo_detail="tiny zoo", model_env={"A": "1"}, device="cpu", device_name="cpu",
+                     visible_devices=None, clip_spec=None, clip_pretrained=False, clip_threshold=20.0,
+                     speed_method="flops", repeats=1, threads=1, samples=2,
+                     limits=SandboxLimits(memory_mb=1234, isolation=resolve_isolation("auto"), warm_start="on"),
+                     versions={"torch": "x"}, seeds=seeds, seed_scope="verdict")
+    child = generator._child_pytest(parent, ROOT / "c", tmp_path / "agent")
+    command = child.command(SimpleNamespace(level="L4", id="L4-x"), tmp_path / "m.jsonl", tmp_path / "out", 0)
+    given = [a for a in command if a.startswith("--diffbench-profile=")]
+    assert len(given) == 1
+    child_profile = Profile.from_json(Path(given[0].split("=", 1)[1]).read_text())
+    assert child_profile == dataclasses.replace(parent, seed_scope="agent")
+    assert f"--diffbench-cache-dir={ROOT / 'c'}" in command
+    # nothing else of how to measure travels as options
+    assert not [a for a in command if a.startswith(("--diffbench-seed", "--diffbench-sandbox", "--diffbench-samples",
+                                                    "--diffbench-memory", "--diffbench-models", "--diffbench-device"))]
 
 
 @pytest.mark.slow
@@ -79,18 +80,16 @@ def test_a_ga_child_session_measures_with_the_agents_seeds(tiny_zoo, baseline_ca
     from types import SimpleNamespace
 
     from agent import plugin as agent_plugin
-    from pytest_diffbench.sandbox import SandboxLimits
     from pytest_diffbench.tasks import load_task
 
-    options = {"diffbench_models": "tiny", "diffbench_samples": 2}
-    config = SimpleNamespace(getoption=lambda name, default=None: options.get(name, default), rootpath=ROOT,
-                             inipath=None, workerinput=None)
+    from fixtures.profiles import tiny_profile
+
+    config = SimpleNamespace(getoption=lambda name, default=None: default, rootpath=ROOT, inipath=None,
+                             workerinput=None)
     generator = agent_plugin.DiffAgentGenerator.__new__(agent_plugin.DiffAgentGenerator)
     generator.config, generator.ga_timeout = config, 900.0
-    profile = SimpleNamespace(device="cpu", visible_devices=None, limits=SandboxLimits(isolation="auto"),
-                              seeds="secret", seed_scope="verdict")
-    child = generator._child_pytest(SimpleNamespace(cache_dir=baseline_cache_dir, zoo_dir=tiny_zoo.root),
-                                    SimpleNamespace(profile=profile))
+    profile = tiny_profile(tiny_zoo, samples=2, seeds="secret", seed_scope="verdict")
+    child = generator._child_pytest(profile, baseline_cache_dir, tmp_path / "agent")
     task = load_task(ROOT / "tasks" / "L1" / "L1-dit-c2i-0005.yaml")
     result = child(task, tmp_path / "round-1", [("r1c1", task.gold)])["r1c1"]
     assert result is not None, (tmp_path / "round-1" / "pytest.log").read_text()[-3000:]

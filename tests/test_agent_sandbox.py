@@ -14,6 +14,7 @@ from agent.llm import LLMClient, LLMSettings  # noqa: E402
 from agent.scripted import ScriptedModel, register_provider  # noqa: E402
 from agent.smoke import smoke_function  # noqa: E402
 from agent.transcript import Transcript  # noqa: E402
+from pytest_diffbench.generation import GenerationContext  # noqa: E402
 from pytest_diffbench.tasks import load_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +53,8 @@ def test_debugging_in_the_real_sandbox_and_replay_from_the_cache(evaluator, tmp_
         register_provider(model)
         transcript = Transcript(tmp_path / folder, task.id)
         agent = DiffAgent(task, LLMClient(settings, transcript=transcript), transcript=transcript,
-                          smoke=smoke_function(evaluator, tmp_path / folder / "smoke"), bounds=Bounds())
+                          smoke=smoke_function(GenerationContext.for_evaluator(task, evaluator),
+                                                               tmp_path / folder / "smoke"), bounds=Bounds())
         return agent, agent.run()
 
     model = ScriptedModel(by_role=script(task.gold))

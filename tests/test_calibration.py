@@ -250,6 +250,26 @@ def test_the_calibration_cli_measures_with_public_seeds(tiny_zoo, tmp_path):
     assert ev.profile.seeds == "public" and ev.profile.samples == 2
 
 
+
+def test_the_calibration_cli_measures_under_a_runs_profile_file(tiny_zoo, tmp_path):
+    """--profile-file: the serialized profile a run wrote (profile.json), with public seeds and the
+    command's samples; the same as the profile the command resolves itself."""
+    import dataclasses
+    from argparse import Namespace
+
+    from fixtures.profiles import tiny_profile
+
+    run_profile = tiny_profile(tiny_zoo, samples=None, timeout_s=60.0)  # secret seeds, as a verdict's
+    (tmp_path / "profile.json").write_text(run_profile.to_json())
+    args = Namespace(tasks=str(TASKS_DIR), cache_dir=str(tmp_path / "cache"), run_dir=None, zoo_dir=str(tiny_zoo.root),
+                     samples=2, timeout=60.0, clip=None, profile_file=str(tmp_path / "profile.json"))
+    ev = C._evaluator_for("cpu-tiny", args)
+    assert ev.profile == dataclasses.replace(run_profile, seeds="public", samples=2)
+    assert C._evaluator_for("cpu-tiny", Namespace(**{**vars(args), "profile_file": None})).profile == ev.profile
+    with pytest.raises(SystemExit, match="not 'cuda-tiny'"):
+        C._evaluator_for("cuda-tiny", args)
+
+
 def test_calibration_command():
     assert C.calibration_command("cpu-tiny") == "python -m pytest_diffbench.calibration --profile cpu-tiny"
     assert C.calibration_command("cpu-tiny", C.REPO_TASKS_DIR) == C.calibration_command("cpu-tiny")
