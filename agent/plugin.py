@@ -98,6 +98,7 @@ class DiffAgentGenerator:
         self.kb = load_knowledge(knowledge_dirs)
         self.fatal: str | None = None
         self.totals = {"llm_calls": 0, "cache_hits": 0, "retries": 0}  # over the session's call reports
+        self.unpriced = 0  # tasks whose model litellm has no price for
 
     # -- parts ---------------------------------------------------------------------------------
     def _child_pytest(self, profile, cache_dir: Path, folder: Path):
@@ -146,6 +147,7 @@ class DiffAgentGenerator:
         if not isinstance(data, dict):
             return
         cost = data.get("cost") or {}
+        self.unpriced += cost.get("cost_known") is False
         for key in self.totals:
             try:
                 self.totals[key] += int(cost.get(key) or 0)
@@ -264,6 +266,10 @@ def pytest_terminal_summary(terminalreporter, config):
     """LLM calls, cache hits and retries over the session (tokens and cost are in diffbench's summary)."""
     if config.pluginmanager.get_plugin("diffagent-generator") is None or getattr(config, "workerinput", None):
         return
-    totals = config.pluginmanager.get_plugin("diffagent-generator").totals
+    generator = config.pluginmanager.get_plugin("diffagent-generator")
+    totals = generator.totals
     terminalreporter.write_line(f"diffagent: {totals['llm_calls']} LLM calls, {totals['cache_hits']} replayed "
                                 f"from the cache, {totals['retries']} retries")
+    if generator.unpriced:
+        terminalreporter.write_line(f"diffagent: {generator.unpriced} task(s) without a cost: the model is not in "
+                                    f"litellm's price map; --llm-price IN,OUT sets one")

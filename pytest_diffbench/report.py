@@ -89,8 +89,10 @@ def summary_lines(results: list[TaskResult], levels, elapsed_s: float, run_dir: 
     cost = sum(float(r.cost.get("cost_usd") or 0) for r in results)
     tokens = sum(int(r.cost.get("total_tokens") or 0) for r in results)
     unpriced = sum(r.cost.get("cost_known") is False for r in results)
-    price = f"${cost:.4f}" + (f" (cost unknown for {unpriced} task(s): the model is not in litellm's price map; "
-                              f"--llm-price IN,OUT sets one)" if unpriced else "")
+    # what a generator's `cost` says (`cost_known` False: it had no price for its model); how to
+    # give it one is the generator's to say
+    price = f"${cost:.4f}" + (f" (cost unknown for {unpriced} task(s): the generator had no price for its model)"
+                              if unpriced else "")
     lines.append(f"baseline cache: {hits} hits, {misses} misses   LLM: {tokens} tokens, {price}")
     lines.append(f"total time: {elapsed_s:.1f} s   run directory: {run_dir}")
     return lines
