@@ -14,7 +14,6 @@ the same model family), passing ones first, so the planner starts from what work
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
