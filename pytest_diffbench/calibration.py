@@ -885,10 +885,9 @@ def write_calibration(path: Path, data: Mapping, command: str) -> None:
               f"# configuration per allowed-method preset (the gold solution); tasks: concrete targets.\n")
     body = yaml.dump(dict(data), Dumper=_Dumper, sort_keys=False, default_flow_style=None, width=140,
                      allow_unicode=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + body)
-    tmp.replace(path)
+    from .atomic import write_atomic
+
+    write_atomic(path, header + body)
 
 
 def merge_calibrations(parts: list[Mapping], names: list[str]) -> dict:

@@ -19,10 +19,13 @@ workload share their reference run exactly as with public seeds.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+from .atomic import write_atomic
 
 # The tiny zoo's models are built at 1/8 of the real default size (SD1.5 512 -> 64 px, SDXL
 # 1024 -> 128 px, DiT-256 -> 32 px: DiTPipeline has no size argument, so this must match the zoo).
@@ -117,9 +120,9 @@ def _resized_init_images(files: list[Path], count: int, offset: int, size: tuple
         if not dst.exists():
             with Image.open(src) as img:
                 resized = img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            tmp = dst.with_suffix(f".{id(out)}.tmp.png")
-            resized.save(tmp)
-            tmp.replace(dst)
+            png = io.BytesIO()
+            resized.save(png, format="PNG")
+            write_atomic(dst, png.getvalue())  # xdist workers may write the same input at once
         out.append(dst)
     return out
 
