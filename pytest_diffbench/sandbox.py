@@ -629,23 +629,47 @@ def _tree(table: dict, root: int, pgid: int | None) -> list[int]:
     return out
 
 
+def _smaps_rollup(pid: int, fields: tuple[bytes, ...]) -> int | None:
+    """The sum of `fields` (bytes) of /proc/PID/smaps_rollup; 0 for a process that has exited since
+    the process table was read (the file is gone, or empty once its memory is released); None when
+    it cannot be read otherwise or lacks a field."""
+    found: dict[bytes, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            lines = fh.readlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    except OSError:
+        return None
+    for line in lines:
+        name = line.split(b":", 1)[0]
+        if name in fields:
+            try:
+                found[name] = int(line.split()[1]) << 10
+            except (ValueError, IndexError):
+                return None
+    if not found and not any(line.startswith(b"Rss:") for line in lines):
+        return 0  # no memory map left: the process is exiting
+    return sum(found.values()) if len(found) == len(fields) else None
+
+
 def _memory_bytes(pid: int, rss_pages: int, page: int) -> int:
     """Proportional set size (shared pages split between the processes sharing them, so forked
     children are not counted many times over); 0 for a process that has exited since the process
-    table was read (its smaps_rollup is gone, or empty once its memory is released: counting its
-    RSS from the table then charged a forked run the pages it shared with the zygote as it ended);
-    the resident set size where PSS cannot be read otherwise."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) << 10
-        return 0  # no memory map left: the process is exiting
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-    except (OSError, ValueError, IndexError):
-        pass
-    return rss_pages * page
+    table was read (counting its RSS from the table then charged a forked run the pages it shared
+    with the zygote as it ended); the resident set size where PSS cannot be read."""
+    pss = _smaps_rollup(pid, (b"Pss",))
+    return rss_pages * page if pss is None else pss
+
+
+def _private_memory_bytes(pid: int, rss_pages: int, page: int) -> int:
+    """PSS of anonymous and shared-memory pages only (`Pss_Anon` + `Pss_Shmem`), what a forked run
+    and its zygote hold between them: their share of library and other file pages moves with how
+    many other processes map the same files (another worker's zygote starting or ending moved it
+    by ~0.2 GiB), is reclaimable page cache, and files in the scratch space are counted by
+    `_ScratchMeter`. `_memory_bytes` where the kernel does not give these fields."""
+    value = _smaps_rollup(pid, (b"Pss_Anon", b"Pss_Shmem"))
+    return _memory_bytes(pid, rss_pages, page) if value is None else value
 
 
 class _ScratchMeter:
@@ -1365,7 +1389,7 @@ def _launch_forked(zygote: "_Zygote", job: dict, harness_dir: Path, module: str,
     # run with the other (~0.2 GiB here) (`_charged_memory`)
     page_size = os.sysconf("SC_PAGE_SIZE")
     zygote_pages = _proc_table().get(zygote.host_pid, (0, 0, 0))[2]
-    zygote_pss = _memory_bytes(zygote.host_pid, zygote_pages, page_size)
+    zygote_pss = _private_memory_bytes(zygote.host_pid, zygote_pages, page_size)
     proc, result_r = zygote.start(module, job_file)
     return _Launched(proc, result_r, withheld, zygote.setup, root=zygote.proc.pid, pgid=zygote.proc.pid,
                      zygote=zygote, start=start, exclude=frozenset({zygote.host_pid}),
@@ -1434,7 +1458,8 @@ def _charged_memory(table: Mapping[int, tuple], members: Sequence[int], page: in
     before the fork) is charged what it has beyond the zygote. Under the limit by its whole RSS
     (pages shared with the zygote included) that is RSS minus `inherited`, a figure for the
     record only: it cannot be over. Over it, the charge is exact: PSS over the run and the zygote
-    (a shared page counted once, wherever it is mapped) minus `inherited_pss`. The gate is the
+    (a shared page counted once, wherever it is mapped; the watchdog passes
+    `_private_memory_bytes`, anonymous and shared-memory pages) minus `inherited_pss`. The gate is the
     whole RSS, not RSS minus `inherited`: a run that unmaps or pages out what it inherited lowers
     its RSS below the zygote's without using less memory of its own, and would otherwise allocate
     that much again unseen."""
@@ -1511,8 +1536,10 @@ class _Watchdog:
         limit = (self.limits.memory_mb or 0) << 20
         memory = 0
         if len(members) <= self.limits.max_processes:
+            forked = run.zygote is not None
             memory = _charged_memory(table, members, self._page, limit, tmp, run.inherited, run.inherited_pss,
-                                     run.zygote.host_pid if run.zygote is not None else None)
+                                     run.zygote.host_pid if forked else None,
+                                     pss=_private_memory_bytes if forked else _memory_bytes)
         self.peak_memory = max(self.peak_memory, memory + tmp)
         if limit and memory + tmp > limit:
             self.memory_detail = (f" (processes {memory >> 20} MiB, files in its private /tmp, /dev/shm or "

@@ -342,3 +342,18 @@ def test_a_process_that_has_exited_holds_no_memory():
     proc.wait()
     assert sandbox._memory_bytes(proc.pid, 100_000, PAGE) == 0  # reaped: /proc/PID is gone
     assert sandbox._memory_bytes(os.getpid(), 1, PAGE) > PAGE  # a live process: its PSS, not the 1-page RSS given
+
+
+def test_a_forked_run_is_charged_its_anonymous_and_shared_memory_pages():
+    # what a run and its zygote hold between them, without their share of library pages (which
+    # moves with how many other processes map the same files)
+    import mmap
+
+    before = sandbox._private_memory_bytes(os.getpid(), 1, PAGE)
+    assert 0 < before < sandbox._memory_bytes(os.getpid(), 1, PAGE)  # this process maps libraries
+    shared = mmap.mmap(-1, 64 * MiB)  # anonymous shared memory (shmem), touched
+    shared.write(b"x" * (64 * MiB))
+    try:
+        assert sandbox._private_memory_bytes(os.getpid(), 1, PAGE) - before >= 60 * MiB
+    finally:
+        shared.close()
