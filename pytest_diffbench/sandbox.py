@@ -463,7 +463,6 @@ def _isolation_setup(backend: str, network: bool, env: Mapping[str, str], job_fi
     zygote (landlock): it may write in `work`, each run only in `work/run` (removed after it)."""
     child_env = dict(env)
     workdir = scratch = None
-    wrapper: list[str] = []  # the Landlock exec wrapper, between the namespace prefix and the child
     landlock = None
     if backend == "bwrap":
         bwrap, userns = _bwrap_mode()
