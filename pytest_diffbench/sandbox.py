@@ -690,13 +690,14 @@ class _ScratchMeter:
                 if used is not None:
                     self.pid, self.last = pid, used
                     break
-            return self.last
+            # deleted files in the tmpfs are in its usage already: only memfds beside it
+            return self.last + _open_file_bytes(members, deleted=False)
         if self.scratch is None:
-            return 0
+            return _open_file_bytes(members)
         now = time.monotonic()
         if now - self.when >= TMP_SAMPLE_S:
             self.when, self.last = now, _folder_bytes(self.scratch)
-        return self.last
+        return self.last + _open_file_bytes(members)
 
     def _tmpfs(self, pid: int) -> int | None:
         ns = _mnt_ns(pid)
@@ -711,6 +712,33 @@ class _ScratchMeter:
             used += (st.f_blocks - st.f_bfree) * st.f_frsize
             seen = True
         return used if seen else None
+
+
+def _open_file_bytes(members: Sequence[int], deleted: bool = True) -> int:
+    """Bytes in files no folder shows that `members` hold open: memfds (memory, e.g.
+    `os.memfd_create`, written and never mapped, so in no PSS either) and, with `deleted`, files
+    removed while open (out of the scratch folder's walk). Each file once (device, inode), by its
+    allocated size."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for pid in members:
+        folder = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(folder)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{folder}/{fd}")
+                if not (target.startswith("/memfd:") or (deleted and target.endswith(" (deleted)"))):
+                    continue
+                st = os.stat(f"{folder}/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
 
 
 def _mnt_ns(pid: int) -> str | None:

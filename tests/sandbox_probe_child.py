@@ -182,6 +182,12 @@ elif action == "park_tmp":
         for _ in range(job["mb"]):
             fh.write(b"\1" * (1 << 20))
     time.sleep(job.get("hold_s", 60))
+elif action == "park_memfd":
+    # memory in a memfd that is written and never mapped: in no folder and in no process's PSS
+    fd = os.memfd_create("parked")
+    for _ in range(job["mb"]):
+        os.write(fd, b"\1" * (1 << 20))
+    time.sleep(job.get("hold_s", 60))
 elif action == "fill_tmp":
     # write to the private /tmp until it is full: it is a size-limited tmpfs, not the host's disk
     folder = os.environ.get("TMPDIR", "/tmp")

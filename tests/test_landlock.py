@@ -135,6 +135,17 @@ def test_files_in_the_private_tmp_count_against_the_memory_limit(tmp_path, backe
     assert small.peak_rss_mb >= small.extra["peak_tmp_mb"]
 
 
+@pytest.mark.skipif(not STRONG, reason="no strong sandbox on this machine")
+@pytest.mark.parametrize("backend", CASES, indirect=True)
+def test_memory_in_an_unmapped_memfd_counts_against_the_memory_limit(tmp_path, backend):
+    out = run(tmp_path, "park_memfd", backend, mb=384, limits=SandboxLimits(timeout_s=60, memory_mb=256))
+    assert out.status == "memory", (out.status, out.detail, out.stderr_tail)
+    small = run(tmp_path / "small", "park_memfd", backend, mb=32, hold_s=2.5,
+                limits=SandboxLimits(timeout_s=60, memory_mb=256))
+    assert small.status == "ok", (small.status, small.detail)
+    assert small.peak_rss_mb >= 32
+
+
 @pytest.mark.skipif("bwrap" not in STRONG, reason="bubblewrap is not usable here")
 def test_files_in_dev_shm_count_against_the_memory_limit(tmp_path):
     out = run(tmp_path, "park_tmp", "bwrap", mb=384, folder="/dev/shm",
