@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from . import atomic, crosscheck, metrics, stages
 from .baselines import CachedRun, cache_key, get_or_measure
@@ -225,9 +226,11 @@ class Evaluator:
         return {"ok": True, "category": None, "message": "runs; key attributes match", "attributes": attributes}
 
     def evaluate(self, task, candidate: Candidate, reference_code: str, gold_code: str | None,
-                 label: str | None = None) -> TaskResult:
+                 label: str | None = None, ablations: Mapping[str, str] | None = None) -> TaskResult:
         """Evaluate `candidate`; results go to <run dir>/<label or task id>/ (the generator's
-        folders are kept), the returned result as its result.json."""
+        folders are kept), the returned result as its result.json. `ablations`: {part: the gold's
+        code without it} (ablation.ablation_codes), measured as baselines when the candidate is not
+        the gold itself, for stage 1's image evidence."""
         label = label or task.id
         task_dir = self.run_dir / label
         if task_dir.exists():
@@ -279,7 +282,8 @@ class Evaluator:
         if result and result.get("status") == "ok":
             details = {"attributes": result.get("attributes"), "timing": result.get("timing"),
                        "flops": result.get("flops")}
-            details.update(self._measure(task, batch, texts, result, task_dir / "images", reference, gold, inputs))
+            details.update(self._measure(task, batch, texts, result, task_dir / "images", reference, gold, inputs,
+                                         ablations))
         elif result:
             details["error"] = result.get("error")
         else:
@@ -289,7 +293,8 @@ class Evaluator:
         return self._finish(task_dir, task, label, provenance, candidate.cost, verdict, started, sandbox=sandbox,
                             inputs=inputs, details=details)
 
-    def _measure(self, task, batch, texts, result, images_dir, reference, gold, inputs) -> dict:
+    def _measure(self, task, batch, texts, result, images_dir, reference, gold, inputs,
+                 ablations: Mapping[str, str] | None = None) -> dict:
         """Figures of stages 2 and 3: those the stages judge go into `inputs`; the others are
         returned, keyed by their names in result.json (`_finish` puts them in the TaskResult):
         fidelity, clip, speed_crosscheck, L_bound_calibrated, reference_latency_ms(_measured),
@@ -369,6 +374,18 @@ class Evaluator:
             # what was asked where the reference is far away (e.g. an ancestral sampler)
             vs_gold = metrics.quality_loss_by_fidelity(images, gold_images)
             measured["fidelity"]["vs_gold_nrmse"] = vs_gold
+            if task.level in ("L1", "L2", "L3"):  # stages.spec_evidence_problem, on every profile
+                inputs.nrmse_vs_reference, inputs.nrmse_vs_gold = loss["mean_nrmse"], vs_gold
+                inputs.gold_nrmse_vs_reference = gold_loss
+                if ablations and gold.image_digests is not None:  # not the gold itself (vs_gold 0 passes)
+                    distances = {}
+                    for part, code in sorted(ablations.items()):
+                        ablated, _ = baseline_images(self.baseline("ablation", task, code, batch), f"ablation ({part})")
+                        distances[part] = (metrics.quality_loss_by_fidelity(ablated, gold_images),
+                                           metrics.quality_loss_by_fidelity(images, ablated))
+                    measured["fidelity"]["ablations"] = {
+                        p: {"gold_nrmse": round(a, 6), "candidate_nrmse": round(c, 6)} for p, (a, c) in distances.items()}
+                    inputs.ablation_distances = distances
             # only L1-L3 have a gold that is the specification; an L4/L5 gold is the calibrated
             # optimum, one of many valid configurations (recorded above, not judged)
             if self.profile.quality_method == "fidelity" and task.level in ("L1", "L2", "L3"):

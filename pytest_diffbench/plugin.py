@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from . import hookspecs, report
+from .ablation import ablation_codes
 from .atomic import write_json_atomic
 from .evaluate import Candidate, Evaluator, HarnessError, Profile
 from .profile import PROFILE_FILE, ProfileError, check_runnable, for_worker, read_profile, resolve_profile
@@ -554,7 +555,8 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
               if diffbench_session.resume else None)
     if result is None:
         candidate = request.getfixturevalue("diffbench_candidate")
-        result = evaluator.evaluate(task, candidate, task.reference, task.gold, label=label)
+        result = evaluator.evaluate(task, candidate, task.reference, task.gold, label=label,
+                                    ablations=ablation_codes(task, diffbench_session.tasks_dir))
         if result.complete:
             diffbench_session.write_resume(label, fingerprint)
     request.node.stash[RESULT_KEY] = result

@@ -39,6 +39,14 @@ FIDELITY_FLOOR = 0.05
 # of golds measured 0.0000-0.0079 on cpu-tiny, the methods themselves move images by 0.01-0.05
 # (docs/integrity.md).
 GOLD_SPEC_BOUND = 0.04
+# ... and what was asked must show in the images: where the gold's images differ from the
+# reference's by at least SPEC_EVIDENCE_MIN (nRMSE), a candidate's must be nearer the gold's than
+# the reference's. This is evidence the candidate's process cannot forge (the parent compares
+# images with baselines it measured itself), unlike the behaviour hooks of stage 1, which run
+# beside the candidate's code. Honest variants sit <= 0.008 from the gold, so at a distance of
+# 0.02 they are >= 0.012 from the reference and the rule holds with a margin; below it the change
+# asked for is too small to tell from numerical noise (fp16 on the tiny zoo: 0.006-0.009).
+SPEC_EVIDENCE_MIN = 0.02
 # L1-L3 judge speed against the gold solution (not the reference: fp16 is slower on a CPU, and a
 # correct L2 answer must still pass there): a candidate may be at most this factor slower.
 MAX_SLOWDOWN_VS_GOLD = 2.0
@@ -193,8 +201,44 @@ class StageInputs:
     latency_ms: float | None = None
     gold_fidelity_loss: float | None = None  # L1-L3 on fidelity profiles: nRMSE against the gold's images
     gold_fidelity_bound: float | None = None
+    # L1-L3, any profile: nRMSE of the candidate's images to the reference's and to the gold's, and
+    # of the gold's to the reference's (spec_evidence)
+    nrmse_vs_reference: float | None = None
+    nrmse_vs_gold: float | None = None
+    gold_nrmse_vs_reference: float | None = None
+    # ... and to the gold without each of its parts (ablation.py): {part: (gold to it, candidate to it)}
+    ablation_distances: Mapping[str, tuple[float, float]] | None = None
     # what the parent found wrong with figures the candidate's process produced (crosscheck.py)
     integrity_problems: tuple[str, ...] = ()
+
+
+def spec_evidence_problem(inp: StageInputs) -> str | None:
+    """L1-L3: what the task asks (scheduler, steps, method, precision) changes the gold's images by
+    at least SPEC_EVIDENCE_MIN; the candidate's must then be nearer the gold's than the reference's.
+    A candidate whose pipeline only looks as asked (a class carrying the right name, hooks fed what
+    they look for) while computing the reference's images fails here, whatever stage 1's
+    introspection saw."""
+    if inp.level not in ("L1", "L2", "L3"):
+        return None
+    to_ref, to_gold, apart = inp.nrmse_vs_reference, inp.nrmse_vs_gold, inp.gold_nrmse_vs_reference
+    if to_gold is None:
+        return None
+    if to_ref is not None and apart is not None and apart >= SPEC_EVIDENCE_MIN and not to_gold < to_ref:
+        return (f"what the task asks does not show in the images: expected them nearer the gold solution's than "
+                f"the reference's (those two differ by nRMSE {apart:.4f}), found {to_gold:.4f} to the gold's and "
+                f"{to_ref:.4f} to the reference's; the pipeline looks as asked but computes something else")
+    from .ablation import nearer_than, part_name
+
+    distances = inp.ablation_distances or {}
+    missing = nearer_than(to_gold, distances, SPEC_EVIDENCE_MIN)
+    if missing:
+        found = "; ".join(f"{part_name(p)}: the gold without it differs from the gold by {distances[p][0]:.4f}, "
+                          f"the images are {distances[p][1]:.4f} from it and {to_gold:.4f} from the gold"
+                          for p in missing)
+        return (f"what the task asks does not show in the images: expected them nearer the gold solution's than "
+                f"the gold's without {', '.join(part_name(p) for p in missing)}, found {found}; the pipeline "
+                f"looks as asked but computes something else")
+    return None
 
 
 def judge(inp: StageInputs) -> Verdict:
@@ -209,6 +253,9 @@ def judge(inp: StageInputs) -> Verdict:
     mismatches += work_mismatches(attributes, inp.reference_attributes)
     if mismatches:
         return Verdict(False, 1, KEY_ATTRIBUTE, "; ".join(str(m) for m in mismatches))
+    missing = spec_evidence_problem(inp)
+    if missing:
+        return Verdict(False, 1, KEY_ATTRIBUTE, missing)
 
     if inp.structural_problems:
         return Verdict(False, 2, ABSOLUTE_QUALITY, "; ".join(inp.structural_problems))

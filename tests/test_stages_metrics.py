@@ -88,6 +88,21 @@ def inputs(**kw):
      1, stages.KEY_ATTRIBUTE),
     ({"gold_fidelity_loss": 0.3, "gold_fidelity_bound": 0.1}, 3, stages.RELATIVE_QUALITY),
     ({"gold_fidelity_loss": 0.05, "gold_fidelity_bound": 0.1}, 3, None),
+    # what was asked must show in the images: the reference's images under a pipeline that only looks as asked
+    ({"nrmse_vs_reference": 0.0, "nrmse_vs_gold": 0.03, "gold_nrmse_vs_reference": 0.03}, 1, stages.KEY_ATTRIBUTE),
+    ({"nrmse_vs_reference": 0.02, "nrmse_vs_gold": 0.02, "gold_nrmse_vs_reference": 0.03}, 1, stages.KEY_ATTRIBUTE),
+    ({"nrmse_vs_reference": 0.025, "nrmse_vs_gold": 0.006, "gold_nrmse_vs_reference": 0.03}, 3, None),  # honest
+    # a change too small to tell from numerical noise (fp16 on the tiny zoo) is not judged this way
+    ({"nrmse_vs_reference": 0.0, "nrmse_vs_gold": 0.009, "gold_nrmse_vs_reference": 0.009}, 3, None),
+    # L3: one part shown to stage 1 but missing from the images (the gold without it: ablation.py)
+    ({"nrmse_vs_gold": 0.03, "ablation_distances": {"tomesd": (0.03, 0.0), "fast_sampler": (0.05, 0.06)}},
+     1, stages.KEY_ATTRIBUTE),
+    ({"nrmse_vs_gold": 0.004, "ablation_distances": {"tomesd": (0.03, 0.029), "fast_sampler": (0.05, 0.05)}},
+     3, None),  # honest
+    ({"nrmse_vs_gold": 0.01, "ablation_distances": {"tomesd": (0.01, 0.0)}}, 3, None),  # below the noise
+    # L4/L5 golds are one optimum among many valid configurations: not the specification
+    ({"level": "L4", "expect": expect(allowed_methods=None, methods=None), "nrmse_vs_reference": 0.0,
+      "nrmse_vs_gold": 0.03, "gold_nrmse_vs_reference": 0.03}, 3, None),
 ])
 def test_judge_stops_at_the_first_failing_stage(change, stage, category):
     verdict = stages.judge(inputs(**change))

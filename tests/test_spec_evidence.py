@@ -1,0 +1,96 @@
+"""What the task asks must show in the images (stages.spec_evidence_problem, ablation.py; issue 12).
+
+Stage 1's behaviour hooks run beside the candidate's code, so a candidate can show them the asked
+method at work without the method making its images. tests/adversarial_tasks/tome_on_a_decoy.py
+does that with the real tomesd: ToMe runs on a decoy sample, then the patch is taken off for the
+judged images (the gold's without ToMe) and put back for inspection. Stage 1's introspection is
+satisfied and, without the image rule, the task passes (L within bound, L_gold within the
+gold-spec bound, speed within 2x of the gold's). The parent's comparison of the images with the
+baselines it measured itself stops it: on L2 the reference (the gold without its one part), on
+L3 the ablation baseline (the gold without ToMe, the other part kept). Real pipelines on the tiny
+zoo, through the real sandbox, public seeds so that the distances below hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("tomesd")
+
+from pytest_diffbench import stages  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ATTACK = REPO / "tests" / "adversarial_tasks" / "tome_on_a_decoy.py"
+
+
+def test_every_l1_l3_gold_is_its_configuration_rendered():
+    """The ablations are the golds' configurations less one part, rendered by the same templates:
+    that is only the gold without that part if the gold itself is its configuration rendered."""
+    from pytest_diffbench.ablation import ablation_codes, task_config
+    from pytest_diffbench.calibration import _load_generator, render_config
+    from pytest_diffbench.tasks import load_tasks
+
+    gen = _load_generator(REPO / "tasks")
+    tasks = [t for t in load_tasks(REPO / "tasks") if t.level in ("L1", "L2", "L3")]
+    assert len(tasks) == 418
+    differ = [t.id for t in tasks if render_config(gen, t, task_config(t), t.id).strip() != t.gold.strip()]
+    assert differ == []
+    l3 = next(t for t in tasks if t.id == "L3-sd21-i2i-unipc-tomesd-0086")
+    codes = ablation_codes(l3, REPO / "tasks")
+    assert sorted(codes) == ["fast_sampler", "tomesd"]
+    assert "tomesd.apply_patch" not in codes["tomesd"] and "UniPCMultistepScheduler" in codes["tomesd"]
+    assert "tomesd.apply_patch" in codes["fast_sampler"] and "UniPCMultistepScheduler" not in codes["fast_sampler"]
+    one_part = next(t for t in tasks if t.level == "L2")
+    assert ablation_codes(one_part, REPO / "tasks") == {}  # its ablation is the reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_id, evidence", [
+    ("L2-sd21-t2i-tomesd-0010", "reference"),  # the gold's images: 0.024 from the reference's
+    ("L3-sd21-i2i-unipc-tomesd-0086", "ablation"),  # 0.031 from the gold's without ToMe
+])
+def test_a_method_shown_on_a_decoy_but_not_in_the_images_fails_stage_1(tiny_zoo, baseline_cache_dir, tmp_path,
+                                                                       monkeypatch, task_id, evidence):
+    from fixtures.profiles import tiny_evaluator
+    from pytest_diffbench.ablation import ablation_codes
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+
+    task = load_task(REPO / "tasks" / task_id[:2] / f"{task_id}.yaml")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=300.0,
+                               seeds="public")  # fixed seeds: the distances above hold for these
+
+    def evaluate(code: str):
+        return evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold,
+                                  ablations=ablation_codes(task, REPO / "tasks"))
+
+    gold = evaluate(task.gold)
+    assert gold.verdict.passed, gold.verdict.message
+    attack = evaluate(task.gold + "\n\n" + ATTACK.read_text())
+    verdict, m = attack.verdict, attack.measures
+    # stage 1's introspection saw the real ToMe with the asked parameters ...
+    asked = task.expect.methods["tomesd"]["ratio"]
+    assert attack.attributes["methods"]["tomesd"]["ratio"] == pytest.approx(asked), attack.attributes["methods"]
+    # ... the images lack it, which the other checks let through ...
+    assert m.L <= m.L_bound and m.L_gold <= stages.GOLD_SPEC_BOUND and m.U >= m.U_gold / stages.MAX_SLOWDOWN_VS_GOLD, m
+    if evidence == "reference":
+        apart = m.fidelity["gold_mean_nrmse"]
+        assert m.L == pytest.approx(0.0, abs=1e-6)
+    else:
+        distances = m.fidelity["ablations"]["tomesd"]
+        apart = distances["gold_nrmse"]
+        assert distances["candidate_nrmse"] == pytest.approx(0.0, abs=1e-6)  # the gold without ToMe, exactly
+        assert m.fidelity["vs_gold_nrmse"] < m.L  # nearer the gold than the reference: only the ablation sees it
+    assert apart >= stages.SPEC_EVIDENCE_MIN
+    # ... and the image rule stops it, as the candidate's failure (stage 1, key attribute)
+    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
+    assert "does not show in the images" in verdict.message and f"{apart:.4f}" in verdict.message
+    if evidence == "ablation":
+        assert "without ToMe" in verdict.message
+
+    # without the rule the attack passes: the rule is what stops it
+    monkeypatch.setattr(stages, "SPEC_EVIDENCE_MIN", float("inf"))
+    assert evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict.passed
