@@ -8,8 +8,8 @@ Plain modules, importable from the repository root and testable without pytest:
 - `knowledge`  the method knowledge base (data in `agent/knowledge/*.yaml`) and its code templates
 - `prompts`    the messages of the plain, planning, coding and debugging agents
 - `agents`     plain single shot; DiffAgent's plan -> code -> debug loop
-- `ga`         the genetic-algorithm selector for L4/L5
-- `population` evaluation of a GA round by a child pytest session of this plugin
+- `ga`         the genetic-algorithm selector for L4/L5 (its rounds are evaluated by the harness:
+               `GenerationContext.evaluate_population`)
 - `memory`     tuning experience kept per hardware profile
 - `smoke`      the quick sandboxed run that judges a debugging fix
 - `scripted`   a scripted model (litellm custom provider or local OpenAI-compatible server)

@@ -339,7 +339,7 @@ class DiffAgent:
             from .ga import GeneticSelector
 
             if self.evaluate_population is None:
-                raise RuntimeError("L4/L5 need a population evaluator (the GA's child pytest)")
+                raise RuntimeError("L4/L5 need a population evaluator (the harness's context.evaluate_population)")
             selector = GeneticSelector(self, self.evaluate_population, self.bounds, self.ga_dir, self.memory)
             best = selector.run()
             stats = {**self.stats_dict(), "ga_rounds": selector.rounds_run, "ga_stopped_early": selector.stopped_early}

@@ -8,8 +8,9 @@ One round:
    get fitness 0 and their reason as feedback, without any code; a plan whose configuration was
    already measured reuses that measurement (deduplication by configuration, then by code);
 3. every other plan goes through the coding and debugging agents (smoke runs), and the modules
-   that run are evaluated together by a child pytest session of this plugin over a manifest of
-   candidate files (`agent.population`), so fitness comes from the same stages as the verdict;
+   that run are evaluated together as one population by the harness
+   (`GenerationContext.evaluate_population`: a child pytest session under the verdict's settings),
+   so fitness comes from the same stages as the verdict;
 4. fitness (below); the round is saved; the search stops as soon as a candidate passes;
 5. M survivors are drawn without replacement with probabilities proportional to fitness
    (normalised to sum 1; a floor keeps zero-fitness candidates drawable when too few score).
@@ -149,8 +150,9 @@ class Individual:
         return {"id": self.id, "config": self.config, "feedback": self.feedback, "fitness": self.fitness}
 
 
-# A population evaluator: (task, round_dir, [(candidate id, code)]) -> {candidate id: TaskResult or None}
-PopulationEvaluator = Callable[[object, Path, list], dict]
+# A population evaluator: ([(candidate id, code)], round_dir) -> {candidate id: TaskResult or None},
+# the harness's GenerationContext.evaluate_population for this task (agent/plugin.py)
+PopulationEvaluator = Callable[[list, Path], dict]
 
 
 def _original(p: Individual) -> bool:
@@ -325,7 +327,7 @@ class GeneticSelector:
             unique.setdefault(ind.code, ind)
         if unique:
             round_dir = (self.folder / f"round-{r}") if self.folder is not None else Path(f"round-{r}")
-            results = self.evaluate(self.task, round_dir, [(ind.id, ind.code) for ind in unique.values()])
+            results = self.evaluate([(ind.id, ind.code) for ind in unique.values()], round_dir)
             for ind in to_run:
                 first = unique[ind.code]
                 ind.result = _slim(results.get(first.id))

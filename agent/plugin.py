@@ -14,12 +14,6 @@ from pathlib import Path
 import pytest
 
 DEFAULT_CACHE = Path.home() / ".cache" / "pytest-diffbench" / "llm"
-# The GA's child sessions measure under the parent's resolved profile, handed over in its
-# serialized form (--diffbench-profile=FILE, see _child_pytest): fitness is measured under exactly
-# the settings of the final verdict. Only the seeds' scope differs: the children evaluate in the
-# agent's scope, because their results and logs go back to the LLM.
-CHILD_PROFILE_FILE = "child-profile.json"
-
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -85,11 +79,9 @@ def pytest_addoption(parser):
 class DiffAgentGenerator:
     """Implements pytest_diffbench_generate when --llm is given (registered in pytest_configure)."""
 
-    def __init__(self, config, settings, kind: str, bounds, memory: bool, knowledge_dirs: list[str],
-                 ga_timeout: float):
+    def __init__(self, settings, kind: str, bounds, memory: bool, knowledge_dirs: list[str], ga_timeout: float):
         from .knowledge import load_knowledge
 
-        self.config = config
         self.settings = settings
         self.kind = kind
         self.bounds = bounds
@@ -101,38 +93,6 @@ class DiffAgentGenerator:
         self.unpriced = 0  # tasks whose model litellm has no price for
 
     # -- parts ---------------------------------------------------------------------------------
-    def _child_pytest(self, profile, cache_dir: Path, folder: Path):
-        """The GA's child sessions: `profile` (the parent's, resolved) with the agent's seed scope,
-        written to `folder`/child-profile.json and passed as --diffbench-profile; the same cache dir
-        (its key authenticates the children's results)."""
-        import dataclasses
-
-        from pytest_diffbench.devices import visible_devices
-        from pytest_diffbench.workload import AGENT_SCOPE
-
-        from .population import ChildPytest
-
-        config = self.config
-        # what the GA's candidates see of their seeds (and may print into logs the LLM reads) says
-        # nothing about the seeds of the final verdict
-        child_profile = dataclasses.replace(profile, seed_scope=AGENT_SCOPE)
-        profile_file = Path(folder) / CHILD_PROFILE_FILE
-        profile_file.parent.mkdir(parents=True, exist_ok=True)
-        profile_file.write_text(child_profile.to_json() + "\n", encoding="utf-8")
-        workers, visible = 0, None
-        if profile.device == "cuda":
-            if getattr(config, "workerinput", None) is not None:
-                visible = profile.visible_devices  # this xdist worker's own device
-            else:
-                devices = visible_devices()
-                workers = len(devices) if len(devices) > 1 else 0
-        tasks_dir = config.getoption("diffbench_tasks", None)
-        return ChildPytest(rootdir=Path(config.rootpath), inifile=Path(config.inipath) if config.inipath else None,
-                           tasks_dir=Path(tasks_dir).resolve() if tasks_dir else None,
-                           passthrough=[f"--diffbench-cache-dir={cache_dir}"], profile_file=profile_file,
-                           workers=workers, timeout_s=self.ga_timeout, visible_devices=visible,
-                           cache_dir=Path(cache_dir))
-
     @staticmethod
     def _profile(p) -> dict:
         return {"device": p.device, "device_name": p.device_name, "zoo": p.zoo, "speed_method": p.speed_method,
@@ -143,7 +103,9 @@ class DiffAgentGenerator:
         """The LLM figures of each task's call report (its task result's `cost`, which the harness
         puts on the report and xdist carries to the controller), summed for the summary line: read
         from the reports, not from the harness's session."""
-        data = getattr(report, "diffbench_result", None) if report.when == "call" else None
+        from pytest_diffbench.plugin import REPORT_RESULT
+
+        data = getattr(report, REPORT_RESULT, None) if report.when == "call" else None
         if not isinstance(data, dict):
             return
         cost = data.get("cost") or {}
@@ -160,13 +122,16 @@ class DiffAgentGenerator:
 
     def pytest_diffbench_generate(self, task, config, context):
         """`context` (pytest_diffbench.generation.GenerationContext): the profile, the smoke run, the
-        harness's cache folder and this task's folder for the agent's files (`agent/`)."""
+        population evaluation of the GA's rounds, the harness's cache folder and this task's folder
+        for the agent's files (`agent/`)."""
+        from functools import partial
+
         from pytest_diffbench.evaluate import Candidate, HarnessError
+        from pytest_diffbench.population import PopulationError
 
         from .agents import DiffAgent, PlainAgent
         from .llm import LLMClient, LLMError
         from .memory import TuningMemory
-        from .population import PopulationError
         from .smoke import smoke_function
         from .transcript import Transcript
 
@@ -184,7 +149,8 @@ class DiffAgentGenerator:
                 agent = DiffAgent(task, llm, smoke=smoke_function(context, agent_dir / "smoke"), kb=self.kb,
                                   transcript=transcript, bounds=self.bounds, profile=self._profile(profile),
                                   memory=TuningMemory(memory_dir, profile.name),
-                                  evaluate_population=(self._child_pytest(profile, context.cache_dir, agent_dir)
+                                  # the GA's rounds, measured by the harness as the verdict will be
+                                  evaluate_population=(partial(context.evaluate_population, timeout_s=self.ga_timeout)
                                                        if task.level in ("L4", "L5") else None),
                                   ga_dir=agent_dir / "ga")
                 result = agent.run()
@@ -193,9 +159,9 @@ class DiffAgentGenerator:
                 self.fatal = str(exc)
             transcript.note("LLM failure: the task is a harness error", str(exc))
             raise HarnessError(f"LLM failure on {task.id} (not the model's answer): {exc}") from exc
-        except PopulationError as exc:
+        except PopulationError as exc:  # a HarnessError: the task is a harness error
             transcript.note("GA evaluation failure", str(exc))
-            raise HarnessError(str(exc)) from exc
+            raise
         cost = llm.usage.cost_dict()
         transcript.note("answer", result.code or f"(no code: {result.reason})", "python" if result.code else "text",
                         data={"stats": result.stats, "cost": cost})
@@ -209,10 +175,11 @@ def pytest_configure(config):
     model = config.getoption("llm", None)
     if not model or not config.getoption("diffbench_level", None):
         return
-    from .population import CHILD_ENV
+    from pytest_diffbench.population import POPULATION_CHILD_ENV
 
-    if os.environ.get(CHILD_ENV):
-        raise pytest.UsageError("--llm in a GA child session: the child evaluates candidate files only")
+    if os.environ.get(POPULATION_CHILD_ENV):
+        raise pytest.UsageError("--llm in a population's child session (the GA's): the child evaluates candidate "
+                                "files only")
     if config.getoption("diffbench_candidates", None):
         raise pytest.UsageError("--llm and --diffbench-candidates exclude each other: either the LLM writes the "
                                 "candidates or they come from files")
@@ -239,7 +206,7 @@ def pytest_configure(config):
                            retries=config.getoption("llm_retries"), cache_dir=cache_dir,
                            price_per_mtok=config.getoption("llm_price"))
     try:
-        generator = DiffAgentGenerator(config, settings, config.getoption("agent"), bounds,
+        generator = DiffAgentGenerator(settings, config.getoption("agent"), bounds,
                                        config.getoption("agent_memory") == "on", config.getoption("agent_knowledge"),
                                        config.getoption("agent_ga_timeout"))
     except KnowledgeError as exc:

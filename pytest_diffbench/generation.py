@@ -7,17 +7,21 @@ Decisions (issue 14):
   session: the resolved profile (`context.profile`, the same object the verdict is measured
   under), the harness's cache folder (`context.cache_dir`, shared with child sessions: its key
   authenticates their results), a folder for its own files in the task's run folder
-  (`context.folder(name)`), and `context.smoke(code)`, one sample of the task's workload in the
-  evaluation's sandbox (`Evaluator.smoke`, always with the agent's seeds).
+  (`context.folder(name)`), `context.smoke(code)`, one sample of the task's workload in the
+  evaluation's sandbox (`Evaluator.smoke`, always with the agent's seeds), and
+  `context.evaluate_population` (below).
 * The harness knows no generator's folder names: a folder handed out by `context.folder` carries
   a marker file (`GENERATOR_FOLDER_MARKER`), and the evaluation keeps the folders that carry it
   when it clears the task's folder (`is_generator_folder`).
 * What a generator is, for resuming a run, comes from the hook `pytest_diffbench_generator_id`
   (answered before any generation, so that a reused result costs no generator call), not from the
   generator's options.
-* Evaluating a whole population (DiffAgent's GA) stays the generator's: it runs child pytest
-  sessions of this plugin over a candidates manifest, with `--diffbench-profile` set to the
-  profile it got here (agent/population.py).
+* Evaluating several candidates as one population (DiffAgent's GA) is the harness's too:
+  `context.evaluate_population(candidates, folder, timeout_s=)` runs one child pytest session of
+  this plugin over them (pytest_diffbench/population.py), under the profile of the verdict with
+  the agent's seed scope, the same sandbox and the session's rootdir, tasks and cache folders, all
+  fixed by the harness when it builds the context. The generator chooses only the candidates, the
+  folder (one from `context.folder`, or below it) and the time limit.
 
 Plain module: no pytest.
 """
@@ -40,12 +44,14 @@ def is_generator_folder(path: Path) -> bool:
 class GenerationContext:
     """The harness's side of one generation: one task, as posed on this profile."""
 
-    def __init__(self, task, profile, task_dir: Path, cache_dir: Path, evaluator: Callable[[], object]):
+    def __init__(self, task, profile, task_dir: Path, cache_dir: Path, evaluator: Callable[[], object],
+                 population=None):
         self.task = task
         self.profile = profile  # pytest_diffbench.evaluate.Profile, resolved (pytest_diffbench.profile)
         self.cache_dir = Path(cache_dir)
         self._task_dir = Path(task_dir)
         self._evaluator = evaluator  # built on first use
+        self._population = population  # population.ChildSessions of the session (None: none)
 
     def folder(self, name: str) -> Path:
         """`<run dir>/<task>/<name>`, created; kept when the task is evaluated (and evaluated again)."""
@@ -61,6 +67,20 @@ class GenerationContext:
         seeds) and check its key attributes: {ok, category, message, attributes}. Its files go to
         `harness_dir` (default: a temporary folder)."""
         return self._evaluator().smoke(self.task, code, harness_dir=harness_dir)
+
+    def evaluate_population(self, candidates, folder: Path, *, timeout_s: float | None = None) -> dict:
+        """Evaluate `candidates` ([(candidate id, code)]) of this task together, as the verdict
+        would be (one child pytest session; the agent's seeds): {candidate id: TaskResult, or None
+        where the child wrote no result}. Its files go to `folder`. A child session that breaks or
+        runs past `timeout_s` raises `population.PopulationError` (a HarnessError); a candidate's
+        own failure is its result's verdict. ValueError for a malformed candidate list."""
+        from .population import DEFAULT_TIMEOUT_S, PopulationError
+
+        if self._population is None:
+            raise PopulationError(f"{self.task.id}: this generation context evaluates no populations (it was built "
+                                  f"without a pytest session of the harness)")
+        return self._population.evaluate(self.task, candidates, folder,
+                                         timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
 
     @classmethod
     def for_evaluator(cls, task, evaluator, task_dir: Path | None = None) -> "GenerationContext":

@@ -195,10 +195,16 @@ class DiffbenchSession:
     def generation_context(self, task, label: str):
         """The context handed to pytest_diffbench_generate for `task` (pytest_diffbench.generation)."""
         from .generation import GenerationContext
+        from .population import ChildSessions
 
         if self._setup_error:
             raise HarnessError(self._setup_error)
-        return GenerationContext(task, self.profile, self.run_dir / label, self.cache_dir, self.evaluator)
+        # populations are measured under this session's settings: the verdict's (population.py)
+        population = ChildSessions.for_session(
+            self.profile, rootdir=self.config.rootpath, inifile=self.config.inipath, tasks_dir=self.tasks_dir,
+            cache_dir=self.cache_dir, in_xdist_worker=getattr(self.config, "workerinput", None) is not None)
+        return GenerationContext(task, self.profile, self.run_dir / label, self.cache_dir, self.evaluator,
+                                 population=population)
 
     def previous_result(self, label: str, profile_name: str, fingerprint: dict) -> TaskResult | None:
         """The complete result of `label` from an earlier session on the same profile, for the

@@ -6,9 +6,9 @@ Decisions (issue 14, "clean seams"):
   of `stages.StageInputs` and writes its JSON form, tagged with the harness key, as the task's
   `result.json`. Everything else reads that object or that document through `from_json`: the
   JUnit properties (`report.junit_properties`), the terminal summary and S_a (`report`, from exact
-  floats), resume (`DiffbenchSession.previous_result`), the GA (`agent.population` reads the
-  child sessions' results; each individual checkpoints the figures its fitness needs,
-  `agent.ga._slim`), the calibration's measurements (`calibration`).
+  floats), resume (`DiffbenchSession.previous_result`), population evaluation (`population`
+  reads the child sessions' results for DiffAgent's GA; each individual checkpoints the figures
+  its fitness needs, `agent.ga._slim`), the calibration's measurements (`calibration`).
 * The JSON form is the `result.json` document: the flat key layout it always had (`L`, `U`,
   `passed`, `seeds`, ... at the top, `sandbox`, `fidelity`, `clip`, `cost` as objects) plus
   `"result_format": 1`, so that existing run folders, the GA and scripts reading result.json keep

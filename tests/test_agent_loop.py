@@ -2,12 +2,14 @@
 
 The smoke run here is a stand-in that reports what the sandbox reports for these four kinds of
 module (test_agent_sandbox.py runs the same script through the real sandbox); the GA's population
-evaluator is a stand-in too (test_agent_plugin.py runs the real child pytest session).
+evaluator is a stand-in too (tests/test_generation.py runs the harness's real one,
+`GenerationContext.evaluate_population`).
 """
 
 import json
 import os
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -205,7 +207,7 @@ class FakePopulation:
     def __init__(self, kb, fail_on_call: int | None = None):
         self.kb, self.rounds, self.fail_on_call = kb, [], fail_on_call
 
-    def __call__(self, task, round_dir, candidates):
+    def __call__(self, task, candidates, round_dir):
         self.rounds.append([cid for cid, _ in candidates])
         if self.fail_on_call == len(self.rounds):
             raise RuntimeError("interrupted")
@@ -248,7 +250,8 @@ def ga_agent(task, kb, tmp_path, plans, population, bounds, memory=None, folder=
     agent = DiffAgent(task, client(model, tmp_path), smoke=FakeSmoke(), kb=kb, bounds=bounds,
                       profile={"device": "cpu", "device_name": "cpu", "zoo": "tiny", "speed_method": "flops",
                                "quality_method": "fidelity"},
-                      memory=memory or TuningMemory(None), evaluate_population=population, ga_dir=tmp_path / folder)
+                      memory=memory or TuningMemory(None), evaluate_population=partial(population, task),
+                      ga_dir=tmp_path / folder)
     return agent, model
 
 
@@ -392,49 +395,3 @@ def test_fitness_formula(tasks):
     assert fitness(task, {**base, "L": 0.04, "U": 2.2, "passed": True, "category": None}) > 1.0
     assert fitness(task, {"category": "runtime", "passed": False}) == 0.0
     assert fitness(task, None) == 0.0
-
-
-# -- the child session's command line (a stand-in interpreter records it) -------------------------------
-
-FAKE_PYTHON = '''#!{python}
-import json, os, sys
-from pathlib import Path
-args = sys.argv[1:]
-opt = lambda name: next(a.split("=", 1)[1] for a in args if a.startswith(name + "="))
-Path(os.environ["FAKE_LOG"]).open("a").write(json.dumps({{"args": args, "child": os.environ.get("DIFFAGENT_CHILD"),
-    "addopts": os.environ.get("PYTEST_ADDOPTS")}}) + "\\n")
-for line in Path(opt("--diffbench-candidates")).read_text().splitlines():
-    e = json.loads(line)
-    label = e["task_id"] + ("@" + e["candidate_id"] if e.get("candidate_id") else "")
-    out = Path(opt("--diffbench-out")) / label
-    out.mkdir(parents=True)
-    (out / "result.json").write_text(json.dumps({{"task_id": e["task_id"], "label": label, "level": "L4",
-        "passed": "fast" in e["code"], "stage_reached": 3, "category": None, "message": "", "U": 2.0, "L": 0.01}}))
-sys.exit(1)
-'''
-
-
-def test_population_runs_one_child_session_per_round(tasks, tmp_path, monkeypatch):
-    import sys
-
-    from agent.population import ChildPytest
-
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
-    fake.chmod(0o755)
-    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log.jsonl"))
-    monkeypatch.setenv("PYTEST_ADDOPTS", "--llm=o3-mini")
-    task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"])
-    child = ChildPytest(rootdir=TASKS.parent, tasks_dir=tmp_path / "tasks", passthrough=["--diffbench-models=tiny"],
-                        python=str(fake), workers=4, profile_file=tmp_path / "child-profile.json")
-    results = child(task, tmp_path / "round-1", [("r1c1", "fast code"), ("r1c2", "slow code")])
-    assert {k: v.verdict.passed for k, v in results.items()} == {"r1c1": True, "r1c2": False}
-    calls = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(calls) == 1
-    args = calls[0]["args"]
-    assert args[:2] == ["-m", "pytest"] and "--diffbench-level=L4" in args and "--diffbench-models=tiny" in args
-    assert args[args.index("-k") + 1] == task.id and f"--diffbench-tasks={tmp_path / 'tasks'}" in args
-    assert f"--diffbench-profile={tmp_path / 'child-profile.json'}" in args  # the parent's profile
-    assert "-n" in args  # xdist over the round's candidates (2 of the 4 workers)
-    assert calls[0]["child"] == "1" and calls[0]["addopts"] is None  # no --llm can reach the child
-    assert "addopts=" in args

@@ -36,65 +36,66 @@ def test_help_lists_the_options(tmp_path):
         assert option in out, option
 
 
-@pytest.mark.parametrize("seeds", ["secret", "public"])
-def test_a_ga_child_sessions_profile_is_the_parents_but_for_the_seed_scope(seeds, tmp_path):
-    """Fitness must be measured under the settings of the final verdict: the GA's child sessions get
-    the parent's resolved profile in its serialized form (--diffbench-profile, an option the harness
-    documents), sandbox backend and seed mode included. Only the seeds' scope differs: the GA's
-    results and logs go back to the LLM, so its candidates see the agent's seeds, never the verdict's."""
-    import dataclasses
-    from types import SimpleNamespace
+def test_the_agent_uses_no_private_harness_name_and_no_harness_settings():
+    """DiffAgent gets the harness's parts from its context (issue 14): it imports no private name of
+    pytest_diffbench and reads none of the harness's settings; the only harness options it looks at
+    are the session-level switches (is DiffBench on; are the candidates files instead of an LLM)."""
+    import ast
 
-    from agent import plugin as agent_plugin
-    from pytest_diffbench.evaluate import Profile
-    from pytest_diffbench.sandbox import SandboxLimits, resolve_isolation
+    switches = {"diffbench_level", "diffbench_candidates"}
+    found_imports, found_options = [], []
+    for path in sorted((ROOT / "agent").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pytest_diffbench"):
+                found_imports += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                                  if a.name.startswith("_") or any(p.startswith("_") for p in node.module.split("."))]
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "getoption" and node.args
+                    and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("diffbench")):
+                found_options.append(f"{path.name}: {node.args[0].value}")
+    assert found_imports == []
+    assert {o.split(": ")[1] for o in found_options} == switches, found_options
 
-    code, out = pytest_run(["--help"])
-    assert code == 0 and "--diffbench-profile=FILE" in out and "use this resolved profile" in out
-    config = SimpleNamespace(getoption=lambda name, default=None: default, rootpath=ROOT, inipath=None,
-                             workerinput=None)
-    generator = agent_plugin.DiffAgentGenerator.__new__(agent_plugin.DiffAgentGenerator)
-    generator.config, generator.ga_timeout = config, 60.0
-    parent = Profile(zoo="tiny", zoo_detail="tiny zoo", model_env={"A": "1"}, device="cpu", device_name="cpu",
-                     visible_devices=None, clip_spec=None, clip_pretrained=False, clip_threshold=20.0,
-                     speed_method="flops", repeats=1, threads=1, samples=2,
-                     limits=SandboxLimits(memory_mb=1234, isolation=resolve_isolation("auto"), warm_start="on"),
-                     versions={"torch": "x"}, seeds=seeds, seed_scope="verdict")
-    child = generator._child_pytest(parent, ROOT / "c", tmp_path / "agent")
-    command = child.command(SimpleNamespace(level="L4", id="L4-x"), tmp_path / "m.jsonl", tmp_path / "out", 0)
-    given = [a for a in command if a.startswith("--diffbench-profile=")]
-    assert len(given) == 1
-    child_profile = Profile.from_json(Path(given[0].split("=", 1)[1]).read_text())
-    assert child_profile == dataclasses.replace(parent, seed_scope="agent")
-    assert f"--diffbench-cache-dir={ROOT / 'c'}" in command
-    # nothing else of how to measure travels as options
-    assert not [a for a in command if a.startswith(("--diffbench-seed", "--diffbench-sandbox", "--diffbench-samples",
-                                                    "--diffbench-memory", "--diffbench-models", "--diffbench-device"))]
+
+def test_llm_is_refused_in_a_population_child_session(tmp_path):
+    """A population's child session evaluates files; the harness marks it, the agent refuses --llm there."""
+    from pytest_diffbench.population import POPULATION_CHILD_ENV
+
+    code, out = pytest_run(["--diffbench-level=L1", "--llm=openai/x", "--llm-api-base=http://127.0.0.1:9/v1",
+                            f"--diffbench-out={tmp_path / 'run'}"], env={POPULATION_CHILD_ENV: "1"})
+    assert code == 4 and "--llm in a population's child session" in out, out
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
-def test_a_ga_child_session_measures_with_the_agents_seeds(tiny_zoo, baseline_cache_dir, tmp_path):
-    """A real GA child session (agent.population.ChildPytest with the options _child_pytest gives it)
-    over a gold module: its fitness record is judged with the parent's seed mode in the agent's
-    scope, and is the record a verdict would be otherwise (the gold passes)."""
-    from types import SimpleNamespace
+def test_a_ga_round_is_evaluated_by_the_harness(tiny_zoo, baseline_cache_dir, tmp_path):
+    """DiffAgent on an L4 task (the oracle over HTTP, one round of two): the round goes through the
+    harness's `context.evaluate_population`, whose child session measures under the parent's
+    profile with the agent's seeds; the verdict keeps its own."""
+    from agent.scripted import Oracle, ScriptedModel, ScriptedServer
+    from pytest_diffbench.profile import read_profile
 
-    from agent import plugin as agent_plugin
-    from pytest_diffbench.tasks import load_task
-
-    from fixtures.profiles import tiny_profile
-
-    config = SimpleNamespace(getoption=lambda name, default=None: default, rootpath=ROOT, inipath=None,
-                             workerinput=None)
-    generator = agent_plugin.DiffAgentGenerator.__new__(agent_plugin.DiffAgentGenerator)
-    generator.config, generator.ga_timeout = config, 900.0
-    profile = tiny_profile(tiny_zoo, samples=2, seeds="secret", seed_scope="verdict")
-    child = generator._child_pytest(profile, baseline_cache_dir, tmp_path / "agent")
-    task = load_task(ROOT / "tasks" / "L1" / "L1-dit-c2i-0005.yaml")
-    result = child(task, tmp_path / "round-1", [("r1c1", task.gold)])["r1c1"]
-    assert result is not None, (tmp_path / "round-1" / "pytest.log").read_text()[-3000:]
-    assert result.verdict.passed, result.verdict.message
-    assert (result.provenance.seeds, result.provenance.seed_scope, result.provenance.samples) == ("secret", "agent", 2)
+    task_id = "L4-dit-c2i-easy-0010"
+    run = tmp_path / "run"
+    with ScriptedServer(ScriptedModel(oracle=Oracle([ROOT / "tasks"]))) as server:
+        code, out = pytest_run(["--diffbench-level=L4", "-k", task_id, "--diffbench-samples=2",
+                                f"--diffbench-cache-dir={baseline_cache_dir}", f"--diffbench-out={run}",
+                                "--llm=openai/oracle", f"--llm-api-base={server.api_base}", "--llm-cache=off",
+                                "--agent-population=2", "--agent-survivors=1", "--agent-rounds=1",
+                                "--agent-ga-timeout=1500"], env={"DIFFBENCH_ZOO_DIR": str(tiny_zoo.root)})
+    assert code in (0, 1) and "harness error 0" in out, out[-3000:]
+    round1 = run / task_id / "agent" / "ga" / "round-1"
+    individuals = json.loads((round1 / "population.json").read_text())["individuals"]
+    measured = [p for p in individuals if p["result"] is not None and not p["note"]]
+    assert measured, individuals
+    parent = read_profile(run / "profile.json")
+    assert read_profile(round1 / "child-profile.json") == read_profile(round1 / "out" / "profile.json")
+    assert read_profile(round1 / "child-profile.json").seed_scope == "agent" != parent.seed_scope
+    for p in measured:
+        record = json.loads((round1 / "out" / f"{task_id}@{p['id']}" / "result.json").read_text())
+        assert (record["seeds"], record["seed_scope"], record["profile"]) == (parent.seeds, "agent", parent.name)
+        assert record["passed"] == p["result"]["passed"] and record["U"] == p["result"]["U"]
+    verdict = json.loads((run / task_id / "result.json").read_text())
+    assert verdict["seed_scope"] == "verdict" and verdict["candidate_source"] == "llm:openai/oracle"
 
 
 def test_missing_key_is_a_usage_error_before_any_task(tmp_path):
