@@ -65,7 +65,9 @@ class ChildPytest:
             cmd.append(f"--diffbench-profile={self.profile_file}")
         cmd += list(self.passthrough)
         if workers > 1:
-            cmd += ["-n", str(workers)]
+            # the round's candidates are of one task, so of one family: spread them over the workers
+            # (under -n a diffbench session otherwise runs each family on one worker)
+            cmd += ["-n", str(workers), "--dist", "load"]
         return cmd
 
     def env(self) -> dict:

@@ -436,5 +436,6 @@ def test_population_runs_one_child_session_per_round(tasks, tmp_path, monkeypatc
     assert args[args.index("-k") + 1] == task.id and f"--diffbench-tasks={tmp_path / 'tasks'}" in args
     assert f"--diffbench-profile={tmp_path / 'child-profile.json'}" in args  # the parent's profile
     assert "-n" in args  # xdist over the round's candidates (2 of the 4 workers)
+    assert args[args.index("--dist") + 1] == "load"  # spread, though they are of one family
     assert calls[0]["child"] == "1" and calls[0]["addopts"] is None  # no --llm can reach the child
     assert "addopts=" in args
