@@ -373,7 +373,8 @@ def marker_name(name: str) -> str:
 MARKERS: dict[str, str] = {
     **{level: f"DiffBench task of level {level}" for level in LEVELS},
     **{marker_name(f.name): f"DiffBench task on {f.title} (family {f.name})" for f in FAMILIES.values()},
-    **{marker_name(m.name): f"DiffBench task asking for (L1-L3) or allowing (L4/L5) {m.title}" for m in METHODS.values()},
+    **{marker_name(m.name): f"DiffBench task asking for (L1-L3) or allowing (L4/L5) {m.title}"
+       for m in METHODS.values()},
 }
 
 #: dtypes a task may expect: the reference precision plus those of "dtype" methods
