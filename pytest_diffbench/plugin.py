@@ -21,18 +21,22 @@ from pathlib import Path
 
 import pytest
 
-from . import hookspecs, report
+from . import hookspecs, report, settings
 from .ablation import ablation_codes
 from .atomic import write_json_atomic
 from .evaluate import Candidate, Evaluator, HarnessError, Profile
 from .profile import PROFILE_FILE, ProfileError, check_runnable, for_worker, read_profile, resolve_profile
 from .result import TaskResult, parse_label, task_label
+from .stages import HARNESS
 from .workload import PUBLIC_SEEDS, SECRET_SEEDS, SEED_MODES, SEED_SCOPES, VERDICT_SCOPE
 
 SESSION_KEY = pytest.StashKey["DiffbenchSession"]()
 #: an item's TaskResult, set by the diffbench_evaluation fixture for pytest_runtest_makereport
 RESULT_KEY = pytest.StashKey[TaskResult]()
 SUITE_FILE = Path(__file__).with_name("suite.py")
+#: the suite module's node id, wherever the package is installed: the items' ids are
+#: `pytest_diffbench/suite.py::test_task[<label>]`, and such an id given back selects the item
+SUITE_NODE_PATH = "pytest_diffbench/suite.py"
 
 
 def pytest_addhooks(pluginmanager):
@@ -46,7 +50,7 @@ def pytest_addoption(parser):
                          "Without it the plugin collects nothing.")
     group.addoption("--diffbench-tasks", metavar="DIR", default=None,
                     help="folder of task YAML files (default: <rootdir>/tasks)")
-    group.addoption("--diffbench-models", choices=("auto", "tiny", "hub"), default="auto",
+    group.addoption("--diffbench-models", choices=("auto", "tiny", "hub"), default=None,
                     help="model weights: tiny = offline random stand-ins, hub = real weights from the "
                          "Hugging Face cache, auto = hub where available locally, else tiny (default: auto)")
     group.addoption("--diffbench-zoo-dir", metavar="DIR", default=None,
@@ -63,9 +67,9 @@ def pytest_addoption(parser):
                          "--diffbench-out names an existing run directory, off otherwise)")
     group.addoption("--diffbench-cache-dir", metavar="DIR", default=None,
                     help="baseline cache (default: $DIFFBENCH_CACHE_DIR or ~/.cache/pytest-diffbench)")
-    group.addoption("--diffbench-device", default="auto", metavar="DEVICE",
+    group.addoption("--diffbench-device", default=None, metavar="DEVICE",
                     help="cpu, cuda or auto (cuda when available) (default: auto)")
-    group.addoption("--diffbench-speed", choices=("auto", "flops", "wall"), default="auto",
+    group.addoption("--diffbench-speed", choices=("auto", "flops", "wall"), default=None,
                     help="how U is measured: flops (denoiser FLOPs, deterministic), wall (timed calls), "
                          "auto = flops on the tiny zoo, wall otherwise (default: auto)")
     group.addoption("--diffbench-repeats", type=int, default=None, metavar="N",
@@ -75,13 +79,13 @@ def pytest_addoption(parser):
     group.addoption("--diffbench-clip", default=None, metavar="SPEC",
                     help="open_clip model for CLIP score: NAME/PRETRAINED or local-dir:DIR "
                          "(default: the zoo's choice; on the tiny zoo a tiny random CLIP)")
-    group.addoption("--diffbench-clip-threshold", type=float, default=20.0, metavar="SCORE",
+    group.addoption("--diffbench-clip-threshold", type=float, default=None, metavar="SCORE",
                     help="stage 2 minimum mean CLIP score, applied with learned CLIP weights (default: 20)")
-    group.addoption("--diffbench-candidate-timeout", type=float, default=900.0, metavar="SECONDS",
+    group.addoption("--diffbench-candidate-timeout", type=float, default=None, metavar="SECONDS",
                     help="wall-clock limit per sandboxed run (default: 900)")
-    group.addoption("--diffbench-memory-mb", type=int, default=16384, metavar="MB",
+    group.addoption("--diffbench-memory-mb", type=int, default=None, metavar="MB",
                     help="resident memory limit per sandboxed run (default: 16384)")
-    group.addoption("--diffbench-sandbox", choices=("auto", "bwrap", "landlock", "unshare", "none"), default="auto",
+    group.addoption("--diffbench-sandbox", choices=("auto", "bwrap", "landlock", "unshare", "none"), default=None,
                     help="how candidates are isolated: bwrap (bubblewrap: read-only allowlisted file system, private "
                          "/tmp, own pid and network namespaces, Landlock inside where the kernel has it), landlock "
                          "(kernel-enforced read-only allowlist, writes only to a private scratch folder, no TCP), "
@@ -106,6 +110,13 @@ def pytest_addoption(parser):
                     help="use this resolved profile (the profile.json of a run directory) instead of resolving one "
                          "from the options above; it is checked against what this machine can run (versions, "
                          "device, sandbox). DiffAgent's GA child sessions get their parent's this way")
+    group.addoption("--diffbench-exit", choices=settings.EXIT_MODES, default=None,
+                    help="what makes the exit code fail: failures = any failed task (pytest's rule), harness-only "
+                         "= only harness errors and failures outside the benchmark, for CI sweeps where a model "
+                         "failing a task is a result, not a broken run (default: failures)")
+    # command line > environment variable > ini > default (pytest_diffbench.settings)
+    for setting in settings.SETTINGS:
+        parser.addini(setting.dest, setting.help, default="")
 
 
 def warm_start_setting(config) -> str:
@@ -357,10 +368,106 @@ def _load_tasks(config):
     return select_tasks(tasks, levels), {t.id for t in tasks}, levels, tasks_dir
 
 
+def apply_settings(config) -> None:
+    """Each setting's value (command line > environment variable > ini > default,
+    pytest_diffbench.settings) written back into config.option, where every reader finds it."""
+    overridden = {entry.partition("=")[0].strip() for entry in (config.getoption("override_ini", None) or [])}
+
+    def source(key: str) -> str:
+        return "-o" if key in overridden else str(config.inipath or "ini file")
+
+    try:
+        values = settings.resolve(vars(config.option), config.getini,
+                                  config.inipath.parent if config.inipath else config.rootpath, source, os.environ)
+    except settings.SettingError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    for dest, value in values.items():
+        setattr(config.option, dest, value)
+
+
+def _register_markers(config) -> None:
+    """Every task item is marked with its level, family and methods (`-m "L3 and deepcache"`);
+    registered so that --strict-markers passes."""
+    from .tasks import MARKERS
+
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+
+
+def suite_argument(arg: str, invocation_dir: Path) -> str | None:
+    """`arg` pointed at this installation's suite file when it names the suite: a node id as
+    pytest prints it (`pytest_diffbench/suite.py::test_task[<label>]`, relative to the rootdir or,
+    from another folder, to that folder) or the file's own path; None for any other argument."""
+    path, sep, rest = arg.partition("::")
+    if Path(path).parts[-2:] != tuple(SUITE_NODE_PATH.split("/")) and (invocation_dir / path).resolve() != SUITE_FILE:
+        return None
+    return f"{SUITE_FILE}{sep}{rest}"
+
+
+def _levels_named(args: list[str]) -> str:
+    """The levels of the tasks named by suite node ids (`...::test_task[L2-...]`), comma separated;
+    a usage error naming the argument that names no task."""
+    from .tasks import LEVELS
+
+    levels = set()
+    for arg in args:
+        label = arg.partition("::")[2].partition("[")[2].rpartition("]")[0]
+        level = parse_label(label)[0].split("-")[0]
+        if level not in LEVELS:
+            raise pytest.UsageError(f"{arg}: the DiffBench suite needs --diffbench-level, or node ids of tasks "
+                                    f"({SUITE_NODE_PATH}::test_task[<task id>], the id starting with a level: "
+                                    f"{', '.join(LEVELS)})")
+        levels.add(level)
+    return ",".join(sorted(levels))
+
+
+def _point_args_at_suite(config) -> list[str]:
+    """Arguments naming the suite, pointed at this installation's suite file (pytest would not find
+    `pytest_diffbench/suite.py` relative to the working folder); returns them as given."""
+    named = []
+    for i, arg in enumerate(config.args):
+        pointed = suite_argument(arg, config.invocation_params.dir)
+        if pointed is not None:
+            named.append(arg)
+            config.args[i] = pointed
+    return named
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(config):
+    """With -n and --dist left at its default, a diffbench session distributes with loadgroup, so
+    each family's tasks run on one worker (pytest_xdist_make_scheduler); this wrapper runs before
+    pytest-xdist's hook, which would turn the unset --dist into `load`."""
+    wanted = (config.getoption("diffbench_level", None) or config.getini("diffbench_level").strip()
+              or any(suite_argument(a, config.invocation_params.dir) for a in config.args))
+    if (wanted and getattr(config, "workerinput", None) is None and getattr(config.option, "numprocesses", None)
+            and getattr(config.option, "dist", None) == "no" and not getattr(config.option, "distload", False)):
+        config.option.dist = "loadgroup"
+    return (yield)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under --dist loadgroup a diffbench session's tasks are grouped by family
+    (pytest_diffbench.distribution)."""
+    session = _session(config)
+    if session is None or config.getoption("dist", "no") != "loadgroup":
+        return None
+    from .distribution import family_scheduler
+
+    return family_scheduler(config, log, lambda task_id: getattr(session.by_id.get(task_id), "family", None))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    apply_settings(config)
+    _register_markers(config)
+    suite_args = _point_args_at_suite(config)
     if not config.getoption("diffbench_level"):
-        return
+        if not suite_args:
+            return
+        # node ids printed by an earlier session, given back without --diffbench-level: their levels
+        config.option.diffbench_level = _levels_named(suite_args)
     tasks, all_ids, levels, tasks_dir = _load_tasks(config)
     _check_sandbox(config)
     seed_mode(config)  # a bad $DIFFBENCH_SEEDS stops the session here
@@ -372,8 +479,10 @@ def pytest_configure(config):
     config.pluginmanager.register(session, "diffbench-session")
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args[:] = [str(SUITE_FILE)]
-    elif str(SUITE_FILE) not in config.args:
+    elif not suite_args:  # other paths given: the suite runs beside them
         config.args.append(str(SUITE_FILE))
+    if config.getoption("diffbench_exit") == settings.EXIT_HARNESS_ONLY:
+        config.pluginmanager.register(HarnessOnlyExit(), "diffbench-harness-only-exit")
     from .candidates import CandidatesGenerator, ReferenceGenerator
 
     config.pluginmanager.register(ReferenceGenerator(), "diffbench-reference-generator")
@@ -404,6 +513,14 @@ def pytest_configure_node(node):  # xdist controller -> worker: one run director
             node.workerinput["diffbench_profile_error"] = session._setup_error
 
 
+def pytest_pycollect_makemodule(module_path, parent):
+    """The suite module with the same node id wherever the package is installed (outside the
+    rootdir pytest would give it an empty path: `::test_task[...]`, which selects nothing)."""
+    if module_path == SUITE_FILE:
+        return pytest.Module.from_parent(parent, path=module_path, nodeid=SUITE_NODE_PATH)
+    return None
+
+
 def pytest_generate_tests(metafunc):
     if metafunc.definition.name != "test_task" or Path(str(metafunc.definition.path)) != SUITE_FILE:
         return
@@ -411,9 +528,10 @@ def pytest_generate_tests(metafunc):
     params = []
     for task in session.tasks if session else []:
         variants = session.candidates.variants.get(task.id) if session.candidates else None
+        marks = [getattr(pytest.mark, name) for name in task.markers]  # registered in pytest_configure
         for candidate_id in variants or [None]:
             label = task_label(task.id, candidate_id)
-            params.append(pytest.param(task, candidate_id, id=label, marks=pytest.mark.xdist_group(task.family)))
+            params.append(pytest.param(task, candidate_id, id=label, marks=marks))
     metafunc.parametrize(["diffbench_task", "diffbench_candidate_id"], params)
 
 
@@ -628,3 +746,32 @@ def _crashed_worker_item(rep) -> dict | None:
     label = rep.nodeid.rsplit("[", 1)[1].rstrip("]")
     task_id, _ = parse_label(label)
     return {"task_id": task_id, "label": label, "level": task_id.split("-")[0]}
+
+
+class HarnessOnlyExit:
+    """--diffbench-exit=harness-only: a session whose only failures are tasks the model failed
+    exits 0; a harness error (a setup error, a harness verdict, a crashed worker) or a failure
+    outside the benchmark keeps pytest's exit code, and so do all other exit codes (5: nothing
+    collected)."""
+
+    def __init__(self):
+        self.model_failures = 0
+        self.other_failures = 0
+
+    def pytest_runtest_logreport(self, report):
+        if not report.failed:
+            return
+        result = report_row(report) if report.when == "call" else None
+        if result is not None and result.verdict.category != HARNESS:
+            self.model_failures += 1
+        else:
+            self.other_failures += 1
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self.other_failures += 1
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session):
+        if session.exitstatus == pytest.ExitCode.TESTS_FAILED and self.model_failures and not self.other_failures:
+            session.exitstatus = pytest.ExitCode.OK

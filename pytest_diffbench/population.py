@@ -124,7 +124,9 @@ class ChildSessions:
         if self.inifile is not None:
             cmd += ["-c", str(self.inifile)]
         if workers > 1:
-            cmd += ["-n", str(workers)]
+            # spread the candidates: they are of one task, so one family, which the default
+            # family grouping would put on one worker (pytest_diffbench/distribution.py)
+            cmd += ["-n", str(workers), "--dist", "load"]
         return cmd
 
     def env(self) -> dict:

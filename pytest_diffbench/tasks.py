@@ -62,6 +62,7 @@ __all__ = [
     "FAMILIES",
     "FamilySpec",
     "LEVELS",
+    "MARKERS",
     "METHODS",
     "MethodSpec",
     "PIPELINE_KINDS",
@@ -74,6 +75,7 @@ __all__ = [
     "Workload",
     "load_task",
     "load_tasks",
+    "marker_name",
     "parse_levels",
     "select_tasks",
     "task_from_dict",
@@ -356,6 +358,25 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 
+# --------------------------------------------------------------------------------------------
+# pytest markers of task items: level, family, methods (`pytest -m "L3 and deepcache"`)
+# --------------------------------------------------------------------------------------------
+
+
+def marker_name(name: str) -> str:
+    """A level, family or method name as a pytest marker, a Python identifier (pixart-alpha ->
+    pixart_alpha), so that `@pytest.mark.<name>` and `-m` both take it."""
+    return name.replace("-", "_")
+
+
+#: marker name -> its description, as registered (every marker Task.markers can give)
+MARKERS: dict[str, str] = {
+    **{level: f"DiffBench task of level {level}" for level in LEVELS},
+    **{marker_name(f.name): f"DiffBench task on {f.title} (family {f.name})" for f in FAMILIES.values()},
+    **{marker_name(m.name): f"DiffBench task asking for (L1-L3) or allowing (L4/L5) {m.title}"
+       for m in METHODS.values()},
+}
+
 #: dtypes a task may expect: the reference precision plus those of "dtype" methods
 DTYPES: tuple[str, ...] = (REFERENCE_DTYPE,) + tuple(
     m.dtype for m in METHODS.values() if m.kind == "dtype" and m.dtype
@@ -569,6 +590,13 @@ class Task:
     def techniques(self) -> tuple[str, ...]:
         """Registry names of the methods this task asks for (all three kinds), in registry order."""
         return _techniques(self.scheduler, self.steps, self.expect)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """Its pytest markers (MARKERS): level, family, and the methods it asks for (L1-L3:
+        techniques) or allows (L4/L5: expect.allowed_methods)."""
+        methods = self.expect.allowed_methods if self.expect.allowed_methods is not None else self.techniques
+        return (self.level, marker_name(self.family), *(marker_name(m) for m in methods))
 
     @property
     def needs_calibration(self) -> bool:

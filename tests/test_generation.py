@@ -171,6 +171,7 @@ def test_a_population_is_one_child_session_under_the_verdicts_profile(seeds, fak
     assert "--diffbench-level=L4" in args and args[args.index("-k") + 1] == task.id
     assert f"--diffbench-tasks={tmp_path / 'tasks'}" in args and f"--diffbench-cache-dir={tmp_path / 'cache'}" in args
     assert f"--diffbench-out={folder / 'out'}" in args and args[args.index("-n") + 1] == "4"
+    assert args[args.index("--dist") + 1] == "load"  # spread, though the candidates are of one family
     given = [a for a in args if a.startswith("--diffbench-profile=")]
     assert given == [f"--diffbench-profile={folder / 'child-profile.json'}"]
     child_profile = Profile.from_json((folder / "child-profile.json").read_text())
