@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import atomic, crosscheck, metrics, stages
+from . import atomic, crosscheck, metrics, runrecord, stages
 from .baselines import CachedRun, cache_key, get_or_measure
 from .generation import is_generator_folder
 from .result import Measures, Provenance, SandboxSummary, TaskResult
@@ -286,6 +286,10 @@ class Evaluator:
             details["error"] = {"phase": "process", "type": outcome.status, "message": outcome.detail,
                                 "traceback": outcome.stderr_tail[-3000:]}
         verdict = stages.judge(inputs)
+        # the baselines' images beside the candidate's, for people reading the run (runrecord.py)
+        runrecord.keep_baseline_images(task_dir, "reference", reference, len(batch["seeds"]))
+        if gold is not None:
+            runrecord.keep_baseline_images(task_dir, "gold", gold, len(batch["seeds"]))
         return self._finish(task_dir, task, label, provenance, candidate.cost, verdict, started, sandbox=sandbox,
                             inputs=inputs, details=details)
 
