@@ -113,15 +113,20 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 class Evaluator:
-    def __init__(self, profile: Profile, data: DataSource, cache_dir: Path, run_dir: Path):
+    def __init__(self, profile: Profile, data: DataSource, cache_dir: Path, run_dir: Path, *,
+                 keep_baseline_images: bool = False):
         self.profile, self.data = profile, data
         self.cache_dir, self.run_dir = Path(cache_dir), Path(run_dir)
+        # copy the baselines' images into each task folder (runrecord.keep_baseline_images): for
+        # runs people read, not for the many evaluations of a calibration or a GA round
+        self.keep_baseline_images = keep_baseline_images
         self._clip = None
         self.stats = {"baseline_hits": 0, "baseline_misses": 0, "candidate_s": 0.0, "baseline_s": 0.0}
 
     def with_samples(self, samples: int | None) -> "Evaluator":
         """The same evaluator with another sample count per workload (None: each task's own)."""
-        return Evaluator(dataclasses.replace(self.profile, samples=samples), self.data, self.cache_dir, self.run_dir)
+        return Evaluator(dataclasses.replace(self.profile, samples=samples), self.data, self.cache_dir, self.run_dir,
+                         keep_baseline_images=self.keep_baseline_images)
 
     def _secret(self) -> bytes:
         """The harness key (keys.py) of this cache dir; a key that cannot be read is a harness error."""
@@ -286,10 +291,10 @@ class Evaluator:
             details["error"] = {"phase": "process", "type": outcome.status, "message": outcome.detail,
                                 "traceback": outcome.stderr_tail[-3000:]}
         verdict = stages.judge(inputs)
-        # the baselines' images beside the candidate's, for people reading the run (runrecord.py)
-        runrecord.keep_baseline_images(task_dir, "reference", reference, len(batch["seeds"]))
-        if gold is not None:
-            runrecord.keep_baseline_images(task_dir, "gold", gold, len(batch["seeds"]))
+        if self.keep_baseline_images:  # beside the candidate's, for people reading the run (runrecord.py)
+            runrecord.keep_baseline_images(task_dir, "reference", reference, len(batch["seeds"]))
+            if gold is not None:
+                runrecord.keep_baseline_images(task_dir, "gold", gold, len(batch["seeds"]))
         return self._finish(task_dir, task, label, provenance, candidate.cost, verdict, started, sandbox=sandbox,
                             inputs=inputs, details=details)
 

@@ -51,6 +51,8 @@ IMAGE_ROWS = (("reference", "reference", BASELINE_ROLES[0]), ("gold", "gold", BA
 #: where a run's points go in the plots (matplotlib's tab10 colours, one per run)
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                "#bcbd22", "#17becf")
+#: and one marker per run, so that runs with the same figures stay visible over each other
+RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,8 @@ def _plot_counts(runs: list[Run], level: str) -> dict:
 
 
 def u_against_l_figure(runs: list[Run], level: str):
-    """One level's tasks as points (x: quality loss L, y: speedup U), one colour per run, filled
-    where the task passed; each task's L bound and required U (L4/L5) as ticks beside it, or as
+    """One level's tasks as points (x: quality loss L, y: speedup U), one colour and marker per run
+    (later runs drawn smaller, on top), filled where the task passed; each task's L bound and required U (L4/L5) as ticks beside it, or as
     one line where all tasks share it; U = 1 (the reference's speed) as a grey line."""
     from matplotlib.figure import Figure
 
@@ -167,12 +169,13 @@ def u_against_l_figure(runs: list[Run], level: str):
     bounds = {r.measures.L_bound for r in everything if _finite(r.measures.L_bound)}
     targets = {required_speedup(r) for r in everything if _finite(required_speedup(r))}
     for index, points in plotted:
-        colour, name = RUN_COLOURS[index % len(RUN_COLOURS)], runs[index].name
+        colour, marker, name = RUN_COLOURS[index % len(RUN_COLOURS)], RUN_MARKERS[index % len(RUN_MARKERS)], runs[index].name
         for passed in (True, False):
             chosen = [r for r in points if r.verdict.passed is passed]
             if chosen:
-                ax.scatter([r.measures.L for r in chosen], [r.measures.U for r in chosen], s=36, zorder=3,
-                           marker="o", facecolors=colour if passed else "none", edgecolors=colour, linewidths=1.4,
+                ax.scatter([r.measures.L for r in chosen], [r.measures.U for r in chosen], s=64 - 12 * (index % 4),
+                           zorder=3 + index, marker=marker, facecolors=colour if passed else "none", alpha=0.85,
+                           edgecolors=colour, linewidths=1.4,
                            label=f"{name}: {'passed' if passed else 'failed'} ({len(chosen)})")
         # bounds and targets that differ from task to task: a tick level with each task's point
         ticks = [(r.measures.L_bound, r.measures.U) for r in points if _finite(r.measures.L_bound)]
@@ -193,6 +196,8 @@ def u_against_l_figure(runs: list[Run], level: str):
     if not everything:
         ax.text(0.5, 0.5, "no task of this level has both L and U", transform=ax.transAxes, ha="center",
                 va="center", color="#666666")
+    if everything and min(r.measures.L for r in everything) >= 0:
+        ax.set_xlim(left=-0.02 * ax.get_xlim()[1])  # from L = 0 (no loss), where the bound is measured from
     ax.set_title(f"{level}: speedup U against quality loss L")
     ax.set_xlabel(f"quality loss L ({', '.join(sorted(methods)) or 'fidelity or CLIP'})")
     ax.set_ylabel("speedup U")

@@ -274,7 +274,10 @@ class DiffbenchSession:
             if data is None:
                 self._setup_error = "no plugin provides the benchmark data (pytest_diffbench_data_source)"
                 raise HarnessError(self._setup_error)
-            self._evaluator = Evaluator(self.profile, data, self.cache_dir, self.run_dir)
+            # a generator's own sessions (DiffAgent's GA rounds, in the agent's seed scope) keep no
+            # copies of the baselines' images: nobody reads them, and a GA round has many candidates
+            self._evaluator = Evaluator(self.profile, data, self.cache_dir, self.run_dir,
+                                        keep_baseline_images=self.profile.seed_scope == VERDICT_SCOPE)
         return self._evaluator
 
     def resolve_session_profile(self) -> None:
