@@ -156,8 +156,9 @@ def _plot_counts(runs: list[Run], level: str) -> dict:
 
 def u_against_l_figure(runs: list[Run], level: str):
     """One level's tasks as points (x: quality loss L, y: speedup U), one colour and marker per run
-    (later runs drawn smaller, on top), filled where the task passed; each task's L bound and required U (L4/L5) as ticks beside it, or as
-    one line where all tasks share it; U = 1 (the reference's speed) as a grey line."""
+    (later runs drawn smaller, on top), filled where the task passed; each task's L bound and
+    required U (L4/L5) as ticks beside it, or as one line where all tasks share it; U = 1 (the
+    reference's speed) as a grey line."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.6, 3.8), layout="constrained")
@@ -216,7 +217,7 @@ def _svg_data_uri(fig) -> str:
 # -- the tasks ------------------------------------------------------------------------------
 
 def _task_views(runs: list[Run], limits: Limits) -> list[dict]:
-    by_label: dict[str, list[tuple[dict, TaskResult]]] = {}
+    by_label: dict[str, list[tuple[int, Run, TaskResult]]] = {}
     for index, run in enumerate(runs):
         for result in run.results:
             by_label.setdefault(result.label, []).append((index, run, result))

@@ -344,7 +344,8 @@ def test_the_report_renders_in_a_real_browser(runs, tmp_path):
     assert policy and "default-src 'none'" in policy.group(0)
     probed = tmp_path / "probed.html"
     probed.write_text(page.read_text().replace(policy.group(0), "").replace("</body>", PROBE + "</body>"))
-    sizes = json.loads(Dom(browse(probed, tmp_path, "--dump-dom", "--virtual-time-budget=10000").stdout).find("pre", id="probe")[0]["text"])
+    probe = Dom(browse(probed, tmp_path, "--dump-dom", "--virtual-time-budget=10000").stdout).find("pre", id="probe")
+    sizes = json.loads(probe[0]["text"])
     images = dom.find("img")
     assert len(sizes) == len(images) > 20
     assert all(width > 0 and height > 0 for _, width, height in sizes), sizes
