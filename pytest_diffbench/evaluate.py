@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from . import atomic, crosscheck, metrics, stages
+from . import atomic, crosscheck, metrics, runrecord, stages
 from .baselines import CachedRun, cache_key, get_or_measure
 from .generation import is_generator_folder
 from .result import Measures, Provenance, SandboxSummary, TaskResult
@@ -114,15 +114,20 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 class Evaluator:
-    def __init__(self, profile: Profile, data: DataSource, cache_dir: Path, run_dir: Path):
+    def __init__(self, profile: Profile, data: DataSource, cache_dir: Path, run_dir: Path, *,
+                 keep_baseline_images: bool = False):
         self.profile, self.data = profile, data
         self.cache_dir, self.run_dir = Path(cache_dir), Path(run_dir)
+        # copy the baselines' images into each task folder (runrecord.keep_baseline_images): for
+        # runs people read, not for the many evaluations of a calibration or a GA round
+        self.keep_baseline_images = keep_baseline_images
         self._clip = None
         self.stats = {"baseline_hits": 0, "baseline_misses": 0, "candidate_s": 0.0, "baseline_s": 0.0}
 
     def with_samples(self, samples: int | None) -> "Evaluator":
         """The same evaluator with another sample count per workload (None: each task's own)."""
-        return Evaluator(dataclasses.replace(self.profile, samples=samples), self.data, self.cache_dir, self.run_dir)
+        return Evaluator(dataclasses.replace(self.profile, samples=samples), self.data, self.cache_dir, self.run_dir,
+                         keep_baseline_images=self.keep_baseline_images)
 
     def _secret(self) -> bytes:
         """The harness key (keys.py) of this cache dir; a key that cannot be read is a harness error."""
@@ -290,6 +295,10 @@ class Evaluator:
             details["error"] = {"phase": "process", "type": outcome.status, "message": outcome.detail,
                                 "traceback": outcome.stderr_tail[-3000:]}
         verdict = stages.judge(inputs)
+        if self.keep_baseline_images:  # beside the candidate's, for people reading the run (runrecord.py)
+            runrecord.keep_baseline_images(task_dir, "reference", reference, len(batch["seeds"]))
+            if gold is not None:
+                runrecord.keep_baseline_images(task_dir, "gold", gold, len(batch["seeds"]))
         return self._finish(task_dir, task, label, provenance, candidate.cost, verdict, started, sandbox=sandbox,
                             inputs=inputs, details=details)
 

@@ -157,6 +157,7 @@ class DiffbenchSession:
             resume = bool(given) and Path(given).is_dir()
         self.resume = resume
         self._setup_error: str | None = None
+        self.record = None  # the controller's runrecord.RunRecorder (run.json, results.jsonl)
 
     def _run_dir(self) -> Path:
         workerinput = getattr(self.config, "workerinput", None)
@@ -173,6 +174,8 @@ class DiffbenchSession:
         result = report_row(report)
         if result is not None:
             self.results.append(result)
+            if self.record is not None:
+                self.record.add(result)
 
     def pytest_terminal_summary(self, terminalreporter):
         if getattr(self.config, "workerinput", None) is not None or self.config.option.collectonly:
@@ -289,7 +292,10 @@ class DiffbenchSession:
             if data is None:
                 self._setup_error = "no plugin provides the benchmark data (pytest_diffbench_data_source)"
                 raise HarnessError(self._setup_error)
-            self._evaluator = Evaluator(self.profile, data, self.cache_dir, self.run_dir)
+            # a generator's own sessions (DiffAgent's GA rounds, in the agent's seed scope) keep no
+            # copies of the baselines' images: nobody reads them, and a GA round has many candidates
+            self._evaluator = Evaluator(self.profile, data, self.cache_dir, self.run_dir,
+                                        keep_baseline_images=self.profile.seed_scope == VERDICT_SCOPE)
         return self._evaluator
 
     def resolve_session_profile(self) -> None:
@@ -340,6 +346,16 @@ class DiffbenchSession:
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / PROFILE_FILE, self.profile.to_json() + "\n")
+        from . import runrecord
+
+        self.record = runrecord.RunRecorder(self.run_dir, runrecord.run_info(
+            self.config, profile=self.profile, levels=self.levels, tasks_dir=self.tasks_dir,
+            generator=self.generator_id(), tasks_at_levels=len(self.tasks)))
+        self.record.start()
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if self.record is not None:
+            self.record.finish(self.results, self.levels, exitstatus)
 
 
 def _measuring_workers(config) -> int:
