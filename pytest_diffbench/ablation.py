@@ -39,16 +39,36 @@ def task_config(task) -> dict[str, Any]:
     return config
 
 
+def _generator(tasks_dir: Path):
+    """The suite's code templates: `tasks_dir`'s generate.py, else the suite's own (a folder of tasks
+    written elsewhere need not carry the generator)."""
+    from .calibration import REPO_TASKS_DIR, _load_generator
+
+    for folder in (Path(tasks_dir), REPO_TASKS_DIR):
+        if (folder / "generate.py").is_file():
+            return _load_generator(folder)
+    return None
+
+
 def ablation_codes(task, tasks_dir: Path) -> dict[str, str]:
-    """{part: the gold's code without that part} for an L1-L3 task of two or more parts, else {}."""
+    """{part: the gold's code without that part} for an L1-L3 task of two or more parts, else {}.
+    Also {} where the task's gold is not its configuration rendered by the suite's templates (a task
+    written by hand): the templates' code less one part would then not be that gold less one part."""
     if task.level not in ("L1", "L2", "L3") or not task.gold:
         return {}
-    from .calibration import _load_generator, render_config
-
     config = task_config(task)
     if len(config) < 2:
         return {}
-    gen = _load_generator(Path(tasks_dir))
+    from .calibration import FAMILIES, render_config
+
+    gen = _generator(tasks_dir)
+    if gen is None or task.family not in FAMILIES:
+        return {}
+    try:
+        if render_config(gen, task, config, task.id).strip() != task.gold.strip():
+            return {}
+    except Exception:  # noqa: BLE001 - a configuration the templates cannot render: no ablation evidence
+        return {}
     return {part: render_config(gen, task, {k: v for k, v in config.items() if k != part},
                                 f"{task.id} without {PART_NAMES.get(part, part)}")
             for part in config}

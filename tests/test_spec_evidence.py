@@ -13,6 +13,7 @@ zoo, through the real sandbox, public seeds so that the distances below hold.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 ATTACK = REPO / "tests" / "adversarial_tasks" / "tome_on_a_decoy.py"
 
 
-def test_every_l1_l3_gold_is_its_configuration_rendered():
+def test_every_l1_l3_gold_is_its_configuration_rendered(tmp_path):
     """The ablations are the golds' configurations less one part, rendered by the same templates:
     that is only the gold without that part if the gold itself is its configuration rendered."""
     from pytest_diffbench.ablation import ablation_codes, task_config
@@ -45,6 +46,11 @@ def test_every_l1_l3_gold_is_its_configuration_rendered():
     assert "tomesd.apply_patch" in codes["fast_sampler"] and "UniPCMultistepScheduler" not in codes["fast_sampler"]
     one_part = next(t for t in tasks if t.level == "L2")
     assert ablation_codes(one_part, REPO / "tasks") == {}  # its ablation is the reference
+    # a task written by hand (its gold not the templates' rendering) has no ablations, and a tasks
+    # folder without the generator uses the suite's
+    edited = dataclasses.replace(l3, gold=l3.gold.replace("def generate", "# edited by hand\ndef generate"))
+    assert ablation_codes(edited, REPO / "tasks") == {}
+    assert sorted(ablation_codes(l3, tmp_path)) == ["fast_sampler", "tomesd"]
 
 
 @pytest.mark.slow
