@@ -273,6 +273,28 @@ def test_a_forked_run_cannot_hide_memory_by_dropping_what_it_inherited():
     assert shared == 1100 * MiB
 
 
+def test_a_forked_run_ending_between_the_reads_is_not_charged_the_zygote():
+    """The run's and the zygote's PSS are two reads: a run that ends between them must not be
+    charged its half of the shared pages and then the zygote's whole (the run gone). The zygote is
+    read first, so the ending run reads 0. (Seen for real: an honest 32 MiB run charged 227 MiB
+    under load, test_landlock.py's memfd test.)"""
+    class EndsAfterFirstRead:
+        def __init__(self):
+            self.asked = []
+
+        def __call__(self, pid, rss_pages, page):
+            self.asked.append(pid)
+            gone = 10 in self.asked[:-1] or (pid == 10 and len(self.asked) > 1)
+            if pid == 20:  # the zygote: 442 MiB alone, 224 while it shares with the run
+                return (442 if 10 in self.asked[:-1] else 224) * MiB
+            return 0 if gone else 227 * MiB  # the run: its half of the shared pages, 0 once ended
+    table = table_of({10: 452, 20: 752})
+    pss = EndsAfterFirstRead()
+    charged = sandbox._charged_memory(table, [10], PAGE, 256 * MiB, 32 * MiB, inherited=752 * MiB,
+                                      inherited_pss=442 * MiB, zygote_pid=20, pss=pss)
+    assert pss.asked[0] == 20 and charged + 32 * MiB <= 256 * MiB
+
+
 def test_the_first_limit_broken_is_the_one_reported():
     limits = SandboxLimits(memory_mb=1024, max_processes=8)
     stream_error = "result stream larger than 1 MiB (the bound for this job's images)"
