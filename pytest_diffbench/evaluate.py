@@ -170,9 +170,9 @@ class Evaluator:
         log.info("%s: %s run started in the sandbox (%s)", task.id, role, self.profile.limits.isolation)
         outcome = run_job(job, env=self._child_env(), limits=self.profile.limits, harness_dir=harness_dir)
         self.stats["candidate_s" if role == "candidate" else "baseline_s"] += time.monotonic() - start
-        log.info("%s: %s run ended: %s%s after %.1f s (%s start, peak %.0f MB)", task.id, role, outcome.status,
-                 f" ({outcome.detail[:200]})" if outcome.detail else "", outcome.wall_s,
-                 outcome.extra.get("start", "?"), outcome.peak_rss_mb)
+        log.info("%s: %s run ended: %s%s after %.1f s (%s start%s)", task.id, role, outcome.status,
+                 f" ({outcome.detail[:200]})" if outcome.detail else "", outcome.wall_s, outcome.extra.get("start", "?"),
+                 f", peak {outcome.peak_rss_mb:.0f} MB" if outcome.peak_rss_mb >= 1 else "")
         return outcome
 
     def baseline(self, role: str, task, code: str, batch: dict) -> CachedRun:

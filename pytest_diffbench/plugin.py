@@ -404,11 +404,12 @@ class DiffbenchSession:
 
     def _start_progress(self) -> None:
         """The task lines and, under xdist, the thread printing the workers' progress events."""
-        self._terminal_line = terminal_line_writer(self.config)
-        if self._terminal_line is None:
+        write = terminal_line_writer(self.config)
+        verbosity = self.config.get_verbosity()
+        if write is None or verbosity <= -2:  # -qq: pytest's own output only
             return
-        self.task_lines = progress.TaskLines(self._terminal_line, self.config.get_verbosity(),
-                                             workers=_measuring_workers(self.config))
+        self._terminal_line = write
+        self.task_lines = progress.TaskLines(write, verbosity, workers=_measuring_workers(self.config))
         if self.config.pluginmanager.has_plugin("dsession"):  # pytest-xdist's controller
             self._progress_tail = progress.ProgressTail(self.run_dir, self._terminal_line)
             self._progress_tail.start()
