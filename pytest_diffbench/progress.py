@@ -47,9 +47,9 @@ MAX_LINES = 5000
 
 
 def clean_text(text, limit: int = MAX_TEXT) -> str:
-    """`text` as one line of printable characters, at most `limit` long."""
-    flat = " ".join(str(text).split())
-    flat = "".join(ch if ch.isprintable() else "?" for ch in flat)
+    """`text` as one line of printable characters (each line break or tab a space, any other
+    control character `?`), at most `limit` long."""
+    flat = "".join(" " if ch.isspace() else ch if ch.isprintable() else "?" for ch in str(text)).strip()
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 

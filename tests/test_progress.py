@@ -37,7 +37,7 @@ def result(label="L1-x", passed=True, U=1.5, L=0.0123, category=None, resumed=Fa
 # -- the plain parts ---------------------------------------------------------------------------------
 
 def test_text_is_one_clipped_printable_line():
-    assert progress.clean_text("a\nb\tc   d") == "a b c d"
+    assert progress.clean_text("a\nb\tc  d\r\n") == "a b c  d"
     assert progress.clean_text("\x1b[2J\x1b]0;title\x07wiped") == "?[2J?]0;title?wiped"
     long = progress.clean_text("x" * 1000)
     assert len(long) == progress.MAX_TEXT and long.endswith("...")
@@ -230,7 +230,8 @@ def suite(pytester, tiny_zoo, tmp_path, monkeypatch):
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / "tasks" / "L1" / f"{task_id}.yaml", target)
     pytester.makepyfile(stub_generator=STUB_PLUGIN)
-    monkeypatch.setenv("PYTHONPATH", f"{pytester.path}:{REPO}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(pytester.path), str(REPO),
+                                                                    os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("DIFFBENCH_ZOO_DIR", str(tiny_zoo.root))
     monkeypatch.setenv("DIFFBENCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
