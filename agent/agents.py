@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ from .extract import extract_code, extract_json, syntax_problem
 from .knowledge import (KnowledgeBase, check_config, excerpt, load_knowledge, normalise_config,
                         render_candidate)
 from .smoke import clip_message, sanitise
+
+log = logging.getLogger(__name__)
 
 SYNTAX = "syntax"
 NO_CODE = "no_code"
@@ -148,7 +151,7 @@ class PlainAgent:
 class DiffAgent:
     def __init__(self, task, llm, *, smoke, kb: KnowledgeBase | None = None, transcript=None,
                  bounds: Bounds = Bounds(), profile: dict | None = None, memory=None,
-                 evaluate_population=None, ga_dir=None):
+                 evaluate_population=None, ga_dir=None, progress=None):
         self.task, self.llm, self.smoke = task, llm, smoke
         self.kb = kb or load_knowledge()
         self.transcript = transcript
@@ -157,6 +160,7 @@ class DiffAgent:
         self.memory = memory
         self.evaluate_population = evaluate_population
         self.ga_dir = ga_dir
+        self.progress = progress  # the harness's context.progress: a line on the session's terminal
         self.calls: Counter = Counter()
         self.stats: Counter = Counter()
         self._checks: dict[str, Check] = {}
@@ -165,6 +169,13 @@ class DiffAgent:
     def note(self, title: str, text: str = "", lang: str = "text", data: dict | None = None) -> None:
         if self.transcript is not None:
             self.transcript.note(title, text, lang, data)
+
+    def report(self, text: str) -> None:
+        """A step the person watching the session sees (the GA's rounds): logged, and shown on the
+        session's terminal through the harness's context."""
+        log.info("%s: %s", self.task.id, text)
+        if self.progress is not None:
+            self.progress(text)
 
     def ask(self, role: str, messages: list[dict], purpose: str) -> str:
         self.calls[role] += 1
@@ -190,6 +201,7 @@ class DiffAgent:
                            raw.get("attributes"))
         self._checks[key] = result
         self.note("smoke run: " + ("ok" if result.ok else f"failed ({result.category})"), result.feedback())
+        log.info("%s: smoke run: %s", self.task.id, "ok" if result.ok else f"failed ({result.category})")
         return result
 
     # -- knowledge ------------------------------------------------------------------------------
@@ -234,6 +246,7 @@ class DiffAgent:
         except ValueError:
             raw = None
         plan = self.make_plan(text, raw)
+        log.info("%s: coding plan %s", self.task.id, "read" if plan.config is not None else "unreadable")
         self.note("plan", json.dumps(plan.config, sort_keys=True) if plan.config is not None
                   else "(no configuration could be read from the plan)",
                   data={"problems": plan.problems} if plan.problems else None)
@@ -277,6 +290,8 @@ class DiffAgent:
                 if plan.config is None:
                     plan.problems.append("no methods could be read from the plan")
                 plans.append(plan)
+            log.info("%s: %s: %d plans, %d rejected by the knowledge base", self.task.id, label, len(plans),
+                     sum(bool(p.problems) for p in plans))
             self.note(f"{label}: {len(plans)} plans",
                       "\n".join(f"{i}. {json.dumps(p.config, sort_keys=True)}"
                                 + (f"  REJECTED: {'; '.join(p.problems)}" if p.problems else "")
@@ -297,6 +312,7 @@ class DiffAgent:
         for generation in range(1, b.t_code + 1):
             out.generations = generation
             self.stats["generations"] += 1
+            log.info("%s: %scode generation %d/%d", self.task.id, label, generation, b.t_code)
             answer = self.ask("coder", prompts.code(self.task, plan_text, plan.config, knowledge, template, earlier),
                               f"{label}code, generation {generation}/{b.t_code}")
             found = extract_code(answer)

@@ -30,6 +30,11 @@ checkpointed ``result`` dict, `_slim`)::
     x 0.5 when L > L_bound or stage 2 failed; 0 when the module did not run or its key attributes
     are wrong; + 1 when the candidate passed (every passing candidate ranks above every failing one)
 
+Progress: each round says on the session's terminal (`DiffAgent.report`, through the harness's
+`context.progress`; also logged) when it starts, how many of its plans run, and when it ends: the
+candidates evaluated and the best so far. The harness adds a line per candidate as its result
+arrives.
+
 Checkpoints: ``<agent dir>/ga/state.json`` and ``round-<r>/population.json`` (plans, code,
 results, fitness, feedback, survivors). A task that is run again with the same run directory
 resumes after its last finished round.
@@ -180,6 +185,7 @@ class GeneticSelector:
         self.memory = memory
         self.history: list[Individual] = []  # every individual of every round
         self.rounds_run = 0
+        self.evaluations = 0  # candidates the harness evaluated in this search (this session's rounds)
         self.stopped_early = False
         self.baseline: str | None = None
 
@@ -221,6 +227,7 @@ class GeneticSelector:
             self.rounds_run = finished
             self.agent.note(f"GA resumed after round {finished}",
                             f"{len(self.history)} candidates restored from {self.folder}")
+            self.agent.report(f"GA resumed after round {finished}; {self.best_so_far()}")
         return finished, survivors
 
     def _save_round(self, r: int, people: list[Individual], survivors: list[Individual]) -> None:
@@ -256,6 +263,20 @@ class GeneticSelector:
             return None
         return max(measured, key=lambda p: (p.passed, attainment(self.task, p.result), p.fitness, p.smoke_ok, -p.round))
 
+    def best_so_far(self) -> str:
+        """The best individual measured yet (`best`), as the progress lines show it."""
+        best = self.best()
+        if best is None:
+            return "no candidate measured yet"
+        res = best.result or {}
+        verdict = "passed" if best.passed else f"failed ({res.get('category') or best.note or 'no result'})"
+        parts = [f"best so far {best.id}: {verdict}"]
+        parts += [f"{name} {res[key]:.{digits}f}{unit}" for name, key, digits, unit in
+                  (("U", "U", 3, ""), ("L", "L", 4, ""), ("latency", "latency_ms", 1, " ms"))
+                  if isinstance(res.get(key), (int, float))]
+        parts.append(f"fitness {best.fitness:.3f}")
+        return "  ".join(parts)
+
     # -- the search --------------------------------------------------------------------------
     def run(self) -> Individual | None:
         b = self.bounds
@@ -268,7 +289,12 @@ class GeneticSelector:
         for r in range(finished + 1, b.rounds + 1):
             self.rounds_run = r
             rng = random.Random(f"{self.task.id}:ga:{r}")
+            self.agent.report(f"GA round {r}/{b.rounds}: planning {b.population} candidates"
+                              + (f" ({len(survivors)} refine survivors)" if survivors else ""))
+            before = self.evaluations
             people = self._round(r, survivors)
+            self.agent.report(f"GA round {r}/{b.rounds} done: {self.evaluations - before} candidate(s) evaluated "
+                              f"({self.evaluations} so far); {self.best_so_far()}")
             if not people:
                 self.agent.note(f"GA round {r}: no plans", "the planner gave no usable plan; the search stops")
                 break
@@ -327,7 +353,10 @@ class GeneticSelector:
             unique.setdefault(ind.code, ind)
         if unique:
             round_dir = (self.folder / f"round-{r}") if self.folder is not None else Path(f"round-{r}")
+            self.agent.report(f"GA round {r}/{b.rounds}: evaluating {len(unique)} candidate(s); {len(people) - len(to_run)} "
+                              f"of {len(people)} plans were rejected, repeated or did not run")
             results = self.evaluate([(ind.id, ind.code) for ind in unique.values()], round_dir)
+            self.evaluations += len(unique)
             for ind in to_run:
                 first = unique[ind.code]
                 ind.result = _slim(results.get(first.id))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import json
+import logging
 import os
 import random
 import time
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Callable
 
 from pytest_diffbench.atomic import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 
@@ -124,8 +127,6 @@ def import_litellm():
     global _litellm
     if _litellm is None:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-        import logging
-
         import litellm
 
         litellm.suppress_debug_info = True
@@ -334,6 +335,8 @@ class LLMClient:
                                    f"{_describe(exc)}", attempts=attempts)
                     break
                 delay = self._wait(failed, exc)
+                log.info("LLM call %s (%s): retrying in %.1f s after %s", purpose, self.settings.model, delay,
+                         type(exc).__name__)
                 failed += 1
                 self.delays.append(delay)
                 self.sleep(delay)
@@ -346,6 +349,13 @@ class LLMClient:
         raise err from last
 
     def _log(self, purpose: str, messages: list[dict], reply: Reply | None, error: str | None) -> None:
+        if error is not None:
+            log.warning("LLM call %s (%s) failed: %s", purpose, self.settings.model, error[:300])
+        elif reply.cached:
+            log.info("LLM call %s (%s): replayed from the cache", purpose, self.settings.model)
+        else:
+            log.info("LLM call %s (%s): %d attempt(s), %d tokens", purpose, self.settings.model, reply.attempts,
+                     reply.usage.total_tokens)
         if self.transcript is None:
             return
         meta = {"model": self.settings.model, "error": error}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from .result import Measures, Provenance, SandboxSummary, TaskResult
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
 from .workload import AGENT_SCOPE, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest, build_batch
 
+log = logging.getLogger(__name__)
 
 # Bumped when what a child result measures changes, so older cached baselines are measured again
 # (2: FLOPs counted on the judged call, the parent's CPU time of that call; 3: methods judged by
@@ -165,8 +167,12 @@ class Evaluator:
                "threads": self.profile.threads}
         images_dir.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
+        log.info("%s: %s run started in the sandbox (%s)", task.id, role, self.profile.limits.isolation)
         outcome = run_job(job, env=self._child_env(), limits=self.profile.limits, harness_dir=harness_dir)
         self.stats["candidate_s" if role == "candidate" else "baseline_s"] += time.monotonic() - start
+        log.info("%s: %s run ended: %s%s after %.1f s (%s start%s)", task.id, role, outcome.status,
+                 f" ({outcome.detail[:200]})" if outcome.detail else "", outcome.wall_s, outcome.extra.get("start", "?"),
+                 f", peak {outcome.peak_rss_mb:.0f} MB" if outcome.peak_rss_mb >= 1 else "")
         return outcome
 
     def baseline(self, role: str, task, code: str, batch: dict) -> CachedRun:
@@ -188,8 +194,11 @@ class Evaluator:
 
         # manifests are authenticated with the harness key (keys.py), kept beside the cache
         secret = self._secret()
+        start = time.monotonic()
         run = get_or_measure(self.cache_dir / "baselines", key, measure, secret=secret)
         self.stats["baseline_hits" if run.hit else "baseline_misses"] += 1
+        log.info("%s: %s baseline %s", task.id, role,
+                 "from the cache" if run.hit else f"measured in {time.monotonic() - start:.1f} s")
         return run
 
     # -- metrics --------------------------------------------------------------------------
@@ -237,6 +246,7 @@ class Evaluator:
         code without it} (ablation.ablation_codes), measured as baselines when the candidate is not
         the gold itself, for stage 1's image evidence."""
         label = label or task.id
+        log.info("%s: evaluating the candidate from %s", label, candidate.source)
         task_dir = self.run_dir / label
         if task_dir.exists():
             for child in task_dir.iterdir():
@@ -474,6 +484,9 @@ class Evaluator:
                             images=None if images is None else tuple(images),
                             task_s=round(time.monotonic() - started, 3), complete=True)
         self.write_result(task_dir, result)
+        log.info("%s: %s at stage %d%s in %.1f s (U %s, L %s)", label, "passed" if verdict.passed else "failed",
+                 verdict.stage_reached, f" ({verdict.category})" if verdict.category else "", result.task_s,
+                 measures.U, measures.L)
         return result
 
     def write_result(self, task_dir: Path, result: TaskResult) -> None:

@@ -22,6 +22,10 @@ Decisions (issue 14):
   the agent's seed scope, the same sandbox and the session's rootdir, tasks and cache folders, all
   fixed by the harness when it builds the context. The generator chooses only the candidates, the
   folder (one from `context.folder`, or below it) and the time limit.
+* A generation can take hours (DiffAgent's GA rounds): `context.progress(text)` shows one line of
+  how it goes on the session's terminal (under xdist the controller's) and in
+  `<run dir>/progress.jsonl` (pytest_diffbench/progress.py); `evaluate_population` reports each
+  candidate there as its result arrives.
 
 Plain module: no pytest.
 """
@@ -45,13 +49,14 @@ class GenerationContext:
     """The harness's side of one generation: one task, as posed on this profile."""
 
     def __init__(self, task, profile, task_dir: Path, cache_dir: Path, evaluator: Callable[[], object],
-                 population=None):
+                 population=None, progress: Callable[[str], None] | None = None):
         self.task = task
         self.profile = profile  # pytest_diffbench.evaluate.Profile, resolved (pytest_diffbench.profile)
         self.cache_dir = Path(cache_dir)
         self._task_dir = Path(task_dir)
         self._evaluator = evaluator  # built on first use
         self._population = population  # population.ChildSessions of the session (None: none)
+        self._progress = progress  # the session's report_progress for this task (None: not shown)
 
     def folder(self, name: str) -> Path:
         """`<run dir>/<task>/<name>`, created; kept when the task is evaluated (and evaluated again)."""
@@ -68,6 +73,12 @@ class GenerationContext:
         `harness_dir` (default: a temporary folder)."""
         return self._evaluator().smoke(self.task, code, harness_dir=harness_dir)
 
+    def progress(self, text: str) -> None:
+        """Show one line of how the generation goes to the person watching the session (clipped
+        to one line; printed as `diffbench <task>: <text>`)."""
+        if self._progress is not None:
+            self._progress(text)
+
     def evaluate_population(self, candidates, folder: Path, *, timeout_s: float | None = None) -> dict:
         """Evaluate `candidates` ([(candidate id, code)]) of this task together, as the verdict
         would be (one child pytest session; the agent's seeds): {candidate id: TaskResult, or None
@@ -79,8 +90,14 @@ class GenerationContext:
         if self._population is None:
             raise PopulationError(f"{self.task.id}: this generation context evaluates no populations (it was built "
                                   f"without a pytest session of the harness)")
+        from .progress import population_line
+
+        def arrived(candidate_id, result, done, total):  # each candidate's verdict as the child writes it
+            self.progress(population_line(Path(folder).name, candidate_id, result, done, total))
+
         return self._population.evaluate(self.task, candidates, folder,
-                                         timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+                                         timeout_s=DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
+                                         on_result=arrived if self._progress is not None else None)
 
     @classmethod
     def for_evaluator(cls, task, evaluator, task_dir: Path | None = None) -> "GenerationContext":

@@ -14,14 +14,17 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import threading
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 
-from . import hookspecs, report, settings
+from . import hookspecs, progress, report, settings
 from .ablation import ablation_codes
 from .atomic import write_json_atomic
 from .evaluate import Candidate, Evaluator, HarnessError, Profile
@@ -29,6 +32,8 @@ from .profile import PROFILE_FILE, ProfileError, check_runnable, for_worker, rea
 from .result import TaskResult, parse_label, task_label
 from .stages import HARNESS
 from .workload import PUBLIC_SEEDS, SECRET_SEEDS, SEED_MODES, SEED_SCOPES, VERDICT_SCOPE
+
+log = logging.getLogger(__name__)
 
 SESSION_KEY = pytest.StashKey["DiffbenchSession"]()
 #: an item's TaskResult, set by the diffbench_evaluation fixture for pytest_runtest_makereport
@@ -158,6 +163,9 @@ class DiffbenchSession:
         self.resume = resume
         self._setup_error: str | None = None
         self.record = None  # the controller's runrecord.RunRecorder (run.json, results.jsonl)
+        self.task_lines: progress.TaskLines | None = None  # the controller's line per finished task
+        self._progress_tail: progress.ProgressTail | None = None  # the controller's reader of workers' events
+        self._terminal_line = None  # write(line) on this process's terminal; None in an xdist worker
 
     def _run_dir(self) -> Path:
         workerinput = getattr(self.config, "workerinput", None)
@@ -176,6 +184,46 @@ class DiffbenchSession:
             self.results.append(result)
             if self.record is not None:
                 self.record.add(result)
+        if self.task_lines is not None:
+            item = getattr(report, REPORT_ITEM, None)
+            if result is not None:
+                self.task_lines.outcome(report.nodeid, result.label, progress.verdict_text(result), result)
+                if report.when == "???":  # a crashed worker's item: no logfinish follows
+                    self.task_lines.finished(report.nodeid)
+            elif item is not None and report.skipped and report.when == "setup":
+                reason = report.longrepr[2] if isinstance(report.longrepr, (tuple, list)) else report.longrepr
+                self.task_lines.outcome(report.nodeid, item["label"], f"skipped ({progress.clean_text(reason, 100)})")
+
+    # the task lines (progress.py): the controller sees every item start and finish, also under xdist
+    def pytest_collection_finish(self, session):
+        if self.task_lines is not None:  # without xdist: the items left after -k, -m, deselection
+            self.task_lines.collected(sum(_is_task(item.nodeid) for item in session.items))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids):
+        if self.task_lines is not None:  # xdist's controller collects nothing; each worker says what it has
+            self.task_lines.collected(sum(map(_is_task, ids)))
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        if self.task_lines is not None and _is_task(nodeid):
+            self.task_lines.started(nodeid)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logfinish(self, nodeid, location):
+        if self.task_lines is not None:
+            self.task_lines.finished(nodeid)
+
+    def report_progress(self, label: str, text: str) -> None:
+        """A generator's progress (`GenerationContext.progress`): appended to progress.jsonl, and
+        printed here when this process owns the terminal (under xdist the controller's tail prints it)."""
+        worker = (getattr(self.config, "workerinput", None) or {}).get("workerid")
+        try:
+            event = progress.ProgressLog(self.run_dir, worker).emit(label, text)
+        except OSError as exc:  # progress is for people watching: never a task's failure
+            log.warning("progress of %s not recorded: %s", label, exc)
+            event = {"label": label, "text": text, "worker": worker}
+        if self._terminal_line is not None:
+            self._terminal_line(progress.event_line(event))
 
     def pytest_terminal_summary(self, terminalreporter):
         if getattr(self.config, "workerinput", None) is not None or self.config.option.collectonly:
@@ -218,7 +266,7 @@ class DiffbenchSession:
             self.profile, rootdir=self.config.rootpath, inifile=self.config.inipath, tasks_dir=self.tasks_dir,
             cache_dir=self.cache_dir, in_xdist_worker=getattr(self.config, "workerinput", None) is not None)
         return GenerationContext(task, self.profile, self.run_dir / label, self.cache_dir, self.evaluator,
-                                 population=population)
+                                 population=population, progress=lambda text: self.report_progress(label, text))
 
     def previous_result(self, label: str, profile_name: str, fingerprint: dict) -> TaskResult | None:
         """The complete result of `label` from an earlier session on the same profile, for the
@@ -352,10 +400,53 @@ class DiffbenchSession:
             self.config, profile=self.profile, levels=self.levels, tasks_dir=self.tasks_dir,
             generator=self.generator_id(), tasks_at_levels=len(self.tasks)))
         self.record.start()
+        self._start_progress()
+
+    def _start_progress(self) -> None:
+        """The task lines and, under xdist, the thread printing the workers' progress events."""
+        write = terminal_line_writer(self.config)
+        verbosity = self.config.get_verbosity()
+        if write is None or verbosity <= -2:  # -qq: pytest's own output only
+            return
+        self._terminal_line = write
+        self.task_lines = progress.TaskLines(write, verbosity, workers=_measuring_workers(self.config))
+        if self.config.pluginmanager.has_plugin("dsession"):  # pytest-xdist's controller
+            self._progress_tail = progress.ProgressTail(self.run_dir, self._terminal_line)
+            self._progress_tail.start()
 
     def pytest_sessionfinish(self, session, exitstatus):
+        if self._progress_tail is not None:  # before the summary: the last events first
+            self._progress_tail.stop()
+            self._progress_tail = None
         if self.record is not None:
             self.record.finish(self.results, self.levels, exitstatus)
+
+
+def _is_task(nodeid: str) -> bool:
+    """Whether `nodeid` is an item of the suite (a task), not another test collected beside it."""
+    return nodeid.startswith(f"{SUITE_NODE_PATH}::test_task[")
+
+
+def terminal_line_writer(config):
+    """write(line): one line on the terminal of this process, on a line of its own after pytest's
+    progress dots, with pytest's capture suspended (a generator's progress arrives during a test);
+    callable from the controller's progress thread (a lock orders the lines). None without a
+    terminal reporter (an xdist worker, `-p no:terminal`)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or getattr(config, "workerinput", None) is not None:
+        return None
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    lock = threading.Lock()
+
+    def write(line: str) -> None:
+        with lock, (capture.global_and_fixture_disabled() if capture is not None else nullcontext()):
+            reporter.ensure_newline()
+            if reporter._tw.width_of_current_line:  # dots of pytest's progress (under xdist: no fspath)
+                reporter.write("\n")
+            reporter.write_line(line)
+            reporter.flush()
+
+    return write
 
 
 def _measuring_workers(config) -> int:
@@ -672,9 +763,11 @@ def diffbench_candidate(diffbench_profile_task, diffbench_candidate_id, diffbenc
     if diffbench_candidate_id is not None:
         return diffbench_session.candidates.candidate_for(task, diffbench_candidate_id)
     context = diffbench_session.generation_context(task, task.id)
+    log.info("%s: generating the candidate (%s)", task.id, diffbench_session.generator_id())
     candidate = request.config.hook.pytest_diffbench_generate(task=task, config=request.config, context=context)
     if candidate is None:
         raise HarnessError(f"no generator produced a candidate for {task.id}")
+    log.info("%s: candidate from %s%s", task.id, candidate.source, "" if candidate.code else " (no code)")
     return candidate
 
 
@@ -694,7 +787,9 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
     fingerprint = diffbench_session.resume_fingerprint(task, known_code)
     result = (diffbench_session.previous_result(label, evaluator.profile.name, fingerprint)
               if diffbench_session.resume else None)
-    if result is None:
+    if result is not None:
+        log.info("%s: the complete result of an earlier session is reused (resume)", label)
+    else:
         candidate = request.getfixturevalue("diffbench_candidate")
         result = evaluator.evaluate(task, candidate, task.reference, task.gold, label=label,
                                     ablations=ablation_codes(task, diffbench_session.tasks_dir))

@@ -20,6 +20,9 @@ Decisions (issue 14):
   an xdist worker it stays on the worker's device.
 * Exit status 0 or 1 is a result (candidates passed or failed); anything else, or the time limit,
   is `PopulationError`, a harness error: a broken session is never a candidate's failure.
+* While the child runs, the candidates' results are reported as they arrive (`on_result`): the
+  child's own results.jsonl (runrecord.py) says which are done, every second; each is read, as at
+  the end, from its tagged result.json.
 * The child's environment drops PYTEST_ADDOPTS and the parent's xdist variables and sets
   `POPULATION_CHILD_ENV`, so a generator can refuse to run inside one (DiffAgent refuses --llm).
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,8 +41,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .evaluate import HarnessError
+
+log = logging.getLogger(__name__)
 
 #: set (to "1") in the environment of every population child session
 POPULATION_CHILD_ENV = "DIFFBENCH_POPULATION_CHILD"
@@ -137,9 +144,11 @@ class ChildSessions:
             env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
         return env
 
-    def evaluate(self, task, candidates, folder: Path, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+    def evaluate(self, task, candidates, folder: Path, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 on_result: Callable[[str, object, int, int], None] | None = None) -> dict:
         """{candidate id: its TaskResult, or None when the child wrote none that verifies}.
-        `folder` gets the manifest, the child's profile, its log and its run folder (`out/`)."""
+        `folder` gets the manifest, the child's profile, its log and its run folder (`out/`).
+        `on_result(candidate id, TaskResult or None, done, total)`: each candidate while the child runs."""
         candidates = check_candidates(candidates)
         if not candidates:
             return {}
@@ -151,27 +160,70 @@ class ChildSessions:
                     for cid, code in candidates), encoding="utf-8")
         out = folder / OUT_DIR
         shutil.rmtree(out, ignore_errors=True)  # never results of an interrupted earlier attempt
-        log = folder / LOG_FILE
-        code = self._run(self.command(task, folder, min(self.workers, len(candidates))), log, timeout_s)
+        log_file = folder / LOG_FILE
+        watch = self._watcher(task, candidates, out, on_result) if on_result is not None else None
+        log.info("%s: population of %d candidate(s) in %s: child session started", task.id, len(candidates), folder)
+        code = self._run(self.command(task, folder, min(self.workers, len(candidates))), log_file, timeout_s, watch)
         # 0 all passed, 1 some failed: both are results. Others: the session itself broke.
         if code not in (0, 1):
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            raise PopulationError(f"the population's child pytest session exited with {code} (log: {log}):\n{tail}")
+            tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else ""
+            raise PopulationError(f"the population's child pytest session exited with {code} (log: {log_file}):\n{tail}")
         from .result import task_label
 
-        return {cid: self._read(out, task_label(task.id, cid)) for cid, _ in candidates}
+        results = {cid: self._read(out, task_label(task.id, cid)) for cid, _ in candidates}
+        log.info("%s: population in %s: child session exited with %d, %d of %d results", task.id, folder, code,
+                 sum(r is not None for r in results.values()), len(candidates))
+        return results
 
-    def _run(self, cmd: list[str], log: Path, timeout_s: float) -> int:
-        with open(log, "ab") as fh:
+    def _watcher(self, task, candidates, out: Path, on_result) -> Callable[[], None]:
+        """Called while the child runs: `on_result` for each candidate the child's results.jsonl
+        names for the first time."""
+        from .progress import JsonlTail
+        from .result import parse_label, task_label
+        from .runrecord import RESULTS_FILE
+
+        wanted = {cid for cid, _ in candidates}
+        seen: set[str] = set()
+        tail = JsonlTail(out / RESULTS_FILE)
+
+        def watch() -> None:
+            for line in tail.read():
+                label = line.get("label")
+                task_id, cid = parse_label(label) if isinstance(label, str) else (None, None)
+                if task_id == task.id and cid in wanted and cid not in seen:
+                    seen.add(cid)
+                    on_result(cid, self._read(out, task_label(task.id, cid)), len(seen), len(wanted))
+
+        return watch
+
+    def _run(self, cmd: list[str], log_file: Path, timeout_s: float, watch: Callable[[], None] | None = None) -> int:
+        """The child's exit status; `watch()` every second while it runs and once after."""
+        from .progress import POLL_S
+
+        with open(log_file, "ab") as fh:
             fh.write(("$ " + " ".join(cmd) + "\n").encode())
             fh.flush()
             start = time.monotonic()
-            try:
-                proc = subprocess.run(cmd, cwd=self.rootdir, env=self.env(), stdout=fh, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                raise PopulationError(f"the population's child pytest session took longer than {timeout_s:.0f} s "
-                                      f"(log: {log})") from None
+            deadline = start + timeout_s
+            with subprocess.Popen(cmd, cwd=self.rootdir, env=self.env(), stdout=fh, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL) as proc:
+                try:
+                    while True:
+                        try:
+                            proc.wait(timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
+                            break
+                        except subprocess.TimeoutExpired:
+                            if time.monotonic() >= deadline:
+                                raise PopulationError(f"the population's child pytest session took longer than "
+                                                      f"{timeout_s:.0f} s (log: {log_file})") from None
+                            if watch is not None:
+                                watch()
+                except BaseException:  # the time limit, an interrupt: the child goes too (as subprocess.run)
+                    proc.kill()
+                    proc.wait()
+                    raise
+            if watch is not None:
+                watch()
             fh.write(f"\n[exit {proc.returncode} after {time.monotonic() - start:.1f} s]\n".encode())
         return proc.returncode
 
