@@ -110,6 +110,10 @@ def pytest_addoption(parser):
                     help="use this resolved profile (the profile.json of a run directory) instead of resolving one "
                          "from the options above; it is checked against what this machine can run (versions, "
                          "device, sandbox). DiffAgent's GA child sessions get their parent's this way")
+    group.addoption("--diffbench-shard", metavar="K/N", default=None,
+                    help="run shard K of N (K counted from 0: 0/4 .. 3/4) of the selected tasks (after the levels, "
+                         "-k, -m and node ids), balanced by expected cost; `diffbench merge` joins the shards' run "
+                         "directories into one run (docs/scale-out/)")
     group.addoption("--diffbench-exit", choices=settings.EXIT_MODES, default=None,
                     help="what makes the exit code fail: failures = any failed task (pytest's rule), harness-only "
                          "= only harness errors and failures outside the benchmark, for CI sweeps where a model "
@@ -158,6 +162,8 @@ class DiffbenchSession:
         self.resume = resume
         self._setup_error: str | None = None
         self.record = None  # the controller's runrecord.RunRecorder (run.json, results.jsonl)
+        self.shard = None  # shards.Shard of --diffbench-shard
+        self.shard_plan = None  # shards.ShardPlan, in the process that collected
 
     def _run_dir(self) -> Path:
         workerinput = getattr(self.config, "workerinput", None)
@@ -347,15 +353,62 @@ class DiffbenchSession:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / PROFILE_FILE, self.profile.to_json() + "\n")
         from . import runrecord
+        from .shards import SHARD_FILE
 
+        # an earlier session's plan is not this one's: the collecting process (an xdist worker,
+        # started after this hook) writes this session's
+        (self.run_dir / SHARD_FILE).unlink(missing_ok=True)
         self.record = runrecord.RunRecorder(self.run_dir, runrecord.run_info(
             self.config, profile=self.profile, levels=self.levels, tasks_dir=self.tasks_dir,
-            generator=self.generator_id(), tasks_at_levels=len(self.tasks)))
+            generator=self.generator_id(), tasks_at_levels=len(self.tasks), cache_dir=self.cache_dir))
         self.record.start()
 
     def pytest_sessionfinish(self, session, exitstatus):
         if self.record is not None:
-            self.record.finish(self.results, self.levels, exitstatus)
+            if self.shard is not None:
+                self.record.info["shard"] = self.shard_record()
+            # session.exitstatus: as the exit-status hooks (tryfirst) left it
+            self.record.finish(self.results, self.levels, session.exitstatus)
+
+    def shard_record(self) -> dict | None:
+        """This session's shard plan as the collecting process wrote it (shard.json), None when
+        none was written (collection failed) or it is not this shard's."""
+        from .shards import ShardError, read_record
+
+        try:
+            record = read_record(self.run_dir)
+        except ShardError:
+            return None
+        if record is None or (record["index"], record["count"]) != (self.shard.index, self.shard.count):
+            return None
+        return record
+
+    def select_shard(self, config, items) -> None:
+        """Keep this shard's part of the items that would run (pytest_collection_modifyitems, after
+        -k, -m and node ids); the others are deselected. Writes the plan to shard.json."""
+        from . import shards
+
+        selected = {}
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if params.get("diffbench_task") is not None:
+                selected[task_label(params["diffbench_task"].id, params.get("diffbench_candidate_id"))] = \
+                    params["diffbench_task"]
+        self.shard_plan = shards.plan(self.shard, selected, generating=shards.generates(self.generator_id()))
+        mine = set(self.shard_plan.mine)
+        keep, drop = [], []
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if params.get("diffbench_task") is None:
+                keep.append(item)  # not a task: other tests beside the suite run in every shard
+                continue
+            label = task_label(params["diffbench_task"].id, params.get("diffbench_candidate_id"))
+            (keep if label in mine else drop).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+        if not config.option.collectonly:
+            shards.write_record(self.run_dir, self.shard_plan.record())
 
 
 def _measuring_workers(config) -> int:
@@ -481,6 +534,9 @@ def pytest_configure(config):
     suite_args = _point_args_at_suite(config)
     if not config.getoption("diffbench_level"):
         if not suite_args:
+            if config.getoption("diffbench_shard"):
+                raise pytest.UsageError("--diffbench-shard: shards of what? Select the tasks with --diffbench-level "
+                                        "(or the suite's node ids)")
             return
         # node ids printed by an earlier session, given back without --diffbench-level: their levels
         config.option.diffbench_level = _levels_named(suite_args)
@@ -490,6 +546,7 @@ def pytest_configure(config):
     warm_start_setting(config)  # ... and a bad $DIFFBENCH_WARM_START
     session = DiffbenchSession(config, tasks, levels)
     session.tasks_dir = tasks_dir
+    session.shard = _shard_option(config)
     session.resolve_session_profile()
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "diffbench-session")
@@ -510,6 +567,19 @@ def pytest_configure(config):
             raise pytest.UsageError(f"--diffbench-candidates: {exc}") from None
         config.pluginmanager.register(generator, "diffbench-candidates-generator")
         session.candidates = generator
+
+
+def _shard_option(config):
+    """--diffbench-shard as a shards.Shard (None without it); a usage error saying what is wrong."""
+    from .shards import ShardError, parse_shard
+
+    text = config.getoption("diffbench_shard")
+    if not text:
+        return None
+    try:
+        return parse_shard(text)
+    except ShardError as exc:
+        raise pytest.UsageError(f"--diffbench-shard: {exc}") from None
 
 
 def _session(config) -> DiffbenchSession | None:
@@ -551,6 +621,27 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize(["diffbench_task", "diffbench_candidate_id"], params)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """--diffbench-shard: this shard's part of the items left after -k, -m and node ids (trylast:
+    after pytest's own deselection; pytest_diffbench.shards)."""
+    ds = _session(config)
+    if ds is not None and ds.shard is not None:
+        ds.select_shard(config, items)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A shard left without tasks (more shards than selected tasks) has run its part: exit 0, not 5."""
+    ds = _session(session.config)
+    if (ds is None or ds.shard is None or exitstatus != pytest.ExitCode.NO_TESTS_COLLECTED
+            or getattr(session.config, "workerinput", None) is not None):
+        return
+    record = ds.shard_record()
+    if record is not None and record["selected"] and not record["labels"]:
+        session.exitstatus = pytest.ExitCode.OK
+
+
 def pytest_report_header(config):
     session = _session(config)
     if session is None:
@@ -585,6 +676,10 @@ def pytest_report_collectionfinish(config, items):
         if task is not None:
             levels[task.level] = levels.get(task.level, 0) + 1
     counts = ", ".join(f"{lvl} {n}" for lvl, n in sorted(levels.items())) or "none"
+    plan = _session(config).shard_plan
+    if plan is not None:
+        return (f"diffbench: {sum(levels.values())} tasks selected ({counts}): shard {plan.shard} of "
+                f"{len(plan.selected)} selected, {100.0 * plan.cost / (plan.total_cost or 1):.0f}% of their expected cost")
     return f"diffbench: {sum(levels.values())} tasks selected ({counts})"
 
 
