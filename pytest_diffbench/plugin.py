@@ -33,6 +33,8 @@ from .workload import PUBLIC_SEEDS, SECRET_SEEDS, SEED_MODES, SEED_SCOPES, VERDI
 SESSION_KEY = pytest.StashKey["DiffbenchSession"]()
 #: an item's TaskResult, set by the diffbench_evaluation fixture for pytest_runtest_makereport
 RESULT_KEY = pytest.StashKey[TaskResult]()
+#: --diffbench-generate-only: an item's candidates.jsonl entry (candidates.generated_entry)
+GENERATED_KEY = pytest.StashKey[dict]()
 SUITE_FILE = Path(__file__).with_name("suite.py")
 #: the suite module's node id, wherever the package is installed: the items' ids are
 #: `pytest_diffbench/suite.py::test_task[<label>]`, and such an id given back selects the item
@@ -114,6 +116,10 @@ def pytest_addoption(parser):
                     help="run shard K of N (K counted from 0: 0/4 .. 3/4) of the selected tasks (after the levels, "
                          "-k, -m and node ids), balanced by expected cost; `diffbench merge` joins the shards' run "
                          "directories into one run (docs/scale-out/)")
+    group.addoption("--diffbench-generate-only", action="store_true", default=None,
+                    help="run the generator of each task and write its code to <run dir>/candidates.jsonl without "
+                         "evaluating it (an LLM's API calls apart from GPU time); --diffbench-candidates=<that file> "
+                         "evaluates it later, its LLM cost included")
     group.addoption("--diffbench-exit", choices=settings.EXIT_MODES, default=None,
                     help="what makes the exit code fail: failures = any failed task (pytest's rule), harness-only "
                          "= only harness errors and failures outside the benchmark, for CI sweeps where a model "
@@ -164,6 +170,8 @@ class DiffbenchSession:
         self.record = None  # the controller's runrecord.RunRecorder (run.json, results.jsonl)
         self.shard = None  # shards.Shard of --diffbench-shard
         self.shard_plan = None  # shards.ShardPlan, in the process that collected
+        self.generate_only = bool(config.getoption("diffbench_generate_only"))
+        self.generated: list[dict] = []  # controller, --diffbench-generate-only: the entries written
 
     def _run_dir(self) -> Path:
         workerinput = getattr(self.config, "workerinput", None)
@@ -177,6 +185,12 @@ class DiffbenchSession:
 
     # -- hooks: the session object is registered as a plugin ------------------------------
     def pytest_runtest_logreport(self, report):
+        entry = getattr(report, REPORT_GENERATED, None)
+        if isinstance(entry, dict) and getattr(self.config, "workerinput", None) is None:
+            from .candidates import GENERATED_FILE, append_generated
+
+            self.generated.append(entry)
+            append_generated(self.run_dir / GENERATED_FILE, entry)
         result = report_row(report)
         if result is not None:
             self.results.append(result)
@@ -187,6 +201,13 @@ class DiffbenchSession:
         if getattr(self.config, "workerinput", None) is not None or self.config.option.collectonly:
             return
         terminalreporter.section("diffbench summary")
+        if self.generate_only:
+            from .candidates import GENERATED_FILE
+
+            path = self.run_dir / GENERATED_FILE
+            terminalreporter.write_line(f"generate-only: {len(self.generated)} candidate(s) written to {path}, not "
+                                        f"evaluated; evaluate them with --diffbench-candidates={path}")
+            return
         for line in report.summary_lines(self.results, self.levels, time.time() - self.started, self.run_dir):
             terminalreporter.write_line(line)
 
@@ -353,8 +374,12 @@ class DiffbenchSession:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / PROFILE_FILE, self.profile.to_json() + "\n")
         from . import runrecord
+        from .candidates import GENERATED_FILE
         from .shards import SHARD_FILE
 
+        if self.generate_only:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / GENERATED_FILE).write_text("")  # this session's candidates, from the start
         # an earlier session's plan is not this one's: the collecting process (an xdist worker,
         # started after this hook) writes this session's
         (self.run_dir / SHARD_FILE).unlink(missing_ok=True)
@@ -560,6 +585,9 @@ def pytest_configure(config):
 
     config.pluginmanager.register(ReferenceGenerator(), "diffbench-reference-generator")
     path = config.getoption("diffbench_candidates")
+    if path and session.generate_only:
+        raise pytest.UsageError("--diffbench-generate-only and --diffbench-candidates exclude each other: the "
+                                "candidates of a file are already written")
     if path:
         try:
             generator = CandidatesGenerator(Path(path), all_ids)
@@ -779,8 +807,10 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
     With resume on, a complete result from an earlier session in the same run directory (same
     profile) is reused: neither the generator (no LLM call) nor the evaluation runs again.
     """
-    evaluator = diffbench_session.evaluator()
     task = diffbench_profile_task
+    if diffbench_session.generate_only:
+        generate_only(task, request)
+    evaluator = diffbench_session.evaluator()
     label = task_label(task.id, diffbench_candidate_id)
     known_code = None
     if diffbench_session.candidates is not None:  # a file read, no generator run
@@ -802,6 +832,19 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
     return result
 
 
+def generate_only(task, request) -> None:
+    """--diffbench-generate-only: the task's candidate, put on the setup report for the controller
+    to write (candidates.jsonl), and the item skipped: nothing is evaluated."""
+    from .candidates import generated_entry
+
+    candidate = request.getfixturevalue("diffbench_candidate")
+    entry = generated_entry(task.id, candidate)
+    if entry is None:
+        pytest.skip(f"generate-only: no code for {task.id}: {candidate.reason or 'the generator gave none'}")
+    request.node.stash[GENERATED_KEY] = entry
+    pytest.skip(f"generate-only: {task.id}'s candidate written, not evaluated")
+
+
 # -- reporting -----------------------------------------------------------------------------------
 
 #: beside each result.json: what it was computed from (see DiffbenchSession.resume_fingerprint)
@@ -811,6 +854,8 @@ RESUME_FILE = "resume.json"
 #: form on the call report
 REPORT_ITEM = "diffbench_item"
 REPORT_RESULT = "diffbench_result"
+#: --diffbench-generate-only: the candidates.jsonl entry of the item, on its setup report
+REPORT_GENERATED = "diffbench_generated"
 
 
 @pytest.hookimpl(wrapper=True)
@@ -824,6 +869,9 @@ def pytest_runtest_makereport(item, call):
         result = item.stash.get(RESULT_KEY, None)
         if result is not None and rep.when == "call":
             setattr(rep, REPORT_RESULT, result.to_json())
+        generated = item.stash.get(GENERATED_KEY, None)
+        if generated is not None and rep.when == "setup":
+            setattr(rep, REPORT_GENERATED, generated)
     return rep
 
 
