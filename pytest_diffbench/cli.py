@@ -223,6 +223,9 @@ def cmd_merge(args) -> int:
     if merged["missing"]:
         print(f"PARTIAL: {len(merged['missing'])} task(s) of the shards' plans have no result: "
               f"{', '.join(merged['missing'][:10])}{' ...' if len(merged['missing']) > 10 else ''}")
+    if merged["missing_shards"]:
+        count = merged["shards"]
+        print(f"PARTIAL: shard(s) {', '.join(f'{i}/{count}' for i in merged['missing_shards'])} not merged")
     return 0
 
 

@@ -117,11 +117,12 @@ def check_mergeable(runs: list[Run]) -> None:
             seen[result.label] = run.path
 
 
-def check_shards(runs: list[Run], records: list[dict | None], *, partial: bool) -> list[str]:
-    """The labels the shards planned but have no result for ([] when complete); MergeError for
-    shards that are not the N parts of one selection, or (without `partial`) missing parts."""
+def check_shards(runs: list[Run], records: list[dict | None], *, partial: bool) -> tuple[list[str], list[int]]:
+    """(labels the shards present planned but have no result for, shards absent): both empty when
+    complete; MergeError for shards that are not the N parts of one selection, or (without
+    `partial`) missing parts."""
     if all(r is None for r in records):
-        return []
+        return [], []
     if any(r is None for r in records):
         plain = [str(run.path) for run, r in zip(runs, records) if r is None]
         raise MergeError(f"some folders are shards and some are not ({', '.join(plain)} has no {SHARD_FILE}): "
@@ -162,7 +163,7 @@ def check_shards(runs: list[Run], records: list[dict | None], *, partial: bool) 
     if problems and not partial:
         raise MergeError("; ".join(problems) + ". Run the missing shard, or rerun an incomplete one with the same "
                                                "command and --diffbench-out (it resumes), or merge with --partial")
-    return missing
+    return missing, absent
 
 
 def _check_finished(runs: list[Run], *, partial: bool) -> None:
@@ -209,8 +210,8 @@ def merge_runs(out: Path, paths: list[Path], *, partial: bool = False) -> Run:
     if all(r is not None for r in records):  # shard order: shard 0 first
         order = sorted(range(len(runs)), key=lambda i: records[i]["index"])
         runs, records = [runs[i] for i in order], [records[i] for i in order]
+    missing, absent = check_shards(runs, records, partial=partial)
     check_mergeable(runs)
-    missing = check_shards(runs, records, partial=partial)
     if records[0] is None:  # a shard is complete when it has its plan's results; a plain run when it ended
         _check_finished(runs, partial=partial)
 
@@ -229,6 +230,7 @@ def merge_runs(out: Path, paths: list[Path], *, partial: bool = False) -> Run:
         for result in results:
             fh.write(json.dumps(result.to_json(), sort_keys=True) + "\n")
     info = merged_info(runs, records, results, levels, missing, partial)
+    info["merged"]["missing_shards"] = absent
     info["options"]["diffbench_out"] = str(out.resolve())
     write_json_atomic(out / RUN_FILE, info, indent=1, sort_keys=True)
     return load_run(out)
