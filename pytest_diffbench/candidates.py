@@ -70,7 +70,8 @@ def load_entries(path: Path) -> dict[str, dict]:
         cost = entry.get("cost") or {}
         if not isinstance(cost, dict) or any(isinstance(v, (dict, list)) for v in cost.values()):
             raise ValueError(f"{path}:{lineno}: 'cost' must be an object of plain values (the generator's usage)")
-        bad = [k for k in _SUMMED_COSTS if k in cost and (isinstance(cost[k], bool) or not isinstance(cost[k], (int, float)))]
+        bad = [k for k in _SUMMED_COSTS
+               if k in cost and (isinstance(cost[k], bool) or not isinstance(cost[k], (int, float)))]
         if bad:
             raise ValueError(f"{path}:{lineno}: cost {bad[0]!r} must be a number, not {cost[bad[0]]!r}")
         key = task_label(entry["task_id"], entry.get("candidate_id"))

@@ -71,7 +71,8 @@ def _flat(data, prefix=""):
 
 def _differences(a: dict, b: dict) -> list[str]:
     fa, fb = dict(_flat(a)), dict(_flat(b))
-    return [f"{key}: {fa.get(key)!r} vs {fb.get(key)!r}" for key in sorted(set(fa) | set(fb)) if fa.get(key) != fb.get(key)]
+    return [f"{key}: {fa.get(key)!r} vs {fb.get(key)!r}" for key in sorted(set(fa) | set(fb))
+            if fa.get(key) != fb.get(key)]
 
 
 def check_mergeable(runs: list[Run]) -> None:
@@ -256,7 +257,8 @@ def merged_info(runs: list[Run], records: list, results, levels: list[str], miss
         exitstatus=_exitstatus([run.info.get("exitstatus") for run in runs]),
         merged={"partial": bool(partial), "missing": missing,
                 "shards": None if records[0] is None else records[0]["count"],
-                "runs": [{"path": str(run.path.resolve()), "shard": None if rec is None else f"{rec['index']}/{rec['count']}",
+                "runs": [{"path": str(run.path.resolve()),
+                          "shard": None if rec is None else f"{rec['index']}/{rec['count']}",
                           "results": len(run.results), "started": run.info.get("started"),
                           "finished": run.info.get("finished"), "elapsed_s": run.info.get("elapsed_s"),
                           "exitstatus": run.info.get("exitstatus"), "command": run.info.get("command"),

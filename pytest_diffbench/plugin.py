@@ -413,27 +413,24 @@ class DiffbenchSession:
         -k, -m and node ids); the others are deselected. Writes the plan to shard.json."""
         from . import shards
 
-        selected = {}
-        for item in items:
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            if params.get("diffbench_task") is not None:
-                selected[task_label(params["diffbench_task"].id, params.get("diffbench_candidate_id"))] = \
-                    params["diffbench_task"]
+        labelled = [(item, _task_of(item)) for item in items]
+        selected = {label: task for _, (label, task) in labelled if task is not None}
         self.shard_plan = shards.plan(self.shard, selected, generating=shards.generates(self.generator_id()))
         mine = set(self.shard_plan.mine)
-        keep, drop = [], []
-        for item in items:
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            if params.get("diffbench_task") is None:
-                keep.append(item)  # not a task: other tests beside the suite run in every shard
-                continue
-            label = task_label(params["diffbench_task"].id, params.get("diffbench_candidate_id"))
-            (keep if label in mine else drop).append(item)
+        # other tests beside the suite (no task) run in every shard
+        drop = [item for item, (label, task) in labelled if task is not None and label not in mine]
         if drop:
             config.hook.pytest_deselected(items=drop)
-            items[:] = keep
+            items[:] = [item for item, (label, task) in labelled if task is None or label in mine]
         if not config.option.collectonly:
             shards.write_record(self.run_dir, self.shard_plan.record())
+
+
+def _task_of(item) -> tuple:
+    """(label, task) of a suite item, (None, None) for any other item."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    task = params.get("diffbench_task")
+    return (task_label(task.id, params.get("diffbench_candidate_id")), task) if task is not None else (None, None)
 
 
 def _measuring_workers(config) -> int:
@@ -706,8 +703,9 @@ def pytest_report_collectionfinish(config, items):
     counts = ", ".join(f"{lvl} {n}" for lvl, n in sorted(levels.items())) or "none"
     plan = _session(config).shard_plan
     if plan is not None:
+        share = 100.0 * plan.cost / (plan.total_cost or 1)
         return (f"diffbench: {sum(levels.values())} tasks selected ({counts}): shard {plan.shard} of "
-                f"{len(plan.selected)} selected, {100.0 * plan.cost / (plan.total_cost or 1):.0f}% of their expected cost")
+                f"{len(plan.selected)} selected, {share:.0f}% of their expected cost")
     return f"diffbench: {sum(levels.values())} tasks selected ({counts})"
 
 

@@ -170,8 +170,9 @@ def read_record(run_dir: Path) -> dict | None:
     for key, kind in wanted.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             raise ShardError(f"{path}: {key!r} is missing or not a {kind.__name__}")
-    if record.get("shard_format", SHARD_FORMAT) > SHARD_FORMAT:
-        raise ShardError(f"{path}: shard_format {record['shard_format']}; this version reads up to {SHARD_FORMAT}")
+    version = record.get("shard_format", SHARD_FORMAT)
+    if not isinstance(version, int) or version > SHARD_FORMAT:
+        raise ShardError(f"{path}: shard_format {version!r}; this version reads up to {SHARD_FORMAT}")
     if not 0 <= record["index"] < record["count"]:
         raise ShardError(f"{path}: shard {record['index']}/{record['count']} is not a shard (K must be 0..N-1)")
     return record
