@@ -275,6 +275,8 @@ def test_two_shards_merged_are_one_run(sharded):
     plans = [json.loads((root / f"shard-{k}" / "shard.json").read_text()) for k in range(2)]
     assert sorted(plans[0]["labels"] + plans[1]["labels"]) == RUN_TASKS and all(p["labels"] for p in plans)
     assert plans[0]["selection"] == plans[1]["selection"] and plans[0]["selected"] == 4
+    for k in range(2):  # the controller (shard 0: of xdist workers) records its shard in run.json
+        assert json.loads((root / f"shard-{k}" / "run.json").read_text())["shard"] == plans[k]
     single, merged = _verdicts(root / "single"), _verdicts(root / "merged")
     assert merged == single and len(merged) == 4
     assert {v[1] for v in merged.values()} == {None, "runtime", "key_attribute"}
