@@ -4,7 +4,10 @@ A baseline is measured once per (code, batch, device, zoo, library versions, mea
 settings) and stored as a folder holding the images and the child's result JSON. Creation is
 guarded by a file lock so pytest-xdist workers never measure the same baseline twice; an entry
 is only trusted when its manifest is complete, its result JSON matches the digest stored with it
-and its image files match the recorded hashes; anything else is measured again.
+and its image files match the recorded hashes; anything else is measured again. Machines sharing
+the folder whose locks do not exclude each other (locks local to each machine) may both measure
+an entry: each measures in its own staging folder, the first to publish wins and the other uses
+its entry (README, "Scale-out").
 
 The manifest (result + image digests) is authenticated with HMAC-SHA256 under the harness's
 secret key (`keys.py`: `<cache dir>/secret.key`, 32 random bytes, mode 0600, made once and shared
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -131,7 +135,8 @@ def get_or_measure(cache_dir: Path, key: str, measure: Callable[[Path], dict], *
         if valid is not None:
             return CachedRun(key, folder, valid[0], hit=True, image_digests=valid[1], reload=reload)
         shutil.rmtree(folder, ignore_errors=True)
-        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        # host and pid: machines sharing the cache folder have pids in common
+        staging = folder.with_name(folder.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "images").mkdir(parents=True)
         result = measure(staging / "images")
@@ -140,5 +145,14 @@ def get_or_measure(cache_dir: Path, key: str, measure: Callable[[Path], dict], *
         tag = keys.mac(secret, MANIFEST_PURPOSE, key, _manifest_body(key, result, digests))
         (staging / "manifest.json").write_text(json.dumps(
             {**_manifest_body(key, result, digests), "result_digest": _result_digest(result), "mac": tag}, indent=1))
-        staging.rename(folder)
+        try:
+            staging.rename(folder)
+        except OSError:
+            # another machine published this entry meanwhile: its lock did not exclude ours (a
+            # shared file system whose locks are local to each machine); the first entry stands
+            shutil.rmtree(staging, ignore_errors=True)
+            valid = _load_valid(folder, key, secret)
+            if valid is None:
+                raise
+            return CachedRun(key, folder, valid[0], hit=True, image_digests=valid[1], reload=reload)
         return CachedRun(key, folder, result, hit=False, image_digests=digests, reload=reload)

@@ -2,6 +2,11 @@
 
 Both implement `pytest_diffbench_generate`. The reference generator answers with the task's
 gold solution and runs last, so any other generator (candidates path, DiffAgent) wins.
+
+Generation apart from evaluation (issue 16): a session with `--diffbench-generate-only` runs the
+generator of each task and writes `<run dir>/candidates.jsonl` ({task_id, code, source, cost},
+`generated_entry`) instead of evaluating; `--diffbench-candidates` reads that file, the `cost`
+included, so the evaluating session's summary and records count the LLM usage once.
 """
 
 from __future__ import annotations
@@ -30,17 +35,29 @@ class ReferenceGenerator:
                                 f"of this hardware profile)")
 
 
+#: what a generate-only session (--diffbench-generate-only) writes into its run directory
+GENERATED_FILE = "candidates.jsonl"
+#: cost keys the summary adds up (report.cost_totals): numbers where present
+_SUMMED_COSTS = ("total_tokens", "cost_usd")
+
+
 def load_candidates(path: Path) -> dict[str, str]:
     """Key -> code, from a folder of `<task id>.py` files or a JSONL file of {task_id, code}.
 
     The key is the task id, or `<task id>@<candidate id>` for JSONL entries with a `candidate_id`
     (a manifest of several candidates for one task, as the GA writes).
     """
+    return {key: entry["code"] for key, entry in load_entries(path).items()}
+
+
+def load_entries(path: Path) -> dict[str, dict]:
+    """Key -> {code, cost}: `load_candidates` with the generator's `cost` a JSONL entry may carry
+    (a generate-only session writes it, so that the evaluating session reports the LLM usage)."""
     if path.is_dir():
-        return {p.stem: p.read_text() for p in sorted(path.glob("*.py"))}
+        return {p.stem: {"code": p.read_text(), "cost": {}} for p in sorted(path.glob("*.py"))}
     if not path.is_file():
         raise ValueError(f"{path} is neither a folder of <task id>.py files nor a JSONL file")
-    codes: dict[str, str] = {}
+    entries: dict[str, dict] = {}
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -50,11 +67,31 @@ def load_candidates(path: Path) -> dict[str, str]:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("task_id"), str) or not isinstance(entry.get("code"), str):
             raise ValueError(f"{path}:{lineno}: expected an object with string fields 'task_id' and 'code'")
+        cost = entry.get("cost") or {}
+        if not isinstance(cost, dict) or any(isinstance(v, (dict, list)) for v in cost.values()):
+            raise ValueError(f"{path}:{lineno}: 'cost' must be an object of plain values (the generator's usage)")
+        bad = [k for k in _SUMMED_COSTS
+               if k in cost and (isinstance(cost[k], bool) or not isinstance(cost[k], (int, float)))]
+        if bad:
+            raise ValueError(f"{path}:{lineno}: cost {bad[0]!r} must be a number, not {cost[bad[0]]!r}")
         key = task_label(entry["task_id"], entry.get("candidate_id"))
-        if key in codes:
+        if key in entries:
             raise ValueError(f"{path}:{lineno}: {key} appears twice")
-        codes[key] = entry["code"]
-    return codes
+        entries[key] = {"code": entry["code"], "cost": dict(cost)}
+    return entries
+
+
+def generated_entry(task_id: str, candidate) -> dict | None:
+    """The line a generate-only session writes for a task's candidate (None: the generator wrote no code)."""
+    if candidate is None or candidate.code is None:
+        return None
+    return {"task_id": task_id, "code": candidate.code, "source": candidate.source, "cost": dict(candidate.cost or {})}
+
+
+def append_generated(path: Path, entry: dict) -> None:
+    """One generated candidate, appended and flushed at once (a killed session keeps it)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
 class CandidatesGenerator:
@@ -62,7 +99,9 @@ class CandidatesGenerator:
 
     def __init__(self, path: Path, known_task_ids: set[str]):
         self.path = path
-        self.codes = load_candidates(path)
+        entries = load_entries(path)
+        self.codes = {key: entry["code"] for key, entry in entries.items()}
+        self.costs = {key: entry["cost"] for key, entry in entries.items()}  # what generating them cost
         self.variants: dict[str, list[str]] = {}  # task id -> candidate ids, for manifests with several
         for key in self.codes:
             task_id, candidate_id = parse_label(key)
@@ -78,7 +117,7 @@ class CandidatesGenerator:
         code = self.codes.get(key)
         if code is None:
             return Candidate(code=None, source=f"candidates:{self.path}", reason=f"no candidate for {key} in {self.path}")
-        return Candidate(code=code, source=f"candidates:{self.path}")
+        return Candidate(code=code, source=f"candidates:{self.path}", cost=dict(self.costs.get(key) or {}))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_diffbench_generator_id(self, config):
@@ -90,4 +129,4 @@ class CandidatesGenerator:
         if code is None:
             return Candidate(code=None, source=f"candidates:{self.path}",
                              reason=f"no candidate for {task.id} in {self.path}")
-        return Candidate(code=code, source=f"candidates:{self.path}")
+        return Candidate(code=code, source=f"candidates:{self.path}", cost=dict(self.costs.get(task.id) or {}))

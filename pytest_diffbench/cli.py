@@ -1,10 +1,11 @@
 """`diffbench`: what is not a test session. List and validate tasks, calibrate, report, compare,
-export candidates. A test session is `pytest --diffbench-level=...`.
+merge runs, export candidates. A test session is `pytest --diffbench-level=...`.
 
 Each subcommand is a thin layer over a plain module: tasks.py (list, validate), calibration.py
 (calibrate: its own command line, handed over whole), runrecord.py (reading runs; compare,
-export), htmlreport.py (report). Exit status: 0 done, 1 what was checked is not right (invalid
-tasks), 2 bad input (usage, a run that cannot be read), each with a message naming what and where.
+export), merge.py (merge), htmlreport.py (report). Exit status: 0 done, 1 what was checked is
+not right (invalid tasks), 2 bad input (usage, a run that cannot be read, runs that do not
+merge), each with a message naming what and where.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="diffbench", description="DiffBench outside a test session: list and validate tasks, calibrate, report, "
-                                      "compare, export candidates (a test session is pytest --diffbench-level=...)")
+                                      "compare, merge runs, export candidates (a test session is pytest --diffbench-level=...)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def tasks_option(p):
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("compare", help="per-level S_p of two runs and the tasks whose verdict changed")
     p.add_argument("run_a", type=Path, metavar="RUN_A")
     p.add_argument("run_b", type=Path, metavar="RUN_B")
+    p = commands.add_parser("merge", help="the run folders of the shards of one run (--diffbench-shard), or of runs "
+                                          "over different tasks, as one run folder")
+    p.add_argument("out", type=Path, metavar="OUT", help="the run folder to write (new or empty)")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories (--diffbench-out)")
+    p.add_argument("--partial", action="store_true",
+                   help="merge even when shards are missing or incomplete; run.json records the missing tasks")
     p = commands.add_parser("export", help="a run's candidate code as a folder of <task id>.py "
                                            "(what --diffbench-candidates reads)")
     p.add_argument("run", type=Path, metavar="RUN")
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     handler = {"list": cmd_list, "validate": cmd_validate, "report": cmd_report, "compare": cmd_compare,
-               "export": cmd_export}[args.command]
+               "merge": cmd_merge, "export": cmd_export}[args.command]
     try:
         return handler(args)
     except CommandError as exc:
@@ -197,6 +204,28 @@ def compare_lines(run_a, run_b) -> list[str]:
 def cmd_compare(args) -> int:
     run_a, run_b = _load_run(args.run_a), _load_run(args.run_b)
     print("\n".join(compare_lines(run_a, run_b)))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge_runs
+    from .runrecord import RunError
+
+    try:
+        run = merge_runs(args.out, args.runs, partial=args.partial)
+    except RunError as exc:  # MergeError is one
+        raise CommandError(str(exc)) from None
+    merged = run.info["merged"]
+    shards = f" (shards of {merged['shards']})" if merged["shards"] else ""
+    print(f"merged {len(args.runs)} run folder(s){shards} into {run.path}: {len(run.results)} task results")
+    for line in report.summary_lines(run.results, run.levels, run.info.get("elapsed_s") or 0.0, run.path):
+        print(line)
+    if merged["missing"]:
+        print(f"PARTIAL: {len(merged['missing'])} task(s) of the shards' plans have no result: "
+              f"{', '.join(merged['missing'][:10])}{' ...' if len(merged['missing']) > 10 else ''}")
+    if merged["missing_shards"]:
+        count = merged["shards"]
+        print(f"PARTIAL: shard(s) {', '.join(f'{i}/{count}' for i in merged['missing_shards'])} not merged")
     return 0
 
 

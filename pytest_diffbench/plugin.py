@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 SESSION_KEY = pytest.StashKey["DiffbenchSession"]()
 #: an item's TaskResult, set by the diffbench_evaluation fixture for pytest_runtest_makereport
 RESULT_KEY = pytest.StashKey[TaskResult]()
+#: --diffbench-generate-only: an item's candidates.jsonl entry (candidates.generated_entry)
+GENERATED_KEY = pytest.StashKey[dict]()
 SUITE_FILE = Path(__file__).with_name("suite.py")
 #: the suite module's node id, wherever the package is installed: the items' ids are
 #: `pytest_diffbench/suite.py::test_task[<label>]`, and such an id given back selects the item
@@ -115,6 +117,14 @@ def pytest_addoption(parser):
                     help="use this resolved profile (the profile.json of a run directory) instead of resolving one "
                          "from the options above; it is checked against what this machine can run (versions, "
                          "device, sandbox). DiffAgent's GA child sessions get their parent's this way")
+    group.addoption("--diffbench-shard", metavar="K/N", default=None,
+                    help="run shard K of N (K counted from 0: 0/4 .. 3/4) of the selected tasks (after the levels, "
+                         "-k, -m and node ids), balanced by expected cost; `diffbench merge` joins the shards' run "
+                         "directories into one run (docs/scale-out/)")
+    group.addoption("--diffbench-generate-only", action="store_true", default=None,
+                    help="run the generator of each task and write its code to <run dir>/candidates.jsonl without "
+                         "evaluating it (an LLM's API calls apart from GPU time); --diffbench-candidates=<that file> "
+                         "evaluates it later, its LLM cost included")
     group.addoption("--diffbench-exit", choices=settings.EXIT_MODES, default=None,
                     help="what makes the exit code fail: failures = any failed task (pytest's rule), harness-only "
                          "= only harness errors and failures outside the benchmark, for CI sweeps where a model "
@@ -166,6 +176,10 @@ class DiffbenchSession:
         self.task_lines: progress.TaskLines | None = None  # the controller's line per finished task
         self._progress_tail: progress.ProgressTail | None = None  # the controller's reader of workers' events
         self._terminal_line = None  # write(line) on this process's terminal; None in an xdist worker
+        self.shard = None  # shards.Shard of --diffbench-shard
+        self.shard_plan = None  # shards.ShardPlan, in the process that collected
+        self.generate_only = bool(config.getoption("diffbench_generate_only"))
+        self.generated: list[dict] = []  # controller, --diffbench-generate-only: the entries written
 
     def _run_dir(self) -> Path:
         workerinput = getattr(self.config, "workerinput", None)
@@ -179,6 +193,12 @@ class DiffbenchSession:
 
     # -- hooks: the session object is registered as a plugin ------------------------------
     def pytest_runtest_logreport(self, report):
+        entry = getattr(report, REPORT_GENERATED, None)
+        if isinstance(entry, dict) and getattr(self.config, "workerinput", None) is None:
+            from .candidates import GENERATED_FILE, append_generated
+
+            self.generated.append(entry)
+            append_generated(self.run_dir / GENERATED_FILE, entry)
         result = report_row(report)
         if result is not None:
             self.results.append(result)
@@ -229,6 +249,13 @@ class DiffbenchSession:
         if getattr(self.config, "workerinput", None) is not None or self.config.option.collectonly:
             return
         terminalreporter.section("diffbench summary")
+        if self.generate_only:
+            from .candidates import GENERATED_FILE
+
+            path = self.run_dir / GENERATED_FILE
+            terminalreporter.write_line(f"generate-only: {len(self.generated)} candidate(s) written to {path}, not "
+                                        f"evaluated; evaluate them with --diffbench-candidates={path}")
+            return
         for line in report.summary_lines(self.results, self.levels, time.time() - self.started, self.run_dir):
             terminalreporter.write_line(line)
 
@@ -395,10 +422,18 @@ class DiffbenchSession:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / PROFILE_FILE, self.profile.to_json() + "\n")
         from . import runrecord
+        from .candidates import GENERATED_FILE
+        from .shards import SHARD_FILE
 
+        if self.generate_only:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / GENERATED_FILE).write_text("")  # this session's candidates, from the start
+        # an earlier session's plan is not this one's: the collecting process (an xdist worker,
+        # started after this hook) writes this session's
+        (self.run_dir / SHARD_FILE).unlink(missing_ok=True)
         self.record = runrecord.RunRecorder(self.run_dir, runrecord.run_info(
             self.config, profile=self.profile, levels=self.levels, tasks_dir=self.tasks_dir,
-            generator=self.generator_id(), tasks_at_levels=len(self.tasks)))
+            generator=self.generator_id(), tasks_at_levels=len(self.tasks), cache_dir=self.cache_dir))
         self.record.start()
         self._start_progress()
 
@@ -419,7 +454,47 @@ class DiffbenchSession:
             self._progress_tail.stop()
             self._progress_tail = None
         if self.record is not None:
-            self.record.finish(self.results, self.levels, exitstatus)
+            if self.shard is not None:
+                self.record.info["shard"] = self.shard_record()
+            # session.exitstatus: as the exit-status hooks (tryfirst) left it
+            self.record.finish(self.results, self.levels, session.exitstatus)
+
+    def shard_record(self) -> dict | None:
+        """This session's shard plan as the collecting process wrote it (shard.json), None when
+        none was written (collection failed) or it is not this shard's."""
+        from .shards import ShardError, read_record
+
+        try:
+            record = read_record(self.run_dir)
+        except ShardError:
+            return None
+        if record is None or (record["index"], record["count"]) != (self.shard.index, self.shard.count):
+            return None
+        return record
+
+    def select_shard(self, config, items) -> None:
+        """Keep this shard's part of the items that would run (pytest_collection_modifyitems, after
+        -k, -m and node ids); the others are deselected. Writes the plan to shard.json."""
+        from . import shards
+
+        labelled = [(item, _task_of(item)) for item in items]
+        selected = {label: task for _, (label, task) in labelled if task is not None}
+        self.shard_plan = shards.plan(self.shard, selected, generating=shards.generates(self.generator_id()))
+        mine = set(self.shard_plan.mine)
+        # other tests beside the suite (no task) run in every shard
+        drop = [item for item, (label, task) in labelled if task is not None and label not in mine]
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = [item for item, (label, task) in labelled if task is None or label in mine]
+        if not config.option.collectonly:
+            shards.write_record(self.run_dir, self.shard_plan.record())
+
+
+def _task_of(item) -> tuple:
+    """(label, task) of a suite item, (None, None) for any other item."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    task = params.get("diffbench_task")
+    return (task_label(task.id, params.get("diffbench_candidate_id")), task) if task is not None else (None, None)
 
 
 def _is_task(nodeid: str) -> bool:
@@ -572,6 +647,9 @@ def pytest_configure(config):
     suite_args = _point_args_at_suite(config)
     if not config.getoption("diffbench_level"):
         if not suite_args:
+            if config.getoption("diffbench_shard"):
+                raise pytest.UsageError("--diffbench-shard: shards of what? Select the tasks with --diffbench-level "
+                                        "(or the suite's node ids)")
             return
         # node ids printed by an earlier session, given back without --diffbench-level: their levels
         config.option.diffbench_level = _levels_named(suite_args)
@@ -581,6 +659,7 @@ def pytest_configure(config):
     warm_start_setting(config)  # ... and a bad $DIFFBENCH_WARM_START
     session = DiffbenchSession(config, tasks, levels)
     session.tasks_dir = tasks_dir
+    session.shard = _shard_option(config)
     session.resolve_session_profile()
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "diffbench-session")
@@ -594,6 +673,9 @@ def pytest_configure(config):
 
     config.pluginmanager.register(ReferenceGenerator(), "diffbench-reference-generator")
     path = config.getoption("diffbench_candidates")
+    if path and session.generate_only:
+        raise pytest.UsageError("--diffbench-generate-only and --diffbench-candidates exclude each other: the "
+                                "candidates of a file are already written")
     if path:
         try:
             generator = CandidatesGenerator(Path(path), all_ids)
@@ -601,6 +683,19 @@ def pytest_configure(config):
             raise pytest.UsageError(f"--diffbench-candidates: {exc}") from None
         config.pluginmanager.register(generator, "diffbench-candidates-generator")
         session.candidates = generator
+
+
+def _shard_option(config):
+    """--diffbench-shard as a shards.Shard (None without it); a usage error saying what is wrong."""
+    from .shards import ShardError, parse_shard
+
+    text = config.getoption("diffbench_shard")
+    if not text:
+        return None
+    try:
+        return parse_shard(text)
+    except ShardError as exc:
+        raise pytest.UsageError(f"--diffbench-shard: {exc}") from None
 
 
 def _session(config) -> DiffbenchSession | None:
@@ -642,6 +737,27 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize(["diffbench_task", "diffbench_candidate_id"], params)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """--diffbench-shard: this shard's part of the items left after -k, -m and node ids (trylast:
+    after pytest's own deselection; pytest_diffbench.shards)."""
+    ds = _session(config)
+    if ds is not None and ds.shard is not None:
+        ds.select_shard(config, items)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A shard left without tasks (more shards than selected tasks) has run its part: exit 0, not 5."""
+    ds = _session(session.config)
+    if (ds is None or ds.shard is None or exitstatus != pytest.ExitCode.NO_TESTS_COLLECTED
+            or getattr(session.config, "workerinput", None) is not None):
+        return
+    record = ds.shard_record()
+    if record is not None and record["selected"] and not record["labels"]:
+        session.exitstatus = pytest.ExitCode.OK
+
+
 def pytest_report_header(config):
     session = _session(config)
     if session is None:
@@ -676,6 +792,11 @@ def pytest_report_collectionfinish(config, items):
         if task is not None:
             levels[task.level] = levels.get(task.level, 0) + 1
     counts = ", ".join(f"{lvl} {n}" for lvl, n in sorted(levels.items())) or "none"
+    plan = _session(config).shard_plan
+    if plan is not None:
+        share = 100.0 * plan.cost / (plan.total_cost or 1)
+        return (f"diffbench: {sum(levels.values())} tasks selected ({counts}): shard {plan.shard} of "
+                f"{len(plan.selected)} selected, {share:.0f}% of their expected cost")
     return f"diffbench: {sum(levels.values())} tasks selected ({counts})"
 
 
@@ -778,8 +899,10 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
     With resume on, a complete result from an earlier session in the same run directory (same
     profile) is reused: neither the generator (no LLM call) nor the evaluation runs again.
     """
-    evaluator = diffbench_session.evaluator()
     task = diffbench_profile_task
+    if diffbench_session.generate_only:
+        generate_only(task, request)
+    evaluator = diffbench_session.evaluator()
     label = task_label(task.id, diffbench_candidate_id)
     known_code = None
     if diffbench_session.candidates is not None:  # a file read, no generator run
@@ -803,6 +926,19 @@ def diffbench_evaluation(diffbench_profile_task, diffbench_candidate_id, diffben
     return result
 
 
+def generate_only(task, request) -> None:
+    """--diffbench-generate-only: the task's candidate, put on the setup report for the controller
+    to write (candidates.jsonl), and the item skipped: nothing is evaluated."""
+    from .candidates import generated_entry
+
+    candidate = request.getfixturevalue("diffbench_candidate")
+    entry = generated_entry(task.id, candidate)
+    if entry is None:
+        pytest.skip(f"generate-only: no code for {task.id}: {candidate.reason or 'the generator gave none'}")
+    request.node.stash[GENERATED_KEY] = entry
+    pytest.skip(f"generate-only: {task.id}'s candidate written, not evaluated")
+
+
 # -- reporting -----------------------------------------------------------------------------------
 
 #: beside each result.json: what it was computed from (see DiffbenchSession.resume_fingerprint)
@@ -812,6 +948,8 @@ RESUME_FILE = "resume.json"
 #: form on the call report
 REPORT_ITEM = "diffbench_item"
 REPORT_RESULT = "diffbench_result"
+#: --diffbench-generate-only: the candidates.jsonl entry of the item, on its setup report
+REPORT_GENERATED = "diffbench_generated"
 
 
 @pytest.hookimpl(wrapper=True)
@@ -825,6 +963,9 @@ def pytest_runtest_makereport(item, call):
         result = item.stash.get(RESULT_KEY, None)
         if result is not None and rep.when == "call":
             setattr(rep, REPORT_RESULT, result.to_json())
+        generated = item.stash.get(GENERATED_KEY, None)
+        if generated is not None and rep.when == "setup":
+            setattr(rep, REPORT_GENERATED, generated)
     return rep
 
 

@@ -75,9 +75,23 @@ def suite_version(tasks_dir: Path | None) -> dict | None:
     return {"digest": digest.hexdigest()[:16], "yaml_files": len(files), "tasks_dir": str(root)}
 
 
-def run_info(config, *, profile, levels, tasks_dir, generator: str, tasks_at_levels: int) -> dict:
+def seed_key_id(cache_dir) -> str | None:
+    """Which harness key (keys.py, `<cache dir>/secret.key`) derived the run's secret seeds: an
+    HMAC of a fixed text under it, which says nothing about the key. Runs with the same id were
+    judged on the same samples; `diffbench merge` refuses to join runs with different ids. None
+    where the key cannot be read or made."""
+    from . import keys
+
+    try:
+        return keys.mac(keys.secret_key(cache_dir), "key-id", "", {})[:16]
+    except (OSError, keys.KeyFileError):
+        return None
+
+
+def run_info(config, *, profile, levels, tasks_dir, generator: str, tasks_at_levels: int, cache_dir=None) -> dict:
     """The parts of run.json known when the session starts. `config`: the pytest config (its options
-    and command line are read); `profile`: the resolved `evaluate.Profile`, or None."""
+    and command line are read); `profile`: the resolved `evaluate.Profile`, or None; `cache_dir`:
+    the harness's cache folder, whose key derives the secret seeds (`seed_key`)."""
     from .profile import harness_versions
 
     options = {name: _plain(value) for name, value in sorted(vars(config.option).items())
@@ -88,6 +102,7 @@ def run_info(config, *, profile, levels, tasks_dir, generator: str, tasks_at_lev
             "levels": sorted(levels), "tasks_at_levels": tasks_at_levels, "suite": suite_version(tasks_dir),
             "command": [sys.executable, "-m", "pytest", *map(str, config.invocation_params.args)],
             "options": options, "profile": None if profile is None else json.loads(profile.to_json()),
+            "seed_key": None if cache_dir is None else seed_key_id(cache_dir),
             "versions": versions, "platform": platform.platform()}
 
 

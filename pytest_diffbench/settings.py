@@ -7,7 +7,10 @@ as pytest-timeout's: the command line, then the option's environment variable wh
 relative to the ini file's folder (the rootdir without one), as pytest's own path keys.
 
 Per-run inputs (--diffbench-candidates, --diffbench-resume, --diffbench-profile,
---diffbench-seed-scope) have no ini key: kept in a file they would silently apply to every run.
+--diffbench-seed-scope, --diffbench-shard, --diffbench-generate-only) have no ini key: kept in a
+file they would silently apply to every run (a shard key would also reach DiffAgent's GA child
+sessions, which read the same ini file). A scheduler that can only set the environment passes the shard in PYTEST_ADDOPTS
+(`PYTEST_ADDOPTS=--diffbench-shard=$JOB_COMPLETION_INDEX/4`), which the GA's child sessions drop.
 
 `resolve(options, ini, ...)` is plain: it takes the parsed options and a reader of ini values and
 returns every setting's value, or raises SettingError naming the ini key and where it came from.
