@@ -25,7 +25,7 @@ PART_NAMES = {"fast_sampler": "the sampler and step count", "fp16": "fp16", "tom
 
 def task_config(task) -> dict[str, Any]:
     """The configuration an L1-L3 task asks for, in the calibration's form ({part: params}), read from
-    its `expect` (the suite's golds are exactly this configuration rendered: tests/test_ablation.py)."""
+    its `expect` (the suite's golds are exactly this configuration rendered: tests/test_spec_evidence.py)."""
     from .calibration import FAMILIES
 
     expect = task.expect
