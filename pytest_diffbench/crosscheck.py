@@ -10,6 +10,12 @@ the parent when the judged call starts and ends; `sandbox._parent_figures`) and 
     U_flops = reference FLOPs per image / candidate FLOPs per image
     U_cpu   = reference CPU s per image / candidate CPU s per image   (the same judged call)
 
+The reference side is a baseline computing in the candidate's precision (evaluate.py,
+`Evaluator._crosscheck_comparator`): the float32 reference, or for a half-precision candidate the
+gold when it is half too, else the reference code run by the parent in that dtype. FLOPs do not
+depend on the dtype, CPU time does, by a factor that depends on the CPU (fp16 without native
+support costs several times float32's per FLOP).
+
 Honest configurations save CPU time roughly in step with FLOPs (on the tiny zoo, whose models are
 overhead-bound, less than in step: U_cpu < U_flops); a forged count shows as U_flops far above
 U_cpu. `MAX_FLOPS_OVER_CPU` bounds the ratio over the judged call (between its marks) and
@@ -37,6 +43,22 @@ MAX_FLOPS_OVER_CPU = 3.5
 MAX_FLOPS_OVER_PHASE_CPU = 3.5
 # CPU time is accounted in clock ticks; widen both figures by this many ticks.
 TICKS_SLACK = 2
+
+
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def compute_dtype(attributes: Mapping | None) -> str | None:
+    """The dtype most of the denoiser's parameters have, from the run's attributes (introspect.py
+    writes "float16", "float16 parameters, float32 latents ..." or "mixed parameters (float16 x
+    N, float32 x M)"), or None when unknown."""
+    text = (attributes or {}).get("dtype") if isinstance(attributes, Mapping) else None
+    if not isinstance(text, str) or not text:
+        return None
+    if text.startswith("mixed parameters ("):
+        text = text[len("mixed parameters ("):]
+    name = text.split()[0].rstrip(",")
+    return name if name.isidentifier() else None
 
 
 def _tick_s() -> float:
@@ -103,7 +125,9 @@ def speed_violation(figures: Mapping, limit: float = MAX_FLOPS_OVER_CPU,
                     f"cannot be cross-checked")
         if u_flops > bound * u_cpu_max:
             shown = f"{u_cpu:.2f}x" if u_cpu is not None else "an unbounded speedup"
-            return (f"the FLOP count claims a speedup of {u_flops:.2f}x, but the child's CPU time over {window} "
+            against = figures.get("against") or "reference"
+            return (f"the FLOP count claims a speedup of {u_flops:.2f}x over the {against}, but the child's CPU "
+                    f"time over {window} "
                     f"(read by the parent from the kernel) shows {shown} (at most {u_cpu_max:.2f}x within "
                     f"its resolution); honest code stays within {bound:g}x of it: work was hidden from the "
                     f"FLOP counter")

@@ -156,13 +156,14 @@ class Evaluator:
         return scrubbed_env(os.environ, extra)
 
     def run_code(self, role: str, task, code: str, batch: dict, images_dir: Path, harness_dir: Path,
-                 measure: bool = True) -> SandboxOutcome:
-        """Run `code` in the sandbox; `measure=False` skips the timed repeats and FLOP count (smoke runs)."""
+                 measure: bool = True, dtype: str = "float32") -> SandboxOutcome:
+        """Run `code` in the sandbox; `measure=False` skips the timed repeats and FLOP count (smoke
+        runs); `dtype` is what its load_pipeline is given."""
         harness_dir.mkdir(parents=True, exist_ok=True)
         code_path = harness_dir / f"{role}.py"
         code_path.write_text(code)
         job = {"task_id": task.id, "role": role, "code_path": str(code_path), "out_dir": str(images_dir),
-               "device": self.profile.device, "dtype": "float32", "batch": batch,
+               "device": self.profile.device, "dtype": dtype, "batch": batch,
                "repeats": self.profile.repeats if measure else 0, "count_flops": measure,
                "threads": self.profile.threads}
         images_dir.mkdir(parents=True, exist_ok=True)
@@ -175,16 +176,19 @@ class Evaluator:
                  f", peak {outcome.peak_rss_mb:.0f} MB" if outcome.peak_rss_mb >= 1 else "")
         return outcome
 
-    def baseline(self, role: str, task, code: str, batch: dict) -> CachedRun:
+    def baseline(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> CachedRun:
         # Keyed by content, not role: an L1 gold solution identical to its reference is measured once.
-        key = cache_key({"code": code, "task_model": task.model, "batch": batch_digest(batch),
-                         "device": self.profile.device_name, "zoo": self.profile.zoo_detail,
-                         "versions": self.profile.versions, "speed": self.profile.speed_method,
-                         "repeats": self.profile.repeats, "threads": self.profile.threads,
-                         "measurement": MEASUREMENT_FORMAT})
+        identity = {"code": code, "task_model": task.model, "batch": batch_digest(batch),
+                    "device": self.profile.device_name, "zoo": self.profile.zoo_detail,
+                    "versions": self.profile.versions, "speed": self.profile.speed_method,
+                    "repeats": self.profile.repeats, "threads": self.profile.threads,
+                    "measurement": MEASUREMENT_FORMAT}
+        if dtype != "float32":  # only then, so that the float32 baselines keep their keys
+            identity["dtype"] = dtype
+        key = cache_key(identity)
 
         def measure(images_dir: Path) -> dict:
-            outcome = self.run_code(role, task, code, batch, images_dir, images_dir.parent / "sandbox")
+            outcome = self.run_code(role, task, code, batch, images_dir, images_dir.parent / "sandbox", dtype=dtype)
             failure = stages.runtime_failure(outcome.status, outcome.detail, outcome.result)
             if failure:
                 tb = ((outcome.result or {}).get("error") or {}).get("traceback", "") or outcome.stderr_tail
@@ -298,7 +302,7 @@ class Evaluator:
             details = {"attributes": result.get("attributes"), "timing": result.get("timing"),
                        "flops": result.get("flops")}
             details.update(self._measure(task, batch, texts, result, task_dir / "images", reference, gold, inputs,
-                                         ablations))
+                                         ablations, reference_code=reference_code))
         elif result:
             details["error"] = result.get("error")
         else:
@@ -312,8 +316,25 @@ class Evaluator:
         return self._finish(task_dir, task, label, provenance, candidate.cost, verdict, started, sandbox=sandbox,
                             inputs=inputs, details=details)
 
+    def _crosscheck_comparator(self, task, reference_code: str, batch, result, reference,
+                               gold) -> tuple[str, CachedRun]:
+        """The baseline the speed cross-check compares the candidate with: one that computes in
+        the candidate's precision. FLOPs do not depend on the dtype but CPU time does (half
+        precision on a CPU without native fp16 costs 2-4x float32's per FLOP, so an honest fp16
+        gold showed U_flops / U_cpu 3.65 against the float32 reference). The reference when the
+        dtypes agree, else the gold when it computes in the candidate's dtype (measured anyway),
+        else the reference code run by the parent in that dtype (a cached baseline)."""
+        wanted = crosscheck.compute_dtype(result.get("attributes"))
+        if wanted is None or wanted == crosscheck.compute_dtype(reference.result.get("attributes")):
+            return "reference", reference
+        if gold is not None and crosscheck.compute_dtype(gold.result.get("attributes")) == wanted:
+            return "gold", gold
+        if wanted not in crosscheck.HALF_DTYPES:
+            return "reference", reference
+        return f"reference in {wanted}", self.baseline("reference", task, reference_code, batch, dtype=wanted)
+
     def _measure(self, task, batch, texts, result, images_dir, reference, gold, inputs,
-                 ablations: Mapping[str, str] | None = None) -> dict:
+                 ablations: Mapping[str, str] | None = None, reference_code: str | None = None) -> dict:
         """Figures of stages 2 and 3: those the stages judge go into `inputs`; the others are
         returned, keyed by their names in result.json (`_finish` puts them in the TaskResult):
         fidelity, clip, speed_crosscheck, L_bound_calibrated, reference_latency_ms(_measured),
@@ -434,7 +455,10 @@ class Evaluator:
         if ref_cost and cand_cost:
             inputs.speedup = metrics.speedup(ref_cost, cand_cost)
         if self.profile.speed_method == "flops":
-            figures = crosscheck.speed_figures(reference.result, result)
+            against, comparator = self._crosscheck_comparator(task, reference_code or task.reference, batch, result,
+                                                              reference, gold)
+            figures = crosscheck.speed_figures(comparator.result, result)
+            figures["against"] = against
             measured["speed_crosscheck"] = figures
             violation = crosscheck.speed_violation(figures)
             if violation:

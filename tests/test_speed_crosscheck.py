@@ -112,3 +112,48 @@ def load_pipeline(device, dtype):
                       harness_dir=tmp_path / "sandbox")
     assert outcome.status == "ok" and outcome.result["status"] == "ok", (outcome.result, outcome.stderr_tail)
     assert outcome.result["num_images"] == 2  # the generate calls got the seeds all the same
+
+
+@pytest.mark.slow
+def test_a_half_precision_candidate_is_cross_checked_against_a_baseline_in_its_precision(tiny_zoo, baseline_cache_dir,
+                                                                                         tmp_path):
+    """FLOPs do not depend on the dtype, CPU time does: on a CPU without native fp16 (this AMD EPYC,
+    no AVX-512) half precision costs several times float32's per FLOP, and the honest fp16 golds of
+    PixArt + T-GATE showed U_flops / U_cpu 3.65 against the float32 reference, past the bound, so the
+    gold failed as an integrity problem. The parent now compares a half-precision candidate with a
+    baseline that computes in its dtype: the gold where it does (every fp16 task of L1-L3), else
+    the reference code run by the parent in that dtype (L4/L5, whose calibrated golds are float32)."""
+    from fixtures.profiles import tiny_evaluator
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.tasks import load_task
+
+    repo = HERE.parent
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=300.0)
+
+    l2 = load_task(repo / "tasks" / "L2" / "L2-dit-c2i-fp16-0028.yaml")
+    variant = l2.gold + "\n# not the gold byte for byte, so the gold is measured as its own baseline\n"
+    result = evaluator.evaluate(l2, Candidate(code=variant, source="test"), l2.reference, l2.gold)
+    figures = result.measures.speed_crosscheck
+    assert result.attributes["dtype"] == "float16" and figures["against"] == "gold", figures
+    assert result.verdict.passed, result.verdict.message
+    assert crosscheck.speed_violation(figures) is None
+
+    l4 = load_calibration(repo / "tasks", "cpu-tiny").apply(
+        load_task(repo / "tasks" / "L4" / "L4-dit-c2i-512px-easy-0040.yaml"))
+    assert "dtype=dtype" in l4.reference
+    half_reference = l4.reference.replace("dtype=dtype", "dtype=torch.float16")
+    result = evaluator.evaluate(l4, Candidate(code=half_reference, source="test"), l4.reference, l4.gold)
+    figures = result.measures.speed_crosscheck
+    assert figures["against"] == "reference in float16", figures
+    # the same work in the same precision: the same FLOPs, and no integrity problem
+    assert figures["U_flops"] == pytest.approx(1.0, rel=0.01), figures
+    assert crosscheck.speed_violation(figures) is None
+    assert "IntegrityError" not in result.verdict.message and "FLOP count claims" not in result.verdict.message
+
+
+def test_the_compute_dtype_is_read_from_every_form_the_attributes_take():
+    assert crosscheck.compute_dtype({"dtype": "float16"}) == "float16"
+    assert crosscheck.compute_dtype({"dtype": "float16 parameters, float32 latents entering the denoiser"}) == "float16"
+    assert crosscheck.compute_dtype({"dtype": "mixed parameters (bfloat16 x 120, float32 x 4)"}) == "bfloat16"
+    assert crosscheck.compute_dtype({"dtype": None}) is None and crosscheck.compute_dtype(None) is None
