@@ -80,7 +80,8 @@ def profile_facts(task, profile: dict | None, kb: KnowledgeBase, allowed: list[s
             text += f" (the real checkpoint: {depth['hub']})"
         lines.append(text)
     calls = denoiser_calls(task)
-    extra = f" (one per step run; {task.scheduler} adds {calls - real_steps(task)})" if calls != real_steps(task) else ""
+    added = calls - real_steps(task)
+    extra = f" (one per step run; {task.scheduler} adds {added})" if added else ""
     if task.pipeline == "img2img":
         lines.append(f"- steps: img2img with strength {task.strength:g} runs int({task.strength:g} x N) of the N "
                      f"steps it is asked for: the reference asks {task.scheduler} for {task.steps} and makes {calls} "

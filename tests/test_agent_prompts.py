@@ -184,10 +184,11 @@ def test_the_plan_format_names_every_entry_and_reads_back(suite, kb, cal):
                                     "fp16": {}})
     assert combined.problems == [] and combined.config == {
         "tgate": {"gate_step": 10}, "deepcache": {"cache_interval": 3, "cache_branch_id": 0}, "fp16": {}}
-    separate = agent.make_plan("", {"tgate": {"gate_step": 10}, "deepcache": {"cache_interval": 3, "cache_branch_id": 0},
-                                    "fp16": {}})
-    assert render_candidate(task, combined.config, kb) == render_candidate(task, separate.config, kb)
-    assert "TgateSDDeepCacheLoader(pipe, cache_interval=3, cache_branch_id=0)" in render_candidate(task, combined.config, kb)
+    separate = agent.make_plan("", {"tgate": {"gate_step": 10},
+                                    "deepcache": {"cache_interval": 3, "cache_branch_id": 0}, "fp16": {}})
+    code = render_candidate(task, combined.config, kb)
+    assert code == render_candidate(task, separate.config, kb)
+    assert "TgateSDDeepCacheLoader(pipe, cache_interval=3, cache_branch_id=0)" in code
     bad = agent.make_plan("", {"tgate_deepcache": {"gate_step": 10, "cache_interval": 3, "cache_branch_id": 0, "x": 1}})
     assert any("unknown parameter 'x'" in p for p in bad.problems)
     assert expand_combos(kb, {"tomesd": {"ratio": 0.5}}) == {"tomesd": {"ratio": 0.5}}

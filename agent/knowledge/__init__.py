@@ -13,6 +13,10 @@ A *configuration* is what a plan asks for, keyed by method name::
      "fp16": {},
      "deepcache": {"cache_interval": 3, "cache_branch_id": 0}}
 
+A plan may also name a combined entry (``"tgate_deepcache": {"gate_step": 10, "cache_interval": 3,
+"cache_branch_id": 0}``): `expand_combos` turns it into the methods it combines, whose templates
+render the combined loader again. `plan_format` describes this form for the planner.
+
 `render_candidate(task, config)` turns one into a complete candidate module (the templates the
 coding agent is shown); `check_config` lists what the knowledge base says is wrong with it.
 """
