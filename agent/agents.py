@@ -7,8 +7,9 @@ the code extracted from the answer, nothing else.
 
 - planning agent: L1-L3 a coding plan (text plus the configuration as JSON); L4/L5 a baseline plan,
   then acceleration plans (`agent.ga` asks for them, P per round);
-- coding agent: plan + knowledge-base excerpts + the template the knowledge base renders for the
-  plan's configuration -> a module;
+- coding agent: plan + the module the knowledge base renders for the plan's configuration + the
+  contract + the pitfalls of the plan's methods (without a rendered module: their templates and the
+  reference code) -> a module;
 - debugging agent (Reflexion-style): the module's error (syntax error, traceback, or the key
   attributes that do not match) goes back with the code; the reply reflects, then fixes.
   A module is judged by a smoke run in the benchmark's sandbox (`agent.smoke`), never by the model.
@@ -29,8 +30,9 @@ from dataclasses import dataclass, field
 
 from . import prompts
 from .extract import extract_code, extract_json, syntax_problem
-from .knowledge import (KnowledgeBase, check_config, excerpt, load_knowledge, normalise_config,
-                        render_candidate)
+from .facts import measured_section, profile_facts, profile_name
+from .knowledge import (KnowledgeBase, check_config, excerpt, expand_combos, load_knowledge, normalise_config,
+                        plan_format, render_candidate)
 from .smoke import clip_message, sanitise
 
 log = logging.getLogger(__name__)
@@ -151,7 +153,7 @@ class PlainAgent:
 class DiffAgent:
     def __init__(self, task, llm, *, smoke, kb: KnowledgeBase | None = None, transcript=None,
                  bounds: Bounds = Bounds(), profile: dict | None = None, memory=None,
-                 evaluate_population=None, ga_dir=None, progress=None):
+                 evaluate_population=None, ga_dir=None, progress=None, measurements: dict | None = None):
         self.task, self.llm, self.smoke = task, llm, smoke
         self.kb = kb or load_knowledge()
         self.transcript = transcript
@@ -161,6 +163,7 @@ class DiffAgent:
         self.evaluate_population = evaluate_population
         self.ga_dir = ga_dir
         self.progress = progress  # the harness's context.progress: a line on the session's terminal
+        self.measurements = measurements  # the harness's context.measurements(): the profile's calibration
         self.calls: Counter = Counter()
         self.stats: Counter = Counter()
         self._checks: dict[str, Check] = {}
@@ -205,20 +208,39 @@ class DiffAgent:
         return result
 
     # -- knowledge ------------------------------------------------------------------------------
+    def allowed_methods(self) -> list:
+        """The knowledge-base methods a plan may use: L4/L5 those the task allows (and supports),
+        L1-L3 every method for the task's model and pipeline."""
+        t = self.task
+        allowed = t.expect.allowed_methods if t.level in ("L4", "L5") else None
+        return self.kb.applicable(t.family, t.pipeline, allowed)
+
     def planning_knowledge(self) -> str:
+        """L1-L3: the methods the requirement names, with their pitfalls (the coding plan lists them);
+        L4/L5: the allowed methods, without the coding pitfalls (the plans are configurations)."""
         t = self.task
         if t.level in ("L4", "L5"):
-            methods = self.kb.applicable(t.family, t.pipeline, t.expect.allowed_methods)
-        else:
-            methods = self.kb.mentioned(t.requirement)
-        return excerpt(self.kb, methods, t.family, t.pipeline)
+            return excerpt(self.kb, self.allowed_methods(), t.family, t.pipeline, pitfalls=False)
+        return excerpt(self.kb, self.kb.mentioned(t.requirement), t.family, t.pipeline)
 
-    def coding_knowledge(self, config: dict | None) -> str:
+    def planner_view(self) -> prompts.PlannerView:
+        """What an L4/L5 planner sees of the profile, its measurements and the knowledge base."""
+        allowed = [m.name for m in self.allowed_methods()]
+        memory = self.memory.format(self.task) if self.memory is not None and self.memory.enabled else ""
+        return prompts.PlannerView(
+            knowledge=self.planning_knowledge(), plan_format=plan_format(self.kb, allowed),
+            profile=profile_name(self.profile, self.measurements),
+            facts=tuple(profile_facts(self.task, self.profile, self.kb, allowed)),
+            measured=measured_section(self.task, self.profile, self.measurements, memory, allowed))
+
+    def coding_knowledge(self, config: dict | None, template: str | None = None) -> str:
+        """The plan's methods for the coder: their pitfalls, and their templates when no module could be
+        rendered for the plan."""
         t = self.task
         names = [n for n in (config or {}) if n in self.kb.plain_methods]
         if not names and t.level not in ("L4", "L5"):
             names = [m.name for m in self.kb.mentioned(t.requirement)]
-        return excerpt(self.kb, names, t.family, t.pipeline, templates=True)
+        return excerpt(self.kb, names, t.family, t.pipeline, templates=template is None, brief=True)
 
     def template(self, plan: Plan) -> str | None:
         if plan.config is None or plan.problems:
@@ -231,7 +253,7 @@ class DiffAgent:
 
     def make_plan(self, text: str, raw_config, rationale: str = "") -> Plan:
         try:
-            config = normalise_config(raw_config) if raw_config is not None else None
+            config = expand_combos(self.kb, normalise_config(raw_config)) if raw_config is not None else None
         except ValueError:
             config = None
         problems = check_config(self.kb, self.task, config) if config is not None else []
@@ -239,7 +261,8 @@ class DiffAgent:
 
     # -- planning (L1-L3) -----------------------------------------------------------------------
     def coding_plan(self, failures: list[str] = ()) -> Plan:
-        text = self.ask("planner", prompts.coding_plan(self.task, self.planning_knowledge(), list(failures)),
+        fmt = plan_format(self.kb, self.allowed_methods())
+        text = self.ask("planner", prompts.coding_plan(self.task, self.planning_knowledge(), fmt, list(failures)),
                         "coding plan" + (f" (replan {len(failures)})" if failures else ""))
         try:
             raw = extract_json(text)
@@ -261,14 +284,13 @@ class DiffAgent:
     def acceleration_plans(self, baseline: str, n_plans: int, survivors: list[dict] = (),
                            tried: list[dict] = (), round_no: int | None = None) -> list[Plan]:
         """`n_plans` plans from the planner (one call; one more when the answer cannot be read)."""
-        memory = self.memory.format(self.task) if self.memory is not None and self.memory.enabled else ""
-        knowledge = self.planning_knowledge()
+        view = self.planner_view()
         problem = None
         label = f"acceleration plans, round {round_no}" if round_no else "acceleration plans"
         for attempt in range(2):
             text = self.ask("planner", prompts.acceleration_plans(
-                self.task, baseline, knowledge, n_plans, self.profile, memory, list(survivors),
-                list(tried)[-30:], problem), label + (" (again)" if attempt else ""))
+                self.task, baseline, view, n_plans, list(survivors), list(tried)[-30:], problem),
+                label + (" (again)" if attempt else ""))
             try:
                 raw = extract_json(text)
                 items = raw.get("plans") if isinstance(raw, dict) else raw
@@ -304,7 +326,7 @@ class DiffAgent:
         """Code for `plan`, judged by smoke runs: t_code generations, t_debug fixes after each."""
         b = self.bounds
         template = self.template(plan)
-        knowledge = self.coding_knowledge(plan.config)
+        knowledge = self.coding_knowledge(plan.config, template)
         plan_text = plan.text if plan.config is None else (plan.rationale or plan.text)
         earlier: list[str] = []
         last_code, last_check = None, None

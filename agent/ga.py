@@ -4,6 +4,7 @@ One round:
 
 1. the planning agent writes P plans: in round 1 all new; later the M survivors' refinements (it
    sees their configurations and measurements) plus P - M new ones;
+   (all plans of a round are coded first and then measured together: their order does not matter);
 2. plans the knowledge base rejects (a method the task does not allow, a parameter out of range)
    get fitness 0 and their reason as feedback, without any code; a plan whose configuration was
    already measured reuses that measurement (deduplication by configuration, then by code);
@@ -51,6 +52,7 @@ from typing import TYPE_CHECKING, Callable
 
 from pytest_diffbench.atomic import write_json_atomic
 
+from .facts import cost_breakdown
 from .knowledge import config_from_attributes, config_key
 
 if TYPE_CHECKING:
@@ -112,7 +114,9 @@ def attainment(task, result: dict | None) -> float:
 
 
 def feedback_text(task, result: dict | None, note: str = "") -> str:
-    """What the planner is told about one measured candidate."""
+    """What the planner is told about one measured candidate (its cost breakdown: `cost_text`)."""
+    from pytest_diffbench.tasks import latency_text, speedup_text
+
     if note and not result:
         return note
     if not result:
@@ -122,15 +126,23 @@ def feedback_text(task, result: dict | None, note: str = "") -> str:
     if result.get("L") is not None:
         parts.append(f"L={result['L']:.4f} (bound {result.get('L_bound') or task.constraint.max_quality_loss:.4f})")
     if result.get("U") is not None:
-        target = f" (target >= {task.constraint.min_speedup:g})" if task.level == "L4" else ""
+        target = (f" (target >= {speedup_text(task.constraint.min_speedup)})"
+                  if task.level == "L4" and task.constraint.min_speedup is not None else "")
         parts.append(f"U={result['U']:.3f}{target}")
     if result.get("latency_ms") is not None:
-        target = f" (target <= {task.constraint.max_latency_ms:g})" if task.level == "L5" else ""
+        target = (f" (target <= {latency_text(task.constraint.max_latency_ms)})"
+                  if task.level == "L5" and task.constraint.max_latency_ms is not None else "")
         parts.append(f"latency={result['latency_ms']:.1f} ms{target}")
     msg = (result.get("message") or "").strip()
     if msg and not result.get("passed"):
         parts.append(msg[:400])
     return "; ".join(parts)
+
+
+def cost_text(task, result: dict | None) -> str:
+    """Where a measured candidate's cost goes (`facts.cost_breakdown`: FLOPs per image, the
+    denoiser's share, per denoiser call), '' when the harness counted no FLOPs."""
+    return cost_breakdown(task, result)
 
 
 @dataclass
@@ -146,13 +158,16 @@ class Individual:
     result: dict | None = None
     fitness: float = 0.0
     feedback: str = ""
+    cost: str = ""  # where its cost goes (cost_text), shown with the feedback of its round
+
 
     @property
     def passed(self) -> bool:
         return bool(self.result and self.result.get("passed"))
 
     def brief(self) -> dict:
-        return {"id": self.id, "config": self.config, "feedback": self.feedback, "fitness": self.fitness}
+        return {"id": self.id, "round": self.round, "config": self.config, "feedback": self.feedback,
+                "fitness": self.fitness, "cost": self.cost}
 
 
 # A population evaluator: ([(candidate id, code)], round_dir) -> {candidate id: TaskResult or None},
@@ -166,15 +181,16 @@ def _original(p: Individual) -> bool:
 
 def _slim(result: TaskResult | None) -> dict | None:
     """What an individual keeps of its result (population.json's "result", read by `fitness`,
-    `attainment`, `feedback_text` and the tuning memory): the verdict, L, U, latency and the
-    attributes, under their result.json names."""
+    `attainment`, `feedback_text`, `cost_text` and the tuning memory): the verdict, L, U, latency,
+    the attributes and the FLOP count, under their result.json names."""
     if result is None:
         return None
     verdict, m, p = result.verdict, result.measures, result.provenance
     return {"passed": verdict.passed, "category": verdict.category, "message": verdict.message,
             "stage_reached": verdict.stage_reached, "L": m.L, "L_bound": m.L_bound, "U": m.U, "U_gold": m.U_gold,
             "latency_ms": m.latency_ms, "reference_latency_ms": m.reference_latency_ms,
-            "attributes": result.attributes, "quality_method": p.quality_method, "speed_method": p.speed_method}
+            "attributes": result.attributes, "quality_method": p.quality_method, "speed_method": p.speed_method,
+            "flops": result.flops}
 
 
 class GeneticSelector:
@@ -365,9 +381,10 @@ class GeneticSelector:
         for ind in to_run:
             ind.fitness = fitness(self.task, ind.result)
             ind.feedback = feedback_text(self.task, ind.result)
+            ind.cost = cost_text(self.task, ind.result)
         for ind, twin in duplicates:
             ind.code, ind.smoke_ok, ind.result = twin.code, twin.smoke_ok, twin.result
-            ind.fitness, ind.feedback = twin.fitness, twin.feedback
+            ind.fitness, ind.feedback, ind.cost = twin.fitness, twin.feedback, twin.cost
         self.history.extend(people)
         self._remember([ind for ind in to_run if ind.result])
         return people

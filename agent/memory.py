@@ -5,7 +5,8 @@ One JSON file per hardware profile (device name + model zoo, `Profile.name`) und
 pipeline kind and run size it was measured on, the configuration the harness actually found on
 its pipeline (introspected, not what the plan claimed), L, U, latency, and the verdict. Later
 tasks on the same profile are shown the entries for the same model and pipeline kind first (then
-the same model family), passing ones first, so the planner starts from what worked.
+the same model family), passing ones first, so the planner starts from what worked; entries using a
+method the task does not allow are left out.
 
 `--agent-memory=off` disables reading and writing. Writes are atomic and file-locked
 (pytest-xdist workers share the file).
@@ -75,7 +76,11 @@ class TuningMemory:
                            config_key(e.get("config") or {})])
 
     def relevant(self, task, limit: int = 12) -> list[dict]:
-        entries = [e for e in self.load() if e.get("family") == task.family]
+        """Entries of the task's model family whose methods the task allows, those of the same model
+        and pipeline first, then passing ones, then by U."""
+        allowed = getattr(task.expect, "allowed_methods", None)
+        entries = [e for e in self.load() if e.get("family") == task.family
+                   and (allowed is None or set(e.get("config") or {}) <= set(allowed) | {"fp16"})]
 
         def rank(e):
             same = e.get("model") == task.model and e.get("pipeline") == task.pipeline
@@ -88,9 +93,12 @@ class TuningMemory:
         rows = self.relevant(task, limit)
         if not rows:
             return ""
-        lines = ["| model | pipeline | configuration | L | U | latency ms | verdict |", "|---|---|---|---|---|---|---|"]
+        lines = ["| model | pipeline | resolution | configuration | L | U | latency ms | verdict |",
+                 "|---|---|---|---|---|---|---|---|"]
         for e in rows:
-            lines.append(f"| {e.get('model')} | {e.get('pipeline')} | `{json.dumps(e.get('config'), sort_keys=True)}` | "
+            res = "x".join(str(v) for v in e.get("resolution") or []) or "-"
+            lines.append(f"| {e.get('model')} | {e.get('pipeline')} | {res} | "
+                         f"`{json.dumps(e.get('config'), sort_keys=True)}` | "
                          f"{_num(e.get('L'))} | {_num(e.get('U'))} | {_num(e.get('latency_ms'))} | "
                          f"{'passed' if e.get('passed') else (e.get('category') or 'failed')} |")
         return "\n".join(lines)

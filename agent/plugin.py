@@ -152,7 +152,10 @@ class DiffAgentGenerator:
                                   # the GA's rounds, measured by the harness as the verdict will be
                                   evaluate_population=(partial(context.evaluate_population, timeout_s=self.ga_timeout)
                                                        if task.level in ("L4", "L5") else None),
-                                  ga_dir=agent_dir / "ga", progress=context.progress)
+                                  ga_dir=agent_dir / "ga", progress=context.progress,
+                                  # what the profile's calibration measured on this family (no optima)
+                                  measurements=(context.measurements() if task.level in ("L4", "L5")
+                                                and hasattr(context, "measurements") else None))
                 result = agent.run()
         except LLMError as exc:
             if exc.fatal:

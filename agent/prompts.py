@@ -1,9 +1,19 @@
 """The messages DiffAgent sends: plain single shot, planning, coding and debugging agents.
 
 Every prompt is built only from the task's requirement and reference code, the knowledge base,
-the agent's own earlier answers and the harness's feedback: never from the task's ground truth.
-Prompts contain nothing that changes between runs (no paths, times or addresses), so that the
-response cache replays a rerun exactly.
+what was measured on the active profile (the harness's calibration, without its optima, and the
+tuning memory: agent/facts.py), the agent's own earlier answers and the harness's feedback: never
+from the task's ground truth (its gold solution or calibrated optimum). Prompts contain nothing
+that changes between runs (no paths, times or addresses), so that the response cache replays a
+rerun exactly. Targets are written by one helper (`pytest_diffbench.tasks.speedup_text`,
+`latency_text`), the one the requirement's text is written with.
+
+Planner prompts (L4/L5) show: the task, the baseline plan, the goal and how plans are measured,
+the profile's facts, what was measured on the profile, the knowledge base of the allowed methods
+(general figures, each with its source), the GA's feedback and the plan format. Coder prompts
+show only what the plan needs: the plan and its configuration, the module the knowledge base
+renders for it, the contract, and the pitfalls of the plan's methods (their templates and the
+reference code instead when no module could be rendered).
 
 The system message ends with a line ``DiffAgent role: <role>`` and the user message starts with
 ``Task: <task id>``; the scripted test model (agent/scripted.py) routes on both.
@@ -12,6 +22,9 @@ The system message ends with a line ``DiffAgent role: <role>`` and the user mess
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+
+from pytest_diffbench.tasks import latency_text, speedup_text
 
 ROLE_LINE = "DiffAgent role: {role}"
 
@@ -53,35 +66,28 @@ def task_block(task) -> str:
             f"## Reference code\n\n{_py(task.reference)}")
 
 
+CONTRACT_MARK = "Candidate contract:"
+
+
+def requirement_parts(task) -> tuple[str, str]:
+    """(the requirement before its "Candidate contract:" section, that section); ('', '') parts
+    where the requirement has none."""
+    text = task.requirement.strip()
+    if CONTRACT_MARK not in text:
+        return text, ""
+    before, _, contract = text.partition(CONTRACT_MARK)
+    return before.strip(), contract.strip()
+
+
 def constraint_text(task) -> str:
+    """The goal, each target written once, as the requirement writes it."""
     c = task.constraint
-    parts = [f"relative quality loss L <= {c.max_quality_loss:g}"]
+    parts = [f"quality loss L <= {c.max_quality_loss:g}"]
     if task.level == "L4" and c.min_speedup is not None:
-        parts.insert(0, f"speedup U (reference cost / candidate cost) >= {c.min_speedup:g}")
+        parts.insert(0, f"speedup U (reference cost / candidate cost) >= {speedup_text(c.min_speedup)}")
     if task.level == "L5" and c.max_latency_ms is not None:
-        parts.insert(0, f"latency per image <= {c.max_latency_ms:g} ms")
+        parts.insert(0, f"latency per image <= {latency_text(c.max_latency_ms)}")
     return " and ".join(parts)
-
-
-def profile_text(profile: dict | None) -> str:
-    if not profile:
-        return ""
-    lines = [f"- device: {profile.get('device_name', '?')} ({profile.get('device', '?')}); models: "
-             f"{profile.get('zoo', '?')}"]
-    speed = profile.get("speed_method")
-    if speed == "flops":
-        lines.append("- speed is measured by counting the denoiser's FLOPs (deterministic): step cuts, caching, "
-                     "token merging and attention gating count; precision (fp16) does not")
-    elif speed == "wall":
-        lines.append("- speed is measured as wall-clock latency around generate(), with warm-up")
-    if profile.get("device") == "cpu":
-        lines.append("- on a CPU, fp16 is 2.5-6x slower than float32")
-    quality = profile.get("quality_method")
-    if quality == "fidelity":
-        lines.append("- quality loss L is the images' normalised RMSE against the reference images (same seeds)")
-    elif quality == "clip":
-        lines.append("- quality loss L is the relative drop of the mean CLIP score against the reference")
-    return "\n".join(lines)
 
 
 # -- plain ----------------------------------------------------------------------------------------
@@ -92,13 +98,7 @@ def plain(task) -> list[dict]:
 
 # -- planning -------------------------------------------------------------------------------------
 
-PLAN_JSON = ('{"methods": {"<method name>": {"<parameter>": <value>, ...}, ...}} with the method names of the '
-             'knowledge base: fast_sampler with "scheduler" and/or "steps" when the scheduler class or the step '
-             'count differs from the reference, fp16 (no parameters) for half precision, and the patch methods '
-             'with all their parameters; {"methods": {}} when the task asks for no acceleration')
-
-
-def coding_plan(task, knowledge: str, failures: list[str] = ()) -> list[dict]:
+def coding_plan(task, knowledge: str, plan_format: str, failures: list[str] = ()) -> list[dict]:
     """L1-L3: one coding plan (a replan carries the earlier plans' failures)."""
     parts = [task_block(task)]
     if knowledge:
@@ -112,7 +112,7 @@ def coding_plan(task, knowledge: str, failures: list[str] = ()) -> list[dict]:
                  "2. every change the requirement asks for, with its exact parameters, and where it goes "
                  "(load_pipeline before or after `pipe.to(device)`, generate);\n"
                  "3. the pitfalls from the knowledge base that apply.\n\n"
-                 f"End with the configuration in a ```json block: {PLAN_JSON}.")
+                 f'End with the configuration in a ```json block, {{"methods": {{...}}}}, where {plan_format}')
     return [system("planner"), {"role": "user", "content": "\n\n".join(parts)}]
 
 
@@ -126,41 +126,68 @@ def baseline_plan(task) -> list[dict]:
     return [system("planner"), {"role": "user", "content": content}]
 
 
-def acceleration_plans(task, baseline: str, knowledge: str, n_plans: int, profile: dict | None = None,
-                       memory: str = "", survivors: list[dict] = (), tried: list[dict] = (),
-                       problem: str | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class PlannerView:
+    """What an L4/L5 planner is shown of the profile and the knowledge base (agents.DiffAgent builds it)."""
+
+    knowledge: str  # the knowledge base's entries of the allowed methods
+    plan_format: str  # knowledge.plan_format of the allowed methods
+    profile: str = "this profile"  # the profile's name
+    facts: tuple[str, ...] = ()  # facts.profile_facts
+    measured: str = ""  # facts.measured_section
+
+
+MEASURING = ("All plans of a round are coded first, then measured together as one population by the benchmark on "
+             "this profile, so their order does not matter. The search stops after the first round in which a "
+             "candidate meets the goal; the answer is the best candidate measured (one that meets the goal first).")
+
+KNOWLEDGE_NOTE = ("General knowledge of the methods, not measured on this profile: each method says where its "
+                  "speed and quality figures come from, and where they disagree with what was measured on this "
+                  "profile, the measurements hold here. The cost lines describe the mechanics, which hold "
+                  "everywhere.")
+
+
+def _tried_line(t: dict, latest: int | None) -> str:
+    line = f"- {json.dumps(t['config'], sort_keys=True)}: {t['feedback']}"
+    if t.get("cost") and t.get("round") == latest:
+        line += f"\n  cost: {t['cost']}"
+    return line
+
+
+def acceleration_plans(task, baseline: str, view: PlannerView, n_plans: int, survivors: list[dict] = (),
+                       tried: list[dict] = (), problem: str | None = None) -> list[dict]:
     """L4/L5, one GA round: `n_plans` plans; the first len(survivors) refine the survivors in order."""
-    parts = [task_block(task), f"## Baseline plan\n\n{baseline.strip()}",
-             f"## Goal\n\nMeet {constraint_text(task)}. Candidates are measured by the benchmark on this "
-             f"hardware profile; the first candidate that meets the goal is the answer."]
-    prof = profile_text(profile)
-    if prof:
-        parts.append(f"## Hardware profile\n\n{prof}")
-    if knowledge:
-        parts.append(f"## Knowledge base (the methods this task allows)\n\n{knowledge}")
-    if memory:
-        parts.append(f"## Tuning experience (earlier measurements on this hardware profile)\n\n{memory}")
+    requirement, _ = requirement_parts(task)
+    parts = [f"{task_header(task)}\n\n## Requirement (its candidate contract is the coding agent's)\n\n"
+             f"{requirement}\n\n## Reference code\n\n{_py(task.reference)}",
+             f"## Baseline plan\n\n{baseline.strip()}", f"## Goal\n\nMeet {constraint_text(task)}. {MEASURING}"]
+    if view.facts:
+        parts.append(f"## This profile ({view.profile})\n\n" + "\n".join(view.facts))
+    if view.measured:
+        parts.append(f"## Measured on this profile ({view.profile})\n\n{view.measured}")
+    if view.knowledge:
+        parts.append(f"## Knowledge base (the methods this task allows)\n\n{KNOWLEDGE_NOTE}\n\n{view.knowledge}")
     m = len(survivors)
     if survivors:
         lines = []
         for i, s in enumerate(survivors, 1):
-            lines.append(f"{i}. configuration {json.dumps(s['config'], sort_keys=True)}\n   measured: {s['feedback']}")
+            lines.append(f"{i}. configuration {json.dumps(s['config'], sort_keys=True)}\n   measured: {s['feedback']}"
+                         + (f"\n   cost: {s['cost']}" if s.get("cost") else ""))
         parts.append("## Selected candidates of the last round (with their measurements)\n\n" + "\n".join(lines))
     if tried:
-        lines = [f"- {json.dumps(t['config'], sort_keys=True)}: {t['feedback']}" for t in tried]
-        parts.append("## Everything tried so far\n\n" + "\n".join(lines))
+        latest = max((t.get("round") or 0 for t in tried), default=None)
+        parts.append("## Everything tried so far\n\n" + "\n".join(_tried_line(t, latest) for t in tried))
     if m:
         ask = (f"{n_plans} acceleration plans. Plans 1-{m} refine the selected candidates 1-{m} in order: keep "
                f"what worked and change what the measurement shows (quality lost: be gentler; too slow: be "
                f"bolder). Plans {m + 1}-{n_plans} are new, different from everything tried so far.")
     else:
-        ask = f"{n_plans} acceleration plans, each a different configuration (methods, order, parameters)."
+        ask = f"{n_plans} acceleration plans, each a different configuration (methods and parameters)."
     if problem:
         parts.append(f"## Your previous answer could not be used\n\n{problem}")
     parts.append(f"## What to write\n\n{ask}\nAnswer with JSON in a ```json block: "
-                 '{"plans": [{"methods": {"<method name>": {"<parameter>": <value>}}, "rationale": "<one '
-                 'sentence>"}, ...]}. Use only the methods and parameter ranges of the knowledge base; '
-                 "fast_sampler takes \"scheduler\" and/or \"steps\".")
+                 '{"plans": [{"methods": {...}, "rationale": "<one sentence>"}, ...]}, where '
+                 f"{view.plan_format}")
     return [system("planner"), {"role": "user", "content": "\n\n".join(parts)}]
 
 
@@ -175,12 +202,25 @@ def plan_block(plan_text: str, config: dict | None) -> str:
 
 def code(task, plan_text: str, config: dict | None, knowledge: str, template: str | None,
          earlier: list[str] = ()) -> list[dict]:
-    parts = [task_block(task), plan_block(plan_text, config)]
-    if knowledge:
-        parts.append(f"## Knowledge base\n\n{knowledge}")
+    """The coding agent's prompt: what the plan needs, not the whole task again. With a module
+    rendered for the plan's configuration: the plan, that module, the contract and the pitfalls of
+    the plan's methods. Without one: the plan, the requirement (L1-L3), the reference code, the
+    contract and the plan's methods with their templates."""
+    requirement, contract = requirement_parts(task)
+    parts = [f"{task_header(task)}: `{task.model}` with `{task.expect.pipeline_class}` ({task.pipeline})",
+             plan_block(plan_text, config)]
     if template:
         parts.append("## Template\n\nThis module was rendered from the knowledge base's templates for the "
-                     f"plan's configuration; use it as a reference:\n\n{_py(template)}")
+                     "plan's configuration, on the reference code; use it as the starting point:\n\n"
+                     f"{_py(template)}")
+    else:
+        if task.level not in ("L4", "L5") and requirement:
+            parts.append(f"## Requirement\n\n{requirement}")
+        parts.append(f"## Reference code\n\n{_py(task.reference)}")
+    if contract:
+        parts.append(f"## Candidate contract\n\n{contract}")
+    if knowledge:
+        parts.append(f"## Knowledge base (the plan's methods)\n\n{knowledge}")
     if earlier:
         parts.append("## Earlier attempts at this plan failed\n\n" + "\n\n".join(earlier)
                      + "\n\nWrite the module afresh and avoid these failures.")

@@ -92,7 +92,9 @@ from .tasks import (
     Constraint,
     Task,
     TaskError,
+    latency_text,
     load_tasks,
+    speedup_text,
     task_from_dict,
 )
 
@@ -241,6 +243,27 @@ class Calibration:
     def gold(self, task: Task) -> str:
         return self.optima[self.target(task).optimum].code
 
+    def measurements(self, task: Task) -> dict | None:
+        """What the search measured on `task`'s family (same model, pipeline kind, resolution and
+        workload), for a generator to plan with: ``{"profile", "family", "quality_method",
+        "speed_method", "samples", "seeds", "reference_latency_ms", "rows": [{"config", "U", "L",
+        "latency_ms"}]}`` (best U first), or None when the file has no up-to-date measurements of
+        that family. No ground truth: the configurations that are an optimum of the family (the
+        gold solution of some preset's tasks) are left out, whichever preset `task` is of."""
+        fkey = family_key(task)
+        fam = self.families.get(fkey)
+        if not isinstance(fam, dict) or fam.get("digest") != family_digest(task):
+            return None
+        optima = {config_id(o.config) for k, o in self.optima.items() if k.split("/", 1)[0] == fkey}
+        rows = [{"config": c["config"], "U": c.get("U"), "L": c.get("L"), "latency_ms": c.get("latency_ms")}
+                for c in fam.get("configurations") or []
+                if isinstance(c, dict) and isinstance(c.get("config"), dict) and config_id(c["config"]) not in optima
+                and c.get("U") is not None]
+        search = self.raw.get("search") or {}
+        return {"profile": self.profile, "family": fkey, "quality_method": self.quality_method,
+                "speed_method": self.speed_method, "samples": search.get("samples"), "seeds": search.get("seeds"),
+                "reference_latency_ms": fam.get("reference_latency_ms"), "rows": rows}
+
     def apply(self, task: Task) -> Task:
         """A copy of an L4/L5 `task` with the profile's concrete target, quality bound, gold code and
         requirement text. Tasks that need no calibration (L1-L3, or a concrete target already in the
@@ -283,13 +306,13 @@ class Calibration:
     def target_text(self, task: Task, entry: TaskTarget) -> str:
         where = f"the '{self.profile}' hardware profile"
         if task.level == "L4":
-            return (f"a speedup U of at least {entry.min_speedup:.2f}x over the reference code on {where} "
+            return (f"a speedup U of at least {speedup_text(entry.min_speedup)} over the reference code on {where} "
                     f"(U = {self._speed_words()})")
         ref = self.families.get(entry.family, {}).get("reference_latency_ms")
         ref_text = f"; the reference takes about {ref:.1f} ms" if ref else ""
         how = (" (on this profile latency = the reference's measured latency divided by your FLOP speedup)"
                if self.speed_method == "flops" else "")
-        return (f"a latency of at most {entry.max_latency_ms:.1f} ms per image on {where}, device "
+        return (f"a latency of at most {latency_text(entry.max_latency_ms)} per image on {where}, device "
                 f"{self.device_name}{ref_text}{how}")
 
     def quality_text(self) -> str:

@@ -26,6 +26,10 @@ Decisions (issue 14):
   how it goes on the session's terminal (under xdist the controller's) and in
   `<run dir>/progress.jsonl` (pytest_diffbench/progress.py); `evaluate_population` reports each
   candidate there as its result arrives.
+* What the profile's calibration measured on the task's family is the harness's to hand out
+  (`context.measurements()`, `calibration.Calibration.measurements`): configurations with their
+  U and L, without the calibrated optima (the gold solutions), so a generator can plan with this
+  profile's costs without seeing any task's answer.
 
 Plain module: no pytest.
 """
@@ -49,7 +53,8 @@ class GenerationContext:
     """The harness's side of one generation: one task, as posed on this profile."""
 
     def __init__(self, task, profile, task_dir: Path, cache_dir: Path, evaluator: Callable[[], object],
-                 population=None, progress: Callable[[str], None] | None = None):
+                 population=None, progress: Callable[[str], None] | None = None,
+                 calibration: Callable[[], object] | None = None):
         self.task = task
         self.profile = profile  # pytest_diffbench.evaluate.Profile, resolved (pytest_diffbench.profile)
         self.cache_dir = Path(cache_dir)
@@ -57,6 +62,7 @@ class GenerationContext:
         self._evaluator = evaluator  # built on first use
         self._population = population  # population.ChildSessions of the session (None: none)
         self._progress = progress  # the session's report_progress for this task (None: not shown)
+        self._calibration = calibration  # the profile's Calibration, or None (built on first use)
 
     def folder(self, name: str) -> Path:
         """`<run dir>/<task>/<name>`, created; kept when the task is evaluated (and evaluated again)."""
@@ -72,6 +78,19 @@ class GenerationContext:
         seeds) and check its key attributes: {ok, category, message, attributes}. Its files go to
         `harness_dir` (default: a temporary folder)."""
         return self._evaluator().smoke(self.task, code, harness_dir=harness_dir)
+
+    def measurements(self) -> dict | None:
+        """What the profile's calibration measured on this task's family, optima left out
+        (`calibration.Calibration.measurements`); None without a calibration or such measurements."""
+        from .calibration import CalibrationError
+
+        if self._calibration is None:
+            return None
+        try:
+            calibration = self._calibration()
+            return calibration.measurements(self.task) if calibration is not None else None
+        except CalibrationError:
+            return None
 
     def progress(self, text: str) -> None:
         """Show one line of how the generation goes to the person watching the session (clipped

@@ -293,7 +293,8 @@ class DiffbenchSession:
             self.profile, rootdir=self.config.rootpath, inifile=self.config.inipath, tasks_dir=self.tasks_dir,
             cache_dir=self.cache_dir, in_xdist_worker=getattr(self.config, "workerinput", None) is not None)
         return GenerationContext(task, self.profile, self.run_dir / label, self.cache_dir, self.evaluator,
-                                 population=population, progress=lambda text: self.report_progress(label, text))
+                                 population=population, progress=lambda text: self.report_progress(label, text),
+                                 calibration=lambda: self.calibration(self.profile.name))
 
     def previous_result(self, label: str, profile_name: str, fingerprint: dict) -> TaskResult | None:
         """The complete result of `label` from an earlier session on the same profile, for the

@@ -518,6 +518,29 @@ class Constraint:
         return d
 
 
+# The one way a target is written wherever it is shown (a task's requirement text, DiffAgent's
+# prompts and feedback): at the precision the calibration stores it (L4 speedups floored to 3
+# decimals, L5 latencies ceiled to 2), trailing zeros dropped, so every text shows the value
+# the verdict judges and no two texts round it differently.
+SPEEDUP_DECIMALS = 3
+LATENCY_DECIMALS = 2
+
+
+def _figure(value: float, decimals: int) -> str:
+    text = f"{float(value):.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def speedup_text(value: float) -> str:
+    """An L4 speedup target as every text shows it: ``1.474x``, ``1.1x``."""
+    return f"{_figure(value, SPEEDUP_DECIMALS)}x"
+
+
+def latency_text(value: float) -> str:
+    """An L5 latency target as every text shows it: ``90.27 ms``."""
+    return f"{_figure(value, LATENCY_DECIMALS)} ms"
+
+
 #: YAML key order (also the order tasks/generate.py writes)
 TASK_FIELDS: tuple[str, ...] = (
     "id",

@@ -23,7 +23,7 @@ from agent.llm import LLMClient, LLMError, LLMSettings  # noqa: E402
 from agent.memory import TuningMemory  # noqa: E402
 from agent.scripted import Oracle, ScriptedModel, make_l4_task, register_provider  # noqa: E402
 from agent.transcript import Transcript  # noqa: E402
-from pytest_diffbench.result import Measures, TaskResult, task_label  # noqa: E402
+from pytest_diffbench.result import Measures, Provenance, TaskResult, task_label  # noqa: E402
 from pytest_diffbench.stages import Verdict  # noqa: E402
 from pytest_diffbench.tasks import load_tasks  # noqa: E402
 
@@ -200,7 +200,10 @@ def as_result(task, cid: str, figures: dict) -> TaskResult:
                       verdict=Verdict(figures["passed"], 3, figures["category"], figures["message"]),
                       measures=Measures(L=figures["L"], L_bound=figures["L_bound"], U=figures["U"],
                                         latency_ms=figures["latency_ms"]),
-                      attributes=figures["attributes"], complete=True)
+                      attributes=figures["attributes"], complete=True, provenance=Provenance(speed_method="flops"),
+                      # the FLOP count the child reports (2 samples): 1 GFLOP per image for the reference
+                      flops={"total": 2e9 / figures["U"], "per_image": 1e9 / figures["U"],
+                             "denoiser": 2e9 / figures["U"] - 2e8, "samples_counted": 2})
 
 
 class FakePopulation:
@@ -277,6 +280,13 @@ def test_ga_selects_refines_and_stops_early(tasks, kb, tmp_path):
     for sid in round1["survivors"]:
         assert people[sid]["feedback"].split(";")[0] in prompt2
     assert "U=" in prompt2 and "L=" in prompt2 and "rejected by the knowledge base" in prompt2
+    # with each survivor's and each last-round candidate's cost: FLOPs per image, the denoiser's share
+    survivors2 = prompt2.split("## Selected candidates")[1].split("## Everything tried")[0]
+    assert survivors2.count("\n   cost: cost per image ") == 3
+    assert "GFLOPs = denoiser " in survivors2 and "outside it (text encoders, VAE) 0.1;" in survivors2
+    assert survivors2.count("the reference: 1 per image") == 3  # U x the candidate's FLOPs
+    assert "over its 51 calls" in survivors2  # SD 1.5's PNDM at 50 steps
+    assert prompt2.split("## Everything tried so far")[1].count("\n  cost: cost per image ") == 4  # r1c1-r1c4
     round2 = json.loads((tmp_path / "ga" / "round-2" / "population.json").read_text())
     dup = next(p for p in round2["individuals"] if p["id"] == "r2c3")
     assert dup["note"] == "duplicate of r1c2" and dup["fitness"] == people["r1c2"]["fitness"]
@@ -359,13 +369,13 @@ def test_tuning_experience_reaches_the_next_task(tasks, kb, tmp_path):
                             Bounds(population=1, survivors=1, rounds=1), memory=memory, folder="ga2")
     agent.run()
     prompt = [c for c in model.calls if c["purpose"] == "acceleration_plans"][0]["messages"][-1]["content"]
-    rows = [ln for ln in prompt.split("## Tuning experience")[1].splitlines() if ln.startswith("| stable-")]
+    rows = [ln for ln in prompt.split("From DiffAgent's tuning memory")[1].splitlines() if ln.startswith("| stable-")]
     assert len(rows) == 8 and '"cache_interval": 3' in rows[0] and "passed" in rows[0]  # what worked comes first
 
     agent, model = ga_agent(other, kb, tmp_path, [plans_json(ROUND2[0])], FakePopulation(kb),
                             Bounds(population=1, survivors=1, rounds=1), memory=TuningMemory(None), folder="ga3")
     agent.run()
-    assert "Tuning experience" not in [c for c in model.calls if c["purpose"] == "acceleration_plans"][0][
+    assert "tuning memory" not in [c for c in model.calls if c["purpose"] == "acceleration_plans"][0][
         "messages"][-1]["content"]
 
 

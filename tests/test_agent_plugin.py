@@ -211,7 +211,7 @@ def test_end_to_end_with_a_local_openai_compatible_server(e2e_tasks, tmp_path):
     assert json.loads((ga5 / "state.json").read_text())["finished_rounds"] == 1  # stopped early
     plans5 = [json.loads(line) for line in (run / "L5-pixart-alpha-t2i-9001" / "agent" / "exchanges.jsonl")
               .read_text().splitlines() if "acceleration plans" in json.loads(line)["purpose"]]
-    assert "## Tuning experience" in plans5[0]["messages"][-1]["content"]  # what the L4 task measured
+    assert "From DiffAgent's tuning memory" in plans5[0]["messages"][-1]["content"]  # what the L4 task measured
     props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "report.xml").iter("property")}
     assert int(props["diffbench_llm_total_tokens"]) > 0 and "diffbench_llm_cost_usd" in props
     assert "LLM: " in out and "2 retries" in out

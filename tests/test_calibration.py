@@ -20,7 +20,7 @@ from pytest_diffbench import calibration as C
 from pytest_diffbench import keys
 from pytest_diffbench.result import Measures, Provenance, TaskResult
 from pytest_diffbench.stages import Verdict
-from pytest_diffbench.tasks import QUALITY_PLACEHOLDER, TARGET_PLACEHOLDER, load_tasks
+from pytest_diffbench.tasks import QUALITY_PLACEHOLDER, TARGET_PLACEHOLDER, latency_text, load_tasks, speedup_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = ROOT / "tasks"
@@ -126,14 +126,17 @@ def test_calibrate_load_apply(suite, tmp_path):
         opt = anyp if "fast_sampler" in task.expect.allowed_methods else fixed
         assert applied.gold == opt["code"] and "def load_pipeline" in applied.gold
         factor = task.constraint.target_factor
+        flat = " ".join(applied.requirement.split())
         if task.level == "L4":
             target = applied.constraint.min_speedup
             assert target == pytest.approx(max(factor * opt["speedup"], min(opt["speedup"], C.MIN_SPEEDUP_TARGET)), abs=1e-3)
-            assert target <= opt["speedup"] and f"{target:.2f}x" in applied.requirement
+            assert target <= opt["speedup"] and f"at least {speedup_text(target)} over" in flat
+            assert f"{target:g}x" in applied.requirement  # the judged value, not a rounding of it
         else:
             target = applied.constraint.max_latency_ms
             assert target == pytest.approx(opt["latency_ms"] / factor, abs=0.01)
-            assert target >= opt["latency_ms"] and f"{target:.1f} ms" in applied.requirement
+            assert target >= opt["latency_ms"] and f"at most {latency_text(target)} per" in flat
+            assert f"{target:g} ms" in applied.requirement
             # FLOP-counted profile: the latency is anchored to the calibration's reference latency
             assert applied.constraint.reference_latency_ms == fam["reference_latency_ms"]
         assert f"{C.TINY_FIDELITY_BOUND:g}" in applied.requirement

@@ -278,6 +278,14 @@ def test_a_stub_generator_evaluates_a_population_through_its_context(tmp_path, t
     assert broken.verdict.category == "runtime" and not broken.verdict.passed and broken.error["phase"] == "import"
     task = _l4_task()
     assert fitness(task, _slim(gold)) > 1.0 and fitness(task, _slim(broken)) == 0.0
+    # what the GA tells the planner of where the cost goes: FLOPs per image, per denoiser call
+    from agent.facts import denoiser_calls
+    from agent.ga import cost_text
+
+    calls = gold.attributes["steps"]["denoiser_calls"]
+    cost = cost_text(task, _slim(gold))
+    assert gold.flops["denoiser"] and f"over {sum(calls) / len(calls):g} calls (" in cost, cost
+    assert f"per denoiser call over its {denoiser_calls(task)} calls" in cost and cost_text(task, _slim(broken)) == ""
     # the child's own profile is the parent's, but for the seed scope; the same sandbox ran both
     parent = read_profile(out_dir / "profile.json")
     assert read_profile(population / "out" / "profile.json") == dataclasses.replace(parent, seed_scope="agent")

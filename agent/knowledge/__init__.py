@@ -13,6 +13,10 @@ A *configuration* is what a plan asks for, keyed by method name::
      "fp16": {},
      "deepcache": {"cache_interval": 3, "cache_branch_id": 0}}
 
+A plan may also name a combined entry (``"tgate_deepcache": {"gate_step": 10, "cache_interval": 3,
+"cache_branch_id": 0}``): `expand_combos` turns it into the methods it combines, whose templates
+render the combined loader again. `plan_format` describes this form for the planner.
+
 `render_candidate(task, config)` turns one into a complete candidate module (the templates the
 coding agent is shown); `check_config` lists what the knowledge base says is wrong with it.
 """
@@ -80,6 +84,7 @@ class Method:
     aliases: tuple[str, ...] = ()
     package: str | None = None
     combines: tuple[str, ...] = ()
+    cost: str = ""  # how the parameters map to cost (mechanics, true on every profile)
     path: Path | None = None
 
     def supports(self, family: str, pipeline: str) -> bool:
@@ -147,7 +152,7 @@ def _param(path: Path, mname: str, pname: str, raw) -> Param:
 
 
 _METHOD_KEYS = {"name", "title", "kind", "summary", "parameters", "supports", "effect", "notes", "template",
-                "per_family", "aliases", "package", "combines"}
+                "per_family", "aliases", "package", "combines", "cost"}
 _TEMPLATE_KEYS = {"order", "imports", "before_to", "after_to", "load_kwargs", "call", "call_kwargs", "steps"}
 
 
@@ -179,7 +184,7 @@ def load_method(path: Path) -> Method:
                   notes=tuple(" ".join(str(n).split()) for n in _as_tuple(raw.get("notes"))),
                   template=template, per_family=raw.get("per_family") or {},
                   aliases=tuple(str(a) for a in _as_tuple(raw.get("aliases"))), package=raw.get("package"),
-                  combines=combines, path=Path(path))
+                  combines=combines, cost=" ".join(str(raw.get("cost", "")).split()), path=Path(path))
 
 
 def knowledge_dirs(extra: Iterable[str | Path] = ()) -> list[Path]:
@@ -240,6 +245,25 @@ def normalise_config(raw) -> dict[str, dict]:
             out[str(name)] = dict(params) if isinstance(params, dict) else {}
         return out
     raise ValueError(f"cannot read a method configuration from {type(raw).__name__}")
+
+
+def expand_combos(kb: KnowledgeBase, config: Mapping[str, Mapping]) -> dict[str, dict]:
+    """`config` with every combined entry (``tgate_deepcache``) replaced by the methods it combines,
+    each taking the entry's parameters it has (a parameter none of them has goes to the first, where
+    `check_config` names it). Rendering picks the combined loader again whenever all its parts are
+    there, so both spellings of a plan give the same module."""
+    out: dict[str, dict] = {}
+    for name, params in config.items():
+        m = kb.methods.get(name)
+        if m is None or not m.combines:
+            out.setdefault(name, {}).update(dict(params or {}))
+            continue
+        for part in m.combines:
+            out.setdefault(part, {})
+        for key, value in (params or {}).items():
+            owner = next((part for part in m.combines if key in kb.methods[part].params), m.combines[0])
+            out[owner][key] = value
+    return out
 
 
 def config_key(config: Mapping[str, Mapping]) -> str:
@@ -496,6 +520,37 @@ def _describe_entry(name: str, params: Mapping) -> str:
 
 # -- excerpts for prompts ---------------------------------------------------------------------
 
+def _param_shape(p: Param) -> str:
+    return {"int": "<int>", "float": "<float>", "str": "<str>", "bool": "<true|false>"}.get(p.type, "<value>")
+
+
+def plan_format(kb: KnowledgeBase, methods: Iterable[Method | str]) -> str:
+    """How a plan's "methods" mapping is written for `methods` (and the combined entries of those):
+    one line per knowledge-base entry a plan may name, with its parameters (parameterless entries
+    as {}); `agents.DiffAgent.make_plan` reads it back (`normalise_config`, `expand_combos`)."""
+    chosen = [kb.methods[m] if isinstance(m, str) else m for m in methods]
+    names = {m.name for m in chosen}
+    chosen += [c for c in kb.combos() if set(c.combines) <= names and c not in chosen]
+    lines = ['"methods" maps knowledge-base entries to their parameters, {"<entry>": {"<parameter>": <value>, ...}, '
+             '...}: each entry at most once, an entry left out is not used, {} is no acceleration. The entries:']
+    for m in chosen:
+        params = _all_params(kb, m)
+        if not params:
+            lines.append(f'- "{m.name}": {{}} (no parameters)')
+            continue
+        shape = ", ".join(f'"{p.name}": {_param_shape(p)}' for p in params.values())
+        line = f'- "{m.name}": {{{shape}}}'
+        optional = [p.name for p in params.values() if p.optional]
+        if optional:
+            line += f" ({', '.join(optional)} optional: left out, the reference's value is kept)"
+        if m.combines:
+            line += (f" (the same as {' and '.join(repr(c) for c in m.combines)} named together: either way the "
+                     f"module uses {m.title})")
+        lines.append(line)
+    lines.append("Values within the ranges and choices of the knowledge base.")
+    return "\n".join(lines)
+
+
 def _param_line(p: Param, family: str) -> str:
     bits = [p.type]
     choices = p.choices_for(family)
@@ -539,8 +594,12 @@ def snippet(m: Method, family: str, kb: KnowledgeBase | None = None) -> str:
 
 
 def excerpt(kb: KnowledgeBase, methods: Iterable[Method | str], family: str, pipeline: str,
-            templates: bool = False) -> str:
-    """Markdown documentation of `methods` for one model family and pipeline kind."""
+            templates: bool = False, brief: bool = False, pitfalls: bool = True) -> str:
+    """Markdown documentation of `methods` for one model family and pipeline kind. `brief` (the
+    coding agent's): the family's notes and each method's pitfalls (and template), without what
+    only planning needs (summary, parameters, expected effect, cost). `pitfalls=False` (the L4/L5
+    planner's, who writes configurations, not code) leaves the coding pitfalls out. A method that
+    does not support the family or pipeline says so."""
     chosen = [kb.methods[m] if isinstance(m, str) else m for m in methods]
     names = {m.name for m in chosen}
     chosen += [c for c in kb.combos() if set(c.combines) <= names and c not in chosen]
@@ -553,20 +612,31 @@ def excerpt(kb: KnowledgeBase, methods: Iterable[Method | str], family: str, pip
         lines = [f"### {m.name}: {m.title}"]
         if m.combines:
             lines.append(f"Use when combining {' and '.join(m.combines)}.")
+        if brief:
+            if m.notes:
+                lines.append("- known pitfalls:")
+                lines += [f"  - {n}" for n in m.notes]
+            if templates and m.template:
+                lines.append("- template:\n```python\n" + snippet(m, family, kb) + "\n```")
+            parts.append("\n".join(lines))
+            continue
         if m.summary:
             lines.append(m.summary)
-        ok = m.supports(family, pipeline)
-        lines.append(f"- supports: {', '.join(m.families)} / {', '.join(m.pipelines)}"
-                     + ("" if ok else f"  (NOT {family} {pipeline})"))
+        if not m.supports(family, pipeline):
+            lines.append(f"- supports: {', '.join(m.families)} / {', '.join(m.pipelines)}  (NOT {family} {pipeline})")
         if m.package:
             lines.append(f"- package: `{m.package}`")
         if m.params:
             lines.append("- parameters:")
             lines += [_param_line(p, family) for p in m.params.values()]
+        if m.cost:
+            lines.append(f"- cost: {m.cost}")
         for key in ("speed", "quality"):
             if m.effect.get(key):
                 lines.append(f"- {key}: {m.effect[key]}")
-        if m.notes:
+        if m.effect.get("source") and (m.effect.get("speed") or m.effect.get("quality")):
+            lines.append(f"- where the speed and quality figures come from: {m.effect['source']}")
+        if m.notes and pitfalls:
             lines.append("- known pitfalls:")
             lines += [f"  - {n}" for n in m.notes]
         if templates and m.template:
