@@ -589,7 +589,7 @@ def test_images_precomputed_for_the_public_seeds_fail_under_secret_seeds(tiny_zo
     with L ~ 0 from a 2-step pipeline (the weakness the public mode keeps, shown so that the attack
     is known to work); with the default secret seeds the same candidate fails on quality, as a
     model failure, not a harness error."""
-    from fixtures.profiles import data_source, tiny_evaluator
+    from pytest_diffbench.zoo.profiles import data_source, tiny_evaluator
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task

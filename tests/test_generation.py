@@ -254,7 +254,7 @@ def test_a_stub_generator_evaluates_a_population_through_its_context(tmp_path, t
     seed scope) and sandbox, and the parent's own verdict is unaffected."""
     import dataclasses
 
-    from agent.ga import _slim, fitness
+    from pytest_diffbench.agent.ga import _slim, fitness
     from pytest_diffbench.profile import read_profile
     from pytest_diffbench.result import TaskResult
 
