@@ -6,13 +6,14 @@ the code extracted from the answer, nothing else.
 `DiffAgent`:
 
 - planning agent: L1-L3 a coding plan (text plus the configuration as JSON); L4/L5 a baseline plan,
-  then acceleration plans (`agent.ga` asks for them, P per round);
+  then acceleration plans (`pytest_diffbench.agent.ga` asks for them, P per round);
 - coding agent: plan + the module the knowledge base renders for the plan's configuration + the
   contract + the pitfalls of the plan's methods (without a rendered module: their templates and the
   reference code) -> a module;
 - debugging agent (Reflexion-style): the module's error (syntax error, traceback, or the key
   attributes that do not match) goes back with the code; the reply reflects, then fixes.
-  A module is judged by a smoke run in the benchmark's sandbox (`agent.smoke`), never by the model.
+  A module is judged by a smoke run in the benchmark's sandbox (`pytest_diffbench.agent.smoke`),
+  never by the model.
 
 Bounds (all configurable, `Bounds`): for one plan, at most `t_code` code generations (the first
 and its regenerations), each followed by at most `t_debug` fix rounds; when all fail, L1-L3 go

@@ -1,7 +1,8 @@
 """The pytest surface of DiffAgent: options, the API-key check, the generate hook, a summary line.
 
-Loaded by the repository's conftest.py (``pytest_plugins = [..., "agent.plugin"]``). Cheap to
-import: litellm and torch are imported only when ``--llm`` is given. The work is done by the
+Registered by pytest-diffbench's own plugin (``pytest_plugins`` of ``pytest_diffbench.plugin``), so
+``--llm`` works wherever the plugin is installed, and ``-p no:diffbench`` leaves this out too. Cheap
+to import: litellm and torch are imported only when ``--llm`` is given. The work is done by the
 plain modules of this package; see docs/agent.md.
 """
 

@@ -13,7 +13,7 @@
   quality from the knowledge base's search space. It makes a whole run work end to end without a
   real LLM::
 
-      python -m agent.scripted --port 8765 &
+      python -m pytest_diffbench.agent.scripted --port 8765 &
       pytest --diffbench-level=L1,L2 --llm=openai/oracle --llm-api-base=http://127.0.0.1:8765/v1
 
 The role comes from the system message's ``DiffAgent role: <role>`` line, the task id from the
@@ -402,9 +402,15 @@ def main(argv: list[str] | None = None) -> int:
                                                  "(for end-to-end runs without a real LLM).")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--tasks", action="append", default=None,
-                        help="a task folder the oracle reads; repeatable (default: the repository's tasks/)")
+                        help="a task folder the oracle reads; repeatable (default: the benchmark's own suite, "
+                             "pytest_diffbench.tasks.suite_dir)")
     args = parser.parse_args(argv)
-    dirs = args.tasks or [str(Path(__file__).resolve().parent.parent / "tasks")]
+    if args.tasks:
+        dirs = args.tasks
+    else:
+        from pytest_diffbench.tasks import suite_dir
+
+        dirs = [str(suite_dir())]
     server = ScriptedServer(ScriptedModel(oracle=Oracle(dirs)), port=args.port)
     print(f"scripted oracle LLM on {server.api_base} (tasks from {', '.join(dirs)}); Ctrl-C stops it", flush=True)
     try:

@@ -117,7 +117,7 @@ def env() -> dict:
 
 
 def undisturbed(task_ids, work: Path, args) -> tuple[dict, float]:
-    from agent.scripted import Oracle, ScriptedModel, ScriptedServer
+    from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, ScriptedServer
 
     run_dir, cache = work / "undisturbed", work / "cache-undisturbed"
     started = time.monotonic()
@@ -131,7 +131,7 @@ def undisturbed(task_ids, work: Path, args) -> tuple[dict, float]:
 
 
 def disturbed(task_ids, work: Path, args, rng: random.Random) -> dict:
-    from agent.scripted import Oracle, ScriptedModel, ScriptedServer
+    from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, ScriptedServer
 
     run_dir, cache = work / "disturbed", work / "cache-disturbed"
     faults = [rng.choice(FAULTS) if rng.random() < args.fault_rate else {} for _ in range(20000)]

@@ -25,8 +25,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fixtures.profiles import tiny_evaluator  # noqa: E402
-from fixtures.zoo import ensure_tiny_zoo  # noqa: E402
+from pytest_diffbench.zoo.profiles import tiny_evaluator  # noqa: E402
+from pytest_diffbench.zoo.zoo import ensure_tiny_zoo  # noqa: E402
 from pytest_diffbench.evaluate import Candidate  # noqa: E402
 from pytest_diffbench.tasks import load_tasks  # noqa: E402
 

@@ -40,12 +40,12 @@ def task_config(task) -> dict[str, Any]:
 
 
 def _generator(tasks_dir: Path):
-    """The suite's code templates: `tasks_dir`'s generate.py, else the suite's own (a folder of tasks
-    written elsewhere need not carry the generator)."""
-    from .calibration import REPO_TASKS_DIR, _load_generator
+    """The suite's code templates: `tasks_dir`'s generate.py, else the installed suite's own (a folder
+    of tasks written elsewhere need not carry the generator)."""
+    from .calibration import _load_generator, _suite_dir_or_none
 
-    for folder in (Path(tasks_dir), REPO_TASKS_DIR):
-        if (folder / "generate.py").is_file():
+    for folder in (Path(tasks_dir), _suite_dir_or_none()):
+        if folder is not None and (folder / "generate.py").is_file():
             return _load_generator(folder)
     return None
 

@@ -8,7 +8,7 @@ the knowledge space for each task family, and the plugin applies it before a tas
 
     python -m pytest_diffbench.calibration --profile cpu-tiny            # writes tasks/calibration/cpu-tiny.yaml
 
-    cal = load_calibration(Path("tasks"), profile.name)                  # None when there is none
+    cal = load_calibration(suite_dir(), profile.name)                    # None when there is none
     task = cal.apply(task)                                                # concrete target, gold, requirement
 
 The search (no LLM): for each family of L4/L5 tasks that share model, pipeline kind, resolution
@@ -62,9 +62,10 @@ rejects the aggressive ones, so that the search faces a real trade-off (see task
 Profile. The command's evaluator is built with the harness's one resolver
 (``pytest_diffbench.profile.resolve_profile``), as the plugin's: the same versions in the baseline
 cache key, the same sandbox and warm-start resolution, the model setup from the repository's
-``fixtures`` (``resolve_models``, the tiny zoo built in ``--zoo-dir`` for cpu-tiny, the Hugging Face
-cache otherwise). ``fixtures`` and ``tasks/generate.py`` are imported as the repository provides
-them (run the command from the repository root); this module never edits ``sys.path``.
+``pytest_diffbench.zoo`` (``resolve_models``, the tiny zoo built in ``--zoo-dir`` for cpu-tiny, the Hugging Face
+cache otherwise). The zoo (``pytest_diffbench.zoo``, the repository's fixtures/) and the suite's
+generator (``tasks/generate.py``, installed as ``pytest_diffbench.suite_tasks.generate``) are imported
+as installed; this module never edits ``sys.path``.
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ from .tasks import (
     latency_text,
     load_tasks,
     speedup_text,
+    suite_dir,
     task_from_dict,
 )
 
@@ -110,8 +112,6 @@ __all__ = [
 ]
 
 CALIBRATION_DIR = "calibration"
-# The checkout's tasks/ (the calibration command's default --tasks).
-REPO_TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
 #: L4/L5 fidelity bound (normalised RMS error vs the reference images) on profiles without a
 #: meaningful CLIP score (the tiny zoo)
@@ -172,14 +172,21 @@ def calibration_path(tasks_dir: Path, profile_name: str) -> Path:
     return Path(tasks_dir) / CALIBRATION_DIR / f"{profile_name}.yaml"
 
 
+def _suite_dir_or_none() -> Path | None:
+    try:
+        return suite_dir().resolve()
+    except FileNotFoundError:
+        return None
+
+
 def calibration_command(profile_name: str, tasks_dir: Path | None = None) -> str:
     """The command that writes the calibration of `profile_name` (for skip messages).
 
-    `--tasks` is named only for a folder other than the repository's, where the command's default
-    would write the file somewhere the run does not read it.
+    `--tasks` is named only for a folder other than the benchmark's own suite (the command's
+    default), where the default would write the file somewhere the run does not read it.
     """
     command = f"python -m pytest_diffbench.calibration --profile {profile_name}"
-    if tasks_dir is not None and Path(tasks_dir).resolve() != REPO_TASKS_DIR:
+    if tasks_dir is not None and Path(tasks_dir).resolve() != _suite_dir_or_none():
         command += f" --tasks {shlex.quote(str(tasks_dir))}"
     return command
 
@@ -432,13 +439,13 @@ def config_id(config: Mapping) -> str:
 
 
 def _load_generator(tasks_dir: Path):
-    """tasks/generate.py (the suite's code templates): the module `<tasks folder>.generate` where that
-    package is importable as this folder (the repository root on sys.path), else the file itself
-    (run as a script, it makes its repository importable on its own). sys.path is not edited here."""
+    """tasks/generate.py (the suite's code templates) of the folder `tasks_dir`: the installed
+    module `pytest_diffbench.suite_tasks.generate` where that is this folder's file, else the file
+    itself, loaded under a name of its own. sys.path is not edited here."""
     import importlib.util
 
     tasks_dir = Path(tasks_dir).resolve()
-    name = f"{tasks_dir.name}.generate"
+    name = "pytest_diffbench.suite_tasks.generate"
     try:
         spec = importlib.util.find_spec(name)
     except ImportError:
@@ -942,15 +949,9 @@ def merge_calibrations(parts: list[Mapping], names: list[str]) -> dict:
 
 
 def _repository_fixtures():
-    """The repository's `fixtures` package (model zoo and benchmark data): importable when the command
-    runs from the pytest-diffbench repository root (``python -m`` puts the working folder first on
-    sys.path), as the plugin's root conftest.py needs it too. Never found by editing sys.path."""
-    try:
-        from fixtures import plugin, profiles
-    except ImportError as exc:
-        raise SystemExit("the calibration command needs the repository's `fixtures` package (the model zoo and "
-                         "the benchmark data) importable: run it from the pytest-diffbench repository root "
-                         f"({exc})") from None
+    """The model zoo and the benchmark data (`pytest_diffbench.zoo`, the repository's fixtures/)."""
+    from .zoo import plugin, profiles
+
     return plugin, profiles
 
 
@@ -999,7 +1000,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_diffbench.calibration",
                                      description="Calibrate the L4/L5 targets of a hardware profile.")
     parser.add_argument("--profile", required=True, help="profile name, e.g. cpu-tiny")
-    parser.add_argument("--tasks", default=str(REPO_TASKS_DIR), help="tasks directory (default: %(default)s)")
+    parser.add_argument("--tasks", default=None,
+                        help="tasks directory (default: the benchmark's own suite, pytest_diffbench.suite_tasks)")
     parser.add_argument("--tasks-filter", "-k", action="append", default=[],
                         help="only families with a task id or family key containing this (repeatable)")
     parser.add_argument("--configs", type=int, default=DEFAULT_CONFIGS,
@@ -1023,6 +1025,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure nothing: merge calibration files of disjoint families (parallel runs, each "
                              "with its own --out) into --out")
     args = parser.parse_args(argv)
+    if args.tasks is None:
+        try:
+            args.tasks = str(suite_dir())
+        except FileNotFoundError as exc:
+            raise SystemExit(f"--tasks: {exc}") from None
     if args.merge:
         out_path = Path(args.out) if args.out else calibration_path(Path(args.tasks), args.profile)
         parts, commands = [], []

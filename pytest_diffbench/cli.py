@@ -17,8 +17,6 @@ from pathlib import Path
 
 from . import report
 
-#: the task folder of this repository (the one `pytest` uses from its root)
-DEFAULT_TASKS = Path(__file__).resolve().parent.parent / "tasks"
 
 
 class CommandError(Exception):
@@ -34,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def tasks_option(p):
-        p.add_argument("--tasks", type=Path, default=DEFAULT_TASKS, metavar="DIR",
-                       help="folder of task YAML files (default: %(default)s)")
+        p.add_argument("--tasks", type=Path, default=None, metavar="DIR",
+                       help="folder of task YAML files (default: ./tasks where it holds task files, else the "
+                            "benchmark's own suite, as pytest run from this folder)")
 
     p = commands.add_parser("list", help="list the tasks (id, level, model, pipeline)")
     tasks_option(p)
@@ -86,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"list": cmd_list, "validate": cmd_validate, "report": cmd_report, "compare": cmd_compare,
                "merge": cmd_merge, "export": cmd_export}[args.command]
     try:
+        if getattr(args, "tasks", False) is None:
+            args.tasks = _default_tasks()
         return handler(args)
     except CommandError as exc:
         print(f"diffbench {args.command}: error: {exc}", file=sys.stderr)
@@ -93,6 +94,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- tasks ----------------------------------------------------------------------------------
+
+def _default_tasks() -> Path:
+    """./tasks where it holds task files, else the benchmark's installed suite (as pytest's default
+    from this folder without an ini key: pytest_diffbench.tasks.default_tasks_dir)."""
+    from .tasks import default_tasks_dir
+
+    try:
+        return default_tasks_dir(Path.cwd())
+    except FileNotFoundError as exc:
+        raise CommandError(f"--tasks: {exc}") from None
+
 
 def _load_tasks(folder: Path):
     from .tasks import TaskError, load_tasks

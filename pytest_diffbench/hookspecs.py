@@ -46,14 +46,16 @@ def pytest_diffbench_model_setup(config, mode, zoo_dir, model_ids, build):
     """Return a `ModelSetup` (zoo, env, clip, detail) that makes `model_ids` loadable offline.
 
     `mode` is the value of `--diffbench-models` (tiny | hub | auto). With `build=False` only
-    decide (for the session header); with `build=True` also build what is missing. The
-    repository's conftest.py implements it with the offline tiny zoo of `fixtures/`.
+    decide (for the session header); with `build=True` also build what is missing. The plugin's
+    own implementation (`pytest_diffbench.zoo.plugin`, trylast) gives the offline tiny zoo or the
+    real weights of the Hugging Face cache; a conftest.py or plugin may answer first.
     """
 
 
 @pytest.hookspec(firstresult=True)
 def pytest_diffbench_data_source(config):
-    """Return the `pytest_diffbench.workload.DataSource` with captions, class names, init images."""
+    """Return the `pytest_diffbench.workload.DataSource` with captions, class names, init images
+    (the plugin's own, trylast: the benchmark data of `pytest_diffbench.zoo`)."""
 
 
 def pytest_diffbench_evaluated(task, result, record, config):

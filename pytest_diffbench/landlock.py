@@ -5,9 +5,10 @@ unprivileged process restrict itself and everything it later starts; it needs no
 (so it works where those are disabled, e.g. Ubuntu 24.04's AppArmor default) and it binds root
 too. `restrict()` builds a ruleset that handles every access right the running kernel knows:
 
-- file system: read (+ execute) only beneath the paths given as `read`; read, write, create,
-  remove, rename beneath `write`; read, write and ioctl on the device files in `devices`. Anything
-  else (the repository, golds, the baseline cache, the run directory, home) cannot be opened at all.
+- file system: read (+ execute) only beneath the paths given as `read` (listing only beneath
+  `list`); read, write, create, remove, rename beneath `write`; read, write and ioctl on the
+  device files in `devices`. Anything else (the repository, golds, the baseline cache, the run
+  directory, home) cannot be opened at all.
   Path-based only: `stat()` of a path still works, and fds opened before (stdin/out/err, the
   result pipe) keep working.
 - TCP (ABI >= 4): bind and connect denied on every port.
@@ -24,7 +25,8 @@ It is applied by an exec wrapper, not inside the parent's `preexec_fn`:
 
     python -I -S -B .../pytest_diffbench/landlock.py SPEC_JSON -- PROGRAM ARGS...
 
-(`SPEC_JSON`: {"read": [...], "write": [...], "devices": [...], "drop_caps": bool, "min_abi": n}).
+(`SPEC_JSON`: {"read": [...], "list": [...], "write": [...], "devices": [...], "drop_caps": bool,
+"min_abi": n}; "list": folders that may be listed but whose files cannot be opened).
 The wrapper restricts itself and `execv`s the program, which inherits the domain. A wrapper, because
 (1) Landlock forbids mount(), so it must come after bubblewrap's or unshare's own setup, which a
 `preexec_fn` (before exec of bwrap/unshare) cannot do; (2) it keeps ctypes work out of a forked
@@ -136,9 +138,11 @@ def _fs_rights(abi: int) -> int:
     return rights
 
 
-def restrict(read=(), write=(), devices=(), *, deny_tcp: bool = True, scope: bool = True, min_abi: int = 1) -> dict:
+def restrict(read=(), write=(), devices=(), *, listable=(), deny_tcp: bool = True, scope: bool = True,
+             min_abi: int = 1) -> dict:
     """Restrict this thread (and what it execs or forks later) to the given paths; see the module
-    docstring. Paths that do not exist are skipped. Returns what was enforced."""
+    docstring. `listable`: folders that may only be listed (their files cannot be opened unless
+    another rule allows it). Paths that do not exist are skipped. Returns what was enforced."""
     abi = abi_version()
     if abi < max(1, min_abi):
         raise LandlockUnavailable(errno.ENOSYS, f"Landlock ABI {abi} (need >= {max(1, min_abi)})")
@@ -160,7 +164,8 @@ def restrict(read=(), write=(), devices=(), *, deny_tcp: bool = True, scope: boo
         write_rights = handled & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK | FS_IOCTL_DEV)
         device_rights = FS_READ_FILE | FS_WRITE_FILE | (handled & (FS_TRUNCATE | FS_IOCTL_DEV))
         added = []
-        for paths, rights in ((read, read_rights), (write, write_rights), (devices, device_rights)):
+        for paths, rights in ((read, read_rights), (listable, FS_READ_DIR), (write, write_rights),
+                              (devices, device_rights)):
             for path in paths:
                 try:
                     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -168,7 +173,10 @@ def restrict(read=(), write=(), devices=(), *, deny_tcp: bool = True, scope: boo
                     continue
                 try:
                     is_dir = os.path.isdir(f"/proc/self/fd/{fd}")
-                    rule = _PathBeneathAttr(allowed_access=rights if is_dir else rights & file_only, parent_fd=fd)
+                    allowed = rights if is_dir else rights & file_only
+                    if not allowed:  # a file among the listable folders: nothing to allow
+                        continue
+                    rule = _PathBeneathAttr(allowed_access=allowed, parent_fd=fd)
                     _syscall(SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
                              ctypes.byref(rule), ctypes.c_uint32(0))
                     added.append(path)
@@ -230,7 +238,7 @@ def main(argv: list[str]) -> None:
         spec = json.loads(argv[1])
         if spec.get("drop_caps"):
             drop_capabilities()
-        restrict(spec.get("read", ()), spec.get("write", ()), spec.get("devices", ()),
+        restrict(spec.get("read", ()), spec.get("write", ()), spec.get("devices", ()), listable=spec.get("list", ()),
                  deny_tcp=spec.get("deny_tcp", True), scope=spec.get("scope", True), min_abi=spec.get("min_abi", 1))
     except Exception as exc:  # noqa: BLE001 - fail closed, whatever went wrong
         sys.stderr.write(f"diffbench sandbox: Landlock could not be applied, the candidate was not run: {exc}\n")

@@ -35,6 +35,13 @@ from .workload import PUBLIC_SEEDS, SECRET_SEEDS, SEED_MODES, SEED_SCOPES, VERDI
 
 log = logging.getLogger(__name__)
 
+#: registered with this plugin, and only with it (so `-p no:diffbench` leaves them out as well):
+#: DiffAgent, the generator behind --llm (its options need it registered before the command line is
+#: parsed, hence here and not in pytest_configure), and the default model zoo and benchmark data
+#: (pytest_diffbench_model_setup / _data_source, trylast: a conftest.py or plugin answers first).
+#: Installed, the benchmark runs from any folder; `-p no:pytest_diffbench.agent.plugin` drops DiffAgent.
+pytest_plugins = ["pytest_diffbench.agent.plugin", "pytest_diffbench.zoo.plugin"]
+
 SESSION_KEY = pytest.StashKey["DiffbenchSession"]()
 #: an item's TaskResult, set by the diffbench_evaluation fixture for pytest_runtest_makereport
 RESULT_KEY = pytest.StashKey[TaskResult]()
@@ -56,7 +63,8 @@ def pytest_addoption(parser):
                     help="run the DiffBench tasks of these levels: L1..L5, comma separated, or 'all'. "
                          "Without it the plugin collects nothing.")
     group.addoption("--diffbench-tasks", metavar="DIR", default=None,
-                    help="folder of task YAML files (default: <rootdir>/tasks)")
+                    help="folder of task YAML files (default: the ini key diffbench_tasks, else <rootdir>/tasks "
+                         "where it holds task files, else the benchmark's own suite, installed with the plugin)")
     group.addoption("--diffbench-models", choices=("auto", "tiny", "hub"), default=None,
                     help="model weights: tiny = offline random stand-ins, hub = real weights from the "
                          "Hugging Face cache, auto = hub where available locally, else tiny (default: auto)")
@@ -354,8 +362,8 @@ class DiffbenchSession:
             config=self.config, mode=self.config.getoption("diffbench_models"), zoo_dir=self.zoo_dir,
             model_ids=ids, build=build)
         if setup is None:
-            raise HarnessError("no plugin provides the model zoo (pytest_diffbench_model_setup); run pytest from "
-                               "the pytest-diffbench repository, whose conftest.py loads fixtures/plugin.py")
+            raise HarnessError("no plugin provides the model zoo (pytest_diffbench_model_setup): the plugin's own "
+                               "(pytest_diffbench.zoo.plugin) is disabled (-p no:...) and nothing else answers")
         return setup
 
     def evaluator(self) -> Evaluator:
@@ -541,14 +549,31 @@ def _load_tasks(config):
         levels = parse_levels(config.getoption("diffbench_level"))
     except ValueError as exc:
         raise pytest.UsageError(f"--diffbench-level: {exc}") from None
-    tasks_dir = Path(config.getoption("diffbench_tasks") or config.rootpath / "tasks")
-    if not tasks_dir.is_dir():
-        raise pytest.UsageError(f"--diffbench-tasks: {tasks_dir} is not a folder of task YAML files")
+    tasks_dir = tasks_folder(config)
     try:
         tasks = load_tasks(tasks_dir)
     except TaskError as exc:
         raise pytest.UsageError(f"invalid DiffBench task: {exc}") from None
     return select_tasks(tasks, levels), {t.id for t in tasks}, levels, tasks_dir
+
+
+def tasks_folder(config) -> Path:
+    """The folder of task files: --diffbench-tasks, else the ini key diffbench_tasks (both in
+    config.option after apply_settings), else <rootdir>/tasks where it is a folder of task files,
+    else the benchmark's installed suite (pytest_diffbench.tasks.default_tasks_dir)."""
+    from .tasks import default_tasks_dir
+
+    given = config.getoption("diffbench_tasks")
+    if given:
+        tasks_dir = Path(given)
+        if not tasks_dir.is_dir():
+            raise pytest.UsageError(f"--diffbench-tasks: {tasks_dir} is not a folder of task YAML files")
+        return tasks_dir
+    try:
+        return default_tasks_dir(config.rootpath)
+    except FileNotFoundError as exc:
+        raise pytest.UsageError(f"--diffbench-tasks: {config.rootpath / 'tasks'} is not a folder of task YAML "
+                                f"files, and {exc}") from None
 
 
 def apply_settings(config) -> None:

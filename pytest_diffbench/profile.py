@@ -4,7 +4,7 @@ Decisions (issue 14):
 
 * `resolve_profile` is the only place that turns settings (`auto` device, speed, sandbox, warm
   start, thread count, CLIP model...) into an `evaluate.Profile`. The pytest plugin, the
-  calibration command (`python -m pytest_diffbench.calibration`) and `fixtures.profiles.tiny_profile`
+  calibration command (`python -m pytest_diffbench.calibration`) and `pytest_diffbench.zoo.profiles.tiny_profile`
   all call it, so `versions` (pytest_diffbench, torch, diffusers, transformers: part of every
   baseline's cache key) is filled the same way everywhere.
 * Everything `auto` is resolved here, to the value that is used: the device (cuda when available),

@@ -17,7 +17,9 @@ dependency; needs user namespaces or a set-uid bwrap)
     package, the model caches named in its environment, the job file, the candidate file and
     the workload's input images. Everything else (home, the repository with tasks/ and its golds
     and calibrations, the run directory, the baseline cache, the LLM cache, other users' files,
-    /proc of other processes) is not there. Writable: only a private, size-limited tmpfs on /tmp
+    /proc of other processes) is not there; where the harness is installed from a wheel, the suite,
+    DiffAgent and the zoo's data inside its package folder (`HIDDEN_PACKAGES`: golds, calibrations,
+    knowledge base) are covered by empty read-only tmpfs mounts. Writable: only a private, size-limited tmpfs on /tmp
     (its working directory, TMPDIR and HOME) and /dev/shm. Where the kernel has Landlock, the
     child is also Landlocked inside (see `landlock`: the same read allowlist, writes only to /tmp,
     /dev/shm and the device nodes, TCP denied, signals and abstract sockets scoped).
@@ -25,7 +27,9 @@ dependency; needs user namespaces or a set-uid bwrap)
 24.04 where unprivileged ones are disabled; works as root)
     the child is started through an exec wrapper (pytest_diffbench/landlock.py) that sets
     no_new_privs, drops every capability (as root) and Landlocks itself before exec: it can open
-    for reading (and execute) only what `bwrap` would show (same allowlist, at the same paths);
+    for reading (and execute) only what `bwrap` would show (same allowlist, at the same paths; a
+    readable folder that holds a `HIDDEN_PACKAGES` folder, e.g. an installed package's
+    site-packages, is carved: listable, its other entries readable, the hidden folder's files not);
     the harness package folder is on PYTHONPATH through a read-only folder of links, so the
     repository around it cannot even be listed. It can write (create, remove, rename, truncate)
     only in its private scratch folder (cwd, TMPDIR and HOME; removed afterwards; its size counts
@@ -252,8 +256,102 @@ def _gpu_device_paths() -> list[str]:
 
 
 def _landlock_spec(read: Sequence[str], write: Sequence[str], min_abi: int, deny_tcp: bool = True) -> dict:
-    return {"read": list(read), "write": list(write), "devices": list(_LANDLOCK_DEVICES) + _gpu_device_paths(),
+    """The wrapper's spec. A readable folder that holds a hidden one (`_hidden_paths`: the suite, ...
+    inside an installed package) is carved: the folders down to the hidden one may only be listed
+    ("list"), everything beside them stays readable, the hidden folder's files cannot be opened."""
+    read, listable = _carve(read, _hidden_paths())
+    return {"read": read, "list": listable, "write": list(write),
+            "devices": list(_LANDLOCK_DEVICES) + _gpu_device_paths(),
             "drop_caps": True, "min_abi": min_abi, "deny_tcp": deny_tcp}
+
+
+#: subpackages of the harness a child never needs, which hold what candidates are judged by: the
+#: suite (task files with their golds, the calibrations, the templates the golds are rendered
+#: from), DiffAgent (its knowledge base) and the model zoo's builder with the benchmark data. In a
+#: clone they are the repository's tasks/, agent/ and fixtures/, outside the package folder the
+#: child sees; installed from a wheel they are inside it (site-packages/pytest_diffbench/...), so
+#: bwrap lays an empty read-only tmpfs over each and Landlock's allowlist is carved around them.
+HIDDEN_PACKAGES = ("pytest_diffbench.suite_tasks", "pytest_diffbench.agent", "pytest_diffbench.zoo")
+
+
+@lru_cache(maxsize=None)
+def _hidden_paths() -> tuple[str, ...]:
+    """The folders of HIDDEN_PACKAGES (found without importing them), and their names inside this
+    package's folder whether or not they are installed there; absolute and real forms."""
+    import importlib.util
+
+    here = Path(__file__).resolve().parent
+    found: list[str] = [str(here / name.rpartition(".")[2]) for name in HIDDEN_PACKAGES]
+    for name in HIDDEN_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except ImportError:
+            spec = None
+        found += list((spec.submodule_search_locations or []) if spec is not None else [])
+    out: list[str] = []
+    for path in found:
+        if not os.path.isdir(path):
+            continue
+        for variant in (os.path.abspath(path), os.path.realpath(path)):
+            if variant not in out:
+                out.append(variant)
+    return tuple(out)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _carve(read: Sequence[str], hidden: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(readable, listable): `read` without what lies in a `hidden` folder. A readable folder that
+    holds a hidden one is replaced by its entries (recursively, down to the hidden folder) and
+    becomes listable only; a symlink among them is kept only where it points into the folder and
+    not into a hidden one (a rule on a link grants its target)."""
+    readable: list[str] = []
+    listable: list[str] = []
+
+    def hidden_at(path: str) -> bool:
+        return any(_within(path, h) for h in hidden)
+
+    def holds_hidden(path: str) -> bool:
+        return any(_within(h, path) and h != path for h in hidden)
+
+    def add(path: str, root: str) -> None:
+        real = os.path.realpath(path)
+        if hidden_at(path) or hidden_at(real):
+            return
+        if not (holds_hidden(path) or holds_hidden(real)):
+            if path not in readable:
+                readable.append(path)
+            return
+        if path not in listable:
+            listable.append(path)
+        for name in sorted(_listdir(path)):
+            child = os.path.join(path, name)
+            if os.path.islink(child):
+                target = os.path.realpath(child)
+                if not _within(target, root) or hidden_at(target) or holds_hidden(target):
+                    continue
+            add(child, root)
+
+    for path in read:
+        add(path, os.path.realpath(path))
+    return readable, listable
+
+
+def _hidden_mounts(readable: Sequence[str]) -> list[str]:
+    """bwrap: the hidden folders (`_hidden_paths`) at the paths where a bound readable folder shows
+    them, to cover with an empty read-only tmpfs."""
+    out: list[str] = []
+    for path in readable:
+        real = os.path.realpath(path)
+        for hidden in _hidden_paths():
+            for base in (path, real):
+                if _within(hidden, base) and hidden != base:
+                    shown = os.path.join(path, os.path.relpath(hidden, base))
+                    if shown not in out and os.path.isdir(shown):
+                        out.append(shown)
+    return sorted(out, key=lambda p: (p.count("/"), p))
 
 
 def _landlock_wrapper(python: str, read: Sequence[str], write: Sequence[str], min_abi: int,
@@ -398,9 +496,12 @@ def _readable_paths(env: Mapping[str, str], job: dict, extra: Sequence[os.PathLi
         paths.append(image)
     paths += [os.fspath(p) for p in extra]
     out: list[str] = []
+    hidden = _hidden_paths()
     for path in paths:
         if not os.path.isabs(path) or not os.path.exists(path) or os.path.realpath(path) in _TOO_BROAD:
             continue
+        if any(_within(variant, h) for variant in (os.path.abspath(path), os.path.realpath(path)) for h in hidden):
+            continue  # in the suite, DiffAgent or the zoo's data: never shown (HIDDEN_PACKAGES)
         for variant in (os.path.abspath(path), os.path.realpath(path)):
             if variant not in out and not variant.startswith(("/proc", "/dev", "/sys")):
                 out.append(variant)
@@ -427,6 +528,8 @@ def _bwrap_command(bwrap: str, userns: bool, network: bool, readable: list[str],
     args += ["--size", str(tmp_bytes), "--tmpfs", "/tmp", "--dir", "/tmp/home", "--dir", "/tmp/work"]
     for path in readable + [str(job_path)]:
         args += ["--ro-bind", path, path]
+    for path in _hidden_mounts(readable):  # the suite, ... inside a bound (installed) package: empty
+        args += ["--perms", "0555", "--size", str(4096), "--tmpfs", path, "--remount-ro", path]
     args += ["--ro-bind-try", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev"]
     for name in _GPU_DEVICES + tuple(sorted(n for n in _listdir("/dev") if re.fullmatch(r"nvidia\d+", n))):
         args += ["--dev-bind-try", f"/dev/{name}", f"/dev/{name}"]

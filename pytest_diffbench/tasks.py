@@ -78,6 +78,9 @@ __all__ = [
     "marker_name",
     "parse_levels",
     "select_tasks",
+    "suite_dir",
+    "is_task_folder",
+    "default_tasks_dir",
     "task_from_dict",
 ]
 
@@ -1207,6 +1210,43 @@ def load_tasks(tasks_dir: Path | str) -> list[Task]:
     if issues:
         raise TaskError.from_issues(issues)
     return sorted(tasks, key=lambda t: t.id)
+
+
+#: the package that holds the benchmark's own suite (the repository's tasks/, mapped into the
+#: plugin's namespace by the distribution: pyproject.toml [tool.setuptools.package-dir])
+SUITE_PACKAGE = "pytest_diffbench.suite_tasks"
+
+
+def suite_dir() -> Path:
+    """The folder of the benchmark's own suite, wherever it is installed: the repository's tasks/
+    in a clone installed with ``pip install -e .``, ``<site-packages>/pytest_diffbench/suite_tasks``
+    from a wheel. Found without importing the package (nothing of it runs). FileNotFoundError where
+    it is not installed (a clone used through PYTHONPATH alone)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(SUITE_PACKAGE)
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the benchmark's own suite ({SUITE_PACKAGE}) is not installed: install "
+                                "pytest-diffbench (`pip install -e .` in a clone, or its wheel), or name a folder "
+                                "of tasks")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def is_task_folder(path: Path | str) -> bool:
+    """Whether `path` is a folder holding task files (what `load_tasks` would read)."""
+    path = Path(path)
+    return path.is_dir() and bool(_task_files(path))
+
+
+def default_tasks_dir(rootdir: Path | str) -> Path:
+    """The tasks folder when none is named (--diffbench-tasks, ini key diffbench_tasks):
+    ``<rootdir>/tasks`` where it is a folder of task files (a project's own suite, or a clone's),
+    else the benchmark's installed suite (`suite_dir`)."""
+    local = Path(rootdir) / "tasks"
+    return local if is_task_folder(local) else suite_dir()
 
 
 def parse_levels(spec: str) -> set[str]:

@@ -9,7 +9,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     """The offline tiny zoo (built once; $DIFFBENCH_ZOO_DIR reuses a zoo built before)."""
-    from fixtures.zoo import ensure_tiny_zoo
+    from pytest_diffbench.zoo.zoo import ensure_tiny_zoo
 
     root = os.environ.get("DIFFBENCH_ZOO_DIR") or os.environ.get("DIFFBENCH_TEST_ZOO")
     base = tmp_path_factory.getbasetemp()
@@ -26,7 +26,7 @@ def baseline_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def make_evaluator(tiny_zoo, baseline_cache_dir):
     """Build an Evaluator on the tiny zoo the way the plugin does, with small workloads."""
-    from fixtures.profiles import tiny_evaluator
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
 
     def make(run_dir, samples=2, timeout_s=300.0):
         return tiny_evaluator(tiny_zoo, baseline_cache_dir, run_dir, samples=samples, timeout_s=timeout_s)

@@ -340,11 +340,12 @@ def test_no_writes_outside_the_private_tmp(tmp_path, tiny_zoo_dir):
 
 @pytest.fixture(scope="module")
 def tiny_zoo_dir():
-    """A folder the child may read but must not write (the tiny zoo when it is there)."""
+    """A folder the child may read but must not write (the tiny zoo when it is there; else one of
+    the repository's that the sandbox shows when named: not fixtures/, which it never shows)."""
     zoo = os.environ.get("DIFFBENCH_ZOO_DIR")
     if zoo and Path(zoo).is_dir():
         return Path(zoo)
-    return REPO / "fixtures"
+    return REPO / "docs"
 
 
 @pytest.mark.skipif(not STRONG, reason="no namespace isolation on this machine")
@@ -589,7 +590,7 @@ def test_images_precomputed_for_the_public_seeds_fail_under_secret_seeds(tiny_zo
     with L ~ 0 from a 2-step pipeline (the weakness the public mode keeps, shown so that the attack
     is known to work); with the default secret seeds the same candidate fails on quality, as a
     model failure, not a harness error."""
-    from fixtures.profiles import data_source, tiny_evaluator
+    from pytest_diffbench.zoo.profiles import data_source, tiny_evaluator
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task

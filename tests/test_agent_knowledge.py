@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.extract import extract_code, extract_json, syntax_problem
-from agent.knowledge import (KnowledgeError, check_config, config_from_attributes, config_from_task, excerpt,
+from pytest_diffbench.agent.extract import extract_code, extract_json, syntax_problem
+from pytest_diffbench.agent.knowledge import (KnowledgeError, check_config, config_from_attributes, config_from_task, excerpt,
                              load_knowledge, normalise_config, render_candidate)
 from pytest_diffbench.tasks import load_tasks
 
@@ -178,7 +178,7 @@ def test_extract_json_from_fences_or_prose():
 
 
 def test_l4_variant_of_a_task(kb, tasks):
-    from agent.scripted import make_l4_task
+    from pytest_diffbench.agent.scripted import make_l4_task
 
     task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"], allowed=("fast_sampler", "deepcache"))
     assert task.level == "L4" and task.id == "L4-sd15-t2i-9001" and task.gold is None

@@ -9,9 +9,9 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from agent.llm import PLACEHOLDER_KEY, LLMClient, LLMError, LLMSettings, resolve_credentials  # noqa: E402
-from agent.scripted import ScriptedModel, ScriptedServer  # noqa: E402
-from agent.transcript import Transcript  # noqa: E402
+from pytest_diffbench.agent.llm import PLACEHOLDER_KEY, LLMClient, LLMError, LLMSettings, resolve_credentials  # noqa: E402
+from pytest_diffbench.agent.scripted import ScriptedModel, ScriptedServer  # noqa: E402
+from pytest_diffbench.agent.transcript import Transcript  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 
@@ -84,7 +84,7 @@ def test_timeouts_and_empty_answers_are_retried(server):
 
 
 def test_truncated_answers_are_asked_again_and_never_cached(server, tmp_path):
-    from agent.transcript import Transcript
+    from pytest_diffbench.agent.transcript import Transcript
 
     server.faults.append({"truncate": 3})
     llm, sleeps = make(server, tmp_path, backoff_s=0.01)
@@ -157,7 +157,7 @@ def test_cache_off_always_asks(server):
 
 
 def test_cost_from_litellm_price_map(server):
-    from agent.llm import import_litellm
+    from pytest_diffbench.agent.llm import import_litellm
 
     litellm = import_litellm()
     llm, _ = make(server, model="openai/gpt-4o-mini")

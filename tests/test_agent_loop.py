@@ -16,13 +16,13 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from agent.agents import Bounds, DiffAgent, PlainAgent  # noqa: E402
-from agent.ga import GeneticSelector, Individual, attainment, fitness  # noqa: E402
-from agent.knowledge import config_key, load_knowledge, render_candidate  # noqa: E402
-from agent.llm import LLMClient, LLMError, LLMSettings  # noqa: E402
-from agent.memory import TuningMemory  # noqa: E402
-from agent.scripted import Oracle, ScriptedModel, make_l4_task, register_provider  # noqa: E402
-from agent.transcript import Transcript  # noqa: E402
+from pytest_diffbench.agent.agents import Bounds, DiffAgent, PlainAgent  # noqa: E402
+from pytest_diffbench.agent.ga import GeneticSelector, Individual, attainment, fitness  # noqa: E402
+from pytest_diffbench.agent.knowledge import config_key, load_knowledge, render_candidate  # noqa: E402
+from pytest_diffbench.agent.llm import LLMClient, LLMError, LLMSettings  # noqa: E402
+from pytest_diffbench.agent.memory import TuningMemory  # noqa: E402
+from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, make_l4_task, register_provider  # noqa: E402
+from pytest_diffbench.agent.transcript import Transcript  # noqa: E402
 from pytest_diffbench.result import Measures, Provenance, TaskResult, task_label  # noqa: E402
 from pytest_diffbench.stages import Verdict  # noqa: E402
 from pytest_diffbench.tasks import load_tasks  # noqa: E402
@@ -380,7 +380,7 @@ def test_tuning_experience_reaches_the_next_task(tasks, kb, tmp_path):
 
 
 def test_selection_follows_normalised_fitness(tasks, kb):
-    from agent.ga import Individual
+    from pytest_diffbench.agent.ga import Individual
 
     task = make_l4_task(tasks["L2-sd15-t2i-deepcache-0006"])
     selector = GeneticSelector(type("A", (), {"task": task})(), None, Bounds())

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_run(args, env=None, drop=("OPENAI_API_KEY",), timeout=3000):
-    """`python -m pytest ARGS` in the repository root (whose conftest.py loads agent.plugin), without an
+    """`python -m pytest ARGS` in the repository root (the installed plugin registers DiffAgent), without an
     OpenAI key in the environment: the command lines of the README."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k not in drop}
     full_env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1"})
@@ -71,7 +71,7 @@ def test_a_ga_round_is_evaluated_by_the_harness(tiny_zoo, baseline_cache_dir, tm
     """DiffAgent on an L4 task (the oracle over HTTP, one round of two): the round goes through the
     harness's `context.evaluate_population`, whose child session measures under the parent's
     profile with the agent's seeds; the verdict keeps its own."""
-    from agent.scripted import Oracle, ScriptedModel, ScriptedServer
+    from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, ScriptedServer
     from pytest_diffbench.profile import read_profile
 
     task_id = "L4-dit-c2i-easy-0010"
@@ -117,7 +117,7 @@ def test_bad_agent_options_are_usage_errors(tmp_path, args, message):
 
 
 def test_llm_failures_are_harness_errors_and_the_session_continues(tmp_path):
-    from agent.scripted import ScriptedModel, ScriptedServer
+    from pytest_diffbench.agent.scripted import ScriptedModel, ScriptedServer
 
     tasks = ["-k", "L1-sd15-t2i-0001 or L1-sd21-t2i-0003"]
     with ScriptedServer(ScriptedModel(), faults=[{"status": 500}] * 4) as server:
@@ -148,7 +148,7 @@ E2E_TASKS = ["L1-pixart-alpha-t2i-0006", "L2-pixart-alpha-t2i-unipc-0005", "L3-s
 
 @pytest.fixture(scope="module")
 def e2e_tasks(tmp_path_factory):
-    from agent.scripted import make_l4_task, make_l5_task, write_task
+    from pytest_diffbench.agent.scripted import make_l4_task, make_l5_task, write_task
     from pytest_diffbench.tasks import load_tasks
 
     folder = tmp_path_factory.mktemp("e2e-tasks")
@@ -168,7 +168,7 @@ def e2e_tasks(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.long  # 10-40 min: excluded from `pytest tests` (pyproject addopts); run with -m long
 def test_end_to_end_with_a_local_openai_compatible_server(e2e_tasks, tmp_path):
-    from agent.scripted import Oracle, ScriptedModel, ScriptedServer
+    from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, ScriptedServer
 
     cache = tmp_path / "llm-cache"
     common = ["--diffbench-level=all", f"--diffbench-tasks={e2e_tasks}", "--diffbench-models=tiny",

@@ -12,11 +12,11 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from agent import prompts  # noqa: E402
-from agent.agents import DiffAgent  # noqa: E402
-from agent.facts import cost_breakdown, denoiser_calls  # noqa: E402
-from agent.ga import feedback_text  # noqa: E402
-from agent.knowledge import excerpt, expand_combos, load_knowledge, plan_format, render_candidate  # noqa: E402
+from pytest_diffbench.agent import prompts  # noqa: E402
+from pytest_diffbench.agent.agents import DiffAgent  # noqa: E402
+from pytest_diffbench.agent.facts import cost_breakdown, denoiser_calls  # noqa: E402
+from pytest_diffbench.agent.ga import feedback_text  # noqa: E402
+from pytest_diffbench.agent.knowledge import excerpt, expand_combos, load_knowledge, plan_format, render_candidate  # noqa: E402
 from pytest_diffbench.calibration import config_id, family_key, load_calibration  # noqa: E402
 from pytest_diffbench.generation import GenerationContext  # noqa: E402
 from pytest_diffbench.tasks import latency_text, load_tasks, speedup_text  # noqa: E402
@@ -119,7 +119,7 @@ def test_the_context_hands_out_the_calibrations_measurements(suite, cal, tmp_pat
 
 
 def test_tuning_memory_is_labelled_and_shown_beside_the_calibration(suite, kb, cal, tmp_path):
-    from agent.memory import TuningMemory
+    from pytest_diffbench.agent.memory import TuningMemory
 
     task = suite["L4-sd15-t2i-medium-0002"]
     memory = TuningMemory(tmp_path, "cpu-tiny")

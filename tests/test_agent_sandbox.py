@@ -9,11 +9,11 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from agent.agents import Bounds, DiffAgent  # noqa: E402
-from agent.llm import LLMClient, LLMSettings  # noqa: E402
-from agent.scripted import ScriptedModel, register_provider  # noqa: E402
-from agent.smoke import smoke_function  # noqa: E402
-from agent.transcript import Transcript  # noqa: E402
+from pytest_diffbench.agent.agents import Bounds, DiffAgent  # noqa: E402
+from pytest_diffbench.agent.llm import LLMClient, LLMSettings  # noqa: E402
+from pytest_diffbench.agent.scripted import ScriptedModel, register_provider  # noqa: E402
+from pytest_diffbench.agent.smoke import smoke_function  # noqa: E402
+from pytest_diffbench.agent.transcript import Transcript  # noqa: E402
 from pytest_diffbench.generation import GenerationContext  # noqa: E402
 from pytest_diffbench.tasks import load_task  # noqa: E402
 
@@ -23,8 +23,8 @@ TASK = ROOT / "tasks" / "L2" / "L2-dit-c2i-dpmsolver-0004.yaml"  # DiT: the chea
 
 @pytest.fixture(scope="module")
 def evaluator(tmp_path_factory):
-    from fixtures.profiles import tiny_evaluator
-    from fixtures.zoo import ensure_tiny_zoo
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+    from pytest_diffbench.zoo.zoo import ensure_tiny_zoo
 
     zoo = ensure_tiny_zoo(Path(os.environ.get("DIFFBENCH_ZOO_DIR") or Path.home() / ".cache" / "pytest-diffbench" / "zoo"))
     base = tmp_path_factory.mktemp("agent-sandbox")

@@ -20,7 +20,8 @@ from pytest_diffbench import calibration as C
 from pytest_diffbench import keys
 from pytest_diffbench.result import Measures, Provenance, TaskResult
 from pytest_diffbench.stages import Verdict
-from pytest_diffbench.tasks import QUALITY_PLACEHOLDER, TARGET_PLACEHOLDER, latency_text, load_tasks, speedup_text
+from pytest_diffbench.tasks import (QUALITY_PLACEHOLDER, TARGET_PLACEHOLDER, latency_text, load_tasks, speedup_text,
+                                    suite_dir)
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = ROOT / "tasks"
@@ -260,7 +261,7 @@ def test_the_calibration_cli_measures_under_a_runs_profile_file(tiny_zoo, tmp_pa
     import dataclasses
     from argparse import Namespace
 
-    from fixtures.profiles import tiny_profile
+    from pytest_diffbench.zoo.profiles import tiny_profile
 
     run_profile = tiny_profile(tiny_zoo, samples=None, timeout_s=60.0)  # secret seeds, as a verdict's
     (tmp_path / "profile.json").write_text(run_profile.to_json())
@@ -275,7 +276,8 @@ def test_the_calibration_cli_measures_under_a_runs_profile_file(tiny_zoo, tmp_pa
 
 def test_calibration_command():
     assert C.calibration_command("cpu-tiny") == "python -m pytest_diffbench.calibration --profile cpu-tiny"
-    assert C.calibration_command("cpu-tiny", C.REPO_TASKS_DIR) == C.calibration_command("cpu-tiny")
+    assert C.calibration_command("cpu-tiny", suite_dir()) == C.calibration_command("cpu-tiny")
+    assert suite_dir().resolve() == TASKS_DIR.resolve()  # a clone: the repository's tasks/, installed editable
     assert (C.calibration_command("h100-random", Path("/data/my tasks"))
             == "python -m pytest_diffbench.calibration --profile h100-random --tasks '/data/my tasks'")
 
@@ -283,7 +285,7 @@ def test_calibration_command():
 @pytest.mark.slow
 def test_real_calibration_of_one_family(suite, tiny_zoo, tmp_path):
     """DiT-256 (the cheapest family) with a budget of 3 measurements, through the real evaluator."""
-    from fixtures.profiles import tiny_evaluator
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
 
     tasks = l45(suite, "dit-c2i-256x256-DiT-XL-2-256")
     # committed calibrations must be reproducible: public seeds, never a user's secret ones

@@ -33,7 +33,7 @@ SEEDS = [0, 1]
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     """The tiny zoo, built once per session (the same folder as test_introspect.py uses)."""
-    zoo = pytest.importorskip("fixtures.zoo", reason="fixtures/zoo.py (the tiny zoo builder) is not there yet")
+    zoo = pytest.importorskip("pytest_diffbench.zoo.zoo", reason="fixtures/zoo.py (the tiny zoo builder) is not there yet")
     root = os.environ.get("DIFFBENCH_TEST_ZOO")  # reuse a built zoo across runs
     return zoo.ensure_tiny_zoo(Path(root) if root else tmp_path_factory.getbasetemp() / "diffbench-zoo")
 

@@ -254,7 +254,7 @@ def test_a_stub_generator_evaluates_a_population_through_its_context(tmp_path, t
     seed scope) and sandbox, and the parent's own verdict is unaffected."""
     import dataclasses
 
-    from agent.ga import _slim, fitness
+    from pytest_diffbench.agent.ga import _slim, fitness
     from pytest_diffbench.profile import read_profile
     from pytest_diffbench.result import TaskResult
 
@@ -279,8 +279,8 @@ def test_a_stub_generator_evaluates_a_population_through_its_context(tmp_path, t
     task = _l4_task()
     assert fitness(task, _slim(gold)) > 1.0 and fitness(task, _slim(broken)) == 0.0
     # what the GA tells the planner of where the cost goes: FLOPs per image, per denoiser call
-    from agent.facts import denoiser_calls
-    from agent.ga import cost_text
+    from pytest_diffbench.agent.facts import denoiser_calls
+    from pytest_diffbench.agent.ga import cost_text
 
     calls = gold.attributes["steps"]["denoiser_calls"]
     cost = cost_text(task, _slim(gold))

@@ -116,6 +116,96 @@ def test_no_tcp(tmp_path, backend):
 
 
 # ------------------------------------------------------------------------------------------------
+# installed from a wheel: the suite, DiffAgent and the zoo's data are inside the harness package
+
+INSTALLED_DRIVER = """
+import json, sys
+from pathlib import Path
+from pytest_diffbench import sandbox
+from pytest_diffbench.sandbox import SandboxLimits, run_job, scrubbed_env
+site, tmp, backend, whole, reads = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", sys.argv[5]
+assert Path(sandbox.__file__).resolve().parent == site / "pytest_diffbench", sandbox.__file__
+if backend == "landlock-no-namespaces":
+    sandbox._unshare_prefix = lambda network: None
+    backend = "landlock"
+readable = [site / "probe_child.py"] + ([site] if whole else [])  # whole: site-packages bound as a venv's
+out = run_job({"action": "snoop", "files": json.loads(reads), "parent_pid": 1}, env=scrubbed_env({}),
+              limits=SandboxLimits(timeout_s=60, memory_mb=2048, isolation=backend), harness_dir=tmp / "h",
+              module="probe_child", readable=readable)
+print("RESULT " + json.dumps({"status": out.status, "detail": out.detail, "stderr": out.stderr_tail,
+                             "attempts": (out.result or {}).get("attempts")}))
+"""
+
+
+@pytest.fixture(scope="module")
+def installed_site(tmp_path_factory):
+    """A site-packages folder laid out as the wheel installs it: pytest_diffbench/ with suite_tasks/
+    (a task with its gold, the calibration), agent/ (the knowledge base) and zoo/ (the data) inside,
+    and the probe child beside it."""
+    import shutil
+
+    site = tmp_path_factory.mktemp("installed") / "site-packages"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "pytest_diffbench", site / "pytest_diffbench", ignore=ignore)
+    gold = sorted((REPO / "tasks" / "L1").glob("*.yaml"))[0]
+    for source, target in ((gold, f"suite_tasks/L1/{gold.name}"),
+                           (REPO / "tasks" / "__init__.py", "suite_tasks/__init__.py"),
+                           (REPO / "tasks" / "calibration" / "cpu-tiny.yaml", "suite_tasks/calibration/cpu-tiny.yaml"),
+                           (REPO / "agent" / "knowledge" / "base.yaml", "agent/knowledge/base.yaml"),
+                           (REPO / "fixtures" / "data" / "coco_captions.tsv", "zoo/data/coco_captions.tsv")):
+        (site / "pytest_diffbench" / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, site / "pytest_diffbench" / target)
+    shutil.copy(REPO / "tests" / "sandbox_probe_child.py", site / "probe_child.py")
+    return site
+
+
+@pytest.mark.skipif(not STRONG, reason="no strong sandbox on this machine")
+@pytest.mark.parametrize("whole", [False, True], ids=["package-bound", "site-packages-bound"])
+@pytest.mark.parametrize("backend", CASES)
+def test_an_installed_suite_is_hidden_from_candidates(tmp_path, installed_site, backend, whole):
+    """Installed from a wheel, the golds, calibrations, knowledge base and zoo data lie inside the
+    harness package the child imports from (and, in a venv, inside the prefix it may read): the
+    child reads none of them, and still imports the harness (the probe runs, the package is listable)."""
+    pkg = installed_site / "pytest_diffbench"
+    reads = {"gold": next((pkg / "suite_tasks" / "L1").glob("*.yaml")), "init": pkg / "suite_tasks" / "__init__.py",
+             "calibration": pkg / "suite_tasks" / "calibration" / "cpu-tiny.yaml",
+             "knowledge": pkg / "agent" / "knowledge" / "base.yaml",
+             "zoo_data": pkg / "zoo" / "data" / "coco_captions.tsv",
+             "harness_module": pkg / "child.py"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", INSTALLED_DRIVER, str(installed_site), str(tmp_path), backend,
+                           "1" if whole else "0", json.dumps({k: str(v) for k, v in reads.items()})],
+                          cwd=tmp_path, env={**env, "PYTHONPATH": str(installed_site)}, capture_output=True, text=True,
+                          timeout=300)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stdout + proc.stderr
+    out = json.loads(line[len("RESULT "):])
+    assert out["status"] == "ok", out
+    attempts = out["attempts"]
+    for name in ("gold", "init", "calibration", "knowledge", "zoo_data"):
+        assert not attempts[name]["ok"], (name, attempts[name])
+    assert attempts["harness_module"]["ok"], attempts["harness_module"]  # the harness itself stays readable
+
+
+def test_carving_keeps_everything_but_the_hidden_folders(tmp_path):
+    """Landlock's allowlist around a hidden folder: the folders down to it listable only, the rest
+    readable, links kept only where they point inside and not at the hidden folder."""
+    site = tmp_path / "site"
+    for rel in ("pkg/mod.py", "pkg/hidden/gold.yaml", "pkg/sub/x.py", "torch/__init__.py", "top.pth"):
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text("x")
+    (site / "pkg" / "to_hidden").symlink_to(site / "pkg" / "hidden")
+    (site / "pkg" / "to_sub").symlink_to(site / "pkg" / "sub")
+    (site / "to_outside").symlink_to(tmp_path)
+    read, listable = sandbox._carve([str(site), "/usr"], [str(site / "pkg" / "hidden")])
+    assert sorted(listable) == [str(site), str(site / "pkg")]
+    assert sorted(read) == sorted([str(site / "pkg" / "mod.py"), str(site / "pkg" / "sub"),
+                                   str(site / "pkg" / "to_sub"), str(site / "torch"), str(site / "top.pth"), "/usr"])
+    assert sandbox._carve([str(site / "pkg" / "hidden" / "gold.yaml")], [str(site / "pkg" / "hidden")]) == ([], [])
+    assert sandbox._carve([str(site)], []) == ([str(site)], [])
+
+
+# ------------------------------------------------------------------------------------------------
 # memory parked in files
 
 

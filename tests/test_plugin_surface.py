@@ -46,13 +46,13 @@ def pytest_diffbench_generator_id(config):
 
 
 def pytest_diffbench_model_setup(config, mode, zoo_dir, model_ids, build):
-    from fixtures.plugin import resolve_models
+    from pytest_diffbench.zoo.plugin import resolve_models
 
     return resolve_models(mode, zoo_dir, model_ids, build=build)
 
 
 def pytest_diffbench_data_source(config):
-    from fixtures.profiles import data_source
+    from pytest_diffbench.zoo.profiles import data_source
 
     return data_source()
 '''
@@ -163,8 +163,8 @@ def test_installed_in_another_project_the_plugin_changes_nothing(pytester, monke
 
 @pytest.mark.parametrize("flags", [("-p", "no:diffbench"), ("-p", "no:xdist")], ids=" ".join)
 def test_in_this_repository_its_tests_run_without_the_plugin_or_xdist(flags):
-    """The repository's conftest.py implements diffbench hooks and loads agent.plugin: with the
-    plugin disabled its hooks are optional, not an INTERNALERROR."""
+    """With the plugin disabled, neither DiffAgent's plugin nor the zoo's hooks (which the plugin
+    registers) are there, and the project's own tests still run: no INTERNALERROR."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "pytest", *flags, "-p", "no:cacheprovider", "--strict-config",
                           "--strict-markers", "--collect-only", "-q", "tests/test_result.py"],

@@ -68,7 +68,7 @@ def test_a_worker_applies_only_its_own_device():
 
 
 def test_the_resolver_fills_versions_and_resolves_every_auto(tiny_zoo):
-    from fixtures.profiles import tiny_profile, tiny_setup
+    from pytest_diffbench.zoo.profiles import tiny_profile, tiny_setup
     from pytest_diffbench.profile import harness_versions, resolve_profile
     from pytest_diffbench.sandbox import resolve_isolation
 

@@ -208,13 +208,13 @@ def pytest_diffbench_generator_id(config):
 
 
 def pytest_diffbench_model_setup(config, mode, zoo_dir, model_ids, build):
-    from fixtures.plugin import resolve_models
+    from pytest_diffbench.zoo.plugin import resolve_models
 
     return resolve_models(mode, zoo_dir, model_ids, build=build)
 
 
 def pytest_diffbench_data_source(config):
-    from fixtures.profiles import data_source
+    from pytest_diffbench.zoo.profiles import data_source
 
     return data_source()
 '''
@@ -312,7 +312,7 @@ def test_ga_rounds_report_progress_under_xdist(tiny_zoo, baseline_cache_dir, tmp
     """DiffAgent on an L4 task (the scripted oracle over HTTP, one round of two) in an xdist worker:
     the round's start, each candidate's verdict as the child session writes it, and the round's end
     with the best so far reach the controller's terminal before the task's own line."""
-    from agent.scripted import Oracle, ScriptedModel, ScriptedServer
+    from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, ScriptedServer
 
     task_id = "L4-dit-c2i-easy-0010"
     with ScriptedServer(ScriptedModel(oracle=Oracle([REPO / "tasks"]))) as server:

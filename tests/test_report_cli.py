@@ -72,7 +72,7 @@ def runs(tmp_path_factory, tiny_zoo, baseline_cache_dir):
     `broken` (a candidates folder with a wrong scheduler, a module that does not load and a
     missing file; under xdist, so the controller records the workers' results) and `agent`
     (DiffAgent's plain agent with the scripted oracle over HTTP, on one task: a transcript)."""
-    from agent.scripted import Oracle, ScriptedModel, ScriptedServer
+    from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, ScriptedServer
 
     root = tmp_path_factory.mktemp("report-runs")
     env = {"DIFFBENCH_ZOO_DIR": str(tiny_zoo.root), "DIFFBENCH_CACHE_DIR": str(baseline_cache_dir)}

@@ -100,7 +100,7 @@ def test_secret_seeds_depend_on_the_key_the_scope_and_the_workload_not_on_the_ta
 
 @pytest.mark.parametrize("task_id", [T2I, C2I])
 def test_build_batch_uses_secret_seeds_by_default_and_public_ones_when_asked(task_id, tmp_path):
-    from fixtures.profiles import data_source
+    from pytest_diffbench.zoo.profiles import data_source
 
     t = task(task_id)
     data = data_source()
@@ -122,7 +122,7 @@ def test_build_batch_uses_secret_seeds_by_default_and_public_ones_when_asked(tas
 
 
 def _evaluator(tmp_path, **profile_options):
-    from fixtures.profiles import data_source
+    from pytest_diffbench.zoo.profiles import data_source
     from pytest_diffbench.evaluate import Evaluator, Profile
     from pytest_diffbench.sandbox import SandboxLimits
 

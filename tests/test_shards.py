@@ -405,7 +405,7 @@ def test_merge_refuses_mixed_or_missing_shards(sharded):
 
 @pytest.mark.slow
 def test_the_plain_agent_generates_apart_and_the_evaluation_counts_its_cost(tmp_path, tiny_zoo, baseline_cache_dir):
-    from agent.scripted import Oracle, ScriptedModel, ScriptedServer
+    from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, ScriptedServer
 
     env = {"DIFFBENCH_ZOO_DIR": str(tiny_zoo.root), "DIFFBENCH_CACHE_DIR": str(baseline_cache_dir),
            "OPENAI_API_KEY": "not-used-by-the-local-server"}

@@ -60,7 +60,7 @@ def test_every_l1_l3_gold_is_its_configuration_rendered(tmp_path):
 ])
 def test_a_method_shown_on_a_decoy_but_not_in_the_images_fails_stage_1(tiny_zoo, baseline_cache_dir, tmp_path,
                                                                        monkeypatch, task_id, evidence):
-    from fixtures.profiles import tiny_evaluator
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
     from pytest_diffbench.ablation import ablation_codes
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task

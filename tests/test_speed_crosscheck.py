@@ -123,7 +123,7 @@ def test_a_half_precision_candidate_is_cross_checked_against_a_baseline_in_its_p
     gold failed as an integrity problem. The parent now compares a half-precision candidate with a
     baseline that computes in its dtype: the gold where it does (every fp16 task of L1-L3), else
     the reference code run by the parent in that dtype (L4/L5, whose calibrated golds are float32)."""
-    from fixtures.profiles import tiny_evaluator
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.tasks import load_task

@@ -291,7 +291,7 @@ def test_generator_check_passes_on_committed_files():
 
 
 def test_generator_is_deterministic_and_check_detects_drift(tmp_path):
-    from tasks import generate
+    from pytest_diffbench.suite_tasks import generate
 
     assert generate.main(["--out", str(tmp_path)]) == 0
     first = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*.yaml")}
@@ -592,13 +592,13 @@ def test_select_tasks(suite):
 
 
 def _signature_sample() -> list:
-    from tasks.generate import signature_sample
+    from pytest_diffbench.suite_tasks.generate import signature_sample
 
     return signature_sample(committed_suite())
 
 
 def test_signature_sample_covers_the_suite(suite):
-    from tasks.generate import template_signature
+    from pytest_diffbench.suite_tasks.generate import template_signature
 
     sample = _signature_sample()
     assert set(CI_SIGNATURE_TASKS) <= {t.id for t in sample}

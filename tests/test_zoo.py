@@ -1,7 +1,8 @@
 """Tests of fixtures/: benchmark data loaders, the tiny model zoo, resolve_models.
 
-Loading through the private HF cache happens in child processes (``fixtures.zoo.check_zoo``), so this process's
-environment and huggingface_hub constants stay untouched.
+Loading through the private HF cache happens in child processes
+(``pytest_diffbench.zoo.zoo.check_zoo``), so this process's environment and huggingface_hub
+constants stay untouched.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import data, zoo
-from fixtures.plugin import HUB_CLIP_REPO, ModelSetup, ModelsUnavailableError, resolve_models
+from pytest_diffbench.zoo import data, zoo
+from pytest_diffbench.zoo.plugin import HUB_CLIP_REPO, ModelSetup, ModelsUnavailableError, resolve_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,7 +94,7 @@ def test_init_images_and_sources():
 
 def test_imports_are_cheap():
     code = (
-        "import sys; import fixtures.plugin, fixtures.data, fixtures.zoo; "
+        "import sys; import pytest_diffbench.zoo.plugin, pytest_diffbench.zoo.data, pytest_diffbench.zoo.zoo; "
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip', 'huggingface_hub') "
         "if m in sys.modules]; print(heavy); assert not heavy, heavy"
     )
