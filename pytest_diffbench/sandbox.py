@@ -452,6 +452,11 @@ _ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl"
 _GPU_DEVICES = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia-caps", "dri", "kfd")
 
 
+def _bound_system_dirs() -> list[str]:
+    """The system folders `_system_binds` binds as folders (not the merged-/usr links to them)."""
+    return [str(Path("/") / n) for n in _SYSTEM_DIRS if (Path("/") / n).is_dir() and not (Path("/") / n).is_symlink()]
+
+
 def _system_binds() -> list[str]:
     args = []
     for name in _SYSTEM_DIRS:
@@ -528,7 +533,9 @@ def _bwrap_command(bwrap: str, userns: bool, network: bool, readable: list[str],
     args += ["--size", str(tmp_bytes), "--tmpfs", "/tmp", "--dir", "/tmp/home", "--dir", "/tmp/work"]
     for path in readable + [str(job_path)]:
         args += ["--ro-bind", path, path]
-    for path in _hidden_mounts(readable):  # the suite, ... inside a bound (installed) package: empty
+    # the suite, ... inside a bound (installed) package: an empty tmpfs over each; the system folders
+    # count as bound (a package installed in /usr's site-packages lies inside one)
+    for path in _hidden_mounts(_bound_system_dirs() + readable):
         args += ["--perms", "0555", "--size", str(4096), "--tmpfs", path, "--remount-ro", path]
     args += ["--ro-bind-try", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev"]
     for name in _GPU_DEVICES + tuple(sorted(n for n in _listdir("/dev") if re.fullmatch(r"nvidia\d+", n))):

@@ -187,6 +187,47 @@ def test_an_installed_suite_is_hidden_from_candidates(tmp_path, installed_site, 
     assert attempts["harness_module"]["ok"], attempts["harness_module"]  # the harness itself stays readable
 
 
+def _system_folder_with_files() -> tuple[Path, Path, Path] | None:
+    """(folder, a file in it, a file in a sibling folder) under /usr/share, standing in for a
+    package installed into the system's site-packages (the test cannot install one into /usr)."""
+    base = Path("/usr/share")
+    with_file = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
+        found = next((f for f in sorted(folder.rglob("*"))[:50] if f.is_file() and not f.is_symlink()
+                      and os.access(f, os.R_OK) and f.stat().st_size > 0), None)
+        if found is not None:
+            with_file.append((folder, found))
+        if len(with_file) == 2:
+            return with_file[0][0], with_file[0][1], with_file[1][1]
+    return None
+
+
+@pytest.mark.skipif(not STRONG, reason="no strong sandbox on this machine")
+@pytest.mark.parametrize("layer", ["bwrap-without-landlock", "landlock"])
+def test_a_suite_installed_in_a_system_folder_is_hidden_by_each_layer_alone(tmp_path, monkeypatch, layer):
+    """Installed into /usr's site-packages (a distribution's Python, `sudo pip`), the suite lies
+    inside a system folder the child may read whole. Each layer hides it on its own: bwrap covers
+    it with an empty tmpfs (where Landlock does not work, e.g. a kernel before 5.13), Landlock's
+    allowlist is carved around it. Neighbouring system files stay readable."""
+    backend = "bwrap" if layer.startswith("bwrap") else "landlock"
+    if backend not in STRONG:
+        pytest.skip(f"{backend} does not work on this machine")
+    found = _system_folder_with_files()
+    if found is None:
+        pytest.skip("no two folders with readable files under /usr/share")
+    folder, hidden_file, neighbour = found
+    monkeypatch.setattr(sandbox, "_hidden_paths", lambda: (str(folder),))
+    if backend == "bwrap":
+        monkeypatch.setattr(sandbox, "_landlock_works", lambda inside_bwrap=False: False)
+        assert any(str(folder) == a for a in sandbox._bwrap_command("bwrap", False, True, [], tmp_path / "job", 1 << 20))
+    out = run(tmp_path, "snoop", backend, readable=[tmp_path],  # tmp_path: a zygote of its own
+              files={"hidden": str(hidden_file), "neighbour": str(neighbour)}, parent_pid=1)
+    assert out.status == "ok", (out.status, out.detail, out.stderr_tail)
+    attempts = out.result["attempts"]
+    assert not attempts["hidden"]["ok"], (str(hidden_file), attempts["hidden"])
+    assert attempts["neighbour"]["ok"], (str(neighbour), attempts["neighbour"])
+
+
 def test_carving_keeps_everything_but_the_hidden_folders(tmp_path):
     """Landlock's allowlist around a hidden folder: the folders down to it listable only, the rest
     readable, links kept only where they point inside and not at the hidden folder."""
