@@ -31,7 +31,6 @@ import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 _ROLE = re.compile(r"DiffAgent role: (\w+)")
 _TASK = re.compile(r"^Task: (\S+)", re.M)

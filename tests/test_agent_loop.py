@@ -21,7 +21,7 @@ from pytest_diffbench.agent.ga import GeneticSelector, Individual, attainment, f
 from pytest_diffbench.agent.knowledge import config_key, load_knowledge, render_candidate  # noqa: E402
 from pytest_diffbench.agent.llm import LLMClient, LLMError, LLMSettings  # noqa: E402
 from pytest_diffbench.agent.memory import TuningMemory  # noqa: E402
-from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, make_l4_task, register_provider  # noqa: E402
+from pytest_diffbench.agent.scripted import ScriptedModel, make_l4_task, register_provider  # noqa: E402
 from pytest_diffbench.agent.transcript import Transcript  # noqa: E402
 from pytest_diffbench.result import Measures, Provenance, TaskResult, task_label  # noqa: E402
 from pytest_diffbench.stages import Verdict  # noqa: E402

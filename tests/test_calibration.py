@@ -20,7 +20,7 @@ from pytest_diffbench import calibration as C
 from pytest_diffbench import keys
 from pytest_diffbench.result import Measures, Provenance, TaskResult
 from pytest_diffbench.stages import Verdict
-from pytest_diffbench.tasks import (QUALITY_PLACEHOLDER, TARGET_PLACEHOLDER, latency_text, load_tasks, speedup_text,
+from pytest_diffbench.tasks import (QUALITY_PLACEHOLDER, TARGET_PLACEHOLDER, latency_text, speedup_text,
                                     suite_dir)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,6 @@ No mocks: every method is applied with its own library, exactly as candidate cod
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_diffbench.tasks import Task, load_tasks
+from pytest_diffbench.tasks import Task
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = ROOT / "tasks"

@@ -251,6 +251,7 @@ def test_resume_reuses_complete_results_and_redoes_broken_ones(tmp_path, e2e_env
     assert cases["L1-sd15-t2i-euler-0002"][1]["diffbench_resumed"] == "False"
     assert json.loads(broken.read_text())["complete"] is True
     third = run_pytest(*args, "--no-diffbench-resume", f"--junitxml={tmp_path / 'third.xml'}", env=e2e_env)
+    assert third.returncode == 0, third.stdout[-3000:]
     assert all(props["diffbench_resumed"] == "False" for _, props in junit_cases(tmp_path / "third.xml").values())
     # another generator in the same run directory: nothing is reused; then only the changed candidate is redone
     from pytest_diffbench.tasks import load_task
@@ -264,6 +265,7 @@ def test_resume_reuses_complete_results_and_redoes_broken_ones(tmp_path, e2e_env
     assert all(props["diffbench_resumed"] == "False" for _, props in junit_cases(tmp_path / "fourth.xml").values())
     (preds / "L1-sd15-t2i-0001.py").write_text((preds / "L1-sd15-t2i-0001.py").read_text() + "\n# edited\n")
     fifth = run_pytest(*args, f"--diffbench-candidates={preds}", f"--junitxml={tmp_path / 'fifth.xml'}", env=e2e_env)
+    assert fifth.returncode == 0, fifth.stdout[-3000:]
     cases = junit_cases(tmp_path / "fifth.xml")
     assert cases["L1-sd15-t2i-0001"][1]["diffbench_resumed"] == "False"
     assert cases["L1-sd15-t2i-euler-0002"][1]["diffbench_resumed"] == "True"
