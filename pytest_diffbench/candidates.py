@@ -11,7 +11,9 @@ included, so the evaluating session's summary and records count the LLM usage on
 
 from __future__ import annotations
 
+import io
 import json
+import tokenize
 import warnings
 from pathlib import Path
 
@@ -50,11 +52,24 @@ def load_candidates(path: Path) -> dict[str, str]:
     return {key: entry["code"] for key, entry in load_entries(path).items()}
 
 
+def _source_file_entry(path: Path) -> dict:
+    """{code, cost} of one `<task id>.py`, decoded as Python decodes source (PEP 263: a coding
+    line, else UTF-8). A file that is not valid source text is that task's missing candidate
+    (`reason`), not an error of the whole session (one such file stopped every task: red team,
+    session 13)."""
+    raw = path.read_bytes()
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+        return {"code": raw.decode(encoding), "cost": {}}
+    except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
+        return {"code": None, "cost": {}, "reason": f"{path} is not Python source text: {exc}"}
+
+
 def load_entries(path: Path) -> dict[str, dict]:
     """Key -> {code, cost}: `load_candidates` with the generator's `cost` a JSONL entry may carry
     (a generate-only session writes it, so that the evaluating session reports the LLM usage)."""
     if path.is_dir():
-        return {p.stem: {"code": p.read_text(), "cost": {}} for p in sorted(path.glob("*.py"))}
+        return {p.stem: _source_file_entry(p) for p in sorted(path.glob("*.py"))}
     if not path.is_file():
         raise ValueError(f"{path} is neither a folder of <task id>.py files nor a JSONL file")
     entries: dict[str, dict] = {}
@@ -74,7 +89,10 @@ def load_entries(path: Path) -> dict[str, dict]:
                if k in cost and (isinstance(cost[k], bool) or not isinstance(cost[k], (int, float)))]
         if bad:
             raise ValueError(f"{path}:{lineno}: cost {bad[0]!r} must be a number, not {cost[bad[0]]!r}")
-        key = task_label(entry["task_id"], entry.get("candidate_id"))
+        try:
+            key = task_label(entry["task_id"], entry.get("candidate_id"))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{lineno}: {exc}") from None
         if key in entries:
             raise ValueError(f"{path}:{lineno}: {key} appears twice")
         entries[key] = {"code": entry["code"], "cost": dict(cost)}
@@ -102,6 +120,7 @@ class CandidatesGenerator:
         entries = load_entries(path)
         self.codes = {key: entry["code"] for key, entry in entries.items()}
         self.costs = {key: entry["cost"] for key, entry in entries.items()}  # what generating them cost
+        self.reasons = {key: entry["reason"] for key, entry in entries.items() if entry.get("reason")}
         self.variants: dict[str, list[str]] = {}  # task id -> candidate ids, for manifests with several
         for key in self.codes:
             task_id, candidate_id = parse_label(key)
@@ -116,7 +135,8 @@ class CandidatesGenerator:
         key = task_label(task.id, candidate_id)
         code = self.codes.get(key)
         if code is None:
-            return Candidate(code=None, source=f"candidates:{self.path}", reason=f"no candidate for {key} in {self.path}")
+            return Candidate(code=None, source=f"candidates:{self.path}",
+                             reason=self.reasons.get(key) or f"no candidate for {key} in {self.path}")
         return Candidate(code=code, source=f"candidates:{self.path}", cost=dict(self.costs.get(key) or {}))
 
     @pytest.hookimpl(tryfirst=True)
@@ -128,5 +148,5 @@ class CandidatesGenerator:
         code = self.codes.get(task.id)
         if code is None:
             return Candidate(code=None, source=f"candidates:{self.path}",
-                             reason=f"no candidate for {task.id} in {self.path}")
+                             reason=self.reasons.get(task.id) or f"no candidate for {task.id} in {self.path}")
         return Candidate(code=code, source=f"candidates:{self.path}", cost=dict(self.costs.get(task.id) or {}))

@@ -252,6 +252,9 @@ class Evaluator:
         label = label or task.id
         log.info("%s: evaluating the candidate from %s", label, candidate.source)
         task_dir = self.run_dir / label
+        if os.sep in label or label in (".", "..") or task_dir.resolve().parent != self.run_dir.resolve():
+            # the folder below is emptied: only ever one directly inside the run folder
+            raise ValueError(f"label {label!r} does not name a folder inside the run folder {self.run_dir}")
         if task_dir.exists():
             for child in task_dir.iterdir():
                 if not is_generator_folder(child):
@@ -266,7 +269,8 @@ class Evaluator:
                                 run_size=(batch["height"], batch["width"]), samples=len(batch["seeds"]),
                                 seeds=self.profile.seeds, seed_scope=self.profile.seed_scope)
         if candidate.code is None:
-            verdict = stages.Verdict(False, 1, stages.NO_CANDIDATE, candidate.reason or "no candidate code")
+            reason = stages.printable(candidate.reason or "no candidate code")  # an LLM's or a file's text
+            verdict = stages.Verdict(False, 1, stages.NO_CANDIDATE, reason)
             return self._finish(task_dir, task, label, provenance, candidate.cost, verdict, started)
         (task_dir / "candidate.py").write_text(candidate.code)
 

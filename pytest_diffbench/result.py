@@ -34,6 +34,7 @@ Decisions (issue 14, "clean seams"):
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -50,9 +51,19 @@ _NUMBER, _STRING, _BOOLEAN, _INTEGER, _OBJECT = "number", "string", "boolean", "
 _STRINGS, _INTEGERS = "list of strings", "list of integers"
 
 
+# a candidate id becomes part of a folder name inside the run folder: no separators, no "..",
+# nothing a terminal would interpret
+CANDIDATE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
+
+
 def task_label(task_id: str, candidate_id: str | None = None) -> str:
     """The label of a task's item and run folder: the task id, or `<task id>@<candidate id>` for
-    one of several candidates of a task (a manifest such as the GA's)."""
+    one of several candidates of a task (a manifest such as the GA's). A candidate id that could
+    name a folder outside the run folder (a manifest line's `"candidate_id": "../../x"` made the
+    parent empty and write that folder: red team, session 13) is a ValueError."""
+    if candidate_id and (not isinstance(candidate_id, str) or not CANDIDATE_ID.fullmatch(candidate_id)):
+        raise ValueError(f"candidate id {candidate_id!r} of task {task_id}: expected letters, digits and "
+                         f"'_.+-' (up to 100, not starting with '.', '+' or '-')")
     return f"{task_id}{LABEL_SEPARATOR}{candidate_id}" if candidate_id else task_id
 
 

@@ -6,7 +6,9 @@ stage that fails, which gives the failure category of the paper.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -96,12 +98,12 @@ def key_attribute_mismatches(expect: Any, level: str, attributes: Mapping, gold_
         if not requested:
             out.append(Mismatch("steps", expect.steps, "no pipeline call reached the scheduler"))
         elif any(r != expect.steps for r in requested):
-            out.append(Mismatch("steps", expect.steps, sorted(set(requested))))
+            out.append(Mismatch("steps", expect.steps, _distinct(requested)))
         elif gold_attributes is not None:
             gold_calls = list((gold_attributes.get("steps") or {}).get("denoiser_calls") or [])
-            if gold_calls and sorted(set(calls)) != sorted(set(gold_calls)):
+            if gold_calls and _distinct(calls) != _distinct(gold_calls):
                 out.append(Mismatch("steps actually run (denoiser calls per pipeline call)",
-                                    sorted(set(gold_calls)), sorted(set(calls))))
+                                    _distinct(gold_calls), _distinct(calls)))
     if level in ("L4", "L5"):
         allowed = expect.allowed_methods
         if allowed is not None:
@@ -241,7 +243,30 @@ def spec_evidence_problem(inp: StageInputs) -> str | None:
     return None
 
 
+def _distinct(values: list) -> list:
+    """The distinct values, sorted; mixed types (a candidate's document can hold anything) sort
+    by type name, then value, instead of raising."""
+    return sorted(set(values), key=lambda v: (type(v).__name__, v if isinstance(v, (int, float, str)) else repr(v)))
+
+
+# control characters (C0 but newline and tab, DEL, C1) and bidirectional overrides: in text a
+# candidate controls they would reach the terminal and CI logs as commands (erase the line, print
+# a green PASSED over a failure, set the clipboard: red team, session 13)
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written as an escape (`\\x1b`, `\\u202e`)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def judge(inp: StageInputs) -> Verdict:
+    """The verdict of the three stages; its message is printable (see `printable`)."""
+    verdict = _judge(inp)
+    return dataclasses.replace(verdict, message=printable(verdict.message))
+
+
+def _judge(inp: StageInputs) -> Verdict:
     failure = runtime_failure(inp.outcome_status, inp.outcome_detail, inp.result)
     if failure:
         return Verdict(False, 1, RUNTIME, failure)
@@ -249,11 +274,17 @@ def judge(inp: StageInputs) -> Verdict:
         return Verdict(False, 1, RUNTIME, "IntegrityError (found by the parent): " + "; ".join(inp.integrity_problems))
 
     attributes = inp.result.get("attributes") or {}
-    mismatches = key_attribute_mismatches(inp.expect, inp.level, attributes, inp.gold_attributes)
-    mismatches += work_mismatches(attributes, inp.reference_attributes)
+    try:
+        if not isinstance(attributes, dict):
+            raise TypeError(f"attributes is a {type(attributes).__name__}, not an object")
+        mismatches = key_attribute_mismatches(inp.expect, inp.level, attributes, inp.gold_attributes)
+        mismatches += work_mismatches(attributes, inp.reference_attributes)
+        missing = None if mismatches else spec_evidence_problem(inp)
+    except Exception as exc:  # noqa: BLE001 - the candidate's document: its failure, never a harness error
+        return Verdict(False, 1, RUNTIME, f"bad result: the parent could not judge the attributes of the "
+                                          f"candidate's result document ({type(exc).__name__}: {str(exc)[:200]})")
     if mismatches:
         return Verdict(False, 1, KEY_ATTRIBUTE, "; ".join(str(m) for m in mismatches))
-    missing = spec_evidence_problem(inp)
     if missing:
         return Verdict(False, 1, KEY_ATTRIBUTE, missing)
 

@@ -111,6 +111,34 @@ def test_judge_stops_at_the_first_failing_stage(change, stage, category):
         assert "expected" in verdict.message or "killed" in verdict.message or "SyntaxError" in verdict.message
 
 
+@pytest.mark.parametrize("attributes, category, shown", [
+    # red team, session 13: a steps list of mixed types made sorting raise, a pytest error
+    (attrs(steps={"requested": [20, "x"], "denoiser_calls": [20, 20]}), stages.KEY_ATTRIBUTE, "[20, 'x']"),
+    (attrs(steps={"requested": [21, [1]], "denoiser_calls": [20, 20]}), stages.RUNTIME, "bad result"),
+    (attrs(steps=["not", "an", "object"]), stages.RUNTIME, "bad result"),
+    (attrs(methods=7), stages.RUNTIME, "bad result"),
+    ("attributes as a string", stages.RUNTIME, "bad result"),
+])
+def test_a_malformed_result_document_is_the_candidates_failure_never_an_exception(attributes, category, shown):
+    verdict = stages.judge(inputs(result={"status": "ok", "attributes": attributes}))
+    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, category)
+    assert shown in verdict.message
+
+
+@pytest.mark.parametrize("result", [
+    {"status": "error", "error": {"phase": "load", "type": "RuntimeError",
+                                  "message": "\x1b[2K\r\x1b[32mPASSED\x1b[0m\n\x1b]52;c;ZWNobw==\x07\u202e"}},
+    {"status": "ok", "attributes": attrs(scheduler="\x1b[2K\rPASSED")},
+])
+def test_the_verdict_message_carries_no_control_character_of_the_candidate(result):
+    """red team, session 13: an exception text erased the failure line on the terminal and wrote
+    a green PASSED over it (also: window title, clipboard)."""
+    verdict = stages.judge(inputs(result=result))
+    assert not verdict.passed and "PASSED" in verdict.message
+    assert not any(c in verdict.message for c in "\x1b\r\x07\u202e"), verdict.message
+    assert "\\x1b[2K" in verdict.message  # shown, escaped
+
+
 def test_work_is_judged_by_guidance_and_resolution_not_by_batching():
     reference = {"denoiser_inputs": {"first": [4, 4, 8, 8], "cfg": True, "spatial": [[8, 8]]}}
     looped = {"denoiser_inputs": {"first": [2, 4, 8, 8], "cfg": True, "spatial": [[8, 8]]}}
@@ -189,6 +217,35 @@ def test_candidates_from_folder_and_jsonl(tmp_path):
     jsonl.write_text('{"task_id": "L1-a", "code": "y"}\n{broken\n')
     with pytest.raises(ValueError, match=r"preds.jsonl:2: not valid JSON"):
         load_candidates(jsonl)
+
+
+@pytest.mark.parametrize("candidate_id", ["../probe", "../../../victim", "a/b", ".hidden", "x\x1b[2K", ""])
+def test_a_candidate_id_that_could_leave_the_run_folder_is_refused(tmp_path, candidate_id):
+    """red team, session 13: `"candidate_id": "../../../victim"` made the parent empty that folder."""
+    jsonl = tmp_path / "preds.jsonl"
+    jsonl.write_text(json.dumps({"task_id": "L1-a", "code": "y", "candidate_id": candidate_id}) + "\n")
+    if not candidate_id:  # no candidate id: the task's own label
+        assert load_candidates(jsonl) == {"L1-a": "y"}
+        return
+    with pytest.raises(ValueError, match=r"preds.jsonl:1: candidate id"):
+        load_candidates(jsonl)
+
+
+def test_a_candidate_file_that_is_not_source_text_is_that_tasks_missing_candidate(tmp_path):
+    """red team, session 13: one non-UTF-8 file stopped the whole session (a usage error)."""
+    from pytest_diffbench.candidates import CandidatesGenerator
+
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    (folder / "L1-a.py").write_text("x = 1\n")
+    (folder / "L1-b.py").write_bytes(b"s = '\xff\xfe'\n")
+    (folder / "L1-c.py").write_bytes(b"# -*- coding: latin-1 -*-\ns = '\xe9'\n")  # PEP 263: valid
+    generator = CandidatesGenerator(folder, {"L1-a", "L1-b", "L1-c"})
+    task = SimpleNamespace(id="L1-b")
+    missing = generator.candidate_for(task, None)
+    assert missing.code is None and "L1-b.py is not Python source text" in missing.reason
+    assert generator.candidate_for(SimpleNamespace(id="L1-a"), None).code == "x = 1\n"
+    assert "s = '\xe9'" in generator.candidate_for(SimpleNamespace(id="L1-c"), None).code
 
 
 @pytest.mark.parametrize("level, passed, category, u, latency, target_u, target_lat, expected", [
