@@ -701,6 +701,20 @@ class Runner:
         })
 
 
+def restrict_run(job: dict) -> None:
+    """What the run's process does to itself before any candidate code: the seccomp filter (no
+    IPC object or keyring outlives the run; under Landlock no metadata changes either), and the
+    working folder (the run's writable scratch, put first on the module path by `python -m`)
+    taken off the module path, so that a module left there cannot shadow a library (red team,
+    session 13). Raises when the filter cannot be installed where it is supported."""
+    from pytest_diffbench import seccomp
+
+    if seccomp.supported():
+        seccomp.deny_persistent_ipc(metadata=bool(job.get("deny_metadata")))
+    cwd = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
@@ -709,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(argv[0], encoding="utf-8") as fh:
             job = json.load(fh)
+        restrict_run(job)
         channel = Channel.from_job(job)
         result = Runner(job, channel).run()
         if channel is not None:

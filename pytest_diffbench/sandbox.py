@@ -82,6 +82,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -93,7 +94,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import frames
+from . import frames, seccomp
 from .atomic import write_json_atomic
 
 # Variables passed through to the child when present; everything else is dropped.
@@ -408,9 +409,12 @@ def _landlock_works(inside_bwrap: bool = False) -> bool:
 def available_isolations() -> list[str]:
     """The backends that work on this machine, strongest first ("none" always)."""
     out = []
-    if _bwrap_mode():
+    # both strong backends also deny, by a seccomp filter the child installs, the kernel objects
+    # that outlive a run outside the filesystem (seccomp.py): where it has none, neither is strong
+    strong = seccomp.supported()
+    if strong and _bwrap_mode():
         out.append("bwrap")
-    if _landlock_works():
+    if strong and _landlock_works():
         out.append("landlock")
     if _unshare_prefix(True) or _unshare_prefix(False):
         out.append("unshare")
@@ -1252,6 +1256,7 @@ class _ForkedRun:
         self.stderr = os.fdopen(stderr_r, "rb")
         self.returncode: int | None = None
         self.zygote_died = False
+        self.dirty: str | None = None  # what the zygote could not clean after the run
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is not None:
@@ -1264,6 +1269,7 @@ class _ForkedRun:
             self.returncode = -signal.SIGKILL
         else:
             self.returncode = os.waitstatus_to_exitcode(int(message["status"]))
+            self.dirty = message.get("dirty") or None
         return self.returncode
 
     def poll(self) -> int | None:
@@ -1405,16 +1411,28 @@ _ZYGOTE_FAILURES: dict[str, str] = {}
 _ZYGOTE_LOCK = threading.Lock()
 
 
+# The runs whose results the parent trusts and caches (baselines: the reference, the gold, the
+# ablations) never share a zygote with candidate runs: whatever a candidate could leave in its
+# zygote would otherwise reach baselines that are cached, authenticated, for later sessions too
+# (a module planted where a later run imports from poisoned a gold: red team, session 13).
+BASELINE_ROLES = ("reference", "gold", "ablation")
+
+
+def _zygote_pool(job: Mapping) -> str:
+    return "baseline" if job.get("role") in BASELINE_ROLES else "candidate"
+
+
 def _zygote_key(backend: str, network: bool, env: Mapping[str, str], readable: Sequence, limits: SandboxLimits,
-                python: str) -> str:
+                python: str, pool: str = "candidate") -> str:
     return json.dumps([backend, network, sorted(env.items()), sorted(os.fspath(r) for r in readable),
-                       limits.tmp_mb, limits.max_processes, python])
+                       limits.tmp_mb, limits.max_processes, python, pool])
 
 
 def _take_zygote(backend: str, network: bool, env: Mapping[str, str], readable: Sequence, limits: SandboxLimits,
-                 python: str) -> tuple[_Zygote | None, str]:
-    """An idle zygote for these settings (started if there is none); (None, why) to start cold."""
-    key = _zygote_key(backend, network, env, readable, limits, python)
+                 python: str, pool: str = "candidate") -> tuple[_Zygote | None, str]:
+    """An idle zygote for these settings and pool (`_zygote_pool`; started if there is none);
+    (None, why) to start cold."""
+    key = _zygote_key(backend, network, env, readable, limits, python, pool)
     with _ZYGOTE_LOCK:
         if key in _ZYGOTE_FAILURES:
             return None, f"cold ({_ZYGOTE_FAILURES[key]})"
@@ -1433,10 +1451,12 @@ def _take_zygote(backend: str, network: bool, env: Mapping[str, str], readable: 
 
 
 def _release_zygote(zygote: _Zygote, run: _ForkedRun, child_ns: set[str]) -> list[int]:
-    """After a run: keep the zygote for the next one only if the run exited and nothing it started
-    is left (then the zygote has reaped it); otherwise kill the zygote with everything in it.
+    """After a run: keep the zygote for the next one only if the run exited, nothing it started
+    is left (then the zygote has reaped it) and the zygote could set its folders back (no entry,
+    extended attribute, mode or time of the run left: `zygote._clean`); otherwise kill the zygote
+    with everything in it.
     Returns the pids still alive after that (none expected)."""
-    clean = run.returncode is not None and not run.zygote_died and zygote.alive()
+    clean = run.returncode is not None and not run.zygote_died and not run.dirty and zygote.alive()
     if clean:
         table = _proc_table()
         rest = [p for p in _tree(table, zygote.proc.pid, zygote.proc.pid)
@@ -1758,14 +1778,15 @@ def _exit_without_result(returncode: int | None, wrapped: bool) -> tuple[str, st
 
 
 def _collect_result(results: _ResultStream, returncode: int | None, wrapped: bool,
-                    out_dir: str | None) -> tuple[str, str, dict | None]:
+                    out_dir: str | None, samples: int | None = None) -> tuple[str, str, dict | None]:
     """(status, detail, result) from the stream of a child that has ended (not at a limit).
 
     `ok` with the result document the child sent, checked by the parent: its timed calls against
     the parent's clock (a disagreement makes it an IntegrityError result), the parent's own figures
     added (`_parent_figures`), its images written into `out_dir`. Otherwise `bad_result` (a
     rejected stream, an unreadable result, images that do not match it), `crashed` or `no_result`
-    (`_exit_without_result`), with no result."""
+    (`_exit_without_result`), with no result. `samples`: the job's sample count; the figures per
+    image are the parent's, from it (`_per_image_figures`)."""
     if results.error:
         return "bad_result", f"result stream rejected: {results.error}", None
     if results.result is None:
@@ -1774,13 +1795,17 @@ def _collect_result(results: _ResultStream, returncode: int | None, wrapped: boo
         result = json.loads(results.result)
         if not isinstance(result, dict) or result.get("status") not in ("ok", "error"):
             raise ValueError("result is not a harness result document")
+        _check_nesting(result, MAX_RESULT_NESTING)
         violation = _timing_violation(result, results.marks)
         _parent_figures(result, results.marks, results.mark_cpu, results.go_at, results.result_at)
         if violation:
             result = _integrity_error(result, violation)
         _store_images(result, results.images, out_dir)
-    except (ValueError, OSError, TypeError) as exc:
-        return "bad_result", f"unreadable result: {exc}", None
+        _per_image_figures(result, samples)
+    except (ValueError, OSError, TypeError, RecursionError, MemoryError) as exc:
+        # whatever the child sent: RecursionError from a document nested deep enough, too
+        detail = str(exc)[:300] if isinstance(exc, ValueError) else f"{type(exc).__name__}: {str(exc)[:300]}"
+        return "bad_result", f"unreadable result: {detail}", None
     return "ok", "", result
 
 
@@ -1816,9 +1841,12 @@ def run_job(
     job = dict(job)
     job.pop("result_path", None)
     job["launched_at"] = time.monotonic()  # the child reports its start-up time against it (a benchmark figure)
+    # Landlock does not govern chmod, chown, extended attributes or times: the child's seccomp
+    # filter denies them there (seccomp.METADATA_CALLS)
+    job["deny_metadata"] = backend == "landlock"
     zygote, start = None, "cold"
     if backend in STRONG_ISOLATIONS and _warm_start_wanted(limits, job):
-        zygote, start = _take_zygote(backend, network, env, readable, limits, python)
+        zygote, start = _take_zygote(backend, network, env, readable, limits, python, _zygote_pool(job))
     out_stream, err_stream = _Stream(), _Stream()
     results = _ResultStream(token, *result_bounds(job, limits.max_result_mb))
     started = time.monotonic()
@@ -1858,11 +1886,63 @@ def run_job(
         outcome.status, outcome.detail = stopped
         return outcome
     outcome.status, outcome.detail, result = _collect_result(results, run.proc.returncode, run.wrapped,
-                                                             job.get("out_dir"))
+                                                             job.get("out_dir"), _job_samples(job))
     if result is not None:
         write_json_atomic(result_path, result, indent=1, default=str)
         outcome.result = result
     return outcome
+
+
+# The harness's result document nests about six deep; the bound keeps everything the parent does
+# with it later (judging, writing result.json) clear of Python's recursion limit.
+MAX_RESULT_NESTING = 64
+
+
+def _check_nesting(document, limit: int) -> None:
+    """Raise ValueError when `document` (decoded JSON) nests lists or objects deeper than `limit`."""
+    level = [document]
+    for depth in range(limit + 1):
+        level = [child for value in level if isinstance(value, (dict, list))
+                 for child in (value.values() if isinstance(value, dict) else value)]
+        if not level:
+            return
+    raise ValueError(f"the result document nests deeper than {limit} levels")
+
+
+def _job_samples(job: dict) -> int | None:
+    """The sample count the parent asked for (the job's seeds), or None for a job without a batch."""
+    batch = job.get("batch")
+    if not isinstance(batch, dict):
+        return None
+    seeds = batch.get("seeds")
+    return len(seeds) if isinstance(seeds, list) else None
+
+
+def _per_image_figures(result: dict, samples: int | None) -> None:
+    """Set the counts behind every per-image figure from what the parent knows: `num_images` is
+    the number of images it received, which must be the job's sample count, and the FLOPs per
+    image are the total over that count. The child's own `num_images` and `per_image` are never
+    used: code in the child's process can rewrite its document, and a count multiplied there
+    would divide the parent's own CPU seconds per image (crosscheck.per_image_cpu_s) as freely."""
+    if result.get("status") != "ok":
+        return
+    received = len(result.get("images") or [])
+    if samples is not None and received != samples:
+        raise ValueError(f"the result holds {received} images for the job's {samples} samples")
+    result["num_images"] = received
+    flops = result.get("flops")
+    if isinstance(flops, dict) and received:
+        total = flops.get("total")
+        if isinstance(total, bool) or not isinstance(total, (int, float)):
+            raise ValueError(f"flops.total is {total!r}, not a number")
+        flops["per_image"] = float(total) / received
+        flops["samples_counted"] = received
+    timing = result.get("timing")
+    calls = timing.get("calls_s") if isinstance(timing, dict) else None
+    if isinstance(calls, list) and calls and received:
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in calls):
+            raise ValueError(f"timing.calls_s holds something other than numbers: {calls[:5]!r}")
+        timing["latency_ms_per_image"] = statistics.median(calls) * 1000.0 / received
 
 
 def _store_images(result: dict, images: dict[int, bytes], out_dir: str | None) -> None:

@@ -90,6 +90,20 @@ def preload() -> None:
         raise RuntimeError("CUDA was initialised while preloading; forking would break it in the runs")
 
 
+def _make_removable(top: str) -> None:
+    """chmod u+rwx every folder under `top` (iteratively: a run may nest deep), so that a folder
+    a run made unreadable (mode 000) cannot keep its contents from the cleaning."""
+    stack = [top]
+    while stack:
+        path = stack.pop()
+        try:
+            os.chmod(path, 0o700, follow_symlinks=False)
+            with os.scandir(path) as entries:
+                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            pass
+
+
 def empty_folder(folder: str) -> None:
     """Remove everything in `folder` (not following links); the folder itself stays."""
     try:
@@ -100,12 +114,60 @@ def empty_folder(folder: str) -> None:
     for name in entries:
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):
+            _make_removable(path)
             shutil.rmtree(path, ignore_errors=True)
         else:
             try:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def folder_state(folder: str) -> tuple:
+    """What of a kept folder (a tmpfs root, the scratch folder) a run could change and the next
+    read: its mode and times (set back after each run) and its extended attributes."""
+    st = os.stat(folder, follow_symlinks=False)
+    return st.st_mode, st.st_atime_ns, st.st_mtime_ns
+
+
+def reset_folder(folder: str, state: tuple) -> None:
+    """Emptied, then its extended attributes removed (ACLs included) and its mode and times set
+    back to `state` (folder_state before the first run)."""
+    empty_folder(folder)
+    try:
+        for name in os.listxattr(folder, follow_symlinks=False):
+            try:
+                os.removexattr(folder, name, follow_symlinks=False)
+            except OSError:
+                pass
+    except OSError:
+        pass
+    try:
+        os.chmod(folder, state[0] & 0o7777, follow_symlinks=False)
+        os.utime(folder, ns=(state[1], state[2]), follow_symlinks=False)
+    except OSError:
+        pass
+
+
+def dirt(folder: str, state: tuple, fixed: frozenset = frozenset()) -> str | None:
+    """Why `folder` still carries something of the last run (None: nothing): entries left (but
+    `fixed`: what was there before the first run and cannot be removed, e.g. the zygote's inbox,
+    a mount point), extended attributes, another mode or modification time. The parent then ends
+    the zygote."""
+    try:
+        left = set(os.listdir(folder)) - fixed
+        if left:
+            return f"{folder} still holds {sorted(left)[:3]}"
+        names = os.listxattr(folder, follow_symlinks=False)
+        if names:
+            return f"{folder} still has extended attributes {sorted(names)[:3]}"
+        now = folder_state(folder)
+        # atime is set back but not compared: looking into the folder may move it on (relatime)
+        if (now[0], now[2]) != (state[0], state[2]):
+            return f"{folder} has another mode or modification time than before the first run"
+    except OSError as exc:
+        return f"{folder} cannot be checked: {exc}"
+    return None
 
 
 def _reap() -> None:
@@ -118,11 +180,22 @@ def _reap() -> None:
             return
 
 
-def _clean(spec: dict) -> None:
-    for folder in spec.get("empty", ()):
-        empty_folder(folder)
-    for folder in spec.get("remove", ()):
-        shutil.rmtree(folder, ignore_errors=True)
+def _clean(spec: dict, kept: dict[str, tuple[tuple, frozenset]]) -> str | None:
+    """Empty and reset the run's folders; what could not be (see `dirt`), else None."""
+    try:
+        for folder in spec.get("empty", ()):
+            if folder in kept:
+                reset_folder(folder, kept[folder][0])
+            else:
+                empty_folder(folder)
+        for folder in spec.get("remove", ()):
+            _make_removable(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        problems = [d for d in (dirt(f, state, fixed) for f, (state, fixed) in kept.items()) if d]
+        problems += [f"{f} was not removed" for f in spec.get("remove", ()) if os.path.lexists(f)]
+    except Exception as exc:  # noqa: BLE001 - e.g. a tree deep enough for a RecursionError
+        return f"cleaning failed: {type(exc).__name__}: {exc}"
+    return "; ".join(problems) or None
 
 
 def _send(ctl: socket.socket, message: dict) -> None:
@@ -202,6 +275,12 @@ def serve(spec: dict) -> int:
     # pages (copy-on-write), memory the run is charged for (CPython's gc.freeze, made for forks)
     gc.collect()
     gc.freeze()
+    # the kept folders as no run has touched them (state, and the entries that cannot be removed):
+    # each run's cleaning sets them back to this
+    kept = {}
+    for folder in spec.get("empty", ()):
+        empty_folder(folder)
+        kept[folder] = (folder_state(folder), frozenset(os.listdir(folder)))
     _send(ctl, {"ready": os.getpid(), "imported_s": round(time.monotonic() - start, 3)})
     while True:
         try:
@@ -217,7 +296,7 @@ def serve(spec: dict) -> int:
             _send(ctl, {"error": f"expected {RUN_FDS} descriptors, got {len(fds)}"})
             continue
         _reap()
-        _clean(spec)
+        _clean(spec, kept)
         for folder in spec.get("make", ()):
             os.makedirs(folder, exist_ok=True)
         sys.stdout.flush()
@@ -235,8 +314,10 @@ def serve(spec: dict) -> int:
             except InterruptedError:
                 continue
         _reap()
-        _clean(spec)  # nothing of the run stays on disk (or in tmpfs memory) once it has ended
-        _send(ctl, {"exit": pid, "status": status})
+        # nothing of the run stays on disk (or in tmpfs memory) once it has ended; what cannot be
+        # removed ends the zygote (the parent closes it: `dirty`)
+        dirty = _clean(spec, kept)
+        _send(ctl, {"exit": pid, "status": status, "dirty": dirty})
 
 
 def main(argv: list[str]) -> int:

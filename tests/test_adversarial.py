@@ -210,6 +210,20 @@ def test_a_written_result_file_never_reaches_the_harness(toy_runs):
     assert not (folder / "sandbox" / "result.json").exists() and not (folder / "sandbox" / "images").exists()
 
 
+def test_counts_rewritten_in_the_childs_final_document_are_the_parents(toy_runs, honest):
+    """rewrite_counts_late multiplied `num_images` by 50 and divided the FLOPs per image by 100
+    after the child's document was final (red team, session 13: with the count multiplied, the
+    parent's CPU seconds per image shrank with it and U was forged without bound). The parent
+    sets both from what it knows: the images it received, the FLOP total over them."""
+    outcome, _, folder = toy_runs["rewrite_counts_late"]
+    assert "forged the counts" in (folder / "sandbox" / "stderr.log").read_text(), outcome.stderr_tail  # it ran
+    result = outcome.result
+    assert result["num_images"] == len(TOY_BATCH["seeds"]) == len(result["images"])
+    assert result["flops"]["per_image"] == result["flops"]["total"] / len(TOY_BATCH["seeds"])
+    timing = result["timing"]
+    assert timing["latency_ms_per_image"] == 1000 * timing["calls_s"][0] / len(TOY_BATCH["seeds"])
+
+
 def test_adversarial_summary(toy_runs, honest):
     """The attacks and how they ended (printed with -rP; figures for the README)."""
     rows = []

@@ -316,6 +316,31 @@ def test_more_images_than_samples_are_rejected(tmp_path):
     assert stage_one(out).category == stages.RUNTIME
 
 
+def test_the_counts_behind_per_image_figures_are_the_parents():
+    from pytest_diffbench.sandbox import _per_image_figures
+
+    document = {"status": "ok", "images": ["000.png", "001.png"], "num_images": 200,
+                "flops": {"total": 10.0, "per_image": 0.01}, "timing": {"calls_s": [0.4], "latency_ms_per_image": 1.0}}
+    _per_image_figures(document, samples=2)
+    assert document["num_images"] == 2 and document["flops"]["per_image"] == 5.0
+    assert document["timing"]["latency_ms_per_image"] == 200.0
+    with pytest.raises(ValueError, match="2 images for the job's 3 samples"):
+        _per_image_figures(dict(document), samples=3)
+    with pytest.raises(ValueError, match="flops.total"):
+        _per_image_figures({**document, "flops": {"total": "10"}}, samples=2)
+
+
+def test_a_result_document_nested_too_deep_is_refused():
+    from pytest_diffbench.sandbox import MAX_RESULT_NESTING, _check_nesting
+
+    nested: list = []
+    for _ in range(MAX_RESULT_NESTING + 1):
+        nested = [nested]
+    with pytest.raises(ValueError, match="nests deeper"):
+        _check_nesting({"deterministic": nested}, MAX_RESULT_NESTING)
+    _check_nesting({"attributes": {"steps": {"requested": [20]}}}, MAX_RESULT_NESTING)
+
+
 def test_stream_bounds_follow_the_workload():
     total, count, pixels = result_bounds({"batch": SMALL_JOB}, 512)
     assert (count, pixels) == (2, 1024) and total <= 9 << 20

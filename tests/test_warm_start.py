@@ -50,6 +50,11 @@ def test_consecutive_runs_of_one_zygote_cannot_see_each_other(tmp_path, backend)
     if sandbox._landlock_abi() >= 6:  # Landlock scopes signals from ABI 6
         assert not wrote["signal_parent"]["ok"], wrote
     assert first.result["cuda_initialized"] is False
+    if backend == "landlock":  # Landlock does not govern metadata: the seccomp filter denies it
+        assert not any(wrote[f"{what}:tmpdir"]["ok"] for what in ("lock", "xattr", "utime")), wrote
+        assert "Operation not permitted" in wrote["xattr:tmpdir"]["error"], wrote
+    else:
+        assert wrote["lock:tmpdir"]["ok"] and wrote["xattr:tmpdir"]["ok"] and wrote["utime:tmpdir"]["ok"], wrote
 
     second = run(tmp_path, backend, "look", "b")
     assert second.status == "ok", (second.detail, second.stderr_tail)
@@ -62,7 +67,26 @@ def test_consecutive_runs_of_one_zygote_cannot_see_each_other(tmp_path, backend)
             # what is there is what every run starts with (bwrap: the folders its binds need)
             left = [n for n in second.result[f"listing:{place}"] or [] if not n.startswith(("diffbench-zygote-", "pytest-of-"))]
             assert left in ([], ["home", "work"], ["home"]), second.result
+        if f"getxattr:{place}" in seen:  # extended attributes and times of the folder itself are set back
+            assert not seen[f"getxattr:{place}"]["ok"], (place, seen)
+            assert not second.result[f"mtime_marked:{place}"], place
     assert second.result["module_mark"] is None and second.result["env_mark"] is None
+
+
+@pytest.mark.parametrize("backend", STRONG)
+def test_baselines_and_candidates_never_share_a_zygote(tmp_path, backend):
+    """The runs the parent caches and trusts (reference, gold, ablations) come from zygotes no
+    candidate has run in."""
+    candidate = run(tmp_path, backend, "look", "a", role="candidate")
+    reference = run(tmp_path, backend, "look", "b", role="reference")
+    gold = run(tmp_path, backend, "look", "c", role="gold")
+    again = run(tmp_path, backend, "look", "d", role="candidate")
+    assert all(r.status == "ok" for r in (candidate, reference, gold, again))
+    # (pids cannot tell zygotes apart: under bwrap each zygote is pid 2 of its own namespace)
+    assert candidate.extra["start"] == "forked (new zygote)"
+    assert reference.extra["start"] == "forked (new zygote)", "not the idle zygote the candidate ran in"
+    assert gold.extra["start"] == "forked"  # the baselines' zygote
+    assert again.extra["start"] == "forked"  # the candidates' zygote, still idle
 
 
 @pytest.mark.parametrize("backend", STRONG)

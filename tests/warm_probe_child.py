@@ -10,13 +10,15 @@ import os
 import sys
 import time
 
-from pytest_diffbench.child import Channel
+from pytest_diffbench.child import Channel, restrict_run
 
 job = json.load(open(sys.argv[1]))
+restrict_run(job)  # as the real child does before the candidate
 channel = Channel.from_job(job)
 action = job["action"]
 result = {"status": "ok", "pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd()}
 MARK = "left-by-an-earlier-run"
+MARK_NS = 1_234_567_890_123_456_789  # a time a run gives a folder to carry a message
 
 
 def attempt(what, fn):
@@ -45,6 +47,17 @@ if action == "leave":
         attempt(f"write:{name}", lambda folder=folder: open(os.path.join(folder, "left.txt"), "w").write(MARK))
     torch.left_by_earlier_run = MARK
     os.environ["LEFT_BY_EARLIER_RUN"] = MARK
+    # what the cleaning of a kept folder once missed (red team, session 13): a folder made
+    # unreadable, extended attributes and times of the folder itself
+    for name, folder in places().items():
+        def lock(folder=folder):
+            os.makedirs(os.path.join(folder, "locked"), exist_ok=True)
+            open(os.path.join(folder, "locked", "left.txt"), "w").write(MARK)
+            os.chmod(os.path.join(folder, "locked"), 0)
+            return "locked"
+        attempt(f"lock:{name}", lock)
+        attempt(f"xattr:{name}", lambda folder=folder: os.setxattr(folder, "user.left", MARK.encode()) or "set")
+        attempt(f"utime:{name}", lambda folder=folder: os.utime(folder, ns=(MARK_NS, MARK_NS)) or "set")
     # reach the zygote this run was forked from (its parent): signal, memory, environment
     attempt("signal_parent", lambda: os.kill(os.getppid(), 0) or "signalled")
     attempt("parent_environ", lambda: open(f"/proc/{os.getppid()}/environ", "rb").read(100).decode(errors="replace"))
@@ -56,6 +69,8 @@ elif action == "look":
             result[f"listing:{name}"] = sorted(os.listdir(folder))
         except OSError:
             result[f"listing:{name}"] = None  # not even listable (Landlock: /dev/shm)
+        attempt(f"getxattr:{name}", lambda folder=folder: os.getxattr(folder, "user.left").decode())
+        result[f"mtime_marked:{name}"] = os.stat(folder).st_mtime_ns == MARK_NS
     result["module_mark"] = getattr(torch, "left_by_earlier_run", None)
     result["env_mark"] = os.environ.get("LEFT_BY_EARLIER_RUN")
 elif action == "linger":

@@ -1,0 +1,138 @@
+"""A seccomp filter that denies the kernel objects which outlive a process outside the filesystem.
+
+Every run's scratch folders are emptied between runs and Landlock / bubblewrap keep it out of
+every other folder, but three kinds of kernel object live outside any folder and outlast the
+process that made them: System V IPC (shared memory segments, message queues, semaphore sets),
+POSIX message queues and keyrings. A run could leave its batch (its secret seeds) in one for the
+next run of the same zygote, or of another worker, to read in `load_pipeline` before its own go
+message, and an unattached shared memory segment is memory no process is charged for (both done
+by a red-team candidate in session 13; tests/test_seccomp.py, tests/adversarial/persistent_ipc.py). Under bubblewrap they live in the zygote's IPC
+namespace, which every run it forks shares; under Landlock alone in the host's. The filter makes
+their system calls fail with EPERM in the run before any candidate code runs; nothing the harness,
+torch or diffusers do on a CPU or a GPU needs them (torch's shared memory is POSIX shm, i.e. files
+in /dev/shm, which are the scratch space's).
+
+Installed with `seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC)`, so every thread of
+the child has it, after `PR_SET_NO_NEW_PRIVS`; it is inherited by whatever the run forks or execs
+and cannot be removed. Written against the kernel's ABI with ctypes: the filter is 20-odd BPF
+instructions, and a libseccomp binding would need the C library, which a fresh machine may lack.
+Calls of another ABI than the native one (i386 on x86_64, x32) are denied outright, so the
+numbers below cannot be bypassed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+
+# BPF opcodes (linux/filter.h, linux/bpf_common.h)
+_LD_W_ABS = 0x00 | 0x00 | 0x20  # BPF_LD | BPF_W | BPF_ABS
+_JEQ_K = 0x05 | 0x10 | 0x00  # BPF_JMP | BPF_JEQ | BPF_K
+_JGE_K = 0x05 | 0x30 | 0x00  # BPF_JMP | BPF_JGE | BPF_K
+_RET_K = 0x06 | 0x00  # BPF_RET | BPF_K
+_RET_ALLOW = 0x7FFF0000  # SECCOMP_RET_ALLOW
+_RET_ERRNO = 0x00050000  # SECCOMP_RET_ERRNO | errno
+_NR_OFFSET, _ARCH_OFFSET = 0, 4  # struct seccomp_data
+
+SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC = 1, 1
+PR_SET_NO_NEW_PRIVS = 38
+_X32_SYSCALL_BIT = 0x40000000
+
+# per machine: (AUDIT_ARCH_*, the seccomp syscall's number, {denied call: number})
+ARCHITECTURES = {
+    "x86_64": (0xC000003E, 317, {
+        "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "semop": 65, "semctl": 66, "shmdt": 67,
+        "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "semtimedop": 220,
+        "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243, "mq_notify": 244,
+        "mq_getsetattr": 245, "add_key": 248, "request_key": 249, "keyctl": 250}),
+    "aarch64": (0xC00000B7, 277, {
+        "mq_open": 180, "mq_unlink": 181, "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184,
+        "mq_getsetattr": 185, "msgget": 186, "msgctl": 187, "msgrcv": 188, "msgsnd": 189, "semget": 190,
+        "semctl": 191, "semtimedop": 192, "semop": 193, "shmget": 194, "shmctl": 195, "shmat": 196,
+        "shmdt": 197, "add_key": 217, "request_key": 218, "keyctl": 219}),
+}
+
+
+# Changes of file metadata: Landlock does not govern them (no access right covers chmod, chown,
+# extended attributes or times), so under the `landlock` backend a run could change those of any
+# file its user owns: a channel to the next run, or files of the venv or the cache made unreadable
+# for the runs and the parent after it. Denied there (`deny_persistent_ipc(metadata=True)`); under
+# bubblewrap the files outside the run's tmpfs belong to an unmapped user and it cannot.
+METADATA_CALLS = {
+    "x86_64": {"chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93, "lchown": 94, "utime": 132,
+               "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198,
+               "fremovexattr": 199, "utimes": 235, "fchownat": 260, "futimesat": 261, "fchmodat": 268,
+               "utimensat": 280, "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466},
+    "aarch64": {"setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15,
+                "fremovexattr": 16, "fchmod": 52, "fchmodat": 53, "fchownat": 54, "fchown": 55, "utimensat": 88,
+                "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466},
+}
+
+
+class SeccompUnavailable(OSError):
+    """The filter cannot be installed here (another machine type, or a kernel without seccomp)."""
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def machine() -> str:
+    name = platform.machine()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(name.lower(), name)
+
+
+def supported() -> bool:
+    """Whether this machine type has a filter (x86_64, aarch64)."""
+    return machine() in ARCHITECTURES
+
+
+def denied_calls(arch: str, metadata: bool = False) -> dict[str, int]:
+    """{name: number} of the calls the filter denies on `arch`."""
+    return {**ARCHITECTURES[arch][2], **(METADATA_CALLS[arch] if metadata else {})}
+
+
+def program(arch: str, metadata: bool = False) -> list[tuple[int, int, int, int]]:
+    """The filter as (code, jt, jf, k) instructions: deny another ABI's calls and the listed ones
+    with EPERM, allow everything else."""
+    audit_arch = ARCHITECTURES[arch][0]
+    deny = _RET_ERRNO | errno.EPERM
+    denied = sorted(set(denied_calls(arch, metadata).values()))
+    code = [(_LD_W_ABS, 0, 0, _ARCH_OFFSET), (_JEQ_K, 1, 0, audit_arch), (_RET_K, 0, 0, deny),
+            (_LD_W_ABS, 0, 0, _NR_OFFSET)]
+    if arch == "x86_64":
+        code.append((_JGE_K, len(denied) + 1, 0, _X32_SYSCALL_BIT))  # x32 calls: to the deny below
+    for index, number in enumerate(denied):
+        code.append((_JEQ_K, len(denied) - index, 0, number))  # to the deny at the end
+    code += [(_RET_K, 0, 0, _RET_ALLOW), (_RET_K, 0, 0, deny)]
+    return code
+
+
+def deny_persistent_ipc(metadata: bool = False) -> dict:
+    """Install the filter on every thread of this process (and what it forks or execs later);
+    `metadata`: file metadata changes too (METADATA_CALLS). Raises SeccompUnavailable when it
+    cannot; returns what was enforced."""
+    arch = machine()
+    if arch not in ARCHITECTURES:
+        raise SeccompUnavailable(errno.ENOSYS, f"no seccomp filter for machine type {arch!r} "
+                                               f"(have: {', '.join(ARCHITECTURES)})")
+    libc = ctypes.CDLL(None, use_errno=True)
+    instructions = program(arch, metadata)
+    filters = (_SockFilter * len(instructions))(*(_SockFilter(*i) for i in instructions))
+    prog = _SockFprog(len(instructions), filters)
+    if libc.prctl(ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0)) != 0:
+        err = ctypes.get_errno()
+        raise SeccompUnavailable(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+    seccomp_nr = ARCHITECTURES[arch][1]
+    if libc.syscall(ctypes.c_long(seccomp_nr), ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+                    ctypes.c_uint(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(prog)) != 0:
+        err = ctypes.get_errno()
+        raise SeccompUnavailable(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
+    return {"arch": arch, "denied": sorted(denied_calls(arch, metadata))}

@@ -1,0 +1,102 @@
+"""The seccomp filter every sandboxed run installs before candidate code (pytest_diffbench/seccomp.py):
+the kernel objects that outlive a process outside the filesystem (System V IPC, POSIX message
+queues, keyrings) cannot be made. The attack through the real child under the default backend is
+tests/adversarial/persistent_ipc.py; here the filter itself, in a forked process, and the run
+under each strong backend."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+import pytest
+
+from pytest_diffbench import seccomp
+from pytest_diffbench.sandbox import SandboxLimits, available_isolations, run_job, scrubbed_env
+
+pytestmark = pytest.mark.skipif(not seccomp.supported(), reason=f"no filter for {seccomp.machine()}")
+
+
+@pytest.mark.parametrize("arch", sorted(seccomp.ARCHITECTURES))
+@pytest.mark.parametrize("metadata", [False, True])
+def test_the_program_denies_every_listed_call_and_jumps_inside_itself(arch, metadata):
+    code = seccomp.program(arch, metadata)
+    numbers = seccomp.denied_calls(arch, metadata)
+    assert {"shmget", "msgget", "semget", "mq_open", "add_key", "keyctl"} <= set(numbers)
+    assert len(set(numbers.values())) == len(numbers)  # no number twice
+    assert ({"fchmod", "fchownat", "fsetxattr", "utimensat"} <= set(numbers)) == metadata
+    for index, (op, jt, jf, _k) in enumerate(code):
+        if op in (0x15, 0x35):  # conditional jumps land on an instruction of the program
+            assert index + 1 + max(jt, jf) < len(code)
+    deny = code[-1]
+    assert deny == (0x06, 0, 0, 0x00050000 | errno.EPERM) and code[-2] == (0x06, 0, 0, 0x7FFF0000)
+    # every listed number jumps to the deny
+    for index, (op, jt, _jf, k) in enumerate(code):
+        if op == 0x15 and k in numbers.values():
+            assert index + 1 + jt == len(code) - 1
+
+
+def _in_a_filtered_fork(body) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            seccomp.deny_persistent_ipc()
+            code = body()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_the_filter_denies_system_v_ipc_and_leaves_the_rest():
+    def body():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.shmget(0x5EED0, 4096, 0o1600) != -1 or ctypes.get_errno() != errno.EPERM:
+            return 1
+        if libc.msgget(0x5EED1, 0o1600) != -1 or ctypes.get_errno() != errno.EPERM:
+            return 2
+        with open(os.devnull, "rb") as fh:  # ordinary calls still work
+            fh.read(1)
+        return 0 if os.getpid() > 0 else 3
+
+    assert _in_a_filtered_fork(body) == 0
+    libc = ctypes.CDLL(None, use_errno=True)  # and this process is not filtered
+    segment = libc.shmget(0, 4096, 0o1600)  # IPC_PRIVATE: removed again at once
+    assert segment >= 0, os.strerror(ctypes.get_errno())
+    libc.shmctl(segment, 0, None)  # IPC_RMID
+
+
+def test_with_metadata_the_filter_denies_chmod_xattrs_and_times(tmp_path):
+    target = tmp_path / "f"
+    target.write_text("x")
+
+    def body():
+        seccomp.deny_persistent_ipc(metadata=True)  # a second filter: both apply
+        for change in (lambda: os.chmod(target, 0), lambda: os.setxattr(target, "user.x", b"1"),
+                       lambda: os.utime(target, ns=(1, 1)), lambda: os.chown(target, os.getuid(), -1)):
+            try:
+                change()
+                return 1
+            except PermissionError:
+                pass
+        return 0 if target.read_text() == "x" else 2  # reading still works
+
+    assert _in_a_filtered_fork(body) == 0
+    assert target.stat().st_mode & 0o777 != 0
+
+
+@pytest.mark.parametrize("isolation", [b for b in available_isolations() if b in ("bwrap", "landlock")])
+def test_a_run_cannot_make_persistent_ipc_objects_under_each_strong_backend(tmp_path, isolation):
+    from tests.test_adversarial import ALL_ATTACKS, TOY_BATCH
+
+    attack = ALL_ATTACKS["persistent_ipc"]
+    code_path = tmp_path / "candidate.py"
+    code_path.write_text(attack.code)
+    job = {"task_id": "toy-persistent-ipc", "role": "candidate", "code_path": str(code_path),
+           "out_dir": str(tmp_path / "images"), "device": "cpu", "dtype": "float32", "batch": TOY_BATCH,
+           "repeats": 0, "count_flops": False, "threads": 1}
+    outcome = run_job(job, env=scrubbed_env(os.environ), harness_dir=tmp_path / "sandbox",
+                      limits=SandboxLimits(timeout_s=180, memory_mb=4096, isolation=isolation))
+    assert outcome.status == "ok" and outcome.result["status"] == "ok", (outcome.detail, outcome.result,
+                                                                          outcome.stderr_tail)
