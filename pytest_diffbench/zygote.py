@@ -97,7 +97,7 @@ def _make_removable(top: str) -> None:
     while stack:
         path = stack.pop()
         try:
-            os.chmod(path, 0o700, follow_symlinks=False)
+            os.chmod(path, 0o700)  # folders only (links are not followed into below)
             with os.scandir(path) as entries:
                 stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
         except OSError:
@@ -143,7 +143,7 @@ def reset_folder(folder: str, state: tuple) -> None:
     except OSError:
         pass
     try:
-        os.chmod(folder, state[0] & 0o7777, follow_symlinks=False)
+        os.chmod(folder, state[0] & 0o7777)  # (no follow_symlinks=False: Linux has no lchmod)
         os.utime(folder, ns=(state[1], state[2]), follow_symlinks=False)
     except OSError:
         pass
