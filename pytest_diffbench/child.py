@@ -701,9 +701,14 @@ class Runner:
         })
 
 
+# open descriptors of a run (each can hold a kernel buffer no process is charged for; seccomp.py)
+MAX_OPEN_FILES = 1024
+
+
 def restrict_run(job: dict) -> None:
     """What the run's process does to itself before any candidate code: the seccomp filter (no
-    IPC object or keyring outlives the run; under Landlock no metadata changes either), and the
+    IPC object or keyring outlives the run, no kernel buffer grows on request; under Landlock no
+    metadata changes either), at most MAX_OPEN_FILES descriptors, and the
     working folder (the run's writable scratch, put first on the module path by `python -m`)
     taken off the module path, so that a module left there cannot shadow a library (red team,
     session 13). Raises when the filter cannot be installed where it is supported."""
@@ -711,6 +716,11 @@ def restrict_run(job: dict) -> None:
 
     if seccomp.supported():
         seccomp.deny_persistent_ipc(metadata=bool(job.get("deny_metadata")))
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, limit) if soft != resource.RLIM_INFINITY else limit, limit))
     cwd = os.getcwd()
     sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
 

@@ -98,20 +98,55 @@ def denied_calls(arch: str, metadata: bool = False) -> dict[str, int]:
     return {**ARCHITECTURES[arch][2], **(METADATA_CALLS[arch] if metadata else {})}
 
 
+# Kernel buffers grown on request: memory no process is charged for (2 GiB held in unix socket
+# send buffers under a 512 MiB limit: red team, session 13). The filter denies raising a socket's
+# buffers (setsockopt SOL_SOCKET SO_SNDBUF/SO_RCVBUF and their FORCE forms) and a pipe's
+# (fcntl F_SETPIPE_SZ), and restrict_run lowers the descriptor limit (child.MAX_OPEN_FILES): what
+# a run can park in kernel buffers is then bounded by descriptors x default buffer sizes.
+SOL_SOCKET, BUFFER_OPTIONS, F_SETPIPE_SZ = 1, (7, 8, 32, 33), 1031
+ARGUMENT_CHECKED_CALLS = {"x86_64": {"setsockopt": 54, "fcntl": 72}, "aarch64": {"setsockopt": 208, "fcntl": 25}}
+
+
+def _argument_offset(index: int) -> int:
+    return 16 + 8 * index  # the low 32 bits of seccomp_data.args[index] (little-endian machines)
+
+
 def program(arch: str, metadata: bool = False) -> list[tuple[int, int, int, int]]:
-    """The filter as (code, jt, jf, k) instructions: deny another ABI's calls and the listed ones
-    with EPERM, allow everything else."""
+    """The filter as (code, jt, jf, k) instructions: deny another ABI's calls, the listed ones and
+    the buffer growth above with EPERM, allow everything else."""
     audit_arch = ARCHITECTURES[arch][0]
     deny = _RET_ERRNO | errno.EPERM
-    denied = sorted(set(denied_calls(arch, metadata).values()))
-    code = [(_LD_W_ABS, 0, 0, _ARCH_OFFSET), (_JEQ_K, 1, 0, audit_arch), (_RET_K, 0, 0, deny),
-            (_LD_W_ABS, 0, 0, _NR_OFFSET)]
+    checked = ARGUMENT_CHECKED_CALLS[arch]
+    # (code, jump if true, jump if false, k) with jumps to labels: "next", "allow", "deny" or a name
+    code: list = [(_LD_W_ABS, None, None, _ARCH_OFFSET), (_JEQ_K, "next", "deny", audit_arch),
+                  (_LD_W_ABS, None, None, _NR_OFFSET)]
     if arch == "x86_64":
-        code.append((_JGE_K, len(denied) + 1, 0, _X32_SYSCALL_BIT))  # x32 calls: to the deny below
-    for index, number in enumerate(denied):
-        code.append((_JEQ_K, len(denied) - index, 0, number))  # to the deny at the end
-    code += [(_RET_K, 0, 0, _RET_ALLOW), (_RET_K, 0, 0, deny)]
-    return code
+        code.append((_JGE_K, "deny", "next", _X32_SYSCALL_BIT))  # x32 calls
+    for number in sorted(set(denied_calls(arch, metadata).values())):
+        code.append((_JEQ_K, "deny", "next", number))
+    code += [(_JEQ_K, "setsockopt", "next", checked["setsockopt"]), (_JEQ_K, "fcntl", "allow", checked["fcntl"]),
+             ("label", "setsockopt"), (_LD_W_ABS, None, None, _argument_offset(1)),
+             (_JEQ_K, "next", "allow", SOL_SOCKET), (_LD_W_ABS, None, None, _argument_offset(2))]
+    code += [(_JEQ_K, "deny", "next", option) for option in BUFFER_OPTIONS]
+    code += [(_RET_K, None, None, _RET_ALLOW),
+             ("label", "fcntl"), (_LD_W_ABS, None, None, _argument_offset(1)), (_JEQ_K, "deny", "allow", F_SETPIPE_SZ),
+             ("label", "allow"), (_RET_K, None, None, _RET_ALLOW), ("label", "deny"), (_RET_K, None, None, deny)]
+    positions, out = {}, []
+    for item in code:
+        if item[0] == "label":
+            positions[item[1]] = len(out)
+        else:
+            out.append(item)
+    resolved = []
+    for index, (op, jt, jf, k) in enumerate(out):
+        def offset(target):
+            if target in (None, "next"):
+                return 0
+            jump = positions[target] - index - 1
+            assert 0 <= jump < 256, (target, jump)
+            return jump
+        resolved.append((op, offset(jt), offset(jf), k))
+    return resolved
 
 
 def deny_persistent_ipc(metadata: bool = False) -> dict:

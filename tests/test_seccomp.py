@@ -86,6 +86,30 @@ def test_with_metadata_the_filter_denies_chmod_xattrs_and_times(tmp_path):
     assert target.stat().st_mode & 0o777 != 0
 
 
+def test_the_filter_denies_growing_kernel_buffers_and_leaves_other_options():
+    import fcntl
+    import socket
+
+    def body():
+        a, _b = socket.socketpair()
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                a.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+                return 1
+            except PermissionError:
+                pass
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # another option, same level: allowed
+        _r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+            return 2
+        except PermissionError:
+            pass
+        return 0 if fcntl.fcntl(w, fcntl.F_GETFL) >= 0 else 3  # other fcntl commands: allowed
+
+    assert _in_a_filtered_fork(body) == 0
+
+
 @pytest.mark.parametrize("isolation", [b for b in available_isolations() if b in ("bwrap", "landlock")])
 def test_a_run_cannot_make_persistent_ipc_objects_under_each_strong_backend(tmp_path, isolation):
     from tests.test_adversarial import ALL_ATTACKS, TOY_BATCH
