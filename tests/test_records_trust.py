@@ -328,6 +328,10 @@ def test_the_counts_behind_per_image_figures_are_the_parents():
         _per_image_figures(dict(document), samples=3)
     with pytest.raises(ValueError, match="flops.total"):
         _per_image_figures({**document, "flops": {"total": "10"}}, samples=2)
+    # a child timer reporting less than the parent saw between the call's marks: the parent's time
+    document["timing"] = {"calls_s": [0.2], "parent_calls_s": [0.39]}
+    _per_image_figures(document, samples=2)
+    assert document["timing"]["latency_ms_per_image"] == 195.0
 
 
 def test_a_result_document_nested_too_deep_is_refused():
