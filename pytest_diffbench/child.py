@@ -725,7 +725,9 @@ def restrict_run(job: dict) -> None:
     sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, restrict: bool = False) -> int:
+    """Run the job file `argv[0]`; `restrict`: restrict_run first (what `python -m` does, cold or
+    forked from a zygote; tests that call main() in their own process leave it off)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
         print("usage: python -m pytest_diffbench.child JOB.json", file=sys.stderr)
@@ -733,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(argv[0], encoding="utf-8") as fh:
             job = json.load(fh)
-        restrict_run(job)
+        if restrict:
+            restrict_run(job)
         channel = Channel.from_job(job)
         result = Runner(job, channel).run()
         if channel is not None:
@@ -749,4 +752,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restrict=True))

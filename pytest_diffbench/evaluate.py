@@ -252,8 +252,9 @@ class Evaluator:
         label = label or task.id
         log.info("%s: evaluating the candidate from %s", label, candidate.source)
         task_dir = self.run_dir / label
-        if os.sep in label or label in (".", "..") or task_dir.resolve().parent != self.run_dir.resolve():
-            # the folder below is emptied: only ever one directly inside the run folder
+        run_root, resolved = self.run_dir.resolve(), task_dir.resolve()
+        if ".." in Path(label).parts or resolved == run_root or not resolved.is_relative_to(run_root):
+            # the folder below is emptied: only ever one inside the run folder
             raise ValueError(f"label {label!r} does not name a folder inside the run folder {self.run_dir}")
         if task_dir.exists():
             for child in task_dir.iterdir():
