@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from . import hookspecs, progress, report, settings
+from . import hookspecs, memcg, progress, report, settings
 from .ablation import ablation_codes
 from .atomic import write_json_atomic
 from .evaluate import Candidate, Evaluator, HarnessError, Profile
@@ -805,7 +805,8 @@ def pytest_report_header(config):
             f"diffbench: profile {profile.name} ({source}): models: {profile.zoo} ({profile.zoo_detail}); "
             f"device: {device}; speed: {speed}; threads: {profile.threads}; "
             f"quality: {profile.quality_method}; sandbox: {_sandbox_line(profile.limits.isolation)}; "
-            f"seeds: {_seeds_line(profile.seeds, profile.seed_scope)}; warm start: {warm}; run dir: {session.run_dir}"]
+            f"seeds: {_seeds_line(profile.seeds, profile.seed_scope)}; warm start: {warm}; run dir: {session.run_dir}",
+            f"diffbench: kernel memory of the runs (socket buffers, ...): {memcg.describe()}"]
 
 
 def pytest_report_collectionfinish(config, items):

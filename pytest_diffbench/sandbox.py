@@ -94,7 +94,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import frames, seccomp
+from . import frames, memcg, seccomp
 from .atomic import write_json_atomic
 
 # Variables passed through to the child when present; everything else is dropped.
@@ -905,8 +905,12 @@ def _kill(pids: Sequence[int], pgid: int | None) -> None:
             pass
 
 
-def _limit_child(nproc: int | None) -> None:  # runs in the child between fork and exec
+def _limit_child(nproc: int | None, cgroup: "memcg.RunCgroup | None" = None) -> None:
+    """Runs in the child between fork and exec, before anything of the candidate."""
     import resource
+
+    if cgroup is not None:
+        cgroup.join()
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
@@ -1293,13 +1297,15 @@ class _Zygote:
                 "make": list(self.setup.make), "remove": list(self.setup.remove)}
         nproc = _nproc_limit(limits)
         self.host_pid = -1
+        self.cgroup = memcg.RunCgroup.create()  # its runs' kernel memory (one run at a time)
+        cgroup = self.cgroup
         try:
             with open(self.dir / "zygote.log", "wb") as log:
                 self.proc = subprocess.Popen(
                     [*self.setup.prefix, *self.setup.wrapper, python, "-m", "pytest_diffbench.zygote",
                      json.dumps(spec)], cwd=self.setup.cwd, env=self.setup.env, stdin=subprocess.DEVNULL,
                     stdout=log, stderr=log, pass_fds=(theirs.fileno(),), start_new_session=True,
-                    preexec_fn=lambda: _limit_child(nproc))
+                    preexec_fn=lambda: _limit_child(nproc, cgroup))
         except OSError as exc:
             self.close()
             raise ZygoteUnavailable(f"cannot start: {exc}") from None
@@ -1400,6 +1406,8 @@ class _Zygote:
             pass
         if getattr(self, "proc", None) is not None:
             leftover = _terminate(self.proc, self.proc.pid, child_ns or set())
+        if getattr(self, "cgroup", None) is not None and not leftover:
+            self.cgroup.remove()
         for folder in (self.setup.workdir if hasattr(self, "setup") else None, self.dir):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -1513,6 +1521,14 @@ class _Launched:
     exclude: frozenset = frozenset()  # processes of the tree not counted (the zygote the run is forked from)
     inherited: int = 0  # resident bytes (RSS, PSS) of the zygote a forked run starts from
     inherited_pss: int = 0
+    cgroup: "memcg.RunCgroup | None" = None  # the memory cgroup the run is in (the zygote's for a forked run)
+    kernel_before: int = 0  # the cgroup's kernel memory before the run started
+
+    def kernel_memory(self) -> int:
+        """Bytes the kernel holds for the run (socket and pipe buffers, page tables, kernel
+        objects), charged to its memory cgroup; 0 where it has none (`memcg`)."""
+        used = self.cgroup.kernel_bytes() if self.cgroup is not None else None
+        return max(0, used - self.kernel_before) if used is not None else 0
 
     @property
     def wrapped(self) -> bool:
@@ -1547,10 +1563,12 @@ def _launch_forked(zygote: "_Zygote", job: dict, harness_dir: Path, module: str,
     page_size = os.sysconf("SC_PAGE_SIZE")
     zygote_pages = _proc_table().get(zygote.host_pid, (0, 0, 0))[2]
     zygote_pss = _private_memory_bytes(zygote.host_pid, zygote_pages, page_size)
+    kernel_before = (zygote.cgroup.kernel_bytes() or 0) if zygote.cgroup is not None else 0
     proc, result_r = zygote.start(module, job_file)
     return _Launched(proc, result_r, withheld, zygote.setup, root=zygote.proc.pid, pgid=zygote.proc.pid,
                      zygote=zygote, start=start, exclude=frozenset({zygote.host_pid}),
-                     inherited=zygote_pages * page_size, inherited_pss=zygote_pss)
+                     inherited=zygote_pages * page_size, inherited_pss=zygote_pss,
+                     cgroup=zygote.cgroup, kernel_before=kernel_before)
 
 
 def _launch_cold(job: dict, *, backend: str, network: bool, env: Mapping[str, str], limits: SandboxLimits,
@@ -1562,21 +1580,24 @@ def _launch_cold(job: dict, *, backend: str, network: bool, env: Mapping[str, st
     job_path.write_text(json.dumps(job_file, indent=1))
     setup = _isolation_setup(backend, network, env, job_file, readable, limits, job_path, python)
     nproc = _nproc_limit(limits)
+    cgroup = memcg.RunCgroup.create()
     try:
         proc = subprocess.Popen(
             [*setup.prefix, *setup.wrapper, python, "-m", module, str(job_path)],
             cwd=setup.cwd, env=setup.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(result_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc),
+            pass_fds=(result_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc, cgroup),
         )
     except BaseException:
         os.close(result_r)
         if setup.workdir is not None:
             shutil.rmtree(setup.workdir, ignore_errors=True)
+        if cgroup is not None:
+            cgroup.remove()
         raise
     finally:
         os.close(result_w)
     return _Launched(proc, result_r, withheld, setup, root=proc.pid, pgid=proc.pid, workdir=setup.workdir,
-                     start=start)
+                     start=start, cgroup=cgroup)
 
 
 def _send_token(proc, token: bytes) -> None:
@@ -1636,7 +1657,8 @@ def _charged_memory(table: Mapping[int, tuple], members: Sequence[int], page: in
 def _limit_reached(processes: int, memory: int, tmp: int, limits: SandboxLimits,
                    stream_error: str | None) -> str | None:
     """The limit a child with these figures is over, first one first: `processes` (more than
-    limits.max_processes), `memory` (`memory` plus `tmp` bytes over limits.memory_mb), `output`
+    limits.max_processes), `memory` (`memory` plus `tmp` bytes over limits.memory_mb; `tmp`: what it
+    holds outside its processes, files and kernel memory), `output`
     (its result stream over its bound, as `_ResultStream` reports it), else None."""
     limit = (limits.memory_mb or 0) << 20
     if processes > limits.max_processes:
@@ -1659,7 +1681,7 @@ class _Watchdog:
         self.run, self.limits, self.meter, self.results = run, limits, meter, results
         self.over: str | None = None
         self.memory_detail = ""
-        self.peak_memory = self.peak_processes = self.peak_tmp = 0
+        self.peak_memory = self.peak_processes = self.peak_tmp = self.peak_kernel = 0
         self.child_ns: set[str] = set()
         self._our_ns = _pid_ns(os.getpid())
         self._page = os.sysconf("SC_PAGE_SIZE")
@@ -1694,18 +1716,22 @@ class _Watchdog:
         # scratch folder count against the memory limit too
         tmp = self.meter(members)
         self.peak_tmp = max(self.peak_tmp, tmp)
+        # and what the kernel holds for it (socket and pipe buffers, ...), where it has a memory cgroup
+        kernel = run.kernel_memory()
+        self.peak_kernel = max(self.peak_kernel, kernel)
+        outside = tmp + kernel
         limit = (self.limits.memory_mb or 0) << 20
         memory = 0
         if len(members) <= self.limits.max_processes:
             forked = run.zygote is not None
-            memory = _charged_memory(table, members, self._page, limit, tmp, run.inherited, run.inherited_pss,
+            memory = _charged_memory(table, members, self._page, limit, outside, run.inherited, run.inherited_pss,
                                      run.zygote.host_pid if forked else None,
                                      pss=_private_memory_bytes if forked else _memory_bytes)
-        self.peak_memory = max(self.peak_memory, memory + tmp)
-        if limit and memory + tmp > limit:
+        self.peak_memory = max(self.peak_memory, memory + outside)
+        if limit and memory + outside > limit:
             self.memory_detail = (f" (processes {memory >> 20} MiB, files in its private /tmp, /dev/shm or "
-                                  f"scratch folder {tmp >> 20} MiB)")
-        reason = _limit_reached(len(members), memory, tmp, self.limits, self.results.error)
+                                  f"scratch folder {tmp >> 20} MiB, kernel memory {kernel >> 20} MiB)")
+        reason = _limit_reached(len(members), memory, outside, self.limits, self.results.error)
         if reason:
             self.over = reason
             _kill(tree, run.pgid)
@@ -1745,7 +1771,10 @@ def _end_run(run: _Launched, child_ns: set[str]) -> list[int]:
     with nothing of the run left, else killed whole (`_release_zygote`). Returns the pids still
     alive after that (none expected)."""
     if run.zygote is None:
-        return _terminate(run.proc, run.pgid, child_ns)
+        leftover = _terminate(run.proc, run.pgid, child_ns)
+        if run.cgroup is not None and not leftover:
+            run.cgroup.remove()
+        return leftover
     return _release_zygote(run.zygote, run.proc, child_ns)
 
 
@@ -1879,6 +1908,8 @@ def run_job(
         outcome.extra["zygote_died"] = True
     if watchdog.peak_tmp:
         outcome.extra["peak_tmp_mb"] = round(watchdog.peak_tmp / (1 << 20), 1)
+    if run.cgroup is not None:
+        outcome.extra["peak_kernel_mb"] = round(watchdog.peak_kernel / (1 << 20), 1)
     if result_path.exists():  # not the parent's: a child that can write here (no bwrap) put it there
         result_path.unlink()
     stopped = _limit_status(timed_out, watchdog.over, limits, watchdog.memory_detail)

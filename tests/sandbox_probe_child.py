@@ -182,6 +182,23 @@ elif action == "park_tmp":
         for _ in range(job["mb"]):
             fh.write(b"\1" * (1 << 20))
     time.sleep(job.get("hold_s", 60))
+elif action == "park_sockets":
+    # memory queued in the send buffers of socket pairs whose other end never reads: held by the
+    # kernel, in no process's figures (this stand-in child has no seccomp filter or descriptor limit)
+    import socket
+
+    held, total = [], 0
+    while total < (job["mb"] << 20):
+        a, b = socket.socketpair()
+        held.append((a, b))
+        a.setblocking(False)
+        try:
+            while True:
+                total += a.send(b"\0" * (1 << 16))
+        except BlockingIOError:
+            pass
+    result["parked_mb"] = total >> 20
+    time.sleep(job.get("hold_s", 60))
 elif action == "park_memfd":
     # memory in a memfd that is written and never mapped: in no folder and in no process's PSS
     fd = os.memfd_create("parked")

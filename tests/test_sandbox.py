@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_diffbench import sandbox
+from pytest_diffbench import memcg, sandbox
 from pytest_diffbench.sandbox import (SandboxLimits, SandboxUnavailable, available_isolations, resolve_isolation,
                                       run_job, scrubbed_env)
 
@@ -192,3 +192,21 @@ def test_bwrap_shows_the_job_files_and_nothing_beside_them(tmp_path):
     assert not attempts["init"]["ok"]
     job_file = json.loads((tmp_path / "h" / "job.json").read_text())
     assert "images" not in job_file["batch"] and job_file["batch"]["samples"] == 0
+
+
+@pytest.mark.skipif(memcg.unavailable_reason() is not None, reason=f"no memory cgroup: {memcg.unavailable_reason()}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_the_kernel_holds_for_a_run_counts_against_its_limit(tmp_path, backend):
+    # socket buffers filled and never read: in no process's figures, charged to the run's memory
+    # cgroup (a red-team candidate held 2 GiB this way under a 512 MiB limit)
+    out = run(tmp_path, "park_sockets", mb=384, limits=limits_for(backend, memory_mb=256))
+    assert out.status == "memory", (out.status, out.detail, out.stderr_tail)
+    assert "kernel memory" in out.detail
+    small = run(tmp_path / "small", "park_sockets", mb=48, hold_s=2.5, limits=limits_for(backend, memory_mb=256))
+    assert small.status == "ok", (small.status, small.detail)
+    assert small.result["parked_mb"] >= 48 and small.extra["peak_kernel_mb"] >= 40, small.extra
+    assert small.peak_rss_mb >= small.extra["peak_kernel_mb"]
+    # each cold run's cgroup is removed after it, a zygote's with the zygote
+    sandbox.close_zygotes()
+    parent = memcg._find_parent()[0]
+    assert not [p for p in parent.iterdir() if p.name.startswith(f"{memcg.PREFIX}{os.getpid()}-")]

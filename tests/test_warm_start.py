@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_diffbench import sandbox
+from pytest_diffbench import memcg, sandbox
 from pytest_diffbench.sandbox import SandboxLimits, available_isolations, run_job, scrubbed_env
 
 CHILD = "tests.warm_probe_child"
@@ -30,10 +30,11 @@ def fresh_zygotes():
     sandbox.close_zygotes()
 
 
-def run(tmp_path: Path, backend: str, action: str, name: str = "h", timeout_s: float = 60, **job):
+def run(tmp_path: Path, backend: str, action: str, name: str = "h", timeout_s: float = 60, memory_mb: int = 4096,
+        **job):
     env = scrubbed_env(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env["PYTHONPATH"]
-    limits = SandboxLimits(timeout_s=timeout_s, memory_mb=4096, isolation=backend, warm_start="on")
+    limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, isolation=backend, warm_start="on")
     return run_job({"action": action, **job}, env=env, limits=limits, harness_dir=tmp_path / name, module=CHILD,
                    readable=[REPO / "tests"])
 
@@ -145,3 +146,22 @@ def test_gpu_runs_start_cold_unless_asked():
     assert not sandbox._warm_start_wanted(SandboxLimits(warm_start="off"), {"device": "cpu"})
     with pytest.raises(ValueError, match="warm start"):
         sandbox._warm_start_wanted(SandboxLimits(warm_start="sometimes"), {})
+
+
+@pytest.mark.skipif(memcg.unavailable_reason() is not None, reason=f"no memory cgroup: {memcg.unavailable_reason()}")
+@pytest.mark.parametrize("backend", STRONG)
+def test_a_forked_run_is_charged_what_it_parks_in_kernel_buffers(tmp_path, backend):
+    # the zygote is in a memory cgroup of its own; a run is charged its kernel memory beyond what
+    # the cgroup held when it was forked (the red team's 2 GiB in socket buffers: docs/integrity.md)
+    small = run(tmp_path, backend, "park_sockets", "small", mb=48)
+    assert small.status == "ok", (small.detail, small.stderr_tail)
+    assert small.extra["start"] == "forked (new zygote)"
+    assert small.result["parked_mb"] >= 48
+    assert small.extra["peak_kernel_mb"] >= 40, small.extra
+    # as much as 1024 descriptors hold (~110 MiB), beside a forked run's few MiB of its own
+    big = run(tmp_path, backend, "park_sockets", "big", mb=1024, memory_mb=80)
+    assert big.status == "memory", (big.status, big.detail, big.stderr_tail)
+    assert "kernel memory" in big.detail
+    # the next run starts from a fresh zygote (the one that was killed with the run) and its cgroup is gone
+    after = run(tmp_path, backend, "sleep", "after", seconds=0)
+    assert after.status == "ok" and after.extra["peak_kernel_mb"] < 20, after.extra

@@ -83,5 +83,25 @@ elif action == "linger":
     os.wait()
 elif action == "sleep":
     time.sleep(job.get("seconds", 30))
+elif action == "park_sockets":
+    # memory queued in socket buffers nobody reads, until the descriptors run out (restrict_run
+    # leaves 1024): held by the kernel, in no process's figures
+    import socket
+
+    held, total = [], 0
+    try:
+        while total < (job["mb"] << 20):
+            a, b = socket.socketpair()
+            held.append((a, b))
+            a.setblocking(False)
+            try:
+                while True:
+                    total += a.send(b"\0" * (1 << 16))
+            except BlockingIOError:
+                pass
+    except OSError:
+        pass
+    result["parked_mb"] = total >> 20
+    time.sleep(job.get("hold_s", 2.5))
 
 channel.result(result)
