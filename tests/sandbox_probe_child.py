@@ -183,21 +183,12 @@ elif action == "park_tmp":
             fh.write(b"\1" * (1 << 20))
     time.sleep(job.get("hold_s", 60))
 elif action == "park_sockets":
-    # memory queued in the send buffers of socket pairs whose other end never reads: held by the
-    # kernel, in no process's figures (this stand-in child has no seccomp filter or descriptor limit)
-    import socket
+    # memory queued in socket buffers nobody reads: in no process's figures (this stand-in has no
+    # seccomp filter or descriptor limit)
+    from tests.kernel_parking import park_in_socket_buffers
 
-    held, total = [], 0
-    while total < (job["mb"] << 20):
-        a, b = socket.socketpair()
-        held.append((a, b))
-        a.setblocking(False)
-        try:
-            while True:
-                total += a.send(b"\0" * (1 << 16))
-        except BlockingIOError:
-            pass
-    result["parked_mb"] = total >> 20
+    parked, held = park_in_socket_buffers(job["mb"])
+    result["parked_mb"] = parked >> 20
     time.sleep(job.get("hold_s", 60))
 elif action == "park_memfd":
     # memory in a memfd that is written and never mapped: in no folder and in no process's PSS

@@ -85,23 +85,11 @@ elif action == "sleep":
     time.sleep(job.get("seconds", 30))
 elif action == "park_sockets":
     # memory queued in socket buffers nobody reads, until the descriptors run out (restrict_run
-    # leaves 1024): held by the kernel, in no process's figures
-    import socket
+    # leaves 1024): in no process's figures
+    from tests.kernel_parking import park_in_socket_buffers
 
-    held, total = [], 0
-    try:
-        while total < (job["mb"] << 20):
-            a, b = socket.socketpair()
-            held.append((a, b))
-            a.setblocking(False)
-            try:
-                while True:
-                    total += a.send(b"\0" * (1 << 16))
-            except BlockingIOError:
-                pass
-    except OSError:
-        pass
-    result["parked_mb"] = total >> 20
+    parked, held = park_in_socket_buffers(job["mb"])
+    result["parked_mb"] = parked >> 20
     time.sleep(job.get("hold_s", 2.5))
 
 channel.result(result)
