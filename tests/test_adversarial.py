@@ -387,9 +387,10 @@ def test_fork_bomb_is_killed_and_nothing_survives(tmp_path):
 
 @pytest.mark.parametrize("action", ["spin", "escape_and_sleep"])
 def test_hangs_are_killed_with_everything_they_started(tmp_path, action):
-    start = time.monotonic()
     out = probe(tmp_path, action, limits=SandboxLimits(timeout_s=3, memory_mb=2048))
-    assert out.status == "timeout" and time.monotonic() - start < 30
+    # killed soon after the limit: the run's own time (a new zygote's start-up, ~10-25 s under
+    # load, comes before it and is not the kill's)
+    assert out.status == "timeout" and out.wall_s < 20, (out.status, out.wall_s)
     assert not out.extra.get("leftover_pids"), out.extra  # the setsid() grandchild too
 
 
