@@ -52,6 +52,8 @@ class CachedRun:
     image_digests: dict | None = None
     #: measure this baseline again (get_or_measure with the same key and measure function)
     reload: Callable[[], "CachedRun"] | None = field(default=None, compare=False, repr=False)
+    #: run this baseline's code again now, uncached, and return its result (Evaluator.baseline)
+    measure_again: Callable[[], dict] | None = field(default=None, compare=False, repr=False)
 
     @property
     def image_paths(self) -> list[Path]:

@@ -203,7 +203,16 @@ class Evaluator:
         self.stats["baseline_hits" if run.hit else "baseline_misses"] += 1
         log.info("%s: %s baseline %s", task.id, role,
                  "from the cache" if run.hit else f"measured in {time.monotonic() - start:.1f} s")
-        return run
+
+        def measure_again() -> dict:
+            folder = Path(tempfile.mkdtemp(prefix="diffbench-again-"))
+            try:
+                (folder / "images").mkdir()
+                return measure(folder / "images")
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        return dataclasses.replace(run, measure_again=measure_again)
 
     # -- metrics --------------------------------------------------------------------------
     def clip(self) -> metrics.ClipScorer | None:
@@ -464,8 +473,20 @@ class Evaluator:
                                                               reference, gold)
             figures = crosscheck.speed_figures(comparator.result, result)
             figures["against"] = against
-            measured["speed_crosscheck"] = figures
             violation = crosscheck.speed_violation(figures)
+            if violation and comparator.hit and comparator.measure_again is not None:
+                # The comparator's CPU seconds came from the cache: measured in another session,
+                # perhaps on a quiet machine, while CPU time per unit of work grows with the load
+                # (two honest L4 optima showed 3.8x beside a sweep and tests, 2.2x alone). Before
+                # accusing, the comparator runs again now, under the candidate's load; a candidate
+                # that hid work fails against it too (it only costs one more baseline run).
+                log.info("%s: the cross-check against the cached %s failed; measuring it again", task.id, against)
+                first = violation
+                figures = crosscheck.speed_figures(comparator.measure_again(), result)
+                figures["against"] = f"{against} (measured again in this session)"
+                figures["against_cached"] = first
+                violation = crosscheck.speed_violation(figures)
+            measured["speed_crosscheck"] = figures
             if violation:
                 inputs.integrity_problems = (violation,)
         if gold is not None and ref_cost and self._cost(gold.result):
