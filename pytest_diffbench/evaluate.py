@@ -301,6 +301,7 @@ class Evaluator:
                 same_as_gold = False
         sandbox = SandboxSummary(status=outcome.status, detail=outcome.detail, wall_s=round(outcome.wall_s, 3),
                                  peak_rss_mb=round(outcome.peak_rss_mb, 1), network_isolated=outcome.network_isolated,
+                                 peak_kernel_mb=outcome.extra.get("peak_kernel_mb"),
                                  isolation=(outcome.isolation or {}).get("backend"),
                                  filesystem=(outcome.isolation or {}).get("filesystem"))
         provenance = dataclasses.replace(provenance, baseline_cache={

@@ -24,6 +24,8 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,7 +89,30 @@ def _find_parent() -> tuple[Path, int] | str:
         _parent = _own_memory_cgroup()
         if not isinstance(_parent, str):
             _remove_stale(_parent[0])
+            refused = _probe_join(*_parent)
+            if refused:
+                _parent = refused
     return _parent
+
+
+def _probe_join(folder: Path, version: int) -> str | None:
+    """Why a child process cannot be moved into a cgroup made under `folder`, or None when it can.
+
+    Making a cgroup is not enough: cgroup v2 also needs write access to the common ancestor's
+    cgroup.procs, and a controller may refuse a process. A run's child joins between fork and exec,
+    where a failure could only surface as an opaque "Exception occurred in preexec_fn" on every run;
+    found here, the session header says why kernel memory is not charged and the runs go on.
+    """
+    path = folder / f"{PREFIX}{os.getpid()}-probe-{secrets.token_hex(4)}"
+    try:
+        path.mkdir()
+    except OSError as exc:
+        return f"cannot make a cgroup in {folder}: {exc.strerror or exc}"
+    group = RunCgroup(path, version)
+    try:
+        return group.probe()
+    finally:
+        group.remove()
 
 
 def unavailable_reason() -> str | None:
@@ -147,8 +172,28 @@ class RunCgroup:
     def join(self) -> None:
         """Move the calling process into the cgroup: call it in the child between fork and exec
         (`preexec_fn`), before anything of the candidate can run; its descendants stay in it."""
-        with open(self._procs, "w") as fh:
-            fh.write(str(os.getpid()))
+        fd = os.open(self._procs, os.O_WRONLY)  # no O_CREAT: a cgroup's file, never a new one
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        finally:
+            os.close(fd)
+
+    def probe(self) -> str | None:
+        """Why a new process cannot join this cgroup and have its kernel memory read, or None."""
+        code = ("import os, sys\n"
+                "fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+                "os.write(fd, str(os.getpid()).encode())\n")
+        try:
+            done = subprocess.run([sys.executable, "-S", "-c", code, self._procs], capture_output=True,
+                                  timeout=30, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"cannot start a process to join a cgroup: {exc}"
+        if done.returncode != 0:
+            why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            return f"a process cannot join a cgroup made in {self.path.parent} ({why[0]})"
+        if self.kernel_bytes() is None:
+            return f"the kernel memory of a cgroup in {self.path.parent} cannot be read"
+        return None
 
     def kernel_bytes(self) -> int | None:
         """The kernel memory charged to the cgroup now, or None if it cannot be read."""

@@ -132,7 +132,8 @@ class SandboxSummary:
     status: str = _field(_STRING, "")
     detail: str = _field(_STRING, "")
     wall_s: float | None = _field(_NUMBER)
-    peak_rss_mb: float | None = _field(_NUMBER)
+    peak_rss_mb: float | None = _field(_NUMBER)  # everything charged to the run, kernel memory included
+    peak_kernel_mb: float | None = _field(_NUMBER)  # of which the kernel held for it (None: not charged here)
     network_isolated: bool | None = _field(_BOOLEAN)
     isolation: str | None = _field(_STRING)  # the backend
     filesystem: str | None = _field(_STRING)

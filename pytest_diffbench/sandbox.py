@@ -905,6 +905,15 @@ def _kill(pids: Sequence[int], pgid: int | None) -> None:
             pass
 
 
+def _launch_failure(exc: BaseException, cgroup: "memcg.RunCgroup | None") -> str:
+    """What failed when Popen raised: subprocess reports an exception in `_limit_child` only as
+    "Exception occurred in preexec_fn", so name what that function does."""
+    if not isinstance(exc, subprocess.SubprocessError):
+        return str(exc)
+    where = f"joining its memory cgroup {cgroup.path} or " if cgroup is not None else ""
+    return f"{where}setting its resource limits failed between fork and exec ({exc})"
+
+
 def _limit_child(nproc: int | None, cgroup: "memcg.RunCgroup | None" = None) -> None:
     """Runs in the child between fork and exec, before anything of the candidate."""
     import resource
@@ -1306,9 +1315,9 @@ class _Zygote:
                      json.dumps(spec)], cwd=self.setup.cwd, env=self.setup.env, stdin=subprocess.DEVNULL,
                     stdout=log, stderr=log, pass_fds=(theirs.fileno(),), start_new_session=True,
                     preexec_fn=lambda: _limit_child(nproc, cgroup))
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:  # SubprocessError: _limit_child failed
             self.close()
-            raise ZygoteUnavailable(f"cannot start: {exc}") from None
+            raise ZygoteUnavailable(f"cannot start: {_launch_failure(exc, cgroup)}") from None
         finally:
             theirs.close()
         ready = self.receive(ZYGOTE_START_TIMEOUT_S)
@@ -1587,12 +1596,14 @@ def _launch_cold(job: dict, *, backend: str, network: bool, env: Mapping[str, st
             cwd=setup.cwd, env=setup.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             pass_fds=(result_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc, cgroup),
         )
-    except BaseException:
+    except BaseException as exc:
         os.close(result_r)
         if setup.workdir is not None:
             shutil.rmtree(setup.workdir, ignore_errors=True)
         if cgroup is not None:
             cgroup.remove()
+        if isinstance(exc, subprocess.SubprocessError):  # a harness failure, before any candidate code
+            raise RuntimeError(f"cannot start the run's child: {_launch_failure(exc, cgroup)}") from None
         raise
     finally:
         os.close(result_w)

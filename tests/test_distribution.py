@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_diffbench import memcg
+
 REPO = Path(__file__).resolve().parent.parent
 #: the repository's folders and where the wheel puts them (pyproject.toml's package-dir)
 MAPPED = {"tasks": "pytest_diffbench/suite_tasks", "fixtures": "pytest_diffbench/zoo",
@@ -261,4 +263,6 @@ def test_installed_a_task_runs_from_any_folder(installed, tiny_zoo, tmp_path):
     result = json.loads((run_dir / "L1-sd15-t2i-0001" / "result.json").read_text())
     assert result["verdict"]["passed"], result["verdict"]
     assert result["sandbox"]["isolation"] in ("bwrap", "landlock"), result["sandbox"]  # auto: a strong backend
+    # the kernel memory charged to the run, where it has a memory cgroup (memcg), else None
+    assert (result["sandbox"]["peak_kernel_mb"] is None) == (memcg.unavailable_reason() is not None), result["sandbox"]
     assert_from_wheel(installed, folder)

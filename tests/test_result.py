@@ -29,8 +29,8 @@ def sample(**changes) -> TaskResult:
                               quality_method="fidelity", speed_method="flops", clip_model="local-dir:/clip",
                               run_size=(64, 64), samples=2, seeds="secret", seed_scope="verdict",
                               baseline_cache={"reference": "hit", "gold": None}, baseline_changed=("reference",)),
-        sandbox=SandboxSummary(status="ok", detail="", wall_s=3.217, peak_rss_mb=812.5, network_isolated=True,
-                               isolation="bwrap", filesystem=None),
+        sandbox=SandboxSummary(status="ok", detail="", wall_s=3.217, peak_rss_mb=812.5, peak_kernel_mb=3.1,
+                               network_isolated=True, isolation="bwrap", filesystem=None),
         cost={"prompt_tokens": 1200, "completion_tokens": 345, "total_tokens": 1545, "cost_usd": 0.012345678,
               "llm_calls": 3, "cache_hits": 1, "retries": 0, "cost_known": True},
         attributes={"pipeline_class": "StableDiffusionPipeline", "steps": {"requested": [20]}},
@@ -57,6 +57,7 @@ def test_the_json_form_round_trips_exactly():
                               "message": result.verdict.message}
     assert doc["run_size"] == [64, 64] and doc["baseline_cache"] == {"reference": "hit", "gold": None}
     assert doc["cost"]["cost_usd"] == 0.012345678 and doc["sandbox"]["wall_s"] == 3.217
+    assert doc["sandbox"]["peak_kernel_mb"] == 3.1
     # a result of a task without code: no sandbox, no figures
     bare = TaskResult(task_id="L1-a-0001", label="L1-a-0001", level="L1",
                       verdict=Verdict(False, 1, "no_candidate", "no candidate code"), complete=True)
