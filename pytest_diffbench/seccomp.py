@@ -3,7 +3,8 @@
 Every run's scratch folders are emptied between runs and Landlock / bubblewrap keep it out of
 every other folder, but three kinds of kernel object live outside any folder and outlast the
 process that made them: System V IPC (shared memory segments, message queues, semaphore sets),
-POSIX message queues and keyrings. A run could leave its batch (its secret seeds) in one for the
+POSIX message queues and keyrings (and io_uring, through which any call the filter denies could be
+made without the call: below). A run could leave its batch (its secret seeds) in one for the
 next run of the same zygote, or of another worker, to read in `load_pipeline` before its own go
 message, and an unattached shared memory segment is memory no process is charged for (both done
 by a red-team candidate in session 13; tests/test_seccomp.py, tests/adversarial/persistent_ipc.py). Under bubblewrap they live in the zygote's IPC
@@ -40,18 +41,26 @@ SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC = 1, 1
 PR_SET_NO_NEW_PRIVS = 38
 _X32_SYSCALL_BIT = 0x40000000
 
+# io_uring carries out the operations submitted to a ring without the system calls they stand for,
+# so no filter on those calls sees them: through a ring, a filtered run set an extended attribute
+# on a root-owned file of the venv under `landlock` (a channel to the next run) and raised a
+# socket's send buffer to 8 MiB (session 15, tests/adversarial/io_uring_bypass.py). Nothing of the
+# harness, torch or diffusers uses it; Docker's default profile denies it too. The same numbers on
+# both machine types (the unified table).
+_IO_URING = {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}
+
 # per machine: (AUDIT_ARCH_*, the seccomp syscall's number, {denied call: number})
 ARCHITECTURES = {
     "x86_64": (0xC000003E, 317, {
         "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "semop": 65, "semctl": 66, "shmdt": 67,
         "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "semtimedop": 220,
         "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243, "mq_notify": 244,
-        "mq_getsetattr": 245, "add_key": 248, "request_key": 249, "keyctl": 250}),
+        "mq_getsetattr": 245, "add_key": 248, "request_key": 249, "keyctl": 250, **_IO_URING}),
     "aarch64": (0xC00000B7, 277, {
         "mq_open": 180, "mq_unlink": 181, "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184,
         "mq_getsetattr": 185, "msgget": 186, "msgctl": 187, "msgrcv": 188, "msgsnd": 189, "semget": 190,
         "semctl": 191, "semtimedop": 192, "semop": 193, "shmget": 194, "shmctl": 195, "shmat": 196,
-        "shmdt": 197, "add_key": 217, "request_key": 218, "keyctl": 219}),
+        "shmdt": 197, "add_key": 217, "request_key": 218, "keyctl": 219, **_IO_URING}),
 }
 
 
@@ -104,7 +113,18 @@ def denied_calls(arch: str, metadata: bool = False) -> dict[str, int]:
 # (fcntl F_SETPIPE_SZ), and restrict_run lowers the descriptor limit (child.MAX_OPEN_FILES): what
 # a run can park in kernel buffers is then bounded by descriptors x default buffer sizes.
 SOL_SOCKET, BUFFER_OPTIONS, F_SETPIPE_SZ = 1, (7, 8, 32, 33), 1031
-ARGUMENT_CHECKED_CALLS = {"x86_64": {"setsockopt": 54, "fcntl": 72}, "aarch64": {"setsockopt": 208, "fcntl": 25}}
+ARGUMENT_CHECKED_CALLS = {"x86_64": {"setsockopt": 54, "fcntl": 72, "ioctl": 16},
+                          "aarch64": {"setsockopt": 208, "fcntl": 25, "ioctl": 29}}
+
+# Inode attributes set through ioctl on an open file (with `metadata`): the owner of a file may set
+# its flags (chattr: nodump, noatime, ...) through a read-only descriptor, a channel to the next
+# run under `landlock` like xattrs (found in session 15). Denied: every ioctl of type 'f' (0x66,
+# FS_IOC_* and ext4's EXT4_IOC_*) that passes data in (the write direction bit), which covers
+# FS_IOC_SETFLAGS and FS_IOC32_SETFLAGS and leaves the getters; FS_IOC_FSSETXATTR (type 'X');
+# FS_IOC_SETVERSION (type 'v'). GPU drivers' ioctls have other types (NVIDIA: 'F', 0x46).
+IOCTL_WRITE_TYPE_MASK, IOCTL_WRITE_TYPE_F = 0x4000FF00, 0x40006600
+METADATA_IOCTLS = (0x401C5820, 0x40087602, 0x40047602)  # FS_IOC_FSSETXATTR, FS_IOC_SETVERSION, 32-bit form
+_ALU_AND_K = 0x04 | 0x50 | 0x00  # BPF_ALU | BPF_AND | BPF_K
 
 
 def _argument_offset(index: int) -> int:
@@ -124,6 +144,8 @@ def program(arch: str, metadata: bool = False) -> list[tuple[int, int, int, int]
         code.append((_JGE_K, "deny", "next", _X32_SYSCALL_BIT))  # x32 calls
     for number in sorted(set(denied_calls(arch, metadata).values())):
         code.append((_JEQ_K, "deny", "next", number))
+    if metadata:
+        code.append((_JEQ_K, "ioctl", "next", checked["ioctl"]))
     code += [(_JEQ_K, "setsockopt", "next", checked["setsockopt"]), (_JEQ_K, "fcntl", "allow", checked["fcntl"]),
              ("label", "setsockopt"), (_LD_W_ABS, None, None, _argument_offset(1)),
              (_JEQ_K, "next", "allow", SOL_SOCKET), (_LD_W_ABS, None, None, _argument_offset(2))]
@@ -131,6 +153,12 @@ def program(arch: str, metadata: bool = False) -> list[tuple[int, int, int, int]
     code += [(_RET_K, None, None, _RET_ALLOW),
              ("label", "fcntl"), (_LD_W_ABS, None, None, _argument_offset(1)), (_JEQ_K, "deny", "allow", F_SETPIPE_SZ),
              ("label", "allow"), (_RET_K, None, None, _RET_ALLOW), ("label", "deny"), (_RET_K, None, None, deny)]
+    if metadata:  # before "allow": a jump only goes forward
+        at = code.index(("label", "allow"))
+        code[at:at] = [("label", "ioctl"), (_LD_W_ABS, None, None, _argument_offset(1)),
+                       *((_JEQ_K, "deny", "next", request) for request in METADATA_IOCTLS),
+                       (_ALU_AND_K, None, None, IOCTL_WRITE_TYPE_MASK),
+                       (_JEQ_K, "deny", "allow", IOCTL_WRITE_TYPE_F)]
     positions, out = {}, []
     for item in code:
         if item[0] == "label":
