@@ -103,8 +103,8 @@ def supported() -> bool:
 
 
 def denied_calls(arch: str, metadata: bool = False) -> dict[str, int]:
-    """{name: number} of the calls the filter denies on `arch`."""
-    return {**ARCHITECTURES[arch][2], **(METADATA_CALLS[arch] if metadata else {})}
+    """{name: number} of the calls the filter denies on `arch`, whatever their arguments."""
+    return {**ARCHITECTURES[arch][2], **CACHE_PROBES[arch], **(METADATA_CALLS[arch] if metadata else {})}
 
 
 # Kernel buffers grown on request: memory no process is charged for (2 GiB held in unix socket
@@ -113,8 +113,46 @@ def denied_calls(arch: str, metadata: bool = False) -> dict[str, int]:
 # (fcntl F_SETPIPE_SZ), and restrict_run lowers the descriptor limit (child.MAX_OPEN_FILES): what
 # a run can park in kernel buffers is then bounded by descriptors x default buffer sizes.
 SOL_SOCKET, BUFFER_OPTIONS, F_SETPIPE_SZ = 1, (7, 8, 32, 33), 1031
-ARGUMENT_CHECKED_CALLS = {"x86_64": {"setsockopt": 54, "fcntl": 72, "ioctl": 16},
-                          "aarch64": {"setsockopt": 208, "fcntl": 25, "ioctl": 29}}
+
+# Other processes' settings: a run has the uid of its zygote (and, under `landlock`, of every
+# process of the harness: no pid namespace) and may change a same-uid process's resource limits,
+# nice value, I/O priority, CPU affinity and scheduling without any capability. A red-team run
+# wrote its seeds into the zygote's soft limits (five 62-bit values), which the next run of the
+# zygote inherited and decoded in `load_pipeline` to pass a hard L4 task with the reference's
+# images (session 15); pinning or renicing a baseline's process would slow the comparator. These
+# calls are allowed on the calling process only (pid / who 0).
+#
+# Children reaped by the kernel: with SIGCHLD ignored (or SA_NOCLDWAIT) a finished child is
+# reaped at once and its CPU time is added to no process, so the parent's CPU figure of the run
+# never sees work done in it (a red-team run did the reference's 50 steps in such a child inside
+# the judged call: U_cpu 12.6 where the work was the reference's; session 15). Setting any
+# SIGCHLD action is denied (only the parent's disposition makes the kernel reap: kernel/signal.c,
+# do_notify_parent); reading it is allowed.
+#
+# The page cache as a channel between runs: evicting a file's pages through a read-only descriptor
+# (posix_fadvise DONTNEED / NOREUSE, madvise PAGEOUT / COLD) and testing residency without
+# touching it (preadv2 RWF_NOWAIT, mincore, cachestat) carried seeds from one run to a run of
+# another zygote and backend (red team, session 15). Denied; what remains is setting a page by
+# reading it (once, until memory pressure evicts it) and timing reads (docs/integrity.md).
+SIGCHLD, RWF_NOWAIT, FADV_EVICTING, MADV_EVICTING = 17, 0x8, (4, 5), (20, 21)
+CACHE_PROBES = {"x86_64": {"mincore": 27, "process_madvise": 440, "cachestat": 451},
+                "aarch64": {"mincore": 232, "process_madvise": 440, "cachestat": 451}}
+ARGUMENT_CHECKED_CALLS = {
+    "x86_64": {"setsockopt": 54, "fcntl": 72, "ioctl": 16, "rt_sigaction": 13, "prlimit64": 302,
+               "setpriority": 141, "sched_setparam": 142, "sched_setscheduler": 144, "sched_setaffinity": 203,
+               "sched_setattr": 314, "ioprio_set": 251, "fadvise64": 221, "preadv2": 327, "pwritev2": 328,
+               "madvise": 28},
+    "aarch64": {"setsockopt": 208, "fcntl": 25, "ioctl": 29, "rt_sigaction": 134, "prlimit64": 261,
+                "setpriority": 140, "sched_setparam": 118, "sched_setscheduler": 119, "sched_setaffinity": 122,
+                "sched_setattr": 274, "ioprio_set": 30, "fadvise64": 223, "preadv2": 286, "pwritev2": 287,
+                "madvise": 233},
+}
+#: which block of `program` checks each call's arguments
+_BLOCK_OF = {"setsockopt": "setsockopt", "fcntl": "fcntl", "ioctl": "ioctl", "rt_sigaction": "sigchld",
+             "prlimit64": "self_arg0", "sched_setparam": "self_arg0", "sched_setscheduler": "self_arg0",
+             "sched_setaffinity": "self_arg0", "sched_setattr": "self_arg0", "setpriority": "setpriority",
+             "ioprio_set": "ioprio_set", "fadvise64": "fadvise", "preadv2": "nowait", "pwritev2": "nowait",
+             "madvise": "madvise"}
 
 # Inode attributes set through ioctl on an open file (with `metadata`): the owner of a file may set
 # its flags (chattr: nodump, noatime, ...) through a read-only descriptor, a channel to the next
@@ -127,38 +165,60 @@ METADATA_IOCTLS = (0x401C5820, 0x40087602, 0x40047602)  # FS_IOC_FSSETXATTR, FS_
 _ALU_AND_K = 0x04 | 0x50 | 0x00  # BPF_ALU | BPF_AND | BPF_K
 
 
-def _argument_offset(index: int) -> int:
-    return 16 + 8 * index  # the low 32 bits of seccomp_data.args[index] (little-endian machines)
+def _argument_offset(index: int, high: bool = False) -> int:
+    """Where seccomp_data.args[index] is: its low 32 bits, or its high ones (little-endian)."""
+    return 16 + 8 * index + (4 if high else 0)
+
+
+def _load(index: int, high: bool = False) -> tuple:
+    return (_LD_W_ABS, None, None, _argument_offset(index, high))
+
+
+def _blocks(metadata: bool) -> dict[str, list]:
+    """Per block: instructions that end in a jump to "allow" or "deny" on every path."""
+    blocks = {
+        "setsockopt": [_load(1), (_JEQ_K, "next", "allow", SOL_SOCKET), _load(2),
+                       *((_JEQ_K, "deny", "next", option) for option in BUFFER_OPTIONS), (_RET_K, None, None, _RET_ALLOW)],
+        "fcntl": [_load(1), (_JEQ_K, "deny", "allow", F_SETPIPE_SZ)],
+        # rt_sigaction(SIGCHLD, act, ...): only with act NULL (both halves of the pointer zero)
+        "sigchld": [_load(0), (_JEQ_K, "next", "allow", SIGCHLD), _load(1), (_JEQ_K, "next", "deny", 0),
+                    _load(1, high=True), (_JEQ_K, "allow", "deny", 0)],
+        "self_arg0": [_load(0), (_JEQ_K, "allow", "deny", 0)],  # pid 0: the calling process (thread)
+        "setpriority": [_load(0), (_JEQ_K, "next", "deny", 0), _load(1), (_JEQ_K, "allow", "deny", 0)],  # PRIO_PROCESS, 0
+        "ioprio_set": [_load(0), (_JEQ_K, "next", "deny", 1), _load(1), (_JEQ_K, "allow", "deny", 0)],  # WHO_PROCESS, 0
+        "fadvise": [_load(3), *((_JEQ_K, "deny", "next", advice) for advice in FADV_EVICTING),
+                    (_RET_K, None, None, _RET_ALLOW)],
+        "nowait": [_load(5), (_ALU_AND_K, None, None, RWF_NOWAIT), (_JEQ_K, "deny", "allow", RWF_NOWAIT)],
+        "madvise": [_load(2), *((_JEQ_K, "deny", "next", advice) for advice in MADV_EVICTING),
+                    (_RET_K, None, None, _RET_ALLOW)],
+    }
+    if metadata:
+        blocks["ioctl"] = [_load(1), *((_JEQ_K, "deny", "next", request) for request in METADATA_IOCTLS),
+                           (_ALU_AND_K, None, None, IOCTL_WRITE_TYPE_MASK), (_JEQ_K, "deny", "allow", IOCTL_WRITE_TYPE_F)]
+    return blocks
 
 
 def program(arch: str, metadata: bool = False) -> list[tuple[int, int, int, int]]:
-    """The filter as (code, jt, jf, k) instructions: deny another ABI's calls, the listed ones and
-    the buffer growth above with EPERM, allow everything else."""
+    """The filter as (code, jt, jf, k) instructions: deny another ABI's calls and the listed ones,
+    check the arguments of the calls in ARGUMENT_CHECKED_CALLS (EPERM for what the comments above
+    deny), allow everything else."""
     audit_arch = ARCHITECTURES[arch][0]
     deny = _RET_ERRNO | errno.EPERM
-    checked = ARGUMENT_CHECKED_CALLS[arch]
-    # (code, jump if true, jump if false, k) with jumps to labels: "next", "allow", "deny" or a name
+    blocks = _blocks(metadata)
+    # (code, jump if true, jump if false, k) with jumps to labels: "next", "allow", "deny" or a block
     code: list = [(_LD_W_ABS, None, None, _ARCH_OFFSET), (_JEQ_K, "next", "deny", audit_arch),
                   (_LD_W_ABS, None, None, _NR_OFFSET)]
     if arch == "x86_64":
         code.append((_JGE_K, "deny", "next", _X32_SYSCALL_BIT))  # x32 calls
     for number in sorted(set(denied_calls(arch, metadata).values())):
         code.append((_JEQ_K, "deny", "next", number))
-    if metadata:
-        code.append((_JEQ_K, "ioctl", "next", checked["ioctl"]))
-    code += [(_JEQ_K, "setsockopt", "next", checked["setsockopt"]), (_JEQ_K, "fcntl", "allow", checked["fcntl"]),
-             ("label", "setsockopt"), (_LD_W_ABS, None, None, _argument_offset(1)),
-             (_JEQ_K, "next", "allow", SOL_SOCKET), (_LD_W_ABS, None, None, _argument_offset(2))]
-    code += [(_JEQ_K, "deny", "next", option) for option in BUFFER_OPTIONS]
-    code += [(_RET_K, None, None, _RET_ALLOW),
-             ("label", "fcntl"), (_LD_W_ABS, None, None, _argument_offset(1)), (_JEQ_K, "deny", "allow", F_SETPIPE_SZ),
-             ("label", "allow"), (_RET_K, None, None, _RET_ALLOW), ("label", "deny"), (_RET_K, None, None, deny)]
-    if metadata:  # before "allow": a jump only goes forward
-        at = code.index(("label", "allow"))
-        code[at:at] = [("label", "ioctl"), (_LD_W_ABS, None, None, _argument_offset(1)),
-                       *((_JEQ_K, "deny", "next", request) for request in METADATA_IOCTLS),
-                       (_ALU_AND_K, None, None, IOCTL_WRITE_TYPE_MASK),
-                       (_JEQ_K, "deny", "allow", IOCTL_WRITE_TYPE_F)]
+    for call, number in ARGUMENT_CHECKED_CALLS[arch].items():
+        if _BLOCK_OF[call] in blocks:
+            code.append((_JEQ_K, _BLOCK_OF[call], "next", number))
+    code.append((_RET_K, None, None, _RET_ALLOW))
+    for name, block in blocks.items():  # after the dispatch: a jump only goes forward
+        code += [("label", name), *block]
+    code += [("label", "allow"), (_RET_K, None, None, _RET_ALLOW), ("label", "deny"), (_RET_K, None, None, deny)]
     positions, out = {}, []
     for item in code:
         if item[0] == "label":

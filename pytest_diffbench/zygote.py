@@ -28,6 +28,12 @@ Isolation is the cold child's, per run:
   in imported libraries from creating a CUDA context); the zygote refuses to serve if it was.
 - The zygote is a child subreaper, so whatever a run starts stays its descendant (in the parent's
   view of the process tree) even after a double fork.
+- Its own process settings (resource limits, nice value, scheduling, CPU affinity, I/O priority,
+  OOM score) are what every fork inherits, and a process of its user can change some of them from
+  outside (prlimit, setpriority, ...): a red-team run wrote its seeds into the zygote's soft limits
+  for the next run to read (session 15). The run's seccomp filter allows those calls only on the
+  calling process; the zygote also compares its settings with those it started with before each
+  fork and after each run, and one that changed ends it.
 
 Protocol (SOCK_SEQPACKET, JSON): zygote -> `{"ready": pid, "imported_s": s}`; parent -> `{"run":
 {"module", "job_path", "env", "cwd"}}` with 4 fds (stdin, stdout, stderr, result); zygote ->
@@ -170,6 +176,38 @@ def dirt(folder: str, state: tuple, fixed: frozenset = frozenset()) -> str | Non
     return None
 
 
+_IOPRIO_GET = {"x86_64": 252, "aarch64": 31}
+
+
+def process_settings() -> dict:
+    """The settings of this process that a fork inherits and another process of the same user can
+    change: each resource limit, the nice value, scheduling policy and priority, CPU affinity, I/O
+    priority and the OOM score adjustment."""
+    settings = {name: resource.getrlimit(getattr(resource, name)) for name in sorted(dir(resource))
+                if name.startswith("RLIMIT_")}
+    settings["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+    settings["policy"] = os.sched_getscheduler(0)
+    settings["priority"] = os.sched_getparam(0).sched_priority
+    settings["affinity"] = sorted(os.sched_getaffinity(0))
+    number = _IOPRIO_GET.get(os.uname().machine)
+    if number is not None:
+        settings["ioprio"] = ctypes.CDLL(None, use_errno=True).syscall(number, 1, 0)  # IOPRIO_WHO_PROCESS, self
+    for name in ("oom_score_adj", "coredump_filter", "timerslack_ns"):
+        try:
+            with open(f"/proc/self/{name}") as fh:
+                settings[name] = fh.read().strip()
+        except OSError:
+            pass
+    return settings
+
+
+def settings_changed(started_with: dict) -> str | None:
+    """What of `process_settings()` differs from `started_with`, or None."""
+    now = process_settings()
+    changed = [f"{name} {now.get(name)} (was {value})" for name, value in started_with.items() if now.get(name) != value]
+    return f"the zygote's process settings changed: {', '.join(changed)}" if changed else None
+
+
 def _reap() -> None:
     while True:
         try:
@@ -281,6 +319,7 @@ def serve(spec: dict) -> int:
     for folder in spec.get("empty", ()):
         empty_folder(folder)
         kept[folder] = (folder_state(folder), frozenset(os.listdir(folder)))
+    settings = process_settings()
     _send(ctl, {"ready": os.getpid(), "imported_s": round(time.monotonic() - start, 3)})
     while True:
         try:
@@ -297,6 +336,12 @@ def serve(spec: dict) -> int:
             continue
         _reap()
         _clean(spec, kept)
+        changed = settings_changed(settings)  # by a process outside since the last run ended
+        if changed:
+            for fd in fds:
+                os.close(fd)
+            _send(ctl, {"error": changed})
+            return 1
         for folder in spec.get("make", ()):
             os.makedirs(folder, exist_ok=True)
         sys.stdout.flush()
@@ -316,7 +361,7 @@ def serve(spec: dict) -> int:
         _reap()
         # nothing of the run stays on disk (or in tmpfs memory) once it has ended; what cannot be
         # removed ends the zygote (the parent closes it: `dirty`)
-        dirty = _clean(spec, kept)
+        dirty = "; ".join(filter(None, (_clean(spec, kept), settings_changed(settings)))) or None
         _send(ctl, {"exit": pid, "status": status, "dirty": dirty})
 
 

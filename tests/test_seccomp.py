@@ -185,3 +185,98 @@ def test_a_run_cannot_make_persistent_ipc_objects_under_each_strong_backend(tmp_
                       limits=SandboxLimits(timeout_s=180, memory_mb=4096, isolation=isolation))
     assert outcome.status == "ok" and outcome.result["status"] == "ok", (outcome.detail, outcome.result,
                                                                           outcome.stderr_tail)
+
+
+def test_the_filter_keeps_a_run_to_its_own_process_settings():
+    """A run has its zygote's uid: it could change the zygote's limits, nice value, affinity or I/O
+    priority, which the next run inherits (a red-team run passed its seeds on in five soft limits,
+    session 15). Only the calling process's own settings may change."""
+    import resource
+
+    other = os.getpid()  # the forked body's parent: another process of the same user
+
+    def body():
+        seccomp.deny_persistent_ipc()
+        denied = [lambda: resource.prlimit(other, resource.RLIMIT_RTTIME, (3141592653, resource.RLIM_INFINITY)),
+                  lambda: os.setpriority(os.PRIO_PROCESS, other, 13),
+                  lambda: os.setpriority(os.PRIO_USER, 0, 13),  # every process of the user
+                  lambda: os.sched_setaffinity(other, {min(os.sched_getaffinity(0))}),
+                  lambda: os.sched_setscheduler(other, os.SCHED_BATCH, os.sched_param(0))]
+        for number, change in enumerate(denied, 1):
+            try:
+                change()
+                return number
+            except PermissionError:
+                pass
+        # its own settings: allowed
+        soft, hard = resource.getrlimit(resource.RLIMIT_RTTIME)
+        resource.prlimit(0, resource.RLIMIT_RTTIME, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + 1)
+        os.sched_setaffinity(0, os.sched_getaffinity(0))
+        return 0
+
+    before = (resource.getrlimit(resource.RLIMIT_RTTIME), os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0))
+    assert _in_a_filtered_fork(body) == 0
+    assert (resource.getrlimit(resource.RLIMIT_RTTIME), os.getpriority(os.PRIO_PROCESS, 0),
+            os.sched_getaffinity(0)) == before
+
+
+def test_the_filter_denies_ignoring_sigchld_and_leaves_other_signals():
+    """Children the kernel reaps by itself take their CPU time out of every figure the parent reads
+    (tests/speed_attacks/autoreap_offload.py)."""
+    import signal
+
+    def body():
+        seccomp.deny_persistent_ipc()
+        for handler in (signal.SIG_IGN, lambda *_: None, signal.SIG_DFL):
+            try:
+                signal.signal(signal.SIGCHLD, handler)
+                return 1
+            except PermissionError:
+                pass
+        libc = ctypes.CDLL(None, use_errno=True)
+        old = ctypes.create_string_buffer(152)  # reading the action: allowed
+        if libc.syscall(13 if seccomp.machine() == "x86_64" else 134, 17, None, old, 8) != 0:
+            return 2
+        signal.signal(signal.SIGUSR1, lambda *_: None)  # other signals: allowed
+        return 0
+
+    assert _in_a_filtered_fork(body) == 0
+
+
+def test_the_filter_denies_evicting_and_probing_the_page_cache(tmp_path):
+    """Evicting a file's pages through a read-only descriptor and testing residency without
+    touching them made the page cache a channel between runs (red team, session 15)."""
+    import mmap
+
+    target = tmp_path / "f"
+    target.write_bytes(b"x" * (1 << 16))
+
+    def body():
+        seccomp.deny_persistent_ipc()
+        fd = os.open(target, os.O_RDONLY)
+        mapped = mmap.mmap(fd, 1 << 16, prot=mmap.PROT_READ)
+        libc = ctypes.CDLL(None, use_errno=True)
+        vec = ctypes.create_string_buffer(16)
+        page = mmap.mmap(-1, 4096)  # mincore is denied whatever it is asked about
+        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+        denied = [lambda: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED),
+                  lambda: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NOREUSE),
+                  lambda: os.preadv(fd, [bytearray(16)], 0, os.RWF_NOWAIT),
+                  lambda: mapped.madvise(21),  # MADV_PAGEOUT (no constant in every Python)
+                  lambda: mapped.madvise(20)]  # MADV_COLD
+        for number, call in enumerate(denied, 1):
+            try:
+                call()
+                return number
+            except PermissionError:
+                pass
+        if libc.mincore(ctypes.c_void_p(address), 4096, vec) != -1 or ctypes.get_errno() != errno.EPERM:
+            return 10
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # advice that evicts nothing: allowed
+        os.preadv(fd, [bytearray(16)], 0, 0)
+        mapped.madvise(mmap.MADV_DONTNEED)
+        return 0
+
+    assert _in_a_filtered_fork(body) == 0

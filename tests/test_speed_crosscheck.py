@@ -62,7 +62,7 @@ def test_an_honest_acceleration_passes_the_cross_check(reference, tmp_path):
     assert crosscheck.speed_violation(figures) is None
 
 
-@pytest.mark.parametrize("attack", ["numpy_offload", "scale_counter"])
+@pytest.mark.parametrize("attack", ["numpy_offload", "scale_counter", "autoreap_offload"])
 def test_work_hidden_from_the_counter_is_an_integrity_failure_naming_both_figures(reference, tmp_path, attack):
     candidate = run(attack, tmp_path)
     figures = crosscheck.speed_figures(reference, candidate)

@@ -165,3 +165,30 @@ def test_a_forked_run_is_charged_what_it_parks_in_kernel_buffers(tmp_path, backe
     # the next run starts from a fresh zygote (the one that was killed with the run) and its cgroup is gone
     after = run(tmp_path, backend, "sleep", "after", seconds=0)
     assert after.status == "ok" and after.extra["peak_kernel_mb"] < 20, after.extra
+
+
+@pytest.mark.parametrize("backend", STRONG)
+def test_a_run_that_changes_its_zygotes_settings_ends_the_zygote(tmp_path, backend):
+    """Resource limits, nice value, ... of the zygote are what every later fork inherits: a
+    red-team run passed its seeds to the next run in five soft limits (session 15). The real run's
+    seccomp filter denies those calls on another process; this run has no filter (a stand-in for a
+    route the filter does not know), so what is shown is the zygote's own check."""
+    import resource
+
+    changed = run(tmp_path, backend, "change_zygote", "a", unfiltered=True)
+    assert changed.status == "ok", (changed.detail, changed.stderr_tail)
+    assert changed.result["attempts"]["prlimit"]["ok"], changed.result["attempts"]
+    after = run(tmp_path, backend, "look", "b")
+    assert after.status == "ok" and after.extra["start"] == "forked (new zygote)", after.extra
+    assert after.result["settings"]["rttime"] == list(resource.getrlimit(resource.RLIMIT_RTTIME))
+    assert after.result["settings"]["nice"] == os.getpriority(os.PRIO_PROCESS, 0)
+
+
+@pytest.mark.parametrize("backend", STRONG)
+def test_the_real_filter_keeps_a_run_off_its_zygotes_settings(tmp_path, backend):
+    changed = run(tmp_path, backend, "change_zygote", "a")
+    attempts = changed.result["attempts"]
+    assert not attempts["prlimit"]["ok"] and not attempts["renice"]["ok"], attempts
+    assert "Operation not permitted" in attempts["prlimit"]["error"], attempts
+    after = run(tmp_path, backend, "look", "b")
+    assert after.extra["start"] == "forked", "nothing changed: the zygote serves the next run"

@@ -13,7 +13,8 @@ import time
 from pytest_diffbench.child import Channel, restrict_run
 
 job = json.load(open(sys.argv[1]))
-restrict_run(job)  # as the real child does before the candidate
+if not job.get("unfiltered"):  # a stand-in for a route the seccomp filter does not know
+    restrict_run(job)  # as the real child does before the candidate
 channel = Channel.from_job(job)
 action = job["action"]
 result = {"status": "ok", "pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd()}
@@ -62,6 +63,15 @@ if action == "leave":
     attempt("signal_parent", lambda: os.kill(os.getppid(), 0) or "signalled")
     attempt("parent_environ", lambda: open(f"/proc/{os.getppid()}/environ", "rb").read(100).decode(errors="replace"))
     attempt("parent_mem", lambda: open(f"/proc/{os.getppid()}/mem", "rb").close() or "opened")
+elif action == "change_zygote":
+    # change the zygote's own settings, which every later fork inherits (red team, session 15:
+    # seeds in its soft limits); the real run's filter denies these calls on another process
+    import resource
+
+    zygote = os.getppid()
+    attempt("prlimit", lambda: resource.prlimit(zygote, resource.RLIMIT_RTTIME, (3141592653, resource.RLIM_INFINITY))
+            or "set")
+    attempt("renice", lambda: os.setpriority(os.PRIO_PROCESS, zygote, 13) or "set")
 elif action == "look":
     for name, folder in places().items():
         attempt(f"read:{name}", lambda folder=folder: open(os.path.join(folder, "left.txt")).read())
@@ -71,6 +81,10 @@ elif action == "look":
             result[f"listing:{name}"] = None  # not even listable (Landlock: /dev/shm)
         attempt(f"getxattr:{name}", lambda folder=folder: os.getxattr(folder, "user.left").decode())
         result[f"mtime_marked:{name}"] = os.stat(folder).st_mtime_ns == MARK_NS
+    import resource
+
+    result["settings"] = {"rttime": list(resource.getrlimit(resource.RLIMIT_RTTIME)),
+                          "nice": os.getpriority(os.PRIO_PROCESS, 0)}
     result["module_mark"] = getattr(torch, "left_by_earlier_run", None)
     result["env_mark"] = os.environ.get("LEFT_BY_EARLIER_RUN")
 elif action == "linger":
