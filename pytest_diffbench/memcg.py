@@ -1,4 +1,4 @@
-"""A memory cgroup for each sandboxed run (cold child or zygote), where the machine lets the harness
+"""A memory cgroup (and a CPU-accounting one) for each sandboxed run (cold child or zygote), where the machine lets the harness
 make one, so that what a run holds in the kernel is charged to it.
 
 Why: the watchdog charges a run what /proc shows of it (its processes' RSS or PSS, the files of its
@@ -17,6 +17,13 @@ controller enabled for the parent cgroup's children (memory.stat: `kernel` and `
 root on a server or in a container; not a desktop user without a delegated cgroup, where
 `RunCgroup.create` returns None, `unavailable_reason()` says why, and the bound above is all there
 is (docs/integrity.md).
+
+CPU time the same way (kind "cpu"): the parent's speed cross-check reads the CPU seconds of the
+judged call. Added up over the run's processes (/proc/PID/stat, with reaped children), it missed
+children the kernel reaps by itself: a red-team run did the reference's work in one with SIGCHLD
+ignored and showed 1/12 of it (session 15). A cgroup's CPU usage counts every task that ran in it,
+however it ended. Each cold child and zygote also gets a cgroup in v1's cpuacct hierarchy (or,
+on v2, its memory cgroup's `cpu.stat`, kept for every cgroup), read by `sandbox._run_cpu_seconds`.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from pathlib import Path
 
 PREFIX = "diffbench-run-"
 _counter = itertools.count()
-_parent: tuple[Path, int] | None | str = None  # (folder, version), or why there is none; found once
+_parents: dict[str, tuple[Path, int] | str] = {}  # per kind: (folder, version), or why there is none
 
 
 def _unescape(field: str) -> str:
@@ -43,6 +50,14 @@ def _unescape(field: str) -> str:
 
 def _own_memory_cgroup() -> tuple[Path, int] | str:
     """The folder of this process's memory cgroup and its cgroup version, or why there is none."""
+    return _own_cgroup("memory")
+
+
+def _own_cgroup(kind: str) -> tuple[Path, int] | str:
+    """The folder of this process's cgroup for `kind` ("memory", or "cpu": v1's cpuacct
+    hierarchy) and its cgroup version, or why there is none. v2's CPU usage (cpu.stat usage_usec)
+    is kept for every cgroup; its memory figures need the controller enabled for the children."""
+    controller = "cpuacct" if kind == "cpu" else kind
     try:
         with open("/proc/self/cgroup", encoding="utf-8") as fh:
             membership = [line.rstrip("\n").split(":", 2) for line in fh if line.count(":") >= 2]
@@ -50,17 +65,17 @@ def _own_memory_cgroup() -> tuple[Path, int] | str:
             mounts = fh.read().splitlines()
     except OSError as exc:
         return f"cannot read this process's cgroups: {exc}"
-    v1 = next((path for _, controllers, path in membership if "memory" in controllers.split(",")), None)
+    v1 = next((path for _, controllers, path in membership if controller in controllers.split(",")), None)
     v2 = next((path for hid, controllers, path in membership if hid == "0" and not controllers), None)
     for line in mounts:
         before, _, after = line.partition(" - ")
-        fields, kind = before.split(), after.split()
-        if len(fields) < 5 or len(kind) < 3:
+        fields, mount = before.split(), after.split()
+        if len(fields) < 5 or len(mount) < 3:
             continue
         root, point = _unescape(fields[3]), _unescape(fields[4])
-        if kind[0] == "cgroup" and "memory" in kind[2].split(",") and v1 is not None:
+        if mount[0] == "cgroup" and controller in mount[2].split(",") and v1 is not None:
             path, version = v1, 1
-        elif kind[0] == "cgroup2" and v2 is not None and v1 is None:
+        elif mount[0] == "cgroup2" and v2 is not None and v1 is None:
             path, version = v2, 2
         else:
             continue
@@ -70,7 +85,7 @@ def _own_memory_cgroup() -> tuple[Path, int] | str:
             Path(point) / path.lstrip("/")
         if not folder.is_dir():
             continue
-        if version == 2:
+        if version == 2 and kind == "memory":
             try:
                 enabled = (folder / "cgroup.subtree_control").read_text().split()
             except OSError:
@@ -80,22 +95,24 @@ def _own_memory_cgroup() -> tuple[Path, int] | str:
         if not os.access(folder, os.W_OK):
             return f"this user cannot make cgroups in {folder}"
         return folder, version
-    return "no memory cgroup mounted for this process"
+    return f"no {controller} cgroup mounted for this process"
 
 
-def _find_parent() -> tuple[Path, int] | str:
-    global _parent
-    if _parent is None:
-        _parent = _own_memory_cgroup()
-        if not isinstance(_parent, str):
-            _remove_stale(_parent[0])
-            refused = _probe_join(*_parent)
+def _find_parent(kind: str = "memory") -> tuple[Path, int] | str:
+    """Where this process makes the runs' cgroups of `kind` (found, cleaned of stale ones and
+    probed once), or why it makes none."""
+    if kind not in _parents:
+        found = _own_cgroup(kind)
+        if not isinstance(found, str):
+            _remove_stale(found[0])
+            refused = _probe_join(*found, kind=kind)
             if refused:
-                _parent = refused
-    return _parent
+                found = refused
+        _parents[kind] = found
+    return _parents[kind]
 
 
-def _probe_join(folder: Path, version: int) -> str | None:
+def _probe_join(folder: Path, version: int, kind: str = "memory") -> str | None:
     """Why a child process cannot be moved into a cgroup made under `folder`, or None when it can.
 
     Making a cgroup is not enough: cgroup v2 also needs write access to the common ancestor's
@@ -108,7 +125,7 @@ def _probe_join(folder: Path, version: int) -> str | None:
         path.mkdir()
     except OSError as exc:
         return f"cannot make a cgroup in {folder}: {exc.strerror or exc}"
-    group = RunCgroup(path, version)
+    group = RunCgroup(path, version, kind)
     try:
         return group.probe()
     finally:
@@ -125,6 +142,20 @@ def describe() -> str:
     """A line for the session header: whether the runs' kernel memory is charged here."""
     found = _find_parent()
     return f"not charged ({found})" if isinstance(found, str) else f"charged (memory cgroup v{found[1]})"
+
+
+def cpu_unavailable_reason() -> str | None:
+    """Why runs get no CPU-accounting cgroup here, or None when they do."""
+    found = _find_parent("cpu")
+    return found if isinstance(found, str) else None
+
+
+def describe_cpu() -> str:
+    """A line for the session header: where the parent reads the runs' CPU time."""
+    found = _find_parent("cpu")
+    if isinstance(found, str):
+        return f"from their processes' /proc figures ({found})"
+    return f"from each run's cgroup ({'cpuacct v1' if found[1] == 1 else 'cpu.stat v2'})"
 
 
 def _remove_stale(folder: Path) -> None:
@@ -145,16 +176,27 @@ def _remove_stale(folder: Path) -> None:
 
 
 class RunCgroup:
-    """One memory cgroup, made for a cold child or a zygote and removed after it."""
+    """One cgroup, made for a cold child or a zygote and removed after it: "memory" (its kernel
+    memory) or "cpu" (its CPU time: every process that ever ran in it, waited for or not)."""
 
-    def __init__(self, path: Path, version: int):
-        self.path, self.version = path, version
+    def __init__(self, path: Path, version: int, kind: str = "memory", shared: bool = False):
+        self.path, self.version, self.kind = path, version, kind
+        self.shared = shared  # another RunCgroup's folder (v2): joined and removed through that one
         self._procs = str(path / "cgroup.procs")
 
     @classmethod
-    def create(cls) -> "RunCgroup | None":
-        """A new cgroup under this process's memory cgroup, or None where none can be made."""
-        found = _find_parent()
+    def create_cpu(cls, memory: "RunCgroup | None") -> "RunCgroup | None":
+        """The CPU-accounting cgroup of a run whose memory cgroup is `memory`: on cgroup v2, where a
+        process is in one cgroup only, that same cgroup (its cpu.stat); else one of its own."""
+        if memory is not None and memory.version == 2:
+            group = cls(memory.path, 2, "cpu", shared=True)
+            return group if group.cpu_seconds() is not None else None
+        return cls.create("cpu")
+
+    @classmethod
+    def create(cls, kind: str = "memory") -> "RunCgroup | None":
+        """A new cgroup under this process's cgroup of `kind`, or None where none can be made."""
+        found = _find_parent(kind)
         if isinstance(found, str):
             return None
         folder, version = found
@@ -163,15 +205,31 @@ class RunCgroup:
             path.mkdir()
         except OSError:
             return None
-        group = cls(path, version)
-        if group.kernel_bytes() is None:
+        group = cls(path, version, kind)
+        if group._reading() is None:
             group.remove()
             return None
         return group
 
+    def _reading(self) -> float | None:
+        return self.kernel_bytes() if self.kind == "memory" else self.cpu_seconds()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds (user + system) of every task that has run in the cgroup, or None."""
+        try:
+            if self.version == 1:
+                return int((self.path / "cpuacct.usage").read_text()) / 1e9
+            stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines()
+                        if line.count(" ") == 1)
+            return int(stat["usage_usec"]) / 1e6
+        except (OSError, ValueError, KeyError):
+            return None
+
     def join(self) -> None:
         """Move the calling process into the cgroup: call it in the child between fork and exec
         (`preexec_fn`), before anything of the candidate can run; its descendants stay in it."""
+        if self.shared:
+            return
         fd = os.open(self._procs, os.O_WRONLY)  # no O_CREAT: a cgroup's file, never a new one
         try:
             os.write(fd, str(os.getpid()).encode())
@@ -191,8 +249,9 @@ class RunCgroup:
         if done.returncode != 0:
             why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
             return f"a process cannot join a cgroup made in {self.path.parent} ({why[0]})"
-        if self.kernel_bytes() is None:
-            return f"the kernel memory of a cgroup in {self.path.parent} cannot be read"
+        if self._reading() is None:
+            return f"the {'kernel memory' if self.kind == 'memory' else 'CPU time'} of a cgroup in " \
+                   f"{self.path.parent} cannot be read"
         return None
 
     def kernel_bytes(self) -> int | None:
@@ -211,6 +270,8 @@ class RunCgroup:
     def remove(self, wait_s: float = 2.0) -> bool:
         """Remove the cgroup once it holds no process; False if it still does after `wait_s`
         (the processes of a run just killed leave it a moment after their parent has reaped it)."""
+        if self.shared:
+            return True
         deadline = time.monotonic() + wait_s
         while True:
             try:

@@ -806,7 +806,8 @@ def pytest_report_header(config):
             f"device: {device}; speed: {speed}; threads: {profile.threads}; "
             f"quality: {profile.quality_method}; sandbox: {_sandbox_line(profile.limits.isolation)}; "
             f"seeds: {_seeds_line(profile.seeds, profile.seed_scope)}; warm start: {warm}; run dir: {session.run_dir}",
-            f"diffbench: kernel memory of the runs (socket buffers, ...): {memcg.describe()}"]
+            f"diffbench: kernel memory of the runs (socket buffers, ...): {memcg.describe()}; "
+            f"their CPU time: {memcg.describe_cpu()}"]
 
 
 def pytest_report_collectionfinish(config, items):

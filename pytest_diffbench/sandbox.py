@@ -910,16 +910,17 @@ def _launch_failure(exc: BaseException, cgroup: "memcg.RunCgroup | None") -> str
     "Exception occurred in preexec_fn", so name what that function does."""
     if not isinstance(exc, subprocess.SubprocessError):
         return str(exc)
-    where = f"joining its memory cgroup {cgroup.path} or " if cgroup is not None else ""
+    where = f"joining its cgroups ({cgroup.path}, ...) or " if cgroup is not None else ""
     return f"{where}setting its resource limits failed between fork and exec ({exc})"
 
 
-def _limit_child(nproc: int | None, cgroup: "memcg.RunCgroup | None" = None) -> None:
+def _limit_child(nproc: int | None, *cgroups: "memcg.RunCgroup | None") -> None:
     """Runs in the child between fork and exec, before anything of the candidate."""
     import resource
 
-    if cgroup is not None:
-        cgroup.join()
+    for cgroup in cgroups:
+        if cgroup is not None:
+            cgroup.join()
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
@@ -1185,6 +1186,17 @@ def _tree_cpu_seconds(root: int, pgid: int | None) -> float:
     return sum(table[pid][4] for pid in _tree(table, root, pgid)) / os.sysconf("SC_CLK_TCK")
 
 
+def _run_cpu_seconds(run: "_Launched") -> float:
+    """The run's CPU seconds so far: its cgroup's where it has one (every task that ran in it,
+    whether or not anything waited for it), else its process tree's. A forked run's cgroup is its
+    zygote's, which waits idle while the run works."""
+    if run.cpu_cgroup is not None:
+        seconds = run.cpu_cgroup.cpu_seconds()
+        if seconds is not None:
+            return seconds
+    return _tree_cpu_seconds(run.root, run.pgid)
+
+
 def _parent_figures(result: dict, marks: list[tuple[float, dict]], mark_cpu: list[float | None],
                     go_at: tuple[float, float | None] | None = None,
                     result_at: tuple[float, float | None] | None = None) -> None:
@@ -1307,17 +1319,18 @@ class _Zygote:
         nproc = _nproc_limit(limits)
         self.host_pid = -1
         self.cgroup = memcg.RunCgroup.create()  # its runs' kernel memory (one run at a time)
-        cgroup = self.cgroup
+        self.cpu_cgroup = memcg.RunCgroup.create_cpu(self.cgroup)  # and their CPU time
+        cgroup, cpu_cgroup = self.cgroup, self.cpu_cgroup
         try:
             with open(self.dir / "zygote.log", "wb") as log:
                 self.proc = subprocess.Popen(
                     [*self.setup.prefix, *self.setup.wrapper, python, "-m", "pytest_diffbench.zygote",
                      json.dumps(spec)], cwd=self.setup.cwd, env=self.setup.env, stdin=subprocess.DEVNULL,
                     stdout=log, stderr=log, pass_fds=(theirs.fileno(),), start_new_session=True,
-                    preexec_fn=lambda: _limit_child(nproc, cgroup))
+                    preexec_fn=lambda: _limit_child(nproc, cgroup, cpu_cgroup))
         except (OSError, subprocess.SubprocessError) as exc:  # SubprocessError: _limit_child failed
             self.close()
-            raise ZygoteUnavailable(f"cannot start: {_launch_failure(exc, cgroup)}") from None
+            raise ZygoteUnavailable(f"cannot start: {_launch_failure(exc, cgroup or cpu_cgroup)}") from None
         finally:
             theirs.close()
         ready = self.receive(ZYGOTE_START_TIMEOUT_S)
@@ -1415,8 +1428,9 @@ class _Zygote:
             pass
         if getattr(self, "proc", None) is not None:
             leftover = _terminate(self.proc, self.proc.pid, child_ns or set())
-        if getattr(self, "cgroup", None) is not None and not leftover:
-            self.cgroup.remove()
+        for group in (getattr(self, "cgroup", None), getattr(self, "cpu_cgroup", None)):
+            if group is not None and not leftover:
+                group.remove()
         for folder in (self.setup.workdir if hasattr(self, "setup") else None, self.dir):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -1532,6 +1546,7 @@ class _Launched:
     inherited_pss: int = 0
     cgroup: "memcg.RunCgroup | None" = None  # the memory cgroup the run is in (the zygote's for a forked run)
     kernel_before: int = 0  # the cgroup's kernel memory before the run started
+    cpu_cgroup: "memcg.RunCgroup | None" = None  # the CPU-accounting cgroup (the zygote's for a forked run)
 
     def kernel_memory(self) -> int:
         """Bytes the kernel holds for the run (socket and pipe buffers, page tables, kernel
@@ -1577,7 +1592,7 @@ def _launch_forked(zygote: "_Zygote", job: dict, harness_dir: Path, module: str,
     return _Launched(proc, result_r, withheld, zygote.setup, root=zygote.proc.pid, pgid=zygote.proc.pid,
                      zygote=zygote, start=start, exclude=frozenset({zygote.host_pid}),
                      inherited=zygote_pages * page_size, inherited_pss=zygote_pss,
-                     cgroup=zygote.cgroup, kernel_before=kernel_before)
+                     cgroup=zygote.cgroup, kernel_before=kernel_before, cpu_cgroup=zygote.cpu_cgroup)
 
 
 def _launch_cold(job: dict, *, backend: str, network: bool, env: Mapping[str, str], limits: SandboxLimits,
@@ -1590,25 +1605,27 @@ def _launch_cold(job: dict, *, backend: str, network: bool, env: Mapping[str, st
     setup = _isolation_setup(backend, network, env, job_file, readable, limits, job_path, python)
     nproc = _nproc_limit(limits)
     cgroup = memcg.RunCgroup.create()
+    cpu_cgroup = memcg.RunCgroup.create_cpu(cgroup)
     try:
         proc = subprocess.Popen(
             [*setup.prefix, *setup.wrapper, python, "-m", module, str(job_path)],
             cwd=setup.cwd, env=setup.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=(result_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc, cgroup),
+            pass_fds=(result_w,), start_new_session=True, preexec_fn=lambda: _limit_child(nproc, cgroup, cpu_cgroup),
         )
     except BaseException as exc:
         os.close(result_r)
         if setup.workdir is not None:
             shutil.rmtree(setup.workdir, ignore_errors=True)
-        if cgroup is not None:
-            cgroup.remove()
+        for group in (cgroup, cpu_cgroup):
+            if group is not None:
+                group.remove()
         if isinstance(exc, subprocess.SubprocessError):  # a harness failure, before any candidate code
-            raise RuntimeError(f"cannot start the run's child: {_launch_failure(exc, cgroup)}") from None
+            raise RuntimeError(f"cannot start the run's child: {_launch_failure(exc, cgroup or cpu_cgroup)}") from None
         raise
     finally:
         os.close(result_w)
     return _Launched(proc, result_r, withheld, setup, root=proc.pid, pgid=proc.pid, workdir=setup.workdir,
-                     start=start, cgroup=cgroup)
+                     start=start, cgroup=cgroup, cpu_cgroup=cpu_cgroup)
 
 
 def _send_token(proc, token: bytes) -> None:
@@ -1783,8 +1800,9 @@ def _end_run(run: _Launched, child_ns: set[str]) -> list[int]:
     alive after that (none expected)."""
     if run.zygote is None:
         leftover = _terminate(run.proc, run.pgid, child_ns)
-        if run.cgroup is not None and not leftover:
-            run.cgroup.remove()
+        for group in (run.cgroup, run.cpu_cgroup):
+            if group is not None and not leftover:
+                group.remove()
         return leftover
     return _release_zygote(run.zygote, run.proc, child_ns)
 
@@ -1893,7 +1911,7 @@ def run_job(
     run = _launch(job, backend=backend, network=network, env=env, limits=limits, harness_dir=harness_dir,
                   python=python, module=module, readable=readable, zygote=zygote, start=start)
     watchdog = _Watchdog(run, limits, _ScratchMeter(backend, run.setup.scratch), results)
-    results.cpu_clock = lambda: _tree_cpu_seconds(run.root, run.pgid)
+    results.cpu_clock = lambda: _run_cpu_seconds(run)
     _send_token(run.proc, token)
     results.send_go = _go_sender(run.proc, run.withheld)
     timed_out, leftover = _supervise(run, limits.timeout_s, watchdog, {

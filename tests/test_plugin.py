@@ -117,7 +117,8 @@ def test_the_header_names_the_warm_start_setting_and_a_bad_one_stops_the_session
     # and whether the runs' kernel memory is charged here (a memory cgroup per run: pytest_diffbench/memcg.py)
     from pytest_diffbench import memcg
 
-    assert f"diffbench: kernel memory of the runs (socket buffers, ...): {memcg.describe()}" in default.stdout
+    assert f"diffbench: kernel memory of the runs (socket buffers, ...): {memcg.describe()}; " \
+           f"their CPU time: {memcg.describe_cpu()}" in default.stdout
     off = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", "--diffbench-warm-start=off",
                      env={"DIFFBENCH_WARM_START": "on"})
     assert "; warm start: off;" in off.stdout
