@@ -48,11 +48,6 @@ def _unescape(field: str) -> str:
     return field
 
 
-def _own_memory_cgroup() -> tuple[Path, int] | str:
-    """The folder of this process's memory cgroup and its cgroup version, or why there is none."""
-    return _own_cgroup("memory")
-
-
 def _own_cgroup(kind: str) -> tuple[Path, int] | str:
     """The folder of this process's cgroup for `kind` ("memory", or "cpu": v1's cpuacct
     hierarchy) and its cgroup version, or why there is none. v2's CPU usage (cpu.stat usage_usec)
