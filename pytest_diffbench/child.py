@@ -45,6 +45,7 @@ No pytest imports here: the child must start fast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -220,6 +221,9 @@ class Channel:
 
     def image(self, index: int, png: bytes) -> None:
         self._send(frames.FRAME_IMAGE, _image_payload(index, png))
+
+    def trace(self, blob: bytes) -> None:
+        self._send(frames.FRAME_TRACE, blob)
 
     def result(self, result: dict) -> None:
         self._send(frames.FRAME_RESULT, _json_dumps(result, default=_json_default, allow_nan=True).encode())
@@ -439,9 +443,11 @@ class Runner:
             raise CandidateError(phase, IntegrityError("; ".join(found)), self.code_path)
 
     def call_generate(self, module, pipe, batch_factory, probe, flop_mode=None, mark: tuple[str, int] | None = None,
-                      measuring: str | None = None):
+                      measuring: str | None = None, recorder=None):
         """reset + seed + one generate() call; returns (output, seconds). `mark`: (call, index) of
-        the start/end marks the parent times with its own clock and the child's CPU time."""
+        the start/end marks the parent times with its own clock and the child's CPU time;
+        `recorder`: a trace.Recorder the call runs under (inside the FLOP counter's mode, so that
+        it records the ops as the candidate called them)."""
         from pytest_diffbench.introspect import reset_library_state
 
         reset_library_state(pipe)
@@ -457,11 +463,9 @@ class Runner:
             self.guard.flop_mode = flop_mode
         start = _perf_counter()
         try:
-            if flop_mode is not None:
-                with flop_mode:
+            with flop_mode if flop_mode is not None else contextlib.nullcontext():
+                with recorder if recorder is not None else contextlib.nullcontext():
                     out = module.generate(pipe, batch)
-            else:
-                out = module.generate(pipe, batch)
             self.sync()
             seconds = _perf_counter() - start
         finally:
@@ -500,9 +504,9 @@ class Runner:
             from pytest_diffbench.flops import LeanFlopCounterMode
 
             self.counter = LeanFlopCounterMode()  # FlopCounterMode's counts, at a fraction of its cost
-        from pytest_diffbench import flops
+        from pytest_diffbench import flops, trace
 
-        snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity, flops, frames, atomic],
+        snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity, flops, frames, atomic, trace],
                                               self.counter)
         self.guard = integrity.CallGuard(snapshot)
         try:
@@ -598,6 +602,21 @@ class Runner:
         count = max(1, self.count)
         return {"total": total, "per_image": total / count, "denoiser": den_flops, "samples_counted": count}
 
+    def _send_trace(self, recorder) -> None:
+        """The judged call's trace to the parent (for its replay), or why there is none."""
+        from pytest_diffbench.trace import TraceError, encode
+
+        try:
+            blob = encode(*recorder.document())
+            limit = int(self.job["record_trace"]["max_bytes"])
+            if len(blob) > limit:
+                raise TraceError(f"the call's trace takes {len(blob) >> 20} MiB, more than {limit >> 20} MiB")
+        except TraceError as exc:
+            self.result["trace_problem"] = str(exc)
+            return
+        if self.channel is not None:
+            self.channel.trace(blob)
+
     def _measure(self, module, pipe, probe, batch_factory, load_s: float) -> None:
         probe.record_methods = True
         # The judged call is the counted call: its images are the result and, on FLOP-counted
@@ -610,9 +629,14 @@ class Runner:
         inputs = DenoiserInputs(denoiser(pipe))
         if flop_mode is not None:
             flop_mode.watch(denoiser(pipe))  # its share of the FLOPs
+        recorder = None
+        if isinstance(self.job.get("record_trace"), dict):
+            from pytest_diffbench.trace import Recorder
+
+            recorder = Recorder(pipe, self.seeds, int(self.job["record_trace"]["max_constant_bytes"]))
         try:
             first, first_s = self.call_generate(module, pipe, batch_factory, probe, flop_mode, mark=("first", 0),
-                                                measuring="first")
+                                                measuring="first", recorder=recorder)
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -627,6 +651,8 @@ class Runner:
         self.result["attributes"]["denoiser_inputs"] = {**denoiser_inputs,
                                                         "spatial": [list(s) for s in denoiser_inputs["spatial"]]}
         self.result["flops"] = self._flops(flop_mode, pipe) if flop_mode is not None else None
+        if recorder is not None:
+            self._send_trace(recorder)
 
         try:
             images = validate_output(first, self.count)

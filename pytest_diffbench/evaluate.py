@@ -72,6 +72,10 @@ class Profile:
     # or AGENT_SCOPE in DiffAgent's GA child sessions); smoke runs always use AGENT_SCOPE.
     seeds: str = SECRET_SEEDS
     seed_scope: str = VERDICT_SCOPE
+    # work proved by replay (replay.py): the candidate's child runs on throwaway seeds and records
+    # its judged call; the harness replays the trace on the verdict's seeds, and the replay's
+    # images and FLOPs are the candidate's. FLOP-counted CPU profiles only.
+    replay: bool = False
 
     @property
     def name(self) -> str:
@@ -115,6 +119,28 @@ def write_json_atomic(path: Path, data: dict) -> None:
     atomic.write_json_atomic(path, data, indent=1, sort_keys=True, default=str)
 
 
+def throwaway_seeds(count: int) -> list[int]:
+    """Seeds for a candidate's own run when its call is proved by replay: fresh for every run,
+    distinct, and never the verdict's."""
+    import secrets
+
+    seeds: list[int] = []
+    while len(seeds) < count:
+        seed = secrets.randbelow(2**31 - 1) + 1
+        if seed not in seeds:
+            seeds.append(seed)
+    return seeds
+
+
+def replay_bounds(batch: dict) -> dict:
+    """What a recorded call may send: constants (tensors no recorded op made and no parameter:
+    token ids, scheduler tables, init images as tensors) up to 32 MiB plus twice the batch's
+    pixels as float32; the whole trace that plus 128 MiB of op list."""
+    pixels = len(batch["seeds"]) * 3 * int(batch["height"]) * int(batch["width"])
+    constants = (32 << 20) + 2 * 4 * pixels
+    return {"max_constant_bytes": constants, "max_bytes": constants + (128 << 20)}
+
+
 class Evaluator:
     def __init__(self, profile: Profile, data: DataSource, cache_dir: Path, run_dir: Path, *,
                  keep_baseline_images: bool = False):
@@ -156,9 +182,10 @@ class Evaluator:
         return scrubbed_env(os.environ, extra)
 
     def run_code(self, role: str, task, code: str, batch: dict, images_dir: Path, harness_dir: Path,
-                 measure: bool = True, dtype: str = "float32") -> SandboxOutcome:
+                 measure: bool = True, dtype: str = "float32", record_trace: dict | None = None) -> SandboxOutcome:
         """Run `code` in the sandbox; `measure=False` skips the timed repeats and FLOP count (smoke
-        runs); `dtype` is what its load_pipeline is given."""
+        runs); `dtype` is what its load_pipeline is given; `record_trace`: the bounds of the judged
+        call's trace the child records and sends (`replay_bounds`)."""
         harness_dir.mkdir(parents=True, exist_ok=True)
         code_path = harness_dir / f"{role}.py"
         code_path.write_text(code)
@@ -166,6 +193,12 @@ class Evaluator:
                "device": self.profile.device, "dtype": dtype, "batch": batch,
                "repeats": self.profile.repeats if measure else 0, "count_flops": measure,
                "threads": self.profile.threads}
+        if record_trace is None and measure and self.profile.replay:
+            # baselines record their judged call too (the trace is dropped): the CPU time the
+            # speed cross-check compares then carries the recorder's cost on both sides
+            record_trace = replay_bounds(batch)
+        if record_trace:
+            job["record_trace"] = record_trace
         images_dir.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         log.info("%s: %s run started in the sandbox (%s)", task.id, role, self.profile.limits.isolation)
@@ -176,6 +209,71 @@ class Evaluator:
                  f", peak {outcome.peak_rss_mb:.0f} MB" if outcome.peak_rss_mb >= 1 else "")
         return outcome
 
+    # -- the candidate's run, proved by replay --------------------------------------------------
+    def run_candidate(self, task, code: str, batch: dict, task_dir: Path) -> SandboxOutcome:
+        """The candidate's run. With `profile.replay` its child gets throwaway seeds and records its
+        judged call; the trace is then replayed by the harness (`prove_by_replay`) on `batch`'s
+        seeds, which no candidate process sees, and the replay's images and FLOPs become the
+        candidate's (in task_dir/images and the result); the child's own images stay in
+        task_dir/run-images."""
+        if not self.profile.replay:
+            return self.run_code("candidate", task, code, batch, task_dir / "images", task_dir / "sandbox")
+        run_batch = dict(batch, seeds=throwaway_seeds(len(batch["seeds"])))
+        outcome = self.run_code("candidate", task, code, run_batch, task_dir / "run-images", task_dir / "sandbox",
+                                record_trace=replay_bounds(batch))
+        if stages.runtime_failure(outcome.status, outcome.detail, outcome.result) is None:
+            start = time.monotonic()
+            self.prove_by_replay(task, batch, run_batch, outcome, task_dir)
+            self.stats["candidate_s"] += time.monotonic() - start
+        return outcome
+
+    def prove_by_replay(self, task, batch: dict, run_batch: dict, outcome: SandboxOutcome, task_dir: Path) -> None:
+        """Replay the trace of `outcome` (replay.py) and put the replay's images and FLOPs in its
+        result; what stops the proof (no trace, a trace the replay refuses or that does not make the
+        child's images, a replay that hits a limit) makes the result the candidate's runtime
+        failure. A model the harness cannot load is a HarnessError."""
+        import base64
+
+        result = outcome.result
+
+        def fail(message: str) -> None:
+            result["status"] = "error"
+            result["error"] = {"phase": "replay", "type": "ReplayFailed", "traceback": "",
+                               "message": f"the judged call could not be proved by replaying it: {message}"}
+
+        if outcome.trace is None:
+            return fail(result.get("trace_problem") or "the child sent no trace of the call")
+        run_images = [(task_dir / "run-images" / name).read_bytes() for name in result.get("images") or []]
+        bounds = replay_bounds(batch)
+        job = {"task_id": task.id, "role": "replay", "model": task.model, "device": "cpu",
+               "threads": self.profile.threads, "out_dir": str(task_dir / "images"),
+               "max_constant_bytes": bounds["max_constant_bytes"],
+               "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
+                         "replay": {"trace": base64.b64encode(outcome.trace).decode("ascii"),
+                                    "run_seeds": list(run_batch["seeds"]),
+                                    "run_images": [base64.b64encode(png).decode("ascii") for png in run_images]}}}
+        (task_dir / "images").mkdir(parents=True, exist_ok=True)
+        log.info("%s: replaying the candidate's judged call (%.1f MB trace)", task.id, len(outcome.trace) / 1e6)
+        replayed = run_job(job, env=self._child_env(), limits=self.profile.limits, harness_dir=task_dir / "replay",
+                           module="pytest_diffbench.replay")
+        proof = replayed.result
+        if replayed.status != "ok" or proof is None:
+            return fail(f"the replay ended: {replayed.status}: {replayed.detail}")
+        if proof.get("status") != "ok":
+            error = proof.get("error") or {}
+            if error.get("phase") == "zoo":
+                raise HarnessError(f"the replay of task {task.id} cannot load the model {task.model}: "
+                                   f"{error.get('message')}")
+            return fail(str(error.get("message") or "no reason given"))
+        # result.json's `flops`: the replay's count, the child's own (`run`, for the record only) and
+        # what the replay did (`replay`)
+        result["flops"] = {**proof["flops"], "denoiser": None, "source": "replay", "run": result.get("flops"),
+                           "replay": {**(proof.get("replay") or {}), "wall_s": round(replayed.wall_s, 3),
+                                      "peak_rss_mb": round(replayed.peak_rss_mb, 1),
+                                      "start": replayed.extra.get("start"),
+                                      "trace_mb": round(len(outcome.trace) / 1e6, 3)}}
+        result["images"], result["num_images"] = proof["images"], proof["num_images"]
+
     def baseline(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> CachedRun:
         # Keyed by content, not role: an L1 gold solution identical to its reference is measured once.
         identity = {"code": code, "task_model": task.model, "batch": batch_digest(batch),
@@ -185,6 +283,8 @@ class Evaluator:
                     "measurement": MEASUREMENT_FORMAT}
         if dtype != "float32":  # only then, so that the float32 baselines keep their keys
             identity["dtype"] = dtype
+        if self.profile.replay:  # measured with the judged call recorded (run_code)
+            identity["recorded"] = True
         key = cache_key(identity)
 
         def measure(images_dir: Path) -> dict:
@@ -291,7 +391,7 @@ class Evaluator:
         # gold is still reported as the benchmark's defect.
         same_as_gold = gold_code is not None and candidate.code == gold_code
         gold = self.baseline("gold", task, gold_code, batch) if gold_code and not same_as_gold else None
-        outcome = self.run_code("candidate", task, candidate.code, batch, task_dir / "images", task_dir / "sandbox")
+        outcome = self.run_candidate(task, candidate.code, batch, task_dir)
         result = outcome.result
         if same_as_gold:
             if stages.runtime_failure(outcome.status, outcome.detail, result) is None:

@@ -100,6 +100,10 @@ def pytest_addoption(parser):
                     help="wall-clock limit per sandboxed run (default: 900)")
     group.addoption("--diffbench-memory-mb", type=int, default=None, metavar="MB",
                     help="resident memory limit per sandboxed run (default: 16384)")
+    group.addoption("--diffbench-replay", choices=("auto", "on", "off"), default=None,
+                    help="prove each candidate's judged call by replaying its trace in the harness on the verdict's "
+                         "seeds (its images and FLOPs are then the replay's): auto (default; $DIFFBENCH_REPLAY) = on "
+                         "where speed is FLOP-counted on a CPU, off elsewhere (docs/integrity.md)")
     group.addoption("--diffbench-sandbox", choices=("auto", "bwrap", "landlock", "unshare", "none"), default=None,
                     help="how candidates are isolated: bwrap (bubblewrap: read-only allowlisted file system, private "
                          "/tmp, own pid and network namespaces, Landlock inside where the kernel has it), landlock "
@@ -283,7 +287,8 @@ class DiffbenchSession:
         digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
         return {"task": digest(json.dumps(task.to_dict(), sort_keys=True, default=str)), "generator": generator,
                 "candidate": None if candidate_code is None else digest(candidate_code),
-                "seeds": f"{self.profile.seeds}:{self.profile.seed_scope}"}
+                "seeds": f"{self.profile.seeds}:{self.profile.seed_scope}",
+                **({"proof": "replay"} if self.profile.replay else {})}  # a result proved by replay is another result
 
     def generator_id(self) -> str:
         """The generator of this session, as it names itself (hook pytest_diffbench_generator_id)."""
@@ -415,7 +420,8 @@ class DiffbenchSession:
                 clip=opt("diffbench_clip"), clip_threshold=opt("diffbench_clip_threshold"),
                 timeout_s=opt("diffbench_candidate_timeout"), memory_mb=opt("diffbench_memory_mb"),
                 isolation=opt("diffbench_sandbox"), warm_start=warm_start_setting(config), seeds=seed_mode(config),
-                seed_scope=opt("diffbench_seed_scope"), worker_id=worker_id)
+                seed_scope=opt("diffbench_seed_scope"), worker_id=worker_id,
+                replay=opt("diffbench_replay") or os.environ.get("DIFFBENCH_REPLAY") or "auto")
         except pytest.UsageError:
             raise
         except Exception as exc:  # models unavailable, CUDA missing...: every task is a harness error
@@ -805,7 +811,8 @@ def pytest_report_header(config):
             f"diffbench: profile {profile.name} ({source}): models: {profile.zoo} ({profile.zoo_detail}); "
             f"device: {device}; speed: {speed}; threads: {profile.threads}; "
             f"quality: {profile.quality_method}; sandbox: {_sandbox_line(profile.limits.isolation)}; "
-            f"seeds: {_seeds_line(profile.seeds, profile.seed_scope)}; warm start: {warm}; run dir: {session.run_dir}",
+            f"seeds: {_seeds_line(profile.seeds, profile.seed_scope)}; warm start: {warm}; "
+            f"work proved by replay: {'on' if profile.replay else 'off'}; run dir: {session.run_dir}",
             f"diffbench: kernel memory of the runs (socket buffers, ...): {memcg.describe()}; "
             f"their CPU time: {memcg.describe_cpu()}"]
 

@@ -59,16 +59,21 @@ def resolve_warm_start(setting: str, device: str) -> str:
     return setting
 
 
+REPLAY_SETTINGS = ("auto", "on", "off")
+
+
 def resolve_profile(setup, *, device: str = "auto", speed: str = "auto", repeats: int | None = None,
                     threads: int | None = None, workers: int = 1, samples: int | None = None,
                     clip: str | None = None, clip_threshold: float = 20.0, timeout_s: float = 900.0,
                     memory_mb: int | None = 16384, isolation: str = "auto", warm_start: str = "auto",
-                    seeds: str = "secret", seed_scope: str = "verdict", worker_id: str | None = None):
+                    seeds: str = "secret", seed_scope: str = "verdict", worker_id: str | None = None,
+                    replay: str = "auto"):
     """The `Profile` for a model setup (`setup`: zoo, env, clip, detail, as the
     pytest_diffbench_model_setup hook returns it) and these settings, every `auto` resolved.
 
     `workers`: processes that measure at once (xdist workers), for the default thread count.
     `worker_id`: the xdist worker this profile is for (None: the controller / a run without xdist).
+    `replay`: auto (on where speed is FLOP-counted on a CPU: work proved by replay, replay.py), on, off.
     Raises ProfileError for a setting this machine cannot honour (CUDA without CUDA, a sandbox
     backend that does not work here).
     """
@@ -93,6 +98,12 @@ def resolve_profile(setup, *, device: str = "auto", speed: str = "auto", repeats
                           else max(1, (os.cpu_count() or 1) // max(1, workers)))
     clip_spec = clip or setup.clip
     clip_pretrained = bool(clip_spec) and setup.zoo != "tiny" and not clip_spec.startswith("local-dir:")
+    if replay not in REPLAY_SETTINGS:
+        raise ProfileError(f"unknown replay setting {replay!r}; expected one of {', '.join(REPLAY_SETTINGS)}")
+    replayable = speed == "flops" and device == "cpu"
+    if replay == "on" and not replayable:
+        raise ProfileError("--diffbench-replay=on: the replay proves FLOP-counted runs on a CPU only "
+                           f"(this profile: speed {speed}, device {device})")
     try:
         backend = resolve_isolation(isolation)
     except (SandboxUnavailable, ValueError) as exc:
@@ -103,7 +114,8 @@ def resolve_profile(setup, *, device: str = "auto", speed: str = "auto", repeats
                       repeats=repeats, threads=threads, samples=samples,
                       limits=SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, isolation=backend,
                                            warm_start=resolve_warm_start(warm_start, device)),
-                      versions=harness_versions(), seeds=seeds, seed_scope=seed_scope)
+                      versions=harness_versions(), seeds=seeds, seed_scope=seed_scope,
+                      replay=replayable and replay != "off")
     return for_worker(profile, worker_id)
 
 

@@ -134,7 +134,7 @@ KILL_GRACE_S = 5.0
 # -- the result stream (child -> parent): wire format in pytest_diffbench.frames ------------------
 # The batch's inputs (what a candidate could precompute outputs for) are not in the job file: the
 # parent sends them with the go byte, when the measured calls start (child.Channel.wait_go).
-WITHHELD_BATCH_KEYS = ("prompts", "class_ids", "images", "seeds")
+WITHHELD_BATCH_KEYS = ("prompts", "class_ids", "images", "seeds", "replay")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -673,6 +673,7 @@ class SandboxOutcome:
     extra: dict = field(default_factory=dict)
     isolation: dict = field(default_factory=dict)
     peak_processes: int = 0
+    trace: bytes | None = None  # the judged call's trace, when the job asked for one (replay.py)
 
 
 def isolation_record(backend: str, network: bool) -> dict:
@@ -993,7 +994,13 @@ def result_bounds(job: dict, max_result_mb: int) -> tuple[int, int | None, int]:
     if count is not None:
         per_image = 8 * pixels + 4 * int(pixels ** 0.5) + (64 << 10)  # pixels, filter bytes, chunks
         cap = min(cap, -(-(count * per_image + RESULT_JSON_BYTES) >> 20) << 20)
-    return cap, count, pixels
+    return cap + trace_bound(job), count, pixels
+
+
+def trace_bound(job: dict) -> int:
+    """The bytes a job's trace frame may take: none unless it asks for one (`record_trace`)."""
+    spec = job.get("record_trace")
+    return int(spec["max_bytes"]) if isinstance(spec, dict) else 0
 
 
 def _png_problem(png: bytes, max_pixels: int) -> str | None:
@@ -1016,7 +1023,7 @@ class _ResultStream:
     carried to the bounds of the job (marks are timestamped on arrival)."""
 
     def __init__(self, token: bytes, max_bytes: int, max_images: int | None = None,
-                 max_pixels: int = RESULT_MAX_PIXELS):
+                 max_pixels: int = RESULT_MAX_PIXELS, max_trace_bytes: int = 0):
         # bounds on candidate output, checked before anything is decoded (see `result_bounds`)
         self.max_bytes = max_bytes
         self.max_images, self.max_pixels = max_images, max_pixels
@@ -1034,6 +1041,8 @@ class _ResultStream:
         self.images: dict[int, bytes] = {}
         self.result: bytes | None = None
         self.error: str | None = None
+        self.max_trace_bytes = max_trace_bytes
+        self.trace: bytes | None = None
 
     def add(self, data: bytes, now: float) -> None:
         self.received += len(data)
@@ -1092,6 +1101,15 @@ class _ResultStream:
                 self.error = f"image {index} sent twice"
             else:
                 self.images[index] = png
+        elif kind == frames.FRAME_TRACE:
+            if not self.max_trace_bytes:
+                self.error = "a trace frame from a job that asked for none"
+            elif self.trace is not None:
+                self.error = "a second trace frame"
+            elif len(payload) > self.max_trace_bytes:
+                self.error = f"a trace of {len(payload) >> 20} MiB, more than the {self.max_trace_bytes >> 20} MiB allowed"
+            else:
+                self.trace = payload
         elif kind == frames.FRAME_RESULT:
             self.result = payload
             self.result_at = (now, self.cpu_clock() if self.cpu_clock is not None else None)
@@ -1906,7 +1924,7 @@ def run_job(
     if backend in STRONG_ISOLATIONS and _warm_start_wanted(limits, job):
         zygote, start = _take_zygote(backend, network, env, readable, limits, python, _zygote_pool(job))
     out_stream, err_stream = _Stream(), _Stream()
-    results = _ResultStream(token, *result_bounds(job, limits.max_result_mb))
+    results = _ResultStream(token, *result_bounds(job, limits.max_result_mb), max_trace_bytes=trace_bound(job))
     started = time.monotonic()
     run = _launch(job, backend=backend, network=network, env=env, limits=limits, harness_dir=harness_dir,
                   python=python, module=module, readable=readable, zygote=zygote, start=start)
@@ -1950,6 +1968,7 @@ def run_job(
     if result is not None:
         write_json_atomic(result_path, result, indent=1, default=str)
         outcome.result = result
+        outcome.trace = results.trace
     return outcome
 
 

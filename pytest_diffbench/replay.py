@@ -1,0 +1,146 @@
+"""The replay process: runs a candidate's recorded call again, as the harness's own code (trace.py).
+
+    python -m pytest_diffbench.replay JOB.json      (started by evaluate.Evaluator, in the sandbox)
+
+It runs no candidate code: it reads the trace the candidate's child recorded, loads the task's
+model from the zoo itself, and replays the trace twice:
+
+1. with the seeds the candidate's child was given: the replay must make the images the child
+   returned (`trace.match_images`), which also finds the tensor each image is read from;
+2. with the verdict's seeds (which no candidate process sees), counting FLOPs: its images are
+   sent as the candidate's images, its FLOP count is the candidate's cost.
+
+It still runs in the sandbox, with the run's limits: a trace can ask for any allocation, and the
+aten kernels it calls take arguments the candidate chose. The result has the child's format
+(`status`, `images`, `flops`, ...), plus `replay` with what the parent records. An error in
+phase `zoo` is the harness's (the model cannot be loaded); in phase `replay` the candidate's.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+import time
+import traceback
+
+
+def _error(phase: str, exc: BaseException) -> dict:
+    return {"status": "error", "error": {"phase": phase, "type": type(exc).__name__, "message": str(exc)[:2000],
+                                         "traceback": traceback.format_exc()[-3000:]}}
+
+
+def load_zoo(model: str):
+    """{name: tensor} of the task's model as the harness loads it (float32, from the local zoo)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from pytest_diffbench.trace import named_tensors
+
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+    return named_tensors(pipe)
+
+
+def decode_png(data: bytes):
+    import numpy
+    import PIL.Image
+    import torch
+
+    with PIL.Image.open(io.BytesIO(data)) as img:
+        return torch.from_numpy(numpy.asarray(img.convert("RGB")).copy())
+
+
+def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None) -> dict:
+    """Both replays of the trace in `inputs` ({"trace": base64 blob, "run_seeds": the child's seeds,
+    "run_images": the child's PNGs as base64}) against `zoo`; the verdict's images go to
+    `send_image(index, png)`. Returns the result document."""
+    import PIL.Image
+    import torch
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import Replayer, TraceError, decode, image_rows, match_images, to_uint8
+
+    batch = job["batch"]
+    height, width = int(batch["height"]), int(batch["width"])
+    verdict_seeds = [int(s) for s in inputs["verdict_seeds"]]
+    run_seeds = [int(s) for s in inputs["run_seeds"]]
+    try:
+        trace = decode(base64.b64decode(inputs["trace"]), int(job["max_constant_bytes"]))
+        replayer = Replayer(trace, zoo)
+        returned = [decode_png(base64.b64decode(p)) for p in inputs["run_images"]]
+        started = time.process_time()
+        kept = replayer.run(run_seeds, lambda tensor_id, t: image_rows(t, height, width) is not None)
+        sources = match_images(kept, returned, height, width)
+        del kept
+        check_s = time.process_time() - started
+        wanted = {source[0] for source in sources}
+        counter = LeanFlopCounterMode()
+        started = time.process_time()
+        with counter:
+            kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted)
+        verdict_s = time.process_time() - started
+        flops = float(counter.get_total_flops())
+        images = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
+    except TraceError as exc:
+        return _error("replay", exc)
+    names = []
+    for index, array in enumerate(images):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(array.numpy()).save(buffer, format="PNG")
+        if send_image is not None:
+            send_image(index, buffer.getvalue())
+        names.append(f"{index:03d}.png")
+    count = max(1, len(names))
+    return {
+        "status": "ok", "error": None, "images": names, "num_images": len(names), "image_size": [height, width],
+        "flops": {"total": flops, "per_image": flops / count, "denoiser": None, "samples_counted": count},
+        "replay": {"ops": len(trace.ops), "parameters": len(trace.params), "constants": len(trace.constants),
+                   "constant_bytes": trace.constant_bytes, "check_cpu_s": round(check_s, 3),
+                   "verdict_cpu_s": round(verdict_s, 3),
+                   "image_sources": [{"tensor": i, "layout": layout, "row": row, "rounding": rounding}
+                                     for i, layout, row, rounding in sources],
+                   "torch_threads": torch.get_num_threads()},
+    }
+
+
+def main(argv: list[str] | None = None, restrict: bool = False) -> int:
+    from pytest_diffbench.child import Channel, _log, restrict_run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m pytest_diffbench.replay JOB.json", file=sys.stderr)
+        return 2
+    try:
+        with open(argv[0], encoding="utf-8") as fh:
+            job = json.load(fh)
+        if restrict:
+            restrict_run(job)
+        import torch
+
+        if job.get("threads"):
+            torch.set_num_threads(int(job["threads"]))
+        channel = Channel.from_job(job)
+        try:
+            zoo = load_zoo(job["model"])
+        except Exception as exc:  # noqa: BLE001 - the harness's own model: its failure
+            result = _error("zoo", exc)
+        else:
+            withheld = channel.wait_go() if channel is not None else job["batch"]
+            inputs = withheld.get("replay") or {}
+            inputs["verdict_seeds"] = withheld.get("seeds") or []
+            result = run_replay(job, inputs, zoo, channel.image if channel is not None else None)
+        if channel is not None:
+            channel.result(result)
+        else:
+            print(json.dumps(result))
+    except KeyboardInterrupt:
+        return 130
+    except BaseException:  # noqa: BLE001 - any failure here is the harness's own
+        _log("diffbench replay: harness failure\n" + traceback.format_exc())
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(restrict=True))

@@ -1,0 +1,621 @@
+"""Work proved by replay: the judged call recorded as a trace of aten ops, and replayed by the harness.
+
+Every speed figure measured inside the candidate's process can be bent by code in that process
+(docs/integrity.md). A trace cannot bend the figure of its replay: the child records the judged
+call (`Recorder`: each aten op, its arguments, which earlier op made each tensor argument, or
+which model parameter it is by name), and a separate harness process (pytest_diffbench.replay)
+runs the trace again (`replay`) from the zoo's own parameters, with random draws made by its own
+generators, and counts the FLOPs of that replay. The recorder runs in the candidate's process and
+may be lied to; that does not matter, because what is judged is what the replay computes:
+
+- replayed with the seeds the child was given (throwaway seeds, not the verdict's), it must make
+  the images the child returned: the trace is the call (`match_images`);
+- replayed with the verdict's seeds, which no candidate process ever sees, its images are the
+  candidate's images for the verdict and its FLOPs are the candidate's cost. Results computed
+  outside the recorder can only enter the trace as constants, and constants cannot depend on
+  seeds the candidate never had: a trace that carries its images instead of computing them makes
+  the wrong images for the verdict's seeds.
+
+The wire format is JSON plus a safetensors file (the safe format for tensors from an untrusted
+source: no pickle); `decode` checks everything before anything is replayed.
+
+Random draws: every draw names its generator, and whether the generator was, at that draw, freshly
+seeded with the batch seed of index i (`reseed`), continuing its own recorded draws, or in a state
+the recorder cannot explain (a seed of the candidate's own, draws made outside the recorder): then
+the values drawn are a constant of the trace. The default generator counts as a generator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakTensorKeyDictionary
+
+FORMAT = 1
+# bounds on what a trace may hold (checked while recording and again when decoding)
+MAX_OPS = 3_000_000
+MAX_TENSOR_DIMS = 16
+# ops the replay never runs: they reach files, memory the harness did not make, or skip checks
+DENIED_OPS = frozenset({
+    "aten::from_file", "aten::set_", "aten::_pin_memory", "aten::pin_memory", "aten::record_stream",
+    "aten::_unsafe_index", "aten::_unsafe_index_put", "aten::_unsafe_masked_index",
+    "aten::_unsafe_masked_index_put_accumulate", "aten::_make_per_tensor_quantized_tensor",
+    "aten::_make_per_channel_quantized_tensor", "aten::_copy_from", "aten::_copy_from_and_resize",
+    "aten::_fused_moving_avg_obs_fq_helper", "aten::_assert_async", "aten::_print",
+})
+_NAMED_ENUMS = {
+    "dtype": {str(d).split(".")[-1]: d for d in (
+        torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+        torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)},
+    "layout": {"strided": torch.strided},
+    "memory_format": {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
+                      "preserve_format": torch.preserve_format, "channels_last_3d": torch.channels_last_3d},
+}
+
+
+class TraceError(ValueError):
+    """The trace cannot be recorded, read or replayed: the candidate's failure, with the reason."""
+
+
+# -- recording (in the candidate's process) --------------------------------------------------------
+
+def named_tensors(pipe: Any) -> dict[str, torch.Tensor]:
+    """The pipeline's parameters and buffers by `component.name` (the zoo's names for them)."""
+    out: dict[str, torch.Tensor] = {}
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        return out
+    for component, module in components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            out.setdefault(f"{component}.{name}", tensor.detach())
+    return out
+
+
+def _draws(func) -> bool:
+    """Whether `func` draws from a generator it is given (seeded ops without a generator argument,
+    such as attention with dropout 0, draw nothing in inference)."""
+    return torch.Tag.nondeterministic_seeded in func.tags and any(
+        argument.name == "generator" for argument in func._schema.arguments)
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device.type)
+
+
+class Recorder(TorchDispatchMode):
+    """Records every aten op of the calls made while it is active.
+
+    `pipe`: whose parameters and buffers are referred to by name; `seeds`: the batch seeds, whose
+    freshly seeded generator states identify a reseed; `max_constant_bytes`: the budget for
+    tensors that no recorded op made and that are no parameter (token ids, scheduler tables, init
+    images, and whatever a candidate computed outside the recorder). Over a bound, recording
+    stops and `problem` says why."""
+
+    def __init__(self, pipe: Any, seeds: Iterable[int], max_constant_bytes: int):
+        super().__init__()
+        self.ids = WeakTensorKeyDictionary()
+        named = named_tensors(pipe)
+        self.param_names = {_tensor_key(t): name for name, t in named.items()}
+        self.params: list[dict] = []
+        self._param_index: dict[tuple, int] = {}
+        self.fresh_states = {}
+        for index, seed in enumerate(seeds):
+            self.fresh_states.setdefault(bytes(torch.Generator().manual_seed(int(seed)).get_state().numpy()), index)
+        self.max_constant_bytes = max_constant_bytes
+        self.constants: list[torch.Tensor] = []
+        self.constant_bytes = 0
+        self.ops: list[list] = []
+        self.next_id = 0
+        self.problem: str | None = None
+        self._generators: list[torch.Generator] = []  # held, so that id() stays theirs
+        self._generator_keys: dict[int, int] = {}
+        self._last_state: dict[int, bytes] = {}
+        self._anchored: dict[int, bool] = {}
+        self._keep: list[torch.Tensor] = []  # constants stay alive, so that their ids do not move
+
+    # -- arguments --------------------------------------------------------------------------
+    def _new_id(self, tensor: torch.Tensor) -> int:
+        self.ids[tensor], self.next_id = self.next_id, self.next_id + 1
+        return self.ids[tensor]
+
+    def _tensor_ref(self, t: torch.Tensor) -> dict:
+        if t in self.ids:
+            return {"t": self.ids[t]}
+        key = _tensor_key(t)
+        name = self.param_names.get(key)
+        if name is not None:
+            index = self._param_index.get(key)
+            if index is None:
+                index = self._param_index[key] = len(self.params)
+                self.params.append({"name": name, "dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape),
+                                    "stride": list(t.stride())})
+            return {"p": index}
+        if t.device.type != "cpu" or t.is_sparse or t.is_quantized or t.layout != torch.strided:
+            raise TraceError(f"a {t.layout} tensor on {t.device} the replay cannot carry")
+        size = t.numel() * t.element_size()
+        if self.constant_bytes + size > self.max_constant_bytes:
+            raise TraceError(f"the call uses more than {self.max_constant_bytes >> 20} MiB of tensors that no "
+                             f"recorded op made and that are no parameter of the pipeline (constants)")
+        self.constant_bytes += size
+        value = t.detach().clone().contiguous()
+        self.constants.append(value)
+        self._keep.append(t)
+        tensor_id = self._new_id(t)
+        # its layout too: ops after it (views, the strides of their outputs) depend on it
+        layout = list(t.stride()) if not t.is_contiguous() and _dense(t.shape, t.stride()) else None
+        self.ops.append(["<constant>", len(self.constants) - 1, [tensor_id]] + ([layout] if layout else []))
+        return {"t": tensor_id}
+
+    def _encode(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._tensor_ref(value)
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"f": repr(value)}
+        if isinstance(value, complex):
+            return {"complex": [self._encode(value.real), self._encode(value.imag)]}
+        if isinstance(value, (list, tuple)):
+            return [self._encode(v) for v in value]
+        if isinstance(value, torch.dtype):
+            return {"dtype": str(value).split(".")[-1]}
+        if isinstance(value, torch.device):
+            return {"device": value.type}
+        if isinstance(value, torch.layout):
+            return {"layout": str(value).split(".")[-1]}
+        if isinstance(value, torch.memory_format):
+            return {"memory_format": str(value).split(".")[-1]}
+        raise TraceError(f"an argument of type {type(value).__name__} the replay cannot carry")
+
+    # -- random draws ------------------------------------------------------------------------
+    def _generator_key(self, generator: torch.Generator) -> int:
+        key = self._generator_keys.get(id(generator))
+        if key is None:
+            key = self._generator_keys[id(generator)] = len(self._generators)
+            self._generators.append(generator)
+        return key
+
+    def _draw_spec(self, func, kwargs: dict) -> tuple[dict | None, torch.Generator]:
+        generator = kwargs.get("generator")
+        if generator is None:
+            generator = torch.default_generator
+        if generator.device.type != "cpu":
+            return None, generator
+        key = self._generator_key(generator)
+        state = bytes(generator.get_state().numpy())
+        if self._anchored.get(key) and self._last_state.get(key) == state:
+            return {"gen": key, "reseed": None}, generator
+        index = self.fresh_states.get(state)
+        self._anchored[key] = index is not None
+        if index is None:
+            return None, generator
+        return {"gen": key, "reseed": index}, generator
+
+    # -- the mode ----------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.problem is not None:
+            return func(*args, **kwargs)
+        draw, generator = None, None
+        random = _draws(func)
+        entry = None
+        try:
+            if len(self.ops) >= MAX_OPS:
+                raise TraceError(f"the call ran more than {MAX_OPS} ops")
+            if random:
+                draw, generator = self._draw_spec(func, kwargs)
+            if not random or draw is not None:
+                # arguments before the op runs: an in-place op must not change a constant's recorded value
+                spec_kwargs = {k: v for k, v in kwargs.items() if not (random and k == "generator")}
+                entry = [func.name(), self._encode(list(args)), self._encode_kwargs(spec_kwargs)]
+        except TraceError as exc:
+            self.problem = f"{func.name()}: {exc}"
+        out = func(*args, **kwargs)
+        if self.problem is not None:
+            return out
+        try:
+            if entry is None:  # values the replay cannot draw itself: kept as drawn
+                self._record_outputs(out, constant=True)
+            else:
+                entry.append(self._record_outputs(out))
+                if draw is not None:
+                    entry.append(draw)
+                    self._last_state[draw["gen"]] = bytes(generator.get_state().numpy())
+                self.ops.append(entry)
+        except TraceError as exc:
+            self.problem = f"{func.name()}: {exc}"
+        return out
+
+    def _encode_kwargs(self, kwargs: dict) -> dict:
+        return {str(k): self._encode(v) for k, v in kwargs.items()}
+
+    def _record_outputs(self, out: Any, constant: bool = False) -> list:
+        ids: list = []
+        for item in tree_flatten(out)[0]:
+            if not isinstance(item, torch.Tensor):
+                ids.append(None)
+            elif constant:
+                self.ids.pop(item, None)
+                ids.append(self._tensor_ref(item)["t"])
+            elif item in self.ids:  # an in-place op returns its input: the same id
+                ids.append(self.ids[item])
+            else:
+                ids.append(self._new_id(item))
+        return ids
+
+    def document(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(the trace's JSON document, its constants by name) for `encode`."""
+        if self.problem is not None:
+            raise TraceError(self.problem)
+        return ({"format": FORMAT, "ops": self.ops, "params": self.params},
+                {f"c{i}": t for i, t in enumerate(self.constants)})
+
+
+# -- the wire format ----------------------------------------------------------------------------------
+
+def encode(document: dict, constants: dict[str, torch.Tensor]) -> bytes:
+    """One blob: the JSON's length (8 bytes), the JSON, the safetensors file of the constants."""
+    from safetensors.torch import save
+
+    text = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    return len(text).to_bytes(8, "big") + text + save(constants)
+
+
+@dataclass
+class Trace:
+    ops: list
+    params: list[dict]
+    constants: dict[str, torch.Tensor]
+    constant_bytes: int = 0
+    resolved: list = field(default_factory=list)  # (callable or None) per op
+
+
+def decode(blob: bytes, max_constant_bytes: int) -> Trace:
+    """The trace in `blob`, checked: every op is an aten op outside DENIED_OPS, every reference is
+    to a tensor made before, a parameter listed, or a constant the blob holds."""
+    from safetensors.torch import load
+
+    if len(blob) < 8:
+        raise TraceError("the trace is empty")
+    size = int.from_bytes(blob[:8], "big")
+    if size > len(blob) - 8:
+        raise TraceError("the trace's JSON is cut short")
+    try:
+        document = json.loads(blob[8:8 + size])
+    except (ValueError, RecursionError) as exc:
+        raise TraceError(f"the trace's JSON is unreadable: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise TraceError(f"not a trace of format {FORMAT}")
+    ops, params = document.get("ops"), document.get("params")
+    if not isinstance(ops, list) or not isinstance(params, list) or len(ops) > MAX_OPS:
+        raise TraceError("the trace has no op list and parameter list within bounds")
+    try:
+        constants = load(blob[8 + size:]) if len(blob) > 8 + size else {}
+    except Exception as exc:  # noqa: BLE001 - whatever safetensors says about a bad file
+        raise TraceError(f"the trace's constants are unreadable: {exc}") from None
+    total = sum(t.numel() * t.element_size() for t in constants.values())
+    if total > max_constant_bytes:
+        raise TraceError(f"the trace's constants take {total >> 20} MiB, more than {max_constant_bytes >> 20} MiB")
+    for index, param in enumerate(params):
+        if not (isinstance(param, dict) and isinstance(param.get("name"), str)
+                and param.get("dtype") in _NAMED_ENUMS["dtype"] and _int_list(param.get("shape"))
+                and _int_list(param.get("stride"))):
+            raise TraceError(f"parameter {index} of the trace is malformed")
+    trace = Trace(ops=ops, params=params, constants=constants, constant_bytes=total)
+    defined: set[int] = set()
+    for position, op in enumerate(ops):
+        trace.resolved.append(_check_op(op, position, defined, len(params), constants))
+    return trace
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and len(value) <= MAX_TENSOR_DIMS and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 40 for v in value)
+
+
+def _check_op(op: Any, position: int, defined: set[int], n_params: int, constants: dict) -> Any:
+    where = f"op {position} of the trace"
+    if not isinstance(op, list) or len(op) not in (3, 4, 5) or not isinstance(op[0], str):
+        raise TraceError(f"{where} is malformed")
+    if op[0] == "<constant>":
+        if len(op) not in (3, 4) or f"c{op[1]}" not in constants or not _fresh_ids(op[2], defined, 1):
+            raise TraceError(f"{where}: a malformed constant")
+        if len(op) == 4:
+            shape = list(constants[f"c{op[1]}"].shape)
+            if not _int_list(op[3]) or len(op[3]) != len(shape) or not _dense(shape, op[3]):
+                raise TraceError(f"{where}: a constant with a malformed layout")
+        defined.update(op[2])
+        return None
+    if len(op) < 4:
+        raise TraceError(f"{where} is malformed")
+    name = op[0]
+    namespace, _, rest = name.partition("::")
+    if namespace != "aten" or not rest or name in DENIED_OPS:
+        raise TraceError(f"{where}: {name!r} is not an op the replay runs (aten ops only, and not {name!r})")
+    opname, _, overload = rest.partition(".")
+    try:
+        func = getattr(getattr(torch.ops.aten, opname), overload or "default")
+    except (AttributeError, RuntimeError):
+        raise TraceError(f"{where}: no aten op {name!r}") from None
+    if not isinstance(func, torch._ops.OpOverload) or func.name() != name:
+        raise TraceError(f"{where}: no aten op {name!r}")
+    _check_value(op[1], defined, n_params, where, 0)
+    if not isinstance(op[2], dict):
+        raise TraceError(f"{where}: malformed keyword arguments")
+    _check_value(op[2], defined, n_params, where, 0)
+    if not isinstance(op[3], list) or not all(i is None or (isinstance(i, int) and not isinstance(i, bool))
+                                              for i in op[3]):
+        raise TraceError(f"{where}: malformed output ids")
+    if len(op) == 5:
+        draw = op[4]
+        if not (isinstance(draw, dict) and isinstance(draw.get("gen"), int) and 0 <= draw["gen"] < 1 << 20
+                and (draw.get("reseed") is None or (isinstance(draw["reseed"], int) and draw["reseed"] >= 0))
+                and _draws(func)):
+            raise TraceError(f"{where}: a malformed random draw")
+    for i in op[3]:
+        if i is not None:
+            if not 0 <= i < 1 << 40:
+                raise TraceError(f"{where}: an output id out of range")
+            defined.add(i)
+    return func
+
+
+def _dense(shape, stride) -> bool:
+    """Whether a tensor of `shape` and `stride` covers its memory exactly once (a permutation of a
+    contiguous layout), so that a copy into that layout is well defined."""
+    dims = sorted((st, sz) for sz, st in zip(shape, stride) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def _fresh_ids(ids: Any, defined: set[int], count: int) -> bool:
+    return (isinstance(ids, list) and len(ids) == count and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 40 and i not in defined for i in ids))
+
+
+def _check_value(value: Any, defined: set[int], n_params: int, where: str, depth: int) -> None:
+    if depth > 8:
+        raise TraceError(f"{where}: arguments nested too deep")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_value(item, defined, n_params, where, depth + 1)
+        return
+    if not isinstance(value, dict):
+        raise TraceError(f"{where}: an unreadable argument")
+    if depth > 0 and len(value) == 1:
+        (tag, inner), = value.items()
+        if tag == "t" and isinstance(inner, int) and inner in defined:
+            return
+        if tag == "p" and isinstance(inner, int) and 0 <= inner < n_params:
+            return
+        if tag == "f" and inner in ("inf", "-inf", "nan"):
+            return
+        if tag in _NAMED_ENUMS and inner in _NAMED_ENUMS[tag]:
+            return
+        if tag == "device" and inner == "cpu":
+            return
+        if tag == "complex" and isinstance(inner, list) and len(inner) == 2:
+            return _check_value(inner, defined, n_params, where, depth + 1)
+        raise TraceError(f"{where}: an argument {json.dumps(value)[:80]} that refers to nothing the trace holds")
+    if depth == 0:  # the keyword arguments' own dict
+        for item in value.values():
+            _check_value(item, defined, n_params, where, depth + 1)
+        return
+    raise TraceError(f"{where}: an unreadable argument")
+
+
+# -- replay (in the harness's replay process) ----------------------------------------------------------
+
+class Replayer:
+    """Runs a decoded trace: parameters from `zoo` ({name: tensor}, the harness's own load, cast
+    to the recorded dtype, never changed by the trace), random draws from its own generators
+    seeded with `seeds`, constants from the trace. `run`'s `keep(id, tensor)`: whether an op's
+    output is kept after its last use (the tensors an image may come from)."""
+
+    def __init__(self, trace: Trace, zoo: dict[str, torch.Tensor]):
+        self.trace = trace
+        self.params = []
+        for index, spec in enumerate(trace.params):
+            tensor = zoo.get(spec["name"])
+            if tensor is None:
+                raise TraceError(f"the call used a parameter {spec['name']!r} the model does not have")
+            if list(tensor.shape) != spec["shape"]:
+                raise TraceError(f"the call used parameter {spec['name']!r} with shape {spec['shape']}; the model's "
+                                 f"has {list(tensor.shape)}")
+            value = tensor.detach().to(_NAMED_ENUMS["dtype"][spec["dtype"]])
+            if list(value.stride()) != spec["stride"]:
+                if len(spec["stride"]) != value.dim() or not _dense(value.shape, spec["stride"]):
+                    raise TraceError(f"parameter {spec['name']!r} with strides {spec['stride']}")
+                value = torch.empty_strided(value.shape, spec["stride"], dtype=value.dtype).copy_(value)
+            self.params.append(value)
+        self._param_storages = {p.untyped_storage().data_ptr() for p in self.params}
+        self.last_use = self._last_uses()
+
+    def _last_uses(self) -> dict[int, int]:
+        last: dict[int, int] = {}
+
+        def visit(value, position):
+            if isinstance(value, list):
+                for item in value:
+                    visit(item, position)
+            elif isinstance(value, dict):
+                if "t" in value and len(value) == 1:
+                    last[value["t"]] = position
+                else:
+                    for item in value.values():
+                        visit(item, position)
+
+        for position, op in enumerate(self.trace.ops):
+            if op[0] != "<constant>":
+                visit(op[1], position)
+                visit(list(op[2].values()), position)
+        return last
+
+    def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool]) -> dict[int, torch.Tensor]:
+        """Replay once; returns the kept tensors by id."""
+        env: dict[int, Any] = {}
+        kept: dict[int, torch.Tensor] = {}
+        generators: dict[int, torch.Generator] = {}
+        params = self.params
+
+        def resolve(value):
+            if isinstance(value, list):
+                return [resolve(v) for v in value]
+            if isinstance(value, dict):
+                if len(value) == 1:
+                    (tag, inner), = value.items()
+                    if tag == "t":
+                        return env[inner]
+                    if tag == "p":
+                        return params[inner]
+                    if tag == "f":
+                        return float(inner)
+                    if tag in _NAMED_ENUMS:
+                        return _NAMED_ENUMS[tag][inner]
+                    if tag == "device":
+                        return torch.device(inner)
+                    if tag == "complex":
+                        return complex(*resolve(inner))
+                return {k: resolve(v) for k, v in value.items()}
+            return value
+
+        for position, (op, func) in enumerate(zip(self.trace.ops, self.trace.resolved)):
+            if func is None:  # a constant: a fresh copy for every replay, laid out as recorded
+                value = self.trace.constants[f"c{op[1]}"]
+                env[op[2][0]] = (torch.empty_strided(value.shape, op[3], dtype=value.dtype).copy_(value)
+                                 if len(op) == 4 else value.clone())
+                continue
+            args, kwargs = resolve(op[1]), {k: resolve(v) for k, v in op[2].items()}
+            if len(op) == 5:
+                draw = op[4]
+                generator = generators.get(draw["gen"])
+                if draw["reseed"] is not None:
+                    if draw["reseed"] >= len(seeds):
+                        raise TraceError(f"op {position}: a draw seeded with sample {draw['reseed']} of {len(seeds)}")
+                    generator = generators[draw["gen"]] = torch.Generator().manual_seed(int(seeds[draw["reseed"]]))
+                elif generator is None:
+                    raise TraceError(f"op {position}: a draw from a generator no earlier draw seeded")
+                kwargs["generator"] = generator
+            self._check_writes(func, args, kwargs, position)
+            try:
+                out = func(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure
+                raise TraceError(f"op {position} ({op[0]}) failed in the replay: {type(exc).__name__}: "
+                                 f"{str(exc)[:300]}") from None
+            for item, tensor_id in zip(tree_flatten(out)[0], op[3]):
+                if tensor_id is None or not isinstance(item, torch.Tensor):
+                    continue
+                env[tensor_id] = item
+                if keep(tensor_id, item):
+                    kept[tensor_id] = item
+            for tensor_id in self._dead_after(position, op):
+                env.pop(tensor_id, None)
+        return kept
+
+    def _dead_after(self, position: int, op: list) -> list[int]:
+        dead = [i for i in op[3] if i is not None and self.last_use.get(i, -1) <= position]
+        seen = []
+        for ids in (self._argument_ids(op[1]), self._argument_ids(list(op[2].values()))):
+            seen += [i for i in ids if self.last_use.get(i) == position]
+        return dead + seen
+
+    def _argument_ids(self, value) -> list[int]:
+        out: list[int] = []
+        if isinstance(value, list):
+            for item in value:
+                out += self._argument_ids(item)
+        elif isinstance(value, dict):
+            if "t" in value and len(value) == 1:
+                out.append(value["t"])
+            else:
+                for item in value.values():
+                    out += self._argument_ids(item)
+        return out
+
+    def _check_writes(self, func, args, kwargs, position: int) -> None:
+        """A trace must not change the model's parameters: the next replay starts from them."""
+        schema = func._schema
+        for index, argument in enumerate(schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = kwargs.get(argument.name) if argument.kwarg_only or index >= len(args) else args[index]
+            for item in tree_flatten(value)[0]:
+                if isinstance(item, torch.Tensor) and item.untyped_storage().data_ptr() in self._param_storages:
+                    raise TraceError(f"op {position} ({func.name()}) writes into a parameter of the model")
+
+
+# -- images -------------------------------------------------------------------------------------------
+
+ROUNDINGS = ("round", "trunc")
+
+
+def image_rows(tensor: torch.Tensor, height: int, width: int) -> list[tuple[str, int]] | None:
+    """(layout, rows) when `tensor` can hold images of height x width: "hwc" (..., H, W, 3) or
+    "chw" (..., 3, H, W), floating point; else None."""
+    if not tensor.is_floating_point() or tensor.dim() not in (3, 4):
+        return None
+    shape = tuple(tensor.shape)
+    if shape[-3:] == (height, width, 3):
+        return "hwc"
+    if shape[-3:] == (3, height, width):
+        return "chw"
+    return None
+
+
+def to_uint8(tensor: torch.Tensor, layout: str, row: int, rounding: str) -> torch.Tensor:
+    """One image of `tensor` as diffusers' `numpy_to_pil` makes it (x 255, rounded half to even)
+    or torchvision's `to_pil_image` (x 255, truncated): H x W x 3 uint8."""
+    image = tensor if tensor.dim() == 3 else tensor[row]
+    if layout == "chw":
+        image = image.permute(1, 2, 0)
+    scaled = image.detach().float() * 255
+    scaled = scaled.round() if rounding == "round" else scaled.trunc()
+    return scaled.clamp(0, 255).to(torch.uint8)
+
+
+def match_images(kept: dict[int, torch.Tensor], images: list[torch.Tensor], height: int, width: int,
+                 tolerance: int = 1) -> list[tuple[int, str, int, str]]:
+    """For each returned image (H x W x 3 uint8), the kept tensor, layout, row and rounding that
+    make it (the latest such tensor); TraceError naming the first image no tensor makes."""
+    sources = []
+    candidates = sorted(kept.items(), reverse=True)
+    for index, want in enumerate(images):
+        want_i = want.to(torch.int16)
+        found = None
+        for tensor_id, tensor in candidates:
+            layout = image_rows(tensor, height, width)
+            if layout is None:
+                continue
+            rows = 1 if tensor.dim() == 3 else tensor.shape[0]
+            for row in range(rows):
+                for rounding in ROUNDINGS:
+                    got = to_uint8(tensor, layout, row, rounding).to(torch.int16)
+                    if int((got - want_i).abs().max()) <= tolerance:
+                        found = (tensor_id, layout, row, rounding)
+                        break
+                if found:
+                    break
+            if found:
+                break
+        if found is None:
+            raise TraceError(f"image {index} is made by no tensor of the recorded call: the images returned must "
+                             f"be computed by torch ops inside generate() (nothing computed outside them, in "
+                             f"numpy or before the call, is replayed)")
+        sources.append(found)
+    return sources

@@ -1,0 +1,217 @@
+"""Work proved by replay (pytest_diffbench.trace, pytest_diffbench.replay, Evaluator.prove_by_replay).
+
+The recorder and the replay engine run on real tiny-zoo pipelines (real diffusers, DeepCache,
+tomesd); the attack runs in the real sandbox through the Evaluator, with and without the replay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import types
+from pathlib import Path
+
+import pytest
+
+from pytest_diffbench import stages
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_ATTACKS = Path(__file__).resolve().parent / "adversarial_tasks"
+
+
+def _task_code(task_id: str, role: str = "gold"):
+    import yaml
+
+    level = task_id.split("-")[0]
+    task = yaml.safe_load((REPO / "tasks" / level / f"{task_id}.yaml").read_text())
+    module = types.ModuleType(f"replayed_{role}")
+    exec(compile(task[role], f"<{task_id} {role}>", "exec"), module.__dict__)  # the repository's own gold
+    return task, module
+
+
+def _batch(task: dict, seeds: list[int], size: int = 64) -> dict:
+    from PIL import Image
+
+    kind = task["pipeline"]
+    return {"kind": kind, "prompts": None if kind == "class2img" else ["a red bus", "a cat on a sofa"][:len(seeds)],
+            "class_ids": [1, 207][:len(seeds)] if kind == "class2img" else None,
+            "images": [Image.new("RGB", (size, size), c) for c in ((120, 30, 200), (10, 200, 30))][:len(seeds)]
+            if kind == "img2img" else None, "strength": task.get("strength"), "seeds": seeds, "height": size,
+            "width": size, "guidance_scale": task.get("guidance_scale"), "num_inference_steps": 6}
+
+
+def _pixels(images):
+    import numpy
+    import torch
+
+    return [torch.from_numpy(numpy.asarray(image.convert("RGB")).copy()) for image in images]
+
+
+@pytest.mark.parametrize("task_id", ["L2-sd15-t2i-deepcache-0006", "L2-sd15-i2i-768px-tomesd-0073",
+                                     "L2-dit-c2i-512px-fp16-0064"])
+def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_seeds_images(tiny_zoo, task_id):
+    """Record a gold's call on one pair of seeds; the harness's replay (from the zoo's parameters,
+    its own generators) makes the same images, and on another pair of seeds the images of a real
+    call on those seeds, with the FLOPs of that call. Per-sample generators (SD 1.5), tomesd's
+    generator forked from the global one, and DiT's torch.manual_seed are all drawn again."""
+    import torch
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.introspect import reset_library_state
+    from pytest_diffbench.replay import load_zoo
+    from pytest_diffbench.trace import Recorder, Replayer, decode, encode, image_rows, match_images, to_uint8
+
+    os.environ["HF_HUB_CACHE"] = str(tiny_zoo.root / "hub")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        task, gold = _task_code(task_id)
+        pipe = gold.load_pipeline("cpu", torch.float16 if task["expect"]["dtype"] == "float16" else torch.float32)
+        run_seeds, verdict_seeds = [11, 22], [33, 44]
+
+        def call(seeds, mode):
+            reset_library_state(pipe)  # what the child does before every call
+            torch.manual_seed(seeds[0])
+            with mode:
+                return gold.generate(pipe, _batch(task, seeds))
+
+        recorder = Recorder(pipe, run_seeds, 16 << 20)
+        run_images = call(run_seeds, recorder)
+        counter = LeanFlopCounterMode()
+        verdict_images = call(verdict_seeds, counter)
+        trace = decode(encode(*recorder.document()), 16 << 20)
+        assert recorder.problem is None and len(trace.ops) > 1000 and trace.params
+        replayer = Replayer(trace, load_zoo(task["model"]))
+        kept = replayer.run(run_seeds, lambda i, t: image_rows(t, 64, 64) is not None)
+        sources = match_images(kept, _pixels(run_images), 64, 64, tolerance=0)
+        replay_counter = LeanFlopCounterMode()
+        with replay_counter:
+            kept = replayer.run(verdict_seeds, lambda i, t: i in {s[0] for s in sources})
+        replayed = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
+        want = _pixels(verdict_images)
+        diffs = [int((a.int() - b.int()).abs().max()) for a, b in zip(replayed, want)]
+        assert diffs == [0, 0], diffs
+        assert replay_counter.get_total_flops() == counter.get_total_flops() > 0
+        assert any(_pixels(run_images)[0].ne(want[0]).flatten().tolist())  # other seeds, other images
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _trace_blob(ops, params=(), constants=None):
+    from pytest_diffbench.trace import FORMAT, encode
+
+    return encode({"format": FORMAT, "ops": ops, "params": list(params)}, constants or {})
+
+
+@pytest.mark.parametrize("ops, message", [
+    ([["myns::conv", [], {}, [0]]], "not an op the replay runs"),
+    ([["aten::__init__.default", [], {}, [0]]], "no aten op"),
+    ([["aten::add.default", [1, 2], {}, [0]]], "no aten op"),
+    ([["aten::from_file", ["/etc/passwd"], {}, [0]]], "not an op the replay runs"),
+    ([["aten::add.Tensor", [{"t": 7}, {"t": 7}], {}, [0]]], "refers to nothing the trace holds"),
+    ([["aten::add.Tensor", [{"p": 3}, 1], {}, [0]]], "refers to nothing the trace holds"),
+    ([["aten::randn.generator", [[2]], {}, [0], {"gen": 0, "reseed": "x"}]], "malformed random draw"),
+    ([["aten::add.Tensor", [[[[[[[[[[1]]]]]]]]]], {}, [0]]], "nested too deep"),
+])
+def test_a_trace_the_replay_must_not_run_is_refused_before_anything_runs(ops, message):
+    from pytest_diffbench.trace import TraceError, decode
+
+    with pytest.raises(TraceError, match=message):
+        decode(_trace_blob(ops), 1 << 20)
+
+
+def test_a_trace_that_writes_into_the_models_parameters_is_refused():
+    """The second replay (the verdict's seeds) must start from the zoo's parameters as loaded."""
+    import torch
+
+    from pytest_diffbench.trace import Replayer, TraceError, decode
+
+    weight = torch.ones(4)
+    params = [{"name": "unet.weight", "dtype": "float32", "shape": [4], "stride": [1]}]
+    trace = decode(_trace_blob([["aten::add_.Tensor", [{"p": 0}, 1.0], {}, [0]]], params), 1 << 20)
+    with pytest.raises(TraceError, match="writes into a parameter"):
+        Replayer(trace, {"unet.weight": weight}).run([1], lambda i, t: False)
+    assert weight.eq(1).all()
+    with pytest.raises(TraceError, match="does not have"):
+        Replayer(trace, {"vae.weight": weight})
+
+
+def test_constants_over_the_bound_are_refused():
+    import torch
+
+    from pytest_diffbench.trace import TraceError, decode
+
+    blob = _trace_blob([["<constant>", 0, [0]]], constants={"c0": torch.zeros(1 << 18)})
+    assert decode(blob, 2 << 20).constant_bytes == 1 << 20
+    with pytest.raises(TraceError, match="more than"):
+        decode(blob, 512 << 10)
+
+
+FORK_TASK = "L4-dit-c2i-hard-0012"  # the cheapest family (DiT-256: 32 px on the tiny zoo)
+
+
+@pytest.mark.slow
+def test_work_hidden_inside_the_cross_checks_margin_fails_on_the_verdicts_seeds(tiny_zoo, baseline_cache_dir,
+                                                                                tmp_path):
+    """The margin the CPU cross-check must leave honest configurations (3.5x) is room for a forgery:
+    tests/adversarial_tasks/hidden_in_a_fork.py makes the reference's images in a forked process
+    and runs half the reference's steps in its own (counted) process. Without the replay it is
+    judged at L ~ 0 with U ~ 1.3 (DiT: the VAE's share is not halved) and no cross-check violation (shown, so that the attack is known to
+    work); with the replay (the default on this profile) its images are constants of its trace,
+    which on the verdict's seeds are the wrong images: a relative-quality failure, a model failure."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{FORK_TASK}.yaml"))
+    code = task.reference + "\n\n# ---- the attack (tests/adversarial_tasks/hidden_in_a_fork.py) ----\n" + \
+        (TASK_ATTACKS / "hidden_in_a_fork.py").read_text()
+    results = {}
+    for replay in ("off", "auto"):
+        evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / replay, samples=2, timeout_s=300.0,
+                                   replay=replay)
+        assert evaluator.profile.replay == (replay == "auto")
+        results[replay] = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    summary = {k: (r.verdict.passed, r.verdict.category, r.measures.L, r.measures.U, r.verdict.message[:160])
+               for k, r in results.items()}
+    print(f"\nhidden in a fork on {task.id}: {summary}")
+    weak = json.loads((tmp_path / "off" / task.id / "result.json").read_text())
+    # the reference's images, "faster" than the reference while doing 1.5x its work
+    assert weak["L"] < 0.01 and weak["U"] > 1.2, summary
+    assert not (weak.get("speed_crosscheck") or {}).get("violation"), weak.get("speed_crosscheck")
+    strong = results["auto"]
+    record = json.loads((tmp_path / "auto" / task.id / "result.json").read_text())
+    assert record["flops"]["source"] == "replay" and record["flops"]["replay"]["image_sources"], record["flops"]
+    assert not strong.verdict.passed and strong.verdict.category == stages.RELATIVE_QUALITY, summary
+    assert strong.measures.L > strong.measures.L_bound, summary
+
+
+@pytest.mark.slow
+def test_images_made_outside_torch_are_the_candidates_failure_naming_the_replay(tiny_zoo, baseline_cache_dir,
+                                                                                tmp_path):
+    """The images must be computed by torch ops in generate(): a gold whose images are finished in
+    PIL (posterized to 6 bits: pixels no tensor of the call makes) is a runtime failure that says
+    so, not a harness error; the gold itself passes, its FLOPs the replay's, equal to its own."""
+    from PIL import ImageOps
+
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    assert ImageOps.posterize
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{FORK_TASK}.yaml"))
+    code = task.gold + ("\n\n_gold_generate = generate\n\n\ndef generate(pipe, batch):\n"
+                        "    from PIL import ImageOps\n\n"
+                        "    return [ImageOps.posterize(i, 6) for i in _gold_generate(pipe, batch)]\n")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    assert not result.verdict.passed and result.verdict.category == stages.RUNTIME, result.verdict
+    assert re.search(r"could not be proved by replaying it: image 0 is made by no tensor", result.verdict.message)
+    gold = evaluator.evaluate(task, Candidate(code=task.gold, source="test"), task.reference, task.gold,
+                              label="gold")
+    assert gold.verdict.passed, gold.verdict
+    record = json.loads((tmp_path / "gold" / "result.json").read_text())
+    assert record["flops"]["source"] == "replay" and record["flops"]["total"] == record["flops"]["run"]["total"]
