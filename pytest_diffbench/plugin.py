@@ -157,6 +157,16 @@ def warm_start_setting(config) -> str:
     return value
 
 
+def replay_setting(config) -> str:
+    """--diffbench-replay, else $DIFFBENCH_REPLAY, else auto; a bad value stops the session."""
+    from .profile import REPLAY_SETTINGS
+
+    value = config.getoption("diffbench_replay") or os.environ.get("DIFFBENCH_REPLAY", "").strip().lower() or "auto"
+    if value not in REPLAY_SETTINGS:
+        raise pytest.UsageError(f"$DIFFBENCH_REPLAY: {value!r} is not one of {', '.join(REPLAY_SETTINGS)}")
+    return value
+
+
 class DiffbenchSession:
     """The run's state, built once per process in pytest_configure."""
 
@@ -421,7 +431,7 @@ class DiffbenchSession:
                 timeout_s=opt("diffbench_candidate_timeout"), memory_mb=opt("diffbench_memory_mb"),
                 isolation=opt("diffbench_sandbox"), warm_start=warm_start_setting(config), seeds=seed_mode(config),
                 seed_scope=opt("diffbench_seed_scope"), worker_id=worker_id,
-                replay=opt("diffbench_replay") or os.environ.get("DIFFBENCH_REPLAY") or "auto")
+                replay=replay_setting(config))
         except pytest.UsageError:
             raise
         except Exception as exc:  # models unavailable, CUDA missing...: every task is a harness error
@@ -802,7 +812,8 @@ def pytest_report_header(config):
         return [f"diffbench: {len(session.tasks)} tasks at these levels ({counts}); generator: {generator}",
                 f"diffbench: profile unavailable: {session._setup_error}; run dir: {session.run_dir}"]
     device = profile.device if profile.device == "cpu" else f"{profile.device} ({profile.device_name})"
-    speed = f"{profile.speed_method} ({profile.repeats} timed call{'s' if profile.repeats != 1 else ''})"
+    speed = f"{profile.speed_method} ({profile.repeats} timed call{'s' if profile.repeats != 1 else ''}" + \
+        (", proved by replay)" if profile.replay else ")")
     warm = profile.limits.warm_start
     if not config.getoption("diffbench_profile") and warm_start_setting(config) == "auto":
         warm += " (auto)"
@@ -811,8 +822,7 @@ def pytest_report_header(config):
             f"diffbench: profile {profile.name} ({source}): models: {profile.zoo} ({profile.zoo_detail}); "
             f"device: {device}; speed: {speed}; threads: {profile.threads}; "
             f"quality: {profile.quality_method}; sandbox: {_sandbox_line(profile.limits.isolation)}; "
-            f"seeds: {_seeds_line(profile.seeds, profile.seed_scope)}; warm start: {warm}; "
-            f"work proved by replay: {'on' if profile.replay else 'off'}; run dir: {session.run_dir}",
+            f"seeds: {_seeds_line(profile.seeds, profile.seed_scope)}; warm start: {warm}; run dir: {session.run_dir}",
             f"diffbench: kernel memory of the runs (socket buffers, ...): {memcg.describe()}; "
             f"their CPU time: {memcg.describe_cpu()}"]
 

@@ -126,6 +126,23 @@ def test_the_header_names_the_warm_start_setting_and_a_bad_one_stops_the_session
     assert bad.returncode == 4 and "$DIFFBENCH_WARM_START: 'sometimes' is not one of auto, on, off" in bad.stderr
 
 
+def test_the_header_says_whether_the_work_is_proved_by_replay_and_a_bad_setting_stops_the_session():
+    default = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", env={"DIFFBENCH_REPLAY": ""})
+    assert default.returncode == 0 and "; speed: flops (1 timed call, proved by replay);" in default.stdout
+    off = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", env={"DIFFBENCH_REPLAY": "off"})
+    assert off.returncode == 0 and "; speed: flops (1 timed call);" in off.stdout
+    bad = run_pytest("--diffbench-level=L1", "--collect-only", "-q", "--diffbench-replay=sometimes")
+    assert bad.returncode == 4 and "--diffbench-replay" in bad.stderr
+    bad = run_pytest("--diffbench-level=L1", "--collect-only", "-q", env={"DIFFBENCH_REPLAY": "sometimes"})
+    assert bad.returncode == 4 and "$DIFFBENCH_REPLAY: 'sometimes' is not one of auto, on, off" in bad.stderr
+    # asked for where it cannot work (speed timed, not FLOP-counted): the profile is unavailable, as
+    # for any setting this machine cannot honour (every task then a harness error, not run weaker)
+    timed = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", "--diffbench-replay=on",
+                       "--diffbench-speed=wall")
+    assert "diffbench: profile unavailable: --diffbench-replay=on: the replay proves FLOP-counted runs on a CPU " \
+           "only" in timed.stdout
+
+
 # -- end to end on the tiny zoo: real children, real pipelines -------------------------------------
 
 E2E_TASKS = ["L1-sd15-t2i-0001", "L2-sd15-t2i-deepcache-0006"]

@@ -96,7 +96,7 @@ def test_header_and_summary_of_a_session(suite):
     assert result.ret == 1, result.stdout.str()
     result.stdout.fnmatch_lines([
         "diffbench: 2 tasks at these levels (L1 2); generator: stub",
-        "diffbench: profile cpu-tiny (resolved): models: tiny (*); device: cpu; speed: flops (1 timed call); "
+        "diffbench: profile cpu-tiny (resolved): models: tiny (*); device: cpu; speed: flops (1 timed call, proved by replay); "
         "threads: 1; quality: fidelity; sandbox: *; seeds: secret*; warm start: *; run dir: *run",
         "diffbench: 2 tasks selected (L1 2)",
         "*diffbench summary*",

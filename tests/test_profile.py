@@ -95,7 +95,7 @@ def test_the_header_shows_the_effective_values():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     header = next(line for line in out.stdout.splitlines() if line.startswith("diffbench: profile "))
     assert header.startswith("diffbench: profile cpu-tiny (resolved): models: tiny (")
-    for part in ("; device: cpu;", "; speed: flops (1 timed call);", "; threads: 1;", "; quality: fidelity;",
+    for part in ("; device: cpu;", "; speed: flops (1 timed call, proved by replay);", "; threads: 1;", "; quality: fidelity;",
                  f"; sandbox: {resolve_isolation('auto')};", "; seeds: secret (per-user key, scope verdict);",
                  "; warm start: on (auto);"):
         assert part in header, part
