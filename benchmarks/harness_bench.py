@@ -2,11 +2,13 @@
 
     python benchmarks/harness_bench.py [--tasks ID ...] [--repeats 5] [--samples 10] [--speed flops|wall]
     DIFFBENCH_WARM_START=off python benchmarks/harness_bench.py ...   # every run a cold child
+    python benchmarks/harness_bench.py --replay off ...                # the judged call not proved by replay
 
 For each task it evaluates the gold solution `--repeats` times with a cold then warm baseline
 cache and prints where a task's time goes: child start (until the candidate module is imported),
-the candidate's `load_pipeline` and `generate` calls, the rest of the child, baseline runs and the
-parent's own work (metrics, images, records); the median child start and harness share of the warm
+the candidate's `load_pipeline` and `generate` calls, the rest of the child, the replay of the
+judged call (replay.py: its process's wall time), baseline runs and the parent's own work (metrics,
+images, records); the median child start and harness share of the warm
 repeats; baseline cache hits; and the spread of U over the repeats. Prints figures; asserts nothing.
 """
 
@@ -40,6 +42,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=None, help="default: each task's workload (10)")
     parser.add_argument("--speed", choices=("flops", "wall"), default="flops")
+    parser.add_argument("--replay", choices=("auto", "off"), default="auto",
+                        help="auto: the judged call proved by replay where speed is FLOP-counted (the default)")
     parser.add_argument("--zoo-dir", default=os.environ.get("DIFFBENCH_ZOO_DIR", str(REPO / ".diffbench" / "zoo")))
     args = parser.parse_args()
 
@@ -48,19 +52,20 @@ def main() -> int:
     print(f"zoo ready in {time.monotonic() - t0:.1f} s ({zoo.root})")
     tasks = {t.id: t for t in load_tasks(REPO / "tasks")}
     work = Path(tempfile.mkdtemp(prefix="diffbench-bench-"))
-    print(f"speed method: {args.speed}; repeats: {args.repeats}; samples: {args.samples or 'task default'}\n")
-    header = (f"{'task':<40}{'run':>4}{'task s':>8}{'start':>7}{'load':>7}{'gen':>7}{'child+':>7}{'basel.':>7}"
+    print(f"speed method: {args.speed}; replay: {args.replay}; repeats: {args.repeats}; "
+          f"samples: {args.samples or 'task default'}\n")
+    header = (f"{'task':<40}{'run':>4}{'task s':>8}{'start':>7}{'load':>7}{'gen':>7}{'child+':>7}{'replay':>7}{'basel.':>7}"
               f"{'parent':>7}{'harness%':>9}{'cache':>12}{'U':>9}{'verdict':>9}")
     print(header)
     print("  start: the run's start until the candidate's import (child start); load/gen: the candidate's"
           " load_pipeline and generate calls; child+: the rest of the child's wall time (FLOP counting, checks,"
-          " images); basel.: reference/gold runs (0 when cached); parent: metrics, records, I/O; harness%:"
+          " images); replay: the replay process (0 without); basel.: reference/gold runs (0 when cached); parent: metrics, records, I/O; harness%:"
           " everything but load, gen and the baselines, as a share of the task\n")
     summary, starts, shares = [], [], []
     for task_id in args.tasks:
         task = tasks[task_id]
         evaluator = tiny_evaluator(zoo, work / "cache", work / "runs", samples=args.samples, speed=args.speed,
-                                   repeats=1 if args.speed == "flops" else 3)
+                                   repeats=1 if args.speed == "flops" else 3, replay=args.replay)
         us = []
         for i in range(args.repeats):
             baseline_before = evaluator.stats["baseline_s"]
@@ -72,7 +77,8 @@ def main() -> int:
             load = timing.get("load_s") or 0.0
             gen = (timing.get("first_call_s") or 0.0) + sum(timing.get("calls_s") or [])
             child_rest = wall - start_s - load - gen
-            parent = result.task_s - wall - baselines
+            replay_s = (((result.flops or {}).get("replay") or {}).get("wall_s")) or 0.0
+            parent = result.task_s - wall - baselines - replay_s
             share = (result.task_s - load - gen - baselines) / result.task_s * 100
             cache = ",".join(f"{v}" for v in result.provenance.baseline_cache.values() if v)
             us.append(result.measures.U)
@@ -80,7 +86,7 @@ def main() -> int:
                 starts.append(start_s)
                 shares.append(share)
             print(f"{task_id:<40}{i + 1:>4}{result.task_s:>8.1f}{start_s:>7.2f}{load:>7.2f}{gen:>7.2f}"
-                  f"{child_rest:>7.2f}{baselines:>7.1f}{parent:>7.2f}{share:>8.0f}%{cache:>12}{result.measures.U:>9.4f}"
+                  f"{child_rest:>7.2f}{replay_s:>7.2f}{baselines:>7.1f}{parent:>7.2f}{share:>8.0f}%{cache:>12}{result.measures.U:>9.4f}"
                   f"{'pass' if result.verdict.passed else result.verdict.category:>9}")
         spread = (max(us) - min(us)) / statistics.mean(us) * 100
         summary.append((task_id, statistics.mean(us), spread, evaluator.stats))
