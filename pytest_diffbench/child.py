@@ -652,6 +652,8 @@ class Runner:
                                                         "spatial": [list(s) for s in denoiser_inputs["spatial"]]}
         self.result["flops"] = self._flops(flop_mode, pipe) if flop_mode is not None else None
         if recorder is not None:
+            if self.result["flops"] is not None:  # the uncounted ops' work (trace.op_elements): baselines' figure
+                self.result["flops"]["elements"] = recorder.elements
             self._send_trace(recorder)
 
         try:

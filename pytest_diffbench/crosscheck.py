@@ -41,6 +41,13 @@ MAX_FLOPS_OVER_CPU = 3.5
 # The same over the parent's own window (go byte to result: the judged call, the timed calls and
 # the images' encoding), which no mark the child sends can shorten.
 MAX_FLOPS_OVER_PHASE_CPU = 3.5
+# The bound on U_flops / U_work, where the work adds to the FLOPs the elements made by the ops the
+# counter does not count (trace.op_elements): counted by the harness's replay for a candidate and by
+# the recorder for its baselines, so no load and no dtype moves it. Set from the golds (docs/integrity.md).
+MAX_FLOPS_OVER_WORK = 1.5
+# An element counts as a multiply-add (2 FLOPs): a matrix product written as a broadcast multiply
+# and a sum makes about as many elements as it has multiply-adds, so it weighs what it would counted.
+ELEMENT_WEIGHT = 2
 # CPU time is accounted in clock ticks; widen both figures by this many ticks.
 TICKS_SLACK = 2
 
@@ -92,6 +99,25 @@ def _cpu_speedups(reference: Mapping, candidate: Mapping, window: str) -> tuple:
     return u_cpu, (ref_cpu + slack_ref) / max(cand_cpu - slack_cand, slack_cand), ref_cpu, cand_cpu
 
 
+def _work_per_image(result: Mapping) -> float | None:
+    flops = result.get("flops") or {}
+    elements, per_image, count = flops.get("elements"), flops.get("per_image"), result.get("num_images")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (elements, per_image, count)):
+        return None
+    return per_image + ELEMENT_WEIGHT * elements / max(1, count)
+
+
+def _work_speedup(reference: Mapping, candidate: Mapping) -> float | None:
+    """U over all the work (FLOPs plus the uncounted ops' elements) where the candidate's figure is
+    the harness's replay's (`flops.source` replay) and the baseline has one; else None."""
+    if (candidate.get("flops") or {}).get("source") != "replay":
+        return None
+    ref, cand = _work_per_image(reference), _work_per_image(candidate)
+    if ref is None or cand is None:
+        return None
+    return ref / cand if cand > 0 else float("inf")
+
+
 def speed_figures(reference: Mapping, candidate: Mapping) -> dict:
     """U_flops, U_cpu (central) and U_cpu_max (the largest U the CPU figures allow given the
     accounting resolution) of `candidate` against `reference`, over the judged call and over the
@@ -101,9 +127,10 @@ def speed_figures(reference: Mapping, candidate: Mapping) -> dict:
     u_flops = None
     if ref_flops and isinstance(cand_flops, (int, float)):
         u_flops = ref_flops / cand_flops if cand_flops > 0 else float("inf")  # nothing counted at all
+    u_work = _work_speedup(reference, candidate)
     u_cpu, u_cpu_max, ref_cpu, cand_cpu = _cpu_speedups(reference, candidate, "parent_first_call_cpu_s")
     u_phase, u_phase_max, ref_phase, cand_phase = _cpu_speedups(reference, candidate, "parent_phase_cpu_s")
-    return {"U_flops": u_flops, "U_cpu": u_cpu, "U_cpu_max": u_cpu_max,
+    return {"U_flops": u_flops, "U_work": u_work, "U_cpu": u_cpu, "U_cpu_max": u_cpu_max,
             "reference_cpu_s_per_image": ref_cpu, "candidate_cpu_s_per_image": cand_cpu,
             "U_cpu_phase": u_phase, "U_cpu_phase_max": u_phase_max,
             "reference_phase_cpu_s_per_image": ref_phase, "candidate_phase_cpu_s_per_image": cand_phase}
@@ -113,6 +140,13 @@ def speed_violation(figures: Mapping, limit: float = MAX_FLOPS_OVER_CPU,
                     phase_limit: float = MAX_FLOPS_OVER_PHASE_CPU) -> str | None:
     """A message naming both figures when the FLOP count claims more than the CPU time allows."""
     u_flops = figures.get("U_flops")
+    u_work = figures.get("U_work")
+    if u_flops is not None and u_work is not None and u_flops > MAX_FLOPS_OVER_WORK * u_work:
+        against = figures.get("against") or "reference"
+        return (f"the FLOP count claims a speedup of {u_flops:.2f}x over the {against}, but all the work the "
+                f"harness's replay did (FLOPs plus the elements of the ops the counter does not count) shows "
+                f"{u_work:.2f}x; honest code stays within {MAX_FLOPS_OVER_WORK:g}x of it: work was moved into "
+                f"ops the FLOP counter does not count")
     if u_flops is None or figures.get("reference_cpu_s_per_image") is None:
         return None  # nothing claimed, or a baseline from before the parent read CPU time
     checks = [("the judged call", "U_cpu", limit)]

@@ -258,6 +258,9 @@ class Evaluator:
                            module="pytest_diffbench.replay")
         proof = replayed.result
         if replayed.status != "ok" or proof is None:
+            if not replayed.extra.get("go_sent"):  # it ended before it was given the trace: the harness's
+                raise HarnessError(f"the replay process of task {task.id} ended before it was given the trace "
+                                   f"({replayed.status}: {replayed.detail}): {replayed.stderr_tail[-2000:]}")
             return fail(f"the replay ended: {replayed.status}: {replayed.detail}")
         if proof.get("status") != "ok":
             error = proof.get("error") or {}
@@ -284,7 +287,7 @@ class Evaluator:
         if dtype != "float32":  # only then, so that the float32 baselines keep their keys
             identity["dtype"] = dtype
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = True
+            identity["recorded"] = 2  # 2: with the uncounted ops' elements (trace.op_elements)
         key = cache_key(identity)
 
         def measure(images_dir: Path) -> dict:

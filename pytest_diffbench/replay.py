@@ -73,12 +73,13 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None) -> dict:
         kept = replayer.run(run_seeds, lambda tensor_id, t: image_rows(t, height, width) is not None)
         sources = match_images(kept, returned, height, width)
         del kept
+        run_shapes = replayer.shapes
         check_s = time.process_time() - started
         wanted = {source[0] for source in sources}
         counter = LeanFlopCounterMode()
         started = time.process_time()
         with counter:
-            kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted)
+            kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes)
         verdict_s = time.process_time() - started
         flops = float(counter.get_total_flops())
         images = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
@@ -94,7 +95,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None) -> dict:
     count = max(1, len(names))
     return {
         "status": "ok", "error": None, "images": names, "num_images": len(names), "image_size": [height, width],
-        "flops": {"total": flops, "per_image": flops / count, "denoiser": None, "samples_counted": count},
+        "flops": {"total": flops, "per_image": flops / count, "denoiser": None, "samples_counted": count,
+                  "elements": replayer.elements},
         "replay": {"ops": len(trace.ops), "parameters": len(trace.params), "constants": len(trace.constants),
                    "constant_bytes": trace.constant_bytes, "check_cpu_s": round(check_s, 3),
                    "verdict_cpu_s": round(verdict_s, 3),

@@ -1951,6 +1951,7 @@ def run_job(
     if leftover:
         outcome.extra["leftover_pids"] = leftover
     outcome.extra["start"] = run.start
+    outcome.extra["go_sent"] = results.go_at is not None  # whether the child got its inputs (replay.py: its trace)
     if run.zygote is not None and run.proc.zygote_died:
         outcome.extra["zygote_died"] = True
     if watchdog.peak_tmp:

@@ -41,14 +41,62 @@ FORMAT = 1
 # bounds on what a trace may hold (checked while recording and again when decoding)
 MAX_OPS = 3_000_000
 MAX_TENSOR_DIMS = 16
-# ops the replay never runs: they reach files, memory the harness did not make, or skip checks
-DENIED_OPS = frozenset({
-    "aten::from_file", "aten::set_", "aten::_pin_memory", "aten::pin_memory", "aten::record_stream",
-    "aten::_unsafe_index", "aten::_unsafe_index_put", "aten::_unsafe_masked_index",
-    "aten::_unsafe_masked_index_put_accumulate", "aten::_make_per_tensor_quantized_tensor",
-    "aten::_make_per_channel_quantized_tensor", "aten::_copy_from", "aten::_copy_from_and_resize",
-    "aten::_fused_moving_avg_obs_fq_helper", "aten::_assert_async", "aten::_print",
+# What the replay runs (`replayable`): the aten ops of the golds' traces (every family, pipeline,
+# method, precision and scheduler of L1-L3, recorded at 64 px), the common reductions and
+# utilities listed after them, every pointwise op and every view. Nothing else: an op outside the
+# list may compute what the FLOP counter does not count at the speed of a counted one (`addbmm`,
+# `conv_tbc`: red team, session 16), reach memory without checks (`_sparse_coo_tensor_unsafe`) or
+# files (`from_file`), or move a parameter's storage (`set_`). A candidate that needs another op
+# gets a runtime failure naming it.
+GOLD_OPS = frozenset({
+    'aten::_linalg_check_errors', 'aten::_linalg_solve_ex', 'aten::_local_scalar_dense', 'aten::_scaled_dot_product_flash_attention_for_cpu', 'aten::_to_copy',
+    'aten::_unsafe_view', 'aten::abs', 'aten::add.Tensor', 'aten::add_.Tensor', 'aten::addmm',
+    'aten::alias', 'aten::all', 'aten::any', 'aten::arange', 'aten::arange.start',
+    'aten::argmax', 'aten::bitwise_and.Tensor', 'aten::bmm', 'aten::cat', 'aten::clamp',
+    'aten::clamp.Tensor', 'aten::clone', 'aten::constant_pad_nd', 'aten::convolution', 'aten::cos',
+    'aten::detach', 'aten::div.Tensor', 'aten::div_.Tensor', 'aten::embedding', 'aten::eq.Scalar',
+    'aten::eq.Tensor', 'aten::exp', 'aten::expand', 'aten::expm1', 'aten::flip',
+    'aten::full_like', 'aten::gather', 'aten::ge.Scalar', 'aten::gelu', 'aten::gt.Scalar',
+    'aten::index.Tensor', 'aten::isinf', 'aten::le.Scalar', 'aten::lift_fresh', 'aten::linalg_vector_norm',
+    'aten::log', 'aten::lt.Scalar', 'aten::max', 'aten::max.dim', 'aten::mean.dim',
+    'aten::min', 'aten::minimum', 'aten::mm', 'aten::mul.Tensor', 'aten::native_group_norm',
+    'aten::native_layer_norm', 'aten::neg', 'aten::new_ones', 'aten::nonzero', 'aten::ones',
+    'aten::ones_like', 'aten::permute', 'aten::pow.Scalar', 'aten::pow.Tensor_Scalar', 'aten::randint.generator',
+    'aten::randn.generator', 'aten::reciprocal', 'aten::repeat', 'aten::rsqrt', 'aten::rsub.Scalar',
+    'aten::scalar_tensor', 'aten::scatter_.src', 'aten::scatter_reduce.two', 'aten::searchsorted.Scalar', 'aten::select.int',
+    'aten::sigmoid', 'aten::silu', 'aten::sin', 'aten::slice.Tensor', 'aten::sort',
+    'aten::split.Tensor', 'aten::squeeze.dim', 'aten::stack', 'aten::sub.Tensor', 'aten::t',
+    'aten::tanh', 'aten::transpose.int', 'aten::unbind.int', 'aten::unsqueeze', 'aten::upsample_nearest2d',
+    'aten::view', 'aten::where.self', 'aten::zeros', 'aten::zeros_like',
 })
+COMMON_OPS = frozenset({
+    "aten::sum.dim_IntList", "aten::sum", "aten::mean", "aten::var.correction", "aten::std.correction",
+    "aten::var_mean.correction", "aten::_softmax", "aten::softmax.int", "aten::_log_softmax", "aten::cumsum",
+    "aten::baddbmm", "aten::copy_", "aten::fill_.Scalar", "aten::fill_.Tensor", "aten::zero_",
+    "aten::masked_fill.Scalar", "aten::masked_fill_.Scalar", "aten::masked_fill.Tensor", "aten::split_with_sizes",
+    "aten::upsample_nearest2d.vec", "aten::upsample_bilinear2d", "aten::upsample_bilinear2d.vec",
+    "aten::empty.memory_format", "aten::empty_like", "aten::full", "aten::new_zeros", "aten::new_empty",
+    "aten::new_full", "aten::index_select", "aten::topk", "aten::sort.stable", "aten::argsort.stable",
+    "aten::repeat_interleave.self_int", "aten::roll", "aten::tril", "aten::triu", "aten::amax", "aten::amin",
+    "aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training", "aten::index_put_", "aten::index_put",
+    "aten::scatter.src", "aten::scatter.value", "aten::scatter_add", "aten::linspace", "aten::randn_like",
+    "aten::rand.generator", "aten::normal.Tensor_float", "aten::normal_", "aten::uniform_", "aten::bernoulli_.float",
+    "aten::clone", "aten::contiguous", "aten::_reshape_alias", "aten::count_nonzero.dim_IntList", "aten::prod.dim_int",
+})
+# never, whatever the tags say: names that skip checks, reach storage or files
+_NEVER = ("sparse", "nested", "quantize", "unsafe", "pin_memory", "from_file", "set_", "resize", "storage",
+          "record_stream", "_print", "_assert")
+
+
+def replayable(func, name: str) -> bool:
+    """Whether the replay runs `func` (recorded as `name`): see GOLD_OPS."""
+    base = name.partition(".")[0]
+    if any(word in base for word in _NEVER) and name != "aten::_unsafe_view":
+        return False
+    return (name in GOLD_OPS or name in COMMON_OPS or torch.Tag.pointwise in func.tags
+            or (func.is_view and not func._schema.is_mutable))
+
+
 _NAMED_ENUMS = {
     "dtype": {str(d).split(".")[-1]: d for d in (
         torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -77,6 +125,34 @@ def named_tensors(pipe: Any) -> dict[str, torch.Tensor]:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             out.setdefault(f"{component}.{name}", tensor.detach())
     return out
+
+
+def _counted_packets() -> frozenset:
+    from torch.utils.flop_counter import flop_registry
+
+    from pytest_diffbench.flops import ATTENTION_FORMULAS
+
+    return frozenset([*flop_registry, *ATTENTION_FORMULAS])
+
+
+_COUNTED = _counted_packets()
+
+
+def op_elements(func, args: Any, out: Any) -> int:
+    """The work of an op the FLOP counter does not count, in elements: those it reads or those it
+    makes, whichever are more (a reduction reads many and makes few); none for views and counted
+    ops. Counted alike in the recorder (baselines) and the replay (candidates), so that work moved
+    from counted into uncounted ops shows (crosscheck.py)."""
+    if func._overloadpacket in _COUNTED or func.is_view:
+        return 0
+    made = sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    read = sum(t.numel() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor))
+    work = max(made, read)
+    if func._overloadpacket is torch.ops.aten._linalg_solve_ex:  # A (.., n, n) x = B (.., n, k): n^2 (n + k)
+        a = tree_flatten(args)[0][0]
+        if isinstance(a, torch.Tensor) and a.dim() >= 2:
+            work = max(work, a.numel() * (a.shape[-1] + max(1, read // max(1, a.numel()))))
+    return work
 
 
 def _draws(func) -> bool:
@@ -115,6 +191,7 @@ class Recorder(TorchDispatchMode):
         self.ops: list[list] = []
         self.next_id = 0
         self.problem: str | None = None
+        self.elements = 0  # op_elements over the recorded call
         self._generators: list[torch.Generator] = []  # held, so that id() stays theirs
         self._generator_keys: dict[int, int] = {}
         self._last_state: dict[int, bytes] = {}
@@ -223,6 +300,7 @@ class Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self.problem is not None:
             return out
+        self.elements += op_elements(func, (args, kwargs), out)
         try:
             if entry is None:  # values the replay cannot draw itself: kept as drawn
                 self._record_outputs(out, constant=True)
@@ -340,8 +418,8 @@ def _check_op(op: Any, position: int, defined: set[int], n_params: int, constant
         raise TraceError(f"{where} is malformed")
     name = op[0]
     namespace, _, rest = name.partition("::")
-    if namespace != "aten" or not rest or name in DENIED_OPS:
-        raise TraceError(f"{where}: {name!r} is not an op the replay runs (aten ops only, and not {name!r})")
+    if namespace != "aten" or not rest:
+        raise TraceError(f"{where}: {name!r} is not an op the replay runs (aten ops only)")
     opname, _, overload = rest.partition(".")
     try:
         func = getattr(getattr(torch.ops.aten, opname), overload or "default")
@@ -349,6 +427,10 @@ def _check_op(op: Any, position: int, defined: set[int], n_params: int, constant
         raise TraceError(f"{where}: no aten op {name!r}") from None
     if not isinstance(func, torch._ops.OpOverload) or func.name() != name:
         raise TraceError(f"{where}: no aten op {name!r}")
+    if not replayable(func, name):
+        raise TraceError(f"{where}: {name!r} is not an op the replay runs (trace.GOLD_OPS: the ops of the golds, "
+                         f"common reductions and utilities, pointwise ops and views; not ops that compute what the "
+                         f"FLOP counter does not count, skip memory checks or reach files)")
     _check_value(op[1], defined, n_params, where, 0)
     if not isinstance(op[2], dict):
         raise TraceError(f"{where}: malformed keyword arguments")
@@ -467,8 +549,13 @@ class Replayer:
                 visit(list(op[2].values()), position)
         return last
 
-    def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool]) -> dict[int, torch.Tensor]:
-        """Replay once; returns the kept tensors by id."""
+    def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool],
+            shapes: list | None = None) -> dict[int, torch.Tensor]:
+        """Replay once; returns the kept tensors by id. Afterwards `shapes` holds every op's output
+        shapes and `elements` the work of the ops the FLOP counter does not count (op_elements).
+        `shapes`: those of an earlier replay, which this one must repeat exactly (the seeds must
+        not change any shape: a shape that follows the noise would carry it into the FLOP count)."""
+        self.shapes, self.elements = [], 0
         env: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
         generators: dict[int, torch.Generator] = {}
@@ -500,6 +587,7 @@ class Replayer:
                 value = self.trace.constants[f"c{op[1]}"]
                 env[op[2][0]] = (torch.empty_strided(value.shape, op[3], dtype=value.dtype).copy_(value)
                                  if len(op) == 4 else value.clone())
+                self.shapes.append(None)
                 continue
             args, kwargs = resolve(op[1]), {k: resolve(v) for k, v in op[2].items()}
             if len(op) == 5:
@@ -518,6 +606,13 @@ class Replayer:
             except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure
                 raise TraceError(f"op {position} ({op[0]}) failed in the replay: {type(exc).__name__}: "
                                  f"{str(exc)[:300]}") from None
+            self.elements += op_elements(func, (args, kwargs), out)
+            made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in tree_flatten(out)[0]]
+            if shapes is not None and (position >= len(shapes) or shapes[position] != made):
+                raise TraceError(f"op {position} ({op[0]}) made outputs of shape {made} here and "
+                                 f"{shapes[position] if position < len(shapes) else None} on the child's seeds: "
+                                 f"shapes that follow the seeds are not replayed")
+            self.shapes.append(made)
             for item, tensor_id in zip(tree_flatten(out)[0], op[3]):
                 if tensor_id is None or not isinstance(item, torch.Tensor):
                     continue

@@ -113,6 +113,13 @@ def _trace_blob(ops, params=(), constants=None):
     ([["aten::add.Tensor", [{"p": 3}, 1], {}, [0]]], "refers to nothing the trace holds"),
     ([["aten::randn.generator", [[2]], {}, [0], {"gen": 0, "reseed": "x"}]], "malformed random draw"),
     ([["aten::add.Tensor", [[[[[[[[[[1]]]]]]]]]], {}, [0]]], "nested too deep"),
+    # red team, session 16: uncounted compute at BLAS speed, unchecked memory, files, storage moves
+    ([["aten::addbmm", [], {}, [0]]], "not an op the replay runs"),
+    ([["aten::conv_tbc", [], {}, [0]]], "not an op the replay runs"),
+    ([["aten::_sparse_coo_tensor_unsafe", [], {}, [0]]], "not an op the replay runs"),
+    ([["aten::from_file.out", ["/etc/passwd"], {}, [0]]], "not an op the replay runs"),
+    ([["aten::set_.source_Tensor_storage_offset", [], {}, [0]]], "not an op the replay runs"),
+    ([["aten::_unsafe_index.Tensor", [], {}, [0]]], "not an op the replay runs"),
 ])
 def test_a_trace_the_replay_must_not_run_is_refused_before_anything_runs(ops, message):
     from pytest_diffbench.trace import TraceError, decode
@@ -135,6 +142,25 @@ def test_a_trace_that_writes_into_the_models_parameters_is_refused():
     assert weight.eq(1).all()
     with pytest.raises(TraceError, match="does not have"):
         Replayer(trace, {"vae.weight": weight})
+
+
+def test_a_shape_that_follows_the_seeds_stops_the_verdict_replay():
+    """FLOPs follow shapes: a shape made from the noise (nonzero of a draw sizing a product) would
+    carry bits of the verdict's seeds into U. The verdict replay must repeat every shape of the
+    replay on the child's seeds."""
+    import torch
+
+    from pytest_diffbench.trace import Replayer, TraceError, decode
+
+    ops = [["aten::randn.generator", [[64]], {}, [0], {"gen": 0, "reseed": 0}],
+           ["aten::gt.Scalar", [{"t": 0}, 0.0], {}, [1]],
+           ["aten::nonzero", [{"t": 1}], {}, [2]]]
+    replayer = Replayer(decode(_trace_blob(ops), 1 << 20), {})
+    replayer.run([1], lambda i, t: False)
+    shapes = replayer.shapes
+    replayer.run([1], lambda i, t: False, shapes=shapes)  # the same seeds: the same shapes
+    with pytest.raises(TraceError, match="shapes that follow the seeds"):
+        replayer.run([2], lambda i, t: False, shapes=shapes)
 
 
 def test_constants_over_the_bound_are_refused():
@@ -186,6 +212,31 @@ def test_work_hidden_inside_the_cross_checks_margin_fails_on_the_verdicts_seeds(
     assert record["flops"]["source"] == "replay" and record["flops"]["replay"]["image_sources"], record["flops"]
     assert not strong.verdict.passed and strong.verdict.category == stages.RELATIVE_QUALITY, summary
     assert strong.measures.L > strong.measures.L_bound, summary
+
+
+@pytest.mark.slow
+def test_work_moved_into_uncounted_ops_is_an_integrity_failure_naming_both_figures(tiny_zoo, baseline_cache_dir,
+                                                                                 tmp_path):
+    """The replay counts what torch's FLOP counter counts; work written with other ops it runs (a
+    linear layer as a broadcast multiply and a sum: tests/adversarial_tasks/uncounted_linear.py)
+    is not in the FLOP count but is in the work the replay did (its elements), which the parent
+    compares with the reference's: an integrity failure naming U_flops and U_work."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{FORK_TASK}.yaml"))
+    code = task.reference + "\n\n# ---- the attack (tests/adversarial_tasks/uncounted_linear.py) ----\n" + \
+        (TASK_ATTACKS / "uncounted_linear.py").read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    figures = result.measures.speed_crosscheck
+    print(f"\nuncounted linear layers on {task.id}: {result.verdict}, {figures}")
+    assert not result.verdict.passed and result.verdict.category == stages.RUNTIME, result.verdict
+    assert figures["U_flops"] > 1.5 and figures["U_work"] < 1.2, figures
+    assert "ops the FLOP counter does not count" in result.verdict.message
+    assert f"{figures['U_work']:.2f}x" in result.verdict.message
 
 
 @pytest.mark.slow
