@@ -221,10 +221,16 @@ class Evaluator:
         run_batch = dict(batch, seeds=throwaway_seeds(len(batch["seeds"])))
         outcome = self.run_code("candidate", task, code, run_batch, task_dir / "run-images", task_dir / "sandbox",
                                 record_trace=replay_bounds(batch))
-        if stages.runtime_failure(outcome.status, outcome.detail, outcome.result) is None:
-            start = time.monotonic()
-            self.prove_by_replay(task, batch, run_batch, outcome, task_dir)
-            self.stats["candidate_s"] += time.monotonic() - start
+        if stages.runtime_failure(outcome.status, outcome.detail, outcome.result) is not None:
+            return outcome
+        if stages.key_attribute_mismatches(task.expect, task.level, outcome.result.get("attributes") or {}, None):
+            # stage 1 fails whatever the replay says (another model's parameters would not even load
+            # into the zoo's): no images and no FLOP figure of the child's reach the verdict
+            outcome.result["flops"], outcome.result["images"] = None, []
+            return outcome
+        start = time.monotonic()
+        self.prove_by_replay(task, batch, run_batch, outcome, task_dir)
+        self.stats["candidate_s"] += time.monotonic() - start
         return outcome
 
     def prove_by_replay(self, task, batch: dict, run_batch: dict, outcome: SandboxOutcome, task_dir: Path) -> None:
@@ -270,7 +276,12 @@ class Evaluator:
             return fail(str(error.get("message") or "no reason given"))
         # result.json's `flops`: the replay's count, the child's own (`run`, for the record only) and
         # what the replay did (`replay`)
-        result["flops"] = {**proof["flops"], "denoiser": None, "source": "replay", "run": result.get("flops"),
+        run_flops = result.get("flops") or {}
+        share = None  # the denoiser's share as the child counted it: a hint for DiffAgent's planner, never judged
+        if isinstance(run_flops.get("denoiser"), (int, float)) and isinstance(run_flops.get("total"), (int, float)) \
+                and run_flops["total"] > 0:
+            share = min(1.0, max(0.0, run_flops["denoiser"] / run_flops["total"])) * proof["flops"]["total"]
+        result["flops"] = {**proof["flops"], "denoiser": share, "source": "replay", "run": result.get("flops"),
                            "replay": {**(proof.get("replay") or {}), "wall_s": round(replayed.wall_s, 3),
                                       "peak_rss_mb": round(replayed.peak_rss_mb, 1),
                                       "start": replayed.extra.get("start"),

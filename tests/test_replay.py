@@ -48,13 +48,10 @@ def _pixels(images):
     return [torch.from_numpy(numpy.asarray(image.convert("RGB")).copy()) for image in images]
 
 
-@pytest.mark.parametrize("task_id", ["L2-sd15-t2i-deepcache-0006", "L2-sd15-i2i-768px-tomesd-0073",
-                                     "L2-dit-c2i-512px-fp16-0064"])
-def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_seeds_images(tiny_zoo, task_id):
-    """Record a gold's call on one pair of seeds; the harness's replay (from the zoo's parameters,
-    its own generators) makes the same images, and on another pair of seeds the images of a real
-    call on those seeds, with the FLOPs of that call. Per-sample generators (SD 1.5), tomesd's
-    generator forked from the global one, and DiT's torch.manual_seed are all drawn again."""
+def _record_and_replay(task_id: str) -> dict:
+    """In a process of its own (the zoo reached through HF_HUB_CACHE, read when huggingface_hub is
+    imported): record the gold's call on seeds [11, 22], replay it on them and on [33, 44], and call
+    the gold for real on [33, 44]. Returns the figures the test checks."""
     import torch
 
     from pytest_diffbench.flops import LeanFlopCounterMode
@@ -62,40 +59,61 @@ def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_s
     from pytest_diffbench.replay import load_zoo
     from pytest_diffbench.trace import Recorder, Replayer, decode, encode, image_rows, match_images, to_uint8
 
-    os.environ["HF_HUB_CACHE"] = str(tiny_zoo.root / "hub")
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        task, gold = _task_code(task_id)
-        pipe = gold.load_pipeline("cpu", torch.float16 if task["expect"]["dtype"] == "float16" else torch.float32)
-        run_seeds, verdict_seeds = [11, 22], [33, 44]
+    task, gold = _task_code(task_id)
+    pipe = gold.load_pipeline("cpu", torch.float16 if task["expect"]["dtype"] == "float16" else torch.float32)
+    run_seeds, verdict_seeds = [11, 22], [33, 44]
 
-        def call(seeds, mode):
-            reset_library_state(pipe)  # what the child does before every call
-            torch.manual_seed(seeds[0])
-            with mode:
-                return gold.generate(pipe, _batch(task, seeds))
+    def call(seeds, mode):
+        reset_library_state(pipe)  # what the child does before every call
+        torch.manual_seed(seeds[0])
+        with mode:
+            return gold.generate(pipe, _batch(task, seeds))
 
-        recorder = Recorder(pipe, run_seeds, 16 << 20)
-        run_images = call(run_seeds, recorder)
-        counter = LeanFlopCounterMode()
-        verdict_images = call(verdict_seeds, counter)
-        trace = decode(encode(*recorder.document()), 16 << 20)
-        assert recorder.problem is None and len(trace.ops) > 1000 and trace.params
-        replayer = Replayer(trace, load_zoo(task["model"]))
-        kept = replayer.run(run_seeds, lambda i, t: image_rows(t, 64, 64) is not None)
-        sources = match_images(kept, _pixels(run_images), 64, 64, tolerance=0)
-        replay_counter = LeanFlopCounterMode()
-        with replay_counter:
-            kept = replayer.run(verdict_seeds, lambda i, t: i in {s[0] for s in sources})
-        replayed = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
-        want = _pixels(verdict_images)
-        diffs = [int((a.int() - b.int()).abs().max()) for a, b in zip(replayed, want)]
-        assert diffs == [0, 0], diffs
-        assert replay_counter.get_total_flops() == counter.get_total_flops() > 0
-        assert any(_pixels(run_images)[0].ne(want[0]).flatten().tolist())  # other seeds, other images
-    finally:
-        torch.set_num_threads(threads)
+    recorder = Recorder(pipe, run_seeds, 16 << 20)
+    run_images = call(run_seeds, recorder)
+    counter = LeanFlopCounterMode()
+    verdict_images = call(verdict_seeds, counter)
+    trace = decode(encode(*recorder.document()), 16 << 20)
+    replayer = Replayer(trace, load_zoo(task["model"]))
+    kept = replayer.run(run_seeds, lambda i, t: image_rows(t, 64, 64) is not None)
+    sources = match_images(kept, _pixels(run_images), 64, 64, tolerance=0)
+    shapes = replayer.shapes
+    replay_counter = LeanFlopCounterMode()
+    with replay_counter:
+        kept = replayer.run(verdict_seeds, lambda i, t: i in {s[0] for s in sources}, shapes=shapes)
+    replayed = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
+    want = _pixels(verdict_images)
+    return {"problem": recorder.problem, "ops": len(trace.ops), "params": len(trace.params),
+            "diffs": [int((a.int() - b.int()).abs().max()) for a, b in zip(replayed, want)],
+            "replay_flops": replay_counter.get_total_flops(), "call_flops": counter.get_total_flops(),
+            "replay_elements": replayer.elements, "call_elements": recorder.elements,
+            "seeds_differ": bool(_pixels(run_images)[0].ne(want[0]).any())}
+
+
+@pytest.mark.parametrize("task_id", ["L2-sd15-t2i-deepcache-0006", "L2-sd15-i2i-768px-tomesd-0073",
+                                     "L2-dit-c2i-512px-fp16-0064"])
+def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_seeds_images(tiny_zoo, task_id):
+    """Record a gold's call on one pair of seeds; the harness's replay (from the zoo's parameters,
+    its own generators) makes the same images, and on another pair of seeds the images of a real
+    call on those seeds, with the FLOPs of that call and the same uncounted work. Per-sample
+    generators (SD 1.5), tomesd's generator forked from the global one, and DiT's
+    torch.manual_seed are all drawn again."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tiny_zoo.hub_cache), "HF_HUB_OFFLINE": "1"}
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_replay; "
+            f"print(json.dumps(test_replay._record_and_replay({task_id!r})))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["problem"] is None and got["ops"] > 1000 and got["params"], got
+    assert got["diffs"] == [0, 0], got
+    assert got["replay_flops"] == got["call_flops"] > 0, got
+    assert got["replay_elements"] == got["call_elements"] > 0, got  # the work figure is the recorder's too
+    assert got["seeds_differ"], got  # other seeds, other images
 
 
 def _trace_blob(ops, params=(), constants=None):
