@@ -60,13 +60,16 @@ BAD = {
         "return [Image.fromarray((g * 255).round().to(torch.uint8).numpy()) for g in gray]"),
         2, stages.ABSOLUTE_QUALITY, "constant images"),
     "noisy_images": (lambda gold, ref: gold + wrap_generate(
-        "import numpy as np\nimport torch\nfrom PIL import Image\n"
+        "import torch\nfrom PIL import Image\n"
         "noise = torch.Generator().manual_seed(0)\n"
         "out = []\n"
-        "for im in _gold_generate(pipe, batch):\n"
-        "    x = torch.from_numpy(np.asarray(im).copy()).float() / 255\n"
+        "for prompt, seed in zip(batch['prompts'], batch['seeds']):\n"
+        "    g = torch.Generator(device=pipe.device).manual_seed(seed)\n"
+        "    x = pipe(prompt=prompt, num_inference_steps=batch['num_inference_steps'], height=batch['height'],\n"
+        "             width=batch['width'], guidance_scale=batch['guidance_scale'], generator=g,\n"
+        "             output_type='pt').images[0]\n"
         "    x = (x + torch.randn(x.shape, generator=noise) * (40 / 255)).clamp(0, 1)\n"
-        "    out.append(Image.fromarray((x * 255).round().to(torch.uint8).numpy()))\n"
+        "    out.append(Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()))\n"
         "return out"),
         3, stages.RELATIVE_QUALITY, "expected <="),
     "much_slower": (lambda gold, ref: gold + wrap_generate(
