@@ -223,17 +223,18 @@ class Evaluator:
                                 record_trace=replay_bounds(batch))
         if stages.runtime_failure(outcome.status, outcome.detail, outcome.result) is not None:
             return outcome
-        if stages.key_attribute_mismatches(task.expect, task.level, outcome.result.get("attributes") or {}, None):
-            # stage 1 fails whatever the replay says (another model's parameters would not even load
-            # into the zoo's): no images and no FLOP figure of the child's reach the verdict
-            outcome.result["flops"], outcome.result["images"] = None, []
-            return outcome
+        # stage 1 fails a candidate whose key attributes are wrong whatever the replay says; where the
+        # replay cannot prove its call (another model's parameters do not load into the zoo's), that
+        # stays its verdict, and neither the child's images nor its FLOP count reach the result
+        mismatched = bool(stages.key_attribute_mismatches(task.expect, task.level,
+                                                          outcome.result.get("attributes") or {}, None))
         start = time.monotonic()
-        self.prove_by_replay(task, batch, run_batch, outcome, task_dir)
+        self.prove_by_replay(task, batch, run_batch, outcome, task_dir, keep_stage_one=mismatched)
         self.stats["candidate_s"] += time.monotonic() - start
         return outcome
 
-    def prove_by_replay(self, task, batch: dict, run_batch: dict, outcome: SandboxOutcome, task_dir: Path) -> None:
+    def prove_by_replay(self, task, batch: dict, run_batch: dict, outcome: SandboxOutcome, task_dir: Path,
+                        keep_stage_one: bool = False) -> None:
         """Replay the trace of `outcome` (replay.py) and put the replay's images and FLOPs in its
         result; what stops the proof (no trace, a trace the replay refuses or that does not make the
         child's images, a replay that hits a limit) makes the result the candidate's runtime
@@ -243,6 +244,10 @@ class Evaluator:
         result = outcome.result
 
         def fail(message: str) -> None:
+            if keep_stage_one:
+                result["flops"], result["images"] = None, []
+                result["replay_problem"] = message
+                return
             result["status"] = "error"
             result["error"] = {"phase": "replay", "type": "ReplayFailed", "traceback": "",
                                "message": f"the judged call could not be proved by replaying it: {message}"}
