@@ -753,12 +753,14 @@ def restrict_run(job: dict) -> None:
     sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
 
 
-def main(argv: list[str] | None = None, restrict: bool = False) -> int:
-    """Run the job file `argv[0]`; `restrict`: restrict_run first (what `python -m` does, cold or
-    forked from a zygote; tests that call main() in their own process leave it off)."""
+def run_job_file(argv: list[str] | None, restrict: bool, module: str, procedure) -> int:
+    """`python -m MODULE JOB.json` for the harness's sandboxed processes (this child, replay.py):
+    read the job, restrict_run first when `restrict`, open the channel, send `procedure(job,
+    channel)`'s result (or write it to job["result_path"] without a channel). Any failure here is the
+    harness's own: exit 2 with the traceback on stderr."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m pytest_diffbench.child JOB.json", file=sys.stderr)
+        print(f"usage: python -m {module} JOB.json", file=sys.stderr)
         return 2
     try:
         with open(argv[0], encoding="utf-8") as fh:
@@ -766,7 +768,7 @@ def main(argv: list[str] | None = None, restrict: bool = False) -> int:
         if restrict:
             restrict_run(job)
         channel = Channel.from_job(job)
-        result = Runner(job, channel).run()
+        result = procedure(job, channel)
         if channel is not None:
             channel.result(result)
         else:
@@ -774,9 +776,15 @@ def main(argv: list[str] | None = None, restrict: bool = False) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException:  # noqa: BLE001 - any failure here is the harness's own
-        _log("diffbench child: harness failure\n" + traceback.format_exc())
+        _log(f"diffbench {module.rsplit('.', 1)[-1]}: harness failure\n" + traceback.format_exc())
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None, restrict: bool = False) -> int:
+    """Run the job file `argv[0]`; `restrict`: restrict_run first (what `python -m` does, cold or
+    forked from a zygote; tests that call main() in their own process leave it off)."""
+    return run_job_file(argv, restrict, "pytest_diffbench.child", lambda job, channel: Runner(job, channel).run())
 
 
 if __name__ == "__main__":

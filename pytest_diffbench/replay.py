@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import sys
 import time
 import traceback
@@ -106,42 +105,25 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None) -> dict:
     }
 
 
-def main(argv: list[str] | None = None, restrict: bool = False) -> int:
-    from pytest_diffbench.child import Channel, _log, restrict_run
+def _procedure(job: dict, channel) -> dict:
+    import torch
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        print("usage: python -m pytest_diffbench.replay JOB.json", file=sys.stderr)
-        return 2
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
     try:
-        with open(argv[0], encoding="utf-8") as fh:
-            job = json.load(fh)
-        if restrict:
-            restrict_run(job)
-        import torch
+        zoo = load_zoo(job["model"])
+    except Exception as exc:  # noqa: BLE001 - the harness's own model: its failure
+        return _error("zoo", exc)
+    withheld = channel.wait_go() if channel is not None else job["batch"]
+    inputs = withheld.get("replay") or {}
+    inputs["verdict_seeds"] = withheld.get("seeds") or []
+    return run_replay(job, inputs, zoo, channel.image if channel is not None else None)
 
-        if job.get("threads"):
-            torch.set_num_threads(int(job["threads"]))
-        channel = Channel.from_job(job)
-        try:
-            zoo = load_zoo(job["model"])
-        except Exception as exc:  # noqa: BLE001 - the harness's own model: its failure
-            result = _error("zoo", exc)
-        else:
-            withheld = channel.wait_go() if channel is not None else job["batch"]
-            inputs = withheld.get("replay") or {}
-            inputs["verdict_seeds"] = withheld.get("seeds") or []
-            result = run_replay(job, inputs, zoo, channel.image if channel is not None else None)
-        if channel is not None:
-            channel.result(result)
-        else:
-            print(json.dumps(result))
-    except KeyboardInterrupt:
-        return 130
-    except BaseException:  # noqa: BLE001 - any failure here is the harness's own
-        _log("diffbench replay: harness failure\n" + traceback.format_exc())
-        return 2
-    return 0
+
+def main(argv: list[str] | None = None, restrict: bool = False) -> int:
+    from pytest_diffbench.child import run_job_file
+
+    return run_job_file(argv, restrict, "pytest_diffbench.replay", _procedure)
 
 
 if __name__ == "__main__":
