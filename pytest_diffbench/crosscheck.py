@@ -107,15 +107,36 @@ def _work_per_image(result: Mapping) -> float | None:
     return per_image + ELEMENT_WEIGHT * elements / max(1, count)
 
 
-def _work_speedup(reference: Mapping, candidate: Mapping) -> float | None:
-    """U over all the work (FLOPs plus the uncounted ops' elements) where the candidate's figure is
-    the harness's replay's (`flops.source` replay) and the baseline has one; else None."""
-    if (candidate.get("flops") or {}).get("source") != "replay":
+def work_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True) -> float | None:
+    """U over all the work (FLOPs plus the uncounted ops' elements), where both results count
+    elements; for a candidate (`proved`) only where its figure is the harness's replay's
+    (`flops.source` replay), a count its process cannot touch; else None."""
+    if proved and (candidate.get("flops") or {}).get("source") != "replay":
         return None
     ref, cand = _work_per_image(reference), _work_per_image(candidate)
     if ref is None or cand is None:
         return None
     return ref / cand if cand > 0 else float("inf")
+
+
+def judged_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True) -> dict | None:
+    """The U a verdict uses on a FLOP-counted profile: {"U", "U_flops", "U_work"}, None where
+    either result has no FLOP count.
+
+    U is the smaller of U_flops and U_work. FLOPs alone credit work moved into ops the counter
+    does not count (a matrix product written as a broadcast multiply and a sum, a gather of
+    precomputed rows); U_work counts those ops by the elements they read or make, so such a move
+    buys nothing. Honest configurations do no more uncounted work than their reference in step:
+    the golds showed U_flops / U_work 0.94-1.03 (docs/integrity.md), so the smaller figure costs
+    an honest candidate at most a few percent. Where no element count exists (a run without the
+    replay, a baseline cached before elements were counted) U is U_flops."""
+    ref = (reference.get("flops") or {}).get("per_image")
+    cand = (candidate.get("flops") or {}).get("per_image")
+    if not ref or not isinstance(cand, (int, float)) or isinstance(cand, bool):
+        return None
+    u_flops = ref / cand if cand > 0 else float("inf")
+    u_work = work_speedup(reference, candidate, proved=proved)
+    return {"U": u_flops if u_work is None else min(u_flops, u_work), "U_flops": u_flops, "U_work": u_work}
 
 
 def speed_figures(reference: Mapping, candidate: Mapping) -> dict:
@@ -127,7 +148,7 @@ def speed_figures(reference: Mapping, candidate: Mapping) -> dict:
     u_flops = None
     if ref_flops and isinstance(cand_flops, (int, float)):
         u_flops = ref_flops / cand_flops if cand_flops > 0 else float("inf")  # nothing counted at all
-    u_work = _work_speedup(reference, candidate)
+    u_work = work_speedup(reference, candidate)
     u_cpu, u_cpu_max, ref_cpu, cand_cpu = _cpu_speedups(reference, candidate, "parent_first_call_cpu_s")
     u_phase, u_phase_max, ref_phase, cand_phase = _cpu_speedups(reference, candidate, "parent_phase_cpu_s")
     return {"U_flops": u_flops, "U_work": u_work, "U_cpu": u_cpu, "U_cpu_max": u_cpu_max,

@@ -588,6 +588,10 @@ class Evaluator:
         ref_cost = self._cost(reference.result)
         if ref_cost and cand_cost:
             inputs.speedup = metrics.speedup(ref_cost, cand_cost)
+            speedups = crosscheck.judged_speedup(reference.result, result) if self.profile.speed_method == "flops" else None
+            if speedups and speedups["U_work"] is not None:  # U counts all the work (crosscheck.judged_speedup)
+                inputs.speedup = speedups["U"]
+                measured.update(U_flops=speedups["U_flops"], U_work=speedups["U_work"])
         if self.profile.speed_method == "flops":
             against, comparator = self._crosscheck_comparator(task, reference_code or task.reference, batch, result,
                                                               reference, gold)
@@ -611,6 +615,9 @@ class Evaluator:
                 inputs.integrity_problems = (violation,)
         if gold is not None and ref_cost and self._cost(gold.result):
             inputs.gold_speedup = metrics.speedup(ref_cost, self._cost(gold.result))
+            if self.profile.speed_method == "flops" and measured.get("U_work") is not None:  # judged alike
+                gold_speedups = crosscheck.judged_speedup(reference.result, gold.result, proved=False)
+                inputs.gold_speedup = gold_speedups["U"] if gold_speedups else inputs.gold_speedup
         ref_latency = (reference.result.get("timing") or {}).get("latency_ms_per_image")
         if self.profile.speed_method == "wall":
             inputs.latency_ms = cand_latency

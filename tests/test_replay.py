@@ -253,6 +253,8 @@ def test_work_moved_into_uncounted_ops_is_an_integrity_failure_naming_both_figur
     print(f"\nuncounted linear layers on {task.id}: {result.verdict}, {figures}")
     assert not result.verdict.passed and result.verdict.category == stages.RUNTIME, result.verdict
     assert figures["U_flops"] > 1.5 and figures["U_work"] < 1.2, figures
+    # and U itself counts all the work: the move bought nothing (crosscheck.judged_speedup)
+    assert result.measures.U == pytest.approx(result.measures.U_work) and result.measures.U < 1.2, result.measures
     assert "ops the FLOP counter does not count" in result.verdict.message
     assert f"{figures['U_work']:.2f}x" in result.verdict.message
 

@@ -160,6 +160,26 @@ def test_the_compute_dtype_is_read_from_every_form_the_attributes_take():
     assert crosscheck.compute_dtype({"dtype": None}) is None and crosscheck.compute_dtype(None) is None
 
 
+
+def test_the_judged_speedup_is_the_smaller_of_flops_and_all_the_work():
+    """U counts all the work where the replay counted it: FLOPs moved into uncounted ops buy nothing,
+    work the counter sees in full is credited as FLOPs say, and without the replay's figure
+    (a candidate's own count, a baseline without elements) U stays U_flops."""
+    reference = {"num_images": 2, "flops": {"per_image": 100.0, "elements": 20}}  # work 100 + 2*20/2 = 120
+    moved = {"num_images": 2, "flops": {"per_image": 40.0, "elements": 60, "source": "replay"}}  # work 100
+    honest = {"num_images": 2, "flops": {"per_image": 50.0, "elements": 5, "source": "replay"}}  # work 55
+    judged = crosscheck.judged_speedup(reference, moved)
+    assert judged["U_flops"] == pytest.approx(2.5) and judged["U_work"] == pytest.approx(1.2)
+    assert judged["U"] == pytest.approx(1.2)
+    judged = crosscheck.judged_speedup(reference, honest)
+    assert judged["U"] == pytest.approx(2.0) == judged["U_flops"] and judged["U_work"] == pytest.approx(120 / 55)
+    unproved = dict(moved, flops={k: v for k, v in moved["flops"].items() if k != "source"})
+    assert crosscheck.judged_speedup(reference, unproved) == {"U": 2.5, "U_flops": 2.5, "U_work": None}
+    assert crosscheck.judged_speedup(reference, unproved, proved=False)["U"] == pytest.approx(1.2)  # a baseline
+    assert crosscheck.judged_speedup({"num_images": 2, "flops": {"per_image": 100.0}}, moved)["U"] == 2.5
+    assert crosscheck.judged_speedup({"flops": {}}, moved) is None
+
+
 @pytest.mark.slow
 def test_a_failed_check_against_a_cached_baseline_is_repeated_against_one_measured_now(tiny_zoo, tmp_path):
     """CPU time per unit of work grows with the machine's load: two honest L4 optima failed the
