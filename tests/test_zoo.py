@@ -209,6 +209,11 @@ def test_ensure_builds_once_and_rebuilds_when_stale(tmp_path, monkeypatch):
 
     marker = root / zoo.READY_NAME
     ready = json.loads(marker.read_text())
+    ready["versions"] = dict(ready["versions"], transformers="0.0.1")
+    marker.write_text(json.dumps(ready))  # built by other libraries (another venv): reused, not rebuilt
+    zoo.ensure_tiny_zoo(root)
+    assert len(calls) == 2
+
     ready["zoo_version"] = "old"
     marker.write_text(json.dumps(ready))  # another builder version -> rebuild
     zoo.ensure_tiny_zoo(root)
