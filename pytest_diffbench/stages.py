@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from . import crosscheck
+
 # Failure categories. The last two are not model failures.
 RUNTIME = "runtime"
 KEY_ATTRIBUTE = "key_attribute"
@@ -151,6 +153,27 @@ def work_mismatches(attributes: Mapping, reference_attributes: Mapping | None) -
     return out
 
 
+def replay_mismatches(attributes: Mapping, flops: Mapping | None) -> list[Mismatch]:
+    """Stage 1, from the harness's replay of the judged call (evaluate.prove_by_replay): the
+    precision the child reports (its `dtype` attribute, read in the candidate's process) must be
+    the one the replay computed most of the FLOPs in. The replay runs every matrix product,
+    convolution and attention in the dtypes the trace gives them, so a candidate that reports
+    float16 while it computes in float32 (or the reverse) shows here. Honest half-precision golds
+    compute 98-100 % of their FLOPs in float16 (docs/integrity.md)."""
+    flops = flops if isinstance(flops, Mapping) else {}
+    by_dtype = (flops.get("replay") or {}).get("flops_by_dtype") if flops.get("source") == "replay" else None
+    if not isinstance(by_dtype, Mapping) or not by_dtype:
+        return []
+    computed = max(sorted(by_dtype), key=lambda name: by_dtype[name])
+    claimed = crosscheck.compute_dtype(attributes)
+    if claimed is None or claimed == computed:
+        return []
+    total = sum(by_dtype.values()) or 1
+    shares = ", ".join(f"{name} {by_dtype[name] / total:.0%}" for name in sorted(by_dtype, key=by_dtype.get, reverse=True))
+    return [Mismatch("dtype the call computed in (the harness's replay: FLOPs by dtype)", claimed,
+                     f"{computed} ({shares})")]
+
+
 def runtime_failure(outcome_status: str, outcome_detail: str, result: Mapping | None) -> str | None:
     """A message when the candidate did not run to the end, else None."""
     if outcome_status != "ok":
@@ -279,6 +302,7 @@ def _judge(inp: StageInputs) -> Verdict:
             raise TypeError(f"attributes is a {type(attributes).__name__}, not an object")
         mismatches = key_attribute_mismatches(inp.expect, inp.level, attributes, inp.gold_attributes)
         mismatches += work_mismatches(attributes, inp.reference_attributes)
+        mismatches += replay_mismatches(attributes, inp.result.get("flops"))
         missing = None if mismatches else spec_evidence_problem(inp)
     except Exception as exc:  # noqa: BLE001 - the candidate's document: its failure, never a harness error
         return Verdict(False, 1, RUNTIME, f"bad result: the parent could not judge the attributes of the "

@@ -138,6 +138,30 @@ def _counted_packets() -> frozenset:
 _COUNTED = _counted_packets()
 
 
+def _flop_formulas() -> dict:
+    """The FLOP counter's formulas, as `LeanFlopCounterMode` applies them."""
+    from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+    from pytest_diffbench.flops import ATTENTION_FORMULAS
+
+    return {**flop_registry, **{k: shape_wrapper(v) for k, v in ATTENTION_FORMULAS.items()}}
+
+
+def counted_flops(func, args: tuple, kwargs: dict, out: Any) -> tuple[int, str] | None:
+    """(FLOPs, dtype of the first tensor it reads) of an op the FLOP counter counts, else None:
+    which precision the matrix products, convolutions and attention of a call compute in."""
+    formula = _FLOP_FORMULAS.get(func._overloadpacket)
+    if formula is None:
+        return None
+    first = next((t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return None
+    return int(formula(*args, **kwargs, out_val=out)), str(first.dtype).split(".")[-1]
+
+
+_FLOP_FORMULAS = _flop_formulas()
+
+
 def op_elements(func, args: Any, out: Any) -> int:
     """The work of an op the FLOP counter does not count, in elements: those it reads or those it
     makes, whichever are more (a reduction reads many and makes few); none for views and counted
@@ -552,10 +576,11 @@ class Replayer:
     def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool],
             shapes: list | None = None) -> dict[int, torch.Tensor]:
         """Replay once; returns the kept tensors by id. Afterwards `shapes` holds every op's output
-        shapes and `elements` the work of the ops the FLOP counter does not count (op_elements).
+        shapes, `elements` the work of the ops the FLOP counter does not count (op_elements) and
+        `flops_by_dtype` the counted FLOPs by the precision they were computed in (counted_flops).
         `shapes`: those of an earlier replay, which this one must repeat exactly (the seeds must
         not change any shape: a shape that follows the noise would carry it into the FLOP count)."""
-        self.shapes, self.elements = [], 0
+        self.shapes, self.elements, self.flops_by_dtype = [], 0, {}
         env: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
         generators: dict[int, torch.Generator] = {}
@@ -607,6 +632,9 @@ class Replayer:
                 raise TraceError(f"op {position} ({op[0]}) failed in the replay: {type(exc).__name__}: "
                                  f"{str(exc)[:300]}") from None
             self.elements += op_elements(func, (args, kwargs), out)
+            counted = counted_flops(func, args, kwargs, out)
+            if counted is not None:
+                self.flops_by_dtype[counted[1]] = self.flops_by_dtype.get(counted[1], 0) + counted[0]
             made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in tree_flatten(out)[0]]
             if shapes is not None and (position >= len(shapes) or shapes[position] != made):
                 raise TraceError(f"op {position} ({op[0]}) made outputs of shape {made} here and "

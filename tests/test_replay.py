@@ -233,6 +233,34 @@ def test_work_hidden_inside_the_cross_checks_margin_fails_on_the_verdicts_seeds(
 
 
 @pytest.mark.slow
+def test_float32_work_reported_as_float16_fails_stage_one_by_the_replay(tiny_zoo, baseline_cache_dir, tmp_path):
+    """The child reads the precision from the denoiser's parameters; code in its process can keep
+    them float16 and compute in float32 (tests/adversarial_tasks/float32_reported_as_float16.py).
+    Its images and speed would pass the fp16 task; the replay, which computes in the dtypes the
+    trace gives every product, shows the FLOPs in float32: a key-attribute failure."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
+        load_task(REPO / "tasks" / "L2" / "L2-dit-c2i-512px-fp16-0064.yaml"))
+    code = task.gold + "\n\n# ---- the attack (tests/adversarial_tasks/float32_reported_as_float16.py) ----\n" + \
+        (TASK_ATTACKS / "float32_reported_as_float16.py").read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    m = result.measures
+    print(f"\nfloat32 reported as float16 on {task.id}: {result.verdict}, U {m.U}, L {m.L}")
+    assert result.attributes["dtype"] == "float16"  # what the child's hooks saw
+    assert not result.verdict.passed and result.verdict.category == stages.KEY_ATTRIBUTE, result.verdict
+    assert "the harness's replay" in result.verdict.message and "found 'float32" in result.verdict.message
+    by_dtype = result.flops["replay"]["flops_by_dtype"]
+    assert by_dtype["float32"] > 0.9 * sum(by_dtype.values()), by_dtype
+    # everything else would have passed: the images are within the gold's bounds, the speed the gold's
+    assert m.L <= m.L_bound and m.L_gold <= m.L_gold_bound and m.U >= m.U_gold / stages.MAX_SLOWDOWN_VS_GOLD, m
+
+
+@pytest.mark.slow
 def test_work_moved_into_uncounted_ops_is_an_integrity_failure_naming_both_figures(tiny_zoo, baseline_cache_dir,
                                                                                  tmp_path):
     """The replay counts what torch's FLOP counter counts; work written with other ops it runs (a

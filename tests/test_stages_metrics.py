@@ -151,6 +151,20 @@ def test_work_is_judged_by_guidance_and_resolution_not_by_batching():
     assert "guidance" in mismatch.field and (mismatch.expected, mismatch.found) == ("on", "off")
 
 
+def test_the_replays_precision_overrules_the_one_the_child_reports():
+    """The precision the replay computed most FLOPs in must be the one the child's attributes
+    report; without the replay's figure (no replay, or a figure the child wrote) nothing is judged."""
+    replayed = {"source": "replay", "replay": {"flops_by_dtype": {"float32": 970, "float16": 30}}}
+    found = stages.replay_mismatches({"dtype": "float16"}, replayed)
+    assert len(found) == 1 and found[0].expected == "float16" and found[0].found.startswith("float32 (float32 97%")
+    assert stages.replay_mismatches({"dtype": "float32"}, replayed) == []
+    assert stages.replay_mismatches({"dtype": "float16 parameters, float32 latents entering the denoiser"},
+                                    replayed)  # the parameters' dtype is the claim
+    assert stages.replay_mismatches({"dtype": "float16"}, dict(replayed, source="counter")) == []  # the child's own
+    assert stages.replay_mismatches({"dtype": "float16"}, None) == []
+    assert stages.replay_mismatches({}, replayed) == []  # nothing claimed: stage 1's dtype check names it
+
+
 def test_gold_spec_bound_is_below_the_reference_bound():
     assert 0 < stages.GOLD_SPEC_BOUND < stages.fidelity_bound(0.0)
 
