@@ -162,20 +162,37 @@ def counted_flops(func, args: tuple, kwargs: dict, out: Any) -> tuple[int, str] 
 _FLOP_FORMULAS = _flop_formulas()
 
 
+# Lookups: they read the rows they make, not the whole table they are given (an embedding of 2
+# class labels read 9.6 M elements of a 12.4 M reference in the first count, so a candidate that
+# looked the rows up through views could claim the table's share: red team, session 17).
+_LOOKUPS = frozenset({torch.ops.aten.embedding, torch.ops.aten.index_select, torch.ops.aten.gather,
+                      torch.ops.aten.index, torch.ops.aten.take})
+# The largest linear system the replay solves: the multistep schedulers solve systems of their
+# order (at most 3); a large solve with a precomputed inverse is a matrix product priced as a copy
+# (red team, session 17).
+MAX_SOLVE_SIZE = 8
+
+
 def op_elements(func, args: Any, out: Any) -> int:
     """The work of an op the FLOP counter does not count, in elements: those it reads or those it
-    makes, whichever are more (a reduction reads many and makes few); none for views and counted
-    ops. Counted alike in the recorder (baselines) and the replay (candidates), so that work moved
-    from counted into uncounted ops shows (crosscheck.py)."""
-    if func._overloadpacket in _COUNTED or func.is_view:
+    makes, whichever are more (a reduction reads many and makes few); for a lookup those it makes
+    and its indices; none for views and counted ops. Counted alike in the recorder (baselines)
+    and the replay (candidates), so that work moved from counted into uncounted ops shows
+    (crosscheck.py)."""
+    packet = func._overloadpacket
+    if packet in _COUNTED or func.is_view:
         return 0
     made = sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-    read = sum(t.numel() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor))
-    work = max(made, read)
-    if func._overloadpacket is torch.ops.aten._linalg_solve_ex:  # A (.., n, n) x = B (.., n, k): n^2 (n + k)
-        a = tree_flatten(args)[0][0]
-        if isinstance(a, torch.Tensor) and a.dim() >= 2:
-            work = max(work, a.numel() * (a.shape[-1] + max(1, read // max(1, a.numel()))))
+    inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+    if packet in _LOOKUPS:
+        return made + sum(t.numel() for t in inputs if not t.is_floating_point())
+    work = max(made, sum(t.numel() for t in inputs))
+    if packet is torch.ops.aten._linalg_solve_ex and len(inputs) >= 2 and inputs[0].dim() >= 2:
+        a, b = inputs[0], inputs[1]  # A (.., n, n) X = B (.., n, k): n^2 (n + k) multiply-adds per system
+        n = a.shape[-1]
+        systems = a.numel() // max(1, n * n)
+        k = b.numel() // max(1, systems * n)
+        work = max(work, systems * n * n * (n + k))
     return work
 
 
@@ -626,6 +643,11 @@ class Replayer:
                     raise TraceError(f"op {position}: a draw from a generator no earlier draw seeded")
                 kwargs["generator"] = generator
             self._check_writes(func, args, kwargs, position)
+            if func._overloadpacket is torch.ops.aten._linalg_solve_ex:
+                a = args[0] if args else kwargs.get("A")
+                if isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[-1] > MAX_SOLVE_SIZE:
+                    raise TraceError(f"op {position} ({op[0]}) solves a {a.shape[-1]} x {a.shape[-1]} system; the "
+                                     f"replay solves systems of at most {MAX_SOLVE_SIZE} (a scheduler's order)")
             try:
                 out = func(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure

@@ -192,6 +192,38 @@ def test_constants_over_the_bound_are_refused():
         decode(blob, 512 << 10)
 
 
+
+def test_lookups_count_the_rows_they_make_and_solves_their_multiply_adds():
+    """The work count must not overprice what a reference does (an embedding priced as a read of
+    its whole table let a candidate claim the table's share by looking rows up through views) nor
+    underprice what a candidate does (a solve with a precomputed inverse is a matrix product)."""
+    import torch
+
+    from pytest_diffbench.trace import op_elements
+
+    table, ids = torch.randn(1000, 16), torch.tensor([3, 7])
+    assert op_elements(torch.ops.aten.embedding.default, (table, ids), table[ids]) == 2 * 16 + 2
+    assert op_elements(torch.ops.aten.index_select.default, (table, 0, ids), table[ids]) == 2 * 16 + 2
+    a, b = torch.eye(6).expand(4, 6, 6).contiguous(), torch.randn(4, 6, 5)
+    out = torch.ops.aten._linalg_solve_ex.default(a, b)
+    assert op_elements(torch.ops.aten._linalg_solve_ex.default, (a, b), out) == 4 * 6 * 6 * (6 + 5)
+    x = torch.randn(8, 8)
+    assert op_elements(torch.ops.aten.sum.default, (x,), x.sum()) == 64  # a reduction: what it reads
+
+
+def test_a_solve_larger_than_a_schedulers_is_refused():
+    from pytest_diffbench.trace import MAX_SOLVE_SIZE, Replayer, TraceError, decode
+
+    def solve(n):
+        return [["aten::ones", [[n, n]], {}, [6]], ["aten::triu", [{"t": 6}], {}, [0]],  # invertible
+                ["aten::ones", [[n, 64]], {}, [1]],
+                ["aten::_linalg_solve_ex", [{"t": 0}, {"t": 1}], {}, [2, 3, 4, 5]]]
+
+    Replayer(decode(_trace_blob(solve(3)), 1 << 20), {}).run([1], lambda i, t: False)  # UniPC's order
+    with pytest.raises(TraceError, match=f"at most {MAX_SOLVE_SIZE}"):
+        Replayer(decode(_trace_blob(solve(MAX_SOLVE_SIZE + 1)), 1 << 20), {}).run([1], lambda i, t: False)
+
+
 FORK_TASK = "L4-dit-c2i-hard-0012"  # the cheapest family (DiT-256: 32 px on the tiny zoo)
 
 
