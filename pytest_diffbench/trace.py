@@ -187,13 +187,23 @@ def op_elements(func, args: Any, out: Any) -> int:
     if packet in _LOOKUPS:
         return made + sum(t.numel() for t in inputs if not t.is_floating_point())
     work = max(made, sum(t.numel() for t in inputs))
-    if packet is torch.ops.aten._linalg_solve_ex and len(inputs) >= 2 and inputs[0].dim() >= 2:
-        a, b = inputs[0], inputs[1]  # A (.., n, n) X = B (.., n, k): n^2 (n + k) multiply-adds per system
-        n = a.shape[-1]
-        systems = a.numel() // max(1, n * n)
-        k = b.numel() // max(1, systems * n)
-        work = max(work, systems * n * n * (n + k))
+    if packet is torch.ops.aten._linalg_solve_ex:
+        work = max(work, _solve_work(args, out))
     return work
+
+
+def _solve_work(args: Any, out: Any) -> int:
+    """Multiply-adds of `_linalg_solve_ex(A, B)`: n^3 per distinct n x n matrix A factorised, and n
+    per element of the solution X (two triangular solves per column). Read from A by its schema
+    name and from X, the result, so that neither the arguments' order (keyword arguments) nor a
+    broadcast B lowers it (red team, session 17)."""
+    positional, keywords = args if isinstance(args, tuple) and len(args) == 2 else ((), {})
+    a = keywords.get("A") if isinstance(keywords, dict) and "A" in keywords else (positional[0] if positional else None)
+    result = tree_flatten(out)[0][0] if tree_flatten(out)[0] else None
+    if not isinstance(a, torch.Tensor) or a.dim() < 2 or not isinstance(result, torch.Tensor):
+        return 0
+    n = a.shape[-1]
+    return (a.numel() // max(1, n * n)) * n ** 3 + result.numel() * n
 
 
 def _draws(func) -> bool:
@@ -644,7 +654,7 @@ class Replayer:
                 kwargs["generator"] = generator
             self._check_writes(func, args, kwargs, position)
             if func._overloadpacket is torch.ops.aten._linalg_solve_ex:
-                a = args[0] if args else kwargs.get("A")
+                a = kwargs["A"] if "A" in kwargs else (args[0] if args else None)
                 if isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[-1] > MAX_SOLVE_SIZE:
                     raise TraceError(f"op {position} ({op[0]}) solves a {a.shape[-1]} x {a.shape[-1]} system; the "
                                      f"replay solves systems of at most {MAX_SOLVE_SIZE} (a scheduler's order)")

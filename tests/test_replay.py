@@ -204,9 +204,13 @@ def test_lookups_count_the_rows_they_make_and_solves_their_multiply_adds():
     table, ids = torch.randn(1000, 16), torch.tensor([3, 7])
     assert op_elements(torch.ops.aten.embedding.default, (table, ids), table[ids]) == 2 * 16 + 2
     assert op_elements(torch.ops.aten.index_select.default, (table, 0, ids), table[ids]) == 2 * 16 + 2
+    solve = torch.ops.aten._linalg_solve_ex.default
     a, b = torch.eye(6).expand(4, 6, 6).contiguous(), torch.randn(4, 6, 5)
-    out = torch.ops.aten._linalg_solve_ex.default(a, b)
-    assert op_elements(torch.ops.aten._linalg_solve_ex.default, (a, b), out) == 4 * 6 * 6 * (6 + 5)
+    work = 4 * 6 * 6 * (6 + 5)  # n^3 per system factorised, n per element of the solution
+    assert op_elements(solve, ((a, b), {}), solve(a, b)) == work
+    assert op_elements(solve, ((), {"B": b, "A": a}), solve(A=a, B=b)) == work  # keywords in any order
+    shared = torch.randn(6, 5)  # a B broadcast over A's batch makes as much solution as a full one
+    assert op_elements(solve, ((a, shared), {}), solve(a, shared)) == work
     x = torch.randn(8, 8)
     assert op_elements(torch.ops.aten.sum.default, (x,), x.sum()) == 64  # a reduction: what it reads
 
