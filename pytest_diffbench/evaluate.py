@@ -551,15 +551,21 @@ class Evaluator:
             if task.level in ("L1", "L2", "L3"):  # stages.spec_evidence_problem, on every profile
                 inputs.nrmse_vs_reference, inputs.nrmse_vs_gold = loss["mean_nrmse"], vs_gold
                 inputs.gold_nrmse_vs_reference = gold_loss
+                ablation_flops = {}
                 if ablations and gold.image_digests is not None:  # not the gold itself (vs_gold 0 passes)
                     distances = {}
                     for part, code in sorted(ablations.items()):
-                        ablated, _ = baseline_images(self.baseline("ablation", task, code, batch), f"ablation ({part})")
+                        ablated, run = baseline_images(self.baseline("ablation", task, code, batch), f"ablation ({part})")
                         distances[part] = (metrics.quality_loss_by_fidelity(ablated, gold_images),
                                            metrics.quality_loss_by_fidelity(images, ablated))
+                        ablation_flops[part] = self._cost(run.result)
                     measured["fidelity"]["ablations"] = {
                         p: {"gold_nrmse": round(a, 6), "candidate_nrmse": round(c, 6)} for p, (a, c) in distances.items()}
                     inputs.ablation_distances = distances
+                if self.profile.speed_method == "flops" and (result.get("flops") or {}).get("source") == "replay":
+                    # the work evidence (stages.work_evidence_problem): the replay's count and the baselines'
+                    inputs.work_evidence = {"candidate": cand_cost, "gold": self._cost(gold.result),
+                                            "reference": self._cost(reference.result), "ablations": ablation_flops}
             # only L1-L3 have a gold that is the specification; an L4/L5 gold is the calibrated
             # optimum, one of many valid configurations (recorded above, not judged)
             if self.profile.quality_method == "fidelity" and task.level in ("L1", "L2", "L3"):

@@ -51,6 +51,11 @@ GOLD_SPEC_BOUND = 0.04
 # 0.02 they are >= 0.012 from the reference and the rule holds with a margin; below it the change
 # asked for is too small to tell from numerical noise (fp16 on the tiny zoo: 0.006-0.009).
 SPEC_EVIDENCE_MIN = 0.02
+# The same for the work (FLOPs per image, counted by the harness's replay): where the gold's and
+# the reference's (or an ablation's) differ by at least this fraction, the candidate's must be
+# nearer the gold's. FLOPs repeat exactly, so a small difference is already evidence: ToMe and
+# T-GATE move the tiny zoo's images by less than SPEC_EVIDENCE_MIN, not its work.
+WORK_EVIDENCE_MIN = 0.01
 # L1-L3 judge speed against the gold solution (not the reference: fp16 is slower on a CPU, and a
 # correct L2 answer must still pass there): a candidate may be at most this factor slower.
 MAX_SLOWDOWN_VS_GOLD = 2.0
@@ -233,6 +238,9 @@ class StageInputs:
     gold_nrmse_vs_reference: float | None = None
     # ... and to the gold without each of its parts (ablation.py): {part: (gold to it, candidate to it)}
     ablation_distances: Mapping[str, tuple[float, float]] | None = None
+    # L1-L3 where the candidate's FLOPs are the harness's replay's: FLOPs per image of the candidate,
+    # the gold, and what the gold is compared with (the reference, the gold without each part)
+    work_evidence: Mapping[str, Any] | None = None
     # what the parent found wrong with figures the candidate's process produced (crosscheck.py)
     integrity_problems: tuple[str, ...] = ()
 
@@ -263,6 +271,36 @@ def spec_evidence_problem(inp: StageInputs) -> str | None:
         return (f"what the task asks does not show in the images: expected them nearer the gold solution's than "
                 f"the gold's without {', '.join(part_name(p) for p in missing)}, found {found}; the pipeline "
                 f"looks as asked but computes something else")
+    return work_evidence_problem(inp.work_evidence)
+
+
+def work_evidence_problem(evidence: Mapping[str, Any] | None) -> str | None:
+    """L1-L3 on replayed runs: what the task asks must show in the work as in the images. Where
+    the gold's FLOPs per image differ from the reference's, or from those of the gold without one
+    of its parts, by WORK_EVIDENCE_MIN or more, the candidate's must be nearer the gold's (ratios
+    compared on a log scale). The figures are the harness's: the replay's count of the
+    candidate's call and the baselines the parent ran, so hooks fed in the candidate's process
+    (a method shown to stage 1 but not applied) do not change them."""
+    if not evidence:
+        return None
+    candidate, gold = evidence.get("candidate"), evidence.get("gold")
+    if not candidate or not gold or candidate <= 0 or gold <= 0:
+        return None
+    if candidate > MAX_SLOWDOWN_VS_GOLD * gold:
+        return None  # too slow whatever it computes: stage 3 says so (relative speed), with the figure
+    from .ablation import part_name
+
+    others = {"the reference": evidence.get("reference")}
+    others.update({f"the gold without {part_name(part)}": flops
+                   for part, flops in sorted((evidence.get("ablations") or {}).items())})
+    to_gold = abs(math.log(candidate / gold))
+    for name, flops in others.items():
+        if not flops or flops <= 0 or abs(math.log(gold / flops)) < math.log1p(WORK_EVIDENCE_MIN):
+            continue
+        if not to_gold < abs(math.log(candidate / flops)):
+            return (f"what the task asks does not show in the work: expected the FLOPs per image (counted by the "
+                    f"harness's replay) nearer the gold solution's {gold:.4g} than {name}'s {flops:.4g}, found "
+                    f"{candidate:.4g}; the pipeline looks as asked but computes something else")
     return None
 
 

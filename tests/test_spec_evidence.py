@@ -1,4 +1,5 @@
-"""What the task asks must show in the images (stages.spec_evidence_problem, ablation.py; issue 12).
+"""What the task asks must show in the images and in the work (stages.spec_evidence_problem,
+stages.work_evidence_problem, ablation.py; issue 12).
 
 Stage 1's behaviour hooks run beside the candidate's code, so a candidate can show them the asked
 method at work without the method making its images. tests/adversarial_tasks/tome_on_a_decoy.py
@@ -57,6 +58,7 @@ def test_every_l1_l3_gold_is_its_configuration_rendered(tmp_path):
 @pytest.mark.parametrize("task_id, evidence", [
     ("L2-sd21-t2i-tomesd-0010", "reference"),  # the gold's images: 0.024 from the reference's
     ("L3-sd21-i2i-unipc-tomesd-0086", "ablation"),  # 0.031 from the gold's without ToMe
+    ("L2-sd15-t2i-tomesd-0009", "work"),  # images within 0.02 of the reference's: only the work shows ToMe
 ])
 def test_a_method_shown_on_a_decoy_but_not_in_the_images_fails_stage_1(tiny_zoo, baseline_cache_dir, tmp_path,
                                                                        monkeypatch, task_id, evidence):
@@ -82,6 +84,14 @@ def test_a_method_shown_on_a_decoy_but_not_in_the_images_fails_stage_1(tiny_zoo,
     assert attack.attributes["methods"]["tomesd"]["ratio"] == pytest.approx(asked), attack.attributes["methods"]
     # ... the images lack it, which the other checks let through ...
     assert m.L <= m.L_bound and m.L_gold <= stages.GOLD_SPEC_BOUND and m.U >= m.U_gold / stages.MAX_SLOWDOWN_VS_GOLD, m
+    if evidence == "work":  # the images cannot tell (ToMe moves them by less than the evidence minimum) ...
+        assert m.fidelity["gold_mean_nrmse"] < stages.SPEC_EVIDENCE_MIN and m.L == pytest.approx(0.0, abs=1e-6), m
+        # ... the work does: the replay counted the reference's FLOPs plus the decoy's, the gold has ToMe's
+        assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
+        assert "does not show in the work" in verdict.message and "the reference's" in verdict.message, verdict
+        monkeypatch.setattr(stages, "WORK_EVIDENCE_MIN", float("inf"))
+        assert evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict.passed  # the work rule stops it
+        return
     if evidence == "reference":
         apart = m.fidelity["gold_mean_nrmse"]
         assert m.L == pytest.approx(0.0, abs=1e-6)
@@ -97,6 +107,10 @@ def test_a_method_shown_on_a_decoy_but_not_in_the_images_fails_stage_1(tiny_zoo,
     if evidence == "ablation":
         assert "without ToMe" in verdict.message
 
-    # without the rule the attack passes: the rule is what stops it
+    # without the image rule the work rule stops it too (the replay counted the decoy's work), and
+    # without both the attack passes: the rules are what stop it
     monkeypatch.setattr(stages, "SPEC_EVIDENCE_MIN", float("inf"))
+    verdict = evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict
+    assert verdict.category == stages.KEY_ATTRIBUTE and "does not show in the work" in verdict.message, verdict
+    monkeypatch.setattr(stages, "WORK_EVIDENCE_MIN", float("inf"))
     assert evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict.passed

@@ -165,6 +165,21 @@ def test_the_replays_precision_overrules_the_one_the_child_reports():
     assert stages.replay_mismatches({}, replayed) == []  # nothing claimed: stage 1's dtype check names it
 
 
+def test_what_was_asked_must_show_in_the_work():
+    """L1-L3 on replayed runs: FLOPs nearer the gold's than the reference's or an ablation's wherever
+    those differ by WORK_EVIDENCE_MIN or more; differences below it (fp16) are no evidence."""
+    evidence = {"candidate": 100.0, "gold": 95.0, "reference": 100.0, "ablations": {}}
+    assert "nearer the gold solution's 95 than the reference's 100" in stages.work_evidence_problem(evidence)
+    assert stages.work_evidence_problem(dict(evidence, candidate=95.2)) is None
+    assert stages.work_evidence_problem(dict(evidence, gold=99.5)) is None  # 0.5 %: not evidence
+    with_parts = dict(evidence, candidate=60.0, gold=59.0, reference=100.0, ablations={"tomesd": 61.0})
+    assert "the gold without ToMe's 61" in stages.work_evidence_problem(with_parts)
+    assert stages.work_evidence_problem(dict(with_parts, candidate=59.1)) is None
+    assert stages.work_evidence_problem(None) is None and stages.work_evidence_problem({"candidate": 0}) is None
+    # more than MAX_SLOWDOWN_VS_GOLD times the gold's work: judged by stage 3's speed rule, not here
+    assert stages.work_evidence_problem(dict(evidence, candidate=95.0 * stages.MAX_SLOWDOWN_VS_GOLD + 1)) is None
+
+
 def test_gold_spec_bound_is_below_the_reference_bound():
     assert 0 < stages.GOLD_SPEC_BOUND < stages.fidelity_bound(0.0)
 
