@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, sdpa_flop_count
+from torch.utils._pytree import tree_flatten
 
 # what _FlopCounterMode.__torch_dispatch__ leaves to the next handler (metadata queries)
 _METADATA_OPS = frozenset({
@@ -89,6 +90,9 @@ class LeanFlopCounterMode(FlopCounterMode):
 
     def __init__(self) -> None:
         super().__init__(display=False, custom_mapping=ATTENTION_FORMULAS)
+        # the counted FLOPs by the dtype of the op's first tensor operand (the counted ops take one
+        # dtype for their operands): the precision a call computed in (stages.replay_mismatches)
+        self.flops_by_dtype: dict[str, int] = {}
         self._watched: Any = None
         self._depth = 0
         self._hooks: list = []
@@ -104,6 +108,7 @@ class LeanFlopCounterMode(FlopCounterMode):
 
     def __enter__(self):
         self.flop_counts.clear()
+        self.flops_by_dtype = {}
         self._depth = 0
         module = self._watched
         if module is not None and hasattr(module, "register_forward_pre_hook"):
@@ -128,6 +133,9 @@ class LeanFlopCounterMode(FlopCounterMode):
         if formula is not None:
             count = formula(*args, **kwargs, out_val=out)
             self.flop_counts["Global"][func_packet] += count
+            operand = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+            dtype = str(operand.dtype).split(".")[-1] if operand is not None else "none"
+            self.flops_by_dtype[dtype] = self.flops_by_dtype.get(dtype, 0) + int(count)
             if self._depth:
                 self.flop_counts[type(self._watched).__name__][func_packet] += count
         return out

@@ -167,8 +167,11 @@ def replay_mismatches(attributes: Mapping, flops: Mapping | None) -> list[Mismat
     compute 98-100 % of their FLOPs in float16 (docs/integrity.md)."""
     flops = flops if isinstance(flops, Mapping) else {}
     by_dtype = (flops.get("replay") or {}).get("flops_by_dtype") if flops.get("source") == "replay" else None
-    if not isinstance(by_dtype, Mapping) or not by_dtype:
+    if not isinstance(by_dtype, Mapping):
         return []
+    if not by_dtype:  # fail closed: counted FLOPs that no dtype was found for
+        return [Mismatch("dtype the call computed in (the harness's replay: FLOPs by dtype)",
+                         crosscheck.compute_dtype(attributes), "no counted FLOPs with a dtype")] if flops.get("total") else []
     computed = max(sorted(by_dtype), key=lambda name: by_dtype[name])
     claimed = crosscheck.compute_dtype(attributes)
     if claimed is None or claimed == computed:

@@ -215,6 +215,44 @@ def test_lookups_count_the_rows_they_make_and_solves_their_multiply_adds():
     assert op_elements(torch.ops.aten.sum.default, (x,), x.sum()) == 64  # a reduction: what it reads
 
 
+def test_ops_tagged_as_views_that_copy_are_priced_and_keywords_do_not_hide_a_products_dtype():
+    """Red team round 6: `reshape` of a broadcast materialises it under a view's name (priced 0 at
+    first), and a counted op with its operands as keywords had no dtype in the replay's tally."""
+    import torch
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import op_elements
+
+    wide = torch.ones(4, 1).expand(4, 1000)
+    copied = torch.ops.aten.reshape.default(wide, [4000])
+    assert op_elements(torch.ops.aten.reshape.default, ((wide, [4000]), {}), copied) == 4000
+    x = torch.ones(10, 10)
+    assert op_elements(torch.ops.aten.reshape.default, ((x, [100]), {}), x.reshape(100)) == 0  # a real view
+    a, b = torch.ones(8, 4, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64)
+    counter = LeanFlopCounterMode()
+    with counter:
+        torch.ops.aten.mm.default(self=a, mat2=b)  # as a trace may spell it
+        torch.ops.aten.mm.default(a.float(), b.float())
+    assert counter.flops_by_dtype == {"float64": 2 * 8 * 4 * 2, "float32": 2 * 8 * 4 * 2}
+    assert counter.get_total_flops() == sum(counter.flops_by_dtype.values())
+
+
+def test_complex_tensors_are_refused():
+    """A complex product is priced as a real one of its shape (a quarter of its work): two real
+    products packed into one complex GEMM passed at half their count (red team round 6)."""
+    import torch
+
+    from pytest_diffbench.trace import Replayer, TraceError, decode
+
+    with pytest.raises(TraceError, match="complex"):
+        decode(_trace_blob([["<constant>", 0, [0]]], constants={"c0": torch.zeros(4, dtype=torch.complex64)}), 1 << 20)
+    with pytest.raises(TraceError):  # a complex dtype is no dtype the trace may name
+        decode(_trace_blob([["aten::zeros", [[4]], {"dtype": {"dtype": "complex64"}}, [0]]]), 1 << 20)
+    ops = [["aten::ones", [[4, 2]], {}, [0]], ["aten::view_as_complex", [{"t": 0}], {}, [1]]]
+    with pytest.raises(TraceError, match="complex tensor"):
+        Replayer(decode(_trace_blob(ops), 1 << 20), {}).run([1], lambda i, t: False)
+
+
 def test_a_solve_larger_than_a_schedulers_is_refused():
     from pytest_diffbench.trace import MAX_SOLVE_SIZE, Replayer, TraceError, decode
 

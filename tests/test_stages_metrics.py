@@ -163,6 +163,8 @@ def test_the_replays_precision_overrules_the_one_the_child_reports():
     assert stages.replay_mismatches({"dtype": "float16"}, dict(replayed, source="counter")) == []  # the child's own
     assert stages.replay_mismatches({"dtype": "float16"}, None) == []
     assert stages.replay_mismatches({}, replayed) == []  # nothing claimed: stage 1's dtype check names it
+    untallied = {"source": "replay", "total": 1000, "replay": {"flops_by_dtype": {}}}  # fail closed
+    assert stages.replay_mismatches({"dtype": "float16"}, untallied)[0].found == "no counted FLOPs with a dtype"
 
 
 def test_what_was_asked_must_show_in_the_work():
