@@ -303,7 +303,7 @@ class Evaluator:
         if dtype != "float32":  # only then, so that the float32 baselines keep their keys
             identity["dtype"] = dtype
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = 4  # 4: lookups and solves counted as in trace.op_elements (session 17)
+            identity["recorded"] = 5  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17)
         key = cache_key(identity)
 
         def measure(images_dir: Path) -> dict:
