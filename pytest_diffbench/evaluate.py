@@ -226,8 +226,11 @@ class Evaluator:
         # stage 1 fails a candidate whose key attributes are wrong whatever the replay says; where the
         # replay cannot prove its call (another model's parameters do not load into the zoo's), that
         # stays its verdict, and neither the child's images nor its FLOP count reach the result
-        mismatched = bool(stages.key_attribute_mismatches(task.expect, task.level,
-                                                          outcome.result.get("attributes") or {}, None))
+        try:
+            mismatched = bool(stages.key_attribute_mismatches(task.expect, task.level,
+                                                              outcome.result.get("attributes") or {}, None))
+        except Exception:  # noqa: BLE001 - the candidate's document: stage 1 judges it (a bad result)
+            mismatched = True
         start = time.monotonic()
         self.prove_by_replay(task, batch, run_batch, outcome, task_dir, keep_stage_one=mismatched)
         self.stats["candidate_s"] += time.monotonic() - start

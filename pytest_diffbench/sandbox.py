@@ -1853,6 +1853,11 @@ def _exit_without_result(returncode: int | None, wrapped: bool) -> tuple[str, st
     return "crashed", f"child died from {name} without a result (exit status {rc})"
 
 
+#: the members of a child's result document that must be objects when present (red team, session 17:
+#: `attributes` sent as a list made the parent raise while deciding whether to replay)
+RESULT_OBJECTS = ("attributes", "flops", "timing", "error")
+
+
 def _collect_result(results: _ResultStream, returncode: int | None, wrapped: bool,
                     out_dir: str | None, samples: int | None = None) -> tuple[str, str, dict | None]:
     """(status, detail, result) from the stream of a child that has ended (not at a limit).
@@ -1871,6 +1876,9 @@ def _collect_result(results: _ResultStream, returncode: int | None, wrapped: boo
         result = json.loads(results.result)
         if not isinstance(result, dict) or result.get("status") not in ("ok", "error"):
             raise ValueError("result is not a harness result document")
+        for name in RESULT_OBJECTS:  # read with .get() by the parent: a list there was a harness error
+            if result.get(name) is not None and not isinstance(result[name], dict):
+                raise ValueError(f"the result's {name} is a {type(result[name]).__name__}, not an object")
         _check_nesting(result, MAX_RESULT_NESTING)
         violation = _timing_violation(result, results.marks)
         _parent_figures(result, results.marks, results.mark_cpu, results.go_at, results.result_at)

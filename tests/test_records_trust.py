@@ -345,6 +345,24 @@ def test_a_result_document_nested_too_deep_is_refused():
     _check_nesting({"attributes": {"steps": {"requested": [20]}}}, MAX_RESULT_NESTING)
 
 
+
+@pytest.mark.parametrize("member", ["attributes", "flops", "timing", "error"])
+def test_a_result_whose_objects_are_not_objects_is_the_candidates_bad_result(member):
+    """Red team round 6: a candidate replaced its result's `attributes` with a list during a timed
+    call; the parent read it with .get() before judging it, and the AttributeError left the task
+    as a harness error (out of S_p). The document's shape is checked where it is read."""
+    import json as _json
+    from types import SimpleNamespace
+
+    from pytest_diffbench.sandbox import _collect_result
+
+    document = {"status": "error" if member == "error" else "ok", member: ["not", "a", "mapping"]}
+    stream = SimpleNamespace(error=None, result=_json.dumps(document), marks=[], mark_cpu=[], go_at=None,
+                             result_at=None, images=[])
+    status, detail, result = _collect_result(stream, 0, False, None)
+    assert (status, result) == ("bad_result", None) and f"{member} is a list" in detail
+
+
 def test_stream_bounds_follow_the_workload():
     total, count, pixels = result_bounds({"batch": SMALL_JOB}, 512)
     assert (count, pixels) == (2, 1024) and total <= 9 << 20
