@@ -22,7 +22,8 @@ from .baselines import CachedRun, cache_key, get_or_measure
 from .generation import is_generator_folder
 from .result import Measures, Provenance, SandboxSummary, TaskResult
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
-from .workload import AGENT_SCOPE, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest, build_batch
+from .workload import (AGENT_SCOPE, KEYED_SEED_MODES, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest,
+                       build_batch, candidate_digest)
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,15 @@ class Evaluator:
         except (KeyFileError, OSError) as exc:
             raise HarnessError(str(exc)) from exc
 
-    def build_batch(self, task, samples: int | None, scope: str | None = None) -> tuple[dict, list[str]]:
+    def build_batch(self, task, samples: int | None, scope: str | None = None,
+                    candidate_code: str | None = None) -> tuple[dict, list[str]]:
         """The batch of `task` with this profile's seeds (`Profile.seeds`) in `scope` (default: the
-        profile's `seed_scope`)."""
-        key = self._secret() if self.profile.seeds == SECRET_SEEDS else None
+        profile's `seed_scope`); the verdict's secret seeds are `candidate_code`'s own
+        (workload.candidate_digest)."""
+        key = self._secret() if self.profile.seeds in KEYED_SEED_MODES else None
         return build_batch(task, self.profile.zoo, self.data, self.cache_dir / "inputs", samples,
-                           seed_mode=self.profile.seeds, seed_scope=scope or self.profile.seed_scope, key=key)
+                           seed_mode=self.profile.seeds, seed_scope=scope or self.profile.seed_scope, key=key,
+                           candidate=candidate_digest(task, candidate_code))
 
     # -- children -------------------------------------------------------------------------
     def _child_env(self) -> dict:
@@ -393,7 +397,9 @@ class Evaluator:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         task_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        batch, texts = self.build_batch(task, self.profile.samples)
+        # the verdict's seeds are the candidate's own; the gold keeps the workload's (workload.candidate_digest)
+        is_gold = bool(gold_code) and (candidate.code or "").strip() == gold_code.strip()
+        batch, texts = self.build_batch(task, self.profile.samples, candidate_code=None if is_gold else candidate.code)
         provenance = Provenance(model=task.model, family=task.family, profile=self.profile.name, zoo=self.profile.zoo,
                                 zoo_detail=self.profile.zoo_detail, device=self.profile.device_name,
                                 candidate_source=candidate.source, quality_method=self.profile.quality_method,

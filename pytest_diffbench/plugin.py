@@ -31,7 +31,7 @@ from .evaluate import Candidate, Evaluator, HarnessError, Profile
 from .profile import PROFILE_FILE, ProfileError, check_runnable, for_worker, read_profile, resolve_profile
 from .result import TaskResult, parse_label, task_label
 from .stages import HARNESS
-from .workload import PUBLIC_SEEDS, SECRET_SEEDS, SEED_MODES, SEED_SCOPES, VERDICT_SCOPE
+from .workload import PUBLIC_SEEDS, SECRET_SEEDS, SEED_MODES, SEED_SCOPES, SHARED_SEEDS, VERDICT_SCOPE
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,12 @@ def pytest_addoption(parser):
                     help="torch threads per child (default: 1 on the tiny zoo on a CPU, else CPU count / xdist workers)")
     group.addoption("--diffbench-seeds", choices=SEED_MODES, default=None,
                     help="the workload's seeds: secret = derived from the harness's per-user key (<cache dir>/"
-                         "secret.key), unpredictable to a candidate's author; public = the task's seed + i, the same "
-                         "for every user (reproducible figures) but predictable, so a candidate can precompute its "
-                         "images (WEAK, recorded in every result) (default: $DIFFBENCH_SEEDS, else secret)")
+                         "secret.key), unpredictable to a candidate's author, and for the final verdict each "
+                         "candidate's own (its code's digest; the gold keeps the workload's); shared = the same per "
+                         "workload for every candidate (baselines shared, but a candidate can write the verdict's "
+                         "noise into its images for a later submission: WEAK); public = the task's seed + i, the "
+                         "same for every user (reproducible figures) but predictable, so a candidate can precompute "
+                         "its images (WEAK, recorded in every result) (default: $DIFFBENCH_SEEDS, else secret)")
     group.addoption("--diffbench-seed-scope", choices=SEED_SCOPES, default=VERDICT_SCOPE,
                     help="whose seeds secret seeds are: verdict (the final verdict) or agent (runs whose output a "
                          "generator reads: DiffAgent's GA child sessions pass it) (default: verdict)")
@@ -879,7 +882,10 @@ def _seeds_line(mode: str, scope: str) -> str:
     if mode == PUBLIC_SEEDS:
         return ("PUBLIC - WEAK, NAMED EXPLICITLY: task seed + i, the same for everyone and predictable from the "
                 "repository, so a candidate can precompute its images (reproducible figures only)")
-    return f"secret (per-user key, scope {scope})"
+    if mode == SHARED_SEEDS:
+        return (f"SHARED - WEAK, NAMED EXPLICITLY: per-user key, scope {scope}, one set per workload for every "
+                f"candidate, so a candidate can carry the verdict's noise out in its images for a later one")
+    return f"secret (per-user key, scope {scope}{'; the verdict seeds per candidate' if scope == VERDICT_SCOPE else ''})"
 
 
 # -- fixtures ------------------------------------------------------------------------------------

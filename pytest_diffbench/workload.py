@@ -13,7 +13,10 @@ into a log the LLM reads learns nothing about the verdict's. `public` seeds are 
 the same for every user (reproducible published figures, the L4/L5 calibration), and predictable
 by anyone who reads the repository, so a candidate can precompute its images outside the judged
 call. Seeds are keyed by the workload (`seed_stream`), not the task id, so tasks that share a
-workload share their reference run exactly as with public seeds.
+workload share their reference run exactly as with public seeds; under `secret` the final
+verdict's seeds are also keyed by the candidate's code (`candidate_digest`: each candidate its
+own, the gold the workload's), and `shared` (named explicitly) leaves them one per workload for
+every candidate, as before session 17.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from .atomic import write_atomic
 # 1024 -> 128 px, DiT-256 -> 32 px: DiTPipeline has no size argument, so this must match the zoo).
 TINY_RESOLUTION_DIVISOR = 8
 
-SECRET_SEEDS, PUBLIC_SEEDS = "secret", "public"
-SEED_MODES = (SECRET_SEEDS, PUBLIC_SEEDS)
+SECRET_SEEDS, SHARED_SEEDS, PUBLIC_SEEDS = "secret", "shared", "public"
+SEED_MODES = (SECRET_SEEDS, SHARED_SEEDS, PUBLIC_SEEDS)
+#: the modes whose seeds are derived from the harness key
+KEYED_SEED_MODES = (SECRET_SEEDS, SHARED_SEEDS)
 #: the final verdict's seeds / those of runs a generator sees the output of
 VERDICT_SCOPE, AGENT_SCOPE = "verdict", "agent"
 SEED_SCOPES = (VERDICT_SCOPE, AGENT_SCOPE)
@@ -57,20 +62,39 @@ def run_size(resolution: Sequence[int], zoo: str) -> tuple[int, int]:
     return scale(height), scale(width)
 
 
-def seed_stream(task) -> str:
+def seed_stream(task, candidate: str | None = None) -> str:
     """What a workload's secret seeds are keyed by: the task's seed and the public inputs it draws
-    (source and offset; not the count, so that a smaller `--diffbench-samples` takes a prefix)."""
+    (source and offset; not the count, so that a smaller `--diffbench-samples` takes a prefix),
+    and for a verdict under `secret` seeds the candidate (`candidate_digest`)."""
     wl = task.workload
-    return json.dumps([int(task.seed), wl.source, int(wl.offset)], separators=(",", ":"))
+    parts = [int(task.seed), wl.source, int(wl.offset)] + ([f"candidate:{candidate}"] if candidate else [])
+    return json.dumps(parts, separators=(",", ":"))
+
+
+def candidate_digest(task, code: str | None) -> str | None:
+    """What makes a candidate's verdict seeds its own: the SHA-256 of its code, or None for the
+    task's gold solution (and no code), which keeps the workload's seeds so that a reference sweep
+    shares its baselines as before.
+
+    Why per candidate: a trace's images are computed from the verdict's noise and shown to whoever
+    reads the run, so a candidate can write that noise into them (its lowest bits, or L itself);
+    with seeds shared by every candidate of a workload, the next submission carried the
+    reference's images for that noise and passed L4 tasks at L 0.0, U 16.8 (red team, session 17),
+    and one leak served every task of the workload's stream. A candidate's own seeds depend on its
+    own code through the harness key: no leak from one submission tells another anything."""
+    if code is None or (task.gold and code.strip() == task.gold.strip()):
+        return None
+    return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def sample_seeds(task, count: int, mode: str = SECRET_SEEDS, scope: str = VERDICT_SCOPE,
-                 key: bytes | None = None) -> list[int]:
-    """The `count` seeds of `task`'s samples: `public` = task.seed + i; `secret` = derived from the
-    harness key `key` (required) and `scope` (see the module docstring)."""
+                 key: bytes | None = None, candidate: str | None = None) -> list[int]:
+    """The `count` seeds of `task`'s samples: `public` = task.seed + i; `shared` = derived from the
+    harness key `key` (required) and `scope` (see the module docstring); `secret` = the same, and
+    in the verdict's scope also from `candidate` (`candidate_digest`; None: the workload's own)."""
     if mode == PUBLIC_SEEDS:
         return [int(task.seed) + i for i in range(count)]
-    if mode != SECRET_SEEDS:
+    if mode not in KEYED_SEED_MODES:
         raise ValueError(f"unknown seed mode {mode!r}; expected one of {', '.join(SEED_MODES)}")
     if scope not in SEED_SCOPES:
         raise ValueError(f"unknown seed scope {scope!r}; expected one of {', '.join(SEED_SCOPES)}")
@@ -79,20 +103,21 @@ def sample_seeds(task, count: int, mode: str = SECRET_SEEDS, scope: str = VERDIC
                          "seeds (mode / seed_mode 'public') for the predictable task.seed + i")
     from .keys import derive_seed
 
-    stream = seed_stream(task)
+    own = candidate if mode == SECRET_SEEDS and scope == VERDICT_SCOPE else None
+    stream = seed_stream(task, own)
     return [derive_seed(key, scope, stream, i) for i in range(count)]
 
 
 def build_batch(task, zoo: str, data: DataSource, inputs_dir: Path, samples: int | None = None, *,
                 seed_mode: str = SECRET_SEEDS, seed_scope: str = VERDICT_SCOPE,
-                key: bytes | None = None) -> tuple[dict, list[str]]:
+                key: bytes | None = None, candidate: str | None = None) -> tuple[dict, list[str]]:
     """The job's batch dict (init images as resized PNG paths under `inputs_dir`) and the texts
     CLIP compares each image with. Seeds by `sample_seeds(task, count, seed_mode, seed_scope, key)`:
     secret by default, so a caller that passes no key gets an error, never predictable seeds."""
     wl = task.workload
     count = samples or wl.count
     height, width = run_size(task.resolution, zoo)
-    seeds = sample_seeds(task, count, seed_mode, seed_scope, key)
+    seeds = sample_seeds(task, count, seed_mode, seed_scope, key, candidate)
     batch = {"kind": task.pipeline, "prompts": None, "class_ids": None, "images": None, "strength": None,
              "seeds": seeds, "height": height, "width": width, "guidance_scale": float(task.guidance_scale),
              "num_inference_steps": task.steps}

@@ -97,7 +97,7 @@ def test_the_header_names_the_seed_mode_and_public_seeds_are_weak():
     next to the sandbox; an unknown $DIFFBENCH_SEEDS stops the session."""
     default = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", env={"DIFFBENCH_SEEDS": ""})
     assert default.returncode == 0, default.stdout[-2000:] + default.stderr[-2000:]
-    assert re.search(r"sandbox: [^;]+; seeds: secret \(per-user key, scope verdict\);", default.stdout)
+    assert re.search(r"sandbox: [^;]+; seeds: secret \(per-user key, scope verdict; the verdict seeds per candidate\);", default.stdout)
     for args, env in ((["--diffbench-seeds=public"], {}), ([], {"DIFFBENCH_SEEDS": "public"})):
         out = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", *args, env=env)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -178,7 +178,7 @@ def test_reference_run_passes_with_reports(tmp_path, e2e_env):
     assert re.search(r"diffbench: \d{3} tasks at these levels \(L1 41, L2 116\)", out.stdout)
     assert "diffbench: 2 tasks selected (L1 1, L2 1)" in out.stdout
     assert re.search(r"models: tiny", out.stdout) and "diffbench summary" in out.stdout
-    assert "seeds: secret (per-user key, scope verdict)" in out.stdout  # the header: the default
+    assert "seeds: secret (per-user key, scope verdict; the verdict seeds per candidate)" in out.stdout  # the header: the default
     assert re.search(r"(?m)^L1\s+1\s+1\s+0\s+100\.00%", out.stdout)
     assert re.search(r"(?m)^L2\s+1\s+1\s+0\s+100\.00%", out.stdout)
     assert "zoo: tiny" in out.stdout and "device: cpu" in out.stdout and "CLIP: local-dir:" in out.stdout

@@ -96,7 +96,7 @@ def test_the_header_shows_the_effective_values():
     header = next(line for line in out.stdout.splitlines() if line.startswith("diffbench: profile "))
     assert header.startswith("diffbench: profile cpu-tiny (resolved): models: tiny (")
     for part in ("; device: cpu;", "; speed: flops (1 timed call, proved by replay);", "; threads: 1;", "; quality: fidelity;",
-                 f"; sandbox: {resolve_isolation('auto')};", "; seeds: secret (per-user key, scope verdict);",
+                 f"; sandbox: {resolve_isolation('auto')};", "; seeds: secret (per-user key, scope verdict; the verdict seeds per candidate);",
                  "; warm start: on (auto);"):
         assert part in header, part
     assert "auto" not in header.split("; device: ")[1].split("; warm start:")[0]  # nothing left unresolved

@@ -151,6 +151,32 @@ def test_the_evaluator_takes_secret_seeds_from_its_cache_dirs_key_by_default(tmp
     assert set(again["seeds"]).isdisjoint(batch["seeds"])
 
 
+
+def test_the_verdicts_secret_seeds_are_each_candidates_own_and_the_golds_the_workloads(tmp_path):
+    """A candidate can write the verdict's noise into its images (their lowest bits, or L itself):
+    with one seed set per workload, a later submission carried the reference's images for that
+    noise and passed L4 tasks at L 0.0 (red team, session 17). Under `secret` the verdict's seeds
+    are keyed by the candidate's code too; the gold keeps the workload's (a reference sweep shares
+    its baselines as before); `shared` is the old scheme, named; agent-scope seeds (the GA's rounds)
+    stay one per workload."""
+    t = task(T2I)
+    evaluator = _evaluator(tmp_path)
+    key = keys.secret_key(tmp_path / "cache")
+    workloads, _ = evaluator.build_batch(t, 2)
+    leak, _ = evaluator.build_batch(t, 2, candidate_code="def generate(pipe, batch): ...  # leaks its noise")
+    carry, _ = evaluator.build_batch(t, 2, candidate_code="def generate(pipe, batch): ...  # carries images")
+    again, _ = evaluator.build_batch(t, 2, candidate_code="def generate(pipe, batch): ...  # carries images")
+    gold, _ = evaluator.build_batch(t, 2, candidate_code=t.gold)
+    assert workloads["seeds"] == gold["seeds"] == workload.sample_seeds(t, 2, key=key)
+    assert len({tuple(b["seeds"]) for b in (workloads, leak, carry)}) == 3
+    assert again["seeds"] == carry["seeds"]  # the same code, the same verdict: resume and the cache hold
+    assert workload.batch_digest(leak) != workload.batch_digest(carry)  # so each has its own baselines
+    shared = _evaluator(tmp_path, seeds="shared")
+    assert shared.build_batch(t, 2, candidate_code="x = 1")[0]["seeds"] == workloads["seeds"]
+    agent = [evaluator.build_batch(t, 2, scope="agent", candidate_code=c)[0]["seeds"] for c in ("x = 1", "x = 2")]
+    assert agent[0] == agent[1] == workload.sample_seeds(t, 2, "secret", "agent", key)
+
+
 def test_evaluate_records_the_seed_mode_and_scope(tmp_path):
     """A candidate without code ends before any child runs: the result still says how its batch
     was seeded, and the result is what JUnit and the summary report."""
