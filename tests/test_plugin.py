@@ -88,7 +88,7 @@ def test_l4_without_a_calibration_for_the_profile_is_a_skip_naming_the_command(t
 def test_help_lists_the_options():
     out = run_pytest("--help")
     for option in ("--diffbench-level", "--diffbench-models", "--diffbench-candidates", "--diffbench-out",
-                   "--diffbench-speed", "--diffbench-seeds={secret,public}", "--diffbench-seed-scope={verdict,agent}"):
+                   "--diffbench-speed", "--diffbench-seeds={secret,shared,public}", "--diffbench-seed-scope={verdict,agent}"):
         assert option in out.stdout
 
 
@@ -102,11 +102,13 @@ def test_the_header_names_the_seed_mode_and_public_seeds_are_weak():
         out = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", *args, env=env)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         assert "seeds: PUBLIC - WEAK, NAMED EXPLICITLY" in out.stdout and "precompute" in out.stdout
+    shared = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001", "--diffbench-seeds=shared")
+    assert "seeds: SHARED - WEAK, NAMED EXPLICITLY" in shared.stdout and "later one" in shared.stdout
     option_wins = run_pytest("--diffbench-level=L1", "--collect-only", "-k", "L1-sd15-t2i-0001",
                              "--diffbench-seeds=secret", env={"DIFFBENCH_SEEDS": "public"})
     assert "seeds: secret" in option_wins.stdout
     bad = run_pytest("--diffbench-level=L1", "--collect-only", "-q", env={"DIFFBENCH_SEEDS": "guessable"})
-    assert bad.returncode == 4 and "$DIFFBENCH_SEEDS: 'guessable' is not one of secret, public" in bad.stderr
+    assert bad.returncode == 4 and "$DIFFBENCH_SEEDS: 'guessable' is not one of secret, shared, public" in bad.stderr
 
 
 def test_the_header_names_the_warm_start_setting_and_a_bad_one_stops_the_session():
