@@ -127,7 +127,7 @@ def judged_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = Tru
     does not count (a matrix product written as a broadcast multiply and a sum, a gather of
     precomputed rows); U_work counts those ops by the elements they read or make, so such a move
     buys nothing. Honest configurations do no more uncounted work than their reference in step:
-    the golds showed U_flops / U_work 0.94-1.03 (docs/integrity.md), so the smaller figure costs
+    the golds and L4 optima showed U_flops / U_work 0.94-1.04 (docs/integrity.md), so the smaller figure costs
     an honest candidate at most a few percent. Where no element count exists (a run without the
     replay, a baseline cached before elements were counted) U is U_flops."""
     ref = (reference.get("flops") or {}).get("per_image")
