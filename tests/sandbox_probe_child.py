@@ -110,7 +110,7 @@ elif action == "network":
         result["connected"] = True
     except OSError as exc:
         result["connected"] = False
-        result["error"] = str(exc)
+        result["error"] = {"message": str(exc)}  # an object, as the real child's (sandbox.RESULT_OBJECTS)
 elif action == "flood":
     for _ in range(2000):
         print("x" * 1000)
@@ -209,7 +209,7 @@ elif action == "fill_tmp":
         result["full"] = False
     except OSError as exc:
         result["full"] = True
-        result["error"] = str(exc)
+        result["error"] = {"message": str(exc)}  # an object, as the real child's (sandbox.RESULT_OBJECTS)
     result["written"] = written
 
 channel.result(result)

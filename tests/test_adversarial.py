@@ -624,7 +624,7 @@ def test_images_precomputed_for_the_public_seeds_fail_under_secret_seeds(tiny_zo
         evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / mode, samples=samples, timeout_s=300.0,
                                    # public: without the replay, whose throwaway seeds would hide even public
                                    # seeds from this attack (a smarter one carries their images: see test_replay)
-                                   **({"seeds": mode, "replay": "off"} if mode == "public" else {}))
+                                   **({"seeds": mode, "replay": "off"} if mode == "public" else {"seeds": mode}))
         results[mode] = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
         assert results[mode].provenance.seeds == mode and results[mode].provenance.seed_scope == "verdict"
     weak, strong = (results[m].verdict for m in ("public", "secret"))
