@@ -168,14 +168,14 @@ class Evaluator:
             raise HarnessError(str(exc)) from exc
 
     def build_batch(self, task, samples: int | None, scope: str | None = None,
-                    candidate_code: str | None = None) -> tuple[dict, list[str]]:
+                    candidate_code: str | None = None, gold_code: str | None = None) -> tuple[dict, list[str]]:
         """The batch of `task` with this profile's seeds (`Profile.seeds`) in `scope` (default: the
-        profile's `seed_scope`); the verdict's secret seeds are `candidate_code`'s own
-        (workload.candidate_digest)."""
+        profile's `seed_scope`); the verdict's secret seeds are `candidate_code`'s own unless it is
+        the gold (`gold_code`, default the task's; workload.candidate_digest)."""
         key = self._secret() if self.profile.seeds in KEYED_SEED_MODES else None
         return build_batch(task, self.profile.zoo, self.data, self.cache_dir / "inputs", samples,
                            seed_mode=self.profile.seeds, seed_scope=scope or self.profile.seed_scope, key=key,
-                           candidate=candidate_digest(task, candidate_code))
+                           candidate=candidate_digest(candidate_code, task.gold if gold_code is None else gold_code))
 
     # -- children -------------------------------------------------------------------------
     def _child_env(self) -> dict:
@@ -398,8 +398,7 @@ class Evaluator:
         task_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         # the verdict's seeds are the candidate's own; the gold keeps the workload's (workload.candidate_digest)
-        is_gold = bool(gold_code) and (candidate.code or "").strip() == gold_code.strip()
-        batch, texts = self.build_batch(task, self.profile.samples, candidate_code=None if is_gold else candidate.code)
+        batch, texts = self.build_batch(task, self.profile.samples, candidate_code=candidate.code, gold_code=gold_code)
         provenance = Provenance(model=task.model, family=task.family, profile=self.profile.name, zoo=self.profile.zoo,
                                 zoo_detail=self.profile.zoo_detail, device=self.profile.device_name,
                                 candidate_source=candidate.source, quality_method=self.profile.quality_method,

@@ -138,7 +138,6 @@ def _counted_packets() -> frozenset:
 _COUNTED = _counted_packets()
 
 
-
 # Lookups: they read the rows they make, not the whole table they are given (an embedding of 2
 # class labels read 9.6 M elements of a 12.4 M reference in the first count, so a candidate that
 # looked the rows up through views could claim the table's share: red team, session 17).
@@ -178,15 +177,22 @@ def _aliases(outputs: list, inputs: list) -> bool:
     return all(t.untyped_storage().data_ptr() in storages for t in outputs)
 
 
+def _solve_matrix(args: Any, kwargs: Any) -> torch.Tensor | None:
+    """A of `_linalg_solve_ex(A, B)`, given by position or by name, or None."""
+    a = kwargs.get("A") if isinstance(kwargs, dict) and "A" in kwargs else (args[0] if args else None)
+    return a if isinstance(a, torch.Tensor) and a.dim() >= 2 else None
+
+
 def _solve_work(args: Any, out: Any) -> int:
     """Multiply-adds of `_linalg_solve_ex(A, B)`: n^3 per distinct n x n matrix A factorised, and n
     per element of the solution X (two triangular solves per column). Read from A by its schema
     name and from X, the result, so that neither the arguments' order (keyword arguments) nor a
     broadcast B lowers it (red team, session 17)."""
     positional, keywords = args if isinstance(args, tuple) and len(args) == 2 else ((), {})
-    a = keywords.get("A") if isinstance(keywords, dict) and "A" in keywords else (positional[0] if positional else None)
-    result = tree_flatten(out)[0][0] if tree_flatten(out)[0] else None
-    if not isinstance(a, torch.Tensor) or a.dim() < 2 or not isinstance(result, torch.Tensor):
+    a = _solve_matrix(positional, keywords)
+    outputs = tree_flatten(out)[0]
+    result = outputs[0] if outputs else None
+    if a is None or not isinstance(result, torch.Tensor):
         return 0
     n = a.shape[-1]
     return (a.numel() // max(1, n * n)) * n ** 3 + result.numel() * n
@@ -641,8 +647,8 @@ class Replayer:
                 kwargs["generator"] = generator
             self._check_writes(func, args, kwargs, position)
             if func._overloadpacket is torch.ops.aten._linalg_solve_ex:
-                a = kwargs["A"] if "A" in kwargs else (args[0] if args else None)
-                if isinstance(a, torch.Tensor) and a.dim() >= 2 and a.shape[-1] > MAX_SOLVE_SIZE:
+                a = _solve_matrix(args, kwargs)
+                if a is not None and a.shape[-1] > MAX_SOLVE_SIZE:
                     raise TraceError(f"op {position} ({op[0]}) solves a {a.shape[-1]} x {a.shape[-1]} system; the "
                                      f"replay solves systems of at most {MAX_SOLVE_SIZE} (a scheduler's order)")
             try:

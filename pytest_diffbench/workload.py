@@ -71,9 +71,9 @@ def seed_stream(task, candidate: str | None = None) -> str:
     return json.dumps(parts, separators=(",", ":"))
 
 
-def candidate_digest(task, code: str | None) -> str | None:
+def candidate_digest(code: str | None, gold: str | None) -> str | None:
     """What makes a candidate's verdict seeds its own: the SHA-256 of its code, or None for the
-    task's gold solution (and no code), which keeps the workload's seeds so that a reference sweep
+    task's gold solution `gold` (and no code), which keeps the workload's seeds so that a reference sweep
     shares its baselines as before.
 
     Why per candidate: a trace's images are computed from the verdict's noise and shown to whoever
@@ -82,7 +82,7 @@ def candidate_digest(task, code: str | None) -> str | None:
     reference's images for that noise and passed L4 tasks at L 0.0, U 16.8 (red team, session 17),
     and one leak served every task of the workload's stream. A candidate's own seeds depend on its
     own code through the harness key: no leak from one submission tells another anything."""
-    if code is None or (task.gold and code.strip() == task.gold.strip()):
+    if code is None or (gold and code.strip() == gold.strip()):
         return None
     return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
