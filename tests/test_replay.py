@@ -388,3 +388,30 @@ def test_images_made_outside_torch_are_the_candidates_failure_naming_the_replay(
     assert gold.verdict.passed, gold.verdict
     record = json.loads((tmp_path / "gold" / "result.json").read_text())
     assert record["flops"]["source"] == "replay" and record["flops"]["total"] == record["flops"]["run"]["total"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open (docs/integrity.md, 'Work done before the call'): work that depends "
+                   "only on public inputs can be done in load_pipeline, and the replay counts none of it")
+def test_text_encoded_before_the_judged_call_buys_no_speed(tiny_zoo, baseline_cache_dir, tmp_path):
+    """tests/adversarial_tasks/text_encoded_at_load.py: the reference, with T5's output for the
+    task's public prompts made in load_pipeline. It does all the reference's work, so it must not
+    be faster than the reference; today the replay counts its call without the text encoder (U ~ 1.26
+    at L = 0: the easy L4 PixArt-Sigma target of 1.1 passes with no acceleration)."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.data import coco_captions
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
+        load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-easy-0016.yaml"))
+    attack = (TASK_ATTACKS / "text_encoded_at_load.py").read_text().replace(
+        "PREDICTED: list = []", f"PREDICTED: list = {coco_captions(task.workload.count, task.workload.offset)!r}")
+    code = task.reference + "\n\n# ---- the attack (tests/adversarial_tasks/text_encoded_at_load.py) ----\n" + attack
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    m = result.measures
+    print(f"\ntext encoded at load on {task.id}: {result.verdict}, U {m.U}, L {m.L}")
+    assert result.flops["source"] == "replay" and m.L < 0.01, (result.flops.get("source"), m.L)
+    assert m.U < 1.02 and not result.verdict.passed, (m.U, result.verdict)
