@@ -633,7 +633,7 @@ class Runner:
         if isinstance(self.job.get("record_trace"), dict):
             from pytest_diffbench.trace import Recorder
 
-            recorder = Recorder(pipe, self.seeds, int(self.job["record_trace"]["max_constant_bytes"]))
+            recorder = Recorder(pipe, self.seeds, int(self.job["record_trace"]["max_constant_bytes"]), counter=flop_mode)
         try:
             first, first_s = self.call_generate(module, pipe, batch_factory, probe, flop_mode, mark=("first", 0),
                                                 measuring="first", recorder=recorder)
@@ -654,6 +654,9 @@ class Runner:
         if recorder is not None:
             if self.result["flops"] is not None:  # the uncounted ops' work (trace.op_elements): baselines' figure
                 self.result["flops"]["elements"] = recorder.elements
+                if recorder.problem is None:  # the work that follows the seeds (trace.SeedTaint)
+                    self.result["flops"]["seeded"] = {"flops": float(flop_mode.seeded_flops),
+                                                      "elements": recorder.seeded_elements}
             self._send_trace(recorder)
 
         try:

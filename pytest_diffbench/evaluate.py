@@ -310,7 +310,8 @@ class Evaluator:
         if dtype != "float32":  # only then, so that the float32 baselines keep their keys
             identity["dtype"] = dtype
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = 5  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17)
+            identity["recorded"] = 6  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
+            # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18)
         key = cache_key(identity)
 
         def measure(images_dir: Path) -> dict:
@@ -605,7 +606,7 @@ class Evaluator:
             speedups = crosscheck.judged_speedup(reference.result, result) if self.profile.speed_method == "flops" else None
             if speedups and speedups["U_work"] is not None:  # U counts all the work (crosscheck.judged_speedup)
                 inputs.speedup = speedups["U"]
-                measured.update(U_flops=speedups["U_flops"], U_work=speedups["U_work"])
+                measured.update(U_flops=speedups["U_flops"], U_work=speedups["U_work"], U_seed=speedups["U_seed"])
         if self.profile.speed_method == "flops":
             against, comparator = self._crosscheck_comparator(task, reference_code or task.reference, batch, result,
                                                               reference, gold)

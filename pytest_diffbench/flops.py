@@ -93,6 +93,10 @@ class LeanFlopCounterMode(FlopCounterMode):
         # the counted FLOPs by the dtype of the op's first tensor operand (the counted ops take one
         # dtype for their operands): the precision a call computed in (stages.replay_mismatches)
         self.flops_by_dtype: dict[str, int] = {}
+        # the FLOPs of ops that follow the seeds: a trace.Recorder or Replayer running under this
+        # counter sets `seeded` around each op it runs (trace.SeedTaint)
+        self.seeded = False
+        self.seeded_flops = 0
         self._watched: Any = None
         self._depth = 0
         self._hooks: list = []
@@ -109,6 +113,7 @@ class LeanFlopCounterMode(FlopCounterMode):
     def __enter__(self):
         self.flop_counts.clear()
         self.flops_by_dtype = {}
+        self.seeded, self.seeded_flops = False, 0
         self._depth = 0
         module = self._watched
         if module is not None and hasattr(module, "register_forward_pre_hook"):
@@ -136,6 +141,8 @@ class LeanFlopCounterMode(FlopCounterMode):
             operand = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
             dtype = str(operand.dtype).split(".")[-1] if operand is not None else "none"
             self.flops_by_dtype[dtype] = self.flops_by_dtype.get(dtype, 0) + int(count)
+            if self.seeded:
+                self.seeded_flops += int(count)
             if self._depth:
                 self.flop_counts[type(self._watched).__name__][func_packet] += count
         return out

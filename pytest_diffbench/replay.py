@@ -78,7 +78,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None) -> dict:
         counter = LeanFlopCounterMode()
         started = time.process_time()
         with counter:
-            kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes)
+            kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes,
+                                counter=counter)
         verdict_s = time.process_time() - started
         flops = float(counter.get_total_flops())
         images = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
@@ -95,7 +96,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None) -> dict:
     return {
         "status": "ok", "error": None, "images": names, "num_images": len(names), "image_size": [height, width],
         "flops": {"total": flops, "per_image": flops / count, "denoiser": None, "samples_counted": count,
-                  "elements": replayer.elements},
+                  "elements": replayer.elements,
+                  "seeded": {"flops": float(counter.seeded_flops), "elements": replayer.seeded_elements}},
         "replay": {"ops": len(trace.ops), "parameters": len(trace.params), "constants": len(trace.constants),
                    "constant_bytes": trace.constant_bytes, "check_cpu_s": round(check_s, 3),
                    "verdict_cpu_s": round(verdict_s, 3), "flops_by_dtype": dict(counter.flops_by_dtype),

@@ -198,6 +198,54 @@ def _solve_work(args: Any, out: Any) -> int:
     return (a.numel() // max(1, n * n)) * n ** 3 + result.numel() * n
 
 
+class SeedTaint:
+    """Which values follow the seeds: the storages a seeded draw wrote, and every storage an op
+    with such an input wrote (its outputs, and the arguments it writes in place, through views
+    too: the storage, not the tensor, is what is marked). An op `follows` the seeds when one of
+    its tensor inputs lies in a marked storage that is still alive (a weak reference to the
+    storage itself: an address the allocator hands out again after a free is not marked, or the
+    reference's text encoder on its second prompt would count as following the first's noise).
+
+    The work of ops that do not follow the seeds could have been done before the call for the
+    task's public inputs (prompts, class ids, init images), and a candidate can do it there, in
+    load_pipeline, where no trace sees it (docs/integrity.md, "Work done before the call"); U on
+    the work that follows the seeds does not credit that (crosscheck.seed_speedup; recorded as
+    U_seed, not judged until the L4/L5 targets are calibrated on it)."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, Any] = {}  # address -> StorageWeakRef of the marked storage there
+
+    def follows(self, args: Any, kwargs: Any) -> bool:
+        for t in tree_flatten((args, kwargs))[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            pointer = t.untyped_storage().data_ptr()
+            ref = self.storages.get(pointer)
+            if ref is None:
+                continue
+            if not ref.expired():
+                return True
+            del self.storages[pointer]  # freed: the address belongs to another storage now
+        return False
+
+    def mark(self, func, args: Any, kwargs: Any, out: Any) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        written = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if func._schema.is_mutable:  # in place or out=: the arguments it wrote to
+            for position, argument in enumerate(func._schema.arguments):
+                if argument.alias_info is None or not argument.alias_info.is_write:
+                    continue
+                value = kwargs.get(argument.name) if argument.name in kwargs else (
+                    args[position] if position < len(args) and not argument.kwarg_only else None)
+                written += [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+        for t in written:
+            storage = t.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer:  # empty tensors share address 0
+                self.storages[pointer] = StorageWeakRef(storage)
+
+
 def _draws(func) -> bool:
     """Whether `func` draws from a generator it is given (seeded ops without a generator argument,
     such as attention with dropout 0, draw nothing in inference)."""
@@ -218,8 +266,13 @@ class Recorder(TorchDispatchMode):
     images, and whatever a candidate computed outside the recorder). Over a bound, recording
     stops and `problem` says why."""
 
-    def __init__(self, pipe: Any, seeds: Iterable[int], max_constant_bytes: int):
+    def __init__(self, pipe: Any, seeds: Iterable[int], max_constant_bytes: int, counter: Any = None):
         super().__init__()
+        # the seeds' share of the work (SeedTaint): `counter` (a LeanFlopCounterMode the call runs
+        # under, outside this mode) books an op's FLOPs as following the seeds while `seeded` is set
+        self.counter = counter
+        self.taint = SeedTaint()
+        self.seeded_elements = 0
         self.ids = WeakTensorKeyDictionary()
         named = named_tensors(pipe)
         self.param_names = {_tensor_key(t): name for name, t in named.items()}
@@ -340,10 +393,23 @@ class Recorder(TorchDispatchMode):
                 entry = [func.name(), self._encode(list(args)), self._encode_kwargs(spec_kwargs)]
         except TraceError as exc:
             self.problem = f"{func.name()}: {exc}"
-        out = func(*args, **kwargs)
+        # a draw the replay makes from the seeds (not one kept as drawn, a constant there) and an op
+        # on what follows from one follow the seeds, as in Replayer.run
+        seeded = self.problem is None and ((random and draw is not None) or self.taint.follows(args, kwargs))
+        if self.counter is not None:
+            self.counter.seeded = seeded
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            if self.counter is not None:
+                self.counter.seeded = False
         if self.problem is not None:
             return out
-        self.elements += op_elements(func, (args, kwargs), out)
+        elements = op_elements(func, (args, kwargs), out)
+        self.elements += elements
+        if seeded:
+            self.seeded_elements += elements
+            self.taint.mark(func, args, kwargs, out)
         try:
             if entry is None:  # values the replay cannot draw itself: kept as drawn
                 self._record_outputs(out, constant=True)
@@ -595,12 +661,15 @@ class Replayer:
         return last
 
     def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool],
-            shapes: list | None = None) -> dict[int, torch.Tensor]:
+            shapes: list | None = None, counter: Any = None) -> dict[int, torch.Tensor]:
         """Replay once; returns the kept tensors by id. Afterwards `shapes` holds every op's output
         shapes and `elements` the work of the ops the FLOP counter does not count (op_elements).
         `shapes`: those of an earlier replay, which this one must repeat exactly (the seeds must
-        not change any shape: a shape that follows the noise would carry it into the FLOP count)."""
-        self.shapes, self.elements = [], 0
+        not change any shape: a shape that follows the noise would carry it into the FLOP count).
+        `counter`: the LeanFlopCounterMode the replay runs under; it books the FLOPs of the ops that
+        follow the seeds (SeedTaint) apart, as `seeded_elements` here their elements."""
+        self.shapes, self.elements, self.seeded_elements = [], 0, 0
+        taint = SeedTaint()
         env: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
         generators: dict[int, torch.Generator] = {}
@@ -651,16 +720,26 @@ class Replayer:
                 if a is not None and a.shape[-1] > MAX_SOLVE_SIZE:
                     raise TraceError(f"op {position} ({op[0]}) solves a {a.shape[-1]} x {a.shape[-1]} system; the "
                                      f"replay solves systems of at most {MAX_SOLVE_SIZE} (a scheduler's order)")
+            seeded = len(op) == 5 or taint.follows(args, kwargs)  # a draw from the seeds, or what follows one
+            if counter is not None:
+                counter.seeded = seeded
             try:
                 out = func(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure
                 raise TraceError(f"op {position} ({op[0]}) failed in the replay: {type(exc).__name__}: "
                                  f"{str(exc)[:300]}") from None
+            finally:
+                if counter is not None:
+                    counter.seeded = False
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in tree_flatten(out)[0]):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)
                 raise TraceError(f"op {position} ({op[0]}) makes a complex tensor; the replay computes in real dtypes")
-            self.elements += op_elements(func, (args, kwargs), out)
+            elements = op_elements(func, (args, kwargs), out)
+            self.elements += elements
+            if seeded:
+                self.seeded_elements += elements
+                taint.mark(func, args, kwargs, out)
             made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in tree_flatten(out)[0]]
             if shapes is not None and (position >= len(shapes) or shapes[position] != made):
                 raise TraceError(f"op {position} ({op[0]}) made outputs of shape {made} here and "

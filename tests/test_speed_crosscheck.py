@@ -174,7 +174,7 @@ def test_the_judged_speedup_is_the_smaller_of_flops_and_all_the_work():
     judged = crosscheck.judged_speedup(reference, honest)
     assert judged["U"] == pytest.approx(2.0) == judged["U_flops"] and judged["U_work"] == pytest.approx(120 / 55)
     unproved = dict(moved, flops={k: v for k, v in moved["flops"].items() if k != "source"})
-    assert crosscheck.judged_speedup(reference, unproved) == {"U": 2.5, "U_flops": 2.5, "U_work": None}
+    assert crosscheck.judged_speedup(reference, unproved) == {"U": 2.5, "U_flops": 2.5, "U_work": None, "U_seed": None}
     assert crosscheck.judged_speedup(reference, unproved, proved=False)["U"] == pytest.approx(1.2)  # a baseline
     assert crosscheck.judged_speedup({"num_images": 2, "flops": {"per_image": 100.0}}, moved)["U"] == 2.5
     assert crosscheck.judged_speedup({"flops": {}}, moved) is None
@@ -221,3 +221,23 @@ def test_a_failed_check_against_a_cached_baseline_is_repeated_against_one_measur
     assert "FLOP count claims" in figures["against_cached"], figures  # and failed the check
     assert figures["against"] == "reference (measured again in this session)", figures
     assert crosscheck.speed_violation(figures) is None and second.verdict.passed, (figures, second.verdict.message)
+
+
+def test_the_work_that_follows_the_seeds_is_recorded_beside_u_and_only_for_proved_figures():
+    """U_seed (crosscheck.seed_speedup): FLOPs plus weighted elements of the ops that follow the
+    seeds, per image, where both results have them and the candidate's are the replay's. Work done
+    before the call for the public inputs lowers U_flops' denominator, not U_seed's; it is recorded,
+    not judged (the targets are calibrated on all the FLOPs)."""
+    reference = {"num_images": 2, "flops": {"per_image": 100.0, "elements": 0,
+                                            "seeded": {"flops": 160.0, "elements": 10}}}  # seed work 90/image
+    hoisted = {"num_images": 2, "flops": {"per_image": 80.0, "elements": 0, "source": "replay",
+                                          "seeded": {"flops": 160.0, "elements": 10}}}
+    judged = crosscheck.judged_speedup(reference, hoisted)
+    assert judged["U_flops"] == pytest.approx(1.25) and judged["U_seed"] == pytest.approx(1.0)
+    assert judged["U"] == pytest.approx(1.25)  # recorded, not judged
+    unproved = dict(hoisted, flops={k: v for k, v in hoisted["flops"].items() if k != "source"})
+    assert crosscheck.seed_speedup(reference, unproved) is None
+    assert crosscheck.seed_speedup(reference, unproved, proved=False) == pytest.approx(1.0)
+    assert crosscheck.seed_speedup({"num_images": 2, "flops": {"per_image": 1.0}}, hoisted) is None  # an older baseline
+    broken = dict(hoisted, flops=dict(hoisted["flops"], seeded={"flops": "many", "elements": 1}))
+    assert crosscheck.seed_speedup(reference, broken) is None
