@@ -208,13 +208,15 @@ class Channel:
         return _parse_go_body(self._read_exactly(_GO_HEADER.unpack(header)[0]))
 
     def _read_exactly(self, size: int) -> bytes:
-        data = b""
+        # a bytearray grows in place: `bytes += chunk` copied the whole message for every 64 KiB
+        # read, minutes for a replay's go message near its bound (red team, session 18)
+        data = bytearray()
         while len(data) < size:
             chunk = _os_read(self._go_fd, size - len(data))
             if not chunk:
                 raise RuntimeError("the sandbox closed the channel before the measured calls")
             data += chunk
-        return data
+        return bytes(data)
 
     def mark(self, event: str, call: str, index: int) -> None:
         self._send(frames.FRAME_MARK, _json_dumps({"event": event, "call": call, "index": index}).encode())
