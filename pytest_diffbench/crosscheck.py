@@ -107,7 +107,8 @@ def _work_per_image(result: Mapping) -> float | None:
     return per_image + ELEMENT_WEIGHT * elements / max(1, count)
 
 
-def _seeded_work_per_image(result: Mapping) -> float | None:
+def seeded_work_per_image(result: Mapping) -> float | None:
+    """FLOPs plus weighted elements of the ops that follow the seeds, per image (trace.SeedTaint)."""
     seeded = (result.get("flops") or {}).get("seeded")
     if not isinstance(seeded, Mapping):
         return None
@@ -123,7 +124,7 @@ def seed_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True)
     candidate (`proved`) only where it is the replay's; else None."""
     if proved and (candidate.get("flops") or {}).get("source") != "replay":
         return None
-    ref, cand = _seeded_work_per_image(reference), _seeded_work_per_image(candidate)
+    ref, cand = seeded_work_per_image(reference), seeded_work_per_image(candidate)
     if ref is None or cand is None:
         return None
     return ref / cand if cand > 0 else float("inf")

@@ -560,7 +560,7 @@ class Evaluator:
             if task.level in ("L1", "L2", "L3"):  # stages.spec_evidence_problem, on every profile
                 inputs.nrmse_vs_reference, inputs.nrmse_vs_gold = loss["mean_nrmse"], vs_gold
                 inputs.gold_nrmse_vs_reference = gold_loss
-                ablation_flops = {}
+                ablation_flops, ablation_results = {}, {}
                 if ablations and gold.image_digests is not None:  # not the gold itself (vs_gold 0 passes)
                     distances = {}
                     for part, code in sorted(ablations.items()):
@@ -568,13 +568,26 @@ class Evaluator:
                         distances[part] = (metrics.quality_loss_by_fidelity(ablated, gold_images),
                                            metrics.quality_loss_by_fidelity(images, ablated))
                         ablation_flops[part] = self._cost(run.result)
+                        ablation_results[part] = run.result
                     measured["fidelity"]["ablations"] = {
                         p: {"gold_nrmse": round(a, 6), "candidate_nrmse": round(c, 6)} for p, (a, c) in distances.items()}
                     inputs.ablation_distances = distances
                 if self.profile.speed_method == "flops" and (result.get("flops") or {}).get("source") == "replay":
                     # the work evidence (stages.work_evidence_problem): the replay's count and the baselines'
-                    inputs.work_evidence = {"candidate": cand_cost, "gold": self._cost(gold.result),
-                                            "reference": self._cost(reference.result), "ablations": ablation_flops}
+                    evidence = {"candidate": cand_cost, "gold": self._cost(gold.result),
+                                "reference": self._cost(reference.result), "ablations": ablation_flops}
+                    # on the work that follows the seeds where every run has it: work done off the
+                    # record for the public prompts (a text encoder's, carried as constants) moved
+                    # the FLOPs per image across the midpoint of a 1 % method (red team, session 18)
+                    seeded = {"candidate": crosscheck.seeded_work_per_image(result),
+                              "gold": crosscheck.seeded_work_per_image(gold.result),
+                              "reference": crosscheck.seeded_work_per_image(reference.result),
+                              "ablations": {part: crosscheck.seeded_work_per_image(r)
+                                            for part, r in ablation_results.items()}}
+                    if all(v is not None for v in (seeded["candidate"], seeded["gold"], seeded["reference"],
+                                                   *seeded["ablations"].values())):
+                        evidence = {**seeded, "figure": "the work that follows the seeds"}
+                    inputs.work_evidence = evidence
             # only L1-L3 have a gold that is the specification; an L4/L5 gold is the calibrated
             # optimum, one of many valid configurations (recorded above, not judged)
             if self.profile.quality_method == "fidelity" and task.level in ("L1", "L2", "L3"):

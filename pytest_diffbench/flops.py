@@ -97,6 +97,11 @@ class LeanFlopCounterMode(FlopCounterMode):
         # counter sets `seeded` around each op it runs (trace.SeedTaint)
         self.seeded = False
         self.seeded_flops = 0
+        # FLOPs of products whose parameter operand is the text encoders' or the VAE's alone, by
+        # dtype: kept out of `flops_by_dtype` while a trace.Replayer sets `other_component` (the
+        # precision stage 1 judges is the denoiser's, not a float32 VAE's)
+        self.other_component = False
+        self.other_flops_by_dtype: dict[str, int] = {}
         self._watched: Any = None
         self._depth = 0
         self._hooks: list = []
@@ -114,6 +119,7 @@ class LeanFlopCounterMode(FlopCounterMode):
         self.flop_counts.clear()
         self.flops_by_dtype = {}
         self.seeded, self.seeded_flops = False, 0
+        self.other_component, self.other_flops_by_dtype = False, {}
         self._depth = 0
         module = self._watched
         if module is not None and hasattr(module, "register_forward_pre_hook"):
@@ -140,7 +146,8 @@ class LeanFlopCounterMode(FlopCounterMode):
             self.flop_counts["Global"][func_packet] += count
             operand = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
             dtype = str(operand.dtype).split(".")[-1] if operand is not None else "none"
-            self.flops_by_dtype[dtype] = self.flops_by_dtype.get(dtype, 0) + int(count)
+            tally = self.other_flops_by_dtype if self.other_component else self.flops_by_dtype
+            tally[dtype] = tally.get(dtype, 0) + int(count)
             if self.seeded:
                 self.seeded_flops += int(count)
             if self._depth:

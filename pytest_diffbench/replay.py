@@ -101,6 +101,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None) -> dict:
         "replay": {"ops": len(trace.ops), "parameters": len(trace.params), "constants": len(trace.constants),
                    "constant_bytes": trace.constant_bytes, "check_cpu_s": round(check_s, 3),
                    "verdict_cpu_s": round(verdict_s, 3), "flops_by_dtype": dict(counter.flops_by_dtype),
+                   "other_flops_by_dtype": dict(counter.other_flops_by_dtype),
                    "image_sources": [{"tensor": i, "layout": layout, "row": row, "rounding": rounding}
                                      for i, layout, row, rounding in sources],
                    "torch_threads": torch.get_num_threads()},

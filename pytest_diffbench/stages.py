@@ -164,7 +164,10 @@ def replay_mismatches(attributes: Mapping, flops: Mapping | None) -> list[Mismat
     the one the replay computed most of the FLOPs in. The replay runs every matrix product,
     convolution and attention in the dtypes the trace gives them, so a candidate that reports
     float16 while it computes in float32 (or the reverse) shows here. Honest half-precision golds
-    compute 98-100 % of their FLOPs in float16 (docs/integrity.md)."""
+    compute 98-100 % of their FLOPs in float16 (docs/integrity.md). The tally leaves out the
+    products of the VAE's and the text encoders' own parameters (Replayer.run's origins): the
+    precision asked for is the denoiser's, and the tiny zoo's VAE, half of a DiT or PixArt call's
+    FLOPs, left a float32 denoiser beside a float16 VAE the plurality (red team, session 18)."""
     flops = flops if isinstance(flops, Mapping) else {}
     by_dtype = (flops.get("replay") or {}).get("flops_by_dtype") if flops.get("source") == "replay" else None
     if not isinstance(by_dtype, Mapping):
@@ -283,7 +286,9 @@ def work_evidence_problem(evidence: Mapping[str, Any] | None) -> str | None:
     of its parts, by WORK_EVIDENCE_MIN or more, the candidate's must be nearer the gold's (ratios
     compared on a log scale). The figures are the harness's: the replay's count of the
     candidate's call and the baselines the parent ran, so hooks fed in the candidate's process
-    (a method shown to stage 1 but not applied) do not change them."""
+    (a method shown to stage 1 but not applied) do not change them; where every run has it, the
+    work that follows the seeds (`figure` names it), which work done before or off the record for
+    the public inputs does not lower."""
     if not evidence:
         return None
     candidate, gold = evidence.get("candidate"), evidence.get("gold")
@@ -301,7 +306,8 @@ def work_evidence_problem(evidence: Mapping[str, Any] | None) -> str | None:
         if not flops or flops <= 0 or abs(math.log(gold / flops)) < math.log1p(WORK_EVIDENCE_MIN):
             continue
         if not to_gold < abs(math.log(candidate / flops)):
-            return (f"what the task asks does not show in the work: expected the FLOPs per image (counted by the "
+            figure = evidence.get("figure") or "the FLOPs per image"
+            return (f"what the task asks does not show in the work: expected {figure} (counted by the "
                     f"harness's replay) nearer the gold solution's {gold:.4g} than {name}'s {flops:.4g}, found "
                     f"{candidate:.4g}; the pipeline looks as asked but computes something else")
     return None

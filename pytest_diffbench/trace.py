@@ -198,6 +198,26 @@ def _solve_work(args: Any, out: Any) -> int:
     return (a.numel() // max(1, n * n)) * n ** 3 + result.numel() * n
 
 
+# The pipeline components whose parameters make the denoiser's work; a product whose parameter
+# operand comes from other components alone (text encoders, VAE) is theirs (Replayer.run's origins).
+DENOISER_COMPONENTS = frozenset({"unet", "transformer"})
+
+
+def _refs(encoded: Any, out: list) -> list:
+    """The ("t", id) and ("p", index) references in an op's encoded arguments."""
+    if isinstance(encoded, list):
+        for item in encoded:
+            _refs(item, out)
+    elif isinstance(encoded, dict):
+        if len(encoded) == 1 and ("t" in encoded or "p" in encoded):
+            (tag, value), = encoded.items()
+            out.append((tag, value))
+        else:
+            for item in encoded.values():
+                _refs(item, out)
+    return out
+
+
 class SeedTaint:
     """Which values follow the seeds: the storages a seeded draw wrote, and every storage an op
     with such an input wrote (its outputs, and the arguments it writes in place, through views
@@ -670,6 +690,14 @@ class Replayer:
         follow the seeds (SeedTaint) apart, as `seeded_elements` here their elements."""
         self.shapes, self.elements, self.seeded_elements = [], 0, 0
         taint = SeedTaint()
+        # origins: for a tensor computed from parameters alone (casts, views, any op with no other
+        # tensor input), the components those parameters belong to; none for what involves an
+        # activation, a constant or a draw. A counted op with an operand from non-denoiser
+        # components alone is booked apart (counter.other_component): the VAE may stay float32
+        # beside a float16 denoiser, and a float32 denoiser cannot hide behind a float16 VAE's
+        # share (red team, session 18: stage 1 took the plurality over the whole call)
+        components = [spec["name"].partition(".")[0] for spec in self.trace.params]
+        origins: dict[int, frozenset] = {}
         env: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
         generators: dict[int, torch.Generator] = {}
@@ -721,8 +749,14 @@ class Replayer:
                     raise TraceError(f"op {position} ({op[0]}) solves a {a.shape[-1]} x {a.shape[-1]} system; the "
                                      f"replay solves systems of at most {MAX_SOLVE_SIZE} (a scheduler's order)")
             seeded = len(op) == 5 or taint.follows(args, kwargs)  # a draw from the seeds, or what follows one
+            refs = _refs([op[1], op[2]], [])
+            sources = [frozenset({components[v]}) if tag == "p" else origins.get(v) for tag, v in refs]
+            origin = frozenset().union(*sources) if sources and len(op) != 5 and all(
+                o is not None for o in sources) else None
+            other = any(o is not None and o and not (o & DENOISER_COMPONENTS) for o in sources)
             if counter is not None:
                 counter.seeded = seeded
+                counter.other_component = other
             try:
                 out = func(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure
@@ -730,7 +764,7 @@ class Replayer:
                                  f"{str(exc)[:300]}") from None
             finally:
                 if counter is not None:
-                    counter.seeded = False
+                    counter.seeded = counter.other_component = False
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in tree_flatten(out)[0]):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)
@@ -750,10 +784,15 @@ class Replayer:
                 if tensor_id is None or not isinstance(item, torch.Tensor):
                     continue
                 env[tensor_id] = item
+                if origin is not None:
+                    origins[tensor_id] = origin
+                else:
+                    origins.pop(tensor_id, None)  # an in-place op on an activation: its id, no longer parameters
                 if keep(tensor_id, item):
                     kept[tensor_id] = item
             for tensor_id in self._dead_after(position, op):
                 env.pop(tensor_id, None)
+                origins.pop(tensor_id, None)
         return kept
 
     def _dead_after(self, position: int, op: list) -> list[int]:

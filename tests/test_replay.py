@@ -462,3 +462,36 @@ def test_the_seeds_taint_follows_storages_through_views_and_in_place_writes_and_
     del buffer
     assert pointer in taint.storages
     assert not taint.follows((torch.ones(128),), {})  # what the allocator hands out again is not marked
+
+
+def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draws():
+    """Replayer.run's books, on a small trace: products with an operand made from the VAE's or a
+    text encoder's parameters alone are kept apart from the dtype tally stage 1 judges (a float32
+    VAE beside a float16 denoiser is a valid configuration, and a float32 denoiser must not hide
+    behind a float16 VAE's share: red team, session 18); a product on a denoiser weight cast to
+    float32 stays in it; the work that follows the seeds is that of the ops on the draw."""
+    import torch
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import Replayer, decode
+
+    params = [{"name": "transformer.w", "dtype": "float16", "shape": [8, 8], "stride": [8, 1]},
+              {"name": "vae.w", "dtype": "float32", "shape": [8, 8], "stride": [8, 1]},
+              {"name": "text_encoder.w", "dtype": "float32", "shape": [8, 8], "stride": [8, 1]}]
+    ops = [["aten::randn.generator", [[4, 8]], {"dtype": {"dtype": "float32"}}, [0], {"gen": 0, "reseed": 0}],
+           ["aten::_to_copy", [{"p": 0}], {"dtype": {"dtype": "float32"}}, [1]],  # the denoiser's weight, upcast
+           ["aten::t", [{"t": 1}], {}, [2]],
+           ["aten::mm", [{"t": 0}, {"t": 2}], {}, [3]],  # a denoiser product in float32: judged
+           ["aten::mm", [{"t": 3}, {"p": 1}], {}, [4]],  # the VAE's own product: apart
+           ["aten::ones", [[1, 8]], {"dtype": {"dtype": "float32"}}, [5]],
+           ["aten::mm", [{"t": 5}, {"p": 2}], {}, [6]]]  # the text encoder's, on no draw: apart, seed-free
+    zoo = {"transformer.w": torch.ones(8, 8, dtype=torch.float16), "vae.w": torch.ones(8, 8),
+           "text_encoder.w": torch.ones(8, 8)}
+    replayer = Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo)
+    counter = LeanFlopCounterMode()
+    with counter:
+        replayer.run([5], lambda i, t: False, counter=counter)
+    product = 2 * 4 * 8 * 8
+    assert counter.flops_by_dtype == {"float32": product}
+    assert counter.other_flops_by_dtype == {"float32": product + 2 * 1 * 8 * 8}
+    assert counter.seeded_flops == 2 * product  # the two products on the draw, not the text encoder's
