@@ -107,15 +107,16 @@ def _work_per_image(result: Mapping) -> float | None:
     return per_image + ELEMENT_WEIGHT * elements / max(1, count)
 
 
-def seeded_work_per_image(result: Mapping) -> float | None:
-    """FLOPs plus weighted elements of the ops that follow the seeds, per image (trace.SeedTaint)."""
+def seeded_per_image(result: Mapping, figure: str = "work") -> float | None:
+    """Per image, of the ops that follow the seeds (trace.SeedTaint): their FLOPs (`figure`
+    "flops") or their FLOPs plus weighted uncounted elements ("work"); None where absent."""
     seeded = (result.get("flops") or {}).get("seeded")
     if not isinstance(seeded, Mapping):
         return None
     flops, elements, count = seeded.get("flops"), seeded.get("elements"), result.get("num_images")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (flops, elements, count)):
         return None
-    return (flops + ELEMENT_WEIGHT * elements) / max(1, count)
+    return (flops + (ELEMENT_WEIGHT * elements if figure == "work" else 0)) / max(1, count)
 
 
 def seed_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True) -> float | None:
@@ -124,7 +125,7 @@ def seed_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True)
     candidate (`proved`) only where it is the replay's; else None."""
     if proved and (candidate.get("flops") or {}).get("source") != "replay":
         return None
-    ref, cand = seeded_work_per_image(reference), seeded_work_per_image(candidate)
+    ref, cand = seeded_per_image(reference), seeded_per_image(candidate)
     if ref is None or cand is None:
         return None
     return ref / cand if cand > 0 else float("inf")

@@ -246,7 +246,7 @@ class StageInputs:
     ablation_distances: Mapping[str, tuple[float, float]] | None = None
     # L1-L3 where the candidate's FLOPs are the harness's replay's: FLOPs per image of the candidate,
     # the gold, and what the gold is compared with (the reference, the gold without each part)
-    work_evidence: Mapping[str, Any] | None = None
+    work_evidence: Mapping[str, Any] | list[Mapping[str, Any]] | None = None  # one figure, or several
     # what the parent found wrong with figures the candidate's process produced (crosscheck.py)
     integrity_problems: tuple[str, ...] = ()
 
@@ -280,7 +280,7 @@ def spec_evidence_problem(inp: StageInputs) -> str | None:
     return work_evidence_problem(inp.work_evidence)
 
 
-def work_evidence_problem(evidence: Mapping[str, Any] | None) -> str | None:
+def work_evidence_problem(evidence: Mapping[str, Any] | list | None) -> str | None:
     """L1-L3 on replayed runs: what the task asks must show in the work as in the images. Where
     the gold's FLOPs per image differ from the reference's, or from those of the gold without one
     of its parts, by WORK_EVIDENCE_MIN or more, the candidate's must be nearer the gold's (ratios
@@ -289,6 +289,8 @@ def work_evidence_problem(evidence: Mapping[str, Any] | None) -> str | None:
     (a method shown to stage 1 but not applied) do not change them; where every run has it, the
     work that follows the seeds (`figure` names it), which work done before or off the record for
     the public inputs does not lower."""
+    if isinstance(evidence, list):  # several figures (evaluate._measure): each where it is evidence
+        return next((p for p in (work_evidence_problem(e) for e in evidence) if p), None)
     if not evidence:
         return None
     candidate, gold = evidence.get("candidate"), evidence.get("gold")

@@ -182,6 +182,21 @@ def test_what_was_asked_must_show_in_the_work():
     assert stages.work_evidence_problem(dict(evidence, candidate=95.0 * stages.MAX_SLOWDOWN_VS_GOLD + 1)) is None
 
 
+def test_the_work_rule_checks_every_figure_it_is_given():
+    """Replayed runs give two figures of what follows the seeds (evaluate._measure): the FLOPs (ToMe's
+    merging ops leave its work figure under 1 % on small tasks: red team round 7, S2) and all the
+    work (FLOPs turned into uncounted ops do not move it). Each is checked where it is evidence."""
+    flops = {"candidate": 100.0, "gold": 98.8, "reference": 100.0, "ablations": {},
+             "figure": "the FLOPs that follow the seeds per image"}
+    work = {"candidate": 100.0, "gold": 99.2, "reference": 100.0, "ablations": {},
+            "figure": "the work that follows the seeds per image"}
+    problem = stages.work_evidence_problem([work, flops])
+    assert problem and "expected the FLOPs that follow the seeds per image (counted by" in problem
+    assert stages.work_evidence_problem([work, dict(flops, candidate=98.9)]) is None
+    moved = dict(work, gold=98.0)  # FLOPs moved into uncounted ops: the work figure still sees it
+    assert "the work that follows" in stages.work_evidence_problem([moved, dict(flops, candidate=98.9)])
+
+
 def test_gold_spec_bound_is_below_the_reference_bound():
     assert 0 < stages.GOLD_SPEC_BOUND < stages.fidelity_bound(0.0)
 
