@@ -119,28 +119,27 @@ def seeded_per_image(result: Mapping, figure: str = "work") -> float | None:
     return (flops + (ELEMENT_WEIGHT * elements if figure == "work" else 0)) / max(1, count)
 
 
-def seed_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True) -> float | None:
-    """U over the work that follows the seeds (trace.SeedTaint: FLOPs plus uncounted elements of
-    the ops whose inputs depend on the noise), where both results have that figure; for a
-    candidate (`proved`) only where it is the replay's; else None."""
+def _proved_ratio(reference: Mapping, candidate: Mapping, per_image, proved: bool) -> float | None:
+    """reference's figure / candidate's (`per_image` of each), where both have it; for a candidate
+    (`proved`) only where its figure is the harness's replay's (`flops.source` replay), a count its
+    process cannot touch; else None."""
     if proved and (candidate.get("flops") or {}).get("source") != "replay":
         return None
-    ref, cand = seeded_per_image(reference), seeded_per_image(candidate)
+    ref, cand = per_image(reference), per_image(candidate)
     if ref is None or cand is None:
         return None
     return ref / cand if cand > 0 else float("inf")
+
+
+def seed_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True) -> float | None:
+    """U over the work that follows the seeds (trace.SeedTaint: FLOPs plus uncounted elements of
+    the ops whose inputs depend on the noise); None as `_proved_ratio` says."""
+    return _proved_ratio(reference, candidate, seeded_per_image, proved)
 
 
 def work_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True) -> float | None:
-    """U over all the work (FLOPs plus the uncounted ops' elements), where both results count
-    elements; for a candidate (`proved`) only where its figure is the harness's replay's
-    (`flops.source` replay), a count its process cannot touch; else None."""
-    if proved and (candidate.get("flops") or {}).get("source") != "replay":
-        return None
-    ref, cand = _work_per_image(reference), _work_per_image(candidate)
-    if ref is None or cand is None:
-        return None
-    return ref / cand if cand > 0 else float("inf")
+    """U over all the work (FLOPs plus the uncounted ops' elements); None as `_proved_ratio` says."""
+    return _proved_ratio(reference, candidate, _work_per_image, proved)
 
 
 def judged_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True) -> dict | None:

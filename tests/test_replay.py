@@ -495,3 +495,25 @@ def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draw
     assert counter.flops_by_dtype == {"float32": product}
     assert counter.other_flops_by_dtype == {"float32": product + 2 * 1 * 8 * 8}
     assert counter.seeded_flops == 2 * product  # the two products on the draw, not the text encoder's
+
+
+@pytest.mark.slow
+def test_a_float32_denoiser_beside_a_float16_vae_fails_stage_one(tiny_zoo, baseline_cache_dir, tmp_path):
+    """tests/adversarial_tasks/denoiser_float32_beside_a_float16_vae.py (red team round 7, S3): over
+    the whole call float16 is the plurality (the VAE's half of a DiT call); the denoiser's products,
+    which stage 1 judges, are float32."""
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_task(REPO / "tasks" / "L2" / "L2-dit-c2i-fp16-0028.yaml")
+    code = task.gold + "\n\n" + (TASK_ATTACKS / "denoiser_float32_beside_a_float16_vae.py").read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    judged, other = result.flops["replay"]["flops_by_dtype"], result.flops["replay"]["other_flops_by_dtype"]
+    print(f"\nfloat32 denoiser beside a float16 VAE: {result.verdict}; judged {judged}, apart {other}")
+    whole = {d: judged.get(d, 0) + other.get(d, 0) for d in {*judged, *other}}
+    assert whole["float16"] > whole["float32"], whole  # what the first rule looked at
+    assert other == {"float16": other["float16"]} and judged["float32"] > 0.9 * sum(judged.values()), judged
+    assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+    assert "found 'float32" in result.verdict.message, result.verdict.message

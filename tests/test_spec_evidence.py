@@ -114,3 +114,28 @@ def test_a_method_shown_on_a_decoy_but_not_in_the_images_fails_stage_1(tiny_zoo,
     assert verdict.category == stages.KEY_ATTRIBUTE and "does not show in the work" in verdict.message, verdict
     monkeypatch.setattr(stages, "WORK_EVIDENCE_MIN", float("inf"))
     assert evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict.passed
+
+
+@pytest.mark.slow
+def test_a_method_shown_off_the_record_with_seed_free_work_hidden_fails_on_what_follows_the_seeds(
+        tiny_zoo, baseline_cache_dir, tmp_path):
+    """tests/adversarial_tasks/tome_on_a_decoy_off_the_record.py (red team round 7, S2): the decoy
+    and the text encoder run with the recorder off the stack, so the replay counts neither, and the
+    seed-free work it hides lowered the FLOPs per image towards the gold's. What follows the seeds
+    is the reference's: a key-attribute failure naming that figure."""
+    from pytest_diffbench.ablation import ablation_codes
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_task(REPO / "tasks" / "L2" / "L2-sd15-t2i-256px-tomesd-0045.yaml")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=300.0)
+    attack = (REPO / "tests" / "adversarial_tasks" / "tome_on_a_decoy_off_the_record.py").read_text()
+    result = evaluator.evaluate(task, Candidate(code=task.gold + "\n\n" + attack, source="test"), task.reference,
+                                task.gold, ablations=ablation_codes(task, REPO / "tasks"))
+    verdict, m = result.verdict, result.measures
+    print(f"\nToMe on a decoy off the record: {verdict}, U {m.U}, U_seed {m.U_seed}, L {m.L}")
+    assert result.attributes["methods"].get("tomesd"), result.attributes["methods"]  # the hooks saw ToMe
+    assert m.L == pytest.approx(0.0, abs=1e-6) and m.U_seed == pytest.approx(1.0, abs=1e-3), m  # the reference's
+    assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
+    assert "the FLOPs that follow the seeds per image" in verdict.message, verdict.message
