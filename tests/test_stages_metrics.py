@@ -92,6 +92,11 @@ def inputs(**kw):
     ({"nrmse_vs_reference": 0.0, "nrmse_vs_gold": 0.03, "gold_nrmse_vs_reference": 0.03}, 1, stages.KEY_ATTRIBUTE),
     ({"nrmse_vs_reference": 0.02, "nrmse_vs_gold": 0.02, "gold_nrmse_vs_reference": 0.03}, 1, stages.KEY_ATTRIBUTE),
     ({"nrmse_vs_reference": 0.025, "nrmse_vs_gold": 0.006, "gold_nrmse_vs_reference": 0.03}, 3, None),  # honest
+    # images far from both (noise): which is nearer is a coin flip; stage 3's bound on the gold says it
+    ({"nrmse_vs_reference": 1.0839, "nrmse_vs_gold": 1.0841, "gold_nrmse_vs_reference": 0.0225,
+      "gold_fidelity_loss": 1.0841, "gold_fidelity_bound": 0.04}, 3, stages.RELATIVE_QUALITY),
+    ({"nrmse_vs_reference": 0.0, "nrmse_vs_gold": 0.03, "gold_nrmse_vs_reference": 0.03,
+      "gold_fidelity_loss": 0.03, "gold_fidelity_bound": 0.04}, 1, stages.KEY_ATTRIBUTE),  # within it: evidence
     # a change too small to tell from numerical noise (fp16 on the tiny zoo) is not judged this way
     ({"nrmse_vs_reference": 0.0, "nrmse_vs_gold": 0.009, "gold_nrmse_vs_reference": 0.009}, 3, None),
     # L3: one part shown to stage 1 but missing from the images (the gold without it: ablation.py)
