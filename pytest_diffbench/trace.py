@@ -201,6 +201,9 @@ def _solve_work(args: Any, out: Any) -> int:
 # The pipeline components whose parameters make the denoiser's work; a product whose parameter
 # operand comes from other components alone (text encoders, VAE) is theirs (Replayer.run's origins).
 DENOISER_COMPONENTS = frozenset({"unet", "transformer"})
+# what keeps a parameter's origin besides views: copies, in any dtype
+_WEIGHT_COPIES = frozenset({torch.ops.aten._to_copy, torch.ops.aten.clone, torch.ops.aten.detach,
+                            torch.ops.aten.alias, torch.ops.aten.lift_fresh})
 
 
 def _refs(encoded: Any, out: list) -> list:
@@ -690,9 +693,9 @@ class Replayer:
         follow the seeds (SeedTaint) apart, as `seeded_elements` here their elements."""
         self.shapes, self.elements, self.seeded_elements = [], 0, 0
         taint = SeedTaint()
-        # origins: for a tensor computed from parameters alone (casts, views, any op with no other
-        # tensor input), the components those parameters belong to; none for what involves an
-        # activation, a constant or a draw. A counted op with an operand from non-denoiser
+        # origins: for a parameter, and a view or copy of one (any dtype), the components it comes
+        # from; none for anything computed (an op that computes could build another component's
+        # weights from a VAE parameter with fills, and so pass as the VAE's). A counted op with an operand from non-denoiser
         # components alone is booked apart (counter.other_component): the VAE may stay float32
         # beside a float16 denoiser, and a float32 denoiser cannot hide behind a float16 VAE's
         # share (red team, session 18: stage 1 took the plurality over the whole call)
@@ -751,8 +754,8 @@ class Replayer:
             seeded = len(op) == 5 or taint.follows(args, kwargs)  # a draw from the seeds, or what follows one
             refs = _refs([op[1], op[2]], [])
             sources = [frozenset({components[v]}) if tag == "p" else origins.get(v) for tag, v in refs]
-            origin = frozenset().union(*sources) if sources and len(op) != 5 and all(
-                o is not None for o in sources) else None
+            origin = frozenset().union(*sources) if sources and all(o is not None for o in sources) and (
+                func.is_view or func._overloadpacket in _WEIGHT_COPIES) else None
             other = any(o is not None and o and not (o & DENOISER_COMPONENTS) for o in sources)
             if counter is not None:
                 counter.seeded = seeded

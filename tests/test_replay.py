@@ -484,7 +484,11 @@ def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draw
            ["aten::mm", [{"t": 0}, {"t": 2}], {}, [3]],  # a denoiser product in float32: judged
            ["aten::mm", [{"t": 3}, {"p": 1}], {}, [4]],  # the VAE's own product: apart
            ["aten::ones", [[1, 8]], {"dtype": {"dtype": "float32"}}, [5]],
-           ["aten::mm", [{"t": 5}, {"p": 2}], {}, [6]]]  # the text encoder's, on no draw: apart, seed-free
+           ["aten::mm", [{"t": 5}, {"p": 2}], {}, [6]],  # the text encoder's, on no draw: apart, seed-free
+           # weights rebuilt from a VAE parameter by computing (a fill) are nobody's: judged
+           ["aten::mul.Scalar", [{"p": 1}, 0.0], {}, [7]],
+           ["aten::fill_.Scalar", [{"t": 7}, 1.0], {}, [7]],
+           ["aten::mm", [{"t": 0}, {"t": 7}], {}, [8]]]
     zoo = {"transformer.w": torch.ones(8, 8, dtype=torch.float16), "vae.w": torch.ones(8, 8),
            "text_encoder.w": torch.ones(8, 8)}
     replayer = Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo)
@@ -492,9 +496,9 @@ def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draw
     with counter:
         replayer.run([5], lambda i, t: False, counter=counter)
     product = 2 * 4 * 8 * 8
-    assert counter.flops_by_dtype == {"float32": product}
+    assert counter.flops_by_dtype == {"float32": 2 * product}
     assert counter.other_flops_by_dtype == {"float32": product + 2 * 1 * 8 * 8}
-    assert counter.seeded_flops == 2 * product  # the two products on the draw, not the text encoder's
+    assert counter.seeded_flops == 3 * product  # the products on the draw, not the text encoder's
 
 
 @pytest.mark.slow
