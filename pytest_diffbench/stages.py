@@ -262,9 +262,10 @@ def spec_evidence_problem(inp: StageInputs) -> str | None:
     to_ref, to_gold, apart = inp.nrmse_vs_reference, inp.nrmse_vs_gold, inp.gold_nrmse_vs_reference
     if to_gold is None:
         return None
-    if inp.gold_fidelity_bound is not None and not to_gold <= inp.gold_fidelity_bound:
-        # images too far from the gold's fail stage 3 on quality whatever they compute; nearer the
-        # gold or the reference is a coin flip there (noise: 1.0841 against 1.0839), not evidence
+    bound = inp.gold_fidelity_bound
+    if bound is not None and not to_gold <= bound and (to_ref is None or not to_ref <= bound):
+        # images far from both the gold's and the reference's fail stage 3 on quality whatever they
+        # compute; which is nearer is a coin flip there (noise: 1.0841 against 1.0839), no evidence
         return None
     if to_ref is not None and apart is not None and apart >= SPEC_EVIDENCE_MIN and not to_gold < to_ref:
         return (f"what the task asks does not show in the images: expected them nearer the gold solution's than "
