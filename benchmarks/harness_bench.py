@@ -3,6 +3,7 @@
     python benchmarks/harness_bench.py [--tasks ID ...] [--repeats 5] [--samples 10] [--speed flops|wall]
     DIFFBENCH_WARM_START=off python benchmarks/harness_bench.py ...   # every run a cold child
     python benchmarks/harness_bench.py --replay off ...                # the judged call not proved by replay
+    python benchmarks/harness_bench.py --device cuda --speed wall ...  # the tiny zoo on a GPU
 
 For each task it evaluates the gold solution `--repeats` times with a cold then warm baseline
 cache and prints where a task's time goes: child start (until the candidate module is imported),
@@ -44,6 +45,10 @@ def main() -> int:
     parser.add_argument("--speed", choices=("flops", "wall"), default="flops")
     parser.add_argument("--replay", choices=("auto", "off"), default="auto",
                         help="auto: the judged call proved by replay where speed is FLOP-counted (the default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the tiny zoo's models on a GPU)")
+    parser.add_argument("--warm-start", choices=("auto", "on", "off"), default="auto",
+                        help="fork runs from a zygote (on), start each cold (off); auto: $DIFFBENCH_WARM_START, else "
+                             "the profile's default")
     parser.add_argument("--zoo-dir", default=os.environ.get("DIFFBENCH_ZOO_DIR", str(REPO / ".diffbench" / "zoo")))
     args = parser.parse_args()
 
@@ -52,7 +57,7 @@ def main() -> int:
     print(f"zoo ready in {time.monotonic() - t0:.1f} s ({zoo.root})")
     tasks = {t.id: t for t in load_tasks(REPO / "tasks")}
     work = Path(tempfile.mkdtemp(prefix="diffbench-bench-"))
-    print(f"speed method: {args.speed}; replay: {args.replay}; repeats: {args.repeats}; "
+    print(f"device: {args.device}; speed method: {args.speed}; replay: {args.replay}; repeats: {args.repeats}; "
           f"samples: {args.samples or 'task default'}\n")
     header = (f"{'task':<40}{'run':>4}{'task s':>8}{'start':>7}{'load':>7}{'gen':>7}{'child+':>7}{'replay':>7}{'basel.':>7}"
               f"{'parent':>7}{'harness%':>9}{'cache':>12}{'U':>9}{'verdict':>9}")
@@ -65,7 +70,9 @@ def main() -> int:
     for task_id in args.tasks:
         task = tasks[task_id]
         evaluator = tiny_evaluator(zoo, work / "cache", work / "runs", samples=args.samples, speed=args.speed,
-                                   repeats=1 if args.speed == "flops" else 3, replay=args.replay)
+                                   repeats=1 if args.speed == "flops" else 3, replay=args.replay, device=args.device,
+                                   warm_start=os.environ.get("DIFFBENCH_WARM_START", "auto")
+                                   if args.warm_start == "auto" else args.warm_start)
         us = []
         for i in range(args.repeats):
             baseline_before = evaluator.stats["baseline_s"]
@@ -98,7 +105,7 @@ def main() -> int:
     if starts:
         print(f"\nwarm runs (repeats after the first): median child start {statistics.median(starts):.2f} s, "
               f"median harness share {statistics.median(shares):.0f} % of a task "
-              f"(warm start: {os.environ.get('DIFFBENCH_WARM_START', 'auto')})")
+              f"(warm start resolved: {evaluator.profile.limits.warm_start})")
     print(f"\ntotal {time.monotonic() - t0:.1f} s; scratch folder {work}")
     return 0
 

@@ -95,6 +95,18 @@ elif action == "linger":
             time.sleep(120)
         os._exit(0)
     os.wait()
+elif action == "cuda":
+    # CUDA first initialised in the run (after the fork); memory an earlier run filled with its mark
+    # must not be readable in a fresh allocation of this one
+    mark, count = float(job.get("mark", 3.25)), int(job.get("floats", 64 << 20))
+    fresh = torch.empty(count, device="cuda")
+    result["marked_in_fresh_memory"] = int((fresh == mark).sum())
+    fresh.fill_(mark)
+    x = torch.randn(1024, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    result["matmul_sum"] = float((x @ x).double().sum())
+    torch.cuda.synchronize()
+    result["device_name"] = torch.cuda.get_device_name(0)
+    result["cuda_initialized_after"] = torch.cuda.is_initialized()
 elif action == "sleep":
     time.sleep(job.get("seconds", 30))
 elif action == "park_sockets":
