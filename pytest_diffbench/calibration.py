@@ -147,11 +147,15 @@ def family_key(task: Task) -> str:
 
 def family_digest(task: Task) -> str:
     """What the measurements depend on: model, pipeline, resolution, reference code, workload and
-    what a measurement counts (`MEASUREMENT_FORMAT`)."""
+    what a measurement counts (`MEASUREMENT_FORMAT`) and what the judged U means
+    (`crosscheck.JUDGED_SPEEDUP_FORMAT`; its first meaning adds nothing, so that older digests hold)."""
+    from .crosscheck import JUDGED_SPEEDUP_FORMAT
     from .evaluate import MEASUREMENT_FORMAT
 
     data = [task.model, task.pipeline, list(task.resolution), task.steps, task.scheduler, task.seed,
             task.guidance_scale, task.strength, task.workload.to_dict(), task.reference, MEASUREMENT_FORMAT]
+    if JUDGED_SPEEDUP_FORMAT != 1:
+        data.append({"judged_speedup": JUDGED_SPEEDUP_FORMAT})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -734,6 +738,102 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
     return _sorted_sections(out)
 
 
+def remeasure_optima(evaluator, tasks: list[Task], tasks_dir: Path, previous: Mapping,
+                     log: Callable[[str], None] = print, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Measure each optimum of `previous` again on the full workload, as the code counts now, and
+    derive its tasks' targets from that: no search. For a change in what a measurement means (the
+    judged U, `crosscheck.JUDGED_SPEEDUP_FORMAT`) when a new search is too costly.
+
+    The optima stay the configurations the earlier search found best under the earlier meaning;
+    under the new one another configuration may be faster, so a target derived here can be easier
+    than a new search's, never out of reach (its gold is measured here, under the new meaning).
+    Each family keeps its search's configurations and digest: they describe what that search
+    measured, so `Calibration.measurements` and a later `calibrate` treat them as out of date.
+    The new figures go to the optima and tasks sections and to the family's `optima_remeasured`.
+    A kept optimum must still hold its quality (L <= FULL_WORKLOAD_MARGIN x bound)."""
+    profile = evaluator.profile
+    if getattr(profile, "seeds", "public") != "public":
+        raise CalibrationError(f"calibration measures with public seeds, not {profile.seeds!r} ones")
+    if previous.get("profile") != profile.name:
+        raise CalibrationError(f"the calibration file is of profile {previous.get('profile')!r}, not {profile.name!r}")
+    gen = _load_generator(tasks_dir)
+    bound = float((previous.get("quality") or {})["bound"])
+    out = dict(previous)
+    out["versions"] = dict(profile.versions)
+    full_workload = evaluator.with_samples(None)
+    families_out = out.setdefault("families", {})
+    optima_out = out.setdefault("optima", {})
+    tasks_out = out.setdefault("tasks", {})
+    groups: dict[str, list[Task]] = {}
+    for t in tasks:
+        if t.level in ("L4", "L5"):
+            groups.setdefault(family_key(t), []).append(t)
+    for fkey, members in sorted(groups.items()):
+        started = time.monotonic()
+        probe = _probe_task(members[0], bound)
+        fam = families_out.get(fkey)
+        if not isinstance(fam, dict):
+            log(f"{fkey}: not in the calibration file; calibrate it with a search")
+            continue
+        digest = family_digest(probe)
+        family_dir = Path(evaluator.run_dir) / "calibration" / fkey
+        done = _measured_in_run_dir(family_dir, digest, profile.name, workload="full", evaluator=evaluator)[0]
+        remeasured = dict(fam.get("optima_remeasured") or {})
+        checked = {config_id(c["config"]): c for c in remeasured.get("checked") or []} \
+            if remeasured.get("digest") == digest else {}
+        presets = sorted({tuple(sorted(t.expect.allowed_methods or ())) for t in members}, key=len)
+        for preset in presets:
+            pkey = preset_key(preset)
+            okey = f"{fkey}/{pkey}"
+            old = optima_out.get(okey)
+            if not isinstance(old, dict):
+                log(f"  {okey}: no optimum in the file; its tasks stay uncalibrated")
+                continue
+            cid = config_id(old["config"])
+            if cid in checked:
+                c = checked[cid]
+                full = Measurement(c["config"], c.get("L"), c.get("U"), c.get("latency_ms"), c.get("error"),
+                                   c.get("seconds", 0.0))
+            elif cid in done:
+                full = done[cid]
+            else:
+                full, _ = _measure(full_workload, gen, probe, fkey, old["config"], workload="full")
+            checked[cid] = full.to_dict()
+            ok = full.error is None and full.U is not None and full.L is not None and full.L <= FULL_WORKLOAD_MARGIN * bound
+            log(f"  {okey}: {cid}: U {old.get('speedup')} -> {_round(full.U, 4)}, L {old.get('L')} -> "
+                f"{_round(full.L, 5)} {'kept' if ok else 'REJECTED'} {full.error or ''}".rstrip())
+            preset_tasks = [t for t in members if preset_key(t.expect.allowed_methods or ()) == pkey]
+            if not ok:
+                optima_out.pop(okey, None)
+                for t in preset_tasks:
+                    tasks_out.pop(t.id, None)
+                continue
+            anchor = fam.get("reference_latency_ms")
+            if profile.speed_method == "flops" and anchor and full.U:
+                full = dataclasses.replace(full, latency_ms=_round(anchor / full.U, 2))
+            shown = full.to_dict()
+            optima_out[okey] = {**old, "speedup": shown["U"], "latency_ms": shown["latency_ms"], "L": shown["L"],
+                                "code": render_config(gen, probe, old["config"],
+                                                      f"{okey} (calibration of profile {profile.name})")}
+            factors = dict(sorted({t.difficulty: float(t.constraint.target_factor) for t in preset_tasks
+                                   if t.constraint.target_factor}.items(), key=lambda kv: kv[1]))
+            for t in preset_tasks:
+                if t.level == "L5" and full.latency_ms is None:
+                    tasks_out.pop(t.id, None)
+                    log(f"  {t.id}: no latency measured; left uncalibrated")
+                    continue
+                tasks_out[t.id] = _task_entry(t, fkey, okey, full, factors)
+        from .crosscheck import JUDGED_SPEEDUP_FORMAT
+
+        fam["optima_remeasured"] = {"digest": digest, "judged_speedup": JUDGED_SPEEDUP_FORMAT,
+                                    "samples": full_workload.profile.samples or probe.workload.count,
+                                    "checked": sorted(checked.values(), key=lambda c: -(c.get("U") or 0))}
+        log(f"{fkey}: {len(presets)} optima in {time.monotonic() - started:.0f} s")
+        if checkpoint is not None:
+            checkpoint(_sorted_sections(out))
+    return _sorted_sections(out)
+
+
 def _verify_presets(evaluator, probe: Task, presets, cache: Mapping[str, Measurement], bound: float,
                     verified: dict[str, Measurement], fkey: str, gen, log) -> dict[str, tuple[Measurement, Measurement]]:
     """Per preset key: (the full-workload measurement of its optimum, that configuration's search
@@ -1021,6 +1121,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--samples")
     parser.add_argument("--out", default=None, help="output file (default: <tasks>/calibration/<profile>.yaml)")
     parser.add_argument("--fresh", action="store_true", help="drop families already in the output file")
+    parser.add_argument("--remeasure-optima", action="store_true",
+                        help="search nothing: measure the file's optima again on the full workload as the code "
+                             "counts now and derive the targets from that (remeasure_optima)")
     parser.add_argument("--merge", nargs="+", metavar="FILE", default=None,
                         help="measure nothing: merge calibration files of disjoint families (parallel runs, each "
                              "with its own --out) into --out")
@@ -1064,8 +1167,13 @@ def main(argv: list[str] | None = None) -> int:
         data["search"]["seconds_last_run"] = round(time.monotonic() - started, 1)
         write_calibration(out_path, data, command)
 
-    data = calibrate(evaluator, tasks, tasks_dir, configs=args.configs, quality_bound=args.quality_bound,
-                     previous=previous, checkpoint=checkpoint)
+    if args.remeasure_optima:
+        if previous is None:
+            raise SystemExit(f"--remeasure-optima: {out_path} holds no calibration to measure again")
+        data = remeasure_optima(evaluator, tasks, tasks_dir, previous, checkpoint=checkpoint)
+    else:
+        data = calibrate(evaluator, tasks, tasks_dir, configs=args.configs, quality_bound=args.quality_bound,
+                         previous=previous, checkpoint=checkpoint)
     checkpoint(data)
     n = sum(1 for t in tasks if t.id in data["tasks"])
     print(f"{out_path}: {n} of {len(tasks)} tasks calibrated in {time.monotonic() - started:.0f} s")

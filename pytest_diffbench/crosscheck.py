@@ -142,28 +142,33 @@ def work_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True)
     return _proved_ratio(reference, candidate, _work_per_image, proved)
 
 
+#: What the judged U means, part of every calibration family's digest (calibration.family_digest):
+#: 1 = min(U_flops, U_work); 2 = min(U_flops, U_work, U_seed) (session 19). Targets calibrated under
+#: another meaning are reported out of date instead of being used.
+JUDGED_SPEEDUP_FORMAT = 2
+
+
 def judged_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = True) -> dict | None:
     """The U a verdict uses on a FLOP-counted profile: {"U", "U_flops", "U_work", "U_seed"}, None
-    where either result has no FLOP count.
+    where either result has no FLOP count. U is the smallest of the three figures present.
 
-    U is the smaller of U_flops and U_work. FLOPs alone credit work moved into ops the counter
-    does not count (a matrix product written as a broadcast multiply and a sum, a gather of
-    precomputed rows); U_work counts those ops by the elements they read or make, so such a move
-    buys nothing. Honest configurations do no more uncounted work than their reference in step:
-    the golds and L4 optima showed U_flops / U_work 0.94-1.04 (docs/integrity.md), so the smaller figure costs
-    an honest candidate at most a few percent. Where no element count exists (a run without the
-    replay, a baseline cached before elements were counted) U is U_flops.
+    U_work: FLOPs alone credit work moved into ops the counter does not count (a matrix product
+    written as a broadcast multiply and a sum, a gather of precomputed rows); U_work counts those
+    ops by the elements they read or make, so such a move buys nothing. Honest configurations do
+    no more uncounted work than their reference in step: the golds and L4 optima showed
+    U_flops / U_work 0.94-1.04 (docs/integrity.md).
 
-    U_seed (where both have it) is recorded, not judged yet: U on the work that follows the seeds.
-    Work on the public inputs alone (the text encoder on the task's prompts) can be done in
-    load_pipeline, outside the call, and enter the trace as constants; U_seed gives that nothing
-    (a reference with T5 run at load passed an easy L4 PixArt task at U 1.26, U_seed 1.0). But the
-    L4/L5 targets were calibrated on all the FLOPs, and fewer steps also cut work that does not
-    follow the seeds (timestep embeddings, DiT's adaLN, the caption's keys and values): the
-    hard optima's U_seed is up to 12 % below their U (benchmarks/seed_free_work.py), under some
-    targets. Judging it needs the targets calibrated on it (docs/integrity.md, "Work done before
-    the call").
-"""
+    U_seed: U on the work that follows the seeds (trace.SeedTaint). Work on the public inputs alone
+    (the text encoder on the task's prompts, the caption's keys and values, the timestep
+    modulation) can be done in load_pipeline or off the record and enter the trace as constants;
+    a reference with T5 run at load passed an easy L4 PixArt task at U 1.26 with U_seed 1.0, and
+    red team round 7 passed hard L4 PixArt and DiT tasks so. U_seed gives that nothing. It also
+    gives nothing for honest cuts of that work (fewer steps also mean fewer per-step caption
+    keys and values), which is why the L4/L5 targets are calibrated on this same U
+    (`JUDGED_SPEEDUP_FORMAT`, docs/integrity.md "Work done before the call").
+
+    Where a figure is missing (a run without the replay, a baseline cached before elements or the
+    seeds were counted) U is the smallest of the others."""
     ref = (reference.get("flops") or {}).get("per_image")
     cand = (candidate.get("flops") or {}).get("per_image")
     if not ref or not isinstance(cand, (int, float)) or isinstance(cand, bool):
@@ -171,7 +176,7 @@ def judged_speedup(reference: Mapping, candidate: Mapping, *, proved: bool = Tru
     u_flops = ref / cand if cand > 0 else float("inf")
     u_work = work_speedup(reference, candidate, proved=proved)
     u_seed = seed_speedup(reference, candidate, proved=proved)
-    return {"U": u_flops if u_work is None else min(u_flops, u_work), "U_flops": u_flops, "U_work": u_work,
+    return {"U": min(u for u in (u_flops, u_work, u_seed) if u is not None), "U_flops": u_flops, "U_work": u_work,
             "U_seed": u_seed}
 
 

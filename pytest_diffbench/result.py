@@ -89,9 +89,9 @@ class Measures:
     L_gold: float | None = _field(_NUMBER)  # nRMSE vs the gold solution's images
     L_gold_bound: float | None = _field(_NUMBER)
     U: float | None = _field(_NUMBER)  # speedup over the reference
-    U_flops: float | None = _field(_NUMBER)  # replayed runs: FLOPs alone (U is the smaller of the two)
+    U_flops: float | None = _field(_NUMBER)  # replayed runs: FLOPs alone (U is the smallest of the three)
     U_work: float | None = _field(_NUMBER)  # replayed runs: FLOPs plus uncounted ops' elements
-    U_seed: float | None = _field(_NUMBER)  # replayed runs: the work that follows the seeds (recorded, not judged)
+    U_seed: float | None = _field(_NUMBER)  # replayed runs: the work that follows the seeds
     U_gold: float | None = _field(_NUMBER)  # the gold solution's speedup
     latency_ms: float | None = _field(_NUMBER)  # per image (FLOP-scaled on flops profiles)
     reference_latency_ms: float | None = _field(_NUMBER)  # the one latency_ms is scaled from

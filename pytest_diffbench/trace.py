@@ -232,8 +232,8 @@ class SeedTaint:
     The work of ops that do not follow the seeds could have been done before the call for the
     task's public inputs (prompts, class ids, init images), and a candidate can do it there, in
     load_pipeline, where no trace sees it (docs/integrity.md, "Work done before the call"); U on
-    the work that follows the seeds does not credit that (crosscheck.seed_speedup; recorded as
-    U_seed, not judged until the L4/L5 targets are calibrated on it)."""
+    the work that follows the seeds does not credit that (crosscheck.seed_speedup: U_seed, one of
+    the three figures whose smallest is the judged U)."""
 
     def __init__(self) -> None:
         self.storages: dict[int, Any] = {}  # address -> StorageWeakRef of the marked storage there

@@ -42,7 +42,7 @@ class FakeEvaluator:
     """Evaluator stand-in: reads the configuration back from the candidate code and models L and U."""
 
     def __init__(self, name="cpu-tiny", quality="fidelity", speed="flops", run_dir=None, samples=2,
-                 full_loss_scale=1.0):
+                 full_loss_scale=1.0, speed_scale=1.0):
         self.profile = SimpleNamespace(name=name, quality_method=quality, speed_method=speed, device="cpu",
                                        device_name="cpu", zoo="tiny", samples=samples, repeats=1, versions={},
                                        seeds="public")
@@ -52,12 +52,14 @@ class FakeEvaluator:
         # the full workload (samples None) loses this much more quality than the search's 2 samples
         self.loss_scale = 1.0 if samples else full_loss_scale
         self.full_loss_scale = full_loss_scale
+        self.speed_scale = speed_scale  # U as another meaning of the judged U would give it
         self.full = None
 
     def with_samples(self, samples):
         assert samples is None, "calibration re-measures optima on the tasks' own workload"
         self.full = FakeEvaluator(self.profile.name, self.profile.quality_method, self.profile.speed_method,
-                                  self.run_dir, samples=None, full_loss_scale=self.full_loss_scale)
+                                  self.run_dir, samples=None, full_loss_scale=self.full_loss_scale,
+                                  speed_scale=self.speed_scale)
         self.full.cache_dir = self.cache_dir
         return self.full
 
@@ -82,6 +84,7 @@ class FakeEvaluator:
             loss += 0.01
         assert not ("apply_patch" in code and "gate_step=" in code), "ToMe + T-GATE was not probed"
         loss *= self.loss_scale
+        u *= self.speed_scale
         result = TaskResult(task_id=task.id, label=label or task.id, level=task.level,
                             verdict=Verdict(True, 3, None, "passed"),
                             measures=Measures(L=loss, U=u, latency_ms=100.0 / u, reference_latency_ms=100.0),
@@ -421,6 +424,45 @@ def test_a_preset_whose_configurations_all_fail_the_full_workload_stays_uncalibr
     assert any("no configuration keeps its quality on the full workload" in line for line in logs)
 
 
+def test_remeasuring_the_optima_derives_the_targets_from_their_figures_now(suite, tmp_path):
+    """`--remeasure-optima`: each optimum of the file measured again on the full workload (here U
+    counted 10 % lower, as a new meaning of the judged U gives it), no search; the targets follow
+    the new figures, the family's search stays as it was, an optimum that lost its quality is
+    dropped with its tasks, and a rerun measures nothing again."""
+    import copy
+
+    keys_ = ["sd15-t2i-512x512-stable-diffusion-v1-5", "pixart-sigma-t2i-512x512-PixArt-Sigma-XL-2-512-MS"]
+    tasks = [t for k in keys_ for t in l45(suite, k)]
+    before = C.calibrate(FakeEvaluator(), tasks, TASKS_DIR, configs=12, log=lambda s: None)
+    slower = FakeEvaluator(run_dir=tmp_path / "runs", speed_scale=0.9)
+    logs = []
+    data = C.remeasure_optima(slower, tasks, TASKS_DIR, copy.deepcopy(before), log=logs.append)
+    assert slower.calls == [] and len(slower.full.calls) == len(before["optima"])  # no search
+    for okey, opt in data["optima"].items():
+        assert opt["config"] == before["optima"][okey]["config"]
+        assert opt["speedup"] == pytest.approx(0.9 * before["optima"][okey]["speedup"], abs=1e-3)
+        assert opt["latency_ms"] == pytest.approx(before["optima"][okey]["latency_ms"] / 0.9, rel=1e-3)
+    for tid, entry in data["tasks"].items():
+        assert entry["optimum_speedup"] == pytest.approx(data["optima"][entry["optimum"]]["speedup"], abs=1e-4)
+        old = before["tasks"][tid]
+        if entry["level"] == "L4" and old["min_speedup"] > C.MIN_SPEEDUP_TARGET:
+            assert entry["min_speedup"] < old["min_speedup"]
+        if entry["level"] == "L5":
+            assert entry["max_latency_ms"] > old["max_latency_ms"]
+    for key in keys_:
+        assert data["families"][key]["configurations"] == before["families"][key]["configurations"]
+        assert len(data["families"][key]["optima_remeasured"]["checked"]) >= 1
+    again = FakeEvaluator(run_dir=tmp_path / "runs", speed_scale=0.9)
+    same = C.remeasure_optima(again, tasks, TASKS_DIR, copy.deepcopy(data), log=lambda s: None)
+    assert again.full is None or again.full.calls == []
+    assert same["optima"] == data["optima"] and same["tasks"] == data["tasks"]
+    # an optimum that no longer keeps its quality takes its tasks out of the calibration
+    lossy = FakeEvaluator(run_dir=tmp_path / "runs-lossy", full_loss_scale=50.0)
+    dropped = C.remeasure_optima(lossy, tasks, TASKS_DIR, copy.deepcopy(before), log=logs.append)
+    assert dropped["optima"] == {} and dropped["tasks"] == {}
+    assert any("REJECTED" in line for line in logs)
+
+
 def test_the_committed_cpu_tiny_calibration_covers_the_suite_and_is_checked(suite):
     """The file a fresh machine uses: every L4/L5 task calibrated and up to date, every optimum
     checked on the full workload within its margin, targets derived from the checked figures."""
@@ -442,5 +484,11 @@ def test_the_committed_cpu_tiny_calibration_covers_the_suite_and_is_checked(suit
         assert raw["L"] <= C.FULL_WORKLOAD_MARGIN * bound, key
         assert raw["search"]["L"] <= C.SEARCH_MARGIN * bound and raw["search"]["samples"] < 10, key
         family = cal.raw["families"][key.split("/")[0]]
-        checked = {C.config_id(c["config"]): c for c in family["full_workload"]["checked"]}
+        # measured again after the search (--remeasure-optima) where the judged U changed meaning
+        remeasured = family.get("optima_remeasured")
+        if remeasured:
+            probe = next(t for t in l45_tasks if C.family_key(t) == key.split("/")[0])
+            assert remeasured["digest"] == C.family_digest(C._probe_task(probe, bound)), key
+        checked = {C.config_id(c["config"]): c for c in (remeasured or family["full_workload"])["checked"]}
         assert checked[C.config_id(raw["config"])]["L"] == raw["L"], key
+        assert checked[C.config_id(raw["config"])]["U"] == raw["speedup"], key

@@ -408,9 +408,9 @@ def test_text_encoded_before_the_judged_call_buys_no_speed(tiny_zoo, baseline_ca
     task's public prompts made in load_pipeline. It does all the reference's work, so it must not
     be faster than the reference. Its trace carries the embeddings as constants, so U_flops counts
     no text encoder (1.26 at L = 0: the easy L4 PixArt-Sigma target of 1.1 passes with no
-    acceleration); U on the work that follows the seeds (trace.SeedTaint) gives that nothing, but
-    it is recorded, not judged, until the targets are calibrated on it (docs/integrity.md, "Work
-    done before the call"): the verdict is an expected failure of the harness until then."""
+    acceleration); U on the work that follows the seeds (trace.SeedTaint) gives that nothing, and
+    the judged U is the smallest figure (crosscheck.judged_speedup), on which the targets are
+    calibrated (docs/integrity.md, "Work done before the call")."""
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
@@ -429,9 +429,33 @@ def test_text_encoded_before_the_judged_call_buys_no_speed(tiny_zoo, baseline_ca
     assert result.flops["source"] == "replay" and m.L < 0.01, (result.flops.get("source"), m.L)
     assert m.U_flops > 1.2, m  # what it buys: work that is nowhere in the trace
     assert m.U_seed == pytest.approx(1.0, abs=0.01), m  # the work that follows the seeds: the reference's
-    if result.verdict.passed:
-        pytest.xfail(f"open: U {m.U:.3f} is judged on all the FLOPs; U_seed {m.U_seed:.3f} is recorded, not judged")
     assert m.U < 1.02 and result.verdict.category == stages.RELATIVE_SPEED, (m, result.verdict)
+
+
+@pytest.mark.slow
+def test_seed_free_work_done_off_the_record_buys_no_speed(tiny_zoo, baseline_cache_dir, tmp_path):
+    """tests/adversarial_tasks/seed_free_work_off_the_record.py (red team round 7, S1): the
+    reference's configuration, with every seed-free part of the call computed while the recorder
+    is off the dispatch stack. The replay never counts that work (U_flops well over the hard
+    target); the work that follows the seeds is the reference's, and U is the smallest figure."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
+        load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-hard-0018.yaml"))
+    code = (TASK_ATTACKS / "seed_free_work_off_the_record.py").read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    m = result.measures
+    print(f"\nseed-free work off the record on {task.id}: {result.verdict}, U {m.U}, U_flops {m.U_flops}, "
+          f"U_seed {m.U_seed}, L {m.L}")
+    assert result.flops["source"] == "replay" and m.L < 0.01, (result.flops.get("source"), m.L)
+    assert m.U_flops > task.constraint.min_speedup, m  # what hiding the work buys in FLOPs
+    assert m.U_seed == pytest.approx(1.0, abs=0.01), m
+    assert m.U < 1.02 and (result.verdict.passed, result.verdict.category) == (False, stages.RELATIVE_SPEED), \
+        (m, result.verdict)
 
 
 def test_the_seeds_taint_follows_storages_through_views_and_in_place_writes_and_ends_with_them():

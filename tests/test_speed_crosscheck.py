@@ -223,18 +223,20 @@ def test_a_failed_check_against_a_cached_baseline_is_repeated_against_one_measur
     assert crosscheck.speed_violation(figures) is None and second.verdict.passed, (figures, second.verdict.message)
 
 
-def test_the_work_that_follows_the_seeds_is_recorded_beside_u_and_only_for_proved_figures():
+def test_the_work_that_follows_the_seeds_is_judged_and_only_for_proved_figures():
     """U_seed (crosscheck.seed_speedup): FLOPs plus weighted elements of the ops that follow the
     seeds, per image, where both results have them and the candidate's are the replay's. Work done
-    before the call for the public inputs lowers U_flops' denominator, not U_seed's; it is recorded,
-    not judged (the targets are calibrated on all the FLOPs)."""
+    before the call for the public inputs lowers U_flops' denominator, not U_seed's, and U is the
+    smallest figure."""
     reference = {"num_images": 2, "flops": {"per_image": 100.0, "elements": 0,
                                             "seeded": {"flops": 160.0, "elements": 10}}}  # seed work 90/image
     hoisted = {"num_images": 2, "flops": {"per_image": 80.0, "elements": 0, "source": "replay",
                                           "seeded": {"flops": 160.0, "elements": 10}}}
     judged = crosscheck.judged_speedup(reference, hoisted)
     assert judged["U_flops"] == pytest.approx(1.25) and judged["U_seed"] == pytest.approx(1.0)
-    assert judged["U"] == pytest.approx(1.25)  # recorded, not judged
+    assert judged["U"] == pytest.approx(1.0)  # the hoisted work buys nothing
+    honest = dict(hoisted, flops=dict(hoisted["flops"], per_image=50.0, seeded={"flops": 40.0, "elements": 10}))
+    assert crosscheck.judged_speedup(reference, honest)["U"] == pytest.approx(2.0)  # U_flops 2.0 < U_seed 3.6
     unproved = dict(hoisted, flops={k: v for k, v in hoisted["flops"].items() if k != "source"})
     assert crosscheck.seed_speedup(reference, unproved) is None
     assert crosscheck.seed_speedup(reference, unproved, proved=False) == pytest.approx(1.0)
