@@ -260,19 +260,20 @@ def test_candidates_folder_categories_and_xdist_agree_with_serial(tmp_path, e2e_
 
 @pytest.mark.slow
 def test_resume_reuses_complete_results_and_redoes_broken_ones(tmp_path, e2e_env):
+    # two DiT tasks with one reference (the cheapest family: six pytest sessions run them)
     out_dir = tmp_path / "run"
-    args = ["--diffbench-level=L1", "-k", "L1-sd15-t2i-0001 or L1-sd15-t2i-euler-0002", "--diffbench-samples=2",
+    args = ["--diffbench-level=L1", "-k", "L1-dit-c2i-0005 or L1-dit-c2i-dpmsolver-0015", "--diffbench-samples=2",
             f"--diffbench-out={out_dir}"]
     first = run_pytest(*args, f"--junitxml={tmp_path / 'first.xml'}", env=e2e_env)
     assert first.returncode == 0, first.stdout[-3000:]
     # a kill in the middle of writing leaves no result.json (atomic rename) or, at worst, a truncated one
-    broken = out_dir / "L1-sd15-t2i-euler-0002" / "result.json"
+    broken = out_dir / "L1-dit-c2i-dpmsolver-0015" / "result.json"
     broken.write_text(broken.read_text()[:40])
     second = run_pytest(*args, f"--junitxml={tmp_path / 'second.xml'}", env=e2e_env)
     assert second.returncode == 0, second.stdout[-3000:]
     cases = junit_cases(tmp_path / "second.xml")
-    assert cases["L1-sd15-t2i-0001"][1]["diffbench_resumed"] == "True"
-    assert cases["L1-sd15-t2i-euler-0002"][1]["diffbench_resumed"] == "False"
+    assert cases["L1-dit-c2i-0005"][1]["diffbench_resumed"] == "True"
+    assert cases["L1-dit-c2i-dpmsolver-0015"][1]["diffbench_resumed"] == "False"
     assert json.loads(broken.read_text())["complete"] is True
     third = run_pytest(*args, "--no-diffbench-resume", f"--junitxml={tmp_path / 'third.xml'}", env=e2e_env)
     assert third.returncode == 0, third.stdout[-3000:]
@@ -282,17 +283,17 @@ def test_resume_reuses_complete_results_and_redoes_broken_ones(tmp_path, e2e_env
 
     preds = tmp_path / "preds"
     preds.mkdir()
-    for task_id in ("L1-sd15-t2i-0001", "L1-sd15-t2i-euler-0002"):
+    for task_id in ("L1-dit-c2i-0005", "L1-dit-c2i-dpmsolver-0015"):
         (preds / f"{task_id}.py").write_text(load_task(REPO / "tasks" / "L1" / f"{task_id}.yaml").gold)
     fourth = run_pytest(*args, f"--diffbench-candidates={preds}", f"--junitxml={tmp_path / 'fourth.xml'}", env=e2e_env)
     assert fourth.returncode == 0, fourth.stdout[-3000:]
     assert all(props["diffbench_resumed"] == "False" for _, props in junit_cases(tmp_path / "fourth.xml").values())
-    (preds / "L1-sd15-t2i-0001.py").write_text((preds / "L1-sd15-t2i-0001.py").read_text() + "\n# edited\n")
+    (preds / "L1-dit-c2i-0005.py").write_text((preds / "L1-dit-c2i-0005.py").read_text() + "\n# edited\n")
     fifth = run_pytest(*args, f"--diffbench-candidates={preds}", f"--junitxml={tmp_path / 'fifth.xml'}", env=e2e_env)
     assert fifth.returncode == 0, fifth.stdout[-3000:]
     cases = junit_cases(tmp_path / "fifth.xml")
-    assert cases["L1-sd15-t2i-0001"][1]["diffbench_resumed"] == "False"
-    assert cases["L1-sd15-t2i-euler-0002"][1]["diffbench_resumed"] == "True"
+    assert cases["L1-dit-c2i-0005"][1]["diffbench_resumed"] == "False"
+    assert cases["L1-dit-c2i-dpmsolver-0015"][1]["diffbench_resumed"] == "True"
     # other seeds: nothing is reused (a verdict on secret seeds is not one on public seeds), and the
     # reference is measured again (its cache key holds the seeds), once: both tasks share its workload
     sixth = run_pytest(*args, f"--diffbench-candidates={preds}", "--diffbench-seeds=public",
