@@ -658,7 +658,8 @@ class Runner:
                 self.result["flops"]["elements"] = recorder.elements
                 if recorder.problem is None:  # the work that follows the seeds (trace.SeedTaint)
                     self.result["flops"]["seeded"] = {"flops": float(flop_mode.seeded_flops),
-                                                      "elements": recorder.seeded_elements}
+                                                      "elements": recorder.seeded_elements,
+                                                      "by_module": dict(flop_mode.seeded_flops_by_module)}
             self._send_trace(recorder)
 
         try:

@@ -142,6 +142,37 @@ def replay_bounds(batch: dict) -> dict:
     return {"max_constant_bytes": constants, "max_bytes": constants + (128 << 20)}
 
 
+def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Mapping | None = None) -> dict | None:
+    """stages.module_work_problem's figures: the seeded FLOPs per image by denoiser module of the
+    candidate (the replay's) and of what it is held to, with the methods that may lighten a module.
+    L1-L3: the gold solution, the specification (its steps and methods, so nothing is exempt).
+    L4/L5: the reference, where the task fixes the steps (no fast sampler allowed), with the
+    allowed methods. None where a figure is missing (a baseline cached before modules were
+    counted) or the steps are free."""
+    if task.level in ("L1", "L2", "L3"):
+        if gold is None:
+            return None
+        against, name, methods = gold, "the gold solution's", ()
+    else:
+        methods = tuple(task.expect.allowed_methods or ())
+        if "fast_sampler" in methods:
+            return None
+        against, name = reference, "the reference's"
+
+    def per_image(run: Mapping) -> dict | None:
+        by_module = ((run.get("flops") or {}).get("seeded") or {}).get("by_module")
+        count = run.get("num_images")
+        if not isinstance(by_module, Mapping) or not isinstance(count, int) or count < 1:
+            return None
+        return {str(k): float(v) / count for k, v in by_module.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    cand, held_to = per_image(candidate), per_image(against)
+    if cand is None or held_to is None:
+        return None
+    return {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods)}
+
+
 class Evaluator:
     def __init__(self, profile: Profile, data: DataSource, cache_dir: Path, run_dir: Path, *,
                  keep_baseline_images: bool = False):
@@ -310,8 +341,9 @@ class Evaluator:
         if dtype != "float32":  # only then, so that the float32 baselines keep their keys
             identity["dtype"] = dtype
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = 6  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
-            # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18)
+            identity["recorded"] = 7  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
+            # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18);
+            # 7: and its FLOPs by denoiser module (flops.seeded.by_module; session 19)
         key = cache_key(identity)
 
         def measure(images_dir: Path) -> dict:
@@ -552,6 +584,8 @@ class Evaluator:
         gold_images, gold = baseline_images(gold, "gold") if gold else (None, None)
         gold_loss = metrics.quality_loss_by_fidelity(gold_images, ref_images) if gold else None
         measured["fidelity"]["gold_mean_nrmse"] = gold_loss
+        if (result.get("flops") or {}).get("source") == "replay":
+            inputs.module_work = module_work_evidence(task, result, reference.result, gold.result if gold else None)
         if gold_images is not None:
             # L1-L3: the gold solution is the specification; its images from the same seeds show
             # what was asked where the reference is far away (e.g. an ancestral sampler)

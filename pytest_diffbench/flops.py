@@ -102,6 +102,10 @@ class LeanFlopCounterMode(FlopCounterMode):
         # precision stage 1 judges is the denoiser's, not a float32 VAE's)
         self.other_component = False
         self.other_flops_by_dtype: dict[str, int] = {}
+        # the FLOPs that follow the seeds by the denoiser module whose parameter the op reads, while a
+        # trace.Recorder or Replayer sets `module` (trace.denoiser_module): stages.module_work_problem
+        self.module: str | None = None
+        self.seeded_flops_by_module: dict[str, int] = {}
         self._watched: Any = None
         self._depth = 0
         self._hooks: list = []
@@ -120,6 +124,7 @@ class LeanFlopCounterMode(FlopCounterMode):
         self.flops_by_dtype = {}
         self.seeded, self.seeded_flops = False, 0
         self.other_component, self.other_flops_by_dtype = False, {}
+        self.module, self.seeded_flops_by_module = None, {}
         self._depth = 0
         module = self._watched
         if module is not None and hasattr(module, "register_forward_pre_hook"):
@@ -150,6 +155,8 @@ class LeanFlopCounterMode(FlopCounterMode):
             tally[dtype] = tally.get(dtype, 0) + int(count)
             if self.seeded:
                 self.seeded_flops += int(count)
+                if self.module is not None:
+                    self.seeded_flops_by_module[self.module] = self.seeded_flops_by_module.get(self.module, 0) + int(count)
             if self._depth:
                 self.flop_counts[type(self._watched).__name__][func_packet] += count
         return out

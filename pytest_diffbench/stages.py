@@ -247,8 +247,80 @@ class StageInputs:
     # L1-L3 where the candidate's FLOPs are the harness's replay's: FLOPs per image of the candidate,
     # the gold, and what the gold is compared with (the reference, the gold without each part)
     work_evidence: Mapping[str, Any] | list[Mapping[str, Any]] | None = None  # one figure, or several
+    # replayed runs where the task fixes the steps: the seeded FLOPs per image by denoiser module of
+    # the candidate and the reference, and the methods the task allows (module_work_problem)
+    module_work: Mapping[str, Any] | None = None
     # what the parent found wrong with figures the candidate's process produced (crosscheck.py)
     integrity_problems: tuple[str, ...] = ()
+
+
+#: how far a method may lighten a denoiser module's work, as (module name pattern, the least share
+#: of the reference's work left): T-GATE reuses cross-attention after its gate step, caches
+#: self-attention at intervals, and drops classifier-free guidance's unconditional branch after
+#: the gate step (tgate's pipelines: every module then runs on half the batch); ToMe merges the
+#: tokens of a UNet transformer block's attention and MLP; DeepCache skips all but the UNet's
+#: shallowest layers on its cached steps
+MODULES_A_METHOD_LIGHTENS: dict[str, tuple[tuple[re.Pattern, float], ...]] = {
+    "tgate": ((re.compile(r"(^|\.)(attn1|attn2)(\.|$)"), 0.0), (re.compile(r"."), 0.5)),
+    "tomesd": ((re.compile(r"^unet\..*(^|\.)(attn1|attn2|ff)(\.|$)"), 0.0),),
+    "deepcache": ((re.compile(r"^unet\.(?!conv_in$|conv_out$)"), 0.0),),
+}
+#: modules under this share of the reference's seeded denoiser FLOPs are not judged
+MODULE_WORK_MIN_SHARE = 0.002
+#: ... and the others may do this much less than the reference (honest runs match it exactly)
+MODULE_WORK_TOLERANCE = 0.01
+
+
+def _module_floor(module: str, methods) -> float:
+    """The least share of the reference's work `module` must do under the allowed `methods`."""
+    floors = [share for m in methods for pattern, share in MODULES_A_METHOD_LIGHTENS.get(m, ())
+              if pattern.search(module)]
+    return min(floors, default=1 - MODULE_WORK_TOLERANCE)
+
+
+def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
+    """Every denoiser module must do the work that follows the seeds (FLOPs per image, counted by
+    the harness: the replay for the candidate, the recorder for the baselines) of what the candidate
+    is held to (evaluate.module_work_evidence): on L1-L3 the gold's, on L4/L5 that fix the steps the
+    reference's, except where an allowed method lightens the module (`MODULES_A_METHOD_LIGHTENS`).
+    A denoiser whose forward answers some steps from an earlier step's output is still called
+    every step, so the hooks count every step (red team round 8: a hard L4 task that forbids a
+    sampler change passed so), but its modules' work is that of the steps it computed. One-sided:
+    a product whose weight is computed (not a view or copy of a parameter) is booked to no module,
+    so less work in a module proves nothing; more cannot be faked without doing it."""
+    if not evidence:
+        return None
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+    methods = list(evidence.get("methods") or ())
+    total = sum(v for v in reference.values() if isinstance(v, (int, float)))
+    if total <= 0:
+        return None
+    for module, ref in sorted(reference.items(), key=lambda kv: (-kv[1], kv[0])):
+        floor = _module_floor(module, methods)
+        if ref < MODULE_WORK_MIN_SHARE * total or floor <= 0:
+            continue
+        found = candidate.get(module, 0.0)
+        found = found if isinstance(found, (int, float)) and not isinstance(found, bool) else 0.0
+        if found < floor * ref:
+            against = evidence.get("against") or "the reference's"
+            allowed = "" if floor >= 1 - MODULE_WORK_TOLERANCE else \
+                f"; the methods the task allows leave at least {floor:g} of it"
+            return (f"the steps the task fixes do not show in the denoiser's work: expected {module} to compute "
+                    f"{ref:.4g} FLOPs per image that follow the seeds ({against}{allowed}), found "
+                    f"{found:.4g} (counted by the harness's replay); a step answered without computing it, or its "
+                    f"work done elsewhere")
+    return None
+    for module, ref in sorted(reference.items(), key=lambda kv: (-kv[1], kv[0])):
+        if ref < MODULE_WORK_MIN_SHARE * total or any(p.search(module) for p in allowed):
+            continue
+        found = candidate.get(module, 0.0)
+        found = found if isinstance(found, (int, float)) and not isinstance(found, bool) else 0.0
+        if found < (1 - MODULE_WORK_TOLERANCE) * ref:
+            return (f"the steps the task fixes do not show in the denoiser's work: expected {module} to compute "
+                    f"{ref:.4g} FLOPs per image that follow the seeds (the reference's; no method the task allows "
+                    f"lightens it), found {found:.4g} (counted by the harness's replay); a step answered "
+                    f"without computing it, or its work done elsewhere")
+    return None
 
 
 def spec_evidence_problem(inp: StageInputs) -> str | None:
@@ -357,7 +429,7 @@ def _judge(inp: StageInputs) -> Verdict:
         mismatches = key_attribute_mismatches(inp.expect, inp.level, attributes, inp.gold_attributes)
         mismatches += work_mismatches(attributes, inp.reference_attributes)
         mismatches += replay_mismatches(attributes, inp.result.get("flops"))
-        missing = None if mismatches else spec_evidence_problem(inp)
+        missing = None if mismatches else (module_work_problem(inp.module_work) or spec_evidence_problem(inp))
     except Exception as exc:  # noqa: BLE001 - the candidate's document: its failure, never a harness error
         return Verdict(False, 1, RUNTIME, f"bad result: the parent could not judge the attributes of the "
                                           f"candidate's result document ({type(exc).__name__}: {str(exc)[:200]})")

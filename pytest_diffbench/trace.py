@@ -221,6 +221,47 @@ def _refs(encoded: Any, out: list) -> list:
     return out
 
 
+def _origin_sources(refs: list, param_names: list[str], origins: dict[int, frozenset]) -> list:
+    """Per tensor reference of an op: the parameter names it comes from (a parameter, or a view or
+    copy of one: `_kept_origin`), None for anything computed."""
+    return [frozenset({param_names[v]}) if tag == "p" else origins.get(v) for tag, v in refs]
+
+
+def _kept_origin(func, sources: list) -> frozenset | None:
+    """The origin of an op's outputs: its inputs' where it only views or copies parameters."""
+    if sources and all(o is not None for o in sources) and (
+            func.is_view or func._overloadpacket in _WEIGHT_COPIES):
+        return frozenset().union(*sources)
+    return None
+
+
+def denoiser_module(sources: list) -> str | None:
+    """The denoiser module whose parameter an op reads (`unet.down_blocks.0.attentions.0.proj_in`),
+    for the work booked by module (LeanFlopCounterMode.module); None where it reads none."""
+    names = sorted(n for o in sources if o for n in o if n.partition(".")[0] in DENOISER_COMPONENTS)
+    return names[0].rpartition(".")[0] if names else None
+
+
+def _set_origins(origins: dict[int, frozenset], ids: list, out: Any, origin: frozenset | None) -> None:
+    for item, tensor_id in zip(tree_flatten(out)[0], ids):
+        if tensor_id is None or not isinstance(item, torch.Tensor):
+            continue
+        if origin is not None:
+            origins[tensor_id] = origin
+        else:
+            origins.pop(tensor_id, None)  # an in-place op on an activation: its id, no longer parameters
+
+
+class _ParamNames:
+    """`params[i]["name"]` by index, as `_origin_sources` reads names (the recorder's list grows)."""
+
+    def __init__(self, params: list[dict]):
+        self.params = params
+
+    def __getitem__(self, index: int) -> str:
+        return self.params[index]["name"]
+
+
 class SeedTaint:
     """Which values follow the seeds: the storages a seeded draw wrote, and every storage an op
     with such an input wrote (its outputs, and the arguments it writes in place, through views
@@ -296,6 +337,7 @@ class Recorder(TorchDispatchMode):
         self.counter = counter
         self.taint = SeedTaint()
         self.seeded_elements = 0
+        self.origins: dict[int, frozenset] = {}  # as in Replayer.run: parameter names by tensor id
         self.ids = WeakTensorKeyDictionary()
         named = named_tensors(pipe)
         self.param_names = {_tensor_key(t): name for name, t in named.items()}
@@ -419,13 +461,15 @@ class Recorder(TorchDispatchMode):
         # a draw the replay makes from the seeds (not one kept as drawn, a constant there) and an op
         # on what follows from one follow the seeds, as in Replayer.run
         seeded = self.problem is None and ((random and draw is not None) or self.taint.follows(args, kwargs))
+        sources = [] if entry is None else _origin_sources(_refs(entry[1:3], []), self._param_names_list, self.origins)
         if self.counter is not None:
             self.counter.seeded = seeded
+            self.counter.module = denoiser_module(sources)
         try:
             out = func(*args, **kwargs)
         finally:
             if self.counter is not None:
-                self.counter.seeded = False
+                self.counter.seeded, self.counter.module = False, None
         if self.problem is not None:
             return out
         elements = op_elements(func, (args, kwargs), out)
@@ -438,6 +482,7 @@ class Recorder(TorchDispatchMode):
                 self._record_outputs(out, constant=True)
             else:
                 entry.append(self._record_outputs(out))
+                _set_origins(self.origins, entry[3], out, _kept_origin(func, sources))
                 if draw is not None:
                     entry.append(draw)
                     self._last_state[draw["gen"]] = bytes(generator.get_state().numpy())
@@ -448,6 +493,10 @@ class Recorder(TorchDispatchMode):
 
     def _encode_kwargs(self, kwargs: dict) -> dict:
         return {str(k): self._encode(v) for k, v in kwargs.items()}
+
+    @property
+    def _param_names_list(self) -> "_ParamNames":
+        return _ParamNames(self.params)
 
     def _record_outputs(self, out: Any, constant: bool = False) -> list:
         ids: list = []
@@ -699,8 +748,8 @@ class Replayer:
         # components alone is booked apart (counter.other_component): the VAE may stay float32
         # beside a float16 denoiser, and a float32 denoiser cannot hide behind a float16 VAE's
         # share (red team, session 18: stage 1 took the plurality over the whole call)
-        components = [spec["name"].partition(".")[0] for spec in self.trace.params]
-        origins: dict[int, frozenset] = {}
+        names = [spec["name"] for spec in self.trace.params]
+        origins: dict[int, frozenset] = {}  # parameter names (their components: the part before the first dot)
         env: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
         generators: dict[int, torch.Generator] = {}
@@ -752,14 +801,17 @@ class Replayer:
                     raise TraceError(f"op {position} ({op[0]}) solves a {a.shape[-1]} x {a.shape[-1]} system; the "
                                      f"replay solves systems of at most {MAX_SOLVE_SIZE} (a scheduler's order)")
             seeded = len(op) == 5 or taint.follows(args, kwargs)  # a draw from the seeds, or what follows one
-            refs = _refs([op[1], op[2]], [])
-            sources = [frozenset({components[v]}) if tag == "p" else origins.get(v) for tag, v in refs]
-            origin = frozenset().union(*sources) if sources and all(o is not None for o in sources) and (
-                func.is_view or func._overloadpacket in _WEIGHT_COPIES) else None
-            other = any(o is not None and o and not (o & DENOISER_COMPONENTS) for o in sources)
+            sources = _origin_sources(_refs([op[1], op[2]], []), names, origins)
+            origin = _kept_origin(func, sources)
+            # another component's product only where no operand comes from the denoiser's parameters: an
+            # inert VAE operand (addmm's input with beta=0) beside a denoiser weight once moved the
+            # product out of the denoiser's precision tally (red team round 8)
+            parts = [{n.partition(".")[0] for n in o} for o in sources if o]
+            other = bool(parts) and not any(part & DENOISER_COMPONENTS for part in parts)
             if counter is not None:
                 counter.seeded = seeded
                 counter.other_component = other
+                counter.module = denoiser_module(sources)
             try:
                 out = func(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure
@@ -768,6 +820,7 @@ class Replayer:
             finally:
                 if counter is not None:
                     counter.seeded = counter.other_component = False
+                    counter.module = None
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in tree_flatten(out)[0]):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)
@@ -783,14 +836,11 @@ class Replayer:
                                  f"{shapes[position] if position < len(shapes) else None} on the child's seeds: "
                                  f"shapes that follow the seeds are not replayed")
             self.shapes.append(made)
+            _set_origins(origins, op[3], out, origin)
             for item, tensor_id in zip(tree_flatten(out)[0], op[3]):
                 if tensor_id is None or not isinstance(item, torch.Tensor):
                     continue
                 env[tensor_id] = item
-                if origin is not None:
-                    origins[tensor_id] = origin
-                else:
-                    origins.pop(tensor_id, None)  # an in-place op on an activation: its id, no longer parameters
                 if keep(tensor_id, item):
                     kept[tensor_id] = item
             for tensor_id in self._dead_after(position, op):

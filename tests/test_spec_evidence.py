@@ -139,3 +139,69 @@ def test_a_method_shown_off_the_record_with_seed_free_work_hidden_fails_on_what_
     assert m.L == pytest.approx(0.0, abs=1e-6) and m.U_seed == pytest.approx(1.0, abs=1e-3), m  # the reference's
     assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
     assert "the FLOPs that follow the seeds per image" in verdict.message, verdict.message
+
+
+def test_every_denoiser_module_does_the_references_work_unless_an_allowed_method_lightens_it():
+    """stages.module_work_problem on figures: a module under the reference's seeded FLOPs by more
+    than the tolerance fails, naming it; T-GATE's attention, ToMe's UNet attention and MLP and
+    DeepCache's deep UNet layers are exempt where the task allows the method, and under T-GATE the
+    other modules may do half (it drops the unconditional branch after its gate step); tiny modules
+    are not judged."""
+    reference = {"transformer.transformer_blocks.0.attn1.to_q": 100.0, "transformer.transformer_blocks.0.attn2.to_q": 80.0,
+                 "transformer.transformer_blocks.0.ff.net.0.proj": 400.0, "transformer.proj_out": 0.5}
+    honest = dict(reference)
+    assert stages.module_work_problem({"candidate": honest, "reference": reference, "methods": []}) is None
+    skipped = {k: v * 0.3 for k, v in reference.items()}  # 6 of 20 steps computed
+    problem = stages.module_work_problem({"candidate": skipped, "reference": reference, "methods": ["fp16", "tgate"]})
+    assert "transformer.transformer_blocks.0.ff.net.0.proj" in problem and "400" in problem, problem
+    assert "(the reference's; the methods" in problem, problem
+    against_gold = stages.module_work_problem({"candidate": skipped, "reference": reference, "methods": [],
+                                               "against": "the gold solution's"})
+    assert "(the gold solution's)" in against_gold, against_gold
+    tgate = dict(reference, **{"transformer.transformer_blocks.0.attn2.to_q": 20.0,  # cross-attention reused
+                               "transformer.transformer_blocks.0.ff.net.0.proj": 220.0})  # guidance dropped late
+    assert stages.module_work_problem({"candidate": tgate, "reference": reference, "methods": ["tgate"]}) is None
+    cross_only = dict(reference, **{"transformer.transformer_blocks.0.attn2.to_q": 20.0})
+    assert "attn2.to_q" in stages.module_work_problem({"candidate": cross_only, "reference": reference,
+                                                       "methods": ["fp16"]})
+    problem = stages.module_work_problem({"candidate": skipped, "reference": reference, "methods": ["tgate"]})
+    assert "ff.net.0.proj" in problem and "leave at least 0.5 of it" in problem, problem
+    tiny = dict(reference, **{"transformer.proj_out": 0.0})  # 0.05 % of the work: not judged
+    assert stages.module_work_problem({"candidate": tiny, "reference": reference, "methods": []}) is None
+    unet = {"unet.conv_in": 10.0, "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 50.0,
+            "unet.conv_out": 10.0, "unet.mid_block.resnets.0.conv1": 200.0}
+    cached = dict(unet, **{"unet.mid_block.resnets.0.conv1": 50.0,
+                           "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 12.0})
+    assert stages.module_work_problem({"candidate": cached, "reference": unet, "methods": ["deepcache"]}) is None
+    assert "mid_block" in stages.module_work_problem({"candidate": cached, "reference": unet, "methods": ["tomesd"]})
+    no_conv_in = dict(cached, **{"unet.conv_in": 3.0})
+    assert "unet.conv_in" in stages.module_work_problem({"candidate": no_conv_in, "reference": unet,
+                                                          "methods": ["deepcache"]})
+    assert stages.module_work_problem({"candidate": {"unet.conv_in": "x"}, "reference": {"unet.conv_in": 1.0},
+                                       "methods": []}) is not None  # a figure that is no number counts as none
+    assert stages.module_work_problem(None) is None
+
+
+@pytest.mark.slow
+def test_a_denoiser_answering_skipped_steps_fails_on_its_modules_work(tiny_zoo, baseline_cache_dir, tmp_path):
+    """tests/adversarial_tasks/denoiser_answers_skipped_steps.py (red team round 8): the transformer
+    runs on 6 of the 20 steps a nosampler task fixes and answers the others with the last output;
+    the hooks count 20 calls. Its modules' seeded work is that of 6 steps: a key-attribute failure.
+    The task's own gold (fp16 + T-GATE, which lightens cross-attention only) passes."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
+        load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-nosampler-hard-0072.yaml"))
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=300.0)
+    code = (REPO / "tests" / "adversarial_tasks" / "denoiser_answers_skipped_steps.py").read_text()
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    verdict, m = result.verdict, result.measures
+    print(f"\ndenoiser answering skipped steps: {verdict}, U {m.U}, L {m.L}")
+    assert result.attributes["steps"]["denoiser_calls"] == [20, 20], result.attributes["steps"]  # the hooks saw 20
+    assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
+    assert "the steps the task fixes do not show in the denoiser's work" in verdict.message, verdict.message
+    gold = evaluator.evaluate(task, Candidate(code=task.gold, source="test"), task.reference, task.gold)
+    assert gold.verdict.passed, gold.verdict
