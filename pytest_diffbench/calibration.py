@@ -605,6 +605,15 @@ def climb(knobs: list[Knob], measure: Callable[[dict], tuple[Measurement, bool]]
     return list(seen.values())
 
 
+def _families(tasks: Iterable[Task]) -> list[tuple[str, list[Task]]]:
+    """The L4/L5 tasks of `tasks` by calibration family (family_key), sorted by key."""
+    groups: dict[str, list[Task]] = {}
+    for t in tasks:
+        if t.level in ("L4", "L5"):
+            groups.setdefault(family_key(t), []).append(t)
+    return sorted(groups.items())
+
+
 def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFAULT_CONFIGS,
               quality_bound: float | None = None, log: Callable[[str], None] = print,
               previous: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:
@@ -637,11 +646,7 @@ def calibrate(evaluator, tasks: list[Task], tasks_dir: Path, configs: int = DEFA
     families_out = out.setdefault("families", {})
     optima_out = out.setdefault("optima", {})
     tasks_out = out.setdefault("tasks", {})
-    groups: dict[str, list[Task]] = {}
-    for t in tasks:
-        if t.level in ("L4", "L5"):
-            groups.setdefault(family_key(t), []).append(t)
-    for fkey, members in sorted(groups.items()):
+    for fkey, members in _families(tasks):
         started = time.monotonic()
         probe = _probe_task(members[0], bound)
         presets = sorted({tuple(sorted(t.expect.allowed_methods or ())) for t in members}, key=len)
@@ -764,11 +769,7 @@ def remeasure_optima(evaluator, tasks: list[Task], tasks_dir: Path, previous: Ma
     families_out = out.setdefault("families", {})
     optima_out = out.setdefault("optima", {})
     tasks_out = out.setdefault("tasks", {})
-    groups: dict[str, list[Task]] = {}
-    for t in tasks:
-        if t.level in ("L4", "L5"):
-            groups.setdefault(family_key(t), []).append(t)
-    for fkey, members in sorted(groups.items()):
+    for fkey, members in _families(tasks):
         started = time.monotonic()
         probe = _probe_task(members[0], bound)
         fam = families_out.get(fkey)
