@@ -152,6 +152,12 @@ def calibration_table(task, measurements: dict | None, allowed: list[str]) -> st
         lq += " with the public seeds (task seed + i); on a task's own samples and seeds L differs by up to about 0.02"
     parts = [f"From the benchmark's calibration of this profile: each allowed method alone, on this task's model, "
              f"pipeline and run size. {how}; {lq}."]
+    earlier = measurements.get("earlier_basis")
+    if earlier:
+        ratio = earlier.get("U_now_over_then")
+        scale = f" (on this family's optima U today is {ratio[0]:g}-{ratio[1]:g} times the U shown)" if ratio else ""
+        parts.append(f"These U were measured before U counted only the work that follows the seeds; the targets use "
+                     f"today's U, which is lower where much of the work follows no seed{scale}.")
     ref = measurements.get("reference_latency_ms")
     if ref and speed == "flops" and task.level == "L5":
         parts.append(f"The reference took {ref:.1f} ms per image there; on this profile a candidate's latency is "

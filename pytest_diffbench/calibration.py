@@ -260,20 +260,35 @@ class Calibration:
         "speed_method", "samples", "seeds", "reference_latency_ms", "rows": [{"config", "U", "L",
         "latency_ms"}]}`` (best U first), or None when the file has no up-to-date measurements of
         that family. No ground truth: the configurations that are an optimum of the family (the
-        gold solution of some preset's tasks) are left out, whichever preset `task` is of."""
+        gold solution of some preset's tasks) are left out, whichever preset `task` is of.
+
+        A family whose optima were measured again under a new meaning of U (`remeasure_optima`)
+        keeps the search's rows, measured under the earlier one: they come with ``"earlier_basis":
+        {"U_now_over_then": [low, high]}``, the range of now / then over the family's optima, for
+        the planner to read them by."""
         fkey = family_key(task)
         fam = self.families.get(fkey)
-        if not isinstance(fam, dict) or fam.get("digest") != family_digest(task):
+        if not isinstance(fam, dict):
             return None
-        optima = {config_id(o.config) for k, o in self.optima.items() if k.split("/", 1)[0] == fkey}
+        digest = family_digest(task)
+        remeasured = fam.get("optima_remeasured") if isinstance(fam.get("optima_remeasured"), dict) else {}
+        if fam.get("digest") != digest and remeasured.get("digest") != digest:
+            return None
+        optima = {config_id(o.config): o for k, o in self.optima.items() if k.split("/", 1)[0] == fkey}
         rows = [{"config": c["config"], "U": c.get("U"), "L": c.get("L"), "latency_ms": c.get("latency_ms")}
                 for c in fam.get("configurations") or []
                 if isinstance(c, dict) and isinstance(c.get("config"), dict) and config_id(c["config"]) not in optima
                 and c.get("U") is not None]
         search = self.raw.get("search") or {}
-        return {"profile": self.profile, "family": fkey, "quality_method": self.quality_method,
-                "speed_method": self.speed_method, "samples": search.get("samples"), "seeds": search.get("seeds"),
-                "reference_latency_ms": fam.get("reference_latency_ms"), "rows": rows}
+        out = {"profile": self.profile, "family": fkey, "quality_method": self.quality_method,
+               "speed_method": self.speed_method, "samples": search.get("samples"), "seeds": search.get("seeds"),
+               "reference_latency_ms": fam.get("reference_latency_ms"), "rows": rows}
+        if fam.get("digest") != digest:
+            then = {config_id(c["config"]): c.get("U") for c in fam.get("configurations") or []
+                    if isinstance(c, dict) and isinstance(c.get("config"), dict)}
+            ratios = [o.speedup / then[cid] for cid, o in optima.items() if then.get(cid)]
+            out["earlier_basis"] = {"U_now_over_then": [round(min(ratios), 3), round(max(ratios), 3)] if ratios else None}
+        return out
 
     def apply(self, task: Task) -> Task:
         """A copy of an L4/L5 `task` with the profile's concrete target, quality bound, gold code and

@@ -492,3 +492,12 @@ def test_the_committed_cpu_tiny_calibration_covers_the_suite_and_is_checked(suit
         checked = {C.config_id(c["config"]): c for c in (remeasured or family["full_workload"])["checked"]}
         assert checked[C.config_id(raw["config"])]["L"] == raw["L"], key
         assert checked[C.config_id(raw["config"])]["U"] == raw["speedup"], key
+    # the planner keeps the search's rows of a remeasured family, with how they compare today
+    pixart = next(t for t in l45_tasks if t.id == "L4-pixart-sigma-t2i-hard-0018")
+    seen = cal.measurements(pixart)
+    low, high = seen["earlier_basis"]["U_now_over_then"]
+    assert seen["rows"] and 0.8 < low <= high <= 1.0, seen["earlier_basis"]
+    from pytest_diffbench.agent.facts import calibration_table
+
+    table = calibration_table(pixart, seen, list(pixart.expect.allowed_methods))
+    assert "These U were measured before U counted only the work that follows the seeds" in table, table
