@@ -146,18 +146,36 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     """stages.module_work_problem's figures: the seeded FLOPs per image by denoiser module of the
     candidate (the replay's) and of what it is held to, with the methods that may lighten a module.
     L1-L3: the gold solution, the specification (its steps and methods, so nothing is exempt).
-    L4/L5: the reference, where the task fixes the steps (no fast sampler allowed), with the
-    allowed methods. None where a figure is missing (a baseline cached before modules were
-    counted) or the steps are free."""
+    L4/L5: the reference, with the allowed methods; where a fast sampler is allowed, per denoiser
+    call, times the calls the candidate reports. None where a figure is missing (a baseline cached
+    before modules were counted, calls not reported)."""
+    scale = 1.0
+    least_shares: dict[str, float] = {}
     if task.level in ("L1", "L2", "L3"):
         if gold is None:
             return None
         against, name, methods = gold, "the gold solution's", ()
     else:
-        methods = tuple(task.expect.allowed_methods or ())
-        if "fast_sampler" in methods:
-            return None
+        allowed = tuple(task.expect.allowed_methods or ())
+        # only a method stage 1 saw applied lightens a module: an allowed T-GATE left unapplied
+        # no longer covers guidance dropped after a few steps (red team round 8, S5)
+        applied = (candidate.get("attributes") or {}).get("methods") \
+            if isinstance(candidate.get("attributes"), Mapping) else None
+        methods = tuple(m for m in allowed if isinstance(applied, Mapping) and m in applied)
         against, name = reference, "the reference's"
+        if "tgate" in methods:
+            share = tgate_least_share(candidate.get("attributes"))
+            if share is not None:
+                least_shares["tgate"] = share
+        if "fast_sampler" in allowed:
+            # the steps are free: held to the reference's work per denoiser call times the calls per
+            # pipeline call that stage 1 reports (a denoiser answering some calls from an earlier
+            # output reports every call; red team round 8 on a hard L4 task that allows step cuts)
+            cand_calls, ref_calls = _denoiser_calls(candidate), _denoiser_calls(reference)
+            if not cand_calls or not ref_calls:
+                return None
+            scale = cand_calls / ref_calls
+            name = f"the reference's per denoiser call, times the {cand_calls:g} calls per image reported"
 
     def per_image(run: Mapping) -> dict | None:
         by_module = ((run.get("flops") or {}).get("seeded") or {}).get("by_module")
@@ -170,7 +188,39 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     cand, held_to = per_image(candidate), per_image(against)
     if cand is None or held_to is None:
         return None
-    return {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods)}
+    held_to = {k: v * scale for k, v in held_to.items()}
+    return {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
+            "least_shares": least_shares}
+
+
+def tgate_least_share(attributes: Mapping | None) -> float | None:
+    """The least share of the reference's per-call work T-GATE leaves a module other than
+    attention, from the gate step stage 1 observed: the whole batch before it, the conditional
+    half after (tgate's pipelines drop guidance's unconditional branch there), with one call of
+    slack for where the gate falls. None where the gate step or the calls are not reported."""
+    if not isinstance(attributes, Mapping):
+        return None
+    tgate = (attributes.get("methods") or {}).get("tgate") if isinstance(attributes.get("methods"), Mapping) else None
+    steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
+    gate = tgate.get("gate_step") if isinstance(tgate, Mapping) else None
+    calls, requested = steps.get("denoiser_calls"), steps.get("requested")
+    if not (isinstance(gate, int) and isinstance(calls, list) and calls and isinstance(calls[0], int)
+            and not isinstance(gate, bool) and calls[0] > 0):
+        return None
+    n = calls[0]
+    first = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else n
+    gate_call = min(n, gate + max(0, n - first))  # the reported gate step leaves out warm-up calls
+    return max(0.5, min(1.0, (n + gate_call - 1) / (2 * n)))
+
+
+def _denoiser_calls(run: Mapping) -> float | None:
+    """The mean denoiser calls per pipeline call a run's stage-1 attributes report, or None."""
+    steps = (run.get("attributes") or {}).get("steps") if isinstance(run.get("attributes"), Mapping) else None
+    calls = steps.get("denoiser_calls") if isinstance(steps, Mapping) else None
+    if not isinstance(calls, list) or not calls or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in calls):
+        return None
+    return sum(calls) / len(calls)
 
 
 class Evaluator:

@@ -182,6 +182,65 @@ def test_every_denoiser_module_does_the_references_work_unless_an_allowed_method
     assert stages.module_work_problem(None) is None
 
 
+def test_where_steps_are_free_the_modules_are_held_to_the_reference_per_denoiser_call():
+    """evaluate.module_work_evidence on an L4 task that allows a fast sampler: the reference's
+    figures scaled by the denoiser calls per pipeline call the candidate reports (an honest
+    10-step run of a 20-step reference passes exactly; one reporting 20 calls while computing 6
+    fails); L1-L3 are held to the gold's figures."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence
+
+    def run(work, calls):
+        return {"num_images": 2, "flops": {"seeded": {"by_module": {"transformer.blocks.0.ff": 2 * work}}},
+                "attributes": {"steps": {"denoiser_calls": [calls, calls], "requested": [calls, calls]}}}
+
+    free = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("fast_sampler", "fp16")))
+    reference = run(200.0, 20)
+    honest = module_work_evidence(free, run(100.0, 10), reference)
+    assert honest["reference"] == {"transformer.blocks.0.ff": 100.0} and stages.module_work_problem(honest) is None
+    forged = module_work_evidence(free, run(60.0, 20), reference)  # 6 of 20 calls computed, 20 reported
+    assert "times the 20 calls per image reported" in stages.module_work_problem(forged)
+    assert module_work_evidence(free, {**run(60.0, 20), "attributes": {}}, reference) is None  # nothing reported
+    spec = SimpleNamespace(level="L2", expect=SimpleNamespace(allowed_methods=None))
+    held = module_work_evidence(spec, run(60.0, 20), reference, gold=run(100.0, 20))
+    assert held["reference"] == {"transformer.blocks.0.ff": 100.0} and held["against"] == "the gold solution's"
+    assert module_work_evidence(spec, run(60.0, 20), reference) is None  # no gold: no specification
+
+
+def test_only_a_method_seen_applied_lightens_a_module_and_tgate_by_its_gate_step():
+    """Red team round 8, S5: on an L4 task that allows T-GATE, guidance dropped after step 6 of 20
+    (every module at 0.65 of the reference) passed under T-GATE's blanket half. Now a method lightens
+    a module only where stage 1 saw it applied, and T-GATE by its observed gate step: the whole
+    batch before it, half after (one call of slack)."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence, tgate_least_share
+
+    task = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("tgate", "tomesd")))
+    reference = {"num_images": 1, "flops": {"seeded": {"by_module": {"transformer.blocks.0.ff": 100.0,
+                                                                      "transformer.blocks.0.attn2.to_k": 40.0}}}}
+
+    def run(ff, methods, calls=20, requested=20):
+        return {"num_images": 1, "flops": {"seeded": {"by_module": {"transformer.blocks.0.ff": ff,
+                                                                     "transformer.blocks.0.attn2.to_k": 4.0}}},
+                "attributes": {"methods": methods, "steps": {"denoiser_calls": [calls], "requested": [requested]}}}
+
+    unapplied = module_work_evidence(task, run(65.0, {}), reference)
+    assert unapplied["methods"] == [] and "blocks.0.ff to compute 100" in stages.module_work_problem(unapplied)
+    gated = {"tgate": {"gate_step": 10}}
+    assert tgate_least_share(run(0, gated)["attributes"]) == (20 + 10 - 1) / 40
+    assert tgate_least_share({**run(0, gated)["attributes"], "steps": {"denoiser_calls": [21], "requested": [20]}}) \
+        == (21 + 11 - 1) / 42  # a warm-up call: the reported gate step leaves it out
+    assert tgate_least_share(run(0, {"tgate": {"gate_step": None}})["attributes"]) is None
+    early = module_work_evidence(task, run(65.0, gated), reference)  # guidance dropped before the gate
+    assert "leave at least 0.725 of it" in stages.module_work_problem(early), stages.module_work_problem(early)
+    honest = module_work_evidence(task, run(75.0, gated), reference)  # 10 calls whole, 10 on half the batch
+    assert stages.module_work_problem(honest) is None, stages.module_work_problem(honest)
+    unknown_gate = module_work_evidence(task, run(55.0, {"tgate": {"gate_step": None}}), reference)
+    assert stages.module_work_problem(unknown_gate) is None  # no gate step seen: T-GATE's least, half
+
+
 @pytest.mark.slow
 def test_a_denoiser_answering_skipped_steps_fails_on_its_modules_work(tiny_zoo, baseline_cache_dir, tmp_path):
     """tests/adversarial_tasks/denoiser_answers_skipped_steps.py (red team round 8): the transformer
@@ -202,6 +261,31 @@ def test_a_denoiser_answering_skipped_steps_fails_on_its_modules_work(tiny_zoo, 
     print(f"\ndenoiser answering skipped steps: {verdict}, U {m.U}, L {m.L}")
     assert result.attributes["steps"]["denoiser_calls"] == [20, 20], result.attributes["steps"]  # the hooks saw 20
     assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
-    assert "the steps the task fixes do not show in the denoiser's work" in verdict.message, verdict.message
+    assert "the denoiser's work falls short of the call reported" in verdict.message, verdict.message
     gold = evaluator.evaluate(task, Candidate(code=task.gold, source="test"), task.reference, task.gold)
     assert gold.verdict.passed, gold.verdict
+
+
+@pytest.mark.slow
+def test_guidance_dropped_under_an_allowed_but_unapplied_tgate_fails_on_its_modules_work(
+        tiny_zoo, baseline_cache_dir, tmp_path):
+    """tests/adversarial_tasks/guidance_dropped_after_six_steps.py (red team round 8, S5): T-GATE is
+    allowed and not applied; from the seventh call the transformer runs the conditional half only.
+    Its first call shows guidance, so only the work by module shows the cut: a key-attribute failure
+    now that an allowed method lightens nothing unless stage 1 saw it applied."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
+        load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-nosampler-easy-0070.yaml"))
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=300.0)
+    code = (REPO / "tests" / "adversarial_tasks" / "guidance_dropped_after_six_steps.py").read_text()
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    verdict, m = result.verdict, result.measures
+    print(f"\nguidance dropped after six steps: {verdict}, U {m.U}, L {m.L}")
+    assert result.attributes["denoiser_inputs"]["cfg"] is True  # the first call shows guidance
+    assert "tgate" not in (result.attributes.get("methods") or {})
+    assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
+    assert "the denoiser's work falls short of the call reported" in verdict.message, verdict.message
