@@ -84,7 +84,37 @@ def candidate_digest(code: str | None, gold: str | None) -> str | None:
     own code through the harness key: no leak from one submission tells another anything."""
     if code is None or (gold and code.strip() == gold.strip()):
         return None
-    return hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return hashlib.sha256(code_form(code).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def code_form(code: str) -> str:
+    """What of a candidate's code its verdict seeds follow: the parsed program without comments,
+    layout or string statements (docstrings), so that the same program submitted again with a
+    comment changed gets the same seeds (red team round 8, R1: five re-rolls of a candidate just
+    over the quality bound, by a trailing comment, all passed). A renamed variable is another
+    program and still draws other seeds (docs/integrity.md). Code that does not parse: as written."""
+    import ast
+
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return code
+
+    class DropStringStatements(ast.NodeTransformer):
+        def generic_visit(self, node):
+            super().generic_visit(node)
+            for field in ("body", "orelse", "finalbody"):
+                body = getattr(node, field, None)
+                if isinstance(body, list) and body and all(isinstance(s, ast.stmt) for s in body):
+                    kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                                    and isinstance(s.value.value, str))]
+                    setattr(node, field, kept or ([] if isinstance(node, ast.Module) else [ast.Pass()]))
+            return node
+
+    try:
+        return ast.dump(DropStringStatements().visit(tree), annotate_fields=False)
+    except RecursionError:
+        return code
 
 
 def sample_seeds(task, count: int, mode: str = SECRET_SEEDS, scope: str = VERDICT_SCOPE,

@@ -163,9 +163,9 @@ def test_the_verdicts_secret_seeds_are_each_candidates_own_and_the_golds_the_wor
     evaluator = _evaluator(tmp_path)
     key = keys.secret_key(tmp_path / "cache")
     workloads, _ = evaluator.build_batch(t, 2)
-    leak, _ = evaluator.build_batch(t, 2, candidate_code="def generate(pipe, batch): ...  # leaks its noise")
-    carry, _ = evaluator.build_batch(t, 2, candidate_code="def generate(pipe, batch): ...  # carries images")
-    again, _ = evaluator.build_batch(t, 2, candidate_code="def generate(pipe, batch): ...  # carries images")
+    leak, _ = evaluator.build_batch(t, 2, candidate_code="def generate(pipe, batch): return 'leaks its noise'")
+    carry, _ = evaluator.build_batch(t, 2, candidate_code="def generate(pipe, batch): return 'carries images'")
+    again, _ = evaluator.build_batch(t, 2, candidate_code="def generate(pipe, batch): return 'carries images'")
     gold, _ = evaluator.build_batch(t, 2, candidate_code=t.gold)
     assert workloads["seeds"] == gold["seeds"] == workload.sample_seeds(t, 2, key=key)
     assert len({tuple(b["seeds"]) for b in (workloads, leak, carry)}) == 3
@@ -175,6 +175,23 @@ def test_the_verdicts_secret_seeds_are_each_candidates_own_and_the_golds_the_wor
     assert shared.build_batch(t, 2, candidate_code="x = 1")[0]["seeds"] == workloads["seeds"]
     agent = [evaluator.build_batch(t, 2, scope="agent", candidate_code=c)[0]["seeds"] for c in ("x = 1", "x = 2")]
     assert agent[0] == agent[1] == workload.sample_seeds(t, 2, "secret", "agent", key)
+
+
+def test_a_candidate_resubmitted_with_comments_or_layout_changed_keeps_its_verdict_seeds():
+    """Red team round 8, R1: the seeds followed the code as written, so a candidate just over the
+    quality bound was submitted again with a trailing comment changed until a seed set favoured it.
+    They follow the parsed program now (workload.code_form): comments, blank lines, layout and
+    docstrings change nothing; any change to what runs (a constant, a name) draws other seeds."""
+    base = 'def generate(pipe, batch):\n    """Make the images."""\n    x = [1, 2]\n    return x\n'
+    same = ['# re-roll 1\n' + base, base + '\n\n# re-roll 2\n', base.replace("x = [1, 2]", "x = [1,\n         2]  # hm"),
+            base.replace('"""Make the images."""', '"""Another docstring."""\n    "a string statement"'),
+            base.replace('    """Make the images."""\n', '')]
+    digests = {workload.candidate_digest(code, "gold") for code in [base, *same]}
+    assert len(digests) == 1, digests
+    changed = [base.replace("[1, 2]", "[1, 3]"), base.replace("x", "y"), base.replace("return x", "return list(x)")]
+    assert len({workload.candidate_digest(code, "gold") for code in [base, *changed]}) == 4
+    assert workload.candidate_digest("def broken(:\n", "gold") != workload.candidate_digest("def broken(: \n", "gold")
+    assert workload.candidate_digest("gold  \n", "gold") is None  # the gold itself keeps the workload's seeds
 
 
 def test_evaluate_records_the_seed_mode_and_scope(tmp_path):
