@@ -247,16 +247,11 @@ def test_a_denoiser_answering_skipped_steps_fails_on_its_modules_work(tiny_zoo, 
     runs on 6 of the 20 steps a nosampler task fixes and answers the others with the last output;
     the hooks count 20 calls. Its modules' seeded work is that of 6 steps: a key-attribute failure.
     The task's own gold (fp16 + T-GATE, which lightens cross-attention only) passes."""
-    from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
-    from pytest_diffbench.tasks import load_task
-    from pytest_diffbench.zoo.profiles import tiny_evaluator
 
-    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
-        load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-nosampler-hard-0072.yaml"))
-    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=300.0)
-    code = (REPO / "tests" / "adversarial_tasks" / "denoiser_answers_skipped_steps.py").read_text()
-    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    task, evaluator, result = _judge_calibrated(tiny_zoo, baseline_cache_dir, tmp_path,
+                                                "L4-pixart-sigma-t2i-nosampler-hard-0072",
+                                                "denoiser_answers_skipped_steps.py")
     verdict, m = result.verdict, result.measures
     print(f"\ndenoiser answering skipped steps: {verdict}, U {m.U}, L {m.L}")
     assert result.attributes["steps"]["denoiser_calls"] == [20, 20], result.attributes["steps"]  # the hooks saw 20
@@ -273,19 +268,26 @@ def test_guidance_dropped_under_an_allowed_but_unapplied_tgate_fails_on_its_modu
     allowed and not applied; from the seventh call the transformer runs the conditional half only.
     Its first call shows guidance, so only the work by module shows the cut: a key-attribute failure
     now that an allowed method lightens nothing unless stage 1 saw it applied."""
-    from pytest_diffbench.calibration import load_calibration
-    from pytest_diffbench.evaluate import Candidate
-    from pytest_diffbench.tasks import load_task
-    from pytest_diffbench.zoo.profiles import tiny_evaluator
-
-    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
-        load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-nosampler-easy-0070.yaml"))
-    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=300.0)
-    code = (REPO / "tests" / "adversarial_tasks" / "guidance_dropped_after_six_steps.py").read_text()
-    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    _, _, result = _judge_calibrated(tiny_zoo, baseline_cache_dir, tmp_path, "L4-pixart-sigma-t2i-nosampler-easy-0070",
+                                     "guidance_dropped_after_six_steps.py")
     verdict, m = result.verdict, result.measures
     print(f"\nguidance dropped after six steps: {verdict}, U {m.U}, L {m.L}")
     assert result.attributes["denoiser_inputs"]["cfg"] is True  # the first call shows guidance
     assert "tgate" not in (result.attributes.get("methods") or {})
     assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
     assert "the denoiser's work falls short of the call reported" in verdict.message, verdict.message
+
+
+def _judge_calibrated(tiny_zoo, cache_dir, tmp_path, task_id: str, candidate_file: str):
+    """(task, evaluator, result): tests/adversarial_tasks/`candidate_file` judged on the calibrated
+    L4/L5 task `task_id` with two samples."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
+        load_task(REPO / "tasks" / task_id.split("-")[0] / f"{task_id}.yaml"))
+    evaluator = tiny_evaluator(tiny_zoo, cache_dir, tmp_path / "run", samples=2, timeout_s=300.0)
+    code = (REPO / "tests" / "adversarial_tasks" / candidate_file).read_text()
+    return task, evaluator, evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
