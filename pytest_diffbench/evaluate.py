@@ -151,6 +151,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     before modules were counted, calls not reported)."""
     scale = 1.0
     least_shares: dict[str, float] = {}
+    unseen: dict[str, str] = {}
     if task.level in ("L1", "L2", "L3"):
         if gold is None:
             return None
@@ -162,6 +163,10 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         applied = (candidate.get("attributes") or {}).get("methods") \
             if isinstance(candidate.get("attributes"), Mapping) else None
         methods = tuple(m for m in allowed if isinstance(applied, Mapping) and m in applied)
+        unverified = (candidate.get("attributes") or {}).get("unverified_methods") \
+            if isinstance(candidate.get("attributes"), Mapping) else None
+        if isinstance(unverified, Mapping):
+            unseen = {str(m): str(unverified[m])[:200] for m in allowed if m in unverified and m not in methods}
         against, name = reference, "the reference's"
         if "tgate" in methods:
             share = tgate_least_share(candidate.get("attributes"))
@@ -190,7 +195,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         return None
     held_to = {k: v * scale for k, v in held_to.items()}
     return {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
-            "least_shares": least_shares}
+            "least_shares": least_shares, "unseen_methods": unseen}
 
 
 def tgate_least_share(attributes: Mapping | None) -> float | None:

@@ -311,8 +311,11 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
             against = evidence.get("against") or "the reference's"
             allowed = "" if floor >= 1 - MODULE_WORK_TOLERANCE else \
                 f"; the methods applied leave at least {floor:.3g} of it"
+            unseen = evidence.get("unseen_methods") or {}
+            unseen_text = "".join(f"; {name} lightens nothing: marked but not seen applied ({why})"
+                                  for name, why in sorted(unseen.items()))
             return (f"the denoiser's work falls short of the call reported: expected {module} to compute "
-                    f"{ref:.4g} FLOPs per image that follow the seeds ({against}{allowed}), found "
+                    f"{ref:.4g} FLOPs per image that follow the seeds ({against}{allowed}{unseen_text}), found "
                     f"{found:.4g} (counted by the harness's replay); a step or guidance's unconditional branch answered "
                     f"without computing it, or its work done elsewhere")
     return None

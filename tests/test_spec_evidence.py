@@ -237,6 +237,10 @@ def test_only_a_method_seen_applied_lightens_a_module_and_tgate_by_its_gate_step
     assert "leave at least 0.725 of it" in stages.module_work_problem(early), stages.module_work_problem(early)
     honest = module_work_evidence(task, run(75.0, gated), reference)  # 10 calls whole, 10 on half the batch
     assert stages.module_work_problem(honest) is None, stages.module_work_problem(honest)
+    marked = run(65.0, {})
+    marked["attributes"]["unverified_methods"] = {"tgate": "cross-attention computed on all 20 calls"}
+    problem = stages.module_work_problem(module_work_evidence(task, marked, reference))
+    assert "tgate lightens nothing: marked but not seen applied (cross-attention computed" in problem, problem
     unknown_gate = module_work_evidence(task, run(55.0, {"tgate": {"gate_step": None}}), reference)
     assert stages.module_work_problem(unknown_gate) is None  # no gate step seen: T-GATE's least, half
 
