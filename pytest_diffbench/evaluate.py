@@ -194,8 +194,13 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     if cand is None or held_to is None:
         return None
     held_to = {k: v * scale for k, v in held_to.items()}
-    return {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
-            "least_shares": least_shares, "unseen_methods": unseen}
+    evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
+                "least_shares": least_shares, "unseen_methods": unseen}
+    if against is gold:
+        # L1-L3: where the gold's steps or methods lighten a module, the reference's figure too
+        # (stages.module_work_problem's upper side)
+        evidence["unlightened"] = per_image(reference)
+    return evidence
 
 
 def tgate_least_share(attributes: Mapping | None) -> float | None:

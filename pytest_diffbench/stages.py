@@ -293,7 +293,15 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     every step, so the hooks count every step (red team round 8: a hard L4 task that forbids a
     sampler change passed so), but its modules' work is that of the steps it computed. One-sided:
     a product whose weight is computed (not a view or copy of a parameter) is booked to no module,
-    so less work in a module proves nothing; more cannot be faked without doing it."""
+    so less work in a module proves nothing; more cannot be faked without doing it.
+
+    On L1-L3 also the other side, where the gold's steps or methods lighten a module by 1 % or
+    more against the reference (`unlightened`): the candidate's figure must be nearer the gold's
+    than the reference's, as the work rule asks of the total. A module that does the reference's
+    work shows the cut was not made there, whatever stage 1's hooks saw (red team round 8, S2:
+    T-GATE claimed, cross-attention computed after the gate step, the total matched by an
+    undeclared cut elsewhere). Work hidden from a module on a computed weight is still counted in
+    the total, so evading this costs the work the method saves."""
     if not evidence:
         return None
     candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
@@ -318,6 +326,21 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
                     f"{ref:.4g} FLOPs per image that follow the seeds ({against}{allowed}{unseen_text}), found "
                     f"{found:.4g} (counted by the harness's replay); a step or guidance's unconditional branch answered "
                     f"without computing it, or its work done elsewhere")
+    unlightened = evidence.get("unlightened")
+    if isinstance(unlightened, Mapping):
+        whole = sum(v for v in unlightened.values() if isinstance(v, (int, float)))
+        for module, full in sorted(unlightened.items(), key=lambda kv: (-kv[1], kv[0])):
+            held = reference.get(module, 0.0)
+            if not isinstance(full, (int, float)) or full < MODULE_WORK_MIN_SHARE * whole \
+                    or held > (1 - WORK_EVIDENCE_MIN) * full:
+                continue
+            found = candidate.get(module, 0.0)
+            found = found if isinstance(found, (int, float)) and not isinstance(found, bool) else 0.0
+            if found > (held + full) / 2:
+                return (f"what the task asks does not show in the denoiser's work: expected {module} to compute "
+                        f"FLOPs per image that follow the seeds nearer the gold solution's {held:.4g} than the "
+                        f"reference's {full:.4g}, found {found:.4g} (counted by the harness's replay); the steps "
+                        f"or method asked cut that module's work, and this run does not")
     return None
 
 

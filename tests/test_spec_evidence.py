@@ -245,6 +245,35 @@ def test_only_a_method_seen_applied_lightens_a_module_and_tgate_by_its_gate_step
     assert stages.module_work_problem(unknown_gate) is None  # no gate step seen: T-GATE's least, half
 
 
+def test_on_l1_l3_a_module_the_gold_lightens_must_be_nearer_the_golds_work_than_the_references():
+    """Red team round 8, S2: T-GATE claimed on an L2 task, a decoy for stage 1's hooks, the
+    cross-attention and guidance's branch computed on every step, the total brought to the gold's
+    by an undeclared cut (PixArt's caption padding). Every module did at least the gold's work, so
+    the lower side saw nothing; the modules T-GATE lightens now show it did not."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence
+
+    def run(modules):
+        return {"num_images": 2, "flops": {"seeded": {"by_module": {k: 2 * v for k, v in modules.items()}}}}
+
+    spec = SimpleNamespace(level="L2", expect=SimpleNamespace(allowed_methods=None))
+    reference = {"transformer.blocks.0.attn2.to_q": 100.0, "transformer.blocks.0.attn2.to_k": 1000.0,
+                 "transformer.blocks.0.ff": 400.0, "transformer.proj_out": 0.1}
+    gold = {"transformer.blocks.0.attn2.to_q": 10.0, "transformer.blocks.0.attn2.to_k": 100.0,
+            "transformer.blocks.0.ff": 220.0, "transformer.proj_out": 0.05}
+    honest = module_work_evidence(spec, run(gold), run(reference), gold=run(gold))
+    assert honest["unlightened"] == reference and stages.module_work_problem(honest) is None
+    padding_cut = dict(reference, **{"transformer.blocks.0.attn2.to_k": 100.0})  # no gating, K/V on short captions
+    problem = stages.module_work_problem(module_work_evidence(spec, run(padding_cut), run(reference), gold=run(gold)))
+    assert "ff to compute FLOPs per image that follow the seeds nearer the gold solution's 220" in problem, problem
+    assert "the reference's 400" in problem and "found 400" in problem, problem
+    near_gold = dict(gold, **{"transformer.blocks.0.ff": 300.0, "transformer.proj_out": 0.1})  # 0.007 % of the work
+    assert stages.module_work_problem(module_work_evidence(spec, run(near_gold), run(reference), gold=run(gold))) is None
+    l4 = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("tgate",)))
+    assert "unlightened" not in module_work_evidence(l4, run(reference), run(reference))  # L4/L5: lower side only
+
+
 @pytest.mark.slow
 def test_a_denoiser_answering_skipped_steps_fails_on_its_modules_work(tiny_zoo, baseline_cache_dir, tmp_path):
     """tests/adversarial_tasks/denoiser_answers_skipped_steps.py (red team round 8): the transformer
