@@ -327,7 +327,10 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
                     f"{found:.4g} (counted by the harness's replay); a step or guidance's unconditional branch answered "
                     f"without computing it, or its work done elsewhere")
     unlightened = evidence.get("unlightened")
-    if isinstance(unlightened, Mapping):
+    found_total = sum(v for v in candidate.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if isinstance(unlightened, Mapping) and found_total <= MAX_SLOWDOWN_VS_GOLD * total:
+        # (a candidate doing more than twice the gold's work is too slow whatever it computes:
+        # stage 3 says so, as the work rule leaves it)
         whole = sum(v for v in unlightened.values() if isinstance(v, (int, float)))
         for module, full in sorted(unlightened.items(), key=lambda kv: (-kv[1], kv[0])):
             held = reference.get(module, 0.0)
@@ -336,11 +339,12 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
                 continue
             found = candidate.get(module, 0.0)
             found = found if isinstance(found, (int, float)) and not isinstance(found, bool) else 0.0
-            if found > (held + full) / 2:
-                return (f"what the task asks does not show in the denoiser's work: expected {module} to compute "
-                        f"FLOPs per image that follow the seeds nearer the gold solution's {held:.4g} than the "
-                        f"reference's {full:.4g}, found {found:.4g} (counted by the harness's replay); the steps "
-                        f"or method asked cut that module's work, and this run does not")
+            # nearer on a log scale, as the work rule compares totals
+            if found > (math.sqrt(held * full) if held > 0 else full / 2):
+                return (f"what the task asks does not show in the work: expected the FLOPs that follow the seeds "
+                        f"per image in {module} (counted by the harness's replay) nearer the gold solution's "
+                        f"{held:.4g} than the reference's {full:.4g}, found {found:.4g}; the steps or method asked "
+                        f"cut that module's work, and this run does not")
     return None
 
 
@@ -450,7 +454,7 @@ def _judge(inp: StageInputs) -> Verdict:
         mismatches = key_attribute_mismatches(inp.expect, inp.level, attributes, inp.gold_attributes)
         mismatches += work_mismatches(attributes, inp.reference_attributes)
         mismatches += replay_mismatches(attributes, inp.result.get("flops"))
-        missing = None if mismatches else (module_work_problem(inp.module_work) or spec_evidence_problem(inp))
+        missing = None if mismatches else (spec_evidence_problem(inp) or module_work_problem(inp.module_work))
     except Exception as exc:  # noqa: BLE001 - the candidate's document: its failure, never a harness error
         return Verdict(False, 1, RUNTIME, f"bad result: the parent could not judge the attributes of the "
                                           f"candidate's result document ({type(exc).__name__}: {str(exc)[:200]})")
