@@ -160,16 +160,14 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         allowed = tuple(task.expect.allowed_methods or ())
         # only a method stage 1 saw applied lightens a module: an allowed T-GATE left unapplied
         # no longer covers guidance dropped after a few steps (red team round 8, S5)
-        applied = (candidate.get("attributes") or {}).get("methods") \
-            if isinstance(candidate.get("attributes"), Mapping) else None
+        attributes = candidate.get("attributes") if isinstance(candidate.get("attributes"), Mapping) else {}
+        applied, unverified = attributes.get("methods"), attributes.get("unverified_methods")
         methods = tuple(m for m in allowed if isinstance(applied, Mapping) and m in applied)
-        unverified = (candidate.get("attributes") or {}).get("unverified_methods") \
-            if isinstance(candidate.get("attributes"), Mapping) else None
         if isinstance(unverified, Mapping):
             unseen = {str(m): str(unverified[m])[:200] for m in allowed if m in unverified and m not in methods}
         against, name = reference, "the reference's"
         if "tgate" in methods:
-            share = tgate_least_share(candidate.get("attributes"))
+            share = tgate_least_share(attributes)
             if share is not None:
                 least_shares["tgate"] = share
         if "fast_sampler" in allowed:
