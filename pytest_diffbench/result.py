@@ -83,10 +83,12 @@ class Measures:
     them; `L_gold` only where it is judged (L1-L3 fidelity profiles); targets and attainment only
     on L4/L5."""
 
-    L: float | None = _field(_NUMBER)  # quality loss (CLIP or fidelity nRMSE vs the reference)
+    # quality loss (CLIP or fidelity nRMSE vs the reference), on the seed set judged: the one nearest
+    # its bound where a candidate's verdict has two (workload.seed_sets; fidelity.seed_sets)
+    L: float | None = _field(_NUMBER)
     L_bound: float | None = _field(_NUMBER)  # the bound L was judged against (seed-adjusted on L4/L5)
     L_bound_calibrated: float | None = _field(_NUMBER)  # L4/L5 fidelity: the calibration's bound
-    L_gold: float | None = _field(_NUMBER)  # nRMSE vs the gold solution's images
+    L_gold: float | None = _field(_NUMBER)  # nRMSE vs the gold solution's images (the worse seed set's)
     L_gold_bound: float | None = _field(_NUMBER)
     U: float | None = _field(_NUMBER)  # speedup over the reference
     U_flops: float | None = _field(_NUMBER)  # replayed runs: FLOPs alone (U is the smallest of the three)
@@ -101,7 +103,7 @@ class Measures:
     target_latency_ms: float | None = _field(_NUMBER)
     attainment: float | None = _field(_NUMBER)  # min(1, achieved / required): the per-task term of S_a
     clip: dict | None = _field(_OBJECT)  # mean, reference_mean, mean_cosine, pretrained
-    fidelity: dict | None = _field(_OBJECT)  # mean_psnr_db, mean_nrmse, gold_mean_nrmse, vs_gold_nrmse
+    fidelity: dict | None = _field(_OBJECT)  # mean_psnr_db, mean_nrmse, gold_mean_nrmse, vs_gold_nrmse, seed_sets
     speed_crosscheck: dict | None = _field(_OBJECT)  # crosscheck.speed_figures
 
 

@@ -43,6 +43,9 @@ FIDELITY_FLOOR = 0.05
 # of golds measured 0.0000-0.0079 on cpu-tiny, the methods themselves move images by 0.01-0.05
 # (docs/integrity.md).
 GOLD_SPEC_BOUND = 0.04
+# ... or, where the task asks for ToMe, this many times ToMe's own change (gold_spec_bound): honest
+# variants of ToMe golds sat 0.57-0.95 of it from the gold's images (docs/integrity.md, session 21)
+TOME_GOLD_SPEC_FACTOR = 1.5
 # ... and what was asked must show in the images: where the gold's images differ from the
 # reference's by at least SPEC_EVIDENCE_MIN (nRMSE), a candidate's must be nearer the gold's than
 # the reference's. This is evidence the candidate's process cannot forge (the parent compares
@@ -51,6 +54,17 @@ GOLD_SPEC_BOUND = 0.04
 # 0.02 they are >= 0.012 from the reference and the rule holds with a margin; below it the change
 # asked for is too small to tell from numerical noise (fp16 on the tiny zoo: 0.006-0.009).
 SPEC_EVIDENCE_MIN = 0.02
+# ... except in float32 on a CPU (spec_evidence_min), where honest variants of a gold (its samples
+# batched, or run in another order) sat at most 0.0001 from its images (docs/integrity.md): on a
+# CPU float32's rounding rarely moves an 8-bit pixel. There a change of 0.002 already shows, so a
+# method that moves the images by less than 0.02 (T-GATE on most tiny-zoo tasks) cannot be
+# claimed while the reference's images are computed (red team round 8, S2). On a GPU float32 is
+# not that exact (TF32 convolutions, atomics) and is not measured here: the floor stays 0.02.
+SPEC_EVIDENCE_MIN_FLOAT32_CPU = 0.002
+# Where the task asks for ToMe, a change is evidence only from this many times ToMe's own, which is
+# about what honest variants differ by (_tome_noise): ToMe's own change is then never evidence,
+# the work is (work_evidence_problem)
+TOME_NOISE_FACTOR = 3.0
 # The same for the work (FLOPs per image, counted by the harness's replay): where the gold's and
 # the reference's (or an ablation's) differ by at least this fraction, the candidate's must be
 # nearer the gold's. FLOPs repeat exactly, so a small difference is already evidence: ToMe and
@@ -242,6 +256,8 @@ class StageInputs:
     nrmse_vs_reference: float | None = None
     nrmse_vs_gold: float | None = None
     gold_nrmse_vs_reference: float | None = None
+    # from which distance the change asked for is evidence (spec_evidence_min)
+    spec_evidence_min: float = SPEC_EVIDENCE_MIN
     # ... and to the gold without each of its parts (ablation.py): {part: (gold to it, candidate to it)}
     ablation_distances: Mapping[str, tuple[float, float]] | None = None
     # L1-L3 where the candidate's FLOPs are the harness's replay's: FLOPs per image of the candidate,
@@ -348,9 +364,38 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+def spec_evidence_min(expect: Any, device: str) -> float:
+    """The distance from which a change of the images is evidence (spec_evidence_problem): lower in
+    float32 on a CPU, where honest variants agree to an 8-bit pixel nearly everywhere."""
+    exact = getattr(expect, "dtype", None) == "float32" and device == "cpu"
+    return SPEC_EVIDENCE_MIN_FLOAT32_CPU if exact else SPEC_EVIDENCE_MIN
+
+
+def _tome_noise(inp: StageInputs) -> float:
+    """How far honest variants of a ToMe gold may sit from its images: about as far as ToMe moves
+    them (the gold without ToMe: on L3 its ablation, on L2 the reference). tomesd draws the tokens
+    it merges from a generator forked off torch's global one, not from the seeds, so the same gold
+    with its samples in another order sat 0.017 from the gold's images where ToMe moved them by
+    0.018 (docs/integrity.md). 0 for a task without ToMe."""
+    if "tomesd" not in (getattr(inp.expect, "methods", None) or {}):
+        return 0.0
+    distances = inp.ablation_distances or {}
+    if "tomesd" in distances:
+        return distances["tomesd"][0]
+    return inp.gold_nrmse_vs_reference or math.inf
+
+
+def gold_spec_bound(inp: StageInputs) -> float:
+    """The bound on L_gold (the candidate's images against the gold's): GOLD_SPEC_BOUND, wider
+    where ToMe's own noise is larger (_tome_noise)."""
+    return max(GOLD_SPEC_BOUND, TOME_GOLD_SPEC_FACTOR * _tome_noise(inp))
+
+
 def spec_evidence_problem(inp: StageInputs) -> str | None:
     """L1-L3: what the task asks (scheduler, steps, method, precision) changes the gold's images by
-    at least SPEC_EVIDENCE_MIN; the candidate's must then be nearer the gold's than the reference's.
+    at least `inp.spec_evidence_min` (spec_evidence_min) and, where the task asks for ToMe, three
+    times ToMe's own change (_tome_noise); the candidate's must then be nearer the gold's than the
+    reference's (on L3 also than the gold's without each part).
     A candidate whose pipeline only looks as asked (a class carrying the right name, hooks fed what
     they look for) while computing the reference's images fails here, whatever stage 1's
     introspection saw."""
@@ -364,14 +409,16 @@ def spec_evidence_problem(inp: StageInputs) -> str | None:
         # images far from both the gold's and the reference's fail stage 3 on quality whatever they
         # compute; which is nearer is a coin flip there (noise: 1.0841 against 1.0839), no evidence
         return None
-    if to_ref is not None and apart is not None and apart >= SPEC_EVIDENCE_MIN and not to_gold < to_ref:
+    # ToMe's own change is never evidence (its noise is as large), others' only well above its noise
+    floor = max(inp.spec_evidence_min, TOME_NOISE_FACTOR * _tome_noise(inp))
+    if to_ref is not None and apart is not None and apart >= floor and not to_gold < to_ref:
         return (f"what the task asks does not show in the images: expected them nearer the gold solution's than "
                 f"the reference's (those two differ by nRMSE {apart:.4f}), found {to_gold:.4f} to the gold's and "
                 f"{to_ref:.4f} to the reference's; the pipeline looks as asked but computes something else")
     from .ablation import nearer_than, part_name
 
     distances = inp.ablation_distances or {}
-    missing = nearer_than(to_gold, distances, SPEC_EVIDENCE_MIN)
+    missing = nearer_than(to_gold, distances, floor)
     if missing:
         found = "; ".join(f"{part_name(p)}: the gold without it differs from the gold by {distances[p][0]:.4f}, "
                           f"the images are {distances[p][1]:.4f} from it and {to_gold:.4f} from the gold"

@@ -5,11 +5,13 @@ Stage 1's behaviour hooks run beside the candidate's code, so a candidate can sh
 method at work without the method making its images. tests/adversarial_tasks/tome_on_a_decoy.py
 does that with the real tomesd: ToMe runs on a decoy sample, then the patch is taken off for the
 judged images (the gold's without ToMe) and put back for inspection. Stage 1's introspection is
-satisfied and, without the image rule, the task passes (L within bound, L_gold within the
-gold-spec bound, speed within 2x of the gold's). The parent's comparison of the images with the
-baselines it measured itself stops it: on L2 the reference (the gold without its one part), on
-L3 the ablation baseline (the gold without ToMe, the other part kept). Real pipelines on the tiny
-zoo, through the real sandbox, public seeds so that the distances below hold.
+satisfied and, without the work rule, the task passes (L within bound, L_gold within the
+gold-spec bound, speed within 2x of the gold's). ToMe's images are no evidence (tomesd draws its
+merges off the seeds: honest variants differ from the gold by about as much as ToMe moves it);
+the replay's FLOPs are, against the reference on L2 and the ablation baseline (the gold without
+ToMe, the other part kept) on L3. tests/adversarial_tasks/tgate_on_a_decoy.py does the same with
+T-GATE, whose images are evidence in float32 on a CPU from a change of 0.002. Real pipelines on
+the tiny zoo, through the real sandbox, public seeds so that the distances below hold.
 """
 
 from __future__ import annotations
@@ -55,13 +57,13 @@ def test_every_l1_l3_gold_is_its_configuration_rendered(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task_id, evidence", [
-    ("L2-sd21-t2i-tomesd-0010", "reference"),  # the gold's images: 0.024 from the reference's
-    ("L3-sd21-i2i-unipc-tomesd-0086", "ablation"),  # 0.031 from the gold's without ToMe
-    ("L2-sd15-t2i-tomesd-0009", "work"),  # images within 0.02 of the reference's: only the work shows ToMe
+@pytest.mark.parametrize("task_id, against", [
+    ("L2-sd21-t2i-tomesd-0010", "the reference"),  # ToMe moves the gold's images by 0.024
+    ("L3-sd21-i2i-unipc-tomesd-0086", "the gold without"),  # by 0.031; against an ablation (the decoy's work too)
+    ("L2-sd15-t2i-tomesd-0009", "the reference"),  # by under 0.02
 ])
-def test_a_method_shown_on_a_decoy_but_not_in_the_images_fails_stage_1(tiny_zoo, baseline_cache_dir, tmp_path,
-                                                                       monkeypatch, task_id, evidence):
+def test_tome_shown_on_a_decoy_but_not_in_the_images_fails_stage_1_on_the_work(tiny_zoo, baseline_cache_dir, tmp_path,
+                                                                               monkeypatch, task_id, against):
     from pytest_diffbench.zoo.profiles import tiny_evaluator
     from pytest_diffbench.ablation import ablation_codes
     from pytest_diffbench.evaluate import Candidate
@@ -82,38 +84,19 @@ def test_a_method_shown_on_a_decoy_but_not_in_the_images_fails_stage_1(tiny_zoo,
     # stage 1's introspection saw the real ToMe with the asked parameters ...
     asked = task.expect.methods["tomesd"]["ratio"]
     assert attack.attributes["methods"]["tomesd"]["ratio"] == pytest.approx(asked), attack.attributes["methods"]
-    # ... the images lack it, which the other checks let through ...
+    # ... the images lack it (they are the gold's without ToMe), which the other checks let through ...
     assert m.L <= m.L_bound and m.L_gold <= stages.GOLD_SPEC_BOUND and m.U >= m.U_gold / stages.MAX_SLOWDOWN_VS_GOLD, m
-    if evidence == "work":  # the images cannot tell (ToMe moves them by less than the evidence minimum) ...
-        assert m.fidelity["gold_mean_nrmse"] < stages.SPEC_EVIDENCE_MIN and m.L == pytest.approx(0.0, abs=1e-6), m
-        # ... the work does: the replay counted the reference's FLOPs plus the decoy's, the gold has ToMe's
-        assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
-        assert "does not show in the work" in verdict.message and "the reference's" in verdict.message, verdict
-        monkeypatch.setattr(stages, "WORK_EVIDENCE_MIN", float("inf"))
-        assert evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict.passed  # the work rule stops it
-        return
-    if evidence == "reference":
-        apart = m.fidelity["gold_mean_nrmse"]
-        assert m.L == pytest.approx(0.0, abs=1e-6)
+    if task.level == "L2":
+        assert m.L == pytest.approx(0.0, abs=1e-6), m
     else:
-        distances = m.fidelity["ablations"]["tomesd"]
-        apart = distances["gold_nrmse"]
-        assert distances["candidate_nrmse"] == pytest.approx(0.0, abs=1e-6)  # the gold without ToMe, exactly
-        assert m.fidelity["vs_gold_nrmse"] < m.L  # nearer the gold than the reference: only the ablation sees it
-    assert apart >= stages.SPEC_EVIDENCE_MIN
-    # ... and the image rule stops it, as the candidate's failure (stage 1, key attribute)
+        assert m.fidelity["ablations"]["tomesd"]["candidate_nrmse"] == pytest.approx(0.0, abs=1e-6), m
+    # ... and are no evidence, however far ToMe moves them: honest variants of a ToMe gold differ
+    # from it by about as much (stages._tome_noise). The work is: the replay counted the
+    # reference's FLOPs plus the decoy's, the gold has ToMe's
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
-    assert "does not show in the images" in verdict.message and f"{apart:.4f}" in verdict.message
-    if evidence == "ablation":
-        assert "without ToMe" in verdict.message
-
-    # without the image rule the work rule stops it too (the replay counted the decoy's work), and
-    # without both the attack passes: the rules are what stop it
-    monkeypatch.setattr(stages, "SPEC_EVIDENCE_MIN", float("inf"))
-    verdict = evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict
-    assert verdict.category == stages.KEY_ATTRIBUTE and "does not show in the work" in verdict.message, verdict
+    assert "does not show in the work" in verdict.message and f"than {against}" in verdict.message, verdict
     monkeypatch.setattr(stages, "WORK_EVIDENCE_MIN", float("inf"))
-    assert evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict.passed
+    assert evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict.passed  # the work rule is what stops it
 
 
 @pytest.mark.slow
@@ -245,6 +228,58 @@ def test_only_a_method_seen_applied_lightens_a_module_and_tgate_by_its_gate_step
     assert stages.module_work_problem(unknown_gate) is None  # no gate step seen: T-GATE's least, half
 
 
+def test_a_change_of_the_images_is_evidence_from_0_002_in_float32_on_a_cpu_and_never_tomes_own():
+    """Red team round 8, S2, its image side: T-GATE shown to the hooks on a decoy, the reference's
+    images judged. T-GATE moved L2-pixart-sigma-t2i-tgate-0015's images by 0.0045, under the 0.02
+    that float16's noise needs, so the image rule said nothing. In float32 on a CPU the gold with
+    its samples batched sat 0.0001 from the gold's images. ToMe draws its merges off the seeds: the
+    gold with its samples in another order sat 0.017 from the gold's where ToMe moved them by 0.018,
+    so ToMe's own change is no evidence, and other parts' only from three times it."""
+    from types import SimpleNamespace
+
+    tgate = SimpleNamespace(dtype="float32", methods={"tgate": {"gate_step": 8}})
+    assert stages.spec_evidence_min(tgate, "cpu") == stages.SPEC_EVIDENCE_MIN_FLOAT32_CPU == 0.002
+    assert stages.spec_evidence_min(tgate, "cuda") == stages.SPEC_EVIDENCE_MIN == 0.02  # TF32, atomics: unmeasured
+    assert stages.spec_evidence_min(SimpleNamespace(dtype="float16", methods={}), "cpu") == stages.SPEC_EVIDENCE_MIN
+
+    def judged(to_ref, to_gold, apart=0.0045, expect=tgate, level="L2", ablations=None):
+        return stages.spec_evidence_problem(stages.StageInputs(
+            level=level, expect=expect, constraint=None, outcome_status="ok", outcome_detail="", result={},
+            gold_attributes=None, gold_fidelity_bound=stages.GOLD_SPEC_BOUND, nrmse_vs_reference=to_ref,
+            nrmse_vs_gold=to_gold, gold_nrmse_vs_reference=apart, ablation_distances=ablations,
+            spec_evidence_min=stages.spec_evidence_min(expect, "cpu")))
+
+    decoy = judged(0.00002, 0.0045)
+    assert "does not show in the images" in decoy and "differ by nRMSE 0.0045" in decoy, decoy
+    assert judged(0.0045, 0.0001) is None  # the gold batched
+    # noise added to the reference's images moves them away from both: never nearer the gold's
+    assert "does not show in the images" in judged(0.004, 0.006)
+    # ToMe: the same gold in another order (L2-sd15-t2i-256px-tomesd-0045) against its decoy
+    tome = SimpleNamespace(dtype="float32", methods={"tomesd": {"ratio": 0.3}})
+    assert judged(0.0187, 0.0169, apart=0.0177, expect=tome) is None
+    assert judged(0.0, 0.05, apart=0.05, expect=tome) is None  # left to the work rule, however far
+    # L3, ToMe and DeepCache (L3-sd15-i2i-768px-tomesd-deepcache-0193 in another order: 0.0131 from
+    # the gold's, 0.0160 from the gold's without ToMe, which ToMe moves by 0.0159) ...
+    both = SimpleNamespace(dtype="float32", methods={"tomesd": {"ratio": 0.5}, "deepcache": {"cache_interval": 3}})
+    honest = {"tomesd": (0.0159, 0.0160), "deepcache": (0.0183, 0.0191)}
+    assert judged(0.0208, 0.0131, apart=0.0211, expect=both, level="L3", ablations=honest) is None
+    # ... DeepCache's part is judged where it moves the images by three times ToMe's noise
+    faked = {"tomesd": (0.0159, 0.05), "deepcache": (0.06, 0.0)}
+    problem = judged(0.045, 0.035, apart=0.07, expect=both, level="L3", ablations=faked)
+    assert "without DeepCache" in problem and "without ToMe" not in problem, problem
+
+    # L_gold's bound: ToMe's honest variants sat up to 0.95 of ToMe's change from the gold's images
+    # (L3-sd21-i2i-unipc-tomesd-0086: 0.0288 where ToMe moved them by 0.0322)
+    def bound(expect, apart, ablations=None):
+        return stages.gold_spec_bound(stages.StageInputs(
+            level="L3", expect=expect, constraint=None, outcome_status="ok", outcome_detail="", result={},
+            gold_attributes=None, gold_nrmse_vs_reference=apart, ablation_distances=ablations))
+
+    assert bound(tgate, 0.3) == stages.GOLD_SPEC_BOUND == 0.04
+    assert bound(both, 0.0211, honest) == 0.04 and bound(tome, 0.0177) == 0.04
+    assert bound(both, 0.0564, {"tomesd": (0.0322, 0.0321)}) == pytest.approx(1.5 * 0.0322)
+
+
 def test_on_l1_l3_a_module_the_gold_lightens_must_be_nearer_the_golds_work_than_the_references():
     """Red team round 8, S2: T-GATE claimed on an L2 task, a decoy for stage 1's hooks, the
     cross-attention and guidance's branch computed on every step, the total brought to the gold's
@@ -315,6 +350,46 @@ def test_guidance_dropped_under_an_allowed_but_unapplied_tgate_fails_on_its_modu
     assert "tgate" not in (result.attributes.get("methods") or {})
     assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
     assert "the denoiser's work falls short of the call reported" in verdict.message, verdict.message
+
+
+@pytest.mark.slow
+def test_tgate_shown_on_a_decoy_fails_on_its_images_in_float32(tiny_zoo, baseline_cache_dir, tmp_path, monkeypatch):
+    """tests/adversarial_tasks/tgate_on_a_decoy.py (red team round 8, S2, its image side): T-GATE
+    with the asked gate step on a decoy sample, the judged images the plain pipeline's, which is the
+    reference's. Stage 1's hooks see the plain calls compute cross-attention after the gate; the
+    red team's S2 fed them stand-in modules there (its candidate was lost in a machine restart), so
+    here the hooks' verdict on T-GATE is taken out by monkeypatching, standing in for that part. The
+    images tell: T-GATE moves this task's images by under 0.02 (the float16 floor), and in float32 on
+    a CPU that is evidence, whatever the candidate does to the work figures."""
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_task(REPO / "tasks" / "L2" / "L2-pixart-sigma-t2i-tgate-0015.yaml")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=300.0,
+                               seeds="public")
+    code = task.gold + "\n\n" + (REPO / "tests" / "adversarial_tasks" / "tgate_on_a_decoy.py").read_text()
+
+    def evaluate():
+        return evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+
+    first = evaluate().verdict  # as it is, the hooks see cross-attention after the gate
+    assert first.category == stages.KEY_ATTRIBUTE and "methods.tgate" in first.message, first
+    real_mismatches = stages.key_attribute_mismatches
+    monkeypatch.setattr(stages, "key_attribute_mismatches", lambda *a: [
+        m for m in real_mismatches(*a) if not str(m).startswith("methods.tgate")])
+    result = evaluate()
+    verdict, m = result.verdict, result.measures
+    print(f"\ntgate on a decoy, hooks fed: {verdict}, U {m.U}, L {m.L}, gold's {m.fidelity['gold_mean_nrmse']}")
+    apart = m.fidelity["gold_mean_nrmse"]
+    assert stages.SPEC_EVIDENCE_MIN_FLOAT32_CPU <= apart < stages.SPEC_EVIDENCE_MIN and m.L < 1e-4, m
+    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
+    assert "does not show in the images" in verdict.message and f"{apart:.4f}" in verdict.message, verdict
+    # at the float16 floor the images say nothing here; this decoy's work (the reference's) still
+    # shows, which S2's undeclared cut hid (docs/integrity.md)
+    monkeypatch.setattr(stages, "SPEC_EVIDENCE_MIN_FLOAT32_CPU", stages.SPEC_EVIDENCE_MIN)
+    verdict = evaluate().verdict
+    assert verdict.category == stages.KEY_ATTRIBUTE and "does not show in the images" not in verdict.message, verdict
 
 
 def _judge_calibrated(tiny_zoo, cache_dir, tmp_path, task_id: str, candidate_file: str):
