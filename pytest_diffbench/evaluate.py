@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping
 
 from . import atomic, crosscheck, metrics, runrecord, stages
 from .baselines import CachedRun, cache_key, get_or_measure
@@ -24,7 +23,7 @@ from .generation import is_generator_folder
 from .result import Measures, Provenance, SandboxSummary, TaskResult
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
 from .workload import (AGENT_SCOPE, KEYED_SEED_MODES, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest,
-                       build_batch, candidate_digest, seed_sets)
+                       build_batch, candidate_digest)
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +118,6 @@ def _checked_fields(cls, data, what: str) -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     atomic.write_json_atomic(path, data, indent=1, sort_keys=True, default=str)
-
-
-def worst_seed_set(by_sample: Sequence[float], sets: Sequence[range],
-                   bound_on: Callable[[range], float]) -> tuple[float, float]:
-    """(L, bound) of the seed set (workload.seed_sets) whose mean L is nearest its bound, or past it
-    the most: stage 3 judges that one, so that a verdict holds on every set."""
-    def share(pair):
-        loss, bound = pair
-        return loss / bound if bound > 0 else (math.inf if loss > 0 else 0.0)
-
-    judged = [(sum(by_sample[i] for i in s) / len(s), bound_on(s)) for s in sets if len(s)]
-    return max(judged, key=share)
 
 
 def throwaway_seeds(count: int) -> list[int]:
@@ -547,10 +534,8 @@ class Evaluator:
         if result and result.get("status") == "ok":
             details = {"attributes": result.get("attributes"), "timing": result.get("timing"),
                        "flops": result.get("flops")}
-            sets = seed_sets(len(batch["seeds"]), self.profile.seeds, self.profile.seed_scope,
-                             candidate_digest(candidate.code, gold_code))
             details.update(self._measure(task, batch, texts, result, task_dir / "images", reference, gold, inputs,
-                                         ablations, reference_code=reference_code, sets=sets))
+                                         ablations, reference_code=reference_code))
         elif result:
             details["error"] = result.get("error")
         else:
@@ -582,8 +567,7 @@ class Evaluator:
         return f"reference in {wanted}", self.baseline("reference", task, reference_code, batch, dtype=wanted)
 
     def _measure(self, task, batch, texts, result, images_dir, reference, gold, inputs,
-                 ablations: Mapping[str, str] | None = None, reference_code: str | None = None,
-                 sets: list[range] | None = None) -> dict:
+                 ablations: Mapping[str, str] | None = None, reference_code: str | None = None) -> dict:
         """Figures of stages 2 and 3: those the stages judge go into `inputs`; the others are
         returned, keyed by their names in result.json (`_finish` puts them in the TaskResult):
         fidelity, clip, speed_crosscheck, L_bound_calibrated, reference_latency_ms(_measured),
@@ -656,17 +640,14 @@ class Evaluator:
         loss = metrics.fidelity(images, ref_images)
         measured["fidelity"] = {"mean_psnr_db": loss["mean_psnr_db"], "mean_nrmse": loss["mean_nrmse"]}
         gold_images, gold = baseline_images(gold, "gold") if gold else (None, None)
-        gold_fidelity = metrics.fidelity(gold_images, ref_images) if gold else None
-        gold_loss = gold_fidelity["mean_nrmse"] if gold_fidelity else None
+        gold_loss = metrics.quality_loss_by_fidelity(gold_images, ref_images) if gold else None
         measured["fidelity"]["gold_mean_nrmse"] = gold_loss
-        sets = sets or [range(len(images))]
         if (result.get("flops") or {}).get("source") == "replay":
             inputs.module_work = module_work_evidence(task, result, reference.result, gold.result if gold else None)
         if gold_images is not None:
             # L1-L3: the gold solution is the specification; its images from the same seeds show
             # what was asked where the reference is far away (e.g. an ancestral sampler)
-            vs_gold_by_sample = metrics.fidelity(images, gold_images)["nrmse"]
-            vs_gold = sum(vs_gold_by_sample) / len(vs_gold_by_sample)
+            vs_gold = metrics.quality_loss_by_fidelity(images, gold_images)
             measured["fidelity"]["vs_gold_nrmse"] = vs_gold
             if task.level in ("L1", "L2", "L3"):  # stages.spec_evidence_problem, on every profile
                 inputs.nrmse_vs_reference, inputs.nrmse_vs_gold = loss["mean_nrmse"], vs_gold
@@ -709,9 +690,8 @@ class Evaluator:
             # only L1-L3 have a gold that is the specification; an L4/L5 gold is the calibrated
             # optimum, one of many valid configurations (recorded above, not judged)
             if self.profile.quality_method == "fidelity" and task.level in ("L1", "L2", "L3"):
+                inputs.gold_fidelity_loss = vs_gold
                 inputs.gold_fidelity_bound = stages.gold_spec_bound(inputs)
-                inputs.gold_fidelity_loss, _ = worst_seed_set(vs_gold_by_sample, sets,
-                                                              lambda _: inputs.gold_fidelity_bound)
         scorer = self.clip()
         if scorer is not None:
             cand_clip = scorer.score(images, texts)
@@ -722,25 +702,15 @@ class Evaluator:
             inputs.clip_meaningful = scorer.pretrained
             inputs.clip_threshold = self.profile.clip_threshold
             if scorer.pretrained:
-                base, cand = base_clip["clip_scores"], cand_clip["clip_scores"]
-                inputs.quality_loss = max(metrics.quality_loss([base[i] for i in s], [cand[i] for i in s]) for s in sets)
+                inputs.quality_loss = metrics.quality_loss(base_clip["clip_scores"], cand_clip["clip_scores"])
                 inputs.quality_bound = task.constraint.max_quality_loss
         if inputs.quality_method == "fidelity":
-            def bound_on(samples: range) -> float:
-                """The bound on these samples: from the gold's loss on the same ones."""
-                gold_on = (sum(gold_fidelity["nrmse"][i] for i in samples) / len(samples)) if gold_fidelity else None
-                if task.level in ("L1", "L2", "L3"):
-                    return stages.fidelity_bound(gold_on)
-                return stages.seed_adjusted_bound(task.constraint.max_quality_loss, gold_on,
-                                                  task.constraint.calibrated_gold_loss)
-
-            inputs.quality_loss, inputs.quality_bound = worst_seed_set(loss["nrmse"], sets, bound_on)
-            if len(sets) > 1:
-                measured["fidelity"]["seed_sets"] = [
-                    {"samples": [s.start, s.stop], "seeds": "workload" if i < len(sets) - 1 else "candidate",
-                     "L": sum(loss["nrmse"][j] for j in s) / len(s), "L_bound": bound_on(s)}
-                    for i, s in enumerate(sets)]
-            if task.level not in ("L1", "L2", "L3"):
+            inputs.quality_loss = loss["mean_nrmse"]
+            if task.level in ("L1", "L2", "L3"):
+                inputs.quality_bound = stages.fidelity_bound(gold_loss)
+            else:
+                inputs.quality_bound = stages.seed_adjusted_bound(task.constraint.max_quality_loss, gold_loss,
+                                                                  task.constraint.calibrated_gold_loss)
                 measured["L_bound_calibrated"] = task.constraint.max_quality_loss
         ref_cost = self._cost(reference.result)
         if ref_cost and cand_cost:

@@ -83,12 +83,10 @@ class Measures:
     them; `L_gold` only where it is judged (L1-L3 fidelity profiles); targets and attainment only
     on L4/L5."""
 
-    # quality loss (CLIP or fidelity nRMSE vs the reference), on the seed set judged: the one nearest
-    # its bound where a candidate's verdict has two (workload.seed_sets; fidelity.seed_sets)
-    L: float | None = _field(_NUMBER)
+    L: float | None = _field(_NUMBER)  # quality loss (CLIP or fidelity nRMSE vs the reference)
     L_bound: float | None = _field(_NUMBER)  # the bound L was judged against (seed-adjusted on L4/L5)
     L_bound_calibrated: float | None = _field(_NUMBER)  # L4/L5 fidelity: the calibration's bound
-    L_gold: float | None = _field(_NUMBER)  # nRMSE vs the gold solution's images (the worse seed set's)
+    L_gold: float | None = _field(_NUMBER)  # nRMSE vs the gold solution's images
     L_gold_bound: float | None = _field(_NUMBER)
     U: float | None = _field(_NUMBER)  # speedup over the reference
     U_flops: float | None = _field(_NUMBER)  # replayed runs: FLOPs alone (U is the smallest of the three)
@@ -103,7 +101,7 @@ class Measures:
     target_latency_ms: float | None = _field(_NUMBER)
     attainment: float | None = _field(_NUMBER)  # min(1, achieved / required): the per-task term of S_a
     clip: dict | None = _field(_OBJECT)  # mean, reference_mean, mean_cosine, pretrained
-    fidelity: dict | None = _field(_OBJECT)  # mean_psnr_db, mean_nrmse, gold_mean_nrmse, vs_gold_nrmse, seed_sets
+    fidelity: dict | None = _field(_OBJECT)  # mean_psnr_db, mean_nrmse, gold_mean_nrmse, vs_gold_nrmse
     speed_crosscheck: dict | None = _field(_OBJECT)  # crosscheck.speed_figures
 
 

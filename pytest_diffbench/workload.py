@@ -14,8 +14,8 @@ the same for every user (reproducible published figures, the L4/L5 calibration),
 by anyone who reads the repository, so a candidate can precompute its images outside the judged
 call. Seeds are keyed by the workload (`seed_stream`), not the task id, so tasks that share a
 workload share their reference run exactly as with public seeds; under `secret` the final
-verdict's seeds are also keyed by the candidate's code for half of its samples (`seed_sets`,
-`candidate_digest`: each candidate its own, the gold the workload's), and `shared` (named explicitly) leaves them one per workload for
+verdict's seeds are also keyed by the candidate's code (`candidate_digest`: each candidate its
+own, the gold the workload's), and `shared` (named explicitly) leaves them one per workload for
 every candidate, as before session 17.
 """
 
@@ -117,27 +117,11 @@ def code_form(code: str) -> str:
         return code
 
 
-def seed_sets(count: int, mode: str = SECRET_SEEDS, scope: str = VERDICT_SCOPE,
-              candidate: str | None = None) -> list[range]:
-    """A batch's seed sets, as ranges of sample indices; stage 3 judges L on each and the worse
-    counts (evaluate._measure). Under `secret` seeds a candidate's verdict has two: its first half
-    on the workload's seeds (fixed per task and harness key: no resubmission draws them again) and
-    the rest on the candidate's own (`candidate_digest`: noise that one submission shows its author
-    helps no other). With one set of its own per submission, an author could submit variants of a
-    candidate just over the bound until one drew seeds it passed on (red team round 8, R1); now the
-    workload's half holds it to one draw. Otherwise (the gold, `shared` or `public` seeds, other
-    scopes, one sample) a single set."""
-    if mode == SECRET_SEEDS and scope == VERDICT_SCOPE and candidate and count >= 2:
-        return [range(0, count // 2), range(count // 2, count)]
-    return [range(count)]
-
-
 def sample_seeds(task, count: int, mode: str = SECRET_SEEDS, scope: str = VERDICT_SCOPE,
                  key: bytes | None = None, candidate: str | None = None) -> list[int]:
     """The `count` seeds of `task`'s samples: `public` = task.seed + i; `shared` = derived from the
     harness key `key` (required) and `scope` (see the module docstring); `secret` = the same, and
-    in the verdict's scope the second of `seed_sets` also from `candidate` (`candidate_digest`;
-    None: the workload's own throughout)."""
+    in the verdict's scope also from `candidate` (`candidate_digest`; None: the workload's own)."""
     if mode == PUBLIC_SEEDS:
         return [int(task.seed) + i for i in range(count)]
     if mode not in KEYED_SEED_MODES:
@@ -150,13 +134,8 @@ def sample_seeds(task, count: int, mode: str = SECRET_SEEDS, scope: str = VERDIC
     from .keys import derive_seed
 
     own = candidate if mode == SECRET_SEEDS and scope == VERDICT_SCOPE else None
-    *workload_sets, own_set = seed_sets(count, mode, scope, own)
-    if not workload_sets:
-        stream = seed_stream(task, own)
-        return [derive_seed(key, scope, stream, i) for i in range(count)]
-    stream, own_stream = seed_stream(task), seed_stream(task, own)
-    return ([derive_seed(key, scope, stream, i) for s in workload_sets for i in s]
-            + [derive_seed(key, scope, own_stream, i) for i in own_set])
+    stream = seed_stream(task, own)
+    return [derive_seed(key, scope, stream, i) for i in range(count)]
 
 
 def build_batch(task, zoo: str, data: DataSource, inputs_dir: Path, samples: int | None = None, *,

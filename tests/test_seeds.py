@@ -177,36 +177,6 @@ def test_the_verdicts_secret_seeds_are_each_candidates_own_and_the_golds_the_wor
     assert agent[0] == agent[1] == workload.sample_seeds(t, 2, "secret", "agent", key)
 
 
-def test_half_of_a_candidates_verdict_seeds_are_the_workloads_and_stage_3_judges_the_worse_half(tmp_path):
-    """Red team round 8, R1: with every verdict seed its own, an author could submit variants of a
-    candidate just over the quality bound until one drew seeds it passed on. The first half of a
-    candidate's verdict samples now has the workload's seeds (the same for every submission), the
-    rest its own (a leak helps no other submission), and stage 3 judges the set nearest its bound."""
-    from pytest_diffbench.evaluate import worst_seed_set
-
-    t = task(T2I)
-    evaluator = _evaluator(tmp_path)
-    workloads = evaluator.build_batch(t, 4)[0]["seeds"]
-    one = evaluator.build_batch(t, 4, candidate_code="x = 1")[0]["seeds"]
-    other = evaluator.build_batch(t, 4, candidate_code="x = 2")[0]["seeds"]
-    assert one[:2] == other[:2] == workloads[:2]
-    assert len({*one[2:], *other[2:], *workloads}) == 8  # the second halves: each candidate's own
-    assert evaluator.build_batch(t, 4, candidate_code=t.gold)[0]["seeds"] == workloads
-    assert workload.seed_sets(5, "secret", "verdict", "digest") == [range(0, 2), range(2, 5)]
-    for args in [(5, "secret", "verdict", None), (5, "shared", "verdict", "digest"), (5, "public", "verdict", "digest"),
-                 (5, "secret", "agent", "digest"), (1, "secret", "verdict", "digest")]:
-        assert workload.seed_sets(*args) == [range(args[0])], args
-
-    sets = workload.seed_sets(4, "secret", "verdict", "digest")
-    # over all four samples L is 0.05, inside a bound of 0.1; the candidate's own half is inside
-    # its bound, the workload's half is not: judged there
-    assert worst_seed_set([0.09, 0.11, 0.0, 0.0], sets, lambda s: 0.1) == (pytest.approx(0.1), 0.1)
-    # each set against its own bound (the gold's loss on the same samples): the nearer one counts
-    assert worst_seed_set([0.01, 0.01, 0.09, 0.09], sets, lambda s: 0.1 if s.start == 0 else 0.2) == \
-        (pytest.approx(0.09), 0.2)
-    assert worst_seed_set([0.0, 0.0, 0.0, 0.0], sets, lambda s: 0.0) == (0.0, 0.0)
-
-
 def test_a_candidate_resubmitted_with_comments_or_layout_changed_keeps_its_verdict_seeds():
     """Red team round 8, R1: the seeds followed the code as written, so a candidate just over the
     quality bound was submitted again with a trailing comment changed until a seed set favoured it.
