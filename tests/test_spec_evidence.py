@@ -58,7 +58,9 @@ def test_every_l1_l3_gold_is_its_configuration_rendered(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task_id, against", [
-    ("L2-sd21-t2i-tomesd-0010", "the reference"),  # ToMe moves the gold's images by 0.024
+    # ToMe moves the gold's images by 0.024: the image rule's case until session 21, now the work
+    # rule's as below it (the next one); kept out of CI's slice (160 s)
+    pytest.param("L2-sd21-t2i-tomesd-0010", "the reference", marks=pytest.mark.long),
     ("L3-sd21-i2i-unipc-tomesd-0086", "the gold without"),  # by 0.031; against an ablation (the decoy's work too)
     ("L2-sd15-t2i-tomesd-0009", "the reference"),  # by under 0.02
 ])
