@@ -22,7 +22,7 @@ from .baselines import CachedRun, cache_key, get_or_measure
 from .generation import is_generator_folder
 from .result import Measures, Provenance, SandboxSummary, TaskResult
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
-from .workload import (AGENT_SCOPE, KEYED_SEED_MODES, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest,
+from .workload import (AGENT_SCOPE, HELD_OUT_SCOPE, KEYED_SEED_MODES, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest,
                        build_batch, candidate_digest)
 
 log = logging.getLogger(__name__)
@@ -325,6 +325,8 @@ class Evaluator:
         except Exception:  # noqa: BLE001 - the candidate's document: stage 1 judges it (a bad result)
             mismatched = True
         start = time.monotonic()
+        # for a replay on the held-out seeds (held_out_check): the child's seeds and images
+        outcome.extra["run_seeds"], outcome.extra["run_images"] = list(run_batch["seeds"]), list(outcome.result.get("images") or [])
         self.prove_by_replay(task, batch, run_batch, outcome, task_dir, keep_stage_one=mismatched)
         self.stats["candidate_s"] += time.monotonic() - start
         return outcome
@@ -335,8 +337,6 @@ class Evaluator:
         result; what stops the proof (no trace, a trace the replay refuses or that does not make the
         child's images, a replay that hits a limit) makes the result the candidate's runtime
         failure. A model the harness cannot load is a HarnessError."""
-        import base64
-
         result = outcome.result
 
         def fail(message: str) -> None:
@@ -350,31 +350,10 @@ class Evaluator:
 
         if outcome.trace is None:
             return fail(result.get("trace_problem") or "the child sent no trace of the call")
-        run_images = [(task_dir / "run-images" / name).read_bytes() for name in result.get("images") or []]
-        bounds = replay_bounds(batch)
-        job = {"task_id": task.id, "role": "replay", "model": task.model, "device": "cpu",
-               "threads": self.profile.threads, "out_dir": str(task_dir / "images"),
-               "max_constant_bytes": bounds["max_constant_bytes"],
-               "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
-                         "replay": {"trace": base64.b64encode(outcome.trace).decode("ascii"),
-                                    "run_seeds": list(run_batch["seeds"]),
-                                    "run_images": [base64.b64encode(png).decode("ascii") for png in run_images]}}}
-        (task_dir / "images").mkdir(parents=True, exist_ok=True)
-        log.info("%s: replaying the candidate's judged call (%.1f MB trace)", task.id, len(outcome.trace) / 1e6)
-        replayed = run_job(job, env=self._child_env(), limits=self.profile.limits, harness_dir=task_dir / "replay",
-                           module="pytest_diffbench.replay")
-        proof = replayed.result
-        if replayed.status != "ok" or proof is None:
-            if not replayed.extra.get("go_sent"):  # it ended before it was given the trace: the harness's
-                raise HarnessError(f"the replay process of task {task.id} ended before it was given the trace "
-                                   f"({replayed.status}: {replayed.detail}): {replayed.stderr_tail[-2000:]}")
-            return fail(f"the replay ended: {replayed.status}: {replayed.detail}")
-        if proof.get("status") != "ok":
-            error = proof.get("error") or {}
-            if error.get("phase") == "zoo":
-                raise HarnessError(f"the replay of task {task.id} cannot load the model {task.model}: "
-                                   f"{error.get('message')}")
-            return fail(str(error.get("message") or "no reason given"))
+        proof, replayed, problem = self._replay(task, batch, run_batch, outcome.trace, task_dir / "run-images",
+                                                result.get("images") or [], task_dir / "images", task_dir / "replay")
+        if problem:
+            return fail(problem)
         # result.json's `flops`: the replay's count, the child's own (`run`, for the record only) and
         # what the replay did (`replay`)
         run_flops = result.get("flops") or {}
@@ -388,6 +367,41 @@ class Evaluator:
                                       "start": replayed.extra.get("start"),
                                       "trace_mb": round(len(outcome.trace) / 1e6, 3)}}
         result["images"], result["num_images"] = proof["images"], proof["num_images"]
+
+    def _replay(self, task, batch: dict, run_batch: dict, trace: bytes, run_images_dir: Path,
+                run_image_names, out_dir: Path, harness_dir: Path) -> tuple[dict | None, SandboxOutcome | None, str | None]:
+        """Replay `trace` (replay.py) on `batch`'s seeds, its images into `out_dir`: (the replay's
+        result, its process, None), or (None, process or None, what stopped it: the candidate's).
+        A replay process that ended before it was given the trace, or a model the harness cannot
+        load, is a HarnessError."""
+        import base64
+
+        run_images = [(run_images_dir / name).read_bytes() for name in run_image_names]
+        bounds = replay_bounds(batch)
+        job = {"task_id": task.id, "role": "replay", "model": task.model, "device": "cpu",
+               "threads": self.profile.threads, "out_dir": str(out_dir),
+               "max_constant_bytes": bounds["max_constant_bytes"],
+               "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
+                         "replay": {"trace": base64.b64encode(trace).decode("ascii"),
+                                    "run_seeds": list(run_batch["seeds"]),
+                                    "run_images": [base64.b64encode(png).decode("ascii") for png in run_images]}}}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("%s: replaying the candidate's judged call (%.1f MB trace)", task.id, len(trace) / 1e6)
+        replayed = run_job(job, env=self._child_env(), limits=self.profile.limits, harness_dir=harness_dir,
+                           module="pytest_diffbench.replay")
+        proof = replayed.result
+        if replayed.status != "ok" or proof is None:
+            if not replayed.extra.get("go_sent"):  # it ended before it was given the trace: the harness's
+                raise HarnessError(f"the replay process of task {task.id} ended before it was given the trace "
+                                   f"({replayed.status}: {replayed.detail}): {replayed.stderr_tail[-2000:]}")
+            return None, replayed, f"the replay ended: {replayed.status}: {replayed.detail}"
+        if proof.get("status") != "ok":
+            error = proof.get("error") or {}
+            if error.get("phase") == "zoo":
+                raise HarnessError(f"the replay of task {task.id} cannot load the model {task.model}: "
+                                   f"{error.get('message')}")
+            return None, replayed, str(error.get("message") or "no reason given")
+        return proof, replayed, None
 
     def baseline(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> CachedRun:
         # Keyed by content, not role: an L1 gold solution identical to its reference is measured once.
@@ -542,6 +556,14 @@ class Evaluator:
             details["error"] = {"phase": "process", "type": outcome.status, "message": outcome.detail,
                                 "traceback": outcome.stderr_tail[-3000:]}
         verdict = stages.judge(inputs)
+        if verdict.passed and self.held_out_applies(candidate.code, gold_code if gold_code is not None else task.gold,
+                                                    outcome):
+            changed: list = []
+            inputs.held_out = self.held_out_check(task, outcome, task_dir, reference_code, gold_code, inputs, changed)
+            if changed:
+                details.setdefault("baseline_changed", []).extend(changed)
+            details.setdefault("fidelity", {})["held_out"] = inputs.held_out.record()
+            verdict = stages.judge(inputs)
         if self.keep_baseline_images:  # beside the candidate's, for people reading the run (runrecord.py)
             runrecord.keep_baseline_images(task_dir, "reference", reference, len(batch["seeds"]))
             if gold is not None:
@@ -566,6 +588,94 @@ class Evaluator:
             return "reference", reference
         return f"reference in {wanted}", self.baseline("reference", task, reference_code, batch, dtype=wanted)
 
+    # -- the verdict's held-out seeds --------------------------------------------------------------
+    def held_out_applies(self, candidate_code: str, gold_code: str | None, outcome: SandboxOutcome) -> bool:
+        """Whether stage 3 also judges this candidate on the held-out seeds (workload.HELD_OUT_SCOPE):
+        a candidate other than the gold, judged on fidelity under secret verdict seeds, whose call
+        the replay proved. Only there: where the child computes its verdict images itself (no
+        replay), it would have those seeds and could write them into the images every report shows."""
+        return (self.profile.replay and self.profile.seeds == SECRET_SEEDS
+                and self.profile.seed_scope == VERDICT_SCOPE and self.profile.quality_method == "fidelity"
+                and outcome.trace is not None and "run_seeds" in outcome.extra
+                and ((outcome.result or {}).get("flops") or {}).get("source") == "replay"
+                and candidate_digest(candidate_code, gold_code) is not None)
+
+    def held_out_check(self, task, outcome: SandboxOutcome, task_dir: Path, reference_code: str,
+                       gold_code: str | None, inputs: stages.StageInputs, changed: list) -> stages.HeldOut:
+        """Stage 3 on the held-out seeds (R1 of red team round 8): the candidate's trace replayed on
+        seeds fixed per workload and key, its L and L_gold against bounds from the reference's and
+        the gold's runs on the same seeds. With the verdict's seeds each candidate's own, an author
+        could submit variants of a candidate just over the bound until one drew seeds it passed on;
+        this set is one draw for every submission. What is computed from it never leaves the
+        harness: the replay's images go to a temporary folder, removed here; the baselines stay in
+        the cache (never copied to a run folder); the result holds figures only (`HeldOut.record`).
+        A set whose images were shown could be carried by a later submission (session 21)."""
+        from .sandbox import RESULT_PIXEL_FACTOR
+
+        batch, _ = self.build_batch(task, self.profile.samples, scope=HELD_OUT_SCOPE)
+        samples, hw = len(batch["seeds"]), (batch["height"], batch["width"])
+        folder = Path(tempfile.mkdtemp(prefix="diffbench-held-out-"))
+        try:
+            proof, _, problem = self._replay(task, batch, {"seeds": outcome.extra["run_seeds"]}, outcome.trace,
+                                             task_dir / "run-images", outcome.extra.get("run_images") or [],
+                                             folder / "images", folder / "replay")
+            if problem:
+                return stages.HeldOut(samples, problem=f"the judged call could not be proved by replaying it: {problem}",
+                                      problem_category=stages.RUNTIME)
+            try:
+                images = metrics.load_images([folder / "images" / n for n in proof["images"]],
+                                             max_pixels=RESULT_PIXEL_FACTOR * hw[0] * hw[1])
+                structural = metrics.structural_checks(images, samples, hw)
+            except Exception as exc:  # noqa: BLE001 - the candidate's trace's output: its failure
+                return stages.HeldOut(samples, problem=f"unreadable images: {type(exc).__name__}: {str(exc)[:300]}",
+                                      problem_category=stages.ABSOLUTE_QUALITY)
+            if not structural.ok:
+                return stages.HeldOut(samples, problem="; ".join(structural.problems),
+                                      problem_category=stages.ABSOLUTE_QUALITY)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        reference = self.baseline("reference", task, reference_code, batch)
+        ref_images, _ = self._baseline_images(task, reference, "reference (held-out seeds)", changed)
+        gold_images = None
+        if gold_code:
+            gold_images, _ = self._baseline_images(task, self.baseline("gold", task, gold_code, batch),
+                                                   "gold (held-out seeds)", changed)
+        gold_loss = metrics.quality_loss_by_fidelity(gold_images, ref_images) if gold_images is not None else None
+        if task.level in ("L1", "L2", "L3"):
+            bound = stages.fidelity_bound(gold_loss)
+        else:
+            bound = stages.seed_adjusted_bound(task.constraint.max_quality_loss, gold_loss,
+                                               task.constraint.calibrated_gold_loss)
+        vs_gold = None
+        if gold_images is not None and inputs.gold_fidelity_bound is not None:
+            vs_gold = metrics.quality_loss_by_fidelity(images, gold_images)
+        return stages.HeldOut(samples, loss=metrics.quality_loss_by_fidelity(images, ref_images), bound=bound,
+                              gold_loss=vs_gold, gold_bound=inputs.gold_fidelity_bound if vs_gold is not None else None)
+
+    def _baseline_images(self, task, run: CachedRun, role: str, changed: list) -> tuple[list, CachedRun]:
+        """(decoded images, run): the bytes checked against the digests the parent holds and decoded
+        from those same bytes. A file changed since the entry was opened (by anything, the
+        candidate's run included) makes the baseline be measured again once (`role` appended to
+        `changed`), so that the verdict is against an honest baseline and the candidate is still
+        judged (a harness error would drop it from the scores); changed again, it is a harness error."""
+        import warnings
+
+        from .baselines import BaselineChanged
+
+        try:
+            return metrics.load_images(run.read_images()), run
+        except BaselineChanged as exc:
+            if run.reload is None:
+                raise HarnessError(f"the {role} baseline of task {task.id} changed: {exc}") from exc
+            warnings.warn(f"{exc}; the {role} baseline of task {task.id} is measured again", stacklevel=3)
+            changed.append(role)
+            fresh = run.reload()
+            try:
+                return metrics.load_images(fresh.read_images()), fresh
+            except BaselineChanged as again:
+                raise HarnessError(f"the {role} baseline of task {task.id} changed again after it was "
+                                   f"measured again: {again}") from again
+
     def _measure(self, task, batch, texts, result, images_dir, reference, gold, inputs,
                  ablations: Mapping[str, str] | None = None, reference_code: str | None = None) -> dict:
         """Figures of stages 2 and 3: those the stages judge go into `inputs`; the others are
@@ -582,9 +692,7 @@ class Evaluator:
         of their authenticated manifests right before they are decoded; problems with them stay
         harness errors."""
         import math
-        import warnings
 
-        from .baselines import BaselineChanged
         from .sandbox import RESULT_PIXEL_FACTOR
 
         def figure(value, name):
@@ -615,26 +723,15 @@ class Evaluator:
         measured: dict = {}
 
         def baseline_images(run: CachedRun, role: str):
-            """(decoded images, run): the bytes checked against the digests the parent holds and
-            decoded from those same bytes. A file changed since the entry was opened (by anything,
-            the candidate's run included) makes the baseline be measured again once, so that the
-            verdict is against an honest baseline and the candidate is still judged (a harness
-            error would drop it from the scores); changed again, it is a harness error."""
-            if run.image_digests is None:  # the candidate's own run as gold: already decoded above
+            """(decoded images, run) of a baseline (`_baseline_images`); the candidate's own run as
+            gold: its images, already decoded above."""
+            if run.image_digests is None:
                 return images, run
-            try:
-                return metrics.load_images(run.read_images()), run
-            except BaselineChanged as exc:
-                if run.reload is None:
-                    raise HarnessError(f"the {role} baseline of task {task.id} changed: {exc}") from exc
-                warnings.warn(f"{exc}; the {role} baseline of task {task.id} is measured again", stacklevel=2)
-                measured.setdefault("baseline_changed", []).append(role)
-                fresh = run.reload()
-                try:
-                    return metrics.load_images(fresh.read_images()), fresh
-                except BaselineChanged as again:
-                    raise HarnessError(f"the {role} baseline of task {task.id} changed again after it was "
-                                       f"measured again: {again}") from again
+            changed: list = []
+            decoded = self._baseline_images(task, run, role, changed)
+            if changed:
+                measured.setdefault("baseline_changed", []).extend(changed)
+            return decoded
 
         ref_images, reference = baseline_images(reference, "reference")
         loss = metrics.fidelity(images, ref_images)

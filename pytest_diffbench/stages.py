@@ -268,6 +268,42 @@ class StageInputs:
     module_work: Mapping[str, Any] | None = None
     # what the parent found wrong with figures the candidate's process produced (crosscheck.py)
     integrity_problems: tuple[str, ...] = ()
+    # the verdict's held-out seeds (workload.HELD_OUT_SCOPE), judged last where they are checked
+    held_out: "HeldOut | None" = None
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Stage 3 on the verdict's held-out seeds: the same trace replayed on seeds fixed per workload
+    (evaluate.Evaluator.held_out_check). `problem`: what stopped it that is the candidate's (a
+    replay the trace fails on these seeds, images of the wrong count or size); else L against its
+    bound (from the gold's loss on the same seeds) and L_gold against the run's bound on L_gold."""
+
+    samples: int
+    loss: float | None = None
+    bound: float | None = None
+    gold_loss: float | None = None
+    gold_bound: float | None = None
+    problem: str | None = None
+    problem_category: str = RELATIVE_QUALITY  # RUNTIME: the replay failed; ABSOLUTE_QUALITY: the images
+
+    def failure(self) -> str | None:
+        if self.problem:
+            return f"on the held-out seeds: {self.problem}"
+        if self.loss is None or self.bound is None:
+            return "on the held-out seeds: L not measured"
+        if not self.loss <= self.bound:
+            return (f"L (fidelity, nRMSE vs reference) on the held-out seeds ({self.samples} samples): "
+                    f"expected <= {self.bound:.4f}, found {self.loss:.4f}")
+        if self.gold_loss is not None and self.gold_bound is not None and not self.gold_loss <= self.gold_bound:
+            return (f"L (fidelity, nRMSE vs the gold solution, the specification) on the held-out seeds "
+                    f"({self.samples} samples): expected <= {self.gold_bound:.4f}, found {self.gold_loss:.4f}")
+        return None
+
+    def record(self) -> dict:
+        """result.json's `fidelity.held_out`: figures only, never an image or a seed."""
+        return {"samples": self.samples, "L": self.loss, "L_bound": self.bound, "L_gold": self.gold_loss,
+                "L_gold_bound": self.gold_bound, "problem": self.problem, "passed": self.failure() is None}
 
 
 #: how far a method may lighten a denoiser module's work, as (module name pattern, the least share
@@ -546,4 +582,10 @@ def _judge(inp: StageInputs) -> Verdict:
         if inp.latency_ms is None or inp.latency_ms > target:
             return Verdict(False, 3, RELATIVE_SPEED,
                            f"latency per image ({inp.speed_method}): expected <= {target:.1f} ms, found {inp.latency_ms}")
+    # last, so that it is needed (and measured: a replay and two baselines) only for a verdict that
+    # passes everything else
+    held_out_failure = inp.held_out.failure() if inp.held_out is not None else None
+    if held_out_failure:
+        category = inp.held_out.problem_category if inp.held_out.problem else RELATIVE_QUALITY
+        return Verdict(False, {RUNTIME: 1, ABSOLUTE_QUALITY: 2}.get(category, 3), category, held_out_failure)
     return Verdict(True, 3, None, "passed")

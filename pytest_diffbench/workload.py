@@ -16,7 +16,9 @@ call. Seeds are keyed by the workload (`seed_stream`), not the task id, so tasks
 workload share their reference run exactly as with public seeds; under `secret` the final
 verdict's seeds are also keyed by the candidate's code (`candidate_digest`: each candidate its
 own, the gold the workload's), and `shared` (named explicitly) leaves them one per workload for
-every candidate, as before session 17.
+every candidate, as before session 17. `HELD_OUT_SCOPE`: a second verdict set, fixed per workload
+and key, that stage 3 also judges where the call is proved by replay, and whose images never
+leave the harness (evaluate.Evaluator.held_out_check; docs/integrity.md).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ KEYED_SEED_MODES = (SECRET_SEEDS, SHARED_SEEDS)
 #: the final verdict's seeds / those of runs a generator sees the output of
 VERDICT_SCOPE, AGENT_SCOPE = "verdict", "agent"
 SEED_SCOPES = (VERDICT_SCOPE, AGENT_SCOPE)
+#: the verdict's held-out seeds: the same for every candidate of a workload under one key, so that
+#: a candidate submitted again in another form draws no new luck there; nothing computed from them
+#: is shown, and no candidate process has them (only the harness's replay), so no image for them
+#: can be learnt and carried (not a `--diffbench-seed-scope` choice)
+HELD_OUT_SCOPE = "held_out"
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ def sample_seeds(task, count: int, mode: str = SECRET_SEEDS, scope: str = VERDIC
         return [int(task.seed) + i for i in range(count)]
     if mode not in KEYED_SEED_MODES:
         raise ValueError(f"unknown seed mode {mode!r}; expected one of {', '.join(SEED_MODES)}")
-    if scope not in SEED_SCOPES:
+    if scope not in (*SEED_SCOPES, HELD_OUT_SCOPE):
         raise ValueError(f"unknown seed scope {scope!r}; expected one of {', '.join(SEED_SCOPES)}")
     if key is None:
         raise ValueError("secret seeds need the harness key (keys.secret_key(cache_dir)); ask for public "

@@ -254,3 +254,141 @@ def test_the_calibration_gives_l4_l5_tasks_their_optimums_calibrated_loss():
     raw["constraint"]["calibrated_gold_loss"] = 0.05
     with pytest.raises(Exception, match="calibrated_gold_loss"):
         task_from_dict(raw, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# the verdict's held-out seeds (red team round 8, R1)
+
+def test_the_held_out_seeds_are_the_workloads_for_every_candidate_and_no_other_scopes(tmp_path):
+    """Each candidate's verdict seeds are its own, so an author can submit variants of a candidate
+    just over the quality bound until one draws seeds it passes on (R1). The held-out set is one
+    draw for every submission: fixed per workload and key, apart from every other scope, and
+    not a scope a user can choose for a run (its images are never shown)."""
+    from pytest_diffbench.plugin import SEED_SCOPES
+
+    t = task(T2I)
+    evaluator = _evaluator(tmp_path)
+    key = keys.secret_key(tmp_path / "cache")
+    held = [evaluator.build_batch(t, 3, scope=workload.HELD_OUT_SCOPE, candidate_code=code)[0]["seeds"]
+            for code in ("x = 1", "x = 2", t.gold, None)]
+    assert held[0] == held[1] == held[2] == held[3] == workload.sample_seeds(t, 3, "secret", "held_out", key)
+    others = {s for scope in ("verdict", "agent") for code in ("x = 1", None)
+              for s in evaluator.build_batch(t, 3, scope=scope, candidate_code=code)[0]["seeds"]}
+    assert not set(held[0]) & others
+    assert workload.HELD_OUT_SCOPE not in SEED_SCOPES  # not a --diffbench-seed-scope choice
+
+
+def test_the_held_out_set_is_judged_last_and_fails_stage_3_or_the_stage_of_its_problem():
+    from pytest_diffbench import stages
+    from pytest_diffbench.tasks import Expect
+
+    def judged(held_out, speedup=2.0):
+        return stages.judge(stages.StageInputs(
+            level="L2", expect=Expect(pipeline_class=None, model_id=None, scheduler=None, steps=None, dtype=None,
+                                      methods={}), constraint=None, outcome_status="ok", outcome_detail="",
+            result={"status": "ok", "attributes": {}}, gold_attributes=None, quality_loss=0.01, quality_bound=0.05,
+            speedup=speedup, gold_speedup=2.0, held_out=held_out))
+
+    assert judged(None).passed
+    assert judged(stages.HeldOut(2, loss=0.04, bound=0.05, gold_loss=0.01, gold_bound=0.04)).passed
+    over = judged(stages.HeldOut(2, loss=0.06, bound=0.05))
+    assert (over.passed, over.stage_reached, over.category) == (False, 3, "relative_quality")
+    assert "on the held-out seeds (2 samples): expected <= 0.0500, found 0.0600" in over.message
+    spec = judged(stages.HeldOut(2, loss=0.01, bound=0.05, gold_loss=0.05, gold_bound=0.04))
+    assert not spec.passed and "vs the gold solution" in spec.message and "held-out" in spec.message
+    replay = judged(stages.HeldOut(2, problem="the replay ended", problem_category=stages.RUNTIME))
+    assert (replay.stage_reached, replay.category) == (1, "runtime") and "held-out" in replay.message
+    images = judged(stages.HeldOut(2, problem="expected 2 images", problem_category=stages.ABSOLUTE_QUALITY))
+    assert (images.stage_reached, images.category) == (2, "absolute_quality")
+    # judged last: a candidate too slow as well fails on its speed (and then the set is not measured)
+    assert judged(stages.HeldOut(2, loss=0.06, bound=0.05), speedup=0.5).category == "relative_speed"
+    record = stages.HeldOut(2, loss=0.06, bound=0.05).record()
+    assert record == {"samples": 2, "L": 0.06, "L_bound": 0.05, "L_gold": None, "L_gold_bound": None,
+                      "problem": None, "passed": False}
+
+
+NOISE_THRESHOLD_CANDIDATE = '''
+
+THRESHOLD = {threshold!r}
+
+
+def generate(pipe, batch):
+    """The gold's images, but a sample whose first draw from its seed is at or above THRESHOLD comes
+    out darker: a candidate whose quality depends on its seeds, here chosen to pass on its own."""
+    images = []
+    for prompt, seed in zip(batch["prompts"], batch["seeds"]):
+        probe = torch.randn(1, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator(device=pipe.device).manual_seed(seed)
+        out = pipe(prompt=prompt, height=batch["height"], width=batch["width"],
+                   num_inference_steps=batch["num_inference_steps"], guidance_scale=batch["guidance_scale"],
+                   generator=generator, output_type="pt").images
+        out = out * (1.0 - 0.4 * (probe >= THRESHOLD).to(out.dtype))
+        images.extend(pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(out)))
+    return images
+'''
+
+
+@pytest.mark.slow
+def test_a_candidate_that_passes_on_its_own_seeds_fails_on_the_held_out_ones_and_none_of_their_images_is_kept(
+        tiny_zoo, baseline_cache_dir, tmp_path, monkeypatch):
+    """R1 end to end, on the plugin's default (secret seeds, the call proved by replay): a candidate
+    whose images depend on its seeds (a darker image where a draw from the seed is high), with the
+    threshold chosen, knowing the key, so that its own verdict seeds all come out right and a
+    held-out one does not. It passes everything on its own seeds and fails stage 3 on the held-out
+    ones. The same candidate with a threshold no draw reaches passes both. Nothing computed from
+    the held-out seeds is left in the run folder: no image of theirs, no seed."""
+    import tempfile
+
+    import torch
+
+    from fixtures.profiles import tiny_evaluator
+    from pytest_diffbench import evaluate as evaluate_module
+    from pytest_diffbench.evaluate import Candidate
+
+    t = task(T2I)
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, seeds="secret")
+    assert evaluator.profile.replay
+
+    def draws(seeds):
+        return [float(torch.randn(1, generator=torch.Generator().manual_seed(s))[0]) for s in seeds]
+
+    held_out = evaluator.build_batch(t, 2, scope=workload.HELD_OUT_SCOPE)[0]["seeds"]
+    highest = max(draws(held_out))
+    for step in range(1, 20000):  # each threshold is another program, so it draws other verdict seeds
+        threshold = round(highest - 1e-6 * step, 9)
+        code = t.gold + NOISE_THRESHOLD_CANDIDATE.format(threshold=threshold)
+        if max(draws(evaluator.build_batch(t, 2, candidate_code=code)[0]["seeds"])) < threshold:
+            break
+    else:
+        pytest.fail("no threshold found that this key's verdict seeds stay under")
+
+    folders = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def recorded_mkdtemp(*args, **kwargs):
+        folders.append(real_mkdtemp(*args, **kwargs))
+        return folders[-1]
+
+    monkeypatch.setattr(evaluate_module.tempfile, "mkdtemp", recorded_mkdtemp)
+    lucky = evaluator.evaluate(t, Candidate(code=code, source="test"), t.reference, t.gold, label="lucky")
+    assert not lucky.verdict.passed, lucky.verdict
+    assert (lucky.verdict.stage_reached, lucky.verdict.category) == (3, "relative_quality")
+    assert "on the held-out seeds" in lucky.verdict.message
+    assert lucky.measures.L <= lucky.measures.L_bound  # on its own seeds it is the gold
+    assert lucky.measures.fidelity["held_out"]["L"] > lucky.measures.fidelity["held_out"]["L_bound"]
+
+    fine = t.gold + NOISE_THRESHOLD_CANDIDATE.format(threshold=1e9)
+    passed = evaluator.evaluate(t, Candidate(code=fine, source="test"), t.reference, t.gold, label="fine")
+    assert passed.verdict.passed, passed.verdict
+    assert passed.measures.fidelity["held_out"]["passed"] is True
+
+    held_out_folders = [f for f in folders if "held-out" in f]
+    assert len(held_out_folders) == 2 and not any(Path(f).exists() for f in held_out_folders)
+    batch = evaluator.build_batch(t, 2, scope=workload.HELD_OUT_SCOPE)[0]
+    secret_images = set(evaluator.baseline("reference", t, t.reference, batch).read_images())
+    kept = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".png" for p in kept)
+    for path in kept:
+        data = path.read_bytes()
+        assert data not in secret_images, path
+        assert not any(str(seed).encode() in data for seed in batch["seeds"]), path
