@@ -192,6 +192,12 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     if cand is None or held_to is None:
         return None
     held_to = {k: v * scale for k, v in held_to.items()}
+    if "tgate" in methods:
+        # the stricter of the gate the hooks saw and the one the replay's work shows
+        replayed = tgate_replayed_share(cand, held_to)
+        shares = [s for s in (least_shares.get("tgate"), replayed) if s is not None]
+        if shares:
+            least_shares["tgate"] = max(shares)
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
                 "least_shares": least_shares, "unseen_methods": unseen}
     if against is gold:
@@ -203,9 +209,12 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
 
 def tgate_least_share(attributes: Mapping | None) -> float | None:
     """The least share of the reference's per-call work T-GATE leaves a module other than
-    attention, from the gate step stage 1 observed: the whole batch before it, the conditional
-    half after (tgate's pipelines drop guidance's unconditional branch there), with one call of
-    slack for where the gate falls. None where the gate step or the calls are not reported."""
+    attention, from the gate step stage 1 observed: the whole batch on the calls before it, the
+    conditional half after (tgate's pipelines drop guidance's unconditional branch from the same
+    call on which cross-attention stops: `(i - warm-up) < gate_step` for both), so
+    (n + gate calls) / 2n of it, less the module rule's tolerance for rounding. No call of slack:
+    with one, guidance could be dropped on one call more (red team round 8, S5, the rest). None
+    where the gate step or the calls are not reported."""
     if not isinstance(attributes, Mapping):
         return None
     tgate = (attributes.get("methods") or {}).get("tgate") if isinstance(attributes.get("methods"), Mapping) else None
@@ -218,7 +227,27 @@ def tgate_least_share(attributes: Mapping | None) -> float | None:
     n = calls[0]
     first = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else n
     gate_call = min(n, gate + max(0, n - first))  # the reported gate step leaves out warm-up calls
-    return max(0.5, min(1.0, (n + gate_call - 1) / (2 * n)))
+    return max(0.5, min(1.0, (n + gate_call) / (2 * n))) * (1 - stages.MODULE_WORK_TOLERANCE)
+
+
+#: the cross-attention query projections: T-GATE computes them, on the whole batch, on exactly the
+#: calls before its gate step and reuses the attention's output after (their work is seeded; the
+#: key and value projections read the caption alone)
+CROSS_ATTENTION_QUERY = re.compile(r"(^|\.)attn2\.to_q$")
+
+
+def tgate_replayed_share(candidate: Mapping[str, float], held_to: Mapping[str, float]) -> float | None:
+    """T-GATE's least share (as `tgate_least_share`) from the replay's count instead of stage 1's
+    hooks: the share of the calls before the gate step is the cross-attention query projections'
+    work against what the candidate is held to (the most any of them did: DeepCache may skip some
+    on its cached steps, which only lowers this figure). The hooks run in the candidate's process
+    and a decoy can show them an early gate (red team round 8, S2); the replay counts what made
+    the judged images. None without cross-attention."""
+    shares = [min(1.0, max(0.0, float(candidate.get(module, 0.0)) / float(work)))
+              for module, work in held_to.items() if CROSS_ATTENTION_QUERY.search(module) and work > 0]
+    if not shares:
+        return None
+    return (1 + max(shares)) / 2 * (1 - stages.MODULE_WORK_TOLERANCE)
 
 
 def _denoiser_calls(run: Mapping) -> float | None:

@@ -196,38 +196,51 @@ def test_where_steps_are_free_the_modules_are_held_to_the_reference_per_denoiser
 def test_only_a_method_seen_applied_lightens_a_module_and_tgate_by_its_gate_step():
     """Red team round 8, S5: on an L4 task that allows T-GATE, guidance dropped after step 6 of 20
     (every module at 0.65 of the reference) passed under T-GATE's blanket half. Now a method lightens
-    a module only where stage 1 saw it applied, and T-GATE by its observed gate step: the whole
-    batch before it, half after (one call of slack)."""
+    a module only where stage 1 saw it applied, and T-GATE by its gate step: the whole batch before
+    it, half after, exactly (one call of slack let guidance be dropped on one more call), and the
+    stricter of the gate the hooks saw and the one the replay's cross-attention work shows (a decoy
+    can show the hooks an early gate)."""
     from types import SimpleNamespace
 
     from pytest_diffbench.evaluate import module_work_evidence, tgate_least_share
 
+    tolerance = 1 - stages.MODULE_WORK_TOLERANCE
     task = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("tgate", "tomesd")))
     reference = {"num_images": 1, "flops": {"seeded": {"by_module": {"transformer.blocks.0.ff": 100.0,
-                                                                      "transformer.blocks.0.attn2.to_k": 40.0}}}}
+                                                                      "transformer.blocks.0.attn2.to_q": 40.0}}}}
 
-    def run(ff, methods, calls=20, requested=20):
+    def run(ff, methods, calls=20, requested=20, to_q=20.0):
         return {"num_images": 1, "flops": {"seeded": {"by_module": {"transformer.blocks.0.ff": ff,
-                                                                     "transformer.blocks.0.attn2.to_k": 4.0}}},
+                                                                     "transformer.blocks.0.attn2.to_q": to_q}}},
                 "attributes": {"methods": methods, "steps": {"denoiser_calls": [calls], "requested": [requested]}}}
 
     unapplied = module_work_evidence(task, run(65.0, {}), reference)
     assert unapplied["methods"] == [] and "blocks.0.ff to compute 100" in stages.module_work_problem(unapplied)
     gated = {"tgate": {"gate_step": 10}}
-    assert tgate_least_share(run(0, gated)["attributes"]) == (20 + 10 - 1) / 40
+    assert tgate_least_share(run(0, gated)["attributes"]) == pytest.approx((20 + 10) / 40 * tolerance)
     assert tgate_least_share({**run(0, gated)["attributes"], "steps": {"denoiser_calls": [21], "requested": [20]}}) \
-        == (21 + 11 - 1) / 42  # a warm-up call: the reported gate step leaves it out
+        == pytest.approx((21 + 11) / 42 * tolerance)  # a warm-up call: the reported gate step leaves it out
     assert tgate_least_share(run(0, {"tgate": {"gate_step": None}})["attributes"]) is None
-    early = module_work_evidence(task, run(65.0, gated), reference)  # guidance dropped before the gate
-    assert "leave at least 0.725 of it" in stages.module_work_problem(early), stages.module_work_problem(early)
+    early = module_work_evidence(task, run(65.0, gated), reference)  # guidance dropped from step 6
+    assert "leave at least 0.749 of it" in stages.module_work_problem(early), stages.module_work_problem(early)
+    one_call = module_work_evidence(task, run(75.0 - 100 / 40, gated), reference)  # ... on one call before the gate
+    assert "blocks.0.ff to compute 100" in stages.module_work_problem(one_call), stages.module_work_problem(one_call)
     honest = module_work_evidence(task, run(75.0, gated), reference)  # 10 calls whole, 10 on half the batch
     assert stages.module_work_problem(honest) is None, stages.module_work_problem(honest)
     marked = run(65.0, {})
     marked["attributes"]["unverified_methods"] = {"tgate": "cross-attention computed on all 20 calls"}
     problem = stages.module_work_problem(module_work_evidence(task, marked, reference))
     assert "tgate lightens nothing: marked but not seen applied (cross-attention computed" in problem, problem
-    unknown_gate = module_work_evidence(task, run(55.0, {"tgate": {"gate_step": None}}), reference)
-    assert stages.module_work_problem(unknown_gate) is None  # no gate step seen: T-GATE's least, half
+    unknown_gate = module_work_evidence(task, run(55.0, {"tgate": {"gate_step": None}}, to_q=0.0), reference)
+    assert stages.module_work_problem(unknown_gate) is None  # no gate step seen, none in the work: half
+    # the hooks shown gate step 0 by a decoy, the judged call computing cross-attention on every call
+    # and guidance on none: the replay's cross-attention work says the gate is at the end
+    decoy = module_work_evidence(task, run(50.0, {"tgate": {"gate_step": 0}}, to_q=40.0), reference)
+    assert decoy["least_shares"]["tgate"] == pytest.approx(tolerance)
+    assert "blocks.0.ff to compute 100" in stages.module_work_problem(decoy), stages.module_work_problem(decoy)
+    # the hooks' gate is kept where the replay's is earlier (DeepCache skipping some of them)
+    assert module_work_evidence(task, run(75.0, gated, to_q=8.0), reference)["least_shares"]["tgate"] == \
+        pytest.approx(0.75 * tolerance)
 
 
 def test_a_change_of_the_images_is_evidence_from_0_002_in_float32_on_a_cpu_and_never_tomes_own():
