@@ -648,18 +648,21 @@ class Evaluator:
             proof, _, problem = self._replay(task, batch, {"seeds": outcome.extra["run_seeds"]}, outcome.trace,
                                              task_dir / "run-images", outcome.extra.get("run_images") or [],
                                              folder / "images", folder / "replay")
+            # the problems say what failed, not how: an error's text or a structural detail (which
+            # sample) can carry values computed from the held-out noise to the author
             if problem:
-                return stages.HeldOut(samples, problem=f"the judged call could not be proved by replaying it: {problem}",
+                log.info("%s: the replay on the held-out seeds failed: %s", task.id, problem[:300])
+                return stages.HeldOut(samples, problem="the judged call could not be proved by replaying it",
                                       problem_category=stages.RUNTIME)
             try:
                 images = metrics.load_images([folder / "images" / n for n in proof["images"]],
                                              max_pixels=RESULT_PIXEL_FACTOR * hw[0] * hw[1])
                 structural = metrics.structural_checks(images, samples, hw)
-            except Exception as exc:  # noqa: BLE001 - the candidate's trace's output: its failure
-                return stages.HeldOut(samples, problem=f"unreadable images: {type(exc).__name__}: {str(exc)[:300]}",
-                                      problem_category=stages.ABSOLUTE_QUALITY)
-            if not structural.ok:
-                return stages.HeldOut(samples, problem="; ".join(structural.problems),
+                ok = structural.ok
+            except Exception:  # noqa: BLE001 - the candidate's trace's output: its failure
+                ok = False
+            if not ok:
+                return stages.HeldOut(samples, problem="images unreadable, or of the wrong count, size or kind",
                                       problem_category=stages.ABSOLUTE_QUALITY)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
