@@ -102,7 +102,7 @@ class Measures:
     attainment: float | None = _field(_NUMBER)  # min(1, achieved / required): the per-task term of S_a
     clip: dict | None = _field(_OBJECT)  # mean, reference_mean, mean_cosine, pretrained
     fidelity: dict | None = _field(_OBJECT)  # mean_psnr_db, mean_nrmse, gold_mean_nrmse, vs_gold_nrmse,
-    # ablations, held_out (stages.HeldOut.record: figures of the held-out seeds, never their images)
+    # ablations, held_out (stages.HeldOut.record: whether the held-out seeds passed, no figure)
     speed_crosscheck: dict | None = _field(_OBJECT)  # crosscheck.speed_figures
 
 

@@ -293,7 +293,8 @@ def test_the_held_out_set_is_judged_last_and_fails_stage_3_or_the_stage_of_its_p
     assert judged(stages.HeldOut(2, loss=0.04, bound=0.05, gold_loss=0.01, gold_bound=0.04)).passed
     over = judged(stages.HeldOut(2, loss=0.06, bound=0.05))
     assert (over.passed, over.stage_reached, over.category) == (False, 3, "relative_quality")
-    assert "on the held-out seeds (2 samples): expected <= 0.0500, found 0.0600" in over.message
+    assert "on the held-out seeds (2 samples) is over its bound (their figures are not shown)" in over.message
+    assert "0.06" not in over.message and "0.05" not in over.message
     spec = judged(stages.HeldOut(2, loss=0.01, bound=0.05, gold_loss=0.05, gold_bound=0.04))
     assert not spec.passed and "vs the gold solution" in spec.message and "held-out" in spec.message
     replay = judged(stages.HeldOut(2, problem="the replay ended", problem_category=stages.RUNTIME))
@@ -302,9 +303,9 @@ def test_the_held_out_set_is_judged_last_and_fails_stage_3_or_the_stage_of_its_p
     assert (images.stage_reached, images.category) == (2, "absolute_quality")
     # judged last: a candidate too slow as well fails on its speed (and then the set is not measured)
     assert judged(stages.HeldOut(2, loss=0.06, bound=0.05), speedup=0.5).category == "relative_speed"
-    record = stages.HeldOut(2, loss=0.06, bound=0.05).record()
-    assert record == {"samples": 2, "L": 0.06, "L_bound": 0.05, "L_gold": None, "L_gold_bound": None,
-                      "problem": None, "passed": False}
+    # the result says whether the set passed, never how far: each figure is a channel for its noise
+    assert stages.HeldOut(2, loss=0.06, bound=0.05).record() == {"samples": 2, "passed": False}
+    assert stages.HeldOut(2, loss=0.01, bound=0.05).record() == {"samples": 2, "passed": True}
 
 
 NOISE_THRESHOLD_CANDIDATE = '''
@@ -375,7 +376,7 @@ def test_a_candidate_that_passes_on_its_own_seeds_fails_on_the_held_out_ones_and
     assert (lucky.verdict.stage_reached, lucky.verdict.category) == (3, "relative_quality")
     assert "on the held-out seeds" in lucky.verdict.message
     assert lucky.measures.L <= lucky.measures.L_bound  # on its own seeds it is the gold
-    assert lucky.measures.fidelity["held_out"]["L"] > lucky.measures.fidelity["held_out"]["L_bound"]
+    assert lucky.measures.fidelity["held_out"] == {"samples": 2, "passed": False}
 
     fine = t.gold + NOISE_THRESHOLD_CANDIDATE.format(threshold=1e9)
     passed = evaluator.evaluate(t, Candidate(code=fine, source="test"), t.reference, t.gold, label="fine")
