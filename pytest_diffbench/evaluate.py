@@ -22,8 +22,8 @@ from .baselines import CachedRun, cache_key, get_or_measure
 from .generation import is_generator_folder
 from .result import Measures, Provenance, SandboxSummary, TaskResult
 from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
-from .workload import (AGENT_SCOPE, HELD_OUT_SCOPE, KEYED_SEED_MODES, SECRET_SEEDS, VERDICT_SCOPE, DataSource, batch_digest,
-                       build_batch, candidate_digest)
+from .workload import (AGENT_SCOPE, HELD_OUT_SCOPE, KEYED_SEED_MODES, SECRET_SEEDS, VERDICT_SCOPE, DataSource,
+                       batch_digest, build_batch, candidate_digest)
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,8 @@ class Evaluator:
             mismatched = True
         start = time.monotonic()
         # for a replay on the held-out seeds (held_out_check): the child's seeds and images
-        outcome.extra["run_seeds"], outcome.extra["run_images"] = list(run_batch["seeds"]), list(outcome.result.get("images") or [])
+        outcome.extra["run_seeds"] = list(run_batch["seeds"])
+        outcome.extra["run_images"] = list(outcome.result.get("images") or [])
         self.prove_by_replay(task, batch, run_batch, outcome, task_dir, keep_stage_one=mismatched)
         self.stats["candidate_s"] += time.monotonic() - start
         return outcome
