@@ -306,6 +306,10 @@ def test_the_held_out_set_is_judged_last_and_fails_stage_3_or_the_stage_of_its_p
     # the result says whether the set passed, never how far: each figure is a channel for its noise
     assert stages.HeldOut(2, loss=0.06, bound=0.05).record() == {"samples": 2, "passed": False}
     assert stages.HeldOut(2, loss=0.01, bound=0.05).record() == {"samples": 2, "passed": True}
+    from pytest_diffbench.htmlreport import _held_out  # the report's row: the same, no figure
+
+    assert _held_out({"held_out": stages.HeldOut(2, loss=0.06, bound=0.05).record()}) == "failed (2 samples)"
+    assert _held_out({"mean_nrmse": 0.1}) is None and _held_out(None) is None
 
 
 NOISE_THRESHOLD_CANDIDATE = '''
