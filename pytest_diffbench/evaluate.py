@@ -638,7 +638,7 @@ class Evaluator:
         could submit variants of a candidate just over the bound until one drew seeds it passed on;
         this set is one draw for every submission. What is computed from it never leaves the
         harness: the replay's images go to a temporary folder, removed here; the baselines stay in
-        the cache (never copied to a run folder); the result holds figures only (`HeldOut.record`).
+        the cache (never copied to a run folder); the result says only whether it passed (`HeldOut.record`).
         A set whose images were shown could be carried by a later submission (session 21)."""
         from .sandbox import RESULT_PIXEL_FACTOR
 
@@ -651,8 +651,8 @@ class Evaluator:
                                              folder / "images", folder / "replay")
             # the problems say what failed, not how: an error's text or a structural detail (which
             # sample) can carry values computed from the held-out noise to the author
-            if problem:
-                log.info("%s: the replay on the held-out seeds failed: %s", task.id, problem[:300])
+            if problem:  # not logged either: the harness's log lines are shown with the run
+                log.info("%s: the replay on the held-out seeds failed", task.id)
                 return stages.HeldOut(samples, problem="the judged call could not be proved by replaying it",
                                       problem_category=stages.RUNTIME)
             try:
