@@ -41,6 +41,22 @@ def load_zoo(model: str):
     return named_tensors(pipe)
 
 
+def flush_denormals() -> bool:
+    """Compute denormal floats as zero (FTZ/DAZ) in this process and the threads it starts; whether
+    a parallel op then shows it on every thread. Why: on many CPUs an op on denormal operands is
+    many times slower, so a trace could make the held-out replay's duration (part of the task's
+    time) follow the values of the held-out noise (docs/integrity.md, "Held-out seeds"); flushed,
+    their time does not depend on them. Call it before the first parallel op: torch's intra-op
+    threads copy the setting when they are created, and a later call reaches this thread alone."""
+    import torch
+
+    if not torch.set_flush_denormal(True):
+        return False  # a CPU without the flags: recorded, the channel stays (docs/integrity.md)
+    # the smallest float32 denormal by its bits (a float converted on this thread would already be 0)
+    denormals = torch.ones(1 << 18, dtype=torch.int32).view(torch.float32)
+    return not bool(denormals.mul_(1.5).any())
+
+
 def decode_png(data: bytes):
     import numpy
     import PIL.Image
@@ -50,10 +66,11 @@ def decode_png(data: bytes):
         return torch.from_numpy(numpy.asarray(img.convert("RGB")).copy())
 
 
-def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None) -> dict:
+def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_flushed: bool | None = None) -> dict:
     """Both replays of the trace in `inputs` ({"trace": base64 blob, "run_seeds": the child's seeds,
     "run_images": the child's PNGs as base64}) against `zoo`; the verdict's images go to
-    `send_image(index, png)`. Returns the result document."""
+    `send_image(index, png)`; `denormals_flushed`: flush_denormals()'s answer, recorded. Returns the
+    result document."""
     import PIL.Image
     import torch
 
@@ -105,7 +122,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None) -> dict:
                    "other_flops_by_dtype": dict(counter.other_flops_by_dtype),
                    "image_sources": [{"tensor": i, "layout": layout, "row": row, "rounding": rounding}
                                      for i, layout, row, rounding in sources],
-                   "torch_threads": torch.get_num_threads()},
+                   "torch_threads": torch.get_num_threads(), "denormals_flushed": denormals_flushed},
     }
 
 
@@ -114,6 +131,7 @@ def _procedure(job: dict, channel) -> dict:
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
+    flushed = flush_denormals()  # before anything parallel runs (loading the zoo does)
     try:
         zoo = load_zoo(job["model"])
     except Exception as exc:  # noqa: BLE001 - the harness's own model: its failure
@@ -121,7 +139,7 @@ def _procedure(job: dict, channel) -> dict:
     withheld = channel.wait_go() if channel is not None else job["batch"]
     inputs = withheld.get("replay") or {}
     inputs["verdict_seeds"] = withheld.get("seeds") or []
-    return run_replay(job, inputs, zoo, channel.image if channel is not None else None)
+    return run_replay(job, inputs, zoo, channel.image if channel is not None else None, flushed)
 
 
 def main(argv: list[str] | None = None, restrict: bool = False) -> int:

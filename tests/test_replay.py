@@ -135,6 +135,27 @@ def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_s
     assert got["seeds_differ"], got  # other seeds, other images
 
 
+def test_the_replay_flushes_denormals_on_every_thread_and_a_late_call_would_not():
+    """replay.flush_denormals runs before anything parallel: torch's intra-op threads copy the FTZ/DAZ
+    flags when they are created, so the same call after a parallel op reaches the calling thread
+    alone (half of a two-thread multiply stays denormal). Each case in a fresh process."""
+    import subprocess
+    import sys
+
+    def nonzero_after(late: bool) -> str:
+        code = ("import torch; torch.set_num_threads(2); from pytest_diffbench.replay import flush_denormals; "
+                + ("torch.ones(1 << 20).mul(2); " if late else "") +  # a parallel op: the threads start
+                "ok = flush_denormals(); x = torch.ones(1 << 20, dtype=torch.int32).view(torch.float32); "
+                "print(ok, int(x.mul(1.5).ne(0).sum()))")  # the smallest denormal, by its bits
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    assert nonzero_after(late=False) == ["True", "0"]
+    flagged, left = nonzero_after(late=True)
+    assert flagged == "False" and 0 < int(left) < 1 << 20, (flagged, left)  # the check itself tells
+
+
 def _trace_blob(ops, params=(), constants=None):
     from pytest_diffbench.trace import FORMAT, encode
 
@@ -321,6 +342,7 @@ def test_work_hidden_inside_the_cross_checks_margin_fails_on_the_verdicts_seeds(
     strong = results["auto"]
     record = json.loads((tmp_path / "auto" / task.id / "result.json").read_text())
     assert record["flops"]["source"] == "replay" and record["flops"]["replay"]["image_sources"], record["flops"]
+    assert record["flops"]["replay"]["denormals_flushed"] is True, record["flops"]["replay"]  # replay.flush_denormals
     assert not strong.verdict.passed and strong.verdict.category == stages.RELATIVE_QUALITY, summary
     assert strong.measures.L > strong.measures.L_bound, summary
 
