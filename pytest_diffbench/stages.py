@@ -172,7 +172,16 @@ def work_mismatches(attributes: Mapping, reference_attributes: Mapping | None) -
     return out
 
 
-def replay_mismatches(attributes: Mapping, flops: Mapping | None) -> list[Mismatch]:
+#: where a task asks for half precision, the least share of the denoiser's FLOPs (the replay's
+#: tally) that must be computed in it. Honest fp16 golds of every family compute all of it there
+#: (1.0000 on SD1.5, SD2.1, SDXL, DiT, PixArt-Alpha and -Sigma, session 23); the rest is room for
+#: a small float32 island an honest candidate may keep (a norm, the timestep embedding). Before,
+#: only the dtype with most of the work was judged, so a candidate could keep up to half its work
+#: in float32 and pass as the fp16 method (tests/adversarial_tasks/float32_in_part_reported_as_float16.py).
+HALF_PRECISION_SHARE = 0.95
+
+
+def replay_mismatches(attributes: Mapping, flops: Mapping | None, expected_dtype: str | None = None) -> list[Mismatch]:
     """Stage 1, from the harness's replay of the judged call (evaluate.prove_by_replay): the
     precision the child reports (its `dtype` attribute, read in the candidate's process) must be
     the one the replay computed most of the FLOPs in. The replay runs every matrix product,
@@ -181,7 +190,9 @@ def replay_mismatches(attributes: Mapping, flops: Mapping | None) -> list[Mismat
     compute 98-100 % of their FLOPs in float16 (docs/integrity.md). The tally leaves out the
     products of the VAE's and the text encoders' own parameters (Replayer.run's origins): the
     precision asked for is the denoiser's, and the tiny zoo's VAE, half of a DiT or PixArt call's
-    FLOPs, left a float32 denoiser beside a float16 VAE the plurality (red team, session 18)."""
+    FLOPs, left a float32 denoiser beside a float16 VAE the plurality (red team, session 18).
+    Where the task asks for a half precision (`expected_dtype`), at least HALF_PRECISION_SHARE of
+    the tally must be in it."""
     flops = flops if isinstance(flops, Mapping) else {}
     by_dtype = (flops.get("replay") or {}).get("flops_by_dtype") if flops.get("source") == "replay" else None
     if not isinstance(by_dtype, Mapping):
@@ -191,12 +202,18 @@ def replay_mismatches(attributes: Mapping, flops: Mapping | None) -> list[Mismat
                          crosscheck.compute_dtype(attributes), "no counted FLOPs with a dtype")] if flops.get("total") else []
     computed = max(sorted(by_dtype), key=lambda name: by_dtype[name])
     claimed = crosscheck.compute_dtype(attributes)
-    if claimed is None or claimed == computed:
-        return []
     total = sum(by_dtype.values()) or 1
     shares = ", ".join(f"{name} {by_dtype[name] / total:.0%}" for name in sorted(by_dtype, key=by_dtype.get, reverse=True))
-    return [Mismatch("dtype the call computed in (the harness's replay: FLOPs by dtype)", claimed,
-                     f"{computed} ({shares})")]
+    out = []
+    if claimed is not None and claimed != computed:
+        out.append(Mismatch("dtype the call computed in (the harness's replay: FLOPs by dtype)", claimed,
+                            f"{computed} ({shares})"))
+    elif expected_dtype in crosscheck.HALF_DTYPES:
+        share = by_dtype.get(expected_dtype, 0) / total
+        if share < HALF_PRECISION_SHARE:
+            out.append(Mismatch(f"share of the denoiser's FLOPs computed in {expected_dtype} (the harness's replay)",
+                                f">= {HALF_PRECISION_SHARE:.0%}", f"{share:.1%} ({shares})"))
+    return out
 
 
 def runtime_failure(outcome_status: str, outcome_detail: str, result: Mapping | None) -> str | None:
@@ -538,7 +555,7 @@ def _judge(inp: StageInputs) -> Verdict:
             raise TypeError(f"attributes is a {type(attributes).__name__}, not an object")
         mismatches = key_attribute_mismatches(inp.expect, inp.level, attributes, inp.gold_attributes)
         mismatches += work_mismatches(attributes, inp.reference_attributes)
-        mismatches += replay_mismatches(attributes, inp.result.get("flops"))
+        mismatches += replay_mismatches(attributes, inp.result.get("flops"), getattr(inp.expect, "dtype", None))
         missing = None if mismatches else (spec_evidence_problem(inp) or module_work_problem(inp.module_work))
     except Exception as exc:  # noqa: BLE001 - the candidate's document: its failure, never a harness error
         return Verdict(False, 1, RUNTIME, f"bad result: the parent could not judge the attributes of the "

@@ -347,12 +347,8 @@ def test_work_hidden_inside_the_cross_checks_margin_fails_on_the_verdicts_seeds(
     assert strong.measures.L > strong.measures.L_bound, summary
 
 
-@pytest.mark.slow
-def test_float32_work_reported_as_float16_fails_stage_one_by_the_replay(tiny_zoo, baseline_cache_dir, tmp_path):
-    """The child reads the precision from the denoiser's parameters; code in its process can keep
-    them float16 and compute in float32 (tests/adversarial_tasks/float32_reported_as_float16.py).
-    Its images and speed would pass the fp16 task; the replay, which computes in the dtypes the
-    trace gives every product, shows the FLOPs in float32: a key-attribute failure."""
+def _judged_on_the_fp16_task(tiny_zoo, baseline_cache_dir, tmp_path, attack: str):
+    """The gold of L2-dit-c2i-512px-fp16-0064 with tests/adversarial_tasks/`attack` appended, judged."""
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
@@ -360,19 +356,43 @@ def test_float32_work_reported_as_float16_fails_stage_one_by_the_replay(tiny_zoo
 
     task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
         load_task(REPO / "tasks" / "L2" / "L2-dit-c2i-512px-fp16-0064.yaml"))
-    code = task.gold + "\n\n# ---- the attack (tests/adversarial_tasks/float32_reported_as_float16.py) ----\n" + \
-        (TASK_ATTACKS / "float32_reported_as_float16.py").read_text()
+    code = task.gold + f"\n\n# ---- the attack (tests/adversarial_tasks/{attack}) ----\n" + \
+        (TASK_ATTACKS / attack).read_text()
     evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
     result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
     m = result.measures
-    print(f"\nfloat32 reported as float16 on {task.id}: {result.verdict}, U {m.U}, L {m.L}")
+    print(f"\n{attack} on {task.id}: {result.verdict}, U {m.U}, L {m.L}")
     assert result.attributes["dtype"] == "float16"  # what the child's hooks saw
+    # everything else would have passed: the images are within the gold's bounds, the speed the gold's
+    assert m.L <= m.L_bound and m.L_gold <= m.L_gold_bound and m.U >= m.U_gold / stages.MAX_SLOWDOWN_VS_GOLD, m
+    return result
+
+
+@pytest.mark.slow
+def test_float32_work_reported_as_float16_fails_stage_one_by_the_replay(tiny_zoo, baseline_cache_dir, tmp_path):
+    """The child reads the precision from the denoiser's parameters; code in its process can keep
+    them float16 and compute in float32 (tests/adversarial_tasks/float32_reported_as_float16.py).
+    Its images and speed would pass the fp16 task; the replay, which computes in the dtypes the
+    trace gives every product, shows the FLOPs in float32: a key-attribute failure."""
+    result = _judged_on_the_fp16_task(tiny_zoo, baseline_cache_dir, tmp_path, "float32_reported_as_float16.py")
     assert not result.verdict.passed and result.verdict.category == stages.KEY_ATTRIBUTE, result.verdict
     assert "the harness's replay" in result.verdict.message and "found 'float32" in result.verdict.message
     by_dtype = result.flops["replay"]["flops_by_dtype"]
     assert by_dtype["float32"] > 0.9 * sum(by_dtype.values()), by_dtype
-    # everything else would have passed: the images are within the gold's bounds, the speed the gold's
-    assert m.L <= m.L_bound and m.L_gold <= m.L_gold_bound and m.U >= m.U_gold / stages.MAX_SLOWDOWN_VS_GOLD, m
+
+
+@pytest.mark.slow
+def test_a_sixth_of_the_work_kept_in_float32_fails_a_half_precision_task(tiny_zoo, baseline_cache_dir, tmp_path):
+    """Most of the work in float16 and a sixth of it in float32 (every third linear layer upcast,
+    tests/adversarial_tasks/float32_in_part_reported_as_float16.py): the precision with most of
+    the work is the one claimed, but the task asks for half precision, and less than
+    HALF_PRECISION_SHARE of the replay's work is in it: a key-attribute failure naming the share."""
+    result = _judged_on_the_fp16_task(tiny_zoo, baseline_cache_dir, tmp_path,
+                                      "float32_in_part_reported_as_float16.py")
+    assert not result.verdict.passed and result.verdict.category == stages.KEY_ATTRIBUTE, result.verdict
+    assert "share of the denoiser's FLOPs computed in float16 (the harness's replay)" in result.verdict.message
+    by_dtype = result.flops["replay"]["flops_by_dtype"]
+    assert 0.05 < by_dtype["float32"] / sum(by_dtype.values()) < 0.5, by_dtype  # the plurality is float16's
 
 
 @pytest.mark.slow

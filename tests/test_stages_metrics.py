@@ -172,6 +172,23 @@ def test_the_replays_precision_overrules_the_one_the_child_reports():
     assert stages.replay_mismatches({"dtype": "float16"}, untallied)[0].found == "no counted FLOPs with a dtype"
 
 
+def test_where_half_precision_is_asked_nearly_all_the_denoisers_work_must_be_in_it():
+    """The plurality alone let a third of the work stay float32 under a float16 claim; where the
+    task asks for a half dtype, HALF_PRECISION_SHARE of the replay's tally must be in it. Where it
+    does not (L4/L5, float32 tasks), a float32 island under a float16 claim is the author's choice."""
+    def tally(half, full):
+        return {"source": "replay", "replay": {"flops_by_dtype": {"float16": half, "float32": full}}}
+
+    (found,) = stages.replay_mismatches({"dtype": "float16"}, tally(82, 18), "float16")
+    assert found.expected == ">= 95%" and found.found.startswith("82.0% (float16 82%, float32 18%)"), found
+    assert "share of the denoiser's FLOPs computed in float16" in found.field
+    assert stages.replay_mismatches({"dtype": "float16"}, tally(96, 4), "float16") == []
+    assert stages.replay_mismatches({"dtype": "float16"}, tally(82, 18), None) == []  # not asked
+    assert stages.replay_mismatches({"dtype": "float16"}, tally(82, 18), "float32") == []
+    (plurality,) = stages.replay_mismatches({"dtype": "float16"}, tally(30, 70), "float16")  # named once
+    assert plurality.expected == "float16" and plurality.found.startswith("float32")
+
+
 def test_what_was_asked_must_show_in_the_work():
     """L1-L3 on replayed runs: FLOPs nearer the gold's than the reference's or an ablation's wherever
     those differ by WORK_EVIDENCE_MIN or more; differences below it (fp16) are no evidence."""
