@@ -20,7 +20,16 @@ def tiny_zoo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def baseline_cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("diffbench-cache")
+    """One baseline cache for the session, shared by the xdist workers: a reference or gold measured
+    by one worker is a hit for the other (entries are locked per key and the key file is created
+    race-free, as in a sweep under xdist). A test that asserts a miss does so for a workload no other
+    test measures (test_plugin's public-seed run) or uses a cache of its own."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder = base / "diffbench-cache"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="session")
