@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 PROFILE_FILE = "profile.json"  # in the run directory
 
@@ -37,15 +38,33 @@ class ProfileError(ValueError):
 
 def harness_versions() -> dict:
     """The versions that decide what a measurement means (part of the baseline cache key)."""
-    import diffusers
-    import torch
-    import transformers
+    import torch  # the parent needs it anyway; its metadata lacks the build's local tag (+cu130)
 
     from . import __version__
 
     # plain str: torch's TorchVersion is a str subclass that YAML (calibration files) cannot represent
     return {"pytest_diffbench": str(__version__), "torch": str(torch.__version__),
-            "diffusers": str(diffusers.__version__), "transformers": str(transformers.__version__)}
+            "diffusers": installed_version("diffusers"), "transformers": installed_version("transformers")}
+
+
+def installed_version(name: str) -> str:
+    """The version of the package `import name` would load, without importing it where its
+    distribution's metadata describes that very package (importing diffusers pulls in
+    torch._dynamo and transformers: seconds of every pytest session, in a parent that never uses
+    them). Anything else (an editable or a shadowing copy): the imported module's __version__."""
+    import importlib
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+        dist = importlib.metadata.distribution(name)
+        if spec is not None and spec.origin and \
+                Path(dist.locate_file(f"{name}/__init__.py")).resolve() == Path(spec.origin).resolve():
+            return str(dist.version)
+    except (importlib.metadata.PackageNotFoundError, ImportError, ValueError, OSError):
+        pass
+    return str(importlib.import_module(name).__version__)
 
 
 def resolve_warm_start(setting: str, device: str) -> str:

@@ -67,6 +67,28 @@ def test_a_worker_applies_only_its_own_device():
     assert for_worker(cpu, "gw1", ["0", "1"]) == cpu
 
 
+def test_versions_are_read_without_importing_diffusers_and_a_shadowing_copy_is_read_by_import(tmp_path):
+    """harness_versions() reads diffusers' and transformers' versions from their metadata (importing
+    diffusers costs seconds of every session, in a parent that never uses it) and they equal the
+    imported modules' own; a package that shadows the installed one on sys.path is what a child
+    would import, so its version is read by importing it. Each in a fresh process."""
+    code = ("import json, sys; from pytest_diffbench.profile import harness_versions; v = harness_versions(); "
+            "lazy = [m for m in ('diffusers', 'transformers') if m in sys.modules]; "
+            "import diffusers, transformers; "
+            "print(json.dumps([lazy, v['diffusers'] == diffusers.__version__, v['transformers'] == transformers.__version__]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [[], True, True]
+    shadow = tmp_path / "transformers"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("__version__ = '0.0.shadow'\n")
+    code = "from pytest_diffbench.profile import installed_version; print(installed_version('transformers'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "0.0.shadow"
+
+
 def test_the_resolver_fills_versions_and_resolves_every_auto(tiny_zoo):
     from pytest_diffbench.zoo.profiles import tiny_profile, tiny_setup
     from pytest_diffbench.profile import harness_versions, resolve_profile
