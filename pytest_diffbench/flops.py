@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, sdpa_flop_count
-from torch.utils._pytree import tree_flatten
+
+from .aten_leaves import leaves
 
 # what _FlopCounterMode.__torch_dispatch__ leaves to the next handler (metadata queries)
 _METADATA_OPS = frozenset({
@@ -149,7 +150,7 @@ class LeanFlopCounterMode(FlopCounterMode):
         if formula is not None:
             count = formula(*args, **kwargs, out_val=out)
             self.flop_counts["Global"][func_packet] += count
-            operand = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+            operand = next((t for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
             dtype = str(operand.dtype).split(".")[-1] if operand is not None else "none"
             tally = self.other_flops_by_dtype if self.other_component else self.flops_by_dtype
             tally[dtype] = tally.get(dtype, 0) + int(count)

@@ -34,8 +34,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from .aten_leaves import leaves
 
 FORMAT = 1
 # bounds on what a trace may hold (checked while recording and again when decoding)
@@ -158,8 +159,8 @@ def op_elements(func, args: Any, out: Any) -> int:
     packet = func._overloadpacket
     if packet in _COUNTED:
         return 0
-    outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-    inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+    outputs = [t for t in leaves(out) if isinstance(t, torch.Tensor)]
+    inputs = [t for t in leaves(args) if isinstance(t, torch.Tensor)]
     if func.is_view and _aliases(outputs, inputs):
         return 0  # a view; an op tagged as one that had to copy (reshape of a broadcast, to.dtype) is priced
     made = sum(t.numel() for t in outputs)
@@ -190,7 +191,7 @@ def _solve_work(args: Any, out: Any) -> int:
     broadcast B lowers it (red team, session 17)."""
     positional, keywords = args if isinstance(args, tuple) and len(args) == 2 else ((), {})
     a = _solve_matrix(positional, keywords)
-    outputs = tree_flatten(out)[0]
+    outputs = leaves(out)
     result = outputs[0] if outputs else None
     if a is None or not isinstance(result, torch.Tensor):
         return 0
@@ -243,7 +244,7 @@ def denoiser_module(sources: list) -> str | None:
 
 
 def _set_origins(origins: dict[int, frozenset], ids: list, out: Any, origin: frozenset | None) -> None:
-    for item, tensor_id in zip(tree_flatten(out)[0], ids):
+    for item, tensor_id in zip(leaves(out), ids):
         if tensor_id is None or not isinstance(item, torch.Tensor):
             continue
         if origin is not None:
@@ -280,7 +281,7 @@ class SeedTaint:
         self.storages: dict[int, Any] = {}  # address -> StorageWeakRef of the marked storage there
 
     def follows(self, args: Any, kwargs: Any) -> bool:
-        for t in tree_flatten((args, kwargs))[0]:
+        for t in leaves((args, kwargs)):
             if not isinstance(t, torch.Tensor):
                 continue
             pointer = t.untyped_storage().data_ptr()
@@ -295,14 +296,14 @@ class SeedTaint:
     def mark(self, func, args: Any, kwargs: Any, out: Any) -> None:
         from torch.multiprocessing.reductions import StorageWeakRef
 
-        written = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        written = [t for t in leaves(out) if isinstance(t, torch.Tensor)]
         if func._schema.is_mutable:  # in place or out=: the arguments it wrote to
             for position, argument in enumerate(func._schema.arguments):
                 if argument.alias_info is None or not argument.alias_info.is_write:
                     continue
                 value = kwargs.get(argument.name) if argument.name in kwargs else (
                     args[position] if position < len(args) and not argument.kwarg_only else None)
-                written += [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+                written += [t for t in leaves(value) if isinstance(t, torch.Tensor)]
         for t in written:
             storage = t.untyped_storage()
             pointer = storage.data_ptr()
@@ -500,7 +501,7 @@ class Recorder(TorchDispatchMode):
 
     def _record_outputs(self, out: Any, constant: bool = False) -> list:
         ids: list = []
-        for item in tree_flatten(out)[0]:
+        for item in leaves(out):
             if not isinstance(item, torch.Tensor):
                 ids.append(None)
             elif constant:
@@ -821,7 +822,7 @@ class Replayer:
                 if counter is not None:
                     counter.seeded = counter.other_component = False
                     counter.module = None
-            if any(isinstance(t, torch.Tensor) and t.is_complex() for t in tree_flatten(out)[0]):
+            if any(isinstance(t, torch.Tensor) and t.is_complex() for t in leaves(out)):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)
                 raise TraceError(f"op {position} ({op[0]}) makes a complex tensor; the replay computes in real dtypes")
@@ -830,14 +831,14 @@ class Replayer:
             if seeded:
                 self.seeded_elements += elements
                 taint.mark(func, args, kwargs, out)
-            made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in tree_flatten(out)[0]]
+            made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in leaves(out)]
             if shapes is not None and (position >= len(shapes) or shapes[position] != made):
                 raise TraceError(f"op {position} ({op[0]}) made outputs of shape {made} here and "
                                  f"{shapes[position] if position < len(shapes) else None} on the child's seeds: "
                                  f"shapes that follow the seeds are not replayed")
             self.shapes.append(made)
             _set_origins(origins, op[3], out, origin)
-            for item, tensor_id in zip(tree_flatten(out)[0], op[3]):
+            for item, tensor_id in zip(leaves(out), op[3]):
                 if tensor_id is None or not isinstance(item, torch.Tensor):
                     continue
                 env[tensor_id] = item
@@ -875,7 +876,7 @@ class Replayer:
             if argument.alias_info is None or not argument.alias_info.is_write:
                 continue
             value = kwargs.get(argument.name) if argument.kwarg_only or index >= len(args) else args[index]
-            for item in tree_flatten(value)[0]:
+            for item in leaves(value):
                 if isinstance(item, torch.Tensor) and item.untyped_storage().data_ptr() in self._param_storages:
                     raise TraceError(f"op {position} ({func.name()}) writes into a parameter of the model")
 

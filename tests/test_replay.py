@@ -156,6 +156,59 @@ def test_the_replay_flushes_denormals_on_every_thread_and_a_late_call_would_not(
     assert flagged == "False" and 0 < int(left) < 1 << 20, (flagged, left)  # the check itself tells
 
 
+def _leaves_parity(task_ids: list[str]) -> dict:
+    """In a process of its own: every op of the golds' calls (one sample, 2 steps), its arguments,
+    keyword arguments and results flattened by aten_leaves.leaves and by torch's tree_flatten.
+    Returns the count of ops and the first op where the two differ (identity of every leaf)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from pytest_diffbench.aten_leaves import leaves
+
+    class Compare(TorchDispatchMode):
+        ops, differs = 0, None
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            Compare.ops += 1
+            for value in (args, kwargs, (args, kwargs), out):
+                mine, theirs = leaves(value), tree_flatten(value)[0]
+                if Compare.differs is None and (len(mine) != len(theirs) or any(a is not b for a, b in zip(mine, theirs))):
+                    Compare.differs = f"{func.name()}: {[type(v).__name__ for v in mine]} != {[type(v).__name__ for v in theirs]}"
+            return out
+
+    torch.set_num_threads(1)
+    for task_id in task_ids:
+        task, gold = _task_code(task_id)
+        pipe = gold.load_pipeline("cpu", torch.float16 if task["expect"]["dtype"] == "float16" else torch.float32)
+        batch = dict(_batch(task, [11]), num_inference_steps=2)
+        with Compare():
+            gold.generate(pipe, batch)
+    return {"ops": Compare.ops, "differs": Compare.differs}
+
+
+def test_the_fast_leaves_are_torchs_own_on_every_op_of_real_calls(tiny_zoo):
+    """aten_leaves.leaves replaces torch's tree_flatten in the recorder, the replay and the FLOP
+    counter (the seeds' taint, the work of uncounted ops, output ids and the precision tally all
+    read it): on every op of real calls of four families (ToMe, DeepCache and T-GATE among them)
+    it gives the same leaves, the same objects in the same order."""
+    import subprocess
+    import sys
+
+    task_ids = ["L2-sd15-i2i-768px-tomesd-0073", "L2-sd15-t2i-deepcache-0006", "L2-dit-c2i-512px-fp16-0064",
+                "L2-pixart-sigma-t2i-tgate-0015", "L1-sdxl-t2i-0004"]
+    env = {**os.environ, "HF_HUB_CACHE": str(tiny_zoo.hub_cache), "HF_HUB_OFFLINE": "1"}
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_replay; "
+            f"print(json.dumps(test_replay._leaves_parity({task_ids!r})))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["differs"] is None and got["ops"] > 5000, got
+
+
 def _trace_blob(ops, params=(), constants=None):
     from pytest_diffbench.trace import FORMAT, encode
 
