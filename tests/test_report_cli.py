@@ -71,7 +71,8 @@ def runs(tmp_path_factory, tiny_zoo, baseline_cache_dir):
     """Three real runs of the same three tasks: `reference` (the gold solutions, serial),
     `broken` (a candidates folder with a wrong scheduler, a module that does not load and a
     missing file; under xdist, so the controller records the workers' results) and `agent`
-    (DiffAgent's plain agent with the scripted oracle over HTTP, on one task: a transcript)."""
+    (DiffAgent's plain agent with the scripted oracle over HTTP, on the DiT task, the cheapest: a
+    transcript)."""
     from pytest_diffbench.agent.scripted import Oracle, ScriptedModel, ScriptedServer
 
     root = tmp_path_factory.mktemp("report-runs")
@@ -87,7 +88,7 @@ def runs(tmp_path_factory, tiny_zoo, baseline_cache_dir):
     assert broken.returncode == 1, broken.stdout[-3000:] + broken.stderr[-3000:]
     out["broken"] = broken.stdout
     with ScriptedServer(ScriptedModel(oracle=Oracle([TASKS]))) as server:
-        agent = run_pytest("--diffbench-level=L1", "-k", "L1-sd15-t2i-0001", "--diffbench-samples=2",
+        agent = run_pytest("--diffbench-level=L1", "-k", "L1-dit-c2i-0005", "--diffbench-samples=2",
                            f"--diffbench-out={root / 'agent'}", "--agent=plain", "--llm=openai/oracle",
                            f"--llm-api-base={server.api_base}", "--llm-cache=off",
                            env={**env, "OPENAI_API_KEY": "not-used-by-the-local-server"})
@@ -149,14 +150,14 @@ def test_task_folders_hold_reference_and_gold_images_beside_the_candidates(runs)
     from PIL import Image
 
     root, _ = runs
-    for name, label in (("reference", "L1-sd15-t2i-0001"), ("broken", "L1-sd15-t2i-0001"), ("agent", "L1-sd15-t2i-0001"),
+    for name, label in (("reference", "L1-sd15-t2i-0001"), ("broken", "L1-sd15-t2i-0001"), ("agent", "L1-dit-c2i-0005"),
                         ("reference", "L2-sd15-t2i-deepcache-0006")):
         folder = root / name / label
         names = {role: sorted(p.name for p in (folder / role).glob("*.png")) for role in ("reference", "gold", "images")}
         assert names["reference"] == names["gold"] == names["images"] == ["000.png", "001.png"], (name, label, names)
         for role in ("reference", "gold"):
             with Image.open(folder / role / "000.png") as image:
-                assert image.size == (64, 64), (name, label, role)
+                assert image.size == ((32, 32) if "-dit-" in label else (64, 64)), (name, label, role)
     # the candidate that never ran: its baselines are kept all the same, it has no images
     broken = root / "broken" / "L1-dit-c2i-0005"
     assert len(list((broken / "reference").glob("*.png"))) == 2 and not list((broken / "images").glob("*.png"))
@@ -195,7 +196,7 @@ def test_compare_prints_both_runs_per_level_sp_and_the_changed_verdicts(runs):
     assert "  L2-sd15-t2i-deepcache-0006: passed -> no candidate (stage 1): no candidate for" in out.stdout
     # a task run in one of them only
     out = diffbench("compare", root / "reference", root / "agent")
-    assert "  L1-dit-c2i-0005: passed -> not run" in out.stdout and "verdicts changed: 2" in out.stdout
+    assert "  L1-sd15-t2i-0001: passed -> not run" in out.stdout and "verdicts changed: 2" in out.stdout
     same = diffbench("compare", root / "reference", root / "reference")
     assert "verdicts changed: 0" in same.stdout
 
