@@ -362,12 +362,14 @@ class Recorder(TorchDispatchMode):
 
     # -- arguments --------------------------------------------------------------------------
     def _new_id(self, tensor: torch.Tensor) -> int:
-        self.ids[tensor], self.next_id = self.next_id, self.next_id + 1
-        return self.ids[tensor]
+        tensor_id = self.ids[tensor] = self.next_id
+        self.next_id += 1
+        return tensor_id
 
     def _tensor_ref(self, t: torch.Tensor) -> dict:
-        if t in self.ids:
-            return {"t": self.ids[t]}
+        known = self.ids.get(t)  # one lookup: each is a weak reference made and compared
+        if known is not None:
+            return {"t": known}
         key = _tensor_key(t)
         name = self.param_names.get(key)
         if name is not None:
@@ -507,10 +509,9 @@ class Recorder(TorchDispatchMode):
             elif constant:
                 self.ids.pop(item, None)
                 ids.append(self._tensor_ref(item)["t"])
-            elif item in self.ids:  # an in-place op returns its input: the same id
-                ids.append(self.ids[item])
-            else:
-                ids.append(self._new_id(item))
+            else:  # an in-place op returns its input: the same id
+                known = self.ids.get(item)
+                ids.append(known if known is not None else self._new_id(item))
         return ids
 
     def document(self) -> tuple[dict, dict[str, torch.Tensor]]:
