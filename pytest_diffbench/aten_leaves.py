@@ -12,19 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 
 def leaves(value: Any) -> list:
     """What `torch.utils._pytree.tree_flatten(value)[0]` gives for what aten ops take and return:
-    lists, tuples and structseqs (torch.return_types) and dicts are walked in order; anything else
-    is a leaf (tensors, scalars, None, dtypes, and a torch.Size, as there). Equal to tree_flatten's
-    on every op of real calls (tests/test_replay.py)."""
+    lists, tuples (a torch.Size and structseqs such as torch.return_types among them) and dicts
+    are walked in order; anything else is a leaf (tensors, scalars, None, dtypes). Equal to
+    tree_flatten's on every op of real calls (tests/test_replay.py)."""
     out: list = []
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, (list, tuple)) and not isinstance(item, torch.Size):
+        if isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
         elif isinstance(item, dict):
             stack.extend(reversed(list(item.values())))

@@ -77,11 +77,11 @@ def _shapes(value: Any) -> Any:
     kind = type(value)
     if kind is list:
         return [_shapes(v) for v in value]
-    if kind is tuple:
+    if kind is tuple or kind is torch.Size:  # a Size comes back a tuple, as from tree_map
         return tuple(_shapes(v) for v in value)
     if kind is dict:
         return {k: _shapes(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, dict)) and not isinstance(value, torch.Size):
+    if isinstance(value, (list, tuple, dict)):
         return tree_map(get_shape, value)
     return value
 
