@@ -595,7 +595,8 @@ def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draw
     text encoder's parameters alone are kept apart from the dtype tally stage 1 judges (a float32
     VAE beside a float16 denoiser is a valid configuration, and a float32 denoiser must not hide
     behind a float16 VAE's share: red team, session 18), but a product with a denoiser operand stays
-    in it, even beside an inert VAE operand (red team round 8); a product on a denoiser weight cast
+    in it, even beside an inert VAE operand (red team round 8), and so does a product of two computed
+    operands beside one (session 23); a product on a denoiser weight cast
     to float32 stays in it; the work that follows the seeds is that of the ops on the draw, booked
     by denoiser module where it reads a view or copy of the module's parameter."""
     import torch
@@ -620,7 +621,13 @@ def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draw
            # an inert VAE operand beside the denoiser's weight (beta=0: red team round 8): judged
            ["aten::view", [{"p": 1}, [-1]], {}, [9]],
            ["aten::slice.Tensor", [{"t": 9}, 0, 0, 1], {}, [10]],
-           ["aten::addmm", [{"t": 10}, {"t": 0}, {"t": 2}], {"beta": 0}, [11]]]
+           ["aten::addmm", [{"t": 10}, {"t": 0}, {"t": 2}], {"beta": 0}, [11]],
+           # ... and beside two computed operands (attention's products read no parameter: session 23)
+           ["aten::t", [{"t": 0}], {}, [12]],
+           ["aten::addmm", [{"t": 10}, {"t": 0}, {"t": 12}], {"beta": 0}, [13]],
+           ["aten::unsqueeze", [{"t": 0}, 0], {}, [14]],
+           ["aten::unsqueeze", [{"t": 12}, 0], {}, [15]],
+           ["aten::baddbmm", [{"t": 10}, {"t": 14}, {"t": 15}], {"beta": 0}, [16]]]
     zoo = {"transformer.w": torch.ones(8, 8, dtype=torch.float16), "vae.w": torch.ones(8, 8),
            "text_encoder.w": torch.ones(8, 8)}
     replayer = Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo)
@@ -628,9 +635,10 @@ def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draw
     with counter:
         replayer.run([5], lambda i, t: False, counter=counter)
     product = 2 * 4 * 8 * 8
-    assert counter.flops_by_dtype == {"float32": 3 * product}
+    attention = 2 * 4 * 8 * 4  # q (4 x 8) times k^T (8 x 4)
+    assert counter.flops_by_dtype == {"float32": 3 * product + 2 * attention}
     assert counter.other_flops_by_dtype == {"float32": product + 2 * 1 * 8 * 8}
-    assert counter.seeded_flops == 4 * product  # the products on the draw, not the text encoder's
+    assert counter.seeded_flops == 4 * product + 2 * attention  # the products on the draw, not the text encoder's
     # by denoiser module: the products on a view or copy of its weight (the rebuilt one is nobody's)
     assert counter.seeded_flops_by_module == {"transformer": 2 * product}
 
