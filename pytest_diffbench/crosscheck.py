@@ -68,6 +68,16 @@ def compute_dtype(attributes: Mapping | None) -> str | None:
     return name if name.isidentifier() else None
 
 
+
+def replay_dtype(flops: Mapping | None) -> str | None:
+    """The dtype the harness's replay computed most of the denoiser's counted FLOPs in (the figure
+    no candidate process touches), or None where the count is not the replay's."""
+    flops = flops if isinstance(flops, Mapping) else {}
+    by_dtype = (flops.get("replay") or {}).get("flops_by_dtype") if flops.get("source") == "replay" else None
+    if not isinstance(by_dtype, Mapping) or not by_dtype:
+        return None
+    return max(sorted(by_dtype), key=lambda name: by_dtype[name])
+
 def _tick_s() -> float:
     try:
         return 1.0 / os.sysconf("SC_CLK_TCK")

@@ -608,8 +608,10 @@ class Evaluator:
         precision on a CPU without native fp16 costs 2-4x float32's per FLOP, so an honest fp16
         gold showed U_flops / U_cpu 3.65 against the float32 reference). The reference when the
         dtypes agree, else the gold when it computes in the candidate's dtype (measured anyway),
-        else the reference code run by the parent in that dtype (a cached baseline)."""
-        wanted = crosscheck.compute_dtype(result.get("attributes"))
+        else the reference code run by the parent in that dtype (a cached baseline). The
+        candidate's dtype is the one the replay computed most FLOPs in where the call was replayed
+        (a claim made in its process could pick a slower comparator), else the one it reports."""
+        wanted = crosscheck.replay_dtype(result.get("flops")) or crosscheck.compute_dtype(result.get("attributes"))
         if wanted is None or wanted == crosscheck.compute_dtype(reference.result.get("attributes")):
             return "reference", reference
         if gold is not None and crosscheck.compute_dtype(gold.result.get("attributes")) == wanted:

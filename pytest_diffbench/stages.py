@@ -192,7 +192,11 @@ def replay_mismatches(attributes: Mapping, flops: Mapping | None, expected_dtype
     precision asked for is the denoiser's, and the tiny zoo's VAE, half of a DiT or PixArt call's
     FLOPs, left a float32 denoiser beside a float16 VAE the plurality (red team, session 18).
     Where the task asks for a half precision (`expected_dtype`), at least HALF_PRECISION_SHARE of
-    the tally must be in it."""
+    the tally must be in it. Where it asks no dtype (L4/L5: reduced precision allowed), the claim is
+    not judged: parameters kept float32 under `torch.autocast` compute in bfloat16 honestly
+    (tests/adversarial_tasks/autocast_bfloat16.py), and the speed cross-check compares the
+    candidate with a baseline in the dtype the replay computed in (crosscheck.replay_dtype), so a
+    false claim buys nothing there."""
     flops = flops if isinstance(flops, Mapping) else {}
     by_dtype = (flops.get("replay") or {}).get("flops_by_dtype") if flops.get("source") == "replay" else None
     if not isinstance(by_dtype, Mapping):
@@ -200,7 +204,9 @@ def replay_mismatches(attributes: Mapping, flops: Mapping | None, expected_dtype
     if not by_dtype:  # fail closed: counted FLOPs that no dtype was found for
         return [Mismatch("dtype the call computed in (the harness's replay: FLOPs by dtype)",
                          crosscheck.compute_dtype(attributes), "no counted FLOPs with a dtype")] if flops.get("total") else []
-    computed = max(sorted(by_dtype), key=lambda name: by_dtype[name])
+    if expected_dtype is None:
+        return []
+    computed = crosscheck.replay_dtype(flops)
     claimed = crosscheck.compute_dtype(attributes)
     total = sum(by_dtype.values()) or 1
     shares = ", ".join(f"{name} {by_dtype[name] / total:.0%}" for name in sorted(by_dtype, key=by_dtype.get, reverse=True))

@@ -449,6 +449,32 @@ def test_a_sixth_of_the_work_kept_in_float32_fails_a_half_precision_task(tiny_zo
 
 
 @pytest.mark.slow
+def test_reduced_precision_under_autocast_is_the_authors_choice_where_no_dtype_is_asked(tiny_zoo, baseline_cache_dir,
+                                                                                         tmp_path):
+    """L4/L5 ask no dtype (fp16 is allowed on all of them). The reference's parameters kept float32
+    and its call run under torch.autocast in bfloat16 (tests/adversarial_tasks/autocast_bfloat16.py,
+    an honest candidate): stage 1 used to fail it for computing in another dtype than its
+    parameters'; now the claim is judged only where a dtype is asked, and the speed cross-check
+    compares it with the reference run in the dtype the replay computed in. It reaches stage 3
+    (no speedup: autocast saves no FLOPs, so it fails the target there, as it should)."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{FORK_TASK}.yaml"))
+    code = task.reference + "\n\n" + (TASK_ATTACKS / "autocast_bfloat16.py").read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    m = result.measures
+    print(f"\nautocast bfloat16 on {task.id}: {result.verdict}, U {m.U}, L {m.L}, {m.speed_crosscheck}")
+    assert result.attributes["dtype"] == "float32" and set(result.flops["replay"]["flops_by_dtype"]) == {"bfloat16"}
+    assert result.verdict.stage_reached == 3 and result.verdict.category == stages.RELATIVE_SPEED, result.verdict
+    assert m.L <= m.L_bound, m
+    assert m.speed_crosscheck["against"].startswith("reference in bfloat16"), m.speed_crosscheck
+
+
+@pytest.mark.slow
 def test_work_moved_into_uncounted_ops_is_an_integrity_failure_naming_both_figures(tiny_zoo, baseline_cache_dir,
                                                                                  tmp_path):
     """The replay counts what torch's FLOP counter counts; work written with other ops it runs (a

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pytest_diffbench import metrics, stages
+from pytest_diffbench import crosscheck, metrics, stages
 from pytest_diffbench.baselines import get_or_measure
 from pytest_diffbench.candidates import load_candidates
 from pytest_diffbench.devices import device_for_worker, visible_devices, worker_index
@@ -160,16 +160,20 @@ def test_the_replays_precision_overrules_the_one_the_child_reports():
     """The precision the replay computed most FLOPs in must be the one the child's attributes
     report; without the replay's figure (no replay, or a figure the child wrote) nothing is judged."""
     replayed = {"source": "replay", "replay": {"flops_by_dtype": {"float32": 970, "float16": 30}}}
-    found = stages.replay_mismatches({"dtype": "float16"}, replayed)
+    found = stages.replay_mismatches({"dtype": "float16"}, replayed, "float16")
     assert len(found) == 1 and found[0].expected == "float16" and found[0].found.startswith("float32 (float32 97%")
-    assert stages.replay_mismatches({"dtype": "float32"}, replayed) == []
+    assert stages.replay_mismatches({"dtype": "float32"}, replayed, "float32") == []
     assert stages.replay_mismatches({"dtype": "float16 parameters, float32 latents entering the denoiser"},
-                                    replayed)  # the parameters' dtype is the claim
-    assert stages.replay_mismatches({"dtype": "float16"}, dict(replayed, source="counter")) == []  # the child's own
-    assert stages.replay_mismatches({"dtype": "float16"}, None) == []
-    assert stages.replay_mismatches({}, replayed) == []  # nothing claimed: stage 1's dtype check names it
+                                    replayed, "float16")  # the parameters' dtype is the claim
+    assert stages.replay_mismatches({"dtype": "float16"}, dict(replayed, source="counter"), "float16") == []
+    assert stages.replay_mismatches({"dtype": "float16"}, None, "float16") == []
+    assert stages.replay_mismatches({}, replayed, "float32") == []  # nothing claimed: stage 1's dtype check names it
     untallied = {"source": "replay", "total": 1000, "replay": {"flops_by_dtype": {}}}  # fail closed
+    assert stages.replay_mismatches({"dtype": "float16"}, untallied, "float16")[0].found == "no counted FLOPs with a dtype"
     assert stages.replay_mismatches({"dtype": "float16"}, untallied)[0].found == "no counted FLOPs with a dtype"
+    # no dtype asked (L4/L5): the claim is not judged; the cross-check takes the replay's dtype instead
+    assert stages.replay_mismatches({"dtype": "float32"}, replayed) == []
+    assert crosscheck.replay_dtype(replayed) == "float32" and crosscheck.replay_dtype(dict(replayed, source="counter")) is None
 
 
 def test_where_half_precision_is_asked_nearly_all_the_denoisers_work_must_be_in_it():
