@@ -49,6 +49,21 @@ def _pixels(images):
     return [torch.from_numpy(numpy.asarray(image.convert("RGB")).copy()) for image in images]
 
 
+def _in_a_process(tiny_zoo, call: str) -> dict:
+    """`test_replay.<call>`'s JSON answer, computed in a process of its own (the zoo reached through
+    HF_HUB_CACHE, read when huggingface_hub is imported)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tiny_zoo.hub_cache), "HF_HUB_OFFLINE": "1"}
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_replay; "
+            f"print(json.dumps(test_replay.{call}))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _record_and_replay(task_id: str) -> dict:
     """In a process of its own (the zoo reached through HF_HUB_CACHE, read when huggingface_hub is
     imported): record the gold's call on seeds [11, 22], replay it on them and on [33, 44], and call
@@ -109,16 +124,7 @@ def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_s
     call on those seeds, with the FLOPs of that call and the same uncounted work. Per-sample
     generators (SD 1.5), tomesd's generator forked from the global one, and DiT's
     torch.manual_seed are all drawn again."""
-    import subprocess
-    import sys
-
-    env = {**os.environ, "HF_HUB_CACHE": str(tiny_zoo.hub_cache), "HF_HUB_OFFLINE": "1"}
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_replay; "
-            f"print(json.dumps(test_replay._record_and_replay({task_id!r})))")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = _in_a_process(tiny_zoo, f"_record_and_replay({task_id!r})")
     assert got["problem"] is None and got["ops"] > 1000 and got["params"], got
     assert got["diffs"] == [0, 0], got
     assert got["replay_flops"] == got["call_flops"] > 0, got
@@ -194,18 +200,9 @@ def test_the_fast_leaves_are_torchs_own_on_every_op_of_real_calls(tiny_zoo):
     counter (the seeds' taint, the work of uncounted ops, output ids and the precision tally all
     read it): on every op of real calls of four families (ToMe, DeepCache and T-GATE among them)
     it gives the same leaves, the same objects in the same order."""
-    import subprocess
-    import sys
-
     task_ids = ["L2-sd15-i2i-768px-tomesd-0073", "L2-sd15-t2i-deepcache-0006", "L2-dit-c2i-512px-fp16-0064",
                 "L2-pixart-sigma-t2i-tgate-0015", "L1-sdxl-t2i-0004"]
-    env = {**os.environ, "HF_HUB_CACHE": str(tiny_zoo.hub_cache), "HF_HUB_OFFLINE": "1"}
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_replay; "
-            f"print(json.dumps(test_replay._leaves_parity({task_ids!r})))")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = _in_a_process(tiny_zoo, f"_leaves_parity({task_ids!r})")
     assert got["differs"] is None and got["ops"] > 5000, got
 
 
