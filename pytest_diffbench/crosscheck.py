@@ -68,7 +68,6 @@ def compute_dtype(attributes: Mapping | None) -> str | None:
     return name if name.isidentifier() else None
 
 
-
 def replay_dtype(flops: Mapping | None) -> str | None:
     """The dtype the harness's replay computed most of the denoiser's counted FLOPs in (the figure
     no candidate process touches), or None where the count is not the replay's."""
@@ -77,6 +76,7 @@ def replay_dtype(flops: Mapping | None) -> str | None:
     if not isinstance(by_dtype, Mapping) or not by_dtype:
         return None
     return max(sorted(by_dtype), key=lambda name: by_dtype[name])
+
 
 def _tick_s() -> float:
     try:

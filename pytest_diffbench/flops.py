@@ -62,7 +62,6 @@ def _decomposable(func) -> bool:
         func.name(), _COMPOSITE)
 
 
-
 # torch's formulas are registered wrapped (flop_counter.shape_wrapper): the wrapper maps every
 # tensor of the op's arguments and result to its shape with the general tree_map, a third of the
 # counter's time per counted op. The counter calls the formula inside with shapes mapped here.
@@ -84,6 +83,7 @@ def _shapes(value: Any) -> Any:
     if isinstance(value, (list, tuple, dict)):
         return tree_map(get_shape, value)
     return value
+
 
 class _LeanDispatchMode(_FlopCounterMode):
     def __init__(self, counter: "LeanFlopCounterMode") -> None:
