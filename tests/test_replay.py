@@ -397,15 +397,16 @@ def test_work_hidden_inside_the_cross_checks_margin_fails_on_the_verdicts_seeds(
     assert strong.measures.L > strong.measures.L_bound, summary
 
 
-def _judged_on_the_fp16_task(tiny_zoo, baseline_cache_dir, tmp_path, attack: str):
-    """The gold of L2-dit-c2i-512px-fp16-0064 with tests/adversarial_tasks/`attack` appended, judged."""
+def _judged_on_the_fp16_task(tiny_zoo, baseline_cache_dir, tmp_path, attack: str,
+                             task_id: str = "L2-dit-c2i-512px-fp16-0064"):
+    """The gold of the fp16 task `task_id` with tests/adversarial_tasks/`attack` appended, judged."""
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
     from pytest_diffbench.zoo.profiles import tiny_evaluator
 
     task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
-        load_task(REPO / "tasks" / "L2" / "L2-dit-c2i-512px-fp16-0064.yaml"))
+        load_task(REPO / "tasks" / "L2" / f"{task_id}.yaml"))
     code = task.gold + f"\n\n# ---- the attack (tests/adversarial_tasks/{attack}) ----\n" + \
         (TASK_ATTACKS / attack).read_text()
     evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
@@ -443,6 +444,23 @@ def test_a_sixth_of_the_work_kept_in_float32_fails_a_half_precision_task(tiny_zo
     assert "share of the denoiser's FLOPs computed in float16 (the harness's replay)" in result.verdict.message
     by_dtype = result.flops["replay"]["flops_by_dtype"]
     assert 0.05 < by_dtype["float32"] / sum(by_dtype.values()) < 0.5, by_dtype  # the plurality is float16's
+
+
+@pytest.mark.slow
+def test_attention_in_float32_beside_an_inert_vae_operand_stays_in_the_precision_tally(tiny_zoo, baseline_cache_dir,
+                                                                                       tmp_path):
+    """tests/adversarial_tasks/attention_float32_beside_an_inert_vae_operand.py (session 23's review):
+    every attention product in float32 as baddbmm with a beta-0 VAE slice. Booked by any operand's
+    origin, both products were the VAE's and the tally showed float16 alone: it passed
+    L2-pixart-sigma-t2i-fp16-0032 (L 0.007, U 0.96). Booked by the operands they multiply
+    (trace._multiplicands), they stay in the tally: a fifth of it in float32, a key-attribute failure."""
+    result = _judged_on_the_fp16_task(tiny_zoo, baseline_cache_dir, tmp_path,
+                                      "attention_float32_beside_an_inert_vae_operand.py",
+                                      task_id="L2-pixart-sigma-t2i-fp16-0032")
+    assert not result.verdict.passed and result.verdict.category == stages.KEY_ATTRIBUTE, result.verdict
+    assert "share of the denoiser's FLOPs computed in float16 (the harness's replay)" in result.verdict.message
+    by_dtype = result.flops["replay"]["flops_by_dtype"]
+    assert by_dtype["float32"] > 0.1 * sum(by_dtype.values()), by_dtype
 
 
 @pytest.mark.slow
