@@ -68,14 +68,18 @@ def compute_dtype(attributes: Mapping | None) -> str | None:
     return name if name.isidentifier() else None
 
 
-def replay_dtype(flops: Mapping | None) -> str | None:
-    """The dtype the harness's replay computed most of the denoiser's counted FLOPs in (the figure
-    no candidate process touches), or None where the count is not the replay's."""
+def replay_tally(flops: Mapping | None) -> Mapping | None:
+    """The denoiser's counted FLOPs by dtype as the harness's replay tallied them (the figure no
+    candidate process touches), or None where the count is not the replay's."""
     flops = flops if isinstance(flops, Mapping) else {}
     by_dtype = (flops.get("replay") or {}).get("flops_by_dtype") if flops.get("source") == "replay" else None
-    if not isinstance(by_dtype, Mapping) or not by_dtype:
-        return None
-    return max(sorted(by_dtype), key=lambda name: by_dtype[name])
+    return by_dtype if isinstance(by_dtype, Mapping) else None
+
+
+def replay_dtype(flops: Mapping | None) -> str | None:
+    """The dtype the replay computed most of the denoiser's counted FLOPs in (replay_tally), or None."""
+    by_dtype = replay_tally(flops)
+    return max(sorted(by_dtype), key=lambda name: by_dtype[name]) if by_dtype else None
 
 
 def _tick_s() -> float:

@@ -197,9 +197,8 @@ def replay_mismatches(attributes: Mapping, flops: Mapping | None, expected_dtype
     (tests/adversarial_tasks/autocast_bfloat16.py), and the speed cross-check compares the
     candidate with a baseline in the dtype the replay computed in (crosscheck.replay_dtype), so a
     false claim buys nothing there."""
-    flops = flops if isinstance(flops, Mapping) else {}
-    by_dtype = (flops.get("replay") or {}).get("flops_by_dtype") if flops.get("source") == "replay" else None
-    if not isinstance(by_dtype, Mapping):
+    by_dtype = crosscheck.replay_tally(flops)
+    if by_dtype is None:
         return []
     if not by_dtype:  # fail closed: counted FLOPs that no dtype was found for
         return [Mismatch("dtype the call computed in (the harness's replay: FLOPs by dtype)",
