@@ -1,0 +1,94 @@
+"""The replay's canonical half precision (pytest_diffbench/canonical.py): each op that reads or makes
+a half-precision tensor is computed in float64 and rounded to what the op itself gives. Real torch
+ops on the CPU; the end-to-end effect (honest fp16 variants agree exactly, a T-GATE decoy fails on
+its images) is in tests/test_spec_evidence.py."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pytest_diffbench.canonical import CanonicalPrecision  # noqa: E402
+from pytest_diffbench.flops import LeanFlopCounterMode  # noqa: E402
+
+F = torch.nn.functional
+
+
+def _halves(*shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator).half() for shape in shapes]
+
+
+@pytest.mark.parametrize("name", ["linear", "conv2d", "softmax", "layer_norm", "sdpa", "baddbmm"])
+def test_an_op_on_half_tensors_is_computed_in_float64_and_rounded_as_the_op_would_give(name):
+    x, w, b, q = _halves((3, 5, 40), (24, 40), (24,), (2, 3, 7, 8))
+    image, kernel = _halves((2, 4, 9, 9), (6, 4, 3, 3), seed=1)
+    ops = {
+        "linear": lambda: F.linear(x, w, b),
+        "conv2d": lambda: F.conv2d(image, kernel, padding=1),
+        "softmax": lambda: torch.softmax(x, dim=-1),
+        "layer_norm": lambda: F.layer_norm(x, (40,)),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, q * 0.5, q + 1),
+        "baddbmm": lambda: torch.baddbmm(x[:, :, :5], x[:, :, :8], x[:, :, 8:16].transpose(1, 2), beta=0.5),
+    }
+    native = ops[name]()
+    with CanonicalPrecision():
+        canonical = ops[name]()
+    # the same op on float64 operands, rounded once: what canonical means
+    wide = {k: v.double() for k, v in dict(x=x, w=w, b=b, q=q, image=image, kernel=kernel).items()}
+    exact = {
+        "linear": lambda: F.linear(wide["x"], wide["w"], wide["b"]),
+        "conv2d": lambda: F.conv2d(wide["image"], wide["kernel"], padding=1),
+        "softmax": lambda: torch.softmax(wide["x"], dim=-1),
+        "layer_norm": lambda: F.layer_norm(wide["x"], (40,)),
+        "sdpa": lambda: F.scaled_dot_product_attention(wide["q"], wide["q"] * 0.5, wide["q"] + 1),
+        "baddbmm": lambda: torch.baddbmm(wide["x"][:, :, :5], wide["x"][:, :, :8],
+                                         wide["x"][:, :, 8:16].transpose(1, 2), beta=0.5),
+    }[name]().half()
+    assert canonical.dtype == native.dtype == torch.float16
+    assert canonical.shape == native.shape and canonical.stride() == native.stride()
+    if name == "sdpa":  # q * 0.5 and q + 1 are rounded to half first, as recorded: compare in that form
+        exact = F.scaled_dot_product_attention(wide["q"], (q * 0.5).double(), (q + 1).double()).half()
+    assert torch.equal(canonical, exact), (canonical - exact).abs().max()
+    if name in ("conv2d", "sdpa"):  # natively rounded otherwise in places (1 of 972 and 40 of 336 here)
+        assert not torch.equal(native, exact)
+
+
+def test_in_place_and_out_ops_write_back_rounded_and_views_still_alias():
+    y, z = _halves((4, 4), (4, 4))
+    before = y.clone()
+    with CanonicalPrecision():
+        returned = y.addcmul_(z, z, value=0.3)
+        assert returned is y and y.dtype == torch.float16
+        out = torch.empty(4, 4, dtype=torch.float16)
+        torch.mm(y, z, out=out)
+        view = y.t()
+    assert torch.equal(y, torch.addcmul(before.double(), z.double(), z.double(), value=0.3).half())
+    assert torch.equal(out, (y.double() @ z.double()).half())
+    assert view.data_ptr() == y.data_ptr()
+
+
+def test_half_to_float_softmax_gives_float32_and_random_draws_are_drawn_as_recorded():
+    (x,) = _halves((3, 10))
+    with CanonicalPrecision():
+        widened = torch.ops.aten._softmax(x, -1, True)  # what softmax(dtype=float32) of a half tensor calls
+        drawn = torch.randn(5, dtype=torch.float16, generator=torch.Generator().manual_seed(3))
+    assert widened.dtype == torch.float32
+    assert torch.allclose(widened.double(), torch.softmax(x.double(), -1), atol=1e-7)
+    assert torch.equal(drawn, torch.randn(5, dtype=torch.float16, generator=torch.Generator().manual_seed(3)))
+
+
+def test_a_counter_entered_inside_books_the_op_in_its_recorded_dtype():
+    a, b = _halves((16, 32), (32, 8))
+    counter = LeanFlopCounterMode()
+    with CanonicalPrecision(), counter:
+        torch.mm(a, b)
+    assert counter.flops_by_dtype == {"float16": 2 * 16 * 32 * 8}
+
+
+def test_float32_ops_run_as_they_are():
+    x = torch.randn(8, 8)
+    with CanonicalPrecision():
+        y = x @ x
+    assert y.dtype == torch.float32 and torch.equal(y, x @ x)
