@@ -120,6 +120,18 @@ def write_json_atomic(path: Path, data: dict) -> None:
     atomic.write_json_atomic(path, data, indent=1, sort_keys=True, default=str)
 
 
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def canonical_images(task, profile: "Profile") -> bool:
+    """Whether the images judged for `task` on `profile` come from replays in canonical precision
+    (canonical.py): a half-precision L1-L3 task on a replayed profile. There the image evidence of
+    what was asked (stages.spec_evidence_problem) needs honest variants to agree, and in native
+    half precision they differ by up to 0.008 (the summation order); canonical, by 0.0."""
+    return (profile.replay and task.level in ("L1", "L2", "L3")
+            and getattr(task.expect, "dtype", None) in HALF_DTYPES)
+
+
 def throwaway_seeds(count: int) -> list[int]:
     """Seeds for a candidate's own run when its call is proved by replay: fresh for every run,
     distinct, and never the verdict's."""
@@ -381,7 +393,8 @@ class Evaluator:
         if outcome.trace is None:
             return fail(result.get("trace_problem") or "the child sent no trace of the call")
         proof, replayed, problem = self._replay(task, batch, run_batch, outcome.trace, task_dir / "run-images",
-                                                result.get("images") or [], task_dir / "images", task_dir / "replay")
+                                                result.get("images") or [], task_dir / "images", task_dir / "replay",
+                                                canonical=canonical_images(task, self.profile))
         if problem:
             return fail(problem)
         # result.json's `flops`: the replay's count, the child's own (`run`, for the record only) and
@@ -399,9 +412,11 @@ class Evaluator:
         result["images"], result["num_images"] = proof["images"], proof["num_images"]
 
     def _replay(self, task, batch: dict, run_batch: dict, trace: bytes, run_images_dir: Path,
-                run_image_names, out_dir: Path, harness_dir: Path) -> tuple[dict | None, SandboxOutcome | None, str | None]:
-        """Replay `trace` (replay.py) on `batch`'s seeds, its images into `out_dir`: (the replay's
-        result, its process, None), or (None, process or None, what stopped it: the candidate's).
+                run_image_names, out_dir: Path, harness_dir: Path,
+                canonical: bool = False) -> tuple[dict | None, SandboxOutcome | None, str | None]:
+        """Replay `trace` (replay.py) on `batch`'s seeds, its images into `out_dir` (`canonical`: in
+        canonical precision, canonical_images): (the replay's result, its process, None), or (None,
+        process or None, what stopped it: the candidate's, or for a baseline the harness's).
         A replay process that ended before it was given the trace, or a model the harness cannot
         load, is a HarnessError."""
         import base64
@@ -410,13 +425,14 @@ class Evaluator:
         bounds = replay_bounds(batch)
         job = {"task_id": task.id, "role": "replay", "model": task.model, "device": "cpu",
                "threads": self.profile.threads, "out_dir": str(out_dir),
-               "max_constant_bytes": bounds["max_constant_bytes"],
+               "max_constant_bytes": bounds["max_constant_bytes"], "canonical": canonical,
                "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
                          "replay": {"trace": base64.b64encode(trace).decode("ascii"),
                                     "run_seeds": list(run_batch["seeds"]),
                                     "run_images": [base64.b64encode(png).decode("ascii") for png in run_images]}}}
         out_dir.mkdir(parents=True, exist_ok=True)
-        log.info("%s: replaying the candidate's judged call (%.1f MB trace)", task.id, len(trace) / 1e6)
+        log.info("%s: replaying a judged call (%.1f MB trace%s)", task.id, len(trace) / 1e6,
+                 ", canonical precision" if canonical else "")
         replayed = run_job(job, env=self._child_env(), limits=self.profile.limits, harness_dir=harness_dir,
                            module="pytest_diffbench.replay")
         proof = replayed.result
@@ -442,6 +458,11 @@ class Evaluator:
                     "measurement": MEASUREMENT_FORMAT}
         if dtype != "float32":  # only then, so that the float32 baselines keep their keys
             identity["dtype"] = dtype
+        # a gold's or an ablation's images in canonical precision where the candidate's are
+        # (canonical_images); the reference computes in float32, where canonical changes nothing
+        canonical = role != "reference" and canonical_images(task, self.profile)
+        if canonical:
+            identity["images"] = "canonical"
         if self.profile.replay:  # measured with the judged call recorded (run_code)
             identity["recorded"] = 7  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
             # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18);
@@ -455,6 +476,9 @@ class Evaluator:
                 tb = ((outcome.result or {}).get("error") or {}).get("traceback", "") or outcome.stderr_tail
                 raise HarnessError(f"the {role} code of task {task.id} failed ({failure}); this is a benchmark "
                                    f"defect, not the candidate's:\n{tb[-3000:]}")
+            # (a float32 one, the gold without fp16, computes nothing canonical: the replay is skipped)
+            if canonical and crosscheck.compute_dtype(outcome.result.get("attributes")) != "float32":
+                self._canonical_baseline_images(role, task, batch, outcome, images_dir)
             return outcome.result
 
         # manifests are authenticated with the harness key (keys.py), kept beside the cache
@@ -474,6 +498,30 @@ class Evaluator:
                 shutil.rmtree(folder, ignore_errors=True)
 
         return dataclasses.replace(run, measure_again=measure_again)
+
+    def _canonical_baseline_images(self, role: str, task, batch: dict, outcome: SandboxOutcome,
+                                   images_dir: Path) -> None:
+        """Replace a half-precision baseline's images in `images_dir` (and its result's names) by
+        those of its own recorded call replayed in canonical precision on the same seeds, as the
+        candidate's are (canonical_images). The baseline's figures stay its run's."""
+        folder = images_dir.parent / "canonical"
+        names = list(outcome.result.get("images") or [])
+        if outcome.trace is None:
+            raise HarnessError(f"the {role} code of task {task.id} sent no trace of its call "
+                               f"({outcome.result.get('trace_problem') or 'no reason given'}); a benchmark defect")
+        proof, replayed, problem = self._replay(task, batch, batch, outcome.trace, images_dir, names,
+                                                folder / "images", folder / "replay", canonical=True)
+        if problem:
+            raise HarnessError(f"the {role} code of task {task.id}: its call could not be replayed in canonical "
+                               f"precision ({problem}); a benchmark defect, not the candidate's")
+        for name in names:
+            (images_dir / name).unlink()
+        for name in proof["images"]:
+            shutil.move(str(folder / "images" / name), str(images_dir / name))
+        shutil.rmtree(folder, ignore_errors=True)
+        outcome.result["images"], outcome.result["num_images"] = proof["images"], proof["num_images"]
+        outcome.result["canonical_replay"] = {"wall_s": round(replayed.wall_s, 3),
+                                              "verdict_cpu_s": (proof.get("replay") or {}).get("verdict_cpu_s")}
 
     # -- metrics --------------------------------------------------------------------------
     def clip(self) -> metrics.ClipScorer | None:
@@ -650,7 +698,8 @@ class Evaluator:
         try:
             proof, _, problem = self._replay(task, batch, {"seeds": outcome.extra["run_seeds"]}, outcome.trace,
                                              task_dir / "run-images", outcome.extra.get("run_images") or [],
-                                             folder / "images", folder / "replay")
+                                             folder / "images", folder / "replay",
+                                             canonical=canonical_images(task, self.profile))
             # the problems say what failed, not how: an error's text or a structural detail (which
             # sample) can carry values computed from the held-out noise to the author
             if problem:  # not logged either: the harness's log lines are shown with the run
@@ -784,7 +833,8 @@ class Evaluator:
             if task.level in ("L1", "L2", "L3"):  # stages.spec_evidence_problem, on every profile
                 inputs.nrmse_vs_reference, inputs.nrmse_vs_gold = loss["mean_nrmse"], vs_gold
                 inputs.gold_nrmse_vs_reference = gold_loss
-                inputs.spec_evidence_min = stages.spec_evidence_min(task.expect, self.profile.device)
+                canonical = bool(((result.get("flops") or {}).get("replay") or {}).get("canonical"))
+                inputs.spec_evidence_min = stages.spec_evidence_min(task.expect, self.profile.device, canonical)
                 ablation_flops, ablation_results = {}, {}
                 if ablations and gold.image_digests is not None:  # not the gold itself (vs_gold 0 passes)
                     distances = {}

@@ -8,7 +8,10 @@ model from the zoo itself, and replays the trace twice:
 1. with the seeds the candidate's child was given: the replay must make the images the child
    returned (`trace.match_images`), which also finds the tensor each image is read from;
 2. with the verdict's seeds (which no candidate process sees), counting FLOPs: its images are
-   sent as the candidate's images, its FLOP count is the candidate's cost.
+   sent as the candidate's images, its FLOP count is the candidate's cost. With `canonical` in
+   the job (half-precision L1-L3 tasks), its half-precision ops compute in float64 and round
+   (canonical.py), so that the images do not follow the summation order and honest variants
+   agree as float32 ones do; the first replay stays native (it must make the child's images).
 
 It still runs in the sandbox, with the run's limits: a trace can ask for any allocation, and the
 aten kernels it calls take arguments the candidate chose. The result has the child's format
@@ -19,6 +22,7 @@ phase `zoo` is the harness's (the model cannot be loaded); in phase `replay` the
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import sys
 import time
@@ -74,10 +78,12 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
     import PIL.Image
     import torch
 
+    from pytest_diffbench.canonical import CanonicalPrecision
     from pytest_diffbench.flops import LeanFlopCounterMode
     from pytest_diffbench.trace import Replayer, TraceError, decode, image_rows, match_images, to_uint8
 
     batch = job["batch"]
+    canonical = bool(job.get("canonical"))
     height, width = int(batch["height"]), int(batch["width"])
     verdict_seeds = [int(s) for s in inputs["verdict_seeds"]]
     run_seeds = [int(s) for s in inputs["run_seeds"]]
@@ -94,7 +100,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
         wanted = {source[0] for source in sources}
         counter = LeanFlopCounterMode()
         started = time.process_time()
-        with counter:
+        # canonical arithmetic outside the counter: the counter sees, and books, each op as recorded
+        with CanonicalPrecision() if canonical else contextlib.nullcontext(), counter:
             kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes,
                                 counter=counter)
         verdict_s = time.process_time() - started
@@ -122,7 +129,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                    "other_flops_by_dtype": dict(counter.other_flops_by_dtype),
                    "image_sources": [{"tensor": i, "layout": layout, "row": row, "rounding": rounding}
                                      for i, layout, row, rounding in sources],
-                   "torch_threads": torch.get_num_threads(), "denormals_flushed": denormals_flushed},
+                   "torch_threads": torch.get_num_threads(), "denormals_flushed": denormals_flushed,
+                   "canonical": canonical},
     }
 
 

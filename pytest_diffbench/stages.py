@@ -60,6 +60,8 @@ SPEC_EVIDENCE_MIN = 0.02
 # method that moves the images by less than 0.02 (T-GATE on most tiny-zoo tasks) cannot be
 # claimed while the reference's images are computed (red team round 8, S2). On a GPU float32 is
 # not that exact (TF32 convolutions, atomics) and is not measured here: the floor stays 0.02.
+# The same floor for half-precision tasks whose judged images the replay computes in canonical
+# precision (canonical.py: honest fp16 variants 0.0 apart there, 0.0017-0.0044 natively).
 SPEC_EVIDENCE_MIN_FLOAT32_CPU = 0.002
 # Where the task asks for ToMe, a change is evidence only from this many times ToMe's own, which is
 # about what honest variants differ by (_tome_noise): ToMe's own change is then never evidence,
@@ -424,10 +426,12 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def spec_evidence_min(expect: Any, device: str) -> float:
+def spec_evidence_min(expect: Any, device: str, canonical: bool = False) -> float:
     """The distance from which a change of the images is evidence (spec_evidence_problem): lower in
-    float32 on a CPU, where honest variants agree to an 8-bit pixel nearly everywhere."""
-    exact = getattr(expect, "dtype", None) == "float32" and device == "cpu"
+    float32 on a CPU, where honest variants agree to an 8-bit pixel nearly everywhere, and where the
+    images come from the replay in canonical precision (`canonical`, canonical.py; measured: honest
+    fp16 variants 0.0 apart there, 0.0017-0.0044 natively)."""
+    exact = (getattr(expect, "dtype", None) == "float32" and device == "cpu") or canonical
     return SPEC_EVIDENCE_MIN_FLOAT32_CPU if exact else SPEC_EVIDENCE_MIN
 
 

@@ -420,3 +420,55 @@ def _judge_calibrated(tiny_zoo, cache_dir, tmp_path, task_id: str, candidate_fil
     evaluator = tiny_evaluator(tiny_zoo, cache_dir, tmp_path / "run", samples=2, timeout_s=300.0)
     code = (REPO / "tests" / "adversarial_tasks" / candidate_file).read_text()
     return task, evaluator, evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+
+
+_BATCHED_PIXART_TGATE = '''
+
+def generate(pipe, batch):  # the gold's call with its samples in one batch: an honest variant
+    generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in batch["seeds"]]
+    return pipe.tgate(prompt=batch["prompts"], height=batch["height"], width=batch["width"],
+                      num_inference_steps=batch["num_inference_steps"], guidance_scale=batch["guidance_scale"],
+                      generator=generators, use_resolution_binning=False, clean_caption=False, gate_step=5).images
+'''
+
+
+def test_half_precision_images_are_replayed_in_canonical_precision_where_honest_variants_agree_and_a_decoy_shows(
+        tiny_zoo, baseline_cache_dir, tmp_path, monkeypatch):
+    """Red team round 8, S2, on a half-precision task (docs/integrity.md, session 24): natively,
+    honest fp16 variants of a gold differ by up to 0.008 (the summation order decides roundings),
+    so the images were evidence only from 0.02, and T-GATE (0.0075 here) could be claimed while the
+    images were computed without it. The replay now computes the verdict's half-precision ops in
+    float64 and rounds them (canonical.py), the golds' and ablations' images too: the gold's call
+    batched gives the gold's images exactly (natively 0.0017 apart at 64 px), and the T-GATE decoy
+    (hooks' verdict taken out as in the float32 test above) fails on its images."""
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    from pytest_diffbench.ablation import ablation_codes
+
+    task = load_task(REPO / "tasks" / "L3" / "L3-pixart-sigma-t2i-fp16-tgate-0072.yaml")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=300.0,
+                               seeds="public")
+
+    def evaluate(code):  # as the suite does: with the gold without each part (fp16, T-GATE)
+        return evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold,
+                                  ablations=ablation_codes(task, REPO / "tasks"))
+
+    honest = evaluate(task.gold + _BATCHED_PIXART_TGATE)
+    print(f"\nbatched fp16 gold: {honest.verdict}, L_gold {honest.measures.fidelity['vs_gold_nrmse']}")
+    assert honest.verdict.passed, honest.verdict
+    assert honest.measures.fidelity["vs_gold_nrmse"] == 0.0
+    assert honest.flops["replay"]["canonical"] is True
+    real_mismatches = stages.key_attribute_mismatches
+    monkeypatch.setattr(stages, "key_attribute_mismatches", lambda *a: [
+        m for m in real_mismatches(*a) if not str(m).startswith("methods.tgate")])
+    decoy = evaluate(task.gold + "\n\n" + (REPO / "tests" / "adversarial_tasks" / "tgate_on_a_decoy.py").read_text())
+    verdict = decoy.verdict
+    print(f"tgate on a decoy, fp16, hooks fed: {verdict}, L {decoy.measures.L}, "
+          f"ablations {decoy.measures.fidelity.get('ablations')}")
+    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
+    assert "does not show in the images" in verdict.message, verdict
+    # the decoy's images are the gold's without T-GATE (half precision, canonical) exactly
+    assert decoy.measures.fidelity["ablations"]["tgate"]["candidate_nrmse"] == 0.0
+    assert decoy.measures.fidelity["ablations"]["tgate"]["gold_nrmse"] >= stages.SPEC_EVIDENCE_MIN_FLOAT32_CPU
