@@ -126,7 +126,8 @@ def _expected(func, args: tuple, kwargs: dict) -> Any:
 def canonical_call(func, args: tuple, kwargs: dict) -> Any:
     """`func(*args, **kwargs)` computed in float64 and rounded to what the op itself gives (dtypes
     and strides from its meta kernel); in-place and out= operands written back rounded. Ops
-    without a meta kernel, and views (their output must alias their input), run as they are."""
+    without a meta kernel or a float64 one, and views (their output must alias their input), run
+    as they are."""
     schema = func._schema
     if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
         return func(*args, **kwargs)  # a view
@@ -149,7 +150,11 @@ def canonical_call(func, args: tuple, kwargs: dict) -> Any:
         for orig, w in zip(leaves(original), leaves(wide)):
             if isinstance(orig, torch.Tensor):
                 written[id(w)] = orig
-    out = func(*wide_args, **wide_kwargs)
+    try:
+        out = func(*wide_args, **wide_kwargs)
+    except Exception:  # noqa: BLE001 - no float64 kernel for it: computed as recorded (a trace that
+        # picks such ops keeps native rounding there, which can only move its images off the gold's)
+        return func(*args, **kwargs)
     # write back what the op wrote, rounded into the original storage
     for index, argument in enumerate(schema.arguments):
         if argument.alias_info is None or not argument.alias_info.is_write:

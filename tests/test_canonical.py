@@ -92,3 +92,27 @@ def test_float32_ops_run_as_they_are():
     with CanonicalPrecision():
         y = x @ x
     assert y.dtype == torch.float32 and torch.equal(y, x @ x)
+
+
+def test_an_op_without_a_float64_kernel_runs_as_recorded():
+    """An op whose float64 call raises (a kernel a build lacks) is computed as recorded, in half
+    precision, instead of failing the replay. No such op is known on this build, so a dispatch
+    mode refusing float64 operands stands in for one (a test double, said so)."""
+    import pytest_diffbench.canonical as canonical
+
+    (x,) = _halves((4, 6))
+    calls = []
+
+    def refusing(func, args, kwargs):
+        calls.append(func)
+        if any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+            raise RuntimeError("no float64 kernel")
+        return func(*args, **kwargs)
+
+    class Refusing(torch.utils._python_dispatch.TorchDispatchMode):  # stands in for the missing kernel
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return refusing(func, args, kwargs or {})
+
+    with Refusing():
+        got = canonical.canonical_call(torch.ops.aten.exp.default, (x,), {})
+    assert got.dtype == torch.float16 and torch.equal(got, torch.exp(x))
