@@ -123,6 +123,20 @@ def _expected(func, args: tuple, kwargs: dict) -> Any:
     return found
 
 
+def _written(schema, args, kwargs, wide_args, wide_kwargs):
+    """(operand, its float64 copy) for each tensor an in-place or out= op writes."""
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        if argument.kwarg_only or index >= len(args):
+            original, wide = kwargs.get(argument.name), wide_kwargs.get(argument.name)
+        else:
+            original, wide = args[index], wide_args[index]
+        for item, copy in zip(leaves(original), leaves(wide)):
+            if isinstance(item, torch.Tensor):
+                yield item, copy
+
+
 def canonical_call(func, args: tuple, kwargs: dict) -> Any:
     """`func(*args, **kwargs)` computed in float64 and rounded to what the op itself gives (dtypes
     and strides from its meta kernel); in-place and out= operands written back rounded. Ops
@@ -138,34 +152,16 @@ def canonical_call(func, args: tuple, kwargs: dict) -> Any:
     flag = _HALF_TO_FLOAT.get(func._overloadpacket)
     if flag is not None and len(wide_args) > flag:
         wide_args[flag] = False
-    # the operands an in-place or out= op writes: computed on their float64 copies, written back
-    written: dict[int, torch.Tensor] = {}
-    for index, argument in enumerate(schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        if argument.kwarg_only or index >= len(args):
-            original, wide = kwargs.get(argument.name), wide_kwargs.get(argument.name)
-        else:
-            original, wide = args[index], wide_args[index]
-        for orig, w in zip(leaves(original), leaves(wide)):
-            if isinstance(orig, torch.Tensor):
-                written[id(w)] = orig
     try:
         out = func(*wide_args, **wide_kwargs)
     except Exception:  # noqa: BLE001 - no float64 kernel for it: computed as recorded (a trace that
         # picks such ops keeps native rounding there, which can only move its images off the gold's)
         return func(*args, **kwargs)
-    # write back what the op wrote, rounded into the original storage
-    for index, argument in enumerate(schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        if argument.kwarg_only or index >= len(args):
-            pairs = zip(leaves(kwargs.get(argument.name)), leaves(wide_kwargs.get(argument.name)))
-        else:
-            pairs = zip(leaves(args[index]), leaves(wide_args[index]))
-        for orig, wide in pairs:
-            if isinstance(orig, torch.Tensor):
-                orig.copy_(wide)
+    # the operands an in-place or out= op wrote (their float64 copies): written back, rounded
+    written: dict[int, torch.Tensor] = {}
+    for original, wide in _written(schema, args, kwargs, wide_args, wide_kwargs):
+        original.copy_(wide)
+        written[id(wide)] = original
 
     def rounded(pair):
         got, want = pair
