@@ -33,9 +33,10 @@ from .aten_leaves import leaves
 
 HALF = (torch.float16, torch.bfloat16)
 _aten = torch.ops.aten
-# ops that move or select values without arithmetic: exact in any precision, so run as they are
-# (converting their operands would only cost time); and random draws, which must draw what the
-# recorded call drew
+# ops that move or select values without arithmetic (exact in any precision, so run as they are:
+# converting their operands would only cost time), ops whose result aliases an operand without
+# saying so in their schema (unsafe_split), and ops whose result follows the dtype's own limits
+# (nan_to_num's default fill is the dtype's largest finite value, nextafter its next value)
 _AS_THEY_ARE = {
     _aten.copy_, _aten._to_copy, _aten.clone, _aten.cat, _aten.stack, _aten.index, _aten.index_select,
     _aten.gather, _aten.where, _aten.masked_fill, _aten.masked_fill_, _aten.index_put_, _aten.index_put,
@@ -44,17 +45,39 @@ _AS_THEY_ARE = {
     _aten.empty_like, _aten.full_like, _aten.empty, _aten.empty_strided, _aten.zeros, _aten.ones, _aten.full,
     _aten.new_zeros, _aten.new_ones, _aten.new_full, _aten.new_empty, _aten.new_empty_strided, _aten.lift_fresh,
     _aten.detach, _aten.alias, _aten.split_with_sizes_copy, _aten.unbind, _aten.split, _aten.split_with_sizes,
+    _aten.unsafe_split, _aten.unsafe_split_with_sizes, _aten.unsafe_chunk,
     _aten.chunk, _aten.eq, _aten.ne, _aten.lt, _aten.le, _aten.gt, _aten.ge, _aten.isinf, _aten.isnan,
     _aten.logical_not, _aten.logical_and, _aten.logical_or, _aten.any, _aten.all, _aten.max, _aten.min,
     _aten.maximum, _aten.minimum, _aten.clamp, _aten.clamp_min, _aten.clamp_max, _aten.abs, _aten.neg,
     _aten.sign, _aten.argmax, _aten.argmin, _aten.sort, _aten.topk, _aten.nonzero, _aten.masked_select,
-    _aten.tril, _aten.triu, _aten._unsafe_view, _aten.view_as_real,
-    _aten.randn, _aten.rand, _aten.randint, _aten.normal, _aten.normal_, _aten.uniform_, _aten.random_,
-    _aten.bernoulli, _aten.bernoulli_, _aten.multinomial, _aten.randperm, _aten.randn_like, _aten.rand_like,
-    _aten.randint_like, _aten.exponential_, _aten.geometric_,
+    _aten.tril, _aten.triu, _aten._unsafe_view, _aten.view_as_real, _aten.nan_to_num, _aten.nan_to_num_,
+    _aten.nextafter,
 }
-# arguments that ask a half-precision op for a float32 result: float64 inputs refuse them
-_HALF_TO_FLOAT = {_aten._softmax: 2, _aten._log_softmax: 2}
+
+
+def _as_recorded(func, args: tuple, kwargs: dict) -> bool:
+    """Whether `func` runs as it is under the mode: the ops above; in-place view ops (t_,
+    squeeze_, as_strided_, set_ ...), which change a tensor's metadata, not its values; and random
+    draws, which must draw what the recorded call drew (_draws)."""
+    if func._overloadpacket in _AS_THEY_ARE or torch.Tag.inplace_view in func.tags:
+        return True
+    return _draws(func, args, kwargs)
+
+
+def _draws(func, args: tuple, kwargs: dict) -> bool:
+    """A generator argument, or torch's nondeterministic_seeded tag; but the attention kernels
+    carry that tag for their dropout, and with `dropout_p` 0 (inference) they draw nothing."""
+    schema = func._schema
+    if any(argument.name == "generator" for argument in schema.arguments):
+        return True
+    if torch.Tag.nondeterministic_seeded not in func.tags:
+        return False
+    for index, argument in enumerate(schema.arguments):
+        if argument.name == "dropout_p":
+            if argument.name in kwargs:
+                return kwargs[argument.name] != 0
+            return (args[index] if index < len(args) else argument.default_value) != 0
+    return True
 
 
 def _is_half(value: Any) -> bool:
@@ -63,12 +86,6 @@ def _is_half(value: Any) -> bool:
 
 def reads_or_makes_half(args, kwargs) -> bool:
     return any(_is_half(t) or (isinstance(t, torch.dtype) and t in HALF) for t in leaves((args, kwargs)))
-
-
-def _meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-    return value
 
 
 def _map(value: Any, fn) -> Any:
@@ -87,40 +104,46 @@ def _wide(value: Any) -> Any:
     return value
 
 
-def _signature(func, args: tuple, kwargs: dict) -> tuple:
-    """What decides the dtypes, shapes and strides an op's meta kernel gives: its operands'
-    metadata and its non-float arguments (a float's value never changes them)."""
-    key: list = [func]
-    for item in leaves((args, kwargs)):
-        if isinstance(item, torch.Tensor):
-            key.append((tuple(item.shape), item.stride(), item.dtype))
-        elif isinstance(item, float):
-            key.append(float)
-        else:
-            key.append(item)
-    return tuple(key)
+def _frozen(value: Any) -> Any:
+    """`value` as a hashable key, its structure kept: a tensor by its metadata, anything else by
+    its type and value (1, True and 1+0j are three keys; arange's shape follows its floats)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _frozen(v)) for k, v in value.items()))
+    return (type(value).__name__, value)
 
 
-# meta results by _signature: a call repeats its ops' signatures step after step
-_EXPECTED: dict[tuple, Any] = {}
-_NO_META = object()
+def _layout(value: Any) -> Any:
+    """What a native output gives the canonical one: shape, strides and dtype of each tensor."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.stride(), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return [_layout(v) for v in value]
+    return None
 
 
-def _expected(func, args: tuple, kwargs: dict) -> Any:
+# the native outputs' layouts by _frozen signature: a call repeats its ops' signatures step
+# after step, so the op runs natively once per signature to learn them (the meta kernels do not
+# always give the CPU kernels' strides: channels_last convolutions come out contiguous there)
+_LAYOUTS: dict[Any, Any] = {}
+_MAX_LAYOUTS = 100_000
+
+
+def _native_layout(func, args: tuple, kwargs: dict) -> Any:
     try:
-        key = _signature(func, args, kwargs)
+        key = (func, _frozen(args), _frozen(kwargs))
         hash(key)
     except TypeError:  # an unhashable argument: not cached
         key = None
-    found = _EXPECTED.get(key, None) if key is not None else None
-    if found is None:
-        try:
-            found = func(*_map(args, _meta), **_map(kwargs, _meta))
-        except Exception:  # noqa: BLE001 - no meta kernel (or one that refuses)
-            found = _NO_META
-        if key is not None and len(_EXPECTED) < 100_000:
-            _EXPECTED[key] = found
-    return found
+    if key is not None and key in _LAYOUTS:
+        return _LAYOUTS[key]
+    layout = _layout(func(*args, **kwargs))
+    if key is not None and len(_LAYOUTS) < _MAX_LAYOUTS:
+        _LAYOUTS[key] = layout
+    return layout
 
 
 def _written(schema, args, kwargs, wide_args, wide_kwargs):
@@ -137,53 +160,78 @@ def _written(schema, args, kwargs, wide_args, wide_kwargs):
                 yield item, copy
 
 
-def canonical_call(func, args: tuple, kwargs: dict) -> Any:
-    """`func(*args, **kwargs)` computed in float64 and rounded to what the op itself gives (dtypes
-    and strides from its meta kernel); in-place and out= operands written back rounded. Ops
-    without a meta kernel or a float64 one, and views (their output must alias their input), run
-    as they are."""
+class _AsRecorded(Exception):
+    """The canonical result would not be what the op gives natively in form: run it as recorded."""
+
+
+def canonical_call(func, args: tuple, kwargs: dict, stats: dict | None = None) -> Any:
+    """`func(*args, **kwargs)` computed in float64 and rounded to what the op itself gives (the
+    dtypes, shapes and strides of its native outputs); in-place and out= operands written back
+    rounded. Views, ops whose canonical result would differ in form (a float64 kernel missing, an
+    out= operand the op would resize) and ops `_as_recorded` run as they are; `stats` counts them."""
     schema = func._schema
-    if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
-        return func(*args, **kwargs)  # a view
-    expected = _expected(func, args, kwargs)
-    if expected is _NO_META:  # computed as recorded
-        return func(*args, **kwargs)
-    wide_args, wide_kwargs = list(_map(args, _wide)), _map(kwargs, _wide)
-    flag = _HALF_TO_FLOAT.get(func._overloadpacket)
-    if flag is not None and len(wide_args) > flag:
-        wide_args[flag] = False
+    written_ops = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
     try:
-        out = func(*wide_args, **wide_kwargs)
-    except Exception:  # noqa: BLE001 - no float64 kernel for it: computed as recorded (a trace that
-        # picks such ops keeps native rounding there, which can only move its images off the gold's)
+        if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+            raise _AsRecorded("a view")
+        # an op that writes its operands runs natively only on float64 copies (below): its outputs
+        # are those operands, whose layout they keep
+        try:
+            layout = None if written_ops else _native_layout(func, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - it fails natively: it fails as recorded, below
+            raise _AsRecorded("fails natively") from exc
+        wide_args, wide_kwargs = list(_map(args, _wide)), _map(kwargs, _wide)
+        pairs = list(_written(schema, args, kwargs, wide_args, wide_kwargs))
+        try:
+            out = func(*wide_args, **wide_kwargs)
+        except Exception as exc:  # noqa: BLE001 - no float64 kernel for it
+            raise _AsRecorded("no float64 kernel") from exc
+        for original, wide in pairs:
+            if wide.shape != original.shape:  # an out= operand the op resized
+                raise _AsRecorded("a resized operand")
+    except _AsRecorded as why:
+        if stats is not None:
+            stats[str(why)] = stats.get(str(why), 0) + 1
         return func(*args, **kwargs)
     # the operands an in-place or out= op wrote (their float64 copies): written back, rounded
     written: dict[int, torch.Tensor] = {}
-    for original, wide in _written(schema, args, kwargs, wide_args, wide_kwargs):
+    for original, wide in pairs:
         original.copy_(wide)
         written[id(wide)] = original
 
-    def rounded(pair):
-        got, want = pair
+    def rounded(got, want):
         if not isinstance(got, torch.Tensor):
             return got
         if id(got) in written:
             return written[id(got)]
-        return torch.empty_strided(want.shape, want.stride(), dtype=want.dtype).copy_(got)
+        shape, stride, dtype = want
+        return torch.empty_strided(shape, stride, dtype=dtype).copy_(got)
 
+    if written_ops:
+        if isinstance(out, torch.Tensor):
+            return written.get(id(out), out)
+        return type(out)(written.get(id(o), o) for o in out) if isinstance(out, (list, tuple)) else out
     if isinstance(out, torch.Tensor):
-        return rounded((out, expected))
+        return rounded(out, layout)
     if isinstance(out, (list, tuple)):
-        return type(out)(rounded(pair) for pair in zip(out, expected))
+        return type(out)(rounded(o, w) for o, w in zip(out, layout))
     return out
 
 
 class CanonicalPrecision(TorchDispatchMode):
     """Every op that reads or makes a half-precision tensor computed by `canonical_call`. Enter it
-    outside a FLOP counter (so the counter, entered later, sees and books the op as recorded)."""
+    outside a FLOP counter (so the counter, entered later, sees and books the op as recorded).
+    `as_recorded`: how many such ops ran as they are, by reason (the replay records it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.as_recorded: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func._overloadpacket in _AS_THEY_ARE or not reads_or_makes_half(args, kwargs):
+        if not reads_or_makes_half(args, kwargs):
             return func(*args, **kwargs)
-        return canonical_call(func, args, kwargs)
+        if _as_recorded(func, args, kwargs):
+            self.as_recorded["moves, draws or limits"] = self.as_recorded.get("moves, draws or limits", 0) + 1
+            return func(*args, **kwargs)
+        return canonical_call(func, args, kwargs, self.as_recorded)

@@ -121,6 +121,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 HALF_DTYPES = ("float16", "bfloat16")
+# bumped whenever what canonical.py computes changes: part of the cache key of the baselines whose
+# images it made, so that none made under an older rule is served (kept here: the parent does not
+# import torch)
+CANONICAL_VERSION = 2
 
 
 def canonical_images(task, profile: "Profile") -> bool:
@@ -462,7 +466,7 @@ class Evaluator:
         # (canonical_images); the reference computes in float32, where canonical changes nothing
         canonical = role != "reference" and canonical_images(task, self.profile)
         if canonical:
-            identity["images"] = "canonical"
+            identity["images"] = f"canonical {CANONICAL_VERSION}"
         if self.profile.replay:  # measured with the judged call recorded (run_code)
             identity["recorded"] = 7  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
             # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18);
@@ -833,7 +837,9 @@ class Evaluator:
             if task.level in ("L1", "L2", "L3"):  # stages.spec_evidence_problem, on every profile
                 inputs.nrmse_vs_reference, inputs.nrmse_vs_gold = loss["mean_nrmse"], vs_gold
                 inputs.gold_nrmse_vs_reference = gold_loss
-                canonical = bool(((result.get("flops") or {}).get("replay") or {}).get("canonical"))
+                # the parent's own decision (the replay process runs kernels the trace chose), and
+                # only where the candidate's images are the replay's
+                canonical = canonical_images(task, self.profile) and (result.get("flops") or {}).get("source") == "replay"
                 inputs.spec_evidence_min = stages.spec_evidence_min(task.expect, self.profile.device, canonical)
                 ablation_flops, ablation_results = {}, {}
                 if ablations and gold.image_digests is not None:  # not the gold itself (vs_gold 0 passes)

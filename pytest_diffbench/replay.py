@@ -101,7 +101,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
         counter = LeanFlopCounterMode()
         started = time.process_time()
         # canonical arithmetic outside the counter: the counter sees, and books, each op as recorded
-        with CanonicalPrecision() if canonical else contextlib.nullcontext(), counter:
+        mode = CanonicalPrecision() if canonical else None
+        with mode if mode is not None else contextlib.nullcontext(), counter:
             kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes,
                                 counter=counter)
         verdict_s = time.process_time() - started
@@ -130,7 +131,9 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                    "image_sources": [{"tensor": i, "layout": layout, "row": row, "rounding": rounding}
                                      for i, layout, row, rounding in sources],
                    "torch_threads": torch.get_num_threads(), "denormals_flushed": denormals_flushed,
-                   "canonical": canonical},
+                   "canonical": canonical,
+                   # the half-precision ops that ran as recorded under it, by reason (canonical.py)
+                   "canonical_as_recorded": dict(mode.as_recorded) if mode is not None else None},
     }
 
 

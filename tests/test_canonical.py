@@ -69,14 +69,23 @@ def test_in_place_and_out_ops_write_back_rounded_and_views_still_alias():
     assert view.data_ptr() == y.data_ptr()
 
 
-def test_half_to_float_softmax_gives_float32_and_random_draws_are_drawn_as_recorded():
+def test_random_draws_are_drawn_as_recorded_and_attention_without_dropout_is_not_a_draw():
     (x,) = _halves((3, 10))
-    with CanonicalPrecision():
-        widened = torch.ops.aten._softmax(x, -1, True)  # what softmax(dtype=float32) of a half tensor calls
+    with CanonicalPrecision() as mode:
         drawn = torch.randn(5, dtype=torch.float16, generator=torch.Generator().manual_seed(3))
-    assert widened.dtype == torch.float32
-    assert torch.allclose(widened.double(), torch.softmax(x.double(), -1), atol=1e-7)
+        uniform = torch.ops.aten.uniform(x, 0.0, 1.0, generator=torch.Generator().manual_seed(4))
     assert torch.equal(drawn, torch.randn(5, dtype=torch.float16, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(uniform, torch.ops.aten.uniform(x, 0.0, 1.0, generator=torch.Generator().manual_seed(4)))
+    assert mode.as_recorded == {"moves, draws or limits": 2}
+    # the CPU attention kernel carries torch's nondeterministic_seeded tag (for its dropout)
+    assert torch.Tag.nondeterministic_seeded in torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default.tags
+
+
+def test_an_op_that_fails_natively_fails_the_same_way():
+    (x,) = _halves((3, 10))
+    with pytest.raises(RuntimeError, match="half to float conversion is not supported on CPU"):
+        with CanonicalPrecision():
+            torch.ops.aten._softmax(x, -1, True)
 
 
 def test_a_counter_entered_inside_books_the_op_in_its_recorded_dtype():
@@ -116,3 +125,29 @@ def test_an_op_without_a_float64_kernel_runs_as_recorded():
     with Refusing():
         got = canonical.canonical_call(torch.ops.aten.exp.default, (x,), {})
     assert got.dtype == torch.float16 and torch.equal(got, torch.exp(x))
+
+
+def test_outputs_keep_the_native_form_where_a_meta_kernel_or_a_copy_would_change_it():
+    """The trust review's cases (session 24): each failed or differed from native before."""
+    image, kernel = _halves((2, 8, 5, 5), (8, 8, 3, 3))
+    image = image.contiguous(memory_format=torch.channels_last)
+    with CanonicalPrecision():
+        conv = F.conv2d(image, kernel, padding=1)  # channels_last natively; meta says contiguous
+        square, wide = _halves((3, 3), (2, 3))
+        square.transpose_(0, 1)  # in-place view ops change metadata only
+        wide.t_()
+        column = torch.zeros(1, 6, dtype=torch.float16).squeeze_(0)
+        base = torch.zeros(4, dtype=torch.float16)
+        base.unsafe_split(2)[0].add_(1)  # aliases its input, though the schema does not say so
+        limits = torch.nan_to_num(torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0]).half())
+        resized = torch.add(base, base, out=torch.empty(0, dtype=torch.float16))  # out= resized by the op
+        first = torch.arange(0.0, 4.0, 1.0, dtype=torch.float16)  # shape from float values: no shared key
+        second = torch.arange(0.0, 1.0, 1.0, dtype=torch.float16)
+        one, true = torch.mul(first, 1), torch.mul(first, True)
+    assert conv.stride() == F.conv2d(image, kernel, padding=1).stride() == (200, 1, 40, 8)
+    assert square.stride() == (1, 3) and wide.shape == (3, 2) and column.shape == (6,)
+    assert base.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert limits.tolist() == [65504.0, -65504.0, 0.0, 1.0]
+    assert resized.tolist() == [2.0, 2.0, 0.0, 0.0]
+    assert first.tolist() == [0.0, 1.0, 2.0, 3.0] and second.tolist() == [0.0]
+    assert one.dtype == true.dtype == torch.float16 and torch.equal(one, first)
