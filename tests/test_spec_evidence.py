@@ -256,6 +256,17 @@ def test_a_change_of_the_images_is_evidence_from_0_002_in_float32_on_a_cpu_and_n
     assert stages.spec_evidence_min(tgate, "cpu") == stages.SPEC_EVIDENCE_MIN_FLOAT32_CPU == 0.002
     assert stages.spec_evidence_min(tgate, "cuda") == stages.SPEC_EVIDENCE_MIN == 0.02  # TF32, atomics: unmeasured
     assert stages.spec_evidence_min(SimpleNamespace(dtype="float16", methods={}), "cpu") == stages.SPEC_EVIDENCE_MIN
+    # half precision where the judged images are the replay's in canonical precision (canonical.py)
+    assert stages.spec_evidence_min(SimpleNamespace(dtype="float16", methods={}), "cpu", canonical=True) == 0.002
+    from pytest_diffbench.evaluate import canonical_images
+
+    def task(level, dtype):
+        return SimpleNamespace(level=level, expect=SimpleNamespace(dtype=dtype))
+
+    replayed, timed = SimpleNamespace(replay=True), SimpleNamespace(replay=False)
+    assert canonical_images(task("L3", "float16"), replayed) and canonical_images(task("L1", "bfloat16"), replayed)
+    assert not canonical_images(task("L3", "float16"), timed)  # no replay: the child's own images
+    assert not canonical_images(task("L4", None), replayed) and not canonical_images(task("L2", "float32"), replayed)
 
     def judged(to_ref, to_gold, apart=0.0045, expect=tgate, level="L2", ablations=None):
         return stages.spec_evidence_problem(stages.StageInputs(
