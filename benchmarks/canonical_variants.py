@@ -89,16 +89,13 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
-    import torch
     import yaml
+    from trace_overhead import use_tiny_zoo
 
     from pytest_diffbench.metrics import quality_loss_by_fidelity
     from pytest_diffbench.replay import load_zoo
-    from pytest_diffbench.zoo.zoo import ensure_tiny_zoo
 
-    zoo_dir = ensure_tiny_zoo(Path(os.environ.get("DIFFBENCH_ZOO_DIR") or Path.home() / ".cache" / "pytest-diffbench" / "zoo"))
-    os.environ["HF_HUB_CACHE"] = str(zoo_dir.hub_cache)
-    torch.set_num_threads(1)
+    use_tiny_zoo()
     print(f"{'task':40s} {'variant':15s} {'native':>8s} {'canonical':>10s}   (nRMSE to the gold's images; CPU s of "
           f"the replays; {args.size} px, 2 samples)")
     for task_id in args.tasks:

@@ -39,6 +39,17 @@ def _batch(task: dict, seeds: list[int], size: int, steps: int) -> dict:
             "width": size, "guidance_scale": task.get("guidance_scale"), "num_inference_steps": steps}
 
 
+def use_tiny_zoo() -> None:
+    """Load models from the tiny zoo (made if missing), on one thread: the set-up of these benchmarks."""
+    import torch
+
+    from pytest_diffbench.zoo.zoo import ensure_tiny_zoo
+
+    zoo = ensure_tiny_zoo(Path(os.environ.get("DIFFBENCH_ZOO_DIR") or Path.home() / ".cache" / "pytest-diffbench" / "zoo"))
+    os.environ["HF_HUB_CACHE"] = str(zoo.hub_cache)
+    torch.set_num_threads(1)
+
+
 def measure(task_id: str, size: int, steps: int, repeats: int) -> dict:
     import types
 
@@ -93,13 +104,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    import torch
-
-    from pytest_diffbench.zoo.zoo import ensure_tiny_zoo
-
-    zoo = ensure_tiny_zoo(Path(os.environ.get("DIFFBENCH_ZOO_DIR") or Path.home() / ".cache" / "pytest-diffbench" / "zoo"))
-    os.environ["HF_HUB_CACHE"] = str(zoo.hub_cache)
-    torch.set_num_threads(1)
+    use_tiny_zoo()
     print(f"{'task':40s} {'ops':>6s} {'plain':>7s} {'counted':>8s} {'recorded':>9s} {'replayed':>9s}  (CPU s, median of "
           f"{args.repeats}; {args.size} px, {args.steps} steps, 2 samples)")
     for task_id in args.tasks:
