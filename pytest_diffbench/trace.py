@@ -150,7 +150,7 @@ _LOOKUPS = frozenset({torch.ops.aten.embedding, torch.ops.aten.index_select, tor
 MAX_SOLVE_SIZE = 8
 
 
-def op_elements(func, args: Any, out: Any) -> int:
+def op_elements(func, args: Any, out: Any, out_leaves: list | None = None) -> int:
     """The work of an op the FLOP counter does not count, in elements: those it reads or those it
     makes, whichever are more (a reduction reads many and makes few); for a lookup those it makes
     and its indices; none for views and counted ops. Counted alike in the recorder (baselines)
@@ -159,7 +159,7 @@ def op_elements(func, args: Any, out: Any) -> int:
     packet = func._overloadpacket
     if packet in _COUNTED:
         return 0
-    outputs = [t for t in leaves(out) if isinstance(t, torch.Tensor)]
+    outputs = [t for t in (leaves(out) if out_leaves is None else out_leaves) if isinstance(t, torch.Tensor)]
     inputs = [t for t in leaves(args) if isinstance(t, torch.Tensor)]
     if func.is_view and _aliases(outputs, inputs):
         return 0  # a view; an op tagged as one that had to copy (reshape of a broadcast, to.dtype) is priced
@@ -265,8 +265,9 @@ def denoiser_module(sources: list) -> str | None:
     return names[0].rpartition(".")[0] if names else None
 
 
-def _set_origins(origins: dict[int, frozenset], ids: list, out: Any, origin: frozenset | None) -> None:
-    for item, tensor_id in zip(leaves(out), ids):
+def _set_origins(origins: dict[int, frozenset], ids: list, outputs: list, origin: frozenset | None) -> None:
+    """`outputs`: the op's output leaves, `ids` theirs."""
+    for item, tensor_id in zip(outputs, ids):
         if tensor_id is None or not isinstance(item, torch.Tensor):
             continue
         if origin is not None:
@@ -315,17 +316,15 @@ class SeedTaint:
             del self.storages[pointer]  # freed: the address belongs to another storage now
         return False
 
-    def mark(self, func, args: Any, kwargs: Any, out: Any) -> None:
+    def mark(self, func, args: Any, kwargs: Any, outputs: list) -> None:
+        """`outputs`: the op's output leaves."""
         from torch.multiprocessing.reductions import StorageWeakRef
 
-        written = [t for t in leaves(out) if isinstance(t, torch.Tensor)]
-        if func._schema.is_mutable:  # in place or out=: the arguments it wrote to
-            for position, argument in enumerate(func._schema.arguments):
-                if argument.alias_info is None or not argument.alias_info.is_write:
-                    continue
-                value = kwargs.get(argument.name) if argument.name in kwargs else (
-                    args[position] if position < len(args) and not argument.kwarg_only else None)
-                written += [t for t in leaves(value) if isinstance(t, torch.Tensor)]
+        written = [t for t in outputs if isinstance(t, torch.Tensor)]
+        for position, argument in written_arguments(func):  # in place or out=: the arguments it wrote to
+            value = kwargs.get(argument.name) if argument.name in kwargs else (
+                args[position] if position < len(args) and not argument.kwarg_only else None)
+            written += [t for t in leaves(value) if isinstance(t, torch.Tensor)]
         for t in written:
             storage = t.untyped_storage()
             pointer = storage.data_ptr()
@@ -333,11 +332,28 @@ class SeedTaint:
                 self.storages[pointer] = StorageWeakRef(storage)
 
 
+# Facts of an op's schema, asked of every op the recorder and the replay run: read once per op.
+_DRAWS: dict = {}
+_WRITTEN: dict = {}
+
+
 def _draws(func) -> bool:
     """Whether `func` draws from a generator it is given (seeded ops without a generator argument,
     such as attention with dropout 0, draw nothing in inference)."""
-    return torch.Tag.nondeterministic_seeded in func.tags and any(
-        argument.name == "generator" for argument in func._schema.arguments)
+    draws = _DRAWS.get(func)
+    if draws is None:
+        draws = _DRAWS[func] = torch.Tag.nondeterministic_seeded in func.tags and any(
+            argument.name == "generator" for argument in func._schema.arguments)
+    return draws
+
+
+def written_arguments(func) -> list:
+    """(position, schema argument) of each argument `func` writes to (in place or out=)."""
+    written = _WRITTEN.get(func)
+    if written is None:
+        written = _WRITTEN[func] = [(position, argument) for position, argument in enumerate(func._schema.arguments)
+                                    if argument.alias_info is not None and argument.alias_info.is_write]
+    return written
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -388,10 +404,11 @@ class Recorder(TorchDispatchMode):
         self.next_id += 1
         return tensor_id
 
-    def _tensor_ref(self, t: torch.Tensor) -> dict:
+    def _tensor_ref(self, t: torch.Tensor) -> tuple[str, int]:
+        """("t", id) or ("p", parameter index): how the trace refers to `t`."""
         known = self.ids.get(t)  # one lookup: each is a weak reference made and compared
         if known is not None:
-            return {"t": known}
+            return "t", known
         key = _tensor_key(t)
         name = self.param_names.get(key)
         if name is not None:
@@ -400,7 +417,7 @@ class Recorder(TorchDispatchMode):
                 index = self._param_index[key] = len(self.params)
                 self.params.append({"name": name, "dtype": str(t.dtype).split(".")[-1], "shape": list(t.shape),
                                     "stride": list(t.stride())})
-            return {"p": index}
+            return "p", index
         if t.device.type != "cpu" or t.is_sparse or t.is_quantized or t.layout != torch.strided:
             raise TraceError(f"a {t.layout} tensor on {t.device} the replay cannot carry")
         size = t.numel() * t.element_size()
@@ -415,21 +432,30 @@ class Recorder(TorchDispatchMode):
         # its layout too: ops after it (views, the strides of their outputs) depend on it
         layout = list(t.stride()) if not t.is_contiguous() and _dense(t.shape, t.stride()) else None
         self.ops.append(["<constant>", len(self.constants) - 1, [tensor_id]] + ([layout] if layout else []))
-        return {"t": tensor_id}
+        return "t", tensor_id
 
-    def _encode(self, value: Any) -> Any:
+    def _encode(self, value: Any, refs: list) -> Any:
+        """`value` as the trace carries it; appends its tensor references to `refs` (what _refs
+        reads from the encoded value, in the same order)."""
         if isinstance(value, torch.Tensor):
-            return self._tensor_ref(value)
-        if value is None or isinstance(value, (bool, str)):
+            ref = self._tensor_ref(value)
+            refs.append(ref)
+            return {ref[0]: ref[1]}
+        kind = type(value)
+        if kind is int or kind is bool or value is None or kind is str:
+            return value
+        if kind is list or kind is tuple:
+            return [self._encode(v, refs) for v in value]
+        if isinstance(value, (bool, str)):
             return value
         if isinstance(value, int):
             return value
         if isinstance(value, float):
             return value if math.isfinite(value) else {"f": repr(value)}
         if isinstance(value, complex):
-            return {"complex": [self._encode(value.real), self._encode(value.imag)]}
+            return {"complex": [self._encode(value.real, refs), self._encode(value.imag, refs)]}
         if isinstance(value, (list, tuple)):
-            return [self._encode(v) for v in value]
+            return [self._encode(v, refs) for v in value]
         if isinstance(value, torch.dtype):
             return {"dtype": str(value).split(".")[-1]}
         if isinstance(value, torch.device):
@@ -472,6 +498,7 @@ class Recorder(TorchDispatchMode):
         draw, generator = None, None
         random = _draws(func)
         entry = None
+        refs: list = []  # the tensor references of entry's arguments
         try:
             if len(self.ops) >= MAX_OPS:
                 raise TraceError(f"the call ran more than {MAX_OPS} ops")
@@ -480,13 +507,14 @@ class Recorder(TorchDispatchMode):
             if not random or draw is not None:
                 # arguments before the op runs: an in-place op must not change a constant's recorded value
                 spec_kwargs = {k: v for k, v in kwargs.items() if not (random and k == "generator")}
-                entry = [func.name(), self._encode(list(args)), self._encode_kwargs(spec_kwargs)]
+                entry = [func.name(), self._encode(list(args), refs),
+                         {str(k): self._encode(v, refs) for k, v in spec_kwargs.items()}]
         except TraceError as exc:
             self.problem = f"{func.name()}: {exc}"
         # a draw the replay makes from the seeds (not one kept as drawn, a constant there) and an op
         # on what follows from one follow the seeds, as in Replayer.run
         seeded = self.problem is None and ((random and draw is not None) or self.taint.follows(args, kwargs))
-        sources = [] if entry is None else _origin_sources(_refs(entry[1:3], []), self._param_names_list, self.origins)
+        sources = [] if entry is None else _origin_sources(refs, self._param_names_list, self.origins)
         if self.counter is not None:
             self.counter.seeded = seeded
             self.counter.module = denoiser_module(sources)
@@ -497,17 +525,18 @@ class Recorder(TorchDispatchMode):
                 self.counter.seeded, self.counter.module = False, None
         if self.problem is not None:
             return out
-        elements = op_elements(func, (args, kwargs), out)
+        outputs = leaves(out)
+        elements = op_elements(func, (args, kwargs), out, outputs)
         self.elements += elements
         if seeded:
             self.seeded_elements += elements
-            self.taint.mark(func, args, kwargs, out)
+            self.taint.mark(func, args, kwargs, outputs)
         try:
             if entry is None:  # values the replay cannot draw itself: kept as drawn
-                self._record_outputs(out, constant=True)
+                self._record_outputs(outputs, constant=True)
             else:
-                entry.append(self._record_outputs(out))
-                _set_origins(self.origins, entry[3], out, _kept_origin(func, sources))
+                entry.append(self._record_outputs(outputs))
+                _set_origins(self.origins, entry[3], outputs, _kept_origin(func, sources))
                 if draw is not None:
                     entry.append(draw)
                     self._last_state[draw["gen"]] = bytes(generator.get_state().numpy())
@@ -516,21 +545,19 @@ class Recorder(TorchDispatchMode):
             self.problem = f"{func.name()}: {exc}"
         return out
 
-    def _encode_kwargs(self, kwargs: dict) -> dict:
-        return {str(k): self._encode(v) for k, v in kwargs.items()}
-
     @property
     def _param_names_list(self) -> "_ParamNames":
         return _ParamNames(self.params)
 
-    def _record_outputs(self, out: Any, constant: bool = False) -> list:
+    def _record_outputs(self, outputs: list, constant: bool = False) -> list:
+        """The ids of an op's output leaves (None for what is no tensor)."""
         ids: list = []
-        for item in leaves(out):
+        for item in outputs:
             if not isinstance(item, torch.Tensor):
                 ids.append(None)
             elif constant:
                 self.ids.pop(item, None)
-                ids.append(self._tensor_ref(item)["t"])
+                ids.append(self._tensor_ref(item)[1])
             else:  # an in-place op returns its input: the same id
                 known = self.ids.get(item)
                 ids.append(known if known is not None else self._new_id(item))
@@ -735,6 +762,7 @@ class Replayer:
             self.params.append(value)
         self._param_storages = {p.untyped_storage().data_ptr() for p in self.params}
         self.last_use = self._last_uses()
+        self._plans = self._op_plans()
 
     def _last_uses(self) -> dict[int, int]:
         last: dict[int, int] = {}
@@ -755,6 +783,19 @@ class Replayer:
                 visit(op[1], position)
                 visit(list(op[2].values()), position)
         return last
+
+    def _op_plans(self) -> list:
+        """Per op, what follows from the trace alone and every replay reads: its tensor references
+        (_refs), those of the operands a counted op multiplies (_multiplicands; None for other ops)
+        and the ids dead after it (_dead_after)."""
+        plans: list = []
+        for position, (op, func) in enumerate(zip(self.trace.ops, self.trace.resolved)):
+            if func is None:
+                plans.append(None)
+                continue
+            factors = tuple(_refs(_multiplicands(func, op[1], op[2]), [])) if func._overloadpacket in _COUNTED else None
+            plans.append((tuple(_refs([op[1], op[2]], [])), factors, tuple(self._dead_after(position, op))))
+        return plans
 
     def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool],
             shapes: list | None = None, counter: Any = None) -> dict[int, torch.Tensor]:
@@ -825,14 +866,14 @@ class Replayer:
                     raise TraceError(f"op {position} ({op[0]}) solves a {a.shape[-1]} x {a.shape[-1]} system; the "
                                      f"replay solves systems of at most {MAX_SOLVE_SIZE} (a scheduler's order)")
             seeded = len(op) == 5 or taint.follows(args, kwargs)  # a draw from the seeds, or what follows one
-            sources = _origin_sources(_refs([op[1], op[2]], []), names, origins)
+            refs, factor_refs, dead = self._plans[position]
+            sources = _origin_sources(refs, names, origins)
             origin = _kept_origin(func, sources)
             # another component's product only where no operand comes from the denoiser's parameters: an
             # inert VAE operand (addmm's input with beta=0) beside a denoiser weight once moved the
             # product out of the denoiser's precision tally (red team round 8); and only by the operands
             # it multiplies (_multiplicands): beside two computed ones, that inert operand did it again
-            factors = _origin_sources(_refs(_multiplicands(func, op[1], op[2]), []), names, origins) \
-                if func._overloadpacket in _COUNTED else sources
+            factors = _origin_sources(factor_refs, names, origins) if factor_refs is not None else sources
             parts = [{n.partition(".")[0] for n in o} for o in factors if o]
             other = bool(parts) and not any(part & DENOISER_COMPONENTS for part in parts)
             if counter is not None:
@@ -853,25 +894,25 @@ class Replayer:
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)
                 raise TraceError(f"op {position} ({op[0]}) makes a complex tensor; the replay computes in real dtypes")
-            elements = op_elements(func, (args, kwargs), out)
+            elements = op_elements(func, (args, kwargs), out, outputs)
             self.elements += elements
             if seeded:
                 self.seeded_elements += elements
-                taint.mark(func, args, kwargs, out)
+                taint.mark(func, args, kwargs, outputs)
             made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
             if shapes is not None and (position >= len(shapes) or shapes[position] != made):
                 raise TraceError(f"op {position} ({op[0]}) made outputs of shape {made} here and "
                                  f"{shapes[position] if position < len(shapes) else None} on the child's seeds: "
                                  f"shapes that follow the seeds are not replayed")
             self.shapes.append(made)
-            _set_origins(origins, op[3], out, origin)
+            _set_origins(origins, op[3], outputs, origin)
             for item, tensor_id in zip(outputs, op[3]):
                 if tensor_id is None or not isinstance(item, torch.Tensor):
                     continue
                 env[tensor_id] = item
                 if keep(tensor_id, item):
                     kept[tensor_id] = item
-            for tensor_id in self._dead_after(position, op):
+            for tensor_id in dead:
                 env.pop(tensor_id, None)
                 origins.pop(tensor_id, None)
         return kept
@@ -898,10 +939,7 @@ class Replayer:
 
     def _check_writes(self, func, args, kwargs, position: int) -> None:
         """A trace must not change the model's parameters: the next replay starts from them."""
-        schema = func._schema
-        for index, argument in enumerate(schema.arguments):
-            if argument.alias_info is None or not argument.alias_info.is_write:
-                continue
+        for index, argument in written_arguments(func):
             value = kwargs.get(argument.name) if argument.kwarg_only or index >= len(args) else args[index]
             for item in leaves(value):
                 if isinstance(item, torch.Tensor) and item.untyped_storage().data_ptr() in self._param_storages:
