@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
+import torch.utils.flop_counter as flop_counter_module
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode, get_shape, sdpa_flop_count, shape_wrapper
 
 from .aten_leaves import leaves
@@ -47,7 +48,7 @@ _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+    return _SHAPE_LEVEL[sdpa_flop_count.__code__](query_shape, key_shape, value_shape)
 
 
 #: formulas torch's registry lacks, as `FlopCounterMode(custom_mapping=...)` takes them
@@ -66,6 +67,29 @@ def _decomposable(func) -> bool:
 # tensor of the op's arguments and result to its shape with the general tree_map, a third of the
 # counter's time per counted op. The counter calls the formula inside with shapes mapped here.
 _SHAPE_WRAPPER_CODE = shape_wrapper(lambda: None).__code__
+
+
+def _shape_level_functions(module) -> dict:
+    """The functions of torch's flop_counter module by code object, each a copy whose globals name
+    the formulas unwrapped: a formula that calls another (addmm's calls mm's, the attention formulas
+    bmm's through sdpa_flop_count) calls it with shapes already, so the wrapper's tree_map there maps
+    nothing and cost as much again as the formula's own work. torch's own code, unchanged, with the
+    same counts (tests/test_flops.py)."""
+    import types
+
+    table = dict(vars(module))
+    by_code: dict = {}
+    for name, value in vars(module).items():
+        if not isinstance(value, types.FunctionType) or value.__module__ != module.__name__:
+            continue
+        inner = value.__wrapped__ if value.__code__ is _SHAPE_WRAPPER_CODE else value
+        copy = types.FunctionType(inner.__code__, table, inner.__name__, inner.__defaults__, inner.__closure__)
+        copy.__kwdefaults__ = inner.__kwdefaults__
+        table[name] = by_code[inner.__code__] = copy
+    return by_code
+
+
+_SHAPE_LEVEL = _shape_level_functions(flop_counter_module)
 
 
 def _shapes(value: Any) -> Any:
@@ -116,7 +140,8 @@ class LeanFlopCounterMode(FlopCounterMode):
     def __init__(self) -> None:
         super().__init__(display=False, custom_mapping=ATTENTION_FORMULAS)
         # the formulas inside torch's shape wrappers, called with _shapes (same counts, tests/test_flops.py)
-        self._by_shape = {packet: formula.__wrapped__ for packet, formula in self.flop_registry.items()
+        self._by_shape = {packet: _SHAPE_LEVEL.get(formula.__wrapped__.__code__, formula.__wrapped__)
+                          for packet, formula in self.flop_registry.items()
                           if getattr(formula, "__code__", None) is _SHAPE_WRAPPER_CODE}
         # the counted FLOPs by the dtype of the op's first tensor operand (the counted ops take one
         # dtype for their operands): the precision a call computed in (stages.replay_mismatches)
