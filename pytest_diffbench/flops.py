@@ -90,6 +90,7 @@ def _shape_level_functions(module) -> dict:
 
 
 _SHAPE_LEVEL = _shape_level_functions(flop_counter_module)
+_SHAPE_LEVEL_GLOBALS = next(iter(_SHAPE_LEVEL.values())).__globals__
 
 
 def _shapes(value: Any) -> Any:
@@ -165,6 +166,14 @@ class LeanFlopCounterMode(FlopCounterMode):
 
     def watch(self, module: Any) -> None:
         self._watched = module
+
+    def formula_tables(self) -> list[tuple[str, dict]]:
+        """The tables the counts come from besides torch's registry (integrity.harness_snapshot
+        watches them in the child): the formulas called with shapes, torch's functions copied for
+        that (_shape_level_functions) and the names those copies call."""
+        return [("the FLOP counter's formulas by shape", self._by_shape),
+                ("the FLOP counter's shape-level functions", _SHAPE_LEVEL),
+                ("the names the FLOP counter's shape-level functions call", _SHAPE_LEVEL_GLOBALS)]
 
     def _enter_watched(self, *_args, **_kwargs) -> None:
         self._depth += 1

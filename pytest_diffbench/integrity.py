@@ -238,6 +238,8 @@ def harness_snapshot(harness_modules: Iterable[Any] = (), counter: Any = None) -
     snap.watch_registry("torch.utils.flop_counter.flop_registry", flop_counter.flop_registry)
     if counter is not None and isinstance(getattr(counter, "flop_registry", None), dict):
         snap.watch_registry("the harness's FLOP counter's formulas", counter.flop_registry)
+    for label, table in (counter.formula_tables() if hasattr(counter, "formula_tables") else []):
+        snap.watch_registry(label, table)
     snap.watch("torch.utils._python_dispatch", python_dispatch)
     snap.watch("torch.utils._python_dispatch.TorchDispatchMode", python_dispatch.TorchDispatchMode)
     tracker = sys.modules.get("torch.utils.module_tracker")

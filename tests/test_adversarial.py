@@ -583,6 +583,27 @@ def test_the_snapshot_finds_replaced_timers_and_counters(monkeypatch):
     assert snapshot.changes() == []
 
 
+def test_the_snapshot_finds_the_flop_counters_own_formula_tables_changed(monkeypatch):
+    """The counter calls torch's formulas through copies with the formulas they call unwrapped
+    (flops._shape_level_functions): its tables are watched as torch's registry is."""
+    import torch
+
+    from pytest_diffbench import flops
+
+    counter = flops.LeanFlopCounterMode()
+    snapshot = harness_snapshot(counter=counter)
+    assert snapshot.changes() == []
+    addmm = torch.ops.aten.addmm
+    tables = [(counter._by_shape, addmm, "formulas by shape"),
+              (flops._SHAPE_LEVEL, next(iter(flops._SHAPE_LEVEL)), "shape-level functions"),
+              (flops._SHAPE_LEVEL_GLOBALS, "mm_flop", "names the FLOP counter's shape-level functions call")]
+    for table, key, label in tables:
+        with monkeypatch.context() as m:
+            m.setitem(table, key, lambda *args, **kwargs: 0)
+            assert any(label in change for change in snapshot.changes()), label
+        assert snapshot.changes() == []
+
+
 # ------------------------------------------------------------------------------------------------
 # a real task: images precomputed for predicted seeds (tests/adversarial_tasks/)
 
