@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -318,8 +319,6 @@ class SeedTaint:
 
     def mark(self, func, args: Any, kwargs: Any, outputs: list) -> None:
         """`outputs`: the op's output leaves."""
-        from torch.multiprocessing.reductions import StorageWeakRef
-
         written = [t for t in outputs if isinstance(t, torch.Tensor)]
         for position, argument in written_arguments(func):  # in place or out=: the arguments it wrote to
             value = kwargs.get(argument.name) if argument.name in kwargs else (
