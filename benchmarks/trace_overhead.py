@@ -82,7 +82,7 @@ def measure(task_id: str, size: int, steps: int, repeats: int) -> dict:
             gold.generate(pipe, _batch(task, seeds, size, steps))
         return time.process_time() - started
 
-    figures: dict[str, list[float]] = {"plain": [], "counted": [], "recorded": [], "replayed": []}
+    figures: dict[str, list[float]] = {"plain": [], "counted": [], "recorded": [], "checked": [], "replayed": []}
     ops = 0
     for _ in range(repeats):
         figures["plain"].append(call())
@@ -93,6 +93,9 @@ def measure(task_id: str, size: int, steps: int, repeats: int) -> dict:
         trace = decode(encode(*recorder.document()), 256 << 20)
         ops = len(trace.ops)
         replayer = Replayer(trace, zoo)
+        started = time.process_time()  # the check pass: images and shapes only (replay.run_replay)
+        replayer.run(seeds, lambda tensor_id, tensor: False, books=False)
+        figures["checked"].append(time.process_time() - started)
         counter = LeanFlopCounterMode()
         started = time.process_time()
         with counter:
@@ -109,11 +112,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     use_tiny_zoo()
-    print(f"{'task':40s} {'ops':>6s} {'plain':>7s} {'counted':>8s} {'recorded':>9s} {'replayed':>9s}  (CPU s, median of "
+    print(f"{'task':40s} {'ops':>6s} {'plain':>7s} {'counted':>8s} {'recorded':>9s} {'checked':>8s} {'replayed':>9s}  "
+          f"(CPU s, median of "
           f"{args.repeats}; {args.size} px, {args.steps} steps, 2 samples)")
     for task_id in args.tasks:
         f = measure(task_id, args.size, args.steps, args.repeats)
-        print(f"{task_id:40s} {f['ops']:6d} {f['plain']:7.2f} {f['counted']:8.2f} {f['recorded']:9.2f} {f['replayed']:9.2f}",
+        print(f"{task_id:40s} {f['ops']:6d} {f['plain']:7.2f} {f['counted']:8.2f} {f['recorded']:9.2f} {f['checked']:8.2f} "
+              f"{f['replayed']:9.2f}",
               flush=True)
     return 0
 

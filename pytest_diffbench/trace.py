@@ -797,13 +797,17 @@ class Replayer:
         return plans
 
     def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool],
-            shapes: list | None = None, counter: Any = None) -> dict[int, torch.Tensor]:
+            shapes: list | None = None, counter: Any = None, books: bool = True) -> dict[int, torch.Tensor]:
         """Replay once; returns the kept tensors by id. Afterwards `shapes` holds every op's output
         shapes and `elements` the work of the ops the FLOP counter does not count (op_elements).
         `shapes`: those of an earlier replay, which this one must repeat exactly (the seeds must
         not change any shape: a shape that follows the noise would carry it into the FLOP count).
         `counter`: the LeanFlopCounterMode the replay runs under; it books the FLOPs of the ops that
-        follow the seeds (SeedTaint) apart, as `seeded_elements` here their elements."""
+        follow the seeds (SeedTaint) apart, as `seeded_elements` here their elements.
+        `books`: False for a replay that only makes images and shapes (the check pass on the child's
+        seeds): no work, seed or parameter-origin books are kept (`elements` stays 0), no counter."""
+        if counter is not None and not books:
+            raise ValueError("a replay under a FLOP counter keeps its books")
         self.shapes, self.elements, self.seeded_elements = [], 0, 0
         taint = SeedTaint()
         # origins: for a parameter, and a view or copy of one (any dtype), the components it comes
@@ -864,17 +868,18 @@ class Replayer:
                 if a is not None and a.shape[-1] > MAX_SOLVE_SIZE:
                     raise TraceError(f"op {position} ({op[0]}) solves a {a.shape[-1]} x {a.shape[-1]} system; the "
                                      f"replay solves systems of at most {MAX_SOLVE_SIZE} (a scheduler's order)")
-            seeded = len(op) == 5 or taint.follows(args, kwargs)  # a draw from the seeds, or what follows one
             refs, factor_refs, dead = self._plans[position]
-            sources = _origin_sources(refs, names, origins)
-            origin = _kept_origin(func, sources)
-            # another component's product only where no operand comes from the denoiser's parameters: an
-            # inert VAE operand (addmm's input with beta=0) beside a denoiser weight once moved the
-            # product out of the denoiser's precision tally (red team round 8); and only by the operands
-            # it multiplies (_multiplicands): beside two computed ones, that inert operand did it again
-            factors = _origin_sources(factor_refs, names, origins) if factor_refs is not None else sources
-            parts = [{n.partition(".")[0] for n in o} for o in factors if o]
-            other = bool(parts) and not any(part & DENOISER_COMPONENTS for part in parts)
+            if books:
+                seeded = len(op) == 5 or taint.follows(args, kwargs)  # a draw from the seeds, or what follows one
+                sources = _origin_sources(refs, names, origins)
+                origin = _kept_origin(func, sources)
+                # another component's product only where no operand comes from the denoiser's parameters: an
+                # inert VAE operand (addmm's input with beta=0) beside a denoiser weight once moved the
+                # product out of the denoiser's precision tally (red team round 8); and only by the operands
+                # it multiplies (_multiplicands): beside two computed ones, that inert operand did it again
+                factors = _origin_sources(factor_refs, names, origins) if factor_refs is not None else sources
+                parts = [{n.partition(".")[0] for n in o} for o in factors if o]
+                other = bool(parts) and not any(part & DENOISER_COMPONENTS for part in parts)
             if counter is not None:
                 counter.seeded = seeded
                 counter.other_component = other
@@ -893,18 +898,19 @@ class Replayer:
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)
                 raise TraceError(f"op {position} ({op[0]}) makes a complex tensor; the replay computes in real dtypes")
-            elements = op_elements(func, (args, kwargs), out, outputs)
-            self.elements += elements
-            if seeded:
-                self.seeded_elements += elements
-                taint.mark(func, args, kwargs, outputs)
+            if books:
+                elements = op_elements(func, (args, kwargs), out, outputs)
+                self.elements += elements
+                if seeded:
+                    self.seeded_elements += elements
+                    taint.mark(func, args, kwargs, outputs)
+                _set_origins(origins, op[3], outputs, origin)
             made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
             if shapes is not None and (position >= len(shapes) or shapes[position] != made):
                 raise TraceError(f"op {position} ({op[0]}) made outputs of shape {made} here and "
                                  f"{shapes[position] if position < len(shapes) else None} on the child's seeds: "
                                  f"shapes that follow the seeds are not replayed")
             self.shapes.append(made)
-            _set_origins(origins, op[3], outputs, origin)
             for item, tensor_id in zip(outputs, op[3]):
                 if tensor_id is None or not isinstance(item, torch.Tensor):
                     continue
