@@ -416,30 +416,24 @@ class Evaluator:
         result["images"], result["num_images"] = proof["images"], proof["num_images"]
 
     def _replay(self, task, batch: dict, run_batch: dict, trace: bytes, run_images_dir: Path,
-                run_image_names, out_dir: Path, harness_dir: Path, canonical: bool = False,
-                proved: dict | None = None) -> tuple[dict | None, SandboxOutcome | None, str | None]:
+                run_image_names, out_dir: Path, harness_dir: Path,
+                canonical: bool = False) -> tuple[dict | None, SandboxOutcome | None, str | None]:
         """Replay `trace` (replay.py) on `batch`'s seeds, its images into `out_dir` (`canonical`: in
         canonical precision, canonical_images): (the replay's result, its process, None), or (None,
         process or None, what stopped it: the candidate's, or for a baseline the harness's).
-        `proved`: the image sources and shapes digest of an earlier replay of the same trace, which
-        proved it on the child's seeds and images: this replay then skips that check pass
-        (`run_batch` and the run images are not read). A replay process that ended before it was
-        given the trace, or a model the harness cannot load, is a HarnessError."""
+        A replay process that ended before it was given the trace, or a model the harness cannot
+        load, is a HarnessError."""
         import base64
 
-        inputs: dict = {"trace": base64.b64encode(trace).decode("ascii")}
-        if proved is not None:
-            inputs["proved"] = proved
-        else:
-            inputs["run_seeds"] = list(run_batch["seeds"])
-            inputs["run_images"] = [base64.b64encode((run_images_dir / name).read_bytes()).decode("ascii")
-                                    for name in run_image_names]
+        run_images = [(run_images_dir / name).read_bytes() for name in run_image_names]
         bounds = replay_bounds(batch)
         job = {"task_id": task.id, "role": "replay", "model": task.model, "device": "cpu",
                "threads": self.profile.threads, "out_dir": str(out_dir),
                "max_constant_bytes": bounds["max_constant_bytes"], "canonical": canonical,
                "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
-                         "replay": inputs}}
+                         "replay": {"trace": base64.b64encode(trace).decode("ascii"),
+                                    "run_seeds": list(run_batch["seeds"]),
+                                    "run_images": [base64.b64encode(png).decode("ascii") for png in run_images]}}}
         out_dir.mkdir(parents=True, exist_ok=True)
         log.info("%s: replaying a judged call (%.1f MB trace%s)", task.id, len(trace) / 1e6,
                  ", canonical precision" if canonical else "")
@@ -704,17 +698,12 @@ class Evaluator:
 
         batch, _ = self.build_batch(task, self.profile.samples, scope=HELD_OUT_SCOPE)
         samples, hw = len(batch["seeds"]), (batch["height"], batch["width"])
-        # the first replay's check pass proved this trace on the child's seeds and images: its image
-        # sources and the digest of its shapes stand for a second one
-        first = ((outcome.result or {}).get("flops") or {}).get("replay") or {}
-        proved = ({"image_sources": first["image_sources"], "shapes_digest": first["shapes_digest"]}
-                  if first.get("image_sources") and first.get("shapes_digest") else None)
         folder = Path(tempfile.mkdtemp(prefix="diffbench-held-out-"))
         try:
             proof, _, problem = self._replay(task, batch, {"seeds": outcome.extra["run_seeds"]}, outcome.trace,
                                              task_dir / "run-images", outcome.extra.get("run_images") or [],
                                              folder / "images", folder / "replay",
-                                             canonical=canonical_images(task, self.profile), proved=proved)
+                                             canonical=canonical_images(task, self.profile))
             # the problems say what failed, not how: an error's text or a structural detail (which
             # sample) can carry values computed from the held-out noise to the author
             if problem:  # not logged either: the harness's log lines are shown with the run

@@ -70,22 +70,11 @@ def decode_png(data: bytes):
         return torch.from_numpy(numpy.asarray(img.convert("RGB")).copy())
 
 
-def shapes_digest(shapes: list) -> str:
-    """A digest of a replay's output shapes (Replayer.shapes): what a later replay of the same
-    trace on other seeds must make."""
-    import hashlib
-
-    return hashlib.sha256(repr(shapes).encode()).hexdigest()
-
-
 def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_flushed: bool | None = None) -> dict:
     """Both replays of the trace in `inputs` ({"trace": base64 blob, "run_seeds": the child's seeds,
     "run_images": the child's PNGs as base64}) against `zoo`; the verdict's images go to
     `send_image(index, png)`; `denormals_flushed`: flush_denormals()'s answer, recorded. Returns the
-    result document. With `inputs["proved"]` ({"image_sources", "shapes_digest"} of an earlier
-    replay of the same trace, which ran the check pass) instead of the child's seeds and images:
-    the verdict's replay alone, its shapes checked against the digest (the held-out seeds' replay,
-    evaluate.Evaluator.held_out_check)."""
+    result document."""
     import PIL.Image
     import torch
 
@@ -97,22 +86,16 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
     canonical = bool(job.get("canonical"))
     height, width = int(batch["height"]), int(batch["width"])
     verdict_seeds = [int(s) for s in inputs["verdict_seeds"]]
-    proved = inputs.get("proved")
+    run_seeds = [int(s) for s in inputs["run_seeds"]]
     try:
         trace = decode(base64.b64decode(inputs["trace"]), int(job["max_constant_bytes"]))
         replayer = Replayer(trace, zoo)
+        returned = [decode_png(base64.b64decode(p)) for p in inputs["run_images"]]
         started = time.process_time()
-        if proved is None:
-            run_seeds = [int(s) for s in inputs["run_seeds"]]
-            returned = [decode_png(base64.b64decode(p)) for p in inputs["run_images"]]
-            kept = replayer.run(run_seeds, lambda tensor_id, t: image_rows(t, height, width) is not None, books=False)
-            sources = match_images(kept, returned, height, width)
-            del kept
-            run_shapes, run_digest = replayer.shapes, shapes_digest(replayer.shapes)
-        else:  # this trace's check pass ran in an earlier replay: its image sources and shapes (held-out seeds)
-            sources = [(int(s["tensor"]), str(s["layout"]), int(s["row"]), str(s["rounding"]))
-                       for s in proved["image_sources"]]
-            run_shapes, run_digest = None, str(proved["shapes_digest"])
+        kept = replayer.run(run_seeds, lambda tensor_id, t: image_rows(t, height, width) is not None, books=False)
+        sources = match_images(kept, returned, height, width)
+        del kept
+        run_shapes = replayer.shapes
         check_s = time.process_time() - started
         wanted = {source[0] for source in sources}
         counter = LeanFlopCounterMode()
@@ -123,9 +106,6 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
             kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes,
                                 counter=counter)
         verdict_s = time.process_time() - started
-        if run_shapes is None and shapes_digest(replayer.shapes) != run_digest:
-            raise TraceError("the call made outputs of other shapes here than on the child's seeds: shapes that "
-                             "follow the seeds are not replayed")
         flops = float(counter.get_total_flops())
         images = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
     except TraceError as exc:
@@ -145,9 +125,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                   "seeded": {"flops": float(counter.seeded_flops), "elements": replayer.seeded_elements,
                              "by_module": dict(counter.seeded_flops_by_module)}},
         "replay": {"ops": len(trace.ops), "parameters": len(trace.params), "constants": len(trace.constants),
-                   "constant_bytes": trace.constant_bytes,
-                   "check_cpu_s": round(check_s, 3) if proved is None else None,  # None: an earlier replay's
-                   "verdict_cpu_s": round(verdict_s, 3), "shapes_digest": run_digest, "flops_by_dtype": dict(counter.flops_by_dtype),
+                   "constant_bytes": trace.constant_bytes, "check_cpu_s": round(check_s, 3),
+                   "verdict_cpu_s": round(verdict_s, 3), "flops_by_dtype": dict(counter.flops_by_dtype),
                    "other_flops_by_dtype": dict(counter.other_flops_by_dtype),
                    "image_sources": [{"tensor": i, "layout": layout, "row": row, "rounding": rounding}
                                      for i, layout, row, rounding in sources],

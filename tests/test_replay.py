@@ -271,54 +271,6 @@ def test_a_shape_that_follows_the_seeds_stops_the_verdict_replay():
         replayer.run([2], lambda i, t: False, shapes=shapes)
 
 
-def test_a_replay_given_an_earlier_replays_proof_makes_the_same_images_and_holds_it_to_its_shapes():
-    """The held-out seeds' replay skips the check pass the first replay of the same trace ran: it
-    takes that replay's image sources and the digest of its shapes (replay.run_replay's `proved`),
-    makes the images a full replay makes on the same seeds, and fails a trace whose shapes there
-    are not those of the child's seeds, as the full replay's per-op check does."""
-    import base64
-    import io
-
-    import PIL.Image
-
-    from pytest_diffbench.replay import run_replay
-    from pytest_diffbench.trace import Replayer, decode, to_uint8
-
-    image_ops = [["aten::randn.generator", [[1, 3, 8, 8]], {}, [0], {"gen": 0, "reseed": 0}],
-                 ["aten::sigmoid", [{"t": 0}], {}, [1]]]
-    # ... and a product sized by how many draws are positive: a shape that follows the seeds
-    sized_ops = image_ops + [["aten::gt.Scalar", [{"t": 0}, 0.0], {}, [2]],
-                             ["aten::nonzero", [{"t": 2}], {}, [3]]]
-    job = {"batch": {"height": 8, "width": 8}, "max_constant_bytes": 1 << 20, "canonical": False}
-
-    def png(tensor) -> str:
-        buffer = io.BytesIO()
-        PIL.Image.fromarray(to_uint8(tensor, "chw", 0, "round").numpy()).save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-    def replay(ops, verdict_seeds, **inputs):
-        sent = []
-        result = run_replay(job, {"trace": base64.b64encode(_trace_blob(ops)).decode("ascii"),
-                                  "verdict_seeds": verdict_seeds, **inputs}, {}, lambda i, data: sent.append(data))
-        return result, sent
-
-    for ops in (image_ops, sized_ops):
-        child = Replayer(decode(_trace_blob(ops), 1 << 20), {}).run([1], lambda i, t: i == 1)[1]  # the child's image
-        full, full_images = replay(ops, [1], run_seeds=[1], run_images=[png(child)])
-        assert full["status"] == "ok" and full["replay"]["check_cpu_s"] is not None, full
-        proved = {"image_sources": full["replay"]["image_sources"], "shapes_digest": full["replay"]["shapes_digest"]}
-        again, again_images = replay(ops, [1], proved=proved)
-        assert again["status"] == "ok" and again["replay"]["check_cpu_s"] is None, again
-        assert again_images == full_images and again["flops"] == full["flops"]
-        other, _ = replay(ops, [7], proved=proved)  # other seeds: the images of those seeds, where shapes allow
-        if ops is image_ops:
-            assert other["status"] == "ok", other
-        else:
-            assert other["status"] == "error" and "shapes that follow the seeds" in other["error"]["message"], other
-    wrong, _ = replay(image_ops, [1], proved={**proved, "shapes_digest": "0" * 64})
-    assert wrong["status"] == "error" and "shapes" in wrong["error"]["message"], wrong
-
-
 def test_constants_over_the_bound_are_refused():
     import torch
 

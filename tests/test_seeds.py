@@ -375,15 +375,6 @@ def test_a_candidate_that_passes_on_its_own_seeds_fails_on_the_held_out_ones_and
         return folders[-1]
 
     monkeypatch.setattr(evaluate_module.tempfile, "mkdtemp", recorded_mkdtemp)
-    replays = []  # (proved given, the check pass's CPU seconds) of every replay of a candidate's trace
-    real_replay = evaluate_module.Evaluator._replay
-
-    def recorded_replay(self, *args, **kwargs):
-        proof, process, problem = real_replay(self, *args, **kwargs)
-        replays.append((kwargs.get("proved") is not None, ((proof or {}).get("replay") or {}).get("check_cpu_s")))
-        return proof, process, problem
-
-    monkeypatch.setattr(evaluate_module.Evaluator, "_replay", recorded_replay)
     lucky = evaluator.evaluate(t, Candidate(code=code, source="test"), t.reference, t.gold, label="lucky")
     assert not lucky.verdict.passed, lucky.verdict
     assert (lucky.verdict.stage_reached, lucky.verdict.category) == (3, "relative_quality")
@@ -396,10 +387,6 @@ def test_a_candidate_that_passes_on_its_own_seeds_fails_on_the_held_out_ones_and
     assert passed.verdict.passed, passed.verdict
     assert passed.measures.fidelity["held_out"]["passed"] is True
 
-    # the held-out replays took the first replay's proof of the trace and ran no check pass of their own
-    held_out_replays = [r for r in replays if r[0]]
-    assert len(held_out_replays) == 2 and all(check is None for _, check in held_out_replays), replays
-    assert all(check is not None for proved, check in replays if not proved), replays
     held_out_folders = [f for f in folders if "held-out" in f]
     assert len(held_out_folders) == 2 and not any(Path(f).exists() for f in held_out_folders)
     batch = evaluator.build_batch(t, 1, scope=workload.HELD_OUT_SCOPE)[0]
