@@ -48,7 +48,7 @@ _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return _SHAPE_LEVEL[sdpa_flop_count.__code__](query_shape, key_shape, value_shape)
+    return _SDPA_COUNT(query_shape, key_shape, value_shape)
 
 
 #: formulas torch's registry lacks, as `FlopCounterMode(custom_mapping=...)` takes them
@@ -91,6 +91,9 @@ def _shape_level_functions(module) -> dict:
 
 _SHAPE_LEVEL = _shape_level_functions(flop_counter_module)
 _SHAPE_LEVEL_GLOBALS = next(iter(_SHAPE_LEVEL.values())).__globals__
+# a function of this module's own, so that the child's snapshot (which watches this module's
+# callables) sees it rebound; a lookup in _SHAPE_LEVEL at every call would not be (session 25's review)
+_SDPA_COUNT = _SHAPE_LEVEL[sdpa_flop_count.__code__]
 
 
 def _shapes(value: Any) -> Any:

@@ -556,7 +556,10 @@ class Recorder(TorchDispatchMode):
                 ids.append(None)
             elif constant:
                 self.ids.pop(item, None)
-                ids.append(self._tensor_ref(item)[1])
+                tag, value = self._tensor_ref(item)
+                if tag != "t":  # drawn into a parameter: the replay starts every run from the zoo's
+                    raise TraceError("a random draw the replay cannot make wrote into a parameter of the pipeline")
+                ids.append(value)
             else:  # an in-place op returns its input: the same id
                 known = self.ids.get(item)
                 ids.append(known if known is not None else self._new_id(item))

@@ -271,6 +271,28 @@ def test_a_shape_that_follows_the_seeds_stops_the_verdict_replay():
         replayer.run([2], lambda i, t: False, shapes=shapes)
 
 
+def test_a_draw_the_replay_cannot_make_written_into_a_parameter_stops_the_recording():
+    """A draw from a generator no seed anchors is kept as drawn (a constant); drawn in place into a
+    parameter it would be recorded as a parameter reference where an output id belongs (session
+    25's review). The recorder stops there, with the reason; the call itself goes on."""
+    import types
+
+    import torch
+
+    from pytest_diffbench.trace import Recorder, TraceError
+
+    unet = torch.nn.Linear(4, 4)
+    pipe = types.SimpleNamespace(components={"unet": unet})
+    recorder = Recorder(pipe, [11], 1 << 20)
+    stray = torch.Generator().manual_seed(12345)  # no seed of the batch: nothing the replay can draw again
+    with torch.no_grad(), recorder:
+        unet.weight.normal_(generator=stray)
+        unet(torch.ones(1, 4))
+    assert recorder.problem and "wrote into a parameter" in recorder.problem, recorder.problem
+    with pytest.raises(TraceError, match="wrote into a parameter"):
+        recorder.document()
+
+
 def test_constants_over_the_bound_are_refused():
     import torch
 
