@@ -55,29 +55,56 @@ _AS_THEY_ARE = {
 }
 
 
+class _OpFacts:
+    """What the mode asks of an op's schema and tags, read once per op (the replay asks for every
+    op it runs): `fixed`, it always runs as recorded (the ops above, in-place view ops, ops with a
+    generator argument); `seeded`, torch's nondeterministic_seeded tag; `dropout`, the position and
+    default of a `dropout_p` argument; `writes`, it writes an operand (in place or out=);
+    `view`, it returns a view of an operand."""
+
+    __slots__ = ("fixed", "seeded", "dropout", "writes", "view")
+
+    def __init__(self, func) -> None:
+        schema = func._schema
+        self.fixed = (func._overloadpacket in _AS_THEY_ARE or torch.Tag.inplace_view in func.tags
+                      or any(argument.name == "generator" for argument in schema.arguments))
+        self.seeded = torch.Tag.nondeterministic_seeded in func.tags
+        self.dropout = next(((index, argument.default_value) for index, argument in enumerate(schema.arguments)
+                             if argument.name == "dropout_p"), None)
+        self.writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        self.view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+_FACTS: dict = {}
+
+
+def _facts(func) -> _OpFacts:
+    facts = _FACTS.get(func)
+    if facts is None:
+        facts = _FACTS[func] = _OpFacts(func)
+    return facts
+
+
 def _as_recorded(func, args: tuple, kwargs: dict) -> bool:
     """Whether `func` runs as it is under the mode: the ops above; in-place view ops (t_,
     squeeze_, as_strided_, set_ ...), which change a tensor's metadata, not its values; and random
     draws, which must draw what the recorded call drew (_draws)."""
-    if func._overloadpacket in _AS_THEY_ARE or torch.Tag.inplace_view in func.tags:
-        return True
-    return _draws(func, args, kwargs)
+    facts = _facts(func)
+    return facts.fixed or _draws(facts, args, kwargs)
 
 
-def _draws(func, args: tuple, kwargs: dict) -> bool:
-    """A generator argument, or torch's nondeterministic_seeded tag; but the attention kernels
-    carry that tag for their dropout, and with `dropout_p` 0 (inference) they draw nothing."""
-    schema = func._schema
-    if any(argument.name == "generator" for argument in schema.arguments):
-        return True
-    if torch.Tag.nondeterministic_seeded not in func.tags:
+def _draws(facts: _OpFacts, args: tuple, kwargs: dict) -> bool:
+    """A generator argument (`facts.fixed`), or torch's nondeterministic_seeded tag; but the
+    attention kernels carry that tag for their dropout, and with `dropout_p` 0 (inference) they
+    draw nothing."""
+    if not facts.seeded:
         return False
-    for index, argument in enumerate(schema.arguments):
-        if argument.name == "dropout_p":
-            if argument.name in kwargs:
-                return kwargs[argument.name] != 0
-            return (args[index] if index < len(args) else argument.default_value) != 0
-    return True
+    if facts.dropout is None:
+        return True
+    if "dropout_p" in kwargs:
+        return kwargs["dropout_p"] != 0
+    index, default = facts.dropout
+    return (args[index] if index < len(args) else default) != 0
 
 
 def _is_half(value: Any) -> bool:
@@ -170,9 +197,10 @@ def canonical_call(func, args: tuple, kwargs: dict, stats: dict | None = None) -
     rounded. Views, ops whose canonical result would differ in form (a float64 kernel missing, an
     out= operand the op would resize) and ops `_as_recorded` run as they are; `stats` counts them."""
     schema = func._schema
-    written_ops = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    facts = _facts(func)
+    written_ops = facts.writes
     try:
-        if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+        if facts.view:
             raise _AsRecorded("a view")
         # an op that writes its operands runs natively only on float64 copies (below): its outputs
         # are those operands, whose layout they keep
@@ -181,7 +209,7 @@ def canonical_call(func, args: tuple, kwargs: dict, stats: dict | None = None) -
         except Exception as exc:  # noqa: BLE001 - it fails natively: it fails as recorded, below
             raise _AsRecorded("fails natively") from exc
         wide_args, wide_kwargs = list(_map(args, _wide)), _map(kwargs, _wide)
-        pairs = list(_written(schema, args, kwargs, wide_args, wide_kwargs))
+        pairs = list(_written(schema, args, kwargs, wide_args, wide_kwargs)) if written_ops else []
         try:
             out = func(*wide_args, **wide_kwargs)
         except Exception as exc:  # noqa: BLE001 - no float64 kernel for it
