@@ -293,6 +293,31 @@ def test_a_draw_the_replay_cannot_make_written_into_a_parameter_stops_the_record
         recorder.document()
 
 
+def test_the_check_pass_keeps_no_books_and_makes_the_same_images_and_shapes():
+    """The replay's first pass (replay.run_replay, books=False) only has to make the child's images
+    and record shapes: the same kept tensors and shapes as a pass that keeps the books, no work
+    counted, and no FLOP counter taken."""
+    import torch
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import Replayer, decode
+
+    ops = [["aten::randn.generator", [[2, 3, 8, 8]], {}, [0], {"gen": 0, "reseed": 0}],
+           ["aten::mul.Tensor", [{"t": 0}, {"t": 0}], {}, [1]],
+           ["aten::sigmoid", [{"t": 1}], {}, [2]],
+           ["aten::gt.Scalar", [{"t": 0}, 0.0], {}, [3]],
+           ["aten::nonzero", [{"t": 3}], {}, [4]]]
+    replayer = Replayer(decode(_trace_blob(ops), 1 << 20), {})
+    booked = replayer.run([3], lambda i, t: i in (2, 4))
+    booked_shapes, booked_elements = replayer.shapes, replayer.elements
+    bare = replayer.run([3], lambda i, t: i in (2, 4), books=False)
+    assert replayer.shapes == booked_shapes and booked.keys() == bare.keys() == {2, 4}
+    assert all(torch.equal(booked[i], bare[i]) for i in booked)
+    assert booked_elements > 0 and replayer.elements == 0 and replayer.seeded_elements == 0
+    with pytest.raises(ValueError, match="keeps its books"):
+        replayer.run([3], lambda i, t: False, counter=LeanFlopCounterMode(), books=False)
+
+
 def test_constants_over_the_bound_are_refused():
     import torch
 
