@@ -30,6 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .aten_leaves import leaves
+from .trace import written_arguments
 
 HALF = (torch.float16, torch.bfloat16)
 _aten = torch.ops.aten
@@ -71,7 +72,7 @@ class _OpFacts:
         self.seeded = torch.Tag.nondeterministic_seeded in func.tags
         self.dropout = next(((index, argument.default_value) for index, argument in enumerate(schema.arguments)
                              if argument.name == "dropout_p"), None)
-        self.writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        self.writes = bool(written_arguments(func))
         self.view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
 
 
@@ -173,11 +174,9 @@ def _native_layout(func, args: tuple, kwargs: dict) -> Any:
     return layout
 
 
-def _written(schema, args, kwargs, wide_args, wide_kwargs):
+def _written(func, args, kwargs, wide_args, wide_kwargs):
     """(operand, its float64 copy) for each tensor an in-place or out= op writes."""
-    for index, argument in enumerate(schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
+    for index, argument in written_arguments(func):
         if argument.kwarg_only or index >= len(args):
             original, wide = kwargs.get(argument.name), wide_kwargs.get(argument.name)
         else:
@@ -196,7 +195,6 @@ def canonical_call(func, args: tuple, kwargs: dict, stats: dict | None = None) -
     dtypes, shapes and strides of its native outputs); in-place and out= operands written back
     rounded. Views, ops whose canonical result would differ in form (a float64 kernel missing, an
     out= operand the op would resize) and ops `_as_recorded` run as they are; `stats` counts them."""
-    schema = func._schema
     facts = _facts(func)
     written_ops = facts.writes
     try:
@@ -209,7 +207,7 @@ def canonical_call(func, args: tuple, kwargs: dict, stats: dict | None = None) -
         except Exception as exc:  # noqa: BLE001 - it fails natively: it fails as recorded, below
             raise _AsRecorded("fails natively") from exc
         wide_args, wide_kwargs = list(_map(args, _wide)), _map(kwargs, _wide)
-        pairs = list(_written(schema, args, kwargs, wide_args, wide_kwargs)) if written_ops else []
+        pairs = list(_written(func, args, kwargs, wide_args, wide_kwargs))
         try:
             out = func(*wide_args, **wide_kwargs)
         except Exception as exc:  # noqa: BLE001 - no float64 kernel for it

@@ -445,9 +445,7 @@ class Recorder(TorchDispatchMode):
             return value
         if kind is list or kind is tuple:
             return [self._encode(v, refs) for v in value]
-        if isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int):
+        if isinstance(value, (str, int)):  # their subclasses (bool, IntEnum ...)
             return value
         if isinstance(value, float):
             return value if math.isfinite(value) else {"f": repr(value)}
