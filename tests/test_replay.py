@@ -511,6 +511,23 @@ def test_attention_in_float32_beside_an_inert_vae_operand_stays_in_the_precision
 
 
 @pytest.mark.slow
+def test_a_float32_weight_laundered_through_a_vae_copy_stays_in_the_precision_tally(tiny_zoo, baseline_cache_dir,
+                                                                                     tmp_path):
+    """tests/adversarial_tasks/float32_weight_laundered_through_a_vae_copy.py (red team round 9):
+    every denoiser Linear in float32 on a copy of a VAE parameter overwritten through a view with
+    the denoiser's weight. With origins kept by tensor id it passed L2-dit-c2i-fp16-0028 (97 % of
+    the denoiser's products in float32, booked as the VAE's); a write now takes the origin of every
+    id on its storage, and the products stay in the tally: a key-attribute failure."""
+    result = _judged_on_the_fp16_task(tiny_zoo, baseline_cache_dir, tmp_path,
+                                      "float32_weight_laundered_through_a_vae_copy.py",
+                                      task_id="L2-dit-c2i-fp16-0028")
+    assert not result.verdict.passed and result.verdict.category == stages.KEY_ATTRIBUTE, result.verdict
+    assert "(the harness's replay: FLOPs by dtype): expected 'float16', found 'float32" in result.verdict.message
+    by_dtype = result.flops["replay"]["flops_by_dtype"]
+    assert by_dtype["float32"] > 0.9 * sum(by_dtype.values()), by_dtype
+
+
+@pytest.mark.slow
 def test_reduced_precision_under_autocast_is_the_authors_choice_where_no_dtype_is_asked(tiny_zoo, baseline_cache_dir,
                                                                                          tmp_path):
     """L4/L5 ask no dtype (fp16 is allowed on all of them). The reference's parameters kept float32
@@ -684,7 +701,8 @@ def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draw
     VAE beside a float16 denoiser is a valid configuration, and a float32 denoiser must not hide
     behind a float16 VAE's share: red team, session 18), but a product with a denoiser operand stays
     in it, even beside an inert VAE operand (red team round 8), and so does a product of two computed
-    operands beside one (session 23); a product on a denoiser weight cast
+    operands beside one (session 23) and one on a VAE copy written into through a view (red team
+    round 9); a product on a denoiser weight cast
     to float32 stays in it; the work that follows the seeds is that of the ops on the draw, booked
     by denoiser module where it reads a view or copy of the module's parameter."""
     import torch
@@ -715,7 +733,18 @@ def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draw
            ["aten::addmm", [{"t": 10}, {"t": 0}, {"t": 12}], {"beta": 0}, [13]],
            ["aten::unsqueeze", [{"t": 0}, 0], {}, [14]],
            ["aten::unsqueeze", [{"t": 12}, 0], {}, [15]],
-           ["aten::baddbmm", [{"t": 10}, {"t": 14}, {"t": 15}], {"beta": 0}, [16]]]
+           ["aten::baddbmm", [{"t": 10}, {"t": 14}, {"t": 15}], {"beta": 0}, [16]],
+           # a copy of a VAE parameter overwritten through a view with the denoiser's weight, multiplied
+           # through another view (red team round 9): the write takes the origin of every id on that
+           # storage, so the product is judged (booked by tensor id, it was the VAE's)
+           ["aten::clone", [{"p": 1}], {}, [17]],
+           ["aten::view", [{"t": 17}, [8, 8]], {}, [18]],
+           ["aten::copy_", [{"t": 18}, {"t": 1}], {}, [18]],
+           ["aten::view", [{"t": 17}, [8, 8]], {}, [19]],
+           ["aten::mm", [{"t": 0}, {"t": 19}], {}, [20]],
+           # ... while an untouched copy of it keeps the VAE's origin
+           ["aten::clone", [{"p": 1}], {}, [21]],
+           ["aten::mm", [{"t": 3}, {"t": 21}], {}, [22]]]
     zoo = {"transformer.w": torch.ones(8, 8, dtype=torch.float16), "vae.w": torch.ones(8, 8),
            "text_encoder.w": torch.ones(8, 8)}
     replayer = Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo)
@@ -724,11 +753,34 @@ def test_the_precision_tally_is_the_denoisers_and_the_seed_work_follows_the_draw
         replayer.run([5], lambda i, t: False, counter=counter)
     product = 2 * 4 * 8 * 8
     attention = 2 * 4 * 8 * 4  # q (4 x 8) times k^T (8 x 4)
-    assert counter.flops_by_dtype == {"float32": 3 * product + 2 * attention}
-    assert counter.other_flops_by_dtype == {"float32": product + 2 * 1 * 8 * 8}
-    assert counter.seeded_flops == 4 * product + 2 * attention  # the products on the draw, not the text encoder's
+    assert counter.flops_by_dtype == {"float32": 4 * product + 2 * attention}
+    assert counter.other_flops_by_dtype == {"float32": 2 * product + 2 * 1 * 8 * 8}
+    assert counter.seeded_flops == 6 * product + 2 * attention  # the products on the draw, not the text encoder's
     # by denoiser module: the products on a view or copy of its weight (the rebuilt one is nobody's)
     assert counter.seeded_flops_by_module == {"transformer": 2 * product}
+
+
+def test_a_product_is_booked_to_the_module_whose_weight_it_multiplies():
+    """The work by denoiser module (stage 1's module rule) books a product by the operands it
+    multiplies: an inert slice of another module's weight as addmm's `self` (beta 0) booked it to
+    that module (red team round 9: work moved to a module no method exempts)."""
+    import torch
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import Replayer, decode
+
+    params = [{"name": "transformer.a.weight", "dtype": "float32", "shape": [8, 8], "stride": [8, 1]},
+              {"name": "transformer.b.weight", "dtype": "float32", "shape": [8, 8], "stride": [8, 1]}]
+    ops = [["aten::randn.generator", [[4, 8]], {"dtype": {"dtype": "float32"}}, [0], {"gen": 0, "reseed": 0}],
+           ["aten::t", [{"p": 1}], {}, [1]],
+           ["aten::view", [{"p": 0}, [-1]], {}, [2]],
+           ["aten::slice.Tensor", [{"t": 2}, 0, 0, 1], {}, [3]],
+           ["aten::addmm", [{"t": 3}, {"t": 0}, {"t": 1}], {"beta": 0}, [4]]]
+    zoo = {"transformer.a.weight": torch.ones(8, 8), "transformer.b.weight": torch.ones(8, 8)}
+    counter = LeanFlopCounterMode()
+    with counter:
+        Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo).run([5], lambda i, t: False, counter=counter)
+    assert counter.seeded_flops_by_module == {"transformer.b": 2 * 4 * 8 * 8}
 
 
 @pytest.mark.slow
