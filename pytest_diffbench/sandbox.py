@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import re
 import select
@@ -1076,7 +1077,9 @@ class _ResultStream:
             self.error = "frames after the result"
         elif kind == frames.FRAME_MARK:
             try:
-                mark = json.loads(payload)
+                mark = decode_child_json(payload)
+                if not isinstance(mark, dict):
+                    raise ValueError("a timing mark that is not an object")
                 self.marks.append((now, mark))
                 cpu = self.cpu_clock() if self.cpu_clock is not None else None
                 self.mark_cpu.append(cpu)
@@ -1873,7 +1876,7 @@ def _collect_result(results: _ResultStream, returncode: int | None, wrapped: boo
     if results.result is None:
         return (*_exit_without_result(returncode, wrapped), None)
     try:
-        result = json.loads(results.result)
+        result = decode_child_json(results.result)
         if not isinstance(result, dict) or result.get("status") not in ("ok", "error"):
             raise ValueError("result is not a harness result document")
         for name in RESULT_OBJECTS:  # read with .get() by the parent: a list there was a harness error
@@ -1886,8 +1889,8 @@ def _collect_result(results: _ResultStream, returncode: int | None, wrapped: boo
             result = _integrity_error(result, violation)
         _store_images(result, results.images, out_dir)
         _per_image_figures(result, samples)
-    except (ValueError, OSError, TypeError, RecursionError, MemoryError) as exc:
-        # whatever the child sent: RecursionError from a document nested deep enough, too
+    except Exception as exc:  # noqa: BLE001 - whatever the child sent is its own: RecursionError from a
+        # document nested deep enough, a KeyError from a mark without a field the parent reads
         detail = str(exc)[:300] if isinstance(exc, ValueError) else f"{type(exc).__name__}: {str(exc)[:300]}"
         return "bad_result", f"unreadable result: {detail}", None
     return "ok", "", result
@@ -1979,6 +1982,37 @@ def run_job(
         outcome.result = result
         outcome.trace = results.trace
     return outcome
+
+
+# The largest magnitude of a number in anything a child sends. JSON carries integers of thousands
+# of digits, and one written into the child's own document (flops.total, a denoiser call count, a
+# gate step) made the parent's arithmetic raise OverflowError, a harness error left out of S_p (red
+# team round 9); every figure the harness itself sends is far below it.
+MAX_RESULT_NUMBER = 2 ** 63
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text) if len(text) <= 20 else None
+    if value is None or abs(value) >= MAX_RESULT_NUMBER:
+        raise ValueError(f"a number out of range ({text[:24]}{'...' if len(text) > 24 else ''})")
+    return value
+
+
+def _bounded_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or abs(value) >= MAX_RESULT_NUMBER:
+        raise ValueError(f"a number out of range ({text[:24]}{'...' if len(text) > 24 else ''})")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name}, which is no number a result may hold")
+
+
+def decode_child_json(text: str | bytes):
+    """json.loads for what a child sends: every number finite and under MAX_RESULT_NUMBER in
+    magnitude (no NaN or Infinity), else ValueError naming it."""
+    return json.loads(text, parse_int=_bounded_int, parse_float=_bounded_float, parse_constant=_no_constant)
 
 
 # The harness's result document nests about six deep; the bound keeps everything the parent does

@@ -363,6 +363,44 @@ def test_a_result_whose_objects_are_not_objects_is_the_candidates_bad_result(mem
     assert (status, result) == ("bad_result", None) and f"{member} is a list" in detail
 
 
+@pytest.mark.parametrize("text", ['{"status": "ok", "flops": {"total": 1%s}}' % ("0" * 400),
+                                  '{"status": "ok", "attributes": {"steps": {"denoiser_calls": [-1%s]}}}' % ("0" * 30),
+                                  '{"status": "ok", "timing": {"calls_s": [1e400]}}',
+                                  '{"status": "ok", "timing": {"calls_s": [NaN]}}',
+                                  '{"status": "ok", "flops": {"total": -Infinity}}'],
+                         ids=["int-401-digits", "int-31-digits", "float-1e400", "nan", "infinity"])
+def test_a_number_out_of_range_in_the_childs_document_is_its_bad_result(text):
+    """Red team round 9, F1: an integer of 401 digits in the child's document made the parent's
+    arithmetic raise OverflowError (flops.total / the images; a denoiser call count on L4/L5), a
+    harness error out of S_p. Numbers are bounded as the document is decoded: the candidate's bad
+    result, naming the number."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.sandbox import MAX_RESULT_NUMBER, _collect_result, decode_child_json
+
+    stream = SimpleNamespace(error=None, result=text, marks=[], mark_cpu=[], go_at=None, result_at=None, images=[])
+    status, detail, result = _collect_result(stream, 0, False, None)
+    assert (status, result) == ("bad_result", None), detail
+    assert detail.startswith("unreadable result: ") and ("out of range" in detail or "no number" in detail), detail
+    assert decode_child_json('{"a": [%d, %r, -1.5e18]}' % (MAX_RESULT_NUMBER - 1, 2.0 ** 62)) == {
+        "a": [MAX_RESULT_NUMBER - 1, 2.0 ** 62, -1.5e18]}
+
+
+def test_a_timing_mark_the_parent_cannot_read_is_the_candidates_bad_result():
+    """Marks that are no objects, or lack the fields the parent reads, are the child's: a rejected
+    stream or an unreadable result, never an exception out of the parent."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.sandbox import _collect_result
+
+    document = '{"status": "ok", "images": [], "timing": {"calls_s": [0.1]}}'
+    marks = [(1.0, {"event": "start", "call": "timed"}), (2.0, {"event": "end", "call": "timed", "index": 0})]
+    stream = SimpleNamespace(error=None, result=document, marks=marks, mark_cpu=[None] * len(marks),
+                             go_at=None, result_at=None, images={})
+    status, detail, result = _collect_result(stream, 0, False, None)
+    assert (status, result) == ("bad_result", None) and "KeyError" in detail, detail
+
+
 def test_stream_bounds_follow_the_workload():
     total, count, pixels = result_bounds({"batch": SMALL_JOB}, 512)
     assert (count, pixels) == (2, 1024) and total <= 9 << 20
