@@ -204,8 +204,28 @@ def _model_id(pipe: Any) -> str | None:
 
 
 def _scheduler_name(pipe: Any) -> str | None:
-    scheduler = getattr(pipe, "scheduler", None)
-    return type(scheduler).__name__ if scheduler is not None else None
+    return scheduler_class_name(getattr(pipe, "scheduler", None))
+
+
+def scheduler_class_name(scheduler: Any) -> str | None:
+    """The scheduler's class name, marked as another class's where diffusers has a class of that
+    name and this is not it: a class named like a library scheduler is not that scheduler. Red team round 9 passed a DPM-Solver task with DEIS
+    in a class named DPMSolverMultistepScheduler (the images of two multistep solvers of the same
+    ODE differ by less than the gold's bound). What this cannot stop is code that rewrites what
+    this process reports (docs/integrity.md, "Behaviour is observed from inside the candidate's
+    process")."""
+    if scheduler is None:
+        return None
+    cls = type(scheduler)
+    name = cls.__name__
+    library = sys.modules.get("diffusers")
+    try:
+        named = getattr(library, name, None) if library is not None else None
+    except Exception:  # noqa: BLE001 - diffusers' lazy import of a name that is no scheduler
+        named = None
+    if not isinstance(named, type) or named is cls:
+        return name  # diffusers' own, or a name no diffusers class has (no task asks for it)
+    return f"{name} (a class of {str(getattr(cls, '__module__', ''))[:80]}, not diffusers')"
 
 
 # --------------------------------------------------------------------------------------------
@@ -997,7 +1017,7 @@ class StepProbe:
 
     def _new_run(self, scheduler: Any, requested: Any) -> dict:
         run = {"requested": _plain(requested), "denoiser_calls": 0, "timesteps": [],
-               "scheduler": type(scheduler).__name__ if scheduler is not None else None, "methods": None,
+               "scheduler": scheduler_class_name(scheduler), "methods": None,
                "observation": None}
         if self.runs and self.runs[-1]["denoiser_calls"] == 0:
             self.runs[-1] = run  # set_timesteps twice before any denoising: one pipeline call

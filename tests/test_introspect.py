@@ -83,6 +83,25 @@ def test_fp16_dtype_and_scheduler_swap(load):
     assert attrs["methods"] == {}
 
 
+def test_a_scheduler_named_like_a_library_one_is_not_that_scheduler(load):
+    """Red team round 9: DEIS in a class named DPMSolverMultistepScheduler passed a DPM-Solver
+    task (its images are within the gold's bound). A scheduler counts by name only where its class
+    is the one diffusers defines under that name, also for the step probe's record of each call."""
+    from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler
+
+    class DPMSolverMultistepScheduler(DEISMultistepScheduler):  # noqa: F811 - the attack's point
+        pass
+
+    pipe = load()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    attrs = introspect(pipe)
+    assert attrs["scheduler"].startswith("DPMSolverMultistepScheduler (a class of "), attrs["scheduler"]
+    assert attrs["scheduler"].endswith("not diffusers')")
+    with StepProbe(pipe) as probe:
+        call(pipe, steps=2)
+    assert probe.runs[0]["scheduler"] == attrs["scheduler"]
+
+
 # ------------------------------------------------------------------------------------------------
 # methods: tomesd, DeepCache, T-Gate, T-Gate + DeepCache, diffusers hooks; gone after removal
 
