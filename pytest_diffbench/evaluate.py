@@ -21,7 +21,7 @@ from . import atomic, crosscheck, metrics, runrecord, stages
 from .baselines import CachedRun, cache_key, get_or_measure
 from .generation import is_generator_folder
 from .result import Measures, Provenance, SandboxSummary, TaskResult
-from .sandbox import SandboxLimits, SandboxOutcome, run_job, scrubbed_env
+from .sandbox import SandboxLimits, SandboxOutcome, replay_role, run_job, scrubbed_env
 from .workload import (AGENT_SCOPE, HELD_OUT_SCOPE, KEYED_SEED_MODES, SECRET_SEEDS, VERDICT_SCOPE, DataSource,
                        batch_digest, build_batch, candidate_digest)
 
@@ -417,9 +417,11 @@ class Evaluator:
 
     def _replay(self, task, batch: dict, run_batch: dict, trace: bytes, run_images_dir: Path,
                 run_image_names, out_dir: Path, harness_dir: Path,
-                canonical: bool = False) -> tuple[dict | None, SandboxOutcome | None, str | None]:
+                canonical: bool = False, baseline_role: str | None = None
+                ) -> tuple[dict | None, SandboxOutcome | None, str | None]:
         """Replay `trace` (replay.py) on `batch`'s seeds, its images into `out_dir` (`canonical`: in
-        canonical precision, canonical_images): (the replay's result, its process, None), or (None,
+        canonical precision, canonical_images; `baseline_role`: the baseline whose call it is, replayed
+        in the baselines' zygote pool): (the replay's result, its process, None), or (None,
         process or None, what stopped it: the candidate's, or for a baseline the harness's).
         A replay process that ended before it was given the trace, or a model the harness cannot
         load, is a HarnessError."""
@@ -427,7 +429,7 @@ class Evaluator:
 
         run_images = [(run_images_dir / name).read_bytes() for name in run_image_names]
         bounds = replay_bounds(batch)
-        job = {"task_id": task.id, "role": "replay", "model": task.model, "device": "cpu",
+        job = {"task_id": task.id, "role": replay_role(baseline_role), "model": task.model, "device": "cpu",
                "threads": self.profile.threads, "out_dir": str(out_dir),
                "max_constant_bytes": bounds["max_constant_bytes"], "canonical": canonical,
                "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
@@ -514,7 +516,8 @@ class Evaluator:
             raise HarnessError(f"the {role} code of task {task.id} sent no trace of its call "
                                f"({outcome.result.get('trace_problem') or 'no reason given'}); a benchmark defect")
         proof, replayed, problem = self._replay(task, batch, batch, outcome.trace, images_dir, names,
-                                                folder / "images", folder / "replay", canonical=True)
+                                                folder / "images", folder / "replay", canonical=True,
+                                                baseline_role=role)
         if problem:
             raise HarnessError(f"the {role} code of task {task.id}: its call could not be replayed in canonical "
                                f"precision ({problem}); a benchmark defect, not the candidate's")

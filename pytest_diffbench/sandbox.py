@@ -1467,11 +1467,21 @@ _ZYGOTE_LOCK = threading.Lock()
 # ablations) never share a zygote with candidate runs: whatever a candidate could leave in its
 # zygote would otherwise reach baselines that are cached, authenticated, for later sessions too
 # (a module planted where a later run imports from poisoned a gold: red team, session 13).
+# Their replays too (a half-precision baseline's images are its call replayed in canonical
+# precision: those are what is cached and judged against), under the roles `replay_role` names: red
+# team round 9 found them in the candidates' pool.
 BASELINE_ROLES = ("reference", "gold", "ablation")
 
 
+def replay_role(baseline_role: str | None = None) -> str:
+    """The job role of a replay: of a candidate's call ("replay"), or of a baseline's."""
+    return "replay" if baseline_role is None else f"{baseline_role} replay"
+
+
 def _zygote_pool(job: Mapping) -> str:
-    return "baseline" if job.get("role") in BASELINE_ROLES else "candidate"
+    role = job.get("role")
+    baseline = role in BASELINE_ROLES or role in {replay_role(r) for r in BASELINE_ROLES}
+    return "baseline" if baseline else "candidate"
 
 
 def _zygote_key(backend: str, network: bool, env: Mapping[str, str], readable: Sequence, limits: SandboxLimits,

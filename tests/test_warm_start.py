@@ -91,6 +91,22 @@ def test_baselines_and_candidates_never_share_a_zygote(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", STRONG)
+def test_a_baselines_replay_never_shares_a_zygote_with_candidates(tmp_path, backend):
+    """A half-precision baseline's judged images are its call replayed in canonical precision, cached
+    and trusted as the baseline is: its replay runs in the baselines' pool, a candidate's replay in
+    the candidates' (red team round 9 found them all in the candidates')."""
+    from pytest_diffbench.sandbox import replay_role
+
+    candidate = run(tmp_path, backend, "look", "a", role="candidate")
+    gold_replay = run(tmp_path, backend, "look", "b", role=replay_role("gold"))
+    candidate_replay = run(tmp_path, backend, "look", "c", role=replay_role())
+    assert all(r.status == "ok" for r in (candidate, gold_replay, candidate_replay))
+    assert candidate.extra["start"] == "forked (new zygote)"
+    assert gold_replay.extra["start"] == "forked (new zygote)", "not the idle zygote the candidate ran in"
+    assert candidate_replay.extra["start"] == "forked"  # the candidates' zygote
+
+
+@pytest.mark.parametrize("backend", STRONG)
 def test_a_run_that_leaves_a_process_behind_ends_its_zygote(tmp_path, backend):
     lingering = run(tmp_path, backend, "linger", "a")
     assert lingering.status == "ok", (lingering.detail, lingering.stderr_tail)
