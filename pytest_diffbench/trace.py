@@ -267,19 +267,38 @@ def denoiser_module(sources: list) -> str | None:
 
 
 def _storage(t: torch.Tensor) -> int | None:
-    """Which storage `t` views (its data pointer); None for a tensor without one."""
+    """Which storage `t` views: the storage itself (its StorageImpl), not its data pointer, which a
+    resize moves (an out= op resizing its output: the trust review of session 26); None for a
+    tensor without one."""
     try:
-        return t.untyped_storage().data_ptr()
+        return t.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError):
         return None
 
 
+def _batch_norm_statistics(args, kwargs) -> list:
+    """native_batch_norm's running_mean and running_var where it updates them (training): the
+    kernel writes them in place though its schema does not say so."""
+    training = args[5] if len(args) > 5 else kwargs.get("training")
+    if not training:
+        return []
+    return [args[i] if len(args) > i else kwargs.get(name) for i, name in ((3, "running_mean"), (4, "running_var"))]
+
+
+# ops that write into arguments their schema does not mark as written (the trust review of session
+# 26: a training batch norm with momentum 1 copied a denoiser weight into a copy of a VAE parameter)
+_UNMARKED_WRITES = {torch.ops.aten.native_batch_norm: _batch_norm_statistics}
+
+
 def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
-    """The tensors an op writes into (in place or out=)."""
+    """The tensors an op writes into (in place, out=, or as `_UNMARKED_WRITES` says)."""
     written = []
     for index, argument in written_arguments(func):
         value = kwargs.get(argument.name) if argument.kwarg_only or index >= len(args) else args[index]
         written += [item for item in leaves(value) if isinstance(item, torch.Tensor)]
+    unmarked = _UNMARKED_WRITES.get(func._overloadpacket)
+    if unmarked is not None:
+        written += [item for item in unmarked(args, kwargs) if isinstance(item, torch.Tensor)]
     return written
 
 
@@ -290,7 +309,9 @@ class ParameterOrigins:
     through: a write through one view changes what all the others hold. Red team round 9 kept a
     copy of a VAE parameter, overwrote it through a view with a denoiser weight in float32, and
     multiplied through another view of it: the product was booked as the VAE's, outside the
-    precision tally stage 1 judges, and a float32 denoiser passed as float16."""
+    precision tally stage 1 judges, and a float32 denoiser passed as float16. A storage is the
+    storage itself (`_storage`), so an out= op that resizes it still reaches every id on it, and
+    the writes a schema does not mark (`_UNMARKED_WRITES`) count too."""
 
     def __init__(self):
         self._by_id: dict[int, tuple[frozenset, int]] = {}
@@ -339,7 +360,8 @@ class _ParamNames:
 class SeedTaint:
     """Which values follow the seeds: the storages a seeded draw wrote, and every storage an op
     with such an input wrote (its outputs, and the arguments it writes in place, through views
-    too: the storage, not the tensor, is what is marked). An op `follows` the seeds when one of
+    too: the storage itself, not the tensor nor its data pointer, which a resize moves, is what is
+    marked). An op `follows` the seeds when one of
     its tensor inputs lies in a marked storage that is still alive (a weak reference to the
     storage itself: an address the allocator hands out again after a free is not marked, or the
     reference's text encoder on its second prompt would count as following the first's noise).
@@ -351,19 +373,19 @@ class SeedTaint:
     the three figures whose smallest is the judged U)."""
 
     def __init__(self) -> None:
-        self.storages: dict[int, Any] = {}  # address -> StorageWeakRef of the marked storage there
+        self.storages: dict[int, Any] = {}  # storage (its StorageImpl's address) -> a weak reference to it
 
     def follows(self, args: Any, kwargs: Any) -> bool:
         for t in leaves((args, kwargs)):
             if not isinstance(t, torch.Tensor):
                 continue
-            pointer = t.untyped_storage().data_ptr()
-            ref = self.storages.get(pointer)
+            key = t.untyped_storage()._cdata
+            ref = self.storages.get(key)
             if ref is None:
                 continue
             if not ref.expired():
                 return True
-            del self.storages[pointer]  # freed: the address belongs to another storage now
+            del self.storages[key]  # freed: the address belongs to another storage now
         return False
 
     def mark(self, func, args: Any, kwargs: Any, outputs: list) -> None:
@@ -371,9 +393,8 @@ class SeedTaint:
         written = [t for t in outputs if isinstance(t, torch.Tensor)]
         for t in written + written_tensors(func, args, kwargs):  # in place or out=: the arguments it wrote to
             storage = t.untyped_storage()
-            pointer = storage.data_ptr()
-            if pointer:  # empty tensors share address 0
-                self.storages[pointer] = StorageWeakRef(storage)
+            if storage.nbytes():  # an empty one holds nothing that follows the seeds
+                self.storages[storage._cdata] = StorageWeakRef(storage)
 
 
 # Facts of an op's schema, asked of every op the recorder and the replay run: read once per op.
@@ -559,7 +580,10 @@ class Recorder(TorchDispatchMode):
         sources = [] if entry is None else _origin_sources(refs, self._param_names_list, self.origins)
         if self.counter is not None:
             self.counter.seeded = seeded
-            self.counter.module = denoiser_module(sources)
+            # by the operands it multiplies, as Replayer.run books it (baselines' figures are the recorder's)
+            factors = sources if entry is None or func._overloadpacket not in _COUNTED else _origin_sources(
+                _refs(_multiplicands(func, entry[1], entry[2]), []), self._param_names_list, self.origins)
+            self.counter.module = denoiser_module(factors)
         try:
             out = func(*args, **kwargs)
         finally:
@@ -806,7 +830,7 @@ class Replayer:
                     raise TraceError(f"parameter {spec['name']!r} with strides {spec['stride']}")
                 value = torch.empty_strided(value.shape, spec["stride"], dtype=value.dtype).copy_(value)
             self.params.append(value)
-        self._param_storages = {p.untyped_storage().data_ptr() for p in self.params}
+        self._param_storages = {_storage(p) for p in self.params}
         self.last_use = self._last_uses()
         self._plans = self._op_plans()
 

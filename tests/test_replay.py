@@ -667,8 +667,8 @@ def test_seed_free_work_done_off_the_record_buys_no_speed(tiny_zoo, baseline_cac
 
 def test_the_seeds_taint_follows_storages_through_views_and_in_place_writes_and_ends_with_them():
     """trace.SeedTaint: what a draw made follows the seeds, and so does whatever an op makes from it
-    or writes with it, into any view of a storage; a storage freed and its address given to another
-    is not marked (a count that marked it would credit the reference with seed work it never did)."""
+    or writes with it, into any view of a storage, which stays marked when a resize moves its data;
+    a storage freed and its address given to another is not marked (a count that marked it would credit the reference with seed work it never did)."""
     import torch
 
     from pytest_diffbench.trace import SeedTaint
@@ -689,9 +689,12 @@ def test_the_seeds_taint_follows_storages_through_views_and_in_place_writes_and_
     torch.ops.aten.add.out(noise[:4], noise[4:8], out=other)
     taint.mark(torch.ops.aten.add.out, (noise[:4], noise[4:8]), {"out": other}, other)
     assert taint.follows(({"x": [other]},), {})  # out=, and tensors nested in arguments
-    pointer = buffer.untyped_storage().data_ptr()
+    moved = buffer.untyped_storage().data_ptr()
+    buffer.resize_(1 << 16)  # its data moves (an out= op resizing its output does this)
+    assert buffer.untyped_storage().data_ptr() != moved and taint.follows((buffer,), {})  # the storage, not its address
+    key = buffer.untyped_storage()._cdata
     del buffer
-    assert pointer in taint.storages
+    assert key in taint.storages
     assert not taint.follows((torch.ones(128),), {})  # what the allocator hands out again is not marked
 
 
@@ -781,6 +784,57 @@ def test_a_product_is_booked_to_the_module_whose_weight_it_multiplies():
     with counter:
         Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo).run([5], lambda i, t: False, counter=counter)
     assert counter.seeded_flops_by_module == {"transformer.b": 2 * 4 * 8 * 8}
+
+
+@pytest.mark.parametrize("write", ["batch_norm_statistics", "out_resized"])
+def test_a_write_the_schema_hides_or_a_resize_moves_still_takes_the_origin_away(write):
+    """The trust review of session 26: two writes into a copy of a VAE parameter that the storage
+    rule first missed, each putting a denoiser weight there for a float32 product booked as the
+    VAE's: native_batch_norm in training updates running_mean in place (momentum 1: a copy of its
+    input's channel means) with no write in its schema, and an out= op resizing an empty copy moves
+    its storage's data pointer. Both now take the origin away: the product is judged."""
+    import torch
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import Replayer, decode
+
+    params = [{"name": "transformer.w", "dtype": "float32", "shape": [8, 8], "stride": [8, 1]},
+              {"name": "vae.w", "dtype": "float32", "shape": [64], "stride": [1]}]
+    ops = [["aten::randn.generator", [[4, 8]], {"dtype": {"dtype": "float32"}}, [0], {"gen": 0, "reseed": 0}]]
+    if write == "batch_norm_statistics":
+        ops += [["aten::clone", [{"p": 1}], {}, [1]],  # the VAE's origin
+                ["aten::view", [{"p": 0}, [1, 64, 1]], {}, [2]],
+                ["aten::ones", [[64]], {"dtype": {"dtype": "float32"}}, [3]],
+                ["aten::native_batch_norm", [{"t": 2}, None, None, {"t": 1}, {"t": 3}, True, 1.0, 0.0], {},
+                 [4, 5, 6]]]
+    else:
+        ops += [["aten::slice.Tensor", [{"p": 1}, 0, 0, 0], {}, [7]],
+                ["aten::clone", [{"t": 7}], {}, [1]],  # empty, the VAE's origin
+                ["aten::view", [{"p": 0}, [64]], {}, [2]],
+                ["aten::mul.out", [{"t": 2}, 1.0], {"out": {"t": 1}}, [3]]]
+    ops += [["aten::view", [{"t": 1}, [8, 8]], {}, [8]],
+            ["aten::mm", [{"t": 0}, {"t": 8}], {}, [9]]]
+    zoo = {"transformer.w": torch.ones(8, 8), "vae.w": torch.ones(64)}
+    counter = LeanFlopCounterMode()
+    with counter:
+        Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo).run([5], lambda i, t: False, counter=counter)
+    assert counter.flops_by_dtype == {"float32": 2 * 4 * 8 * 8} and not counter.other_flops_by_dtype
+
+
+def test_a_training_batch_norm_cannot_write_into_a_parameter():
+    """native_batch_norm's hidden write (above) into a parameter itself is refused as any write is:
+    the next replay starts from the parameters."""
+    import torch
+
+    from pytest_diffbench.trace import Replayer, TraceError, decode
+
+    params = [{"name": "vae.w", "dtype": "float32", "shape": [4], "stride": [1]}]
+    ops = [["aten::ones", [[1, 4, 2]], {"dtype": {"dtype": "float32"}}, [0]],
+           ["aten::ones", [[4]], {"dtype": {"dtype": "float32"}}, [1]],
+           ["aten::native_batch_norm", [{"t": 0}, None, None, {"p": 0}, {"t": 1}, True, 1.0, 0.0], {}, [2, 3, 4]]]
+    replayer = Replayer(decode(_trace_blob(ops, params), 1 << 20), {"vae.w": torch.zeros(4)})
+    with pytest.raises(TraceError, match="writes into a parameter"):
+        replayer.run([5], lambda i, t: False)
 
 
 @pytest.mark.slow
