@@ -1897,12 +1897,15 @@ def _collect_result(results: _ResultStream, returncode: int | None, wrapped: boo
         _parent_figures(result, results.marks, results.mark_cpu, results.go_at, results.result_at)
         if violation:
             result = _integrity_error(result, violation)
-        _store_images(result, results.images, out_dir)
+        names = _image_names(result, results.images, out_dir)
         _per_image_figures(result, samples)
     except Exception as exc:  # noqa: BLE001 - whatever the child sent is its own: RecursionError from a
         # document nested deep enough, a KeyError from a mark without a field the parent reads
         detail = str(exc)[:300] if isinstance(exc, ValueError) else f"{type(exc).__name__}: {str(exc)[:300]}"
         return "bad_result", f"unreadable result: {detail}", None
+    # outside the candidate's try: a disk that is full or a folder the parent cannot write is the
+    # harness's failure (an OSError up to the caller), not the candidate's bad result
+    _write_images(names, results.images, out_dir)
     return "ok", "", result
 
 
@@ -2082,19 +2085,24 @@ def _per_image_figures(result: dict, samples: int | None) -> None:
         timing["latency_ms_per_image"] = statistics.median(calls) * 1000.0 / received
 
 
-def _store_images(result: dict, images: dict[int, bytes], out_dir: str | None) -> None:
-    """Write the images the child sent as out_dir/000.png ...; they must be exactly the ones the
-    result names."""
+def _image_names(result: dict, images: dict[int, bytes], out_dir: str | None) -> list[str]:
+    """The names to write the images the child sent under (000.png ...); they must be exactly the
+    ones the result names. Raises ValueError (the candidate's) where they are not."""
     if result.get("status") != "ok":
-        return
+        return []
     names = result.get("images") or []
     expected = [f"{i:03d}.png" for i in range(len(names))]
     if names != expected or sorted(images) != list(range(len(names))):
         raise ValueError(f"the result names images {names[:5]} but the stream held {len(images)} images")
+    if names and not out_dir:
+        raise ValueError("the job has no out_dir for the images")
+    return names
+
+
+def _write_images(names: list[str], images: dict[int, bytes], out_dir: str | None) -> None:
+    """Write the checked images into out_dir; an OSError here is the harness's (disk, folder)."""
     if not names:
         return
-    if not out_dir:
-        raise ValueError("the job has no out_dir for the images")
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for index, name in enumerate(names):

@@ -155,6 +155,20 @@ def test_an_honest_stream_gives_the_result_with_the_parents_figures_and_images(t
     assert (tmp_path / "out" / "000.png").read_bytes() == png()
 
 
+def test_a_folder_the_parent_cannot_write_is_the_harnesss_error_not_the_candidates(tmp_path):
+    # the candidate's part of collecting (its document, its images' names) is checked first; a
+    # failure to write the checked images (here a file where the folder goes) is the parent's own
+    blocked = tmp_path / "out"
+    blocked.write_text("not a folder")
+    results = stream_of([
+        (3.0, mark("start", "timed", 0)), (5.0, mark("end", "timed", 0)),
+        (5.1, (frames.FRAME_IMAGE, frames.image_payload(0, png()))),
+        (5.2, result_frame(images=["000.png"], timing={"calls_s": [1.9]})),
+    ], max_images=1)
+    with pytest.raises(OSError):
+        sandbox._collect_result(results, 0, False, str(blocked))
+
+
 def test_a_timer_that_under_reports_makes_an_integrity_error():
     results = stream_of([
         (3.0, mark("start", "timed", 0)), (5.0, mark("end", "timed", 0)),
