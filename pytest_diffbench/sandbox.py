@@ -75,6 +75,7 @@ gets a status (see `SandboxOutcome`) and the session goes on.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import json
 import math
 import os
@@ -1322,6 +1323,14 @@ class _ForkedRun:
         return self.returncode
 
 
+# bwrap's --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that started it
+# ends, not the process: a zygote started from a short-lived thread (a caller's thread pool) was
+# killed when that thread ended, with its inner processes left to init until the zygote was next
+# taken. Zygotes outlive the run that starts them, so one thread that lives as long as the process
+# starts them all.
+_ZYGOTE_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffbench-zygote-spawner")
+
+
 class _Zygote:
     """Client side of one zygote: started under the backend's isolation like a cold child, with an
     inbox folder (read-only to it) for the job files of its runs."""
@@ -1342,13 +1351,16 @@ class _Zygote:
         self.cgroup = memcg.RunCgroup.create()  # its runs' kernel memory (one run at a time)
         self.cpu_cgroup = memcg.RunCgroup.create_cpu(self.cgroup)  # and their CPU time
         cgroup, cpu_cgroup = self.cgroup, self.cpu_cgroup
-        try:
+        def spawn() -> subprocess.Popen:
             with open(self.dir / "zygote.log", "wb") as log:
-                self.proc = subprocess.Popen(
+                return subprocess.Popen(
                     [*self.setup.prefix, *self.setup.wrapper, python, "-m", "pytest_diffbench.zygote",
                      json.dumps(spec)], cwd=self.setup.cwd, env=self.setup.env, stdin=subprocess.DEVNULL,
                     stdout=log, stderr=log, pass_fds=(theirs.fileno(),), start_new_session=True,
                     preexec_fn=lambda: _limit_child(nproc, cgroup, cpu_cgroup))
+
+        try:
+            self.proc = _ZYGOTE_SPAWNER.submit(spawn).result()
         except (OSError, subprocess.SubprocessError) as exc:  # SubprocessError: _limit_child failed
             self.close()
             raise ZygoteUnavailable(f"cannot start: {_launch_failure(exc, cgroup or cpu_cgroup)}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,24 @@ def test_a_killed_zygote_is_replaced(tmp_path, backend):
     second = run(tmp_path, backend, "look", "b")
     assert second.status == "ok", (second.detail, second.stderr_tail)
     assert second.extra["start"] == "forked (new zygote)"
+
+
+@pytest.mark.parametrize("backend", STRONG)
+def test_a_zygote_outlives_the_thread_that_started_it(tmp_path, backend):
+    """bwrap's --die-with-parent fires when the thread that started it ends: a zygote started from
+    a thread pool's thread was killed with that thread and the next run paid a new zygote."""
+    runs = []
+    worker = threading.Thread(target=lambda: runs.append(run(tmp_path, backend, "look", "a")))
+    worker.start()
+    worker.join()
+    assert runs and runs[0].status == "ok", runs and (runs[0].detail, runs[0].stderr_tail)
+    (zygote,) = sandbox._IDLE_ZYGOTES
+    deadline = time.monotonic() + 2  # PDEATHSIG is delivered at once; give it time to show
+    while time.monotonic() < deadline and zygote.alive():
+        time.sleep(0.1)
+    assert zygote.alive(), "the zygote died with the thread that started it"
+    second = run(tmp_path, backend, "look", "b")
+    assert second.status == "ok" and second.extra["start"] == "forked", second.extra
 
 
 @pytest.mark.parametrize("backend", STRONG)
