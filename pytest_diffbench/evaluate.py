@@ -165,7 +165,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     L4/L5: the reference, with the allowed methods; where a fast sampler is allowed, per denoiser
     call, times the calls the candidate reports. None where a figure is missing (a baseline cached
     before modules were counted, calls not reported)."""
-    scale = 1.0
+    scale, per_call = 1.0, False
     least_shares: dict[str, float] = {}
     unseen: dict[str, str] = {}
     if task.level in ("L1", "L2", "L3"):
@@ -193,7 +193,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             cand_calls, ref_calls = _denoiser_calls(candidate), _denoiser_calls(reference)
             if not cand_calls or not ref_calls:
                 return None
-            scale = cand_calls / ref_calls
+            scale, per_call = cand_calls / ref_calls, True
             name = f"the reference's per denoiser call, times the {cand_calls:g} calls per image reported"
 
     def per_image(run: Mapping) -> dict | None:
@@ -215,7 +215,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         if shares:
             least_shares["tgate"] = max(shares)
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
-                "least_shares": least_shares, "unseen_methods": unseen}
+                "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call}
     if against is gold:
         # L1-L3: where the gold's steps or methods lighten a module, the reference's figure too
         # (stages.module_work_problem's upper side)

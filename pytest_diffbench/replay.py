@@ -132,6 +132,11 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                      for i, layout, row, rounding in sources],
                    "torch_threads": torch.get_num_threads(), "denormals_flushed": denormals_flushed,
                    "canonical": canonical,
+                   # the denoiser calls it saw: each entry into the denoiser (trace.ENTRY_MODULES), its
+                   # rows, and the rows of calls that held each latent twice (guidance)
+                   "denoiser_entry": {"calls": len(replayer.entries),
+                                      "rows": sum(rows for rows, _ in replayer.entries),
+                                      "rows_twice": sum(rows for rows, twice in replayer.entries if twice)},
                    # the half-precision ops that ran as recorded under it, by reason (canonical.py)
                    "canonical_as_recorded": dict(mode.as_recorded) if mode is not None else None},
     }

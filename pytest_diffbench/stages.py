@@ -174,6 +174,46 @@ def work_mismatches(attributes: Mapping, reference_attributes: Mapping | None) -
     return out
 
 
+def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attributes: Mapping | None) -> list[Mismatch]:
+    """Stage 1, from the harness's replay of the judged call: the denoiser calls the trace really
+    made, counted by the entries into the denoiser (trace.ENTRY_MODULES: `conv_in`, the patch
+    embedding), against what the candidate's process reports. Red team round 9 (B F3) rewrote the
+    reported count of calls, by which the module rule scales the reference's work where the steps
+    are free, and the report of guidance (`work_mismatches` reads the first call in the child):
+    - the replay must see the entry at all (a weight computed rather than the parameter books it to
+      no module and hides the calls: fail closed);
+    - the calls reported must be at least the entries the replay counted (fewer would hold each
+      module to less work than was done on the calls not reported);
+    - where the reference runs classifier-free guidance, every entry holds each latent twice, not
+      only the first; T-GATE drops guidance's unconditional branch after its gate step, so with it
+      applied only the first two checks apply (its own least share rules there: module_work_problem).
+    Nothing where the call was not replayed (no `denoiser_entry`: the GPU profiles)."""
+    replay = (flops or {}).get("replay") if isinstance(flops, Mapping) else None
+    entry = replay.get("denoiser_entry") if isinstance(replay, Mapping) else None
+    want = (reference_attributes or {}).get("denoiser_inputs") or {}
+    if not isinstance(entry, Mapping) or not want.get("first"):
+        return []
+    calls, rows, twice = (int(entry.get(k) or 0) for k in ("calls", "rows", "rows_twice"))
+    if calls <= 0:
+        return [Mismatch("entries into the denoiser (conv_in or the patch embedding on the latents, counted by "
+                         "the harness's replay)", "one per denoiser call", "none: the entry's weight is not the "
+                         "model's parameter (computed from it), or no denoiser ran")]
+    out = []
+    steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
+    reported = steps.get("denoiser_calls")
+    reported_total = sum(c for c in reported if isinstance(c, int) and not isinstance(c, bool)) \
+        if isinstance(reported, list) else 0
+    if reported_total < calls:
+        out.append(Mismatch("denoiser calls of the judged call (reported by the run, against the entries into the "
+                            "denoiser the harness's replay counted)", f"at least {calls}", reported_total))
+    methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
+    if want.get("cfg") and "tgate" not in methods and twice < rows:
+        out.append(Mismatch("classifier-free guidance on every denoiser call (each latent entering the denoiser "
+                            "twice, counted by the harness's replay)", f"all {rows} rows",
+                            f"{twice} of {rows} rows"))
+    return out
+
+
 #: where a task asks for half precision, the least share of the denoiser's FLOPs (the replay's
 #: tally) that must be computed in it. Honest fp16 golds of every family compute all of it there
 #: (1.0000 on SD1.5, SD2.1, SDXL, DiT, PixArt-Alpha and -Sigma, session 23); the rest is room for
@@ -404,6 +444,18 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
                     f"{ref:.4g} FLOPs per image that follow the seeds ({against}{allowed}{unseen_text}), found "
                     f"{found:.4g} (counted by the harness's replay); a step or guidance's unconditional branch answered "
                     f"without computing it, or its work done elsewhere")
+    if evidence.get("per_call"):
+        # where the reference's work is scaled by the calls reported (L4/L5 with the steps free), no
+        # module may do more than that: more is calls left out of the report, entered on a weight
+        # computed from the parameter (which hides the entry from entry_mismatches) and unguided.
+        # Honest calls never do more than the reference's per call (methods only lighten).
+        for module, ref in sorted(reference.items(), key=lambda kv: (-kv[1], kv[0])):
+            found = candidate.get(module, 0.0)
+            found = found if isinstance(found, (int, float)) and not isinstance(found, bool) else 0.0
+            if ref >= MODULE_WORK_MIN_SHARE * total and found > ref * (1 + MODULE_WORK_TOLERANCE):
+                return (f"the denoiser's work exceeds the calls reported: expected {module} to compute at most "
+                        f"{ref:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found "
+                        f"{found:.4g} (counted by the harness's replay); denoiser calls left out of the report")
     unlightened = evidence.get("unlightened")
     found_total = sum(v for v in candidate.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
     if isinstance(unlightened, Mapping) and found_total <= MAX_SLOWDOWN_VS_GOLD * total:
@@ -565,6 +617,7 @@ def _judge(inp: StageInputs) -> Verdict:
         mismatches = key_attribute_mismatches(inp.expect, inp.level, attributes, inp.gold_attributes)
         mismatches += work_mismatches(attributes, inp.reference_attributes)
         mismatches += replay_mismatches(attributes, inp.result.get("flops"), getattr(inp.expect, "dtype", None))
+        mismatches += entry_mismatches(attributes, inp.result.get("flops"), inp.reference_attributes)
         missing = None if mismatches else (spec_evidence_problem(inp) or module_work_problem(inp.module_work))
     except Exception as exc:  # noqa: BLE001 - the candidate's document: its failure, never a harness error
         return Verdict(False, 1, RUNTIME, f"bad result: the parent could not judge the attributes of the "

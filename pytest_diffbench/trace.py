@@ -266,6 +266,27 @@ def denoiser_module(sources: list) -> str | None:
     return names[0].rpartition(".")[0] if names else None
 
 
+#: the module each denoiser call begins with, whose input is the call's latents: its invocations in
+#: a replay are the denoiser calls the trace really made (stages.entry_mismatches)
+ENTRY_MODULES = frozenset({"unet.conv_in", "transformer.pos_embed.proj"})
+
+
+def entry_rows(factor_refs: list, factors: list, env: dict) -> tuple[int, bool] | None:
+    """(rows, each row twice) of a product of an `ENTRY_MODULES` weight: the batch of the latents it
+    multiplies (its operand that is not a parameter's) and whether they are two equal halves, as
+    classifier-free guidance runs each latent (DenoiserInputs in child.py reads the same in the
+    candidate's process, where it can be rewritten; this is the replay's). None where no operand is
+    an activation."""
+    for (tag, value), origin in zip(factor_refs, factors):
+        if tag == "t" and origin is None:
+            latents = env.get(value)
+            if isinstance(latents, torch.Tensor) and latents.dim() > 0:
+                rows, half = latents.shape[0], latents.shape[0] // 2
+                twice = bool(rows % 2 == 0 and half and torch.equal(latents[:half], latents[half:]))
+                return rows, twice
+    return None
+
+
 def _storage(t: torch.Tensor) -> int | None:
     """Which storage `t` views: the storage itself (its StorageImpl), not its data pointer, which a
     resize moves (an out= op resizing its output: the trust review of session 26); None for a
@@ -880,6 +901,8 @@ class Replayer:
         if counter is not None and not books:
             raise ValueError("a replay under a FLOP counter keeps its books")
         self.shapes, self.elements, self.seeded_elements = [], 0, 0
+        # the denoiser calls the replay saw, as (rows, each latent twice) of each entry (ENTRY_MODULES)
+        self.entries: list[tuple[int, bool]] = []
         taint = SeedTaint()
         # origins (ParameterOrigins): for a parameter, and a view or copy of one (any dtype), the
         # components it comes from; none for anything computed (an op that computes could build
@@ -958,6 +981,10 @@ class Replayer:
                 # by the operands it multiplies too: an inert slice of another module's weight (addmm's
                 # `self` with beta 0) booked a product to a module of the author's choice (red team round 9)
                 counter.module = denoiser_module(factors)
+                if seeded and counter.module in ENTRY_MODULES:
+                    entry = entry_rows(factor_refs if factor_refs is not None else refs, factors, env)
+                    if entry is not None:
+                        self.entries.append(entry)
             try:
                 out = func(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure

@@ -112,7 +112,7 @@ def _record_and_replay(task_id: str) -> dict:
             "call_seeded": [recording_counter.seeded_flops, recorder.seeded_elements],
             "replay_seeded": [replay_counter.seeded_flops, replayer.seeded_elements],
             "call_by_module": recording_counter.seeded_flops_by_module,
-            "replay_by_module": replay_counter.seeded_flops_by_module,
+            "replay_by_module": replay_counter.seeded_flops_by_module, "entries": replayer.entries,
             "seeds_differ": bool(_pixels(run_images)[0].ne(want[0]).any())}
 
 
@@ -139,6 +139,8 @@ def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_s
     assert all(m.startswith(("unet.", "transformer.")) for m in got["call_by_module"]), got["call_by_module"]
     assert 0 < sum(got["call_by_module"].values()) < got["call_seeded"][0], got
     assert got["seeds_differ"], got  # other seeds, other images
+    # every denoiser call entered through conv_in / the patch embedding, guided (each latent twice)
+    assert len(got["entries"]) >= 4 and all(twice for _, twice in got["entries"]), got["entries"]
 
 
 def test_the_replay_flushes_denormals_on_every_thread_and_a_late_call_would_not():
@@ -784,6 +786,34 @@ def test_a_product_is_booked_to_the_module_whose_weight_it_multiplies():
     with counter:
         Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo).run([5], lambda i, t: False, counter=counter)
     assert counter.seeded_flops_by_module == {"transformer.b": 2 * 4 * 8 * 8}
+
+
+def test_the_replay_counts_each_entry_into_the_denoiser_with_its_rows_and_whether_each_latent_is_twice():
+    """stages.entry_mismatches' figures: every product of the entry module's weight (conv_in) on
+    latents that follow the seeds is one denoiser call, with its batch and whether the batch is two
+    equal halves (guidance); a conv_in weight computed from the parameter is booked to no module and
+    counts as no entry (stage 1 fails closed on that)."""
+    import torch
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import Replayer, decode
+
+    params = [{"name": "unet.conv_in.weight", "dtype": "float32", "shape": [3, 4, 1, 1], "stride": [4, 1, 1, 1]}]
+    conv = [[1, 1], [0, 0], [1, 1], False, [0, 0], 1]
+    ops = [["aten::randn.generator", [[2, 4, 4, 4]], {"dtype": {"dtype": "float32"}}, [0], {"gen": 0, "reseed": 0}],
+           ["aten::cat", [[{"t": 0}, {"t": 0}]], {}, [1]],
+           ["aten::convolution", [{"t": 1}, {"p": 0}, None, *conv], {}, [2]],  # guided: 4 rows, each latent twice
+           ["aten::convolution", [{"t": 0}, {"p": 0}, None, *conv], {}, [3]],  # unguided: 2 rows
+           ["aten::mul.Tensor", [{"p": 0}, 1.0], {}, [4]],  # a weight computed from the parameter
+           ["aten::convolution", [{"t": 1}, {"t": 4}, None, *conv], {}, [5]]]
+    zoo = {"unet.conv_in.weight": torch.ones(3, 4, 1, 1)}
+    replayer = Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo)
+    counter = LeanFlopCounterMode()
+    with counter:
+        replayer.run([5], lambda i, t: False, counter=counter)
+    assert replayer.entries == [(4, True), (2, False)]
+    replayer.run([5], lambda i, t: False, books=False)  # the check pass keeps no books
+    assert replayer.entries == []
 
 
 @pytest.mark.parametrize("write", ["batch_norm_statistics", "out_resized"])

@@ -191,6 +191,12 @@ def test_where_steps_are_free_the_modules_are_held_to_the_reference_per_denoiser
     held = module_work_evidence(spec, run(60.0, 20), reference, gold=run(100.0, 20))
     assert held["reference"] == {"transformer.blocks.0.ff": 100.0} and held["against"] == "the gold solution's"
     assert module_work_evidence(spec, run(60.0, 20), reference) is None  # no gold: no specification
+    # the other side where the steps are free (session 27): more work than the calls reported is
+    # calls left out of the report (their entry hidden on a computed weight, guidance dropped there)
+    hidden = module_work_evidence(free, run(150.0, 10), reference)  # 10 calls reported, 15 calls' work
+    assert hidden["per_call"] and "exceeds the calls reported" in stages.module_work_problem(hidden)
+    assert not held["per_call"] and stages.module_work_problem(module_work_evidence(
+        spec, run(110.0, 20), reference, gold=run(100.0, 20))) is None  # L1-L3: one-sided, as before
 
 
 def test_only_a_method_seen_applied_lightens_a_module_and_tgate_by_its_gate_step():
@@ -362,20 +368,23 @@ def test_a_denoiser_answering_skipped_steps_fails_on_its_modules_work(tiny_zoo, 
 
 
 @pytest.mark.slow
-def test_guidance_dropped_under_an_allowed_but_unapplied_tgate_fails_on_its_modules_work(
+def test_guidance_dropped_under_an_allowed_but_unapplied_tgate_fails_on_the_replays_count_of_guided_rows(
         tiny_zoo, baseline_cache_dir, tmp_path):
     """tests/adversarial_tasks/guidance_dropped_after_six_steps.py (red team round 8, S5): T-GATE is
     allowed and not applied; from the seventh call the transformer runs the conditional half only.
-    Its first call shows guidance, so only the work by module shows the cut: a key-attribute failure
-    now that an allowed method lightens nothing unless stage 1 saw it applied."""
+    Its first call shows guidance to the child's hooks; the replay sees every entry into the
+    transformer, and the latents of 14 of 20 calls are not held twice (session 27; before, the work
+    by module showed the cut)."""
     _, _, result = _judge_calibrated(tiny_zoo, baseline_cache_dir, tmp_path, "L4-pixart-sigma-t2i-nosampler-easy-0070",
                                      "guidance_dropped_after_six_steps.py")
     verdict, m = result.verdict, result.measures
     print(f"\nguidance dropped after six steps: {verdict}, U {m.U}, L {m.L}")
     assert result.attributes["denoiser_inputs"]["cfg"] is True  # the first call shows guidance
     assert "tgate" not in (result.attributes.get("methods") or {})
+    entry = result.flops["replay"]["denoiser_entry"]
+    assert entry["calls"] == 2 * 20 and entry["rows_twice"] < entry["rows"], entry  # two samples, one call each
     assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
-    assert "the denoiser's work falls short of the call reported" in verdict.message, verdict.message
+    assert "classifier-free guidance on every denoiser call" in verdict.message, verdict.message
 
 
 @pytest.mark.slow
@@ -404,6 +413,9 @@ def test_tgate_shown_on_a_decoy_fails_on_its_images_in_float32(tiny_zoo, baselin
     real_mismatches = stages.key_attribute_mismatches
     monkeypatch.setattr(stages, "key_attribute_mismatches", lambda *a: [
         m for m in real_mismatches(*a) if not str(m).startswith("methods.tgate")])
+    # fed hooks report T-GATE applied, under which guidance is T-GATE's to drop after its gate: the
+    # replay's count of guided rows (which sees the decoy's unguided calls) leaves it to T-GATE's rules
+    monkeypatch.setattr(stages, "entry_mismatches", lambda *a: [])
     result = evaluate()
     verdict, m = result.verdict, result.measures
     print(f"\ntgate on a decoy, hooks fed: {verdict}, U {m.U}, L {m.L}, gold's {m.fidelity['gold_mean_nrmse']}")
@@ -474,6 +486,9 @@ def test_half_precision_images_are_replayed_in_canonical_precision_where_honest_
     real_mismatches = stages.key_attribute_mismatches
     monkeypatch.setattr(stages, "key_attribute_mismatches", lambda *a: [
         m for m in real_mismatches(*a) if not str(m).startswith("methods.tgate")])
+    # fed hooks report T-GATE applied, under which guidance is T-GATE's to drop after its gate: the
+    # replay's count of guided rows (which sees the decoy's unguided calls) leaves it to T-GATE's rules
+    monkeypatch.setattr(stages, "entry_mismatches", lambda *a: [])
     decoy = evaluate(task.gold + "\n\n" + (REPO / "tests" / "adversarial_tasks" / "tgate_on_a_decoy.py").read_text())
     verdict = decoy.verdict
     print(f"tgate on a decoy, fp16, hooks fed: {verdict}, L {decoy.measures.L}, "

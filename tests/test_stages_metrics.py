@@ -156,6 +156,35 @@ def test_work_is_judged_by_guidance_and_resolution_not_by_batching():
     assert "guidance" in mismatch.field and (mismatch.expected, mismatch.found) == ("on", "off")
 
 
+def test_the_denoiser_calls_and_guidance_are_the_replays_not_the_childs_report():
+    """stages.entry_mismatches (red team round 9, B F3: a run that rewrote its reported call count
+    was held to the work of the calls it reported): the replay's entries into the denoiser are the
+    calls the trace made; the run may report more (a call answered from a cache still counts in the
+    hooks, and the module rule then holds it to more work), never fewer; with the reference guided,
+    every entry holds each latent twice, unless T-GATE (which drops guidance after its gate) is
+    applied; no entry at all fails closed; no replay judges nothing."""
+    reference = {"denoiser_inputs": {"first": [4, 4, 8, 8], "cfg": True, "spatial": [[8, 8]]}}
+
+    def judged(calls, rows, twice, reported, methods=None):
+        flops = {"source": "replay", "replay": {"denoiser_entry": {"calls": calls, "rows": rows, "rows_twice": twice}}}
+        attributes = {"steps": {"denoiser_calls": reported, "requested": reported}, "methods": methods or {}}
+        return stages.entry_mismatches(attributes, flops, reference)
+
+    assert judged(50, 200, 200, [25, 25]) == []  # two pipeline calls of 25, guided, batch of two
+    assert judged(25, 100, 100, [50, 50]) == []  # a cache answered half the calls: the module rule's
+    (fewer,) = judged(50, 200, 200, [12, 13])
+    assert "denoiser calls" in fewer.field and (fewer.expected, fewer.found) == ("at least 50", 25)
+    (unguided,) = judged(50, 150, 100, [25, 25])
+    assert "guidance on every denoiser call" in unguided.field and unguided.found == "100 of 150 rows"
+    assert judged(50, 150, 100, [25, 25], methods={"tgate": {"gate_step": 10}}) == []
+    (hidden,) = judged(0, 0, 0, [25, 25])
+    assert "entries into the denoiser" in hidden.field and "computed" in hidden.found
+    assert stages.entry_mismatches({"steps": {"denoiser_calls": [1]}}, {"total": 1.0}, reference) == []  # no replay
+    unguided_reference = {"denoiser_inputs": {"first": [2, 4, 8, 8], "cfg": False, "spatial": [[8, 8]]}}
+    flops = {"replay": {"denoiser_entry": {"calls": 4, "rows": 8, "rows_twice": 0}}}
+    assert stages.entry_mismatches({"steps": {"denoiser_calls": [4]}}, flops, unguided_reference) == []
+
+
 def test_the_replays_precision_overrules_the_one_the_child_reports():
     """The precision the replay computed most FLOPs in must be the one the child's attributes
     report; without the replay's figure (no replay, or a figure the child wrote) nothing is judged."""
