@@ -718,11 +718,44 @@ def _proc_table() -> dict[int, tuple[int, int, int, str, int]]:
                 stat = fh.read().decode(errors="replace")
             fields = stat[stat.rfind(")") + 2:].split()
             # after pid and comm: [0] state, [1] ppid, [2] pgrp, [11:15] CPU ticks, [21] rss in pages
-            table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[21]), fields[0],
-                                 sum(int(v) for v in fields[11:15]))
+            state, rss = fields[0], int(fields[21])
+            if state == "Z":
+                state, rss = _live_thread_state(int(entry)) or (state, rss)
+            table[int(entry)] = (int(fields[1]), int(fields[2]), rss, state, sum(int(v) for v in fields[11:15]))
         except (OSError, IndexError, ValueError):
             continue
     return table
+
+
+def _live_thread(pid: int) -> tuple[int, list[str]] | None:
+    """A thread of `pid` that has not exited, with its stat fields (after pid and comm), or None.
+    A process whose first thread called the raw exit syscall while others run shows state Z and no
+    memory in /proc/PID/stat and has no /proc/PID/smaps_rollup, though it lives on with all its
+    memory (red team round 10: 1.5 GiB held under a 1 GiB limit, and a process left running in a
+    zygote that was then kept, because Z reads as exited everywhere)."""
+    for entry in _listdir(f"/proc/{pid}/task"):
+        if not entry.isdigit() or int(entry) == pid:
+            continue
+        try:
+            with open(f"/proc/{pid}/task/{entry}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields and fields[0] not in ("Z", "X"):
+            return int(entry), fields
+    return None
+
+
+def _live_thread_state(pid: int) -> tuple[str, int] | None:
+    """(state, rss pages) of a live thread of a process whose first thread has exited."""
+    live = _live_thread(pid)
+    if live is None:
+        return None
+    try:
+        return live[1][0], int(live[1][21])
+    except (IndexError, ValueError):
+        return None
 
 
 def _tree(table: dict, root: int, pgid: int | None) -> list[int]:
@@ -754,7 +787,16 @@ def _smaps_rollup(pid: int, fields: tuple[bytes, ...]) -> int | None:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
             lines = fh.readlines()
     except (FileNotFoundError, ProcessLookupError):
-        return 0
+        live = _live_thread(pid)  # its first thread exited, others hold the memory (_live_thread)
+        if live is None:
+            return 0
+        try:
+            with open(f"/proc/{pid}/task/{live[0]}/smaps_rollup", "rb") as fh:
+                lines = fh.readlines()
+        except (FileNotFoundError, ProcessLookupError):
+            return 0
+        except OSError:
+            return None
     except OSError:
         return None
     for line in lines:
@@ -2149,6 +2191,6 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read().decode(errors="replace")
-        return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+        return stat[stat.rfind(")") + 2:].split()[0] != "Z" or _live_thread(pid) is not None
     except OSError:
         return False

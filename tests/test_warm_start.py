@@ -117,6 +117,20 @@ def test_a_run_that_leaves_a_process_behind_ends_its_zygote(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", STRONG)
+def test_a_process_whose_first_thread_exited_is_a_leftover_and_its_memory_counts(tmp_path, backend):
+    """Red team round 10 (B F2): a process whose first thread exits (the raw exit syscall) while
+    another runs reads as a zombie with no memory in /proc/PID/stat. It outlived its run in a zygote
+    that was kept (its threads then ran beside later runs) and held 1.5 GiB under a 1 GiB limit."""
+    lingering = run(tmp_path, backend, "zombie_leader", "a", wait_s=1.5)  # the first thread has exited by then
+    assert lingering.status == "ok", (lingering.detail, lingering.stderr_tail)
+    assert not lingering.extra.get("leftover_pids"), "the leftover is killed with the zygote"
+    after = run(tmp_path, backend, "look", "b")
+    assert after.status == "ok" and after.extra["start"] == "forked (new zygote)", after.extra
+    over = run(tmp_path, backend, "zombie_leader", "c", memory_mb=600, mb=900, wait_s=20)
+    assert over.status == "memory", (over.status, over.detail)
+
+
+@pytest.mark.parametrize("backend", STRONG)
 def test_a_killed_zygote_is_replaced(tmp_path, backend):
     first = run(tmp_path, backend, "look", "a")
     assert first.status == "ok"

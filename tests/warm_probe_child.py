@@ -95,6 +95,27 @@ elif action == "linger":
             time.sleep(120)
         os._exit(0)
     os.wait()
+elif action == "zombie_leader":
+    # a process whose first thread calls the raw exit syscall while another thread lives on: its
+    # /proc/PID/stat says Z with no memory (red team round 10); it holds `mb` MiB for a while
+    mb = int(job.get("mb", 0))
+    if os.fork() == 0:
+        import ctypes
+        import threading
+
+        os.closerange(0, 4096)  # nothing of the run's left open (its pipes would keep the run going)
+
+        def hold():
+            blob = bytearray(mb << 20)
+            for i in range(0, len(blob), 4096):
+                blob[i] = 1
+            time.sleep(60)
+            os._exit(0)
+
+        threading.Thread(target=hold).start()
+        time.sleep(0.2)
+        ctypes.CDLL(None).syscall(60, 0)  # SYS_exit: the first thread only
+    time.sleep(float(job.get("wait_s", 0)))
 elif action == "cuda":
     # CUDA first initialised in the run (after the fork); memory an earlier run filled with its mark
     # must not be readable in a fresh allocation of this one
