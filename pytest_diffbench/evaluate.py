@@ -47,6 +47,18 @@ class Candidate:
     reason: str = ""  # why there is no code
     cost: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # code that UTF-8 cannot hold (a lone surrogate: a `unicode_escape` coding line, a JSON
+        # "\ud800", an LLM's answer) is no code: it raised in the parent, a harness error that took
+        # the task out of S_p (red team round 10, B F1)
+        if isinstance(self.code, str):
+            try:
+                self.code.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                why = f"the candidate's code is not text UTF-8 can hold ({exc.reason} at character {exc.start})"
+                object.__setattr__(self, "reason", f"{why}; {self.reason}" if self.reason else why)
+                object.__setattr__(self, "code", None)
+
 
 @dataclass(frozen=True)
 class Profile:

@@ -349,6 +349,24 @@ def test_a_candidate_file_that_is_not_source_text_is_that_tasks_missing_candidat
     assert "s = '\xe9'" in generator.candidate_for(SimpleNamespace(id="L1-c"), None).code
 
 
+def test_candidate_code_utf8_cannot_hold_is_that_tasks_missing_candidate(tmp_path):
+    """red team round 10 (B F1): a lone surrogate, from a `unicode_escape` coding line or a JSON
+    "\\ud800", made the parent raise UnicodeEncodeError (a pytest error, the task out of S_p)."""
+    from pytest_diffbench.candidates import CandidatesGenerator
+    from pytest_diffbench.evaluate import Candidate
+
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    (folder / "L1-a.py").write_bytes(b"# -*- coding: unicode_escape -*-\n# \\ud800\nx = 1\n")
+    manifest = tmp_path / "preds.jsonl"
+    manifest.write_text('{"task_id": "L1-a", "code": "# \\ud800\\nx = 1\\n"}\n')
+    for path in (folder, manifest):
+        missing = CandidatesGenerator(path, {"L1-a"}).candidate_for(SimpleNamespace(id="L1-a"), None)
+        assert missing.code is None and "not text UTF-8 can hold" in missing.reason, (path, missing)
+    llm = Candidate(code="x = '\ud800'", source="llm:test", reason="")
+    assert llm.code is None and "surrogates not allowed" in llm.reason
+
+
 @pytest.mark.parametrize("level, passed, category, u, latency, target_u, target_lat, expected", [
     ("L4", True, None, 3.0, None, 2.5, None, 1.0),                       # met: capped at 1
     ("L4", False, "relative_speed", 2.0, None, 2.5, None, 0.8),          # slower than asked: partial
