@@ -34,7 +34,8 @@ task's own workload until one has L <= ``FULL_WORKLOAD_MARGIN`` x the bound (at 
 solution of the preset's tasks. Targets scale it:
 
 * L4 ``min_speedup = factor x U_opt`` (at least ``min(U_opt, MIN_SPEEDUP_TARGET)``),
-* L5 ``max_latency_ms = latency_opt / factor``,
+* L5 ``max_latency_ms = latency_opt / factor`` (at most the reference's latency over
+  ``min(U_opt, MIN_SPEEDUP_TARGET)``: the same floor, through latency_opt x U_opt),
 
 with the task's ``target_factor`` (easy 0.6, medium 0.8, hard 0.95 in the generated suite).
 
@@ -993,8 +994,32 @@ def _targets(level: str, u_opt: float, latency_opt: float | None, factors: Mappi
         if level == "L4":
             out[difficulty] = _floor(max(factor * u_opt, min(u_opt, MIN_SPEEDUP_TARGET)), 3)
         elif latency_opt:
-            out[difficulty] = _ceil(latency_opt / factor, 2)
+            if factor * u_opt >= min(u_opt, MIN_SPEEDUP_TARGET):
+                out[difficulty] = _ceil(latency_opt / factor, 2)
+            else:
+                # L4's floor through the latency the optimum's U anchors (latency_opt x U_opt is the
+                # reference's): without it an easy target lay above the reference's own latency, and
+                # the reference's code, or slower, passed nine L5 tasks (red team round 10, A F1)
+                out[difficulty] = _ceil(latency_opt * u_opt / min(u_opt, MIN_SPEEDUP_TARGET), 2)
     return out
+
+
+def retarget(data: dict) -> list[str]:
+    """Derive every task's targets again from its stored optimum (`optimum_speedup`,
+    `optimum_latency_ms`, `factor`), measuring nothing: for a change in how targets follow from an
+    optimum. Returns the ids whose own target changed."""
+    changed = []
+    by_difficulty = {e["difficulty"]: float(e["factor"]) for e in data["tasks"].values()}
+    for task_id, entry in sorted(data["tasks"].items()):
+        factors = {d: by_difficulty[d] for d in entry.get("targets") or by_difficulty if d in by_difficulty}
+        u_opt, latency_opt = float(entry["optimum_speedup"]), entry.get("optimum_latency_ms")
+        entry["targets"] = _targets(entry["level"], u_opt, latency_opt, factors)
+        own_key = "min_speedup" if entry["level"] == "L4" else "max_latency_ms"
+        own = _targets(entry["level"], u_opt, latency_opt, {entry["difficulty"]: float(entry["factor"])})
+        if own.get(entry["difficulty"]) != entry.get(own_key):
+            changed.append(f"{task_id}: {own_key} {entry.get(own_key)} -> {own.get(entry['difficulty'])}")
+            entry[own_key] = own[entry["difficulty"]]
+    return changed
 
 
 def _floor(x: float, n: int) -> float:
@@ -1140,6 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remeasure-optima", action="store_true",
                         help="search nothing: measure the file's optima again on the full workload as the code "
                              "counts now and derive the targets from that (remeasure_optima)")
+    parser.add_argument("--retarget", action="store_true",
+                        help="measure nothing: derive every task's targets again from its stored optimum")
     parser.add_argument("--merge", nargs="+", metavar="FILE", default=None,
                         help="measure nothing: merge calibration files of disjoint families (parallel runs, each "
                              "with its own --out) into --out")
@@ -1149,6 +1176,15 @@ def main(argv: list[str] | None = None) -> int:
             args.tasks = str(suite_dir())
         except FileNotFoundError as exc:
             raise SystemExit(f"--tasks: {exc}") from None
+    if args.retarget:
+        out_path = Path(args.out) if args.out else calibration_path(Path(args.tasks), args.profile)
+        text = out_path.read_text()
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        changed = retarget(data)
+        written = next((line.split("`")[1] for line in text.splitlines()[:3] if line.startswith("# Written by `")), "")
+        write_calibration(out_path, data, " + ".join(filter(None, (written, f"--retarget ({len(changed)} changed)"))))
+        print("\n".join(changed) or "no target changed")
+        return 0
     if args.merge:
         out_path = Path(args.out) if args.out else calibration_path(Path(args.tasks), args.profile)
         parts, commands = [], []

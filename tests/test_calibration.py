@@ -501,3 +501,26 @@ def test_the_committed_cpu_tiny_calibration_covers_the_suite_and_is_checked(suit
 
     table = calibration_table(pixart, seen, list(pixart.expect.allowed_methods))
     assert "These U were measured before U counted only the work that follows the seeds" in table, table
+
+
+def test_no_target_is_met_without_the_floor_of_acceleration():
+    """Red team round 10 (A F1): L5 targets had no floor, so where the optimum's U was under
+    1/factor an easy target lay above the reference's own latency and the reference's code passed
+    nine L5 tasks. L5 now has L4's floor, through the reference's latency (latency_opt x U_opt);
+    the committed calibration holds it for every task (`--retarget` derived it)."""
+    ref_latency = 52.02 * 1.5052
+    l5 = C._targets("L5", 1.5052, 52.02, {"easy": 0.6, "hard": 0.95})
+    assert l5["easy"] <= round(ref_latency / C.MIN_SPEEDUP_TARGET + 0.01, 2) < ref_latency
+    assert l5["hard"] == C._ceil(52.02 / 0.95, 2)  # where factor x U_opt clears the floor: unchanged
+    assert C._targets("L5", 1.05, 50.0, {"easy": 0.6})["easy"] == C._ceil(50.0, 2)  # an optimum under 1.1
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "tasks" / "calibration" / "cpu-tiny.yaml").read_text())
+    for task_id, entry in data["tasks"].items():
+        u_opt = float(entry["optimum_speedup"])
+        floor = min(u_opt, C.MIN_SPEEDUP_TARGET)
+        if entry["level"] == "L4":
+            assert entry["min_speedup"] >= C._floor(floor, 3), (task_id, entry)
+        else:
+            assert entry["max_latency_ms"] <= C._ceil(entry["optimum_latency_ms"] * u_opt / floor, 2), (task_id, entry)
+    # and --retarget, run on what is committed, changes nothing
+    again = yaml.safe_load(yaml.safe_dump(data))
+    assert C.retarget(again) == [] and again == data
