@@ -1181,9 +1181,12 @@ def main(argv: list[str] | None = None) -> int:
         text = out_path.read_text()
         data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         changed = retarget(data)
+        if not changed:
+            print("no target changed")
+            return 0
         written = next((line.split("`")[1] for line in text.splitlines()[:3] if line.startswith("# Written by `")), "")
         write_calibration(out_path, data, " + ".join(filter(None, (written, f"--retarget ({len(changed)} changed)"))))
-        print("\n".join(changed) or "no target changed")
+        print("\n".join(changed))
         return 0
     if args.merge:
         out_path = Path(args.out) if args.out else calibration_path(Path(args.tasks), args.profile)
