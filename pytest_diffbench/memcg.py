@@ -262,6 +262,20 @@ class RunCgroup:
         except (OSError, ValueError, KeyError):
             return None
 
+    def shmem_bytes(self) -> int | None:
+        """Shared memory (tmpfs, memfd, SysV/POSIX shm) charged to the cgroup now, mapped or not, or
+        None if it cannot be read. A memfd whose only descriptor is in flight in a unix socket is in
+        no process's memory map or descriptor table, but its pages are charged here (red team
+        round 10, B F4)."""
+        try:
+            for line in (self.path / "memory.stat").read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "shmem":
+                    return int(value)
+        except (OSError, ValueError):
+            return None
+        return None
+
     def remove(self, wait_s: float = 2.0) -> bool:
         """Remove the cgroup once it holds no process; False if it still does after `wait_s`
         (the processes of a run just killed leave it a moment after their parent has reaped it)."""

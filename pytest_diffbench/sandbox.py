@@ -1631,6 +1631,7 @@ class _Launched:
     inherited_pss: int = 0
     cgroup: "memcg.RunCgroup | None" = None  # the memory cgroup the run is in (the zygote's for a forked run)
     kernel_before: int = 0  # the cgroup's kernel memory before the run started
+    shmem_before: int = 0  # ... and its shared memory
     cpu_cgroup: "memcg.RunCgroup | None" = None  # the CPU-accounting cgroup (the zygote's for a forked run)
 
     def kernel_memory(self) -> int:
@@ -1638,6 +1639,12 @@ class _Launched:
         objects), charged to its memory cgroup; 0 where it has none (`memcg`)."""
         used = self.cgroup.kernel_bytes() if self.cgroup is not None else None
         return max(0, used - self.kernel_before) if used is not None else 0
+
+    def shared_memory(self) -> int:
+        """Shared memory charged to the run's memory cgroup since it started (tmpfs files, memfds
+        wherever their descriptors are); 0 where it has none."""
+        used = self.cgroup.shmem_bytes() if self.cgroup is not None else None
+        return max(0, used - self.shmem_before) if used is not None else 0
 
     @property
     def wrapped(self) -> bool:
@@ -1673,11 +1680,13 @@ def _launch_forked(zygote: "_Zygote", job: dict, harness_dir: Path, module: str,
     zygote_pages = _proc_table().get(zygote.host_pid, (0, 0, 0))[2]
     zygote_pss = _private_memory_bytes(zygote.host_pid, zygote_pages, page_size)
     kernel_before = (zygote.cgroup.kernel_bytes() or 0) if zygote.cgroup is not None else 0
+    shmem_before = (zygote.cgroup.shmem_bytes() or 0) if zygote.cgroup is not None else 0
     proc, result_r = zygote.start(module, job_file)
     return _Launched(proc, result_r, withheld, zygote.setup, root=zygote.proc.pid, pgid=zygote.proc.pid,
                      zygote=zygote, start=start, exclude=frozenset({zygote.host_pid}),
                      inherited=zygote_pages * page_size, inherited_pss=zygote_pss,
-                     cgroup=zygote.cgroup, kernel_before=kernel_before, cpu_cgroup=zygote.cpu_cgroup)
+                     cgroup=zygote.cgroup, kernel_before=kernel_before, shmem_before=shmem_before,
+                     cpu_cgroup=zygote.cpu_cgroup)
 
 
 def _launch_cold(job: dict, *, backend: str, network: bool, env: Mapping[str, str], limits: SandboxLimits,
@@ -1828,6 +1837,9 @@ class _Watchdog:
         # files parked in the private /tmp and /dev/shm (bwrap: tmpfs, i.e. memory) or in the
         # scratch folder count against the memory limit too
         tmp = self.meter(members)
+        # shared memory charged to its cgroup covers the tmpfs files and also memfds no process maps
+        # or holds a descriptor of (in flight in a unix socket: red team round 10, B F4)
+        tmp = max(tmp, run.shared_memory())
         self.peak_tmp = max(self.peak_tmp, tmp)
         # and what the kernel holds for it (socket and pipe buffers, ...), where it has a memory cgroup
         kernel = run.kernel_memory()
@@ -1843,7 +1855,8 @@ class _Watchdog:
         self.peak_memory = max(self.peak_memory, memory + outside)
         if limit and memory + outside > limit:
             self.memory_detail = (f" (processes {memory >> 20} MiB, files in its private /tmp, /dev/shm or "
-                                  f"scratch folder {tmp >> 20} MiB, kernel memory {kernel >> 20} MiB)")
+                                  f"scratch folder or other shared memory {tmp >> 20} MiB, kernel memory "
+                                  f"{kernel >> 20} MiB)")
         reason = _limit_reached(len(members), memory, outside, self.limits, self.results.error)
         if reason:
             self.over = reason

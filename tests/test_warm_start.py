@@ -217,6 +217,20 @@ def test_a_forked_run_is_charged_what_it_parks_in_kernel_buffers(tmp_path, backe
 
 
 @pytest.mark.parametrize("backend", STRONG)
+def test_memory_in_memfds_held_only_in_flight_counts(tmp_path, backend):
+    """Red team round 10 (B F4): memfds written, sent over a unix socket and closed are in no
+    process's memory map or descriptor table; their pages are shared memory charged to the run's
+    cgroup, which the watchdog reads."""
+    probe = memcg.RunCgroup.create()
+    if probe is None:
+        pytest.skip("no memory cgroup here: shared memory is charged only where the harness can make one")
+    probe.remove()
+    over = run(tmp_path, backend, "memfd_in_flight", "a", memory_mb=600, mb=768, wait_s=20)
+    assert over.status == "memory", (over.status, over.detail, over.stderr_tail)
+    assert "other shared memory" in over.detail, over.detail
+
+
+@pytest.mark.parametrize("backend", STRONG)
 def test_a_run_that_changes_its_zygotes_settings_ends_the_zygote(tmp_path, backend):
     """Resource limits, nice value, ... of the zygote are what every later fork inherits: a
     red-team run passed its seeds to the next run in five soft limits (session 15). The real run's

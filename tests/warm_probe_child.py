@@ -116,6 +116,23 @@ elif action == "zombie_leader":
         time.sleep(0.2)
         ctypes.CDLL(None).syscall(60, 0)  # SYS_exit: the first thread only
     time.sleep(float(job.get("wait_s", 0)))
+elif action == "memfd_in_flight":
+    # memory in memfds whose only descriptors are in flight in a unix socket (red team round 10, B
+    # F4): no process maps them or holds a descriptor of them
+    import socket
+
+    keep, give = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    _PARKED = (keep, give)
+    chunk = 64 << 20
+    for _ in range(int(job.get("mb", 0)) // 64):
+        fd = os.memfd_create("parked")
+        block = b"\1" * (1 << 20)
+        for _ in range(chunk >> 20):
+            os.write(fd, block)
+        socket.send_fds(give, [b"x"], [fd])
+        os.close(fd)
+    result["parked_mb"] = int(job.get("mb", 0))
+    time.sleep(float(job.get("wait_s", 0)))
 elif action == "cuda":
     # CUDA first initialised in the run (after the fork); memory an earlier run filled with its mark
     # must not be readable in a fresh allocation of this one
