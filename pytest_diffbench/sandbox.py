@@ -1403,6 +1403,9 @@ class _Zygote:
 
         try:
             self.proc = _ZYGOTE_SPAWNER.submit(spawn).result()
+        except RuntimeError as exc:  # the interpreter is shutting down: the spawner takes no more work
+            self.close()
+            raise ZygoteUnavailable(f"cannot start: {exc}") from None
         except (OSError, subprocess.SubprocessError) as exc:  # SubprocessError: _limit_child failed
             self.close()
             raise ZygoteUnavailable(f"cannot start: {_launch_failure(exc, cgroup or cpu_cgroup)}") from None

@@ -201,8 +201,14 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
     out = []
     steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
     reported = steps.get("denoiser_calls")
-    reported_total = sum(c for c in reported if isinstance(c, int) and not isinstance(c, bool)) \
-        if isinstance(reported, list) else 0
+    if not (isinstance(reported, list) and reported and all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in reported)):
+        # the module rule reads this count (evaluate._denoiser_calls) and let a malformed one, [N, 0],
+        # switch itself off (the trust review of session 27): where the call was replayed, a count
+        # that is not one positive number per pipeline call is a failure, not a missing figure
+        return [Mismatch("denoiser calls per pipeline call (reported by the run)",
+                         "a positive count per pipeline call", str(reported)[:200])]
+    reported_total = sum(reported)
     if reported_total < calls:
         out.append(Mismatch("denoiser calls of the judged call (reported by the run, against the entries into the "
                             "denoiser the harness's replay counted)", f"at least {calls}", reported_total))

@@ -177,9 +177,12 @@ def test_the_denoiser_calls_and_guidance_are_the_replays_not_the_childs_report()
     (unguided,) = judged(50, 150, 100, [25, 25])
     assert "guidance on every denoiser call" in unguided.field and unguided.found == "100 of 150 rows"
     assert judged(50, 150, 100, [25, 25], methods={"tgate": {"gate_step": 10}}) == []
+    for malformed in ([25, 0], [25, True], [], None, [26, -1]):  # it switched the module rule off
+        (bad,) = judged(50, 200, 200, malformed)
+        assert "a positive count per pipeline call" in bad.expected, (malformed, bad)
     (hidden,) = judged(0, 0, 0, [25, 25])
     assert "entries into the denoiser" in hidden.field and "computed" in hidden.found
-    assert stages.entry_mismatches({"steps": {"denoiser_calls": [1]}}, {"total": 1.0}, reference) == []  # no replay
+    assert stages.entry_mismatches({"steps": {"denoiser_calls": [0]}}, {"total": 1.0}, reference) == []  # no replay
     unguided_reference = {"denoiser_inputs": {"first": [2, 4, 8, 8], "cfg": False, "spatial": [[8, 8]]}}
     flops = {"replay": {"denoiser_entry": {"calls": 4, "rows": 8, "rows_twice": 0}}}
     assert stages.entry_mismatches({"steps": {"denoiser_calls": [4]}}, flops, unguided_reference) == []
