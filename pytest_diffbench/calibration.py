@@ -1049,6 +1049,11 @@ def _represent_str(dumper, value: str):
 _Dumper.add_representer(str, _represent_str)
 
 
+def _written_by(text: str) -> list[str]:
+    """The command a calibration file's header says wrote it (`write_calibration`), if any."""
+    return [line.split("`")[1] for line in text.splitlines()[:3] if line.startswith("# Written by `")]
+
+
 def write_calibration(path: Path, data: Mapping, command: str) -> None:
     header = (f"# Calibration of the L4/L5 targets for hardware profile {data['profile']}.\n"
               f"# Written by `{command}`; measured, not hand-edited.\n"
@@ -1184,8 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
         if not changed:
             print("no target changed")
             return 0
-        written = next((line.split("`")[1] for line in text.splitlines()[:3] if line.startswith("# Written by `")), "")
-        write_calibration(out_path, data, " + ".join(filter(None, (written, f"--retarget ({len(changed)} changed)"))))
+        write_calibration(out_path, data, " + ".join([*_written_by(text), f"--retarget ({len(changed)} changed)"]))
         print("\n".join(changed))
         return 0
     if args.merge:
@@ -1194,7 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.merge:
             text = Path(name).read_text()
             parts.append(yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
-            commands += [line.split("`")[1] for line in text.splitlines()[:3] if line.startswith("# Written by `")]
+            commands += _written_by(text)
         data = merge_calibrations(parts, args.merge)
         if data["profile"] != args.profile:
             raise SystemExit(f"the files calibrate profile {data['profile']!r}, not {args.profile!r}")
