@@ -219,7 +219,8 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     cand, held_to = per_image(candidate), per_image(against)
     if cand is None or held_to is None:
         return None
-    held_to = {k: v * scale for k, v in held_to.items()}
+    # the denoiser's books by its calls; the VAE's work is once per image, whatever the steps
+    held_to = {k: v * scale if stages.scales_with_calls(k) else v for k, v in held_to.items()}
     if "tgate" in methods:
         # the stricter of the gate the hooks saw and the one the replay's work shows
         replayed = tgate_replayed_share(cand, held_to)
@@ -227,6 +228,8 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         if shares:
             least_shares["tgate"] = max(shares)
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
+                # the VAE's books are held per image, never scaled by the calls
+                "against_per_image": "the gold solution's" if against is gold else "the reference's",
                 "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call}
     if against is gold:
         # L1-L3: where the gold's steps or methods lighten a module, the reference's figure too
@@ -482,9 +485,11 @@ class Evaluator:
         if canonical:
             identity["images"] = f"canonical {CANONICAL_VERSION}"
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = 7  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
+            identity["recorded"] = 8  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
             # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18);
-            # 7: and its FLOPs by denoiser module (flops.seeded.by_module; session 19)
+            # 7: and its FLOPs by denoiser module (flops.seeded.by_module; session 19);
+            # 8: by the VAE's modules too, and the products of no parameter by their operands' module
+            # (trace.booked_module; session 28)
         key = cache_key(identity)
 
         def measure(images_dir: Path) -> dict:

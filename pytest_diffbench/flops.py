@@ -164,7 +164,7 @@ class LeanFlopCounterMode(FlopCounterMode):
         self.other_component = False
         self.other_flops_by_dtype: dict[str, int] = {}
         # the FLOPs that follow the seeds by the denoiser module whose parameter the op reads, while a
-        # trace.Recorder or Replayer sets `module` (trace.denoiser_module): stages.module_work_problem
+        # trace.Recorder or Replayer sets `module` (trace.booked_module): stages.module_work_problem
         self.module: str | None = None
         self.seeded_flops_by_module: dict[str, int] = {}
         self._watched: Any = None

@@ -38,6 +38,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .aten_leaves import leaves
+# the denoiser's components (a product whose parameter operand comes from other components alone,
+# text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
+# products of no parameter (Producers)
+from .stages import DENOISER_COMPONENTS, OPERANDS
 
 FORMAT = 1
 # bounds on what a trace may hold (checked while recording and again when decoding)
@@ -200,9 +204,6 @@ def _solve_work(args: Any, out: Any) -> int:
     return (a.numel() // max(1, n * n)) * n ** 3 + result.numel() * n
 
 
-# The pipeline components whose parameters make the denoiser's work; a product whose parameter
-# operand comes from other components alone (text encoders, VAE) is theirs (Replayer.run's origins).
-DENOISER_COMPONENTS = frozenset({"unet", "transformer"})
 # what keeps a parameter's origin besides views: copies, in any dtype
 _WEIGHT_COPIES = frozenset({torch.ops.aten._to_copy, torch.ops.aten.clone, torch.ops.aten.detach,
                             torch.ops.aten.alias, torch.ops.aten.lift_fresh})
@@ -259,11 +260,72 @@ def _kept_origin(func, sources: list) -> frozenset | None:
     return None
 
 
-def denoiser_module(sources: list) -> str | None:
-    """The denoiser module whose parameter an op reads (`unet.down_blocks.0.attentions.0.proj_in`),
-    for the work booked by module (LeanFlopCounterMode.module); None where it reads none."""
-    names = sorted(n for o in sources if o for n in o if n.partition(".")[0] in DENOISER_COMPONENTS)
+def parameter_module(sources: list) -> str | None:
+    """The module whose parameter an op reads, for the work booked by module
+    (LeanFlopCounterMode.module): a denoiser module's (`unet.down_blocks.0.attentions.0.proj_in`)
+    where it reads one, else another component's (`vae.decoder.up_blocks.0.upsamplers.0.conv`: the
+    VAE's work is held too, red team round 10, A F3); None where it reads none."""
+    names = sorted(n for o in sources if o for n in o)
+    denoiser = [n for n in names if n.partition(".")[0] in DENOISER_COMPONENTS]
+    names = denoiser or names
     return names[0].rpartition(".")[0] if names else None
+
+
+class Producers:
+    """Which module's product made the values of each live storage, so that a product that reads
+    no parameter (attention's scores and its weighted values) is booked to the module that made
+    its operands (`attn2.to_k:operands`) and held like the module's own work. Without it that work
+    was held by nothing on L4/L5: T5 captions cut to their real tokens (the padding is masked, the
+    images do not change) shrank cross-attention's products and passed a hard task with no method
+    (red team round 10, A F1). A product books its outputs to its module; any other op gives its
+    outputs, and the tensors it writes, the first (by name) producer of its inputs. Storages are
+    the storages themselves, held by weak reference as in `SeedTaint`. Which module is named only
+    moves work between books: each book must hold its own share, so none can be filled without
+    doing the work in it."""
+
+    def __init__(self) -> None:
+        self._by_storage: dict[int, tuple[str, Any]] = {}
+
+    def of(self, values: Any) -> str | None:
+        found = None
+        for t in leaves(values):
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = _storage(t)
+            entry = self._by_storage.get(key)
+            if entry is None:
+                continue
+            if entry[1].expired():
+                del self._by_storage[key]  # freed: the address belongs to another storage now
+            elif found is None or entry[0] < found:
+                found = entry[0]
+        return found
+
+    def mark(self, tensors: list, module: str | None) -> None:
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if module is None:
+                self._by_storage.pop(storage._cdata, None)
+            elif storage.nbytes():
+                self._by_storage[storage._cdata] = (module, StorageWeakRef(storage))
+
+
+def booked_module(func, factors: list, args: Any, kwargs: Any, producers: Producers) -> tuple[str | None, str | None]:
+    """(the book an op's FLOPs go to, the producer its outputs get): a product of a parameter is its
+    module's (`parameter_module`); a product of none its operands' producer's, under `OPERANDS`;
+    any other op books nothing and passes its inputs' producer on."""
+    if func._overloadpacket not in _COUNTED:
+        return None, producers.of((args, kwargs))
+    module = parameter_module(factors)
+    if module is not None:
+        return module, module
+    producer = producers.of(_multiplicands(func, list(args), dict(kwargs)))
+    return (producer + OPERANDS if producer is not None else None), producer
 
 
 #: the module each denoiser call begins with, whose input is the call's latents: its invocations in
@@ -463,6 +525,7 @@ class Recorder(TorchDispatchMode):
         self.taint = SeedTaint()
         self.seeded_elements = 0
         self.origins = ParameterOrigins()  # as in Replayer.run
+        self.producers = Producers()  # as in Replayer.run
         self.ids = WeakTensorKeyDictionary()
         named = named_tensors(pipe)
         self.param_names = {_tensor_key(t): name for name, t in named.items()}
@@ -604,7 +667,7 @@ class Recorder(TorchDispatchMode):
             # by the operands it multiplies, as Replayer.run books it (baselines' figures are the recorder's)
             factors = sources if entry is None or func._overloadpacket not in _COUNTED else _origin_sources(
                 _refs(_multiplicands(func, entry[1], entry[2]), []), self._param_names_list, self.origins)
-            self.counter.module = denoiser_module(factors)
+            self.counter.module, producer = booked_module(func, factors, args, kwargs, self.producers)
         try:
             out = func(*args, **kwargs)
         finally:
@@ -613,6 +676,8 @@ class Recorder(TorchDispatchMode):
         if self.problem is not None:
             return out
         outputs = leaves(out)
+        if self.counter is not None:
+            self.producers.mark(outputs + written_tensors(func, args, kwargs), producer)
         self.origins.written(written_tensors(func, args, kwargs))
         elements = op_elements(func, (args, kwargs), out, outputs)
         self.elements += elements
@@ -913,6 +978,7 @@ class Replayer:
         # share (red team, session 18: stage 1 took the plurality over the whole call)
         names = [spec["name"] for spec in self.trace.params]
         origins = ParameterOrigins()  # parameter names (their components: the part before the first dot)
+        producers = Producers()  # whose product made each storage's values, for the products of no parameter
         env: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
         generators: dict[int, torch.Generator] = {}
@@ -980,7 +1046,7 @@ class Replayer:
                 counter.other_component = other
                 # by the operands it multiplies too: an inert slice of another module's weight (addmm's
                 # `self` with beta 0) booked a product to a module of the author's choice (red team round 9)
-                counter.module = denoiser_module(factors)
+                counter.module, producer = booked_module(func, factors, args, kwargs, producers)
                 if seeded and counter.module in ENTRY_MODULES:
                     entry = entry_rows(factor_refs if factor_refs is not None else refs, factors, env)
                     if entry is not None:
@@ -1007,6 +1073,8 @@ class Replayer:
                     taint.mark(func, args, kwargs, outputs)
                 origins.written(written_tensors(func, args, kwargs))
                 origins.set(op[3], outputs, origin)
+                if counter is not None:
+                    producers.mark(outputs + written_tensors(func, args, kwargs), producer)
             made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
             if shapes is not None and (position >= len(shapes) or shapes[position] != made):
                 raise TraceError(f"op {position} ({op[0]}) made outputs of shape {made} here and "

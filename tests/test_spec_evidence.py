@@ -498,3 +498,35 @@ def test_half_precision_images_are_replayed_in_canonical_precision_where_honest_
     # the decoy's images are the gold's without T-GATE (half precision, canonical) exactly
     assert decoy.measures.fidelity["ablations"]["tgate"]["candidate_nrmse"] == 0.0
     assert decoy.measures.fidelity["ablations"]["tgate"]["gold_nrmse"] >= stages.SPEC_EVIDENCE_MIN_FLOAT32_CPU
+
+
+def test_the_vaes_work_is_held_once_per_image_whatever_the_steps_and_methods():
+    """The VAE's books (red team round 10, A F3: its decoder rewritten into fewer counted products
+    passed L4 tasks with no method): held to the reference's work per image, not scaled by the
+    denoiser calls where the steps are free, lightened by no method (T-GATE's half covers the
+    denoiser only), and left out of the per-call upper side."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence
+
+    def run(work, vae, calls, methods=()):
+        return {"num_images": 2,
+                "flops": {"seeded": {"by_module": {"transformer.blocks.0.ff": 2 * work,
+                                                   "vae.decoder.up_blocks.0.upsamplers.0.conv": 2 * vae}}},
+                "attributes": {"steps": {"denoiser_calls": [calls, calls], "requested": [calls, calls]},
+                               "methods": {m: {} for m in methods}}}
+
+    free = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("fast_sampler", "tgate")))
+    reference = run(200.0, 50.0, 20)
+    honest = module_work_evidence(free, run(100.0, 50.0, 10), reference)
+    assert honest["reference"]["vae.decoder.up_blocks.0.upsamplers.0.conv"] == 50.0  # not halved with the calls
+    assert stages.module_work_problem(honest) is None
+    rewritten = module_work_evidence(free, run(100.0, 30.0, 10), reference)  # the decoder's products cut
+    problem = stages.module_work_problem(rewritten)
+    assert "no method lightens" in problem and "vae.decoder.up_blocks.0.upsamplers.0.conv" in problem, problem
+    tgate = module_work_evidence(free, run(50.0, 30.0, 10, methods=("tgate",)), reference)
+    assert "vae.decoder" in stages.module_work_problem(tgate)  # T-GATE halves the denoiser's work only
+    assert stages.module_work_problem(module_work_evidence(free, run(50.0, 50.0, 10, methods=("tgate",)),
+                                                           reference)) is None
+    tiled = module_work_evidence(free, run(100.0, 70.0, 10), reference)  # more VAE work (overlapping tiles)
+    assert tiled["per_call"] and stages.module_work_problem(tiled) is None
