@@ -88,6 +88,9 @@ COMMON_OPS = frozenset({
     "aten::scatter.src", "aten::scatter.value", "aten::scatter_add", "aten::linspace", "aten::randn_like",
     "aten::rand.generator", "aten::normal.Tensor_float", "aten::normal_", "aten::uniform_", "aten::bernoulli_.float",
     "aten::clone", "aten::contiguous", "aten::_reshape_alias", "aten::count_nonzero.dim_IntList", "aten::prod.dim_int",
+    # attention's math path (an attention mask that requires grad, as a text encoder's position bias
+    # where the candidate calls `encode_prompt` outside no_grad: red team round 10, A's lead)
+    "aten::_safe_softmax",
 })
 # never, whatever the tags say: names that skip checks, reach storage or files
 _NEVER = ("sparse", "nested", "quantize", "unsafe", "pin_memory", "from_file", "set_", "resize", "storage",

@@ -938,3 +938,34 @@ def test_a_float32_denoiser_beside_a_float16_vae_fails_stage_one(tiny_zoo, basel
     assert other == {"float16": other["float16"]} and judged["float32"] > 0.9 * sum(judged.values()), judged
     assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
     assert "found 'float32" in result.verdict.message, result.verdict.message
+
+
+def test_attention_on_its_math_path_is_replayed():
+    """An honest call outside `no_grad` (a candidate calling `pipe.encode_prompt` itself) runs
+    attention whose mask requires grad on torch's math path, which softmaxes with
+    `aten::_safe_softmax`: the replay runs it (it refused that as the candidate's failure: red team
+    round 10, A's lead) and makes the recorded call's output."""
+    import types
+
+    import torch
+
+    from pytest_diffbench.trace import Recorder, Replayer, decode, encode
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(8, 8)
+    bias = torch.nn.Parameter(torch.randn(1, 2, 5, 5))
+    encoder.register_parameter("position_bias", bias)
+    pipe = types.SimpleNamespace(components={"text_encoder": encoder})
+    tokens = torch.arange(80, dtype=torch.float32).reshape(1, 2, 5, 8) / 80
+
+    recorder = Recorder(pipe, [1], 1 << 20)
+    with torch.enable_grad(), recorder:
+        q = encoder(tokens)
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=bias * 1.0).detach()
+    assert recorder.problem is None, recorder.problem
+    document, constants = recorder.document()
+    assert "aten::_safe_softmax" in [op[0] for op in document["ops"]]
+    replayer = Replayer(decode(encode(document, constants), 1 << 20),
+                        {f"text_encoder.{n}": t.detach() for n, t in encoder.named_parameters()})
+    kept = replayer.run([1], lambda i, t: tuple(t.shape) == tuple(out.shape))
+    assert any(torch.equal(t, out) for t in kept.values())
