@@ -387,8 +387,8 @@ class HeldOut:
 #: to the reference's work whatever is applied (red team round 10, A F3: exact rewrites of its
 #: decoder that the FLOP formulas price lower passed L4 tasks with no method)
 MODULES_A_METHOD_LIGHTENS: dict[str, tuple[tuple[re.Pattern, float], ...]] = {
-    "tgate": ((re.compile(r"(^|\.)(attn1|attn2)(\.|$)"), 0.0), (re.compile(r"^(unet|transformer)\."), 0.5)),
-    "tomesd": ((re.compile(r"^unet\..*(^|\.)(attn1|attn2|ff)(\.|$)"), 0.0),),
+    "tgate": ((re.compile(r"(^|\.)(attn1|attn2)(\.|:|$)"), 0.0), (re.compile(r"^(unet|transformer)\."), 0.5)),
+    "tomesd": ((re.compile(r"^unet\..*(^|\.)(attn1|attn2|ff)(\.|:|$)"), 0.0),),
     "deepcache": ((re.compile(r"^unet\.(?!conv_in$|conv_out$)"), 0.0),),
 }
 #: modules under this share of the reference's seeded FLOPs booked to modules are not judged
@@ -407,10 +407,61 @@ DENOISER_COMPONENTS = frozenset({"unet", "transformer"})
 OPERANDS = ":operands"
 
 
-def scales_with_calls(module: str) -> bool:
-    """Whether a book's work is done on every denoiser call (the denoiser's modules), not once per
-    image (the VAE's)."""
-    return module.partition(".")[0] in DENOISER_COMPONENTS
+#: cross-attention: its keys are the caption's, which no method cuts (T-GATE skips whole calls of it,
+#: ToMe and DeepCache its queries), so its products of no parameter keep the reference's ratio to its
+#: query projection's work: T5 captions cut to their real tokens under T-GATE (its books' floor is
+#: 0) passed PixArt tasks (the trust review of session 28)
+CROSS_ATTENTION = re.compile(r"(^|\.)attn2$")
+#: ... the books whose work follows the queries one for one
+QUERY_BOOKS = (".to_q", ".to_out.0")
+
+
+def component(book: str) -> str:
+    """The pipeline component a book belongs to (`vae` for `vae.decoder.conv_in`, `transformer`
+    for `transformer.transformer_blocks.0.attn2:operands`)."""
+    return book.partition(":")[0].partition(".")[0]
+
+
+def scales_with_calls(book: str) -> bool:
+    """Whether a book's work is done on every denoiser call (the denoiser's), not once per image
+    (the VAE's)."""
+    return component(book) in DENOISER_COMPONENTS
+
+
+def _figure(books: Mapping[str, Any], book: str) -> float:
+    value = books.get(book, 0.0)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _judged_books(reference: Mapping[str, Any]) -> set[str]:
+    """The books with at least MODULE_WORK_MIN_SHARE of their component's work: the share is
+    taken within the component, so that the VAE's work (most of a tiny DiT's, and not scaled by
+    the calls) does not lift the denoiser's threshold (the trust review of session 28)."""
+    totals: dict[str, float] = {}
+    for book in reference:
+        totals[component(book)] = totals.get(component(book), 0.0) + _figure(reference, book)
+    return {book for book in reference
+            if _figure(reference, book) > 0 and _figure(reference, book) >= MODULE_WORK_MIN_SHARE * totals[component(book)]}
+
+
+def cross_attention_problem(candidate: Mapping[str, Any], reference: Mapping[str, Any], judged: set[str]) -> str | None:
+    """Each cross-attention's products of no parameter (`...attn2:operands`) must keep at least the
+    share of the reference's work its query books keep (`QUERY_BOOKS`): fewer keys per query than
+    the reference's is a caption cut, whatever method lightens the attention."""
+    for book in sorted(judged):
+        attention = book[:-len(OPERANDS)] if book.endswith(OPERANDS) else None
+        if attention is None or not CROSS_ATTENTION.search(attention):
+            continue
+        shares = [_figure(candidate, attention + q) / _figure(reference, attention + q)
+                  for q in QUERY_BOOKS if _figure(reference, attention + q) > 0]
+        if not shares:
+            continue
+        share, found = max(shares), _figure(candidate, book) / _figure(reference, book)
+        if found < share * (1 - MODULE_WORK_TOLERANCE):
+            return (f"cross-attention's keys fall short of the call's: {book} computed {found:.4g} of the work it is "
+                    f"held to while its query projection computed {share:.4g} (counted by the harness's replay); a "
+                    f"caption cut to fewer tokens than the pipeline's, which no allowed method does")
+    return None
 
 
 def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None = None) -> float:
@@ -429,12 +480,14 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     is held to (evaluate.module_work_evidence): on L1-L3 the gold's, on L4/L5 that fix the steps the
     reference's, except where an allowed method lightens the module (`MODULES_A_METHOD_LIGHTENS`).
     The books are the denoiser's modules and the VAE's (by the parameter a product reads), and the
-    products of no parameter by the module that made their operands (`<module>:operands`, trace.Producers).
+    products of no parameter by the module around the one that made their operands
+    (`...attn2:operands`, trace.Producers); books under MODULE_WORK_MIN_SHARE of their component's
+    work are not judged; each cross-attention keeps its keys per query (`cross_attention_problem`).
     A denoiser whose forward answers some steps from an earlier step's output is still called
     every step, so the hooks count every step (red team round 8: a hard L4 task that forbids a
     sampler change passed so), but its modules' work is that of the steps it computed. One-sided:
-    a product whose weight is computed (not a view or copy of a parameter) is booked to no module,
-    so less work in a module proves nothing; more cannot be faked without doing it.
+    a product whose weight is computed (not a view or copy of a parameter) is booked to no
+    parameter's module, so less work in a module proves nothing; more cannot be faked without doing it.
 
     On L1-L3 also the other side, where the gold's steps or methods lighten a module by 1 % or
     more against the reference (`unlightened`): the candidate's figure must be nearer the gold's
@@ -447,15 +500,14 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
         return None
     candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
     methods = list(evidence.get("methods") or ())
-    total = sum(v for v in reference.values() if isinstance(v, (int, float)))
-    if total <= 0:
+    judged = _judged_books(reference)
+    if not judged:
         return None
-    for module, ref in sorted(reference.items(), key=lambda kv: (-kv[1], kv[0])):
+    for module, ref in sorted(reference.items(), key=lambda kv: (-_figure(reference, kv[0]), kv[0])):
         floor = _module_floor(module, methods, evidence.get("least_shares"))
-        if ref < MODULE_WORK_MIN_SHARE * total or floor <= 0:
+        if module not in judged or floor <= 0:
             continue
-        found = candidate.get(module, 0.0)
-        found = found if isinstance(found, (int, float)) and not isinstance(found, bool) else 0.0
+        found = _figure(candidate, module)
         if found < floor * ref:
             against = evidence.get("against") or "the reference's"
             allowed = "" if floor >= 1 - MODULE_WORK_TOLERANCE else \
@@ -473,34 +525,35 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
                     f"{ref:.4g} FLOPs per image that follow the seeds ({against}{allowed}{unseen_text}), found "
                     f"{found:.4g} (counted by the harness's replay); a step or guidance's unconditional branch answered "
                     f"without computing it, its work done elsewhere, or fewer tokens than the call's")
+    problem = cross_attention_problem(candidate, reference, judged)
+    if problem:
+        return problem
     if evidence.get("per_call"):
         # where the reference's work is scaled by the calls reported (L4/L5 with the steps free), no
         # denoiser module may do more than that: more is calls left out of the report, entered on a
         # weight computed from the parameter (which hides the entry from entry_mismatches) and
         # unguided. Honest calls never do more than the reference's per call (methods only lighten);
         # products of no parameter are left out (ToMe's token similarities are booked with them)
-        for module, ref in sorted(reference.items(), key=lambda kv: (-kv[1], kv[0])):
+        for module, ref in sorted(reference.items(), key=lambda kv: (-_figure(reference, kv[0]), kv[0])):
             if not scales_with_calls(module) or module.endswith(OPERANDS):
                 continue
-            found = candidate.get(module, 0.0)
-            found = found if isinstance(found, (int, float)) and not isinstance(found, bool) else 0.0
-            if ref >= MODULE_WORK_MIN_SHARE * total and found > ref * (1 + MODULE_WORK_TOLERANCE):
+            found = _figure(candidate, module)
+            if module in judged and found > ref * (1 + MODULE_WORK_TOLERANCE):
                 return (f"the denoiser's work exceeds the calls reported: expected {module} to compute at most "
                         f"{ref:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found "
                         f"{found:.4g} (counted by the harness's replay); denoiser calls left out of the report")
     unlightened = evidence.get("unlightened")
-    found_total = sum(v for v in candidate.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
-    if isinstance(unlightened, Mapping) and found_total <= MAX_SLOWDOWN_VS_GOLD * total:
+    found_total = sum(_figure(candidate, book) for book in candidate)
+    if isinstance(unlightened, Mapping) and found_total <= MAX_SLOWDOWN_VS_GOLD * sum(
+            _figure(reference, book) for book in reference):
         # (a candidate doing more than twice the gold's work is too slow whatever it computes:
         # stage 3 says so, as the work rule leaves it)
-        whole = sum(v for v in unlightened.values() if isinstance(v, (int, float)))
-        for module, full in sorted(unlightened.items(), key=lambda kv: (-kv[1], kv[0])):
-            held = reference.get(module, 0.0)
-            if not isinstance(full, (int, float)) or full < MODULE_WORK_MIN_SHARE * whole \
-                    or held > (1 - WORK_EVIDENCE_MIN) * full:
+        unlightened_judged = _judged_books(unlightened)
+        for module, full in sorted(unlightened.items(), key=lambda kv: (-_figure(unlightened, kv[0]), kv[0])):
+            held = _figure(reference, module)
+            if module not in unlightened_judged or held > (1 - WORK_EVIDENCE_MIN) * full:
                 continue
-            found = candidate.get(module, 0.0)
-            found = found if isinstance(found, (int, float)) and not isinstance(found, bool) else 0.0
+            found = _figure(candidate, module)
             # nearer on a log scale, as the work rule compares totals
             if found > (math.sqrt(held * full) if held > 0 else full / 2):
                 return (f"what the task asks does not show in the work: expected the FLOPs that follow the seeds "

@@ -274,6 +274,17 @@ def parameter_module(sources: list) -> str | None:
     return names[0].rpartition(".")[0] if names else None
 
 
+#: how many marks the storage books (Producers, SeedTaint) take between forgetting freed storages: a
+#: weak reference keeps a freed storage's key from being handed out again, so an entry is met again
+#: only by chance, and a call of millions of ops held an entry for each (the trust review of session 28)
+PURGE_EVERY = 4096
+
+
+def _alive(book: dict, reference: Callable[[Any], Any]) -> dict:
+    """`book` without the entries whose storage is freed."""
+    return {key: entry for key, entry in book.items() if not reference(entry).expired()}
+
+
 class Producers:
     """Which module's product made the values of each live storage, so that a product that reads
     no parameter (attention's scores and its weighted values) is booked to the module that made
@@ -288,6 +299,7 @@ class Producers:
 
     def __init__(self) -> None:
         self._by_storage: dict[int, tuple[str, Any]] = {}
+        self._marks = 0
 
     def of(self, values: Any) -> str | None:
         found = None
@@ -316,19 +328,28 @@ class Producers:
                 self._by_storage.pop(storage._cdata, None)
             elif storage.nbytes():
                 self._by_storage[storage._cdata] = (module, StorageWeakRef(storage))
+                self._marks += 1
+                if self._marks % PURGE_EVERY == 0:
+                    self._by_storage = _alive(self._by_storage, lambda entry: entry[1])
 
 
 def booked_module(func, factors: list, args: Any, kwargs: Any, producers: Producers) -> tuple[str | None, str | None]:
     """(the book an op's FLOPs go to, the producer its outputs get): a product of a parameter is its
-    module's (`parameter_module`); a product of none its operands' producer's, under `OPERANDS`;
-    any other op books nothing and passes its inputs' producer on."""
+    module's (`parameter_module`); a product of none goes to the module around its operands'
+    producer, under `OPERANDS`; any other op books nothing and passes its inputs' producer on."""
     if func._overloadpacket not in _COUNTED:
         return None, producers.of((args, kwargs))
     module = parameter_module(factors)
     if module is not None:
         return module, module
     producer = producers.of(_multiplicands(func, list(args), dict(kwargs)))
-    return (producer + OPERANDS if producer is not None else None), producer
+    if producer is None:
+        return None, None
+    # the book of the module around the producer (`...attn2:operands` for a product of `to_q`'s and
+    # `to_k`'s outputs): which projection made the operands, or whether the caption's keys were made
+    # in the call or before it (a constant, no producer), does not move attention's work to another
+    # book (the trust review of session 28)
+    return producer.rpartition(".")[0] + OPERANDS, producer
 
 
 #: the module each denoiser call begins with, whose input is the call's latents: its invocations in
@@ -460,6 +481,7 @@ class SeedTaint:
 
     def __init__(self) -> None:
         self.storages: dict[int, Any] = {}  # storage (its StorageImpl's address) -> a weak reference to it
+        self._marks = 0
 
     def follows(self, args: Any, kwargs: Any) -> bool:
         for t in leaves((args, kwargs)):
@@ -481,6 +503,9 @@ class SeedTaint:
             storage = t.untyped_storage()
             if storage.nbytes():  # an empty one holds nothing that follows the seeds
                 self.storages[storage._cdata] = StorageWeakRef(storage)
+                self._marks += 1
+                if self._marks % PURGE_EVERY == 0:
+                    self.storages = _alive(self.storages, lambda ref: ref)
 
 
 # Facts of an op's schema, asked of every op the recorder and the replay run: read once per op.

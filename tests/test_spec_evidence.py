@@ -530,3 +530,16 @@ def test_the_vaes_work_is_held_once_per_image_whatever_the_steps_and_methods():
                                                            reference)) is None
     tiled = module_work_evidence(free, run(100.0, 70.0, 10), reference)  # more VAE work (overlapping tiles)
     assert tiled["per_call"] and stages.module_work_problem(tiled) is None
+
+
+def test_a_books_share_is_taken_within_its_component():
+    """MODULE_WORK_MIN_SHARE is a share of the book's own component's work: a denoiser module small
+    against the VAE (most of a tiny DiT's seeded work, and not scaled by the calls) is still judged
+    (the trust review of session 28: the entry module and T-GATE's query books dropped out)."""
+    reference = {"vae.decoder.conv_out": 1000.0, "transformer.pos_embed.proj": 1.0, "transformer.blocks.0.ff": 99.0}
+    skipped = {**reference, "transformer.pos_embed.proj": 0.5}
+    problem = stages.module_work_problem({"candidate": skipped, "reference": reference, "methods": []})
+    assert problem and "transformer.pos_embed.proj" in problem, problem
+    tiny = {**reference, "vae.decoder.conv_out": 1000.0, "vae.decoder.conv_in": 1.0}
+    assert stages.module_work_problem({"candidate": {**tiny, "vae.decoder.conv_in": 0.0}, "reference": tiny,
+                                       "methods": []}) is None  # 0.1 % of the VAE's: not judged
