@@ -98,7 +98,12 @@ def test_tome_shown_on_a_decoy_but_not_in_the_images_fails_stage_1_on_the_work(t
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
     assert "does not show in the work" in verdict.message and f"than {against}" in verdict.message, verdict
     monkeypatch.setattr(stages, "WORK_EVIDENCE_MIN", float("inf"))
-    assert evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict.passed  # the work rule is what stops it
+    without_work_rule = evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict
+    # the work rule is what stops it, and since session 28 also, where ToMe's own products (its token
+    # similarities, which multiply no parameter: `...attentions.0:operands`) are judged books of the
+    # gold's, the module rule: the images' call lacks them (L3-sd21-i2i-unipc-tomesd-0086: half of them)
+    message = without_work_rule.message
+    assert without_work_rule.passed or ("falls short" in message and "attentions.0:operands" in message), message
 
 
 @pytest.mark.slow
