@@ -485,11 +485,12 @@ class Evaluator:
         if canonical:
             identity["images"] = f"canonical {CANONICAL_VERSION}"
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = 9  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
+            identity["recorded"] = 10  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
             # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18);
             # 7: and its FLOPs by denoiser module (flops.seeded.by_module; session 19);
             # 8: by the VAE's modules too, and the products of no parameter by their operands' module
-            # (trace.booked_module; session 28); 9: those by the module around their operands' producer
+            # (trace.booked_module; session 28); 9: those by the module around their operands' producer;
+            # 10: weights computed in the call book to their parameters (trace._derived_origin)
         key = cache_key(identity)
 
         def measure(images_dir: Path) -> dict:

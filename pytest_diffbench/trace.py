@@ -263,6 +263,22 @@ def _kept_origin(func, sources: list) -> frozenset | None:
     return None
 
 
+def _derived_origin(func, sources: list, seeded: bool) -> frozenset | None:
+    """The origin an op's outputs keep for booking by module (`booked_module`), looser than
+    `_kept_origin`'s: besides views and copies, any op that follows no seed and multiplies nothing
+    keeps the parameters among its inputs (`w * 1.0`, `w + c`, a concatenation of weights), so a
+    weight computed from a parameter in the call still books its products to the parameter's
+    module. Without it `F.linear(x, w * 1.0)` emptied cross-attention's query books and with them
+    the rule that holds its keys (red team round 11, A F1), hid a call's entry into the denoiser and
+    T-GATE's replayed share. Only for booking: the precision tally keeps `_kept_origin`'s, where a
+    weight rebuilt from another component's parameter plus constants must not pass as that
+    component's. A weight made of constants alone still books to no module ("Still open")."""
+    if seeded or func._overloadpacket in _COUNTED:
+        return _kept_origin(func, sources)
+    known = [o for o in sources if o]
+    return frozenset().union(*known) if known else None
+
+
 def parameter_module(sources: list) -> str | None:
     """The module whose parameter an op reads, for the work booked by module
     (LeanFlopCounterMode.module): a denoiser module's (`unet.down_blocks.0.attentions.0.proj_in`)
@@ -553,6 +569,7 @@ class Recorder(TorchDispatchMode):
         self.taint = SeedTaint()
         self.seeded_elements = 0
         self.origins = ParameterOrigins()  # as in Replayer.run
+        self.derived = ParameterOrigins()  # as in Replayer.run
         self.producers = Producers()  # as in Replayer.run
         self.ids = WeakTensorKeyDictionary()
         named = named_tensors(pipe)
@@ -693,9 +710,10 @@ class Recorder(TorchDispatchMode):
         if self.counter is not None:
             self.counter.seeded = seeded
             # by the operands it multiplies, as Replayer.run books it (baselines' figures are the recorder's)
-            factors = sources if entry is None or func._overloadpacket not in _COUNTED else _origin_sources(
-                _refs(_multiplicands(func, entry[1], entry[2]), []), self._param_names_list, self.origins)
-            self.counter.module, producer = booked_module(func, factors, args, kwargs, self.producers)
+            derived = [] if entry is None else _origin_sources(refs, self._param_names_list, self.derived)
+            booked_factors = derived if entry is None or func._overloadpacket not in _COUNTED else _origin_sources(
+                _refs(_multiplicands(func, entry[1], entry[2]), []), self._param_names_list, self.derived)
+            self.counter.module, producer = booked_module(func, booked_factors, args, kwargs, self.producers)
         try:
             out = func(*args, **kwargs)
         finally:
@@ -707,6 +725,7 @@ class Recorder(TorchDispatchMode):
         if self.counter is not None:
             self.producers.mark(outputs + written_tensors(func, args, kwargs), producer)
         self.origins.written(written_tensors(func, args, kwargs))
+        self.derived.written(written_tensors(func, args, kwargs))
         elements = op_elements(func, (args, kwargs), out, outputs)
         self.elements += elements
         if seeded:
@@ -718,6 +737,8 @@ class Recorder(TorchDispatchMode):
             else:
                 entry.append(self._record_outputs(outputs))
                 self.origins.set(entry[3], outputs, _kept_origin(func, sources))
+                if self.counter is not None:
+                    self.derived.set(entry[3], outputs, _derived_origin(func, derived, seeded))
                 if draw is not None:
                     entry.append(draw)
                     self._last_state[draw["gen"]] = bytes(generator.get_state().numpy())
@@ -1006,6 +1027,7 @@ class Replayer:
         # share (red team, session 18: stage 1 took the plurality over the whole call)
         names = [spec["name"] for spec in self.trace.params]
         origins = ParameterOrigins()  # parameter names (their components: the part before the first dot)
+        derived = ParameterOrigins()  # the same through what computes weights from them, for booking (_derived_origin)
         producers = Producers()  # whose product made each storage's values, for the products of no parameter
         env: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
@@ -1067,6 +1089,9 @@ class Replayer:
                 # product out of the denoiser's precision tally (red team round 8); and only by the operands
                 # it multiplies (_multiplicands): beside two computed ones, that inert operand did it again
                 factors = _origin_sources(factor_refs, names, origins) if factor_refs is not None else sources
+                derived_sources = _origin_sources(refs, names, derived)
+                booked_factors = (_origin_sources(factor_refs, names, derived) if factor_refs is not None
+                                  else derived_sources)
                 parts = [{n.partition(".")[0] for n in o} for o in factors if o]
                 other = bool(parts) and not any(part & DENOISER_COMPONENTS for part in parts)
             if counter is not None:
@@ -1074,9 +1099,9 @@ class Replayer:
                 counter.other_component = other
                 # by the operands it multiplies too: an inert slice of another module's weight (addmm's
                 # `self` with beta 0) booked a product to a module of the author's choice (red team round 9)
-                counter.module, producer = booked_module(func, factors, args, kwargs, producers)
+                counter.module, producer = booked_module(func, booked_factors, args, kwargs, producers)
                 if seeded and counter.module in ENTRY_MODULES:
-                    entry = entry_rows(factor_refs if factor_refs is not None else refs, factors, env)
+                    entry = entry_rows(factor_refs if factor_refs is not None else refs, booked_factors, env)
                     if entry is not None:
                         self.entries.append(entry)
             try:
@@ -1102,6 +1127,9 @@ class Replayer:
                 origins.written(written_tensors(func, args, kwargs))
                 origins.set(op[3], outputs, origin)
                 if counter is not None:
+                    derived.written(written_tensors(func, args, kwargs))
+                    derived.set(op[3], outputs, _derived_origin(func, derived_sources, seeded))
+                if counter is not None:
                     producers.mark(outputs + written_tensors(func, args, kwargs), producer)
             made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
             if shapes is not None and (position >= len(shapes) or shapes[position] != made):
@@ -1118,6 +1146,7 @@ class Replayer:
             for tensor_id in dead:
                 env.pop(tensor_id, None)
                 origins.drop(tensor_id)
+                derived.drop(tensor_id)
         return kept
 
     def _dead_after(self, position: int, op: list) -> list[int]:
