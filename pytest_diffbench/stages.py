@@ -407,11 +407,16 @@ DENOISER_COMPONENTS = frozenset({"unet", "transformer"})
 OPERANDS = ":operands"
 
 
-#: cross-attention: its keys are the caption's, which no method cuts (T-GATE skips whole calls of it,
-#: ToMe and DeepCache its queries), so its products of no parameter keep the reference's ratio to its
-#: query projection's work: T5 captions cut to their real tokens under T-GATE (its books' floor is
-#: 0) passed PixArt tasks (the trust review of session 28)
-CROSS_ATTENTION = re.compile(r"(^|\.)attn2$")
+#: attention: its keys per query are the caption's (cross-attention) or the image's tokens
+#: (self-attention), which no method but ToMe cuts (T-GATE skips or caches whole calls of it,
+#: DeepCache whole blocks), so its products of no parameter keep the reference's ratio to its query
+#: projection's work. T5 captions cut to their real tokens under T-GATE (its books' floor is 0)
+#: passed PixArt tasks (the trust review of session 28), and so did self-attention's keys and
+#: values pooled 2x2 under a T-GATE that cached no self-attention (red team round 11, A F1b).
+#: ToMe merges self-attention's keys with its queries (the keys per query fall): its UNet books are
+#: exempt where it is applied
+ATTENTION = re.compile(r"(^|\.)attn[12]$")
+TOKEN_MERGING = re.compile(r"^unet\..*(^|\.)attn1$")
 #: ... the books whose work follows the queries one for one
 QUERY_BOOKS = (".to_q", ".to_out.0")
 
@@ -444,13 +449,16 @@ def _judged_books(reference: Mapping[str, Any]) -> set[str]:
             if _figure(reference, book) > 0 and _figure(reference, book) >= MODULE_WORK_MIN_SHARE * totals[component(book)]}
 
 
-def cross_attention_problem(candidate: Mapping[str, Any], reference: Mapping[str, Any], judged: set[str]) -> str | None:
-    """Each cross-attention's products of no parameter (`...attn2:operands`) must keep at least the
-    share of the reference's work its query books keep (`QUERY_BOOKS`): fewer keys per query than
-    the reference's is a caption cut, whatever method lightens the attention."""
+def attention_keys_problem(candidate: Mapping[str, Any], reference: Mapping[str, Any], judged: set[str],
+                           methods=()) -> str | None:
+    """Each attention's products of no parameter (`...attn2:operands`) must keep at least the share
+    of the reference's work its query books keep (`QUERY_BOOKS`): fewer keys per query than the
+    reference's is a caption cut or pooled keys, whatever method lightens the attention (ToMe's
+    self-attention excepted: `TOKEN_MERGING`)."""
     for book in sorted(judged):
         attention = book[:-len(OPERANDS)] if book.endswith(OPERANDS) else None
-        if attention is None or not CROSS_ATTENTION.search(attention):
+        if attention is None or not ATTENTION.search(attention) or (
+                "tomesd" in methods and TOKEN_MERGING.search(attention)):
             continue
         shares = [_figure(candidate, attention + q) / _figure(reference, attention + q)
                   for q in QUERY_BOOKS if _figure(reference, attention + q) > 0]
@@ -458,9 +466,10 @@ def cross_attention_problem(candidate: Mapping[str, Any], reference: Mapping[str
             continue
         share, found = max(shares), _figure(candidate, book) / _figure(reference, book)
         if found < share * (1 - MODULE_WORK_TOLERANCE):
-            return (f"cross-attention's keys fall short of the call's: {book} computed {found:.4g} of the work it is "
+            return (f"attention's keys fall short of the call's: {book} computed {found:.4g} of the work it is "
                     f"held to while its query projection computed {share:.4g} (counted by the harness's replay); a "
-                    f"caption cut to fewer tokens than the pipeline's, which no allowed method does")
+                    f"caption cut to fewer tokens than the pipeline's, or keys pooled or dropped, which no allowed "
+                    f"method does")
     return None
 
 
@@ -482,7 +491,7 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     The books are the denoiser's modules and the VAE's (by the parameter a product reads), and the
     products of no parameter by the module around the one that made their operands
     (`...attn2:operands`, trace.Producers); books under MODULE_WORK_MIN_SHARE of their component's
-    work are not judged; each cross-attention keeps its keys per query (`cross_attention_problem`).
+    work are not judged; each attention keeps its keys per query (`attention_keys_problem`).
     A denoiser whose forward answers some steps from an earlier step's output is still called
     every step, so the hooks count every step (red team round 8: a hard L4 task that forbids a
     sampler change passed so), but its modules' work is that of the steps it computed. One-sided:
@@ -525,7 +534,7 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
                     f"{ref:.4g} FLOPs per image that follow the seeds ({against}{allowed}{unseen_text}), found "
                     f"{found:.4g} (counted by the harness's replay); a step or guidance's unconditional branch answered "
                     f"without computing it, its work done elsewhere, or fewer tokens than the call's")
-    problem = cross_attention_problem(candidate, reference, judged)
+    problem = attention_keys_problem(candidate, reference, judged, methods)
     if problem:
         return problem
     if evidence.get("per_call"):

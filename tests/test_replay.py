@@ -847,7 +847,7 @@ def test_a_product_of_no_parameter_is_booked_to_the_module_that_made_its_operand
     assert problem and "transformer.attn2:operands" in problem and "fewer tokens" in problem, problem
     # T-GATE lightens cross-attention's books, but not its keys per query (the trust review of session 28)
     problem = stages.module_work_problem({"candidate": cut, "reference": full, "methods": ["tgate"]})
-    assert problem and "cross-attention's keys" in problem, problem
+    assert problem and "attention's keys" in problem, problem
     gated = {book: work / 2 for book, work in full.items()}  # cross-attention on half the calls, all its keys
     assert stages.module_work_problem({"candidate": gated, "reference": full, "methods": ["tgate"]}) is None
     # keys and values made before the call (constants: no producer) leave the products in the same book
@@ -858,7 +858,7 @@ def test_a_product_of_no_parameter_is_booked_to_the_module_that_made_its_operand
     assert books(300, computed_query=True) == full
     problem = stages.module_work_problem({"candidate": books(12, computed_query=True), "reference": full,
                                           "methods": ["tgate"]})
-    assert problem and "cross-attention's keys" in problem, problem
+    assert problem and "attention's keys" in problem, problem
 
 
 def test_the_replay_counts_each_entry_into_the_denoiser_with_its_rows_and_whether_each_latent_is_twice():

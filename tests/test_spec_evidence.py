@@ -548,3 +548,23 @@ def test_a_books_share_is_taken_within_its_component():
     tiny = {**reference, "vae.decoder.conv_out": 1000.0, "vae.decoder.conv_in": 1.0}
     assert stages.module_work_problem({"candidate": {**tiny, "vae.decoder.conv_in": 0.0}, "reference": tiny,
                                        "methods": []}) is None  # 0.1 % of the VAE's: not judged
+
+
+def test_self_attentions_keys_per_query_are_held_but_where_tome_merges_them():
+    """Self-attention's keys and values pooled 2x2 under a T-GATE that cached no self-attention
+    passed the hard PixArt task (red team round 11, A F1b: T-GATE's floor for attention books is 0):
+    every attention keeps the reference's keys per query (stages.attention_keys_problem), T-GATE's
+    whole calls skipped or cached included; ToMe, which merges a UNet self-attention's keys with its
+    queries, is exempt where applied."""
+    reference = {"transformer.blocks.0.attn1.to_q": 100.0, "transformer.blocks.0.attn1:operands": 1000.0,
+                 "transformer.blocks.0.ff": 400.0}
+    pooled = {**reference, "transformer.blocks.0.attn1:operands": 250.0}
+    problem = stages.module_work_problem({"candidate": pooled, "reference": reference, "methods": ["tgate"]})
+    assert problem and "attention's keys" in problem and "attn1:operands" in problem, problem
+    cached = {**reference, "transformer.blocks.0.attn1.to_q": 50.0, "transformer.blocks.0.attn1:operands": 500.0}
+    assert stages.module_work_problem({"candidate": cached, "reference": reference, "methods": ["tgate"]}) is None
+    unet = {k.replace("transformer.", "unet."): v for k, v in reference.items()}
+    merged = {**unet, "unet.blocks.0.attn1.to_q": 60.0, "unet.blocks.0.attn1:operands": 360.0}  # ToMe: 0.6 x 0.6
+    assert stages.module_work_problem({"candidate": merged, "reference": unet, "methods": ["tomesd"]}) is None
+    assert "attention's keys" in stages.module_work_problem({"candidate": merged, "reference": unet,
+                                                             "methods": ["deepcache"]})
