@@ -272,7 +272,9 @@ def _derived_origin(func, sources: list, seeded: bool) -> frozenset | None:
     the rule that holds its keys (red team round 11, A F1), hid a call's entry into the denoiser and
     T-GATE's replayed share. Only for booking: the precision tally keeps `_kept_origin`'s, where a
     weight rebuilt from another component's parameter plus constants must not pass as that
-    component's. A weight made of constants alone still books to no module ("Still open")."""
+    component's. Not a closure: a weight mixed with another module's parameter books to the name
+    that sorts first, one mixed with the latents follows the seeds and keeps no origin, and one made
+    of constants alone books to no module (docs/integrity.md, "Still open")."""
     if seeded or func._overloadpacket in _COUNTED:
         return _kept_origin(func, sources)
     known = [o for o in sources if o]
@@ -303,15 +305,17 @@ def _alive(book: dict, reference: Callable[[Any], Any]) -> dict:
 
 class Producers:
     """Which module's product made the values of each live storage, so that a product that reads
-    no parameter (attention's scores and its weighted values) is booked to the module that made
-    its operands (`attn2.to_k:operands`) and held like the module's own work. Without it that work
+    no parameter (attention's scores and its weighted values) is booked to the module around the
+    one that made its operands (`...attn2:operands`: booked_module) and held like a module's own
+    work. Without it that work
     was held by nothing on L4/L5: T5 captions cut to their real tokens (the padding is masked, the
     images do not change) shrank cross-attention's products and passed a hard task with no method
     (red team round 10, A F1). A product books its outputs to its module; any other op gives its
     outputs, and the tensors it writes, the first (by name) producer of its inputs. Storages are
-    the storages themselves, held by weak reference as in `SeedTaint`. Which module is named only
-    moves work between books: each book must hold its own share, so none can be filled without
-    doing the work in it."""
+    the storages themselves, held by weak reference as in `SeedTaint`. Which book is named can be
+    steered by the code (an `add(q, z, alpha=0)` with `z` from another module); that moves work
+    between books, and a rule that reads a book the candidate can empty must not take an empty one
+    as evidence (docs/integrity.md, "Still open": booking by a weight's origin can be steered)."""
 
     def __init__(self) -> None:
         self._by_storage: dict[int, tuple[str, Any]] = {}
