@@ -726,10 +726,11 @@ class Recorder(TorchDispatchMode):
         if self.problem is not None:
             return out
         outputs = leaves(out)
+        written = written_tensors(func, args, kwargs)  # read once: every op of the call pays for it
         if self.counter is not None:
-            self.producers.mark(outputs + written_tensors(func, args, kwargs), producer)
-        self.origins.written(written_tensors(func, args, kwargs))
-        self.derived.written(written_tensors(func, args, kwargs))
+            self.producers.mark(outputs + written, producer)
+        self.origins.written(written)
+        self.derived.written(written)
         elements = op_elements(func, (args, kwargs), out, outputs)
         self.elements += elements
         if seeded:
@@ -1128,13 +1129,13 @@ class Replayer:
                 if seeded:
                     self.seeded_elements += elements
                     taint.mark(func, args, kwargs, outputs)
-                origins.written(written_tensors(func, args, kwargs))
+                written = written_tensors(func, args, kwargs)  # read once: every op of the replay pays for it
+                origins.written(written)
                 origins.set(op[3], outputs, origin)
                 if counter is not None:
-                    derived.written(written_tensors(func, args, kwargs))
+                    derived.written(written)
                     derived.set(op[3], outputs, _derived_origin(func, derived_sources, seeded))
-                if counter is not None:
-                    producers.mark(outputs + written_tensors(func, args, kwargs), producer)
+                    producers.mark(outputs + written, producer)
             made = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in outputs]
             if shapes is not None and (position >= len(shapes) or shapes[position] != made):
                 raise TraceError(f"op {position} ({op[0]}) made outputs of shape {made} here and "
