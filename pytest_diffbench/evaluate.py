@@ -178,6 +178,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     call, times the calls the candidate reports. None where a figure is missing (a baseline cached
     before modules were counted, calls not reported)."""
     scale, per_call = 1.0, False
+    gate_share = None
     least_shares: dict[str, float] = {}
     unseen: dict[str, str] = {}
     if task.level in ("L1", "L2", "L3"):
@@ -198,6 +199,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             share = tgate_least_share(attributes)
             if share is not None:
                 least_shares["tgate"] = share
+            gate_share = tgate_gate_share(attributes)
         if "fast_sampler" in allowed:
             # the steps are free: held to the reference's work per denoiser call times the calls per
             # pipeline call that stage 1 reports (a denoiser answering some calls from an earlier
@@ -216,6 +218,15 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         return {str(k): float(v) / count for k, v in by_module.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
+    def seeded_totals(run: Mapping) -> dict | None:
+        # all the work that follows the seeds per image, booked or not (stages.conservation_problem)
+        seeded = (run.get("flops") or {}).get("seeded") or {}
+        count = run.get("num_images")
+        figures = {name: seeded.get(name) for name in ("flops", "elements")}
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in figures.values()):
+            return None
+        return {name: float(v) / count for name, v in figures.items()}
+
     cand, held_to = per_image(candidate), per_image(against)
     if cand is None or held_to is None:
         return None
@@ -230,7 +241,8 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
                 # the VAE's books are held per image, never scaled by the calls
                 "against_per_image": "the gold solution's" if against is gold else "the reference's",
-                "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call}
+                "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call,
+                "scale": scale, "tgate_gate_share": gate_share, "candidate_seeded": seeded_totals(candidate), "reference_seeded": seeded_totals(against)}
     if against is gold:
         # L1-L3: where the gold's steps or methods lighten a module, the reference's figure too
         # (stages.module_work_problem's upper side)
@@ -238,14 +250,9 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     return evidence
 
 
-def tgate_least_share(attributes: Mapping | None) -> float | None:
-    """The least share of the reference's per-call work T-GATE leaves a module other than
-    attention, from the gate step stage 1 observed: the whole batch on the calls before it, the
-    conditional half after (tgate's pipelines drop guidance's unconditional branch from the same
-    call on which cross-attention stops: `(i - warm-up) < gate_step` for both), so
-    (n + gate calls) / 2n of it, less the module rule's tolerance for rounding. No call of slack:
-    with one, guidance could be dropped on one call more (red team round 8, S5, the rest). None
-    where the gate step or the calls are not reported."""
+def tgate_gate_share(attributes: Mapping | None) -> float | None:
+    """The share of the denoiser calls before T-GATE's gate step that stage 1 observed (the calls on
+    which cross-attention is computed), or None where the gate step or the calls are not reported."""
     if not isinstance(attributes, Mapping):
         return None
     tgate = (attributes.get("methods") or {}).get("tgate") if isinstance(attributes.get("methods"), Mapping) else None
@@ -257,25 +264,35 @@ def tgate_least_share(attributes: Mapping | None) -> float | None:
         return None
     n = calls[0]
     first = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else n
-    gate_call = min(n, gate + max(0, n - first))  # the reported gate step leaves out warm-up calls
-    return max(0.5, min(1.0, (n + gate_call) / (2 * n))) * (1 - stages.MODULE_WORK_TOLERANCE)
+    gate_call = min(n, max(0, gate + max(0, n - first)))  # the reported gate step leaves out warm-up calls
+    return gate_call / n
 
 
-#: the cross-attention query projections: T-GATE computes them, on the whole batch, on exactly the
-#: calls before its gate step and reuses the attention's output after (their work is seeded; the
-#: key and value projections read the caption alone)
-CROSS_ATTENTION_QUERY = re.compile(r"(^|\.)attn2\.to_q$")
+def tgate_least_share(attributes: Mapping | None) -> float | None:
+    """The least share of the reference's per-call work T-GATE leaves a module other than
+    attention, from the gate step stage 1 observed: the whole batch on the calls before it, the
+    conditional half after (tgate's pipelines drop guidance's unconditional branch from the same
+    call on which cross-attention stops: `(i - warm-up) < gate_step` for both), so
+    (n + gate calls) / 2n of it, less the module rule's tolerance for rounding. No call of slack:
+    with one, guidance could be dropped on one call more (red team round 8, S5, the rest). None
+    where the gate step or the calls are not reported."""
+    gate = tgate_gate_share(attributes)
+    if gate is None:
+        return None
+    return max(0.5, min(1.0, (1 + gate) / 2)) * (1 - stages.MODULE_WORK_TOLERANCE)
 
 
 def tgate_replayed_share(candidate: Mapping[str, float], held_to: Mapping[str, float]) -> float | None:
     """T-GATE's least share (as `tgate_least_share`) from the replay's count instead of stage 1's
-    hooks: the share of the calls before the gate step is the cross-attention query projections'
-    work against what the candidate is held to (the most any of them did: DeepCache may skip some
-    on its cached steps, which only lowers this figure). The hooks run in the candidate's process
-    and a decoy can show them an early gate (red team round 8, S2); the replay counts what made
-    the judged images. None without cross-attention."""
+    hooks: the share of the calls before the gate step is the cross-attention's work against what
+    the candidate is held to (the most any of its books did: DeepCache may skip some on its cached
+    steps, which only lowers this figure; any one of them, since a candidate can steer a book's
+    products into another book, and emptied its query projection's so: the second trust review of
+    session 28). The hooks run in the candidate's process and a decoy can show them an early gate
+    (red team round 8, S2); the replay counts what made the judged images. None without
+    cross-attention."""
     shares = [min(1.0, max(0.0, float(candidate.get(module, 0.0)) / float(work)))
-              for module, work in held_to.items() if CROSS_ATTENTION_QUERY.search(module) and work > 0]
+              for module, work in held_to.items() if stages.CROSS_ATTENTION_BOOKS.search(module) and work > 0]
     if not shares:
         return None
     return (1 + max(shares)) / 2 * (1 - stages.MODULE_WORK_TOLERANCE)
@@ -470,7 +487,9 @@ class Evaluator:
             return None, replayed, str(error.get("message") or "no reason given")
         return proof, replayed, None
 
-    def baseline(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> CachedRun:
+    def baseline_key(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> str:
+        """The cache key of a baseline run of `code` on `batch` (`baseline`; also read by
+        benchmarks/rejudge_books.py to judge a finished run's figures again)."""
         # Keyed by content, not role: an L1 gold solution identical to its reference is measured once.
         identity = {"code": code, "task_model": task.model, "batch": batch_digest(batch),
                     "device": self.profile.device_name, "zoo": self.profile.zoo_detail,
@@ -491,7 +510,11 @@ class Evaluator:
             # 8: by the VAE's modules too, and the products of no parameter by their operands' module
             # (trace.booked_module; session 28); 9: those by the module around their operands' producer;
             # 10: weights computed in the call book to their parameters (trace._derived_origin)
-        key = cache_key(identity)
+        return cache_key(identity)
+
+    def baseline(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> CachedRun:
+        key = self.baseline_key(role, task, code, batch, dtype)
+        canonical = role != "reference" and canonical_images(task, self.profile)
 
         def measure(images_dir: Path) -> dict:
             outcome = self.run_code(role, task, code, batch, images_dir, images_dir.parent / "sandbox", dtype=dtype)

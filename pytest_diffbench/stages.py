@@ -400,6 +400,13 @@ MODULE_WORK_MIN_SHARE = 0.002
 MODULE_WORK_TOLERANCE = 0.001
 
 
+#: ToMe's token similarities (products of no parameter, booked under the transformer around the
+#: merged block: `unet...attentions.0:operands`, books the reference lacks) may add this share of
+#: the reference's UNet self-attention products of no parameter to the work outside the judged
+#: books (`outside_work_problem`): the cpu-tiny ToMe golds add 0.04-0.07 of it with DeepCache, and
+#: ToMe alone (ratio 0.5) about 0.12 (0.46 of a merged call's)
+TOME_SIMILARITY_SHARE = 0.25
+
 #: the pipeline components whose parameters make the denoiser's work
 DENOISER_COMPONENTS = frozenset({"unet", "transformer"})
 #: the suffix of the book that holds the products that multiply no parameter (attention's scores and
@@ -413,12 +420,79 @@ OPERANDS = ":operands"
 #: projection's work. T5 captions cut to their real tokens under T-GATE (its books' floor is 0)
 #: passed PixArt tasks (the trust review of session 28), and so did self-attention's keys and
 #: values pooled 2x2 under a T-GATE that cached no self-attention (red team round 11, A F1b).
-#: ToMe merges self-attention's keys with its queries (the keys per query fall): its UNet books are
-#: exempt where it is applied
+#: ToMe merges self-attention's keys with its queries (the keys per query fall): its UNet
+#: self-attention is held to the square of its query share where it is applied
 ATTENTION = re.compile(r"(^|\.)attn[12]$")
 TOKEN_MERGING = re.compile(r"^unet\..*(^|\.)attn1$")
+#: the books of an attention (its projections and its products of no parameter)
+ATTENTION_BOOK = re.compile(r"(^|\.)attn[12](\.|:|$)")
 #: ... the books whose work follows the queries one for one
 QUERY_BOOKS = (".to_q", ".to_out.0")
+
+
+#: the cross-attention's books whose work follows the image's tokens: its query and output
+#: projections and its products of no parameter (scores and values). T-GATE computes them, on the
+#: whole batch, on exactly the calls before its gate step and reuses the attention's output after
+#: (the key and value projections read the caption alone, so their work is not seeded)
+CROSS_ATTENTION_BOOKS = re.compile(r"(^|\.)attn2(\.to_q|\.to_out\.0|" + re.escape(OPERANDS) + r")$")
+
+
+def tgate_gate_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
+    """T-GATE's gate step, as stage 1's hooks saw it, must show in the cross-attention's work: the
+    most any cross-attention book did of what it is held to is the share of the calls before the
+    gate (every T-GATE gold on cpu-tiny matches exactly, DeepCache's included: its shallow blocks
+    run on every call). Less is cross-attention work done nowhere a book sees it: a caption cut
+    under a T-GATE applied in name (red team round 11, A F1), or the work steered out of its books
+    (the second trust review of session 28). (More is the gate shown to the hooks early, by a
+    decoy: evaluate.tgate_replayed_share holds the other modules to the later gate.) Not where
+    ToMe is applied too: tomesd may merge cross-attention's queries."""
+    gate = evidence.get("tgate_gate_share")
+    methods = evidence.get("methods") or ()
+    if not isinstance(gate, (int, float)) or isinstance(gate, bool) or "tgate" not in methods or "tomesd" in methods:
+        return None
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+    shares = {book: _figure(candidate, book) / _figure(reference, book) for book in judged
+              if CROSS_ATTENTION_BOOKS.search(book) and _figure(reference, book) > 0}
+    if not shares:
+        return None
+    book, found = max(shares.items(), key=lambda kv: (kv[1], kv[0]))
+    if found >= gate * (1 - MODULE_WORK_TOLERANCE) - MODULE_WORK_TOLERANCE:
+        return None
+    return (f"T-GATE's gate does not show in the cross-attention's work: stage 1 saw cross-attention computed on "
+            f"{gate:.4g} of the denoiser calls, and the most any cross-attention book did is {found:.4g} of the work it "
+            f"is held to ({book}, counted by the harness's replay); a caption cut, or cross-attention's products "
+            f"made where its books do not see them, which T-GATE does not do")
+
+
+def tgate_batch_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
+    """Where T-GATE alone lightens the denoiser, every module outside attention does exactly the
+    share of the reference's work its gate leaves: the whole batch before the gate, the conditional
+    half after, (1 + g) / 2 with g the later of the gate the hooks saw and the one the
+    cross-attention's work shows (every T-GATE gold on cpu-tiny matches exactly). More is another
+    module's work booked to it: T-GATE's floor of a half leaves room that steered products can fill
+    (the second trust review of session 28). Not where DeepCache or ToMe lighten modules
+    unevenly too."""
+    methods = evidence.get("methods") or ()
+    if "tgate" not in methods or "deepcache" in methods or "tomesd" in methods:
+        return None
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+    cross = [_figure(candidate, b) / _figure(reference, b) for b in judged
+             if CROSS_ATTENTION_BOOKS.search(b) and _figure(reference, b) > 0]
+    gates = [g for g in (evidence.get("tgate_gate_share"), max(cross, default=None))
+             if isinstance(g, (int, float)) and not isinstance(g, bool)]
+    if not gates:
+        return None
+    expected = max(0.5, min(1.0, (1 + max(gates)) / 2))
+    for book in sorted(judged, key=lambda b: (-_figure(reference, b), b)):
+        if not scales_with_calls(book) or ATTENTION_BOOK.search(book) or _figure(reference, book) <= 0:
+            continue
+        found = _figure(candidate, book) / _figure(reference, book)
+        if found > expected * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
+            return (f"the denoiser's work exceeds what T-GATE's gate leaves: {book} computed {found:.4g} of the work "
+                    f"it is held to, where the gate (cross-attention on {max(gates):.4g} of the calls) leaves every "
+                    f"module outside attention {expected:.4g} of it (counted by the harness's replay); another "
+                    f"module's work booked to it, which T-GATE does not do")
+    return None
 
 
 def component(book: str) -> str:
@@ -451,26 +525,88 @@ def _judged_books(reference: Mapping[str, Any]) -> set[str]:
 
 def attention_keys_problem(candidate: Mapping[str, Any], reference: Mapping[str, Any], judged: set[str],
                            methods=()) -> str | None:
-    """Each attention's products of no parameter (`...attn2:operands`) must keep at least the share
-    of the reference's work its query books keep (`QUERY_BOOKS`): fewer keys per query than the
-    reference's is a caption cut or pooled keys, whatever method lightens the attention (ToMe's
-    self-attention excepted: `TOKEN_MERGING`)."""
+    """Each attention's products of no parameter (`...attn2:operands`) must keep the share of the
+    reference's work its query books keep (`QUERY_BOOKS`), within the tolerance, on both sides:
+    fewer keys per query than the reference's is a caption cut or pooled keys, whatever method
+    lightens the attention; more is the query projection's work done out of its books (on a
+    weight mixed with another parameter or with the latents, or as products the FLOP formulas do
+    not count), which no honest form does: T-GATE and DeepCache skip or cache whole calls, the
+    projections with them (the second trust review of session 28). ToMe merges a UNet
+    self-attention's keys with its queries: where it is applied, that attention keeps at least the
+    square of its query share (the keys per query fall with the queries: (1 - r) of the queries
+    see (1 - r) of the keys), not its share."""
     for book in sorted(judged):
         attention = book[:-len(OPERANDS)] if book.endswith(OPERANDS) else None
-        if attention is None or not ATTENTION.search(attention) or (
-                "tomesd" in methods and TOKEN_MERGING.search(attention)):
+        if attention is None or not ATTENTION.search(attention):
             continue
         shares = [_figure(candidate, attention + q) / _figure(reference, attention + q)
                   for q in QUERY_BOOKS if _figure(reference, attention + q) > 0]
         if not shares:
             continue
         share, found = max(shares), _figure(candidate, book) / _figure(reference, book)
-        if found < share * (1 - MODULE_WORK_TOLERANCE):
+        merged = "tomesd" in methods and TOKEN_MERGING.search(attention)
+        least = share * share if merged else share
+        if found < least * (1 - MODULE_WORK_TOLERANCE):
             return (f"attention's keys fall short of the call's: {book} computed {found:.4g} of the work it is "
-                    f"held to while its query projection computed {share:.4g} (counted by the harness's replay); a "
-                    f"caption cut to fewer tokens than the pipeline's, or keys pooled or dropped, which no allowed "
-                    f"method does")
+                    f"held to while its query projection computed {share:.4g}"
+                    f"{' (ToMe merges the keys with the queries: at least its square)' if merged else ''} (counted "
+                    f"by the harness's replay); a caption cut to fewer tokens than the pipeline's, or keys pooled "
+                    f"or dropped, which no allowed method does")
+        if found > share * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
+            return (f"attention's query projection is not where its work is: {book} computed {found:.4g} of the "
+                    f"work it is held to while its query books ({', '.join(attention + q for q in QUERY_BOOKS)}) "
+                    f"computed at most {share:.4g} (counted by the harness's replay); the projection's products "
+                    f"made on a weight mixed with something else or in ops the FLOP formulas do not count, which "
+                    f"no honest form does")
     return None
+
+
+def outside_work_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
+    """The seeded work outside the books the reference is judged by (in no book: products of no
+    module, or in books the reference lacks or does not judge, such as cross-attention's key
+    projection or the caption projection) may not exceed the reference's own by more than the
+    tolerance of the reference's whole work, ToMe's similarities allowed where ToMe is applied
+    (TOME_SIMILARITY_SHARE). Books can be steered: a weight mixed with a second parameter books
+    to whichever name sorts first, one mixed with the latents to none (the second trust review
+    of session 28), so an emptied book proves nothing by itself; the work it held must show up
+    somewhere, and this rule holds where it may not."""
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+    cand_seeded, ref_seeded = evidence.get("candidate_seeded"), evidence.get("reference_seeded")
+    if not isinstance(cand_seeded, Mapping) or not isinstance(ref_seeded, Mapping):
+        return None  # a record from before the totals were kept: the book rules alone
+    scale = float(evidence.get("scale") or 1.0)
+    held_raw = sum(_figure(reference, b) / (scale if scales_with_calls(b) and scale > 0 else 1.0) for b in reference)
+    ref_unbooked = max(0.0, _figure(ref_seeded, "flops") - held_raw) * max(1.0, scale)
+    cand_unbooked = max(0.0, _figure(cand_seeded, "flops") - sum(_figure(candidate, b) for b in candidate))
+    outside = {b: _figure(candidate, b) for b in candidate if b not in judged and _figure(candidate, b) > 0}
+    found = cand_unbooked + sum(outside.values())
+    allowed = ref_unbooked + sum(_figure(reference, b) for b in reference if b not in judged)
+    similarity = 0.0
+    if "tomesd" in (evidence.get("methods") or ()):
+        similarity = TOME_SIMILARITY_SHARE * sum(_figure(reference, b) for b in reference
+                                                 if b.startswith("unet.") and b.endswith("attn1" + OPERANDS))
+    slack = MODULE_WORK_TOLERANCE * sum(_figure(reference, b) for b in reference)
+    if found <= allowed + similarity + slack:
+        return None
+    largest = sorted(outside.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    where = ", ".join(f"{b} {v:.4g}" for b, v in largest)
+    return (f"work is done where the reference does none it is judged by: {found:.4g} FLOPs per image that follow "
+            f"the seeds in no module ({cand_unbooked:.4g}) or in modules the reference does no judged work in "
+            f"({where or 'none'}), against the reference's {allowed:.4g}"
+            f"{f' and ToMe similarities up to {similarity:.4g}' if similarity else ''} (counted by the harness's "
+            f"replay); a module's products made on a weight mixed with another parameter or with the latents, "
+            f"which no honest form does")
+
+
+def _module_ceiling(module: str, evidence: Mapping[str, Any]) -> float:
+    """The most work a denoiser module may do: what it is held to, and on L1-L3 (held to the gold)
+    the reference's where that is more (the gold's steps or methods lighten it; a candidate may
+    lighten it less, as the one-sided floor allows)."""
+    ceiling = _figure(evidence.get("reference") or {}, module)
+    unlightened = evidence.get("unlightened")
+    if isinstance(unlightened, Mapping):
+        ceiling = max(ceiling, _figure(unlightened, module))
+    return ceiling
 
 
 def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None = None) -> float:
@@ -494,9 +630,15 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     work are not judged; each attention keeps its keys per query (`attention_keys_problem`).
     A denoiser whose forward answers some steps from an earlier step's output is still called
     every step, so the hooks count every step (red team round 8: a hard L4 task that forbids a
-    sampler change passed so), but its modules' work is that of the steps it computed. One-sided:
-    a product whose weight is computed (not a view or copy of a parameter) is booked to no
-    parameter's module, so less work in a module proves nothing; more cannot be faked without doing it.
+    sampler change passed so), but its modules' work is that of the steps it computed.
+
+    Books can be steered (a weight mixed with another parameter books to the name that sorts
+    first, one mixed with the latents to none: the second trust review of session 28), so no rule
+    trusts an emptied book alone: the work it held must show somewhere, and the rules hold where it
+    may not: above a judged denoiser module's figure (methods only lighten), outside the books the
+    reference is judged by (`outside_work_problem`), in an attention's products beyond its query
+    books' share (`attention_keys_problem`, both sides), below T-GATE's gate in cross-attention or
+    above its share elsewhere (`tgate_gate_problem`, `tgate_batch_problem`).
 
     On L1-L3 also the other side, where the gold's steps or methods lighten a module by 1 % or
     more against the reference (`unlightened`): the candidate's figure must be nearer the gold's
@@ -537,24 +679,33 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     problem = attention_keys_problem(candidate, reference, judged, methods)
     if problem:
         return problem
-    if evidence.get("per_call"):
-        # where the reference's work is scaled by the calls reported (L4/L5 with the steps free), no
-        # denoiser module may do more than that: more is calls left out of the report, entered on a
-        # weight computed from the parameter (which hides the entry from entry_mismatches) and
-        # unguided. Honest calls never do more than the reference's per call (methods only lighten);
-        # products of no parameter are left out (ToMe's token similarities are booked with them)
-        for module, ref in sorted(reference.items(), key=lambda kv: (-_figure(reference, kv[0]), kv[0])):
-            if not scales_with_calls(module) or module.endswith(OPERANDS):
-                continue
-            found = _figure(candidate, module)
-            if module in judged and found > ref * (1 + MODULE_WORK_TOLERANCE):
-                return (f"the denoiser's work exceeds the calls reported: expected {module} to compute at most "
-                        f"{ref:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found "
-                        f"{found:.4g} (counted by the harness's replay); denoiser calls left out of the report")
-    unlightened = evidence.get("unlightened")
+    # no judged denoiser module may do more than it is held to: methods only lighten, so more is
+    # work steered into it from a book a method emptied (the second trust review of session 28)
+    # or, where the reference's work is scaled by the calls reported (L4/L5 with the steps free),
+    # calls left out of the report, entered on a weight computed from the parameter and unguided.
+    # The VAE may do more (overlapping tiles). A candidate doing more than twice the work it is held
+    # to is too slow whatever it computes: stage 3 says so
     found_total = sum(_figure(candidate, book) for book in candidate)
-    if isinstance(unlightened, Mapping) and found_total <= MAX_SLOWDOWN_VS_GOLD * sum(
-            _figure(reference, book) for book in reference):
+    too_slow = found_total > MAX_SLOWDOWN_VS_GOLD * sum(_figure(reference, book) for book in reference)
+    for module in sorted(judged, key=lambda b: (-_figure(reference, b), b)) if not too_slow else ():
+        ceiling = _module_ceiling(module, evidence)
+        found = _figure(candidate, module)
+        if not scales_with_calls(module) or found <= ceiling * (1 + MODULE_WORK_TOLERANCE):
+            continue
+        if evidence.get("per_call"):
+            return (f"the denoiser's work exceeds the calls reported: expected {module} to compute at most "
+                    f"{ceiling:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found "
+                    f"{found:.4g} (counted by the harness's replay); denoiser calls left out of the report, or "
+                    f"another module's work booked to it")
+        return (f"the denoiser's work exceeds what it is held to: expected {module} to compute at most "
+                f"{ceiling:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found {found:.4g} "
+                f"(counted by the harness's replay); another module's work booked to it, which no method does")
+    problem = (outside_work_problem(evidence, judged) or tgate_gate_problem(evidence, judged)
+               or tgate_batch_problem(evidence, judged))
+    if problem:
+        return problem
+    unlightened = evidence.get("unlightened")
+    if isinstance(unlightened, Mapping) and not too_slow:
         # (a candidate doing more than twice the gold's work is too slow whatever it computes:
         # stage 3 says so, as the work rule leaves it)
         unlightened_judged = _judged_books(unlightened)
@@ -764,3 +915,34 @@ def _judge(inp: StageInputs) -> Verdict:
         category = inp.held_out.problem_category if inp.held_out.problem else RELATIVE_QUALITY
         return Verdict(False, {RUNTIME: 1, ABSOLUTE_QUALITY: 2}.get(category, 3), category, held_out_failure)
     return Verdict(True, 3, None, "passed")
+
+
+def book_figures(evidence: Mapping[str, Any]) -> dict:
+    """The figures of the conservation rules (per image): the seeded FLOPs in no book, in books the
+    reference does not judge, and the seeded elementwise work, the candidate's and the reference's
+    (its denoiser books by the calls, as held)."""
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+    scale = float(evidence.get("scale") or 1.0)
+    judged = _judged_books(reference)
+    cand_seeded, ref_seeded = evidence.get("candidate_seeded") or {}, evidence.get("reference_seeded") or {}
+    raw_ref_books = sum(_figure(reference, b) / (scale if scales_with_calls(b) else 1.0) for b in reference)
+    return {
+        "cand_unbooked": cand_seeded.get("flops", 0.0) - sum(_figure(candidate, b) for b in candidate),
+        "ref_unbooked": ref_seeded.get("flops", 0.0) - raw_ref_books,
+        "cand_unjudged": {b: _figure(candidate, b) for b in candidate if b not in judged and _figure(candidate, b) > 0},
+        "ref_unjudged": sum(_figure(reference, b) for b in reference if b not in judged),
+        "cand_elements": cand_seeded.get("elements"), "ref_elements": ref_seeded.get("elements"),
+        "cand_flops": cand_seeded.get("flops"), "ref_flops": ref_seeded.get("flops"), "scale": scale,
+        "methods": evidence.get("methods"),
+        "ref_attn1_operands": sum(_figure(reference, b) for b in reference if b.endswith("attn1" + OPERANDS)),
+        "cand_attn1_operands": sum(_figure(candidate, b) for b in candidate if b.endswith("attn1" + OPERANDS)),
+        "shares": {group: sorted(round(_figure(candidate, b) / _figure(reference, b), 4) for b in judged
+                                 if scales_with_calls(b) and _figure(reference, b) > 0 and group_of(b) == group)
+                   for group in ("attn1", "attn2", "other")},
+    }
+
+
+def group_of(book: str) -> str:
+    """`attn1` or `attn2` for an attention's books, else `other` (book_figures' groups)."""
+    match = ATTENTION_BOOK.search(book)
+    return match.group(0).strip(".:") if match else "other"

@@ -265,16 +265,18 @@ def _kept_origin(func, sources: list) -> frozenset | None:
 
 def _derived_origin(func, sources: list, seeded: bool) -> frozenset | None:
     """The origin an op's outputs keep for booking by module (`booked_module`), looser than
-    `_kept_origin`'s: besides views and copies, any op that follows no seed and multiplies nothing
-    keeps the parameters among its inputs (`w * 1.0`, `w + c`, a concatenation of weights), so a
+    `_kept_origin`'s: besides views and copies, any op that follows no seed and is no counted
+    product keeps the parameters among its inputs (`w * 1.0`, `w + c`, a concatenation of weights,
+    and through reductions and lookups too: `w + 0 * v.sum()` keeps both), so a
     weight computed from a parameter in the call still books its products to the parameter's
     module. Without it `F.linear(x, w * 1.0)` emptied cross-attention's query books and with them
     the rule that holds its keys (red team round 11, A F1), hid a call's entry into the denoiser and
     T-GATE's replayed share. Only for booking: the precision tally keeps `_kept_origin`'s, where a
     weight rebuilt from another component's parameter plus constants must not pass as that
-    component's. Not a closure: a weight mixed with another module's parameter books to the name
-    that sorts first, one mixed with the latents follows the seeds and keeps no origin, and one made
-    of constants alone books to no module (docs/integrity.md, "Still open")."""
+    component's. Not a closure, and not relied on as one: a weight mixed with another module's
+    parameter books to the name that sorts first, one mixed with the latents follows the seeds and
+    keeps no origin, and one made of constants alone books to no module; stage 1's rules find the
+    work where it went (stages.module_work_problem)."""
     if seeded or func._overloadpacket in _COUNTED:
         return _kept_origin(func, sources)
     known = [o for o in sources if o]

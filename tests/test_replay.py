@@ -811,10 +811,15 @@ def test_a_product_of_no_parameter_is_booked_to_the_module_that_made_its_operand
               for n in "qkv"]
     zoo = {spec["name"]: torch.ones(8, 8) for spec in params}
 
-    def books(tokens: int, keys_before: bool = False, computed_query: bool = False) -> dict:
+    def books(tokens: int, keys_before: bool = False, computed_query: bool = False, mixed_with: str | None = None,
+              totals: bool = False) -> dict:
         constants = {}
         query_weight = ([["aten::mul.Scalar", [{"p": 0}, 1.0], {}, [13]], ["aten::t", [{"t": 13}], {}, [2]]]
                         if computed_query else [["aten::t", [{"p": 0}], {}, [2]]])
+        if mixed_with:  # W_q + 0 * X.sum(), X the key projection's weight or the latents (the second review)
+            mixer = {"p": 1} if mixed_with == "a parameter" else {"t": 0}
+            query_weight = [["aten::sum", [mixer], {}, [14]], ["aten::mul.Scalar", [{"t": 14}, 0.0], {}, [15]],
+                            ["aten::add.Tensor", [{"p": 0}, {"t": 15}], {}, [13]], ["aten::t", [{"t": 13}], {}, [2]]]
         ops = [["aten::randn.generator", [[4, 8]], {"dtype": {"dtype": "float32"}}, [0], {"gen": 0, "reseed": 0}],
                ["aten::ones", [[tokens, 8]], {"dtype": {"dtype": "float32"}}, [1]],  # the caption: no seed
                *query_weight, ["aten::t", [{"p": 1}], {}, [3]], ["aten::t", [{"p": 2}], {}, [4]],
@@ -835,6 +840,9 @@ def test_a_product_of_no_parameter_is_booked_to_the_module_that_made_its_operand
         with counter:
             Replayer(decode(_trace_blob(ops, params, constants), 1 << 20), zoo).run([5], lambda i, t: False,
                                                                                    counter=counter)
+        if totals:  # the evidence stages.module_work_problem reads, the seeded totals with the books
+            return {"candidate": counter.seeded_flops_by_module, "candidate_seeded": {
+                "flops": counter.seeded_flops, "elements": 0.0}}
         return counter.seeded_flops_by_module
 
     full = books(300)
@@ -859,6 +867,18 @@ def test_a_product_of_no_parameter_is_booked_to_the_module_that_made_its_operand
     problem = stages.module_work_problem({"candidate": books(12, computed_query=True), "reference": full,
                                           "methods": ["tgate"]})
     assert problem and "attention's keys" in problem, problem
+    # a query weight mixed with another parameter books to that parameter's module, one mixed with the
+    # latents to none (the second trust review of session 28): the query books empty, the cut passed
+    # under T-GATE. The work is still found: outside the books the reference judges
+    reference = {"reference": full, "reference_seeded": {"flops": sum(full.values()), "elements": 0.0}}
+    for mixer, where in (("a parameter", "transformer.attn2.to_k"), ("the latents", "no module")):
+        steered = books(12, mixed_with=mixer, totals=True)
+        assert steered["candidate"].get("transformer.attn2.to_q", 0.0) == 0.0, steered  # the book is emptied
+        evidence = {**steered, **reference, "methods": ["tgate"]}
+        problem = stages.module_work_problem(evidence)  # first: the operands' share above the query books'
+        assert problem and "query projection is not where its work is" in problem, (mixer, problem)
+        problem = stages.outside_work_problem(evidence, set(full))
+        assert problem and "where the reference does none" in problem and where in problem, (mixer, problem)
 
 
 def test_the_replay_counts_each_entry_into_the_denoiser_with_its_rows_and_whether_each_latent_is_twice():

@@ -242,8 +242,12 @@ def test_only_a_method_seen_applied_lightens_a_module_and_tgate_by_its_gate_step
     marked["attributes"]["unverified_methods"] = {"tgate": "cross-attention computed on all 20 calls"}
     problem = stages.module_work_problem(module_work_evidence(task, marked, reference))
     assert "tgate lightens nothing: marked but not seen applied (cross-attention computed" in problem, problem
-    unknown_gate = module_work_evidence(task, run(55.0, {"tgate": {"gate_step": None}}, to_q=0.0), reference)
+    unknown_gate = module_work_evidence(task, run(50.0, {"tgate": {"gate_step": None}}, to_q=0.0), reference)
     assert stages.module_work_problem(unknown_gate) is None  # no gate step seen, none in the work: half
+    # ... and exactly half (since session 29): more, with no cross-attention work, is not T-GATE's
+    problem = stages.module_work_problem(module_work_evidence(task, run(55.0, {"tgate": {"gate_step": None}},
+                                                                        to_q=0.0), reference))
+    assert problem and "exceeds what T-GATE's gate leaves" in problem, problem
     # the hooks shown gate step 0 by a decoy, the judged call computing cross-attention on every call
     # and guidance on none: the replay's cross-attention work says the gate is at the end
     decoy = module_work_evidence(task, run(50.0, {"tgate": {"gate_step": 0}}, to_q=40.0), reference)
@@ -252,6 +256,13 @@ def test_only_a_method_seen_applied_lightens_a_module_and_tgate_by_its_gate_step
     # the hooks' gate is kept where the replay's is earlier (DeepCache skipping some of them)
     assert module_work_evidence(task, run(75.0, gated, to_q=8.0), reference)["least_shares"]["tgate"] == \
         pytest.approx(0.75 * tolerance)
+    # the decoy again, its query projection's products steered out of their book (the second trust
+    # review of session 28): the attention's other books still show every call
+    steered = run(50.0, {"tgate": {"gate_step": 0}}, to_q=0.0)
+    steered["flops"]["seeded"]["by_module"]["transformer.blocks.0.attn2:operands"] = 400.0
+    with_operands = {"num_images": 1, "flops": {"seeded": {"by_module": {
+        **reference["flops"]["seeded"]["by_module"], "transformer.blocks.0.attn2:operands": 400.0}}}}
+    assert module_work_evidence(task, steered, with_operands)["least_shares"]["tgate"] == pytest.approx(tolerance)
 
 
 def test_a_change_of_the_images_is_evidence_from_0_002_in_float32_on_a_cpu_and_never_tomes_own():
@@ -555,7 +566,8 @@ def test_self_attentions_keys_per_query_are_held_but_where_tome_merges_them():
     passed the hard PixArt task (red team round 11, A F1b: T-GATE's floor for attention books is 0):
     every attention keeps the reference's keys per query (stages.attention_keys_problem), T-GATE's
     whole calls skipped or cached included; ToMe, which merges a UNet self-attention's keys with its
-    queries, is exempt where applied."""
+    queries, is held to the square of its query share where applied (the second trust review of
+    session 28: the exemption let keys pooled under ToMe pass)."""
     reference = {"transformer.blocks.0.attn1.to_q": 100.0, "transformer.blocks.0.attn1:operands": 1000.0,
                  "transformer.blocks.0.ff": 400.0}
     pooled = {**reference, "transformer.blocks.0.attn1:operands": 250.0}
@@ -568,3 +580,125 @@ def test_self_attentions_keys_per_query_are_held_but_where_tome_merges_them():
     assert stages.module_work_problem({"candidate": merged, "reference": unet, "methods": ["tomesd"]}) is None
     assert "attention's keys" in stages.module_work_problem({"candidate": merged, "reference": unet,
                                                              "methods": ["deepcache"]})
+    pooled_under_tome = {**unet, "unet.blocks.0.attn1:operands": 250.0}  # queries all kept, keys pooled 2x2
+    problem = stages.module_work_problem({"candidate": pooled_under_tome, "reference": unet, "methods": ["tomesd"]})
+    assert problem and "at least its square" in problem, problem
+
+
+def _steered_attention(tokens_kept: float, query_left: float, moved_to: str | None) -> tuple[dict, dict]:
+    """(candidate, reference) books of a cross-attention whose caption is cut to `tokens_kept` of
+    its tokens and whose query books keep `query_left` of their work, the rest booked to
+    `moved_to` (None: to no book), under a T-GATE that cached nothing (its books' floor is 0)."""
+    reference = {"transformer.blocks.0.attn2.to_q": 100.0, "transformer.blocks.0.attn2.to_out.0": 100.0,
+                 "transformer.blocks.0.attn2:operands": 1000.0, "transformer.blocks.0.ff": 800.0,
+                 "transformer.blocks.1.ff": 800.0, "transformer.adaln_single.linear": 0.5}
+    candidate = {**reference, "transformer.blocks.0.attn2.to_q": 100.0 * query_left,
+                 "transformer.blocks.0.attn2.to_out.0": 100.0 * query_left,
+                 "transformer.blocks.0.attn2:operands": 1000.0 * tokens_kept}
+    if moved_to is not None:
+        candidate[moved_to] = candidate.get(moved_to, 0.0) + 200.0 * (1 - query_left)
+    return candidate, reference
+
+
+def _evidence(candidate: dict, reference: dict, methods=("tgate",), moved_off_books: float = 0.0) -> dict:
+    seeded = lambda books, extra=0.0: {"flops": sum(books.values()) + extra, "elements": 10.0}  # noqa: E731
+    return {"candidate": candidate, "reference": reference, "methods": list(methods), "scale": 1.0,
+            "candidate_seeded": seeded(candidate, moved_off_books), "reference_seeded": seeded(reference)}
+
+
+def test_work_steered_out_of_the_query_books_is_found_where_it_went():
+    """The second trust review of session 28: a query weight mixed with a second parameter
+    (`W_q + 0 * W_other.sum()`: booked to whichever name sorts first) or with the latents (booked to
+    no module) emptied the query books, so a caption cut under T-GATE read as a share of 0 and
+    passed. Books can be steered; the work cannot vanish: it shows in a book the reference does not
+    judge or in none (stages.outside_work_problem), in a judged book beyond its figure (the upper
+    side), or as attention's operands beyond its query books' share (attention_keys_problem's other
+    side)."""
+    honest = _evidence(*_steered_attention(tokens_kept=1.0, query_left=1.0, moved_to=None))
+    assert stages.module_work_problem(honest) is None
+    gated = _evidence(*_steered_attention(tokens_kept=0.3, query_left=0.3, moved_to=None))  # T-GATE: 0.3 of calls
+    gated["candidate"].update({"transformer.blocks.0.ff": 0.65 * 800.0, "transformer.blocks.1.ff": 0.65 * 800.0})
+    gated["candidate_seeded"]["flops"] = sum(gated["candidate"].values())  # the skipped calls' work is gone
+    assert stages.module_work_problem(gated) is None
+    # into a book the reference does not judge (0.03 % of the denoiser's work)
+    unjudged = _evidence(*_steered_attention(0.04, 0.04, "transformer.adaln_single.linear"))
+    problem = stages.module_work_problem(unjudged)
+    assert problem and "where the reference does none" in problem and "adaln_single" in problem, problem
+    # into no book (a weight that follows the latents)
+    candidate, reference = _steered_attention(0.04, 0.04, None)
+    problem = stages.module_work_problem(_evidence(candidate, reference, moved_off_books=200.0 * 0.96))
+    assert problem and "in no module (192)" in problem, problem
+    # into a judged book: beyond the figure it is held to
+    problem = stages.module_work_problem(_evidence(*_steered_attention(0.04, 0.04, "transformer.blocks.1.ff")))
+    assert problem and "exceeds what it is held to" in problem and "blocks.1.ff" in problem, problem
+    # into a judged book with room (guidance dropped after T-GATE's gate: every module at 0.6): the
+    # operands now exceed the query books' share
+    candidate, reference = _steered_attention(0.6, 0.0, "transformer.blocks.1.ff")
+    candidate["transformer.blocks.0.ff"] = candidate["transformer.blocks.1.ff"] = 0.6 * 800.0
+    candidate["transformer.blocks.1.ff"] += 200.0
+    problem = stages.module_work_problem(_evidence(candidate, reference))
+    assert problem and "query projection is not where its work is" in problem, problem
+    # the same work done as products the formulas do not count (multiply, then sum): the query books
+    # empty, the operands' share above theirs
+    problem = stages.module_work_problem(_evidence(*_steered_attention(1.0, 0.0, None)))
+    assert problem and "query projection is not where its work is" in problem, problem
+
+
+def test_tomes_similarities_may_add_work_outside_the_judged_books_up_to_a_share_of_self_attentions():
+    """ToMe's token similarities are products of no parameter booked under the transformer around
+    the merged block (`unet...attentions.0:operands`), a book the reference lacks: allowed up to
+    TOME_SIMILARITY_SHARE of the reference's UNet self-attention operands where ToMe is applied,
+    and only there."""
+    reference = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 100.0,
+                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1:operands": 1000.0,
+                 "unet.down_blocks.0.resnets.0.conv1": 2000.0}
+    merged = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 50.0,
+              "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1:operands": 250.0,
+              "unet.down_blocks.0.resnets.0.conv1": 2000.0, "unet.down_blocks.0.attentions.0:operands": 120.0}
+    assert stages.module_work_problem(_evidence(merged, reference, methods=["tomesd"])) is None
+    cached = {**merged, "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1:operands": 500.0}
+    problem = stages.module_work_problem(_evidence(cached, reference, methods=["deepcache"]))  # no ToMe: no allowance
+    assert problem and "attentions.0:operands 120" in problem, problem
+    hidden = {**merged, "unet.down_blocks.0.attentions.0:operands": 400.0}
+    problem = stages.module_work_problem(_evidence(hidden, reference, methods=["tomesd"]))
+    assert problem and "ToMe similarities up to 250" in problem, problem
+
+
+def test_tgates_gate_must_show_in_the_cross_attentions_work_and_leave_every_other_module_its_share():
+    """Every T-GATE gold on cpu-tiny computes its cross-attention books on exactly the share of the
+    calls before the gate the hooks saw, and every module outside attention on (1 + that share) / 2
+    of the reference's work. A caption cut under a T-GATE applied in name shows cross-attention
+    work short of the gate (red team round 11, A F1, with the query books steered out of sight: the
+    second trust review of session 28); another module's work steered into the room guidance
+    dropped after the gate leaves shows a module above its share."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence
+
+    task = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("tgate",)))
+    books = {"transformer.blocks.0.attn2.to_q": 100.0, "transformer.blocks.0.attn2.to_out.0": 100.0,
+             "transformer.blocks.0.attn2:operands": 1000.0, "transformer.blocks.0.ff.net.0.proj": 800.0,
+             "transformer.blocks.0.ff.net.2": 800.0}
+
+    def run(shares: dict, gate: int, methods=("tgate",)):
+        by_module = {b: w * shares.get(b, shares.get("other", 1.0)) for b, w in books.items()}
+        return {"num_images": 1, "flops": {"seeded": {"by_module": by_module, "flops": sum(by_module.values()),
+                                                      "elements": 0.0}},
+                "attributes": {"methods": {m: ({"gate_step": gate} if m == "tgate" else {}) for m in methods},
+                               "steps": {"denoiser_calls": [20], "requested": [20]}}}
+
+    reference = run({}, 0, methods=())
+    cross = ("transformer.blocks.0.attn2.to_q", "transformer.blocks.0.attn2.to_out.0", "transformer.blocks.0.attn2:operands")
+    honest = module_work_evidence(task, run({**{b: 0.5 for b in cross}, "other": 0.75}, gate=10), reference)
+    assert honest["tgate_gate_share"] == 0.5 and stages.module_work_problem(honest) is None
+    # gate at call 19 reported, cross-attention books (a cut caption, the query books steered to match) at 0.04
+    cut = module_work_evidence(task, run({**{b: 0.04 for b in cross}, "other": 0.975}, gate=19), reference)
+    problem = stages.module_work_problem(cut)
+    assert problem and "T-GATE's gate does not show" in problem and "0.95 of the denoiser calls" in problem, problem
+    # ... where ToMe is applied too, tomesd may merge cross-attention's queries: not judged so
+    assert stages.tgate_gate_problem({**cut, "methods": ["tgate", "tomesd"]}, set(books)) is None
+    # guidance dropped after the gate at call 10, cross-attention's products booked into one ff module
+    steered = run({**{b: 0.5 for b in cross}, "other": 0.75}, gate=10)
+    steered["flops"]["seeded"]["by_module"]["transformer.blocks.0.ff.net.2"] += 40.0  # 0.8 of its work, not 0.75
+    problem = stages.module_work_problem(module_work_evidence(task, steered, reference))
+    assert problem and "exceeds what T-GATE's gate leaves" in problem and "ff.net.2" in problem, problem
