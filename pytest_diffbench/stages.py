@@ -465,15 +465,16 @@ def tgate_gate_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | N
 
 
 def tgate_batch_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
-    """Where T-GATE alone lightens the denoiser, every module outside attention does exactly the
-    share of the reference's work its gate leaves: the whole batch before the gate, the conditional
+    """Where T-GATE lightens the denoiser, no module outside attention does more than the share of
+    the reference's work its gate leaves (where it alone does, every one does exactly that): the whole batch before the gate, the conditional
     half after, (1 + g) / 2 with g the later of the gate the hooks saw and the one the
     cross-attention's work shows (every T-GATE gold on cpu-tiny matches exactly). More is another
     module's work booked to it: T-GATE's floor of a half leaves room that steered products can fill
-    (the second trust review of session 28). Not where DeepCache or ToMe lighten modules
-    unevenly too."""
+    (the second trust review of session 28). Where DeepCache or ToMe lighten modules too, that
+    share is still the most any of them does (DeepCache's shallow blocks run on every call: they
+    do exactly that share in the T-GATE golds with DeepCache)."""
     methods = evidence.get("methods") or ()
-    if "tgate" not in methods or "deepcache" in methods or "tomesd" in methods:
+    if "tgate" not in methods:
         return None
     candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
     cross = [_figure(candidate, b) / _figure(reference, b) for b in judged
@@ -492,6 +493,55 @@ def tgate_batch_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | 
                     f"it is held to, where the gate (cross-attention on {max(gates):.4g} of the calls) leaves every "
                     f"module outside attention {expected:.4g} of it (counted by the harness's replay); another "
                     f"module's work booked to it, which T-GATE does not do")
+    return None
+
+
+def _clusters(shares: list[float]) -> list[list[float]]:
+    """`shares` grouped where they agree within the module rule's tolerance (sorted)."""
+    groups: list[list[float]] = []
+    for share in sorted(shares):
+        if groups and share <= groups[-1][0] * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
+            groups[-1].append(share)
+        else:
+            groups.append([share])
+    return groups
+
+
+def deepcache_shares_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
+    """Where DeepCache is applied, a UNet block does its work either on every call (the shallow
+    blocks before the cache branch) or on the calls it does not answer from the cache (every other
+    block), so the shares of the reference's work the UNet's modules do take two values, whatever
+    else is applied: the modules outside attention and, unless ToMe merges them, each attention's
+    books (every DeepCache gold on cpu-tiny: 1 and 0.5, 1 and 0.14, with T-GATE 0.567 and 0.2).
+    A third value is another module's work booked to one of them: DeepCache's floor of 0 leaves
+    room that steered products could fill, e.g. behind an exact rewrite the FLOP formulas price
+    lower (the second trust review of session 28, F3). ToMe lightens self-attention by a ratio of
+    its own per block, and may lighten the MLP and cross-attention's queries: those are left out
+    where it is applied."""
+    methods = evidence.get("methods") or ()
+    if "deepcache" not in methods:
+        return None
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+    groups: dict[str, dict[str, float]] = {}
+    for book in judged:
+        if not book.startswith("unet.") or _figure(reference, book) <= 0:
+            continue
+        group = group_of(book)
+        if "tomesd" in methods and (group == "attn1" or group == "attn2" or re.search(r"(^|\.)ff(\.|:|$)", book)):
+            continue
+        groups.setdefault(group, {})[book] = _figure(candidate, book) / _figure(reference, book)
+    for group, shares in sorted(groups.items()):
+        clusters = _clusters(list(shares.values()))
+        if len(clusters) <= 2:
+            continue
+        odd = min(clusters[1:-1], key=len)[0]  # a value between the two DeepCache leaves
+        book = min(b for b, v in shares.items() if v == odd)
+        what = "outside attention" if group == "other" else f"in the {group} attentions"
+        return (f"DeepCache's work does not show in the UNet's modules: the shares of the reference's work the "
+                f"modules {what} do take {len(clusters)} values ({', '.join(f'{c[0]:.4g}' for c in clusters)}), "
+                f"where DeepCache leaves two (its blocks computed on every call, or on the calls it does not answer "
+                f"from its cache); {book} computed {odd:.4g} of its work (counted by the harness's replay); another "
+                f"module's work booked to it, which DeepCache does not do")
     return None
 
 
@@ -701,7 +751,7 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
                 f"{ceiling:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found {found:.4g} "
                 f"(counted by the harness's replay); another module's work booked to it, which no method does")
     problem = (outside_work_problem(evidence, judged) or tgate_gate_problem(evidence, judged)
-               or tgate_batch_problem(evidence, judged))
+               or tgate_batch_problem(evidence, judged) or deepcache_shares_problem(evidence, judged))
     if problem:
         return problem
     unlightened = evidence.get("unlightened")

@@ -702,3 +702,35 @@ def test_tgates_gate_must_show_in_the_cross_attentions_work_and_leave_every_othe
     steered["flops"]["seeded"]["by_module"]["transformer.blocks.0.ff.net.2"] += 40.0  # 0.8 of its work, not 0.75
     problem = stages.module_work_problem(module_work_evidence(task, steered, reference))
     assert problem and "exceeds what T-GATE's gate leaves" in problem and "ff.net.2" in problem, problem
+
+
+def test_deepcaches_work_shows_as_two_shares_and_tgates_gate_bounds_every_module():
+    """Every DeepCache gold on cpu-tiny: the UNet's modules do 1 of the reference's work (the
+    shallow blocks, on every call) or one other share (the rest, on the calls not answered from
+    the cache): 1 and 0.5, 1 and 0.14, with T-GATE 0.567 and 0.2. DeepCache's floor of 0 left room
+    that steered products could fill (the second trust review of session 28, F3: an exact rewrite
+    refilled with another module's products); a third share is that. With T-GATE too, no module
+    outside attention does more than (1 + gate) / 2."""
+    reference = {"unet.conv_in": 100.0, "unet.down_blocks.0.resnets.0.conv1": 1000.0,
+                 "unet.down_blocks.1.resnets.0.conv1": 1000.0, "unet.up_blocks.0.upsamplers.0.conv": 1000.0,
+                 "unet.up_blocks.1.resnets.0.conv1": 1000.0, "unet.conv_out": 100.0}
+    shallow = ("unet.conv_in", "unet.down_blocks.0.resnets.0.conv1", "unet.conv_out")
+
+    def run(deep: float, top: float = 1.0, **extra: float) -> dict:
+        return {**{b: w * (top if b in shallow else deep) for b, w in reference.items()}, **extra}
+
+    def judged(candidate, methods, gate=None):
+        return stages.module_work_problem({"candidate": candidate, "reference": reference, "methods": methods,
+                                           "tgate_gate_share": gate})
+
+    assert judged(run(0.5), ["deepcache"]) is None
+    assert judged(run(0.5), ["deepcache", "tomesd"]) is None
+    # the upsampler rewritten into 0.44 of its products and refilled with steered work up to 0.7
+    refilled = run(0.5, **{"unet.up_blocks.0.upsamplers.0.conv": 700.0})
+    problem = judged(refilled, ["deepcache"])
+    assert problem and "take 3 values" in problem and "upsamplers.0.conv" in problem, problem
+    assert judged(refilled, ["fp16"]) is not None  # no method: the floor of 1 says so already
+    # with T-GATE, gate at 0.2 of the calls: the shallow blocks at 0.6, the rest lower
+    assert judged(run(0.2, top=0.6), ["deepcache", "tgate"], gate=0.2) is None
+    problem = judged(run(0.2, top=0.65), ["deepcache", "tgate"], gate=0.2)
+    assert problem and "exceeds what T-GATE's gate leaves" in problem, problem
