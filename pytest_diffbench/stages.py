@@ -440,15 +440,18 @@ CROSS_ATTENTION_BOOKS = re.compile(r"(^|\.)attn2(\.to_q|\.to_out\.0|" + re.escap
 def tgate_gate_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
     """T-GATE's gate step, as stage 1's hooks saw it, must show in the cross-attention's work: the
     most any cross-attention book did of what it is held to is the share of the calls before the
-    gate (every T-GATE gold on cpu-tiny matches exactly, DeepCache's included: its shallow blocks
-    run on every call). Less is cross-attention work done nowhere a book sees it: a caption cut
-    under a T-GATE applied in name (red team round 11, A F1), or the work steered out of its books
-    (the second trust review of session 28). (More is the gate shown to the hooks early, by a
-    decoy: evaluate.tgate_replayed_share holds the other modules to the later gate.) Not where
-    ToMe is applied too: tomesd may merge cross-attention's queries."""
+    gate (every T-GATE gold on cpu-tiny without DeepCache matches exactly). Less is cross-attention
+    work done nowhere a book sees it: a caption cut under a T-GATE applied in name (red team round
+    11, A F1), or the work steered out of its books (the second trust review of session 28). (More
+    is the gate shown to the hooks early, by a decoy: evaluate.tgate_replayed_share holds the other
+    modules to the later gate.) Not where ToMe is applied too (tomesd may merge cross-attention's
+    queries), nor DeepCache (SDXL's shallow blocks, which run on every call, have no attention: its
+    cross-attention runs on the calls before the gate that DeepCache computes; there the books'
+    two shares are held: deepcache_shares_problem)."""
     gate = evidence.get("tgate_gate_share")
     methods = evidence.get("methods") or ()
-    if not isinstance(gate, (int, float)) or isinstance(gate, bool) or "tgate" not in methods or "tomesd" in methods:
+    if (not isinstance(gate, (int, float)) or isinstance(gate, bool) or "tgate" not in methods
+            or "tomesd" in methods or "deepcache" in methods):
         return None
     candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
     shares = {book: _figure(candidate, book) / _figure(reference, book) for book in judged

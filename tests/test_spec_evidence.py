@@ -697,6 +697,9 @@ def test_tgates_gate_must_show_in_the_cross_attentions_work_and_leave_every_othe
     assert problem and "T-GATE's gate does not show" in problem and "0.95 of the denoiser calls" in problem, problem
     # ... where ToMe is applied too, tomesd may merge cross-attention's queries: not judged so
     assert stages.tgate_gate_problem({**cut, "methods": ["tgate", "tomesd"]}, set(books)) is None
+    # ... nor with DeepCache: SDXL's shallow blocks have no attention, so its cross-attention runs on
+    # the calls before the gate that DeepCache computes (the SDXL golds: 0.04 of the work, gate 0.1)
+    assert stages.tgate_gate_problem({**cut, "methods": ["deepcache", "tgate"]}, set(books)) is None
     # guidance dropped after the gate at call 10, cross-attention's products booked into one ff module
     steered = run({**{b: 0.5 for b in cross}, "other": 0.75}, gate=10)
     steered["flops"]["seeded"]["by_module"]["transformer.blocks.0.ff.net.2"] += 40.0  # 0.8 of its work, not 0.75
