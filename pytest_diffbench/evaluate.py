@@ -215,14 +215,14 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         count = run.get("num_images")
         if not isinstance(by_module, Mapping) or not isinstance(count, int) or count < 1:
             return None
-        return {str(k): float(v) / count for k, v in by_module.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return split_fused_projections({str(k): float(v) / count for k, v in by_module.items()
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def seeded_totals(run: Mapping) -> dict | None:
-        # all the work that follows the seeds per image, booked or not (stages.conservation_problem)
+        # the FLOPs that follow the seeds per image, booked or not (stages.outside_work_problem)
         seeded = (run.get("flops") or {}).get("seeded") or {}
         count = run.get("num_images")
-        figures = {name: seeded.get(name) for name in ("flops", "elements")}
+        figures = {name: seeded.get(name) for name in ("flops",)}
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in figures.values()):
             return None
         return {name: float(v) / count for name, v in figures.items()}
@@ -248,6 +248,29 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         # (stages.module_work_problem's upper side)
         evidence["unlightened"] = per_image(reference)
     return evidence
+
+
+#: diffusers' fused projections (`Attention.fuse_projections`, `pipe.fuse_qkv_projections()`):
+#: one parameter holding the query, key and value projections' rows (self-attention) or the key
+#: and value projections' (cross-attention), in equal parts
+FUSED_PROJECTIONS = {".to_qkv": (".to_q", ".to_k", ".to_v"), ".to_kv": (".to_k", ".to_v")}
+
+
+def split_fused_projections(books: Mapping[str, float]) -> dict[str, float]:
+    """`books` with a fused projection's work shared out to the projections it fuses, so that an
+    honest `fuse_qkv_projections()` is judged as the reference's separate projections (its book
+    is one the reference lacks: the trust review of session 29, F6)."""
+    split: dict[str, float] = {}
+    for book, work in books.items():
+        suffix = next((f for f in FUSED_PROJECTIONS if book.endswith(f)), None)
+        if suffix is None:
+            split[book] = split.get(book, 0.0) + work
+            continue
+        parts = FUSED_PROJECTIONS[suffix]
+        for part in parts:
+            name = book[:-len(suffix)] + part
+            split[name] = split.get(name, 0.0) + work / len(parts)
+    return split
 
 
 def tgate_gate_share(attributes: Mapping | None) -> float | None:
