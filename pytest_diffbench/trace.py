@@ -950,6 +950,26 @@ def _check_value(value: Any, defined: set[int], n_params: int, where: str, depth
 
 # -- replay (in the harness's replay process) ----------------------------------------------------------
 
+#: diffusers' fused attention projections (`Attention.fuse_projections`, as
+#: `pipe.fuse_qkv_projections()` calls it): a new parameter that concatenates the named
+#: projections' rows, in this order
+FUSED_PARAMETERS = {".to_qkv.": (".to_q.", ".to_k.", ".to_v."), ".to_kv.": (".to_k.", ".to_v.")}
+
+
+def fused_parameter(zoo: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """The harness's own value of a fused projection's parameter `name`
+    (`...attn1.to_qkv.weight`), made from the model's parameters as diffusers makes it, or None
+    where `name` is none or its parts are not all in `zoo`. The replay computes with this value,
+    never the candidate's, so a fused parameter that holds anything else makes other images and
+    the proof fails."""
+    for fused, parts in FUSED_PARAMETERS.items():
+        if fused in name and name.count(fused) == 1 and name.rsplit(fused, 1)[1] in ("weight", "bias"):
+            tensors = [zoo.get(name.replace(fused, part)) for part in parts]
+            if all(t is not None for t in tensors):
+                return torch.cat([t.detach() for t in tensors])
+    return None
+
+
 class Replayer:
     """Runs a decoded trace: parameters from `zoo` ({name: tensor}, the harness's own load, cast
     to the recorded dtype, never changed by the trace), random draws from its own generators
@@ -961,6 +981,8 @@ class Replayer:
         self.params = []
         for index, spec in enumerate(trace.params):
             tensor = zoo.get(spec["name"])
+            if tensor is None:
+                tensor = fused_parameter(zoo, spec["name"])
             if tensor is None:
                 raise TraceError(f"the call used a parameter {spec['name']!r} the model does not have")
             if list(tensor.shape) != spec["shape"]:

@@ -1035,3 +1035,31 @@ def test_the_storage_books_forget_freed_storages():
         del t
     assert len(producers._by_storage) <= PURGE_EVERY + 1 and len(taint.storages) <= PURGE_EVERY + 1
     assert producers.of([kept]) == "transformer.a" and taint.follows((kept,), {})  # the live ones stay
+
+
+def test_a_fused_projection_is_replayed_with_the_harness_own_concatenation_of_the_models_weights():
+    """`pipe.fuse_qkv_projections()` (diffusers' `Attention.fuse_projections`) makes a parameter the
+    model does not have (`...attn1.to_qkv.weight`): the replay refused every such call as
+    unprovable (the honest variant of session 29). It now computes with the concatenation of the
+    model's own query, key and value weights, as diffusers makes it, never the candidate's value;
+    a name that fuses nothing the model has is still refused."""
+    import torch
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import Replayer, TraceError, decode
+
+    zoo = {f"unet.attn1.to_{n}.weight": torch.full((4, 4), float(i + 1)) for i, n in enumerate("qkv")}
+    params = [{"name": "unet.attn1.to_qkv.weight", "dtype": "float32", "shape": [12, 4], "stride": [4, 1]}]
+    ops = [["aten::randn.generator", [[2, 4]], {"dtype": {"dtype": "float32"}}, [0], {"gen": 0, "reseed": 0}],
+           ["aten::t", [{"p": 0}], {}, [1]], ["aten::mm", [{"t": 0}, {"t": 1}], {}, [2]]]
+    kept = {}
+    counter = LeanFlopCounterMode()
+    with counter:
+        Replayer(decode(_trace_blob(ops, params), 1 << 20), zoo).run(
+            [5], lambda i, t: kept.setdefault(i, t) is not None, counter=counter)
+    qkv = kept[2]
+    assert qkv.shape == (2, 12)
+    assert torch.allclose(qkv[:, 4:8], 2 * qkv[:, :4]) and torch.allclose(qkv[:, 8:], 3 * qkv[:, :4])
+    assert counter.seeded_flops_by_module == {"unet.attn1.to_qkv": 2 * 2 * 4 * 12}
+    with pytest.raises(TraceError, match="the model does not have"):
+        Replayer(decode(_trace_blob(ops, [{**params[0], "name": "unet.attn2.to_qkv.weight"}]), 1 << 20), zoo)
