@@ -587,7 +587,7 @@ def _judged_books(reference: Mapping[str, Any]) -> set[str]:
 
 
 def attention_keys_problem(candidate: Mapping[str, Any], reference: Mapping[str, Any], judged: set[str],
-                           methods=()) -> str | None:
+                           methods=(), upper: bool = True) -> str | None:
     """Each attention's products of no parameter (`...attn2:operands`) must keep the share of the
     reference's work its query books keep (`QUERY_BOOKS`), within the tolerance, on both sides:
     fewer keys per query than the reference's is a caption cut or pooled keys, whatever method
@@ -615,7 +615,7 @@ def attention_keys_problem(candidate: Mapping[str, Any], reference: Mapping[str,
                     f"{' (ToMe merges the keys with the queries: at least its square)' if merged else ''} (counted "
                     f"by the harness's replay); a caption cut to fewer tokens than the pipeline's, or keys pooled "
                     f"or dropped, which no allowed method does")
-        if found > share * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
+        if upper and found > share * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
             return (f"attention's query projection is not where its work is: {book} computed {found:.4g} of the "
                     f"work it is held to while its query books ({', '.join(attention + q for q in QUERY_BOOKS)}) "
                     f"computed at most {share:.4g} (counted by the harness's replay); the projection's products "
@@ -742,7 +742,11 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
                     f"{ref:.4g} FLOPs per image that follow the seeds ({against}{allowed}{unseen_text}), found "
                     f"{found:.4g} (counted by the harness's replay); a step or guidance's unconditional branch answered "
                     f"without computing it, its work done elsewhere, or fewer tokens than the call's")
-    problem = attention_keys_problem(candidate, reference, judged, methods)
+    # A candidate doing more than twice the work it is held to is too slow whatever it computes:
+    # stage 3 says so, and the rules that read more work somewhere as steered work stand aside
+    found_total = sum(_figure(candidate, book) for book in candidate)
+    too_slow = found_total > MAX_SLOWDOWN_VS_GOLD * sum(_figure(reference, book) for book in reference)
+    problem = attention_keys_problem(candidate, reference, judged, methods, upper=not too_slow)
     if problem:
         return problem
     # no judged denoiser module may do more than it is held to: methods only lighten, so more is
@@ -752,10 +756,7 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     # The VAE's books too: with no ceiling its attention was a sink for any steered product (the
     # trust review of session 29, F1); tiled decoding, whose overlapping tiles do more convolution
     # work and less attention, is an approximation no task allows (it already fell short of the
-    # VAE attention's floor). A candidate doing more than twice the work it is held to is too slow
-    # whatever it computes: stage 3 says so
-    found_total = sum(_figure(candidate, book) for book in candidate)
-    too_slow = found_total > MAX_SLOWDOWN_VS_GOLD * sum(_figure(reference, book) for book in reference)
+    # VAE attention's floor)
     for module in sorted(judged, key=lambda b: (-_figure(reference, b), b)) if not too_slow else ():
         ceiling = _module_ceiling(module, evidence)
         found = _figure(candidate, module)
@@ -775,8 +776,9 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
         return (f"the denoiser's work exceeds what it is held to: expected {module} to compute at most "
                 f"{ceiling:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found {found:.4g} "
                 f"(counted by the harness's replay); another module's work booked to it, which no method does")
-    problem = (outside_work_problem(evidence, judged) or tgate_gate_problem(evidence, judged)
-               or tgate_batch_problem(evidence, judged) or deepcache_shares_problem(evidence, judged))
+    problem = tgate_gate_problem(evidence, judged) or (None if too_slow else (
+        outside_work_problem(evidence, judged) or tgate_batch_problem(evidence, judged)
+        or deepcache_shares_problem(evidence, judged)))
     if problem:
         return problem
     unlightened = evidence.get("unlightened")

@@ -101,9 +101,12 @@ def test_tome_shown_on_a_decoy_but_not_in_the_images_fails_stage_1_on_the_work(t
     without_work_rule = evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict
     # the work rule is what stops it, and since session 28 also, where ToMe's own products (its token
     # similarities, which multiply no parameter: `...attentions.0:operands`) are judged books of the
-    # gold's, the module rule: the images' call lacks them (L3-sd21-i2i-unipc-tomesd-0086: half of them)
+    # gold's, the module rule: the images' call lacks them (L3-sd21-i2i-unipc-tomesd-0086: half of them),
+    # and since session 29 the keys rule's other side: the unmerged call's self-attention holds more keys
+    # per query than the ToMe gold's
     message = without_work_rule.message
-    assert without_work_rule.passed or ("falls short" in message and "attentions.0:operands" in message), message
+    assert without_work_rule.passed or ("falls short" in message and "attentions.0:operands" in message) or (
+        "query projection is not where its work is" in message and "attn1:operands" in message), message
 
 
 @pytest.mark.slow
