@@ -1002,7 +1002,8 @@ def book_figures(evidence: Mapping[str, Any]) -> dict:
     scale = float(evidence.get("scale") or 1.0)
     judged = _judged_books(reference)
     cand_seeded, ref_seeded = evidence.get("candidate_seeded") or {}, evidence.get("reference_seeded") or {}
-    raw_ref_books = sum(_figure(reference, b) / (scale if scales_with_calls(b) else 1.0) for b in reference)
+    raw_ref_books = sum(_figure(reference, b) / (scale if scales_with_calls(b) and scale > 0 else 1.0)
+                        for b in reference)
     return {
         "cand_unbooked": cand_seeded.get("flops", 0.0) - sum(_figure(candidate, b) for b in candidate),
         "ref_unbooked": ref_seeded.get("flops", 0.0) - raw_ref_books,
