@@ -22,9 +22,36 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pytest_diffbench import stages  # noqa: E402
+
+
+def book_figures(evidence: dict) -> dict:
+    """The figures of stage 1's rules over the books (per image): the seeded FLOPs in no book and in
+    books the reference does not judge, the candidate's and the reference's (its denoiser books by
+    the calls, as held), and each group's shares of the reference's work."""
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+    scale = float(evidence.get("scale") or 1.0)
+    judged = stages._judged_books(reference)
+    cand_seeded, ref_seeded = evidence.get("candidate_seeded") or {}, evidence.get("reference_seeded") or {}
+    raw_ref_books = sum(stages._figure(reference, b) / (scale if stages.scales_with_calls(b) and scale > 0 else 1.0)
+                        for b in reference)
+    return {
+        "cand_unbooked": cand_seeded.get("flops", 0.0) - sum(stages._figure(candidate, b) for b in candidate),
+        "ref_unbooked": ref_seeded.get("flops", 0.0) - raw_ref_books,
+        "cand_unjudged": {b: stages._figure(candidate, b) for b in candidate if b not in judged and stages._figure(candidate, b) > 0},
+        "ref_unjudged": sum(stages._figure(reference, b) for b in reference if b not in judged),
+        "cand_flops": cand_seeded.get("flops"), "ref_flops": ref_seeded.get("flops"), "scale": scale,
+        "methods": evidence.get("methods"),
+        "ref_attn1_operands": sum(stages._figure(reference, b) for b in reference if b.endswith("attn1" + stages.OPERANDS)),
+        "cand_attn1_operands": sum(stages._figure(candidate, b) for b in candidate if b.endswith("attn1" + stages.OPERANDS)),
+        "shares": {group: sorted(round(stages._figure(candidate, b) / stages._figure(reference, b), 4) for b in judged
+                                 if stages.scales_with_calls(b) and stages._figure(reference, b) > 0 and stages.group_of(b) == group)
+                   for group in ("attn1", "attn2", "other")},
+    }
+
 
 def main(argv: list[str] | None = None) -> int:
-    from pytest_diffbench import baselines, keys, stages
+    from pytest_diffbench import baselines, keys
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench import evaluate
     from pytest_diffbench.evaluate import Evaluator
@@ -83,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 print(f"{label}: {problem}")
             if args.figures:
-                print(f"{label}: {json.dumps(stages.book_figures(evidence), sort_keys=True)}")
+                print(f"{label}: {json.dumps(book_figures(evidence), sort_keys=True)}")
     print(json.dumps(counts))
     return 1 if counts["problem"] else 0
 

@@ -994,33 +994,7 @@ def _judge(inp: StageInputs) -> Verdict:
     return Verdict(True, 3, None, "passed")
 
 
-def book_figures(evidence: Mapping[str, Any]) -> dict:
-    """The figures of the conservation rules (per image): the seeded FLOPs in no book, in books the
-    reference does not judge, and the seeded elementwise work, the candidate's and the reference's
-    (its denoiser books by the calls, as held)."""
-    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
-    scale = float(evidence.get("scale") or 1.0)
-    judged = _judged_books(reference)
-    cand_seeded, ref_seeded = evidence.get("candidate_seeded") or {}, evidence.get("reference_seeded") or {}
-    raw_ref_books = sum(_figure(reference, b) / (scale if scales_with_calls(b) and scale > 0 else 1.0)
-                        for b in reference)
-    return {
-        "cand_unbooked": cand_seeded.get("flops", 0.0) - sum(_figure(candidate, b) for b in candidate),
-        "ref_unbooked": ref_seeded.get("flops", 0.0) - raw_ref_books,
-        "cand_unjudged": {b: _figure(candidate, b) for b in candidate if b not in judged and _figure(candidate, b) > 0},
-        "ref_unjudged": sum(_figure(reference, b) for b in reference if b not in judged),
-        "cand_elements": cand_seeded.get("elements"), "ref_elements": ref_seeded.get("elements"),
-        "cand_flops": cand_seeded.get("flops"), "ref_flops": ref_seeded.get("flops"), "scale": scale,
-        "methods": evidence.get("methods"),
-        "ref_attn1_operands": sum(_figure(reference, b) for b in reference if b.endswith("attn1" + OPERANDS)),
-        "cand_attn1_operands": sum(_figure(candidate, b) for b in candidate if b.endswith("attn1" + OPERANDS)),
-        "shares": {group: sorted(round(_figure(candidate, b) / _figure(reference, b), 4) for b in judged
-                                 if scales_with_calls(b) and _figure(reference, b) > 0 and group_of(b) == group)
-                   for group in ("attn1", "attn2", "other")},
-    }
-
-
 def group_of(book: str) -> str:
-    """`attn1` or `attn2` for an attention's books, else `other` (book_figures' groups)."""
+    """`attn1` or `attn2` for an attention's books, else `other` (deepcache_shares_problem's groups)."""
     match = ATTENTION_BOOK.search(book)
     return match.group(0).strip(".:") if match else "other"
