@@ -659,7 +659,8 @@ class Runner:
                 if recorder.problem is None:  # the work that follows the seeds (trace.SeedTaint)
                     self.result["flops"]["seeded"] = {"flops": float(flop_mode.seeded_flops),
                                                       "elements": recorder.seeded_elements,
-                                                      "by_module": dict(flop_mode.seeded_flops_by_module)}
+                                                      "by_module": dict(flop_mode.seeded_flops_by_module),
+                                                      "by_dims": dict(flop_mode.seeded_flops_by_dims)}
             self._send_trace(recorder)
 
         try:

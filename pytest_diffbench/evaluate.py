@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from . import atomic, crosscheck, metrics, runrecord, stages
 from .baselines import CachedRun, cache_key, get_or_measure
@@ -170,6 +170,14 @@ def replay_bounds(batch: dict) -> dict:
     return {"max_constant_bytes": constants, "max_bytes": constants + (128 << 20)}
 
 
+def tome_ratio(attributes: Any) -> float | None:
+    """The ratio ToMe merges at, as stage 1's hooks saw it applied (introspect), or None."""
+    methods = attributes.get("methods") if isinstance(attributes, Mapping) else None
+    tome = methods.get("tomesd") if isinstance(methods, Mapping) else None
+    ratio = tome.get("ratio") if isinstance(tome, Mapping) else None
+    return float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else None
+
+
 def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Mapping | None = None) -> dict | None:
     """stages.module_work_problem's figures: the seeded FLOPs per image by denoiser module of the
     candidate (the replay's) and of what it is held to, with the methods that may lighten a module.
@@ -227,6 +235,15 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             return None
         return {name: float(v) / count for name, v in figures.items()}
 
+    def dims_per_image(run: Mapping) -> dict | None:
+        # the products of no parameter by their dimensions (stages.free_products_problem)
+        by_dims = ((run.get("flops") or {}).get("seeded") or {}).get("by_dims")
+        count = run.get("num_images")
+        if not isinstance(by_dims, Mapping) or not isinstance(count, int) or count < 1:
+            return None
+        return {str(k): float(v) / count for k, v in by_dims.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
     cand, held_to = per_image(candidate), per_image(against)
     if cand is None or held_to is None:
         return None
@@ -242,8 +259,11 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
                 # the VAE's books are held per image, never scaled by the calls
                 "against_per_image": "the gold solution's" if against is gold else "the reference's",
                 "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call,
-                "scale": scale, "tgate_gate_share": gate_share, "candidate_seeded": seeded_totals(candidate), "reference_seeded": seeded_totals(against)}
+                "scale": scale, "tgate_gate_share": gate_share, "candidate_seeded": seeded_totals(candidate), "reference_seeded": seeded_totals(against),
+                "candidate_dims": dims_per_image(candidate), "reference_dims": dims_per_image(against),
+                "tome_ratio": tome_ratio(candidate.get("attributes")) if "tomesd" in methods else None}
     if against is gold:
+        evidence["unlightened_dims"] = dims_per_image(reference)
         # L1-L3: where the gold's steps or methods lighten a module, the reference's figure too
         # (stages.module_work_problem's upper side)
         evidence["unlightened"] = per_image(reference)
@@ -527,12 +547,13 @@ class Evaluator:
         if canonical:
             identity["images"] = f"canonical {CANONICAL_VERSION}"
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = 10  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
+            identity["recorded"] = 11  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
             # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18);
             # 7: and its FLOPs by denoiser module (flops.seeded.by_module; session 19);
             # 8: by the VAE's modules too, and the products of no parameter by their operands' module
             # (trace.booked_module; session 28); 9: those by the module around their operands' producer;
-            # 10: weights computed in the call book to their parameters (trace._derived_origin)
+            # 10: weights computed in the call book to their parameters (trace._derived_origin);
+            # 11: the products of no parameter by their dimensions (flops.seeded.by_dims, session 30)
         return cache_key(identity)
 
     def baseline(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> CachedRun:

@@ -117,6 +117,12 @@ def _shapes(value: Any) -> Any:
     return value
 
 
+#: the most product dimensions `seeded_flops_by_dims` keeps apart (a pipeline call has a few dozen);
+#: the products of any further ones are kept together under OTHER_DIMS
+MAX_DIMS = 512
+OTHER_DIMS = "other"
+
+
 class _LeanDispatchMode(_FlopCounterMode):
     def __init__(self, counter: "LeanFlopCounterMode") -> None:
         super().__init__(counter)
@@ -167,6 +173,11 @@ class LeanFlopCounterMode(FlopCounterMode):
         # trace.Recorder or Replayer sets `module` (trace.booked_module): stages.module_work_problem
         self.module: str | None = None
         self.seeded_flops_by_module: dict[str, int] = {}
+        # the FLOPs that follow the seeds of the products that multiply no parameter, by their
+        # dimensions, while a trace.Recorder or Replayer sets `dims` (trace.product_dims):
+        # stages.free_products_problem
+        self.dims: tuple | None = None
+        self.seeded_flops_by_dims: dict[str, float] = {}
         self._watched: Any = None
         self._depth = 0
         self._hooks: list = []
@@ -194,6 +205,7 @@ class LeanFlopCounterMode(FlopCounterMode):
         self.seeded, self.seeded_flops = False, 0
         self.other_component, self.other_flops_by_dtype = False, {}
         self.module, self.seeded_flops_by_module = None, {}
+        self.dims, self.seeded_flops_by_dims = None, {}
         self._depth = 0
         module = self._watched
         if module is not None and hasattr(module, "register_forward_pre_hook"):
@@ -230,6 +242,11 @@ class LeanFlopCounterMode(FlopCounterMode):
                 self.seeded_flops += int(count)
                 if self.module is not None:
                     self.seeded_flops_by_module[self.module] = self.seeded_flops_by_module.get(self.module, 0) + int(count)
+                if self.dims is not None:
+                    for key, share in self.dims:
+                        if key not in self.seeded_flops_by_dims and len(self.seeded_flops_by_dims) >= MAX_DIMS:
+                            key = OTHER_DIMS  # a bounded record, whatever shapes a trace makes
+                        self.seeded_flops_by_dims[key] = self.seeded_flops_by_dims.get(key, 0.0) + float(count) * share
             if self._depth:
                 self.flop_counts[type(self._watched).__name__][func_packet] += count
         return out

@@ -664,6 +664,103 @@ def outside_work_problem(evidence: Mapping[str, Any], judged: set[str]) -> str |
             f"which no honest form does")
 
 
+def _dims(key: str) -> tuple[int, int, int] | None:
+    """(n, m, p) of a product key "n x m x p" (trace.product_dims); None for another key."""
+    parts = key.split("x")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return None
+    n, m, p = (int(part) for part in parts)
+    return n, m, p
+
+
+def _merged_by_tome(key: str, ceilings: Mapping[str, float], ratio: float) -> bool:
+    """Whether ToMe (tomesd, at `ratio`) makes a product of these dimensions from one of the
+    reference's: the queries of an attention merged (n -> x, no fewer than ratio takes away), with
+    a self-attention's keys merged with them (the scores' last dimension, the values' middle one,
+    where it was n), or the similarities of its bipartite matching (sources x features x
+    destinations, the two splitting an attention's n tokens)."""
+    dims = _dims(key)
+    if dims is None:
+        return False
+    x, y, z = dims
+    for reference in ceilings:
+        ref = _dims(reference)
+        if ref is None:
+            continue
+        n, m, p = ref
+        if n - math.ceil(n * ratio) <= x <= n and y in (m, x if m == n else m) and z in (p, x if p == n else p):
+            return True
+        if p == n and x + z == n and z <= x:  # a self-attention's tokens split: ToMe's similarities
+            return True
+    return False
+
+
+def free_products_problem(evidence: Mapping[str, Any]) -> str | None:
+    """The products of no parameter that follow the seeds (attention's scores and weighted
+    values), by their dimensions (trace.product_dims: queries x features x keys, queries x keys x
+    features), which no booking steers: each must be of dimensions the reference computes (on L1-L3
+    the gold's or the reference's), and of each no more work than it does (the larger of the two,
+    times the calls where the steps are free). Methods only take work away: T-GATE and DeepCache
+    skip or cache whole calls, whose products keep their dimensions; ToMe (where applied) makes
+    fewer queries, with self-attention's keys merged with them, and its similarities, together up
+    to (1 + TOME_SIMILARITY_SHARE) of the reference's self-attention products. Products of other
+    dimensions are keys pooled or a caption cut, or a projection computed on a weight steered off
+    its parameter (which then multiplies no parameter); more of the reference's dimensions is
+    another attention's work done on them (red team round 12: a T5 caption cut under T-GATE with
+    its cross-attention books refilled from self-attention, and 2x2 pooled keys under a nominal
+    ToMe, each with a projection's work steered into the emptied book, passed every book rule).
+    Within MODULE_WORK_TOLERANCE of the reference's seeded work in all (a scheduler's einsum)."""
+    candidate, reference = evidence.get("candidate_dims"), evidence.get("reference_dims")
+    if not isinstance(candidate, Mapping) or not isinstance(reference, Mapping):
+        return None  # a record from before the dimensions were kept: the book rules alone
+    scale = max(1.0, float(evidence.get("scale") or 1.0))
+    ceilings = {key: _figure(reference, key) for key in reference}
+    unlightened = evidence.get("unlightened_dims")
+    if isinstance(unlightened, Mapping):
+        for key in unlightened:
+            ceilings[key] = max(ceilings.get(key, 0.0), _figure(unlightened, key))
+    ceilings = {key: value * scale for key, value in ceilings.items()}
+    ratio = evidence.get("tome_ratio")
+    merging = "tomesd" in (evidence.get("methods") or ()) and isinstance(ratio, (int, float)) and \
+        not isinstance(ratio, bool) and 0 < ratio < 1
+    excess: dict[str, float] = {}
+    merged: dict[str, float] = {}
+    for key in candidate:
+        found = _figure(candidate, key)
+        if found <= 0:
+            continue
+        if key in ceilings:
+            if found > ceilings[key] * (1 + MODULE_WORK_TOLERANCE):
+                excess[key] = found - ceilings[key]
+        elif merging and _merged_by_tome(key, ceilings, float(ratio)):
+            merged[key] = found
+        else:
+            excess[key] = found
+    if merged:
+        self_attention = sum(v for k, v in ceilings.items()
+                             if (d := _dims(k)) is not None and (d[0] == d[2] or d[0] == d[1]))
+        over = sum(merged.values()) - (1 + TOME_SIMILARITY_SHARE) * self_attention
+        if over > 0:
+            excess["ToMe's merged products"] = over
+    seeded = evidence.get("reference_seeded")
+    total = _figure(seeded, "flops") if isinstance(seeded, Mapping) else 0.0
+    slack = MODULE_WORK_TOLERANCE * (total or sum(ceilings.values()))
+    if sum(excess.values()) <= slack:
+        return None
+    key, extra = max(excess.items(), key=lambda kv: (kv[1], kv[0]))
+    if key in ceilings:
+        what = (f"{_figure(candidate, key):.4g} FLOPs per image of products {key} (queries x features x keys, or "
+                f"queries x keys x features), where the reference computes at most {ceilings[key]:.4g}")
+    elif key in candidate:
+        what = f"{extra:.4g} FLOPs per image of products {key}, which the reference never computes"
+    else:
+        what = f"{extra:.4g} FLOPs per image more in ToMe's merged attention and similarities than it allows"
+    return (f"attention's products are not the reference's: {what} (the products that multiply no parameter, by "
+            f"their dimensions, counted by the harness's replay; {sum(excess.values()):.4g} in all beyond the "
+            f"reference's); keys pooled or a caption cut, another attention's work, or a projection on a weight "
+            f"steered off its parameter, which no allowed method does")
+
+
 def _module_ceiling(module: str, evidence: Mapping[str, Any]) -> float:
     """The most work a denoiser module may do: what it is held to, and on L1-L3 (held to the gold)
     the reference's where that is more (the gold's steps or methods lighten it; a candidate may
@@ -746,7 +843,8 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     # stage 3 says so, and the rules that read more work somewhere as steered work stand aside
     found_total = sum(_figure(candidate, book) for book in candidate)
     too_slow = found_total > MAX_SLOWDOWN_VS_GOLD * sum(_figure(reference, book) for book in reference)
-    problem = attention_keys_problem(candidate, reference, judged, methods, upper=not too_slow)
+    problem = (None if too_slow else free_products_problem(evidence)) or \
+        attention_keys_problem(candidate, reference, judged, methods, upper=not too_slow)
     if problem:
         return problem
     # no judged denoiser module may do more than it is held to: methods only lighten, so more is

@@ -283,6 +283,47 @@ def _derived_origin(func, sources: list, seeded: bool) -> frozenset | None:
     return frozenset().union(*known) if known else None
 
 
+#: attention kernels that take (query, key, value) laid out (..., tokens, features) / (..., tokens, heads, features)
+_ATTENTION_KERNELS = frozenset(p for p in _COUNTED if p.__name__.startswith("_scaled_dot_product")
+                               and not p.__name__.endswith("_backward"))
+_HEADS_INSIDE_KERNELS = frozenset(p for p in _COUNTED if p.__name__ in (
+    "_efficient_attention_forward", "_flash_attention_forward"))
+_MATRIX_PRODUCTS = frozenset({torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+                              torch.ops.aten._scaled_mm})
+
+
+def product_dims(func, args: Any, kwargs: Any) -> tuple[tuple[str, float], ...]:
+    """The dimensions of a counted product of no parameter, as ((key, share of its FLOPs), ...):
+    "n x m x p" for an (n x m) by (m x p) matrix product, batch dimensions left out; an attention
+    kernel as its two products, the scores (queries x features x keys) and the weighted values
+    (queries x keys x value features), each with its share of the kernel's FLOPs, so that
+    scaled_dot_product_attention and the same attention as baddbmm and bmm (diffusers'
+    AttnProcessor, attention slicing) have the same dimensions. Attention's queries and keys are
+    tokens of the image or the caption, which no allowed method but ToMe changes, so a product of
+    dimensions the reference never computes is work no honest form does: keys pooled or a caption
+    cut, or a projection on a weight steered off its parameter (stages.free_products_problem). Read
+    from shapes, which booking cannot steer (red team round 12)."""
+    packet = func._overloadpacket
+    if packet in _MATRIX_PRODUCTS:
+        factors = [t for t in leaves(_multiplicands(func, list(args), dict(kwargs))) if isinstance(t, torch.Tensor)]
+        if len(factors) >= 2 and factors[0].dim() >= 2 and factors[1].dim() >= 2:
+            a, b = factors[0].shape, factors[1].shape
+            return ((f"{a[-2]}x{a[-1]}x{b[-1]}", 1.0),)
+    elif packet in _ATTENTION_KERNELS or packet in _HEADS_INSIDE_KERNELS:
+        q, k, v = (args[i] if i < len(args) else None for i in range(3))
+        if all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in (q, k, v)):
+            token = -2 if packet in _ATTENTION_KERNELS else -3
+            queries, keys, features, value_features = q.shape[token], k.shape[token], q.shape[-1], v.shape[-1]
+            total = max(1, features + value_features)
+            return ((f"{queries}x{features}x{keys}", features / total),
+                    (f"{queries}x{keys}x{value_features}", value_features / total))
+    elif packet in (torch.ops.aten.convolution, torch.ops.aten._convolution, torch.ops.aten.convolution_overrideable,
+                    torch.ops.aten.cudnn_convolution, torch.ops.aten._slow_conv2d_forward):
+        if len(args) > 1 and isinstance(args[1], torch.Tensor):
+            return (("conv " + "x".join(str(d) for d in args[1].shape), 1.0),)
+    return ((packet.__name__, 1.0),)
+
+
 def parameter_module(sources: list) -> str | None:
     """The module whose parameter an op reads, for the work booked by module
     (LeanFlopCounterMode.module): a denoiser module's (`unet.down_blocks.0.attentions.0.proj_in`)
@@ -372,6 +413,14 @@ def booked_module(func, factors: list, args: Any, kwargs: Any, producers: Produc
     # in the call or before it (a constant, no producer), does not move attention's work to another
     # book (the trust review of session 28)
     return producer.rpartition(".")[0] + OPERANDS, producer
+
+
+def free_product_dims(func, factors: list, args: Any, kwargs: Any) -> tuple[tuple[str, float], ...] | None:
+    """`product_dims` of a counted op that multiplies no parameter (by `factors`' origins, as
+    `booked_module` reads them); None for any other op."""
+    if func._overloadpacket not in _COUNTED or parameter_module(factors) is not None:
+        return None
+    return product_dims(func, args, kwargs)
 
 
 #: the module each denoiser call begins with, whose input is the call's latents: its invocations in
@@ -720,11 +769,12 @@ class Recorder(TorchDispatchMode):
             booked_factors = derived if entry is None or func._overloadpacket not in _COUNTED else _origin_sources(
                 _refs(_multiplicands(func, entry[1], entry[2]), []), self._param_names_list, self.derived)
             self.counter.module, producer = booked_module(func, booked_factors, args, kwargs, self.producers)
+            self.counter.dims = free_product_dims(func, booked_factors, args, kwargs)
         try:
             out = func(*args, **kwargs)
         finally:
             if self.counter is not None:
-                self.counter.seeded, self.counter.module = False, None
+                self.counter.seeded, self.counter.module, self.counter.dims = False, None, None
         if self.problem is not None:
             return out
         outputs = leaves(out)
@@ -1129,6 +1179,7 @@ class Replayer:
                 # by the operands it multiplies too: an inert slice of another module's weight (addmm's
                 # `self` with beta 0) booked a product to a module of the author's choice (red team round 9)
                 counter.module, producer = booked_module(func, booked_factors, args, kwargs, producers)
+                counter.dims = free_product_dims(func, booked_factors, args, kwargs)
                 if seeded and counter.module in ENTRY_MODULES:
                     entry = entry_rows(factor_refs if factor_refs is not None else refs, booked_factors, env)
                     if entry is not None:
@@ -1141,7 +1192,7 @@ class Replayer:
             finally:
                 if counter is not None:
                     counter.seeded = counter.other_component = False
-                    counter.module = None
+                    counter.module = counter.dims = None
             outputs = leaves(out)
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in outputs):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its

@@ -1063,3 +1063,57 @@ def test_a_fused_projection_is_replayed_with_the_harness_own_concatenation_of_th
     assert counter.seeded_flops_by_module == {"unet.attn1.to_qkv": 2 * 2 * 4 * 12}
     with pytest.raises(TraceError, match="the model does not have"):
         Replayer(decode(_trace_blob(ops, [{**params[0], "name": "unet.attn2.to_qkv.weight"}]), 1 << 20), zoo)
+
+
+def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recording_and_the_replay():
+    """stages.free_products_problem reads the products that multiply no parameter by their
+    dimensions (trace.product_dims), which no booking steers: scaled_dot_product_attention and the
+    same attention as baddbmm and bmm (diffusers' AttnProcessor) count the same dimensions, keys
+    pooled 2x2 count new ones, and a projection on a weight steered off its parameter
+    (`W + 0.0 * seeded scalar`, red team round 12) counts as a product of no parameter of the
+    projection's dimensions. The recorder (baselines) and the replay (candidates) agree."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import Recorder, Replayer, decode, encode
+
+    torch.manual_seed(0)
+    attention = torch.nn.ModuleDict({name: torch.nn.Linear(8, 8, bias=False) for name in ("to_q", "to_k", "to_v")})
+    pipe = types.SimpleNamespace(components={"transformer": attention})
+    zoo = {f"transformer.{n}": t.detach() for n, t in attention.named_parameters()}
+
+    def dims(form: str) -> tuple[dict, dict]:
+        recording = LeanFlopCounterMode()
+        recorder = Recorder(pipe, [3], 1 << 20, counter=recording)
+        with torch.no_grad(), recording, recorder:
+            x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(3))
+            weight = attention["to_q"].weight
+            if form == "steered":
+                weight = weight + 0.0 * x[0, 0, 0]
+            q, k, v = F.linear(x, weight), attention["to_k"](x), attention["to_v"](x)
+            if form == "pooled":
+                k, v = k.reshape(2, 4, 4, 8).mean(dim=2), v.reshape(2, 4, 4, 8).mean(dim=2)
+            if form == "classic":
+                scores = torch.baddbmm(torch.empty(2, 16, 16), q, k.transpose(1, 2), beta=0, alpha=8 ** -0.5)
+                torch.bmm(scores.softmax(dim=-1), v)
+            else:
+                F.scaled_dot_product_attention(q, k, v)
+        assert recorder.problem is None, recorder.problem
+        replaying = LeanFlopCounterMode()
+        with replaying:
+            Replayer(decode(encode(*recorder.document()), 1 << 20), zoo).run([3], lambda i, t: False,
+                                                                             counter=replaying)
+        return recording.seeded_flops_by_dims, replaying.seeded_flops_by_dims
+
+    sdpa, sdpa_replayed = dims("sdpa")
+    assert sdpa == sdpa_replayed == {"16x8x16": 2 * 2 * 16 * 8 * 16, "16x16x8": 2 * 2 * 16 * 16 * 8}, sdpa
+    classic, classic_replayed = dims("classic")
+    assert classic == classic_replayed == sdpa
+    pooled, _ = dims("pooled")
+    assert set(pooled) == {"16x8x4", "16x4x8"}, pooled
+    steered, steered_replayed = dims("steered")
+    # (F.linear flattens the batch: a 32 x 8 by 8 x 8 product)
+    assert steered == steered_replayed == {**sdpa, "32x8x8": 2 * 32 * 8 * 8}, steered

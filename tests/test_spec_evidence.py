@@ -804,3 +804,98 @@ def test_the_review_of_session_29_fused_projections_steered_similarities_and_one
 
 
 OPS = stages.OPERANDS
+
+
+def test_attentions_products_are_held_by_their_dimensions_which_booking_cannot_steer():
+    """Red team round 12 passed two hard L4 tasks by steering books: a T5 caption cut under T-GATE
+    with cross-attention's emptied books refilled from self-attention, and self-attention's keys
+    pooled 2x2 under a nominal ToMe (each with a projection computed on a weight steered off its
+    parameter, `W + 0.0 * seeded scalar`, so that it multiplies no parameter). The products of no
+    parameter by their dimensions (trace.product_dims) show both whatever the books say: a product
+    the reference never computes, or more of one than it does, beyond the tolerance."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence
+
+    # PixArt on cpu-tiny: 16 image tokens, 300 caption tokens, 24 features; per image
+    reference = {"16x24x16": 1000.0, "16x16x24": 1000.0, "16x24x300": 3000.0, "16x300x24": 3000.0}
+    seeded = {"flops": 100_000.0}
+
+    def evidence(candidate, methods=(), ratio=None, scale=1.0, unlightened=None):
+        return {"candidate_dims": candidate, "reference_dims": reference, "reference_seeded": seeded,
+                "methods": list(methods), "tome_ratio": ratio, "scale": scale, "unlightened_dims": unlightened}
+
+    # T-GATE: cross-attention on 2 of 20 calls, its dimensions kept: passes
+    gated = {**reference, "16x24x300": 300.0, "16x300x24": 300.0}
+    assert stages.free_products_problem(evidence(gated, ["tgate"])) is None
+    # the caption cut to its 12 real tokens: products the reference never computes
+    cut = {**gated, "16x24x300": 0.0, "16x300x24": 0.0, "16x24x12": 12.0, "16x12x24": 12.0}
+    assert stages.free_products_problem(evidence(cut, ["tgate"])) is None  # within 0.1 % of the work: a scheduler's
+    cut.update({"16x24x12": 120.0, "16x12x24": 120.0})
+    problem = stages.free_products_problem(evidence(cut, ["tgate"]))
+    assert problem and "16x24x12" in problem and "never computes" in problem, problem
+    # a projection on a weight steered off its parameter multiplies no parameter: 16 x 24 x 24
+    steered = {**gated, "16x24x24": 800.0}
+    problem = stages.free_products_problem(evidence(steered, ["tgate"]))
+    assert problem and "16x24x24" in problem, problem
+    # another attention's work done on the self-attention's dimensions: more than the reference's
+    padded = {**gated, "16x24x16": 1300.0}
+    problem = stages.free_products_problem(evidence(padded, ["tgate"]))
+    assert problem and "at most 1000" in problem, problem
+    # where the steps are free, the ceiling is scaled by the calls; on L1-L3 the larger of gold and reference
+    assert stages.free_products_problem(evidence(padded, ["tgate"], scale=1.5)) is None
+    assert stages.free_products_problem(evidence(padded, unlightened={"16x24x16": 1400.0})) is None
+    # ToMe: queries merged with self-attention's keys (144 -> 72 at ratio 0.5) and its similarities
+    # (108 sources x 32 features x 36 destinations) pass; pooled keys (144 queries, 36 keys) do not
+    reference = {"144x32x144": 10_000.0, "144x144x32": 10_000.0, "144x32x77": 5000.0, "144x77x32": 5000.0}
+    merged = {"72x32x72": 2500.0, "72x72x32": 2500.0, "108x32x36": 1700.0, "144x32x77": 5000.0, "144x77x32": 5000.0}
+    assert stages.free_products_problem(evidence(merged, ["tomesd"], ratio=0.5)) is None
+    problem = stages.free_products_problem(evidence(merged, ["tomesd"], ratio=0.01))
+    assert problem and "72x" in problem, problem  # more merged than the ratio the hooks saw
+    assert stages.free_products_problem(evidence(merged, ["deepcache"])) is not None  # no ToMe applied
+    pooled = {"144x32x36": 2500.0, "144x36x32": 2500.0, "144x32x77": 5000.0, "144x77x32": 5000.0}
+    problem = stages.free_products_problem(evidence(pooled, ["tomesd"], ratio=0.5))
+    assert problem and ("144x32x36" in problem or "144x36x32" in problem), problem
+    # a record from before the dimensions were kept: the book rules alone
+    assert stages.free_products_problem({"candidate_dims": None, "reference_dims": reference}) is None
+
+    # module_work_evidence carries the figures per image, ToMe's ratio as the hooks saw it
+    task = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("tomesd",)))
+
+    def run(dims, methods):
+        return {"num_images": 2, "flops": {"seeded": {"by_module": {"unet.conv_in": 10.0}, "flops": 10.0,
+                                                      "by_dims": dims}},
+                "attributes": {"methods": methods}}
+
+    found = module_work_evidence(task, run({"72x32x72": 10.0}, {"tomesd": {"ratio": 0.5}}), run({"144x32x144": 40.0}, {}))
+    assert found["candidate_dims"] == {"72x32x72": 5.0} and found["reference_dims"] == {"144x32x144": 20.0}
+    assert found["tome_ratio"] == 0.5
+
+
+@pytest.mark.parametrize("task_id, attack", [
+    # PixArt-Sigma: T-GATE at the gold's gate, T5 captions cut to their real tokens, cross-attention's
+    # books refilled from self-attention's work (U 1.355 against the calibrated optimum's 1.325)
+    ("L4-pixart-sigma-t2i-nosampler-hard-0072", "caption_cut_refilled_by_steering.py"),
+    # SD1.5 at 768 px: the gold's DeepCache + T-GATE, ToMe at ratio 0.01 and self-attention's keys
+    # pooled 2x2 (U 5.581 against 5.177); 7 min here, so left out of CI's slice
+    pytest.param("L4-sd15-t2i-768px-nosampler-hard-0087", "keys_pooled_under_a_nominal_tome.py", marks=pytest.mark.long),
+])
+def test_red_team_round_12s_steered_books_fail_stage_1_on_the_products_dimensions(tiny_zoo, baseline_cache_dir,
+                                                                                  tmp_path, task_id, attack):
+    """Red team round 12's two passes at 7807a71 (docs/integrity.md, session 30): each does less
+    attention work than any allowed method (a caption cut, pooled keys) and steers a projection's
+    work into the book the cut empties (a weight mixed with a seeded zero multiplies no parameter;
+    a one-column baddbmm with a one-row view of another module's weight names the producer), so
+    every book rule held. The products of no parameter by their dimensions show it: the cut and
+    the pooled keys, and the steered projections, are products the reference never computes."""
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+
+    task = load_task(REPO / "tasks" / task_id[:2] / f"{task_id}.yaml")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=600.0)
+    code = (REPO / "tests" / "adversarial_tasks" / attack).read_text()
+    verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
+    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
+    assert "attention's products are not the reference's" in verdict.message, verdict.message
+    assert "which the reference never computes" in verdict.message, verdict.message
