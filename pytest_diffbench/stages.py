@@ -624,6 +624,34 @@ def attention_keys_problem(candidate: Mapping[str, Any], reference: Mapping[str,
     return None
 
 
+#: a self-attention's projections, which all read its tokens (the same tokens, merged or not)
+SELF_ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
+
+
+def self_attention_projections_problem(candidate: Mapping[str, Any], reference: Mapping[str, Any],
+                                       judged: set[str]) -> str | None:
+    """A self-attention's four projections do the same share of the reference's work: each reads
+    the block's tokens once per call, and every allowed method skips or caches the whole attention
+    (T-GATE, DeepCache) or merges its tokens before all four (ToMe). Shares apart are keys and
+    values made from fewer tokens than the queries (pooled: red team round 12, F3), or a projection's
+    work steered into another book."""
+    attentions = {book[:-len(suffix)] for book in judged for suffix in SELF_ATTENTION_PROJECTIONS
+                  if book.endswith(suffix) and re.search(r"(^|\.)attn1$", book[:-len(suffix)])}
+    for attention in sorted(attentions):
+        books = [attention + suffix for suffix in SELF_ATTENTION_PROJECTIONS]
+        if not all(book in judged and _figure(reference, book) > 0 for book in books):
+            continue
+        shares = {book: _figure(candidate, book) / _figure(reference, book) for book in books}
+        low, high = min(shares, key=shares.get), max(shares, key=shares.get)
+        if shares[high] > shares[low] * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
+            return (f"a self-attention's projections do different shares of their work: {low} computed "
+                    f"{shares[low]:.4g} of the work it is held to and {high} {shares[high]:.4g} (counted by the "
+                    f"harness's replay), where every allowed method skips, caches or merges the tokens of all four "
+                    f"alike; keys or values made from fewer tokens than the queries, or a projection's work booked "
+                    f"elsewhere")
+    return None
+
+
 def outside_work_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
     """The seeded work outside the books the reference is judged by (in no book: products of no
     module, or in books the reference lacks or does not judge, such as cross-attention's key
@@ -843,7 +871,8 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     # stage 3 says so, and the rules that read more work somewhere as steered work stand aside
     found_total = sum(_figure(candidate, book) for book in candidate)
     too_slow = found_total > MAX_SLOWDOWN_VS_GOLD * sum(_figure(reference, book) for book in reference)
-    problem = (None if too_slow else free_products_problem(evidence)) or \
+    problem = (None if too_slow else (free_products_problem(evidence)
+                                      or self_attention_projections_problem(candidate, reference, judged))) or \
         attention_keys_problem(candidate, reference, judged, methods, upper=not too_slow)
     if problem:
         return problem

@@ -899,3 +899,21 @@ def test_red_team_round_12s_steered_books_fail_stage_1_on_the_products_dimension
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
     assert "attention's products are not the reference's" in verdict.message, verdict.message
     assert "which the reference never computes" in verdict.message, verdict.message
+
+
+def test_a_self_attentions_four_projections_do_the_same_share_of_their_work():
+    """Every allowed method skips, caches or merges a self-attention's tokens before all four of its
+    projections, so their shares of the reference's work agree; keys and values projected from
+    pooled tokens (red team round 12, F3: to_k 0.25 and to_q 0.49 of their work) do not."""
+    attention = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    reference = {attention + suffix: 100.0 for suffix in stages.SELF_ATTENTION_PROJECTIONS}
+    judged = set(reference)
+    merged = {book: 49.3 for book in reference}  # ToMe and DeepCache: all four alike
+    assert stages.self_attention_projections_problem(merged, reference, judged) is None
+    pooled = {**merged, attention + ".to_k": 25.0, attention + ".to_v": 26.56}
+    problem = stages.self_attention_projections_problem(pooled, reference, judged)
+    assert problem and attention + ".to_k computed 0.25" in problem and "0.493" in problem, problem
+    # cross-attention's key and value projections read the caption: not held so
+    cross = {book.replace("attn1", "attn2"): v for book, v in pooled.items()}
+    assert stages.self_attention_projections_problem(cross, {b.replace("attn1", "attn2"): v for b, v in
+                                                             reference.items()}, set(cross)) is None
