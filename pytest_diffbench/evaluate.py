@@ -270,10 +270,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     return evidence
 
 
-#: diffusers' fused projections (`Attention.fuse_projections`, `pipe.fuse_qkv_projections()`):
-#: one parameter holding the query, key and value projections' rows (self-attention) or the key
-#: and value projections' (cross-attention), in equal parts
-FUSED_PROJECTIONS = {".to_qkv": (".to_q", ".to_k", ".to_v"), ".to_kv": (".to_k", ".to_v")}
+FUSED_PROJECTIONS = stages.FUSED_PROJECTIONS
 
 
 def split_fused_projections(books: Mapping[str, float]) -> dict[str, float]:

@@ -407,6 +407,13 @@ MODULE_WORK_TOLERANCE = 0.001
 #: ToMe alone (ratio 0.5) about 0.12 (0.46 of a merged call's)
 TOME_SIMILARITY_SHARE = 0.25
 
+#: diffusers' fused projections (`Attention.fuse_projections`, `pipe.fuse_qkv_projections()`):
+#: one parameter holding the query, key and value projections' rows (self-attention) or the key
+#: and value projections' (cross-attention), in equal parts and this order. One table for the
+#: replay, which builds them from the model's weights (trace.fused_parameter), and stage 1, which
+#: shares their work out (evaluate.split_fused_projections)
+FUSED_PROJECTIONS = {".to_qkv": (".to_q", ".to_k", ".to_v"), ".to_kv": (".to_k", ".to_v")}
+
 #: the pipeline components whose parameters make the denoiser's work
 DENOISER_COMPONENTS = frozenset({"unet", "transformer"})
 #: the suffix of the book that holds the products that multiply no parameter (attention's scores and

@@ -41,7 +41,7 @@ from .aten_leaves import leaves
 # the denoiser's components (a product whose parameter operand comes from other components alone,
 # text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
 # products of no parameter (Producers)
-from .stages import DENOISER_COMPONENTS, OPERANDS
+from .stages import DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS
 
 FORMAT = 1
 # bounds on what a trace may hold (checked while recording and again when decoding)
@@ -1000,10 +1000,9 @@ def _check_value(value: Any, defined: set[int], n_params: int, where: str, depth
 
 # -- replay (in the harness's replay process) ----------------------------------------------------------
 
-#: diffusers' fused attention projections (`Attention.fuse_projections`, as
-#: `pipe.fuse_qkv_projections()` calls it): a new parameter that concatenates the named
-#: projections' rows, in this order
-FUSED_PARAMETERS = {".to_qkv.": (".to_q.", ".to_k.", ".to_v."), ".to_kv.": (".to_k.", ".to_v.")}
+#: diffusers' fused attention projections (stages.FUSED_PROJECTIONS) by their parameters' names: a
+#: new parameter that concatenates the named projections' rows, in this order
+FUSED_PARAMETERS = {fused + ".": tuple(part + "." for part in parts) for fused, parts in FUSED_PROJECTIONS.items()}
 
 
 def fused_parameter(zoo: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
