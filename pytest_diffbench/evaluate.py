@@ -186,7 +186,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     call, times the calls the candidate reports. None where a figure is missing (a baseline cached
     before modules were counted, calls not reported)."""
     scale, per_call = 1.0, False
-    gate_share = None
+    gate_share = self_attention_share = None
     least_shares: dict[str, float] = {}
     unseen: dict[str, str] = {}
     if task.level in ("L1", "L2", "L3"):
@@ -208,6 +208,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             if share is not None:
                 least_shares["tgate"] = share
             gate_share = tgate_gate_share(attributes)
+            self_attention_share = tgate_self_attention_share(attributes)
         if "fast_sampler" in allowed:
             # the steps are free: held to the reference's work per denoiser call times the calls per
             # pipeline call that stage 1 reports (a denoiser answering some calls from an earlier
@@ -252,6 +253,11 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     if "tgate" in methods:
         # the stricter of the gate the hooks saw and the one the replay's work shows
         replayed = tgate_replayed_share(cand, held_to)
+        if replayed is not None and self_attention_share is not None:
+            # self-attention's floor by the later of the hooks' gate and the replay's
+            replayed_gate = 2 * replayed / (1 - stages.MODULE_WORK_TOLERANCE) - 1
+            self_attention_share = max(self_attention_share, tgate_self_attention_share(
+                candidate.get("attributes"), replayed_gate) or 0.0)
         shares = [s for s in (least_shares.get("tgate"), replayed) if s is not None]
         if shares:
             least_shares["tgate"] = max(shares)
@@ -261,7 +267,8 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
                 "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call,
                 "scale": scale, "tgate_gate_share": gate_share, "candidate_seeded": seeded_totals(candidate), "reference_seeded": seeded_totals(against),
                 "candidate_dims": dims_per_image(candidate), "reference_dims": dims_per_image(against),
-                "tome_ratio": tome_ratio(candidate.get("attributes")) if "tomesd" in methods else None}
+                "tome_ratio": tome_ratio(candidate.get("attributes")) if "tomesd" in methods else None,
+                "tgate_self_attention_share": self_attention_share}
     if against is gold:
         evidence["unlightened_dims"] = dims_per_image(reference)
         # L1-L3: where the gold's steps or methods lighten a module, the reference's figure too
@@ -306,6 +313,46 @@ def tgate_gate_share(attributes: Mapping | None) -> float | None:
     first = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else n
     gate_call = min(n, max(0, gate + max(0, n - first)))  # the reported gate step leaves out warm-up calls
     return gate_call / n
+
+
+def tgate_self_attention_share(attributes: Mapping | None, replayed_gate: float | None = None) -> float | None:
+    """The share of the reference's self-attention work T-GATE leaves, from the gate step stage 1
+    observed and the caching intervals pipe.tgate was called with (tgate_utils.tgate_scheduler, as
+    tgate's pipelines call it with `cur_step = i - warm-up calls`): self-attention is computed on
+    the calls up to and including `warm_up`, on every `sp_interval`-th before the gate, on the call
+    before the gate, and on every `fi_interval`-th after it; on the whole batch before the gate and
+    the conditional half after. Intervals not recorded count as 1 (computed on every call: the
+    most T-GATE leaves). `replayed_gate`: the share of the calls the replay's cross-attention work
+    shows computed; the later of that gate and the hooks' is taken (a decoy can show the hooks an
+    early gate: red team round 8, S2). None where the gate step or the calls are not reported."""
+    if not isinstance(attributes, Mapping) or tgate_gate_share(attributes) is None:
+        return None
+    tgate = attributes["methods"]["tgate"]
+    recorded = attributes.get("tgate_intervals") if isinstance(attributes.get("tgate_intervals"), Mapping) else {}
+    calls = attributes["steps"]["denoiser_calls"][0]
+    requested = attributes["steps"].get("requested")
+    first = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else calls
+    warm = max(0, calls - first)
+
+    def interval(name: str, default: int) -> int:
+        value = recorded.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+    gate, warm_up = tgate["gate_step"], interval("warm_up", calls)
+    if isinstance(replayed_gate, (int, float)) and 0 <= replayed_gate <= 1:
+        gate = max(gate, round(replayed_gate * calls) - warm)
+    sp, fi = max(1, interval("sp_interval", 1)), max(1, interval("fi_interval", 1))
+    rows = 0
+    for index in range(calls):
+        step = index - warm
+        if step < gate - 1:
+            computed = step <= warm_up or step % sp == 0
+        elif step == gate - 1:
+            computed = True
+        else:
+            computed = step % fi == 0
+        rows += (2 if step < gate else 1) if computed else 0
+    return rows / (2 * calls)
 
 
 def tgate_least_share(attributes: Mapping | None) -> float | None:

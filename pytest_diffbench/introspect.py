@@ -399,6 +399,24 @@ def _deepcache_params(helper: Any) -> dict:
     return {"cache_interval": _plain(params.get("cache_interval")), "cache_branch_id": branch}
 
 
+#: pipe.tgate's arguments that set which calls compute self-attention (tgate_utils.tgate_scheduler)
+TGATE_INTERVALS = ("sp_interval", "fi_interval", "warm_up")
+
+
+def tgate_intervals(calls: list[dict]) -> dict:
+    """The self-attention caching intervals of the recorded pipe.tgate calls, the strictest of
+    them where there are several (the most self-attention computed: the least intervals, the
+    longest warm-up), so a decoy call with long intervals lowers nothing. Left out where a call
+    did not record them: stage 1 then holds self-attention to every call."""
+    found = {}
+    for name, pick in (("sp_interval", min), ("fi_interval", min), ("warm_up", max)):
+        values = [c.get(name) for c in calls]
+        if values and all(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if name == "warm_up" else 1)
+                          for v in values):
+            found[name] = pick(values)
+    return found
+
+
 def _tgate_function(pipe: Any) -> Any:
     try:
         tgate_fn = vars(pipe).get("tgate") if hasattr(pipe, "__dict__") else None
@@ -539,6 +557,8 @@ def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
         "methods": dict(sorted(methods.items())),
         "unverified_methods": dict(sorted(unverified.items())),
         "method_evidence": evidence,
+        # the caching intervals pipe.tgate was called with (evaluate.tgate_self_attention_share)
+        **({"tgate_intervals": tgate_intervals(probe.tgate_calls)} if probe is not None and "tgate" in methods else {}),
     }
 
 
@@ -1094,7 +1114,8 @@ class StepProbe:
             else:
                 record = dict(kwargs)
             probe.tgate_calls.append({"gate_step": _plain(record.get("gate_step")),
-                                      "num_inference_steps": _plain(record.get("num_inference_steps"))})
+                                      "num_inference_steps": _plain(record.get("num_inference_steps")),
+                                      **{name: _plain(record.get(name)) for name in TGATE_INTERVALS}})
             return original(*args, **kwargs)
 
         tgate._diffbench_probe_wrapper = True

@@ -481,6 +481,35 @@ def tgate_gate_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | N
             f"do not see them, which T-GATE does not do")
 
 
+SELF_ATTENTION_BOOKS = re.compile(r"(^|\.)attn1(\.to_q|\.to_k|\.to_v|\.to_out\.0|" + re.escape(OPERANDS) + r")$")
+
+
+def tgate_self_attention_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
+    """Where T-GATE lightens the denoiser, each self-attention book does at least the share of the
+    reference's work T-GATE's own schedule leaves it (evaluate.tgate_self_attention_share: the
+    gate step the hooks saw, the caching intervals pipe.tgate was called with), not the floor of 0
+    its most caching settings could reach: self-attention skipped on more calls than T-GATE
+    skips it is a cache no task allows (the trust review of session 29, F4; red team round 12's F2
+    took its refill from there). Not where DeepCache or ToMe lightens the same books (their own
+    rules hold them: deepcache_shares_problem, the keys and dimensions rules)."""
+    share = evidence.get("tgate_self_attention_share")
+    methods = evidence.get("methods") or ()
+    if (not isinstance(share, (int, float)) or isinstance(share, bool) or "tgate" not in methods
+            or "deepcache" in methods or "tomesd" in methods):
+        return None
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+    for book in sorted(judged):
+        if not SELF_ATTENTION_BOOKS.search(book) or _figure(reference, book) <= 0:
+            continue
+        found = _figure(candidate, book) / _figure(reference, book)
+        if found < share * (1 - MODULE_WORK_TOLERANCE) - MODULE_WORK_TOLERANCE:
+            return (f"self-attention does less than T-GATE leaves it: {book} computed {found:.4g} of the work it is "
+                    f"held to, where T-GATE's gate and caching intervals as applied (see the methods stage 1 "
+                    f"saw) compute {share:.4g} of it (counted by the harness's replay); self-attention skipped or "
+                    f"cached on calls T-GATE computes it, which no allowed method does")
+    return None
+
+
 def tgate_batch_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
     """Where T-GATE lightens the denoiser, no module outside attention does more than the share of
     the reference's work its gate leaves: the whole batch before the gate, the conditional
@@ -910,7 +939,8 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
         return (f"the denoiser's work exceeds what it is held to: expected {module} to compute at most "
                 f"{ceiling:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found {found:.4g} "
                 f"(counted by the harness's replay); another module's work booked to it, which no method does")
-    problem = tgate_gate_problem(evidence, judged) or (None if too_slow else (
+    problem = tgate_gate_problem(evidence, judged) or tgate_self_attention_problem(evidence, judged) or (
+        None if too_slow else (
         outside_work_problem(evidence, judged) or tgate_batch_problem(evidence, judged)
         or deepcache_shares_problem(evidence, judged)))
     if problem:

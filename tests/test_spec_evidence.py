@@ -917,3 +917,39 @@ def test_a_self_attentions_four_projections_do_the_same_share_of_their_work():
     cross = {book.replace("attn1", "attn2"): v for book, v in pooled.items()}
     assert stages.self_attention_projections_problem(cross, {b.replace("attn1", "attn2"): v for b, v in
                                                              reference.items()}, set(cross)) is None
+
+
+def test_self_attention_under_tgate_does_what_its_gate_and_caching_intervals_leave():
+    """T-GATE's floor for attention was 0 whatever its settings, so self-attention could be
+    skipped on calls T-GATE computes it (the trust review of session 29, F4; red team round 12's
+    F2 took its refill from there). Its schedule (tgate_utils.tgate_scheduler) from the gate the
+    hooks saw, or the later one the replay's cross-attention shows, and the intervals pipe.tgate
+    was called with, the strictest of several calls; intervals not recorded count as 1."""
+    from pytest_diffbench.evaluate import tgate_self_attention_share
+    from pytest_diffbench.introspect import tgate_intervals
+
+    def attributes(gate, **intervals):
+        return {"methods": {"tgate": {"gate_step": gate}}, "tgate_intervals": intervals,
+                "steps": {"denoiser_calls": [20], "requested": [20]}}
+
+    defaults = {"sp_interval": 5, "fi_interval": 1, "warm_up": 2}
+    # gate 2 of 20: every call computes it, the batch halves after the gate: (2 * 2 + 18) / 40
+    assert tgate_self_attention_share(attributes(2, **defaults)) == pytest.approx(22 / 40)
+    # gate 10: calls 0-2 (warm-up), 5 and 9 before it on the whole batch, 10-19 on half
+    assert tgate_self_attention_share(attributes(10, **defaults)) == pytest.approx((5 * 2 + 10) / 40)
+    assert tgate_self_attention_share(attributes(10)) == pytest.approx((10 * 2 + 10) / 40)  # not recorded
+    # a later gate shown by the replay's cross-attention work wins over an early one shown to the hooks
+    assert tgate_self_attention_share(attributes(2, **defaults), replayed_gate=0.5) == pytest.approx(20 / 40)
+    assert tgate_intervals([{"sp_interval": 20, "fi_interval": 3, "warm_up": 0},
+                            {"sp_interval": 5, "fi_interval": 1, "warm_up": 2}]) == defaults
+    assert tgate_intervals([{"sp_interval": None}]) == {}
+
+    books = {f"transformer.transformer_blocks.0.attn1{b}": 100.0 for b in (".to_q", ".to_k", ".to_v", ".to_out.0", OPS)}
+    evidence = {"reference": books, "methods": ["tgate"], "tgate_self_attention_share": 0.55}
+    assert stages.tgate_self_attention_problem({**evidence, "candidate": {b: 55.0 for b in books}}, set(books)) is None
+    skipped = {b: 12.0 for b in books}  # red team round 12's F2: self-attention at 0.12 of its work
+    problem = stages.tgate_self_attention_problem({**evidence, "candidate": skipped}, set(books))
+    assert problem and "computed 0.12" in problem and "0.55" in problem, problem
+    # DeepCache's own rule holds the books where it is applied too
+    assert stages.tgate_self_attention_problem({**evidence, "candidate": skipped, "methods": ["deepcache", "tgate"]},
+                                               set(books)) is None
