@@ -591,13 +591,14 @@ class Evaluator:
         if canonical:
             identity["images"] = f"canonical {CANONICAL_VERSION}"
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = 11  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
+            identity["recorded"] = 12  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
             # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18);
             # 7: and its FLOPs by denoiser module (flops.seeded.by_module; session 19);
             # 8: by the VAE's modules too, and the products of no parameter by their operands' module
             # (trace.booked_module; session 28); 9: those by the module around their operands' producer;
             # 10: weights computed in the call book to their parameters (trace._derived_origin);
-            # 11: the products of no parameter by their dimensions (flops.seeded.by_dims, session 30)
+            # 11: the products of no parameter by their dimensions (flops.seeded.by_dims, session 30);
+            # 12: ... keyed by component, and of no parameter by their operands' own origins
         return cache_key(identity)
 
     def baseline(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> CachedRun:

@@ -728,97 +728,128 @@ def outside_work_problem(evidence: Mapping[str, Any], judged: set[str]) -> str |
             f"which no honest form does")
 
 
-def _dims(key: str) -> tuple[int, int, int] | None:
-    """(n, m, p) of a product key "n x m x p" (trace.product_dims); None for another key."""
-    parts = key.split("x")
+def _dims(key: str) -> tuple[str, int, int, int] | None:
+    """(component, n, m, p) of a product key "component:n x m x p" (trace.free_product_dims);
+    None for another key (a convolution's, `other`)."""
+    where, _, dims = key.rpartition(":")
+    parts = dims.split("x")
     if len(parts) != 3 or not all(part.isdigit() for part in parts):
         return None
     n, m, p = (int(part) for part in parts)
-    return n, m, p
+    return where, n, m, p
 
 
-def _merged_by_tome(key: str, ceilings: Mapping[str, float], ratio: float) -> bool:
-    """Whether ToMe (tomesd, at `ratio`) makes a product of these dimensions from one of the
-    reference's: the queries of an attention merged (n -> x, no fewer than ratio takes away), with
-    a self-attention's keys merged with them (the scores' last dimension, the values' middle one,
-    where it was n), or the similarities of its bipartite matching (sources x features x
-    destinations, the two splitting an attention's n tokens)."""
-    dims = _dims(key)
-    if dims is None:
-        return False
-    x, y, z = dims
-    for reference in ceilings:
-        ref = _dims(reference)
-        if ref is None:
+def _self_attention_like(dims: tuple[str, int, int, int]) -> bool:
+    """Scores or weighted values of an attention whose keys are its queries' tokens."""
+    _, n, m, p = dims
+    return n == p or n == m
+
+
+SELF_POOL, CROSS_POOL = "ToMe's self-attention and similarities", "ToMe's other attention"
+
+
+def _merged_by_tome(dims: tuple[str, int, int, int], reference: list[tuple[str, int, int, int]],
+                    ratio: float) -> str | None:
+    """The pool (SELF_POOL, CROSS_POOL) of a product ToMe (tomesd, in the UNet, at `ratio`) makes
+    from one of the reference's, or None: an attention's queries merged (n -> x, no fewer than the
+    ratio leaves), a self-attention's keys merged with them (the scores' last dimension, the
+    values' middle one); or the similarities of its bipartite matching
+    (tomesd.merge.bipartite_soft_matching_random2d: the n tokens split into x sources and z
+    destinations, one per 2x2 cell, so z at most n / 4 and at least n / 16; features at least an
+    attention head's)."""
+    where, x, y, z = dims
+    if where != "unet":
+        return None
+    for ref in reference:
+        ref_where, n, m, p = ref
+        if ref_where != where:
             continue
-        n, m, p = ref
         if n - math.ceil(n * ratio) <= x <= n and y in (m, x if m == n else m) and z in (p, x if p == n else p):
-            return True
-        if p == n and x + z == n and z <= x:  # a self-attention's tokens split: ToMe's similarities
-            return True
-    return False
+            return SELF_POOL if _self_attention_like(ref) else CROSS_POOL
+        if p == n and x + z == n and n / 16 <= z <= n / 4 and y >= m:
+            return SELF_POOL
+    return None
 
 
 def free_products_problem(evidence: Mapping[str, Any]) -> str | None:
     """The products of no parameter that follow the seeds (attention's scores and weighted
-    values), by their dimensions (trace.product_dims: queries x features x keys, queries x keys x
-    features), which no booking steers: each must be of dimensions the reference computes (on L1-L3
-    the gold's or the reference's), and of each no more work than it does (the larger of the two,
-    times the calls where the steps are free). Methods only take work away: T-GATE and DeepCache
-    skip or cache whole calls, whose products keep their dimensions; ToMe (where applied) makes
-    fewer queries, with self-attention's keys merged with them, and its similarities, together up
-    to (1 + TOME_SIMILARITY_SHARE) of the reference's self-attention products. Products of other
-    dimensions are keys pooled or a caption cut, or a projection computed on a weight steered off
-    its parameter (which then multiplies no parameter); more of the reference's dimensions is
-    another attention's work done on them (red team round 12: a T5 caption cut under T-GATE with
-    its cross-attention books refilled from self-attention, and 2x2 pooled keys under a nominal
-    ToMe, each with a projection's work steered into the emptied book, passed every book rule).
-    Within MODULE_WORK_TOLERANCE of the reference's seeded work in all (a scheduler's einsum)."""
+    values), by their component and dimensions (trace.free_product_dims: queries x features x
+    keys, queries x keys x features), which no booking steers: each must be of dimensions the
+    reference computes (on L1-L3 the gold's or the reference's), and of each no more work than it
+    does (the larger of the two; the denoiser's times the calls where the steps are free, the
+    VAE's per image). Methods only take work away: T-GATE and DeepCache skip or cache whole calls,
+    whose products keep their dimensions. ToMe (where applied) makes fewer queries, with
+    self-attention's keys merged with them, and its similarities: there the UNet's self-attention
+    products, merged or not, and the similarities are held together to (1 + TOME_SIMILARITY_SHARE)
+    of the reference's self-attention products, and its other attention products together to the
+    reference's (a merged count can equal a deeper level's tokens: the trust review of session
+    30, B1). Products of other dimensions are keys pooled or a caption cut, or a projection
+    computed on a weight steered off its parameter (which then multiplies no parameter); more of
+    the reference's dimensions is another attention's work done on them (red team round 12: a T5
+    caption cut under T-GATE with its cross-attention books refilled from self-attention, and 2x2
+    pooled keys under a nominal ToMe, each with a projection's work steered into the emptied book,
+    passed every book rule). Within MODULE_WORK_TOLERANCE of the reference's seeded work in all (a
+    scheduler's einsum)."""
     candidate, reference = evidence.get("candidate_dims"), evidence.get("reference_dims")
     if not isinstance(candidate, Mapping) or not isinstance(reference, Mapping):
         return None  # a record from before the dimensions were kept: the book rules alone
-    scale = max(1.0, float(evidence.get("scale") or 1.0))
+    scale = float(evidence.get("scale") or 1.0)
+    scale = scale if scale > 0 else 1.0
     ceilings = {key: _figure(reference, key) for key in reference}
     unlightened = evidence.get("unlightened_dims")
     if isinstance(unlightened, Mapping):
         for key in unlightened:
             ceilings[key] = max(ceilings.get(key, 0.0), _figure(unlightened, key))
-    ceilings = {key: value * scale for key, value in ceilings.items()}
+    # the denoiser's products by its calls; the VAE's are once per image, whatever the steps
+    ceilings = {key: value * (scale if key.partition(":")[0] in DENOISER_COMPONENTS else 1.0)
+                for key, value in ceilings.items()}
     ratio = evidence.get("tome_ratio")
     merging = "tomesd" in (evidence.get("methods") or ()) and isinstance(ratio, (int, float)) and \
         not isinstance(ratio, bool) and 0 < ratio < 1
+    known = [d for d in map(_dims, ceilings) if d is not None]
+    # under ToMe, the UNet's attention products in two pools (self-attention's with the similarities,
+    # and the others), each held to the reference's total; every other key to its own ceiling
+    pools: dict[str, list[float]] = {SELF_POOL: [0.0, 0.0], CROSS_POOL: [0.0, 0.0]} if merging else {}
+    if merging:
+        for key, value in ceilings.items():
+            dims = _dims(key)
+            if dims is not None and dims[0] == "unet":
+                share = 1 + TOME_SIMILARITY_SHARE if _self_attention_like(dims) else 1.0
+                pools[SELF_POOL if _self_attention_like(dims) else CROSS_POOL][1] += value * share
     excess: dict[str, float] = {}
-    merged: dict[str, float] = {}
     for key in candidate:
         found = _figure(candidate, key)
         if found <= 0:
             continue
-        if key in ceilings:
+        dims = _dims(key)
+        pool = None
+        if merging and dims is not None and dims[0] == "unet":
+            pool = ((SELF_POOL if _self_attention_like(dims) else CROSS_POOL) if key in ceilings
+                    else _merged_by_tome(dims, known, float(ratio)))
+        if pool is not None:
+            pools[pool][0] += found
+        elif key in ceilings:
             if found > ceilings[key] * (1 + MODULE_WORK_TOLERANCE):
                 excess[key] = found - ceilings[key]
-        elif merging and _merged_by_tome(key, ceilings, float(ratio)):
-            merged[key] = found
         else:
             excess[key] = found
-    if merged:
-        self_attention = sum(v for k, v in ceilings.items()
-                             if (d := _dims(k)) is not None and (d[0] == d[2] or d[0] == d[1]))
-        over = sum(merged.values()) - (1 + TOME_SIMILARITY_SHARE) * self_attention
-        if over > 0:
-            excess["ToMe's merged products"] = over
+    for pool, (found, allowed) in pools.items():
+        if found > allowed * (1 + MODULE_WORK_TOLERANCE):
+            excess[pool] = found - allowed
     seeded = evidence.get("reference_seeded")
     total = _figure(seeded, "flops") if isinstance(seeded, Mapping) else 0.0
     slack = MODULE_WORK_TOLERANCE * (total or sum(ceilings.values()))
     if sum(excess.values()) <= slack:
         return None
     key, extra = max(excess.items(), key=lambda kv: (kv[1], kv[0]))
-    if key in ceilings:
-        what = (f"{_figure(candidate, key):.4g} FLOPs per image of products {key} (queries x features x keys, or "
-                f"queries x keys x features), where the reference computes at most {ceilings[key]:.4g}")
-    elif key in candidate:
-        what = f"{extra:.4g} FLOPs per image of products {key}, which the reference never computes"
+    shape = "(queries x features x keys, or queries x keys x features)" if _dims(key) else ""
+    held = "the larger of the gold's and the reference's" if isinstance(unlightened, Mapping) else "the reference's"
+    if key in pools:
+        what = f"{pools[key][0]:.4g} FLOPs per image in {key}, where ToMe leaves at most {pools[key][1]:.4g}"
+    elif key in ceilings:
+        what = f"{_figure(candidate, key):.4g} FLOPs per image of products {key} {shape}, where {held} are {ceilings[key]:.4g}"
     else:
-        what = f"{extra:.4g} FLOPs per image more in ToMe's merged attention and similarities than it allows"
+        what = f"{extra:.4g} FLOPs per image of products {key} {shape}, which the reference never computes"
     return (f"attention's products are not the reference's: {what} (the products that multiply no parameter, by "
             f"their dimensions, counted by the harness's replay; {sum(excess.values()):.4g} in all beyond the "
             f"reference's); keys pooled or a caption cut, another attention's work, or a projection on a weight "

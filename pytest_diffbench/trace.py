@@ -415,12 +415,19 @@ def booked_module(func, factors: list, args: Any, kwargs: Any, producers: Produc
     return producer.rpartition(".")[0] + OPERANDS, producer
 
 
-def free_product_dims(func, factors: list, args: Any, kwargs: Any) -> tuple[tuple[str, float], ...] | None:
-    """`product_dims` of a counted op that multiplies no parameter (by `factors`' origins, as
-    `booked_module` reads them); None for any other op."""
+def free_product_dims(func, factors: list, book: str | None, args: Any, kwargs: Any) -> tuple[tuple[str, float], ...] | None:
+    """`product_dims` of a counted op that multiplies no parameter, each key prefixed with the
+    component of the book the op's FLOPs go to (`unet:144x4x144`; `none:` for no book), so that
+    the denoiser's products are held per call and the VAE's per image; None for any other op.
+    Whether it multiplies a parameter is read from `factors`' own origins (views and copies of
+    parameters: `_kept_origin`), not the looser ones booking follows: a caption's keys mixed with
+    a parameter (`K + 0 * P.sum()`, which follows no seed) keep that parameter for booking, and
+    their product is still attention's (the trust review of session 30, A4). The component can be
+    steered with the book; a product so moved has dimensions that component does not compute."""
     if func._overloadpacket not in _COUNTED or parameter_module(factors) is not None:
         return None
-    return product_dims(func, args, kwargs)
+    where = book.partition(":")[0].partition(".")[0] if book else "none"
+    return tuple((f"{where}:{key}", share) for key, share in product_dims(func, args, kwargs))
 
 
 #: the module each denoiser call begins with, whose input is the call's latents: its invocations in
@@ -769,7 +776,9 @@ class Recorder(TorchDispatchMode):
             booked_factors = derived if entry is None or func._overloadpacket not in _COUNTED else _origin_sources(
                 _refs(_multiplicands(func, entry[1], entry[2]), []), self._param_names_list, self.derived)
             self.counter.module, producer = booked_module(func, booked_factors, args, kwargs, self.producers)
-            self.counter.dims = free_product_dims(func, booked_factors, args, kwargs)
+            kept_factors = [] if entry is None or func._overloadpacket not in _COUNTED else _origin_sources(
+                _refs(_multiplicands(func, entry[1], entry[2]), []), self._param_names_list, self.origins)
+            self.counter.dims = free_product_dims(func, kept_factors, self.counter.module, args, kwargs)
         try:
             out = func(*args, **kwargs)
         finally:
@@ -1178,7 +1187,7 @@ class Replayer:
                 # by the operands it multiplies too: an inert slice of another module's weight (addmm's
                 # `self` with beta 0) booked a product to a module of the author's choice (red team round 9)
                 counter.module, producer = booked_module(func, booked_factors, args, kwargs, producers)
-                counter.dims = free_product_dims(func, booked_factors, args, kwargs)
+                counter.dims = free_product_dims(func, factors, counter.module, args, kwargs)
                 if seeded and counter.module in ENTRY_MODULES:
                     entry = entry_rows(factor_refs if factor_refs is not None else refs, booked_factors, env)
                     if entry is not None:

@@ -1067,11 +1067,13 @@ def test_a_fused_projection_is_replayed_with_the_harness_own_concatenation_of_th
 
 def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recording_and_the_replay():
     """stages.free_products_problem reads the products that multiply no parameter by their
-    dimensions (trace.product_dims), which no booking steers: scaled_dot_product_attention and the
-    same attention as baddbmm and bmm (diffusers' AttnProcessor) count the same dimensions, keys
-    pooled 2x2 count new ones, and a projection on a weight steered off its parameter
-    (`W + 0.0 * seeded scalar`, red team round 12) counts as a product of no parameter of the
-    projection's dimensions. The recorder (baselines) and the replay (candidates) agree."""
+    component and dimensions (trace.free_product_dims), which no booking steers:
+    scaled_dot_product_attention and the same attention as baddbmm and bmm (diffusers'
+    AttnProcessor) count the same dimensions, keys pooled 2x2 count new ones, a projection on a
+    weight steered off its parameter (`W + 0.0 * seeded scalar`, red team round 12) counts as a
+    product of no parameter of the projection's dimensions, and so do keys made from a caption
+    mixed with a parameter (`K + 0 * W.sum()`, which follows no seed and so books to W's module:
+    the trust review of session 30, A4). The recorder (baselines) and the replay (candidates) agree."""
     import types
 
     import torch
@@ -1084,6 +1086,7 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
     attention = torch.nn.ModuleDict({name: torch.nn.Linear(8, 8, bias=False) for name in ("to_q", "to_k", "to_v")})
     pipe = types.SimpleNamespace(components={"transformer": attention})
     zoo = {f"transformer.{n}": t.detach() for n, t in attention.named_parameters()}
+    caption = torch.ones(2, 12, 8)
 
     def dims(form: str) -> tuple[dict, dict]:
         recording = LeanFlopCounterMode()
@@ -1096,9 +1099,14 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
             q, k, v = F.linear(x, weight), attention["to_k"](x), attention["to_v"](x)
             if form == "pooled":
                 k, v = k.reshape(2, 4, 4, 8).mean(dim=2), v.reshape(2, 4, 4, 8).mean(dim=2)
+            if form == "caption mixed":
+                k = attention["to_k"](caption) + 0 * attention["to_v"].weight.sum()
+                v = attention["to_v"](caption)
             if form == "classic":
                 scores = torch.baddbmm(torch.empty(2, 16, 16), q, k.transpose(1, 2), beta=0, alpha=8 ** -0.5)
                 torch.bmm(scores.softmax(dim=-1), v)
+            elif form == "caption mixed":
+                torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1), v)
             else:
                 F.scaled_dot_product_attention(q, k, v)
         assert recorder.problem is None, recorder.problem
@@ -1109,11 +1117,14 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
         return recording.seeded_flops_by_dims, replaying.seeded_flops_by_dims
 
     sdpa, sdpa_replayed = dims("sdpa")
-    assert sdpa == sdpa_replayed == {"16x8x16": 2 * 2 * 16 * 8 * 16, "16x16x8": 2 * 2 * 16 * 16 * 8}, sdpa
+    assert sdpa == sdpa_replayed == {"transformer:16x8x16": 2 * 2 * 16 * 8 * 16,
+                                     "transformer:16x16x8": 2 * 2 * 16 * 16 * 8}, sdpa
     classic, classic_replayed = dims("classic")
     assert classic == classic_replayed == sdpa
     pooled, _ = dims("pooled")
-    assert set(pooled) == {"16x8x4", "16x4x8"}, pooled
+    assert set(pooled) == {"transformer:16x8x4", "transformer:16x4x8"}, pooled
     steered, steered_replayed = dims("steered")
     # (F.linear flattens the batch: a 32 x 8 by 8 x 8 product)
-    assert steered == steered_replayed == {**sdpa, "32x8x8": 2 * 32 * 8 * 8}, steered
+    assert steered == steered_replayed == {**sdpa, "none:32x8x8": 2 * 32 * 8 * 8}, steered  # in no book
+    mixed, mixed_replayed = dims("caption mixed")
+    assert mixed == mixed_replayed and set(mixed) == {"transformer:16x8x12", "transformer:16x12x8"}, mixed

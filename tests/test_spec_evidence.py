@@ -811,14 +811,17 @@ def test_attentions_products_are_held_by_their_dimensions_which_booking_cannot_s
     with cross-attention's emptied books refilled from self-attention, and self-attention's keys
     pooled 2x2 under a nominal ToMe (each with a projection computed on a weight steered off its
     parameter, `W + 0.0 * seeded scalar`, so that it multiplies no parameter). The products of no
-    parameter by their dimensions (trace.product_dims) show both whatever the books say: a product
-    the reference never computes, or more of one than it does, beyond the tolerance."""
+    parameter by their component and dimensions (trace.free_product_dims) show both whatever the
+    books say: a product the reference never computes, or more of one than it does, beyond the
+    tolerance. Under ToMe the UNet's products are pooled (merged counts can equal a deeper level's
+    tokens) and its similarities must have tomesd's geometry (the trust review of session 30)."""
     from types import SimpleNamespace
 
     from pytest_diffbench.evaluate import module_work_evidence
 
-    # PixArt on cpu-tiny: 16 image tokens, 300 caption tokens, 24 features; per image
-    reference = {"16x24x16": 1000.0, "16x16x24": 1000.0, "16x24x300": 3000.0, "16x300x24": 3000.0}
+    # PixArt on cpu-tiny: 16 image tokens, 300 caption tokens, 8 features a head; per image
+    reference = {"transformer:16x8x16": 1000.0, "transformer:16x16x8": 1000.0, "transformer:16x8x300": 3000.0,
+                 "transformer:16x300x8": 3000.0, "vae:64x32x64": 500.0, "vae:64x64x32": 500.0}
     seeded = {"flops": 100_000.0}
 
     def evidence(candidate, methods=(), ratio=None, scale=1.0, unlightened=None):
@@ -826,36 +829,65 @@ def test_attentions_products_are_held_by_their_dimensions_which_booking_cannot_s
                 "methods": list(methods), "tome_ratio": ratio, "scale": scale, "unlightened_dims": unlightened}
 
     # T-GATE: cross-attention on 2 of 20 calls, its dimensions kept: passes
-    gated = {**reference, "16x24x300": 300.0, "16x300x24": 300.0}
+    gated = {**reference, "transformer:16x8x300": 300.0, "transformer:16x300x8": 300.0}
     assert stages.free_products_problem(evidence(gated, ["tgate"])) is None
     # the caption cut to its 12 real tokens: products the reference never computes
-    cut = {**gated, "16x24x300": 0.0, "16x300x24": 0.0, "16x24x12": 12.0, "16x12x24": 12.0}
+    cut = {**gated, "transformer:16x8x300": 0.0, "transformer:16x300x8": 0.0,
+           "transformer:16x8x12": 12.0, "transformer:16x12x8": 12.0}
     assert stages.free_products_problem(evidence(cut, ["tgate"])) is None  # within 0.1 % of the work: a scheduler's
-    cut.update({"16x24x12": 120.0, "16x12x24": 120.0})
+    cut.update({"transformer:16x8x12": 120.0, "transformer:16x12x8": 120.0})
     problem = stages.free_products_problem(evidence(cut, ["tgate"]))
-    assert problem and "16x24x12" in problem and "never computes" in problem, problem
-    # a projection on a weight steered off its parameter multiplies no parameter: 16 x 24 x 24
-    steered = {**gated, "16x24x24": 800.0}
+    assert problem and "transformer:16x8x12" in problem and "never computes" in problem, problem
+    # a projection on a weight steered off its parameter multiplies no parameter: 32 x 24 x 24
+    steered = {**gated, "transformer:32x24x24": 800.0}
     problem = stages.free_products_problem(evidence(steered, ["tgate"]))
-    assert problem and "16x24x24" in problem, problem
+    assert problem and "transformer:32x24x24" in problem, problem
+    # the same dimensions in another component are other products (steered into the VAE's book)
+    moved = {**gated, "transformer:16x8x300": 0.0, "vae:16x8x300": 300.0}
+    problem = stages.free_products_problem(evidence(moved, ["tgate"]))
+    assert problem and "vae:16x8x300" in problem, problem
     # another attention's work done on the self-attention's dimensions: more than the reference's
-    padded = {**gated, "16x24x16": 1300.0}
+    padded = {**gated, "transformer:16x8x16": 1300.0}
     problem = stages.free_products_problem(evidence(padded, ["tgate"]))
-    assert problem and "at most 1000" in problem, problem
-    # where the steps are free, the ceiling is scaled by the calls; on L1-L3 the larger of gold and reference
+    assert problem and "are 1000" in problem, problem
+    # where the steps are free the denoiser's ceilings follow the calls, both ways; the VAE's do not
     assert stages.free_products_problem(evidence(padded, ["tgate"], scale=1.5)) is None
-    assert stages.free_products_problem(evidence(padded, unlightened={"16x24x16": 1400.0})) is None
+    problem = stages.free_products_problem(evidence(gated, ["tgate"], scale=0.5))  # a full step's work on half the calls
+    assert problem and "transformer:16x8x16" in problem, problem
+    half = {k: v / 2 if k.startswith("transformer") else v for k, v in gated.items()}
+    assert stages.free_products_problem(evidence(half, ["tgate"], scale=0.5)) is None
+    # on L1-L3 the larger of the gold's and the reference's
+    problem = stages.free_products_problem(evidence(padded, unlightened={"transformer:16x8x16": 1400.0}))
+    assert problem is None, problem
     # ToMe: queries merged with self-attention's keys (144 -> 72 at ratio 0.5) and its similarities
     # (108 sources x 32 features x 36 destinations) pass; pooled keys (144 queries, 36 keys) do not
-    reference = {"144x32x144": 10_000.0, "144x144x32": 10_000.0, "144x32x77": 5000.0, "144x77x32": 5000.0}
-    merged = {"72x32x72": 2500.0, "72x72x32": 2500.0, "108x32x36": 1700.0, "144x32x77": 5000.0, "144x77x32": 5000.0}
+    reference = {"unet:144x4x144": 10_000.0, "unet:144x144x4": 10_000.0, "unet:144x4x77": 5000.0,
+                 "unet:144x77x4": 5000.0, "unet:36x16x36": 2000.0, "unet:36x36x16": 2000.0}
+    merged = {"unet:72x4x72": 2500.0, "unet:72x72x4": 2500.0, "unet:108x32x36": 1700.0, "unet:144x4x77": 5000.0,
+              "unet:144x77x4": 5000.0, "unet:36x16x36": 2000.0, "unet:36x36x16": 2000.0}
     assert stages.free_products_problem(evidence(merged, ["tomesd"], ratio=0.5)) is None
     problem = stages.free_products_problem(evidence(merged, ["tomesd"], ratio=0.01))
-    assert problem and "72x" in problem, problem  # more merged than the ratio the hooks saw
+    assert problem and "unet:72x" in problem, problem  # more merged than the ratio the hooks saw
     assert stages.free_products_problem(evidence(merged, ["deepcache"])) is not None  # no ToMe applied
-    pooled = {"144x32x36": 2500.0, "144x36x32": 2500.0, "144x32x77": 5000.0, "144x77x32": 5000.0}
+    pooled = {**merged, "unet:72x4x72": 0.0, "unet:72x72x4": 0.0, "unet:108x32x36": 0.0,
+              "unet:144x4x36": 2500.0, "unet:144x36x4": 2500.0}
     problem = stages.free_products_problem(evidence(pooled, ["tomesd"], ratio=0.5))
-    assert problem and ("144x32x36" in problem or "144x36x32" in problem), problem
+    assert problem and ("unet:144x4x36" in problem or "unet:144x36x4" in problem), problem
+    # one-column products shaped as similarities are not tomesd's (at most a quarter, at least a
+    # sixteenth of the tokens as destinations: the review's A1)
+    sliced = {**merged, "unet:143x4x1": 2500.0}
+    problem = stages.free_products_problem(evidence(sliced, ["tomesd"], ratio=0.5))
+    assert problem and "unet:143x4x1" in problem, problem
+    # merged and similarities are held together with the unmerged self-attention: full self-attention
+    # plus similarities beyond the allowance fails
+    full = {**reference, "unet:108x32x36": 7000.0}  # 24 000 of self-attention, 30 000 allowed
+    problem = stages.free_products_problem(evidence(full, ["tomesd"], ratio=0.5))
+    assert problem and "ToMe's self-attention and similarities" in problem, problem
+    # a merged count equal to a deeper level's tokens (144 -> 36 at ratio 0.75, the same head's
+    # features) is pooled, not charged to that level's ceiling (the review's B1)
+    deep = {**reference, "unet:144x4x144": 0.0, "unet:144x144x4": 0.0, "unet:36x4x36": 625.0, "unet:36x36x4": 625.0}
+    reference["unet:36x4x36"], reference["unet:36x36x4"] = 100.0, 100.0
+    assert stages.free_products_problem(evidence(deep, ["tomesd"], ratio=0.75)) is None
     # a record from before the dimensions were kept: the book rules alone
     assert stages.free_products_problem({"candidate_dims": None, "reference_dims": reference}) is None
 
@@ -867,8 +899,9 @@ def test_attentions_products_are_held_by_their_dimensions_which_booking_cannot_s
                                                       "by_dims": dims}},
                 "attributes": {"methods": methods}}
 
-    found = module_work_evidence(task, run({"72x32x72": 10.0}, {"tomesd": {"ratio": 0.5}}), run({"144x32x144": 40.0}, {}))
-    assert found["candidate_dims"] == {"72x32x72": 5.0} and found["reference_dims"] == {"144x32x144": 20.0}
+    found = module_work_evidence(task, run({"unet:72x32x72": 10.0}, {"tomesd": {"ratio": 0.5}}),
+                                 run({"unet:144x32x144": 40.0}, {}))
+    assert found["candidate_dims"] == {"unet:72x32x72": 5.0} and found["reference_dims"] == {"unet:144x32x144": 20.0}
     assert found["tome_ratio"] == 0.5
 
 
