@@ -297,14 +297,34 @@ def split_fused_projections(books: Mapping[str, float]) -> dict[str, float]:
     return split
 
 
+def tgate_gate_step(attributes: Mapping) -> int | None:
+    """T-GATE's gate step as stage 1 judges it: the one its hooks saw (the first call from which
+    no cross-attention key projection module ran), raised to the one pipe.tgate was called with
+    (`tgate_intervals.gate_step`, the latest of the calls) where that is later. The hooks see module
+    calls, which `F.linear(x, attn.to_k.weight)` or a shadowing attribute skip: a gate of 0 so
+    shown lifted every T-GATE floor while the cross-attention was computed out of the counted ops
+    (red team round 13, F1). Not where DeepCache is applied: there the hooks' gate is the last
+    computed call with cross-attention, up to an interval before the one called (the trust review
+    of session 29, F5)."""
+    methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
+    tgate = methods.get("tgate")
+    gate = tgate.get("gate_step") if isinstance(tgate, Mapping) else None
+    if not isinstance(gate, int) or isinstance(gate, bool):
+        return None
+    called = (attributes.get("tgate_intervals") or {}).get("gate_step") if isinstance(
+        attributes.get("tgate_intervals"), Mapping) else None
+    if isinstance(called, int) and not isinstance(called, bool) and "deepcache" not in methods:
+        gate = max(gate, called)
+    return gate
+
+
 def tgate_gate_share(attributes: Mapping | None) -> float | None:
     """The share of the denoiser calls before T-GATE's gate step that stage 1 observed (the calls on
     which cross-attention is computed), or None where the gate step or the calls are not reported."""
     if not isinstance(attributes, Mapping):
         return None
-    tgate = (attributes.get("methods") or {}).get("tgate") if isinstance(attributes.get("methods"), Mapping) else None
     steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
-    gate = tgate.get("gate_step") if isinstance(tgate, Mapping) else None
+    gate = tgate_gate_step(attributes)
     calls, requested = steps.get("denoiser_calls"), steps.get("requested")
     if not (isinstance(gate, int) and isinstance(calls, list) and calls and isinstance(calls[0], int)
             and not isinstance(gate, bool) and calls[0] > 0):
@@ -327,7 +347,6 @@ def tgate_self_attention_share(attributes: Mapping | None, replayed_gate: float 
     early gate: red team round 8, S2). None where the gate step or the calls are not reported."""
     if not isinstance(attributes, Mapping) or tgate_gate_share(attributes) is None:
         return None
-    tgate = attributes["methods"]["tgate"]
     recorded = attributes.get("tgate_intervals") if isinstance(attributes.get("tgate_intervals"), Mapping) else {}
     calls = attributes["steps"]["denoiser_calls"][0]
     requested = attributes["steps"].get("requested")
@@ -338,7 +357,7 @@ def tgate_self_attention_share(attributes: Mapping | None, replayed_gate: float 
         value = recorded.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
-    gate, warm_up = tgate["gate_step"], interval("warm_up", calls)
+    gate, warm_up = tgate_gate_step(attributes), interval("warm_up", calls)
     if isinstance(replayed_gate, (int, float)) and 0 <= replayed_gate <= 1:
         gate = max(gate, round(replayed_gate * calls) - warm)
     sp, fi = max(1, interval("sp_interval", 1)), max(1, interval("fi_interval", 1))

@@ -404,14 +404,14 @@ TGATE_INTERVALS = ("sp_interval", "fi_interval", "warm_up")
 
 
 def tgate_intervals(calls: list[dict]) -> dict:
-    """The self-attention caching intervals of the recorded pipe.tgate calls, the strictest of
-    them where there are several (the most self-attention computed: the least intervals, the
-    longest warm-up), so a decoy call with long intervals lowers nothing. Left out where a call
-    did not record them: stage 1 then holds self-attention to every call."""
+    """The self-attention caching intervals and the gate step of the recorded pipe.tgate calls, the
+    strictest of them where there are several (the most attention computed: the least intervals,
+    the longest warm-up, the latest gate), so a decoy call lowers nothing. Left out where a call did
+    not record them: stage 1 then holds self-attention to every call, and the gate to the hooks'."""
     found = {}
-    for name, pick in (("sp_interval", min), ("fi_interval", min), ("warm_up", max)):
+    for name, pick in (("sp_interval", min), ("fi_interval", min), ("warm_up", max), ("gate_step", max)):
         values = [c.get(name) for c in calls]
-        if values and all(isinstance(v, int) and not isinstance(v, bool) and v >= (0 if name == "warm_up" else 1)
+        if values and all(isinstance(v, int) and not isinstance(v, bool) and v >= (1 if name.endswith("interval") else 0)
                           for v in values):
             found[name] = pick(values)
     return found

@@ -142,7 +142,7 @@ def test_tgate_needs_a_call_and_gate_step_comes_from_the_probe(load):
     # observed: no cross-attention from step 2 on; the caching intervals as called (the library's defaults)
     intervals = {"sp_interval": 5, "fi_interval": 1, "warm_up": 2}
     assert attrs["methods"] == {"tgate": {"gate_step": 2}}
-    assert attrs["tgate_intervals"] == intervals
+    assert attrs["tgate_intervals"] == {**intervals, "gate_step": 2}
     assert attrs["method_evidence"] == "behaviour"
     assert probe.tgate_calls == [{"gate_step": 2, "num_inference_steps": 4, **intervals}]
     assert attrs["steps"]["requested"] == [4]

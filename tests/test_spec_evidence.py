@@ -978,6 +978,14 @@ def test_self_attention_under_tgate_does_what_its_gate_and_caching_intervals_lea
     assert tgate_intervals([{"sp_interval": 20, "fi_interval": 3, "warm_up": 0},
                             {"sp_interval": 5, "fi_interval": 1, "warm_up": 2}]) == defaults
     assert tgate_intervals([{"sp_interval": None}]) == {}
+    # the gate pipe.tgate was called with, where the hooks saw an earlier one (module calls the code
+    # skipped: red team round 13, F1), and not with DeepCache (its hooks' gate is an interval early)
+    from pytest_diffbench.evaluate import tgate_gate_share
+    hidden = attributes(0, **defaults, gate_step=2)
+    assert tgate_gate_share(hidden) == pytest.approx(0.1)
+    assert tgate_self_attention_share(hidden) == pytest.approx(22 / 40)
+    hidden["methods"]["deepcache"] = {"cache_interval": 3, "cache_branch_id": 0}
+    assert tgate_gate_share(hidden) == 0.0
 
     books = {f"transformer.transformer_blocks.0.attn1{b}": 100.0 for b in (".to_q", ".to_k", ".to_v", ".to_out.0", OPS)}
     evidence = {"reference": books, "methods": ["tgate"], "tgate_self_attention_share": 0.55}
@@ -988,3 +996,27 @@ def test_self_attention_under_tgate_does_what_its_gate_and_caching_intervals_lea
     # DeepCache's own rule holds the books where it is applied too
     assert stages.tgate_self_attention_problem({**evidence, "candidate": skipped, "methods": ["deepcache", "tgate"]},
                                                set(books)) is None
+
+
+def test_tgates_gate_hidden_from_the_hooks_is_held_to_the_one_pipe_tgate_was_called_with(tiny_zoo, baseline_cache_dir,
+                                                                                     tmp_path):
+    """Red team round 13's F1b (U 1.3474 against the calibrated optimum's 1.3247 on
+    L4-pixart-sigma-t2i-nosampler-hard-0072): the gold's T-GATE, the cross-attention on the guided
+    calls cut to the caption's real tokens and made in broadcast multiplies and sums (no book, no
+    product dimensions), the key projection's weight used without calling the module, so that the
+    hooks saw a gate of 0 and every T-GATE floor fell to it. The gate pipe.tgate was called with
+    (2) holds the modules outside attention to their share (0.55 of the reference's). What is left
+    open: the same without pipe.tgate (docs/integrity.md, session 30)."""
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+
+    task = load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-nosampler-hard-0072.yaml")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=600.0)
+    code = (REPO / "tests" / "adversarial_tasks" / "tgate_gate_hidden_cross_attention_uncounted.py").read_text()
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    verdict = result.verdict
+    assert result.attributes["methods"]["tgate"]["gate_step"] == 0  # what the hooks saw
+    assert result.attributes["tgate_intervals"]["gate_step"] == 2  # what pipe.tgate was called with
+    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
+    assert "falls short" in verdict.message and "0.549" in verdict.message, verdict.message
