@@ -444,6 +444,17 @@ QUERY_BOOKS = (".to_q", ".to_out.0")
 CROSS_ATTENTION_BOOKS = re.compile(r"(^|\.)attn2(\.to_q|\.to_out\.0|" + re.escape(OPERANDS) + r")$")
 
 
+def _tgate_alone_figure(evidence: Mapping[str, Any], name: str) -> float | None:
+    """`evidence[name]` where T-GATE is applied without ToMe or DeepCache (whose own rules hold the
+    attention books they lighten), else None."""
+    figure = evidence.get(name)
+    methods = evidence.get("methods") or ()
+    if (not isinstance(figure, (int, float)) or isinstance(figure, bool) or "tgate" not in methods
+            or "tomesd" in methods or "deepcache" in methods):
+        return None
+    return float(figure)
+
+
 def tgate_gate_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
     """T-GATE's gate step, as stage 1's hooks saw it, must show in the cross-attention's work: the
     most any cross-attention book did of what it is held to is the share of the calls before the
@@ -455,10 +466,8 @@ def tgate_gate_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | N
     queries), nor DeepCache (SDXL's shallow blocks, which run on every call, have no attention: its
     cross-attention runs on the calls before the gate that DeepCache computes; there the books'
     two shares are held: deepcache_shares_problem)."""
-    gate = evidence.get("tgate_gate_share")
-    methods = evidence.get("methods") or ()
-    if (not isinstance(gate, (int, float)) or isinstance(gate, bool) or "tgate" not in methods
-            or "tomesd" in methods or "deepcache" in methods):
+    gate = _tgate_alone_figure(evidence, "tgate_gate_share")
+    if gate is None:
         return None
     candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
     # each cross-attention by the most any of its books did (a book can be emptied by steering), and
@@ -492,10 +501,8 @@ def tgate_self_attention_problem(evidence: Mapping[str, Any], judged: set[str]) 
     skips it is a cache no task allows (the trust review of session 29, F4; red team round 12's F2
     took its refill from there). Not where DeepCache or ToMe lightens the same books (their own
     rules hold them: deepcache_shares_problem, the keys and dimensions rules)."""
-    share = evidence.get("tgate_self_attention_share")
-    methods = evidence.get("methods") or ()
-    if (not isinstance(share, (int, float)) or isinstance(share, bool) or "tgate" not in methods
-            or "deepcache" in methods or "tomesd" in methods):
+    share = _tgate_alone_figure(evidence, "tgate_self_attention_share")
+    if share is None:
         return None
     candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
     for book in sorted(judged):

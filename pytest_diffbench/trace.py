@@ -773,11 +773,12 @@ class Recorder(TorchDispatchMode):
             self.counter.seeded = seeded
             # by the operands it multiplies, as Replayer.run books it (baselines' figures are the recorder's)
             derived = [] if entry is None else _origin_sources(refs, self._param_names_list, self.derived)
-            booked_factors = derived if entry is None or func._overloadpacket not in _COUNTED else _origin_sources(
-                _refs(_multiplicands(func, entry[1], entry[2]), []), self._param_names_list, self.derived)
+            factor_refs = None if entry is None or func._overloadpacket not in _COUNTED else _refs(
+                _multiplicands(func, entry[1], entry[2]), [])
+            booked_factors = derived if factor_refs is None else _origin_sources(
+                factor_refs, self._param_names_list, self.derived)
             self.counter.module, producer = booked_module(func, booked_factors, args, kwargs, self.producers)
-            kept_factors = [] if entry is None or func._overloadpacket not in _COUNTED else _origin_sources(
-                _refs(_multiplicands(func, entry[1], entry[2]), []), self._param_names_list, self.origins)
+            kept_factors = [] if factor_refs is None else _origin_sources(factor_refs, self._param_names_list, self.origins)
             self.counter.dims = free_product_dims(func, kept_factors, self.counter.module, args, kwargs)
         try:
             out = func(*args, **kwargs)
