@@ -304,8 +304,9 @@ def tgate_gate_step(attributes: Mapping) -> int | None:
     calls, which `F.linear(x, attn.to_k.weight)` or a shadowing attribute skip: a gate of 0 so
     shown lifted every T-GATE floor while the cross-attention was computed out of the counted ops
     (red team round 13, F1). Not where DeepCache is applied: there the hooks' gate is the last
-    computed call with cross-attention, up to an interval before the one called (the trust review
-    of session 29, F5)."""
+    computed call with cross-attention, up to a cache interval before the one called (the trust
+    review of session 29, F5), so there the gate is raised to the one called less DeepCache's
+    interval (a hidden key projection gave 0 there too)."""
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     tgate = methods.get("tgate")
     gate = tgate.get("gate_step") if isinstance(tgate, Mapping) else None
@@ -313,8 +314,13 @@ def tgate_gate_step(attributes: Mapping) -> int | None:
         return None
     called = (attributes.get("tgate_intervals") or {}).get("gate_step") if isinstance(
         attributes.get("tgate_intervals"), Mapping) else None
-    if isinstance(called, int) and not isinstance(called, bool) and "deepcache" not in methods:
-        gate = max(gate, called)
+    if isinstance(called, int) and not isinstance(called, bool):
+        deepcache = methods.get("deepcache")
+        interval = deepcache.get("cache_interval") if isinstance(deepcache, Mapping) else None
+        if "deepcache" not in methods:
+            gate = max(gate, called)
+        elif isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1:
+            gate = max(gate, called - interval)
     return gate
 
 

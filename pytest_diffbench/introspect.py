@@ -36,7 +36,7 @@ Method detection (user-facing parameter names) is in three layers:
 3. behaviour (`_Observation`, installed by the `StepProbe` at the first denoiser call of every
    observed pipeline call): DeepCache must skip the deep blocks on cached steps, ToMe must shorten
    the sequences its blocks' attention sees, T-Gate must stop computing cross-attention from the
-   gate step on; parameters are derived from what was observed where it determines them (cache
+   gate step on, in denoiser calls its own loop (`pipe.tgate`) makes; parameters are derived from what was observed where it determines them (cache
    interval and branch, ratio, max_downsample, gate_step). A method marked but without its effect
    goes to `unverified_methods` with what was observed. The dtype is that of all the denoiser's
    floating parameters, and of the latents entering it, while it ran.
@@ -635,6 +635,7 @@ class _Observation:
         self.param_dtypes = _param_dtypes(den)
         self.input_dtype = None
         self.tgate_calls = list(probe.tgate_calls)
+        self.probe = probe
         self.dc_helper = None
         self.dc_keys: list = []
         self.dc_params = None
@@ -694,7 +695,8 @@ class _Observation:
         size = tuple(sample.shape[-2:]) if sample is not None and sample.ndim == 4 else None
         if sample is not None and self.input_dtype is None:
             self.input_dtype = sample.dtype
-        self.calls.append({"ran": set(), "tome": {}, "xattn": 0, "size": size})
+        self.calls.append({"ran": set(), "tome": {}, "xattn": 0, "size": size,
+                           "in_tgate": self.probe.inside_tgate > 0})
 
     def _on_ran(self, key, module, args, kwargs):
         if self.calls:
@@ -827,6 +829,14 @@ class _Observation:
         n = len(counts)
         if not self.xattn_modules:
             return None, "T-Gate marker present, but the denoiser has no cross-attention to observe"
+        outside = sum(1 for c in self.calls if not c.get("in_tgate"))
+        if outside:
+            # T-GATE is its loop (pipe.tgate: which calls compute cross-attention, cache it and drop
+            # guidance, by the gate it is called with) as much as its patched attention: a loop of the
+            # candidate's own around that attention showed the hooks a gate of 0 and lifted every
+            # T-GATE floor (red team round 13's lead: hidden key projections without pipe.tgate)
+            return None, (f"T-Gate marker present, but {outside} of {n} denoiser calls ran outside pipe.tgate "
+                          f"(T-GATE's own loop, which sets the gate): a loop of the run's own is not the library's")
         if counts[-1] > 0:
             return None, (f"T-Gate marker present, but cross-attention was computed on all {n} denoiser calls "
                           f"({counts[-1]} key projections on the last): no gating")
@@ -938,6 +948,9 @@ class StepProbe:
         self._hook = None
         self._classes: list[type] = []
         self._tgate_original = None
+        # how deep the running code is inside pipe.tgate (the wrapper's calls): T-GATE counts only for
+        # denoiser calls its own loop makes (_Observation._tgate)
+        self.inside_tgate = 0
         self._installed = False
 
     # -- install / remove -------------------------------------------------------------------
@@ -1116,7 +1129,11 @@ class StepProbe:
             probe.tgate_calls.append({"gate_step": _plain(record.get("gate_step")),
                                       "num_inference_steps": _plain(record.get("num_inference_steps")),
                                       **{name: _plain(record.get(name)) for name in TGATE_INTERVALS}})
-            return original(*args, **kwargs)
+            probe.inside_tgate += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                probe.inside_tgate -= 1
 
         tgate._diffbench_probe_wrapper = True
         self._tgate_original = original

@@ -151,6 +151,28 @@ def test_tgate_needs_a_call_and_gate_step_comes_from_the_probe(load):
     assert pipe.tgate.__func__.__module__ == "tgate.SD"  # the probe put the original back
 
 
+def test_tgate_counts_only_for_the_denoiser_calls_its_own_loop_makes(load):
+    """T-GATE is pipe.tgate's loop (which calls compute cross-attention and keep guidance, by its
+    gate) as much as its patched attention: the same loop run around the probe's wrapper records
+    no call, and a gate read from the key projections alone can be hidden (red team round 13)."""
+    from tgate import TgateSDLoader
+
+    pipe = TgateSDLoader(load())
+    with StepProbe(pipe) as probe:
+        probe.record_methods = True
+        call(pipe, steps=4, fn=pipe.tgate.__wrapped__, gate_step=2)  # tgate's own function, not through pipe.tgate
+        attrs = introspect(pipe, probe)
+    assert "tgate" not in attrs["methods"]
+    # PNDM makes a warm-up call: 5 denoiser calls for 4 steps
+    assert "5 of 5 denoiser calls ran outside pipe.tgate" in attrs["unverified_methods"]["tgate"]
+    assert "tgate_intervals" not in attrs
+    with StepProbe(pipe) as probe:  # the same pipeline through pipe.tgate: applied
+        probe.record_methods = True
+        call(pipe, steps=4, fn=pipe.tgate, gate_step=2)
+        attrs = introspect(pipe, probe)
+    assert attrs["methods"] == {"tgate": {"gate_step": 2}} and attrs["unverified_methods"] == {}
+
+
 def test_tgate_deepcache_loader_reports_both(load):
     from tgate import TgateSDDeepCacheLoader
 

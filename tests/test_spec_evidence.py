@@ -1005,8 +1005,8 @@ def test_tgates_gate_hidden_from_the_hooks_is_held_to_the_one_pipe_tgate_was_cal
     calls cut to the caption's real tokens and made in broadcast multiplies and sums (no book, no
     product dimensions), the key projection's weight used without calling the module, so that the
     hooks saw a gate of 0 and every T-GATE floor fell to it. The gate pipe.tgate was called with
-    (2) holds the modules outside attention to their share (0.55 of the reference's). What is left
-    open: the same without pipe.tgate (docs/integrity.md, session 30)."""
+    (2) holds the modules outside attention to their share (0.55 of the reference's). The same
+    without pipe.tgate: test_tgate_run_around_pipe_tgate_is_not_tgate."""
     from pytest_diffbench.zoo.profiles import tiny_evaluator
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
@@ -1020,3 +1020,42 @@ def test_tgates_gate_hidden_from_the_hooks_is_held_to_the_one_pipe_tgate_was_cal
     assert result.attributes["tgate_intervals"]["gate_step"] == 2  # what pipe.tgate was called with
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
     assert "falls short" in verdict.message and "0.549" in verdict.message, verdict.message
+
+
+def test_tgates_gate_is_raised_to_the_called_one_less_deepcaches_interval_where_deepcache_is_applied():
+    """With DeepCache the hooks' gate is the last computed call with cross-attention, up to a cache
+    interval before the one pipe.tgate was called with (session 29's review, F5: an SDXL gold with
+    interval 3 and gate 20 showed 19); a gate hidden from the hooks (0) is raised so far, and
+    without DeepCache to the called gate itself (red team round 13)."""
+    from pytest_diffbench.evaluate import tgate_gate_step
+
+    def attrs(hooks, called, deepcache=None):
+        methods = {"tgate": {"gate_step": hooks}, **({"deepcache": deepcache} if deepcache is not None else {})}
+        return {"methods": methods, "tgate_intervals": {"gate_step": called}}
+
+    assert tgate_gate_step(attrs(0, 20)) == 20
+    assert tgate_gate_step(attrs(0, 20, {"cache_interval": 3, "cache_branch_id": 0})) == 17
+    assert tgate_gate_step(attrs(19, 20, {"cache_interval": 3, "cache_branch_id": 0})) == 19  # the honest gold
+    assert tgate_gate_step(attrs(5, 5, {"cache_interval": 8, "cache_branch_id": 0})) == 5
+    assert tgate_gate_step(attrs(0, 20, {"cache_interval": None})) == 0  # no interval observed: nothing to raise by
+    assert tgate_gate_step({"methods": {"tgate": {"gate_step": 0}}}) == 0  # nothing called: the hooks'
+
+
+def test_tgate_run_around_pipe_tgate_is_not_tgate(tiny_zoo, baseline_cache_dir, tmp_path):
+    """Session 30's open lead: the same candidate run through `pipe.tgate.__wrapped__` (T-GATE's
+    function, around the harness's wrapper), so that no called gate is recorded and the hooks' gate
+    of 0 was all stage 1 had: it passed `L4-pixart-sigma-t2i-nosampler-hard-0072` at 2fbaf02 (U
+    1.3474 against the calibrated optimum's 1.3247). T-GATE counts only for the denoiser calls its
+    own loop makes, so here it is not applied and no module is lightened by it."""
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+
+    task = load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-nosampler-hard-0072.yaml")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=600.0)
+    code = (REPO / "tests" / "adversarial_tasks" / "tgate_loop_around_the_probed_pipe_tgate.py").read_text()
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    verdict = result.verdict
+    assert "tgate" not in result.attributes["methods"]
+    assert "ran outside pipe.tgate" in result.attributes["unverified_methods"]["tgate"]
+    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
