@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -178,6 +179,38 @@ def tome_ratio(attributes: Any) -> float | None:
     return float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else None
 
 
+def deepcache_least_share(attributes: Any) -> float | None:
+    """The least share of a pipeline call's denoiser calls on which DeepCache computes the whole
+    UNet, at its cache interval (the longer of the one stage 1 observed and the one its helper was
+    set to): DeepCacheSDHelper computes a call where its
+    timestep's position in the scheduler's list, counted from the first the call sees, is a
+    multiple of the interval, and a call visits at least min(calls, steps) positions (PNDM repeats
+    one timestep, whose position `list.index` gives once), so at least ceil(that / interval) of
+    its calls are computed (a restart, as T-GATE's DeepCache loader makes at its gate, only adds
+    computed calls); less the module rule's tolerance. The least over the pipeline calls; None
+    where the interval or the calls are not reported."""
+    methods = attributes.get("methods") if isinstance(attributes, Mapping) else None
+    deepcache = methods.get("deepcache") if isinstance(methods, Mapping) else None
+    set_to = attributes.get("deepcache_set") if isinstance(attributes.get("deepcache_set"), Mapping) else {}
+    # the longer of the interval observed and the one the helper was set to (introspect.deepcache_set)
+    intervals = [v for v in ((deepcache or {}).get("cache_interval") if isinstance(deepcache, Mapping) else None,
+                             set_to.get("cache_interval"))
+                 if isinstance(v, int) and not isinstance(v, bool) and v >= 1]
+    interval = max(intervals) if intervals else None
+    steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
+    calls, requested = steps.get("denoiser_calls"), steps.get("requested")
+    if not (interval is not None
+            and isinstance(calls, list) and calls
+            and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in calls)):
+        return None
+    requested = requested if isinstance(requested, list) and len(requested) == len(calls) else [None] * len(calls)
+    shares = []
+    for made, asked in zip(calls, requested):
+        positions = min(made, asked) if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else made
+        shares.append(math.ceil(positions / interval) / made)
+    return min(shares) * (1 - stages.MODULE_WORK_TOLERANCE)
+
+
 def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Mapping | None = None) -> dict | None:
     """stages.module_work_problem's figures: the seeded FLOPs per image by denoiser module of the
     candidate (the replay's) and of what it is held to, with the methods that may lighten a module.
@@ -203,6 +236,14 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         if isinstance(unverified, Mapping):
             unseen = {str(m): str(unverified[m])[:200] for m in allowed if m in unverified and m not in methods}
         against, name = reference, "the reference's"
+        if "deepcache" in methods:
+            share = deepcache_least_share(attributes)
+            if share is not None:
+                least_shares["deepcache"] = share
+        ratio = tome_ratio(attributes) if "tomesd" in methods else None
+        if ratio is not None and 0 <= ratio < 1:
+            # the tokens ToMe keeps: n - int(n * ratio) of n (tomesd's merge), at least 1 - ratio
+            least_shares["tomesd"] = (1 - ratio) * (1 - stages.MODULE_WORK_TOLERANCE)
         if "tgate" in methods:
             share = tgate_least_share(attributes)
             if share is not None:

@@ -559,7 +559,22 @@ def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
         "method_evidence": evidence,
         # the caching intervals pipe.tgate was called with (evaluate.tgate_self_attention_share)
         **({"tgate_intervals": tgate_intervals(probe.tgate_calls)} if probe is not None and "tgate" in methods else {}),
+        # the interval DeepCache's helper was set to (evaluate.deepcache_least_share)
+        **({"deepcache_set": deepcache_set(live, probe)} if "deepcache" in methods else {}),
     }
+
+
+def deepcache_set(live: dict, probe: "StepProbe | None") -> dict:
+    """The cache interval DeepCache's helper was set to (its `params`), the longest of those read
+    at each observed call's start and after the calls, or {} where none was read. The observed
+    interval (the most common distance between full steps) can read shorter than the one set: T-GATE's
+    DeepCache loader restarts the cache at its gate (full calls 0, 1, 2, 10 of 15 at interval 8 read
+    1), and a least share of the calls computed is taken from the longer (stages._module_floor)."""
+    runs = probe.runs if probe is not None else []
+    values = [((run.get("methods") or {}).get("deepcache") or {}).get("cache_interval") for run in runs]
+    values.append((live.get("deepcache") or {}).get("cache_interval"))
+    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 1]
+    return {"cache_interval": max(values)} if values else {}
 
 
 # --------------------------------------------------------------------------------------------

@@ -875,13 +875,37 @@ def _module_ceiling(module: str, evidence: Mapping[str, Any]) -> float:
 
 
 def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None = None) -> float:
-    """The least share of the reference's work `module` must do under the applied `methods`;
-    `least_shares` replaces a method's nonzero share by one derived from the run (T-GATE's gate
-    step: evaluate.tgate_least_share)."""
+    """The least share of the reference's work `module` must do under the applied `methods`: the
+    product of what each method that lightens it leaves, from the run where `least_shares` has it
+    (evaluate.module_work_evidence):
+    - T-GATE: nothing of attention (its own rules hold it: `tgate_gate_problem` and the
+      self-attention rule), of any other denoiser module the share its gate leaves
+      (evaluate.tgate_least_share), or a half where DeepCache decides which calls are computed (a
+      computed call after the gate does half the batch; the gate's share does not bound the
+      product, since the calls DeepCache computes fall before or after it);
+    - DeepCache: the share of the calls it computes at its interval (`deepcache`:
+      evaluate.deepcache_least_share), 0 where that is not known;
+    - ToMe: the share of the tokens it keeps at its ratio (`tomesd`), squared for the products of
+      two merged sequences (attention's operands), 0 where the ratio is not known.
+    A floor of 0 whatever the interval or ratio left a book free to be refilled, or computed out of
+    the counted products (red team round 11's leads; session 31)."""
     least_shares = least_shares or {}
-    floors = [least_shares.get(m, share) if share > 0 else share
-              for m in methods for pattern, share in MODULES_A_METHOD_LIGHTENS.get(m, ()) if pattern.search(module)]
-    return min(floors, default=1 - MODULE_WORK_TOLERANCE)
+    floor = None
+    for method in methods:
+        shares = [share for pattern, share in MODULES_A_METHOD_LIGHTENS.get(method, ()) if pattern.search(module)]
+        if not shares:
+            continue
+        share = min(shares)
+        if method == "tgate" and share > 0:
+            share = (0.5 * (1 - MODULE_WORK_TOLERANCE) if "deepcache" in methods
+                     else least_shares.get("tgate", share))
+        elif method == "deepcache":
+            share = least_shares.get("deepcache", 0.0)
+        elif method == "tomesd":
+            kept = least_shares.get("tomesd", 0.0)
+            share = kept * kept if module.endswith(OPERANDS) else kept
+        floor = share if floor is None else floor * share
+    return 1 - MODULE_WORK_TOLERANCE if floor is None else floor
 
 
 def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:

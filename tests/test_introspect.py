@@ -188,6 +188,7 @@ def test_tgate_deepcache_loader_reports_both(load):
         attrs = introspect(pipe, probe)
     assert attrs["methods"] == {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}, "tgate": {"gate_step": 7}}
     assert attrs["unverified_methods"] == {}
+    assert attrs["deepcache_set"] == {"cache_interval": 2}  # the helper's setting (evaluate.deepcache_least_share)
 
 
 def test_diffusers_pab_hooks_counted_and_empty_registries_ignored(load):

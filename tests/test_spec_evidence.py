@@ -752,6 +752,57 @@ def test_deepcaches_work_shows_as_two_shares_and_tgates_gate_bounds_every_module
     assert problem and "exceeds what T-GATE's gate leaves" in problem, problem
 
 
+def test_deepcache_and_tome_leave_the_work_their_interval_and_ratio_leave():
+    """DeepCache's and ToMe's floors were 0 whatever the interval or ratio, so a module they lighten
+    could be emptied (its work computed out of the counted products, or not at all) and stage 1
+    saw a share DeepCache's two-share rule accepts (0 and 1). Now each leaves what its setting
+    does: DeepCache computes ceil(positions / interval) of the calls (the longer of the interval
+    observed and the one its helper was set to), ToMe keeps 1 - ratio of the tokens (squared for
+    attention's operands), T-GATE a half of each computed call where DeepCache decides which; the
+    floors multiply. Every L4 gold of session 30's sweep passes them, at 1.0 of these figures (39
+    with DeepCache and 24 with ToMe fail at 1.05: the floors are the golds' own work)."""
+    from pytest_diffbench.evaluate import deepcache_least_share
+
+    tolerance = 1 - stages.MODULE_WORK_TOLERANCE
+
+    def attrs(interval, calls, requested, set_to=None):
+        return {"methods": {"deepcache": {"cache_interval": interval, "cache_branch_id": 0}},
+                "steps": {"denoiser_calls": [calls], "requested": [requested]},
+                **({"deepcache_set": {"cache_interval": set_to}} if set_to else {})}
+
+    # PNDM: 51 calls for 50 steps visit 50 positions: 7 computed at interval 8
+    assert deepcache_least_share(attrs(8, 51, 50)) == pytest.approx(7 / 51 * tolerance)
+    # img2img at strength 0.5: 25 calls, all distinct positions
+    assert deepcache_least_share(attrs(3, 25, 50)) == pytest.approx(9 / 25 * tolerance)
+    # T-GATE's DeepCache loader restarts at its gate: the observed interval reads 1, the helper's is 8
+    assert deepcache_least_share(attrs(1, 15, 15, set_to=8)) == pytest.approx(2 / 15 * tolerance)
+    assert deepcache_least_share({"methods": {"deepcache": {"cache_interval": ">= 5"}}, "steps": {}}) is None
+
+    deep = "unet.mid_block.resnets.0.conv1"
+    attn1 = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    operands = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1:operands"
+    shares = {"deepcache": 0.2, "tomesd": 0.5}
+    assert stages._module_floor(deep, ["deepcache"], shares) == pytest.approx(0.2)
+    assert stages._module_floor(deep, ["deepcache"], {}) == 0.0  # interval unknown: nothing held
+    assert stages._module_floor(attn1, ["tomesd"], shares) == pytest.approx(0.5)
+    assert stages._module_floor(operands, ["tomesd"], shares) == pytest.approx(0.25)
+    assert stages._module_floor(attn1, ["deepcache", "tomesd"], shares) == pytest.approx(0.1)
+    assert stages._module_floor(deep, ["deepcache", "tgate"], {**shares, "tgate": 0.7}) == pytest.approx(0.1 * tolerance)
+    assert stages._module_floor(attn1, ["deepcache", "tgate"], shares) == 0.0  # T-GATE's own rules hold attention
+    assert stages._module_floor("unet.conv_in", ["deepcache"], shares) == pytest.approx(tolerance)
+
+    # a deep block emptied under DeepCache at interval 2 (0 and 1: two shares) fails on its floor
+    reference = {"unet.conv_in": 100.0, "unet.down_blocks.0.resnets.0.conv1": 1000.0,
+                 "unet.mid_block.resnets.0.conv1": 1000.0, "unet.up_blocks.0.resnets.0.conv1": 1000.0}
+    honest = {**reference, "unet.mid_block.resnets.0.conv1": 500.0, "unet.up_blocks.0.resnets.0.conv1": 500.0}
+    emptied = {**honest, "unet.mid_block.resnets.0.conv1": 0.0, "unet.up_blocks.0.resnets.0.conv1": 0.0}
+    evidence = {"reference": reference, "methods": ["deepcache"], "least_shares": {"deepcache": 0.5 * tolerance}}
+    assert stages.module_work_problem({**evidence, "candidate": honest}) is None
+    problem = stages.module_work_problem({**evidence, "candidate": emptied})
+    assert problem and "leave at least 0.499 of it" in problem and "mid_block" in problem, problem
+    assert stages.module_work_problem({**evidence, "candidate": emptied, "least_shares": {}}) is None  # before
+
+
 def test_the_review_of_session_29_fused_projections_steered_similarities_and_one_uncut_block():
     """The trust review of session 29: `fuse_qkv_projections()` (diffusers' own) made a book the
     reference lacks and failed where a method let it pass (F6): a fused projection's work is shared
