@@ -179,6 +179,49 @@ def tome_ratio(attributes: Any) -> float | None:
     return float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else None
 
 
+def deepcache_interval(attributes: Any) -> int | None:
+    """DeepCache's cache interval: the longer of the one stage 1 observed and the one its helper was
+    set to (introspect.deepcache_set), or None."""
+    methods = attributes.get("methods") if isinstance(attributes, Mapping) else None
+    deepcache = methods.get("deepcache") if isinstance(methods, Mapping) else None
+    set_to = attributes.get("deepcache_set") if isinstance(attributes.get("deepcache_set"), Mapping) else {}
+    intervals = [v for v in ((deepcache or {}).get("cache_interval") if isinstance(deepcache, Mapping) else None,
+                             set_to.get("cache_interval"))
+                 if isinstance(v, int) and not isinstance(v, bool) and v >= 1]
+    return max(intervals) if intervals else None
+
+
+def tgate_with_deepcache_shares(attributes: Any) -> dict[str, float]:
+    """The least shares of the reference's attention work T-GATE with DeepCache leaves, where the
+    rules of T-GATE alone do not hold (its gate and self-attention rules assume every call is
+    computed): cross-attention (`attn2`) is computed on the calls before the gate that DeepCache
+    computes, at least ceil(gate calls / interval) of them with the whole batch (DeepCache computes
+    its first call and every interval-th from it; a restart, as T-GATE's DeepCache loader makes at
+    the gate, adds computed calls), the gate being the one pipe.tgate was called with (the hooks'
+    reads up to an interval early there) plus the scheduler's warm-up calls; self-attention
+    (`attn1`) at least on the first call, with half the batch or more (T-GATE computes
+    self-attention on the calls up to its warm-up and on the one before its gate). Less the module
+    rule's tolerance; the least over the pipeline calls; {} where a figure is missing."""
+    interval = deepcache_interval(attributes)
+    steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
+    calls, requested = steps.get("denoiser_calls"), steps.get("requested")
+    called = (attributes.get("tgate_intervals") or {}).get("gate_step") if isinstance(
+        attributes.get("tgate_intervals"), Mapping) else None
+    gate = called if isinstance(called, int) and not isinstance(called, bool) else tgate_gate_step(attributes)
+    if not (interval is not None and isinstance(gate, int) and isinstance(calls, list) and calls
+            and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in calls)):
+        return {}
+    requested = requested if isinstance(requested, list) and len(requested) == len(calls) else [None] * len(calls)
+    cross, self_attention = [], []
+    for made, asked in zip(calls, requested):
+        warm = max(0, made - asked) if isinstance(asked, int) and not isinstance(asked, bool) else 0
+        gate_calls = min(made, max(0, gate) + warm)
+        cross.append(math.ceil(gate_calls / interval) / made)
+        self_attention.append(0.5 / made)
+    tolerance = 1 - stages.MODULE_WORK_TOLERANCE
+    return {"attn2": min(cross) * tolerance, "attn1": min(self_attention) * tolerance}
+
+
 def deepcache_least_share(attributes: Any) -> float | None:
     """The least share of a pipeline call's denoiser calls on which DeepCache computes the whole
     UNet, at its cache interval (the longer of the one stage 1 observed and the one its helper was
@@ -189,14 +232,7 @@ def deepcache_least_share(attributes: Any) -> float | None:
     its calls are computed (a restart, as T-GATE's DeepCache loader makes at its gate, only adds
     computed calls); less the module rule's tolerance. The least over the pipeline calls; None
     where the interval or the calls are not reported."""
-    methods = attributes.get("methods") if isinstance(attributes, Mapping) else None
-    deepcache = methods.get("deepcache") if isinstance(methods, Mapping) else None
-    set_to = attributes.get("deepcache_set") if isinstance(attributes.get("deepcache_set"), Mapping) else {}
-    # the longer of the interval observed and the one the helper was set to (introspect.deepcache_set)
-    intervals = [v for v in ((deepcache or {}).get("cache_interval") if isinstance(deepcache, Mapping) else None,
-                             set_to.get("cache_interval"))
-                 if isinstance(v, int) and not isinstance(v, bool) and v >= 1]
-    interval = max(intervals) if intervals else None
+    interval = deepcache_interval(attributes)
     steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
     calls, requested = steps.get("denoiser_calls"), steps.get("requested")
     if not (interval is not None
@@ -250,6 +286,9 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
                 least_shares["tgate"] = share
             gate_share = tgate_gate_share(attributes)
             self_attention_share = tgate_self_attention_share(attributes)
+            if "deepcache" in methods:
+                least_shares.update({f"tgate+deepcache:{attention}": share for attention, share
+                                     in tgate_with_deepcache_shares(attributes).items()})
         if "fast_sampler" in allowed:
             # the steps are free: held to the reference's work per denoiser call times the calls per
             # pipeline call that stage 1 reports (a denoiser answering some calls from an earlier

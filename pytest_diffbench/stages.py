@@ -886,11 +886,19 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
     - DeepCache: the share of the calls it computes at its interval (`deepcache`:
       evaluate.deepcache_least_share), 0 where that is not known;
     - ToMe: the share of the tokens it keeps at its ratio (`tomesd`), squared for the products of
-      two merged sequences (attention's operands), 0 where the ratio is not known.
+      two merged sequences (attention's operands), 0 where the ratio is not known;
+    - T-GATE and DeepCache together, for attention: the share the two leave together
+      (`tgate+deepcache:attn1` / `attn2`: evaluate.tgate_with_deepcache_shares), where T-GATE's own
+      attention rules stand aside.
     A floor of 0 whatever the interval or ratio left a book free to be refilled, or computed out of
     the counted products (red team round 11's leads; session 31)."""
     least_shares = least_shares or {}
     floor = None
+    # T-GATE with DeepCache: attention's least share of the two together (evaluate.tgate_with_deepcache_shares)
+    attention = ATTENTION_BOOK.search(module)
+    joint = least_shares.get(f"tgate+deepcache:{attention.group(0).strip('.:')}") if attention else None
+    if joint is not None and "tgate" in methods and "deepcache" in methods:
+        floor, methods = joint, [m for m in methods if m not in ("tgate", "deepcache")]
     for method in methods:
         shares = [share for pattern, share in MODULES_A_METHOD_LIGHTENS.get(method, ()) if pattern.search(module)]
         if not shares:

@@ -788,8 +788,25 @@ def test_deepcache_and_tome_leave_the_work_their_interval_and_ratio_leave():
     assert stages._module_floor(operands, ["tomesd"], shares) == pytest.approx(0.25)
     assert stages._module_floor(attn1, ["deepcache", "tomesd"], shares) == pytest.approx(0.1)
     assert stages._module_floor(deep, ["deepcache", "tgate"], {**shares, "tgate": 0.7}) == pytest.approx(0.1 * tolerance)
-    assert stages._module_floor(attn1, ["deepcache", "tgate"], shares) == 0.0  # T-GATE's own rules hold attention
+    assert stages._module_floor(attn1, ["deepcache", "tgate"], shares) == 0.0  # no joint share known: nothing
     assert stages._module_floor("unet.conv_in", ["deepcache"], shares) == pytest.approx(tolerance)
+
+    # T-GATE with DeepCache (every SD optimum): attention's floor was 0 (T-GATE's, whose own rules stand
+    # aside there); now cross-attention's is the calls before the called gate DeepCache computes
+    from pytest_diffbench.evaluate import tgate_with_deepcache_shares
+    both = {"methods": {"deepcache": {"cache_interval": 1, "cache_branch_id": 0}, "tgate": {"gate_step": 0}},
+            "deepcache_set": {"cache_interval": 8}, "tgate_intervals": {"gate_step": 5},
+            "steps": {"denoiser_calls": [51], "requested": [50]}}
+    joint = tgate_with_deepcache_shares(both)  # gate 5 + PNDM's warm-up call: 6 calls, 1 of them computed
+    assert joint == {"attn2": pytest.approx(1 / 51 * tolerance), "attn1": pytest.approx(0.5 / 51 * tolerance)}
+    assert tgate_with_deepcache_shares({**both, "tgate_intervals": {"gate_step": 20}})["attn2"] == pytest.approx(
+        3 / 51 * tolerance)
+    cross = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2:operands"
+    shares = {**shares, **{f"tgate+deepcache:{k}": v for k, v in joint.items()}}
+    assert stages._module_floor(cross, ["deepcache", "tgate"], shares) == pytest.approx(joint["attn2"])
+    assert stages._module_floor(cross, ["deepcache", "tgate", "tomesd"], shares) == pytest.approx(joint["attn2"] * 0.25)
+    assert stages._module_floor(attn1, ["deepcache", "tgate"], shares) == pytest.approx(joint["attn1"])
+    assert stages._module_floor(cross, ["tgate"], shares) == 0.0  # T-GATE alone: its gate rule holds it
 
     # a deep block emptied under DeepCache at interval 2 (0 and 1: two shares) fails on its floor
     reference = {"unet.conv_in": 100.0, "unet.down_blocks.0.resnets.0.conv1": 1000.0,
