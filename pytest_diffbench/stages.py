@@ -571,9 +571,11 @@ def deepcache_shares_problem(evidence: Mapping[str, Any], judged: set[str]) -> s
     books (every DeepCache gold on cpu-tiny: 1 and 0.5, 1 and 0.14, with T-GATE 0.567 and 0.2).
     A third value is another module's work booked to one of them: DeepCache's floor of 0 leaves
     room that steered products could fill, e.g. behind an exact rewrite the FLOP formulas price
-    lower (the second trust review of session 28, F3). ToMe lightens self-attention by a ratio of
-    its own per block, and may lighten the MLP and cross-attention's queries: those are left out
-    where it is applied."""
+    lower (the second trust review of session 28, F3). Without T-GATE, which caches attention on
+    calls of its own, the attention books and the rest are one group: a block's attention runs on
+    the calls its other modules run on. ToMe lightens self-attention by a ratio of its own per
+    block, and may lighten the MLP and cross-attention's queries: those are left out where it is
+    applied."""
     methods = evidence.get("methods") or ()
     if "deepcache" not in methods:
         return None
@@ -585,14 +587,23 @@ def deepcache_shares_problem(evidence: Mapping[str, Any], judged: set[str]) -> s
         group = group_of(book)
         if "tomesd" in methods and (group == "attn1" or group == "attn2" or re.search(r"(^|\.)ff(\.|:|$)", book)):
             continue
+        if "tgate" not in methods:
+            # DeepCache skips whole blocks: a block's attention runs on the calls its other modules
+            # run on, so without T-GATE (which caches attention on calls of its own) the attention
+            # books and the rest share their two values; an attention cut (or made out of the counted
+            # products) in the blocks DeepCache computes on its own calls read as a cluster of its
+            # own before (session 31)
+            group = "all"
         groups.setdefault(group, {})[book] = _figure(candidate, book) / _figure(reference, book)
     for group, shares in sorted(groups.items()):
         clusters = _clusters(list(shares.values()))
         if len(clusters) <= 2:
             continue
-        odd = min(clusters[1:-1], key=len)[0]  # a value between the two DeepCache leaves
+        # the value fewest books take (a refill between DeepCache's two, or a cut below them); ties
+        # go to one between the two
+        odd = min(clusters[1:-1] + [clusters[0], clusters[-1]], key=len)[0]
         book = min(b for b, v in shares.items() if v == odd)
-        what = "outside attention" if group == "other" else f"in the {group} attentions"
+        what = {"other": "outside attention", "all": "of the UNet"}.get(group, f"in the {group} attentions")
         return (f"DeepCache's work does not show in the UNet's modules: the shares of the reference's work the "
                 f"modules {what} do take {len(clusters)} values ({', '.join(f'{c[0]:.4g}' for c in clusters)}), "
                 f"where DeepCache leaves two (its blocks computed on every call, or on the calls it does not answer "

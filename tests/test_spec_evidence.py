@@ -750,6 +750,14 @@ def test_deepcaches_work_shows_as_two_shares_and_tgates_gate_bounds_every_module
     # with ToMe instead of DeepCache, no module outside attention above (1 + gate) / 2
     problem = judged(run(0.6, top=0.65), ["tomesd", "tgate"], gate=0.2)
     assert problem and "exceeds what T-GATE's gate leaves" in problem, problem
+    # without T-GATE a block's attention runs on the calls its other modules run on: an attention cut
+    # in the blocks DeepCache computes (0.25 where the rest do 0.5) was a cluster of its own (session 31)
+    attention = "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    reference[attention] = 1000.0
+    assert judged(run(0.5), ["deepcache"]) is None
+    problem = judged(run(0.5, **{attention: 250.0}), ["deepcache"])
+    assert problem and "of the UNet do take 3 values" in problem and attention in problem, problem
+    assert judged(run(0.5, **{attention: 250.0}), ["deepcache", "tomesd"]) is None  # ToMe's own rules hold attn1
 
 
 def test_deepcache_and_tome_leave_the_work_their_interval_and_ratio_leave():
