@@ -341,7 +341,20 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         shares = [s for s in (least_shares.get("tgate"), replayed) if s is not None]
         if shares:
             least_shares["tgate"] = max(shares)
+    # where the methods' floors apply (stages._module_floor): the books DeepCache computes on every
+    # call at its observed branch, the blocks and parts ToMe merges
+    floor_scope: dict[str, Any] = {}
+    run_attributes = candidate.get("attributes") if isinstance(candidate.get("attributes"), Mapping) else {}
+    if "deepcache" in methods:
+        deepcache = (run_attributes.get("methods") or {}).get("deepcache") if isinstance(
+            run_attributes.get("methods"), Mapping) else None
+        branch = deepcache.get("cache_branch_id") if isinstance(deepcache, Mapping) else None
+        if isinstance(branch, int) and not isinstance(branch, bool):
+            floor_scope["deepcache_every_call"] = sorted(stages.deepcache_every_call(held_to, branch))
+    if "tomesd" in methods and isinstance(run_attributes.get("tome_merged"), Mapping):
+        floor_scope["tome_merged"] = dict(run_attributes["tome_merged"])
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
+                "floor_scope": floor_scope,
                 # the VAE's books are held per image, never scaled by the calls
                 "against_per_image": "the gold solution's" if against is gold else "the reference's",
                 "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call,

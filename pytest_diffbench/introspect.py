@@ -276,6 +276,9 @@ def _deepcache_library_problem(helper: Any, wrapper: Any) -> str | None:
                 f"DeepCache's code")
     if not _library_class(type(helper), "DeepCache", _DEEPCACHE_FILE):
         return f"the helper's class {type(helper).__qualname__!r} is not the installed DeepCache's DeepCacheSDHelper"
+    problem = library_globals_problem(wrapper, "DeepCache")
+    if problem:
+        return problem
     try:
         overridden = sorted(k for k, v in vars(helper).items()
                             if isinstance(v, (types.FunctionType, types.MethodType, functools.partial))
@@ -284,6 +287,44 @@ def _deepcache_library_problem(helper: Any, wrapper: Any) -> str | None:
         overridden = ["__dict__"]
     if overridden:
         return f"the helper object overrides {overridden}"
+    return None
+
+
+def library_globals_problem(fn: Any, package: str, _seen: set | None = None) -> str | None:
+    """Why the module globals the library function `fn` runs through are not the installed
+    `package`'s, or None: every function its source file defines at the top level, looked up in
+    the globals `fn` itself uses (what its calls find), must be the library's code, and so for the
+    package's modules those globals hold (`from . import merge`). Library code that calls a
+    module-level name runs whatever is bound there: tomesd's ToMeBlock calls `compute_merge`, and a
+    replacement of it cached the MLP across steps while the block still counted as tomesd's (red
+    team round 14); T-GATE's patched attention calls `tgate_processor` (round 13)."""
+    seen = _seen if _seen is not None else set()
+    func = getattr(fn, "__func__", fn)
+    namespace = getattr(func, "__globals__", None)
+    code = getattr(func, "__code__", None)
+    if not isinstance(namespace, dict) or not isinstance(code, types.CodeType) or id(namespace) in seen:
+        return None
+    seen.add(id(namespace))
+    filename = os.path.realpath(code.co_filename or "")
+    for qualname in sorted(_reference_codes(filename)):
+        if "." in qualname or qualname.startswith("<"):
+            continue
+        value = namespace.get(qualname)
+        if value is None:
+            return f"{package}'s {qualname!r} (in {os.path.basename(filename)}) is gone from its module"
+        if isinstance(value, type):
+            continue  # a class body's code: the classes a method needs are checked where used (_library_class)
+        if not is_library_code(value, package, qualname):  # the name itself: a wrapper of the library's is not it
+            return (f"{package}'s {qualname!r} (in {os.path.basename(filename)}) is not the installed {package}'s "
+                    f"code: replaced in its module")
+    for value in list(namespace.values()):
+        if isinstance(value, types.ModuleType) and (value.__name__ or "").startswith(package + "."):
+            for name, member in sorted(vars(value).items()):
+                if isinstance(member, types.FunctionType) and (member.__module__ or "") == value.__name__:
+                    problem = library_globals_problem(member, package, seen)
+                    if problem:
+                        return problem
+                    break
     return None
 
 
@@ -321,26 +362,37 @@ def _scan(den: torch.nn.Module | None) -> dict:
     is not the installed library's go to `fake` ({method: [why]}), not to the method's entries."""
     found = {"tome_blocks": 0, "tome_args": None, "deepcache": [], "hooks": {}, "tgate_attn": 0,
              "tome_infos": [], "registries": [], "tome_modules": [], "deepcache_library": [],
-             "tgate_attn_modules": [], "fake": {}}
+             "tgate_attn_modules": [], "tome_names": [], "fake": {}}
     if den is None:
         return found
     seen_helpers: set[int] = set()
     seen_infos: set[int] = set()
+    globals_checked: dict[int, str | None] = {}
+
+    def globals_problem(fn: Any, package: str) -> str | None:
+        key = id(getattr(fn, "__func__", fn))
+        if key not in globals_checked:
+            globals_checked[key] = library_globals_problem(fn, package)
+        return globals_checked[key]
 
     def fake(method: str, why: str) -> None:
         reasons = found["fake"].setdefault(method, [])
         if why not in reasons:
             reasons.append(why)
 
-    for _, module in den.named_modules():
+    for module_name, module in den.named_modules():
         module_vars = vars(module)
         if type(module).__name__ == "ToMeBlock":
             problem = _tome_library_problem(module)
+            if problem is None:
+                forward = vars(type(module)).get("forward") or vars(type(module)).get("_forward")
+                problem = globals_problem(forward, "tomesd")
             if problem:
                 fake("tomesd", problem)
             else:
                 found["tome_blocks"] += 1
                 found["tome_modules"].append(module)
+                found["tome_names"].append(module_name)
                 info = module_vars.get("_tome_info")
                 if found["tome_args"] is None and isinstance(info, dict):
                     found["tome_args"] = info.get("args")
@@ -366,11 +418,14 @@ def _scan(den: torch.nn.Module | None) -> dict:
                 found["hooks"][name] = found["hooks"].get(name, 0) + 1
         fwd = module_vars.get("forward")
         if fwd is not None and (getattr(fwd, "__qualname__", "") or "") == _TGATE_ATTN_QUALNAME:
-            if is_library_code(fwd, "tgate", _TGATE_ATTN_QUALNAME, _TGATE_UTILS_FILE):
+            problem = (None if is_library_code(fwd, "tgate", _TGATE_ATTN_QUALNAME, _TGATE_UTILS_FILE) else
+                       "an Attention forward named like T-Gate's that is not the installed tgate's code")
+            problem = problem or globals_problem(fwd, "tgate")
+            if problem is None:
                 found["tgate_attn"] += 1
                 found["tgate_attn_modules"].append(module)
             else:
-                fake("tgate", "an Attention forward named like T-Gate's that is not the installed tgate's code")
+                fake("tgate", problem)
     # a library helper also present: the fake one does not make DeepCache unapplied, but is reported
     return found
 
@@ -447,7 +502,9 @@ def _detect(pipe: Any, probe: "StepProbe | None" = None) -> tuple[dict, dict, di
     if tgate_fn is not None and _is_tgate_method(tgate_fn):
         if not _is_library_tgate_method(tgate_fn):
             fake.setdefault("tgate", "pipe.tgate is not a T-Gate loader's tgate function from the installed tgate")
-        elif calls or found["tgate_attn"]:
+        elif (calls or found["tgate_attn"]) and not found["fake"].get("tgate"):
+            # (an attention forward that is not tgate's, or tgate's module globals replaced: the calls
+            # of pipe.tgate alone do not make it T-GATE)
             gate_step = calls[0].get("gate_step") if calls else None
             methods["tgate"] = {"gate_step": _plain(gate_step)}
     elif found["fake"].get("tgate") is None and tgate_fn is not None and callable(tgate_fn):
@@ -561,7 +618,48 @@ def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
         **({"tgate_intervals": tgate_intervals(probe.tgate_calls)} if probe is not None and "tgate" in methods else {}),
         # the interval DeepCache's helper was set to (evaluate.deepcache_least_share)
         **({"deepcache_set": deepcache_set(live, probe)} if "deepcache" in methods else {}),
+        # where ToMe merges and what (stages._module_floor)
+        **({"tome_merged": tome_merged(pipe, probe)} if "tomesd" in methods else {}),
     }
+
+
+#: the most ToMe block names `tome_merged` records (a UNet has a few dozen transformer blocks)
+MAX_TOME_BLOCKS = 256
+
+
+def tome_merged(pipe: Any, probe: "StepProbe | None" = None) -> dict:
+    """Which of the denoiser's blocks tomesd merges (its ToMe blocks whose attention saw fewer
+    tokens than the block while the denoiser ran, else all its ToMe blocks; names as the books
+    have them: `unet.down_blocks.0.attentions.0.transformer_blocks.0`) and which of their parts it merges
+    (tomesd's `merge_attn`, `merge_crossattn`, `merge_mlp`, the first block's settings, True where
+    unreadable), so that the floors of the modules it lightens follow its ratio where it merges and
+    hold elsewhere (stages._module_floor): a block it does not merge (the mid block at
+    max_downsample 1) was held to 0 (red team round 14)."""
+    den = denoiser(pipe)
+    # as seen while the denoiser ran (the first observed call), else on the pipeline now
+    observations = [run["observation"] for run in (probe.runs if probe is not None else [])
+                    if run.get("observation") is not None]
+    if observations:
+        names, args = observations[0].tome_names, observations[0].tome_args
+        # the blocks whose attention saw fewer tokens than the block (tomesd patches every transformer
+        # block and merges where the downsampling is at most max_downsample: not the mid block at 1)
+        merged = {index for call in observations[0].calls for index, (tokens, seen) in call["tome"].items()
+                  if seen is not None and seen < tokens}
+        if merged:
+            names = [name for index, name in enumerate(names) if index in merged]
+    else:
+        found = _scan(den)
+        names, args = found["tome_names"], found["tome_args"] if isinstance(found["tome_args"], dict) else {}
+    prefix = "unet." if den is getattr(pipe, "unet", None) else "transformer."
+
+    def flag(name: str) -> bool:
+        value = args.get(name, True)
+        return value if isinstance(value, bool) else True
+
+    merged = {"attn1": flag("merge_attn"), "attn2": flag("merge_crossattn"), "ff": flag("merge_mlp")}
+    if len(names) <= MAX_TOME_BLOCKS:  # (more: not recorded, every block counts as merged)
+        merged["blocks"] = sorted(prefix + name for name in names)
+    return merged
 
 
 def deepcache_set(live: dict, probe: "StepProbe | None") -> dict:
@@ -656,6 +754,7 @@ class _Observation:
         self.dc_params = None
         self.tome_blocks = 0
         self.tome_args = dict(found.get("tome_args") or {}) if found.get("tome_args") else {}
+        self.tome_names = list(found.get("tome_names") or [])
         self.xattn_modules = 0
         try:
             self._attach(den, found)

@@ -885,7 +885,69 @@ def _module_ceiling(module: str, evidence: Mapping[str, Any]) -> float:
     return ceiling
 
 
-def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None = None) -> float:
+_UNET_BLOCK = re.compile(r"^unet\.(?:(mid_block)|(down_blocks|up_blocks)\.(\d+))(?:\.(attentions|resnets|downsamplers|upsamplers)\.(\d+))?")
+
+
+def deepcache_every_call(books, branch: Any) -> set[str]:
+    """The UNet books DeepCacheSDHelper computes on every call, cached calls too, at cache branch
+    `branch` (`cache_block_id, cache_layer_id = divmod(branch, 3)`): those outside its blocks
+    (`conv_in`, the time embedding, `conv_out`) and the layers its `is_skip_step` never skips (a down
+    block's layers before the branch, an up block's after it; up blocks and their layers counted
+    from the output end, as `wrap_modules` does; the mid block never). The UNet's layout is read
+    from the book names (each up block's resnets). Empty where the branch is not a number."""
+    if not isinstance(branch, int) or isinstance(branch, bool) or branch < 0:
+        return set()
+    cache_block, cache_layer = divmod(branch, 3)
+    parsed = {book: _UNET_BLOCK.match(book) for book in books if book.startswith("unet.")}
+    resnets: dict[tuple[str, int], int] = {}  # (down_blocks or up_blocks, index): its resnets
+    for match in parsed.values():
+        if match and match.group(2) and match.group(4) == "resnets":
+            key = (match.group(2), int(match.group(3)))
+            resnets[key] = max(resnets.get(key, 0), int(match.group(5)) + 1)
+    n_up = 1 + max((int(m.group(3)) for m in parsed.values() if m and m.group(2) == "up_blocks"), default=-1)
+
+    def skipped(block: int, layer: int, down: bool) -> bool:
+        if block != cache_block:
+            return block > cache_block
+        return layer >= cache_layer if down else layer > cache_layer
+
+    out = set()
+    for book, match in parsed.items():
+        if match is None:
+            out.add(book)  # outside the blocks DeepCache wraps
+            continue
+        if match.group(1):
+            continue  # the mid block: skipped on every cached call
+        down, index = match.group(2) == "down_blocks", int(match.group(3))
+        kind, layer = match.group(4), int(match.group(5)) if match.group(5) else None
+        block = index if down else n_up - index - 1
+        if skipped(block, 0, down):
+            continue  # the whole block returns its cache
+        if kind in ("attentions", "resnets"):
+            position = layer if down else resnets.get(("up_blocks", index), layer + 1) - layer - 1
+        elif kind == "downsamplers":
+            position = resnets.get(("down_blocks", index), 0)
+        else:
+            position = 0
+        if kind is None or not skipped(block, position, down):
+            out.add(book)
+    return out
+
+
+def _merged_by_tome_blocks(module: str, merged: Mapping[str, Any]) -> bool:
+    """Whether `module` is a part ToMe merges (`introspect.tome_merged`: its blocks, and whether it
+    merges self-attention, cross-attention, the MLP), or True where the blocks are not recorded."""
+    part = re.search(r"(^|\.)(attn1|attn2|ff)(\.|:|$)", module)
+    if part is None or merged.get(part.group(2)) is False:
+        return False
+    blocks = merged.get("blocks")
+    if not isinstance(blocks, list):
+        return True
+    return any(module.startswith(block + ".") for block in blocks if isinstance(block, str))
+
+
+def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None = None,
+                  scope: Mapping[str, Any] | None = None) -> float:
     """The least share of the reference's work `module` must do under the applied `methods`: the
     product of what each method that lightens it leaves, from the run where `least_shares` has it
     (evaluate.module_work_evidence):
@@ -897,13 +959,17 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
     - DeepCache: the share of the calls it computes at its interval (`deepcache`:
       evaluate.deepcache_least_share), 0 where that is not known;
     - ToMe: the share of the tokens it keeps at its ratio (`tomesd`), squared for the products of
-      two merged sequences (attention's operands), 0 where the ratio is not known;
+      two merged sequences (attention's operands), 0 where the ratio is not known; nothing in a
+      block or part it does not merge (`scope["tome_merged"]`: introspect.tome_merged);
+    - DeepCache: nothing in the modules it computes on every call (`scope["deepcache_every_call"]`:
+      deepcache_every_call), where they are known (red team round 14 cached the MLP of the block
+      DeepCache computes on every call across steps, under a floor of 0);
     - T-GATE and DeepCache together, for attention: the share the two leave together
       (`tgate+deepcache:attn1` / `attn2`: evaluate.tgate_with_deepcache_shares), where T-GATE's own
       attention rules stand aside.
     A floor of 0 whatever the interval or ratio left a book free to be refilled, or computed out of
     the counted products (red team round 11's leads; session 31)."""
-    least_shares = least_shares or {}
+    least_shares, scope = least_shares or {}, scope or {}
     floor = None
     # T-GATE with DeepCache: attention's least share of the two together (evaluate.tgate_with_deepcache_shares)
     attention = ATTENTION_BOOK.search(module)
@@ -919,8 +985,12 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
             share = (0.5 * (1 - MODULE_WORK_TOLERANCE) if "deepcache" in methods
                      else least_shares.get("tgate", share))
         elif method == "deepcache":
-            share = least_shares.get("deepcache", 0.0)
+            every_call = scope.get("deepcache_every_call")
+            share = 1.0 if every_call is not None and module in every_call else least_shares.get("deepcache", 0.0)
         elif method == "tomesd":
+            merged = scope.get("tome_merged")
+            if isinstance(merged, Mapping) and not _merged_by_tome_blocks(module, merged):
+                continue  # a block or a part ToMe does not merge: it lightens nothing there
             kept = least_shares.get("tomesd", 0.0)
             share = kept * kept if module.endswith(OPERANDS) else kept
         floor = share if floor is None else floor * share
@@ -963,7 +1033,7 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     if not judged:
         return None
     for module, ref in sorted(reference.items(), key=lambda kv: (-_figure(reference, kv[0]), kv[0])):
-        floor = _module_floor(module, methods, evidence.get("least_shares"))
+        floor = _module_floor(module, methods, evidence.get("least_shares"), evidence.get("floor_scope"))
         if module not in judged or floor <= 0:
             continue
         found = _figure(candidate, module)

@@ -117,6 +117,27 @@ def test_tomesd_detected_and_gone_after_remove_patch(load):
     assert detect_methods(pipe) == {}
 
 
+def test_tome_merged_records_the_blocks_and_parts_tomesd_merged_while_the_denoiser_ran(load):
+    """stages._module_floor holds the blocks and parts ToMe does not merge to their work: tomesd
+    patches every transformer block and merges only where the downsampling is at most
+    max_downsample (not the mid block at 1), self-attention by default and not the MLP."""
+    import tomesd
+
+    pipe = load()
+    tomesd.apply_patch(pipe, ratio=0.5, max_downsample=1)
+    with StepProbe(pipe) as probe:
+        probe.record_methods = True
+        call(pipe, steps=2)
+        attrs = introspect(pipe, probe)
+    merged = attrs["tome_merged"]
+    assert (merged["attn1"], merged["attn2"], merged["ff"]) == (True, False, False)
+    patched = sorted("unet." + name for name, m in pipe.unet.named_modules() if type(m).__name__ == "ToMeBlock")
+    assert merged["blocks"] and set(merged["blocks"]) < set(patched)  # some patched blocks merge nothing
+    assert not any(name.startswith("unet.mid_block") for name in merged["blocks"])
+    assert all(name.startswith(("unet.down_blocks.0.", "unet.up_blocks.1.")) for name in merged["blocks"])
+    tomesd.remove_patch(pipe)
+
+
 def test_deepcache_detected_with_user_facing_branch_id_and_gone_after_disable(load):
     from DeepCache import DeepCacheSDHelper
 
@@ -149,6 +170,45 @@ def test_tgate_needs_a_call_and_gate_step_comes_from_the_probe(load):
     # without a probe the patched Attention modules still show that T-Gate ran; the gate step is unknown
     assert detect_methods(pipe) == {"tgate": {"gate_step": None}}
     assert pipe.tgate.__func__.__module__ == "tgate.SD"  # the probe put the original back
+
+
+def test_a_library_function_replaced_in_its_module_unmarks_the_method(load):
+    """Library code calls module-level names: tomesd's ToMeBlock calls `compute_merge`, T-GATE's
+    patched attention `tgate_processor`. A replacement there (red team round 14 cached the MLP
+    across steps through `compute_merge`) runs the candidate's code inside blocks that are the
+    library's, so the method's marker is not counted."""
+    import tomesd
+    import tomesd.merge
+    import tomesd.patch
+    import tgate.tgate_utils
+    from tgate import TgateSDLoader
+
+    pipe = load()
+    tomesd.apply_patch(pipe, ratio=0.5)
+    assert "tomesd" in detect_methods(pipe)
+    for module, name in ((tomesd.patch, "compute_merge"), (tomesd.merge, "bipartite_soft_matching_random2d")):
+        original = getattr(module, name)
+        setattr(module, name, lambda *args, _f=original, **kwargs: _f(*args, **kwargs))
+        try:
+            methods, fake = detect_methods(pipe), introspect(pipe)["unverified_methods"]
+        finally:
+            setattr(module, name, original)
+        assert "tomesd" not in methods
+        assert f"'{name}'" in fake["tomesd"] and "replaced in its module" in fake["tomesd"], fake
+    assert "tomesd" in detect_methods(pipe)  # restored: counted again
+    tomesd.remove_patch(pipe)
+
+    pipe = TgateSDLoader(load())
+    original = tgate.tgate_utils.tgate_processor
+    tgate.tgate_utils.tgate_processor = lambda *args, **kwargs: original(*args, **kwargs)
+    try:
+        with StepProbe(pipe) as probe:
+            probe.record_methods = True
+            call(pipe, steps=2, fn=pipe.tgate, gate_step=1)
+            attrs = introspect(pipe, probe)
+    finally:
+        tgate.tgate_utils.tgate_processor = original
+    assert "tgate" not in attrs["methods"] and "'tgate_processor'" in attrs["unverified_methods"]["tgate"], attrs
 
 
 def test_tgate_counts_only_for_the_denoiser_calls_its_own_loop_makes(load):

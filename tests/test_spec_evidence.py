@@ -165,8 +165,8 @@ def test_every_denoiser_module_does_the_references_work_unless_an_allowed_method
     assert stages.module_work_problem({"candidate": tiny, "reference": reference, "methods": []}) is None
     unet = {"unet.conv_in": 10.0, "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 50.0,
             "unet.conv_out": 10.0, "unet.mid_block.resnets.0.conv1": 200.0}
-    cached = dict(unet, **{"unet.mid_block.resnets.0.conv1": 50.0,
-                           "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 12.0})
+    cached = dict(unet, **{"unet.mid_block.resnets.0.conv1": 50.0,  # DeepCache: one share for the deep blocks
+                           "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": 12.5})
     assert stages.module_work_problem({"candidate": cached, "reference": unet, "methods": ["deepcache"]}) is None
     assert "mid_block" in stages.module_work_problem({"candidate": cached, "reference": unet, "methods": ["tomesd"]})
     no_conv_in = dict(cached, **{"unet.conv_in": 3.0})
@@ -828,6 +828,81 @@ def test_deepcache_and_tome_leave_the_work_their_interval_and_ratio_leave():
     assert stages.module_work_problem({**evidence, "candidate": emptied, "least_shares": {}}) is None  # before
 
 
+def test_deepcache_every_call_modules_and_parts_tome_does_not_merge_keep_their_work():
+    """Red team round 14 (forged passes of L4-sd15-i2i-nosampler-hard-0075, U 3.9073 against
+    U_gold 3.3064, and L4-sd21-t2i-nosampler-hard-0063, U 4.1905 against 3.5032): under DeepCache
+    and ToMe every UNet attention and MLP had a floor of 0, so the MLP of the block DeepCache
+    computes on every call was computed on one call in six and reused (0.184 of the reference's),
+    and the mid block's, which ToMe does not merge, too. DeepCache lightens nothing in the modules
+    it computes on every call (read from its branch and the UNet's layout), ToMe nothing in the
+    blocks and parts it does not merge (introspect.tome_merged)."""
+    # the tiny SD UNet: two down blocks (one resnet and attention each), a mid block, two up blocks of two
+    books = ["unet.conv_in", "unet.conv_out", "unet.mid_block.resnets.0.conv1",
+             "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+             *(f"unet.down_blocks.{i}.{kind}.0.{leaf}" for i in (0, 1)
+               for kind, leaf in (("resnets", "conv1"), ("attentions", "transformer_blocks.0.ff.net.2"))),
+             "unet.down_blocks.0.downsamplers.0.conv", "unet.up_blocks.0.upsamplers.0.conv",
+             *(f"unet.up_blocks.{i}.{kind}.{j}.{leaf}" for i in (0, 1) for j in (0, 1)
+               for kind, leaf in (("resnets", "conv1"), ("attentions", "transformer_blocks.0.ff.net.2"))),
+             "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"]
+    assert stages.deepcache_every_call(books, 0) == {
+        "unet.conv_in", "unet.conv_out", "unet.up_blocks.1.resnets.1.conv1",
+        "unet.up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
+        "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"}
+    every_1 = stages.deepcache_every_call(books, 1)  # the first down layer and the last up block too
+    assert "unet.down_blocks.0.resnets.0.conv1" in every_1 and "unet.up_blocks.1.resnets.0.conv1" in every_1
+    assert "unet.down_blocks.0.downsamplers.0.conv" not in every_1 and "unet.mid_block.resnets.0.conv1" not in every_1
+    assert stages.deepcache_every_call(books, "inconsistent") == set()
+
+    shallow_ff = "unet.up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2"
+    deep_ff, mid_ff = "unet.up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2", books[3]
+    shallow_attn1 = "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"
+    tome_blocks = ["unet.down_blocks.0.attentions.0.transformer_blocks.0",
+                   "unet.up_blocks.1.attentions.0.transformer_blocks.0", "unet.up_blocks.1.attentions.1.transformer_blocks.0"]
+    scope = {"deepcache_every_call": sorted(stages.deepcache_every_call(books, 0)),
+             "tome_merged": {"attn1": True, "attn2": False, "ff": False, "blocks": tome_blocks}}
+    shares = {"deepcache": 0.137, "tomesd": 0.3}
+    methods = ["deepcache", "tomesd"]
+    assert stages._module_floor(shallow_ff, methods, shares, scope) == 1.0  # computed on every call, not merged
+    assert stages._module_floor(deep_ff, methods, shares, scope) == pytest.approx(0.137)
+    assert stages._module_floor(mid_ff, methods, shares, scope) == pytest.approx(0.137)
+    assert stages._module_floor(shallow_attn1, methods, shares, scope) == pytest.approx(0.3)  # merged: its ratio
+    merged_everywhere = {**scope, "tome_merged": {"attn1": True, "attn2": True, "ff": True, "blocks": tome_blocks}}
+    assert stages._module_floor(shallow_ff, methods, shares, merged_everywhere) == pytest.approx(0.3)
+    assert stages._module_floor(mid_ff, methods, shares, merged_everywhere) == pytest.approx(0.137)  # not a ToMe block
+    assert stages._module_floor(mid_ff, methods, shares, {}) == pytest.approx(0.137 * 0.3)  # nothing recorded: as before
+
+    # the round's figures: the every-call block's MLP at 0.184 of the reference's fails
+    reference = {book: 1000.0 for book in books}
+    honest = {book: 1000.0 if book in scope["deepcache_every_call"] else 137.0 for book in books}
+    cached = {**honest, shallow_ff: 184.0}
+    evidence = {"reference": reference, "methods": methods, "least_shares": shares, "floor_scope": scope}
+    assert stages.module_work_problem({**evidence, "candidate": honest}) is None
+    problem = stages.module_work_problem({**evidence, "candidate": cached})
+    assert problem and shallow_ff in problem and "found 184" in problem, problem
+
+
+@pytest.mark.long
+def test_a_tome_blocks_mlp_cached_across_steps_fails_on_the_floor_deepcache_leaves_it(tiny_zoo, baseline_cache_dir,
+                                                                                       tmp_path):
+    """Red team round 14's cache of the MLP across steps, made without touching tomesd (the MLP's
+    forward replaced on the instance, tests/adversarial_tasks/tome_block_mlp_cached_across_steps.py):
+    it passed L4-sd15-i2i-nosampler-hard-0075 at 0f16c79 (U 3.7347 against U_gold 3.3064). The
+    block DeepCache computes on every call keeps its MLP's work (ToMe does not merge it)."""
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+
+    task = load_task(REPO / "tasks" / "L4" / "L4-sd15-i2i-nosampler-hard-0075.yaml")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=600.0)
+    code = (REPO / "tests" / "adversarial_tasks" / "tome_block_mlp_cached_across_steps.py").read_text()
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    verdict = result.verdict
+    assert result.attributes["tome_merged"]["ff"] is False
+    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
+    assert "ff.net" in verdict.message and "falls short" in verdict.message, verdict.message
+
+
 def test_the_review_of_session_29_fused_projections_steered_similarities_and_one_uncut_block():
     """The trust review of session 29: `fuse_qkv_projections()` (diffusers' own) made a book the
     reference lacks and failed where a method let it pass (F6): a fused projection's work is shared
@@ -1092,10 +1167,11 @@ def test_tgates_gate_hidden_from_the_hooks_is_held_to_the_one_pipe_tgate_was_cal
     code = (REPO / "tests" / "adversarial_tasks" / "tgate_gate_hidden_cross_attention_uncounted.py").read_text()
     result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
     verdict = result.verdict
-    assert result.attributes["methods"]["tgate"]["gate_step"] == 0  # what the hooks saw
-    assert result.attributes["tgate_intervals"]["gate_step"] == 2  # what pipe.tgate was called with
+    # since session 31 its replacement of tgate_utils.tgate_processor leaves T-GATE unverified
+    # (introspect.library_globals_problem); the called gate's hold is test_tgates_gate_is_raised_...
+    assert "tgate" not in result.attributes["methods"]
+    assert "'tgate_processor'" in result.attributes["unverified_methods"]["tgate"]
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
-    assert "falls short" in verdict.message and "0.549" in verdict.message, verdict.message
 
 
 def test_tgates_gate_is_raised_to_the_called_one_less_deepcaches_interval_where_deepcache_is_applied():
@@ -1133,5 +1209,7 @@ def test_tgate_run_around_pipe_tgate_is_not_tgate(tiny_zoo, baseline_cache_dir, 
     result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
     verdict = result.verdict
     assert "tgate" not in result.attributes["methods"]
-    assert "ran outside pipe.tgate" in result.attributes["unverified_methods"]["tgate"]
+    # two reasons: the loop outside pipe.tgate (test_introspect covers it alone) and, since session 31,
+    # the replaced tgate_processor, which shows first
+    assert "'tgate_processor'" in result.attributes["unverified_methods"]["tgate"]
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
