@@ -179,72 +179,56 @@ def tome_ratio(attributes: Any) -> float | None:
     return float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else None
 
 
-def deepcache_interval(attributes: Any) -> int | None:
-    """DeepCache's cache interval: the longer of the one stage 1 observed and the one its helper was
-    set to (introspect.deepcache_set), or None."""
-    methods = attributes.get("methods") if isinstance(attributes, Mapping) else None
-    deepcache = methods.get("deepcache") if isinstance(methods, Mapping) else None
-    set_to = attributes.get("deepcache_set") if isinstance(attributes.get("deepcache_set"), Mapping) else {}
-    intervals = [v for v in ((deepcache or {}).get("cache_interval") if isinstance(deepcache, Mapping) else None,
-                             set_to.get("cache_interval"))
-                 if isinstance(v, int) and not isinstance(v, bool) and v >= 1]
-    return max(intervals) if intervals else None
+def _deepcache_full_calls(attributes: Any) -> tuple[int, list[int]] | None:
+    """(calls, indices of the calls DeepCache computed) of the first observed pipeline call
+    (introspect.deepcache_full_calls), or None."""
+    record = attributes.get("deepcache_full_calls") if isinstance(attributes, Mapping) else None
+    if not isinstance(record, Mapping):
+        return None
+    calls, full = record.get("calls"), record.get("full")
+    if not (isinstance(calls, int) and not isinstance(calls, bool) and calls > 0 and isinstance(full, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < calls for i in full)):
+        return None
+    return calls, sorted(set(full))
 
 
 def tgate_with_deepcache_shares(attributes: Any) -> dict[str, float]:
     """The least shares of the reference's attention work T-GATE with DeepCache leaves, where the
     rules of T-GATE alone do not hold (its gate and self-attention rules assume every call is
-    computed): cross-attention (`attn2`) is computed on the calls before the gate that DeepCache
-    computes, at least ceil(gate calls / interval) of them with the whole batch (DeepCache computes
-    its first call and every interval-th from it; a restart, as T-GATE's DeepCache loader makes at
-    the gate, adds computed calls), the gate being the one pipe.tgate was called with (the hooks'
-    reads up to an interval early there) plus the scheduler's warm-up calls; self-attention
-    (`attn1`) at least on the first call, with half the batch or more (T-GATE computes
-    self-attention on the calls up to its warm-up and on the one before its gate). Less the module
-    rule's tolerance; the least over the pipeline calls; {} where a figure is missing."""
-    interval = deepcache_interval(attributes)
+    computed): cross-attention (`attn2`) on the calls DeepCache computed before the gate, with the
+    whole batch, the gate being the one pipe.tgate was called with (the hooks' reads up to an
+    interval early there) plus the scheduler's warm-up calls; self-attention (`attn1`) with half
+    the batch or more on one call (T-GATE computes self-attention on the calls up to its warm-up
+    and on the one before its gate, and DeepCache computes its first call). Less the module rule's
+    tolerance; {} where a figure is missing."""
+    observed = _deepcache_full_calls(attributes)
     steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
-    calls, requested = steps.get("denoiser_calls"), steps.get("requested")
+    requested = steps.get("requested")
     called = (attributes.get("tgate_intervals") or {}).get("gate_step") if isinstance(
         attributes.get("tgate_intervals"), Mapping) else None
     gate = called if isinstance(called, int) and not isinstance(called, bool) else tgate_gate_step(attributes)
-    if not (interval is not None and isinstance(gate, int) and isinstance(calls, list) and calls
-            and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in calls)):
+    if observed is None or not isinstance(gate, int) or not observed[1]:
         return {}
-    requested = requested if isinstance(requested, list) and len(requested) == len(calls) else [None] * len(calls)
-    cross, self_attention = [], []
-    for made, asked in zip(calls, requested):
-        warm = max(0, made - asked) if isinstance(asked, int) and not isinstance(asked, bool) else 0
-        gate_calls = min(made, max(0, gate) + warm)
-        cross.append(math.ceil(gate_calls / interval) / made)
-        self_attention.append(0.5 / made)
+    calls, full = observed
+    asked = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else calls
+    gate_calls = min(calls, max(0, gate) + max(0, calls - asked))
     tolerance = 1 - stages.MODULE_WORK_TOLERANCE
-    return {"attn2": min(cross) * tolerance, "attn1": min(self_attention) * tolerance}
+    return {"attn2": sum(1 for i in full if i < gate_calls) / calls * tolerance, "attn1": 0.5 / calls * tolerance}
 
 
 def deepcache_least_share(attributes: Any) -> float | None:
-    """The least share of a pipeline call's denoiser calls on which DeepCache computes the whole
-    UNet, at its cache interval (the longer of the one stage 1 observed and the one its helper was
-    set to): DeepCacheSDHelper computes a call where its
-    timestep's position in the scheduler's list, counted from the first the call sees, is a
-    multiple of the interval, and a call visits at least min(calls, steps) positions (PNDM repeats
-    one timestep, whose position `list.index` gives once), so at least ceil(that / interval) of
-    its calls are computed (a restart, as T-GATE's DeepCache loader makes at its gate, only adds
-    computed calls); less the module rule's tolerance. The least over the pipeline calls; None
-    where the interval or the calls are not reported."""
-    interval = deepcache_interval(attributes)
-    steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
-    calls, requested = steps.get("denoiser_calls"), steps.get("requested")
-    if not (interval is not None
-            and isinstance(calls, list) and calls
-            and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in calls)):
+    """The share of a pipeline call's denoiser calls on which DeepCache computed the whole UNet,
+    as stage 1 observed it (the calls its mid block ran: introspect.deepcache_full_calls), less the
+    module rule's tolerance; None where that was not observed. Not a count from the interval: a
+    call's place in DeepCache's schedule is `list.index` of its timestep, so schedulers that repeat
+    timesteps (Heun, KDPM2, PNDM, Karras sigmas) compute fewer calls than one place per call gives
+    (the trust review of session 31: honest runs failed), and the interval the helper holds after
+    the call is the candidate's to set."""
+    observed = _deepcache_full_calls(attributes)
+    if observed is None:
         return None
-    requested = requested if isinstance(requested, list) and len(requested) == len(calls) else [None] * len(calls)
-    shares = []
-    for made, asked in zip(calls, requested):
-        positions = min(made, asked) if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else made
-        shares.append(math.ceil(positions / interval) / made)
-    return min(shares) * (1 - stages.MODULE_WORK_TOLERANCE)
+    calls, full = observed
+    return len(full) / calls * (1 - stages.MODULE_WORK_TOLERANCE)
 
 
 def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Mapping | None = None) -> dict | None:
@@ -273,6 +257,14 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             unseen = {str(m): str(unverified[m])[:200] for m in allowed if m in unverified and m not in methods}
         against, name = reference, "the reference's"
         if "deepcache" in methods:
+            deepcache = (attributes.get("methods") or {}).get("deepcache")
+            branch = deepcache.get("cache_branch_id") if isinstance(deepcache, Mapping) else None
+            if not isinstance(branch, int) or isinstance(branch, bool):
+                # which blocks it computes on every call is read from the branch: without one
+                # (cached calls skipping different blocks) DeepCache lightens nothing (the trust
+                # review of session 31: the every-call floor fell away)
+                methods = tuple(m for m in methods if m != "deepcache")
+                unseen["deepcache"] = f"its cache branch was not observed ({str(branch)[:80]})"
             share = deepcache_least_share(attributes)
             if share is not None:
                 least_shares["deepcache"] = share

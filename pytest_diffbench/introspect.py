@@ -314,6 +314,10 @@ def library_globals_problem(fn: Any, package: str, _seen: set | None = None) -> 
             return f"{package}'s {qualname!r} (in {os.path.basename(filename)}) is gone from its module"
         if isinstance(value, type):
             continue  # a class body's code: the classes a method needs are checked where used (_library_class)
+        if getattr(value, "__globals__", namespace) is not namespace:
+            # the library's code object in a function of other globals (types.FunctionType(code, {...}))
+            return (f"{package}'s {qualname!r} (in {os.path.basename(filename)}) runs with globals that are not "
+                    f"its module's: replaced in its module")
         if not is_library_code(value, package, qualname):  # the name itself: a wrapper of the library's is not it
             return (f"{package}'s {qualname!r} (in {os.path.basename(filename)}) is not the installed {package}'s "
                     f"code: replaced in its module")
@@ -616,8 +620,8 @@ def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
         "method_evidence": evidence,
         # the caching intervals pipe.tgate was called with (evaluate.tgate_self_attention_share)
         **({"tgate_intervals": tgate_intervals(probe.tgate_calls)} if probe is not None and "tgate" in methods else {}),
-        # the interval DeepCache's helper was set to (evaluate.deepcache_least_share)
-        **({"deepcache_set": deepcache_set(live, probe)} if "deepcache" in methods else {}),
+        # the calls DeepCache computed (evaluate.deepcache_least_share)
+        **({"deepcache_full_calls": deepcache_full_calls(probe)} if "deepcache" in methods else {}),
         # where ToMe merges and what (stages._module_floor)
         **({"tome_merged": tome_merged(pipe, probe)} if "tomesd" in methods else {}),
     }
@@ -643,10 +647,19 @@ def tome_merged(pipe: Any, probe: "StepProbe | None" = None) -> dict:
         names, args = observations[0].tome_names, observations[0].tome_args
         # the blocks whose attention saw fewer tokens than the block (tomesd patches every transformer
         # block and merges where the downsampling is at most max_downsample: not the mid block at 1)
-        merged = {index for call in observations[0].calls for index, (tokens, seen) in call["tome"].items()
-                  if seen is not None and seen < tokens}
-        if merged:
+        calls = observations[0].calls
+        seen = {index for call in calls for index in call["tome_most"]}
+        merged = {index for index in seen
+                  if any(all(call["tome"].get(index, [0])[0] > call["tome_most"].get(index, {}).get(part, 0) > 0
+                             for call in calls if index in call["tome_most"])
+                         for part in ("attn1", "attn2"))}
+        if seen:
             names = [name for index, name in enumerate(names) if index in merged]
+        # the flags as read at the first denoiser call and now, the stricter (a flag set only while
+        # the snapshot is read does not lower a floor)
+        live = _scan(den)["tome_args"]
+        args = {name: args.get(name, True) is not False and (not isinstance(live, dict) or live.get(name, True) is not False)
+                for name in ("merge_attn", "merge_crossattn", "merge_mlp")}
     else:
         found = _scan(den)
         names, args = found["tome_names"], found["tome_args"] if isinstance(found["tome_args"], dict) else {}
@@ -662,17 +675,19 @@ def tome_merged(pipe: Any, probe: "StepProbe | None" = None) -> dict:
     return merged
 
 
-def deepcache_set(live: dict, probe: "StepProbe | None") -> dict:
-    """The cache interval DeepCache's helper was set to (its `params`), the longest of those read
-    at each observed call's start and after the calls, or {} where none was read. The observed
-    interval (the most common distance between full steps) can read shorter than the one set: T-GATE's
-    DeepCache loader restarts the cache at its gate (full calls 0, 1, 2, 10 of 15 at interval 8 read
-    1), and a least share of the calls computed is taken from the longer (stages._module_floor)."""
-    runs = probe.runs if probe is not None else []
-    values = [((run.get("methods") or {}).get("deepcache") or {}).get("cache_interval") for run in runs]
-    values.append((live.get("deepcache") or {}).get("cache_interval"))
-    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 1]
-    return {"cache_interval": max(values)} if values else {}
+def deepcache_full_calls(probe: "StepProbe | None") -> dict:
+    """The denoiser calls of the first observed pipeline call on which DeepCache computed the UNet
+    (its mid block ran): {"calls": n, "full": [call indices]}, or {} where none was observed. What
+    DeepCache's floors are read from (evaluate.deepcache_least_share): a count from the interval
+    assumed one position per call, and schedulers that repeat timesteps (Heun, KDPM2, PNDM, Karras
+    sigmas; DeepCache places a call by `list.index` of its timestep) compute fewer calls, so honest
+    runs failed; the helper's `params` read after the call could be set to anything (the trust
+    review of session 31)."""
+    for run in (probe.runs if probe is not None else []):
+        observation = run.get("observation")
+        if observation is not None and observation.dc_full_calls is not None:
+            return {"calls": len(observation.calls), "full": list(observation.dc_full_calls)}
+    return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,6 +765,7 @@ class _Observation:
         self.tgate_calls = list(probe.tgate_calls)
         self.probe = probe
         self.dc_helper = None
+        self.dc_full_calls: list[int] | None = None
         self.dc_keys: list = []
         self.dc_params = None
         self.tome_blocks = 0
@@ -787,7 +803,7 @@ class _Observation:
                 for name in ("attn1", "attn2"):
                     attn = getattr(block, name, None)
                     if isinstance(attn, torch.nn.Module):
-                        self._hook(attn, functools.partial(self._on_tome_attn, index))
+                        self._hook(attn, functools.partial(self._on_tome_attn, index, name))
         if "tgate" in self.methods:
             for module in den.modules():
                 if type(module).__name__ == "Attention" and getattr(module, "is_cross_attention", False):
@@ -809,7 +825,7 @@ class _Observation:
         size = tuple(sample.shape[-2:]) if sample is not None and sample.ndim == 4 else None
         if sample is not None and self.input_dtype is None:
             self.input_dtype = sample.dtype
-        self.calls.append({"ran": set(), "tome": {}, "xattn": 0, "size": size,
+        self.calls.append({"ran": set(), "tome": {}, "tome_most": {}, "xattn": 0, "size": size,
                            "in_tgate": self.probe.inside_tgate > 0})
 
     def _on_ran(self, key, module, args, kwargs):
@@ -821,12 +837,17 @@ class _Observation:
         if self.calls and x is not None and x.ndim == 3:
             self.calls[-1]["tome"].setdefault(index, [int(x.shape[1]), None])
 
-    def _on_tome_attn(self, index, module, args, kwargs):
+    def _on_tome_attn(self, index, name, module, args, kwargs):
         x = _first_tensor(args, kwargs, ("hidden_states",))
         if self.calls and x is not None and x.ndim == 3:
             record = self.calls[-1]["tome"].get(index)
             if record is not None:
                 record[1] = int(x.shape[1]) if record[1] is None else min(record[1], int(x.shape[1]))
+                # the most tokens each attention saw: a block is merged where every call of one of its
+                # attentions saw fewer than the block (introspect.tome_merged); an extra call on a
+                # token or two lowers the least, not this
+                most = self.calls[-1]["tome_most"].setdefault(index, {})
+                most[name] = max(most.get(name, 0), int(x.shape[1]))
 
     def _on_xattn(self, module, args, kwargs):
         if self.calls:
@@ -864,6 +885,7 @@ class _Observation:
         mids = {k for k in keys if k[0] == "mid"}
         full = [bool(c["ran"] & mids) if mids else len(c["ran"]) == len(keys) for c in self.calls]
         n = len(self.calls)
+        self.dc_full_calls = [index for index, computed in enumerate(full) if computed]
         if all(full):
             return None, (f"DeepCache marker present, but the UNet's deep blocks (mid block) ran on all {n} denoiser "
                           f"calls: nothing was served from a cache")

@@ -992,7 +992,8 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
             if isinstance(merged, Mapping) and not _merged_by_tome_blocks(module, merged):
                 continue  # a block or a part ToMe does not merge: it lightens nothing there
             kept = least_shares.get("tomesd", 0.0)
-            share = kept * kept if module.endswith(OPERANDS) else kept
+            # self-attention's operands are two merged sequences; cross-attention's keys are the caption's
+            share = kept * kept if module.endswith("attn1" + OPERANDS) else kept
         floor = share if floor is None else floor * share
     return 1 - MODULE_WORK_TOLERANCE if floor is None else floor
 

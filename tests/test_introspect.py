@@ -248,7 +248,10 @@ def test_tgate_deepcache_loader_reports_both(load):
         attrs = introspect(pipe, probe)
     assert attrs["methods"] == {"deepcache": {"cache_interval": 2, "cache_branch_id": 0}, "tgate": {"gate_step": 7}}
     assert attrs["unverified_methods"] == {}
-    assert attrs["deepcache_set"] == {"cache_interval": 2}  # the helper's setting (evaluate.deepcache_least_share)
+    # the calls DeepCache computed (evaluate.deepcache_least_share): its first, every second from it, and
+    # the restarts T-GATE's loader makes at gate - 1 and the gate (7 of 13 calls with PNDM's warm-up one)
+    full = attrs["deepcache_full_calls"]
+    assert full["calls"] == 13 and full["full"][0] == 0 and {6, 7} <= set(full["full"]), full
 
 
 def test_diffusers_pab_hooks_counted_and_empty_registries_ignored(load):

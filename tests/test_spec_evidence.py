@@ -763,28 +763,27 @@ def test_deepcaches_work_shows_as_two_shares_and_tgates_gate_bounds_every_module
 def test_deepcache_and_tome_leave_the_work_their_interval_and_ratio_leave():
     """DeepCache's and ToMe's floors were 0 whatever the interval or ratio, so a module they lighten
     could be emptied (its work computed out of the counted products, or not at all) and stage 1
-    saw a share DeepCache's two-share rule accepts (0 and 1). Now each leaves what its setting
-    does: DeepCache computes ceil(positions / interval) of the calls (the longer of the interval
-    observed and the one its helper was set to), ToMe keeps 1 - ratio of the tokens (squared for
-    attention's operands), T-GATE a half of each computed call where DeepCache decides which; the
-    floors multiply. Every L4 gold of session 30's sweep passes them, at 1.0 of these figures (39
-    with DeepCache and 24 with ToMe fail at 1.05: the floors are the golds' own work)."""
+    saw a share DeepCache's two-share rule accepts (0 and 1). Now each leaves what it did: DeepCache
+    the calls stage 1 saw it compute (a count from the interval failed honest runs on schedulers
+    that repeat timesteps, and the interval the helper holds after the call is the candidate's:
+    the trust review of session 31), ToMe 1 - ratio of the tokens (squared for self-attention's
+    operands), T-GATE a half of each computed call where DeepCache decides which; the floors
+    multiply. Every L4 gold of session 30's sweep passes them (with the count from the interval,
+    39 with DeepCache and 24 with ToMe failed at 1.05: the floors are the golds' own work)."""
     from pytest_diffbench.evaluate import deepcache_least_share
 
     tolerance = 1 - stages.MODULE_WORK_TOLERANCE
 
-    def attrs(interval, calls, requested, set_to=None):
-        return {"methods": {"deepcache": {"cache_interval": interval, "cache_branch_id": 0}},
-                "steps": {"denoiser_calls": [calls], "requested": [requested]},
-                **({"deepcache_set": {"cache_interval": set_to}} if set_to else {})}
+    def attrs(calls, full):
+        return {"methods": {"deepcache": {"cache_interval": 8, "cache_branch_id": 0}},
+                "deepcache_full_calls": {"calls": calls, "full": full}}
 
-    # PNDM: 51 calls for 50 steps visit 50 positions: 7 computed at interval 8
-    assert deepcache_least_share(attrs(8, 51, 50)) == pytest.approx(7 / 51 * tolerance)
-    # img2img at strength 0.5: 25 calls, all distinct positions
-    assert deepcache_least_share(attrs(3, 25, 50)) == pytest.approx(9 / 25 * tolerance)
-    # T-GATE's DeepCache loader restarts at its gate: the observed interval reads 1, the helper's is 8
-    assert deepcache_least_share(attrs(1, 15, 15, set_to=8)) == pytest.approx(2 / 15 * tolerance)
-    assert deepcache_least_share({"methods": {"deepcache": {"cache_interval": ">= 5"}}, "steps": {}}) is None
+    # PNDM, 51 calls at interval 8: 7 computed (0, 8, ... by their timesteps' places)
+    assert deepcache_least_share(attrs(51, [0, 9, 17, 25, 33, 41, 49])) == pytest.approx(7 / 51 * tolerance)
+    # Heun repeats every timestep: at an even interval DeepCache computes its first call only
+    assert deepcache_least_share(attrs(99, [0])) == pytest.approx(1 / 99 * tolerance)
+    assert deepcache_least_share(attrs(10, [0, 12])) is None  # a call index out of range: no figure
+    assert deepcache_least_share({"methods": {"deepcache": {"cache_interval": 8}}}) is None
 
     deep = "unet.mid_block.resnets.0.conv1"
     attn1 = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -802,17 +801,19 @@ def test_deepcache_and_tome_leave_the_work_their_interval_and_ratio_leave():
     # T-GATE with DeepCache (every SD optimum): attention's floor was 0 (T-GATE's, whose own rules stand
     # aside there); now cross-attention's is the calls before the called gate DeepCache computes
     from pytest_diffbench.evaluate import tgate_with_deepcache_shares
+    # T-GATE's DeepCache loader restarts the cache at gate - 1 and the gate: computed 0, 4, 5, 13, ...
     both = {"methods": {"deepcache": {"cache_interval": 1, "cache_branch_id": 0}, "tgate": {"gate_step": 0}},
-            "deepcache_set": {"cache_interval": 8}, "tgate_intervals": {"gate_step": 5},
-            "steps": {"denoiser_calls": [51], "requested": [50]}}
-    joint = tgate_with_deepcache_shares(both)  # gate 5 + PNDM's warm-up call: 6 calls, 1 of them computed
-    assert joint == {"attn2": pytest.approx(1 / 51 * tolerance), "attn1": pytest.approx(0.5 / 51 * tolerance)}
+            "deepcache_full_calls": {"calls": 51, "full": [0, 4, 5, 13, 21, 29, 37, 45]},
+            "tgate_intervals": {"gate_step": 5}, "steps": {"denoiser_calls": [51], "requested": [50]}}
+    joint = tgate_with_deepcache_shares(both)  # gate 5 + PNDM's warm-up call: 6 calls, 3 of them computed
+    assert joint == {"attn2": pytest.approx(3 / 51 * tolerance), "attn1": pytest.approx(0.5 / 51 * tolerance)}
     assert tgate_with_deepcache_shares({**both, "tgate_intervals": {"gate_step": 20}})["attn2"] == pytest.approx(
-        3 / 51 * tolerance)
+        4 / 51 * tolerance)
     cross = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2:operands"
     shares = {**shares, **{f"tgate+deepcache:{k}": v for k, v in joint.items()}}
     assert stages._module_floor(cross, ["deepcache", "tgate"], shares) == pytest.approx(joint["attn2"])
-    assert stages._module_floor(cross, ["deepcache", "tgate", "tomesd"], shares) == pytest.approx(joint["attn2"] * 0.25)
+    # (ToMe merges cross-attention's queries, not the caption's keys)
+    assert stages._module_floor(cross, ["deepcache", "tgate", "tomesd"], shares) == pytest.approx(joint["attn2"] * 0.5)
     assert stages._module_floor(attn1, ["deepcache", "tgate"], shares) == pytest.approx(joint["attn1"])
     assert stages._module_floor(cross, ["tgate"], shares) == 0.0  # T-GATE alone: its gate rule holds it
 
