@@ -1150,15 +1150,24 @@ def test_self_attention_under_tgate_does_what_its_gate_and_caching_intervals_lea
                                                set(books)) is None
 
 
-def test_tgates_gate_hidden_from_the_hooks_is_held_to_the_one_pipe_tgate_was_called_with(tiny_zoo, baseline_cache_dir,
-                                                                                     tmp_path):
+#: red team round 13's F1b run around the harness's wrapper of pipe.tgate (session 30's open lead)
+AROUND_THE_WRAPPER = ("result = pipe.tgate(prompt=prompt", 'result = getattr(pipe.tgate, "__wrapped__", pipe.tgate)(prompt=prompt')
+
+
+@pytest.mark.parametrize("around_the_wrapper", [False, True], ids=["through pipe.tgate", "around its wrapper"])
+def test_tgates_gate_hidden_from_the_hooks_fails_through_pipe_tgate_or_around_it(tiny_zoo, baseline_cache_dir,
+                                                                                 tmp_path, around_the_wrapper):
     """Red team round 13's F1b (U 1.3474 against the calibrated optimum's 1.3247 on
     L4-pixart-sigma-t2i-nosampler-hard-0072): the gold's T-GATE, the cross-attention on the guided
     calls cut to the caption's real tokens and made in broadcast multiplies and sums (no book, no
     product dimensions), the key projection's weight used without calling the module, so that the
-    hooks saw a gate of 0 and every T-GATE floor fell to it. The gate pipe.tgate was called with
-    (2) holds the modules outside attention to their share (0.55 of the reference's). The same
-    without pipe.tgate: test_tgate_run_around_pipe_tgate_is_not_tgate."""
+    hooks saw a gate of 0 and every T-GATE floor fell to it. Session 30 held it to the gate pipe.tgate
+    was called with (test_tgates_gate_is_raised_...); run around the harness's wrapper
+    (`pipe.tgate.__wrapped__`: no called gate recorded) it passed again at 2fbaf02 (session 31,
+    /work/s31/loop_head). Now T-GATE counts only for denoiser calls its own loop makes
+    (test_introspect covers that alone), and the candidate's replacement of
+    `tgate_utils.tgate_processor` leaves T-GATE unverified whichever way it is run
+    (introspect.library_globals_problem), which shows first."""
     from pytest_diffbench.zoo.profiles import tiny_evaluator
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
@@ -1166,10 +1175,11 @@ def test_tgates_gate_hidden_from_the_hooks_is_held_to_the_one_pipe_tgate_was_cal
     task = load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-nosampler-hard-0072.yaml")
     evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=600.0)
     code = (REPO / "tests" / "adversarial_tasks" / "tgate_gate_hidden_cross_attention_uncounted.py").read_text()
+    if around_the_wrapper:
+        assert AROUND_THE_WRAPPER[0] in code
+        code = code.replace(*AROUND_THE_WRAPPER)
     result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
     verdict = result.verdict
-    # since session 31 its replacement of tgate_utils.tgate_processor leaves T-GATE unverified
-    # (introspect.library_globals_problem); the called gate's hold is test_tgates_gate_is_raised_...
     assert "tgate" not in result.attributes["methods"]
     assert "'tgate_processor'" in result.attributes["unverified_methods"]["tgate"]
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
@@ -1192,25 +1202,3 @@ def test_tgates_gate_is_raised_to_the_called_one_less_deepcaches_interval_where_
     assert tgate_gate_step(attrs(5, 5, {"cache_interval": 8, "cache_branch_id": 0})) == 5
     assert tgate_gate_step(attrs(0, 20, {"cache_interval": None})) == 0  # no interval observed: nothing to raise by
     assert tgate_gate_step({"methods": {"tgate": {"gate_step": 0}}}) == 0  # nothing called: the hooks'
-
-
-def test_tgate_run_around_pipe_tgate_is_not_tgate(tiny_zoo, baseline_cache_dir, tmp_path):
-    """Session 30's open lead: the same candidate run through `pipe.tgate.__wrapped__` (T-GATE's
-    function, around the harness's wrapper), so that no called gate is recorded and the hooks' gate
-    of 0 was all stage 1 had: it passed `L4-pixart-sigma-t2i-nosampler-hard-0072` at 2fbaf02 (U
-    1.3474 against the calibrated optimum's 1.3247). T-GATE counts only for the denoiser calls its
-    own loop makes, so here it is not applied and no module is lightened by it."""
-    from pytest_diffbench.zoo.profiles import tiny_evaluator
-    from pytest_diffbench.evaluate import Candidate
-    from pytest_diffbench.tasks import load_task
-
-    task = load_task(REPO / "tasks" / "L4" / "L4-pixart-sigma-t2i-nosampler-hard-0072.yaml")
-    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=600.0)
-    code = (REPO / "tests" / "adversarial_tasks" / "tgate_loop_around_the_probed_pipe_tgate.py").read_text()
-    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
-    verdict = result.verdict
-    assert "tgate" not in result.attributes["methods"]
-    # two reasons: the loop outside pipe.tgate (test_introspect covers it alone) and, since session 31,
-    # the replaced tgate_processor, which shows first
-    assert "'tgate_processor'" in result.attributes["unverified_methods"]["tgate"]
-    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
