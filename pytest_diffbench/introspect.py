@@ -571,7 +571,7 @@ def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
     den = denoiser(pipe)
     dtype = _dtype_summary(_param_dtypes(den))
     scheduler = _scheduler_name(pipe)
-    live, live_fake, _ = _detect(pipe, probe)
+    live, live_fake, live_found = _detect(pipe, probe)
     steps = {"requested": [], "denoiser_calls": []}
     evidence = "markers"
     methods: dict[str, dict] = dict(live)
@@ -623,7 +623,7 @@ def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
         # the calls DeepCache computed (evaluate.deepcache_least_share)
         **({"deepcache_full_calls": deepcache_full_calls(probe)} if "deepcache" in methods else {}),
         # where ToMe merges and what (stages._module_floor)
-        **({"tome_merged": tome_merged(pipe, probe)} if "tomesd" in methods else {}),
+        **({"tome_merged": tome_merged(pipe, probe, live_found)} if "tomesd" in methods else {}),
     }
 
 
@@ -631,7 +631,7 @@ def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
 MAX_TOME_BLOCKS = 256
 
 
-def tome_merged(pipe: Any, probe: "StepProbe | None" = None) -> dict:
+def tome_merged(pipe: Any, probe: "StepProbe | None" = None, found: dict | None = None) -> dict:
     """Which of the denoiser's blocks tomesd merges (its ToMe blocks whose attention saw fewer
     tokens than the block while the denoiser ran, else all its ToMe blocks; names as the books
     have them: `unet.down_blocks.0.attentions.0.transformer_blocks.0`) and which of their parts it merges
@@ -657,11 +657,11 @@ def tome_merged(pipe: Any, probe: "StepProbe | None" = None) -> dict:
             names = [name for index, name in enumerate(names) if index in merged]
         # the flags as read at the first denoiser call and now, the stricter (a flag set only while
         # the snapshot is read does not lower a floor)
-        live = _scan(den)["tome_args"]
+        live = (found if found is not None else _scan(den))["tome_args"]
         args = {name: args.get(name, True) is not False and (not isinstance(live, dict) or live.get(name, True) is not False)
                 for name in ("merge_attn", "merge_crossattn", "merge_mlp")}
     else:
-        found = _scan(den)
+        found = found if found is not None else _scan(den)
         names, args = found["tome_names"], found["tome_args"] if isinstance(found["tome_args"], dict) else {}
     prefix = "unet." if den is getattr(pipe, "unet", None) else "transformer."
 
