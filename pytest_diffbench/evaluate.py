@@ -337,16 +337,24 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     # call at its observed branch, the blocks and parts ToMe merges
     floor_scope: dict[str, Any] = {}
     run_attributes = candidate.get("attributes") if isinstance(candidate.get("attributes"), Mapping) else {}
+    mid_share = branch = None
     if "deepcache" in methods:
         deepcache = (run_attributes.get("methods") or {}).get("deepcache") if isinstance(
             run_attributes.get("methods"), Mapping) else None
         branch = deepcache.get("cache_branch_id") if isinstance(deepcache, Mapping) else None
         if isinstance(branch, int) and not isinstance(branch, bool):
             floor_scope["deepcache_every_call"] = sorted(stages.deepcache_every_call(held_to, branch))
+        # the calls DeepCache computed as the replay counted them (stage 1's count is read in the
+        # candidate's process): the floor of the modules it skips on cached calls, and the most
+        # they may do (stages.deepcache_branch_problem)
+        mid_share = deepcache_replayed_share(cand, held_to)
+        if mid_share is not None:
+            least_shares[stages.DEEPCACHE_REPLAYED] = mid_share * (1 - stages.MODULE_WORK_TOLERANCE)
     if "tomesd" in methods and isinstance(run_attributes.get("tome_merged"), Mapping):
         floor_scope["tome_merged"] = dict(run_attributes["tome_merged"])
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
-                "floor_scope": floor_scope,
+                "floor_scope": floor_scope, "deepcache_mid_share": mid_share,
+                "deepcache_branch": branch if isinstance(branch, int) and not isinstance(branch, bool) else None,
                 # the VAE's books are held per image, never scaled by the calls
                 "against_per_image": "the gold solution's" if against is gold else "the reference's",
                 "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call,
@@ -493,6 +501,16 @@ def tgate_replayed_share(candidate: Mapping[str, float], held_to: Mapping[str, f
     if not shares:
         return None
     return (1 + max(shares)) / 2 * (1 - stages.MODULE_WORK_TOLERANCE)
+
+
+def deepcache_replayed_share(candidate: Mapping[str, float], held_to: Mapping[str, float]) -> float | None:
+    """The share of the work it is held to that the UNet's mid block outside attention did, as the
+    replay counted it (stages.DEEPCACHE_MID_BOOKS): the calls DeepCache computed, with the batch
+    T-GATE left on them. The most any of its books did (a book can be emptied by steering its
+    products elsewhere; more only raises the floors it sets). None without such a book."""
+    shares = [min(1.0, max(0.0, float(candidate.get(book, 0.0)) / float(work)))
+              for book, work in held_to.items() if stages.DEEPCACHE_MID_BOOKS.match(book) and work > 0]
+    return max(shares) if shares else None
 
 
 def _denoiser_calls(run: Mapping) -> float | None:

@@ -934,6 +934,46 @@ def deepcache_every_call(books, branch: Any) -> set[str]:
     return out
 
 
+#: the books of the UNet's mid block outside attention: DeepCache computes them on exactly the calls
+#: it does not answer from its cache (it never computes the mid block on a cached call), with the
+#: batch T-GATE leaves on those calls, and no method merges them; their share of the work they are
+#: held to is the share every other module DeepCache skips on cached calls does (every DeepCache
+#: gold on cpu-tiny matches exactly: 0.5, 0.14, 0.1, with T-GATE 0.2 and 0.098)
+DEEPCACHE_MID_BOOKS = re.compile(r"^unet\.mid_block\.resnets\.\d+\.")
+#: `least_shares` key of that share (evaluate.deepcache_replayed_share), less the tolerance
+DEEPCACHE_REPLAYED = "deepcache:replayed"
+
+
+def deepcache_branch_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
+    """DeepCache's cache branch, as stage 1 read it in the candidate's process, must show in the
+    work the replay counted: no module outside attention that the branch says DeepCache skips on
+    its cached calls does more than the mid block's share (`deepcache_mid_share`: the calls
+    DeepCache computed). More is a module DeepCache computes on every call, shown outside that set
+    by a branch reported shallower than the one applied, where its floor is the mid block's and not
+    the every-call one (the modules a method lightens in it could then be cached across calls), or
+    another module's work booked to it. A branch reported deeper than applied fails the every-call
+    floor. Attention is left out: T-GATE caches it on calls of its own."""
+    methods = evidence.get("methods") or ()
+    mid = evidence.get("deepcache_mid_share")
+    every_call = (evidence.get("floor_scope") or {}).get("deepcache_every_call")
+    if "deepcache" not in methods or not isinstance(mid, (int, float)) or not isinstance(every_call, list):
+        return None
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+    every = set(every_call)
+    for book in sorted(judged, key=lambda b: (-_figure(reference, b), b)):
+        if (not book.startswith("unet.") or book in every or ATTENTION_BOOK.search(book)
+                or _figure(reference, book) <= 0):
+            continue
+        found = _figure(candidate, book) / _figure(reference, book)
+        if found > mid * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
+            return (f"DeepCache's cache branch does not show in the work: {book} computed {found:.4g} of the work it "
+                    f"is held to, where the branch stage 1 read ({evidence.get('deepcache_branch')!s:.40}) has "
+                    f"DeepCache skip it on its cached calls, as the mid block, which computed {mid:.4g} of its work "
+                    f"(counted by the harness's replay); a branch reported other than the one applied, or another "
+                    f"module's work booked to it")
+    return None
+
+
 def _merged_by_tome_blocks(module: str, merged: Mapping[str, Any]) -> bool:
     """Whether `module` is a part ToMe merges (`introspect.tome_merged`: its blocks, and whether it
     merges self-attention, cross-attention, the MLP), or True where the blocks are not recorded."""
@@ -966,11 +1006,16 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
       DeepCache computes on every call across steps, under a floor of 0);
     - T-GATE and DeepCache together, for attention: the share the two leave together
       (`tgate+deepcache:attn1` / `attn2`: evaluate.tgate_with_deepcache_shares), where T-GATE's own
-      attention rules stand aside.
+      attention rules stand aside;
+    - DeepCache, in the modules it skips on cached calls (outside attention where T-GATE is applied
+      too), no less than the mid block's share as the replay counted it, times what ToMe keeps
+      (`DEEPCACHE_REPLAYED`: evaluate.deepcache_replayed_share): the calls DeepCache computed as
+      stage 1 read them are reported by the candidate's process (session 32).
     A floor of 0 whatever the interval or ratio left a book free to be refilled, or computed out of
     the counted products (red team round 11's leads; session 31)."""
     least_shares, scope = least_shares or {}, scope or {}
     floor = None
+    cached_by_deepcache, tome_kept = False, 1.0
     # T-GATE with DeepCache: attention's least share of the two together (evaluate.tgate_with_deepcache_shares)
     attention = ATTENTION_BOOK.search(module)
     joint = least_shares.get(f"tgate+deepcache:{attention.group(0).strip('.:')}") if attention else None
@@ -986,6 +1031,7 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
                      else least_shares.get("tgate", share))
         elif method == "deepcache":
             every_call = scope.get("deepcache_every_call")
+            cached_by_deepcache = every_call is not None and module not in every_call
             share = 1.0 if every_call is not None and module in every_call else least_shares.get("deepcache", 0.0)
         elif method == "tomesd":
             merged = scope.get("tome_merged")
@@ -993,8 +1039,15 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
                 continue  # a block or a part ToMe does not merge: it lightens nothing there
             kept = least_shares.get("tomesd", 0.0)
             # self-attention's operands are two merged sequences; cross-attention's keys are the caption's
-            share = kept * kept if module.endswith("attn1" + OPERANDS) else kept
+            share = tome_kept = kept * kept if module.endswith("attn1" + OPERANDS) else kept
         floor = share if floor is None else floor * share
+    replayed = least_shares.get(DEEPCACHE_REPLAYED)
+    if cached_by_deepcache and isinstance(replayed, (int, float)):
+        # a module DeepCache skips on its cached calls is computed on the calls the mid block is,
+        # with the batch T-GATE leaves there: the mid block's share, as the replay counted it, less
+        # what ToMe takes (not read from the candidate's process, where the calls DeepCache computed
+        # are the candidate's to report; attention under T-GATE too keeps the joint floor alone)
+        floor = max(floor or 0.0, replayed * tome_kept)
     return 1 - MODULE_WORK_TOLERANCE if floor is None else floor
 
 
@@ -1094,7 +1147,7 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     problem = tgate_gate_problem(evidence, judged) or tgate_self_attention_problem(evidence, judged) or (
         None if too_slow else (
         outside_work_problem(evidence, judged) or tgate_batch_problem(evidence, judged)
-        or deepcache_shares_problem(evidence, judged)))
+        or deepcache_shares_problem(evidence, judged) or deepcache_branch_problem(evidence, judged)))
     if problem:
         return problem
     unlightened = evidence.get("unlightened")

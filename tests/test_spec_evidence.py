@@ -883,6 +883,69 @@ def test_deepcache_every_call_modules_and_parts_tome_does_not_merge_keep_their_w
     assert problem and shallow_ff in problem and "found 184" in problem, problem
 
 
+def test_deepcaches_computed_calls_and_branch_are_read_from_the_replays_work():
+    """The calls DeepCache computed and its cache branch were read in the candidate's process
+    (introspect's probe, whose state candidate code can rewrite): a count of one computed call in
+    ten lowered the floor of every module DeepCache skips to 0.1, so an MLP ToMe does not merge
+    could be cached across calls; a branch reported shallower than the one applied took a block
+    DeepCache computes on every call out of the every-call floor (session 31's open item). Now
+    the floor of the modules DeepCache skips is the share the mid block did as the replay counted
+    it (DeepCache never computes it on a cached call), and no module outside attention outside the
+    reported every-call set may do more than that share."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence
+
+    books = ["unet.conv_in", "unet.conv_out", "unet.mid_block.resnets.0.conv1",
+             "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+             *(f"unet.down_blocks.{i}.{kind}.0.{leaf}" for i in (0, 1)
+               for kind, leaf in (("resnets", "conv1"), ("attentions", "transformer_blocks.0.ff.net.2"))),
+             "unet.down_blocks.0.downsamplers.0.conv", "unet.up_blocks.0.upsamplers.0.conv",
+             *(f"unet.up_blocks.{i}.{kind}.{j}.{leaf}" for i in (0, 1) for j in (0, 1)
+               for kind, leaf in (("resnets", "conv1"), ("attentions", "transformer_blocks.0.ff.net.2")))]
+    task = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("deepcache", "tomesd")))
+    tome_blocks = [b.rsplit(".ff.", 1)[0] for b in books if ".ff." in b and "mid_block" not in b]
+
+    def run(work: dict, branch=1, full=(0, 2, 4, 6, 8)):
+        by_module = {b: 1000.0 * work.get(b, 1.0) for b in books}
+        return {"num_images": 1, "flops": {"seeded": {"by_module": by_module, "flops": sum(by_module.values())}},
+                "attributes": {"methods": {"deepcache": {"cache_branch_id": branch, "cache_interval": 2},
+                                           "tomesd": {"ratio": 0.5}},
+                               "deepcache_full_calls": {"calls": 10, "full": list(full)},
+                               "tome_merged": {"attn1": True, "attn2": False, "ff": False, "blocks": tome_blocks}}}
+
+    reference = {"num_images": 1, "flops": {"seeded": {"by_module": {b: 1000.0 for b in books}}}}
+    every = stages.deepcache_every_call(books, 1)
+    honest = {b: 1.0 if b in every else 0.5 for b in books}  # interval 2: every other call computed
+    judged = lambda candidate: stages.module_work_problem(module_work_evidence(task, candidate, reference))
+
+    def before(candidate):  # the rules without the replay's share (session 31)
+        evidence = module_work_evidence(task, candidate, reference)
+        evidence["least_shares"].pop(stages.DEEPCACHE_REPLAYED)
+        return stages.module_work_problem({**evidence, "deepcache_mid_share": None})
+    evidence = module_work_evidence(task, run(honest), reference)
+    assert evidence["deepcache_mid_share"] == pytest.approx(0.5)
+    assert judged(run(honest)) is None
+    # an MLP DeepCache skips, cached across calls to 0.1 of its work, with one computed call reported
+    deep_ff = "unet.up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
+    cached = {**honest, deep_ff: 0.1}
+    assert judged(run(cached)) is not None  # the count reported is the honest one: fails as before
+    problem = judged(run(cached, full=(0,)))
+    assert problem and deep_ff in problem and "found 100" in problem and "leave at least 0.499" in problem, problem
+    assert before(run(cached, full=(0,))) is None  # with the count reported alone it passed
+    # branch 1 applied, branch 0 reported: the first down block's resnet (computed on every call)
+    # sits outside the every-call set, and its MLP, cached to half its work, under the mid block's floor
+    first_ff = "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
+    assert first_ff in every and first_ff not in stages.deepcache_every_call(books, 0)
+    shallower = run({**honest, first_ff: 0.5}, branch=0)
+    assert judged(run({**honest, first_ff: 0.5})) is not None  # reported as applied: the every-call floor
+    problem = judged(shallower)
+    assert problem and "cache branch does not show" in problem and "down_blocks.0.resnets.0.conv1" in problem, problem
+    assert before(shallower) is None
+    # a branch reported deeper than the one applied fails the every-call floor
+    assert judged(run(honest, branch=2)) is not None
+
+
 @pytest.mark.long
 def test_a_tome_blocks_mlp_cached_across_steps_fails_on_the_floor_deepcache_leaves_it(tiny_zoo, baseline_cache_dir,
                                                                                        tmp_path):
