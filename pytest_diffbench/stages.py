@@ -974,6 +974,58 @@ def deepcache_branch_problem(evidence: Mapping[str, Any], judged: set[str]) -> s
     return None
 
 
+#: a UNet transformer block's books ToMe may lighten: (its transformer, the block, the part)
+TOME_PART_BOOK = re.compile(r"^(unet\..*\.attentions\.\d+)\.(transformer_blocks\.\d+)\.(attn1|attn2|ff)\."
+                            r"(?:to_q|to_k|to_v|to_out\.0|net\.0\.proj|net\.2)$")
+
+
+def tome_parts_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
+    """Where ToMe is applied (and T-GATE is not: it caches attention on calls of its own), each
+    part of a UNet transformer block does one of two shares of the work its block's calls hold (the
+    share its transformer's `proj_in`, which no method merges, did): all of it (a part tomesd does
+    not merge: the MLP and cross-attention by default, every part of a block outside its
+    `max_downsample`) or the share of the tokens its merge keeps, which the block's self-attention
+    projections show (tomesd computes one merge per block and call, and applies it to each part it
+    merges). Every ToMe gold of the L4 sweep: self-attention 1 or 0.3056-0.7031, the MLP and
+    cross-attention 1. So which blocks and parts ToMe merges is read off the replay's work, not
+    off the flags and blocks stage 1 read in the candidate's process: an MLP cached across calls,
+    or cut further than the merge its block's attention shows (red team round 14's target), has
+    another share."""
+    methods = evidence.get("methods") or ()
+    if "tomesd" not in methods or "tgate" in methods:
+        return None
+    candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
+
+    def share(book: str) -> float | None:
+        held = _figure(reference, book)
+        return _figure(candidate, book) / held if held > 0 else None
+
+    blocks: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for book in judged:
+        match = TOME_PART_BOOK.match(book)
+        found = share(book) if match else None
+        if found is not None:
+            blocks.setdefault((match.group(1), match.group(2)), {}).setdefault(match.group(3), {})[book] = found
+    for (transformer, block), parts in sorted(blocks.items()):
+        calls = share(transformer + ".proj_in")
+        if not calls or "attn1" not in parts:
+            continue
+        kept = max(parts["attn1"].values()) / calls  # the most of them (a book can be emptied by steering)
+        for book, found in sorted({**parts.get("ff", {}), **parts.get("attn2", {})}.items()):
+            if ".to_k" in book or ".to_v" in book:
+                continue  # cross-attention's keys and values read the caption, which ToMe does not merge
+            part = found / calls
+            if any(value * (1 - MODULE_WORK_TOLERANCE) - MODULE_WORK_TOLERANCE <= part
+                   <= value * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE for value in (1.0, kept)):
+                continue
+            return (f"ToMe's merge does not show in {book}: it computed {part:.4g} of the work its block's calls hold "
+                    f"({transformer}.proj_in, which no method merges, computed {calls:.4g} of its own), where ToMe leaves "
+                    f"a part of a block all of it or the share of the tokens its merge keeps there, {kept:.4g} (its "
+                    f"self-attention's) (counted by the harness's replay); a part cached or cut other than by ToMe's "
+                    f"merge, or another module's work booked to it")
+    return None
+
+
 def _merged_by_tome_blocks(module: str, merged: Mapping[str, Any]) -> bool:
     """Whether `module` is a part ToMe merges (`introspect.tome_merged`: its blocks, and whether it
     merges self-attention, cross-attention, the MLP), or True where the blocks are not recorded."""
@@ -1147,7 +1199,8 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
     problem = tgate_gate_problem(evidence, judged) or tgate_self_attention_problem(evidence, judged) or (
         None if too_slow else (
         outside_work_problem(evidence, judged) or tgate_batch_problem(evidence, judged)
-        or deepcache_shares_problem(evidence, judged) or deepcache_branch_problem(evidence, judged)))
+        or deepcache_shares_problem(evidence, judged) or deepcache_branch_problem(evidence, judged)
+        or tome_parts_problem(evidence, judged)))
     if problem:
         return problem
     unlightened = evidence.get("unlightened")

@@ -946,6 +946,43 @@ def test_deepcaches_computed_calls_and_branch_are_read_from_the_replays_work():
     assert judged(run(honest, branch=2)) is not None
 
 
+def test_the_parts_tome_merges_are_read_off_the_replays_work():
+    """ToMe's flags and merged blocks were read in the candidate's process: an MLP reported merged
+    (or in a block reported merged) had the floor of the ratio reported, so it could be cached
+    across calls or cut further than the merge its block shows. tomesd computes one merge per block
+    and call and applies it to each part it merges, so each part of a block does all of the work
+    its block's calls hold (the share of the transformer's proj_in) or the share of the tokens the
+    merge keeps, which its self-attention's projections show. The L4 ToMe golds: self-attention at
+    1 or 0.3056-0.7031, the MLP and cross-attention at 1; the gold of L4-sd21-t2i-nosampler-easy-0061
+    with `merge_crossattn=True, merge_mlp=True` (real tomesd, through the suite): all three at 0.3056."""
+    transformer = "unet.down_blocks.0.attentions.0"
+    block = transformer + ".transformer_blocks.0"
+    reference = {transformer + ".proj_in": 100.0, block + ".attn1.to_q": 100.0, block + ".attn1.to_out.0": 100.0,
+                 block + ".attn2.to_q": 100.0, block + ".ff.net.0.proj": 800.0, block + ".ff.net.2": 800.0,
+                 "unet.mid_block.resnets.0.conv1": 2000.0}
+
+    def run(calls: float, attn1: float, attn2: float, ff: float) -> dict:
+        shares = {".proj_in": calls, ".attn1.": calls * attn1, ".attn2.": calls * attn2, ".ff.": calls * ff}
+        return {book: work * next((v for k, v in shares.items() if k in book), calls) for book, work in reference.items()}
+
+    def problem(candidate, methods=("deepcache", "tomesd")):
+        return stages.tome_parts_problem({"candidate": candidate, "reference": reference, "methods": list(methods)},
+                                         set(reference))
+
+    assert problem(run(0.137, 0.3056, 1.0, 1.0)) is None  # the defaults: self-attention merged
+    assert problem(run(0.137, 0.3056, 0.3056, 0.3056)) is None  # merge_crossattn, merge_mlp
+    assert problem(run(1.0, 1.0, 1.0, 1.0)) is None  # a block outside max_downsample
+    cached = problem(run(0.137, 0.3056, 1.0, 0.1))  # the MLP cached across calls, under a ratio of 0.9 reported
+    assert cached and "ff.net.0.proj" in cached and "0.1 of the work" in cached and "0.3056" in cached, cached
+    # the floors of session 31 let it through: 0.137 x 0.1 kept, with ToMe's flags reported merged
+    floor = stages._module_floor(block + ".ff.net.2", ["deepcache", "tomesd"], {"deepcache": 0.137, "tomesd": 0.1},
+                                 {"tome_merged": {"attn1": True, "attn2": True, "ff": True, "blocks": [block]}})
+    assert floor == pytest.approx(0.0137) and 0.137 * 0.1 >= floor
+    unmerged = problem(run(1.0, 1.0, 1.0, 0.5))  # an MLP at half in a block whose attention merges nothing
+    assert unmerged and "ff.net" in unmerged, unmerged
+    assert problem(run(0.137, 0.3056, 1.0, 0.1), methods=("tomesd", "tgate")) is None  # T-GATE: its own rules
+
+
 @pytest.mark.long
 def test_a_tome_blocks_mlp_cached_across_steps_fails_on_the_floor_deepcache_leaves_it(tiny_zoo, baseline_cache_dir,
                                                                                        tmp_path):
