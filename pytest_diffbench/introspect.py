@@ -91,6 +91,122 @@ _PACKAGE_DIRS: dict[str, str | None] = {name: _package_dir(name) for name in _LI
 _REFERENCE_CODES: dict[str, dict] = {}
 
 
+#: modules library code runs through, and their attributes, as they were when this module was
+#: imported (before any candidate code): a proxy put in a library module's globals (`tomesd.merge.torch`)
+#: or a function of torch's rebound (`torch.gather`) runs the candidate's code from inside code that
+#: is the library's (the trust review of session 31)
+_TRUSTED_MODULE_NAMES = ("torch", "torch.nn.functional", "math", "inspect", "types", "typing")
+_TRUSTED_MODULES: dict[str, types.ModuleType] = {
+    name: sys.modules[name] for name in _TRUSTED_MODULE_NAMES if name in sys.modules}
+_TRUSTED_ATTRIBUTES: dict[str, dict] = {name: dict(vars(module)) for name, module in _TRUSTED_MODULES.items()}
+_FILE_IMPORTS: dict[str, list] = {}
+#: the code of torch's context decorators' wrapper (`@torch.no_grad()` on tgate's loops), as made here
+_CONTEXT_DECORATOR_CODE = torch.no_grad()(lambda: None).__code__
+
+
+def _undecorated(value: Any) -> Any:
+    """The function a `@torch.no_grad()` (or another torch context decorator) wrapper calls, read
+    from its closure (not its settable `__wrapped__`); `value` itself if it is no such wrapper."""
+    if isinstance(value, types.FunctionType) and value.__code__ is _CONTEXT_DECORATOR_CODE and value.__closure__:
+        cells = dict(zip(value.__code__.co_freevars, value.__closure__))
+        try:
+            return cells["func"].cell_contents
+        except (KeyError, ValueError):
+            return value
+    return value
+
+
+def _file_imports(path: str, module_name: str) -> list[tuple[str, str, str | None]]:
+    """(bound name, absolute module, attribute or None) of each top-level import of the installed
+    source file `path` (module `module_name`), parsed here (never imported)."""
+    found = _FILE_IMPORTS.get(path)
+    if found is not None:
+        return found
+    import ast
+
+    found = []
+    try:
+        with open(path, "rb") as fh:
+            tree = ast.parse(fh.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        tree = None
+    package = module_name if path.endswith("__init__.py") else module_name.rpartition(".")[0]
+    for node in tree.body if tree is not None else ():
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname:
+                    found.append((alias.asname, alias.name, None))
+                else:
+                    found.append((alias.name.partition(".")[0], alias.name.partition(".")[0], None))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")
+                parent = parent[:len(parent) - (node.level - 1)] if node.level > 1 else parent
+                base = ".".join(parent + ([node.module] if node.module else []))
+            for alias in node.names:
+                if alias.name != "*":
+                    found.append((alias.asname or alias.name, base, alias.name))
+    _FILE_IMPORTS[path] = found
+    return found
+
+
+def _file_names(path: str) -> set[str]:
+    """Every name any code object of the installed file `path` looks up (globals and attributes)."""
+    names: set[str] = set()
+    for codes in _reference_codes(path).values():
+        for code in codes:
+            names.update(code.co_names)
+    return names
+
+
+def _imports_problem(namespace: dict, filename: str, package: str, seen: set) -> str | None:
+    """Why the names the library file `filename` imports are not what they were imported as, or
+    None: a module must be the one imported before any candidate code (where this module holds
+    it) or the package's own, a name from the package its code, and every attribute of a trusted
+    module the file's code looks up the one that module had then."""
+    directory = _PACKAGE_DIRS.get(package)
+    if not directory or not filename.startswith(directory + os.sep):
+        return None
+    relative = os.path.relpath(filename, os.path.dirname(directory))[:-len(".py")]
+    module_name = relative.replace(os.sep, ".").removesuffix(".__init__")
+    base = os.path.basename(filename)
+    used = _file_names(filename)
+    for bound, source, attribute in _file_imports(filename, module_name):
+        value = namespace.get(bound)
+        full = source if attribute is None else f"{source}.{attribute}"
+        trusted = _TRUSTED_MODULES.get(full) if attribute is not None else _TRUSTED_MODULES.get(source)
+        if trusted is None and attribute is not None and source in _TRUSTED_ATTRIBUTES:
+            original = _TRUSTED_ATTRIBUTES[source].get(attribute, value)
+            if value is not original:
+                return f"{package}'s {bound!r} (imported from {source} in {base}) is not {source}'s: replaced in its module"
+            continue
+        if trusted is not None:
+            if value is not trusted:
+                return f"{package}'s {bound!r} (the module {full} in {base}) is not the module imported: replaced in its module"
+            for name in sorted(used & set(_TRUSTED_ATTRIBUTES[trusted.__name__])):
+                if vars(trusted).get(name) is not _TRUSTED_ATTRIBUTES[trusted.__name__][name]:
+                    return (f"{trusted.__name__}.{name}, which {package}'s {base} calls, is not the one imported before "
+                            f"the candidate ran: replaced in its module")
+            continue
+        if not (source == package or source.startswith(package + ".")):
+            continue  # another library's name (diffusers'): not checked here
+        if isinstance(value, types.ModuleType):
+            if value.__name__ != full or not os.path.realpath(getattr(value, "__file__", "") or "").startswith(directory + os.sep):
+                return f"{package}'s {bound!r} (the module {full} in {base}) is not the package's: replaced in its module"
+            continue
+        if isinstance(value, type) or attribute is None:
+            continue
+        value = _undecorated(value)
+        if not isinstance(value, types.FunctionType) or not is_library_code(value, package, attribute):
+            return (f"{package}'s {bound!r} (imported from {source} in {base}) is not the installed {package}'s code: "
+                    f"replaced in its module")
+        problem = library_globals_problem(value, package, seen)
+        if problem:
+            return problem
+    return None
+
+
 def _walk_codes(code: types.CodeType, prefix: str, out: dict) -> None:
     for const in code.co_consts:
         if not isinstance(const, types.CodeType):
@@ -309,7 +425,7 @@ def library_globals_problem(fn: Any, package: str, _seen: set | None = None) -> 
     for qualname in sorted(_reference_codes(filename)):
         if "." in qualname or qualname.startswith("<"):
             continue
-        value = namespace.get(qualname)
+        value = _undecorated(namespace.get(qualname))
         if value is None:
             return f"{package}'s {qualname!r} (in {os.path.basename(filename)}) is gone from its module"
         if isinstance(value, type):
@@ -321,6 +437,9 @@ def library_globals_problem(fn: Any, package: str, _seen: set | None = None) -> 
         if not is_library_code(value, package, qualname):  # the name itself: a wrapper of the library's is not it
             return (f"{package}'s {qualname!r} (in {os.path.basename(filename)}) is not the installed {package}'s "
                     f"code: replaced in its module")
+    problem = _imports_problem(namespace, filename, package, seen)
+    if problem:
+        return problem
     for value in list(namespace.values()):
         if isinstance(value, types.ModuleType) and (value.__name__ or "").startswith(package + "."):
             for name, member in sorted(vars(value).items()):
@@ -504,8 +623,14 @@ def _detect(pipe: Any, probe: "StepProbe | None" = None) -> tuple[dict, dict, di
     tgate_fn = _tgate_function(pipe)
     calls = probe.tgate_calls if probe is not None else []
     if tgate_fn is not None and _is_tgate_method(tgate_fn):
+        loop_problem = None if not _is_library_tgate_method(tgate_fn) else next(
+            (problem for f in _unwrap_chain(tgate_fn) if is_library_code(getattr(f, "__func__", f), "tgate", "tgate")
+             for problem in [library_globals_problem(f, "tgate")]), None)
         if not _is_library_tgate_method(tgate_fn):
             fake.setdefault("tgate", "pipe.tgate is not a T-Gate loader's tgate function from the installed tgate")
+        elif loop_problem:
+            # pipe.tgate's loop calls module-level names too (tgate_scheduler, register_forward)
+            fake.setdefault("tgate", loop_problem)
         elif (calls or found["tgate_attn"]) and not found["fake"].get("tgate"):
             # (an attention forward that is not tgate's, or tgate's module globals replaced: the calls
             # of pipe.tgate alone do not make it T-GATE)

@@ -196,7 +196,45 @@ def test_a_library_function_replaced_in_its_module_unmarks_the_method(load):
         assert "tomesd" not in methods
         assert f"'{name}'" in fake["tomesd"] and "replaced in its module" in fake["tomesd"], fake
     assert "tomesd" in detect_methods(pipe)  # restored: counted again
+    # what the library files import (the trust review of session 31): a module proxy in their
+    # globals, a name imported from the package, a function of torch's the code calls
+    import torch
+    import tomesd.utils
+
+    class Proxy:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    for module, name, value, why in (
+            (tomesd.merge, "torch", Proxy(), "the module torch in merge.py"),
+            (tomesd.patch, "init_generator", lambda *a, **k: None, "'init_generator' (imported from tomesd.utils"),
+            (tomesd.patch, "math", Proxy(), "the module math in patch.py"),
+            (torch, "gather", lambda *a, **k: None, "torch.gather, which tomesd's merge.py calls")):
+        original = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            methods, fake = detect_methods(pipe), introspect(pipe)["unverified_methods"]
+        finally:
+            setattr(module, name, original)
+        assert "tomesd" not in methods and why in fake["tomesd"], (name, fake)
+    assert "tomesd" in detect_methods(pipe)
     tomesd.remove_patch(pipe)
+
+    # pipe.tgate's loop calls tgate_scheduler from its module (tgate.SD): replaced there, the loop
+    # runs the candidate's schedule
+    import tgate.SD
+
+    pipe = TgateSDLoader(load())
+    original = tgate.SD.tgate_scheduler
+    tgate.SD.tgate_scheduler = lambda *args, **kwargs: original(*args, **kwargs)
+    try:
+        with StepProbe(pipe) as probe:
+            probe.record_methods = True
+            call(pipe, steps=2, fn=pipe.tgate, gate_step=1)
+            attrs = introspect(pipe, probe)
+    finally:
+        tgate.SD.tgate_scheduler = original
+    assert "tgate" not in attrs["methods"] and "'tgate_scheduler'" in attrs["unverified_methods"]["tgate"], attrs
 
     pipe = TgateSDLoader(load())
     original = tgate.tgate_utils.tgate_processor
