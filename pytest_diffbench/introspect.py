@@ -460,6 +460,22 @@ def _is_tgate_method(fn: Any) -> bool:
     return False
 
 
+_TORCH_MODULE_FILE = os.path.realpath(torch.nn.modules.module.__file__)
+_THIS_FILE = os.path.realpath(__file__)
+
+
+def _called_by_tgates_loop() -> bool:
+    """Whether the denoiser call now starting (this runs in its forward pre-hook) was made by the
+    installed tgate's own loop function (`tgate` in tgate.SD, tgate.PixArt_Sigma, ...): the first
+    frame above the probe's and torch's module-call machinery runs that code. While pipe.tgate
+    runs, a denoiser call from a callback of the candidate's (`callback_on_step_end`) is its own
+    loop, not T-GATE's (the trust review of session 31)."""
+    frame = sys._getframe(1)
+    while frame is not None and os.path.realpath(frame.f_code.co_filename) in (_THIS_FILE, _TORCH_MODULE_FILE):
+        frame = frame.f_back
+    return frame is not None and is_library_code(frame.f_code, "tgate", "tgate")
+
+
 def _is_library_tgate_method(fn: Any) -> bool:
     """`pipe.tgate` is a T-Gate loader's `tgate` function (through the probe's wrapper)."""
     for f in _unwrap_chain(fn):
@@ -951,7 +967,7 @@ class _Observation:
         if sample is not None and self.input_dtype is None:
             self.input_dtype = sample.dtype
         self.calls.append({"ran": set(), "tome": {}, "tome_most": {}, "xattn": 0, "size": size,
-                           "in_tgate": self.probe.inside_tgate > 0})
+                           "in_tgate": self.probe.inside_tgate > 0 and _called_by_tgates_loop()})
 
     def _on_ran(self, key, module, args, kwargs):
         if self.calls:

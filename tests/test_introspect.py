@@ -270,6 +270,22 @@ def test_tgate_counts_only_for_the_denoiser_calls_its_own_loop_makes(load):
         attrs = introspect(pipe, probe)
     assert attrs["methods"] == {"tgate": {"gate_step": 2}} and attrs["unverified_methods"] == {}
 
+    # a loop of the run's own inside pipe.tgate (from its step callback) is not T-GATE's: only the
+    # denoiser calls tgate's loop function makes itself count as inside (the trust review of session 31)
+    def own_loop(pipeline, step, timestep, callback_kwargs):
+        if step == 0:  # (guided: T-GATE's attention splits the batch in two before its gate)
+            latents = torch.cat([callback_kwargs["latents"]] * 2)
+            embeddings = torch.zeros(2, 77, pipeline.unet.config.cross_attention_dim)
+            pipeline.unet(latents, timestep, encoder_hidden_states=embeddings)
+        return callback_kwargs
+
+    with StepProbe(pipe) as probe:
+        probe.record_methods = True
+        call(pipe, steps=4, fn=pipe.tgate, gate_step=2, callback_on_step_end=own_loop)
+        attrs = introspect(pipe, probe)
+    assert "tgate" not in attrs["methods"]
+    assert "1 of 6 denoiser calls ran outside pipe.tgate" in attrs["unverified_methods"]["tgate"], attrs
+
 
 def test_tgate_deepcache_loader_reports_both(load):
     from tgate import TgateSDDeepCacheLoader
