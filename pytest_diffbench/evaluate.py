@@ -350,6 +350,19 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         mid_share = deepcache_replayed_share(cand, held_to)
         if mid_share is not None:
             least_shares[stages.DEEPCACHE_REPLAYED] = mid_share * (1 - stages.MODULE_WORK_TOLERANCE)
+        if "tgate" in methods and "tomesd" not in methods:
+            # attention under T-GATE and DeepCache in the blocks DeepCache skips: the share the mid
+            # block's same attention did, as the replay counted it (stages._module_floor; not with
+            # ToMe, whose merge of the mid block is its own)
+            for name, share in deepcache_mid_attention_shares(cand, held_to).items():
+                least_shares[f"{stages.TGATE_DEEPCACHE_SKIPPED}{name}"] = share * (1 - stages.MODULE_WORK_TOLERANCE)
+    if "tgate" in methods:
+        # attention's floors by T-GATE's own schedule, where every call computes it (T-GATE alone or
+        # with ToMe, and the blocks DeepCache computes on every call): cross-attention its gate's
+        # share of the calls, self-attention its caching's (stages._module_floor)
+        for name, share in (("attn2", gate_share), ("attn1", self_attention_share)):
+            if share is not None:
+                least_shares[f"{stages.TGATE_SCHEDULE}{name}"] = share * (1 - stages.MODULE_WORK_TOLERANCE)
     if "tomesd" in methods and isinstance(run_attributes.get("tome_merged"), Mapping):
         floor_scope["tome_merged"] = dict(run_attributes["tome_merged"])
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
@@ -511,6 +524,20 @@ def deepcache_replayed_share(candidate: Mapping[str, float], held_to: Mapping[st
     shares = [min(1.0, max(0.0, float(candidate.get(book, 0.0)) / float(work)))
               for book, work in held_to.items() if stages.DEEPCACHE_MID_BOOKS.match(book) and work > 0]
     return max(shares) if shares else None
+
+
+def deepcache_mid_attention_shares(candidate: Mapping[str, float], held_to: Mapping[str, float]) -> dict[str, float]:
+    """{"attn1" / "attn2": the share of the work it is held to that the UNet mid block's
+    self-attention / cross-attention did}, as the replay counted it: the most any of its books
+    did (DeepCache computes every block it skips on the mid block's calls, and T-GATE caches or
+    stops their attention on the same calls)."""
+    shares: dict[str, float] = {}
+    for book, work in held_to.items():
+        match = stages.ATTENTION_BOOK.search(book)
+        if match and book.startswith("unet.mid_block.") and work > 0:
+            name = match.group(0).strip(".:")
+            shares[name] = max(shares.get(name, 0.0), min(1.0, max(0.0, float(candidate.get(book, 0.0)) / float(work))))
+    return shares
 
 
 def _denoiser_calls(run: Mapping) -> float | None:

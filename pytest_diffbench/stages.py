@@ -942,6 +942,14 @@ def deepcache_every_call(books, branch: Any) -> set[str]:
 DEEPCACHE_MID_BOOKS = re.compile(r"^unet\.mid_block\.resnets\.\d+\.")
 #: `least_shares` key of that share (evaluate.deepcache_replayed_share), less the tolerance
 DEEPCACHE_REPLAYED = "deepcache:replayed"
+#: `least_shares` key prefixes of attention's floors (+ "attn1" / "attn2"): T-GATE's own schedule
+#: where every call computes the block (evaluate.tgate_gate_share, tgate_self_attention_share: T-GATE
+#: alone or with ToMe, and under DeepCache the blocks it computes on every call), and under T-GATE
+#: and DeepCache in the blocks DeepCache skips the mid block's same attention's share
+#: (evaluate.deepcache_mid_attention_shares). Every T-GATE + DeepCache gold of the L4 sweep matches
+#: both exactly (self-attention 0.5588 and 0.5667 on every call, 0.098-0.2 skipped, where the joint
+#: floor was 0.0098-0.0333), every T-GATE gold without DeepCache the first
+TGATE_SCHEDULE, TGATE_DEEPCACHE_SKIPPED = "tgate:", "tgate+deepcache:skipped:"
 
 
 def deepcache_branch_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
@@ -1070,15 +1078,24 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
     cached_by_deepcache, tome_kept = False, 1.0
     # T-GATE with DeepCache: attention's least share of the two together (evaluate.tgate_with_deepcache_shares)
     attention = ATTENTION_BOOK.search(module)
-    joint = least_shares.get(f"tgate+deepcache:{attention.group(0).strip('.:')}") if attention else None
+    part = attention.group(0).strip(".:") if attention else None
+    joint = least_shares.get(f"tgate+deepcache:{part}") if attention else None
     if joint is not None and "tgate" in methods and "deepcache" in methods:
+        every_call = scope.get("deepcache_every_call")
+        if every_call is not None:
+            where = TGATE_SCHEDULE if module in every_call else TGATE_DEEPCACHE_SKIPPED
+            joint = max(joint, least_shares.get(f"{where}{part}", 0.0))
         floor, methods = joint, [m for m in methods if m not in ("tgate", "deepcache")]
     for method in methods:
         shares = [share for pattern, share in MODULES_A_METHOD_LIGHTENS.get(method, ()) if pattern.search(module)]
         if not shares:
             continue
         share = min(shares)
-        if method == "tgate" and share > 0:
+        if method == "tgate" and share == 0 and attention and "deepcache" not in methods:
+            # attention under T-GATE where every call computes it (alone, or with ToMe, whose own
+            # rules held it at a floor of 0 before: session 32): its schedule's share
+            share = least_shares.get(f"{TGATE_SCHEDULE}{part}", 0.0)
+        elif method == "tgate" and share > 0:
             share = (0.5 * (1 - MODULE_WORK_TOLERANCE) if "deepcache" in methods
                      else least_shares.get("tgate", share))
         elif method == "deepcache":

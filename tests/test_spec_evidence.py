@@ -946,6 +946,83 @@ def test_deepcaches_computed_calls_and_branch_are_read_from_the_replays_work():
     assert judged(run(honest, branch=2)) is not None
 
 
+def test_attention_under_tgate_and_deepcache_keeps_tgates_schedule_and_the_mid_blocks_share():
+    """Under T-GATE with DeepCache (every SD optimum of the L4 sweep) attention's floor was the
+    share the two leave together in the fewest computed calls (self-attention 0.0098-0.0333 of the
+    reference's, where the golds do 0.098-0.5667), in the blocks DeepCache computes on every call
+    too (session 31's "Still open"). There T-GATE's own schedule holds (its gate for
+    cross-attention, its self-attention caching: the golds match both exactly), and in the blocks
+    DeepCache skips the mid block's same attention's share, as the replay counted it."""
+    tolerance = 1 - stages.MODULE_WORK_TOLERANCE
+    every = "unet.up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_q"
+    skipped = "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1:operands"
+    cross = "unet.up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_q"
+    shares = {"tgate+deepcache:attn1": 0.0098, "tgate+deepcache:attn2": 0.0392,
+              stages.TGATE_SCHEDULE + "attn1": 0.5588 * tolerance,
+              stages.TGATE_SCHEDULE + "attn2": 0.1176 * tolerance,
+              stages.TGATE_DEEPCACHE_SKIPPED + "attn1": 0.098 * tolerance}
+    scope = {"deepcache_every_call": [every, cross, "unet.conv_in"]}
+    methods = ["deepcache", "tgate"]
+    assert stages._module_floor(every, methods, shares, scope) == pytest.approx(0.5588 * tolerance)
+    assert stages._module_floor(cross, methods, shares, scope) == pytest.approx(0.1176 * tolerance)
+    assert stages._module_floor(skipped, methods, shares, scope) == pytest.approx(0.098 * tolerance)
+    assert stages._module_floor(skipped, methods, shares, {}) == pytest.approx(0.0098)  # no every-call set: the joint
+    # ToMe keeps its factor on top (not built from the mid block under ToMe: evaluate leaves the key out)
+    no_mid = {k: v for k, v in shares.items() if not k.startswith(stages.TGATE_DEEPCACHE_SKIPPED)}
+    assert stages._module_floor(skipped, methods + ["tomesd"], {**no_mid, "tomesd": 0.5}, scope) == pytest.approx(
+        0.0098 * 0.25)
+    # T-GATE without DeepCache: its schedule's share in every attention book, with ToMe too (whose
+    # own rules held attention at a floor of 0 there before)
+    merged = {"tome_merged": {"attn1": True, "attn2": False, "ff": False,
+                              "blocks": ["unet.up_blocks.1.attentions.2.transformer_blocks.0"]}}
+    assert stages._module_floor(every, ["tgate"], shares) == pytest.approx(0.5588 * tolerance)
+    assert stages._module_floor(cross, ["tgate"], shares) == pytest.approx(0.1176 * tolerance)
+    with_tome = {**shares, "tomesd": 0.5}
+    assert stages._module_floor(every, ["tgate", "tomesd"], with_tome, merged) == pytest.approx(0.5588 * tolerance * 0.5)
+    assert stages._module_floor(every.replace(".to_q", ":operands"), ["tgate", "tomesd"], with_tome, merged) == \
+        pytest.approx(0.5588 * tolerance * 0.25)
+    assert stages._module_floor(cross, ["tgate", "tomesd"], with_tome, merged) == pytest.approx(0.1176 * tolerance)
+    assert stages._module_floor(cross, ["tgate", "tomesd"], {"tomesd": 0.5}, merged) == 0.0  # (session 31)
+
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence
+
+    # through the evaluator's figures: an every-call block's self-attention cut to a tenth passes the
+    # joint floor of session 31 and fails now
+    books = {"unet.conv_in": 100.0, "unet.mid_block.resnets.0.conv1": 1000.0,
+             "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": 100.0,
+             "unet.up_blocks.0.resnets.0.conv1": 1000.0, "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 100.0,
+             "unet.up_blocks.1.resnets.0.conv1": 1000.0, "unet.up_blocks.1.resnets.1.conv1": 1000.0,
+             "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q": 400.0}
+    task = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("deepcache", "tgate")))
+    attributes = {"methods": {"deepcache": {"cache_branch_id": 0, "cache_interval": 5}, "tgate": {"gate_step": 5}},
+                  "deepcache_full_calls": {"calls": 10, "full": [0, 5]}, "tgate_intervals": {"gate_step": 5},
+                  "steps": {"denoiser_calls": [10], "requested": [10]}}
+    shallow = set(stages.deepcache_every_call(books, 0))
+    assert "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q" in shallow
+
+    def run(work):
+        by_module = {b: w * work.get(b, 1.0) for b, w in books.items()}
+        return {"num_images": 1, "attributes": attributes,
+                "flops": {"seeded": {"by_module": by_module, "flops": sum(by_module.values())}}}
+
+    reference = {"num_images": 1, "flops": {"seeded": {"by_module": dict(books)}}}
+    evidence = module_work_evidence(task, run({}), reference)
+    every_share = evidence["least_shares"][stages.TGATE_SCHEDULE + "attn1"]
+    honest = {b: (every_share / tolerance if ".attn1" in b else 0.75) if b in shallow else
+              (0.15 if ".attn1" in b else 0.15) for b in books}
+    assert stages.module_work_problem(module_work_evidence(task, run(honest), reference)) is None
+    cut = {**honest, "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q": every_share / 10}
+    problem = stages.module_work_problem(module_work_evidence(task, run(cut), reference))
+    assert problem and "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q" in problem, problem
+    before = module_work_evidence(task, run(cut), reference)
+    for key in list(before["least_shares"]):
+        if key.startswith((stages.TGATE_SCHEDULE, stages.TGATE_DEEPCACHE_SKIPPED)):
+            before["least_shares"].pop(key)
+    assert stages.module_work_problem(before) is None  # the joint floor of session 31 let it through
+
+
 def test_the_parts_tome_merges_are_read_off_the_replays_work():
     """ToMe's flags and merged blocks were read in the candidate's process: an MLP reported merged
     (or in a block reported merged) had the floor of the ratio reported, so it could be cached
