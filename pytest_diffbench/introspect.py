@@ -102,17 +102,26 @@ _TRUSTED_ATTRIBUTES: dict[str, dict] = {name: dict(vars(module)) for name, modul
 _FILE_IMPORTS: dict[str, list] = {}
 #: the code of torch's context decorators' wrapper (`@torch.no_grad()` on tgate's loops), as made here
 _CONTEXT_DECORATOR_CODE = torch.no_grad()(lambda: None).__code__
+#: torch's grad-mode context managers and their own `clone` (the decorator's context factory)
+_GRAD_MODE_CLONES = {cls: vars(cls).get("clone") or getattr(cls, "clone", None)
+                     for cls in (torch.no_grad, torch.enable_grad, torch.inference_mode, torch.set_grad_enabled)}
 
 
 def _undecorated(value: Any) -> Any:
-    """The function a `@torch.no_grad()` (or another torch context decorator) wrapper calls, read
-    from its closure (not its settable `__wrapped__`); `value` itself if it is no such wrapper."""
+    """The function a `@torch.no_grad()` (or another of torch's grad-mode decorators) wrapper calls,
+    read from its closure (not its settable `__wrapped__`); `value` itself if it is no such wrapper,
+    or one whose context factory is not a grad mode's own (a context manager of the candidate's
+    would run its code around the library's: the trust review of session 32)."""
     if isinstance(value, types.FunctionType) and value.__code__ is _CONTEXT_DECORATOR_CODE and value.__closure__:
         cells = dict(zip(value.__code__.co_freevars, value.__closure__))
         try:
-            return cells["func"].cell_contents
+            func, factory = cells["func"].cell_contents, cells["ctx_factory"].cell_contents
         except (KeyError, ValueError):
             return value
+        owner = getattr(factory, "__self__", None)
+        if (isinstance(factory, types.MethodType) and type(owner) in _GRAD_MODE_CLONES
+                and factory.__func__ is _GRAD_MODE_CLONES[type(owner)]):
+            return func
     return value
 
 
@@ -184,9 +193,11 @@ def _imports_problem(namespace: dict, filename: str, package: str, seen: set) ->
         if trusted is not None:
             if value is not trusted:
                 return f"{package}'s {bound!r} (the module {full} in {base}) is not the module imported: replaced in its module"
-            for name in sorted(used & set(_TRUSTED_ATTRIBUTES[trusted.__name__])):
-                if vars(trusted).get(name) is not _TRUSTED_ATTRIBUTES[trusted.__name__][name]:
-                    return (f"{trusted.__name__}.{name}, which {package}'s {base} calls, is not the one imported before "
+            trusted_name = full if attribute is not None else source  # the snapshot's name, never the live one
+            attributes = _TRUSTED_ATTRIBUTES[trusted_name]
+            for name in sorted(used & set(attributes)):
+                if vars(trusted).get(name) is not attributes[name]:
+                    return (f"{trusted_name}.{name}, which {package}'s {base} calls, is not the one imported before "
                             f"the candidate ran: replaced in its module")
             continue
         if not (source == package or source.startswith(package + ".")):
@@ -473,7 +484,11 @@ def _called_by_tgates_loop() -> bool:
     frame = sys._getframe(1)
     while frame is not None and os.path.realpath(frame.f_code.co_filename) in (_THIS_FILE, _TORCH_MODULE_FILE):
         frame = frame.f_back
-    return frame is not None and is_library_code(frame.f_code, "tgate", "tgate")
+    if frame is None or not is_library_code(frame.f_code, "tgate", "tgate"):
+        return False
+    # the loop's code run with globals of its module's, not a copy's (the trust review of session 32)
+    module = sys.modules.get(frame.f_globals.get("__name__") or "")
+    return module is not None and vars(module) is frame.f_globals
 
 
 def _is_library_tgate_method(fn: Any) -> bool:
@@ -611,6 +626,28 @@ def tgate_intervals(calls: list[dict]) -> dict:
     return found
 
 
+def _executed_function(fn: Any) -> Any:
+    """The function calling `fn` runs: through the probe's own pipe.tgate wrapper (its closure's
+    `original`), bound methods' `__func__` and torch's grad-mode decorators' closures, never the
+    settable `__wrapped__` (a wrapper of the candidate's naming the installed loop there ran a copy
+    of its code with other globals: the trust review of session 32)."""
+    for _ in range(8):
+        if isinstance(fn, types.MethodType):
+            fn = fn.__func__
+            continue
+        if isinstance(fn, types.FunctionType) and fn.__code__ is _PROBE_TGATE_WRAPPER_CODE and fn.__closure__:
+            try:
+                fn = dict(zip(fn.__code__.co_freevars, fn.__closure__))["original"].cell_contents
+            except (KeyError, ValueError):
+                return fn
+            continue
+        inner = _undecorated(fn)
+        if inner is fn:
+            return fn
+        fn = inner
+    return fn
+
+
 def _tgate_function(pipe: Any) -> Any:
     try:
         tgate_fn = vars(pipe).get("tgate") if hasattr(pipe, "__dict__") else None
@@ -639,9 +676,10 @@ def _detect(pipe: Any, probe: "StepProbe | None" = None) -> tuple[dict, dict, di
     tgate_fn = _tgate_function(pipe)
     calls = probe.tgate_calls if probe is not None else []
     if tgate_fn is not None and _is_tgate_method(tgate_fn):
-        loop_problem = None if not _is_library_tgate_method(tgate_fn) else next(
-            (problem for f in _unwrap_chain(tgate_fn) if is_library_code(getattr(f, "__func__", f), "tgate", "tgate")
-             for problem in [library_globals_problem(f, "tgate")]), None)
+        loop = _executed_function(tgate_fn)
+        loop_problem = None if not _is_library_tgate_method(tgate_fn) else (
+            library_globals_problem(loop, "tgate") if is_library_code(loop, "tgate", "tgate") else
+            "pipe.tgate runs a function that is not the installed tgate's loop (its __wrapped__ names it)")
         if not _is_library_tgate_method(tgate_fn):
             fake.setdefault("tgate", "pipe.tgate is not a T-Gate loader's tgate function from the installed tgate")
         elif loop_problem:
@@ -750,6 +788,11 @@ def introspect(pipe: Any, probe: "StepProbe | None" = None) -> dict:
                 for name, params in (run.get("methods") or {}).items():
                     methods[name] = params
                     unverified.pop(name, None)
+        if probe.observation_failures:
+            # the harness could not observe the methods while the denoiser ran: none counts
+            for name in list(methods):
+                unverified[name] = f"the harness's observation of the call failed ({probe.observation_failures[0]})"
+            methods = {}
     return {
         "pipeline_class": type(pipe).__name__,
         "model_id": _model_id(pipe),
@@ -1228,6 +1271,8 @@ class StepProbe:
         # how deep the running code is inside pipe.tgate (the wrapper's calls): T-GATE counts only for
         # denoiser calls its own loop makes (_Observation._tgate)
         self.inside_tgate = 0
+        # why the method snapshot at a pipeline call's first denoiser call failed (introspect)
+        self.observation_failures: list[str] = []
         self._installed = False
 
     # -- install / remove -------------------------------------------------------------------
@@ -1363,6 +1408,9 @@ class StepProbe:
                 self._observation = run["observation"] = _Observation(self.pipe, module, methods, fake, found, self)
             except Exception as exc:  # never let introspection break the candidate's call
                 _warn(f"diffbench: method snapshot failed: {exc!r}")
+                # ... but no method counts on markers alone then (introspect: the trust review of
+                # session 32 made it fail so, by renaming torch, and every per-call rule fell away)
+                self.observation_failures.append(f"{type(exc).__name__}: {exc}"[:200])
         if self._observation is not None and run.get("observation") is self._observation:
             try:
                 self._observation.begin_call(args, kwargs)
@@ -1457,3 +1505,8 @@ def reset_library_state(pipe: Any) -> dict:
         registry.reset_stateful_hooks(recurse=False)
     return {"deepcache": len(helpers), "tomesd": len(found["tome_infos"]), "tgate": tgate_modules,
             "diffusers_hooks": len(found["registries"])}
+
+
+#: the code of StepProbe's own pipe.tgate wrapper (`_executed_function` reads its closure)
+_PROBE_TGATE_WRAPPER_CODE = next(const for const in StepProbe._wrap_tgate.__code__.co_consts
+                                 if isinstance(const, types.CodeType) and const.co_name == "tgate")

@@ -960,7 +960,7 @@ def deepcache_branch_problem(evidence: Mapping[str, Any], judged: set[str]) -> s
     by a branch reported shallower than the one applied, where its floor is the mid block's and not
     the every-call one (the modules a method lightens in it could then be cached across calls), or
     another module's work booked to it. A branch reported deeper than applied fails the every-call
-    floor. Attention is left out: T-GATE caches it on calls of its own."""
+    floor. Attention is left out where T-GATE is applied: T-GATE caches it on calls of its own."""
     methods = evidence.get("methods") or ()
     mid = evidence.get("deepcache_mid_share")
     every_call = (evidence.get("floor_scope") or {}).get("deepcache_every_call")
@@ -969,7 +969,7 @@ def deepcache_branch_problem(evidence: Mapping[str, Any], judged: set[str]) -> s
     candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
     every = set(every_call)
     for book in sorted(judged, key=lambda b: (-_figure(reference, b), b)):
-        if (not book.startswith("unet.") or book in every or ATTENTION_BOOK.search(book)
+        if (not book.startswith("unet.") or book in every or (ATTENTION_BOOK.search(book) and "tgate" in methods)
                 or _figure(reference, book) <= 0):
             continue
         found = _figure(candidate, book) / _figure(reference, book)
@@ -988,49 +988,60 @@ TOME_PART_BOOK = re.compile(r"^(unet\..*\.attentions\.\d+)\.(transformer_blocks\
 
 
 def tome_parts_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
-    """Where ToMe is applied (and T-GATE is not: it caches attention on calls of its own), each
-    part of a UNet transformer block does one of two shares of the work its block's calls hold (the
-    share its transformer's `proj_in`, which no method merges, did): all of it (a part tomesd does
-    not merge: the MLP and cross-attention by default, every part of a block outside its
-    `max_downsample`) or the share of the tokens its merge keeps, which the block's self-attention
-    projections show (tomesd computes one merge per block and call, and applies it to each part it
-    merges). Every ToMe gold of the L4 sweep: self-attention 1 or 0.3056-0.7031, the MLP and
-    cross-attention 1. So which blocks and parts ToMe merges is read off the replay's work, not
-    off the flags and blocks stage 1 read in the candidate's process: an MLP cached across calls,
-    or cut further than the merge its block's attention shows (red team round 14's target), has
-    another share."""
+    """Where ToMe is applied (and T-GATE is not: it caches attention on calls of its own), the parts
+    of each UNet transformer block (self-attention's projections, cross-attention's query and output
+    projections, the MLP) do, of the work the block's calls hold, all of it (a part tomesd does not
+    merge: the MLP and cross-attention by default, every part of a block outside its
+    `max_downsample`) or one other share, the same for every part it merges: tomesd computes one
+    merge per block and call and applies it to each part it merges. The work the block's calls hold
+    is the calls DeepCache computes it on (1 in the blocks it computes on every call, else the mid
+    block's share as the replay counted it: `deepcache_mid_share`), 1 without DeepCache. Every ToMe
+    gold of the L4 sweep: self-attention 1 or 0.3056-0.7031, the MLP and cross-attention 1; the MLP
+    and cross-attention at the self-attention's share with `merge_mlp` and `merge_crossattn`. Books
+    of any size (the rule is one of equal shares: at full size a block's attention is under the
+    threshold books are judged from), so which blocks and parts ToMe merges is read off the
+    replay's work, not off the flags and blocks read in the candidate's process: an MLP cut to a
+    share its block's merge does not leave fails (one cached down to exactly that share is not told
+    from ToMe's merge of the MLP by these totals)."""
     methods = evidence.get("methods") or ()
     if "tomesd" not in methods or "tgate" in methods:
         return None
+    every_call = (evidence.get("floor_scope") or {}).get("deepcache_every_call")
+    mid = evidence.get("deepcache_mid_share")
+    if "deepcache" in methods and (not isinstance(every_call, list) or not isinstance(mid, (int, float))):
+        return None
+    every = set(every_call or ())
     candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
-
-    def share(book: str) -> float | None:
-        held = _figure(reference, book)
-        return _figure(candidate, book) / held if held > 0 else None
-
-    blocks: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
-    for book in judged:
+    blocks: dict[tuple[str, str], dict[str, float]] = {}
+    for book in reference:
         match = TOME_PART_BOOK.match(book)
-        found = share(book) if match else None
-        if found is not None:
-            blocks.setdefault((match.group(1), match.group(2)), {}).setdefault(match.group(3), {})[book] = found
-    for (transformer, block), parts in sorted(blocks.items()):
-        calls = share(transformer + ".proj_in")
-        if not calls or "attn1" not in parts:
+        if not match or _figure(reference, book) <= 0 or ".attn2.to_k" in book or ".attn2.to_v" in book:
+            continue  # (cross-attention's keys and values read the caption, which ToMe does not merge)
+        calls = 1.0 if "deepcache" not in methods or book in every else float(mid)
+        if calls <= 0:
             continue
-        kept = max(parts["attn1"].values()) / calls  # the most of them (a book can be emptied by steering)
-        for book, found in sorted({**parts.get("ff", {}), **parts.get("attn2", {})}.items()):
-            if ".to_k" in book or ".to_v" in book:
-                continue  # cross-attention's keys and values read the caption, which ToMe does not merge
-            part = found / calls
-            if any(value * (1 - MODULE_WORK_TOLERANCE) - MODULE_WORK_TOLERANCE <= part
-                   <= value * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE for value in (1.0, kept)):
-                continue
-            return (f"ToMe's merge does not show in {book}: it computed {part:.4g} of the work its block's calls hold "
-                    f"({transformer}.proj_in, which no method merges, computed {calls:.4g} of its own), where ToMe leaves "
-                    f"a part of a block all of it or the share of the tokens its merge keeps there, {kept:.4g} (its "
-                    f"self-attention's) (counted by the harness's replay); a part cached or cut other than by ToMe's "
-                    f"merge, or another module's work booked to it")
+        part = _figure(candidate, book) / _figure(reference, book) / calls
+        key = f"{match.group(1)}.{match.group(2)}.attn1" if match.group(3) == "attn1" else book
+        parts = blocks.setdefault((match.group(1), match.group(2)), {})
+        # self-attention by the most of its projections (a book can be emptied by steering)
+        parts[key] = max(part, parts.get(key, 0.0))
+
+    def near(value: float, target: float) -> bool:
+        return target * (1 - MODULE_WORK_TOLERANCE) - MODULE_WORK_TOLERANCE <= value <= \
+            target * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE
+
+    for (transformer, block), parts in sorted(blocks.items()):
+        merged = sorted((value, book) for book, value in parts.items() if not near(value, 1.0))
+        if not merged:
+            continue
+        kept, first = merged[0]
+        for value, book in merged[1:]:
+            if not near(value, kept):
+                return (f"ToMe's merge does not show in {transformer}.{block}: its parts computed "
+                        f"{kept:.4g} ({first}) and {value:.4g} ({book}) of the work the block's calls hold, where "
+                        f"tomesd applies one merge per block and call to every part it merges and leaves the "
+                        f"others all of it (counted by the harness's replay); a part cached or cut other than by "
+                        f"ToMe's merge, or another module's work booked to it")
     return None
 
 
@@ -1076,6 +1087,7 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
     least_shares, scope = least_shares or {}, scope or {}
     floor = None
     cached_by_deepcache, tome_kept = False, 1.0
+    tgate_applied = "tgate" in methods
     # T-GATE with DeepCache: attention's least share of the two together (evaluate.tgate_with_deepcache_shares)
     attention = ATTENTION_BOOK.search(module)
     part = attention.group(0).strip(".:") if attention else None
@@ -1111,7 +1123,7 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
             share = tome_kept = kept * kept if module.endswith("attn1" + OPERANDS) else kept
         floor = share if floor is None else floor * share
     replayed = least_shares.get(DEEPCACHE_REPLAYED)
-    if cached_by_deepcache and isinstance(replayed, (int, float)):
+    if cached_by_deepcache and isinstance(replayed, (int, float)) and not (attention and tgate_applied):
         # a module DeepCache skips on its cached calls is computed on the calls the mid block is,
         # with the batch T-GATE leaves there: the mid block's share, as the replay counted it, less
         # what ToMe takes (not read from the candidate's process, where the calls DeepCache computed

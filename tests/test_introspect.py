@@ -249,6 +249,71 @@ def test_a_library_function_replaced_in_its_module_unmarks_the_method(load):
     assert "tgate" not in attrs["methods"] and "'tgate_processor'" in attrs["unverified_methods"]["tgate"], attrs
 
 
+def test_the_function_that_runs_is_checked_and_a_failed_observation_counts_no_method(load):
+    """The trust review of session 32: (1) torch renamed while the denoiser ran made the method
+    snapshot raise, and the run was judged on markers alone; (2) pipe.tgate's loop was found by
+    its settable `__wrapped__`: a copy of the loop's code with other globals ran under a wrapper
+    naming the installed loop there; (3) a torch grad-mode decorator's wrapper of a library
+    function, with a context factory of the candidate's, passed as that function."""
+    import types
+
+    import tomesd
+    import tomesd.patch
+    from tgate import TgateSDLoader
+
+    from pytest_diffbench.introspect import _undecorated
+
+    pipe = load()
+    tomesd.apply_patch(pipe, ratio=0.5)
+    original_name = torch.__name__
+
+    def renaming(module, args):
+        vars(torch)["__name__"] = "renamed"  # (the source screen sees `torch.__name__ = ...`, not this)
+
+    handle = pipe.unet.register_forward_pre_hook(renaming)
+    try:
+        with StepProbe(pipe) as probe:
+            probe.record_methods = True
+            call(pipe, steps=2)
+            vars(torch)["__name__"] = original_name
+            attrs = introspect(pipe, probe)
+    finally:
+        vars(torch)["__name__"] = original_name
+        handle.remove()
+    assert "tomesd" not in attrs["methods"], attrs  # (the snapshot no longer raises: it reads its own names)
+    tomesd.remove_patch(pipe)
+
+    entered = []
+
+    class Context:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    real = tomesd.patch.compute_merge
+    wrapper = torch.no_grad()(real)
+    assert _undecorated(wrapper) is real
+    dict(zip(wrapper.__code__.co_freevars, wrapper.__closure__))["ctx_factory"].cell_contents = Context
+    assert _undecorated(wrapper) is wrapper  # a context of the candidate's around the library's: not it
+
+    pipe = TgateSDLoader(load())
+    loop = _undecorated(type(pipe).tgate if hasattr(type(pipe), "tgate") else pipe.tgate.__func__)
+    namespace = dict(loop.__globals__)
+    namespace["tgate_scheduler"] = lambda *args, **kwargs: loop.__globals__["tgate_scheduler"](*args, **kwargs)
+    copy = types.FunctionType(loop.__code__, namespace, "tgate", loop.__defaults__, loop.__closure__)
+    copy.__kwdefaults__ = loop.__kwdefaults__
+    forged = torch.no_grad()(copy)
+    forged.__wrapped__ = loop
+    pipe.tgate = types.MethodType(forged, pipe)
+    with StepProbe(pipe) as probe:
+        probe.record_methods = True
+        call(pipe, steps=2, fn=pipe.tgate, gate_step=1)
+        attrs = introspect(pipe, probe)
+    assert "tgate" not in attrs["methods"] and "tgate" in attrs["unverified_methods"], attrs
+
+
 def test_tgate_counts_only_for_the_denoiser_calls_its_own_loop_makes(load):
     """T-GATE is pipe.tgate's loop (which calls compute cross-attention and keep guidance, by its
     gate) as much as its patched attention: the same loop run around the probe's wrapper records

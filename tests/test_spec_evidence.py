@@ -702,6 +702,9 @@ def test_tgates_gate_must_show_in_the_cross_attentions_work_and_leave_every_othe
     # gate at call 19 reported, cross-attention books (a cut caption, the query books steered to match) at 0.04
     cut = module_work_evidence(task, run({**{b: 0.04 for b in cross}, "other": 0.975}, gate=19), reference)
     problem = stages.module_work_problem(cut)
+    # (since session 32 each cross-attention book also has its gate's share as a floor, which fails first)
+    assert problem and "attn2" in problem and "falls short" in problem and "0.949 of it" in problem, problem
+    problem = stages.tgate_gate_problem(cut, set(books))
     assert problem and "T-GATE's gate does not show" in problem and "0.95 of the denoiser calls" in problem, problem
     # ... where ToMe is applied too, tomesd may merge cross-attention's queries: not judged so
     assert stages.tgate_gate_problem({**cut, "methods": ["tgate", "tomesd"]}, set(books)) is None
@@ -1025,39 +1028,50 @@ def test_attention_under_tgate_and_deepcache_keeps_tgates_schedule_and_the_mid_b
 
 def test_the_parts_tome_merges_are_read_off_the_replays_work():
     """ToMe's flags and merged blocks were read in the candidate's process: an MLP reported merged
-    (or in a block reported merged) had the floor of the ratio reported, so it could be cached
-    across calls or cut further than the merge its block shows. tomesd computes one merge per block
-    and call and applies it to each part it merges, so each part of a block does all of the work
-    its block's calls hold (the share of the transformer's proj_in) or the share of the tokens the
-    merge keeps, which its self-attention's projections show. The L4 ToMe golds: self-attention at
-    1 or 0.3056-0.7031, the MLP and cross-attention at 1; the gold of L4-sd21-t2i-nosampler-easy-0061
-    with `merge_crossattn=True, merge_mlp=True` (real tomesd, through the suite): all three at 0.3056."""
-    transformer = "unet.down_blocks.0.attentions.0"
-    block = transformer + ".transformer_blocks.0"
-    reference = {transformer + ".proj_in": 100.0, block + ".attn1.to_q": 100.0, block + ".attn1.to_out.0": 100.0,
-                 block + ".attn2.to_q": 100.0, block + ".ff.net.0.proj": 800.0, block + ".ff.net.2": 800.0,
-                 "unet.mid_block.resnets.0.conv1": 2000.0}
+    (or in a block reported merged) had the floor of the ratio reported, so it could be cut further
+    than the merge its block shows. tomesd computes one merge per block and call and applies it to
+    each part it merges, so each part of a block does all of the work its block's calls hold (1, or
+    the mid block's share where DeepCache skips the block) or one other share, the same for every
+    part it merges. The L4 ToMe golds: self-attention at 1 or 0.3056-0.7031, the MLP and
+    cross-attention at 1; the gold of L4-sd21-t2i-nosampler-easy-0061 with `merge_crossattn=True,
+    merge_mlp=True` (real tomesd, through the suite): all three at 0.3056. Books of any size (at
+    full size a block's attention is under the threshold books are judged from: the trust review of
+    session 32), and cross-attention merged without self-attention (`merge_attn=False`) is honest."""
+    block = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
+    shallow = "unet.up_blocks.1.attentions.0.transformer_blocks.0"
+    reference = {f"{b}.{part}": work for b in (block, shallow) for part, work in
+                 (("attn1.to_q", 100.0), ("attn1.to_out.0", 100.0), ("attn2.to_q", 100.0), ("ff.net.0.proj", 800.0),
+                  ("ff.net.2", 800.0))}
+    reference["unet.mid_block.resnets.0.conv1"] = 2000.0
 
-    def run(calls: float, attn1: float, attn2: float, ff: float) -> dict:
-        shares = {".proj_in": calls, ".attn1.": calls * attn1, ".attn2.": calls * attn2, ".ff.": calls * ff}
-        return {book: work * next((v for k, v in shares.items() if k in book), calls) for book, work in reference.items()}
+    def run(attn1: float, attn2: float, ff: float, calls: float = 0.137) -> dict:
+        shares = {".attn1.": attn1, ".attn2.": attn2, ".ff.": ff}
+        return {book: work * (calls if book.startswith(block) or "mid_block" in book else 1.0)
+                * next((v for k, v in shares.items() if k in book), 1.0) for book, work in reference.items()}
 
-    def problem(candidate, methods=("deepcache", "tomesd")):
-        return stages.tome_parts_problem({"candidate": candidate, "reference": reference, "methods": list(methods)},
-                                         set(reference))
+    def problem(candidate, methods=("deepcache", "tomesd"), mid=0.137):
+        return stages.tome_parts_problem({
+            "candidate": candidate, "reference": reference, "methods": list(methods), "deepcache_mid_share": mid,
+            "floor_scope": {"deepcache_every_call": [b for b in reference if b.startswith(shallow)]}}, set())
 
-    assert problem(run(0.137, 0.3056, 1.0, 1.0)) is None  # the defaults: self-attention merged
-    assert problem(run(0.137, 0.3056, 0.3056, 0.3056)) is None  # merge_crossattn, merge_mlp
-    assert problem(run(1.0, 1.0, 1.0, 1.0)) is None  # a block outside max_downsample
-    cached = problem(run(0.137, 0.3056, 1.0, 0.1))  # the MLP cached across calls, under a ratio of 0.9 reported
-    assert cached and "ff.net.0.proj" in cached and "0.1 of the work" in cached and "0.3056" in cached, cached
+    assert problem(run(0.3056, 1.0, 1.0)) is None  # the defaults: self-attention merged
+    assert problem(run(0.3056, 0.3056, 0.3056)) is None  # merge_crossattn, merge_mlp
+    assert problem(run(1.0, 0.5, 1.0)) is None  # merge_attn=False, merge_crossattn=True (a false accusation before)
+    assert problem(run(1.0, 1.0, 1.0)) is None  # a block outside max_downsample
+    cached = problem(run(0.3056, 1.0, 0.1))  # the MLP cut to a tenth, under a ratio of 0.9 reported
+    assert cached and "ff.net" in cached and "0.1 (" in cached and "0.3056" in cached, cached
     # the floors of session 31 let it through: 0.137 x 0.1 kept, with ToMe's flags reported merged
     floor = stages._module_floor(block + ".ff.net.2", ["deepcache", "tomesd"], {"deepcache": 0.137, "tomesd": 0.1},
                                  {"tome_merged": {"attn1": True, "attn2": True, "ff": True, "blocks": [block]}})
     assert floor == pytest.approx(0.0137) and 0.137 * 0.1 >= floor
-    unmerged = problem(run(1.0, 1.0, 1.0, 0.5))  # an MLP at half in a block whose attention merges nothing
-    assert unmerged and "ff.net" in unmerged, unmerged
-    assert problem(run(0.137, 0.3056, 1.0, 0.1), methods=("tomesd", "tgate")) is None  # T-GATE: its own rules
+    unmerged = problem(run(1.0, 1.0, 0.5))  # one part at a share no other part shares... is a merge of the MLP alone
+    assert unmerged is None
+    two = problem(run(0.5, 1.0, 0.25))  # two merged parts at two shares
+    assert two and "0.25" in two and "0.5" in two, two
+    assert problem(run(0.3056, 1.0, 0.1), methods=("tomesd", "tgate")) is None  # T-GATE: its own rules
+    # without DeepCache every block's calls hold all of its work
+    assert problem(run(0.3056, 1.0, 1.0, calls=1.0), methods=("tomesd",), mid=None) is None
+    assert problem(run(0.3056, 1.0, 0.1, calls=1.0), methods=("tomesd",), mid=None) is not None
 
 
 @pytest.mark.long
@@ -1261,8 +1275,11 @@ def test_red_team_round_12s_steered_books_fail_stage_1_on_the_products_dimension
     code = (REPO / "tests" / "adversarial_tasks" / attack).read_text()
     verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
-    assert "attention's products are not the reference's" in verdict.message, verdict.message
-    assert "which the reference never computes" in verdict.message, verdict.message
+    # (since session 32 the caption cut under T-GATE also falls short of the floor T-GATE's schedule
+    # leaves each attention book, which is judged first)
+    message = verdict.message
+    assert ("attention's products are not the reference's" in message and "which the reference never computes"
+            in message) or ("falls short" in message and "attn" in message and "leave at least" in message), message
 
 
 def test_a_self_attentions_four_projections_do_the_same_share_of_their_work():
