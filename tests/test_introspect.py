@@ -220,33 +220,22 @@ def test_a_library_function_replaced_in_its_module_unmarks_the_method(load):
     assert "tomesd" in detect_methods(pipe)
     tomesd.remove_patch(pipe)
 
-    # pipe.tgate's loop calls tgate_scheduler from its module (tgate.SD): replaced there, the loop
-    # runs the candidate's schedule
+    # T-GATE's patched attention calls tgate_processor, pipe.tgate's loop tgate_scheduler from its
+    # module (tgate.SD): replaced there, the candidate's code runs inside T-GATE's
     import tgate.SD
 
-    pipe = TgateSDLoader(load())
-    original = tgate.SD.tgate_scheduler
-    tgate.SD.tgate_scheduler = lambda *args, **kwargs: original(*args, **kwargs)
-    try:
-        with StepProbe(pipe) as probe:
-            probe.record_methods = True
-            call(pipe, steps=2, fn=pipe.tgate, gate_step=1)
-            attrs = introspect(pipe, probe)
-    finally:
-        tgate.SD.tgate_scheduler = original
-    assert "tgate" not in attrs["methods"] and "'tgate_scheduler'" in attrs["unverified_methods"]["tgate"], attrs
-
-    pipe = TgateSDLoader(load())
-    original = tgate.tgate_utils.tgate_processor
-    tgate.tgate_utils.tgate_processor = lambda *args, **kwargs: original(*args, **kwargs)
-    try:
-        with StepProbe(pipe) as probe:
-            probe.record_methods = True
-            call(pipe, steps=2, fn=pipe.tgate, gate_step=1)
-            attrs = introspect(pipe, probe)
-    finally:
-        tgate.tgate_utils.tgate_processor = original
-    assert "tgate" not in attrs["methods"] and "'tgate_processor'" in attrs["unverified_methods"]["tgate"], attrs
+    for module, name in ((tgate.tgate_utils, "tgate_processor"), (tgate.SD, "tgate_scheduler")):
+        pipe = TgateSDLoader(load())
+        original = getattr(module, name)
+        setattr(module, name, lambda *args, _f=original, **kwargs: _f(*args, **kwargs))
+        try:
+            with StepProbe(pipe) as probe:
+                probe.record_methods = True
+                call(pipe, steps=2, fn=pipe.tgate, gate_step=1)
+                attrs = introspect(pipe, probe)
+        finally:
+            setattr(module, name, original)
+        assert "tgate" not in attrs["methods"] and f"'{name}'" in attrs["unverified_methods"]["tgate"], attrs
 
 
 def test_the_function_that_runs_is_checked_and_a_failed_observation_counts_no_method(load):
