@@ -218,6 +218,22 @@ def test_a_library_function_replaced_in_its_module_unmarks_the_method(load):
             setattr(module, name, original)
         assert "tomesd" not in methods and why in fake["tomesd"], (name, fake)
     assert "tomesd" in detect_methods(pipe)
+    # a builtin the library's code calls, shadowed in its module (`min` sets ToMe's merge count), and
+    # a class in place of one of the package's modules (the trust review of session 32)
+    tomesd.merge.min = lambda a, b: a
+    try:
+        fake = introspect(pipe)["unverified_methods"]
+    finally:
+        del tomesd.merge.min
+    assert "builtin 'min' shadowed" in fake.get("tomesd", ""), fake
+    real_merge = tomesd.patch.merge
+    tomesd.patch.merge = type("merge", (), {})
+    try:
+        fake = introspect(pipe)["unverified_methods"]
+    finally:
+        tomesd.patch.merge = real_merge
+    assert "is not a module" in fake.get("tomesd", ""), fake
+    assert "tomesd" in detect_methods(pipe)
     tomesd.remove_patch(pipe)
 
     # T-GATE's patched attention calls tgate_processor, pipe.tgate's loop tgate_scheduler from its
