@@ -354,15 +354,15 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             # attention under T-GATE and DeepCache in the blocks DeepCache skips: the share the mid
             # block's same attention did, as the replay counted it (stages._module_floor; not with
             # ToMe, whose merge of the mid block is its own)
-            for name, share in deepcache_mid_attention_shares(cand, held_to).items():
-                least_shares[f"{stages.TGATE_DEEPCACHE_SKIPPED}{name}"] = share * (1 - stages.MODULE_WORK_TOLERANCE)
+            for part, share in deepcache_mid_attention_shares(cand, held_to).items():
+                least_shares[f"{stages.TGATE_DEEPCACHE_SKIPPED}{part}"] = share * (1 - stages.MODULE_WORK_TOLERANCE)
     if "tgate" in methods:
         # attention's floors by T-GATE's own schedule, where every call computes it (T-GATE alone or
         # with ToMe, and the blocks DeepCache computes on every call): cross-attention its gate's
         # share of the calls, self-attention its caching's (stages._module_floor)
-        for name, share in (("attn2", gate_share), ("attn1", self_attention_share)):
+        for part, share in (("attn2", gate_share), ("attn1", self_attention_share)):
             if share is not None:
-                least_shares[f"{stages.TGATE_SCHEDULE}{name}"] = share * (1 - stages.MODULE_WORK_TOLERANCE)
+                least_shares[f"{stages.TGATE_SCHEDULE}{part}"] = share * (1 - stages.MODULE_WORK_TOLERANCE)
     if "tomesd" in methods and isinstance(run_attributes.get("tome_merged"), Mapping):
         floor_scope["tome_merged"] = dict(run_attributes["tome_merged"])
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),

@@ -1108,7 +1108,13 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
             # rules held it at a floor of 0 before: session 32): its schedule's share
             share = least_shares.get(f"{TGATE_SCHEDULE}{part}", 0.0)
         elif method == "tgate" and share > 0:
-            share = (0.5 * (1 - MODULE_WORK_TOLERANCE) if "deepcache" in methods
+            # with DeepCache, a half in the blocks it skips (a computed call after the gate does half
+            # the batch; the mid block's share holds them exactly: DEEPCACHE_REPLAYED), and in the
+            # blocks it computes on every call the batch the gate leaves, as without it (a flat half
+            # there let guidance be answered from a cache on calls before the gate: red team round 15)
+            every_call = scope.get("deepcache_every_call")
+            share = (0.5 * (1 - MODULE_WORK_TOLERANCE)
+                     if "deepcache" in methods and not (every_call is not None and module in every_call)
                      else least_shares.get("tgate", share))
         elif method == "deepcache":
             every_call = scope.get("deepcache_every_call")

@@ -1019,6 +1019,16 @@ def test_attention_under_tgate_and_deepcache_keeps_tgates_schedule_and_the_mid_b
     cut = {**honest, "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q": every_share / 10}
     problem = stages.module_work_problem(module_work_evidence(task, run(cut), reference))
     assert problem and "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q" in problem, problem
+    assert "(the reference's; the methods applied leave at least" in problem, problem
+    # red team round 15 (forged passes of L4-sd15-t2i-768px-nosampler-hard-0087, U 5.3706 against
+    # U_gold 5.1768, and of ...-0060): on the calls before the gate that DeepCache answers from its
+    # cache, the modules it computes on every call did the conditional row alone, the other answered
+    # from a difference cached across steps; their floor was a flat half. It is the gate's batch now
+    resnet = "unet.up_blocks.1.resnets.1.conv1"
+    assert resnet in shallow
+    guidance_cached = {**honest, resnet: 0.52}
+    problem = stages.module_work_problem(module_work_evidence(task, run(guidance_cached), reference))
+    assert problem and resnet in problem and "leave at least 0.749" in problem, problem
     before = module_work_evidence(task, run(cut), reference)
     for key in list(before["least_shares"]):
         if key.startswith((stages.TGATE_SCHEDULE, stages.TGATE_DEEPCACHE_SKIPPED)):
