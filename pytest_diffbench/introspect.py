@@ -125,6 +125,18 @@ def _undecorated(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=64)
+def _parsed_file(path: str):
+    """The installed source file `path` parsed (never imported), or None where it cannot be."""
+    import ast
+
+    try:
+        with open(path, "rb") as fh:
+            return ast.parse(fh.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
 def _file_imports(path: str, module_name: str) -> list[tuple[str, str, str | None]]:
     """(bound name, absolute module, attribute or None) of each top-level import of the installed
     source file `path` (module `module_name`), parsed here (never imported)."""
@@ -134,11 +146,7 @@ def _file_imports(path: str, module_name: str) -> list[tuple[str, str, str | Non
     import ast
 
     found = []
-    try:
-        with open(path, "rb") as fh:
-            tree = ast.parse(fh.read(), path)
-    except (OSError, SyntaxError, ValueError):
-        tree = None
+    tree = _parsed_file(path)
     package = module_name if path.endswith("__init__.py") else module_name.rpartition(".")[0]
     for node in tree.body if tree is not None else ():
         if isinstance(node, ast.Import):
@@ -174,11 +182,7 @@ def _file_bound_names(path: str) -> frozenset:
     import ast
 
     names: set[str] = set()
-    try:
-        with open(path, "rb") as fh:
-            tree = ast.parse(fh.read(), path)
-    except (OSError, SyntaxError, ValueError):
-        tree = None
+    tree = _parsed_file(path)
     for node in ast.walk(tree) if tree is not None else ():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
@@ -519,6 +523,12 @@ _TORCH_MODULE_FILE = os.path.realpath(torch.nn.modules.module.__file__)
 _THIS_FILE = os.path.realpath(__file__)
 
 
+@functools.lru_cache(maxsize=1024)
+def _real_path(filename: str) -> str:
+    """os.path.realpath, remembered: `_called_by_tgates_loop` runs on every denoiser call."""
+    return os.path.realpath(filename)
+
+
 def _called_by_tgates_loop() -> bool:
     """Whether the denoiser call now starting (this runs in its forward pre-hook) was made by the
     installed tgate's own loop function (`tgate` in tgate.SD, tgate.PixArt_Sigma, ...): the first
@@ -526,7 +536,7 @@ def _called_by_tgates_loop() -> bool:
     runs, a denoiser call from a callback of the candidate's (`callback_on_step_end`) is its own
     loop, not T-GATE's (the trust review of session 31)."""
     frame = sys._getframe(1)
-    while frame is not None and os.path.realpath(frame.f_code.co_filename) in (_THIS_FILE, _TORCH_MODULE_FILE):
+    while frame is not None and _real_path(frame.f_code.co_filename) in (_THIS_FILE, _TORCH_MODULE_FILE):
         frame = frame.f_back
     if frame is None or not is_library_code(frame.f_code, "tgate", "tgate"):
         return False

@@ -540,15 +540,29 @@ def tgate_batch_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | 
     if not gates:
         return None
     expected = max(0.5, min(1.0, (1 + max(gates)) / 2))
+    above = _first_share_above(judged, candidate, reference, expected,
+                               lambda book: not scales_with_calls(book) or ATTENTION_BOOK.search(book))
+    if above is None:
+        return None
+    book, found = above
+    return (f"the denoiser's work exceeds what T-GATE's gate leaves: {book} computed {found:.4g} of the work "
+            f"it is held to, where the gate (cross-attention on {max(gates):.4g} of the calls) leaves every "
+            f"module outside attention {expected:.4g} of it (counted by the harness's replay); another "
+            f"module's work booked to it, which T-GATE does not do")
+
+
+def _first_share_above(judged: set[str], candidate: Mapping[str, Any], reference: Mapping[str, Any], limit: float,
+                       skip) -> tuple[str, float] | None:
+    """(book, its share of the reference's work) of the first judged book, the largest first, whose
+    share is above `limit` beyond the module rule's tolerance, leaving out those `skip(book)` names
+    and those the reference does no work in; None where there is none (the caps of T-GATE's batch
+    and DeepCache's branch)."""
     for book in sorted(judged, key=lambda b: (-_figure(reference, b), b)):
-        if not scales_with_calls(book) or ATTENTION_BOOK.search(book) or _figure(reference, book) <= 0:
+        if skip(book) or _figure(reference, book) <= 0:
             continue
         found = _figure(candidate, book) / _figure(reference, book)
-        if found > expected * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
-            return (f"the denoiser's work exceeds what T-GATE's gate leaves: {book} computed {found:.4g} of the work "
-                    f"it is held to, where the gate (cross-attention on {max(gates):.4g} of the calls) leaves every "
-                    f"module outside attention {expected:.4g} of it (counted by the harness's replay); another "
-                    f"module's work booked to it, which T-GATE does not do")
+        if found > limit * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
+            return book, found
     return None
 
 
@@ -968,18 +982,16 @@ def deepcache_branch_problem(evidence: Mapping[str, Any], judged: set[str]) -> s
         return None
     candidate, reference = evidence.get("candidate") or {}, evidence.get("reference") or {}
     every = set(every_call)
-    for book in sorted(judged, key=lambda b: (-_figure(reference, b), b)):
-        if (not book.startswith("unet.") or book in every or (ATTENTION_BOOK.search(book) and "tgate" in methods)
-                or _figure(reference, book) <= 0):
-            continue
-        found = _figure(candidate, book) / _figure(reference, book)
-        if found > mid * (1 + MODULE_WORK_TOLERANCE) + MODULE_WORK_TOLERANCE:
-            return (f"DeepCache's cache branch does not show in the work: {book} computed {found:.4g} of the work it "
-                    f"is held to, where the branch stage 1 read ({evidence.get('deepcache_branch')!s:.40}) has "
-                    f"DeepCache skip it on its cached calls, as the mid block, which computed {mid:.4g} of its work "
-                    f"(counted by the harness's replay); a branch reported other than the one applied, or another "
-                    f"module's work booked to it")
-    return None
+    above = _first_share_above(judged, candidate, reference, mid, lambda book: (
+        not book.startswith("unet.") or book in every or (ATTENTION_BOOK.search(book) and "tgate" in methods)))
+    if above is None:
+        return None
+    book, found = above
+    return (f"DeepCache's cache branch does not show in the work: {book} computed {found:.4g} of the work it "
+            f"is held to, where the branch stage 1 read ({evidence.get('deepcache_branch')!s:.40}) has "
+            f"DeepCache skip it on its cached calls, as the mid block, which computed {mid:.4g} of its work "
+            f"(counted by the harness's replay); a branch reported other than the one applied, or another "
+            f"module's work booked to it")
 
 
 #: a UNet transformer block's books ToMe may lighten: (its transformer, the block, the part)
