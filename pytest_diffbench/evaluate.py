@@ -375,12 +375,38 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
                 "candidate_dims": dims_per_image(candidate), "reference_dims": dims_per_image(against),
                 "tome_ratio": tome_ratio(candidate.get("attributes")) if "tomesd" in methods else None,
                 "tgate_self_attention_share": self_attention_share}
+    evidence.update(row_work_evidence(candidate, reference))
     if against is gold:
         evidence["unlightened_dims"] = dims_per_image(reference)
         # L1-L3: where the gold's steps or methods lighten a module, the reference's figure too
         # (stages.module_work_problem's upper side)
         evidence["unlightened"] = per_image(reference)
     return evidence
+
+
+def row_work_evidence(candidate: Mapping, reference: Mapping) -> dict:
+    """stages.row_work_problem's figures: the candidate's row-work modules per row of each call (the
+    replay's `row_work`), the calls the replay counted and booked, and the reference's FLOPs per row
+    of those modules: its books over its calls times its batch (the reference's figures come from
+    the harness's own code, recorded in its process). {} where the candidate's call was not replayed."""
+    flops = candidate.get("flops") if isinstance(candidate.get("flops"), Mapping) else {}
+    work = (flops.get("seeded") or {}).get("row_work") if isinstance(flops.get("seeded"), Mapping) else None
+    entry = (flops.get("replay") or {}).get("denoiser_entry") if isinstance(flops.get("replay"), Mapping) else None
+    if not isinstance(work, Mapping) or not isinstance(entry, Mapping):
+        return {}
+    units: dict[str, float] = {}
+    attributes = reference.get("attributes") if isinstance(reference.get("attributes"), Mapping) else {}
+    calls = (attributes.get("steps") or {}).get("denoiser_calls") if isinstance(attributes.get("steps"), Mapping) else None
+    batches = (attributes.get("denoiser_inputs") or {}).get("batches") if isinstance(
+        attributes.get("denoiser_inputs"), Mapping) else None
+    books = ((reference.get("flops") or {}).get("seeded") or {}).get("by_module")
+    if (isinstance(calls, list) and calls and isinstance(batches, list) and len(batches) == 1
+            and isinstance(books, Mapping)):
+        rows = sum(calls) * batches[0]  # one batch on every call: the reference pipeline's
+        units = {module: float(flops) / rows for module, flops in books.items()
+                 if stages.ROW_WORK_MODULES.fullmatch(module) and rows > 0}
+    return {"row_work": dict(work), "row_units": units,
+            "row_calls": (int(entry.get("calls") or 0), int(entry.get("calls_booked") or 0))}
 
 
 FUSED_PROJECTIONS = stages.FUSED_PROJECTIONS

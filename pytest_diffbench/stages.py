@@ -399,6 +399,18 @@ MODULE_WORK_MIN_SHARE = 0.002
 #: ToMe gold's (red team round 8, S4, which reused one whole UNet output: 1.96 %)
 MODULE_WORK_TOLERANCE = 0.001
 
+#: the denoiser modules whose work in a call follows the rows the call carries and nothing else:
+#: the UNet's convolutions outside its attention (resnets, down- and upsamplers, `conv_out`). No
+#: method in the suite changes their work per row: DeepCache skips whole blocks, ToMe merges tokens
+#: inside the transformer blocks, T-GATE caches attention and drops guidance at the entry too; so
+#: in each call each of them computes every row that entered the denoiser, or nothing
+#: (row_work_problem). The replay books their work per call (trace.Replayer.run, replay.row_work).
+ROW_WORK_MODULES = re.compile(
+    r"unet\.(conv_out|(down_blocks|up_blocks)\.\d+\.(resnets\.\d+\.(conv1|conv2|conv_shortcut)|"
+    r"(down|up)samplers\.\d+\.conv)|mid_block\.resnets\.\d+\.(conv1|conv2|conv_shortcut))")
+#: float rounding of the per-row figures (FLOPs are whole numbers: an honest call is exact)
+ROW_WORK_TOLERANCE = 1e-6
+
 
 #: ToMe's token similarities (products of no parameter, booked under the transformer around the
 #: merged block: `unet...attentions.0:operands`, books the reference lacks) may add this share of
@@ -717,6 +729,39 @@ def self_attention_projections_problem(candidate: Mapping[str, Any], reference: 
                     f"harness's replay), where every allowed method skips, caches or merges the tokens of all four "
                     f"alike; keys or values made from fewer tokens than the queries, or a projection's work booked "
                     f"elsewhere")
+    return None
+
+
+def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
+    """Every row that entered the denoiser on a call is computed by each row-work module
+    (ROW_WORK_MODULES: the UNet's convolutions outside attention) that runs on that call: its FLOPs
+    on the call, per row of the call's entry (both counted by the harness's replay, none read in
+    the candidate's process), must be the reference's per row. DeepCache skips a block whole, ToMe
+    and T-GATE leave these modules alone, and T-GATE's guidance ends at the entry too, so honest
+    runs are exact; a module computing part of a call's rows is guidance's unconditional row
+    dropped inside the denoiser, or rows answered from an earlier call's, on some calls (red team
+    round 15: the rows of DeepCache's computed calls under T-GATE; its forged passes cached one
+    row in the modules DeepCache computes on every call). None where the replay did not book it
+    (the GPU profiles, runs before session 33)."""
+    work = evidence.get("row_work")
+    if not isinstance(work, Mapping):
+        return None
+    calls, booked = evidence.get("row_calls") or (0, 0)
+    if booked < calls:
+        return (f"more denoiser calls than the harness's replay books per call: {calls} entries into the "
+                f"denoiser, at most {booked} judged (honest runs make a few hundred)")
+    units = evidence.get("row_units") or {}
+    for module in sorted(work):
+        figures = work[module]
+        unit = units.get(module)
+        held_to, whose = (unit, "the reference's") if unit else (figures["most_per_row"], "its own most")
+        least = figures["least_per_row"]
+        if least < held_to * (1 - ROW_WORK_TOLERANCE):
+            return (f"a denoiser call computed part of the rows that entered it: expected {module} to compute "
+                    f"{held_to:.6g} FLOPs per row on every call it runs on ({whose}), found {least:.6g} per row on "
+                    f"call {figures['least_call']} ({figures['least_rows']} rows entered the denoiser; counted by the "
+                    f"harness's replay); guidance's unconditional row dropped inside the denoiser, or rows "
+                    f"answered from an earlier call, which no method does")
     return None
 
 
@@ -1243,11 +1288,12 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
         return (f"the denoiser's work exceeds what it is held to: expected {module} to compute at most "
                 f"{ceiling:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found {found:.4g} "
                 f"(counted by the harness's replay); another module's work booked to it, which no method does")
-    problem = tgate_gate_problem(evidence, judged) or tgate_self_attention_problem(evidence, judged) or (
+    problem = (row_work_problem(evidence) or tgate_gate_problem(evidence, judged)
+               or tgate_self_attention_problem(evidence, judged) or (
         None if too_slow else (
         outside_work_problem(evidence, judged) or tgate_batch_problem(evidence, judged)
         or deepcache_shares_problem(evidence, judged) or deepcache_branch_problem(evidence, judged)
-        or tome_parts_problem(evidence, judged)))
+        or tome_parts_problem(evidence, judged))))
     if problem:
         return problem
     unlightened = evidence.get("unlightened")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -41,7 +42,8 @@ from .aten_leaves import leaves
 # the denoiser's components (a product whose parameter operand comes from other components alone,
 # text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
 # products of no parameter (Producers)
-from .stages import DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS
+from .stages import DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS, ROW_WORK_MODULES
+
 
 FORMAT = 1
 # bounds on what a trace may hold (checked while recording and again when decoding)
@@ -429,6 +431,10 @@ def free_product_dims(func, factors: list, book: str | None, args: Any, kwargs: 
     where = book.partition(":")[0].partition(".")[0] if book else "none"
     return tuple((f"{where}:{key}", share) for key, share in product_dims(func, args, kwargs))
 
+
+#: the most denoiser calls whose row work a replay books (honest runs: a few hundred, 51 per image on
+#: the tiny profiles; a run with more fails stage 1: stages.row_work_problem)
+MAX_BOOKED_CALLS = 20_000
 
 #: the module each denoiser call begins with, whose input is the call's latents: its invocations in
 #: a replay are the denoiser calls the trace really made (stages.entry_mismatches)
@@ -1193,6 +1199,11 @@ class Replayer:
                     entry = entry_rows(factor_refs if factor_refs is not None else refs, booked_factors, env)
                     if entry is not None:
                         self.entries.append(entry)
+                # the call an op belongs to is the last entry's: a call's own work comes after its entry
+                # (its latents are the previous call's output), whatever order the run computes in
+                counter.call = (len(self.entries) - 1 if counter.module is not None and self.entries
+                                and len(self.entries) <= MAX_BOOKED_CALLS
+                                and ROW_WORK_MODULES.fullmatch(counter.module) else None)
             try:
                 out = func(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure
@@ -1201,7 +1212,7 @@ class Replayer:
             finally:
                 if counter is not None:
                     counter.seeded = counter.other_component = False
-                    counter.module = counter.dims = None
+                    counter.module = counter.dims = counter.call = None
             outputs = leaves(out)
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in outputs):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its

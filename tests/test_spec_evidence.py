@@ -1406,3 +1406,55 @@ def test_tgates_gate_is_raised_to_the_called_one_less_deepcaches_interval_where_
     assert tgate_gate_step(attrs(5, 5, {"cache_interval": 8, "cache_branch_id": 0})) == 5
     assert tgate_gate_step(attrs(0, 20, {"cache_interval": None})) == 0  # no interval observed: nothing to raise by
     assert tgate_gate_step({"methods": {"tgate": {"gate_step": 0}}}) == 0  # nothing called: the hooks'
+
+def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage_1():
+    """stages.row_work_problem: each UNet resnet convolution computes every row that entered the
+    denoiser on a call, or nothing (DeepCache's skip); the reference's FLOPs per row are the unit
+    (evaluate.row_work_evidence), the candidate's own most where the reference has none; more calls
+    than the replay books fail closed."""
+    from pytest_diffbench.evaluate import row_work_evidence
+
+    module = "unet.mid_block.resnets.0.conv1"
+    reference = {"attributes": {"steps": {"denoiser_calls": [3, 3]}, "denoiser_inputs": {"batches": [2]}},
+                 "flops": {"seeded": {"by_module": {module: 1200.0, "unet.mid_block.attentions.0.attn1.to_q": 5.0}}}}
+
+    def candidate(least: float, calls: int = 6, booked: int = 6) -> dict:
+        work = {module: {"calls": 4, "least_per_row": least, "least_call": 3, "least_rows": 2, "most_per_row": 100.0}}
+        return {"flops": {"seeded": {"row_work": work},
+                          "replay": {"denoiser_entry": {"calls": calls, "calls_booked": booked}}}}
+
+    honest = row_work_evidence(candidate(100.0), reference)
+    assert honest["row_units"] == {module: 100.0}  # 1200 FLOPs over 2 pipeline calls x 3 calls x 2 rows
+    assert stages.row_work_problem(honest) is None
+    problem = stages.row_work_problem(row_work_evidence(candidate(50.0), reference))
+    assert problem and module in problem and "found 50 per row on call 3" in problem and "the reference's" in problem
+    # where the reference gives no unit (several batches), the candidate's own most per row
+    several = {**reference, "attributes": {**reference["attributes"], "denoiser_inputs": {"batches": [1, 2]}}}
+    assert "its own most" in stages.row_work_problem(row_work_evidence(candidate(50.0), several))
+    assert stages.row_work_problem(row_work_evidence(candidate(100.0), several)) is None
+    # calls beyond what the replay books are not judged per call: a failure, not a pass
+    assert "more denoiser calls" in stages.row_work_problem(row_work_evidence(candidate(100.0, 9, 6), reference))
+    # not replayed (GPU profiles): nothing to judge
+    assert row_work_evidence({"flops": {"total": 1.0}}, reference) == {}
+    assert stages.row_work_problem({}) is None
+
+
+def test_guidance_dropped_inside_the_denoiser_fails_on_the_rows_each_call_computes(tiny_zoo, baseline_cache_dir,
+                                                                                   tmp_path):
+    """Red team round 15's lead, built (tests/adversarial_tasks/guidance_dropped_inside_the_denoiser.py):
+    the hard L4 0087 gold (DeepCache + T-GATE) whose resnets in the blocks DeepCache skips compute
+    the conditional row alone while the latents enter twice. The replay's work per row of each call
+    shows it (stages.row_work_problem), whatever the candidate's process reports."""
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.tasks import load_task
+
+    task = load_task(REPO / "tasks" / "L4" / "L4-sd15-t2i-768px-nosampler-hard-0087.yaml")
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(task)
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=600.0)
+    code = (REPO / "tests" / "adversarial_tasks" / "guidance_dropped_inside_the_denoiser.py").read_text()
+    verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
+    assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
+    assert "computed part of the rows that entered it" in verdict.message and "on call 0" in verdict.message, \
+        verdict.message
