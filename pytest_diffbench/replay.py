@@ -152,19 +152,20 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
 def row_work(books: dict, rows: list[int]) -> dict[str, dict]:
     """Per row-work module (trace.ROW_WORK_MODULES), from its FLOPs by (module, denoiser call) and
     each call's rows: on how many calls it computed, and the least and the most FLOPs it computed
-    per row of a call on those (the call of the least, and that call's rows). stages.row_work_problem
-    holds the least to the reference's work per row."""
+    per row of a call on those (the calls of each, and the rows of the least's). stages.row_work_problem
+    holds both to the reference's work per row."""
     out: dict[str, dict] = {}
     for (module, call), flops in sorted(books.items()):
         if not 0 <= call < len(rows) or flops <= 0:
             continue
         per_row = float(flops) / max(1, rows[call])
         figures = out.setdefault(module, {"calls": 0, "least_per_row": per_row, "least_call": call,
-                                          "least_rows": rows[call], "most_per_row": per_row})
+                                          "least_rows": rows[call], "most_per_row": per_row, "most_call": call})
         figures["calls"] += 1
         if per_row < figures["least_per_row"]:
             figures.update(least_per_row=per_row, least_call=call, least_rows=rows[call])
-        figures["most_per_row"] = max(figures["most_per_row"], per_row)
+        if per_row > figures["most_per_row"]:
+            figures.update(most_per_row=per_row, most_call=call)
     return out
 
 

@@ -182,8 +182,8 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
     are free, and the report of guidance (`work_mismatches` reads the first call in the child):
     - the replay must see the entry at all (a weight computed rather than the parameter books it to
       no module and hides the calls: fail closed);
-    - the calls reported must be at least the entries the replay counted (fewer would hold each
-      module to less work than was done on the calls not reported);
+    - the calls reported must be the entries the replay counted (fewer would hold each module to
+      less work than was done on the calls not reported; more are entries the replay did not see);
     - where the reference runs classifier-free guidance, every entry holds each latent twice, not
       only the first; T-GATE drops guidance's unconditional branch after its gate step, so with it
       applied only the first two checks apply (its own least share rules there: module_work_problem).
@@ -209,9 +209,13 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
         return [Mismatch("denoiser calls per pipeline call (reported by the run)",
                          "a positive count per pipeline call", str(reported)[:200])]
     reported_total = sum(reported)
-    if reported_total < calls:
+    if reported_total != calls:
+        # fewer would hold each module to less work than was done on the calls not reported; more
+        # are calls whose entry the replay did not see (a weight mixed with the latents books to no
+        # module), which merge two calls in one entry's window (the trust review of session 33, F2).
+        # Honest runs match exactly (every gold of session 33's sweeps)
         out.append(Mismatch("denoiser calls of the judged call (reported by the run, against the entries into the "
-                            "denoiser the harness's replay counted)", f"at least {calls}", reported_total))
+                            "denoiser the harness's replay counted)", f"{calls}", reported_total))
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     if want.get("cfg") and "tgate" not in methods and twice < rows:
         out.append(Mismatch("classifier-free guidance on every denoiser call (each latent entering the denoiser "
@@ -754,14 +758,23 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     for module in sorted(work):
         figures = work[module]
         unit = units.get(module)
+        # where the reference gives no unit, the run's own calls must agree with each other
         held_to, whose = (unit, "the reference's") if unit else (figures["most_per_row"], "its own most")
-        least = figures["least_per_row"]
+        least, most = figures["least_per_row"], figures["most_per_row"]
         if least < held_to * (1 - ROW_WORK_TOLERANCE):
             return (f"a denoiser call computed part of the rows that entered it: expected {module} to compute "
                     f"{held_to:.6g} FLOPs per row on every call it runs on ({whose}), found {least:.6g} per row on "
                     f"call {figures['least_call']} ({figures['least_rows']} rows entered the denoiser; counted by the "
                     f"harness's replay); guidance's unconditional row dropped inside the denoiser, or rows "
                     f"answered from an earlier call, which no method does")
+        if most > held_to * (1 + ROW_WORK_TOLERANCE):
+            # an entry on fewer rows than the call computes (conv_in on one of guidance's two equal
+            # halves, then copied) would let the other modules drop a row unseen (the trust review of
+            # session 33, F1); so would two calls in one entry's window (an entry hidden, F2)
+            return (f"a denoiser call computed more rows than entered it: expected {module} to compute "
+                    f"{held_to:.6g} FLOPs per row on every call it runs on ({whose}), found {most:.6g} per row on "
+                    f"call {figures.get('most_call')} (counted by the harness's replay); the entry into the denoiser made on fewer rows "
+                    f"than the call computes, or a call's entry hidden, which no method does")
     return None
 
 

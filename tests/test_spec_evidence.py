@@ -1432,6 +1432,11 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     several = {**reference, "attributes": {**reference["attributes"], "denoiser_inputs": {"batches": [1, 2]}}}
     assert "its own most" in stages.row_work_problem(row_work_evidence(candidate(50.0), several))
     assert stages.row_work_problem(row_work_evidence(candidate(100.0), several)) is None
+    # more per row than entered: the entry made on one of guidance's two equal halves and copied
+    # (the trust review of session 33, F1), or two calls in one entry's window
+    over = row_work_evidence(candidate(100.0), reference)
+    over["row_work"][module] = dict(over["row_work"][module], most_per_row=200.0)
+    assert "computed more rows than entered it" in stages.row_work_problem(over)
     # calls beyond what the replay books are not judged per call: a failure, not a pass
     assert "more denoiser calls" in stages.row_work_problem(row_work_evidence(candidate(100.0, 9, 6), reference))
     # not replayed (GPU profiles): nothing to judge

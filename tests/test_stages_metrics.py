@@ -159,8 +159,11 @@ def test_work_is_judged_by_guidance_and_resolution_not_by_batching():
 def test_the_denoiser_calls_and_guidance_are_the_replays_not_the_childs_report():
     """stages.entry_mismatches (red team round 9, B F3: a run that rewrote its reported call count
     was held to the work of the calls it reported): the replay's entries into the denoiser are the
-    calls the trace made; the run may report more (a call answered from a cache still counts in the
-    hooks, and the module rule then holds it to more work), never fewer; with the reference guided,
+    calls the trace made; the run must report exactly those (fewer held the modules to less work;
+    more are entries the replay did not see, as a `conv_in` weight mixed with the latents hides
+    one and merges two calls in one entry's window: the trust review of session 33, F2; a call
+    answered from a cache without entering the denoiser counts in the hooks, not in the replay, and
+    fails here too); with the reference guided,
     every entry holds each latent twice, unless T-GATE (which drops guidance after its gate) is
     applied; no entry at all fails closed; no replay judges nothing."""
     reference = {"denoiser_inputs": {"first": [4, 4, 8, 8], "cfg": True, "spatial": [[8, 8]]}}
@@ -171,9 +174,10 @@ def test_the_denoiser_calls_and_guidance_are_the_replays_not_the_childs_report()
         return stages.entry_mismatches(attributes, flops, reference)
 
     assert judged(50, 200, 200, [25, 25]) == []  # two pipeline calls of 25, guided, batch of two
-    assert judged(25, 100, 100, [50, 50]) == []  # a cache answered half the calls: the module rule's
+    (more,) = judged(25, 100, 100, [25, 25])  # half the calls' entries hidden, or answered from a cache
+    assert "denoiser calls" in more.field and (more.expected, more.found) == ("25", 50)
     (fewer,) = judged(50, 200, 200, [12, 13])
-    assert "denoiser calls" in fewer.field and (fewer.expected, fewer.found) == ("at least 50", 25)
+    assert "denoiser calls" in fewer.field and (fewer.expected, fewer.found) == ("50", 25)
     (unguided,) = judged(50, 150, 100, [25, 25])
     assert "guidance on every denoiser call" in unguided.field and unguided.found == "100 of 150 rows"
     assert judged(50, 150, 100, [25, 25], methods={"tgate": {"gate_step": 10}}) == []
