@@ -385,10 +385,11 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
 
 
 def row_work_evidence(candidate: Mapping, reference: Mapping) -> dict:
-    """stages.row_work_problem's figures: the candidate's row-work modules per row of each call (the
-    replay's `row_work`), the calls the replay counted and booked, and the reference's FLOPs per row
-    of those modules: its books over its calls times its batch (the reference's figures come from
-    the harness's own code, recorded in its process). {} where the candidate's call was not replayed."""
+    """stages.row_work_problem's figures: the candidate's denoiser modules per row of each call (the
+    replay's `row_work`: trace.CallBooks) and the reference's FLOPs per row of the row-work modules
+    (stages.ROW_WORK_MODULES): its books over its calls times its batch (the reference's figures
+    come from the harness's own code, recorded in its process). {} where the candidate's call was
+    not replayed."""
     flops = candidate.get("flops") if isinstance(candidate.get("flops"), Mapping) else {}
     work = (flops.get("seeded") or {}).get("row_work") if isinstance(flops.get("seeded"), Mapping) else None
     entry = (flops.get("replay") or {}).get("denoiser_entry") if isinstance(flops.get("replay"), Mapping) else None
@@ -405,8 +406,7 @@ def row_work_evidence(candidate: Mapping, reference: Mapping) -> dict:
         rows = sum(calls) * batches[0]  # one batch on every call: the reference pipeline's
         units = {module: float(flops) / rows for module, flops in books.items()
                  if stages.ROW_WORK_MODULES.fullmatch(module) and rows > 0}
-    return {"row_work": dict(work), "row_units": units,
-            "row_calls": (int(entry.get("calls") or 0), int(entry.get("calls_booked") or 0))}
+    return {"row_work": dict(work), "row_units": units}
 
 
 FUSED_PROJECTIONS = stages.FUSED_PROJECTIONS

@@ -178,11 +178,9 @@ class LeanFlopCounterMode(FlopCounterMode):
         # stages.free_products_problem
         self.dims: tuple | None = None
         self.seeded_flops_by_dims: dict[str, float] = {}
-        # the same FLOPs of the modules whose work follows the rows a call carries
-        # (trace.ROW_WORK_MODULES), by module and denoiser call, while a trace.Replayer sets `call`
-        # (the index of the last entry into the denoiser): stages.row_work_problem
-        self.call: int | None = None
-        self.seeded_flops_by_module_call: dict[tuple[str, int], int] = {}
+        # the same FLOPs of the denoiser's modules on the current denoiser call, while a
+        # trace.Replayer sets `call_books` (trace.CallBooks.current): stages.row_work_problem
+        self.call_books: dict[str, int] | None = None
         self._watched: Any = None
         self._depth = 0
         self._hooks: list = []
@@ -211,7 +209,7 @@ class LeanFlopCounterMode(FlopCounterMode):
         self.other_component, self.other_flops_by_dtype = False, {}
         self.module, self.seeded_flops_by_module = None, {}
         self.dims, self.seeded_flops_by_dims = None, {}
-        self.call, self.seeded_flops_by_module_call = None, {}
+        self.call_books = None
         self._depth = 0
         module = self._watched
         if module is not None and hasattr(module, "register_forward_pre_hook"):
@@ -248,9 +246,8 @@ class LeanFlopCounterMode(FlopCounterMode):
                 self.seeded_flops += int(count)
                 if self.module is not None:
                     self.seeded_flops_by_module[self.module] = self.seeded_flops_by_module.get(self.module, 0) + int(count)
-                    if self.call is not None:
-                        key = (self.module, self.call)
-                        self.seeded_flops_by_module_call[key] = self.seeded_flops_by_module_call.get(key, 0) + int(count)
+                    if self.call_books is not None:
+                        self.call_books[self.module] = self.call_books.get(self.module, 0) + int(count)
                 if self.dims is not None:
                     for key, share in self.dims:
                         if key not in self.seeded_flops_by_dims and len(self.seeded_flops_by_dims) >= MAX_DIMS:

@@ -80,8 +80,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
 
     from pytest_diffbench.canonical import CanonicalPrecision
     from pytest_diffbench.flops import LeanFlopCounterMode
-    from pytest_diffbench.trace import (MAX_BOOKED_CALLS, Replayer, TraceError, decode, image_rows, match_images,
-                                        to_uint8)
+    from pytest_diffbench.trace import Replayer, TraceError, decode, image_rows, match_images, to_uint8
 
     batch = job["batch"]
     canonical = bool(job.get("canonical"))
@@ -126,9 +125,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                   "seeded": {"flops": float(counter.seeded_flops), "elements": replayer.seeded_elements,
                              "by_module": dict(counter.seeded_flops_by_module),
                              "by_dims": dict(counter.seeded_flops_by_dims),
-                             # the row-work modules' (trace.ROW_WORK_MODULES) per row of each call
-                             "row_work": row_work(counter.seeded_flops_by_module_call,
-                                                  [rows for rows, _ in replayer.entries])}},
+                             # the denoiser's modules per row of each call (trace.CallBooks)
+                             "row_work": replayer.call_books.figures}},
         "replay": {"ops": len(trace.ops), "parameters": len(trace.params), "constants": len(trace.constants),
                    "constant_bytes": trace.constant_bytes, "check_cpu_s": round(check_s, 3),
                    "verdict_cpu_s": round(verdict_s, 3), "flops_by_dtype": dict(counter.flops_by_dtype),
@@ -141,32 +139,10 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                    # rows, and the rows of calls that held each latent twice (guidance)
                    "denoiser_entry": {"calls": len(replayer.entries),
                                       "rows": sum(rows for rows, _ in replayer.entries),
-                                      "rows_twice": sum(rows for rows, twice in replayer.entries if twice),
-                                      # whether each call's row work was booked (trace.MAX_BOOKED_CALLS)
-                                      "calls_booked": min(len(replayer.entries), MAX_BOOKED_CALLS)},
+                                      "rows_twice": sum(rows for rows, twice in replayer.entries if twice)},
                    # the half-precision ops that ran as recorded under it, by reason (canonical.py)
                    "canonical_as_recorded": dict(mode.as_recorded) if mode is not None else None},
     }
-
-
-def row_work(books: dict, rows: list[int]) -> dict[str, dict]:
-    """Per row-work module (trace.ROW_WORK_MODULES), from its FLOPs by (module, denoiser call) and
-    each call's rows: on how many calls it computed, and the least and the most FLOPs it computed
-    per row of a call on those (the calls of each, and the rows of the least's). stages.row_work_problem
-    holds both to the reference's work per row."""
-    out: dict[str, dict] = {}
-    for (module, call), flops in sorted(books.items()):
-        if not 0 <= call < len(rows) or flops <= 0:
-            continue
-        per_row = float(flops) / max(1, rows[call])
-        figures = out.setdefault(module, {"calls": 0, "least_per_row": per_row, "least_call": call,
-                                          "least_rows": rows[call], "most_per_row": per_row, "most_call": call})
-        figures["calls"] += 1
-        if per_row < figures["least_per_row"]:
-            figures.update(least_per_row=per_row, least_call=call, least_rows=rows[call])
-        if per_row > figures["most_per_row"]:
-            figures.update(most_per_row=per_row, most_call=call)
-    return out
 
 
 def _procedure(job: dict, channel) -> dict:

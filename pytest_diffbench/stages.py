@@ -403,12 +403,11 @@ MODULE_WORK_MIN_SHARE = 0.002
 #: ToMe gold's (red team round 8, S4, which reused one whole UNet output: 1.96 %)
 MODULE_WORK_TOLERANCE = 0.001
 
-#: the denoiser modules whose work in a call follows the rows the call carries and nothing else:
-#: the UNet's convolutions outside its attention (resnets, down- and upsamplers, `conv_out`). No
-#: method in the suite changes their work per row: DeepCache skips whole blocks, ToMe merges tokens
-#: inside the transformer blocks, T-GATE caches attention and drops guidance at the entry too; so
-#: in each call each of them computes every row that entered the denoiser, or nothing
-#: (row_work_problem). The replay books their work per call (trace.Replayer.run, replay.row_work).
+#: the denoiser modules whose work per row of a call is the reference's on every call they run on:
+#: the UNet's convolutions outside attention (resnets, down- and upsamplers, `conv_out`), which no
+#: method in the suite changes per row (DeepCache skips whole blocks, ToMe merges tokens inside the
+#: transformer blocks, T-GATE caches attention). Every other module of the denoiser keeps the same
+#: work per row on every call it runs on (row_work_problem).
 ROW_WORK_MODULES = re.compile(
     r"unet\.(conv_out|(down_blocks|up_blocks)\.\d+\.(resnets\.\d+\.(conv1|conv2|conv_shortcut)|"
     r"(down|up)samplers\.\d+\.conv)|mid_block\.resnets\.\d+\.(conv1|conv2|conv_shortcut))")
@@ -737,44 +736,44 @@ def self_attention_projections_problem(candidate: Mapping[str, Any], reference: 
 
 
 def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
-    """Every row that entered the denoiser on a call is computed by each row-work module
-    (ROW_WORK_MODULES: the UNet's convolutions outside attention) that runs on that call: its FLOPs
-    on the call, per row of the call's entry (both counted by the harness's replay, none read in
-    the candidate's process), must be the reference's per row. DeepCache skips a block whole, ToMe
-    and T-GATE leave these modules alone, and T-GATE's guidance ends at the entry too, so honest
-    runs are exact; a module computing part of a call's rows is guidance's unconditional row
-    dropped inside the denoiser, or rows answered from an earlier call's, on some calls (red team
-    round 15: the rows of DeepCache's computed calls under T-GATE; its forged passes cached one
-    row in the modules DeepCache computes on every call). None where the replay did not book it
-    (the GPU profiles, runs before session 33)."""
+    """Every row that entered the denoiser on a call is computed by each of its modules that runs on
+    that call, and no more: the FLOPs of a module on a call, per row of the call's entry (both
+    counted by the harness's replay, none read in the candidate's process: trace.CallBooks), are
+    the same on every call it computes on; for the UNet's convolutions outside attention
+    (ROW_WORK_MODULES) they are the reference's per row. DeepCache skips a block whole and T-GATE
+    caches an attention whole (no work on that call), T-GATE ends guidance at the entry too, and ToMe
+    merges the same count of tokens on every call, so honest runs are exact. A module computing
+    part of a call's rows is guidance's unconditional row dropped inside the denoiser, or rows
+    answered from an earlier call (red team round 15: the rows of DeepCache's computed calls under
+    T-GATE; its forged passes cached one row in the modules DeepCache computes on every call); one
+    computing more rows than entered is an entry made on fewer rows than the call computes, or a
+    call's entry hidden (the trust review of session 33, F1, F2). None where the replay did not book
+    it (the GPU profiles, runs before session 33)."""
     work = evidence.get("row_work")
     if not isinstance(work, Mapping):
         return None
-    calls, booked = evidence.get("row_calls") or (0, 0)
-    if booked < calls:
-        return (f"more denoiser calls than the harness's replay books per call: {calls} entries into the "
-                f"denoiser, at most {booked} judged (honest runs make a few hundred)")
     units = evidence.get("row_units") or {}
     for module in sorted(work):
         figures = work[module]
-        unit = units.get(module)
-        # where the reference gives no unit, the run's own calls must agree with each other
-        held_to, whose = (unit, "the reference's") if unit else (figures["most_per_row"], "its own most")
         least, most = figures["least_per_row"], figures["most_per_row"]
+        unit = units.get(module) if ROW_WORK_MODULES.fullmatch(module) else None
+        if unit:
+            held_to, whose = unit, "the reference's"
+        else:  # the run's own calls must agree with each other
+            held_to, whose = most, f"its own on call {figures.get('most_call')}"
         if least < held_to * (1 - ROW_WORK_TOLERANCE):
             return (f"a denoiser call computed part of the rows that entered it: expected {module} to compute "
                     f"{held_to:.6g} FLOPs per row on every call it runs on ({whose}), found {least:.6g} per row on "
                     f"call {figures['least_call']} ({figures['least_rows']} rows entered the denoiser; counted by the "
-                    f"harness's replay); guidance's unconditional row dropped inside the denoiser, or rows "
-                    f"answered from an earlier call, which no method does")
+                    f"harness's replay); guidance's unconditional row dropped inside the denoiser, rows answered "
+                    f"from an earlier call, or an entry made on fewer rows than its call computes, which no "
+                    f"method does")
         if most > held_to * (1 + ROW_WORK_TOLERANCE):
-            # an entry on fewer rows than the call computes (conv_in on one of guidance's two equal
-            # halves, then copied) would let the other modules drop a row unseen (the trust review of
-            # session 33, F1); so would two calls in one entry's window (an entry hidden, F2)
             return (f"a denoiser call computed more rows than entered it: expected {module} to compute "
                     f"{held_to:.6g} FLOPs per row on every call it runs on ({whose}), found {most:.6g} per row on "
-                    f"call {figures.get('most_call')} (counted by the harness's replay); the entry into the denoiser made on fewer rows "
-                    f"than the call computes, or a call's entry hidden, which no method does")
+                    f"call {figures.get('most_call')} (counted by the harness's replay); the entry into the "
+                    f"denoiser made on fewer rows than the call computes, or a call's entry hidden, which no "
+                    f"method does")
     return None
 
 

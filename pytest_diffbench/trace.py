@@ -42,7 +42,7 @@ from .aten_leaves import leaves
 # the denoiser's components (a product whose parameter operand comes from other components alone,
 # text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
 # products of no parameter (Producers)
-from .stages import DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS, ROW_WORK_MODULES
+from .stages import DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS
 
 
 FORMAT = 1
@@ -432,9 +432,39 @@ def free_product_dims(func, factors: list, book: str | None, args: Any, kwargs: 
     return tuple((f"{where}:{key}", share) for key, share in product_dims(func, args, kwargs))
 
 
-#: the most denoiser calls whose row work a replay books (honest runs: a few hundred, 51 per image on
-#: the tiny profiles; a run with more fails stage 1: stages.row_work_problem)
-MAX_BOOKED_CALLS = 20_000
+
+class CallBooks:
+    """The denoiser's seeded FLOPs by module on each denoiser call, per row that entered the
+    denoiser on it, kept as each module's least and most over the calls it computed on
+    (`figures`; stages.row_work_problem). A call is everything from its entry to the next entry:
+    its latents are the previous call's output, so the ops of a call follow its entry whatever
+    order a run computes in. Folded call by call, so the record is one line per module."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, int] = {}  # the open call's FLOPs by module (the counter adds to it)
+        self.figures: dict[str, dict] = {}
+        self._index, self._rows = -1, 0
+
+    def begin(self, rows: int) -> None:
+        """An entry into the denoiser with `rows` rows: the previous call ends here."""
+        self.end()
+        self._index, self._rows = self._index + 1, rows
+
+    def end(self) -> None:
+        for module, flops in self.current.items():
+            if flops <= 0:
+                continue
+            per_row = float(flops) / max(1, self._rows)
+            figures = self.figures.setdefault(module, {
+                "calls": 0, "least_per_row": per_row, "least_call": self._index, "least_rows": self._rows,
+                "most_per_row": per_row, "most_call": self._index})
+            figures["calls"] += 1
+            if per_row < figures["least_per_row"]:
+                figures.update(least_per_row=per_row, least_call=self._index, least_rows=self._rows)
+            if per_row > figures["most_per_row"]:
+                figures.update(most_per_row=per_row, most_call=self._index)
+        self.current.clear()
+
 
 #: the module each denoiser call begins with, whose input is the call's latents: its invocations in
 #: a replay are the denoiser calls the trace really made (stages.entry_mismatches)
@@ -1111,6 +1141,8 @@ class Replayer:
         self.shapes, self.elements, self.seeded_elements = [], 0, 0
         # the denoiser calls the replay saw, as (rows, each latent twice) of each entry (ENTRY_MODULES)
         self.entries: list[tuple[int, bool]] = []
+        # the denoiser's modules per call (stages.row_work_problem)
+        self.call_books = CallBooks()
         taint = SeedTaint()
         # origins (ParameterOrigins): for a parameter, and a view or copy of one (any dtype), the
         # components it comes from; none for anything computed (an op that computes could build
@@ -1199,11 +1231,10 @@ class Replayer:
                     entry = entry_rows(factor_refs if factor_refs is not None else refs, booked_factors, env)
                     if entry is not None:
                         self.entries.append(entry)
-                # the call an op belongs to is the last entry's: a call's own work comes after its entry
-                # (its latents are the previous call's output), whatever order the run computes in
-                counter.call = (len(self.entries) - 1 if counter.module is not None and self.entries
-                                and len(self.entries) <= MAX_BOOKED_CALLS
-                                and ROW_WORK_MODULES.fullmatch(counter.module) else None)
+                        self.call_books.begin(entry[0])
+                # the call an op belongs to is the last entry's (CallBooks)
+                counter.call_books = (self.call_books.current if self.entries and counter.module is not None
+                                      and counter.module.partition(".")[0] in DENOISER_COMPONENTS else None)
             try:
                 out = func(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure
@@ -1212,7 +1243,7 @@ class Replayer:
             finally:
                 if counter is not None:
                     counter.seeded = counter.other_component = False
-                    counter.module = counter.dims = counter.call = None
+                    counter.module = counter.dims = counter.call_books = None
             outputs = leaves(out)
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in outputs):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
@@ -1247,6 +1278,7 @@ class Replayer:
                 env.pop(tensor_id, None)
                 origins.drop(tensor_id)
                 derived.drop(tensor_id)
+        self.call_books.end()
         return kept
 
     def _dead_after(self, position: int, op: list) -> list[int]:

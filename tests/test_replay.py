@@ -913,22 +913,22 @@ def test_the_replay_counts_each_entry_into_the_denoiser_with_its_rows_and_whethe
     assert replayer.entries == []
 
 
-def test_the_replay_books_each_resnet_convolutions_work_per_row_of_the_call_it_runs_in():
-    """stages.row_work_problem's figures (replay.row_work): a UNet resnet convolution's FLOPs are
-    booked to the call of the last entry into the denoiser before them, per row of that call. A
-    call that enters with guidance's two rows and computes the resnet on one (the unconditional
-    row dropped inside the denoiser) shows half the per-row work on that call; a call that skips
-    the resnet (DeepCache) shows none."""
+def test_the_replay_books_each_denoiser_modules_work_per_row_of_the_call_it_runs_in():
+    """stages.row_work_problem's figures (trace.CallBooks): a denoiser module's FLOPs are booked to
+    the call of the last entry into the denoiser before them, per row of that call. A call that
+    enters with guidance's two rows and computes the resnet on one (the unconditional row dropped
+    inside the denoiser) shows half the per-row work on that call; a call that skips the resnet
+    (DeepCache) shows none; the entry's own module is booked to its call."""
     import torch
 
     from pytest_diffbench.flops import LeanFlopCounterMode
-    from pytest_diffbench.replay import row_work
     from pytest_diffbench.trace import Replayer, decode
 
     params = [{"name": name, "dtype": "float32", "shape": [4, 4, 1, 1], "stride": [4, 1, 1, 1]}
               for name in ("unet.conv_in.weight", "unet.mid_block.resnets.0.conv1.weight")]
     conv = [[1, 1], [0, 0], [1, 1], False, [0, 0], 1]
     ops = [["aten::randn.generator", [[1, 4, 4, 4]], {"dtype": {"dtype": "float32"}}, [0], {"gen": 0, "reseed": 0}],
+           ["aten::convolution", [{"t": 0}, {"p": 1}, None, *conv], {}, [8]],  # before any entry: no call's
            ["aten::cat", [[{"t": 0}, {"t": 0}]], {}, [1]],
            ["aten::convolution", [{"t": 1}, {"p": 0}, None, *conv], {}, [2]],  # call 0: 2 rows enter
            ["aten::convolution", [{"t": 2}, {"p": 1}, None, *conv], {}, [3]],  # ... and the resnet computes 2
@@ -942,12 +942,14 @@ def test_the_replay_books_each_resnet_convolutions_work_per_row_of_the_call_it_r
     with counter:
         replayer.run([5], lambda i, t: False, counter=counter)
     assert [rows for rows, _ in replayer.entries] == [2, 2, 2]
-    figures = row_work(counter.seeded_flops_by_module_call, [rows for rows, _ in replayer.entries])
     per_row = 2 * 4 * 4 * 16  # a 1x1 convolution of 4 into 4 channels on 4x4 pixels, one row
-    assert figures == {"unet.mid_block.resnets.0.conv1": {"calls": 2, "least_per_row": per_row / 2, "least_call": 1,
-                                                          "least_rows": 2, "most_per_row": per_row,
-                                                          "most_call": 0}}
-    assert "unet.conv_in" not in figures  # the entry itself is not a row-work module
+    assert replayer.call_books.figures == {
+        "unet.mid_block.resnets.0.conv1": {"calls": 2, "least_per_row": per_row / 2, "least_call": 1, "least_rows": 2,
+                                           "most_per_row": per_row, "most_call": 0},
+        "unet.conv_in": {"calls": 3, "least_per_row": per_row, "least_call": 0, "least_rows": 2,
+                         "most_per_row": per_row, "most_call": 0}}
+    replayer.run([5], lambda i, t: False, books=False)  # the check pass books nothing
+    assert replayer.call_books.figures == {}
 
 
 @pytest.mark.parametrize("write", ["batch_norm_statistics", "out_resized"])

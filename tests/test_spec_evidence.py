@@ -1408,37 +1408,38 @@ def test_tgates_gate_is_raised_to_the_called_one_less_deepcaches_interval_where_
     assert tgate_gate_step({"methods": {"tgate": {"gate_step": 0}}}) == 0  # nothing called: the hooks'
 
 def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage_1():
-    """stages.row_work_problem: each UNet resnet convolution computes every row that entered the
-    denoiser on a call, or nothing (DeepCache's skip); the reference's FLOPs per row are the unit
-    (evaluate.row_work_evidence), the candidate's own most where the reference has none; more calls
-    than the replay books fail closed."""
+    """stages.row_work_problem: each denoiser module computes the same work per row that entered
+    the denoiser on every call it runs on, or nothing (DeepCache's skip, T-GATE's cache); the UNet's
+    convolutions outside attention the reference's per row (evaluate.row_work_evidence), every
+    other module its own most (ToMe merges the same count on every call)."""
     from pytest_diffbench.evaluate import row_work_evidence
 
-    module = "unet.mid_block.resnets.0.conv1"
+    module, attention = "unet.mid_block.resnets.0.conv1", "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
     reference = {"attributes": {"steps": {"denoiser_calls": [3, 3]}, "denoiser_inputs": {"batches": [2]}},
-                 "flops": {"seeded": {"by_module": {module: 1200.0, "unet.mid_block.attentions.0.attn1.to_q": 5.0}}}}
+                 "flops": {"seeded": {"by_module": {module: 1200.0, attention: 600.0}}}}
 
-    def candidate(least: float, calls: int = 6, booked: int = 6) -> dict:
-        work = {module: {"calls": 4, "least_per_row": least, "least_call": 3, "least_rows": 2, "most_per_row": 100.0}}
-        return {"flops": {"seeded": {"row_work": work},
-                          "replay": {"denoiser_entry": {"calls": calls, "calls_booked": booked}}}}
+    def candidate(least: float, most: float = 100.0, name: str = module) -> dict:
+        work = {name: {"calls": 4, "least_per_row": least, "least_call": 3, "least_rows": 2, "most_per_row": most,
+                       "most_call": 1}}
+        return {"flops": {"seeded": {"row_work": work}, "replay": {"denoiser_entry": {"calls": 6}}}}
 
     honest = row_work_evidence(candidate(100.0), reference)
     assert honest["row_units"] == {module: 100.0}  # 1200 FLOPs over 2 pipeline calls x 3 calls x 2 rows
     assert stages.row_work_problem(honest) is None
     problem = stages.row_work_problem(row_work_evidence(candidate(50.0), reference))
     assert problem and module in problem and "found 50 per row on call 3" in problem and "the reference's" in problem
-    # where the reference gives no unit (several batches), the candidate's own most per row
-    several = {**reference, "attributes": {**reference["attributes"], "denoiser_inputs": {"batches": [1, 2]}}}
-    assert "its own most" in stages.row_work_problem(row_work_evidence(candidate(50.0), several))
-    assert stages.row_work_problem(row_work_evidence(candidate(100.0), several)) is None
     # more per row than entered: the entry made on one of guidance's two equal halves and copied
     # (the trust review of session 33, F1), or two calls in one entry's window
-    over = row_work_evidence(candidate(100.0), reference)
-    over["row_work"][module] = dict(over["row_work"][module], most_per_row=200.0)
-    assert "computed more rows than entered it" in stages.row_work_problem(over)
-    # calls beyond what the replay books are not judged per call: a failure, not a pass
-    assert "more denoiser calls" in stages.row_work_problem(row_work_evidence(candidate(100.0, 9, 6), reference))
+    problem = stages.row_work_problem(row_work_evidence(candidate(200.0, 200.0), reference))
+    assert "computed more rows than entered it" in problem and "on call 1" in problem
+    # attention and the rest: the same per row on every call (ToMe's merges are no less on any call)
+    assert stages.row_work_problem(row_work_evidence(candidate(30.0, 30.0, attention), reference)) is None
+    problem = stages.row_work_problem(row_work_evidence(candidate(15.0, 30.0, attention), reference))
+    assert attention in problem and "its own on call 1" in problem and "found 15 per row on call 3" in problem
+    # where the reference gives no unit (several batches), the run's own calls must agree
+    several = {**reference, "attributes": {**reference["attributes"], "denoiser_inputs": {"batches": [1, 2]}}}
+    assert "its own on call 1" in stages.row_work_problem(row_work_evidence(candidate(50.0), several))
+    assert stages.row_work_problem(row_work_evidence(candidate(100.0), several)) is None
     # not replayed (GPU profiles): nothing to judge
     assert row_work_evidence({"flops": {"total": 1.0}}, reference) == {}
     assert stages.row_work_problem({}) is None
