@@ -406,7 +406,7 @@ def row_work_evidence(candidate: Mapping, reference: Mapping) -> dict:
         rows = sum(calls) * batches[0]  # one batch on every call: the reference pipeline's
         units = {module: float(flops) / rows for module, flops in books.items()
                  if stages.ROW_WORK_MODULES.fullmatch(module) and rows > 0}
-    return {"row_work": dict(work), "row_units": units}
+    return {"row_work": dict(work), "row_units": units, "row_calls": entry.get("calls")}
 
 
 FUSED_PROJECTIONS = stages.FUSED_PROJECTIONS

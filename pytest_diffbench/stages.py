@@ -411,6 +411,9 @@ MODULE_WORK_TOLERANCE = 0.001
 ROW_WORK_MODULES = re.compile(
     r"unet\.(conv_out|(down_blocks|up_blocks)\.\d+\.(resnets\.\d+\.(conv1|conv2|conv_shortcut)|"
     r"(down|up)samplers\.\d+\.conv)|mid_block\.resnets\.\d+\.(conv1|conv2|conv_shortcut))")
+#: the module whose calls are the ones DeepCache computed (it never computes the mid block on a
+#: cached call): row_work_problem holds every UNet convolution to them or to every call
+DEEPCACHE_MID_CALLS = "unet.mid_block.resnets.0.conv1"
 #: float rounding of the per-row figures (FLOPs are whole numbers: an honest call is exact)
 ROW_WORK_TOLERANCE = 1e-6
 
@@ -753,10 +756,24 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     if not isinstance(work, Mapping):
         return None
     units = evidence.get("row_units") or {}
+    calls = evidence.get("row_calls")
+    mid = work.get(DEEPCACHE_MID_CALLS)
     for module in sorted(work):
         figures = work[module]
         least, most = figures["least_per_row"], figures["most_per_row"]
-        unit = units.get(module) if ROW_WORK_MODULES.fullmatch(module) else None
+        convolution = bool(ROW_WORK_MODULES.fullmatch(module))
+        if convolution and isinstance(calls, int) and figures["calls"] != calls and not (
+                isinstance(mid, Mapping) and mid.get("calls_digest") is not None
+                and figures.get("calls_digest") == mid.get("calls_digest")):
+            # DeepCache skips blocks whole on the calls it answers from its cache, the mid block's
+            # among them: any other set is a module's work booked elsewhere on some calls (the trust
+            # review of session 33, F3)
+            return (f"a UNet convolution computed on calls that are neither every call nor DeepCache's: expected "
+                    f"{module} to compute on all {calls} denoiser calls or on the {mid.get('calls') if isinstance(mid, Mapping) else 0} "
+                    f"the UNet's mid block computed, found it on {figures['calls']} calls of another set (counted by "
+                    f"the harness's replay); its work booked to another module, or done out of the counted ops, "
+                    f"on some calls")
+        unit = units.get(module) if convolution else None
         if unit:
             held_to, whose = unit, "the reference's"
         else:  # the run's own calls must agree with each other

@@ -27,9 +27,9 @@ the values drawn are a constant of the trace. The default generator counts as a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -444,6 +444,7 @@ class CallBooks:
         self.current: dict[str, int] = {}  # the open call's FLOPs by module (the counter adds to it)
         self.figures: dict[str, dict] = {}
         self._index, self._rows = -1, 0
+        self._calls: dict[str, int] = {}  # the calls each module computed on, as bits of an int
 
     def begin(self, rows: int) -> None:
         """An entry into the denoiser with `rows` rows: the previous call ends here."""
@@ -463,7 +464,16 @@ class CallBooks:
                 figures.update(least_per_row=per_row, least_call=self._index, least_rows=self._rows)
             if per_row > figures["most_per_row"]:
                 figures.update(most_per_row=per_row, most_call=self._index)
+            self._calls[module] = self._calls.get(module, 0) | (1 << self._index)
         self.current.clear()
+
+    def finish(self) -> None:
+        """The last call ends; each module's figures get a digest of the set of calls it computed on
+        (stages.row_work_problem compares the UNet's convolutions' sets with DeepCache's)."""
+        self.end()
+        for module, calls in self._calls.items():
+            data = calls.to_bytes((calls.bit_length() + 7) // 8, "little")
+            self.figures[module]["calls_digest"] = hashlib.sha256(data).hexdigest()[:16]
 
 
 #: the module each denoiser call begins with, whose input is the call's latents: its invocations in
@@ -1278,7 +1288,7 @@ class Replayer:
                 env.pop(tensor_id, None)
                 origins.drop(tensor_id)
                 derived.drop(tensor_id)
-        self.call_books.end()
+        self.call_books.finish()
         return kept
 
     def _dead_after(self, position: int, op: list) -> list[int]:

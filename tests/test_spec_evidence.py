@@ -1421,7 +1421,7 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     def candidate(least: float, most: float = 100.0, name: str = module) -> dict:
         work = {name: {"calls": 4, "least_per_row": least, "least_call": 3, "least_rows": 2, "most_per_row": most,
                        "most_call": 1}}
-        return {"flops": {"seeded": {"row_work": work}, "replay": {"denoiser_entry": {"calls": 6}}}}
+        return {"flops": {"seeded": {"row_work": work}, "replay": {"denoiser_entry": {"calls": 4}}}}
 
     honest = row_work_evidence(candidate(100.0), reference)
     assert honest["row_units"] == {module: 100.0}  # 1200 FLOPs over 2 pipeline calls x 3 calls x 2 rows
@@ -1440,6 +1440,15 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     several = {**reference, "attributes": {**reference["attributes"], "denoiser_inputs": {"batches": [1, 2]}}}
     assert "its own on call 1" in stages.row_work_problem(row_work_evidence(candidate(50.0), several))
     assert stages.row_work_problem(row_work_evidence(candidate(100.0), several)) is None
+    # a convolution computes on every call or on the calls DeepCache computed (the mid block's),
+    # not on a set of its own (its work booked elsewhere on some calls: the review's F3)
+    deep = "unet.down_blocks.1.resnets.0.conv1"
+    skipped = row_work_evidence(candidate(100.0, name=deep), reference)
+    skipped["row_work"] = {deep: dict(skipped["row_work"][deep], calls=2, calls_digest="aa"),
+                           module: dict(skipped["row_work"][deep], calls=2, calls_digest="aa")}
+    assert module == stages.DEEPCACHE_MID_CALLS and stages.row_work_problem(skipped) is None
+    skipped["row_work"][deep]["calls_digest"] = "bb"
+    assert "neither every call nor DeepCache's" in stages.row_work_problem(skipped)
     # not replayed (GPU profiles): nothing to judge
     assert row_work_evidence({"flops": {"total": 1.0}}, reference) == {}
     assert stages.row_work_problem({}) is None
