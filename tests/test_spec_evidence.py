@@ -1454,12 +1454,18 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     assert stages.row_work_problem({}) is None
 
 
-def test_guidance_dropped_inside_the_denoiser_fails_on_the_rows_each_call_computes(tiny_zoo, baseline_cache_dir,
-                                                                                   tmp_path):
+@pytest.mark.parametrize("attack, messages", [
+    ("guidance_dropped_inside_the_denoiser", ("computed part of the rows that entered it",)),
+    ("entry_on_one_of_two_equal_halves", ("computed more rows than entered it", "expected unet.conv_in to compute")),
+])
+def test_guidance_dropped_inside_the_denoiser_fails_on_the_rows_each_call_computes(attack, messages, tiny_zoo,
+                                                                                   baseline_cache_dir, tmp_path):
     """Red team round 15's lead, built (tests/adversarial_tasks/guidance_dropped_inside_the_denoiser.py):
     the hard L4 0087 gold (DeepCache + T-GATE) whose resnets in the blocks DeepCache skips compute
     the conditional row alone while the latents enter twice. The replay's work per row of each call
-    shows it (stages.row_work_problem), whatever the candidate's process reports."""
+    shows it (stages.row_work_problem), whatever the candidate's process reports; so it does where
+    the entry itself is made on one of guidance's two equal halves (the trust review of session 33,
+    F1; on this profile `conv_in`'s floor may see it first)."""
     from pytest_diffbench.zoo.profiles import tiny_evaluator
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.calibration import load_calibration
@@ -1468,8 +1474,7 @@ def test_guidance_dropped_inside_the_denoiser_fails_on_the_rows_each_call_comput
     task = load_task(REPO / "tasks" / "L4" / "L4-sd15-t2i-768px-nosampler-hard-0087.yaml")
     task = load_calibration(REPO / "tasks", "cpu-tiny").apply(task)
     evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=600.0)
-    code = (REPO / "tests" / "adversarial_tasks" / "guidance_dropped_inside_the_denoiser.py").read_text()
+    code = (REPO / "tests" / "adversarial_tasks" / f"{attack}.py").read_text()
     verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
-    assert "computed part of the rows that entered it" in verdict.message and "on call 0" in verdict.message, \
-        verdict.message
+    assert any(message in verdict.message for message in messages), verdict.message
