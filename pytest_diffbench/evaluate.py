@@ -406,7 +406,15 @@ def row_work_evidence(candidate: Mapping, reference: Mapping) -> dict:
         rows = sum(calls) * batches[0]  # one batch on every call: the reference pipeline's
         units = {module: float(flops) / rows for module, flops in books.items()
                  if stages.ROW_WORK_MODULES.fullmatch(module) and rows > 0}
-    return {"row_work": dict(work), "row_units": units, "row_calls": entry.get("calls")}
+    methods = attributes_methods(candidate)
+    return {"row_work": dict(work), "row_units": units, "row_calls": entry.get("calls"), "reported_methods": methods}
+
+
+def attributes_methods(run: Mapping) -> list[str]:
+    """The methods a run's stage-1 attributes report applied (read in the candidate's process)."""
+    attributes = run.get("attributes") if isinstance(run.get("attributes"), Mapping) else {}
+    methods = attributes.get("methods")
+    return sorted(str(m) for m in methods) if isinstance(methods, Mapping) else []
 
 
 FUSED_PROJECTIONS = stages.FUSED_PROJECTIONS

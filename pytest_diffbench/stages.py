@@ -411,6 +411,8 @@ MODULE_WORK_TOLERANCE = 0.001
 ROW_WORK_MODULES = re.compile(
     r"unet\.(conv_out|(down_blocks|up_blocks)\.\d+\.(resnets\.\d+\.(conv1|conv2|conv_shortcut)|"
     r"(down|up)samplers\.\d+\.conv)|mid_block\.resnets\.\d+\.(conv1|conv2|conv_shortcut))")
+#: T-GATE's attention (its books and their products'): cached on calls of T-GATE's own schedule
+TGATE_ATTENTION = re.compile(r"\.attn[12](\.|:|$)")
 #: the module whose calls are the ones DeepCache computed (it never computes the mid block on a
 #: cached call): row_work_problem holds every UNet convolution to them or to every call
 DEEPCACHE_MID_CALLS = "unet.mid_block.resnets.0.conv1"
@@ -757,22 +759,28 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
         return None
     units = evidence.get("row_units") or {}
     calls = evidence.get("row_calls")
+    tgate = "tgate" in (evidence.get("reported_methods") or ())
     mid = work.get(DEEPCACHE_MID_CALLS)
     for module in sorted(work):
         figures = work[module]
         least, most = figures["least_per_row"], figures["most_per_row"]
         convolution = bool(ROW_WORK_MODULES.fullmatch(module))
-        if convolution and isinstance(calls, int) and figures["calls"] != calls and not (
-                isinstance(mid, Mapping) and mid.get("calls_digest") is not None
+        own_schedule = tgate and TGATE_ATTENTION.search(module)
+        if not own_schedule and isinstance(calls, int) and figures["calls"] != calls and not (
+                module.startswith("unet.") and isinstance(mid, Mapping) and mid.get("calls_digest") is not None
                 and figures.get("calls_digest") == mid.get("calls_digest")):
-            # DeepCache skips blocks whole on the calls it answers from its cache, the mid block's
-            # among them: any other set is a module's work booked elsewhere on some calls (the trust
-            # review of session 33, F3)
-            return (f"a UNet convolution computed on calls that are neither every call nor DeepCache's: expected "
-                    f"{module} to compute on all {calls} denoiser calls or on the {mid.get('calls') if isinstance(mid, Mapping) else 0} "
-                    f"the UNet's mid block computed, found it on {figures['calls']} calls of another set (counted by "
-                    f"the harness's replay); its work booked to another module, or done out of the counted ops, "
-                    f"on some calls")
+            # DeepCache skips the UNet's blocks whole on the calls it answers from its cache, the mid
+            # block's among them, and T-GATE caches attention on calls of its own: any other set is a
+            # module's work cached across calls (an MLP reused on some calls, which its floor at
+            # ToMe's merge share let pass: session 32, "Still open") or booked elsewhere on some calls
+            # (the trust review of session 33, F3)
+            return (f"a denoiser module computed on calls that are neither every call nor DeepCache's: expected "
+                    f"{module} to compute on all {calls} denoiser calls"
+                    + (f" or on the {mid.get('calls')} the UNet's mid block computed" if isinstance(mid, Mapping)
+                       and module.startswith("unet.") else "")
+                    + f", found it on {figures['calls']} calls of another set (counted by the harness's replay); "
+                      f"its work reused from an earlier call, booked to another module, or done out of the "
+                      f"counted ops, on some calls")
         unit = units.get(module) if convolution else None
         if unit:
             held_to, whose = unit, "the reference's"

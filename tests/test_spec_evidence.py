@@ -1449,6 +1449,17 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     assert module == stages.DEEPCACHE_MID_CALLS and stages.row_work_problem(skipped) is None
     skipped["row_work"][deep]["calls_digest"] = "bb"
     assert "neither every call nor DeepCache's" in stages.row_work_problem(skipped)
+    # so does every other module (an MLP computed on some calls and reused on the others), except
+    # attention under T-GATE, which caches it on calls of its own schedule
+    mlp = "unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"
+    cached = row_work_evidence(candidate(30.0, 30.0, mlp), reference)
+    cached["row_work"][mlp]["calls"] = 3
+    assert "neither every call nor DeepCache's" in stages.row_work_problem(cached)
+    gated = row_work_evidence(dict(candidate(30.0, 30.0, attention), attributes={"methods": {"tgate": {}}}), reference)
+    gated["row_work"][attention]["calls"] = 3
+    assert stages.row_work_problem(gated) is None
+    gated["reported_methods"] = []
+    assert "neither every call nor DeepCache's" in stages.row_work_problem(gated)
     # not replayed (GPU profiles): nothing to judge
     assert row_work_evidence({"flops": {"total": 1.0}}, reference) == {}
     assert stages.row_work_problem({}) is None
