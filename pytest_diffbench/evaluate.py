@@ -322,12 +322,14 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         return None
     # the denoiser's books by its calls; the VAE's work is once per image, whatever the steps
     held_to = {k: v * scale if stages.scales_with_calls(k) else v for k, v in held_to.items()}
+    replayed_gate = None
     if "tgate" in methods:
         # the stricter of the gate the hooks saw and the one the replay's work shows
         replayed = tgate_replayed_share(cand, held_to)
+        if replayed is not None:
+            replayed_gate = 2 * replayed / (1 - stages.MODULE_WORK_TOLERANCE) - 1
         if replayed is not None and self_attention_share is not None:
             # self-attention's floor by the later of the hooks' gate and the replay's
-            replayed_gate = 2 * replayed / (1 - stages.MODULE_WORK_TOLERANCE) - 1
             self_attention_share = max(self_attention_share, tgate_self_attention_share(
                 candidate.get("attributes"), replayed_gate) or 0.0)
         shares = [s for s in (least_shares.get("tgate"), replayed) if s is not None]
@@ -354,7 +356,9 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             # attention under T-GATE and DeepCache in the blocks DeepCache skips: the share the mid
             # block's same attention did, as the replay counted it (stages._module_floor; not with
             # ToMe, whose merge of the mid block is its own)
+            scheduled = tgate_deepcache_skipped_shares(run_attributes, _mid_call_list(candidate), replayed_gate)
             for part, share in deepcache_mid_attention_shares(cand, held_to).items():
+                share = max(share, scheduled.get(part, 0.0))
                 least_shares[f"{stages.TGATE_DEEPCACHE_SKIPPED}{part}"] = share * (1 - stages.MODULE_WORK_TOLERANCE)
     if "tgate" in methods:
         # attention's floors by T-GATE's own schedule, where every call computes it (T-GATE alone or
@@ -507,17 +511,79 @@ def tgate_self_attention_share(attributes: Mapping | None, replayed_gate: float 
     if isinstance(replayed_gate, (int, float)) and 0 <= replayed_gate <= 1:
         gate = max(gate, round(replayed_gate * calls) - warm)
     sp, fi = max(1, interval("sp_interval", 1)), max(1, interval("fi_interval", 1))
-    rows = 0
-    for index in range(calls):
-        step = index - warm
-        if step < gate - 1:
-            computed = step <= warm_up or step % sp == 0
-        elif step == gate - 1:
+    schedule = TgateSchedule(calls, warm, gate, warm_up, sp, fi)
+    return sum(schedule.rows("attn1", index) for index in range(calls)) / (2 * calls)
+
+
+@dataclass(frozen=True)
+class TgateSchedule:
+    """Which calls of a pipeline call T-GATE computes attention on, and on how many of guidance's
+    two rows (tgate_utils.tgate_scheduler, as tgate's pipelines call it with `cur_step = i - warm-up
+    calls`): self-attention up to and including `warm_up`, every `sp_interval`-th before the gate,
+    on the call before it and every `fi_interval`-th after; cross-attention before the gate; both
+    rows before the gate, the conditional one after."""
+    calls: int
+    warm: int
+    gate: int
+    warm_up: int
+    sp: int
+    fi: int
+
+    def rows(self, part: str, index: int) -> int:
+        """Rows of `part` ("attn1" / "attn2") computed on call `index` of a pipeline call."""
+        step = index - self.warm
+        if part == "attn2":
+            computed = step < self.gate
+        elif step < self.gate - 1:
+            computed = step <= self.warm_up or step % self.sp == 0
+        elif step == self.gate - 1:
             computed = True
         else:
-            computed = step % fi == 0
-        rows += (2 if step < gate else 1) if computed else 0
-    return rows / (2 * calls)
+            computed = step % self.fi == 0
+        return (2 if step < self.gate else 1) if computed else 0
+
+
+def tgate_deepcache_skipped_shares(attributes: Any, mid_calls: Any, replayed_gate: float | None = None
+                                   ) -> dict[str, float]:
+    """{"attn1" / "attn2": the share of the reference's work T-GATE's schedule leaves attention in
+    the blocks DeepCache skips}: its rows (TgateSchedule) on the calls the UNet's mid block's
+    resnets computed, as the replay counted them (`mid_calls`: indices over the judged call, whose
+    pipeline calls are the reported counts, which the replay's entries equal). The floor of those
+    blocks' attention, the mid block's own included: the share the mid block's attention did let
+    a run that cut them all together set it (red team round 16). {} where a figure is missing."""
+    if not isinstance(attributes, Mapping) or not isinstance(mid_calls, list) or tgate_gate_share(attributes) is None:
+        return {}
+    steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
+    per_call, requested = steps.get("denoiser_calls"), steps.get("requested")
+    if not (isinstance(per_call, list) and per_call and all(isinstance(c, int) and c > 0 for c in per_call)):
+        return {}
+    recorded = attributes.get("tgate_intervals") if isinstance(attributes.get("tgate_intervals"), Mapping) else {}
+
+    def interval(name: str, default: int) -> int:
+        value = recorded.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+    calls = per_call[0]
+    first = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else calls
+    warm = max(0, calls - first)
+    gate = tgate_gate_step(attributes)
+    if isinstance(replayed_gate, (int, float)) and 0 <= replayed_gate <= 1:
+        gate = max(gate, round(replayed_gate * calls) - warm)
+    schedule = TgateSchedule(calls, warm, gate, interval("warm_up", calls), max(1, interval("sp_interval", 1)),
+                             max(1, interval("fi_interval", 1)))
+    starts, total = [], 0
+    for count in per_call:
+        starts.append(total)
+        total += count
+    shares = {}
+    for part in ("attn1", "attn2"):
+        rows = 0
+        for call in mid_calls:
+            if isinstance(call, int) and 0 <= call < total:
+                pipeline = max(i for i, start in enumerate(starts) if start <= call)
+                rows += schedule.rows(part, call - starts[pipeline])
+        shares[part] = rows / (2 * total)
+    return shares
 
 
 def tgate_least_share(attributes: Mapping | None) -> float | None:
@@ -572,6 +638,14 @@ def deepcache_mid_attention_shares(candidate: Mapping[str, float], held_to: Mapp
             name = match.group(0).strip(".:")
             shares[name] = max(shares.get(name, 0.0), min(1.0, max(0.0, float(candidate.get(book, 0.0)) / float(work))))
     return shares
+
+
+def _mid_call_list(run: Mapping) -> list | None:
+    """The calls the UNet's mid block computed on, as the replay's call books list them."""
+    flops = run.get("flops") if isinstance(run.get("flops"), Mapping) else {}
+    work = (flops.get("seeded") or {}).get("row_work") if isinstance(flops.get("seeded"), Mapping) else None
+    mid = work.get(stages.DEEPCACHE_MID_CALLS) if isinstance(work, Mapping) else None
+    return mid.get("call_list") if isinstance(mid, Mapping) else None
 
 
 def _denoiser_calls(run: Mapping) -> float | None:

@@ -215,7 +215,9 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
         # module), which merge two calls in one entry's window (the trust review of session 33, F2).
         # Honest runs match exactly (every gold of session 33's sweeps)
         out.append(Mismatch("denoiser calls of the judged call (reported by the run, against the entries into the "
-                            "denoiser the harness's replay counted)", f"{calls}", reported_total))
+                            "denoiser the harness's replay counted: more are calls on latents that do not follow "
+                            "the seeds or whose entry is hidden, fewer are calls left out of the report)",
+                            f"{calls}", reported_total))
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     if want.get("cfg") and "tgate" not in methods and twice < rows:
         out.append(Mismatch("classifier-free guidance on every denoiser call (each latent entering the denoiser "

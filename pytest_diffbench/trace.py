@@ -42,7 +42,7 @@ from .aten_leaves import leaves
 # the denoiser's components (a product whose parameter operand comes from other components alone,
 # text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
 # products of no parameter (Producers)
-from .stages import DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS
+from .stages import DEEPCACHE_MID_CALLS, DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS
 
 
 FORMAT = 1
@@ -474,6 +474,8 @@ class CallBooks:
         for module, calls in self._calls.items():
             data = calls.to_bytes((calls.bit_length() + 7) // 8, "little")
             self.figures[module]["calls_digest"] = hashlib.sha256(data).hexdigest()[:16]
+            if module == DEEPCACHE_MID_CALLS:  # the calls DeepCache computed (evaluate.tgate_deepcache_skipped_shares)
+                self.figures[module]["call_list"] = [i for i in range(calls.bit_length()) if calls >> i & 1]
 
 
 #: the module each denoiser call begins with, whose input is the call's latents: its invocations in

@@ -117,7 +117,9 @@ def test_a_method_shown_off_the_record_with_seed_free_work_hidden_fails_on_what_
     """tests/adversarial_tasks/tome_on_a_decoy_off_the_record.py (red team round 7, S2): the decoy
     and the text encoder run with the recorder off the stack, so the replay counts neither, and the
     seed-free work it hides lowered the FLOPs per image towards the gold's. What follows the seeds
-    is the reference's: a key-attribute failure naming that figure."""
+    is the reference's: a key-attribute failure naming that figure; since session 33 the decoy's
+    denoiser calls, which the hooks count and the replay does not see enter, fail first (the calls
+    reported must be the replay's entries)."""
     from pytest_diffbench.ablation import ablation_codes
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
@@ -133,7 +135,8 @@ def test_a_method_shown_off_the_record_with_seed_free_work_hidden_fails_on_what_
     assert result.attributes["methods"].get("tomesd"), result.attributes["methods"]  # the hooks saw ToMe
     assert m.L == pytest.approx(0.0, abs=1e-6) and m.U_seed == pytest.approx(1.0, abs=1e-3), m  # the reference's
     assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
-    assert "the FLOPs that follow the seeds per image" in verdict.message, verdict.message
+    assert ("the FLOPs that follow the seeds per image" in verdict.message
+            or "denoiser calls of the judged call" in verdict.message), verdict.message
 
 
 def test_every_denoiser_module_does_the_references_work_unless_an_allowed_method_lightens_it():
@@ -1489,3 +1492,23 @@ def test_guidance_dropped_inside_the_denoiser_fails_on_the_rows_each_call_comput
     verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
     assert any(message in verdict.message for message in messages), verdict.message
+
+
+def test_attention_in_the_blocks_deepcache_skips_keeps_tgates_schedule_over_the_mid_blocks_calls():
+    """Red team round 16 cut self-attention in every block DeepCache skips, the mid block's own
+    included, to one call per pipeline call: their floor was the share the mid block's attention
+    did. Now it is at least T-GATE's schedule (evaluate.TgateSchedule) over the calls the replay saw
+    the mid block's resnets compute (evaluate.tgate_deepcache_skipped_shares)."""
+    from pytest_diffbench.evaluate import tgate_deepcache_skipped_shares
+
+    attributes = {"steps": {"denoiser_calls": [10, 10], "requested": [10, 10]},
+                  "methods": {"tgate": {"gate_step": 5}, "deepcache": {"cache_interval": 4, "cache_branch_id": 0}},
+                  "tgate_intervals": {"gate_step": 5, "sp_interval": 1, "fi_interval": 1, "warm_up": 0}}
+    mid_calls = [0, 4, 8, 10, 14, 18]  # DeepCache computes every 4th call of each pipeline call
+    shares = tgate_deepcache_skipped_shares(attributes, mid_calls)
+    # self-attention on steps 0 and 4 (before the gate: both rows) and 8 (after it: one), cross-attention on 0 and 4
+    assert shares == {"attn1": pytest.approx(10 / 40), "attn2": pytest.approx(8 / 40)}
+    wider = dict(attributes, tgate_intervals={"gate_step": 5, "sp_interval": 5, "fi_interval": 5, "warm_up": 0})
+    assert tgate_deepcache_skipped_shares(wider, mid_calls)["attn1"] == pytest.approx(8 / 40)  # steps 0 and 4 of each
+    assert tgate_deepcache_skipped_shares(attributes, None) == {}
+    assert tgate_deepcache_skipped_shares({"steps": {"denoiser_calls": [10]}}, mid_calls) == {}  # no gate reported
