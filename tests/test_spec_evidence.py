@@ -386,7 +386,10 @@ def test_a_denoiser_answering_skipped_steps_fails_on_its_modules_work(tiny_zoo, 
     print(f"\ndenoiser answering skipped steps: {verdict}, U {m.U}, L {m.L}")
     assert result.attributes["steps"]["denoiser_calls"] == [20, 20], result.attributes["steps"]  # the hooks saw 20
     assert (verdict.passed, verdict.category) == (False, stages.KEY_ATTRIBUTE), verdict
-    assert "the denoiser's work falls short of the call reported" in verdict.message, verdict.message
+    # since session 33 the calls the hooks count must be the entries the replay saw: the answered
+    # calls fail there first
+    assert ("the denoiser's work falls short of the call reported" in verdict.message
+            or "denoiser calls of the judged call" in verdict.message), verdict.message
     gold = evaluator.evaluate(task, Candidate(code=task.gold, source="test"), task.reference, task.gold)
     assert gold.verdict.passed, gold.verdict
 
