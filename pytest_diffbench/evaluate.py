@@ -5,6 +5,7 @@ Plain module: the pytest plugin builds an `Evaluator` per worker and calls `eval
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
@@ -495,6 +496,18 @@ def tgate_self_attention_share(attributes: Mapping | None, replayed_gate: float 
     most T-GATE leaves). `replayed_gate`: the share of the calls the replay's cross-attention work
     shows computed; the later of that gate and the hooks' is taken (a decoy can show the hooks an
     early gate: red team round 8, S2). None where the gate step or the calls are not reported."""
+    schedule = tgate_schedule(attributes, replayed_gate)
+    if schedule is None:
+        return None
+    return sum(schedule.rows("attn1", index) for index in range(schedule.calls)) / (2 * schedule.calls)
+
+
+def tgate_schedule(attributes: Any, replayed_gate: float | None = None) -> TgateSchedule | None:
+    """T-GATE's schedule over one pipeline call (TgateSchedule): the gate step stage 1 observed,
+    raised to `replayed_gate` (the share of the calls the replay's cross-attention work shows
+    computed) where that is later, and the intervals pipe.tgate was called with (1 where not
+    recorded: computed on every call, the most T-GATE leaves). None where the gate step or the
+    calls are not reported."""
     if not isinstance(attributes, Mapping) or tgate_gate_share(attributes) is None:
         return None
     recorded = attributes.get("tgate_intervals") if isinstance(attributes.get("tgate_intervals"), Mapping) else {}
@@ -507,12 +520,11 @@ def tgate_self_attention_share(attributes: Mapping | None, replayed_gate: float 
         value = recorded.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
-    gate, warm_up = tgate_gate_step(attributes), interval("warm_up", calls)
+    gate = tgate_gate_step(attributes)
     if isinstance(replayed_gate, (int, float)) and 0 <= replayed_gate <= 1:
         gate = max(gate, round(replayed_gate * calls) - warm)
-    sp, fi = max(1, interval("sp_interval", 1)), max(1, interval("fi_interval", 1))
-    schedule = TgateSchedule(calls, warm, gate, warm_up, sp, fi)
-    return sum(schedule.rows("attn1", index) for index in range(calls)) / (2 * calls)
+    return TgateSchedule(calls, warm, gate, interval("warm_up", calls), max(1, interval("sp_interval", 1)),
+                         max(1, interval("fi_interval", 1)))
 
 
 @dataclass(frozen=True)
@@ -551,26 +563,10 @@ def tgate_deepcache_skipped_shares(attributes: Any, mid_calls: Any, replayed_gat
     pipeline calls are the reported counts, which the replay's entries equal). The floor of those
     blocks' attention, the mid block's own included: the share the mid block's attention did let
     a run that cut them all together set it (red team round 16). {} where a figure is missing."""
-    if not isinstance(attributes, Mapping) or not isinstance(mid_calls, list) or tgate_gate_share(attributes) is None:
+    schedule = tgate_schedule(attributes, replayed_gate) if isinstance(mid_calls, list) else None
+    per_call = attributes["steps"]["denoiser_calls"] if schedule is not None else None
+    if schedule is None or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in per_call):
         return {}
-    steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
-    per_call, requested = steps.get("denoiser_calls"), steps.get("requested")
-    if not (isinstance(per_call, list) and per_call and all(isinstance(c, int) and c > 0 for c in per_call)):
-        return {}
-    recorded = attributes.get("tgate_intervals") if isinstance(attributes.get("tgate_intervals"), Mapping) else {}
-
-    def interval(name: str, default: int) -> int:
-        value = recorded.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
-
-    calls = per_call[0]
-    first = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else calls
-    warm = max(0, calls - first)
-    gate = tgate_gate_step(attributes)
-    if isinstance(replayed_gate, (int, float)) and 0 <= replayed_gate <= 1:
-        gate = max(gate, round(replayed_gate * calls) - warm)
-    schedule = TgateSchedule(calls, warm, gate, interval("warm_up", calls), max(1, interval("sp_interval", 1)),
-                             max(1, interval("fi_interval", 1)))
     starts, total = [], 0
     for count in per_call:
         starts.append(total)
@@ -580,8 +576,8 @@ def tgate_deepcache_skipped_shares(attributes: Any, mid_calls: Any, replayed_gat
         rows = 0
         for call in mid_calls:
             if isinstance(call, int) and 0 <= call < total:
-                pipeline = max(i for i, start in enumerate(starts) if start <= call)
-                rows += schedule.rows(part, call - starts[pipeline])
+                start = starts[bisect.bisect_right(starts, call) - 1]  # the pipeline call it belongs to
+                rows += schedule.rows(part, call - start)
         shares[part] = rows / (2 * total)
     return shares
 
