@@ -353,13 +353,17 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         mid_share = deepcache_replayed_share(cand, held_to)
         if mid_share is not None:
             least_shares[stages.DEEPCACHE_REPLAYED] = mid_share * (1 - stages.MODULE_WORK_TOLERANCE)
-        if "tgate" in methods and "tomesd" not in methods:
-            # attention under T-GATE and DeepCache in the blocks DeepCache skips: the share the mid
-            # block's same attention did, as the replay counted it (stages._module_floor; not with
-            # ToMe, whose merge of the mid block is its own)
+        if "tgate" in methods:
+            # attention under T-GATE and DeepCache in the blocks DeepCache skips: T-GATE's schedule
+            # over the calls the replay saw the mid block compute, and without ToMe the share the
+            # mid block's same attention did (stages._module_floor, which takes what ToMe merges
+            # off where it merges: the mid block's own merge is its own, so its share is no floor
+            # there; with ToMe anywhere these floors were left out, and round 16's cut passed
+            # again beside ToMe at ratio 0.1: red team round 17)
             scheduled = tgate_deepcache_skipped_shares(run_attributes, _mid_call_list(candidate), replayed_gate)
-            for part, share in deepcache_mid_attention_shares(cand, held_to).items():
-                share = max(share, scheduled.get(part, 0.0))
+            mid_attention = deepcache_mid_attention_shares(cand, held_to) if "tomesd" not in methods else {}
+            for part in sorted(set(scheduled) | set(mid_attention)):
+                share = max(mid_attention.get(part, 0.0), scheduled.get(part, 0.0))
                 least_shares[f"{stages.TGATE_DEEPCACHE_SKIPPED}{part}"] = share * (1 - stages.MODULE_WORK_TOLERANCE)
     if "tgate" in methods:
         # attention's floors by T-GATE's own schedule, where every call computes it (T-GATE alone or

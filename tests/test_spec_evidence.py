@@ -1474,6 +1474,8 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
 @pytest.mark.parametrize("attack, messages", [
     ("guidance_dropped_inside_the_denoiser", ("computed part of the rows that entered it",)),
     ("entry_on_one_of_two_equal_halves", ("computed more rows than entered it", "expected unet.conv_in to compute")),
+    ("self_attention_cut_in_deepcaches_skipped_blocks", ("attn1:operands to compute",)),
+    ("self_attention_cut_beside_a_nominal_tome", ("attn1:operands to compute",)),
 ])
 def test_guidance_dropped_inside_the_denoiser_fails_on_the_rows_each_call_computes(attack, messages, tiny_zoo,
                                                                                    baseline_cache_dir, tmp_path):
@@ -1482,7 +1484,9 @@ def test_guidance_dropped_inside_the_denoiser_fails_on_the_rows_each_call_comput
     the conditional row alone while the latents enter twice. The replay's work per row of each call
     shows it (stages.row_work_problem), whatever the candidate's process reports; so it does where
     the entry itself is made on one of guidance's two equal halves (the trust review of session 33,
-    F1; on this profile `conv_in`'s floor may see it first)."""
+    F1; on this profile `conv_in`'s floor may see it first). Red team rounds 16 and 17: self-attention
+    cut in every block DeepCache skips, with ToMe beside it or not, falls short of T-GATE's schedule
+    over the mid block's calls."""
     from pytest_diffbench.zoo.profiles import tiny_evaluator
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.calibration import load_calibration
