@@ -416,7 +416,8 @@ ROW_WORK_MODULES = re.compile(
 #: T-GATE's attention (its books and their products'): cached on calls of T-GATE's own schedule
 TGATE_ATTENTION = re.compile(r"\.attn[12](\.|:|$)")
 #: the module whose calls are the ones DeepCache computed (it never computes the mid block on a
-#: cached call): row_work_problem holds every UNet convolution to them or to every call
+#: cached call): row_work_problem holds every UNet module to them or to every call (T-GATE's
+#: attention aside)
 DEEPCACHE_MID_CALLS = "unet.mid_block.resnets.0.conv1"
 #: float rounding of the per-row figures (FLOPs are whole numbers: an honest call is exact)
 ROW_WORK_TOLERANCE = 1e-6
