@@ -400,9 +400,9 @@ def row_work_evidence(candidate: Mapping, reference: Mapping) -> dict:
     come from the harness's own code, recorded in its process). {} where the candidate's call was
     not replayed."""
     flops = candidate.get("flops") if isinstance(candidate.get("flops"), Mapping) else {}
-    work = (flops.get("seeded") or {}).get("row_work") if isinstance(flops.get("seeded"), Mapping) else None
+    work = _row_work(candidate)
     entry = (flops.get("replay") or {}).get("denoiser_entry") if isinstance(flops.get("replay"), Mapping) else None
-    if not isinstance(work, Mapping) or not isinstance(entry, Mapping):
+    if work is None or not isinstance(entry, Mapping):
         return {}
     units: dict[str, float] = {}
     attributes = reference.get("attributes") if isinstance(reference.get("attributes"), Mapping) else {}
@@ -640,11 +640,16 @@ def deepcache_mid_attention_shares(candidate: Mapping[str, float], held_to: Mapp
     return shares
 
 
-def _mid_call_list(run: Mapping) -> list | None:
-    """The calls the UNet's mid block computed on, as the replay's call books list them."""
+def _row_work(run: Mapping) -> Mapping | None:
+    """The replay's books of the denoiser's modules per call (`flops.seeded.row_work`), or None."""
     flops = run.get("flops") if isinstance(run.get("flops"), Mapping) else {}
     work = (flops.get("seeded") or {}).get("row_work") if isinstance(flops.get("seeded"), Mapping) else None
-    mid = work.get(stages.DEEPCACHE_MID_CALLS) if isinstance(work, Mapping) else None
+    return work if isinstance(work, Mapping) else None
+
+
+def _mid_call_list(run: Mapping) -> list | None:
+    """The calls the UNet's mid block computed on, as the replay's call books list them."""
+    mid = (_row_work(run) or {}).get(stages.DEEPCACHE_MID_CALLS)
     return mid.get("call_list") if isinstance(mid, Mapping) else None
 
 

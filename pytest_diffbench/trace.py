@@ -44,7 +44,6 @@ from .aten_leaves import leaves
 # products of no parameter (Producers)
 from .stages import DEEPCACHE_MID_CALLS, DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS
 
-
 FORMAT = 1
 # bounds on what a trace may hold (checked while recording and again when decoding)
 MAX_OPS = 3_000_000
@@ -432,7 +431,6 @@ def free_product_dims(func, factors: list, book: str | None, args: Any, kwargs: 
     return tuple((f"{where}:{key}", share) for key, share in product_dims(func, args, kwargs))
 
 
-
 class CallBooks:
     """The denoiser's seeded FLOPs by module on each denoiser call, per row that entered the
     denoiser on it, kept as each module's least and most over the calls it computed on
@@ -469,12 +467,13 @@ class CallBooks:
 
     def finish(self) -> None:
         """The last call ends; each module's figures get a digest of the set of calls it computed on
-        (stages.row_work_problem compares the UNet's convolutions' sets with DeepCache's)."""
+        (stages.row_work_problem holds them to every call or DeepCache's), and the mid block's
+        resnets the list of them (the calls DeepCache computed: evaluate.tgate_deepcache_skipped_shares)."""
         self.end()
         for module, calls in self._calls.items():
             data = calls.to_bytes((calls.bit_length() + 7) // 8, "little")
             self.figures[module]["calls_digest"] = hashlib.sha256(data).hexdigest()[:16]
-            if module == DEEPCACHE_MID_CALLS:  # the calls DeepCache computed (evaluate.tgate_deepcache_skipped_shares)
+            if module == DEEPCACHE_MID_CALLS:
                 self.figures[module]["call_list"] = [i for i in range(calls.bit_length()) if calls >> i & 1]
 
 
