@@ -442,7 +442,7 @@ class CallBooks:
         self.current: dict[str, int] = {}  # the open call's FLOPs by module (the counter adds to it)
         self.figures: dict[str, dict] = {}
         self._index, self._rows = -1, 0
-        self._calls: dict[str, int] = {}  # the calls each module computed on, as bits of an int
+        self._calls: dict[str, list[int]] = {}  # the calls each module computed on, in order
 
     def begin(self, rows: int) -> None:
         """An entry into the denoiser with `rows` rows: the previous call ends here."""
@@ -462,7 +462,7 @@ class CallBooks:
                 figures.update(least_per_row=per_row, least_call=self._index, least_rows=self._rows)
             if per_row > figures["most_per_row"]:
                 figures.update(most_per_row=per_row, most_call=self._index)
-            self._calls[module] = self._calls.get(module, 0) | (1 << self._index)
+            self._calls.setdefault(module, []).append(self._index)
         self.current.clear()
 
     def finish(self) -> None:
@@ -471,10 +471,9 @@ class CallBooks:
         resnets the list of them (the calls DeepCache computed: evaluate.tgate_deepcache_skipped_shares)."""
         self.end()
         for module, calls in self._calls.items():
-            data = calls.to_bytes((calls.bit_length() + 7) // 8, "little")
-            self.figures[module]["calls_digest"] = hashlib.sha256(data).hexdigest()[:16]
+            self.figures[module]["calls_digest"] = hashlib.sha256(repr(calls).encode()).hexdigest()[:16]
             if module == DEEPCACHE_MID_CALLS:
-                self.figures[module]["call_list"] = [i for i in range(calls.bit_length()) if calls >> i & 1]
+                self.figures[module]["call_list"] = calls
 
 
 #: the module each denoiser call begins with, whose input is the call's latents: its invocations in
