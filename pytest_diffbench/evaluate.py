@@ -243,6 +243,12 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     gate_share = self_attention_share = None
     least_shares: dict[str, float] = {}
     unseen: dict[str, str] = {}
+    token_merging = "tomesd" in ((getattr(task.expect, "methods", None) or {}) if task.level in ("L1", "L2", "L3")
+                                 else (getattr(task.expect, "allowed_methods", None) or ()))
+    rows = row_work_evidence(candidate, reference, token_merging)
+    # ToMe's merge as the replay counted it, where it was replayed per row (else as stage 1's hooks
+    # saw it, in the candidate's process)
+    replayed_tome = tome_replayed(rows)
     if task.level in ("L1", "L2", "L3"):
         if gold is None:
             return None
@@ -270,7 +276,9 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             if share is not None:
                 least_shares["deepcache"] = share
         ratio = tome_ratio(attributes) if "tomesd" in methods else None
-        if ratio is not None and 0 <= ratio < 1:
+        if "tomesd" in methods and replayed_tome is not None:
+            least_shares["tomesd"] = replayed_tome["kept"] * (1 - stages.MODULE_WORK_TOLERANCE)
+        elif ratio is not None and 0 <= ratio < 1:
             # the tokens ToMe keeps: n - int(n * ratio) of n (tomesd's merge), at least 1 - ratio
             least_shares["tomesd"] = (1 - ratio) * (1 - stages.MODULE_WORK_TOLERANCE)
         if "tgate" in methods:
@@ -372,8 +380,13 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         for part, share in (("attn2", gate_share), ("attn1", self_attention_share)):
             if share is not None:
                 least_shares[f"{stages.TGATE_SCHEDULE}{part}"] = share * (1 - stages.MODULE_WORK_TOLERANCE)
-    if "tomesd" in methods and isinstance(run_attributes.get("tome_merged"), Mapping):
+    if "tomesd" in methods and replayed_tome is not None:
+        floor_scope["tome_merged"] = dict(replayed_tome["merged"])
+    elif "tomesd" in methods and isinstance(run_attributes.get("tome_merged"), Mapping):
         floor_scope["tome_merged"] = dict(run_attributes["tome_merged"])
+    tome = None
+    if "tomesd" in methods:
+        tome = (1 - replayed_tome["kept"]) if replayed_tome is not None else tome_ratio(candidate.get("attributes"))
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
                 "floor_scope": floor_scope, "deepcache_mid_share": mid_share,
                 "deepcache_branch": branch if isinstance(branch, int) and not isinstance(branch, bool) else None,
@@ -382,9 +395,9 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
                 "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call,
                 "scale": scale, "tgate_gate_share": gate_share, "candidate_seeded": seeded_totals(candidate), "reference_seeded": seeded_totals(against),
                 "candidate_dims": dims_per_image(candidate), "reference_dims": dims_per_image(against),
-                "tome_ratio": tome_ratio(candidate.get("attributes")) if "tomesd" in methods else None,
+                "tome_ratio": tome,
                 "tgate_self_attention_share": self_attention_share}
-    evidence.update(row_work_evidence(candidate, reference))
+    evidence.update(rows)
     if against is gold:
         evidence["unlightened_dims"] = dims_per_image(reference)
         # L1-L3: where the gold's steps or methods lighten a module, the reference's figure too
@@ -393,12 +406,12 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     return evidence
 
 
-def row_work_evidence(candidate: Mapping, reference: Mapping) -> dict:
+def row_work_evidence(candidate: Mapping, reference: Mapping, token_merging: bool = False) -> dict:
     """stages.row_work_problem's figures: the candidate's denoiser modules per row of each call (the
-    replay's `row_work`: trace.CallBooks) and the reference's FLOPs per row of the row-work modules
-    (stages.ROW_WORK_MODULES): its books over its calls times its batch (the reference's figures
-    come from the harness's own code, recorded in its process). {} where the candidate's call was
-    not replayed."""
+    replay's `row_work`: trace.CallBooks) and the reference's FLOPs per row of each of its denoiser
+    books: its books over its calls times its batch (the reference's figures come from the
+    harness's own code, recorded in its process); `token_merging`: whether the task allows ToMe
+    (L4/L5) or asks for it (L1-L3). {} where the candidate's call was not replayed."""
     flops = candidate.get("flops") if isinstance(candidate.get("flops"), Mapping) else {}
     work = _row_work(candidate)
     entry = (flops.get("replay") or {}).get("denoiser_entry") if isinstance(flops.get("replay"), Mapping) else None
@@ -414,9 +427,26 @@ def row_work_evidence(candidate: Mapping, reference: Mapping) -> dict:
             and isinstance(books, Mapping)):
         rows = sum(calls) * batches[0]  # one batch on every call: the reference pipeline's
         units = {module: float(flops) / rows for module, flops in books.items()
-                 if stages.ROW_WORK_MODULES.fullmatch(module) and rows > 0}
+                 if module.partition(".")[0] in stages.DENOISER_COMPONENTS and rows > 0
+                 and isinstance(flops, (int, float)) and not isinstance(flops, bool)}
     methods = attributes_methods(candidate)
-    return {"row_work": dict(work), "row_units": units, "row_calls": entry.get("calls"), "reported_methods": methods}
+    return {"row_work": dict(work), "row_units": units, "row_calls": entry.get("calls"), "reported_methods": methods,
+            "token_merging": bool(token_merging)}
+
+
+def tome_replayed(row_evidence: Mapping) -> dict | None:
+    """ToMe's merge as the replay's books show it (stages.tome_kept_shares), for the floors of the
+    modules it lightens: {"kept": the least share of tokens a merged part kept per row (1 where none
+    is merged), "merged": {"parts": the merged parts, `<block>.attn1`}}; None where the call was not
+    replayed per row. Not the ratio and blocks stage 1's hooks report: they are read in the
+    candidate's process, and a run reporting a larger ratio lowered every floor ToMe takes its
+    share off (session 34)."""
+    work, units = row_evidence.get("row_work"), row_evidence.get("row_units")
+    if not isinstance(work, Mapping) or not units:
+        return None
+    shares = stages.tome_kept_shares(work, units)
+    merged = {part: share for part, share in shares.items() if share < 1 - stages.ROW_WORK_TOLERANCE}
+    return {"kept": min(merged.values()) if merged else 1.0, "merged": {"parts": sorted(merged)}}
 
 
 def attributes_methods(run: Mapping) -> list[str]:

@@ -405,14 +405,13 @@ MODULE_WORK_MIN_SHARE = 0.002
 #: ToMe gold's (red team round 8, S4, which reused one whole UNet output: 1.96 %)
 MODULE_WORK_TOLERANCE = 0.001
 
-#: the denoiser modules whose work per row of a call is the reference's on every call they run on:
-#: the UNet's convolutions outside attention (resnets, down- and upsamplers, `conv_out`), which no
-#: method in the suite changes per row (DeepCache skips whole blocks, ToMe merges tokens inside the
-#: transformer blocks, T-GATE caches attention). Every other module of the denoiser keeps the same
-#: work per row on every call it runs on (row_work_problem).
-ROW_WORK_MODULES = re.compile(
-    r"unet\.(conv_out|(down_blocks|up_blocks)\.\d+\.(resnets\.\d+\.(conv1|conv2|conv_shortcut)|"
-    r"(down|up)samplers\.\d+\.conv)|mid_block\.resnets\.\d+\.(conv1|conv2|conv_shortcut))")
+#: the parts of a UNet transformer block ToMe merges (tomesd's merge_attn, merge_crossattn,
+#: merge_mlp): `<block>.attn1.to_q`, `<block>.attn1:operands`, `<block>.ff.net.2` (row_work_problem)
+TOME_PART = re.compile(r"^(unet\..*\.transformer_blocks\.\d+)\.(attn1|attn2|ff)([.:])(.*)$")
+#: how far apart the shares of tokens ToMe keeps in the blocks it merges may lie: one ratio r
+#: leaves n - int(n * r) of a block's n tokens, so blocks of different token counts differ by less
+#: than one token of the smallest (64 and more on every profile: 256 px latents at a fourth)
+TOME_ROUNDING = 1 / 64
 #: T-GATE's attention (its books and their products'): cached on calls of T-GATE's own schedule
 TGATE_ATTENTION = re.compile(r"\.attn[12](\.|:|$)")
 #: the module whose calls are the ones DeepCache computed (it never computes the mid block on a
@@ -743,20 +742,68 @@ def self_attention_projections_problem(candidate: Mapping[str, Any], reference: 
     return None
 
 
+def _tome_exponent(part: str, separator: str, rest: str) -> int:
+    """The power of the share of tokens ToMe keeps that a module of a part it merges computes per
+    row: the projections of the merged tokens once, self-attention's products of two merged
+    sequences twice, cross-attention's keys and values (the caption's, never merged) not at all."""
+    if separator == ":":
+        return 2 if part == "attn1" else 1
+    if part == "attn2" and rest.split(".")[0] in ("to_k", "to_v", "to_kv"):
+        return 0
+    return 1
+
+
+def row_unit(module: str, units: Mapping[str, float]) -> float | None:
+    """The reference's FLOPs per row of `module`; a fused projection's (FUSED_PROJECTIONS) is the
+    sum of the projections it fuses. None where the reference has no such book."""
+    unit = units.get(module)
+    if unit:
+        return float(unit)
+    for suffix, parts in FUSED_PROJECTIONS.items():
+        if module.endswith(suffix):
+            found = [units.get(module[:-len(suffix)] + part) for part in parts]
+            return float(sum(found)) if all(found) else None
+    return None
+
+
+def tome_kept_shares(work: Mapping[str, Any], units: Mapping[str, float]) -> dict[str, float]:
+    """The share of its tokens each part of a UNet transformer block computed per row, as the
+    replay's books show it ({`<block>.attn1`: share}): the most, per row, of the part's modules
+    that compute on its tokens once (TOME_PART, _tome_exponent) against the reference's. 1 where
+    nothing is merged; ToMe merges a part's tokens before its first projection and keeps that
+    count to its output, so every module of the part follows the same share (row_work_problem).
+    Not the ratio stage 1's hooks report, which the candidate's process can rewrite."""
+    shares: dict[str, float] = {}
+    for module in sorted(work):
+        match = TOME_PART.match(module)
+        if not match or _tome_exponent(match.group(2), match.group(3), match.group(4)) != 1:
+            continue
+        unit = row_unit(module, units)
+        figures = work[module]
+        if not unit or not isinstance(figures, Mapping):
+            continue
+        key = f"{match.group(1)}.{match.group(2)}"
+        shares[key] = max(shares.get(key, 0.0), float(figures["most_per_row"]) / unit)
+    return shares
+
+
 def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     """Every row that entered the denoiser on a call is computed by each of its modules that runs on
-    that call, and no more: the FLOPs of a module on a call, per row of the call's entry (both
-    counted by the harness's replay, none read in the candidate's process: trace.CallBooks), are
-    the same on every call it computes on; for the UNet's convolutions outside attention
-    (ROW_WORK_MODULES) they are the reference's per row. DeepCache skips a block whole and T-GATE
-    caches an attention whole (no work on that call), T-GATE ends guidance at the entry too, and ToMe
-    merges the same count of tokens on every call, so honest runs are exact. A module computing
-    part of a call's rows is guidance's unconditional row dropped inside the denoiser, or rows
-    answered from an earlier call (red team round 15: the rows of DeepCache's computed calls under
-    T-GATE; its forged passes cached one row in the modules DeepCache computes on every call); one
-    computing more rows than entered is an entry made on fewer rows than the call computes, or a
-    call's entry hidden (the trust review of session 33, F1, F2). None where the replay did not book
-    it (the GPU profiles, runs before session 33)."""
+    that call, all of it, and no more: the FLOPs of a module on a call, per row of the call's entry
+    (both counted by the harness's replay, none read in the candidate's process: trace.CallBooks),
+    are the reference's per row (`row_units`) on every call it computes on, or the same on every
+    call where the reference has no such book. DeepCache skips a block whole and T-GATE caches an
+    attention whole (no work on that call), T-GATE ends guidance at the entry too, and ToMe (where
+    the task allows it: `token_merging`) merges the same count of tokens of every row on every call:
+    in the parts it merges (TOME_PART) every module computes the same share of the tokens
+    (`tome_kept_shares`; squared for self-attention's products, none for cross-attention's keys
+    and values), one share in every block it merges (within TOME_ROUNDING). Honest runs are exact
+    (every gold of session 34's sweep). A module computing part of a call's rows is guidance's
+    unconditional row dropped inside the denoiser, rows answered from an earlier call (red team
+    round 15), a module's work cut or booked to another module; one computing more is an entry
+    made on fewer rows than the call computes, a call's entry hidden (the trust review of session
+    33, F1, F2) or work booked to it from elsewhere. None where the replay did not book it (the GPU
+    profiles, runs before session 33)."""
     work = evidence.get("row_work")
     if not isinstance(work, Mapping):
         return None
@@ -764,10 +811,18 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     calls = evidence.get("row_calls")
     tgate = "tgate" in (evidence.get("reported_methods") or ())
     mid = work.get(DEEPCACHE_MID_CALLS)
+    kept = tome_kept_shares(work, units) if evidence.get("token_merging") else {}
+    merged = {part: share for part, share in kept.items() if share < 1 - ROW_WORK_TOLERANCE}
+    if merged:
+        (low, low_part), (high, high_part) = min((v, k) for k, v in merged.items()), max((v, k) for k, v in merged.items())
+        if high - low > TOME_ROUNDING:
+            return (f"ToMe's merge is not one ratio: {low_part} computed {low:.4g} of its tokens per row and "
+                    f"{high_part} {high:.4g} (counted by the harness's replay against the reference's per row), "
+                    f"where tomesd merges every block it merges at one ratio; a part cut or cached other than by "
+                    f"ToMe's merge")
     for module in sorted(work):
         figures = work[module]
         least, most = figures["least_per_row"], figures["most_per_row"]
-        convolution = bool(ROW_WORK_MODULES.fullmatch(module))
         own_schedule = tgate and TGATE_ATTENTION.search(module)
         if not own_schedule and isinstance(calls, int) and figures["calls"] != calls and not (
                 module.startswith("unet.") and isinstance(mid, Mapping) and mid.get("calls_digest") is not None
@@ -784,24 +839,33 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
                     + f", found it on {figures['calls']} calls of another set (counted by the harness's replay); "
                       f"its work reused from an earlier call, booked to another module, or done out of the "
                       f"counted ops, on some calls")
-        unit = units.get(module) if convolution else None
+        unit = row_unit(module, units)
         if unit:
             held_to, whose = unit, "the reference's"
+            match = TOME_PART.match(module)
+            part = f"{match.group(1)}.{match.group(2)}" if match else None
+            exponent = _tome_exponent(match.group(2), match.group(3), match.group(4)) if match else 0
+            if part in merged and exponent:
+                held_to = unit * merged[part] ** exponent
+                whose = (f"the reference's times {merged[part]:.4g}{' squared' if exponent == 2 else ''}, "
+                         f"the share of its tokens ToMe's merge left {part} per row")
         else:  # the run's own calls must agree with each other
             held_to, whose = most, f"its own on call {figures.get('most_call')}"
         if least < held_to * (1 - ROW_WORK_TOLERANCE):
             return (f"a denoiser call computed part of the rows that entered it: expected {module} to compute "
                     f"{held_to:.6g} FLOPs per row on every call it runs on ({whose}), found {least:.6g} per row on "
                     f"call {figures['least_call']} ({figures['least_rows']} rows entered the denoiser; counted by the "
-                    f"harness's replay); guidance's unconditional row dropped inside the denoiser, rows answered "
-                    f"from an earlier call, or an entry made on fewer rows than its call computes, which no "
-                    f"method does")
+                    f"harness's replay); guidance's unconditional row dropped inside the denoiser, rows or tokens "
+                    f"answered from an earlier call or left out, the module's work booked to another module, or "
+                    + ("tokens merged other than by ToMe, " if evidence.get("token_merging") else
+                       "tokens merged where the task does not allow ToMe, ")
+                    + "which no allowed method does")
         if most > held_to * (1 + ROW_WORK_TOLERANCE):
             return (f"a denoiser call computed more rows than entered it: expected {module} to compute "
                     f"{held_to:.6g} FLOPs per row on every call it runs on ({whose}), found {most:.6g} per row on "
                     f"call {figures.get('most_call')} (counted by the harness's replay); the entry into the "
-                    f"denoiser made on fewer rows than the call computes, or a call's entry hidden, which no "
-                    f"method does")
+                    f"denoiser made on fewer rows than the call computes, a call's entry hidden, or another "
+                    f"module's work booked to it, which no method does")
     return None
 
 
@@ -1143,11 +1207,16 @@ def tome_parts_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | N
 
 
 def _merged_by_tome_blocks(module: str, merged: Mapping[str, Any]) -> bool:
-    """Whether `module` is a part ToMe merges (`introspect.tome_merged`: its blocks, and whether it
-    merges self-attention, cross-attention, the MLP), or True where the blocks are not recorded."""
+    """Whether `module` is a part ToMe merges: one of the parts the replay saw merged (`parts`:
+    evaluate.tome_replayed), else as stage 1's hooks saw it (`introspect.tome_merged`: its blocks,
+    and whether it merges self-attention, cross-attention, the MLP), True where the blocks are not
+    recorded."""
     part = re.search(r"(^|\.)(attn1|attn2|ff)(\.|:|$)", module)
     if part is None or merged.get(part.group(2)) is False:
         return False
+    parts = merged.get("parts")
+    if isinstance(parts, list):  # as the replay counted it (evaluate.tome_replayed)
+        return module[:part.end(2)] in parts
     blocks = merged.get("blocks")
     if not isinstance(blocks, list):
         return True
@@ -1166,9 +1235,9 @@ def _module_floor(module: str, methods, least_shares: Mapping[str, float] | None
       product, since the calls DeepCache computes fall before or after it);
     - DeepCache: the share of the calls it computes at its interval (`deepcache`:
       evaluate.deepcache_least_share), 0 where that is not known;
-    - ToMe: the share of the tokens it keeps at its ratio (`tomesd`), squared for the products of
-      two merged sequences (attention's operands), 0 where the ratio is not known; nothing in a
-      block or part it does not merge (`scope["tome_merged"]`: introspect.tome_merged);
+    - ToMe: the share of the tokens it keeps (`tomesd`: the replay's, evaluate.tome_replayed),
+      squared for the products of two merged sequences (attention's operands), 0 where it is not
+      known; nothing in a block or part it does not merge (`scope["tome_merged"]`);
     - DeepCache: nothing in the modules it computes on every call (`scope["deepcache_every_call"]`:
       deepcache_every_call), where they are known (red team round 14 cached the MLP of the block
       DeepCache computes on every call across steps, under a floor of 0);

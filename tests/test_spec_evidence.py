@@ -1430,7 +1430,8 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
         return {"flops": {"seeded": {"row_work": work}, "replay": {"denoiser_entry": {"calls": 4}}}}
 
     honest = row_work_evidence(candidate(100.0), reference)
-    assert honest["row_units"] == {module: 100.0}  # 1200 FLOPs over 2 pipeline calls x 3 calls x 2 rows
+    # 1200 FLOPs over 2 pipeline calls x 3 calls x 2 rows; every denoiser book has its unit
+    assert honest["row_units"] == {module: 100.0, attention: 50.0}
     assert stages.row_work_problem(honest) is None
     problem = stages.row_work_problem(row_work_evidence(candidate(50.0), reference))
     assert problem and module in problem and "found 50 per row on call 3" in problem and "the reference's" in problem
@@ -1438,10 +1439,13 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     # (the trust review of session 33, F1), or two calls in one entry's window
     problem = stages.row_work_problem(row_work_evidence(candidate(200.0, 200.0), reference))
     assert "computed more rows than entered it" in problem and "on call 1" in problem
-    # attention and the rest: the same per row on every call (ToMe's merges are no less on any call)
-    assert stages.row_work_problem(row_work_evidence(candidate(30.0, 30.0, attention), reference)) is None
-    problem = stages.row_work_problem(row_work_evidence(candidate(15.0, 30.0, attention), reference))
-    assert attention in problem and "its own on call 1" in problem and "found 15 per row on call 3" in problem
+    # attention too: the reference's per row, where ToMe is allowed its merge's share on every call
+    assert stages.row_work_problem(row_work_evidence(candidate(50.0, 50.0, attention), reference)) is None
+    problem = stages.row_work_problem(row_work_evidence(candidate(30.0, 30.0, attention), reference))
+    assert attention in problem and "found 30 per row" in problem and "where the task does not allow ToMe" in problem
+    assert stages.row_work_problem(row_work_evidence(candidate(30.0, 30.0, attention), reference, True)) is None
+    problem = stages.row_work_problem(row_work_evidence(candidate(15.0, 30.0, attention), reference, True))
+    assert attention in problem and "times 0.6" in problem and "found 15 per row on call 3" in problem
     # where the reference gives no unit (several batches), the run's own calls must agree
     several = {**reference, "attributes": {**reference["attributes"], "denoiser_inputs": {"batches": [1, 2]}}}
     assert "its own on call 1" in stages.row_work_problem(row_work_evidence(candidate(50.0), several))
@@ -1461,7 +1465,7 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     cached = row_work_evidence(candidate(30.0, 30.0, mlp), reference)
     cached["row_work"][mlp]["calls"] = 3
     assert "neither every call nor DeepCache's" in stages.row_work_problem(cached)
-    gated = row_work_evidence(dict(candidate(30.0, 30.0, attention), attributes={"methods": {"tgate": {}}}), reference)
+    gated = row_work_evidence(dict(candidate(50.0, 50.0, attention), attributes={"methods": {"tgate": {}}}), reference)
     gated["row_work"][attention]["calls"] = 3
     assert stages.row_work_problem(gated) is None
     gated["reported_methods"] = []
@@ -1469,6 +1473,72 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     # not replayed (GPU profiles): nothing to judge
     assert row_work_evidence({"flops": {"total": 1.0}}, reference) == {}
     assert stages.row_work_problem({}) is None
+
+
+def test_tomes_merge_is_read_off_the_replays_rows_not_the_ratio_the_hooks_report():
+    """stages.row_work_problem under ToMe (session 34): every module of a part ToMe merges computes,
+    per row, the reference's work times one share of the tokens (squared for self-attention's
+    products, not at all for cross-attention's keys and values), one share in every block it
+    merges; and the floors ToMe lightens follow that share as the replay counted it
+    (evaluate.tome_replayed), not the ratio stage 1's hooks report in the candidate's process (a
+    run reporting ratio 0.9 while merging at 0.5 had every floor ToMe takes off at 0.1)."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence, row_work_evidence, tome_replayed
+
+    block, other = "unet.down_blocks.0.attentions.0.transformer_blocks.0", "unet.up_blocks.1.attentions.0.transformer_blocks.0"
+    units = {f"{block}.attn1.to_q": 40.0, f"{block}.attn1.to_k": 40.0, f"{block}.attn1.to_v": 40.0,
+             f"{block}.attn1.to_out.0": 40.0, f"{block}.attn1:operands": 80.0, f"{block}.attn2.to_q": 40.0,
+             f"{block}.attn2.to_k": 30.0, f"{block}.attn2.to_out.0": 40.0, f"{block}.attn2:operands": 20.0,
+             f"{block}.ff.net.0.proj": 160.0, f"{other}.attn1.to_q": 10.0, f"{other}.attn1:operands": 5.0,
+             "unet.conv_in": 8.0}
+    # one pipeline call of 4 denoiser calls, 2 rows each: 8 rows
+    reference = {"num_images": 1, "attributes": {"steps": {"denoiser_calls": [4]}, "denoiser_inputs": {"batches": [2]}},
+                 "flops": {"seeded": {"by_module": {m: u * 8 for m, u in units.items()}}}}
+
+    def run(shares: dict[str, float], ratio: float = 0.5) -> dict:
+        per_row = {m: u * shares.get(m, 1.0) for m, u in units.items()}
+        work = {m: {"calls": 4, "least_per_row": v, "least_call": 0, "least_rows": 2, "most_per_row": v, "most_call": 0}
+                for m, v in per_row.items()}
+        return {"num_images": 1, "flops": {"seeded": {"row_work": work, "by_module": {m: v * 8 for m, v in per_row.items()}},
+                                           "replay": {"denoiser_entry": {"calls": 4}}, "source": "replay"},
+                "attributes": {"methods": {"tomesd": {"ratio": ratio}}, "steps": {"denoiser_calls": [4]}}}
+
+    merged_attn1 = {m: 0.5 for m in units if ".attn1." in m} | {m: 0.25 for m in units if m.endswith("attn1:operands")}
+    honest = row_work_evidence(run(merged_attn1), reference, token_merging=True)
+    assert stages.row_work_problem(honest) is None
+    assert tome_replayed(honest) == {"kept": 0.5, "merged": {"parts": [f"{block}.attn1", f"{other}.attn1"]}}
+    # merge_crossattn: the queries and output at the share, the caption's keys whole
+    crossed = dict(merged_attn1, **{f"{block}.attn2.to_q": 0.5, f"{block}.attn2.to_out.0": 0.5, f"{block}.attn2:operands": 0.5})
+    assert stages.row_work_problem(row_work_evidence(run(crossed), reference, token_merging=True)) is None
+    problem = stages.row_work_problem(row_work_evidence(run(dict(crossed, **{f"{block}.attn2.to_k": 0.5})),
+                                                        reference, token_merging=True))
+    assert f"{block}.attn2.to_k" in problem and "found 15 per row" in problem, problem
+    # one module of a merged part cut further (its work booked elsewhere, or computed on pooled tokens)
+    cut = row_work_evidence(run(dict(merged_attn1, **{f"{block}.attn1.to_out.0": 0.25})), reference, token_merging=True)
+    problem = stages.row_work_problem(cut)
+    assert f"{block}.attn1.to_out.0" in problem and "times 0.5, the share of its tokens ToMe's merge left" in problem
+    # self-attention's products of merged queries against whole keys: not the square
+    problem = stages.row_work_problem(row_work_evidence(run(dict(merged_attn1, **{f"{block}.attn1:operands": 0.5})),
+                                                        reference, token_merging=True))
+    assert f"{block}.attn1:operands" in problem and "squared" in problem and "more rows" in problem, problem
+    # two blocks at two ratios
+    uneven = dict(merged_attn1, **{f"{other}.attn1.to_q": 0.25, f"{other}.attn1:operands": 0.0625})
+    problem = stages.row_work_problem(row_work_evidence(run(uneven), reference, token_merging=True))
+    assert "ToMe's merge is not one ratio" in problem and "0.25" in problem, problem
+    # merging where the task does not allow ToMe
+    problem = stages.row_work_problem(row_work_evidence(run(merged_attn1), reference))
+    assert "where the task does not allow ToMe" in problem, problem
+    # the floors: the replay's share, whatever ratio the hooks report
+    task = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("tomesd",)))
+    evidence = module_work_evidence(task, run(merged_attn1, ratio=0.9), reference)
+    assert evidence["least_shares"]["tomesd"] == pytest.approx(0.5 * (1 - stages.MODULE_WORK_TOLERANCE))
+    assert evidence["floor_scope"]["tome_merged"] == {"parts": [f"{block}.attn1", f"{other}.attn1"]}
+    assert evidence["tome_ratio"] == pytest.approx(0.5)
+    assert stages._module_floor(f"{block}.attn1.to_q", evidence["methods"], evidence["least_shares"],
+                                evidence["floor_scope"]) == pytest.approx(0.5 * (1 - stages.MODULE_WORK_TOLERANCE))
+    assert stages._module_floor(f"{block}.ff.net.0.proj", evidence["methods"], evidence["least_shares"],
+                                evidence["floor_scope"]) == pytest.approx(1 - stages.MODULE_WORK_TOLERANCE)
 
 
 @pytest.mark.parametrize("attack, messages", [
