@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from . import atomic, crosscheck, metrics, runrecord, stages
 from .baselines import CachedRun, cache_key, get_or_measure
@@ -243,9 +243,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     gate_share = self_attention_share = None
     least_shares: dict[str, float] = {}
     unseen: dict[str, str] = {}
-    token_merging = "tomesd" in ((getattr(task.expect, "methods", None) or {}) if task.level in ("L1", "L2", "L3")
-                                 else (getattr(task.expect, "allowed_methods", None) or ()))
-    rows = row_work_evidence(candidate, reference, token_merging)
+    rows = row_work_evidence(candidate, reference, task_methods(task))
     # ToMe's merge as the replay counted it, where it was replayed per row (else as stage 1's hooks
     # saw it, in the candidate's process)
     replayed_tome = tome_replayed(rows)
@@ -406,12 +404,22 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     return evidence
 
 
-def row_work_evidence(candidate: Mapping, reference: Mapping, token_merging: bool = False) -> dict:
+def task_methods(task) -> tuple[str, ...]:
+    """The methods the task lets a run apply: the ones it asks for on L1-L3, the allowed ones on
+    L4/L5 (the task's, not what stage 1 reports applied in the candidate's process)."""
+    expect = task.expect
+    if task.level in ("L1", "L2", "L3"):
+        return tuple(sorted(getattr(expect, "methods", None) or {}))
+    return tuple(sorted(getattr(expect, "allowed_methods", None) or ()))
+
+
+def row_work_evidence(candidate: Mapping, reference: Mapping, methods: Iterable[str] = ()) -> dict:
     """stages.row_work_problem's figures: the candidate's denoiser modules per row of each call (the
     replay's `row_work`: trace.CallBooks) and the reference's FLOPs per row of each of its denoiser
     books: its books over its calls times its batch (the reference's figures come from the
-    harness's own code, recorded in its process); `token_merging`: whether the task allows ToMe
-    (L4/L5) or asks for it (L1-L3). {} where the candidate's call was not replayed."""
+    harness's own code, recorded in its process); `methods`: the methods the task lets a run apply
+    (`task_methods`: ToMe's merge and T-GATE's cached attention are judged where the task allows
+    them, whatever a run reports applied). {} where the candidate's call was not replayed."""
     flops = candidate.get("flops") if isinstance(candidate.get("flops"), Mapping) else {}
     work = _row_work(candidate)
     entry = (flops.get("replay") or {}).get("denoiser_entry") if isinstance(flops.get("replay"), Mapping) else None
@@ -429,9 +437,8 @@ def row_work_evidence(candidate: Mapping, reference: Mapping, token_merging: boo
         units = {module: float(flops) / rows for module, flops in books.items()
                  if module.partition(".")[0] in stages.DENOISER_COMPONENTS and rows > 0
                  and isinstance(flops, (int, float)) and not isinstance(flops, bool)}
-    methods = attributes_methods(candidate)
-    return {"row_work": dict(work), "row_units": units, "row_calls": entry.get("calls"), "reported_methods": methods,
-            "token_merging": bool(token_merging)}
+    return {"row_work": dict(work), "row_units": units, "row_calls": entry.get("calls"),
+            "task_methods": sorted(str(m) for m in methods)}
 
 
 def tome_replayed(row_evidence: Mapping) -> dict | None:
@@ -447,13 +454,6 @@ def tome_replayed(row_evidence: Mapping) -> dict | None:
     shares = stages.tome_kept_shares(work, units)
     merged = {part: share for part, share in shares.items() if share < 1 - stages.ROW_WORK_TOLERANCE}
     return {"kept": min(merged.values()) if merged else 1.0, "merged": {"parts": sorted(merged)}}
-
-
-def attributes_methods(run: Mapping) -> list[str]:
-    """The methods a run's stage-1 attributes report applied (read in the candidate's process)."""
-    attributes = run.get("attributes") if isinstance(run.get("attributes"), Mapping) else {}
-    methods = attributes.get("methods")
-    return sorted(str(m) for m in methods) if isinstance(methods, Mapping) else []
 
 
 FUSED_PROJECTIONS = stages.FUSED_PROJECTIONS

@@ -408,10 +408,9 @@ MODULE_WORK_TOLERANCE = 0.001
 #: the parts of a UNet transformer block ToMe merges (tomesd's merge_attn, merge_crossattn,
 #: merge_mlp): `<block>.attn1.to_q`, `<block>.attn1:operands`, `<block>.ff.net.2` (row_work_problem)
 TOME_PART = re.compile(r"^(unet\..*\.transformer_blocks\.\d+)\.(attn1|attn2|ff)([.:])(.*)$")
-#: how far apart the shares of tokens ToMe keeps in the blocks it merges may lie: one ratio r
-#: leaves n - int(n * r) of a block's n tokens, so blocks of different token counts differ by less
-#: than one token of the smallest (64 and more on every profile: 256 px latents at a fourth)
-TOME_ROUNDING = 1 / 64
+#: the share of a block's tokens tomesd keeps at most merging (its 2x2 destinations: a ratio above
+#: 0.75 merges every source token, the same count in every block, whatever the ratio)
+TOME_LEAST_KEPT = 0.25
 #: T-GATE's attention (its books and their products'): cached on calls of T-GATE's own schedule
 TGATE_ATTENTION = re.compile(r"\.attn[12](\.|:|$)")
 #: the module whose calls are the ones DeepCache computed (it never computes the mid block on a
@@ -787,17 +786,62 @@ def tome_kept_shares(work: Mapping[str, Any], units: Mapping[str, float]) -> dic
     return shares
 
 
+def block_tokens(block: str, units: Mapping[str, float]) -> float | None:
+    """The tokens a UNet transformer block's self-attention computes on, from the reference's work
+    per row: its query projection does 2 n C^2 (a C x C weight) and its two products 4 n^2 C, so
+    n^3 = products^2 / (8 projection). None where either book is missing."""
+    products, query = units.get(f"{block}.attn1{OPERANDS}"), units.get(f"{block}.attn1.to_q")
+    if not products or not query or products <= 0 or query <= 0:
+        return None
+    return (float(products) ** 2 / (8 * float(query))) ** (1 / 3)
+
+
+def tome_ratio_problem(merged: Mapping[str, float], units: Mapping[str, float]) -> str | None:
+    """The shares of tokens the parts ToMe merged kept (tome_kept_shares) must be one ratio r's:
+    tomesd keeps n - int(n r) of a block's n tokens (at most merging, TOME_LEAST_KEPT of them), so
+    every block's kept count is a whole number, and the ratios each allows overlap. Blocks of
+    different token counts keep different shares at one ratio (64 and 16 tokens at 0.6: 26/64 and
+    7/16), which a tolerance would not tell from a block cut further."""
+    low, high, bounds = 0.0, 1.0, {}
+    for part, share in sorted(merged.items()):
+        n = block_tokens(part.rpartition(".")[0], units)
+        if n is None or abs(n - round(n)) > 1e-3 * n:
+            continue  # a block whose tokens the reference's books do not give (checked with the others' shares)
+        n = round(n)
+        kept = share * n
+        if abs(kept - round(kept)) > 1e-3:
+            return (f"ToMe's merge is not one ratio: {part} computed {share:.4g} of its {n} tokens per row "
+                    f"({kept:.4g} tokens; counted by the harness's replay against the reference's per row), "
+                    f"where tomesd keeps a whole number of each block's tokens; a part cut or cached other "
+                    f"than by ToMe's merge")
+        kept = round(kept)
+        # int(n r) == n - kept: r in [(n - kept) / n, (n - kept + 1) / n); at most merging, any r above
+        allowed = ((n - kept) / n, 1.0 if share <= TOME_LEAST_KEPT + 1e-9 else (n - kept + 1) / n)
+        bounds[part] = (allowed, n, kept)
+        low, high = max(low, allowed[0]), min(high, allowed[1])
+    if bounds and low >= high:
+        (first, (a, n1, k1)), (second, (b, n2, k2)) = min(bounds.items(), key=lambda kv: kv[1][0][1]), \
+            max(bounds.items(), key=lambda kv: kv[1][0][0])
+        return (f"ToMe's merge is not one ratio: {first} kept {k1} of its {n1} tokens per row (a ratio in "
+                f"[{a[0]:.4g}, {a[1]:.4g})) and {second} {k2} of {n2} (a ratio in [{b[0]:.4g}, {b[1]:.4g})), "
+                f"counted by the harness's replay against the reference's per row, where tomesd merges every "
+                f"block it merges at one ratio, n - int(n * ratio) tokens kept; a part cut or cached other than "
+                f"by ToMe's merge")
+    return None
+
+
 def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     """Every row that entered the denoiser on a call is computed by each of its modules that runs on
     that call, all of it, and no more: the FLOPs of a module on a call, per row of the call's entry
     (both counted by the harness's replay, none read in the candidate's process: trace.CallBooks),
     are the reference's per row (`row_units`) on every call it computes on, or the same on every
     call where the reference has no such book. DeepCache skips a block whole and T-GATE caches an
-    attention whole (no work on that call), T-GATE ends guidance at the entry too, and ToMe (where
-    the task allows it: `token_merging`) merges the same count of tokens of every row on every call:
+    attention whole (no work on that call; where the task lets a run apply it: `task_methods`, not
+    what a run reports applied), T-GATE ends guidance at the entry too, and ToMe (where the task
+    allows it) merges the same count of tokens of every row on every call:
     in the parts it merges (TOME_PART) every module computes the same share of the tokens
     (`tome_kept_shares`; squared for self-attention's products, none for cross-attention's keys
-    and values), one share in every block it merges (within TOME_ROUNDING). Honest runs are exact
+    and values), one ratio's in every block it merges (tome_ratio_problem). Honest runs are exact
     (every gold of session 34's sweep). A module computing part of a call's rows is guidance's
     unconditional row dropped inside the denoiser, rows answered from an earlier call (red team
     round 15), a module's work cut or booked to another module; one computing more is an entry
@@ -809,17 +853,14 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
         return None
     units = evidence.get("row_units") or {}
     calls = evidence.get("row_calls")
-    tgate = "tgate" in (evidence.get("reported_methods") or ())
+    allowed = evidence.get("task_methods") or ()
+    tgate, token_merging = "tgate" in allowed, "tomesd" in allowed
     mid = work.get(DEEPCACHE_MID_CALLS)
-    kept = tome_kept_shares(work, units) if evidence.get("token_merging") else {}
+    kept = tome_kept_shares(work, units) if token_merging else {}
     merged = {part: share for part, share in kept.items() if share < 1 - ROW_WORK_TOLERANCE}
-    if merged:
-        (low, low_part), (high, high_part) = min((v, k) for k, v in merged.items()), max((v, k) for k, v in merged.items())
-        if high - low > TOME_ROUNDING:
-            return (f"ToMe's merge is not one ratio: {low_part} computed {low:.4g} of its tokens per row and "
-                    f"{high_part} {high:.4g} (counted by the harness's replay against the reference's per row), "
-                    f"where tomesd merges every block it merges at one ratio; a part cut or cached other than by "
-                    f"ToMe's merge")
+    problem = tome_ratio_problem(merged, units)
+    if problem:
+        return problem
     for module in sorted(work):
         figures = work[module]
         least, most = figures["least_per_row"], figures["most_per_row"]
@@ -857,7 +898,7 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
                     f"call {figures['least_call']} ({figures['least_rows']} rows entered the denoiser; counted by the "
                     f"harness's replay); guidance's unconditional row dropped inside the denoiser, rows or tokens "
                     f"answered from an earlier call or left out, the module's work booked to another module, or "
-                    + ("tokens merged other than by ToMe, " if evidence.get("token_merging") else
+                    + ("tokens merged other than by ToMe, " if token_merging else
                        "tokens merged where the task does not allow ToMe, ")
                     + "which no allowed method does")
         if most > held_to * (1 + ROW_WORK_TOLERANCE):

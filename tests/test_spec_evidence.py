@@ -1443,8 +1443,8 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     assert stages.row_work_problem(row_work_evidence(candidate(50.0, 50.0, attention), reference)) is None
     problem = stages.row_work_problem(row_work_evidence(candidate(30.0, 30.0, attention), reference))
     assert attention in problem and "found 30 per row" in problem and "where the task does not allow ToMe" in problem
-    assert stages.row_work_problem(row_work_evidence(candidate(30.0, 30.0, attention), reference, True)) is None
-    problem = stages.row_work_problem(row_work_evidence(candidate(15.0, 30.0, attention), reference, True))
+    assert stages.row_work_problem(row_work_evidence(candidate(30.0, 30.0, attention), reference, ("tomesd",))) is None
+    problem = stages.row_work_problem(row_work_evidence(candidate(15.0, 30.0, attention), reference, ("tomesd",)))
     assert attention in problem and "times 0.6" in problem and "found 15 per row on call 3" in problem
     # where the reference gives no unit (several batches), the run's own calls must agree
     several = {**reference, "attributes": {**reference["attributes"], "denoiser_inputs": {"batches": [1, 2]}}}
@@ -1465,11 +1465,13 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     cached = row_work_evidence(candidate(30.0, 30.0, mlp), reference)
     cached["row_work"][mlp]["calls"] = 3
     assert "neither every call nor DeepCache's" in stages.row_work_problem(cached)
-    gated = row_work_evidence(dict(candidate(50.0, 50.0, attention), attributes={"methods": {"tgate": {}}}), reference)
+    gated = row_work_evidence(candidate(50.0, 50.0, attention), reference, ("tgate",))
     gated["row_work"][attention]["calls"] = 3
     assert stages.row_work_problem(gated) is None
-    gated["reported_methods"] = []
-    assert "neither every call nor DeepCache's" in stages.row_work_problem(gated)
+    # ... where the task lets a run apply T-GATE: a run reporting it applied gets nothing more
+    reported = row_work_evidence(dict(candidate(50.0, 50.0, attention), attributes={"methods": {"tgate": {}}}), reference)
+    reported["row_work"][attention]["calls"] = 3
+    assert "neither every call nor DeepCache's" in stages.row_work_problem(reported)
     # not replayed (GPU profiles): nothing to judge
     assert row_work_evidence({"flops": {"total": 1.0}}, reference) == {}
     assert stages.row_work_problem({}) is None
@@ -1487,11 +1489,14 @@ def test_tomes_merge_is_read_off_the_replays_rows_not_the_ratio_the_hooks_report
     from pytest_diffbench.evaluate import module_work_evidence, row_work_evidence, tome_replayed
 
     block, other = "unet.down_blocks.0.attentions.0.transformer_blocks.0", "unet.up_blocks.1.attentions.0.transformer_blocks.0"
-    units = {f"{block}.attn1.to_q": 40.0, f"{block}.attn1.to_k": 40.0, f"{block}.attn1.to_v": 40.0,
-             f"{block}.attn1.to_out.0": 40.0, f"{block}.attn1:operands": 80.0, f"{block}.attn2.to_q": 40.0,
-             f"{block}.attn2.to_k": 30.0, f"{block}.attn2.to_out.0": 40.0, f"{block}.attn2:operands": 20.0,
-             f"{block}.ff.net.0.proj": 160.0, f"{other}.attn1.to_q": 10.0, f"{other}.attn1:operands": 5.0,
+    # 64 tokens of 8 channels in `block`, 16 in `other`: a query projection 2 n C^2, self-attention's
+    # two products 4 n^2 C (stages.block_tokens)
+    units = {f"{block}.attn1.to_q": 8192.0, f"{block}.attn1.to_k": 8192.0, f"{block}.attn1.to_v": 8192.0,
+             f"{block}.attn1.to_out.0": 8192.0, f"{block}.attn1:operands": 131072.0, f"{block}.attn2.to_q": 8192.0,
+             f"{block}.attn2.to_k": 30.0, f"{block}.attn2.to_out.0": 8192.0, f"{block}.attn2:operands": 20.0,
+             f"{block}.ff.net.0.proj": 65536.0, f"{other}.attn1.to_q": 2048.0, f"{other}.attn1:operands": 8192.0,
              "unet.conv_in": 8.0}
+    assert stages.block_tokens(block, units) == pytest.approx(64) and stages.block_tokens(other, units) == pytest.approx(16)
     # one pipeline call of 4 denoiser calls, 2 rows each: 8 rows
     reference = {"num_images": 1, "attributes": {"steps": {"denoiser_calls": [4]}, "denoiser_inputs": {"batches": [2]}},
                  "flops": {"seeded": {"by_module": {m: u * 8 for m, u in units.items()}}}}
@@ -1505,27 +1510,35 @@ def test_tomes_merge_is_read_off_the_replays_rows_not_the_ratio_the_hooks_report
                 "attributes": {"methods": {"tomesd": {"ratio": ratio}}, "steps": {"denoiser_calls": [4]}}}
 
     merged_attn1 = {m: 0.5 for m in units if ".attn1." in m} | {m: 0.25 for m in units if m.endswith("attn1:operands")}
-    honest = row_work_evidence(run(merged_attn1), reference, token_merging=True)
+    honest = row_work_evidence(run(merged_attn1), reference, ("tomesd",))
     assert stages.row_work_problem(honest) is None
     assert tome_replayed(honest) == {"kept": 0.5, "merged": {"parts": [f"{block}.attn1", f"{other}.attn1"]}}
     # merge_crossattn: the queries and output at the share, the caption's keys whole
     crossed = dict(merged_attn1, **{f"{block}.attn2.to_q": 0.5, f"{block}.attn2.to_out.0": 0.5, f"{block}.attn2:operands": 0.5})
-    assert stages.row_work_problem(row_work_evidence(run(crossed), reference, token_merging=True)) is None
+    assert stages.row_work_problem(row_work_evidence(run(crossed), reference, ("tomesd",))) is None
     problem = stages.row_work_problem(row_work_evidence(run(dict(crossed, **{f"{block}.attn2.to_k": 0.5})),
-                                                        reference, token_merging=True))
+                                                        reference, ("tomesd",)))
     assert f"{block}.attn2.to_k" in problem and "found 15 per row" in problem, problem
     # one module of a merged part cut further (its work booked elsewhere, or computed on pooled tokens)
-    cut = row_work_evidence(run(dict(merged_attn1, **{f"{block}.attn1.to_out.0": 0.25})), reference, token_merging=True)
+    cut = row_work_evidence(run(dict(merged_attn1, **{f"{block}.attn1.to_out.0": 0.25})), reference, ("tomesd",))
     problem = stages.row_work_problem(cut)
     assert f"{block}.attn1.to_out.0" in problem and "times 0.5, the share of its tokens ToMe's merge left" in problem
     # self-attention's products of merged queries against whole keys: not the square
     problem = stages.row_work_problem(row_work_evidence(run(dict(merged_attn1, **{f"{block}.attn1:operands": 0.5})),
-                                                        reference, token_merging=True))
+                                                        reference, ("tomesd",)))
     assert f"{block}.attn1:operands" in problem and "squared" in problem and "more rows" in problem, problem
-    # two blocks at two ratios
+    # one ratio leaves blocks of 64 and 16 tokens different shares (0.6: 26 of 64, 7 of 16) ...
+    at_06 = {m: (26 / 64 if m.startswith(block) else 7 / 16) for m in units if ".attn1." in m}
+    at_06.update({m: (26 / 64 if m.startswith(block) else 7 / 16) ** 2 for m in units if m.endswith("attn1:operands")})
+    assert stages.row_work_problem(row_work_evidence(run(at_06), reference, ("tomesd",))) is None
+    # ... but two blocks at two ratios (32 of 64 is 0.5, 4 of 16 at least 0.75) are no ratio's
     uneven = dict(merged_attn1, **{f"{other}.attn1.to_q": 0.25, f"{other}.attn1:operands": 0.0625})
-    problem = stages.row_work_problem(row_work_evidence(run(uneven), reference, token_merging=True))
-    assert "ToMe's merge is not one ratio" in problem and "0.25" in problem, problem
+    problem = stages.row_work_problem(row_work_evidence(run(uneven), reference, ("tomesd",)))
+    assert "ToMe's merge is not one ratio" in problem and "kept 32 of its 64 tokens" in problem, problem
+    # nor is a share that is no whole number of tokens
+    fraction = {m: (0.41 if ".attn1." in m else 0.41 ** 2) for m in at_06 if m.startswith(block)}
+    problem = stages.row_work_problem(row_work_evidence(run(dict(at_06, **fraction)), reference, ("tomesd",)))
+    assert "a whole number of each block's tokens" in problem and "26.24 tokens" in problem, problem
     # merging where the task does not allow ToMe
     problem = stages.row_work_problem(row_work_evidence(run(merged_attn1), reference))
     assert "where the task does not allow ToMe" in problem, problem
