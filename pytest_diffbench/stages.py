@@ -830,6 +830,54 @@ def tome_ratio_problem(merged: Mapping[str, float], units: Mapping[str, float]) 
     return None
 
 
+def attention_schedule_problem(work: Mapping[str, Any], calls: Any) -> str | None:
+    """Where the task lets a run apply T-GATE, its attention may skip calls (it caches attention on
+    calls of its own schedule), but on one schedule: tgate decides on each call for every
+    self-attention alike, and for every cross-attention alike, so every module of a part (the
+    projections and products of `attn1`, of `attn2`) computes on one set of calls, the largest, or
+    (in the UNet's blocks DeepCache skips) on those of them its mid block computed, as the replay
+    counted them (trace.CallBooks' call lists). Self-attention cut to the first call of each
+    pipeline call in the blocks DeepCache skips was red team round 16's and 17's cut: its floor
+    follows T-GATE's intervals, read in the candidate's process (session 34). None where the lists
+    were not recorded (runs before session 34)."""
+    mid = work.get(DEEPCACHE_MID_CALLS)
+    mid_calls = frozenset(mid["call_list"]) if isinstance(mid, Mapping) and isinstance(mid.get("call_list"), list) else None
+    for part in ("attn1", "attn2"):
+        pattern = re.compile(rf"\.{part}(\.|:|$)")
+        sets: dict[str, frozenset | None] = {}
+        for module in sorted(work):
+            if not pattern.search(module):
+                continue
+            figures = work[module]
+            listed = figures.get("call_list")
+            if isinstance(listed, list):
+                sets[module] = frozenset(listed)
+            elif isinstance(calls, int) and figures.get("calls") == calls:
+                sets[module] = None  # every call
+            else:
+                return None  # a record without the lists
+        if not sets:
+            continue
+        every = any(v is None for v in sets.values())
+        schedule = None if every else max(sets.values(), key=lambda v: (len(v), sorted(v)))
+        for module, found in sets.items():
+            if found == schedule or (found is not None and schedule is None and mid_calls is not None
+                                     and module.startswith("unet.") and found == mid_calls):
+                continue
+            if (found is not None and schedule is not None and mid_calls is not None and module.startswith("unet.")
+                    and found == schedule & mid_calls):
+                continue
+            size = calls if schedule is None else len(schedule)
+            return (f"T-GATE's attention is not on one schedule: expected {module} to compute on the {size} calls "
+                    f"the {part} of other blocks computed on"
+                    + (" (or those of them the UNet's mid block computed, where DeepCache skips the block)"
+                       if mid_calls is not None and module.startswith("unet.") else "")
+                    + f", found it on {calls if found is None else len(found)} calls of another set (counted by "
+                      f"the harness's replay); tgate caches every {part} on the same calls, so this is attention "
+                      f"reused across calls, or booked elsewhere, other than by T-GATE")
+    return None
+
+
 def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     """Every row that entered the denoiser on a call is computed by each of its modules that runs on
     that call, all of it, and no more: the FLOPs of a module on a call, per row of the call's entry
@@ -858,7 +906,7 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     mid = work.get(DEEPCACHE_MID_CALLS)
     kept = tome_kept_shares(work, units) if token_merging else {}
     merged = {part: share for part, share in kept.items() if share < 1 - ROW_WORK_TOLERANCE}
-    problem = tome_ratio_problem(merged, units)
+    problem = tome_ratio_problem(merged, units) or (attention_schedule_problem(work, calls) if tgate else None)
     if problem:
         return problem
     for module in sorted(work):

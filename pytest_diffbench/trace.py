@@ -42,7 +42,7 @@ from .aten_leaves import leaves
 # the denoiser's components (a product whose parameter operand comes from other components alone,
 # text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
 # products of no parameter (Producers)
-from .stages import DEEPCACHE_MID_CALLS, DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS
+from .stages import DEEPCACHE_MID_CALLS, DENOISER_COMPONENTS, FUSED_PROJECTIONS, OPERANDS, TGATE_ATTENTION
 
 FORMAT = 1
 # bounds on what a trace may hold (checked while recording and again when decoding)
@@ -468,11 +468,13 @@ class CallBooks:
     def finish(self) -> None:
         """The last call ends; each module's figures get a digest of the set of calls it computed on
         (stages.row_work_problem holds them to every call or DeepCache's), and the mid block's
-        resnets the list of them (the calls DeepCache computed: evaluate.tgate_deepcache_skipped_shares)."""
+        resnets and the attention modules that skipped some call the list of them (the calls
+        DeepCache computed: evaluate.tgate_deepcache_skipped_shares; T-GATE's one schedule:
+        stages.attention_schedule_problem)."""
         self.end()
         for module, calls in self._calls.items():
             self.figures[module]["calls_digest"] = hashlib.sha256(repr(calls).encode()).hexdigest()[:16]
-            if module == DEEPCACHE_MID_CALLS:
+            if module == DEEPCACHE_MID_CALLS or (len(calls) <= self._index and TGATE_ATTENTION.search(module)):
                 self.figures[module]["call_list"] = calls
 
 

@@ -1554,6 +1554,47 @@ def test_tomes_merge_is_read_off_the_replays_rows_not_the_ratio_the_hooks_report
                                 evidence["floor_scope"]) == pytest.approx(1 - stages.MODULE_WORK_TOLERANCE)
 
 
+def test_tgates_attention_computes_on_one_schedule_as_the_replay_counted_it():
+    """stages.attention_schedule_problem (session 34): where the task lets a run apply T-GATE, every
+    self-attention module computes on one set of calls and every cross-attention module on one, or
+    (in the blocks DeepCache skips) on those of them the mid block computed. Red team rounds 16 and
+    17 computed self-attention in the skipped blocks on the first call only, under a floor that
+    follows T-GATE's intervals as the candidate's process reports them."""
+    mid, shallow, deep = (stages.DEEPCACHE_MID_CALLS, "unet.down_blocks.0.attentions.0.transformer_blocks.0",
+                          "unet.down_blocks.1.attentions.0.transformer_blocks.0")
+
+    def figures(calls: list[int] | None, total: int = 10) -> dict:
+        listed = list(range(total)) if calls is None else calls
+        record = {"calls": len(listed), "least_per_row": 1.0, "most_per_row": 1.0}
+        return record if calls is None else {**record, "call_list": calls}
+
+    full = [0, 4, 8]  # DeepCache computes every fourth of 10 calls
+    attn1, attn2 = [0, 1, 2, 3, 4, 6, 8], [0, 1, 2, 3, 4, 5]  # T-GATE: self-attention every other call after
+    honest = {mid: figures(full), f"{shallow}.attn1.to_q": figures(attn1), f"{shallow}.attn1:operands": figures(attn1),
+              f"{shallow}.attn2.to_q": figures(attn2), f"{deep}.attn1.to_q": figures([0, 4, 8]),
+              f"{deep}.attn2.to_q": figures([0, 4])}
+    assert stages.attention_schedule_problem(honest, 10) is None
+    # round 16's cut: the skipped blocks' self-attention on the first call only
+    cut = dict(honest, **{f"{deep}.attn1.to_q": figures([0])})
+    problem = stages.attention_schedule_problem(cut, 10)
+    assert f"{deep}.attn1.to_q" in problem and "found it on 1 calls of another set" in problem, problem
+    # one block's self-attention on a schedule of its own
+    own = dict(honest, **{f"{shallow}.attn1:operands": figures([0, 1, 2, 3, 4, 8])})
+    assert "not on one schedule" in stages.attention_schedule_problem(own, 10)
+    # attention on every call in one block, skipped in another that DeepCache computes on every call
+    every = {f"{shallow}.attn2.to_q": figures(None), "transformer.transformer_blocks.0.attn2.to_q": figures([0, 1])}
+    assert "expected transformer.transformer_blocks.0.attn2.to_q to compute on the 10 calls" in \
+        stages.attention_schedule_problem(every, 10)
+    # a record without the lists is not judged by this rule
+    assert stages.attention_schedule_problem({f"{deep}.attn1.to_q": {"calls": 3}}, 10) is None
+    # through row_work_problem: only where the task lets a run apply T-GATE (else every call or DeepCache's)
+    from pytest_diffbench.evaluate import row_work_evidence
+
+    run = {"flops": {"seeded": {"row_work": cut}, "replay": {"denoiser_entry": {"calls": 10}}}}
+    assert "not on one schedule" in stages.row_work_problem(row_work_evidence(run, {}, ("deepcache", "tgate")))
+    assert "neither every call nor DeepCache's" in stages.row_work_problem(row_work_evidence(run, {}, ("deepcache",)))
+
+
 @pytest.mark.parametrize("attack, messages", [
     ("guidance_dropped_inside_the_denoiser", ("computed part of the rows that entered it",)),
     ("entry_on_one_of_two_equal_halves", ("computed more rows than entered it", "expected unet.conv_in to compute")),
