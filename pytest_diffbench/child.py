@@ -227,6 +227,9 @@ class Channel:
     def trace(self, blob: bytes) -> None:
         self._send(frames.FRAME_TRACE, blob)
 
+    def attributes(self, attributes: dict) -> None:
+        self._send(frames.FRAME_ATTRIBUTES, _json_dumps(attributes, default=_json_default, allow_nan=True).encode())
+
     def result(self, result: dict) -> None:
         self._send(frames.FRAME_RESULT, _json_dumps(result, default=_json_default, allow_nan=True).encode())
 
@@ -652,6 +655,11 @@ class Runner:
         self.result["attributes"] = self._introspect(pipe, probe)
         self.result["attributes"]["denoiser_inputs"] = {**denoiser_inputs,
                                                         "spatial": [list(s) for s in denoiser_inputs["spatial"]]}
+        if self.channel is not None:
+            # to the parent now, before any more candidate code runs: the copy in the result could be
+            # rewritten by the timed calls (a frame walk from the candidate's generate to this
+            # runner: red team round 18 undid every in-process check so), and the parent judges this one
+            self.channel.attributes(self.result["attributes"])
         self.result["flops"] = self._flops(flop_mode, pipe) if flop_mode is not None else None
         if recorder is not None:
             if self.result["flops"] is not None:  # the uncounted ops' work (trace.op_elements): baselines' figure

@@ -180,9 +180,18 @@ def tome_ratio(attributes: Any) -> float | None:
     return float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else None
 
 
-def _deepcache_full_calls(attributes: Any) -> tuple[int, list[int]] | None:
-    """(calls, indices of the calls DeepCache computed) of the first observed pipeline call
-    (introspect.deepcache_full_calls), or None."""
+def _deepcache_full_calls(attributes: Any, mid_calls: Any = None) -> tuple[int, list[int]] | None:
+    """(calls, indices of the calls DeepCache computed) of the first pipeline call: as the replay
+    counted them where it did (`mid_calls`: the calls the UNet's mid block computed over the judged
+    call, trace.CallBooks), else as stage 1 observed them (introspect.deepcache_full_calls), or None.
+    The replay's first: the record stage 1 made can be left out or rewritten in the candidate's
+    process, and every floor DeepCache sets fell away with it (red team round 18)."""
+    steps = attributes.get("steps") if isinstance(attributes, Mapping) else None
+    counts = steps.get("denoiser_calls") if isinstance(steps, Mapping) else None
+    if (isinstance(mid_calls, list) and isinstance(counts, list) and counts
+            and isinstance(counts[0], int) and not isinstance(counts[0], bool) and counts[0] > 0):
+        first = counts[0]
+        return first, sorted({c for c in mid_calls if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < first})
     record = attributes.get("deepcache_full_calls") if isinstance(attributes, Mapping) else None
     if not isinstance(record, Mapping):
         return None
@@ -193,7 +202,7 @@ def _deepcache_full_calls(attributes: Any) -> tuple[int, list[int]] | None:
     return calls, sorted(set(full))
 
 
-def tgate_with_deepcache_shares(attributes: Any) -> dict[str, float]:
+def tgate_with_deepcache_shares(attributes: Any, mid_calls: Any = None) -> dict[str, float]:
     """The least shares of the reference's attention work T-GATE with DeepCache leaves, where the
     rules of T-GATE alone do not hold (its gate and self-attention rules assume every call is
     computed): cross-attention (`attn2`) on the calls DeepCache computed before the gate, with the
@@ -202,7 +211,7 @@ def tgate_with_deepcache_shares(attributes: Any) -> dict[str, float]:
     the batch or more on one call (T-GATE computes self-attention on the calls up to its warm-up
     and on the one before its gate, and DeepCache computes its first call). Less the module rule's
     tolerance; {} where a figure is missing."""
-    observed = _deepcache_full_calls(attributes)
+    observed = _deepcache_full_calls(attributes, mid_calls)
     steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
     requested = steps.get("requested")
     called = (attributes.get("tgate_intervals") or {}).get("gate_step") if isinstance(
@@ -217,7 +226,7 @@ def tgate_with_deepcache_shares(attributes: Any) -> dict[str, float]:
     return {"attn2": sum(1 for i in full if i < gate_calls) / calls * tolerance, "attn1": 0.5 / calls * tolerance}
 
 
-def deepcache_least_share(attributes: Any) -> float | None:
+def deepcache_least_share(attributes: Any, mid_calls: Any = None) -> float | None:
     """The share of a pipeline call's denoiser calls on which DeepCache computed the whole UNet,
     as stage 1 observed it (the calls its mid block ran: introspect.deepcache_full_calls), less the
     module rule's tolerance; None where that was not observed. Not a count from the interval: a
@@ -225,7 +234,7 @@ def deepcache_least_share(attributes: Any) -> float | None:
     timesteps (Heun, KDPM2, PNDM, Karras sigmas) compute fewer calls than one place per call gives
     (the trust review of session 31: honest runs failed), and the interval the helper holds after
     the call is the candidate's to set."""
-    observed = _deepcache_full_calls(attributes)
+    observed = _deepcache_full_calls(attributes, mid_calls)
     if observed is None:
         return None
     calls, full = observed
@@ -270,15 +279,25 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
                 # review of session 31: the every-call floor fell away)
                 methods = tuple(m for m in methods if m != "deepcache")
                 unseen["deepcache"] = f"its cache branch was not observed ({str(branch)[:80]})"
-            share = deepcache_least_share(attributes)
+            share = deepcache_least_share(attributes, _mid_call_list(candidate))
             if share is not None:
                 least_shares["deepcache"] = share
+            elif "deepcache" in methods:
+                # fail closed: a floor of 0 where the calls it computed were not known let a run that
+                # left them out of its record cut anything DeepCache skips (red team round 18)
+                methods = tuple(m for m in methods if m != "deepcache")
+                unseen["deepcache"] = "the calls it computed were not observed"
         ratio = tome_ratio(attributes) if "tomesd" in methods else None
         if "tomesd" in methods and replayed_tome is not None:
             least_shares["tomesd"] = replayed_tome["kept"] * (1 - stages.MODULE_WORK_TOLERANCE)
         elif ratio is not None and 0 <= ratio < 1:
             # the tokens ToMe keeps: n - int(n * ratio) of n (tomesd's merge), at least 1 - ratio
             least_shares["tomesd"] = (1 - ratio) * (1 - stages.MODULE_WORK_TOLERANCE)
+        if "tgate" in methods and tgate_gate_step(attributes) is None:
+            # fail closed: without its gate T-GATE's floors on attention were 0 (a gate left out of the
+            # record, or rewritten in the candidate's process: red team round 18)
+            methods = tuple(m for m in methods if m != "tgate")
+            unseen["tgate"] = "its gate step was not observed"
         if "tgate" in methods:
             share = tgate_least_share(attributes)
             if share is not None:
@@ -287,7 +306,7 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             self_attention_share = tgate_self_attention_share(attributes)
             if "deepcache" in methods:
                 least_shares.update({f"tgate+deepcache:{attention}": share for attention, share
-                                     in tgate_with_deepcache_shares(attributes).items()})
+                                     in tgate_with_deepcache_shares(attributes, _mid_call_list(candidate)).items()})
         if "fast_sampler" in allowed:
             # the steps are free: held to the reference's work per denoiser call times the calls per
             # pipeline call that stage 1 reports (a denoiser answering some calls from an earlier

@@ -22,6 +22,10 @@ followed by the payload. Kinds:
   mark the parent timestamps with its own clock on arrival;
 - `FRAME_IMAGE`: the image's index (uint16, big-endian), then its PNG bytes (`image_payload`);
 - `FRAME_TRACE`: the judged call's trace (trace.encode), at most once, when the job asks for one;
+- `FRAME_ATTRIBUTES`: the judged call's stage-1 attributes (JSON), at most once, sent as soon as
+  they are read, before any more candidate code runs (the timed calls): the parent judges these,
+  not the copy in the result, which candidate code in the same process could rewrite afterwards
+  (red team round 18);
 - `FRAME_RESULT`: the result JSON, the last frame.
 
 A frame whose magic or token is wrong makes the whole stream forged (`FrameError`); what the
@@ -39,8 +43,8 @@ from typing import Callable
 FRAME_MAGIC = b"DBF1"
 TOKEN_BYTES = 16
 FRAME_HEADER = struct.Struct(">4s16scI")  # magic, token, kind, payload length
-FRAME_MARK, FRAME_IMAGE, FRAME_RESULT, FRAME_TRACE = b"M", b"I", b"R", b"T"
-FRAME_KINDS = (FRAME_MARK, FRAME_IMAGE, FRAME_RESULT, FRAME_TRACE)
+FRAME_MARK, FRAME_IMAGE, FRAME_RESULT, FRAME_TRACE, FRAME_ATTRIBUTES = b"M", b"I", b"R", b"T", b"A"
+FRAME_KINDS = (FRAME_MARK, FRAME_IMAGE, FRAME_RESULT, FRAME_TRACE, FRAME_ATTRIBUTES)
 IMAGE_INDEX = struct.Struct(">H")  # the index in front of an image frame's PNG
 GO_HEADER = struct.Struct(">I")  # the go message's payload length
 

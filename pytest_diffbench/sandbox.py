@@ -1087,6 +1087,7 @@ class _ResultStream:
         self.error: str | None = None
         self.max_trace_bytes = max_trace_bytes
         self.trace: bytes | None = None
+        self.attributes: bytes | None = None  # the judged call's attributes as read (frames.FRAME_ATTRIBUTES)
 
     def add(self, data: bytes, now: float) -> None:
         self.received += len(data)
@@ -1156,6 +1157,11 @@ class _ResultStream:
                 self.error = f"a trace of {len(payload) >> 20} MiB, more than the {self.max_trace_bytes >> 20} MiB allowed"
             else:
                 self.trace = payload
+        elif kind == frames.FRAME_ATTRIBUTES:
+            if self.attributes is not None:
+                self.error = "a second attributes frame"
+            else:
+                self.attributes = payload
         elif kind == frames.FRAME_RESULT:
             self.result = payload
             self.result_at = (now, self.cpu_clock() if self.cpu_clock is not None else None)
@@ -1941,6 +1947,29 @@ def _exit_without_result(returncode: int | None, wrapped: bool) -> tuple[str, st
 RESULT_OBJECTS = ("attributes", "flops", "timing", "error")
 
 
+def _frozen_attributes(result: dict, frozen: bytes | None) -> str | None:
+    """Put the attributes the child sent as soon as it read them (frames.FRAME_ATTRIBUTES) in
+    `result`, in place of the result's copy; a violation where that copy was rewritten afterwards
+    (by candidate code in the child's process, during the timed calls) or where the result carries
+    attributes that were never sent so. ValueError where the frame is no object."""
+    if frozen is None:
+        if result.get("attributes") is not None:
+            return ("the result's attributes were not sent when they were read (before the timed calls): "
+                    "the harness's channel was interfered with")
+        return None
+    attributes = decode_child_json(frozen)
+    if not isinstance(attributes, dict):
+        raise ValueError("the attributes frame is not an object")
+    _check_nesting(attributes, MAX_RESULT_NESTING)
+    changed = result.get("attributes") != attributes
+    result["attributes"] = attributes
+    if changed:
+        return ("the stage-1 attributes were changed after the harness read them (the result's copy differs "
+                "from the one sent before the timed calls): code in the candidate's process rewrote what "
+                "stage 1 judges")
+    return None
+
+
 def _collect_result(results: _ResultStream, returncode: int | None, wrapped: bool,
                     out_dir: str | None, samples: int | None = None) -> tuple[str, str, dict | None]:
     """(status, detail, result) from the stream of a child that has ended (not at a limit).
@@ -1963,7 +1992,7 @@ def _collect_result(results: _ResultStream, returncode: int | None, wrapped: boo
             if result.get(name) is not None and not isinstance(result[name], dict):
                 raise ValueError(f"the result's {name} is a {type(result[name]).__name__}, not an object")
         _check_nesting(result, MAX_RESULT_NESTING)
-        violation = _timing_violation(result, results.marks)
+        violation = _frozen_attributes(result, results.attributes) or _timing_violation(result, results.marks)
         _parent_figures(result, results.marks, results.mark_cpu, results.go_at, results.result_at)
         if violation:
             result = _integrity_error(result, violation)

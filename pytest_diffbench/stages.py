@@ -830,51 +830,71 @@ def tome_ratio_problem(merged: Mapping[str, float], units: Mapping[str, float]) 
     return None
 
 
+def _paired_resnet(module: str) -> str | None:
+    """The resnet computed with a UNet attention module's layer (DeepCache skips a layer whole, both
+    or neither): `...down_blocks.1.attentions.0...` -> `...down_blocks.1.resnets.0.conv1`; the mid
+    block's for its attention; None outside the UNet's blocks."""
+    match = re.match(r"^(unet\.(?:down_blocks|up_blocks)\.\d+)\.attentions\.(\d+)\.", module)
+    if match:
+        return f"{match.group(1)}.resnets.{match.group(2)}.conv1"
+    return DEEPCACHE_MID_CALLS if module.startswith("unet.mid_block.") else None
+
+
 def attention_schedule_problem(work: Mapping[str, Any], calls: Any) -> str | None:
     """Where the task lets a run apply T-GATE, its attention may skip calls (it caches attention on
     calls of its own schedule), but on one schedule: tgate decides on each call for every
-    self-attention alike, and for every cross-attention alike, so every module of a part (the
-    projections and products of `attn1`, of `attn2`) computes on one set of calls, the largest, or
-    (in the UNet's blocks DeepCache skips) on those of them its mid block computed, as the replay
-    counted them (trace.CallBooks' call lists). Self-attention cut to the first call of each
-    pipeline call in the blocks DeepCache skips was red team round 16's and 17's cut: its floor
-    follows T-GATE's intervals, read in the candidate's process (session 34). None where the lists
-    were not recorded (runs before session 34)."""
+    self-attention alike, and for every cross-attention alike. So every module of a part (the
+    projections and products of `attn1`, of `attn2`) in a layer computed on every call computes on
+    one set of calls S; in a layer DeepCache skips (its resnet computes on the mid block's calls M
+    only) on S's calls in M at least and on M's at most (tgate computes a skipped layer's attention
+    on a call its schedule reuses where that layer holds no cache yet: the trust review of session
+    34, F1), as the replay counted them (trace.CallBooks' call lists). Self-attention cut to the
+    first call of each pipeline call in the layers DeepCache skips was red team round 16's and 17's
+    cut, under a floor that follows T-GATE's intervals as the candidate's process reports them.
+    None where the lists were not recorded (runs before session 34)."""
     mid = work.get(DEEPCACHE_MID_CALLS)
     mid_calls = frozenset(mid["call_list"]) if isinstance(mid, Mapping) and isinstance(mid.get("call_list"), list) else None
+
+    def call_set(figures: Mapping[str, Any]) -> frozenset | None:
+        listed = figures.get("call_list")
+        if isinstance(listed, list):
+            return frozenset(listed)
+        if isinstance(calls, int) and figures.get("calls") == calls:
+            return frozenset(range(calls))
+        return None
+
     for part in ("attn1", "attn2"):
         pattern = re.compile(rf"\.{part}(\.|:|$)")
-        sets: dict[str, frozenset | None] = {}
+        every: dict[str, frozenset] = {}
+        skipped: dict[str, frozenset] = {}
         for module in sorted(work):
             if not pattern.search(module):
                 continue
-            figures = work[module]
-            listed = figures.get("call_list")
-            if isinstance(listed, list):
-                sets[module] = frozenset(listed)
-            elif isinstance(calls, int) and figures.get("calls") == calls:
-                sets[module] = None  # every call
-            else:
+            found = call_set(work[module])
+            if found is None:
                 return None  # a record without the lists
-        if not sets:
-            continue
-        every = any(v is None for v in sets.values())
-        schedule = None if every else max(sets.values(), key=lambda v: (len(v), sorted(v)))
-        for module, found in sets.items():
-            if found == schedule or (found is not None and schedule is None and mid_calls is not None
-                                     and module.startswith("unet.") and found == mid_calls):
-                continue
-            if (found is not None and schedule is not None and mid_calls is not None and module.startswith("unet.")
-                    and found == schedule & mid_calls):
-                continue
-            size = calls if schedule is None else len(schedule)
-            return (f"T-GATE's attention is not on one schedule: expected {module} to compute on the {size} calls "
-                    f"the {part} of other blocks computed on"
-                    + (" (or those of them the UNet's mid block computed, where DeepCache skips the block)"
-                       if mid_calls is not None and module.startswith("unet.") else "")
-                    + f", found it on {calls if found is None else len(found)} calls of another set (counted by "
-                      f"the harness's replay); tgate caches every {part} on the same calls, so this is attention "
-                      f"reused across calls, or booked elsewhere, other than by T-GATE")
+            resnet = _paired_resnet(module)
+            layer = work.get(resnet) if resnet else None
+            in_skipped_layer = (isinstance(layer, Mapping) and mid_calls is not None and isinstance(calls, int)
+                                and layer.get("calls") != calls)
+            (skipped if in_skipped_layer else every)[module] = found
+        schedule = None
+        for module, found in every.items():
+            if schedule is None:
+                schedule, first = found, module
+            elif found != schedule:
+                return (f"T-GATE's attention is not on one schedule: {first} computed its {part} on {len(schedule)} "
+                        f"calls and {module} on {len(found)} calls of another set (counted by the harness's replay), "
+                        f"where tgate caches every {part} on the same calls; attention reused across calls, or "
+                        f"booked elsewhere, other than by T-GATE")
+        for module, found in skipped.items():
+            least = (schedule & mid_calls) if schedule is not None else frozenset()
+            if not (least <= found <= mid_calls):
+                return (f"T-GATE's attention is not on one schedule: expected {module}, in a layer DeepCache skips, "
+                        f"to compute on the {len(least)} of the {len(mid_calls)} calls the UNet's mid block computed "
+                        f"that the {part} of the layers computed on every call computes on, or more of those "
+                        f"{len(mid_calls)} calls, found it on {len(found)} calls of another set (counted by the "
+                        f"harness's replay); attention reused across calls other than by T-GATE")
     return None
 
 

@@ -180,6 +180,31 @@ def test_a_timer_that_under_reports_makes_an_integrity_error():
     assert "its timer was tampered with" in result["error"]["message"]
 
 
+def test_the_attributes_judged_are_the_ones_sent_when_read_and_a_rewrite_after_is_an_integrity_error():
+    """Red team round 18: the candidate's timed call walked the frames up to the child's runner and
+    rewrote the attributes stage 1 judges after they were read (a record left out, a gate set to
+    None), undoing every in-process check. The child now sends them as soon as they are read
+    (frames.FRAME_ATTRIBUTES); the parent judges that copy, and a result whose copy differs, or that
+    carries attributes never sent so, is the candidate's integrity error. A second attributes frame
+    (one the candidate sent itself) rejects the stream."""
+    read = {"methods": {"tgate": {"gate_step": 5}}, "deepcache_full_calls": {"calls": 4, "full": [0, 2]}}
+    sent = (frames.FRAME_ATTRIBUTES, json.dumps(read).encode())
+    honest = sandbox._collect_result(stream_of([(1.0, sent), (2.0, result_frame(attributes=read))]), 0, False, None)
+    assert honest[0] == "ok" and honest[2]["status"] == "ok" and honest[2]["attributes"] == read
+    rewritten = {"methods": {"tgate": {"gate_step": None}}}
+    status, _, result = sandbox._collect_result(stream_of([(1.0, sent), (2.0, result_frame(attributes=rewritten))]),
+                                                0, False, None)
+    assert status == "ok" and result["status"] == "error" and result["error"]["type"] == "IntegrityError"
+    assert "changed after the harness read them" in result["error"]["message"]
+    assert result["attributes"] == read  # the copy read, whatever the result says
+    unsent = sandbox._collect_result(stream_of([(2.0, result_frame(attributes=read))]), 0, False, None)[2]
+    assert unsent["status"] == "error" and "were not sent when they were read" in unsent["error"]["message"]
+    assert sandbox._collect_result(stream_of([(2.0, result_frame())]), 0, False, None)[2]["status"] == "ok"
+    twice = sandbox._collect_result(stream_of([(1.0, sent), (1.5, sent), (2.0, result_frame(attributes=read))]),
+                                    0, False, None)
+    assert twice[:2] == ("bad_result", "result stream rejected: a second attributes frame")
+
+
 @pytest.mark.parametrize("frames_at, bounds, detail", [
     ([(0, result_frame())], {"token": b"1" * 16}, "result stream rejected: a frame without the harness's token"),
     ([(0, (frames.FRAME_IMAGE, frames.image_payload(2, png())))], {"max_images": 2},

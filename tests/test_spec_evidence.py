@@ -250,10 +250,15 @@ def test_only_a_method_seen_applied_lightens_a_module_and_tgate_by_its_gate_step
     marked["attributes"]["unverified_methods"] = {"tgate": "cross-attention computed on all 20 calls"}
     problem = stages.module_work_problem(module_work_evidence(task, marked, reference))
     assert "tgate lightens nothing: marked but not seen applied (cross-attention computed" in problem, problem
+    # no gate step seen: T-GATE lightens nothing (its floors were 0 so: red team round 18, which left
+    # the gate out of the record after stage 1 read it)
     unknown_gate = module_work_evidence(task, run(50.0, {"tgate": {"gate_step": None}}, to_q=0.0), reference)
-    assert stages.module_work_problem(unknown_gate) is None  # no gate step seen, none in the work: half
+    problem = stages.module_work_problem(unknown_gate)
+    assert "tgate lightens nothing: marked but not seen applied (its gate step was not observed)" in problem, problem
+    assert stages.module_work_problem(module_work_evidence(task, run(50.0, {"tgate": {"gate_step": 0}}, to_q=0.0),
+                                                           reference)) is None  # gate 0, none in the work: half
     # ... and exactly half (since session 29): more, with no cross-attention work, is not T-GATE's
-    problem = stages.module_work_problem(module_work_evidence(task, run(55.0, {"tgate": {"gate_step": None}},
+    problem = stages.module_work_problem(module_work_evidence(task, run(55.0, {"tgate": {"gate_step": 0}},
                                                                         to_q=0.0), reference))
     assert problem and "exceeds what T-GATE's gate leaves" in problem, problem
     # the hooks shown gate step 0 by a decoy, the judged call computing cross-attention on every call
@@ -541,7 +546,7 @@ def test_the_vaes_work_is_held_once_per_image_whatever_the_steps_and_methods():
                 "flops": {"seeded": {"by_module": {"transformer.blocks.0.ff": 2 * work,
                                                    "vae.decoder.up_blocks.0.upsamplers.0.conv": 2 * vae}}},
                 "attributes": {"steps": {"denoiser_calls": [calls, calls], "requested": [calls, calls]},
-                               "methods": {m: {} for m in methods}}}
+                               "methods": {m: ({"gate_step": 0} if m == "tgate" else {}) for m in methods}}}
 
     free = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("fast_sampler", "tgate")))
     reference = run(200.0, 50.0, 20)
@@ -1556,9 +1561,11 @@ def test_tomes_merge_is_read_off_the_replays_rows_not_the_ratio_the_hooks_report
 
 def test_tgates_attention_computes_on_one_schedule_as_the_replay_counted_it():
     """stages.attention_schedule_problem (session 34): where the task lets a run apply T-GATE, every
-    self-attention module computes on one set of calls and every cross-attention module on one, or
-    (in the blocks DeepCache skips) on those of them the mid block computed. Red team rounds 16 and
-    17 computed self-attention in the skipped blocks on the first call only, under a floor that
+    self-attention module of the layers computed on every call computes on one set of calls, and
+    every cross-attention module on one; in a layer DeepCache skips, on that set's calls among those
+    the mid block computed at least, and on those at most (tgate computes a skipped layer's
+    attention where it holds no cache yet: the trust review of session 34, F1). Red team rounds 16
+    and 17 computed self-attention in the skipped layers on the first call only, under a floor that
     follows T-GATE's intervals as the candidate's process reports them."""
     mid, shallow, deep = (stages.DEEPCACHE_MID_CALLS, "unet.down_blocks.0.attentions.0.transformer_blocks.0",
                           "unet.down_blocks.1.attentions.0.transformer_blocks.0")
@@ -1568,23 +1575,27 @@ def test_tgates_attention_computes_on_one_schedule_as_the_replay_counted_it():
         record = {"calls": len(listed), "least_per_row": 1.0, "most_per_row": 1.0}
         return record if calls is None else {**record, "call_list": calls}
 
-    full = [0, 4, 8]  # DeepCache computes every fourth of 10 calls
-    attn1, attn2 = [0, 1, 2, 3, 4, 6, 8], [0, 1, 2, 3, 4, 5]  # T-GATE: self-attention every other call after
-    honest = {mid: figures(full), f"{shallow}.attn1.to_q": figures(attn1), f"{shallow}.attn1:operands": figures(attn1),
-              f"{shallow}.attn2.to_q": figures(attn2), f"{deep}.attn1.to_q": figures([0, 4, 8]),
-              f"{deep}.attn2.to_q": figures([0, 4])}
+    full = [0, 3, 6, 9]  # DeepCache computes every third of 10 calls
+    attn1, attn2 = [0, 1, 2, 5, 7, 9], [0, 1, 2, 3, 4, 5]  # T-GATE: gate 6, self-attention every 5th, then every 2nd
+    honest = {mid: figures(full), "unet.down_blocks.0.resnets.0.conv1": figures(None),
+              "unet.down_blocks.1.resnets.0.conv1": figures(full),
+              f"{shallow}.attn1.to_q": figures(attn1), f"{shallow}.attn1:operands": figures(attn1),
+              f"{shallow}.attn2.to_q": figures(attn2), f"{deep}.attn1.to_q": figures([0, 9]),
+              f"{deep}.attn2.to_q": figures([0, 3])}
     assert stages.attention_schedule_problem(honest, 10) is None
-    # round 16's cut: the skipped blocks' self-attention on the first call only
+    # a skipped layer holding no cache yet computes where the schedule reuses (call 3 and 6 here)
+    assert stages.attention_schedule_problem(dict(honest, **{f"{deep}.attn1.to_q": figures(full)}), 10) is None
+    # round 16's cut: the skipped layers' self-attention on the first call only
     cut = dict(honest, **{f"{deep}.attn1.to_q": figures([0])})
     problem = stages.attention_schedule_problem(cut, 10)
     assert f"{deep}.attn1.to_q" in problem and "found it on 1 calls of another set" in problem, problem
-    # one block's self-attention on a schedule of its own
-    own = dict(honest, **{f"{shallow}.attn1:operands": figures([0, 1, 2, 3, 4, 8])})
+    # one module's self-attention on a schedule of its own
+    own = dict(honest, **{f"{shallow}.attn1:operands": figures([0, 1, 2, 5, 9])})
     assert "not on one schedule" in stages.attention_schedule_problem(own, 10)
-    # attention on every call in one block, skipped in another that DeepCache computes on every call
+    # attention on every call in one block and on two calls in another (no DeepCache there)
     every = {f"{shallow}.attn2.to_q": figures(None), "transformer.transformer_blocks.0.attn2.to_q": figures([0, 1])}
-    assert "expected transformer.transformer_blocks.0.attn2.to_q to compute on the 10 calls" in \
-        stages.attention_schedule_problem(every, 10)
+    problem = stages.attention_schedule_problem(every, 10)
+    assert "transformer.transformer_blocks.0.attn2.to_q computed its attn2 on 2 calls and" in problem, problem
     # a record without the lists is not judged by this rule
     assert stages.attention_schedule_problem({f"{deep}.attn1.to_q": {"calls": 3}}, 10) is None
     # through row_work_problem: only where the task lets a run apply T-GATE (else every call or DeepCache's)
@@ -1598,8 +1609,8 @@ def test_tgates_attention_computes_on_one_schedule_as_the_replay_counted_it():
 @pytest.mark.parametrize("attack, messages", [
     ("guidance_dropped_inside_the_denoiser", ("computed part of the rows that entered it",)),
     ("entry_on_one_of_two_equal_halves", ("computed more rows than entered it", "expected unet.conv_in to compute")),
-    ("self_attention_cut_in_deepcaches_skipped_blocks", ("attn1:operands to compute",)),
-    ("self_attention_cut_beside_a_nominal_tome", ("attn1:operands to compute",)),
+    ("self_attention_cut_in_deepcaches_skipped_blocks", ("attn1:operands to compute", "not on one schedule")),
+    ("self_attention_cut_beside_a_nominal_tome", ("attn1:operands to compute", "not on one schedule")),
 ])
 def test_guidance_dropped_inside_the_denoiser_fails_on_the_rows_each_call_computes(attack, messages, tiny_zoo,
                                                                                    baseline_cache_dir, tmp_path):
@@ -1623,6 +1634,26 @@ def test_guidance_dropped_inside_the_denoiser_fails_on_the_rows_each_call_comput
     verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
     assert any(message in verdict.message for message in messages), verdict.message
+
+
+def test_attributes_rewritten_after_stage_1_read_them_are_the_candidates_integrity_error(tiny_zoo, baseline_cache_dir,
+                                                                                         tmp_path):
+    """Red team round 18 (tests/adversarial_tasks/attributes_rewritten_after_they_were_read.py): the
+    timed call rewrote the attributes stage 1 judges after they were read, and every in-process
+    check was undone (attention cut to one call per pipeline call passed at U 6.08). The parent now
+    judges the copy sent when they were read, and a result whose copy differs fails stage 1."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_task(REPO / "tasks" / "L4" / "L4-sd15-t2i-768px-nosampler-hard-0087.yaml")
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(task)
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path / "run", samples=2, timeout_s=600.0)
+    code = (REPO / "tests" / "adversarial_tasks" / "attributes_rewritten_after_they_were_read.py").read_text()
+    verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
+    assert (verdict.passed, verdict.stage_reached) == (False, 1), verdict
+    assert "changed after the harness read them" in verdict.message, verdict.message
 
 
 def test_attention_in_the_blocks_deepcache_skips_keeps_tgates_schedule_over_the_mid_blocks_calls():
