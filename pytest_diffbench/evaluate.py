@@ -456,8 +456,11 @@ def row_work_evidence(candidate: Mapping, reference: Mapping, methods: Iterable[
         units = {module: float(flops) / rows for module, flops in books.items()
                  if module.partition(".")[0] in stages.DENOISER_COMPONENTS and rows > 0
                  and isinstance(flops, (int, float)) and not isinstance(flops, bool)}
+    inputs = attributes.get("denoiser_inputs") if isinstance(attributes.get("denoiser_inputs"), Mapping) else {}
+    spatial = inputs.get("spatial")
+    latent = spatial[0] if isinstance(spatial, list) and len(spatial) == 1 else None
     return {"row_work": dict(work), "row_units": units, "row_calls": entry.get("calls"),
-            "task_methods": sorted(str(m) for m in methods)}
+            "task_methods": sorted(str(m) for m in methods), "latent_grid": latent}
 
 
 def tome_replayed(row_evidence: Mapping) -> dict | None:

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Mapping
 
 from . import crosscheck
@@ -408,9 +409,6 @@ MODULE_WORK_TOLERANCE = 0.001
 #: the parts of a UNet transformer block ToMe merges (tomesd's merge_attn, merge_crossattn,
 #: merge_mlp): `<block>.attn1.to_q`, `<block>.attn1:operands`, `<block>.ff.net.2` (row_work_problem)
 TOME_PART = re.compile(r"^(unet\..*\.transformer_blocks\.\d+)\.(attn1|attn2|ff)([.:])(.*)$")
-#: the share of a block's tokens tomesd keeps at most merging (its 2x2 destinations: a ratio above
-#: 0.75 merges every source token, the same count in every block, whatever the ratio)
-TOME_LEAST_KEPT = 0.25
 #: T-GATE's attention (its books and their products'): cached on calls of T-GATE's own schedule
 TGATE_ATTENTION = re.compile(r"\.attn[12](\.|:|$)")
 #: the module whose calls are the ones DeepCache computed (it never computes the mid block on a
@@ -796,38 +794,107 @@ def block_tokens(block: str, units: Mapping[str, float]) -> float | None:
     return (float(products) ** 2 / (8 * float(query))) ** (1 / 3)
 
 
-def tome_ratio_problem(merged: Mapping[str, float], units: Mapping[str, float]) -> str | None:
-    """The shares of tokens the parts ToMe merged kept (tome_kept_shares) must be one ratio r's:
-    tomesd keeps n - int(n r) of a block's n tokens (at most merging, TOME_LEAST_KEPT of them), so
-    every block's kept count is a whole number, and the ratios each allows overlap. Blocks of
-    different token counts keep different shares at one ratio (64 and 16 tokens at 0.6: 26/64 and
-    7/16), which a tolerance would not tell from a block cut further."""
-    low, high, bounds = 0.0, 1.0, {}
-    for part, share in sorted(merged.items()):
-        n = block_tokens(part.rpartition(".")[0], units)
-        if n is None or abs(n - round(n)) > 1e-3 * n:
-            continue  # a block whose tokens the reference's books do not give (checked with the others' shares)
-        n = round(n)
-        kept = share * n
-        if abs(kept - round(kept)) > 1e-3:
-            return (f"ToMe's merge is not one ratio: {part} computed {share:.4g} of its {n} tokens per row "
-                    f"({kept:.4g} tokens; counted by the harness's replay against the reference's per row), "
-                    f"where tomesd keeps a whole number of each block's tokens; a part cut or cached other "
-                    f"than by ToMe's merge")
-        kept = round(kept)
-        # int(n r) == n - kept: r in [(n - kept) / n, (n - kept + 1) / n); at most merging, any r above
-        allowed = ((n - kept) / n, 1.0 if share <= TOME_LEAST_KEPT + 1e-9 else (n - kept + 1) / n)
-        bounds[part] = (allowed, n, kept)
-        low, high = max(low, allowed[0]), min(high, allowed[1])
-    if bounds and low >= high:
-        (first, (a, n1, k1)), (second, (b, n2, k2)) = min(bounds.items(), key=lambda kv: kv[1][0][1]), \
-            max(bounds.items(), key=lambda kv: kv[1][0][0])
-        return (f"ToMe's merge is not one ratio: {first} kept {k1} of its {n1} tokens per row (a ratio in "
-                f"[{a[0]:.4g}, {a[1]:.4g})) and {second} {k2} of {n2} (a ratio in [{b[0]:.4g}, {b[1]:.4g})), "
-                f"counted by the harness's replay against the reference's per row, where tomesd merges every "
-                f"block it merges at one ratio, n - int(n * ratio) tokens kept; a part cut or cached other than "
-                f"by ToMe's merge")
-    return None
+def _grids(n: int) -> list[tuple[int, int]]:
+    """Every h x w grid of n tokens."""
+    return [(h, n // h) for h in range(1, n + 1) if n % h == 0]
+
+
+def _block_grids(tokens: Mapping[str, int], latent: Any = None) -> list[dict[str, tuple[int, int]]]:
+    """The grids of the blocks' tokens for the latents' grid (`latent`, the reference's [h, w];
+    where it is not the largest block's, each grid of that block's tokens): tomesd downsamples it
+    by ceil(sqrt(latent tokens // block tokens)) with ceil on each side; grids that do not give
+    some block its count are left out."""
+    largest = max(tokens.values())
+    found = []
+    tops = _grids(largest)
+    if (isinstance(latent, (list, tuple)) and len(latent) == 2 and all(isinstance(v, int) for v in latent)
+            and latent[0] * latent[1] == largest):
+        tops = [(latent[0], latent[1])]
+    for top_h, top_w in tops:
+        grids = {}
+        for block, n in tokens.items():
+            down = math.ceil(math.sqrt(largest // n))
+            h, w = math.ceil(top_h / down), math.ceil(top_w / down)
+            if h * w != n:
+                break
+            grids[block] = (h, w)
+        else:
+            found.append(grids)
+    return found
+
+
+def _tome_keeps(n: int, grid: tuple[int, int], ratio: Fraction, strides: tuple[int, int], kept: int) -> bool:
+    """Whether tomesd at `ratio` with strides (sx, sy) keeps `kept` of a block's n tokens on its
+    h x w grid: n - min(int(n ratio), n - (h // sy) (w // sx)), those its destinations
+    (tomesd.merge.bipartite_soft_matching_random2d)."""
+    (h, w), (sx, sy) = grid, strides
+    return n - min(math.floor(n * ratio), n - (h // sy) * (w // sx)) == kept
+
+
+def tome_ratio_problem(shares: Mapping[str, float], units: Mapping[str, float], latent: Any = None) -> str | None:
+    """The tokens ToMe's merge kept (tome_kept_shares, per part of each block, as the replay
+    counted them) must be what tomesd keeps at one setting: a whole number of each block's n tokens
+    (block_tokens, from the reference's books), one count for every part it merges in a block, the
+    same parts merged in every block it merges, every block at least as large as one it merges
+    merged too (its max_downsample), and one ratio r and strides (sx, sy) giving every such block
+    its count: n - min(int(n r), n - (h // sy) (w // sx)) (_tome_keeps; 0 merged is a block r
+    leaves whole; `latent`: the latents' grid, which the blocks' grids follow). Blocks of different
+    sizes keep different shares at one ratio (64 and 16 tokens
+    at 0.6: 26 and 7), which a tolerance would not tell from a block cut further; a bound on the
+    shares alone let any mix of deep cuts pass (the trust review of session 34, B1)."""
+    tokens: dict[str, int] = {}
+    for module in units:
+        if module.startswith("unet.") and module.endswith(".attn1.to_q"):
+            block = module[:-len(".attn1.to_q")]
+            n = block_tokens(block, units)
+            if n is not None and abs(n - round(n)) <= 1e-3 * n and round(n) > 0:
+                tokens[block] = round(n)
+    kept: dict[str, int] = {}
+    parts: dict[str, set[str]] = {}
+
+    def fail(detail: str) -> str:
+        return (f"ToMe's merge is not tomesd's at one setting: {detail} (counted by the harness's replay against "
+                f"the reference's per row); a part cut or cached other than by ToMe's merge")
+
+    for part, share in sorted(shares.items()):
+        if share >= 1 - ROW_WORK_TOLERANCE:
+            continue
+        block, _, name = part.rpartition(".")
+        n = tokens.get(block)
+        if n is None:
+            continue  # a block whose tokens the reference's books do not give
+        count = share * n
+        if abs(count - round(count)) > 1e-3:
+            return fail(f"{part} computed {share:.4g} of its {n} tokens per row ({count:.4g} tokens), where tomesd "
+                        f"keeps a whole number of each block's tokens")
+        if block in kept and kept[block] != round(count):
+            return fail(f"{block} kept {kept[block]} of its {n} tokens in one part and {round(count)} in {name}, where "
+                        f"tomesd merges a block's tokens once for every part it merges")
+        kept[block] = round(count)
+        parts.setdefault(block, set()).add(name)
+    if not kept:
+        return None
+    available: dict[str, set[str]] = {}
+    for module in units:
+        match = TOME_PART.match(module)
+        if match:
+            available.setdefault(match.group(1), set()).add(match.group(2))
+    every_part = set().union(*parts.values())
+    for block, names in sorted(parts.items()):
+        if names != every_part & available.get(block, names):
+            return fail(f"it merged {', '.join(sorted(names))} in {block} and {', '.join(sorted(every_part))} in "
+                        f"others, where tomesd merges the same parts in every block it merges")
+    smallest = min(tokens[block] for block in kept)
+    region = {block: kept.get(block, n) for block, n in tokens.items() if n >= smallest}
+    candidates = sorted({Fraction(n - region[block], n) for block, n in tokens.items() if block in region})
+    for grids in _block_grids(tokens, latent):
+        for strides in ((sx, sy) for sx in range(1, 5) for sy in range(1, 5) if sx * sy > 1):
+            for ratio in candidates:
+                if all(_tome_keeps(tokens[block], grids[block], ratio, strides, count) for block, count in region.items()):
+                    return None
+    counts = ", ".join(f"{block} {count} of {tokens[block]}" for block, count in sorted(region.items()))
+    return fail(f"no ratio and strides keep the tokens its blocks kept ({counts} per row; a block as large as one "
+                f"it merges is merged too)")
 
 
 def _paired_resnet(module: str) -> str | None:
@@ -926,7 +993,7 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     mid = work.get(DEEPCACHE_MID_CALLS)
     kept = tome_kept_shares(work, units) if token_merging else {}
     merged = {part: share for part, share in kept.items() if share < 1 - ROW_WORK_TOLERANCE}
-    problem = tome_ratio_problem(merged, units) or (attention_schedule_problem(work, calls) if tgate else None)
+    problem = tome_ratio_problem(merged, units, evidence.get("latent_grid")) or (attention_schedule_problem(work, calls) if tgate else None)
     if problem:
         return problem
     for module in sorted(work):

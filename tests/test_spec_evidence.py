@@ -1503,7 +1503,8 @@ def test_tomes_merge_is_read_off_the_replays_rows_not_the_ratio_the_hooks_report
              "unet.conv_in": 8.0}
     assert stages.block_tokens(block, units) == pytest.approx(64) and stages.block_tokens(other, units) == pytest.approx(16)
     # one pipeline call of 4 denoiser calls, 2 rows each: 8 rows
-    reference = {"num_images": 1, "attributes": {"steps": {"denoiser_calls": [4]}, "denoiser_inputs": {"batches": [2]}},
+    reference = {"num_images": 1, "attributes": {"steps": {"denoiser_calls": [4]},
+                                                 "denoiser_inputs": {"batches": [2], "spatial": [[8, 8]]}},
                  "flops": {"seeded": {"by_module": {m: u * 8 for m, u in units.items()}}}}
 
     def run(shares: dict[str, float], ratio: float = 0.5) -> dict:
@@ -1539,7 +1540,17 @@ def test_tomes_merge_is_read_off_the_replays_rows_not_the_ratio_the_hooks_report
     # ... but two blocks at two ratios (32 of 64 is 0.5, 4 of 16 at least 0.75) are no ratio's
     uneven = dict(merged_attn1, **{f"{other}.attn1.to_q": 0.25, f"{other}.attn1:operands": 0.0625})
     problem = stages.row_work_problem(row_work_evidence(run(uneven), reference, ("tomesd",)))
-    assert "ToMe's merge is not one ratio" in problem and "kept 32 of its 64 tokens" in problem, problem
+    assert "ToMe's merge is not tomesd's at one setting" in problem and f"{block} 32 of 64" in problem, problem
+    # (on another latent grid, 2 x 32, strides 1 x 2 at ratio 0.75 would keep both: the grid is the reference's)
+    # nor are blocks of one size at two counts, the same parts not merged in every block, or a large
+    # block left whole beside a smaller one merged (tomesd's max_downsample merges the largest first)
+    twin = "unet.up_blocks.1.attentions.0.transformer_blocks.0"
+    twins = dict(units, **{f"{twin}.attn1.to_q": 8192.0, f"{twin}.attn1:operands": 131072.0})
+    assert "no ratio and strides" in stages.tome_ratio_problem({f"{block}.attn1": 0.5, f"{twin}.attn1": 0.375}, twins)
+    assert "merged attn1 in" in stages.tome_ratio_problem({f"{block}.attn1": 0.5, f"{twin}.attn1": 0.5,
+                                                           f"{block}.attn2": 0.5}, dict(twins, **{f"{twin}.attn2.to_q": 1.0}))
+    assert "no ratio and strides" in stages.tome_ratio_problem({f"{other}.attn1": 0.5}, units, [8, 8])
+    assert stages.tome_ratio_problem({f"{block}.attn1": 0.5}, units, [8, 8]) is None  # the smaller one left whole
     # nor is a share that is no whole number of tokens
     fraction = {m: (0.41 if ".attn1." in m else 0.41 ** 2) for m in at_06 if m.startswith(block)}
     problem = stages.row_work_problem(row_work_evidence(run(dict(at_06, **fraction)), reference, ("tomesd",)))
