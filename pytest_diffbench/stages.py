@@ -831,7 +831,34 @@ def _tome_keeps(n: int, grid: tuple[int, int], ratio: Fraction, strides: tuple[i
     return n - min(math.floor(n * ratio), n - (h // sy) * (w // sx)) == kept
 
 
-def tome_ratio_problem(shares: Mapping[str, float], units: Mapping[str, float], latent: Any = None) -> str | None:
+def _tome_similarities_match(work: Mapping[str, Any] | None, units: Mapping[str, float], tokens: Mapping[str, int],
+                             merged: set[str], grids: Mapping[str, tuple[int, int]], strides: tuple[int, int]) -> bool:
+    """Whether each transformer around blocks ToMe merged computed, per row, the similarities of
+    its bipartite matching (tomesd.merge.bipartite_soft_matching_random2d: the sources' features
+    against the destinations', 2 C (n - d) d for n tokens, d destinations and C channels) once
+    for each block it merges, as the replay booked them (`<...attentions.N>:operands`, products of
+    no parameter). A merge without them is tokens pooled, not matched (the trust review of session
+    34: pooling kept ToMe's shares and saved the matching's work). True where `work` is not given."""
+    if work is None:
+        return True
+    sx, sy = strides
+    expected: dict[str, float] = {}
+    for block in merged:
+        n, (h, w) = tokens[block], grids[block]
+        channels = math.sqrt(float(units[f"{block}.attn1.to_q"]) / (2 * n))
+        destinations = (h // sy) * (w // sx)
+        container = block.rsplit(".transformer_blocks.", 1)[0] + OPERANDS
+        expected[container] = expected.get(container, 0.0) + 2 * channels * (n - destinations) * destinations
+    for container, flops in expected.items():
+        figures = work.get(container)
+        found = figures.get("most_per_row") if isinstance(figures, Mapping) else 0.0
+        if not isinstance(found, (int, float)) or abs(found - flops) > ROW_WORK_TOLERANCE * flops + 1:
+            return False
+    return True
+
+
+def tome_ratio_problem(shares: Mapping[str, float], units: Mapping[str, float], latent: Any = None,
+                       work: Mapping[str, Any] | None = None) -> str | None:
     """The tokens ToMe's merge kept (tome_kept_shares, per part of each block, as the replay
     counted them) must be what tomesd keeps at one setting: a whole number of each block's n tokens
     (block_tokens, from the reference's books), one count for every part it merges in a block, the
@@ -887,11 +914,17 @@ def tome_ratio_problem(shares: Mapping[str, float], units: Mapping[str, float], 
     smallest = min(tokens[block] for block in kept)
     region = {block: kept.get(block, n) for block, n in tokens.items() if n >= smallest}
     candidates = sorted({Fraction(n - region[block], n) for block, n in tokens.items() if block in region})
+    matched = False
     for grids in _block_grids(tokens, latent):
         for strides in ((sx, sy) for sx in range(1, 5) for sy in range(1, 5) if sx * sy > 1):
             for ratio in candidates:
                 if all(_tome_keeps(tokens[block], grids[block], ratio, strides, count) for block, count in region.items()):
-                    return None
+                    matched = True
+                    if _tome_similarities_match(work, units, tokens, set(kept), grids, strides):
+                        return None
+    if matched:
+        return fail("the tokens it kept are tomesd's, but the similarities of its token matching are not what "
+                    "tomesd computes for them in every transformer it merges (tokens pooled or dropped, not matched)")
     counts = ", ".join(f"{block} {count} of {tokens[block]}" for block, count in sorted(region.items()))
     return fail(f"no ratio and strides keep the tokens its blocks kept ({counts} per row; a block as large as one "
                 f"it merges is merged too)")
@@ -993,7 +1026,7 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     mid = work.get(DEEPCACHE_MID_CALLS)
     kept = tome_kept_shares(work, units) if token_merging else {}
     merged = {part: share for part, share in kept.items() if share < 1 - ROW_WORK_TOLERANCE}
-    problem = tome_ratio_problem(merged, units, evidence.get("latent_grid")) or (attention_schedule_problem(work, calls) if tgate else None)
+    problem = tome_ratio_problem(merged, units, evidence.get("latent_grid"), work) or (attention_schedule_problem(work, calls) if tgate else None)
     if problem:
         return problem
     for module in sorted(work):

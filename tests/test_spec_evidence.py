@@ -1507,8 +1507,15 @@ def test_tomes_merge_is_read_off_the_replays_rows_not_the_ratio_the_hooks_report
                                                  "denoiser_inputs": {"batches": [2], "spatial": [[8, 8]]}},
                  "flops": {"seeded": {"by_module": {m: u * 8 for m, u in units.items()}}}}
 
-    def run(shares: dict[str, float], ratio: float = 0.5) -> dict:
+    # tomesd's token matching in each merged block, booked to its transformer (products of no
+    # parameter): 2 C (n - d) d per row, d = the 2 x 2 destinations of an 8 x 8 and a 4 x 4 grid
+    similarities = {"unet.down_blocks.0.attentions.0:operands": 2 * 8 * 48 * 16,
+                    "unet.up_blocks.1.attentions.0:operands": 2 * 8 * 12 * 4}
+
+    def run(shares: dict[str, float], ratio: float = 0.5, matched: bool = True) -> dict:
         per_row = {m: u * shares.get(m, 1.0) for m, u in units.items()}
+        if matched and any(v < 1 for v in shares.values()):
+            per_row.update(similarities)
         work = {m: {"calls": 4, "least_per_row": v, "least_call": 0, "least_rows": 2, "most_per_row": v, "most_call": 0}
                 for m, v in per_row.items()}
         return {"num_images": 1, "flops": {"seeded": {"row_work": work, "by_module": {m: v * 8 for m, v in per_row.items()}},
@@ -1518,6 +1525,9 @@ def test_tomes_merge_is_read_off_the_replays_rows_not_the_ratio_the_hooks_report
     merged_attn1 = {m: 0.5 for m in units if ".attn1." in m} | {m: 0.25 for m in units if m.endswith("attn1:operands")}
     honest = row_work_evidence(run(merged_attn1), reference, ("tomesd",))
     assert stages.row_work_problem(honest) is None
+    # the same shares with no token matching: tokens pooled, which saves the matching's work
+    problem = stages.row_work_problem(row_work_evidence(run(merged_attn1, matched=False), reference, ("tomesd",)))
+    assert "similarities of its token matching" in problem, problem
     assert tome_replayed(honest) == {"kept": 0.5, "merged": {"parts": [f"{block}.attn1", f"{other}.attn1"]}}
     # merge_crossattn: the queries and output at the share, the caption's keys whole
     crossed = dict(merged_attn1, **{f"{block}.attn2.to_q": 0.5, f"{block}.attn2.to_out.0": 0.5, f"{block}.attn2:operands": 0.5})
