@@ -513,6 +513,11 @@ class Runner:
 
         snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity, flops, frames, atomic, trace],
                                               self.counter)
+        if self.channel is not None:
+            # what sends the attributes and the trace after the judged call: a channel swapped for one
+            # that drops the harness's frames (after sending forged ones) would make them the judged copy
+            snapshot.watch_attribute("the runner's result channel", self, "channel")
+            snapshot.watch_attribute("the result channel's sender", self.channel, "_send")
         self.guard = integrity.CallGuard(snapshot)
         try:
             self._run(torch, dtype, batch_factory)

@@ -167,6 +167,7 @@ class Snapshot:
     def __init__(self):
         self._spaces: list[tuple[str, Any, dict]] = []  # (label, live namespace, {name: object})
         self._registries: list[tuple[str, dict, dict]] = []  # (label, live dict, copy)
+        self._attributes: list[tuple[str, Any, str, Any]] = []  # (label, owner, name, value)
 
     def watch(self, label: str, namespace: Any, names: Iterable[str] | None = None, skip: Iterable[str] = ()) -> None:
         """Watch the callables and classes of `namespace` (a module, a class or a dict)."""
@@ -181,6 +182,11 @@ class Snapshot:
             kept[name] = value
         self._spaces.append((label, space, kept))
 
+    def watch_attribute(self, label: str, owner: Any, name: str) -> None:
+        """Watch one attribute of an object (the child's result channel and its sender): rebound or
+        removed."""
+        self._attributes.append((label, owner, name, getattr(owner, name, _MISSING)))
+
     def watch_registry(self, label: str, registry: dict) -> None:
         """Watch every entry of a dict (e.g. the FLOP formulas): changed or removed entries."""
         self._registries.append((label, registry, dict(registry)))
@@ -193,6 +199,9 @@ class Snapshot:
                     out.append(f"{label}.{name}")
                     if len(out) >= limit:
                         return out
+        for label, owner, name, value in self._attributes:
+            if getattr(owner, name, _MISSING) is not value:
+                out.append(label)
         for label, registry, copy in self._registries:
             changed = sum(1 for k, v in copy.items() if registry.get(k, _MISSING) is not v)
             if changed:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -581,6 +582,36 @@ def test_the_snapshot_finds_replaced_timers_and_counters(monkeypatch):
         m.setitem(flop_counter.flop_registry, op, lambda *args, **kwargs: 0)
         assert any("flop_registry" in change for change in snapshot.changes())
     assert snapshot.changes() == []
+
+
+def test_the_snapshot_finds_the_result_channel_swapped(monkeypatch):
+    """Session 34: the attributes are sent on the result channel after the judged call; a channel
+    (or its sender) swapped during the call for one that drops the harness's frames, after forged
+    ones were sent on the real one, would make a forged copy the judged one. The child watches both
+    (`Snapshot.watch_attribute`), and the guard reports the swap before the attributes are sent."""
+    import io
+
+    from pytest_diffbench import frames
+    from pytest_diffbench.child import Channel
+
+    read_fd, write_fd = os.pipe()
+    try:
+        channel = Channel.from_job({"result_fd": write_fd}, stdin=io.BytesIO(frames.token_line(b"t" * 16)))
+        runner = types.SimpleNamespace(channel=channel)
+        snapshot = harness_snapshot()
+        snapshot.watch_attribute("the runner's result channel", runner, "channel")
+        snapshot.watch_attribute("the result channel's sender", channel, "_send")
+        assert snapshot.changes() == []
+        with monkeypatch.context() as m:
+            m.setattr(channel, "_send", lambda kind, payload: None)
+            assert snapshot.changes() == ["the result channel's sender"]
+        with monkeypatch.context() as m:
+            m.setattr(runner, "channel", Channel(lambda kind, payload: None))
+            assert snapshot.changes() == ["the runner's result channel"]
+        assert snapshot.changes() == []
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def test_the_snapshot_finds_the_flop_counters_own_formula_tables_changed(monkeypatch):
