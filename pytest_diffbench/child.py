@@ -230,6 +230,9 @@ class Channel:
     def attributes(self, attributes: dict) -> None:
         self._send(frames.FRAME_ATTRIBUTES, _json_dumps(attributes, default=_json_default, allow_nan=True).encode())
 
+    def findings(self, findings: dict) -> None:
+        self._send(frames.FRAME_FINDINGS, _json_dumps(findings).encode())
+
     def result(self, result: dict) -> None:
         self._send(frames.FRAME_RESULT, _json_dumps(result, default=_json_default, allow_nan=True).encode())
 
@@ -511,6 +514,8 @@ class Runner:
             self.counter = LeanFlopCounterMode()  # FlopCounterMode's counts, at a fraction of its cost
         from pytest_diffbench import flops, trace
 
+        # stage 1's findings to the parent as they are made (introspect.FINDINGS), watched from here on
+        introspect.FINDINGS = self.channel.findings if self.channel is not None else None
         snapshot = integrity.harness_snapshot([sys.modules[__name__], introspect, integrity, flops, frames, atomic, trace],
                                               self.counter)
         if self.channel is not None:

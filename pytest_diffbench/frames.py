@@ -26,6 +26,10 @@ followed by the payload. Kinds:
   they are read, before any more candidate code runs (the timed calls): the parent judges these,
   not the copy in the result, which candidate code in the same process could rewrite afterwards
   (red team round 18);
+- `FRAME_FINDINGS`: JSON `{method: why}`, markers stage 1's hooks found not to be the installed
+  library's code (or `"*"`: the method snapshot failed), sent as they are found during the judged
+  call; the parent counts those methods as not applied whatever the attributes say (red team
+  round 19 edited the live observation before it was read);
 - `FRAME_RESULT`: the result JSON, the last frame.
 
 A frame whose magic or token is wrong makes the whole stream forged (`FrameError`); what the
@@ -43,8 +47,9 @@ from typing import Callable
 FRAME_MAGIC = b"DBF1"
 TOKEN_BYTES = 16
 FRAME_HEADER = struct.Struct(">4s16scI")  # magic, token, kind, payload length
-FRAME_MARK, FRAME_IMAGE, FRAME_RESULT, FRAME_TRACE, FRAME_ATTRIBUTES = b"M", b"I", b"R", b"T", b"A"
-FRAME_KINDS = (FRAME_MARK, FRAME_IMAGE, FRAME_RESULT, FRAME_TRACE, FRAME_ATTRIBUTES)
+FRAME_MARK, FRAME_IMAGE, FRAME_RESULT, FRAME_TRACE, FRAME_ATTRIBUTES, FRAME_FINDINGS = (
+    b"M", b"I", b"R", b"T", b"A", b"F")
+FRAME_KINDS = (FRAME_MARK, FRAME_IMAGE, FRAME_RESULT, FRAME_TRACE, FRAME_ATTRIBUTES, FRAME_FINDINGS)
 IMAGE_INDEX = struct.Struct(">H")  # the index in front of an image frame's PNG
 GO_HEADER = struct.Struct(">I")  # the go message's payload length
 

@@ -68,6 +68,22 @@ _TOME_FILE = "patch.py"
 _TOME_FORWARDS = ("make_diffusers_tome_block.<locals>.ToMeBlock.forward", "make_tome_block.<locals>.ToMeBlock._forward")
 
 
+#: where stage 1's findings go as they are made: the child's result channel (child.Runner sets it
+#: before the harness snapshot, which then watches it). A marker found not to be the installed
+#: library's code during the judged call reaches the parent then, not only in the record read
+#: after the call, which candidate code can edit before it is read (red team round 19 edited the
+#: live observation so: a T-GATE whose scheduler was replaced counted as applied)
+FINDINGS: Any = None
+
+
+def _report_findings(findings: dict) -> None:
+    if FINDINGS is not None and findings:
+        try:
+            FINDINGS({str(name): str(why)[:500] for name, why in findings.items()})
+        except Exception as exc:  # noqa: BLE001 - never let introspection break the candidate's call
+            _warn(f"diffbench: findings not sent: {exc!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # library provenance
 #
@@ -1458,6 +1474,7 @@ class StepProbe:
             self._detach_observation()
             try:
                 methods, fake, found = _detect(self.pipe, self)
+                _report_findings(fake)
                 run["methods"] = methods
                 self._observation = run["observation"] = _Observation(self.pipe, module, methods, fake, found, self)
             except Exception as exc:  # never let introspection break the candidate's call
@@ -1465,6 +1482,7 @@ class StepProbe:
                 # ... but no method counts on markers alone then (introspect: the trust review of
                 # session 32 made it fail so, by renaming torch, and every per-call rule fell away)
                 self.observation_failures.append(f"{type(exc).__name__}: {exc}"[:200])
+                _report_findings({"*": f"the method snapshot failed: {type(exc).__name__}: {exc}"})
         if self._observation is not None and run.get("observation") is self._observation:
             try:
                 self._observation.begin_call(args, kwargs)

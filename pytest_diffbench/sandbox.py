@@ -1088,6 +1088,8 @@ class _ResultStream:
         self.max_trace_bytes = max_trace_bytes
         self.trace: bytes | None = None
         self.attributes: bytes | None = None  # the judged call's attributes as read (frames.FRAME_ATTRIBUTES)
+        self.findings: dict[str, str] = {}  # stage 1's findings as they were made (frames.FRAME_FINDINGS)
+        self.finding_frames = 0
 
     def add(self, data: bytes, now: float) -> None:
         self.received += len(data)
@@ -1157,6 +1159,19 @@ class _ResultStream:
                 self.error = f"a trace of {len(payload) >> 20} MiB, more than the {self.max_trace_bytes >> 20} MiB allowed"
             else:
                 self.trace = payload
+        elif kind == frames.FRAME_FINDINGS:
+            self.finding_frames += 1
+            try:
+                findings = decode_child_json(payload) if self.finding_frames <= MAX_FINDING_FRAMES else None
+                if not isinstance(findings, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 500
+                        for k, v in findings.items()):
+                    raise ValueError
+            except ValueError:
+                self.error = "a findings frame that is not stage 1's (or too many of them)"
+                return
+            for name, why in findings.items():
+                self.findings.setdefault(name, why)
         elif kind == frames.FRAME_ATTRIBUTES:
             if self.attributes is not None:
                 self.error = "a second attributes frame"
@@ -1947,7 +1962,27 @@ def _exit_without_result(returncode: int | None, wrapped: bool) -> tuple[str, st
 RESULT_OBJECTS = ("attributes", "flops", "timing", "error")
 
 
-def _frozen_attributes(result: dict, frozen: bytes | None) -> str | None:
+#: the most findings frames a child sends (one per pipeline call the hooks observe at most)
+MAX_FINDING_FRAMES = 64
+
+
+def _apply_findings(attributes: dict, findings: Mapping[str, str]) -> None:
+    """Count the methods whose markers stage 1 found not to be the installed library's code during
+    the judged call (frames.FRAME_FINDINGS) as not applied, whatever the attributes read after the
+    call say (`"*"`: every method)."""
+    methods = attributes.get("methods") if isinstance(attributes.get("methods"), dict) else {}
+    unverified = attributes.get("unverified_methods")
+    if not isinstance(unverified, dict):
+        unverified = attributes["unverified_methods"] = {}
+    for name, why in findings.items():
+        names = list(methods) if name == "*" else [name]
+        for method in names:
+            methods.pop(method, None)
+            unverified.setdefault(method, f"its marker is not the installed library's code ({why}), found during "
+                                          f"the judged call")
+
+
+def _frozen_attributes(result: dict, frozen: bytes | None, findings: Mapping[str, str] | None = None) -> str | None:
     """Put the attributes the child sent as soon as it read them (frames.FRAME_ATTRIBUTES) in
     `result`, in place of the result's copy; a violation where that copy was rewritten afterwards
     (by candidate code in the child's process, during the timed calls) or where the result carries
@@ -1962,6 +1997,8 @@ def _frozen_attributes(result: dict, frozen: bytes | None) -> str | None:
         raise ValueError("the attributes frame is not an object")
     _check_nesting(attributes, MAX_RESULT_NESTING)
     changed = result.get("attributes") != attributes
+    if findings:
+        _apply_findings(attributes, findings)
     result["attributes"] = attributes
     if changed:
         return ("the stage-1 attributes were changed after the harness read them (the result's copy differs "
@@ -1992,7 +2029,8 @@ def _collect_result(results: _ResultStream, returncode: int | None, wrapped: boo
             if result.get(name) is not None and not isinstance(result[name], dict):
                 raise ValueError(f"the result's {name} is a {type(result[name]).__name__}, not an object")
         _check_nesting(result, MAX_RESULT_NESTING)
-        violation = _frozen_attributes(result, results.attributes) or _timing_violation(result, results.marks)
+        violation = _frozen_attributes(result, results.attributes, getattr(results, "findings", None)) or \
+            _timing_violation(result, results.marks)
         _parent_figures(result, results.marks, results.mark_cpu, results.go_at, results.result_at)
         if violation:
             result = _integrity_error(result, violation)

@@ -203,6 +203,20 @@ def test_the_attributes_judged_are_the_ones_sent_when_read_and_a_rewrite_after_i
     twice = sandbox._collect_result(stream_of([(1.0, sent), (1.5, sent), (2.0, result_frame(attributes=read))]),
                                     0, False, None)
     assert twice[:2] == ("bad_result", "result stream rejected: a second attributes frame")
+    # red team round 19 edited the live observation during the call, so that the attributes read after
+    # it credited a T-GATE whose scheduler was replaced: what the hooks found during the call is sent
+    # then (frames.FRAME_FINDINGS), and those methods are not applied whatever the attributes say
+    found = (frames.FRAME_FINDINGS, json.dumps({"tgate": "tgate_scheduler replaced in its module"}).encode())
+    status, _, result = sandbox._collect_result(
+        stream_of([(0.5, found), (1.0, sent), (2.0, result_frame(attributes=read))]), 0, False, None)
+    assert status == "ok" and result["status"] == "ok" and "tgate" not in result["attributes"]["methods"]
+    assert "tgate_scheduler replaced in its module" in result["attributes"]["unverified_methods"]["tgate"]
+    failed = (frames.FRAME_FINDINGS, json.dumps({"*": "the method snapshot failed"}).encode())
+    result = sandbox._collect_result(stream_of([(0.5, failed), (1.0, sent), (2.0, result_frame(attributes=read))]),
+                                     0, False, None)[2]
+    assert result["attributes"]["methods"] == {} and set(result["attributes"]["unverified_methods"]) == {"tgate"}
+    odd = (frames.FRAME_FINDINGS, b"[1]")
+    assert sandbox._collect_result(stream_of([(0.5, odd), (2.0, result_frame())]), 0, False, None)[0] == "bad_result"
 
 
 @pytest.mark.parametrize("frames_at, bounds, detail", [

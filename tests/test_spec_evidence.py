@@ -1675,6 +1675,13 @@ def test_attributes_rewritten_after_stage_1_read_them_are_the_candidates_integri
     verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
     assert (verdict.passed, verdict.stage_reached) == (False, 1), verdict
     assert "changed after the harness read them" in verdict.message, verdict.message
+    # red team round 19: the live observation edited before it is read (T-GATE's replaced scheduler
+    # dropped from its findings): the finding reached the parent when it was made
+    code = (REPO / "tests" / "adversarial_tasks" / "tgate_observation_edited_before_it_was_read.py").read_text()
+    verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
+    assert (verdict.passed, verdict.stage_reached) == (False, 1), verdict
+    # (T-GATE not applied, its dropping of guidance after the gate is guidance dropped)
+    assert "classifier-free guidance on every denoiser call" in verdict.message, verdict.message
 
 
 def test_attention_in_the_blocks_deepcache_skips_keeps_tgates_schedule_over_the_mid_blocks_calls():
