@@ -866,9 +866,9 @@ def tome_ratio_problem(shares: Mapping[str, float], units: Mapping[str, float], 
     merged too (its max_downsample), and one ratio r and strides (sx, sy) giving every such block
     its count: n - min(int(n r), n - (h // sy) (w // sx)) (_tome_keeps; 0 merged is a block r
     leaves whole; `latent`: the latents' grid, which the blocks' grids follow). Blocks of different
-    sizes keep different shares at one ratio (64 and 16 tokens
-    at 0.6: 26 and 7), which a tolerance would not tell from a block cut further; a bound on the
-    shares alone let any mix of deep cuts pass (the trust review of session 34, B1)."""
+    sizes keep different shares at one ratio (64 and 16 tokens at 0.6: 26 and 7), which a tolerance
+    would not tell from a block cut further; a bound on the shares alone let any mix of deep cuts
+    pass (the trust review of session 34, B1)."""
     tokens: dict[str, int] = {}
     for module in units:
         if module.startswith("unet.") and module.endswith(".attn1.to_q"):
