@@ -249,6 +249,10 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
     call, times the calls the candidate reports. None where a figure is missing (a baseline cached
     before modules were counted, calls not reported)."""
     scale, per_call = 1.0, False
+    deepcache_branch: int | None = None
+    guided = None  # T-GATE's guided calls, expected and found (tgate_guided_calls)
+    # the run's attributes as judged: T-GATE's settings replaced by the replay's where it shows them
+    attributes = candidate.get("attributes") if isinstance(candidate.get("attributes"), Mapping) else {}
     gate_share = self_attention_share = None
     least_shares: dict[str, float] = {}
     unseen: dict[str, str] = {}
@@ -264,7 +268,6 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         allowed = tuple(task.expect.allowed_methods or ())
         # only a method stage 1 saw applied lightens a module: an allowed T-GATE left unapplied
         # no longer covers guidance dropped after a few steps (red team round 8, S5)
-        attributes = candidate.get("attributes") if isinstance(candidate.get("attributes"), Mapping) else {}
         applied, unverified = attributes.get("methods"), attributes.get("unverified_methods")
         methods = tuple(m for m in allowed if isinstance(applied, Mapping) and m in applied)
         if isinstance(unverified, Mapping):
@@ -272,13 +275,23 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         against, name = reference, "the reference's"
         if "deepcache" in methods:
             deepcache = (attributes.get("methods") or {}).get("deepcache")
-            branch = deepcache.get("cache_branch_id") if isinstance(deepcache, Mapping) else None
-            if not isinstance(branch, int) or isinstance(branch, bool):
+            reported = deepcache.get("cache_branch_id") if isinstance(deepcache, Mapping) else None
+            if rows.get("row_work"):
+                # the branch the replay's call books show, not the one stage 1 read in the
+                # candidate's process (red team round 19, c1)
+                books = ((reference.get("flops") or {}).get("seeded") or {}).get("by_module")
+                deepcache_branch, why = stages.replayed_deepcache_branch(
+                    rows["row_work"], books if isinstance(books, Mapping) else {}, rows.get("row_calls"), reported)
+            elif isinstance(reported, int) and not isinstance(reported, bool):
+                deepcache_branch, why = reported, ""
+            else:
+                deepcache_branch, why = None, f"its cache branch was not observed ({str(reported)[:80]})"
+            if deepcache_branch is None:
                 # which blocks it computes on every call is read from the branch: without one
                 # (cached calls skipping different blocks) DeepCache lightens nothing (the trust
                 # review of session 31: the every-call floor fell away)
                 methods = tuple(m for m in methods if m != "deepcache")
-                unseen["deepcache"] = f"its cache branch was not observed ({str(branch)[:80]})"
+                unseen["deepcache"] = why
             share = deepcache_least_share(attributes, _mid_call_list(candidate))
             if share is not None:
                 least_shares["deepcache"] = share
@@ -293,6 +306,16 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         elif ratio is not None and 0 <= ratio < 1:
             # the tokens ToMe keeps: n - int(n * ratio) of n (tomesd's merge), at least 1 - ratio
             least_shares["tomesd"] = (1 - ratio) * (1 - stages.MODULE_WORK_TOLERANCE)
+        if "tgate" in methods and rows.get("row_work"):
+            # T-GATE's gate and intervals as the replay's attention shows them, not as pipe.tgate's
+            # record in the candidate's process says (red team round 19)
+            settings, why = replayed_tgate_settings(rows, attributes)
+            if settings is not None:
+                attributes = _with_tgate_settings(attributes, settings)
+                guided = tgate_guided_calls(candidate, reference, attributes)
+            elif why:
+                methods = tuple(m for m in methods if m != "tgate")
+                unseen["tgate"] = why
         if "tgate" in methods and tgate_gate_step(attributes) is None:
             # fail closed: without its gate T-GATE's floors on attention were 0 (a gate left out of the
             # record, or rewritten in the candidate's process: red team round 18)
@@ -357,21 +380,18 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         if replayed is not None and self_attention_share is not None:
             # self-attention's floor by the later of the hooks' gate and the replay's
             self_attention_share = max(self_attention_share, tgate_self_attention_share(
-                candidate.get("attributes"), replayed_gate) or 0.0)
+                attributes, replayed_gate) or 0.0)
         shares = [s for s in (least_shares.get("tgate"), replayed) if s is not None]
         if shares:
             least_shares["tgate"] = max(shares)
     # where the methods' floors apply (stages._module_floor): the books DeepCache computes on every
     # call at its observed branch, the blocks and parts ToMe merges
     floor_scope: dict[str, Any] = {}
-    run_attributes = candidate.get("attributes") if isinstance(candidate.get("attributes"), Mapping) else {}
+    run_attributes = attributes
     mid_share = branch = None
     if "deepcache" in methods:
-        deepcache = (run_attributes.get("methods") or {}).get("deepcache") if isinstance(
-            run_attributes.get("methods"), Mapping) else None
-        branch = deepcache.get("cache_branch_id") if isinstance(deepcache, Mapping) else None
-        if isinstance(branch, int) and not isinstance(branch, bool):
-            floor_scope["deepcache_every_call"] = sorted(stages.deepcache_every_call(held_to, branch))
+        branch = deepcache_branch
+        floor_scope["deepcache_every_call"] = sorted(stages.deepcache_every_call(held_to, branch))
         # the calls DeepCache computed as the replay counted them (stage 1's count is read in the
         # candidate's process): the floor of the modules it skips on cached calls, and the most
         # they may do (stages.deepcache_branch_problem)
@@ -406,14 +426,16 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
         tome = (1 - replayed_tome["kept"]) if replayed_tome is not None else tome_ratio(candidate.get("attributes"))
     evidence = {"candidate": cand, "reference": held_to, "against": name, "methods": sorted(methods),
                 "floor_scope": floor_scope, "deepcache_mid_share": mid_share,
-                "deepcache_branch": branch if isinstance(branch, int) and not isinstance(branch, bool) else None,
+                "deepcache_branch": branch,
                 # the VAE's books are held per image, never scaled by the calls
                 "against_per_image": "the gold solution's" if against is gold else "the reference's",
                 "least_shares": least_shares, "unseen_methods": unseen, "per_call": per_call,
                 "scale": scale, "tgate_gate_share": gate_share, "candidate_seeded": seeded_totals(candidate), "reference_seeded": seeded_totals(against),
                 "candidate_dims": dims_per_image(candidate), "reference_dims": dims_per_image(against),
                 "tome_ratio": tome,
-                "tgate_self_attention_share": self_attention_share}
+                "tgate_self_attention_share": self_attention_share,
+                "tgate_settings": attributes.get("tgate_intervals") if "tgate" in methods else None,
+                "tgate_guided_calls": guided if "tgate" in methods else None}
     evidence.update(rows)
     if against is gold:
         evidence["unlightened_dims"] = dims_per_image(reference)
@@ -609,6 +631,108 @@ class TgateSchedule:
         else:
             computed = step % self.fi == 0
         return (2 if step < self.gate else 1) if computed else 0
+
+
+def _fit_tgate(calls: int, warm: int, self_calls: set, cross_calls: set) -> tuple[int, int, int, int] | None:
+    """(gate_step, warm_up, sp_interval, fi_interval) of a TgateSchedule over one pipeline call of
+    `calls` denoiser calls (`warm` of them the scheduler's warm-up) that computes self-attention on
+    exactly `self_calls` and cross-attention on exactly `cross_calls` (indices in the pipeline
+    call), or None where no setting does. The gate is fixed by cross-attention, fi_interval by the
+    calls after it, warm_up and sp_interval by those before it."""
+    for gate in range(-warm, calls - warm + 1):
+        if {i for i in range(calls) if i - warm < gate} != cross_calls:
+            continue
+        after = {i for i in self_calls if i - warm >= gate}
+        for fi in range(1, calls + 2):
+            if {i for i in range(calls) if i - warm >= gate and (i - warm) % fi == 0} != after:
+                continue
+            for sp in range(1, calls + 2):
+                for warm_up in range(0, calls + 1):
+                    schedule = TgateSchedule(calls, warm, gate, warm_up, sp, fi)
+                    if {i for i in range(calls) if schedule.rows("attn1", i)} == self_calls:
+                        return gate, warm_up, sp, fi
+    return None
+
+
+def replayed_tgate_settings(row_evidence: Mapping, attributes: Mapping) -> tuple[dict | None, str]:
+    """T-GATE's setting as the replay's attention shows it: the one setting of tgate's scheduler
+    (TgateSchedule: gate step, warm-up and the two caching intervals) whose self- and
+    cross-attention calls are those the layers computed on every call computed on
+    (stages.attention_call_sets, one set each: stages.attention_schedule_problem), on every
+    pipeline call. Not the intervals pipe.tgate was called with and the gate its hooks saw: they
+    are read in the candidate's process, and a run that replaced tgate's scheduler and rewrote the
+    record kept T-GATE's credit there (red team round 19). Returns ({"gate_step", "warm_up",
+    "sp_interval", "fi_interval"}, "") where it fits, (None, why) where the replay's attention is
+    no setting's, and (None, "") where the replay cannot tell (no call lists, no attention computed
+    on every call: SDXL under DeepCache, whose shallow layers have none; those keep the hooks'
+    figures, bounded by the replay's gate). Every T-GATE gold with the lists (session 34's 22) fits
+    exactly one setting, the same on each of its pipeline calls."""
+    work, total = row_evidence.get("row_work"), row_evidence.get("row_calls")
+    sets = stages.attention_call_sets(work, total) if isinstance(work, Mapping) else None
+    if sets is None or not all(sets[part][0] for part in ("attn1", "attn2")):
+        return None, ""
+    found = {part: set(sets[part][0].values()) for part in ("attn1", "attn2")}
+    if any(len(schedules) != 1 for schedules in found.values()):
+        return None, "its attention is not on one schedule"
+    self_calls, cross_calls = (next(iter(found[part])) for part in ("attn1", "attn2"))
+    steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
+    counts, requested = steps.get("denoiser_calls"), steps.get("requested")
+    if not (isinstance(counts, list) and counts and all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                                          for c in counts) and sum(counts) == total):
+        return None, "the calls of its pipeline calls are not the replay's"
+    fits, start = set(), 0
+    for index, count in enumerate(counts):
+        asked = requested[index] if isinstance(requested, list) and index < len(requested) and isinstance(
+            requested[index], int) and not isinstance(requested[index], bool) else count
+        window = range(start, start + count)
+        fit = _fit_tgate(count, max(0, count - asked), {i - start for i in self_calls if i in window},
+                         {i - start for i in cross_calls if i in window})
+        if fit is None:
+            return None, (f"its attention's calls are no setting of tgate's scheduler on pipeline call {index} "
+                          f"(self-attention on {len([i for i in self_calls if i in window])}, cross-attention on "
+                          f"{len([i for i in cross_calls if i in window])} of its {count} calls, counted by the "
+                          f"harness's replay)")
+        fits.add(fit)
+        start += count
+    if len(fits) != 1:
+        return None, "its pipeline calls show different settings of tgate's scheduler"
+    gate, warm_up, sp, fi = fits.pop()
+    return {"gate_step": gate, "warm_up": warm_up, "sp_interval": sp, "fi_interval": fi}, ""
+
+
+def tgate_guided_calls(candidate: Mapping, reference: Mapping, attributes: Mapping) -> dict | None:
+    """{"expected": the denoiser calls of the judged call on which T-GATE at the gate step in
+    `attributes` (the replay's setting) runs classifier-free guidance, "found": those on which the
+    replay saw each latent enter twice}: tgate's pipelines end guidance on the call cross-attention
+    stops (`(i - warm-up calls) < gate_step` for both), so its guided calls are each pipeline call's
+    calls before its gate (every T-GATE gold of session 34 exactly). None where the reference runs
+    no guidance, or a figure is missing (runs before session 35)."""
+    entry = ((candidate.get("flops") or {}).get("replay") or {}).get("denoiser_entry") if isinstance(
+        (candidate.get("flops") or {}).get("replay"), Mapping) else None
+    found = entry.get("guided_calls") if isinstance(entry, Mapping) else None
+    inputs = ((reference.get("attributes") or {}).get("denoiser_inputs") or {}) if isinstance(
+        reference.get("attributes"), Mapping) else {}
+    steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
+    counts, requested = steps.get("denoiser_calls"), steps.get("requested")
+    gate = tgate_gate_step(attributes)
+    if not (isinstance(found, list) and isinstance(inputs, Mapping) and inputs.get("cfg") and isinstance(gate, int)
+            and isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)):
+        return None
+    expected, start = [], 0
+    for index, count in enumerate(counts):
+        asked = requested[index] if isinstance(requested, list) and index < len(requested) and isinstance(
+            requested[index], int) and not isinstance(requested[index], bool) else count
+        expected += [start + i for i in range(count) if i - max(0, count - asked) < gate]
+        start += count
+    return {"expected": expected, "found": [c for c in found if isinstance(c, int) and not isinstance(c, bool)]}
+
+
+def _with_tgate_settings(attributes: Mapping, settings: Mapping) -> dict:
+    """`attributes` with T-GATE's gate and intervals replaced by `settings` (the replay's)."""
+    methods = dict(attributes.get("methods") or {})
+    methods["tgate"] = {**(methods.get("tgate") if isinstance(methods.get("tgate"), Mapping) else {}),
+                        "gate_step": settings["gate_step"]}
+    return {**attributes, "methods": methods, "tgate_intervals": dict(settings)}
 
 
 def tgate_deepcache_skipped_shares(attributes: Any, mid_calls: Any, replayed_gate: float | None = None

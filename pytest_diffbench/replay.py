@@ -139,7 +139,9 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                    # rows, and the rows of calls that held each latent twice (guidance)
                    "denoiser_entry": {"calls": len(replayer.entries),
                                       "rows": sum(rows for rows, _ in replayer.entries),
-                                      "rows_twice": sum(rows for rows, twice in replayer.entries if twice)},
+                                      "rows_twice": sum(rows for rows, twice in replayer.entries if twice),
+                                      # which calls ran guidance (T-GATE ends it at its gate: stages.tgate_guidance_problem)
+                                      "guided_calls": [i for i, (_, twice) in enumerate(replayer.entries) if twice]},
                    # the half-precision ops that ran as recorded under it, by reason (canonical.py)
                    "canonical_as_recorded": dict(mode.as_recorded) if mode is not None else None},
     }

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from . import crosscheck
 
@@ -940,18 +940,11 @@ def _paired_resnet(module: str) -> str | None:
     return DEEPCACHE_MID_CALLS if module.startswith("unet.mid_block.") else None
 
 
-def attention_schedule_problem(work: Mapping[str, Any], calls: Any) -> str | None:
-    """Where the task lets a run apply T-GATE, its attention may skip calls (it caches attention on
-    calls of its own schedule), but on one schedule: tgate decides on each call for every
-    self-attention alike, and for every cross-attention alike. So every module of a part (the
-    projections and products of `attn1`, of `attn2`) in a layer computed on every call computes on
-    one set of calls S; in a layer DeepCache skips (its resnet computes on the mid block's calls M
-    only) on S's calls in M at least and on M's at most (tgate computes a skipped layer's attention
-    on a call its schedule reuses where that layer holds no cache yet: the trust review of session
-    34, F1), as the replay counted them (trace.CallBooks' call lists). Self-attention cut to the
-    first call of each pipeline call in the layers DeepCache skips was red team round 16's and 17's
-    cut, under a floor that follows T-GATE's intervals as the candidate's process reports them.
-    None where the lists were not recorded (runs before session 34)."""
+def attention_call_sets(work: Mapping[str, Any], calls: Any) -> dict[str, tuple[dict, dict]] | None:
+    """{"attn1" / "attn2": ({module: the calls it computed on} in the layers computed on every call,
+    the same in the layers DeepCache skips: their resnet computes on the UNet mid block's calls
+    only)}, as the replay counted them (trace.CallBooks' call lists); None where the lists were not
+    recorded (runs before session 34)."""
     mid = work.get(DEEPCACHE_MID_CALLS)
     mid_calls = frozenset(mid["call_list"]) if isinstance(mid, Mapping) and isinstance(mid.get("call_list"), list) else None
 
@@ -963,6 +956,7 @@ def attention_schedule_problem(work: Mapping[str, Any], calls: Any) -> str | Non
             return frozenset(range(calls))
         return None
 
+    out = {}
     for part in ("attn1", "attn2"):
         pattern = re.compile(rf"\.{part}(\.|:|$)")
         every: dict[str, frozenset] = {}
@@ -978,6 +972,29 @@ def attention_schedule_problem(work: Mapping[str, Any], calls: Any) -> str | Non
             in_skipped_layer = (isinstance(layer, Mapping) and mid_calls is not None and isinstance(calls, int)
                                 and layer.get("calls") != calls)
             (skipped if in_skipped_layer else every)[module] = found
+        out[part] = (every, skipped)
+    return out
+
+
+def attention_schedule_problem(work: Mapping[str, Any], calls: Any) -> str | None:
+    """Where the task lets a run apply T-GATE, its attention may skip calls (it caches attention on
+    calls of its own schedule), but on one schedule: tgate decides on each call for every
+    self-attention alike, and for every cross-attention alike. So every module of a part (the
+    projections and products of `attn1`, of `attn2`) in a layer computed on every call computes on
+    one set of calls S; in a layer DeepCache skips (its resnet computes on the mid block's calls M
+    only) on S's calls in M at least and on M's at most (tgate computes a skipped layer's attention
+    on a call its schedule reuses where that layer holds no cache yet: the trust review of session
+    34, F1), as the replay counted them (`attention_call_sets`). Self-attention cut to the first
+    call of each pipeline call in the layers DeepCache skips was red team round 16's and 17's cut,
+    under a floor that follows T-GATE's intervals as the candidate's process reports them. Which
+    calls S holds is tgate's own schedule at one setting (evaluate.replayed_tgate_settings). None
+    where the lists were not recorded (runs before session 34)."""
+    sets = attention_call_sets(work, calls)
+    if sets is None:
+        return None
+    mid = work.get(DEEPCACHE_MID_CALLS)
+    mid_calls = frozenset(mid["call_list"]) if isinstance(mid, Mapping) and isinstance(mid.get("call_list"), list) else None
+    for part, (every, skipped) in sets.items():
         schedule = None
         for module, found in every.items():
             if schedule is None:
@@ -1306,6 +1323,47 @@ def deepcache_every_call(books, branch: Any) -> set[str]:
     return out
 
 
+#: the branches DeepCache's helper can be set to: `divmod(branch, 3)` over a UNet's down blocks
+#: (SD's four, SDXL's three), three layers each; deeper ones skip no more than the last
+DEEPCACHE_BRANCHES = range(0, 12)
+
+
+def replayed_deepcache_branch(work: Mapping[str, Any], books: Iterable[str], calls: Any,
+                              reported: Any = None) -> tuple[int | None, str]:
+    """DeepCache's cache branch as the replay shows it: the branch whose every-call modules
+    (`deepcache_every_call` over the reference's UNet `books`, attention left out: T-GATE caches it
+    on calls of its own) are exactly the UNet modules that computed on all `calls` denoiser calls
+    (trace.CallBooks), every other one having computed on fewer (the mid block's calls: the row rule
+    holds them to those). Not the branch stage 1 reads in the candidate's process: a run that
+    rewrote it to -1 there had every UNet module's floor fall to the mid block's, the costliest
+    layer cached too (red team round 19, c1, U 8.3 on 0087's model), stopped only because
+    `conv_in` is judged on the tiny zoo. Returns (branch, "") or (None, why); where the mid block
+    computed on every call the branch skips nothing, and the one reported (or 0) is returned. Every
+    DeepCache gold of sessions 33-34 (121 runs) shows exactly one branch, the one it was set to."""
+    if not isinstance(calls, int) or isinstance(calls, bool) or calls < 1:
+        return None, "the replay did not count the denoiser calls"
+    layout = sorted(b for b in books if b.startswith("unet.") and not ATTENTION_BOOK.search(b))
+
+    def computed(book: str) -> int:
+        figures = work.get(book)
+        count = figures.get("calls") if isinstance(figures, Mapping) else 0
+        return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+    every = {book for book in layout if computed(book) == calls}
+    if computed(DEEPCACHE_MID_CALLS) == calls:
+        valid = isinstance(reported, int) and not isinstance(reported, bool) and reported in DEEPCACHE_BRANCHES
+        return (reported if valid else 0), ""
+    matching = [b for b in DEEPCACHE_BRANCHES if deepcache_every_call(layout, b) == every]
+    if not matching:
+        nearest = min(DEEPCACHE_BRANCHES, key=lambda b: len(deepcache_every_call(layout, b) ^ every))
+        cached = sorted(deepcache_every_call(layout, nearest) - every)
+        extra = sorted(every - deepcache_every_call(layout, nearest))
+        return None, (f"the UNet modules the replay saw compute on every call are no cache branch's: the nearest, "
+                      f"{nearest}, computes {', '.join(cached[:3]) or 'no other'} on every call too, found on fewer"
+                      + (f", and not {', '.join(extra[:3])}" if extra else ""))
+    return (reported if reported in matching else matching[0]), ""
+
+
 #: the books of the UNet's mid block outside attention: DeepCache computes them on exactly the calls
 #: it does not answer from its cache (it never computes the mid block on a cached call), with the
 #: batch T-GATE leaves on those calls, and no method merges them; their share of the work they are
@@ -1324,9 +1382,32 @@ DEEPCACHE_REPLAYED = "deepcache:replayed"
 TGATE_SCHEDULE, TGATE_DEEPCACHE_SKIPPED = "tgate:", "tgate+deepcache:skipped:"
 
 
+def tgate_guidance_problem(evidence: Mapping[str, Any]) -> str | None:
+    """Where T-GATE lightens the denoiser, classifier-free guidance runs on exactly the calls
+    before its gate (evaluate.tgate_guided_calls: the gate of the setting the replay's attention
+    shows, the guided calls the replay's entries show): tgate's pipelines end both on the same call.
+    A run reported as T-GATE could otherwise choose which calls keep guidance (guidance dropped on
+    calls before the gate, kept on as many after), within every floor: quality bought with a
+    setting no library has."""
+    guided = evidence.get("tgate_guided_calls")
+    if "tgate" not in (evidence.get("methods") or ()) or not isinstance(guided, Mapping):
+        return None
+    expected, found = set(guided.get("expected") or ()), set(guided.get("found") or ())
+    if expected == found:
+        return None
+    dropped, kept = sorted(expected - found), sorted(found - expected)
+    return (f"T-GATE's guidance does not end at its gate: expected classifier-free guidance on the {len(expected)} "
+            f"calls before the gate of the T-GATE setting the replay's attention shows, found it on {len(found)} "
+            f"calls (counted by the harness's replay)"
+            + (f"; dropped on {len(dropped)} calls before the gate (first {dropped[0]})" if dropped else "")
+            + (f"; run on {len(kept)} calls after it (first {kept[0]})" if kept else "")
+            + "; tgate ends guidance on the call cross-attention stops")
+
+
 def deepcache_branch_problem(evidence: Mapping[str, Any], judged: set[str]) -> str | None:
-    """DeepCache's cache branch, as stage 1 read it in the candidate's process, must show in the
-    work the replay counted: no module outside attention that the branch says DeepCache skips on
+    """DeepCache's cache branch (the replay's since session 35: `replayed_deepcache_branch`; on
+    profiles without per-call books the one stage 1 read in the candidate's process) must show in
+    the work the replay counted: no module outside attention that the branch says DeepCache skips on
     its cached calls does more than the mid block's share (`deepcache_mid_share`: the calls
     DeepCache computed). More is a module DeepCache computes on every call, shown outside that set
     by a branch reported shallower than the one applied, where its floor is the mid block's and not
@@ -1346,7 +1427,7 @@ def deepcache_branch_problem(evidence: Mapping[str, Any], judged: set[str]) -> s
         return None
     book, found = above
     return (f"DeepCache's cache branch does not show in the work: {book} computed {found:.4g} of the work it "
-            f"is held to, where the branch stage 1 read ({evidence.get('deepcache_branch')!s:.40}) has "
+            f"is held to, where the cache branch ({evidence.get('deepcache_branch')!s:.40}) has "
             f"DeepCache skip it on its cached calls, as the mid block, which computed {mid:.4g} of its work "
             f"(counted by the harness's replay); a branch reported other than the one applied, or another "
             f"module's work booked to it")
@@ -1606,7 +1687,7 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
         return (f"the denoiser's work exceeds what it is held to: expected {module} to compute at most "
                 f"{ceiling:.4g} FLOPs per image that follow the seeds ({evidence.get('against')}), found {found:.4g} "
                 f"(counted by the harness's replay); another module's work booked to it, which no method does")
-    problem = (row_work_problem(evidence) or tgate_gate_problem(evidence, judged)
+    problem = (row_work_problem(evidence) or tgate_guidance_problem(evidence) or tgate_gate_problem(evidence, judged)
                or tgate_self_attention_problem(evidence, judged) or (
         None if too_slow else (
         outside_work_problem(evidence, judged) or tgate_batch_problem(evidence, judged)

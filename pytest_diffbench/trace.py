@@ -488,11 +488,12 @@ def entry_rows(factor_refs: list, factors: list, env: dict) -> tuple[int, bool] 
     multiplies (its operand that is not a parameter's) and whether they are two equal halves, as
     classifier-free guidance runs each latent (DenoiserInputs in child.py reads the same in the
     candidate's process, where it can be rewritten; this is the replay's). None where no operand is
-    an activation."""
+    an activation, or where its latents hold no element (a product of no rows is no call: red team
+    round 19 counted zero-row `conv_in` products as denoiser calls)."""
     for (tag, value), origin in zip(factor_refs, factors):
         if tag == "t" and origin is None:
             latents = env.get(value)
-            if isinstance(latents, torch.Tensor) and latents.dim() > 0:
+            if isinstance(latents, torch.Tensor) and latents.dim() > 0 and latents.numel() > 0:
                 rows, half = latents.shape[0], latents.shape[0] // 2
                 twice = bool(rows % 2 == 0 and half and torch.equal(latents[:half], latents[half:]))
                 return rows, twice

@@ -887,7 +887,7 @@ def test_the_replay_counts_each_entry_into_the_denoiser_with_its_rows_and_whethe
     equal halves (guidance), a conv_in weight computed from the parameter in the call included (it
     is booked to the parameter's module: trace._derived_origin; it hid unguided calls, session 27's
     trust review). A weight made of constants alone is booked to no module and counts as no entry
-    (stage 1 fails closed where none is seen)."""
+    (stage 1 fails closed where none is seen), and a product of no rows counts as none."""
     import torch
 
     from pytest_diffbench.flops import LeanFlopCounterMode
@@ -902,7 +902,10 @@ def test_the_replay_counts_each_entry_into_the_denoiser_with_its_rows_and_whethe
            ["aten::mul.Tensor", [{"p": 0}, 1.0], {}, [4]],  # a weight computed from the parameter
            ["aten::convolution", [{"t": 0}, {"t": 4}, None, *conv], {}, [5]],  # ... unguided: 2 rows
            ["<constant>", 0, [6]],  # a weight made of constants alone
-           ["aten::convolution", [{"t": 1}, {"t": 6}, None, *conv], {}, [7]]]
+           ["aten::convolution", [{"t": 1}, {"t": 6}, None, *conv], {}, [7]],
+           # a product of no rows is no call (red team round 19 counted one as a denoiser call)
+           ["aten::slice.Tensor", [{"t": 0}, 0, 0, 0], {}, [8]],
+           ["aten::convolution", [{"t": 8}, {"p": 0}, None, *conv], {}, [9]]]
     zoo = {"unet.conv_in.weight": torch.ones(3, 4, 1, 1)}
     replayer = Replayer(decode(_trace_blob(ops, params, {"c0": torch.ones(3, 4, 1, 1)}), 1 << 20), zoo)
     counter = LeanFlopCounterMode()

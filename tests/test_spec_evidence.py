@@ -960,6 +960,68 @@ def test_deepcaches_computed_calls_and_branch_are_read_from_the_replays_work():
     assert judged(run(honest, branch=2)) is not None
 
 
+def test_deepcaches_branch_is_the_one_the_replays_call_books_show_not_the_one_reported():
+    """Red team round 19, c1: DeepCache's cache branch was the one stage 1 read in the candidate's
+    process; rewritten there to -1, every UNet module's floor fell to the mid block's share, the
+    costliest up layer (computed on every call) was cached too, and only `conv_in`'s rule stopped
+    U 8.3 on 0087's model. The branch is now the one whose every-call modules are exactly those the
+    replay saw compute on every call (trace.CallBooks); a set of every-call modules that is no
+    branch's (a layer DeepCache computes on every call cached anyway) leaves DeepCache lightening
+    nothing. Every DeepCache gold of sessions 33-34 (121 runs) shows exactly the branch it set."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import module_work_evidence
+
+    books = ["unet.conv_in", "unet.conv_out", "unet.time_embedding.linear_1", "unet.mid_block.resnets.0.conv1",
+             "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+             *(f"unet.down_blocks.{i}.{kind}.0.{leaf}" for i in (0, 1)
+               for kind, leaf in (("resnets", "conv1"), ("attentions", "transformer_blocks.0.ff.net.2"))),
+             "unet.down_blocks.0.downsamplers.0.conv", "unet.up_blocks.0.upsamplers.0.conv",
+             *(f"unet.up_blocks.{i}.{kind}.{j}.{leaf}" for i in (0, 1) for j in (0, 1)
+               for kind, leaf in (("resnets", "conv1"), ("attentions", "transformer_blocks.0.ff.net.2")))]
+    task = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("deepcache",)))
+    calls, mid_calls = 10, [0, 2, 4, 6, 8]
+
+    def run(every: set, reported, mid=mid_calls):
+        work, by_module = {}, {}
+        for book in books:
+            listed = list(range(calls)) if book in every else mid
+            work[book] = {"calls": len(listed), "least_per_row": 500.0, "most_per_row": 500.0, "least_call": 0,
+                          "most_call": 0, "least_rows": 2, "calls_digest": repr(listed)}
+            by_module[book] = 1000.0 * len(listed) / calls
+        work[stages.DEEPCACHE_MID_CALLS]["call_list"] = list(mid)
+        return {"num_images": 1,
+                "flops": {"seeded": {"by_module": by_module, "flops": sum(by_module.values()), "row_work": work},
+                          "replay": {"denoiser_entry": {"calls": calls}}},
+                "attributes": {"methods": {"deepcache": {"cache_branch_id": reported, "cache_interval": 2}},
+                               "steps": {"denoiser_calls": [calls]}}}
+
+    reference = {"num_images": 1, "flops": {"seeded": {"by_module": {b: 1000.0 for b in books}}}}
+    every_1 = stages.deepcache_every_call(books, 1)
+    for reported in (1, 0, -1, None, "forged"):
+        evidence = module_work_evidence(task, run(every_1, reported), reference)
+        assert evidence["methods"] == ["deepcache"] and evidence["deepcache_branch"] == 1, (reported, evidence)
+        assert evidence["floor_scope"]["deepcache_every_call"] == sorted(every_1)
+    # the round's c1: the last up layer, which DeepCache computes on every call at any branch, cached
+    # too: no branch leaves it out, so DeepCache lightens nothing and its floors are the reference's
+    cached_last = every_1 - {"unet.up_blocks.1.resnets.1.conv1",
+                             "unet.up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2"}
+    evidence = module_work_evidence(task, run(cached_last, -1), reference)
+    assert evidence["methods"] == [] and "no cache branch's" in evidence["unseen_methods"]["deepcache"], evidence
+    problem = stages.module_work_problem(evidence)
+    assert problem and "deepcache lightens nothing" in problem, problem
+    branch, why = stages.replayed_deepcache_branch(run(cached_last, 0)["flops"]["seeded"]["row_work"], books, calls)
+    assert branch is None and "unet.up_blocks.1.resnets.1.conv1" in why, why
+    # every branch's set is one the replay can show, and shows as itself
+    for branch in stages.DEEPCACHE_BRANCHES:
+        every = stages.deepcache_every_call(books, branch)
+        found, _ = stages.replayed_deepcache_branch(run(every, None)["flops"]["seeded"]["row_work"], books, calls)
+        assert stages.deepcache_every_call(books, found) == every
+    # DeepCache at interval 1 caches nothing: the mid block on every call, any branch (the reported one)
+    evidence = module_work_evidence(task, run(set(books), 2, mid=list(range(calls))), reference)
+    assert evidence["methods"] == ["deepcache"] and evidence["deepcache_branch"] == 2
+
+
 def test_attention_under_tgate_and_deepcache_keeps_tgates_schedule_and_the_mid_blocks_share():
     """Under T-GATE with DeepCache (every SD optimum of the L4 sweep) attention's floor was the
     share the two leave together in the fewest computed calls (self-attention 0.0098-0.0333 of the
@@ -1625,6 +1687,85 @@ def test_tgates_attention_computes_on_one_schedule_as_the_replay_counted_it():
     run = {"flops": {"seeded": {"row_work": cut}, "replay": {"denoiser_entry": {"calls": 10}}}}
     assert "not on one schedule" in stages.row_work_problem(row_work_evidence(run, {}, ("deepcache", "tgate")))
     assert "neither every call nor DeepCache's" in stages.row_work_problem(row_work_evidence(run, {}, ("deepcache",)))
+
+
+def test_tgates_gate_and_intervals_are_the_setting_the_replays_attention_shows():
+    """Red team round 19: T-GATE's gate and intervals, which set attention's floors, were the ones
+    pipe.tgate's record in the candidate's process held, and that record could be rewritten during
+    the judged call (with tgate's scheduler replaced). They are now the one setting of tgate's
+    scheduler (gate, warm-up, the two caching intervals) whose self- and cross-attention calls are
+    the ones the replay saw the layers computed on every call compute on, on every pipeline call;
+    attention on calls no setting gives (which calls it computes on chosen freely: quality at equal
+    work) leaves T-GATE lightening nothing. Every T-GATE gold of session 34 (22 with the lists)
+    fits exactly one setting."""
+    from types import SimpleNamespace
+
+    from pytest_diffbench.evaluate import TgateSchedule, module_work_evidence, replayed_tgate_settings
+
+    block, n, pipes = "transformer.transformer_blocks.0", 12, 2
+    honest = TgateSchedule(n, 0, 6, 1, 3, 2)  # gate 6, warm-up 1, every 3rd before, every 2nd after
+
+    def calls_of(part: str, schedule=honest) -> list[int]:
+        return [p * n + i for p in range(pipes) for i in range(n) if schedule.rows(part, i)]
+
+    before_gate = [p * n + i for p in range(pipes) for i in range(6)]
+
+    def run(attn1: list[int], attn2: list[int], recorded: dict | None = None, guided=before_gate) -> dict:
+        def figures(listed):
+            return {"calls": len(listed), "least_per_row": 1.0, "most_per_row": 1.0, "call_list": listed}
+        work = {f"{block}.attn1.to_q": figures(attn1), f"{block}.attn1:operands": figures(attn1),
+                f"{block}.attn2.to_q": figures(attn2), f"{block}.ff.net.2": {
+                    "calls": n * pipes, "least_per_row": 1.0, "most_per_row": 1.0}}
+        by_module = {f"{block}.attn1.to_q": 1000.0 * len(attn1) / (n * pipes), f"{block}.ff.net.2": 1000.0,
+                     f"{block}.attn2.to_q": 1000.0 * len(attn2) / (n * pipes)}
+        return {"num_images": 1,
+                "flops": {"seeded": {"by_module": by_module, "flops": sum(by_module.values()), "row_work": work},
+                          "replay": {"denoiser_entry": {"calls": n * pipes, "guided_calls": guided}}},
+                "attributes": {"methods": {"tgate": {"gate_step": 6}}, "steps": {"denoiser_calls": [n] * pipes},
+                               "tgate_intervals": recorded or {"gate_step": 6, "warm_up": 1, "sp_interval": 3,
+                                                               "fi_interval": 2}}}
+
+    def settings(candidate):
+        evidence = {"row_work": candidate["flops"]["seeded"]["row_work"], "row_calls": n * pipes}
+        return replayed_tgate_settings(evidence, candidate["attributes"])
+
+    found, why = settings(run(calls_of("attn1"), calls_of("attn2")))
+    assert why == "" and found["gate_step"] == 6 and found["fi_interval"] == 2
+    fitted = TgateSchedule(n, 0, found["gate_step"], found["warm_up"], found["sp_interval"], found["fi_interval"])
+    assert [fitted.rows("attn1", i) for i in range(n)] == [honest.rows("attn1", i) for i in range(n)]
+    # the round's record: fi_interval rewritten to 10**6 while the work shows every 2nd call: the floors
+    # follow the replay's setting, not the record
+    task = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("tgate",)))
+    reference = {"num_images": 1, "attributes": {"denoiser_inputs": {"cfg": True}}, "flops": {"seeded": {"by_module": {
+        f"{block}.attn1.to_q": 1000.0, f"{block}.attn2.to_q": 1000.0, f"{block}.ff.net.2": 1000.0}}}}
+    forged_record = {"gate_step": 6, "warm_up": 0, "sp_interval": 10**6, "fi_interval": 10**6}
+    evidence = module_work_evidence(task, run(calls_of("attn1"), calls_of("attn2"), forged_record), reference)
+    assert evidence["methods"] == ["tgate"] and evidence["tgate_settings"] == found, evidence["tgate_settings"]
+    sparse = module_work_evidence(task, run(calls_of("attn1", TgateSchedule(n, 0, 6, 0, 10**6, 10**6)),
+                                            calls_of("attn2"), forged_record), reference)
+    assert sparse["tgate_self_attention_share"] < evidence["tgate_self_attention_share"]
+    # guidance ends on the call cross-attention stops: dropped on the gate's last call and run on the
+    # next instead (the same rows, other calls) fails
+    assert evidence["tgate_guided_calls"]["expected"] == before_gate
+    assert stages.tgate_guidance_problem(evidence) is None
+    swapped = [c for c in before_gate if c % n != 5] + [6, n + 6]
+    problem = stages.tgate_guidance_problem(module_work_evidence(
+        task, run(calls_of("attn1"), calls_of("attn2"), guided=swapped), reference))
+    assert problem and "dropped on 2 calls before the gate (first 5)" in problem and "after it (first 6)" in problem
+    # self-attention on calls of the run's own choosing (the same count, other calls): no setting's
+    chosen = [p * n + i for p in range(pipes) for i in (0, 1, 2, 5, 7, 9, 11)]
+    assert len(chosen) == len(calls_of("attn1"))
+    found, why = settings(run(chosen, calls_of("attn2")))
+    assert found is None and "no setting of tgate's scheduler on pipeline call 0" in why, why
+    evidence = module_work_evidence(task, run(chosen, calls_of("attn2")), reference)
+    assert evidence["methods"] == [] and "no setting" in evidence["unseen_methods"]["tgate"]
+    # cross-attention not a prefix of the calls (computed after a gap): no gate gives it
+    gap = [p * n + i for p in range(pipes) for i in (0, 1, 2, 4, 5)]
+    assert settings(run(calls_of("attn1"), gap))[0] is None
+    # two pipeline calls at different settings are not one configuration
+    other = TgateSchedule(n, 0, 6, 1, 3, 3)
+    mixed = [i for i in range(n) if honest.rows("attn1", i)] + [n + i for i in range(n) if other.rows("attn1", i)]
+    assert "different settings" in settings(run(mixed, calls_of("attn2")))[1]
 
 
 @pytest.mark.parametrize("attack, messages", [
