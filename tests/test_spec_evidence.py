@@ -1768,6 +1768,42 @@ def test_tgates_gate_and_intervals_are_the_setting_the_replays_attention_shows()
     assert "different settings" in settings(run(mixed, calls_of("attn2")))[1]
 
 
+def test_a_book_the_reference_has_that_the_run_computed_on_no_call_fails_the_row_rule():
+    """The trust review of session 34, 5: a book the reference has that a run emptied entirely had no
+    call figures, so the row rule never saw it, and only the aggregate floors held it. Now a
+    denoiser book the reference has must show on some call (a fused projection shows the ones it
+    fuses); where T-GATE may cache attention, an attention module on no call is held to T-GATE's one
+    schedule (all of a part on no call is a gate before the first call)."""
+    def figures(calls: list[int] | None) -> dict:
+        listed = list(range(4)) if calls is None else calls
+        record = {"calls": len(listed), "least_per_row": 10.0, "most_per_row": 10.0, "least_call": 0, "least_rows": 2}
+        return record if calls is None else {**record, "call_list": calls}
+
+    block = "transformer.transformer_blocks.0"
+    units = {f"{block}.ff.net.2": 10.0, f"{block}.norm1.linear": 10.0, f"{block}.attn1.to_q": 10.0,
+             f"{block}.attn1.to_k": 10.0, f"{block}.attn1.to_v": 10.0, f"{block}.attn2.to_q": 10.0,
+             "transformer.transformer_blocks.1.attn2.to_q": 10.0}
+    work = {book: figures(None) for book in units}
+    evidence = {"row_work": work, "row_units": units, "row_calls": 4, "task_methods": []}
+    assert stages.row_work_problem(evidence) is None
+    emptied = {k: v for k, v in work.items() if k != f"{block}.norm1.linear"}
+    problem = stages.row_work_problem({**evidence, "row_work": emptied})
+    assert problem and "computed on no call" in problem and "norm1.linear" in problem, problem
+    fused = {**{k: v for k, v in work.items() if ".attn1.to_" not in k},
+             f"{block}.attn1.to_qkv": {**figures(None), "least_per_row": 30.0, "most_per_row": 30.0}}
+    assert stages.row_work_problem({**evidence, "row_work": fused}) is None
+    # T-GATE: one block's cross-attention on no call beside another's on calls 0-1 is two schedules;
+    # every cross-attention on no call is one (a gate before the first call)
+    tgate = {**evidence, "task_methods": ["tgate"]}
+    gated = {**work, f"{block}.attn2.to_q": figures([0, 1]), "transformer.transformer_blocks.1.attn2.to_q": figures([0, 1])}
+    assert stages.row_work_problem({**tgate, "row_work": gated}) is None
+    one_gone = {k: v for k, v in gated.items() if k != f"{block}.attn2.to_q"}
+    assert "not on one schedule" in stages.row_work_problem({**tgate, "row_work": one_gone})
+    all_gone = {k: v for k, v in gated.items() if ".attn2." not in k}
+    assert stages.row_work_problem({**tgate, "row_work": all_gone}) is None
+    assert "computed on no call" in stages.row_work_problem({**evidence, "row_work": all_gone})
+
+
 @pytest.mark.parametrize("attack, messages", [
     ("guidance_dropped_inside_the_denoiser", ("computed part of the rows that entered it",)),
     ("entry_on_one_of_two_equal_halves", ("computed more rows than entered it", "expected unet.conv_in to compute")),
