@@ -639,7 +639,8 @@ def _fit_tgate(calls: int, warm: int, self_calls: set, cross_calls: set) -> tupl
     exactly `self_calls` and cross-attention on exactly `cross_calls` (indices in the pipeline
     call), or None where no setting does. The gate is fixed by cross-attention, fi_interval by the
     calls after it, warm_up and sp_interval by those before it."""
-    for gate in range(-warm, calls - warm + 1):
+    # a gate after the last call leaves every call before it (one past the end stands for them all)
+    for gate in range(-warm, calls - warm + 2):
         if {i for i in range(calls) if i - warm < gate} != cross_calls:
             continue
         after = {i for i in self_calls if i - warm >= gate}

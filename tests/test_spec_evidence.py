@@ -1762,6 +1762,10 @@ def test_tgates_gate_and_intervals_are_the_setting_the_replays_attention_shows()
     # cross-attention not a prefix of the calls (computed after a gap): no gate gives it
     gap = [p * n + i for p in range(pipes) for i in (0, 1, 2, 4, 5)]
     assert settings(run(calls_of("attn1"), gap))[0] is None
+    # a gate after the last call (T-GATE never gating) is a setting too, whatever its intervals
+    late = TgateSchedule(n, 0, 40, 1, 3, 2)
+    found, why = settings(run(calls_of("attn1", late), calls_of("attn2", late), guided=list(range(n * pipes))))
+    assert found is not None and found["gate_step"] >= n, why
     # two pipeline calls at different settings are not one configuration
     other = TgateSchedule(n, 0, 6, 1, 3, 3)
     mixed = [i for i in range(n) if honest.rows("attn1", i)] + [n + i for i in range(n) if other.rows("attn1", i)]
