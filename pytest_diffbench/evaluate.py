@@ -637,21 +637,27 @@ def _fit_tgate(calls: int, warm: int, self_calls: set, cross_calls: set) -> tupl
     """(gate_step, warm_up, sp_interval, fi_interval) of a TgateSchedule over one pipeline call of
     `calls` denoiser calls (`warm` of them the scheduler's warm-up) that computes self-attention on
     exactly `self_calls` and cross-attention on exactly `cross_calls` (indices in the pipeline
-    call), or None where no setting does. The gate is fixed by cross-attention, fi_interval by the
-    calls after it, warm_up and sp_interval by those before it."""
+    call), or None where no setting does. The gate is fixed by cross-attention; then, apart,
+    fi_interval by the calls after it and warm_up and sp_interval by those before the gate's last
+    (`TgateSchedule.rows`), so the search is a few hundred thousand set tests at most."""
     # a gate after the last call leaves every call before it (one past the end stands for them all)
     for gate in range(-warm, calls - warm + 2):
         if {i for i in range(calls) if i - warm < gate} != cross_calls:
             continue
-        after = {i for i in self_calls if i - warm >= gate}
-        for fi in range(1, calls + 2):
-            if {i for i in range(calls) if i - warm >= gate and (i - warm) % fi == 0} != after:
-                continue
-            for sp in range(1, calls + 2):
-                for warm_up in range(0, calls + 1):
-                    schedule = TgateSchedule(calls, warm, gate, warm_up, sp, fi)
-                    if {i for i in range(calls) if schedule.rows("attn1", i)} == self_calls:
-                        return gate, warm_up, sp, fi
+        before = {i for i in range(calls) if i - warm < gate - 1}
+        last = {i for i in range(calls) if i - warm == gate - 1}  # computed whatever the intervals
+        after = set(range(calls)) - before - last
+        if not last <= self_calls:
+            continue
+        fi = next((f for f in range(1, calls + warm + 2)
+                   if {i for i in after if (i - warm) % f == 0} == self_calls & after), None)
+        if fi is None:
+            continue
+        wanted = self_calls & before
+        for sp in range(1, calls + warm + 2):
+            for warm_up in range(0, calls + 1):
+                if {i for i in before if i - warm <= warm_up or (i - warm) % sp == 0} == wanted:
+                    return gate, warm_up, sp, fi
     return None
 
 

@@ -1766,6 +1766,21 @@ def test_tgates_gate_and_intervals_are_the_setting_the_replays_attention_shows()
     late = TgateSchedule(n, 0, 40, 1, 3, 2)
     found, why = settings(run(calls_of("attn1", late), calls_of("attn2", late), guided=list(range(n * pipes))))
     assert found is not None and found["gate_step"] >= n, why
+    # every setting's calls fit back to a setting with the same calls (random settings, warm-up calls,
+    # gates before the first call and after the last, intervals past the end)
+    import random
+
+    from pytest_diffbench.evaluate import _fit_tgate
+    rng = random.Random(35)
+    for _ in range(400):
+        calls, warm = rng.randint(1, 52), rng.choice((0, 0, 1, 2))
+        setting = TgateSchedule(calls, warm, rng.randint(-warm - 2, calls + 3), rng.randint(0, calls + 2),
+                                rng.randint(1, calls + 5), rng.choice((rng.randint(1, calls + 5), 10**6)))
+        want = [{i for i in range(calls) if setting.rows(part, i)} for part in ("attn1", "attn2")]
+        fit = _fit_tgate(calls, warm, *want)
+        assert fit is not None, setting
+        again = TgateSchedule(calls, warm, *fit)
+        assert [{i for i in range(calls) if again.rows(part, i)} for part in ("attn1", "attn2")] == want
     # two pipeline calls at different settings are not one configuration
     other = TgateSchedule(n, 0, 6, 1, 3, 3)
     mixed = [i for i in range(n) if honest.rows("attn1", i)] + [n + i for i in range(n) if other.rows("attn1", i)]
