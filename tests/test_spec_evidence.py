@@ -1359,10 +1359,12 @@ def test_red_team_round_12s_steered_books_fail_stage_1_on_the_products_dimension
     verdict = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold).verdict
     assert (verdict.passed, verdict.stage_reached, verdict.category) == (False, 1, stages.KEY_ATTRIBUTE), verdict
     # (since session 32 the caption cut under T-GATE also falls short of the floor T-GATE's schedule
-    # leaves each attention book, which is judged first)
+    # leaves each attention book, which is judged first; since session 35 its attention, on no one
+    # setting of tgate's scheduler, leaves T-GATE lightening nothing, so short of the reference's)
     message = verdict.message
     assert ("attention's products are not the reference's" in message and "which the reference never computes"
-            in message) or ("falls short" in message and "attn" in message and "leave at least" in message), message
+            in message) or ("falls short" in message and "attn" in message and "leave at least" in message) or (
+        "falls short" in message and "tgate lightens nothing" in message and "not on one schedule" in message), message
 
 
 def test_a_self_attentions_four_projections_do_the_same_share_of_their_work():
