@@ -316,6 +316,8 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
             elif why:
                 methods = tuple(m for m in methods if m != "tgate")
                 unseen["tgate"] = why
+            else:
+                guided = tgate_guided_calls(candidate, reference, attributes, replayed_setting=False)
         if "tgate" in methods and tgate_gate_step(attributes) is None:
             # fail closed: without its gate T-GATE's floors on attention were 0 (a gate left out of the
             # record, or rewritten in the candidate's process: red team round 18)
@@ -707,13 +709,17 @@ def replayed_tgate_settings(row_evidence: Mapping, attributes: Mapping) -> tuple
     return {"gate_step": gate, "warm_up": warm_up, "sp_interval": sp, "fi_interval": fi}, ""
 
 
-def tgate_guided_calls(candidate: Mapping, reference: Mapping, attributes: Mapping) -> dict | None:
+def tgate_guided_calls(candidate: Mapping, reference: Mapping, attributes: Mapping,
+                       replayed_setting: bool = True) -> dict | None:
     """{"expected": the denoiser calls of the judged call on which T-GATE at the gate step in
     `attributes` (the replay's setting) runs classifier-free guidance, "found": those on which the
-    replay saw each latent enter twice}: tgate's pipelines end guidance on the call cross-attention
-    stops (`(i - warm-up calls) < gate_step` for both), so its guided calls are each pipeline call's
-    calls before its gate (every T-GATE gold of session 34 exactly). None where the reference runs
-    no guidance, or a figure is missing (runs before session 35)."""
+    replay saw each latent enter twice, "gate": whose gate}: tgate's pipelines end guidance on the
+    call cross-attention stops (`(i - warm-up calls) < gate_step` for both), so its guided calls are
+    each pipeline call's calls before its gate (every T-GATE gold of session 34 exactly). Where the
+    replay shows no setting (`replayed_setting` False: SDXL under DeepCache), the gate is the one
+    the first pipeline call's guidance shows, so guidance still ends once, at one gate on every
+    pipeline call. None where the reference runs no guidance, or a figure is missing (runs before
+    session 35)."""
     entry = ((candidate.get("flops") or {}).get("replay") or {}).get("denoiser_entry") if isinstance(
         (candidate.get("flops") or {}).get("replay"), Mapping) else None
     found = entry.get("guided_calls") if isinstance(entry, Mapping) else None
@@ -721,9 +727,17 @@ def tgate_guided_calls(candidate: Mapping, reference: Mapping, attributes: Mappi
         reference.get("attributes"), Mapping) else {}
     steps = attributes.get("steps") if isinstance(attributes.get("steps"), Mapping) else {}
     counts, requested = steps.get("denoiser_calls"), steps.get("requested")
-    gate = tgate_gate_step(attributes)
-    if not (isinstance(found, list) and isinstance(inputs, Mapping) and inputs.get("cfg") and isinstance(gate, int)
-            and isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)):
+    if not (isinstance(found, list) and isinstance(inputs, Mapping) and inputs.get("cfg") and isinstance(counts, list)
+            and counts and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)):
+        return None
+    found = [c for c in found if isinstance(c, int) and not isinstance(c, bool)]
+    if replayed_setting:
+        gate, whose = tgate_gate_step(attributes), "the T-GATE setting the replay's attention shows"
+    else:
+        first = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else counts[0]
+        leading = next((i for i in range(counts[0]) if i not in set(found)), counts[0])
+        gate, whose = leading - max(0, counts[0] - first), "the first pipeline call's guidance"
+    if not isinstance(gate, int):
         return None
     expected, start = [], 0
     for index, count in enumerate(counts):
@@ -731,7 +745,7 @@ def tgate_guided_calls(candidate: Mapping, reference: Mapping, attributes: Mappi
             requested[index], int) and not isinstance(requested[index], bool) else count
         expected += [start + i for i in range(count) if i - max(0, count - asked) < gate]
         start += count
-    return {"expected": expected, "found": [c for c in found if isinstance(c, int) and not isinstance(c, bool)]}
+    return {"expected": expected, "found": found, "gate": whose}
 
 
 def _with_tgate_settings(attributes: Mapping, settings: Mapping) -> dict:

@@ -1409,7 +1409,8 @@ TGATE_SCHEDULE, TGATE_DEEPCACHE_SKIPPED = "tgate:", "tgate+deepcache:skipped:"
 def tgate_guidance_problem(evidence: Mapping[str, Any]) -> str | None:
     """Where T-GATE lightens the denoiser, classifier-free guidance runs on exactly the calls
     before its gate (evaluate.tgate_guided_calls: the gate of the setting the replay's attention
-    shows, the guided calls the replay's entries show): tgate's pipelines end both on the same call.
+    shows, or where it shows none the first pipeline call's; the guided calls the replay's entries
+    show): tgate's pipelines end both on the same call.
     A run reported as T-GATE could otherwise choose which calls keep guidance (guidance dropped on
     calls before the gate, kept on as many after), within every floor: quality bought with a
     setting no library has."""
@@ -1421,7 +1422,7 @@ def tgate_guidance_problem(evidence: Mapping[str, Any]) -> str | None:
         return None
     dropped, kept = sorted(expected - found), sorted(found - expected)
     return (f"T-GATE's guidance does not end at its gate: expected classifier-free guidance on the {len(expected)} "
-            f"calls before the gate of the T-GATE setting the replay's attention shows, found it on {len(found)} "
+            f"calls before the gate of {guided.get('gate') or 'its setting'}, found it on {len(found)} "
             f"calls (counted by the harness's replay)"
             + (f"; dropped on {len(dropped)} calls before the gate (first {dropped[0]})" if dropped else "")
             + (f"; run on {len(kept)} calls after it (first {kept[0]})" if kept else "")

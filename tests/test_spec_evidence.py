@@ -1754,6 +1754,14 @@ def test_tgates_gate_and_intervals_are_the_setting_the_replays_attention_shows()
     problem = stages.tgate_guidance_problem(module_work_evidence(
         task, run(calls_of("attn1"), calls_of("attn2"), guided=swapped), reference))
     assert problem and "dropped on 2 calls before the gate (first 5)" in problem and "after it (first 6)" in problem
+    # where the replay shows no setting (SDXL under DeepCache) guidance still ends once, at the gate
+    # the first pipeline call's guidance shows, on every pipeline call
+    from pytest_diffbench.evaluate import tgate_guided_calls
+    unfitted = run(calls_of("attn1"), calls_of("attn2"), guided=list(range(3)) + [n + i for i in range(4)])
+    guided = tgate_guided_calls(unfitted, reference, unfitted["attributes"], replayed_setting=False)
+    assert guided["expected"] == [0, 1, 2, n, n + 1, n + 2], guided
+    problem = stages.tgate_guidance_problem({"methods": ["tgate"], "tgate_guided_calls": guided})
+    assert problem and "the first pipeline call's guidance" in problem and f"after it (first {n + 3})" in problem
     # self-attention on calls of the run's own choosing (the same count, other calls): no setting's
     chosen = [p * n + i for p in range(pipes) for i in (0, 1, 2, 5, 7, 9, 11)]
     assert len(chosen) == len(calls_of("attn1"))
