@@ -1064,12 +1064,6 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
         attention_schedule_problem(schedule_work, calls) if tgate else None)
     if problem:
         return problem
-    for book in absent:
-        if not (tgate and TGATE_ATTENTION.search(book)):
-            return (f"a denoiser module computed on no call: expected {book} to compute {units[book]:.6g} FLOPs per "
-                    f"row (the reference's) on every denoiser call, or on the calls DeepCache computed, found it on "
-                    f"none (counted by the harness's replay); its work booked to another module, done out of the "
-                    f"counted ops, or left out on every call")
     for module in sorted(work):
         figures = work[module]
         least, most = figures["least_per_row"], figures["most_per_row"]
@@ -1116,6 +1110,12 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
                     f"call {figures.get('most_call')} (counted by the harness's replay); the entry into the "
                     f"denoiser made on fewer rows than the call computes, a call's entry hidden, or another "
                     f"module's work booked to it, which no method does")
+    for book in absent:
+        if not (tgate and TGATE_ATTENTION.search(book)):
+            return (f"a denoiser module computed on no call: expected {book} to compute {units[book]:.6g} FLOPs per "
+                    f"row (the reference's) on every denoiser call, or on the calls DeepCache computed, found it on "
+                    f"none (counted by the harness's replay); its work booked to another module, done out of the "
+                    f"counted ops, or left out on every call")
     return None
 
 

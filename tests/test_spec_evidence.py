@@ -1494,8 +1494,11 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
                  "flops": {"seeded": {"by_module": {module: 1200.0, attention: 600.0}}}}
 
     def candidate(least: float, most: float = 100.0, name: str = module) -> dict:
-        work = {name: {"calls": 4, "least_per_row": least, "least_call": 3, "least_rows": 2, "most_per_row": most,
-                       "most_call": 1}}
+        # the reference's other books at their units (a book computed on no call fails on its own)
+        work = {book: {"calls": 4, "least_per_row": unit, "least_call": 0, "least_rows": 2, "most_per_row": unit,
+                       "most_call": 0} for book, unit in ((module, 100.0), (attention, 50.0))}
+        work[name] = {"calls": 4, "least_per_row": least, "least_call": 3, "least_rows": 2, "most_per_row": most,
+                      "most_call": 1}
         return {"flops": {"seeded": {"row_work": work}, "replay": {"denoiser_entry": {"calls": 4}}}}
 
     honest = row_work_evidence(candidate(100.0), reference)
@@ -1524,7 +1527,8 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     deep = "unet.down_blocks.1.resnets.0.conv1"
     skipped = row_work_evidence(candidate(100.0, name=deep), reference)
     skipped["row_work"] = {deep: dict(skipped["row_work"][deep], calls=2, calls_digest="aa"),
-                           module: dict(skipped["row_work"][deep], calls=2, calls_digest="aa")}
+                           module: dict(skipped["row_work"][deep], calls=2, calls_digest="aa"),
+                           attention: dict(skipped["row_work"][attention], calls=2, calls_digest="aa")}
     assert module == stages.DEEPCACHE_MID_CALLS and stages.row_work_problem(skipped) is None
     skipped["row_work"][deep]["calls_digest"] = "bb"
     assert "neither every call nor DeepCache's" in stages.row_work_problem(skipped)
