@@ -246,8 +246,9 @@ def replay_mismatches(attributes: Mapping, flops: Mapping | None, expected_dtype
     products of the VAE's and the text encoders' own parameters (Replayer.run's origins): the
     precision asked for is the denoiser's, and the tiny zoo's VAE, half of a DiT or PixArt call's
     FLOPs, left a float32 denoiser beside a float16 VAE the plurality (red team, session 18).
-    Where the task asks for a half precision (`expected_dtype`), at least HALF_PRECISION_SHARE of
-    the tally must be in it. Where it asks no dtype (L4/L5: reduced precision allowed), the claim is
+    Where the task asks for a precision (`expected_dtype`, L1-L3), at least HALF_PRECISION_SHARE of
+    the tally must be in it (float32 too, since red team round 20), and on float32 tasks as much of
+    the VAE's and text encoders' (`other_flops_by_dtype`). Where it asks no dtype (L4/L5: reduced precision allowed), the claim is
     not judged: parameters kept float32 under `torch.autocast` compute in bfloat16 honestly
     (tests/adversarial_tasks/autocast_bfloat16.py), and the speed cross-check compares the
     candidate with a baseline in the dtype the replay computed in (crosscheck.replay_dtype), so a
@@ -268,11 +269,23 @@ def replay_mismatches(attributes: Mapping, flops: Mapping | None, expected_dtype
     if claimed is not None and claimed != computed:
         out.append(Mismatch("dtype the call computed in (the harness's replay: FLOPs by dtype)", claimed,
                             f"{computed} ({shares})"))
-    elif expected_dtype in crosscheck.HALF_DTYPES:
+    else:
+        # every dtype a task asks for, float32 too: a float32 task computed 40 % in bfloat16 under
+        # autocast passed while float32 stayed the most-used dtype (red team round 20, F7)
         share = by_dtype.get(expected_dtype, 0) / total
         if share < HALF_PRECISION_SHARE:
             out.append(Mismatch(f"share of the denoiser's FLOPs computed in {expected_dtype} (the harness's replay)",
                                 f">= {HALF_PRECISION_SHARE:.0%}", f"{share:.1%} ({shares})"))
+    other = (flops.get("replay") or {}).get("other_flops_by_dtype")
+    if expected_dtype == "float32" and isinstance(other, Mapping) and sum(other.values()):
+        # where the task asks for float32 the VAE and the text encoders compute in it too (a half-
+        # precision task may keep its VAE in float32: SDXL's upcasts it); a bfloat16 VAE on a float32
+        # task passed (red team round 20, F6). Every float32 gold computes all of it in float32
+        share = other.get("float32", 0) / sum(other.values())
+        if share < HALF_PRECISION_SHARE:
+            found = ", ".join(f"{name} {other[name] / sum(other.values()):.0%}" for name in sorted(other, key=other.get, reverse=True))
+            out.append(Mismatch("share of the VAE's and text encoders' FLOPs computed in float32 (the harness's replay)",
+                                f">= {HALF_PRECISION_SHARE:.0%}", f"{share:.1%} ({found})"))
     return out
 
 

@@ -500,6 +500,30 @@ def test_a_sixth_of_the_work_kept_in_float32_fails_a_half_precision_task(tiny_zo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("attack, field", [
+    ("bfloat16_in_part_on_a_float32_task.py", "share of the denoiser's FLOPs computed in float32"),
+    ("bfloat16_vae_on_a_float32_task.py", "share of the VAE's and text encoders' FLOPs computed in float32"),
+])
+def test_bfloat16_in_part_fails_a_float32_task(attack, field, tiny_zoo, baseline_cache_dir, tmp_path):
+    """Red team round 20, F6 and F7: a float32 task computed partly in bfloat16 (two of five denoiser
+    calls under autocast; the VAE) passed while float32 kept most of the denoiser's FLOPs. Where the
+    task asks float32, HALF_PRECISION_SHARE of the denoiser's replayed work and of the VAE's and text
+    encoders' must be in it: a key-attribute failure naming the share."""
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_task(REPO / "tasks" / "L2" / "L2-dit-c2i-euler-0027.yaml")
+    assert task.expect.dtype == "float32"
+    code = task.gold + f"\n\n# ---- the attack (tests/adversarial_tasks/{attack}) ----\n" + (TASK_ATTACKS / attack).read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    assert not result.verdict.passed and result.verdict.category == stages.KEY_ATTRIBUTE, result.verdict
+    assert field in result.verdict.message and "bfloat16" in result.verdict.message, result.verdict.message
+    assert result.attributes["dtype"] == "float32"  # what the child's hooks saw
+
+
+@pytest.mark.slow
 def test_attention_in_float32_beside_an_inert_vae_operand_stays_in_the_precision_tally(tiny_zoo, baseline_cache_dir,
                                                                                        tmp_path):
     """tests/adversarial_tasks/attention_float32_beside_an_inert_vae_operand.py (session 23's review):

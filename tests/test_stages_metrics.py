@@ -214,8 +214,10 @@ def test_the_replays_precision_overrules_the_one_the_child_reports():
 
 def test_where_half_precision_is_asked_nearly_all_the_denoisers_work_must_be_in_it():
     """The plurality alone let a third of the work stay float32 under a float16 claim; where the
-    task asks for a half dtype, HALF_PRECISION_SHARE of the replay's tally must be in it. Where it
-    does not (L4/L5, float32 tasks), a float32 island under a float16 claim is the author's choice."""
+    task asks for a dtype, HALF_PRECISION_SHARE of the replay's tally must be in it: a half one, and
+    float32 too (red team round 20, F7: 40 % of a float32 task's denoiser in bfloat16 under
+    autocast), and on a float32 task as much of the VAE's and text encoders' (F6: a bfloat16 VAE).
+    Where it asks none (L4/L5) the claim is not judged."""
     def tally(half, full):
         return {"source": "replay", "replay": {"flops_by_dtype": {"float16": half, "float32": full}}}
 
@@ -224,7 +226,17 @@ def test_where_half_precision_is_asked_nearly_all_the_denoisers_work_must_be_in_
     assert "share of the denoiser's FLOPs computed in float16" in found.field
     assert stages.replay_mismatches({"dtype": "float16"}, tally(96, 4), "float16") == []
     assert stages.replay_mismatches({"dtype": "float16"}, tally(82, 18), None) == []  # not asked
-    assert stages.replay_mismatches({"dtype": "float16"}, tally(82, 18), "float32") == []
+    (short,) = stages.replay_mismatches({"dtype": "float32"}, tally(40, 60), "float32")
+    assert "computed in float32" in short.field and short.found.startswith("60.0%"), short
+    assert stages.replay_mismatches({"dtype": "float32"}, tally(3, 97), "float32") == []
+    # the VAE and the text encoders: in float32 where the task asks it, free under a half precision
+    vae_half = dict(tally(0, 100))
+    vae_half["replay"] = dict(vae_half["replay"], other_flops_by_dtype={"bfloat16": 70, "float32": 30})
+    (vae,) = stages.replay_mismatches({"dtype": "float32"}, vae_half, "float32")
+    assert "VAE's and text encoders' FLOPs computed in float32" in vae.field and vae.found.startswith("30.0%"), vae
+    upcast = dict(tally(100, 0))
+    upcast["replay"] = dict(upcast["replay"], other_flops_by_dtype={"float16": 30, "float32": 70})
+    assert stages.replay_mismatches({"dtype": "float16"}, upcast, "float16") == []
     (plurality,) = stages.replay_mismatches({"dtype": "float16"}, tally(30, 70), "float16")  # named once
     assert plurality.expected == "float16" and plurality.found.startswith("float32")
 
