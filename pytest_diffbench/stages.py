@@ -44,6 +44,11 @@ FIDELITY_FLOOR = 0.05
 # of golds measured 0.0000-0.0079 on cpu-tiny (but ToMe's: 0.012-0.029, below), the methods
 # themselves move images by 0.01-0.05 (docs/integrity.md).
 GOLD_SPEC_BOUND = 0.04
+# ... but where the images judged are the harness's replay in float32 (a float32 task on a replayed
+# profile), honest variants of the gold differ from its images by rounding alone: 0.0000-0.00013 over
+# SESSION35_VARIANTS (session 35), while a guidance scale, a caption, a scheduler's configuration
+# or guidance_rescale changed as asked passed under 0.04 (red team round 20: 0.0097-0.038)
+FLOAT32_REPLAY_GOLD_SPEC_BOUND = 0.005
 # ... or, where the task asks for ToMe, this many times ToMe's own change (gold_spec_bound): honest
 # variants of ToMe golds sat 0.57-0.95 of it from the gold's images (docs/integrity.md, session 21)
 TOME_GOLD_SPEC_FACTOR = 1.5
@@ -1775,10 +1780,12 @@ def _tome_noise(inp: StageInputs) -> float:
     return inp.gold_nrmse_vs_reference or math.inf
 
 
-def gold_spec_bound(inp: StageInputs) -> float:
-    """The bound on L_gold (the candidate's images against the gold's): GOLD_SPEC_BOUND, wider
-    where ToMe's own noise is larger (_tome_noise)."""
-    return max(GOLD_SPEC_BOUND, TOME_GOLD_SPEC_FACTOR * _tome_noise(inp))
+def gold_spec_bound(inp: StageInputs, float32_replay: bool = False) -> float:
+    """The bound on L_gold (the candidate's images against the gold's): GOLD_SPEC_BOUND, or
+    FLOAT32_REPLAY_GOLD_SPEC_BOUND where the images are the replay's of a float32 task
+    (`float32_replay`), wider where ToMe's own noise is larger (_tome_noise)."""
+    base = FLOAT32_REPLAY_GOLD_SPEC_BOUND if float32_replay else GOLD_SPEC_BOUND
+    return max(base, TOME_GOLD_SPEC_FACTOR * _tome_noise(inp))
 
 
 def spec_evidence_problem(inp: StageInputs) -> str | None:

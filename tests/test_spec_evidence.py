@@ -339,6 +339,16 @@ def test_a_change_of_the_images_is_evidence_from_0_002_in_float32_on_a_cpu_and_n
     assert bound(tgate, 0.3) == stages.GOLD_SPEC_BOUND == 0.04
     assert bound(both, 0.0211, honest) == 0.04 and bound(tome, 0.0177) == 0.04
     assert bound(both, 0.0564, {"tomesd": (0.0322, 0.0321)}) == pytest.approx(1.5 * 0.0322)
+    # the replay's images of a float32 task: honest variants differ by rounding alone (session 35),
+    # ToMe's own noise still widens it
+    float32 = stages.gold_spec_bound(stages.StageInputs(
+        level="L1", expect=SimpleNamespace(methods={}), constraint=None, outcome_status="ok", outcome_detail="",
+        result={}, gold_attributes=None, gold_nrmse_vs_reference=0.3), float32_replay=True)
+    assert float32 == stages.FLOAT32_REPLAY_GOLD_SPEC_BOUND < 0.0093  # red team round 20's smallest
+    assert stages.gold_spec_bound(stages.StageInputs(
+        level="L3", expect=tome, constraint=None, outcome_status="ok", outcome_detail="", result={},
+        gold_attributes=None, gold_nrmse_vs_reference=0.0564, ablation_distances={"tomesd": (0.0322, 0.0321)}),
+        float32_replay=True) == pytest.approx(1.5 * 0.0322)
 
 
 def test_on_l1_l3_a_module_the_gold_lightens_must_be_nearer_the_golds_work_than_the_references():
