@@ -1507,9 +1507,25 @@ class Evaluator:
             if speedups and speedups["U_work"] is not None:  # U counts all the work (crosscheck.judged_speedup)
                 inputs.speedup = speedups["U"]
                 measured.update(U_flops=speedups["U_flops"], U_work=speedups["U_work"], U_seed=speedups["U_seed"])
+        comparator_failure = None
         if self.profile.speed_method == "flops":
-            against, comparator = self._crosscheck_comparator(task, reference_code or task.reference, batch, result,
-                                                              reference, gold)
+            try:
+                against, comparator = self._crosscheck_comparator(task, reference_code or task.reference, batch,
+                                                                  result, reference, gold)
+            except HarnessError as exc:
+                # only the reference run in the precision the candidate chose can fail here (the
+                # reference and the gold ran already): the candidate's choice may not turn into a
+                # harness error (red team round 20). Where the replay proved the call, U is the
+                # replay's and this cross-check a second layer; elsewhere it is the candidate's failure
+                comparator_failure = str(exc)[:300]
+        if comparator_failure is not None:
+            proved = (result.get("flops") or {}).get("source") == "replay"
+            measured["speed_crosscheck"] = {"skipped": f"the comparator in the candidate's precision failed: "
+                                                       f"{comparator_failure}"}
+            if not proved:
+                inputs.integrity_problems = (f"the speed cross-check could not be made: the reference run in the "
+                                             f"precision the candidate computed in failed ({comparator_failure})",)
+        elif self.profile.speed_method == "flops":
             figures = crosscheck.speed_figures(comparator.result, result)
             figures["against"] = against
             violation = crosscheck.speed_violation(figures)

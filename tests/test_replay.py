@@ -584,6 +584,38 @@ def test_reduced_precision_under_autocast_is_the_authors_choice_where_no_dtype_i
 
 
 @pytest.mark.slow
+def test_a_comparator_in_the_candidates_precision_that_fails_is_no_harness_error(tiny_zoo, baseline_cache_dir,
+                                                                                 tmp_path, monkeypatch):
+    """Red team round 20: a candidate computing in bfloat16 makes the parent run the reference in
+    bfloat16 for the speed cross-check; where that run failed, the task became a harness error, a
+    failure the candidate chose. The reference runs in bfloat16 on every family today, so the
+    failure is made here (a test double: Evaluator.baseline raising for that dtype only). Where
+    the replay proved the call the cross-check is skipped with the reason and the verdict stands
+    (U is the replay's); the task is judged to its end."""
+    from pytest_diffbench import evaluate as evaluate_module
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate, Evaluator, HarnessError
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    real = Evaluator.baseline
+
+    def baseline(self, role, task, code, batch, dtype="float32"):
+        if dtype == "bfloat16":
+            raise HarnessError(f"the {role} code of task {task.id} failed (made to fail in bfloat16 by the test)")
+        return real(self, role, task, code, batch, dtype)
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "baseline", baseline)
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{FORK_TASK}.yaml"))
+    code = task.reference + "\n\n" + (TASK_ATTACKS / "autocast_bfloat16.py").read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    m = result.measures
+    assert result.verdict.stage_reached == 3 and result.verdict.category == stages.RELATIVE_SPEED, result.verdict
+    assert "made to fail in bfloat16" in m.speed_crosscheck["skipped"], m.speed_crosscheck
+
+
+@pytest.mark.slow
 def test_work_moved_into_uncounted_ops_is_an_integrity_failure_naming_both_figures(tiny_zoo, baseline_cache_dir,
                                                                                  tmp_path):
     """The replay counts what torch's FLOP counter counts; work written with other ops it runs (a
