@@ -48,8 +48,9 @@ GOLD_SPEC_BOUND = 0.04
 # profile), honest variants of the gold differ from its images by rounding alone: 0.0000-0.00019
 # (session 35: classic attention for SDPA, fused QKV, one thread, samples batched, channels_last,
 # on SD 1.5, SD 2.1, SDXL, DiT, PixArt-alpha and -Sigma, ancestral samplers, DeepCache, T-GATE;
-# /work/s35/variants, 48 runs; fp16 tasks up to 0.0076), while a guidance scale, a caption, a scheduler's configuration or
-# guidance_rescale other than asked passed under 0.04 (red team round 20: 0.0097-0.038)
+# /work/s35/variants, 48 runs; fp16 tasks up to 0.0076), while a guidance scale, a caption, a
+# scheduler's configuration or guidance_rescale other than asked passed under 0.04 (red team round
+# 20: 0.0097-0.038)
 FLOAT32_REPLAY_GOLD_SPEC_BOUND = 0.005
 # ... or, where the task asks for ToMe, this many times ToMe's own change (gold_spec_bound): honest
 # variants of ToMe golds sat 0.57-0.95 of it from the gold's images (docs/integrity.md, session 21)
