@@ -2029,7 +2029,7 @@ def _collect_result(results: _ResultStream, returncode: int | None, wrapped: boo
             if result.get(name) is not None and not isinstance(result[name], dict):
                 raise ValueError(f"the result's {name} is a {type(result[name]).__name__}, not an object")
         _check_nesting(result, MAX_RESULT_NESTING)
-        violation = _frozen_attributes(result, results.attributes, getattr(results, "findings", None)) or \
+        violation = _frozen_attributes(result, results.attributes, results.findings) or \
             _timing_violation(result, results.marks)
         _parent_figures(result, results.marks, results.mark_cpu, results.go_at, results.result_at)
         if violation:

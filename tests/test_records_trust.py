@@ -357,7 +357,7 @@ def test_a_result_whose_objects_are_not_objects_is_the_candidates_bad_result(mem
     from pytest_diffbench.sandbox import _collect_result
 
     document = {"status": "error" if member == "error" else "ok", member: ["not", "a", "mapping"]}
-    stream = SimpleNamespace(error=None, attributes=None, result=_json.dumps(document), marks=[], mark_cpu=[], go_at=None,
+    stream = SimpleNamespace(error=None, attributes=None, findings={}, result=_json.dumps(document), marks=[], mark_cpu=[], go_at=None,
                              result_at=None, images=[])
     status, detail, result = _collect_result(stream, 0, False, None)
     assert (status, result) == ("bad_result", None) and f"{member} is a list" in detail
@@ -378,7 +378,7 @@ def test_a_number_out_of_range_in_the_childs_document_is_its_bad_result(text):
 
     from pytest_diffbench.sandbox import MAX_RESULT_NUMBER, _collect_result, decode_child_json
 
-    stream = SimpleNamespace(error=None, attributes=None, result=text, marks=[], mark_cpu=[], go_at=None, result_at=None, images=[])
+    stream = SimpleNamespace(error=None, attributes=None, findings={}, result=text, marks=[], mark_cpu=[], go_at=None, result_at=None, images=[])
     status, detail, result = _collect_result(stream, 0, False, None)
     assert (status, result) == ("bad_result", None), detail
     assert detail.startswith("unreadable result: ") and ("out of range" in detail or "no number" in detail), detail
@@ -395,7 +395,7 @@ def test_a_timing_mark_the_parent_cannot_read_is_the_candidates_bad_result():
 
     document = '{"status": "ok", "images": [], "timing": {"calls_s": [0.1]}}'
     marks = [(1.0, {"event": "start", "call": "timed"}), (2.0, {"event": "end", "call": "timed", "index": 0})]
-    stream = SimpleNamespace(error=None, attributes=None, result=document, marks=marks, mark_cpu=[None] * len(marks),
+    stream = SimpleNamespace(error=None, attributes=None, findings={}, result=document, marks=marks, mark_cpu=[None] * len(marks),
                              go_at=None, result_at=None, images={})
     status, detail, result = _collect_result(stream, 0, False, None)
     assert (status, result) == ("bad_result", None) and "KeyError" in detail, detail
