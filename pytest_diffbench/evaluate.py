@@ -635,6 +635,14 @@ class TgateSchedule:
         return (2 if step < self.gate else 1) if computed else 0
 
 
+def _warm_calls(counts: list, requested: Any, index: int) -> int:
+    """The scheduler's warm-up calls of pipeline call `index` (`counts` denoiser calls each, the
+    steps asked in `requested`): tgate's pipelines count their steps from after them."""
+    asked = requested[index] if isinstance(requested, list) and index < len(requested) and isinstance(
+        requested[index], int) and not isinstance(requested[index], bool) else counts[index]
+    return max(0, counts[index] - asked)
+
+
 def _fit_tgate(calls: int, warm: int, self_calls: set, cross_calls: set) -> tuple[int, int, int, int] | None:
     """(gate_step, warm_up, sp_interval, fi_interval) of a TgateSchedule over one pipeline call of
     `calls` denoiser calls (`warm` of them the scheduler's warm-up) that computes self-attention on
@@ -691,11 +699,9 @@ def replayed_tgate_settings(row_evidence: Mapping, attributes: Mapping) -> tuple
         return None, "the calls of its pipeline calls are not the replay's"
     fits, start = set(), 0
     for index, count in enumerate(counts):
-        asked = requested[index] if isinstance(requested, list) and index < len(requested) and isinstance(
-            requested[index], int) and not isinstance(requested[index], bool) else count
         window = range(start, start + count)
-        fit = _fit_tgate(count, max(0, count - asked), {i - start for i in self_calls if i in window},
-                         {i - start for i in cross_calls if i in window})
+        fit = _fit_tgate(count, _warm_calls(counts, requested, index),
+                         {i - start for i in self_calls if i in window}, {i - start for i in cross_calls if i in window})
         if fit is None:
             return None, (f"its attention's calls are no setting of tgate's scheduler on pipeline call {index} "
                           f"(self-attention on {len([i for i in self_calls if i in window])}, cross-attention on "
@@ -734,16 +740,14 @@ def tgate_guided_calls(candidate: Mapping, reference: Mapping, attributes: Mappi
     if replayed_setting:
         gate, whose = tgate_gate_step(attributes), "the T-GATE setting the replay's attention shows"
     else:
-        first = requested[0] if isinstance(requested, list) and requested and isinstance(requested[0], int) else counts[0]
         leading = next((i for i in range(counts[0]) if i not in set(found)), counts[0])
-        gate, whose = leading - max(0, counts[0] - first), "the first pipeline call's guidance"
+        gate, whose = leading - _warm_calls(counts, requested, 0), "the first pipeline call's guidance"
     if not isinstance(gate, int):
         return None
     expected, start = [], 0
     for index, count in enumerate(counts):
-        asked = requested[index] if isinstance(requested, list) and index < len(requested) and isinstance(
-            requested[index], int) and not isinstance(requested[index], bool) else count
-        expected += [start + i for i in range(count) if i - max(0, count - asked) < gate]
+        warm = _warm_calls(counts, requested, index)
+        expected += [start + i for i in range(count) if i - warm < gate]
         start += count
     return {"expected": expected, "found": found, "gate": whose}
 
