@@ -241,6 +241,34 @@ def deepcache_least_share(attributes: Any, mid_calls: Any = None) -> float | Non
     return len(full) / calls * (1 - stages.MODULE_WORK_TOLERANCE)
 
 
+def steps_asked(task) -> dict | None:
+    """What the replay checks the steps between denoiser calls against (updates.StepCheck;
+    stages.step_mismatches): on L1-L3, where the task fixes its scheduler, step count, guidance
+    scale and strength, those; None on L4/L5 (the scheduler and steps are the candidate's)."""
+    expect = task.expect
+    if task.level not in ("L1", "L2", "L3") or not expect.scheduler or not expect.steps \
+            or task.guidance_scale is None:
+        return None
+    return {"scheduler": expect.scheduler, "steps": int(expect.steps),
+            "strength": float(task.strength) if task.strength is not None else None,
+            # DiT's pipeline: the conditional half first, and the scheduler steps the scaled model input
+            "guidance_scale": float(task.guidance_scale), "cond_first": task.family == "dit",
+            "steps_model_input": task.family == "dit"}
+
+
+def captions_asked(task, batch: dict) -> dict | None:
+    """The captions (or DiT's classes) of `batch` the replay checks the text encoders' (class
+    embedder's) lookups against (captions.py; stages.caption_mismatches): on L1-L3, where the
+    gold is the specification; None on L4/L5."""
+    if task.level not in ("L1", "L2", "L3"):
+        return None
+    prompts, class_ids = batch.get("prompts"), batch.get("class_ids")
+    if not prompts and not class_ids:
+        return None
+    return {"prompts": list(prompts) if prompts else None,
+            "class_ids": [int(c) for c in class_ids] if class_ids else None}
+
+
 def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Mapping | None = None) -> dict | None:
     """stages.module_work_problem's figures: the seeded FLOPs per image by denoiser module of the
     candidate (the replay's) and of what it is held to, with the methods that may lighten a module.
@@ -1005,11 +1033,12 @@ class Evaluator:
 
     def _replay(self, task, batch: dict, run_batch: dict, trace: bytes, run_images_dir: Path,
                 run_image_names, out_dir: Path, harness_dir: Path,
-                canonical: bool = False, baseline_role: str | None = None
+                canonical: bool = False, baseline_role: str | None = None, asked_checks: bool = True
                 ) -> tuple[dict | None, SandboxOutcome | None, str | None]:
         """Replay `trace` (replay.py) on `batch`'s seeds, its images into `out_dir` (`canonical`: in
         canonical precision, canonical_images; `baseline_role`: the baseline whose call it is, replayed
-        in the baselines' zygote pool): (the replay's result, its process, None), or (None,
+        in the baselines' zygote pool; `asked_checks`: a candidate's replay reads the steps and
+        captions the task asks, steps_asked and captions_asked): (the replay's result, its process, None), or (None,
         process or None, what stopped it: the candidate's, or for a baseline the harness's).
         A replay process that ended before it was given the trace, or a model the harness cannot
         load, is a HarnessError."""
@@ -1020,6 +1049,9 @@ class Evaluator:
         job = {"task_id": task.id, "role": replay_role(baseline_role), "model": task.model, "device": "cpu",
                "threads": self.profile.threads, "out_dir": str(out_dir),
                "max_constant_bytes": bounds["max_constant_bytes"], "canonical": canonical,
+               # a candidate's judged replay reads what the task asks (a baseline's, the held-out one: the same trace)
+               "steps_check": steps_asked(task) if baseline_role is None and asked_checks else None,
+               "captions_check": captions_asked(task, batch) if baseline_role is None and asked_checks else None,
                "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
                          "replay": {"trace": base64.b64encode(trace).decode("ascii"),
                                     "run_seeds": list(run_batch["seeds"]),
@@ -1305,7 +1337,7 @@ class Evaluator:
             proof, _, problem = self._replay(task, batch, {"seeds": outcome.extra["run_seeds"]}, outcome.trace,
                                              task_dir / "run-images", outcome.extra.get("run_images") or [],
                                              folder / "images", folder / "replay",
-                                             canonical=canonical_images(task, self.profile))
+                                             canonical=canonical_images(task, self.profile), asked_checks=False)
             # the problems say what failed, not how: an error's text or a structural detail (which
             # sample) can carry values computed from the held-out noise to the author
             if problem:  # not logged either: the harness's log lines are shown with the run

@@ -34,15 +34,43 @@ def _error(phase: str, exc: BaseException) -> dict:
                                          "traceback": traceback.format_exc()[-3000:]}}
 
 
-def load_zoo(model: str):
-    """{name: tensor} of the task's model as the harness loads it (float32, from the local zoo)."""
+def load_zoo(model: str, settings: dict | None = None):
+    """{name: tensor} of the task's model as the harness loads it (float32, from the local zoo);
+    `settings`, where given, gets the pipeline's scheduler configuration and its denoiser's patch
+    size (a transformer's), for the check of the steps between denoiser calls (updates.py)."""
     import torch
     from diffusers import DiffusionPipeline
 
     from pytest_diffbench.trace import named_tensors
 
     pipe = DiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+    if settings is not None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        settings["scheduler_config"] = pipe.scheduler.config
+        settings["patch_size"] = getattr(getattr(denoiser, "config", None), "patch_size", None)
+        settings["pipe"] = pipe  # its tokenizers (captions.expected_rows)
     return named_tensors(pipe)
+
+
+def asked_checks(job: dict, settings: dict) -> tuple:
+    """(an updates.StepCheck for the task's scheduler, steps, strength and guidance scale in
+    `job["steps_check"]`, or None; captions.expected_rows for `job["captions_check"]`, or None):
+    L1-L3, where the task fixes them. Made before the trace is given: a failure here is the
+    harness's (its task data, its zoo), not the candidate's."""
+    from pytest_diffbench import captions, updates
+
+    steps, expected = None, None
+    step_spec, caption_spec = job.get("steps_check"), job.get("captions_check")
+    if step_spec:
+        config = settings["scheduler_config"]
+        steps = updates.StepCheck(
+            lambda: updates.expected_scheduler(config, step_spec["scheduler"], int(step_spec["steps"]),
+                                               step_spec.get("strength")),
+            float(step_spec["guidance_scale"]), bool(step_spec.get("cond_first")), settings.get("patch_size"),
+            bool(step_spec.get("steps_model_input")))
+    if caption_spec:
+        expected = captions.expected_rows(settings["pipe"], caption_spec.get("prompts"), caption_spec.get("class_ids"))
+    return steps, expected
 
 
 def flush_denormals() -> bool:
@@ -70,14 +98,17 @@ def decode_png(data: bytes):
         return torch.from_numpy(numpy.asarray(img.convert("RGB")).copy())
 
 
-def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_flushed: bool | None = None) -> dict:
+def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_flushed: bool | None = None,
+               checks: tuple = (None, None)) -> dict:
     """Both replays of the trace in `inputs` ({"trace": base64 blob, "run_seeds": the child's seeds,
     "run_images": the child's PNGs as base64}) against `zoo`; the verdict's images go to
-    `send_image(index, png)`; `denormals_flushed`: flush_denormals()'s answer, recorded. Returns the
-    result document."""
+    `send_image(index, png)`; `denormals_flushed`: flush_denormals()'s answer, recorded;
+    `checks`: asked_checks' (the steps between denoiser calls and the captions, where the job asks).
+    Returns the result document."""
     import PIL.Image
     import torch
 
+    from pytest_diffbench import captions
     from pytest_diffbench.canonical import CanonicalPrecision
     from pytest_diffbench.flops import LeanFlopCounterMode
     from pytest_diffbench.trace import Replayer, TraceError, decode, image_rows, match_images, to_uint8
@@ -102,9 +133,10 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
         started = time.process_time()
         # canonical arithmetic outside the counter: the counter sees, and books, each op as recorded
         mode = CanonicalPrecision() if canonical else None
+        steps, expected = checks
         with mode if mode is not None else contextlib.nullcontext(), counter:
             kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes,
-                                counter=counter)
+                                counter=counter, steps=steps)
         verdict_s = time.process_time() - started
         flops = float(counter.get_total_flops())
         images = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
@@ -142,6 +174,12 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                       "rows_twice": sum(rows for rows, twice in replayer.entries if twice),
                                       # which calls ran guidance (T-GATE ends it at its gate: stages.tgate_guidance_problem)
                                       "guided_calls": [i for i, (_, twice) in enumerate(replayer.entries) if twice]},
+                   # the steps between denoiser calls against the task's scheduler and guidance
+                   # (updates.StepCheck; stages.step_mismatches), where the job asked
+                   "steps": steps.figures() if steps is not None else None,
+                   # each caption's (class's) row of ids against those the tables looked up (captions.py)
+                   "captions": (captions.caption_figures(expected, replayer.token_rows)
+                                if expected is not None else None),
                    # the half-precision ops that ran as recorded under it, by reason (canonical.py)
                    "canonical_as_recorded": dict(mode.as_recorded) if mode is not None else None},
     }
@@ -153,14 +191,16 @@ def _procedure(job: dict, channel) -> dict:
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     flushed = flush_denormals()  # before anything parallel runs (loading the zoo does)
+    settings: dict = {}
     try:
-        zoo = load_zoo(job["model"])
-    except Exception as exc:  # noqa: BLE001 - the harness's own model: its failure
+        zoo = load_zoo(job["model"], settings)
+        checks = asked_checks(job, settings)
+    except Exception as exc:  # noqa: BLE001 - the harness's own model and task: its failure
         return _error("zoo", exc)
     withheld = channel.wait_go() if channel is not None else job["batch"]
     inputs = withheld.get("replay") or {}
     inputs["verdict_seeds"] = withheld.get("seeds") or []
-    return run_replay(job, inputs, zoo, channel.image if channel is not None else None, flushed)
+    return run_replay(job, inputs, zoo, channel.image if channel is not None else None, flushed, checks)
 
 
 def main(argv: list[str] | None = None, restrict: bool = False) -> int:

@@ -235,6 +235,102 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
     return out
 
 
+#: the steps between denoiser calls (updates.StepCheck, on the replay; L1-L3). On float32 tasks: the
+#: largest share of a deterministic step (of how far the denoiser's output moved the latents) the
+#: task's scheduler may leave unexplained. Honest float32 runs leave at most 2.2e-4 (64 golds of
+#: every family, scheduler and pipeline, session 36); guidance changes left 0.0073-0.31, a third
+#: solver order 0.085, Karras sigmas 0.94 (14.1 with a third order), trailing timesteps 6.1.
+#: Half-precision runs round the latents between calls (up to 1.7 of a small step), so there the
+#: residual is read in units of that rounding (2^-11 of the next latents' norm), the worst step's:
+#: honest float16 golds at most 3.0 (53 golds; UniPC's corrector the most), a third solver order
+#: 9.7-36, Karras sigmas 292. (The root mean square over the steps is recorded, not judged: honest
+#: UniPC runs reach 2.0 of it, a third order 3.8.)
+STEP_RESIDUAL_BOUND = 2e-3
+HALF_STEP_RESIDUAL_UNITS = 6.0
+#: the guidance scale a run's steps show may differ from the task's by at most this, plus
+#: GUIDANCE_OFFSET_SIGMAS standard deviations of its reading (pooled over the guided steps, each
+#: weighted by how far the scale moves it). Honest runs: |offset| <= 0.0024 (float16, std 0.002),
+#: 0.0000 in float32; a stochastic (ancestral) step's noise widens the reading (std 0.8 on the tiny
+#: zoo's 10 steps of two samples), which the deviation bound follows: there a guidance scale has to
+#: move by several units before the reading shows it (docs/integrity.md, "Session 36").
+GUIDANCE_OFFSET_BOUND = 0.02
+GUIDANCE_OFFSET_SIGMAS = 4.0
+#: the stochastic steps' residual over their noise scale, pooled over the steps (each step's alone
+#: scatters with its few elements: 0.85-1.14 on L2-sd15-i2i-eulera-0088's 210 steps): the run's
+#: noise must be the step's, not less (a deterministic sampler in its place) nor more.
+NOISE_RATIO_RANGE = (0.95, 1.05)
+#: where the replay reads a stochastic step's noise from its own draws (updates._drawn_noise), the
+#: scale the run gave it over the task's scheduler's, pooled by the steps' noise energy (honest:
+#: 1.000000 in float32; each float16 step's alone 0.977-1.052 on L3-sd15-t2i-256px-eulera-fp16-0107)
+NOISE_SCALE_RANGE = (0.98, 1.02)
+
+
+def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[Mismatch]:
+    """Stage 1, from the harness's replay (replay.step_check): the step between each denoiser call
+    and the next is the task's scheduler's, configured as the gold configures it, applied to the
+    call's output combined with the task's guidance scale (updates.py). A scheduler's
+    configuration, the guidance scale, a rescale of the prediction, or anything else done to the
+    latents between calls shows here, whatever the run reports (red team round 20 changed them
+    with the report intact). Nothing where the replay did not check (L4/L5, the GPU profiles)."""
+    replay = (flops or {}).get("replay") if isinstance(flops, Mapping) else None
+    figures = replay.get("steps") if isinstance(replay, Mapping) else None
+    if not isinstance(figures, Mapping):
+        return []
+    what = "the steps between denoiser calls (the harness's replay, against the task's scheduler and guidance scale)"
+    if figures.get("problem"):
+        return [Mismatch(what, "steps the task's scheduler takes", str(figures["problem"])[:300])]
+    out = []
+    if expected_dtype in (None, "float32"):
+        worst = figures.get("worst_residual") or [0.0, None]
+        if float(worst[0]) > STEP_RESIDUAL_BOUND:
+            out.append(Mismatch(f"{what}: the largest share of a step the task's scheduler does not explain",
+                                f"<= {STEP_RESIDUAL_BOUND:g}", f"{float(worst[0]):.4g} (call {worst[1]})"))
+    else:
+        worst = figures.get("worst_residual_half_units") or [0.0, None]
+        if float(worst[0]) > HALF_STEP_RESIDUAL_UNITS:
+            out.append(Mismatch(f"{what}: the largest part of a step the task's scheduler does not explain, in "
+                                f"units of half precision's rounding of the latents",
+                                f"<= {HALF_STEP_RESIDUAL_UNITS:g}", f"{float(worst[0]):.4g} (call {worst[1]})"))
+    offset, std = figures.get("guidance_offset"), figures.get("guidance_offset_std")
+    if offset is not None:
+        allowed = GUIDANCE_OFFSET_BOUND + GUIDANCE_OFFSET_SIGMAS * float(std or 0.0)
+        if abs(float(offset)) > allowed:
+            out.append(Mismatch(f"{what}: the guidance scale the steps show, less the task's",
+                                f"within +-{allowed:.3g}", f"{float(offset):+.4g}"))
+    scale = figures.get("noise_scale")
+    if scale is not None and not NOISE_SCALE_RANGE[0] <= float(scale) <= NOISE_SCALE_RANGE[1]:
+        out.append(Mismatch(f"{what}: the scale of the stochastic steps' noise (read from the replay's draws) over "
+                            f"the task's scheduler's", f"{NOISE_SCALE_RANGE[0]}-{NOISE_SCALE_RANGE[1]}",
+                            f"{float(scale):.4f}"))
+    ratio = figures.get("noise_ratio")
+    if ratio is not None and not NOISE_RATIO_RANGE[0] <= float(ratio) <= NOISE_RATIO_RANGE[1]:
+        out.append(Mismatch(f"{what}: the stochastic steps' noise over the task's scheduler's noise scale",
+                            f"{NOISE_RATIO_RANGE[0]}-{NOISE_RATIO_RANGE[1]}", f"{float(ratio):.3f}"))
+    return out
+
+
+def caption_mismatches(flops: Mapping | None) -> list[Mismatch]:
+    """Stage 1, from the harness's replay (captions.py): each caption's row of token ids (DiT: each
+    class) must be looked up in the model's own token table, and no row other than the captions'
+    and the negative prompt's. Red team round 20 (F8) cut each caption by two words with the
+    report intact. Nothing where the replay did not check (L4/L5, the GPU profiles)."""
+    replay = (flops or {}).get("replay") if isinstance(flops, Mapping) else None
+    figures = replay.get("captions") if isinstance(replay, Mapping) else None
+    if not isinstance(figures, Mapping):
+        return []
+    out = []
+    for family, got in sorted(figures.items()):
+        what = (f"the rows of ids looked up in {family}'s table (the harness's replay, against the task's "
+                f"{'classes' if family == 'class_embedder' else 'captions as the pipeline tokenizes them'})")
+        if got.get("missing"):
+            out.append(Mismatch(what, "each sample's row", f"none for samples {got['missing'][:10]} "
+                                                              f"({got.get('rows', 0)} rows looked up)"))
+        if got.get("other_rows"):
+            out.append(Mismatch(what, "only the task's rows and the negative prompt's",
+                                f"{got['other_rows']} other rows (the first begins {got.get('other_example')})"))
+    return out
+
+
 #: where a task asks for half precision, the least share of the denoiser's FLOPs (the replay's
 #: tally) that must be computed in it. Honest fp16 golds of every family compute all of it there
 #: (1.0000 on SD1.5, SD2.1, SDXL, DiT, PixArt-Alpha and -Sigma, session 23); the rest is room for
@@ -1902,6 +1998,8 @@ def _judge(inp: StageInputs) -> Verdict:
         mismatches += work_mismatches(attributes, inp.reference_attributes)
         mismatches += replay_mismatches(attributes, inp.result.get("flops"), getattr(inp.expect, "dtype", None))
         mismatches += entry_mismatches(attributes, inp.result.get("flops"), inp.reference_attributes)
+        mismatches += step_mismatches(inp.result.get("flops"), getattr(inp.expect, "dtype", None))
+        mismatches += caption_mismatches(inp.result.get("flops"))
         missing = None if mismatches else (spec_evidence_problem(inp) or module_work_problem(inp.module_work))
     except Exception as exc:  # noqa: BLE001 - the candidate's document: its failure, never a harness error
         return Verdict(False, 1, RUNTIME, f"bad result: the parent could not judge the attributes of the "

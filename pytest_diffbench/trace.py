@@ -38,7 +38,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from . import captions
 from .aten_leaves import leaves
+from .updates import EXIT_MODULES
 # the denoiser's components (a product whose parameter operand comes from other components alone,
 # text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
 # products of no parameter (Producers)
@@ -490,13 +492,21 @@ def entry_rows(factor_refs: list, factors: list, env: dict) -> tuple[int, bool] 
     candidate's process, where it can be rewritten; this is the replay's). None where no operand is
     an activation, or where its latents hold no element (a product of no rows is no call: red team
     round 19 counted zero-row `conv_in` products as denoiser calls)."""
+    latents = entry_latents(factor_refs, factors, env)
+    if latents is None:
+        return None
+    rows, half = latents.shape[0], latents.shape[0] // 2
+    twice = bool(rows % 2 == 0 and half and torch.equal(latents[:half], latents[half:]))
+    return rows, twice
+
+
+def entry_latents(factor_refs: list, factors: list, env: dict) -> torch.Tensor | None:
+    """The latents a product of an `ENTRY_MODULES` weight multiplies (entry_rows), or None."""
     for (tag, value), origin in zip(factor_refs, factors):
         if tag == "t" and origin is None:
             latents = env.get(value)
             if isinstance(latents, torch.Tensor) and latents.dim() > 0 and latents.numel() > 0:
-                rows, half = latents.shape[0], latents.shape[0] // 2
-                twice = bool(rows % 2 == 0 and half and torch.equal(latents[:half], latents[half:]))
-                return rows, twice
+                return latents
     return None
 
 
@@ -1140,7 +1150,8 @@ class Replayer:
         return plans
 
     def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool],
-            shapes: list | None = None, counter: Any = None, books: bool = True) -> dict[int, torch.Tensor]:
+            shapes: list | None = None, counter: Any = None, books: bool = True,
+            steps: Any = None) -> dict[int, torch.Tensor]:
         """Replay once; returns the kept tensors by id. Afterwards `shapes` holds every op's output
         shapes and `elements` the work of the ops the FLOP counter does not count (op_elements).
         `shapes`: those of an earlier replay, which this one must repeat exactly (the seeds must
@@ -1148,10 +1159,16 @@ class Replayer:
         `counter`: the LeanFlopCounterMode the replay runs under; it books the FLOPs of the ops that
         follow the seeds (SeedTaint) apart, as `seeded_elements` here their elements.
         `books`: False for a replay that only makes images and shapes (the check pass on the child's
-        seeds): no work, seed or parameter-origin books are kept (`elements` stays 0), no counter."""
+        seeds): no work, seed or parameter-origin books are kept (`elements` stays 0), no counter.
+        `steps`: an updates.StepCheck (with a counter) given each denoiser call's entry latents and
+        the output of its exit module (updates.EXIT_MODULES), the last one in the call."""
         if counter is not None and not books:
             raise ValueError("a replay under a FLOP counter keeps its books")
         self.shapes, self.elements, self.seeded_elements = [], 0, 0
+        # the rows of ids looked up in a text encoder's token table or a class embedder's, by table
+        # family (captions.py; with a counter)
+        self.token_rows: dict[str, list[tuple]] = {}
+        tables = {i: captions.table_family(spec["name"]) for i, spec in enumerate(self.trace.params)}
         # the denoiser calls the replay saw, as (rows, each latent twice) of each entry (ENTRY_MODULES)
         self.entries: list[tuple[int, bool]] = []
         # the denoiser's modules per call (stages.row_work_problem)
@@ -1213,6 +1230,10 @@ class Replayer:
                     raise TraceError(f"op {position}: a draw from a generator no earlier draw seeded")
                 kwargs["generator"] = generator
             self._check_writes(func, args, kwargs, position)
+            if counter is not None and func._overloadpacket is torch.ops.aten.embedding and op[1] \
+                    and isinstance(op[1][0], dict) and tables.get(op[1][0].get("p")) is not None and len(args) > 1:
+                # only the table itself: a copy of its weight looks nothing up, and the captions are missing
+                self.token_rows.setdefault(tables[op[1][0]["p"]], []).extend(captions.rows_of(args[1]))
             if func._overloadpacket is torch.ops.aten._linalg_solve_ex:
                 a = _solve_matrix(args, kwargs)
                 if a is not None and a.shape[-1] > MAX_SOLVE_SIZE:
@@ -1245,6 +1266,10 @@ class Replayer:
                     if entry is not None:
                         self.entries.append(entry)
                         self.call_books.begin(entry[0])
+                        if steps is not None:
+                            steps.enter(entry_latents(factor_refs if factor_refs is not None else refs,
+                                                      booked_factors, env))
+                leaving = steps is not None and seeded and self.entries and counter.module in EXIT_MODULES
                 # the call an op belongs to is the last entry's (CallBooks)
                 counter.call_books = (self.call_books.current if self.entries and counter.module is not None
                                       and counter.module.partition(".")[0] in DENOISER_COMPONENTS else None)
@@ -1258,6 +1283,10 @@ class Replayer:
                     counter.seeded = counter.other_component = False
                     counter.module = counter.dims = counter.call_books = None
             outputs = leaves(out)
+            if counter is not None and leaving and outputs and isinstance(outputs[0], torch.Tensor):
+                steps.leave(outputs[0])  # the last product of the exit module in the call is its output
+            if steps is not None and len(op) == 5 and outputs:
+                steps.draw(outputs[0])  # a stochastic step's noise (updates.StepCheck.draw)
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in outputs):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)

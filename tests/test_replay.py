@@ -1230,3 +1230,34 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
     assert steered == steered_replayed == {**sdpa, "none:32x8x8": 2 * 32 * 8 * 8}, steered  # in no book
     mixed, mixed_replayed = dims("caption mixed")
     assert mixed == mixed_replayed and set(mixed) == {"transformer:16x8x12", "transformer:16x12x8"}, mixed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_id, attack, field", [
+    ("L1-dit-c2i-dpmsolver-0015", "guidance_scaled_down_in_generate.py", "the guidance scale the steps show"),
+    ("L1-dit-c2i-dpmsolver-0015", "scheduler_configured_otherwise.py", "a step the task's scheduler does not explain"),
+    ("L1-dit-c2i-dpmsolver-0015", "class_ids_shifted.py", "looked up in class_embedder's table"),
+    ("L1-sd15-t2i-0001", "caption_cut_by_two_words.py", "looked up in text_encoder's table"),
+])
+def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_the_replay(
+        task_id, attack, field, tiny_zoo, baseline_cache_dir, tmp_path):
+    """Red team round 20 (F1-F5, F8, F9): guidance scale, the scheduler's configuration and the
+    captions changed with the child's report intact passed L1/L3 tasks inside L_gold's bound. The
+    replay now reads them (updates.StepCheck: each step teacher-forced through the task's
+    scheduler and guidance; captions.py: the rows looked up in the token and class tables): a
+    key-attribute failure naming what differs, while the gold itself passes."""
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_task(next((REPO / "tasks").glob(f"L*/{task_id}.yaml")))
+    code = task.gold + f"\n\n# ---- the attack (tests/adversarial_tasks/{attack}) ----\n" + (TASK_ATTACKS / attack).read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    assert not result.verdict.passed and result.verdict.category == stages.KEY_ATTRIBUTE, result.verdict
+    assert field in result.verdict.message, result.verdict.message
+    gold = evaluator.evaluate(task, Candidate(code=task.gold, source="test"), task.reference, task.gold)
+    assert gold.verdict.passed, gold.verdict
+    replay = gold.flops["replay"]
+    assert replay["steps"]["problem"] is None and replay["steps"]["checked"] > 0, replay["steps"]
+    assert all(not f["missing"] and not f["other_rows"] for f in replay["captions"].values()), replay["captions"]

@@ -1,0 +1,335 @@
+"""The step between denoiser calls, read by behaviour from the harness's replay (replay.py).
+
+On L1-L3 the task fixes the scheduler, its step count, the guidance scale and (img2img) the
+strength. What a candidate's process reports of them can be rewritten there (red team round 20
+passed tasks with guidance 5.0 for 7.5, `guidance_rescale`, Karras sigmas and a third solver
+order, with the report unchanged), so the harness reads them off what the replay computed: for
+each denoiser call it has the latents that entered the denoiser (`trace.ENTRY_MODULES`) and the
+denoiser's output (`EXIT_MODULES`), and the next call's latents are what the run's step made of
+them. The check runs the task's own scheduler (diffusers', configured as the pipeline loads it
+from the zoo, `from_config` as the gold does) on those figures, teacher-forced: each step takes
+the run's latents and the run's denoiser output combined with the task's guidance scale, and its
+result must be the next call's latents. A scheduler, its configuration, the guidance scale, a
+rescale or any change of the latents between calls leaves a residual; the guidance scale also
+gets its own reading (the offset along the direction the guidance scale moves the step).
+
+Stochastic steps (ancestral samplers) add noise the harness does not redraw: their noise scale is
+measured from the scheduler itself (two draws of known noise), the guidance offset is read
+against that noise, and the residual must be noise of that scale, not more and not none.
+
+Plain functions of tensors and a scheduler: stages.update_mismatches judges the figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+import torch
+
+#: half precision's relative rounding (float16: 11 bits of mantissa)
+HALF_UNIT = 2.0 ** -11
+
+#: the module each denoiser call ends with, whose output is the call's prediction (before guidance)
+EXIT_MODULES = frozenset({"unet.conv_out", "transformer.proj_out", "transformer.proj_out_2"})
+
+
+def expected_scheduler(config: Any, name: str, steps: int, strength: float | None) -> tuple[Any, list]:
+    """A fresh diffusers scheduler of class `name` made `from_config(config)` (as every gold does
+    with the pipeline's own), its timesteps set for `steps` and, for img2img, cut to `strength` as
+    diffusers' img2img pipelines do (`get_timesteps`): (scheduler, the timesteps of one pipeline call)."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not isinstance(cls, type) or not hasattr(cls, "from_config"):
+        raise ValueError(f"no diffusers scheduler named {name!r}")
+    scheduler = cls.from_config(config)
+    scheduler.set_timesteps(int(steps))
+    timesteps = list(scheduler.timesteps)
+    if strength is not None:
+        init = min(int(steps * float(strength)), int(steps))
+        start = max(int(steps) - init, 0)
+        timesteps = timesteps[start * scheduler.order:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * scheduler.order)
+    return scheduler, timesteps
+
+
+def output_as_latents(output: torch.Tensor, latents_shape: tuple, patch: int | None) -> torch.Tensor | None:
+    """The denoiser's output in the latents' layout (rows, channels, height, width), its first
+    `channels` channels (a learned-sigma model's other half is not the prediction): a UNet's
+    `conv_out` already is; a transformer's `proj_out` is unpatchified as diffusers' DiT and PixArt
+    models do. None where the output has not that many elements."""
+    rows, channels, height, width = latents_shape
+    if output.dim() == 4 and output.shape[0] == rows and tuple(output.shape[2:]) == (height, width) \
+            and output.shape[1] >= channels:
+        return output[:, :channels]
+    if not patch or height % patch or width % patch:
+        return None
+    h, w = height // patch, width // patch
+    per_row = output.numel() // max(1, rows)
+    if output.numel() % max(1, rows) or per_row % (h * w * patch * patch):
+        return None
+    out_channels = per_row // (h * w * patch * patch)
+    if out_channels < channels:
+        return None
+    grid = output.reshape(rows, h, w, patch, patch, out_channels)
+    image = torch.einsum("nhwpqc->nchpwq", grid).reshape(rows, out_channels, height, width)
+    return image[:, :channels]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() * b.double()).sum())
+
+
+def _step(scheduler: Any, eps: torch.Tensor, timestep, sample: torch.Tensor, seed: int) -> tuple[torch.Tensor, Any]:
+    """One step of a copy of `scheduler` (its state left as it was): (the step's result, the copy)."""
+    stepped = copy.deepcopy(scheduler)
+    # a generator only where the step takes one, as diffusers' pipelines pass it (prepare_extra_step_kwargs)
+    extra = {"generator": torch.Generator().manual_seed(seed)} if _takes_generator(stepped) else {}
+    out = stepped.step(eps, timestep, sample, return_dict=False, **extra)[0]
+    return out.double(), stepped
+
+
+def _takes_generator(scheduler: Any) -> bool:
+    import inspect
+
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def _noise(shape: tuple, seed: int) -> torch.Tensor:
+    # what diffusers' randn_tensor draws for a float64 CPU output from a generator seeded `seed`
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class StepCheck:
+    """The steps of a replay's denoiser calls checked as they come (two calls held at a time):
+    `enter(latents)` at each call's entry, `leave(output)` at its exit (the last one seen in the
+    call counts), `figures()` at the end. `make_scheduler`: a fresh scheduler of the task's and its
+    timesteps, per pipeline call; `cond_first`: the conditional half of a guided call is the first
+    (DiT's class labels), else the unconditional (a negative prompt's); `patch`: a transformer's
+    patch size (its output is unpatchified); `steps_model_input`: the pipeline hands the scheduler
+    the denoiser's (scaled) input as the sample, as diffusers' DiT pipeline does, rather than the
+    latents before scale_model_input."""
+
+    def __init__(self, make_scheduler: Callable[[], tuple[Any, list]], guidance_scale: float,
+                 cond_first: bool, patch: int | None, steps_model_input: bool = False):
+        self.make_scheduler, self.guidance_scale = make_scheduler, float(guidance_scale)
+        self.cond_first, self.patch, self.steps_model_input = cond_first, patch, steps_model_input
+        self.calls = 0
+        self.checked = self.guided = 0
+        self.problem: str | None = None
+        self.worst_residual: tuple[float, int | None] = (0.0, None)
+        self.worst_offset: tuple[float, int | None] = (0.0, None)
+        self.worst_units: tuple[float, int | None] = (0.0, None)
+        self.units_squared: list[float] = []
+        # the guidance offset pooled over guided steps, weighted by how far the scale moves each, and
+        # its variance from each step's unexplained part (rounding, or a stochastic step's noise)
+        self.pooled = {"along": 0.0, "weight": 0.0, "variance": 0.0}
+        self.stochastic = 0
+        self.ratios: list[float] = []
+        self.noise = {"residual": 0.0, "expected": 0.0}  # stochastic steps: squared residuals, and their noise's
+        self.scheduler, self.timesteps = make_scheduler()
+        self.per_call = len(self.timesteps)
+        self._held: list | None = None  # [latents, output, draws] of the call before
+        self.noise_scales: list[float] = []  # stochastic steps with the run's noise read: its scale over the step's
+        self.noise_fit = {"read": 0.0, "asked": 0.0}
+
+    def enter(self, latents: torch.Tensor) -> None:
+        if self._held is not None and self.problem is None:
+            held, self._held = self._held, None
+            position = (self.calls - 1) % max(1, self.per_call)
+            if position == self.per_call - 1:  # the last call of a pipeline call: its step goes to the decoder
+                self.scheduler, self.timesteps = self.make_scheduler()
+            else:
+                try:
+                    self._check(self.calls - 1, position, held[0], held[1], latents, held[2])
+                except Exception as exc:  # noqa: BLE001 - a diffusers step refusing the figures: unreadable
+                    self.problem = f"call {self.calls - 1}: the task's scheduler could not take its step: {exc}"[:300]
+        self._held = [latents.detach().clone(), None, []]
+        self.calls += 1
+
+    def leave(self, output: torch.Tensor) -> None:
+        if self._held is not None:
+            self._held[1] = output.detach().clone()
+
+    def draw(self, tensor: torch.Tensor) -> None:
+        """A random draw of the replay (from the verdict's seeds) after the call's entry: a stochastic
+        step's noise is read from these (`_drawn_noise`)."""
+        if self._held is not None and isinstance(tensor, torch.Tensor) and tensor.dim() == 4 \
+                and tensor.dtype.is_floating_point and len(self._held[2]) < 64:
+            self._held[2].append(tensor.detach().clone())
+
+    def _check(self, index: int, k: int, latents, output, next_latents, draws: list | None = None) -> None:
+        if output is None:
+            self.problem = f"call {index}: the replay saw no output of the denoiser ({', '.join(sorted(EXIT_MODULES))})"
+            return
+        if latents.dim() != 4:
+            self.problem = f"call {index}: latents of shape {tuple(latents.shape)}"
+            return
+        count, twice = _latent_count(latents)
+        prediction = output_as_latents(output, tuple(latents.shape), self.patch)
+        if prediction is None:
+            self.problem = (f"call {index}: the denoiser's output {tuple(output.shape)} is not in the layout of "
+                            f"its latents {tuple(latents.shape)}")
+            return
+        next_count, _ = _latent_count(next_latents)
+        if next_count != count or tuple(next_latents.shape[1:]) != tuple(latents.shape[1:]):
+            self.problem = (f"call {index}: {count} latents of shape {tuple(latents.shape[1:])}, the next call "
+                            f"{next_count} of {tuple(next_latents.shape[1:])}")
+            return
+        scheduler, t = self.scheduler, self.timesteps[k]
+        # what the scheduler's scale_model_input did to the latents (Euler's 1/sqrt(sigma^2+1))
+        sample = latents[:count].double() / (1.0 if self.steps_model_input else _input_scale(scheduler, t))
+        prediction = prediction.double()
+        direction = None
+        if twice:
+            first, second = prediction[:count], prediction[count:]
+            cond, uncond = (first, second) if self.cond_first else (second, first)
+            direction = cond - uncond
+            eps = uncond + self.guidance_scale * direction
+            self.guided += 1
+        else:  # one row per latent (T-GATE after its gate; guidance elsewhere is stage 1's entry rule)
+            eps = prediction[:count]
+        stepped_a, after = _step(scheduler, eps, t, sample, 1)
+        stepped_b, _ = _step(scheduler, eps, t, sample, 2)
+        noise_a, noise_b = _noise(tuple(eps.shape), 1), _noise(tuple(eps.shape), 2)
+        difference = noise_a - noise_b
+        # the step's noise scale (0 for a deterministic step: both draws give the same result)
+        sigma = _dot(stepped_a - stepped_b, difference) / max(_dot(difference, difference), 1e-300)
+        expected = stepped_a - sigma * noise_a  # the step without its noise
+        along = None
+        if direction is not None:  # how one more unit of guidance scale moves the step (the same noise)
+            along = _step(scheduler, eps + direction, t, sample, 1)[0] - stepped_a
+        self.scheduler = after
+        residual = next_latents[:count].double() / _input_scale(after, self.timesteps[k + 1]) - expected
+        offset, weight = 0.0, 0.0
+        elements = residual.numel()
+        stochastic = abs(sigma) * math.sqrt(elements) > 1e-9 * (1.0 + math.sqrt(_dot(sample, sample)))
+        drawn = _drawn_noise(draws or [], count, tuple(latents.shape[1:])) if stochastic else None
+        if drawn is not None:
+            # the run's own noise, drawn again by the replay from the verdict's seeds: its scale and the
+            # guidance offset are fitted together, and the step is then judged as a deterministic one
+            basis = [drawn] + ([along] if along is not None else [])
+            gram = torch.tensor([[_dot(a, b) for b in basis] for a in basis], dtype=torch.float64)
+            right = torch.tensor([_dot(a, residual) for a in basis], dtype=torch.float64)
+            solved = torch.linalg.lstsq(gram, right.unsqueeze(1)).solution.reshape(-1).tolist()
+            residual = residual - solved[0] * drawn
+            self.noise_scales.append(solved[0] / sigma)
+            # pooled by each step's noise energy: a late step's small noise is read through rounding
+            self.noise_fit["read"] += solved[0] * sigma * elements
+            self.noise_fit["asked"] += sigma * sigma * elements
+            if along is not None:
+                weight = _dot(along, along)
+                offset = solved[1]
+                residual = residual - offset * along
+            stochastic = False
+        elif along is not None:
+            weight = _dot(along, along)
+            offset = _dot(residual, along) / weight if weight > 0 else 0.0
+            residual = residual - offset * along
+        self.checked += 1
+        rest = math.sqrt(_dot(residual, residual))
+        if stochastic:
+            # a stochastic step: the residual is the run's own noise, which must be of the step's scale
+            self.stochastic += 1
+            self.ratios.append(rest / (abs(sigma) * math.sqrt(elements)))
+            self.noise["residual"] += rest * rest
+            self.noise["expected"] += sigma * sigma * elements
+            variance = sigma * sigma
+        else:
+            # over how far the denoiser's output moved the latents on this step (PNDM's second call
+            # steps from the first call's latents: the distance from its own input says little)
+            moved = stepped_a - _step(scheduler, torch.zeros_like(eps), t, sample, 1)[0]
+            size = math.sqrt(max(_dot(moved, moved), 1e-300))
+            if rest / size >= self.worst_residual[0]:
+                self.worst_residual = (rest / size, index)
+            # the same residual in units of half precision's rounding of the latents (2^-11 of each):
+            # what a half-precision run's rounding explains (stages.STEP_RESIDUAL_BOUND)
+            target = next_latents[:count].double()
+            units = rest / max(HALF_UNIT * math.sqrt(_dot(target, target)) / _input_scale(after, self.timesteps[k + 1]),
+                               1e-300)
+            if units >= self.worst_units[0]:
+                self.worst_units = (units, index)
+            self.units_squared.append(units * units)
+            if along is not None and abs(offset) >= abs(self.worst_offset[0]):
+                self.worst_offset = (offset, index)
+            variance = rest * rest / elements
+        if weight > 0:
+            self.pooled["along"] += offset * weight
+            self.pooled["weight"] += weight
+            self.pooled["variance"] += variance * weight
+
+    def figures(self) -> dict:
+        """{"calls", "per_pipeline_call", "checked", "guided", "worst_residual": [share, call] (of the
+        deterministic steps: the part of the step the task's scheduler does not explain, over how
+        far the denoiser's output moved the latents on it), "worst_residual_half_units": [units, call]
+        (the same residual over half precision's rounding of the next latents, 2^-11 of their norm),
+        "rms_residual_half_units" (its root mean square over the deterministic steps), "worst_guidance_offset": [offset, call] (deterministic steps: the guidance
+        scale the step shows less the task's), "guidance_offset", "guidance_offset_std" (pooled over
+        the guided steps), "stochastic_steps" (judged by their statistics: the run's noise not read), "noise_ratio"
+        (their residual over their noise scale, pooled; "noise_ratio_range": each step's, for the
+        record), "noise_read" (stochastic steps whose noise was read from the replay's draws, then
+        judged as deterministic ones), "noise_scale" (their noise's scale over the task's
+        scheduler's, pooled by each step's noise energy; "noise_scale_range": each step's), "problem": why the steps could not be read, or None}."""
+        problem = self.problem
+        if problem is None and (self.per_call == 0 or not self.calls or self.calls % self.per_call):
+            problem = (f"{self.calls} denoiser calls are no whole number of pipeline calls of {self.per_call} "
+                       f"steps of the task's scheduler")
+        weight = self.pooled["weight"]
+        return {"calls": self.calls, "per_pipeline_call": self.per_call, "checked": self.checked,
+                "guided": self.guided,
+                "worst_residual": [round(self.worst_residual[0], 9), self.worst_residual[1]],
+                "worst_residual_half_units": [round(self.worst_units[0], 4), self.worst_units[1]],
+                # over the deterministic steps, root mean square: rounding scatters, a changed rule does not
+                "rms_residual_half_units": (round(math.sqrt(sum(self.units_squared) / len(self.units_squared)), 4)
+                                            if self.units_squared else None),
+                "worst_guidance_offset": ([round(self.worst_offset[0], 6), self.worst_offset[1]]
+                                          if self.worst_offset[1] is not None else None),
+                "guidance_offset": round(self.pooled["along"] / weight, 6) if weight > 0 else None,
+                "guidance_offset_std": round(math.sqrt(self.pooled["variance"]) / weight, 6) if weight > 0 else None,
+                "stochastic_steps": self.stochastic,
+                "noise_ratio": (round(math.sqrt(self.noise["residual"] / self.noise["expected"]), 6)
+                                if self.noise["expected"] > 0 else None),
+                "noise_ratio_range": [round(min(self.ratios), 6), round(max(self.ratios), 6)] if self.ratios else None,
+                "noise_read": len(self.noise_scales),
+                "noise_scale": (round(self.noise_fit["read"] / self.noise_fit["asked"], 6)
+                                if self.noise_fit["asked"] > 0 else None),
+                "noise_scale_range": ([round(min(self.noise_scales), 6), round(max(self.noise_scales), 6)]
+                                      if self.noise_scales else None),
+                "problem": problem}
+
+
+def _drawn_noise(draws: list, count: int, shape: tuple) -> torch.Tensor | None:
+    """The noise of a stochastic step from the draws after the call's entry: those of the latents'
+    shape (one per sample from a generator each, or one for all), in the order drawn, where they
+    are exactly `count` latents; None where the draws are not that (then the step is judged by its
+    statistics alone)."""
+    fitting = [d for d in draws if tuple(d.shape[1:]) == shape]
+    if not fitting or sum(d.shape[0] for d in fitting) != count:
+        return None
+    return torch.cat([d.double() for d in fitting])
+
+
+def _latent_count(latents: torch.Tensor) -> tuple[int, bool]:
+    """(latents, held twice): a guided call holds each latent twice, as two equal halves."""
+    rows = latents.shape[0]
+    twice = rows % 2 == 0 and rows > 0 and torch.equal(latents[:rows // 2], latents[rows // 2:])
+    return (rows // 2 if twice else rows), twice
+
+
+def _input_scale(scheduler: Any, timestep) -> float:
+    return float(scheduler.scale_model_input(torch.ones(1, dtype=torch.float64), timestep).reshape(-1)[0])
+
+
+def update_figures(calls: list[tuple[torch.Tensor, torch.Tensor | None]],
+                   make_scheduler: Callable[[], tuple[Any, list]], guidance_scale: float,
+                   cond_first: bool, patch: int | None, steps_model_input: bool = False) -> dict:
+    """StepCheck's figures for a list of each denoiser call's (entry latents, exit output)."""
+    check = StepCheck(make_scheduler, guidance_scale, cond_first, patch, steps_model_input)
+    for latents, output in calls:
+        check.enter(latents)
+        if output is not None:
+            check.leave(output)
+    return check.figures()
