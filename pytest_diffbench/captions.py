@@ -11,8 +11,8 @@ pipeline's `max_sequence_length`), and the negative prompt's (the empty caption;
 Red team round 20 (F8) passed L1-sd15-t2i-0001 with each caption cut by two words: the images
 moved by less than the bound allowed. Now each caption's row must be looked up, and no row other
 than the captions' and the negative prompt's: a cut, an added or a changed word fails stage 1
-(stages.caption_mismatches). A table read some other way (a copy of its weight, a one-hot
-product) shows no rows, so the captions are missing: fail closed.
+(stages.caption_mismatches). A table read any other way (a view or copy of its weight, an
+`index_select`, a one-hot product) is a failure of its own, whatever lookups stand beside it.
 """
 
 from __future__ import annotations
@@ -86,10 +86,13 @@ def rows_of(indices: Any) -> list[tuple]:
     return [tuple(int(i) for i in row) for row in indices.reshape(-1, indices.shape[-1]).tolist()]
 
 
-def caption_figures(expected: dict[str, dict], looked_up: dict[str, list[tuple]]) -> dict:
+def caption_figures(expected: dict[str, dict], looked_up: dict[str, list[tuple]],
+                    other_reads: dict[str, int] | None = None) -> dict:
     """{family: {"missing": [samples whose row was not looked up], "other_rows": how many rows
     looked up are neither a caption's nor the negative prompt's, "other_example": the first of
-    them (its first 12 ids), "rows": how many rows were looked up}} for each expected family."""
+    them (its first 12 ids), "rows": how many rows were looked up, "other_reads": how many ops
+    other than a lookup read the family's tables (`other_reads`; a decoy lookup of the asked rows
+    beside an `index_select` of other ones: the trust review of session 36)}} for each expected family."""
     figures = {}
     for family, want in expected.items():
         seen = looked_up.get(family, [])
@@ -98,5 +101,6 @@ def caption_figures(expected: dict[str, dict], looked_up: dict[str, list[tuple]]
         missing = [i for i, row in enumerate(want["asked"]) if tuple(row) not in seen_set]
         other = [row for row in seen if row not in allowed]
         figures[family] = {"missing": missing, "other_rows": len(other),
-                           "other_example": list(other[0][:12]) if other else None, "rows": len(seen)}
+                           "other_example": list(other[0][:12]) if other else None, "rows": len(seen),
+                           "other_reads": int((other_reads or {}).get(family, 0))}
     return figures

@@ -178,7 +178,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                    # (updates.StepCheck; stages.step_mismatches), where the job asked
                    "steps": steps.figures() if steps is not None else None,
                    # each caption's (class's) row of ids against those the tables looked up (captions.py)
-                   "captions": (captions.caption_figures(expected, replayer.token_rows)
+                   "captions": (captions.caption_figures(expected, replayer.token_rows, replayer.table_reads)
                                 if expected is not None else None),
                    # the half-precision ops that ran as recorded under it, by reason (canonical.py)
                    "canonical_as_recorded": dict(mode.as_recorded) if mode is not None else None},

@@ -291,6 +291,11 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
             out.append(Mismatch(f"{what}: the largest part of a step the task's scheduler does not explain, in "
                                 f"units of half precision's rounding of the latents",
                                 f"<= {HALF_STEP_RESIDUAL_UNITS:g}", f"{float(worst[0]):.4g} (call {worst[1]})"))
+    apart = figures.get("least_guidance_apart")
+    if apart and float(apart[0]) < GUIDANCE_APART_FLOOR:
+        out.append(Mismatch(f"{what}: the difference of a guided call's two outputs over the unconditional one",
+                            f">= {GUIDANCE_APART_FLOOR:g} (guidance that guides)",
+                            f"{float(apart[0]):.3g} (call {apart[1]}: equal halves)"))
     offset, std = figures.get("guidance_offset"), figures.get("guidance_offset_std")
     if offset is not None:
         allowed = GUIDANCE_OFFSET_BOUND + GUIDANCE_OFFSET_SIGMAS * float(std or 0.0)
@@ -328,7 +333,17 @@ def caption_mismatches(flops: Mapping | None) -> list[Mismatch]:
         if got.get("other_rows"):
             out.append(Mismatch(what, "only the task's rows and the negative prompt's",
                                 f"{got['other_rows']} other rows (the first begins {got.get('other_example')})"))
+        if got.get("other_reads"):
+            out.append(Mismatch(f"the reads of {family}'s table (the harness's replay)", "lookups of rows alone",
+                                f"{got['other_reads']} other ops read it (a view, copy or product of the table)"))
     return out
+
+
+#: the least difference of a guided call's two outputs over the unconditional one (honest tiny-zoo
+#: runs: 0.0008 on PixArt-Sigma, 0.001-0.7 elsewhere): halves as good as equal are guidance
+#: switched off whatever the scale (the caption as its own negative prompt, DiT's class for its
+#: null class: the trust review of session 36), which the step check cannot read a scale from
+GUIDANCE_APART_FLOOR = 1e-5
 
 
 #: where a task asks for half precision, the least share of the denoiser's FLOPs (the replay's

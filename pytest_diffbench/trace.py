@@ -1168,6 +1168,7 @@ class Replayer:
         # the rows of ids looked up in a text encoder's token table or a class embedder's, by table
         # family (captions.py; with a counter)
         self.token_rows: dict[str, list[tuple]] = {}
+        self.table_reads: dict[str, int] = {}  # ops other than a lookup that read those tables, by family
         tables = {i: captions.table_family(spec["name"]) for i, spec in enumerate(self.trace.params)}
         # the denoiser calls the replay saw, as (rows, each latent twice) of each entry (ENTRY_MODULES)
         self.entries: list[tuple[int, bool]] = []
@@ -1230,16 +1231,21 @@ class Replayer:
                     raise TraceError(f"op {position}: a draw from a generator no earlier draw seeded")
                 kwargs["generator"] = generator
             self._check_writes(func, args, kwargs, position)
-            if counter is not None and func._overloadpacket is torch.ops.aten.embedding and op[1] \
-                    and isinstance(op[1][0], dict) and tables.get(op[1][0].get("p")) is not None and len(args) > 1:
-                # only the table itself: a copy of its weight looks nothing up, and the captions are missing
-                self.token_rows.setdefault(tables[op[1][0]["p"]], []).extend(captions.rows_of(args[1]))
             if func._overloadpacket is torch.ops.aten._linalg_solve_ex:
                 a = _solve_matrix(args, kwargs)
                 if a is not None and a.shape[-1] > MAX_SOLVE_SIZE:
                     raise TraceError(f"op {position} ({op[0]}) solves a {a.shape[-1]} x {a.shape[-1]} system; the "
                                      f"replay solves systems of at most {MAX_SOLVE_SIZE} (a scheduler's order)")
             refs, factor_refs, dead = self._plans[position]
+            if counter is not None:
+                for tag, value in refs:
+                    if tag != "p" or tables.get(value) is None:
+                        continue
+                    if func._overloadpacket is torch.ops.aten.embedding and op[1] and op[1][0] == {"p": value} \
+                            and len(args) > 1:
+                        self.token_rows.setdefault(tables[value], []).extend(captions.rows_of(args[1]))
+                    else:  # a view, copy or product of the table reads rows no lookup shows (review of session 36)
+                        self.table_reads[tables[value]] = self.table_reads.get(tables[value], 0) + 1
             if books:
                 seeded = len(op) == 5 or taint.follows(args, kwargs)  # a draw from the seeds, or what follows one
                 sources = _origin_sources(refs, names, origins)

@@ -124,6 +124,7 @@ class StepCheck:
         self.worst_offset: tuple[float, int | None] = (0.0, None)
         self.worst_units: tuple[float, int | None] = (0.0, None)
         self.units_squared: list[float] = []
+        self.least_apart: tuple[float, int] | None = None
         # the guidance offset pooled over guided steps, weighted by how far the scale moves each, and
         # its variance from each step's unexplained part (rounding, or a stochastic step's noise)
         self.pooled = {"along": 0.0, "weight": 0.0, "variance": 0.0}
@@ -190,6 +191,11 @@ class StepCheck:
             direction = cond - uncond
             eps = uncond + self.guidance_scale * direction
             self.guided += 1
+            # how far apart guidance's halves are: equal halves (the caption as its own negative
+            # prompt, DiT's class for its null class) are guidance switched off under any scale
+            apart = math.sqrt(_dot(direction, direction) / max(_dot(uncond, uncond), 1e-300))
+            if self.least_apart is None or apart < self.least_apart[0]:
+                self.least_apart = (apart, index)
         else:  # one row per latent (T-GATE after its gate; guidance elsewhere is stage 1's entry rule)
             eps = prediction[:count]
         stepped_a, after = _step(scheduler, eps, t, sample, 1)
@@ -267,7 +273,8 @@ class StepCheck:
         far the denoiser's output moved the latents on it), "worst_residual_half_units": [units, call]
         (the same residual over half precision's rounding of the next latents, 2^-11 of their norm),
         "rms_residual_half_units" (its root mean square over the deterministic steps), "worst_guidance_offset": [offset, call] (deterministic steps: the guidance
-        scale the step shows less the task's), "guidance_offset", "guidance_offset_std" (pooled over
+        scale the step shows less the task's), "least_guidance_apart": [share, call] (the guided
+        call whose halves' outputs are closest: their difference over the unconditional one's), "guidance_offset", "guidance_offset_std" (pooled over
         the guided steps), "stochastic_steps" (judged by their statistics: the run's noise not read), "noise_ratio"
         (their residual over their noise scale, pooled; "noise_ratio_range": each step's, for the
         record), "noise_read" (stochastic steps whose noise was read from the replay's draws, then
@@ -287,6 +294,8 @@ class StepCheck:
                                             if self.units_squared else None),
                 "worst_guidance_offset": ([round(self.worst_offset[0], 6), self.worst_offset[1]]
                                           if self.worst_offset[1] is not None else None),
+                "least_guidance_apart": ([float(f"{self.least_apart[0]:.4g}"), self.least_apart[1]]
+                                         if self.least_apart is not None else None),
                 "guidance_offset": round(self.pooled["along"] / weight, 6) if weight > 0 else None,
                 "guidance_offset_std": round(math.sqrt(self.pooled["variance"]) / weight, 6) if weight > 0 else None,
                 "stochastic_steps": self.stochastic,

@@ -61,6 +61,10 @@ def test_a_cut_caption_is_missing_and_its_rows_are_other_rows(tiny_zoo):
     assert figures["text_encoder"]["missing"] == [0, 1] and figures["text_encoder"]["other_rows"] == 2, figures
     found = stages.caption_mismatches({"replay": {"captions": figures}})
     assert [m.expected for m in found] == ["each sample's row", "only the task's rows and the negative prompt's"]
+    # and a table read by any op but a lookup (the replay counts them: test_replay's decoy lookup)
+    figures = captions.caption_figures(expected, {"text_encoder": [tuple(r) for r in expected["text_encoder"]["asked"]]},
+                                       {"text_encoder": 1})
+    assert [m.expected for m in stages.caption_mismatches({"replay": {"captions": figures}})] == ["lookups of rows alone"]
 
 
 def test_dits_classes_and_its_null_class_are_the_rows_of_its_class_tables(tiny_zoo):

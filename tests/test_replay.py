@@ -1238,6 +1238,8 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
     ("L1-dit-c2i-dpmsolver-0015", "scheduler_configured_otherwise.py", "a step the task's scheduler does not explain"),
     ("L1-dit-c2i-dpmsolver-0015", "class_ids_shifted.py", "looked up in class_embedder's table"),
     ("L1-sd15-t2i-0001", "caption_cut_by_two_words.py", "looked up in text_encoder's table"),
+    ("L1-sd15-t2i-0001", "caption_decoy_lookup.py", "the reads of text_encoder's table"),
+    ("L1-sd15-t2i-0001", "negative_prompt_is_the_caption.py", "equal halves"),
 ])
 def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_the_replay(
         task_id, attack, field, tiny_zoo, baseline_cache_dir, tmp_path):

@@ -158,6 +158,16 @@ def test_an_ancestral_steps_noise_read_from_the_draws_makes_it_a_deterministic_s
         assert any("scale of the stochastic steps' noise" in m.field for m in problems), problems
 
 
+def test_the_caption_as_its_own_negative_prompt_is_guidance_that_does_not_guide(tiny_zoo):
+    """Equal halves leave no direction to read a scale along (the trust review of session 36)."""
+    figures = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5,
+                        call={"negative_prompt": ["a red cat", "a blue dog"]})
+    assert figures["least_guidance_apart"][0] == 0.0, figures
+    assert any("equal halves" in m.found for m in _judged(figures)), figures
+    honest = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5)
+    assert honest["least_guidance_apart"][0] > 100 * stages.GUIDANCE_APART_FLOOR, honest
+
+
 def test_a_deterministic_sampler_in_place_of_an_ancestral_one_fails(tiny_zoo):
     """Euler for Euler Ancestral: the same timesteps, no noise; the step is not the task's."""
     figures = _steps_of(tiny_zoo, SD15, "EulerDiscreteScheduler", 8, 7.5,
