@@ -251,9 +251,10 @@ def steps_asked(task) -> dict | None:
         return None
     return {"scheduler": expect.scheduler, "steps": int(expect.steps),
             "strength": float(task.strength) if task.strength is not None else None,
-            # DiT's pipeline: the conditional half first, and the scheduler steps the scaled model input
+            # DiT's pipeline: the conditional half first, the scheduler steps the scaled model input,
+            # and its initial latents are the draws alone (no init_noise_sigma)
             "guidance_scale": float(task.guidance_scale), "cond_first": task.family == "dit",
-            "steps_model_input": task.family == "dit"}
+            "steps_model_input": task.family == "dit", "noise_times_sigma": task.family != "dit"}
 
 
 def captions_asked(task, batch: dict) -> dict | None:

@@ -49,6 +49,7 @@ def load_zoo(model: str, settings: dict | None = None):
         settings["scheduler_config"] = pipe.scheduler.config
         settings["patch_size"] = getattr(getattr(denoiser, "config", None), "patch_size", None)
         settings["pipe"] = pipe  # its tokenizers (captions.expected_rows)
+        settings["scaling_factor"] = getattr(getattr(getattr(pipe, "vae", None), "config", None), "scaling_factor", None)
     return named_tensors(pipe)
 
 
@@ -67,7 +68,9 @@ def asked_checks(job: dict, settings: dict) -> tuple:
             lambda: updates.expected_scheduler(config, step_spec["scheduler"], int(step_spec["steps"]),
                                                step_spec.get("strength")),
             float(step_spec["guidance_scale"]), bool(step_spec.get("cond_first")), settings.get("patch_size"),
-            bool(step_spec.get("steps_model_input")))
+            bool(step_spec.get("steps_model_input")), scaling_factor=settings.get("scaling_factor"),
+            noise_times_sigma=bool(step_spec.get("noise_times_sigma", True)),
+            image_to_image=step_spec.get("strength") is not None)
     if caption_spec:
         expected = captions.expected_rows(settings["pipe"], caption_spec.get("prompts"), caption_spec.get("class_ids"))
     return steps, expected

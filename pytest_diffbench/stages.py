@@ -247,6 +247,11 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
 #: UniPC runs reach 2.0 of it, a third order 3.8.)
 STEP_RESIDUAL_BOUND = 2e-3
 HALF_STEP_RESIDUAL_UNITS = 6.0
+#: A pipeline call's first latents against the seeds' draws (times init_noise_sigma; img2img the
+#: init latents noised to the first timestep), over their size, on float32 tasks: honest runs show
+#: the float32 rounding of scale_model_input (measured below, "Session 37" in docs/integrity.md);
+#: half-precision tasks are held to HALF_STEP_RESIDUAL_UNITS of float16 rounding.
+START_RESIDUAL_BOUND = 1e-4
 #: the guidance scale a run's steps show may differ from the task's by at most this, plus
 #: GUIDANCE_OFFSET_SIGMAS standard deviations of its reading (pooled over the guided steps, each
 #: weighted by how far the scale moves it). Honest runs: |offset| <= 0.0024 (float16, std 0.002),
@@ -291,6 +296,17 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
             out.append(Mismatch(f"{what}: the largest part of a step the task's scheduler does not explain, in "
                                 f"units of half precision's rounding of the latents",
                                 f"<= {HALF_STEP_RESIDUAL_UNITS:g}", f"{float(worst[0]):.4g} (call {worst[1]})"))
+    if expected_dtype in (None, "float32"):
+        start = figures.get("worst_start") or [0.0, None]
+        if float(start[0]) > START_RESIDUAL_BOUND:
+            out.append(Mismatch(f"{what}: the largest share of a pipeline call's first latents the seeds' draws do not "
+                                f"explain", f"<= {START_RESIDUAL_BOUND:g}", f"{float(start[0]):.4g} (call {start[1]})"))
+    else:
+        start = figures.get("worst_start_half_units") or [0.0, None]
+        if float(start[0]) > HALF_STEP_RESIDUAL_UNITS:
+            out.append(Mismatch(f"{what}: the largest part of a pipeline call's first latents the seeds' draws do not "
+                                f"explain, in units of half precision's rounding",
+                                f"<= {HALF_STEP_RESIDUAL_UNITS:g}", f"{float(start[0]):.4g} (call {start[1]})"))
     apart = figures.get("least_guidance_apart")
     if apart and float(apart[0]) < GUIDANCE_APART_FLOOR:
         out.append(Mismatch(f"{what}: the difference of a guided call's two outputs over the unconditional one",

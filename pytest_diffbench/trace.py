@@ -40,7 +40,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import captions
 from .aten_leaves import leaves
-from .updates import EXIT_MODULES
+from .updates import DECODER_ENTRY, ENCODER_EXIT, EXIT_MODULES, standard_normal
 # the denoiser's components (a product whose parameter operand comes from other components alone,
 # text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
 # products of no parameter (Producers)
@@ -1276,6 +1276,9 @@ class Replayer:
                             steps.enter(entry_latents(factor_refs if factor_refs is not None else refs,
                                                       booked_factors, env))
                 leaving = steps is not None and seeded and self.entries and counter.module in EXIT_MODULES
+                if steps is not None and counter.module == DECODER_ENTRY:
+                    steps.decode(entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env))
+                encoding = steps is not None and counter.module == ENCODER_EXIT
                 # the call an op belongs to is the last entry's (CallBooks)
                 counter.call_books = (self.call_books.current if self.entries and counter.module is not None
                                       and counter.module.partition(".")[0] in DENOISER_COMPONENTS else None)
@@ -1291,8 +1294,10 @@ class Replayer:
             outputs = leaves(out)
             if counter is not None and leaving and outputs and isinstance(outputs[0], torch.Tensor):
                 steps.leave(outputs[0])  # the last product of the exit module in the call is its output
-            if steps is not None and len(op) == 5 and outputs:
-                steps.draw(outputs[0])  # a stochastic step's noise (updates.StepCheck.draw)
+            if counter is not None and encoding and outputs and isinstance(outputs[0], torch.Tensor):
+                steps.encode(outputs[0])  # an init image's latents' moments (img2img's start)
+            if steps is not None and len(op) == 5 and outputs and standard_normal(func, args, kwargs):
+                steps.draw(outputs[0])  # initial latents, or a stochastic step's noise (updates.StepCheck.draw)
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in outputs):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)

@@ -17,7 +17,11 @@ Stochastic steps (ancestral samplers) add noise the harness does not redraw: the
 measured from the scheduler itself (two draws of known noise), the guidance offset is read
 against that noise, and the residual must be noise of that scale, not more and not none.
 
-Plain functions of tensors and a scheduler: stages.update_mismatches judges the figures.
+Both ends of each pipeline call's chain are read too: its first call's latents must be the seeds'
+draws (times init_noise_sigma; img2img, the init image's latents noised to the strength's first
+timestep), and its last step's result the latents the VAE's decoder takes (`DECODER_ENTRY`).
+
+Plain functions of tensors and a scheduler: stages.step_mismatches judges the figures.
 """
 
 from __future__ import annotations
@@ -33,6 +37,29 @@ HALF_UNIT = 2.0 ** -11
 
 #: the module each denoiser call ends with, whose output is the call's prediction (before guidance)
 EXIT_MODULES = frozenset({"unet.conv_out", "transformer.proj_out", "transformer.proj_out_2"})
+
+#: the module the VAE's decoder begins with, whose input is the latents a pipeline call decodes
+#: (divided by the VAE's scaling factor): the last step's result (every VAE of the zoo has it)
+DECODER_ENTRY = "vae.post_quant_conv"
+
+#: the module the VAE's encoder ends with, whose output is the moments of an init image's latents
+#: (img2img: their mean and log variance, sampled with a draw of the seeds)
+ENCODER_EXIT = "vae.quant_conv"
+
+
+def standard_normal(func: Any, args: Any, kwargs: dict) -> bool:
+    """Whether a draw op makes standard normal values: `torch.randn` (what diffusers' randn_tensor
+    calls, for the initial latents and an ancestral step's noise alike) or `normal_` at mean 0 and
+    std 1. A draw at another scale is not the noise a scheduler adds: a run that drew an ancestral
+    step's noise with `normal_(0, 0.5)` read as noise of scale 1 when every draw counted."""
+    packet = getattr(func, "_overloadpacket", None)
+    if packet is torch.ops.aten.randn:
+        return True
+    if packet is torch.ops.aten.normal_:
+        mean = args[1] if len(args) > 1 else kwargs.get("mean", 0.0)
+        std = args[2] if len(args) > 2 else kwargs.get("std", 1.0)
+        return mean == 0.0 and std == 1.0
+    return False
 
 
 def expected_scheduler(config: Any, name: str, steps: int, strength: float | None) -> tuple[Any, list]:
@@ -114,9 +141,25 @@ class StepCheck:
     latents before scale_model_input."""
 
     def __init__(self, make_scheduler: Callable[[], tuple[Any, list]], guidance_scale: float,
-                 cond_first: bool, patch: int | None, steps_model_input: bool = False):
+                 cond_first: bool, patch: int | None, steps_model_input: bool = False,
+                 scaling_factor: float | None = None, noise_times_sigma: bool = True,
+                 image_to_image: bool = False):
         self.make_scheduler, self.guidance_scale = make_scheduler, float(guidance_scale)
         self.cond_first, self.patch, self.steps_model_input = cond_first, patch, steps_model_input
+        # the ends of each pipeline call's chain (read where the VAE's scaling factor is given, as the
+        # replay gives it): the latents decoded
+        # after its last call are that call's step, and its first call's latents are the seeds' noise
+        # (times the scheduler's init_noise_sigma, which DiT's pipeline leaves out) or, img2img, the
+        # init image's latents noised to the strength's first timestep
+        self.scaling_factor = float(scaling_factor) if scaling_factor else None
+        self.noise_times_sigma, self.image_to_image = noise_times_sigma, image_to_image
+        self._start_draws: list[torch.Tensor] = []  # standard normal draws since the last decode began
+        self._encoded: list[torch.Tensor] = []  # the VAE encoder's outputs since then (img2img)
+        self._decoded: list[torch.Tensor] = []  # what the decoder took after a pipeline call's last call
+        self.starts = {"checked": 0, "unread": 0}
+        self.worst_start: tuple[float, int | None] = (0.0, None)
+        self.worst_start_units: tuple[float, int | None] = (0.0, None)
+        self.ends_checked = 0
         self.calls = 0
         self.checked = self.guided = 0
         self.problem: str | None = None
@@ -139,30 +182,135 @@ class StepCheck:
 
     def enter(self, latents: torch.Tensor) -> None:
         if self._held is not None and self.problem is None:
-            held, self._held = self._held, None
-            position = (self.calls - 1) % max(1, self.per_call)
-            if position == self.per_call - 1:  # the last call of a pipeline call: its step goes to the decoder
+            self._close_held(latents)
+        if self.problem is None and self.scaling_factor is not None and self.per_call \
+                and self.calls % self.per_call == 0:
+            try:
+                self._check_start(self.calls, latents)
+            except Exception as exc:  # noqa: BLE001 - figures the scheduler refuses: unreadable
+                self.problem = f"call {self.calls}: its latents could not be read as the task's start: {exc}"[:300]
+        self._held = [latents.detach().clone(), None, []]
+        self._start_draws, self._encoded, self._decoded = [], [], []
+        self.calls += 1
+
+    def _close_held(self, next_latents: torch.Tensor | None) -> None:
+        """The held call's step: into the next call's latents, or (a pipeline call's last call) into
+        the latents the decoder took after it; `next_latents` None where no call follows."""
+        held, self._held = self._held, None
+        position = (self.calls - 1) % max(1, self.per_call)
+        last = position == self.per_call - 1
+        if not last and next_latents is None:
+            return  # the run ended inside a pipeline call: figures() reports the count
+        try:
+            if last:
+                self._check_end(self.calls - 1, position, held)
                 self.scheduler, self.timesteps = self.make_scheduler()
             else:
-                try:
-                    self._check(self.calls - 1, position, held[0], held[1], latents, held[2])
-                except Exception as exc:  # noqa: BLE001 - a diffusers step refusing the figures: unreadable
-                    self.problem = f"call {self.calls - 1}: the task's scheduler could not take its step: {exc}"[:300]
-        self._held = [latents.detach().clone(), None, []]
-        self.calls += 1
+                self._check(self.calls - 1, position, held[0], held[1], next_latents, held[2])
+        except Exception as exc:  # noqa: BLE001 - a diffusers step refusing the figures: unreadable
+            self.problem = f"call {self.calls - 1}: the task's scheduler could not take its step: {exc}"[:300]
 
     def leave(self, output: torch.Tensor) -> None:
         if self._held is not None:
             self._held[1] = output.detach().clone()
 
+    @property
+    def between_pipeline_calls(self) -> bool:
+        """Before the first denoiser call, or after a pipeline call's last one once its decoding
+        began: a draw now is the next pipeline call's initial noise, not a step's."""
+        return self._held is None or bool(self._decoded)
+
     def draw(self, tensor: torch.Tensor) -> None:
-        """A random draw of the replay (from the verdict's seeds) after the call's entry: a stochastic
-        step's noise is read from these (`_drawn_noise`)."""
-        if self._held is not None and isinstance(tensor, torch.Tensor) and tensor.dim() == 4 \
-                and tensor.dtype.is_floating_point and len(self._held[2]) < 64:
+        """A standard normal draw of the replay (from the verdict's seeds; `standard_normal`): after a
+        call's entry, a stochastic step's noise (`_drawn_noise`); between pipeline calls, the next
+        one's initial noise."""
+        if not (isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.dtype.is_floating_point):
+            return
+        if self.between_pipeline_calls:
+            if len(self._start_draws) < 64:
+                self._start_draws.append(tensor.detach().clone())
+        elif len(self._held[2]) < 64:
             self._held[2].append(tensor.detach().clone())
 
-    def _check(self, index: int, k: int, latents, output, next_latents, draws: list | None = None) -> None:
+    def decode(self, latents: torch.Tensor | None) -> None:
+        """The input of the VAE's decoder (`DECODER_ENTRY`): after a pipeline call's last denoiser
+        call, the latents it decodes (several inputs where the VAE decodes in slices)."""
+        if self._held is None or not isinstance(latents, torch.Tensor) or latents.dim() != 4:
+            return
+        if (self.calls - 1) % max(1, self.per_call) == self.per_call - 1 and len(self._decoded) < 64:
+            self._decoded.append(latents.detach().clone())
+
+    def encode(self, moments: torch.Tensor) -> None:
+        """The output of the VAE's encoder (`ENCODER_EXIT`) between pipeline calls: an init image's
+        latents' moments (mean and log variance), which a draw of the seeds samples."""
+        if self.between_pipeline_calls and isinstance(moments, torch.Tensor) and moments.dim() == 4 \
+                and len(self._encoded) < 64:
+            self._encoded.append(moments.detach().clone())
+
+    def _check_start(self, index: int, latents: torch.Tensor) -> None:
+        """The first call of a pipeline call: its latents (scale_model_input undone) must be what the
+        seeds' draws make of them, text or class to image: the draws times init_noise_sigma (DiT's
+        pipeline: the draws); image to image: the init image's latents (the VAE's moments sampled
+        with the first draws, times its scaling factor) noised to the first timestep by the
+        scheduler's add_noise with the next draws."""
+        if latents.dim() != 4:
+            self.problem = f"call {index}: latents of shape {tuple(latents.shape)}"
+            return
+        count, _ = _latent_count(latents)
+        shape = tuple(latents.shape[1:])
+        t = self.timesteps[0]
+        start = latents[:count].double() / _input_scale(copy.deepcopy(self.scheduler), t)
+        if self.image_to_image:
+            moments = torch.cat([m.double() for m in self._encoded]) if self._encoded else None
+            if moments is None or self.scaling_factor is None or moments.shape[1] != 2 * shape[0] \
+                    or tuple(moments.shape[2:]) != shape[1:] or count % moments.shape[0]:
+                self.starts["unread"] += 1  # the init latents were not encoded in this call (constants)
+                return
+            images = moments.shape[0]
+            drawn = _drawn_noise(self._start_draws, images + count, shape)
+            if drawn is None:
+                self.problem = (f"call {index}: the draws before it are not {images} + {count} standard normal "
+                                f"draws of the latents' shape (the init latents' sample, then their noise)")
+                return
+            mean, logvar = moments.chunk(2, dim=1)
+            sampled = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * drawn[:images]
+            init = self.scaling_factor * sampled.repeat(count // images, 1, 1, 1)
+            noising = copy.deepcopy(self.scheduler)
+            expected = noising.add_noise(init, drawn[images:], torch.stack([torch.as_tensor(t)] * count)).double()
+        else:
+            drawn = _drawn_noise(self._start_draws, count, shape)
+            if drawn is None:
+                self.problem = (f"call {index}: the draws before it are not {count} standard normal draws of the "
+                                f"latents' shape (the seeds' initial noise)")
+                return
+            sigma = float(self.scheduler.init_noise_sigma) if self.noise_times_sigma else 1.0
+            expected = sigma * drawn
+        rest = math.sqrt(_dot(start - expected, start - expected))
+        size = math.sqrt(max(_dot(expected, expected), 1e-300))
+        self.starts["checked"] += 1
+        if rest / size >= self.worst_start[0]:
+            self.worst_start = (rest / size, index)
+        if rest / (HALF_UNIT * size) >= self.worst_start_units[0]:
+            self.worst_start_units = (rest / (HALF_UNIT * size), index)
+
+    def _check_end(self, index: int, k: int, held: list) -> None:
+        """A pipeline call's last call: its step's result is what the decoder takes (times the VAE's
+        scaling factor), every latent once."""
+        if self.scaling_factor is None:
+            return
+        count, _ = _latent_count(held[0]) if held[0].dim() == 4 else (0, False)
+        decoded = torch.cat([d.double() for d in self._decoded]) if self._decoded else None
+        if decoded is None or decoded.shape[0] != count or tuple(decoded.shape[1:]) != tuple(held[0].shape[1:]):
+            self.problem = (f"call {index}: the decoder took {'nothing' if decoded is None else tuple(decoded.shape)} "
+                            f"after the pipeline call's last denoiser call, not its {count} latents")
+            return
+        self._check(index, k, held[0], held[1], decoded * self.scaling_factor, held[2], final=True)
+        self.ends_checked += 1
+
+    def _check(self, index: int, k: int, latents, output, next_latents, draws: list | None = None,
+               final: bool = False) -> None:
+        """The step from call `index` (the `k`-th of its pipeline call) into `next_latents`: the next
+        call's latents, or (`final`) the latents decoded after it, which no scale_model_input scaled."""
         if output is None:
             self.problem = f"call {index}: the replay saw no output of the denoiser ({', '.join(sorted(EXIT_MODULES))})"
             return
@@ -209,7 +357,8 @@ class StepCheck:
         if direction is not None:  # how one more unit of guidance scale moves the step (the same noise)
             along = _step(scheduler, eps + direction, t, sample, 1)[0] - stepped_a
         self.scheduler = after
-        residual = next_latents[:count].double() / _input_scale(after, self.timesteps[k + 1]) - expected
+        next_scale = 1.0 if final else _input_scale(after, self.timesteps[k + 1])
+        residual = next_latents[:count].double() / next_scale - expected
         offset, weight = 0.0, 0.0
         elements = residual.numel()
         stochastic = abs(sigma) * math.sqrt(elements) > 1e-9 * (1.0 + math.sqrt(_dot(sample, sample)))
@@ -254,8 +403,7 @@ class StepCheck:
             # the same residual in units of half precision's rounding of the latents (2^-11 of each):
             # what a half-precision run's rounding explains (stages.STEP_RESIDUAL_BOUND)
             target = next_latents[:count].double()
-            units = rest / max(HALF_UNIT * math.sqrt(_dot(target, target)) / _input_scale(after, self.timesteps[k + 1]),
-                               1e-300)
+            units = rest / max(HALF_UNIT * math.sqrt(_dot(target, target)) / next_scale, 1e-300)
             if units >= self.worst_units[0]:
                 self.worst_units = (units, index)
             self.units_squared.append(units * units)
@@ -279,7 +427,16 @@ class StepCheck:
         (their residual over their noise scale, pooled; "noise_ratio_range": each step's, for the
         record), "noise_read" (stochastic steps whose noise was read from the replay's draws, then
         judged as deterministic ones), "noise_scale" (their noise's scale over the task's
-        scheduler's, pooled by each step's noise energy; "noise_scale_range": each step's), "problem": why the steps could not be read, or None}."""
+        scheduler's, pooled by each step's noise energy; "noise_scale_range": each step's),
+        "starts_checked" (pipeline calls whose first latents were read against the seeds' draws),
+        "starts_unread" (img2img pipeline calls whose init image was not encoded in the call: their
+        start is not read), "worst_start": [share, call] (the part of a first call's latents the
+        draws do not explain, over their size), "worst_start_half_units" (the same in half
+        precision's rounding units), "ends_checked" (pipeline calls whose last step was checked
+        against the latents decoded after it: those steps count in the residual figures too),
+        "problem": why the steps could not be read, or None}."""
+        if self._held is not None and self.problem is None:
+            self._close_held(None)  # the run's last call: its step goes to the decoder
         problem = self.problem
         if problem is None and (self.per_call == 0 or not self.calls or self.calls % self.per_call):
             problem = (f"{self.calls} denoiser calls are no whole number of pipeline calls of {self.per_call} "
@@ -307,6 +464,11 @@ class StepCheck:
                                 if self.noise_fit["asked"] > 0 else None),
                 "noise_scale_range": ([round(min(self.noise_scales), 6), round(max(self.noise_scales), 6)]
                                       if self.noise_scales else None),
+                "starts_checked": self.starts["checked"],
+                "starts_unread": self.starts["unread"],
+                "worst_start": [float(f"{self.worst_start[0]:.4g}"), self.worst_start[1]],
+                "worst_start_half_units": [round(self.worst_start_units[0], 4), self.worst_start_units[1]],
+                "ends_checked": self.ends_checked,
                 "problem": problem}
 
 
@@ -331,14 +493,3 @@ def _latent_count(latents: torch.Tensor) -> tuple[int, bool]:
 def _input_scale(scheduler: Any, timestep) -> float:
     return float(scheduler.scale_model_input(torch.ones(1, dtype=torch.float64), timestep).reshape(-1)[0])
 
-
-def update_figures(calls: list[tuple[torch.Tensor, torch.Tensor | None]],
-                   make_scheduler: Callable[[], tuple[Any, list]], guidance_scale: float,
-                   cond_first: bool, patch: int | None, steps_model_input: bool = False) -> dict:
-    """StepCheck's figures for a list of each denoiser call's (entry latents, exit output)."""
-    check = StepCheck(make_scheduler, guidance_scale, cond_first, patch, steps_model_input)
-    for latents, output in calls:
-        check.enter(latents)
-        if output is not None:
-            check.leave(output)
-    return check.figures()

@@ -1240,6 +1240,11 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
     ("L1-sd15-t2i-0001", "caption_cut_by_two_words.py", "looked up in text_encoder's table"),
     ("L1-sd15-t2i-0001", "caption_decoy_lookup.py", "the reads of text_encoder's table"),
     ("L1-sd15-t2i-0001", "negative_prompt_is_the_caption.py", "equal halves"),
+    # session 37: both ends of each pipeline call's chain, and only standard normal draws as noise
+    ("L1-sd15-t2i-0001", "initial_noise_scaled_down.py", "first latents the seeds' draws do not explain"),
+    ("L1-sd15-i2i-0008", "init_image_noised_at_another_timestep.py", "first latents the seeds' draws do not explain"),
+    ("L1-dit-c2i-dpmsolver-0015", "decoded_latents_changed.py", "a step the task's scheduler does not explain"),
+    ("L1-sd15-i2i-768px-eulera-0028", "ancestral_noise_drawn_at_half_scale.py", "stochastic steps' noise"),
 ])
 def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_the_replay(
         task_id, attack, field, tiny_zoo, baseline_cache_dir, tmp_path):
@@ -1262,4 +1267,7 @@ def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_th
     assert gold.verdict.passed, gold.verdict
     replay = gold.flops["replay"]
     assert replay["steps"]["problem"] is None and replay["steps"]["checked"] > 0, replay["steps"]
+    # each pipeline call's first latents read against the seeds' draws, its last step against the decoder's input
+    assert replay["steps"]["starts_checked"] == replay["steps"]["ends_checked"] > 0, replay["steps"]
+    assert replay["steps"]["starts_unread"] == 0, replay["steps"]
     assert all(not f["missing"] and not f["other_rows"] for f in replay["captions"].values()), replay["captions"]

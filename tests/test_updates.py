@@ -18,13 +18,13 @@ DIT = "facebook/DiT-XL-2-256"
 def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float, *, task_scheduler: str | None = None,
               task_steps: int | None = None, task_guidance: float | None = None, config: dict | None = None,
               call: dict | None = None, size: int = 64, samples: int = 2, draws: bool = False,
-              monkeypatch=None, step=None) -> dict:
+              monkeypatch=None, step=None, strength: float | None = None) -> dict:
     """StepCheck's figures for a run of `model` with `scheduler` (from_config of the pipeline's,
     `config` changed) at `steps` and `guidance`, judged as a task asking `task_*` (default: the same).
     `draws`: the ancestral scheduler's noise is given to the check as the replay gives it its draws;
     `step`: the run's scheduler's step instead of its class's (the check's scheduler keeps its own)."""
     import diffusers
-    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
+    from PIL import Image
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(model, cache_dir=str(tiny_zoo.hub_cache),
                                                        local_files_only=True)
@@ -37,27 +37,42 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
     entry = denoiser.conv_in if hasattr(denoiser, "conv_in") else denoiser.pos_embed.proj
     leave = getattr(denoiser, "conv_out", None) or getattr(denoiser, "proj_out_2", None) or denoiser.proj_out
     task_scheduler, task_steps = task_scheduler or scheduler, task_steps or steps
-    check = updates.StepCheck(lambda: updates.expected_scheduler(base, task_scheduler, task_steps, None),
+    check = updates.StepCheck(lambda: updates.expected_scheduler(base, task_scheduler, task_steps, strength),
                               task_guidance if task_guidance is not None else guidance, model == DIT,
-                              getattr(denoiser.config, "patch_size", None), steps_model_input=model == DIT)
+                              getattr(denoiser.config, "patch_size", None), steps_model_input=model == DIT,
+                              scaling_factor=pipe.vae.config.scaling_factor, noise_times_sigma=model != DIT,
+                              image_to_image=strength is not None)
     entry.register_forward_pre_hook(lambda module, args: check.enter(args[0]))
     leave.register_forward_hook(lambda module, args, out: check.leave(out))
-    if draws:
-        drawn = ancestral.randn_tensor
-
-        def noted(*args, **kwargs):
-            noise = drawn(*args, **kwargs)
-            check.draw(noise)
-            return noise
-
-        monkeypatch.setattr(ancestral, "randn_tensor", noted)
+    pipe.vae.post_quant_conv.register_forward_pre_hook(lambda module, args: check.decode(args[0]))
+    pipe.vae.quant_conv.register_forward_hook(lambda module, args, out: check.encode(out))
     generator = torch.Generator().manual_seed(0)
-    if model == DIT:
-        pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=guidance, generator=generator)
-    else:
-        prompts = ["a red cat", "a blue dog", "a green bird", "a white horse"][:samples]
-        pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-             height=size, width=size, **(call or {}))
+
+    class Draws(torch.overrides.TorchFunctionMode):
+        """torch.randn's draws, as the replay gives its standard normal draws: between pipeline calls
+        always (the initial noise), after a call's entry only with `draws` (an ancestral step's)."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # the pipeline's own generator's: a test's redraw of a step's noise is not the run's draw
+            if func is torch.randn and (kwargs or {}).get("generator") is generator \
+                    and (draws or check.between_pipeline_calls):
+                check.draw(out)
+            return out
+
+    with Draws():
+        if model == DIT:
+            pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+        elif strength is not None:
+            images = [Image.new("RGB", (size, size), color) for color in ("red", "teal", "gold", "white")][:samples]
+            pipe = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
+            prompts = ["a red cat", "a blue dog", "a green bird", "a white horse"][:samples]
+            pipe(prompt=prompts, image=images, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                 generator=generator, **(call or {}))
+        else:
+            prompts = ["a red cat", "a blue dog", "a green bird", "a white horse"][:samples]
+            pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                 height=size, width=size, **(call or {}))
     return check.figures()
 
 
@@ -77,11 +92,15 @@ def _judged(figures: dict, dtype: str = "float32") -> list:
 def test_an_honest_run_takes_the_task_schedulers_steps(tiny_zoo, model, scheduler, guidance):
     figures = _steps_of(tiny_zoo, model, scheduler, 8, guidance)
     assert figures["problem"] is None, figures
-    assert figures["checked"] == figures["calls"] - 1 == 7 + (scheduler == "PNDMScheduler"), figures
+    # every step, the last one into the latents the decoder took; and the start from the seeds' draws
+    assert figures["checked"] == figures["calls"] == 8 + (scheduler == "PNDMScheduler"), figures
+    assert figures["starts_checked"] == figures["ends_checked"] == 1, figures
+    assert figures["worst_start"][0] < stages.START_RESIDUAL_BOUND / 10, figures
     assert figures["guided"] == figures["checked"], figures
     assert _judged(figures) == [], figures
     if scheduler == "EulerAncestralDiscreteScheduler":
-        assert figures["stochastic_steps"] == figures["checked"] and figures["noise_ratio"] is not None, figures
+        # Euler Ancestral's last step (to sigma 0) adds no noise
+        assert figures["stochastic_steps"] == figures["checked"] - 1 and figures["noise_ratio"] is not None, figures
     else:
         assert figures["worst_residual"][0] < stages.STEP_RESIDUAL_BOUND / 10, figures
         assert abs(figures["guidance_offset"]) < 1e-3, figures
@@ -136,15 +155,16 @@ def test_an_ancestral_steps_noise_read_from_the_draws_makes_it_a_deterministic_s
             if before is not None:  # the same draw again: take back a tenth of the noise
                 from diffusers.utils.torch_utils import randn_tensor
                 self._step_index -= 1
-                generator.set_state(before)
-                noise = randn_tensor(model_output.shape, dtype=model_output.dtype, generator=generator)
+                again = torch.Generator().set_state(before)
+                noise = randn_tensor(model_output.shape, dtype=model_output.dtype, generator=again)
                 self._step_index += 1
                 out = out - (1 - noise_scale) * noise * sigma_up
             return (out,)
 
     figures = _steps_of(tiny_zoo, SD15, "EulerAncestralDiscreteScheduler", 8, guidance, task_guidance=7.5,
                         draws=True, monkeypatch=monkeypatch, step=scaled)
-    assert figures["noise_read"] == figures["checked"] == 7 and figures["stochastic_steps"] == 0, figures
+    # the last step (to sigma 0, into the decoded latents) adds no noise
+    assert figures["noise_read"] == figures["checked"] - 1 == 7 and figures["stochastic_steps"] == 0, figures
     problems = _judged(figures)
     if guidance == 7.5 and noise_scale == 1.0:
         assert problems == [], figures
@@ -172,7 +192,7 @@ def test_a_deterministic_sampler_in_place_of_an_ancestral_one_fails(tiny_zoo):
     """Euler for Euler Ancestral: the same timesteps, no noise; the step is not the task's."""
     figures = _steps_of(tiny_zoo, SD15, "EulerDiscreteScheduler", 8, 7.5,
                         task_scheduler="EulerAncestralDiscreteScheduler")
-    assert figures["stochastic_steps"] == figures["checked"] > 0, figures
+    assert figures["stochastic_steps"] == figures["checked"] - 1 > 0, figures
     problems = _judged(figures)
     assert any("noise" in m.field for m in problems), (figures, problems)
 
@@ -199,3 +219,60 @@ def test_the_half_precision_bounds_are_wider_and_the_guidance_bound_follows_its_
     assert [m.found for m in _judged(figures, "float16")] == ["-0.04"]
     assert stages.step_mismatches({"replay": {}}, "float32") == []  # not checked (L4/L5): nothing
     assert stages.step_mismatches(None, "float32") == []
+
+
+@pytest.mark.parametrize("strength", [None, 0.75])
+def test_a_start_other_than_the_seeds_draws_fails(tiny_zoo, monkeypatch, strength):
+    """Each pipeline call's first latents are read against the seeds' draws: the noise times
+    init_noise_sigma (text to image) or the init image's latents noised to the strength's first
+    timestep (image to image). A start scaled by 0.9, or noised to another timestep, fails."""
+    import diffusers
+
+    pipeline = diffusers.StableDiffusionPipeline if strength is None else diffusers.StableDiffusionImg2ImgPipeline
+    prepare = pipeline.prepare_latents
+    if strength is None:
+        def changed(self, *args, **kwargs):
+            return prepare(self, *args, **kwargs) * 0.9
+    else:
+        def changed(self, image, timestep, *args, **kwargs):
+            return prepare(self, image, (timestep * 0.6).to(timestep.dtype), *args, **kwargs)
+
+    # DDIM: add_noise reads the timestep it is given (Euler's reads its begin index)
+    honest = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, strength=strength)
+    assert honest["starts_checked"] == 1 and _judged(honest) == [], honest
+    monkeypatch.setattr(pipeline, "prepare_latents", changed)
+    figures = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, strength=strength)
+    assert figures["problem"] is None and figures["starts_checked"] == 1, figures
+    assert figures["worst_start"][0] > 100 * stages.START_RESIDUAL_BOUND, figures
+    assert any("first latents" in m.field for m in _judged(figures)), figures
+    # the steps themselves are the task's: only the start differs
+    assert figures["worst_residual"][0] < stages.STEP_RESIDUAL_BOUND, figures
+
+
+def test_the_last_step_is_read_against_the_latents_the_decoder_takes(tiny_zoo):
+    """The last step's result goes to the VAE's decoder, not into another call: it is read there.
+    A change of the latents after the last step (here scaled by 1.05 on the last step's callback)
+    fails; so does a pipeline call that decodes nothing after its last call."""
+    def scaled(pipe, i, t, kwargs):
+        return {"latents": kwargs["latents"] * 1.05} if i == 7 else {}
+
+    figures = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, call={
+        "callback_on_step_end": scaled, "callback_on_step_end_tensor_inputs": ["latents"]})
+    assert figures["ends_checked"] == 1 and figures["worst_residual"][1] == 7, figures
+    assert figures["worst_residual"][0] > 10 * stages.STEP_RESIDUAL_BOUND, figures
+    assert any("a step the task's scheduler does not explain" in m.field for m in _judged(figures)), figures
+    latent = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, call={"output_type": "latent"})
+    assert "the decoder took nothing" in (latent["problem"] or ""), latent
+
+
+def test_only_standard_normal_draws_are_read_as_noise():
+    """A draw at another scale (`normal_(0, 0.5)`) is not the noise a scheduler adds: read as the
+    run's noise, it made half the noise look like all of it."""
+    aten = torch.ops.aten
+    empty = torch.empty(2)
+    assert updates.standard_normal(aten.randn.generator, ([2],), {"generator": None})
+    assert updates.standard_normal(aten.normal_.default, (empty,), {})
+    assert updates.standard_normal(aten.normal_.default, (empty, 0.0, 1.0), {})
+    assert not updates.standard_normal(aten.normal_.default, (empty, 0.0, 0.5), {})
+    assert not updates.standard_normal(aten.normal_.default, (empty,), {"mean": 0.1})
+    assert not updates.standard_normal(aten.rand.generator, ([2],), {"generator": None})
