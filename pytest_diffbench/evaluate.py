@@ -241,10 +241,12 @@ def deepcache_least_share(attributes: Any, mid_calls: Any = None) -> float | Non
     return len(full) / calls * (1 - stages.MODULE_WORK_TOLERANCE)
 
 
-def steps_asked(task) -> dict | None:
+def steps_asked(task, batch: dict | None = None) -> dict | None:
     """What the replay checks the steps between denoiser calls against (updates.StepCheck;
     stages.step_mismatches): on L1-L3, where the task fixes its scheduler, step count, guidance
-    scale and strength, those; None on L4/L5 (the scheduler and steps are the candidate's)."""
+    scale and strength, those, and img2img's init images from `batch` (PNG, for the harness's own
+    encoding of them: replay.init_moments); None on L4/L5 (the scheduler and steps are the
+    candidate's)."""
     expect = task.expect
     if task.level not in ("L1", "L2", "L3") or not expect.scheduler or not expect.steps \
             or task.guidance_scale is None:
@@ -254,7 +256,16 @@ def steps_asked(task) -> dict | None:
             # DiT's pipeline: the conditional half first, the scheduler steps the scaled model input,
             # and its initial latents are the draws alone (no init_noise_sigma)
             "guidance_scale": float(task.guidance_scale), "cond_first": task.family == "dit",
-            "steps_model_input": task.family == "dit", "noise_times_sigma": task.family != "dit"}
+            "steps_model_input": task.family == "dit", "noise_times_sigma": task.family != "dit",
+            "init_images": (_png_b64(batch["images"]) if task.strength is not None and batch and batch.get("images")
+                            else None)}
+
+
+def _png_b64(paths: list) -> list[str]:
+    """The batch's init images (PNG files the harness resized: workload.make_batch), base64."""
+    import base64
+
+    return [base64.b64encode(Path(path).read_bytes()).decode("ascii") for path in paths]
 
 
 def captions_asked(task, batch: dict) -> dict | None:
@@ -1051,7 +1062,7 @@ class Evaluator:
                "threads": self.profile.threads, "out_dir": str(out_dir),
                "max_constant_bytes": bounds["max_constant_bytes"], "canonical": canonical,
                # a candidate's judged replay reads what the task asks (a baseline's, the held-out one: the same trace)
-               "steps_check": steps_asked(task) if baseline_role is None and asked_checks else None,
+               "steps_check": steps_asked(task, batch) if baseline_role is None and asked_checks else None,
                "captions_check": captions_asked(task, batch) if baseline_role is None and asked_checks else None,
                "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
                          "replay": {"trace": base64.b64encode(trace).decode("ascii"),

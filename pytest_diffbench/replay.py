@@ -70,10 +70,29 @@ def asked_checks(job: dict, settings: dict) -> tuple:
             float(step_spec["guidance_scale"]), bool(step_spec.get("cond_first")), settings.get("patch_size"),
             bool(step_spec.get("steps_model_input")), scaling_factor=settings.get("scaling_factor"),
             noise_times_sigma=bool(step_spec.get("noise_times_sigma", True)),
-            image_to_image=step_spec.get("strength") is not None)
+            image_to_image=step_spec.get("strength") is not None,
+            own_moments=init_moments(settings["pipe"], step_spec.get("init_images"), job["batch"]),
+            vae=settings["pipe"].vae)
     if caption_spec:
         expected = captions.expected_rows(settings["pipe"], caption_spec.get("prompts"), caption_spec.get("class_ids"))
     return steps, expected
+
+
+def init_moments(pipe, images_b64: list | None, batch: dict):
+    """The harness's own encoding of the task's init images (PNG, base64, in sample order), as an
+    img2img pipeline encodes them (its image processor at the run's size, the VAE in float32):
+    each one's latents' moments (mean and log variance, the output of the VAE's quant_conv), or
+    None without init images. The step check reads an img2img start against these where the
+    replay shows no encoding (a run that encoded its public init images ahead of the call)."""
+    if not images_b64:
+        return None
+    import torch
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in images_b64]
+    pixels = pipe.image_processor.preprocess(images, height=int(batch["height"]), width=int(batch["width"]))
+    with torch.no_grad():
+        return pipe.vae.encode(pixels.to(torch.float32)).latent_dist.parameters.detach()
 
 
 def flush_denormals() -> bool:
@@ -114,7 +133,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
     from pytest_diffbench import captions
     from pytest_diffbench.canonical import CanonicalPrecision
     from pytest_diffbench.flops import LeanFlopCounterMode
-    from pytest_diffbench.trace import Replayer, TraceError, decode, image_rows, match_images, to_uint8
+    from pytest_diffbench.trace import Replayer, TraceError, decode, image_rows, image_values, match_images, to_uint8
 
     batch = job["batch"]
     canonical = bool(job.get("canonical"))
@@ -143,6 +162,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
         verdict_s = time.process_time() - started
         flops = float(counter.get_total_flops())
         images = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
+        # the images' values before rounding: the step check holds them to its own decoding (updates.end_image_figures)
+        values = [image_values(kept[i], layout, row) for i, layout, row, _ in sources] if steps is not None else []
     except TraceError as exc:
         return _error("replay", exc)
     names = []
@@ -179,7 +200,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                       "guided_calls": [i for i, (_, twice) in enumerate(replayer.entries) if twice]},
                    # the steps between denoiser calls against the task's scheduler and guidance
                    # (updates.StepCheck; stages.step_mismatches), where the job asked
-                   "steps": steps.figures() if steps is not None else None,
+                   "steps": steps.all_figures(values) if steps is not None else None,
                    # each caption's (class's) row of ids against those the tables looked up (captions.py)
                    "captions": (captions.caption_figures(expected, replayer.token_rows, replayer.table_reads)
                                 if expected is not None else None),

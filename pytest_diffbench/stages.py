@@ -252,6 +252,16 @@ HALF_STEP_RESIDUAL_UNITS = 6.0
 #: the float32 rounding of scale_model_input (measured below, "Session 37" in docs/integrity.md);
 #: half-precision tasks are held to HALF_STEP_RESIDUAL_UNITS of float16 rounding.
 START_RESIDUAL_BOUND = 1e-4
+#: The run's images against the harness's own float32 decoding of the latents the task's last step
+#: makes of each pipeline call's last denoiser call (updates.end_image_figures), root mean square
+#: in 8-bit levels, the worst sample: float32 and half-precision bounds measured in session 37 (docs/integrity.md).
+END_IMAGE_RMS_LEVELS = 0.05
+HALF_END_IMAGE_RMS_LEVELS = 1.0
+#: The same where an img2img run encoded its init images ahead of the call (the replay shows no
+#: encoding) and the start is read against the harness's own float32 encoding: a float16 VAE's
+#: moments differ from it by 0.14 % (tiny SD 1.5 and SDXL VAEs), so 1 % holds any precision while a
+#: start noised to another timestep (0.6 of the strength's: 15 % and more) fails.
+START_OWN_ENCODING_BOUND = 1e-2
 #: the guidance scale a run's steps show may differ from the task's by at most this, plus
 #: GUIDANCE_OFFSET_SIGMAS standard deviations of its reading (pooled over the guided steps, each
 #: weighted by how far the scale moves it). Honest runs: |offset| <= 0.0024 (float16, std 0.002),
@@ -307,6 +317,31 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
             out.append(Mismatch(f"{what}: the largest part of a pipeline call's first latents the seeds' draws do not "
                                 f"explain, in units of half precision's rounding",
                                 f"<= {HALF_STEP_RESIDUAL_UNITS:g}", f"{float(start[0]):.4g} (call {start[1]})"))
+    ends = figures.get("end_images")
+    if isinstance(ends, Mapping):
+        if ends.get("problem"):
+            out.append(Mismatch(f"{what}: the images against the harness's decoding of the task's last steps",
+                                "one image per latent, in sample order", str(ends["problem"])[:300]))
+        else:
+            worst = ends.get("worst_rms_levels") or [0.0, None]
+            bound = END_IMAGE_RMS_LEVELS if expected_dtype in (None, "float32") else HALF_END_IMAGE_RMS_LEVELS
+            if float(worst[0]) > bound:
+                out.append(Mismatch(f"{what}: the images against the harness's decoding of the latents the task's "
+                                    f"last step makes (root mean square, 8-bit levels)", f"<= {bound:g}",
+                                    f"{float(worst[0]):.3g} (sample {worst[1]})"))
+    own = figures.get("worst_own_encoding_start") or [0.0, None]
+    if float(own[0]) > START_OWN_ENCODING_BOUND:
+        out.append(Mismatch(f"{what}: the largest share of an img2img call's first latents that the seeds' draws "
+                            f"and the harness's own encoding of its init image do not explain",
+                            f"<= {START_OWN_ENCODING_BOUND:g}", f"{float(own[0]):.4g} (call {own[1]})"))
+    encoding = figures.get("worst_encoding_offset") or [0.0, None]
+    if float(encoding[0]) > START_OWN_ENCODING_BOUND:
+        out.append(Mismatch(f"{what}: the init latents' encoding the replay read, against the harness's own "
+                            f"encoding of the task's init images", f"<= {START_OWN_ENCODING_BOUND:g}",
+                            f"{float(encoding[0]):.4g} (call {encoding[1]})"))
+    if figures.get("starts_unread"):
+        out.append(Mismatch(f"{what}: img2img calls whose first latents could be read", "all",
+                            f"{figures['starts_unread']} not read (no encoding of an init image of theirs)"))
     apart = figures.get("least_guidance_apart")
     if apart and float(apart[0]) < GUIDANCE_APART_FLOOR:
         out.append(Mismatch(f"{what}: the difference of a guided call's two outputs over the unconditional one",

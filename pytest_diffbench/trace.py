@@ -1379,13 +1379,16 @@ def image_rows(tensor: torch.Tensor, height: int, width: int) -> list[tuple[str,
     return None
 
 
+def image_values(tensor: torch.Tensor, layout: str, row: int) -> torch.Tensor:
+    """One image of `tensor` as H x W x 3 values in [0, 1] before to_uint8 rounds them (float64)."""
+    image = tensor if tensor.dim() == 3 else tensor[row]
+    return (image.permute(1, 2, 0) if layout == "chw" else image).detach().double()
+
+
 def to_uint8(tensor: torch.Tensor, layout: str, row: int, rounding: str) -> torch.Tensor:
     """One image of `tensor` as diffusers' `numpy_to_pil` makes it (x 255, rounded half to even)
     or torchvision's `to_pil_image` (x 255, truncated): H x W x 3 uint8."""
-    image = tensor if tensor.dim() == 3 else tensor[row]
-    if layout == "chw":
-        image = image.permute(1, 2, 0)
-    scaled = image.detach().float() * 255
+    scaled = image_values(tensor, layout, row).float() * 255
     scaled = scaled.round() if rounding == "round" else scaled.trunc()
     return scaled.clamp(0, 255).to(torch.uint8)
 

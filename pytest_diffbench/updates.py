@@ -38,6 +38,10 @@ HALF_UNIT = 2.0 ** -11
 #: the module each denoiser call ends with, whose output is the call's prediction (before guidance)
 EXIT_MODULES = frozenset({"unet.conv_out", "transformer.proj_out", "transformer.proj_out_2"})
 
+#: the most draws (and encoder outputs, decoder inputs) of the latents' rank the check keeps between
+#: two denoiser calls: honest pipelines make one per sample; a run past it fails (a problem)
+MAX_DRAWS = 256
+
 #: the module the VAE's decoder begins with, whose input is the latents a pipeline call decodes
 #: (divided by the VAE's scaling factor): the last step's result (every VAE of the zoo has it)
 DECODER_ENTRY = "vae.post_quant_conv"
@@ -143,7 +147,7 @@ class StepCheck:
     def __init__(self, make_scheduler: Callable[[], tuple[Any, list]], guidance_scale: float,
                  cond_first: bool, patch: int | None, steps_model_input: bool = False,
                  scaling_factor: float | None = None, noise_times_sigma: bool = True,
-                 image_to_image: bool = False):
+                 image_to_image: bool = False, own_moments: torch.Tensor | None = None, vae: Any = None):
         self.make_scheduler, self.guidance_scale = make_scheduler, float(guidance_scale)
         self.cond_first, self.patch, self.steps_model_input = cond_first, patch, steps_model_input
         # the ends of each pipeline call's chain (read where the VAE's scaling factor is given, as the
@@ -153,13 +157,22 @@ class StepCheck:
         # init image's latents noised to the strength's first timestep
         self.scaling_factor = float(scaling_factor) if scaling_factor else None
         self.noise_times_sigma, self.image_to_image = noise_times_sigma, image_to_image
-        self._start_draws: list[torch.Tensor] = []  # standard normal draws since the last decode began
+        self.vae = vae  # the zoo's VAE (float32): the run's images against the task's last steps
+        # standard normal draws made since the last pipeline call's last call began (or the run did)
+        self._start_draws: list[torch.Tensor] = []
         self._encoded: list[torch.Tensor] = []  # the VAE encoder's outputs since then (img2img)
         self._decoded: list[torch.Tensor] = []  # what the decoder took after a pipeline call's last call
-        self.starts = {"checked": 0, "unread": 0}
+        # the harness's own encoding of the init images, one per sample (replay.init_moments): an
+        # img2img start is read against it where the replay shows no encoding in the call
+        self.own_moments = own_moments.double() if own_moments is not None else None
+        self._samples = 0  # the samples the pipeline calls so far started
+        self.starts = {"checked": 0, "unread": 0, "own_encoding": 0}
+        self.worst_own_start: tuple[float, int | None] = (0.0, None)
+        self.worst_encoding: tuple[float, int | None] = (0.0, None)  # read encodings against the harness's
         self.worst_start: tuple[float, int | None] = (0.0, None)
         self.worst_start_units: tuple[float, int | None] = (0.0, None)
-        self.ends_checked = 0
+        self.ends_checked = self.ends_unread = 0
+        self.final_latents: list[torch.Tensor] = []  # each pipeline call's, as the task's last step makes them
         self.calls = 0
         self.checked = self.guided = 0
         self.problem: str | None = None
@@ -216,35 +229,40 @@ class StepCheck:
 
     @property
     def between_pipeline_calls(self) -> bool:
-        """Before the first denoiser call, or after a pipeline call's last one once its decoding
-        began: a draw now is the next pipeline call's initial noise, not a step's."""
-        return self._held is None or bool(self._decoded)
+        """Before the first denoiser call, or after a pipeline call's last one has begun: a draw now
+        may be the next pipeline call's initial noise (or, on the last call, its step's noise: both
+        lists get it, and each check takes its own end of them)."""
+        return self._held is None or (self.calls - 1) % max(1, self.per_call) == self.per_call - 1
 
     def draw(self, tensor: torch.Tensor) -> None:
         """A standard normal draw of the replay (from the verdict's seeds; `standard_normal`): after a
-        call's entry, a stochastic step's noise (`_drawn_noise`); between pipeline calls, the next
-        one's initial noise."""
-        if not (isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.dtype.is_floating_point):
+        call's entry, a stochastic step's noise (`_drawn_noise`); from a pipeline call's last call
+        on, also the next one's initial noise (`_take_draws`: the last rows drawn before it)."""
+        if not (isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.dtype.is_floating_point) \
+                or tensor.numel() == 0:  # a draw of no rows is no noise (nor a way to fill the list)
             return
-        if self.between_pipeline_calls:
-            if len(self._start_draws) < 64:
-                self._start_draws.append(tensor.detach().clone())
-        elif len(self._held[2]) < 64:
-            self._held[2].append(tensor.detach().clone())
+        lists = ([self._start_draws] if self.between_pipeline_calls else []) + \
+            ([self._held[2]] if self._held is not None else [])
+        for kept in lists:
+            if len(kept) >= MAX_DRAWS:  # fail closed: a dropped draw could be the one the check needs
+                self.problem = self.problem or f"more than {MAX_DRAWS} draws of the latents' rank between two denoiser calls"
+                return
+        for kept in lists:
+            kept.append(tensor.detach().clone())
 
     def decode(self, latents: torch.Tensor | None) -> None:
         """The input of the VAE's decoder (`DECODER_ENTRY`): after a pipeline call's last denoiser
         call, the latents it decodes (several inputs where the VAE decodes in slices)."""
         if self._held is None or not isinstance(latents, torch.Tensor) or latents.dim() != 4:
             return
-        if (self.calls - 1) % max(1, self.per_call) == self.per_call - 1 and len(self._decoded) < 64:
+        if (self.calls - 1) % max(1, self.per_call) == self.per_call - 1 and len(self._decoded) < MAX_DRAWS:
             self._decoded.append(latents.detach().clone())
 
     def encode(self, moments: torch.Tensor) -> None:
         """The output of the VAE's encoder (`ENCODER_EXIT`) between pipeline calls: an init image's
         latents' moments (mean and log variance), which a draw of the seeds samples."""
         if self.between_pipeline_calls and isinstance(moments, torch.Tensor) and moments.dim() == 4 \
-                and len(self._encoded) < 64:
+                and len(self._encoded) < MAX_DRAWS:
             self._encoded.append(moments.detach().clone())
 
     def _check_start(self, index: int, latents: torch.Tensor) -> None:
@@ -260,25 +278,39 @@ class StepCheck:
         shape = tuple(latents.shape[1:])
         t = self.timesteps[0]
         start = latents[:count].double() / _input_scale(copy.deepcopy(self.scheduler), t)
+        first, self._samples = self._samples, self._samples + count
+        own = False
         if self.image_to_image:
             moments = torch.cat([m.double() for m in self._encoded]) if self._encoded else None
+            if moments is None and self.own_moments is not None and first + count <= self.own_moments.shape[0]:
+                # encoded ahead of the call (the init images are public): the harness's own encoding
+                # of these samples' images, which a half-precision encoder follows to about 0.14 %
+                moments, own = self.own_moments[first:first + count], True
             if moments is None or self.scaling_factor is None or moments.shape[1] != 2 * shape[0] \
                     or tuple(moments.shape[2:]) != shape[1:] or count % moments.shape[0]:
-                self.starts["unread"] += 1  # the init latents were not encoded in this call (constants)
+                self.starts["unread"] += 1
                 return
             images = moments.shape[0]
-            drawn = _drawn_noise(self._start_draws, images + count, shape)
+            drawn = self._take_draws(images + count, shape)
             if drawn is None:
                 self.problem = (f"call {index}: the draws before it are not {images} + {count} standard normal "
                                 f"draws of the latents' shape (the init latents' sample, then their noise)")
                 return
-            mean, logvar = moments.chunk(2, dim=1)
-            sampled = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * drawn[:images]
-            init = self.scaling_factor * sampled.repeat(count // images, 1, 1, 1)
+            init = self.scaling_factor * _sampled(moments, drawn[:images]).repeat(count // images, 1, 1, 1)
+            if not own and self.own_moments is not None and images == count \
+                    and first + count <= self.own_moments.shape[0] \
+                    and self.own_moments[first:first + count].shape == moments.shape:
+                # the encoding the replay read is the init images', not a decoy's made to fit the
+                # start (a product of quant_conv's weight on a solved input): the init latents it
+                # samples, against those the harness's own encoding samples with the same draws
+                mine = self.scaling_factor * _sampled(self.own_moments[first:first + count], drawn[:images])
+                offset = math.sqrt(_dot(init - mine, init - mine) / max(_dot(mine, mine), 1e-300))
+                if offset >= self.worst_encoding[0]:
+                    self.worst_encoding = (offset, index)
             noising = copy.deepcopy(self.scheduler)
             expected = noising.add_noise(init, drawn[images:], torch.stack([torch.as_tensor(t)] * count)).double()
         else:
-            drawn = _drawn_noise(self._start_draws, count, shape)
+            drawn = self._take_draws(count, shape)
             if drawn is None:
                 self.problem = (f"call {index}: the draws before it are not {count} standard normal draws of the "
                                 f"latents' shape (the seeds' initial noise)")
@@ -288,24 +320,52 @@ class StepCheck:
         rest = math.sqrt(_dot(start - expected, start - expected))
         size = math.sqrt(max(_dot(expected, expected), 1e-300))
         self.starts["checked"] += 1
+        if own:  # judged by its own bound (stages.START_OWN_ENCODING_BOUND): another encoder's rounding
+            self.starts["own_encoding"] += 1
+            if rest / size >= self.worst_own_start[0]:
+                self.worst_own_start = (rest / size, index)
+            return
         if rest / size >= self.worst_start[0]:
             self.worst_start = (rest / size, index)
         if rest / (HALF_UNIT * size) >= self.worst_start_units[0]:
             self.worst_start_units = (rest / (HALF_UNIT * size), index)
 
+    def _take_draws(self, rows: int, shape: tuple) -> torch.Tensor | None:
+        """The last `rows` rows of the latents' shape drawn before this pipeline call's first call
+        (since the last one's last call began), in the order drawn: diffusers' pipelines draw the
+        initial noise (img2img: the init latents' sample, then their noise) just before their loop,
+        after whatever the previous call's last step drew (Euler Ancestral draws on its last step
+        too). None where fewer were drawn."""
+        fitting = [d for d in self._start_draws if tuple(d.shape[1:]) == shape]
+        taken, have = [], 0
+        while have < rows and fitting:
+            draw = fitting.pop()
+            if have + draw.shape[0] > rows:
+                draw = draw[draw.shape[0] - (rows - have):]
+            taken.insert(0, draw.double())
+            have += draw.shape[0]
+        return torch.cat(taken) if have == rows else None
+
     def _check_end(self, index: int, k: int, held: list) -> None:
-        """A pipeline call's last call: its step's result is what the decoder takes (times the VAE's
-        scaling factor), every latent once."""
+        """A pipeline call's last call: the latents its step makes under the task's scheduler are
+        kept (`final_latents`: the harness decodes them and compares the run's images,
+        end_image_figures). Where the decoder's input shows as those latents once each (times the
+        VAE's scaling factor), the step is also judged as the others are; where it does not
+        (decoded in tiles, in one batch after several calls, a decoder's first layers fused), the
+        images alone judge it: a read of the decoder's input by its booking is a figure a run can
+        route around (the trust review of session 37), the images are what is judged."""
         if self.scaling_factor is None:
             return
         count, _ = _latent_count(held[0]) if held[0].dim() == 4 else (0, False)
-        decoded = torch.cat([d.double() for d in self._decoded]) if self._decoded else None
-        if decoded is None or decoded.shape[0] != count or tuple(decoded.shape[1:]) != tuple(held[0].shape[1:]):
-            self.problem = (f"call {index}: the decoder took {'nothing' if decoded is None else tuple(decoded.shape)} "
-                            f"after the pipeline call's last denoiser call, not its {count} latents")
-            return
-        self._check(index, k, held[0], held[1], decoded * self.scaling_factor, held[2], final=True)
-        self.ends_checked += 1
+        shapes = {tuple(d.shape[1:]) for d in self._decoded}
+        decoded = (torch.cat([d.double() for d in self._decoded])
+                   if self._decoded and shapes == {tuple(held[0].shape[1:])} else None)
+        if decoded is not None and decoded.shape[0] == count:
+            self._check(index, k, held[0], held[1], decoded * self.scaling_factor, held[2], final=True)
+            self.ends_checked += 1
+        else:
+            self._check(index, k, held[0], held[1], None, held[2], final=True)
+            self.ends_unread += 1
 
     def _check(self, index: int, k: int, latents, output, next_latents, draws: list | None = None,
                final: bool = False) -> None:
@@ -323,8 +383,8 @@ class StepCheck:
             self.problem = (f"call {index}: the denoiser's output {tuple(output.shape)} is not in the layout of "
                             f"its latents {tuple(latents.shape)}")
             return
-        next_count, _ = _latent_count(next_latents)
-        if next_count != count or tuple(next_latents.shape[1:]) != tuple(latents.shape[1:]):
+        next_count, _ = _latent_count(next_latents) if next_latents is not None else (count, False)
+        if next_latents is not None and (next_count != count or tuple(next_latents.shape[1:]) != tuple(latents.shape[1:])):
             self.problem = (f"call {index}: {count} latents of shape {tuple(latents.shape[1:])}, the next call "
                             f"{next_count} of {tuple(next_latents.shape[1:])}")
             return
@@ -357,12 +417,22 @@ class StepCheck:
         if direction is not None:  # how one more unit of guidance scale moves the step (the same noise)
             along = _step(scheduler, eps + direction, t, sample, 1)[0] - stepped_a
         self.scheduler = after
+        elements = expected.numel()
+        stochastic = abs(sigma) * math.sqrt(elements) > 1e-9 * (1.0 + math.sqrt(_dot(sample, sample)))
+        # a last step's draws are followed by the next pipeline call's: its own are the first ones
+        drawn = _drawn_noise(draws or [], count, tuple(latents.shape[1:]), first=final) if stochastic else None
+        if final:
+            # the latents the task's last step makes (with the run's noise at the task's scale): the
+            # harness decodes them itself and holds the run's images to them (end_image_figures)
+            if stochastic and drawn is None:
+                self.problem = f"call {index}: the last step adds noise the replay did not read from its draws"
+                return
+            self.final_latents.append(expected + sigma * drawn if drawn is not None else expected)
+            if next_latents is None:
+                return
         next_scale = 1.0 if final else _input_scale(after, self.timesteps[k + 1])
         residual = next_latents[:count].double() / next_scale - expected
         offset, weight = 0.0, 0.0
-        elements = residual.numel()
-        stochastic = abs(sigma) * math.sqrt(elements) > 1e-9 * (1.0 + math.sqrt(_dot(sample, sample)))
-        drawn = _drawn_noise(draws or [], count, tuple(latents.shape[1:])) if stochastic else None
         if drawn is not None:
             # the run's own noise, drawn again by the replay from the verdict's seeds: its scale and the
             # guidance offset are fitted together, and the step is then judged as a deterministic one
@@ -415,6 +485,14 @@ class StepCheck:
             self.pooled["weight"] += weight
             self.pooled["variance"] += variance * weight
 
+    def all_figures(self, images: list[torch.Tensor]) -> dict:
+        """figures(), with "end_images" (end_image_figures) for the run's `images` where a VAE and
+        its scaling factor are given."""
+        figures = self.figures()
+        if self.vae is not None and self.scaling_factor is not None and figures["problem"] is None:
+            figures["end_images"] = end_image_figures(self.final_latents, images, self.vae, self.scaling_factor)
+        return figures
+
     def figures(self) -> dict:
         """{"calls", "per_pipeline_call", "checked", "guided", "worst_residual": [share, call] (of the
         deterministic steps: the part of the step the task's scheduler does not explain, over how
@@ -429,11 +507,17 @@ class StepCheck:
         judged as deterministic ones), "noise_scale" (their noise's scale over the task's
         scheduler's, pooled by each step's noise energy; "noise_scale_range": each step's),
         "starts_checked" (pipeline calls whose first latents were read against the seeds' draws),
-        "starts_unread" (img2img pipeline calls whose init image was not encoded in the call: their
-        start is not read), "worst_start": [share, call] (the part of a first call's latents the
+        "starts_unread" (img2img pipeline calls whose start could not be read: no encoding in the
+        call and none of the harness's), "starts_own_encoding" (those read against the harness's
+        own encoding of the init images, the replay showing none; "worst_own_encoding_start" the
+        worst share of them), "worst_encoding_offset" ([share, call]: the init latents sampled from
+        the encoder output the replay read, against those sampled with the same draws from the
+        harness's own encoding of the same init images), "worst_start": [share, call] (the part of a first call's latents the
         draws do not explain, over their size), "worst_start_half_units" (the same in half
         precision's rounding units), "ends_checked" (pipeline calls whose last step was checked
         against the latents decoded after it: those steps count in the residual figures too),
+        "ends_unread" (those whose decoder input did not show as its latents: judged by the images
+        alone, end_image_figures),
         "problem": why the steps could not be read, or None}."""
         if self._held is not None and self.problem is None:
             self._close_held(None)  # the run's last call: its step goes to the decoder
@@ -466,18 +550,36 @@ class StepCheck:
                                       if self.noise_scales else None),
                 "starts_checked": self.starts["checked"],
                 "starts_unread": self.starts["unread"],
+                "starts_own_encoding": self.starts["own_encoding"],
+                "worst_own_encoding_start": [float(f"{self.worst_own_start[0]:.4g}"), self.worst_own_start[1]],
+                "worst_encoding_offset": [float(f"{self.worst_encoding[0]:.4g}"), self.worst_encoding[1]],
                 "worst_start": [float(f"{self.worst_start[0]:.4g}"), self.worst_start[1]],
                 "worst_start_half_units": [round(self.worst_start_units[0], 4), self.worst_start_units[1]],
-                "ends_checked": self.ends_checked,
+                "ends_checked": self.ends_checked, "ends_unread": self.ends_unread,
                 "problem": problem}
 
 
-def _drawn_noise(draws: list, count: int, shape: tuple) -> torch.Tensor | None:
+def _sampled(moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A VAE posterior's sample (diffusers' DiagonalGaussianDistribution.sample): the moments' mean
+    plus their standard deviation (log variance clamped to -30..20) times `noise`."""
+    mean, logvar = moments.double().chunk(2, dim=1)
+    return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+
+
+def _drawn_noise(draws: list, count: int, shape: tuple, first: bool = False) -> torch.Tensor | None:
     """The noise of a stochastic step from the draws after the call's entry: those of the latents'
     shape (one per sample from a generator each, or one for all), in the order drawn, where they
-    are exactly `count` latents; None where the draws are not that (then the step is judged by its
-    statistics alone)."""
+    are exactly `count` latents (`first`: the first draws that make `count`, others may follow);
+    None where the draws are not that (then the step is judged by its statistics alone)."""
     fitting = [d for d in draws if tuple(d.shape[1:]) == shape]
+    if first:
+        rows, kept = 0, []
+        for d in fitting:
+            if rows >= count:
+                break
+            kept.append(d)
+            rows += d.shape[0]
+        fitting = kept
     if not fitting or sum(d.shape[0] for d in fitting) != count:
         return None
     return torch.cat([d.double() for d in fitting])
@@ -493,3 +595,32 @@ def _latent_count(latents: torch.Tensor) -> tuple[int, bool]:
 def _input_scale(scheduler: Any, timestep) -> float:
     return float(scheduler.scale_model_input(torch.ones(1, dtype=torch.float64), timestep).reshape(-1)[0])
 
+
+
+def end_image_figures(final_latents: list[torch.Tensor], images: list[torch.Tensor], vae: Any,
+                      scaling_factor: float) -> dict:
+    """The run's images (the replay's, H x W x 3 values in [0, 1] before rounding to 8 bits:
+    trace.image_values, in sample order) against the harness's own
+    decoding (the zoo's VAE, float32) of the latents the task's last step makes of each pipeline
+    call's last denoiser call (StepCheck.final_latents, in the order of the calls): {"samples",
+    "worst_rms_levels": [root mean square difference in 8-bit levels, sample], "problem"}. Whatever
+    the run did after its last denoiser call (another last step, a change of the latents, a decoder
+    fed a decoy) shows here, as the images are what is judged."""
+    if not final_latents:
+        return {"samples": 0, "worst_rms_levels": [0.0, None], "problem": "no pipeline call ended"}
+    latents = torch.cat(final_latents)
+    if latents.shape[0] != len(images):
+        return {"samples": int(latents.shape[0]), "worst_rms_levels": [0.0, None],
+                "problem": f"{len(images)} images for the {latents.shape[0]} latents the pipeline calls ended with"}
+    worst = (0.0, None)
+    with torch.no_grad():
+        for index, (latent, image) in enumerate(zip(latents, images)):
+            decoded = vae.decode(latent.unsqueeze(0).float() / scaling_factor).sample[0]
+            expected = (decoded.double() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0) * 255
+            if tuple(expected.shape) != tuple(image.shape):
+                return {"samples": len(images), "worst_rms_levels": [0.0, None],
+                        "problem": f"image {index} is {tuple(image.shape)}, its latents decode to {tuple(expected.shape)}"}
+            rms = float((expected - image.double() * 255).pow(2).mean().sqrt())
+            if rms >= worst[0]:
+                worst = (rms, index)
+    return {"samples": len(images), "worst_rms_levels": [round(worst[0], 4), worst[1]], "problem": None}

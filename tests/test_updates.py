@@ -6,6 +6,10 @@ a pipeline run in this process, so the arithmetic is checked on real schedulers 
 tests/test_replay.py checks the same through the replay of candidates in the sandbox."""
 from __future__ import annotations
 
+import base64
+import io
+
+import numpy
 import pytest
 import torch
 
@@ -18,7 +22,7 @@ DIT = "facebook/DiT-XL-2-256"
 def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float, *, task_scheduler: str | None = None,
               task_steps: int | None = None, task_guidance: float | None = None, config: dict | None = None,
               call: dict | None = None, size: int = 64, samples: int = 2, draws: bool = False,
-              monkeypatch=None, step=None, strength: float | None = None) -> dict:
+              monkeypatch=None, step=None, strength: float | None = None, encoder_seen: bool = True) -> dict:
     """StepCheck's figures for a run of `model` with `scheduler` (from_config of the pipeline's,
     `config` changed) at `steps` and `guidance`, judged as a task asking `task_*` (default: the same).
     `draws`: the ancestral scheduler's noise is given to the check as the replay gives it its draws;
@@ -37,15 +41,23 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
     entry = denoiser.conv_in if hasattr(denoiser, "conv_in") else denoiser.pos_embed.proj
     leave = getattr(denoiser, "conv_out", None) or getattr(denoiser, "proj_out_2", None) or denoiser.proj_out
     task_scheduler, task_steps = task_scheduler or scheduler, task_steps or steps
+    images = [Image.new("RGB", (size, size), color) for color in ("red", "teal", "gold", "white")][:samples]
+    own = None
+    if strength is not None:  # the harness's own encoding of the init images, as the replay makes it
+        from pytest_diffbench import replay
+
+        own = replay.init_moments(pipe, [base64.b64encode(_png(image)).decode() for image in images],
+                                  {"height": size, "width": size})
     check = updates.StepCheck(lambda: updates.expected_scheduler(base, task_scheduler, task_steps, strength),
                               task_guidance if task_guidance is not None else guidance, model == DIT,
                               getattr(denoiser.config, "patch_size", None), steps_model_input=model == DIT,
                               scaling_factor=pipe.vae.config.scaling_factor, noise_times_sigma=model != DIT,
-                              image_to_image=strength is not None)
+                              image_to_image=strength is not None, own_moments=own, vae=pipe.vae)
     entry.register_forward_pre_hook(lambda module, args: check.enter(args[0]))
     leave.register_forward_hook(lambda module, args, out: check.leave(out))
     pipe.vae.post_quant_conv.register_forward_pre_hook(lambda module, args: check.decode(args[0]))
-    pipe.vae.quant_conv.register_forward_hook(lambda module, args, out: check.encode(out))
+    if encoder_seen:  # else as a run that encoded its init images ahead of the call (trace constants)
+        pipe.vae.quant_conv.register_forward_hook(lambda module, args, out: check.encode(out))
     generator = torch.Generator().manual_seed(0)
 
     class Draws(torch.overrides.TorchFunctionMode):
@@ -62,18 +74,27 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
 
     with Draws():
         if model == DIT:
-            pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+            out = pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                       output_type="np")
         elif strength is not None:
-            images = [Image.new("RGB", (size, size), color) for color in ("red", "teal", "gold", "white")][:samples]
             pipe = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
             prompts = ["a red cat", "a blue dog", "a green bird", "a white horse"][:samples]
-            pipe(prompt=prompts, image=images, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
-                 generator=generator, **(call or {}))
+            out = pipe(prompt=prompts, image=images, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generator, **{"output_type": "np", **(call or {})})
         else:
             prompts = ["a red cat", "a blue dog", "a green bird", "a white horse"][:samples]
-            pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                 height=size, width=size, **(call or {}))
-    return check.figures()
+            out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                       height=size, width=size, **{"output_type": "np", **(call or {})})
+    # the images as the replay hands them over (H x W x 3 values in [0, 1]); none where the call returned latents
+    images = [torch.from_numpy(image) for image in out.images] if isinstance(out.images, numpy.ndarray) \
+        and out.images.ndim == 4 and out.images.shape[-1] == 3 else []
+    return check.all_figures(images)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _judged(figures: dict, dtype: str = "float32") -> list:
@@ -221,11 +242,13 @@ def test_the_half_precision_bounds_are_wider_and_the_guidance_bound_follows_its_
     assert stages.step_mismatches(None, "float32") == []
 
 
-@pytest.mark.parametrize("strength", [None, 0.75])
-def test_a_start_other_than_the_seeds_draws_fails(tiny_zoo, monkeypatch, strength):
+@pytest.mark.parametrize("strength, encoder_seen", [(None, True), (0.75, True), (0.75, False)])
+def test_a_start_other_than_the_seeds_draws_fails(tiny_zoo, monkeypatch, strength, encoder_seen):
     """Each pipeline call's first latents are read against the seeds' draws: the noise times
     init_noise_sigma (text to image) or the init image's latents noised to the strength's first
-    timestep (image to image). A start scaled by 0.9, or noised to another timestep, fails."""
+    timestep (image to image). A start scaled by 0.9, or noised to another timestep, fails; where
+    the init images were encoded ahead of the call (no encoding in the replay), against the
+    harness's own encoding of them."""
     import diffusers
 
     pipeline = diffusers.StableDiffusionPipeline if strength is None else diffusers.StableDiffusionImg2ImgPipeline
@@ -238,21 +261,27 @@ def test_a_start_other_than_the_seeds_draws_fails(tiny_zoo, monkeypatch, strengt
             return prepare(self, image, (timestep * 0.6).to(timestep.dtype), *args, **kwargs)
 
     # DDIM: add_noise reads the timestep it is given (Euler's reads its begin index)
-    honest = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, strength=strength)
+    honest = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, strength=strength, encoder_seen=encoder_seen)
     assert honest["starts_checked"] == 1 and _judged(honest) == [], honest
+    assert honest["starts_own_encoding"] == int(not encoder_seen), honest
+    if strength is not None:  # the encoding read (or the start, read against the harness's) is the init images'
+        own_figure = "worst_encoding_offset" if encoder_seen else "worst_own_encoding_start"
+        assert honest[own_figure][0] < stages.START_OWN_ENCODING_BOUND / 100, honest
     monkeypatch.setattr(pipeline, "prepare_latents", changed)
-    figures = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, strength=strength)
+    figures = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, strength=strength, encoder_seen=encoder_seen)
     assert figures["problem"] is None and figures["starts_checked"] == 1, figures
-    assert figures["worst_start"][0] > 100 * stages.START_RESIDUAL_BOUND, figures
+    worst = figures["worst_start"][0] if encoder_seen else figures["worst_own_encoding_start"][0]
+    assert worst > 10 * (stages.START_RESIDUAL_BOUND if encoder_seen else stages.START_OWN_ENCODING_BOUND), figures
     assert any("first latents" in m.field for m in _judged(figures)), figures
     # the steps themselves are the task's: only the start differs
     assert figures["worst_residual"][0] < stages.STEP_RESIDUAL_BOUND, figures
 
 
 def test_the_last_step_is_read_against_the_latents_the_decoder_takes(tiny_zoo):
-    """The last step's result goes to the VAE's decoder, not into another call: it is read there.
-    A change of the latents after the last step (here scaled by 1.05 on the last step's callback)
-    fails; so does a pipeline call that decodes nothing after its last call."""
+    """The last step's result goes to the VAE's decoder, not into another call: it is read there,
+    and the images are held to the harness's own decoding of the latents the task's last step
+    makes. A change of the latents after the last step (here scaled by 1.05 on the last step's
+    callback) fails on both; so does a pipeline call that returns no image for its latents."""
     def scaled(pipe, i, t, kwargs):
         return {"latents": kwargs["latents"] * 1.05} if i == 7 else {}
 
@@ -261,8 +290,11 @@ def test_the_last_step_is_read_against_the_latents_the_decoder_takes(tiny_zoo):
     assert figures["ends_checked"] == 1 and figures["worst_residual"][1] == 7, figures
     assert figures["worst_residual"][0] > 10 * stages.STEP_RESIDUAL_BOUND, figures
     assert any("a step the task's scheduler does not explain" in m.field for m in _judged(figures)), figures
+    assert figures["end_images"]["worst_rms_levels"][0] > 10 * stages.END_IMAGE_RMS_LEVELS, figures
+    assert any("harness's decoding" in m.field for m in _judged(figures)), figures
     latent = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, call={"output_type": "latent"})
-    assert "the decoder took nothing" in (latent["problem"] or ""), latent
+    assert latent["ends_unread"] == 1 and "0 images" in latent["end_images"]["problem"], latent
+    assert any("one image per latent" in m.expected for m in _judged(latent)), latent
 
 
 def test_only_standard_normal_draws_are_read_as_noise():
@@ -276,3 +308,44 @@ def test_only_standard_normal_draws_are_read_as_noise():
     assert not updates.standard_normal(aten.normal_.default, (empty, 0.0, 0.5), {})
     assert not updates.standard_normal(aten.normal_.default, (empty,), {"mean": 0.1})
     assert not updates.standard_normal(aten.rand.generator, ([2],), {"generator": None})
+
+
+def test_an_encoding_made_to_fit_the_start_is_not_the_init_images(tiny_zoo):
+    """The img2img start is read against the encoding the replay saw; a run could make that
+    encoding a decoy solved to fit a start of its own (quant_conv's weight on a solved input).
+    So the encoding read is held to the harness's own encoding of the task's init images too.
+    Synthetic figures on the task's real scheduler: a start noised to another timestep, and the
+    decoy moments that make it fit."""
+    import diffusers
+
+    config = diffusers.DDIMScheduler.load_config(SD15, subfolder="scheduler", cache_dir=str(tiny_zoo.hub_cache),
+                                                 local_files_only=True)
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(1, 8, 8, 8, generator=generator)  # the init image's moments (mean, log variance)
+    eps1, eps2 = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    scaling = 0.18215
+
+    def figures_for(moments: torch.Tensor, start: torch.Tensor) -> dict:
+        check = updates.StepCheck(lambda: updates.expected_scheduler(config, "DDIMScheduler", 8, 0.75), 7.5, False,
+                                  None, scaling_factor=scaling, image_to_image=True, own_moments=real)
+        check.encode(moments)
+        check.draw(eps1)
+        check.draw(eps2)
+        check.enter(torch.cat([start, start]))
+        return check.figures()
+
+    scheduler, timesteps = updates.expected_scheduler(config, "DDIMScheduler", 8, 0.75)
+    mean, logvar = real.chunk(2, dim=1)
+    init = scaling * (mean + torch.exp(0.5 * logvar) * eps1)
+    first = torch.stack(timesteps[:1])
+    honest = figures_for(real, scheduler.add_noise(init, eps2, first))
+    assert honest["worst_start"][0] < stages.START_RESIDUAL_BOUND and honest["worst_encoding_offset"][0] < 1e-6, honest
+    other = scheduler.add_noise(init, eps2, (first * 0.6).long())  # less noise than the strength's
+    alphas = scheduler.alphas_cumprod[timesteps[0]]
+    fitted_mean = (other - (1 - alphas) ** 0.5 * eps2) / alphas ** 0.5 / scaling - eps1  # log variance 0
+    decoy = torch.cat([fitted_mean, torch.zeros_like(fitted_mean)], dim=1)
+    forged = figures_for(decoy, other)
+    assert forged["worst_start"][0] < stages.START_RESIDUAL_BOUND, forged  # the start fits the decoy
+    assert forged["worst_encoding_offset"][0] > 10 * stages.START_OWN_ENCODING_BOUND, forged
+    # (one call of a pipeline call's six: figures() also reports the count, which is not this test's)
+    assert any("encoding the replay read" in m.field for m in _judged({**forged, "problem": None})), forged
