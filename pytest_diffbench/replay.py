@@ -197,7 +197,9 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                       "rows": sum(rows for rows, _ in replayer.entries),
                                       "rows_twice": sum(rows for rows, twice in replayer.entries if twice),
                                       # which calls ran guidance (T-GATE ends it at its gate: stages.tgate_guidance_problem)
-                                      "guided_calls": [i for i, (_, twice) in enumerate(replayer.entries) if twice]},
+                                      "guided_calls": [i for i, (_, twice) in enumerate(replayer.entries) if twice],
+                                      # the latents' spatial sizes (the resolution: stages.entry_mismatches)
+                                      "spatial": sorted(list(s) for s in replayer.entry_spatial)},
                    # the steps between denoiser calls against the task's scheduler and guidance
                    # (updates.StepCheck; stages.step_mismatches), where the job asked
                    "steps": steps.all_figures(values) if steps is not None else None,

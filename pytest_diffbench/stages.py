@@ -193,6 +193,7 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
       no module and hides the calls: fail closed);
     - the calls reported must be the entries the replay counted (fewer would hold each module to
       less work than was done on the calls not reported; more are entries the replay did not see);
+    - the latents' spatial size at every entry is the reference's (the resolution);
     - where the reference runs classifier-free guidance, every entry holds each latent twice, not
       only the first; T-GATE drops guidance's unconditional branch after its gate step, so with it
       applied only the first two checks apply (its own least share rules there: module_work_problem).
@@ -227,6 +228,13 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
                             "denoiser the harness's replay counted: more are calls on latents that do not follow "
                             "the seeds or whose entry is hidden, fewer are calls left out of the report)",
                             f"{calls}", reported_total))
+    spatial = entry.get("spatial")
+    if isinstance(spatial, list) and want.get("spatial") is not None \
+            and sorted(tuple(s) for s in spatial) != sorted(tuple(s) for s in want["spatial"]):
+        # the resolution as the replay saw the latents (work_mismatches reads the child's report,
+        # which the run can rewrite): latents denoised smaller and the images scaled up are less work
+        out.append(Mismatch("latent size entering the denoiser (the resolution, read by the harness's replay)",
+                            sorted(list(s) for s in want["spatial"]), sorted(list(s) for s in spatial)))
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     if want.get("cfg") and "tgate" not in methods and twice < rows:
         out.append(Mismatch("classifier-free guidance on every denoiser call (each latent entering the denoiser "

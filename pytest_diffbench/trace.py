@@ -485,23 +485,21 @@ class CallBooks:
 ENTRY_MODULES = frozenset({"unet.conv_in", "transformer.pos_embed.proj"})
 
 
-def entry_rows(factor_refs: list, factors: list, env: dict) -> tuple[int, bool] | None:
-    """(rows, each row twice) of a product of an `ENTRY_MODULES` weight: the batch of the latents it
-    multiplies (its operand that is not a parameter's) and whether they are two equal halves, as
-    classifier-free guidance runs each latent (DenoiserInputs in child.py reads the same in the
-    candidate's process, where it can be rewritten; this is the replay's). None where no operand is
-    an activation, or where its latents hold no element (a product of no rows is no call: red team
-    round 19 counted zero-row `conv_in` products as denoiser calls)."""
-    latents = entry_latents(factor_refs, factors, env)
-    if latents is None:
-        return None
+def latents_rows(latents: torch.Tensor) -> tuple[int, bool]:
+    """(rows, each row twice) of the latents a product of an `ENTRY_MODULES` weight multiplies
+    (entry_latents): their batch and whether they are two equal halves, as classifier-free guidance
+    runs each latent (DenoiserInputs in child.py reads the same in the candidate's process, where
+    it can be rewritten; this is the replay's)."""
     rows, half = latents.shape[0], latents.shape[0] // 2
     twice = bool(rows % 2 == 0 and half and torch.equal(latents[:half], latents[half:]))
     return rows, twice
 
 
 def entry_latents(factor_refs: list, factors: list, env: dict) -> torch.Tensor | None:
-    """The latents a product of an `ENTRY_MODULES` weight multiplies (entry_rows), or None."""
+    """The latents a product of an `ENTRY_MODULES` weight multiplies (its operand that is not a
+    parameter's), or None where no operand is an activation, or where its latents hold no element
+    (a product of no rows is no call: red team round 19 counted zero-row `conv_in` products as
+    denoiser calls)."""
     for (tag, value), origin in zip(factor_refs, factors):
         if tag == "t" and origin is None:
             latents = env.get(value)
@@ -1172,6 +1170,7 @@ class Replayer:
         tables = {i: captions.table_family(spec["name"]) for i, spec in enumerate(self.trace.params)}
         # the denoiser calls the replay saw, as (rows, each latent twice) of each entry (ENTRY_MODULES)
         self.entries: list[tuple[int, bool]] = []
+        self.entry_spatial: set[tuple[int, ...]] = set()
         # the denoiser's modules per call (stages.row_work_problem)
         self.call_books = CallBooks()
         taint = SeedTaint()
@@ -1268,13 +1267,15 @@ class Replayer:
                 counter.module, producer = booked_module(func, booked_factors, args, kwargs, producers)
                 counter.dims = free_product_dims(func, factors, counter.module, args, kwargs)
                 if seeded and counter.module in ENTRY_MODULES:
-                    entry = entry_rows(factor_refs if factor_refs is not None else refs, booked_factors, env)
+                    latents = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
+                    entry = latents_rows(latents) if latents is not None else None
                     if entry is not None:
                         self.entries.append(entry)
+                        # the latents' spatial size: the resolution the denoiser ran at (stages.entry_mismatches)
+                        self.entry_spatial.add(tuple(int(n) for n in latents.shape[2:]))
                         self.call_books.begin(entry[0])
                         if steps is not None:
-                            steps.enter(entry_latents(factor_refs if factor_refs is not None else refs,
-                                                      booked_factors, env))
+                            steps.enter(latents)
                 leaving = steps is not None and seeded and self.entries and counter.module in EXIT_MODULES
                 if steps is not None and counter.module == DECODER_ENTRY:
                     steps.decode(entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env))

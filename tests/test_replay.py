@@ -1271,4 +1271,10 @@ def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_th
     # each pipeline call's first latents read against the seeds' draws, its last step against the decoder's input
     assert replay["steps"]["starts_checked"] == replay["steps"]["ends_checked"] > 0, replay["steps"]
     assert replay["steps"]["starts_unread"] == 0, replay["steps"]
+    assert replay["steps"]["end_images"]["problem"] is None, replay["steps"]
+    # the resolution the replay saw (stages.entry_mismatches): the latents of the run's size (the VAE's factor 8)
+    from pytest_diffbench.workload import run_size
+
+    height, width = run_size(task.resolution, "tiny")
+    assert replay["denoiser_entry"]["spatial"] == [[height // 8, width // 8]], replay["denoiser_entry"]
     assert all(not f["missing"] and not f["other_rows"] for f in replay["captions"].values()), replay["captions"]

@@ -190,6 +190,13 @@ def test_the_denoiser_calls_and_guidance_are_the_replays_not_the_childs_report()
     unguided_reference = {"denoiser_inputs": {"first": [2, 4, 8, 8], "cfg": False, "spatial": [[8, 8]]}}
     flops = {"replay": {"denoiser_entry": {"calls": 4, "rows": 8, "rows_twice": 0}}}
     assert stages.entry_mismatches({"steps": {"denoiser_calls": [4]}}, flops, unguided_reference) == []
+    # the resolution as the replay saw the latents, whatever the run reports (latents denoised at
+    # half the size, the images scaled up after, is a quarter of the work)
+    at = {"replay": {"denoiser_entry": {"calls": 4, "rows": 8, "rows_twice": 0, "spatial": [[8, 8]]}}}
+    assert stages.entry_mismatches({"steps": {"denoiser_calls": [4]}}, at, unguided_reference) == []
+    at["replay"]["denoiser_entry"]["spatial"] = [[4, 4]]
+    (smaller,) = stages.entry_mismatches({"steps": {"denoiser_calls": [4]}}, at, unguided_reference)
+    assert "the resolution, read by the harness's replay" in smaller.field and smaller.found == [[4, 4]], smaller
 
 
 def test_the_replays_precision_overrules_the_one_the_child_reports():
