@@ -347,6 +347,12 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
         out.append(Mismatch(f"{what}: the init latents' encoding the replay read, against the harness's own "
                             f"encoding of the task's init images", f"<= {START_OWN_ENCODING_BOUND:g}",
                             f"{float(encoding[0]):.4g} (call {encoding[1]})"))
+    other_seeds = figures.get("start_other_seeds") or [0, None]
+    if other_seeds[0]:
+        out.append(Mismatch(f"{what}: the draws of each pipeline call's first latents, by the seed of the generator "
+                            f"that drew them", "each sample's own seed (one generator per sample)",
+                            f"{other_seeds[0]} rows drawn with another sample's seed or an unseeded generator "
+                            f"(first at call {other_seeds[1]})"))
     if figures.get("starts_unread"):
         out.append(Mismatch(f"{what}: img2img calls whose first latents could be read", "all",
                             f"{figures['starts_unread']} not read (no encoding of an init image of theirs)"))

@@ -1188,6 +1188,7 @@ class Replayer:
         env: dict[int, Any] = {}
         kept: dict[int, torch.Tensor] = {}
         generators: dict[int, torch.Generator] = {}
+        seeded_with: dict[int, int] = {}  # each generator's last seed, by the sample index it is the seed of
         params = self.params
 
         def resolve(value):
@@ -1226,6 +1227,7 @@ class Replayer:
                     if draw["reseed"] >= len(seeds):
                         raise TraceError(f"op {position}: a draw seeded with sample {draw['reseed']} of {len(seeds)}")
                     generator = generators[draw["gen"]] = torch.Generator().manual_seed(int(seeds[draw["reseed"]]))
+                    seeded_with[draw["gen"]] = draw["reseed"]
                 elif generator is None:
                     raise TraceError(f"op {position}: a draw from a generator no earlier draw seeded")
                 kwargs["generator"] = generator
@@ -1298,7 +1300,9 @@ class Replayer:
             if counter is not None and encoding and outputs and isinstance(outputs[0], torch.Tensor):
                 steps.encode(outputs[0])  # an init image's latents' moments (img2img's start)
             if steps is not None and len(op) == 5 and outputs and standard_normal(func, args, kwargs):
-                steps.draw(outputs[0])  # initial latents, or a stochastic step's noise (updates.StepCheck.draw)
+                # initial latents, or a stochastic step's noise (updates.StepCheck.draw), with the sample
+                # whose seed its generator was last seeded with
+                steps.draw(outputs[0], seeded_with.get(op[4]["gen"]))
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in outputs):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)

@@ -159,14 +159,16 @@ class StepCheck:
         self.noise_times_sigma, self.image_to_image = noise_times_sigma, image_to_image
         self.vae = vae  # the zoo's VAE (float32): the run's images against the task's last steps
         # standard normal draws made since the last pipeline call's last call began (or the run did)
-        self._start_draws: list[torch.Tensor] = []
+        # (draw, the sample whose seed its generator was seeded with, or None)
+        self._start_draws: list[tuple[torch.Tensor, int | None]] = []
         self._encoded: list[torch.Tensor] = []  # the VAE encoder's outputs since then (img2img)
         self._decoded: list[torch.Tensor] = []  # what the decoder took after a pipeline call's last call
         # the harness's own encoding of the init images, one per sample (replay.init_moments): an
         # img2img start is read against it where the replay shows no encoding in the call
         self.own_moments = own_moments.double() if own_moments is not None else None
         self._samples = 0  # the samples the pipeline calls so far started
-        self.starts = {"checked": 0, "unread": 0, "own_encoding": 0}
+        self.starts = {"checked": 0, "unread": 0, "own_encoding": 0, "other_seeds": 0}
+        self.first_other_seed: int | None = None
         self.worst_own_start: tuple[float, int | None] = (0.0, None)
         self.worst_encoding: tuple[float, int | None] = (0.0, None)  # read encodings against the harness's
         self.worst_start: tuple[float, int | None] = (0.0, None)
@@ -234,7 +236,7 @@ class StepCheck:
         lists get it, and each check takes its own end of them)."""
         return self._held is None or (self.calls - 1) % max(1, self.per_call) == self.per_call - 1
 
-    def draw(self, tensor: torch.Tensor) -> None:
+    def draw(self, tensor: torch.Tensor, sample: int | None = None) -> None:
         """A standard normal draw of the replay (from the verdict's seeds; `standard_normal`): after a
         call's entry, a stochastic step's noise (`_drawn_noise`); from a pipeline call's last call
         on, also the next one's initial noise (`_take_draws`: the last rows drawn before it)."""
@@ -247,8 +249,11 @@ class StepCheck:
             if len(kept) >= MAX_DRAWS:  # fail closed: a dropped draw could be the one the check needs
                 self.problem = self.problem or f"more than {MAX_DRAWS} draws of the latents' rank between two denoiser calls"
                 return
-        for kept in lists:
-            kept.append(tensor.detach().clone())
+        copy_ = tensor.detach().clone()
+        if self.between_pipeline_calls:
+            self._start_draws.append((copy_, sample))
+        if self._held is not None:
+            self._held[2].append(copy_)
 
     def decode(self, latents: torch.Tensor | None) -> None:
         """The input of the VAE's decoder (`DECODER_ENTRY`): after a pipeline call's last denoiser
@@ -291,7 +296,8 @@ class StepCheck:
                 self.starts["unread"] += 1
                 return
             images = moments.shape[0]
-            drawn = self._take_draws(images + count, shape)
+            taken = self._take_draws(images + count, shape)
+            drawn = taken[0] if taken is not None else None
             if drawn is None:
                 self.problem = (f"call {index}: the draws before it are not {images} + {count} standard normal "
                                 f"draws of the latents' shape (the init latents' sample, then their noise)")
@@ -310,13 +316,16 @@ class StepCheck:
             noising = copy.deepcopy(self.scheduler)
             expected = noising.add_noise(init, drawn[images:], torch.stack([torch.as_tensor(t)] * count)).double()
         else:
-            drawn = self._take_draws(count, shape)
+            taken = self._take_draws(count, shape)
+            drawn = taken[0] if taken is not None else None
             if drawn is None:
                 self.problem = (f"call {index}: the draws before it are not {count} standard normal draws of the "
                                 f"latents' shape (the seeds' initial noise)")
                 return
             sigma = float(self.scheduler.init_noise_sigma) if self.noise_times_sigma else 1.0
             expected = sigma * drawn
+        # the init latents' sample (images) then their noise, or the noise alone: each row's sample in turn
+        self._seeds_of(index, taken[1], first, count if self.image_to_image else max(1, len(taken[1])))
         rest = math.sqrt(_dot(start - expected, start - expected))
         size = math.sqrt(max(_dot(expected, expected), 1e-300))
         self.starts["checked"] += 1
@@ -330,21 +339,33 @@ class StepCheck:
         if rest / (HALF_UNIT * size) >= self.worst_start_units[0]:
             self.worst_start_units = (rest / (HALF_UNIT * size), index)
 
-    def _take_draws(self, rows: int, shape: tuple) -> torch.Tensor | None:
+    def _take_draws(self, rows: int, shape: tuple) -> tuple[torch.Tensor, list] | None:
         """The last `rows` rows of the latents' shape drawn before this pipeline call's first call
-        (since the last one's last call began), in the order drawn: diffusers' pipelines draw the
-        initial noise (img2img: the init latents' sample, then their noise) just before their loop,
-        after whatever the previous call's last step drew (Euler Ancestral draws on its last step
-        too). None where fewer were drawn."""
-        fitting = [d for d in self._start_draws if tuple(d.shape[1:]) == shape]
-        taken, have = [], 0
+        (since the last one's last call began), in the order drawn, and the sample whose seed drew
+        each row (None where unknown): diffusers' pipelines draw the initial noise (img2img: the
+        init latents' sample, then their noise) just before their loop, after whatever the previous
+        call's last step drew (Euler Ancestral draws on its last step too). None where fewer were
+        drawn."""
+        fitting = [(d, sample) for d, sample in self._start_draws if tuple(d.shape[1:]) == shape]
+        taken, samples, have = [], [], 0
         while have < rows and fitting:
-            draw = fitting.pop()
+            draw, sample = fitting.pop()
             if have + draw.shape[0] > rows:
                 draw = draw[draw.shape[0] - (rows - have):]
             taken.insert(0, draw.double())
+            samples[:0] = [sample] * draw.shape[0]
             have += draw.shape[0]
-        return torch.cat(taken) if have == rows else None
+        return (torch.cat(taken), samples) if have == rows else None
+
+    def _seeds_of(self, index: int, samples: list, first: int, count: int) -> None:
+        """Each sample's initial draws come from a generator seeded with that sample's seed (the
+        contract: one generator per sample, one image with it): a row drawn with another sample's
+        seed, or by a generator the replay did not see seeded, is counted (`start_other_seeds`)."""
+        other = sum(1 for j, sample in enumerate(samples) if sample != first + j % count)
+        if other:
+            self.starts["other_seeds"] += other
+            if self.first_other_seed is None:
+                self.first_other_seed = index
 
     def _check_end(self, index: int, k: int, held: list) -> None:
         """A pipeline call's last call: the latents its step makes under the task's scheduler are
@@ -551,6 +572,7 @@ class StepCheck:
                 "starts_checked": self.starts["checked"],
                 "starts_unread": self.starts["unread"],
                 "starts_own_encoding": self.starts["own_encoding"],
+                "start_other_seeds": [self.starts["other_seeds"], self.first_other_seed],
                 "worst_own_encoding_start": [float(f"{self.worst_own_start[0]:.4g}"), self.worst_own_start[1]],
                 "worst_encoding_offset": [float(f"{self.worst_encoding[0]:.4g}"), self.worst_encoding[1]],
                 "worst_start": [float(f"{self.worst_start[0]:.4g}"), self.worst_start[1]],

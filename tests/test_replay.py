@@ -1270,7 +1270,7 @@ def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_th
     assert replay["steps"]["problem"] is None and replay["steps"]["checked"] > 0, replay["steps"]
     # each pipeline call's first latents read against the seeds' draws, its last step against the decoder's input
     assert replay["steps"]["starts_checked"] == replay["steps"]["ends_checked"] > 0, replay["steps"]
-    assert replay["steps"]["starts_unread"] == 0, replay["steps"]
+    assert replay["steps"]["starts_unread"] == 0 and replay["steps"]["start_other_seeds"] == [0, None], replay["steps"]
     assert replay["steps"]["end_images"]["problem"] is None, replay["steps"]
     # the resolution the replay saw (stages.entry_mismatches): the latents of the run's size (the VAE's factor 8)
     from pytest_diffbench.workload import run_size
