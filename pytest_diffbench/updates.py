@@ -195,7 +195,17 @@ class StepCheck:
         self.noise_scales: list[float] = []  # stochastic steps with the run's noise read: its scale over the step's
         self.noise_fit = {"read": 0.0, "asked": 0.0}
 
+    def _finite(self, tensor: torch.Tensor, what: str) -> bool:
+        """Whether `tensor` holds finite values only; else the steps are unreadable (a problem): a NaN
+        compares false with every bound, so one element of it would switch every figure off (the
+        trust review of session 37)."""
+        if isinstance(tensor, torch.Tensor) and tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            self.problem = self.problem or f"call {max(0, self.calls - 1)}: {what} hold values that are not finite"
+            return False
+        return True
+
     def enter(self, latents: torch.Tensor) -> None:
+        self._finite(latents, "the latents entering the denoiser")
         if self._held is not None and self.problem is None:
             self._close_held(latents)
         if self.problem is None and self.scaling_factor is not None and self.per_call \
@@ -226,7 +236,7 @@ class StepCheck:
             self.problem = f"call {self.calls - 1}: the task's scheduler could not take its step: {exc}"[:300]
 
     def leave(self, output: torch.Tensor) -> None:
-        if self._held is not None:
+        if self._held is not None and self._finite(output, "the denoiser's outputs"):
             self._held[1] = output.detach().clone()
 
     @property
@@ -240,8 +250,9 @@ class StepCheck:
         """A standard normal draw of the replay (from the verdict's seeds; `standard_normal`): after a
         call's entry, a stochastic step's noise (`_drawn_noise`); from a pipeline call's last call
         on, also the next one's initial noise (`_take_draws`: the last rows drawn before it)."""
-        if not (isinstance(tensor, torch.Tensor) and tensor.dim() == 4 and tensor.dtype.is_floating_point) \
-                or tensor.numel() == 0:  # a draw of no rows is no noise (nor a way to fill the list)
+        # any rank: noise drawn flat and viewed as latents is the same noise (_drawn_noise reads it)
+        if not (isinstance(tensor, torch.Tensor) and tensor.dtype.is_floating_point) \
+                or tensor.numel() == 0:  # a draw of nothing is no noise (nor a way to fill the list)
             return
         lists = ([self._start_draws] if self.between_pipeline_calls else []) + \
             ([self._held[2]] if self._held is not None else [])
@@ -260,14 +271,15 @@ class StepCheck:
         call, the latents it decodes (several inputs where the VAE decodes in slices)."""
         if self._held is None or not isinstance(latents, torch.Tensor) or latents.dim() != 4:
             return
-        if (self.calls - 1) % max(1, self.per_call) == self.per_call - 1 and len(self._decoded) < MAX_DRAWS:
+        if (self.calls - 1) % max(1, self.per_call) == self.per_call - 1 and len(self._decoded) < MAX_DRAWS \
+                and self._finite(latents, "the latents the decoder took"):
             self._decoded.append(latents.detach().clone())
 
     def encode(self, moments: torch.Tensor) -> None:
         """The output of the VAE's encoder (`ENCODER_EXIT`) between pipeline calls: an init image's
         latents' moments (mean and log variance), which a draw of the seeds samples."""
         if self.between_pipeline_calls and isinstance(moments, torch.Tensor) and moments.dim() == 4 \
-                and len(self._encoded) < MAX_DRAWS:
+                and len(self._encoded) < MAX_DRAWS and self._finite(moments, "the init images' encodings"):
             self._encoded.append(moments.detach().clone())
 
     def _check_start(self, index: int, latents: torch.Tensor) -> None:
@@ -509,9 +521,16 @@ class StepCheck:
     def all_figures(self, images: list[torch.Tensor]) -> dict:
         """figures(), with "end_images" (end_image_figures) for the run's `images` where a VAE and
         its scaling factor are given."""
+        for image in images:
+            self._finite(image, "the images")
         figures = self.figures()
         if self.vae is not None and self.scaling_factor is not None and figures["problem"] is None:
-            figures["end_images"] = end_image_figures(self.final_latents, images, self.vae, self.scaling_factor)
+            try:
+                figures["end_images"] = end_image_figures(self.final_latents, images, self.vae, self.scaling_factor)
+            except Exception as exc:  # noqa: BLE001 - latents the VAE cannot take: the run's, named
+                figures["end_images"] = {"samples": len(images), "worst_rms_levels": [0.0, None],
+                                         "problem": f"the latents the task's last steps make cannot be decoded: "
+                                                    f"{type(exc).__name__}: {exc}"[:300]}
         return figures
 
     def figures(self) -> dict:
@@ -589,22 +608,28 @@ def _sampled(moments: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def _drawn_noise(draws: list, count: int, shape: tuple, first: bool = False) -> torch.Tensor | None:
-    """The noise of a stochastic step from the draws after the call's entry: those of the latents'
-    shape (one per sample from a generator each, or one for all), in the order drawn, where they
+    """The noise of a stochastic step from the draws after the call's entry, in the order drawn:
+    those of the latents' shape (one per sample from a generator each, or one for all) where they
     are exactly `count` latents (`first`: the first draws that make `count`, others may follow);
-    None where the draws are not that (then the step is judged by its statistics alone)."""
+    else all the draws together where they hold exactly `count` latents' values (noise drawn flat
+    and viewed as latents is the same noise: the trust review of session 37 sent the steps to the
+    statistical reading so). None where the draws are not that. (DiT's pipeline steps Euler
+    Ancestral without the generator: its noise is no draw of the seeds, and no task asks for it.)"""
     fitting = [d for d in draws if tuple(d.shape[1:]) == shape]
     if first:
-        rows, kept = 0, []
+        have, kept = 0, []
         for d in fitting:
-            if rows >= count:
+            if have >= count:
                 break
-            kept.append(d)
-            rows += d.shape[0]
+            kept.append(d[:count - have])
+            have += kept[-1].shape[0]
         fitting = kept
-    if not fitting or sum(d.shape[0] for d in fitting) != count:
-        return None
-    return torch.cat([d.double() for d in fitting])
+    if fitting and sum(d.shape[0] for d in fitting) == count:
+        return torch.cat([d.double() for d in fitting])
+    size = count * math.prod(shape)
+    if not first and draws and sum(d.numel() for d in draws) == size:
+        return torch.cat([d.double().reshape(-1) for d in draws]).reshape((count,) + tuple(shape))
+    return None
 
 
 def _latent_count(latents: torch.Tensor) -> tuple[int, bool]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 
 import numpy
 import pytest
@@ -110,12 +111,12 @@ def _judged(figures: dict, dtype: str = "float32") -> list:
     (SD15, "DPMSolverMultistepScheduler", 7.5),
     (SD15, "UniPCMultistepScheduler", 7.5),  # a corrector that reads the step before
     (SD15, "EulerDiscreteScheduler", 7.5),  # scale_model_input divides the denoiser's input
-    (SD15, "EulerAncestralDiscreteScheduler", 7.5),  # stochastic: judged as noise of the step's scale
+    (SD15, "EulerAncestralDiscreteScheduler", 7.5),  # stochastic: its noise read from the draws
     (DIT, "DPMSolverSinglestepScheduler", 4.0),  # the conditional half first; a learned sigma's channels
     (DIT, "EulerDiscreteScheduler", 4.0),  # DiT's pipeline steps the scaled model input itself
 ])
 def test_an_honest_run_takes_the_task_schedulers_steps(tiny_zoo, model, scheduler, guidance):
-    figures = _steps_of(tiny_zoo, model, scheduler, 8, guidance)
+    figures = _steps_of(tiny_zoo, model, scheduler, 8, guidance, draws=True)
     assert figures["problem"] is None, figures
     # every step, the last one into the latents the decoder took; and the start from the seeds' draws
     assert figures["checked"] == figures["calls"] == 8 + (scheduler == "PNDMScheduler"), figures
@@ -124,8 +125,8 @@ def test_an_honest_run_takes_the_task_schedulers_steps(tiny_zoo, model, schedule
     assert figures["guided"] == figures["checked"], figures
     assert _judged(figures) == [], figures
     if scheduler == "EulerAncestralDiscreteScheduler":
-        # Euler Ancestral's last step (to sigma 0) adds no noise
-        assert figures["stochastic_steps"] == figures["checked"] - 1 and figures["noise_ratio"] is not None, figures
+        # each step's noise read from the replay's draws; Euler Ancestral's last step (to sigma 0) adds none
+        assert figures["noise_read"] == figures["checked"] - 1 and figures["stochastic_steps"] == 0, figures
     else:
         assert figures["worst_residual"][0] < stages.STEP_RESIDUAL_BOUND / 10, figures
         assert abs(figures["guidance_offset"]) < 1e-3, figures
@@ -364,3 +365,54 @@ def test_a_start_drawn_with_another_samples_seed_fails(tiny_zoo):
     swapped = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, seeds_swapped=True)
     assert swapped["start_other_seeds"] == [2, 0] and swapped["worst_start"][0] < stages.START_RESIDUAL_BOUND, swapped
     assert any("by the seed of the generator" in m.field for m in _judged(swapped)), swapped
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_noise_not_drawn_to_be_read_fails(tiny_zoo, monkeypatch, flat):
+    """An ancestral step's noise drawn flat and viewed as latents is the same noise, and read so; a
+    step whose noise the draws cannot give (here one extra row drawn beside it) is left to its
+    statistics, which read guidance with a std of about 0.8: that fails (the trust review of
+    session 37: both sent the steps to the statistics on purpose)."""
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
+
+    drawn = ancestral.randn_tensor
+
+    def unusual(shape, generator=None, device=None, dtype=None, layout=None):
+        # (the check's own scheduler steps with one generator: this draws the same values for it)
+        first = generator[0] if isinstance(generator, list) else generator
+        if flat:
+            return torch.randn(math.prod(shape), generator=first, dtype=dtype).reshape(shape)
+        extra = torch.randn((1,) + tuple(shape[1:]), generator=first, dtype=dtype)
+        return drawn(shape, generator=generator, device=device, dtype=dtype, layout=layout) + 0 * extra.sum()
+
+    monkeypatch.setattr(ancestral, "randn_tensor", unusual)
+    figures = _steps_of(tiny_zoo, SD15, "EulerAncestralDiscreteScheduler", 8, 7.5, draws=True)
+    if flat:
+        assert figures["noise_read"] == figures["checked"] - 1 and figures["stochastic_steps"] == 0, figures
+        assert figures["noise_scale"] == pytest.approx(1.0, abs=1e-3), figures
+    else:
+        assert figures["stochastic_steps"] == figures["checked"] - 1, figures
+        assert any("could not read from its draws" in m.field for m in _judged(figures)), figures
+
+
+def test_a_value_that_is_not_finite_makes_the_steps_unreadable(tiny_zoo):
+    """A NaN compares false with every bound: one element of it in an output the check reads switched
+    every figure off (the trust review of session 37). Any figure read that is not finite is a
+    problem, and stage 1 fails it; the stages' comparisons fail a NaN figure as well."""
+    import diffusers
+
+    config = diffusers.DDIMScheduler.load_config(SD15, subfolder="scheduler", cache_dir=str(tiny_zoo.hub_cache),
+                                                 local_files_only=True)
+    check = updates.StepCheck(lambda: updates.expected_scheduler(config, "DDIMScheduler", 4, None), 7.5, False, None)
+    latents = torch.randn(2, 4, 8, 8).repeat(2, 1, 1, 1)
+    check.enter(latents)
+    output = torch.randn(4, 4, 8, 8)
+    output[0, 0, 0, 0] = float("nan")
+    check.leave(output)
+    figures = check.figures()
+    assert "not finite" in (figures["problem"] or ""), figures
+    assert _judged(figures)[0].expected == "steps the task's scheduler takes", figures
+    nan = float("nan")
+    judged = _judged({"problem": None, "worst_residual": [nan, 3], "guidance_offset": nan, "guidance_offset_std": 0.0,
+                      "least_guidance_apart": [nan, 1]})
+    assert len(judged) == 3, judged
