@@ -485,6 +485,16 @@ class CallBooks:
 ENTRY_MODULES = frozenset({"unet.conv_in", "transformer.pos_embed.proj"})
 
 
+def harness_arithmetic():
+    """A context in which the harness's own checks compute (updates.StepCheck: the task's scheduler
+    run on the replay's figures) outside the replay's FLOP counter and canonical precision: its
+    products are not the candidate's work (a scheduler's einsum is a product), and it computes in
+    float64 itself."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
 def latents_rows(latents: torch.Tensor) -> tuple[int, bool]:
     """(rows, each row twice) of the latents a product of an `ENTRY_MODULES` weight multiplies
     (entry_latents): their batch and whether they are two equal halves, as classifier-free guidance
@@ -1277,10 +1287,12 @@ class Replayer:
                         self.entry_spatial.add(tuple(int(n) for n in latents.shape[2:]))
                         self.call_books.begin(entry[0])
                         if steps is not None:
-                            steps.enter(latents)
+                            with harness_arithmetic():
+                                steps.enter(latents)
                 leaving = steps is not None and seeded and self.entries and counter.module in EXIT_MODULES
                 if steps is not None and counter.module == DECODER_ENTRY:
-                    steps.decode(entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env))
+                    with harness_arithmetic():
+                        steps.decode(entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env))
                 encoding = steps is not None and counter.module == ENCODER_EXIT
                 # the call an op belongs to is the last entry's (CallBooks)
                 counter.call_books = (self.call_books.current if self.entries and counter.module is not None
@@ -1296,13 +1308,16 @@ class Replayer:
                     counter.module = counter.dims = counter.call_books = None
             outputs = leaves(out)
             if counter is not None and leaving and outputs and isinstance(outputs[0], torch.Tensor):
-                steps.leave(outputs[0])  # the last product of the exit module in the call is its output
+                with harness_arithmetic():
+                    steps.leave(outputs[0])  # the last product of the exit module in the call is its output
             if counter is not None and encoding and outputs and isinstance(outputs[0], torch.Tensor):
-                steps.encode(outputs[0])  # an init image's latents' moments (img2img's start)
+                with harness_arithmetic():
+                    steps.encode(outputs[0])  # an init image's latents' moments (img2img's start)
             if steps is not None and len(op) == 5 and outputs and standard_normal(func, args, kwargs):
                 # initial latents, or a stochastic step's noise (updates.StepCheck.draw), with the sample
                 # whose seed its generator was last seeded with
-                steps.draw(outputs[0], seeded_with.get(op[4]["gen"]))
+                with harness_arithmetic():
+                    steps.draw(outputs[0], seeded_with.get(op[4]["gen"]))
             if any(isinstance(t, torch.Tensor) and t.is_complex() for t in outputs):
                 # the FLOP formulas price a complex product as a real one of its shape (a quarter of its
                 # work): two real products packed into one passed at half their count (red team, session 17)

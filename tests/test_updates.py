@@ -416,3 +416,23 @@ def test_a_value_that_is_not_finite_makes_the_steps_unreadable(tiny_zoo):
     judged = _judged({"problem": None, "worst_residual": [nan, 3], "guidance_offset": nan, "guidance_offset_std": 0.0,
                       "least_guidance_apart": [nan, 1]})
     assert len(judged) == 3, judged
+
+
+def test_the_checks_own_arithmetic_is_not_the_candidates_work():
+    """The replay calls the step check inside its FLOP counter (and, on half-precision tasks, its
+    canonical precision): what the check computes (a scheduler's einsum is a product) runs in
+    trace.harness_arithmetic, outside both, so no product of the harness's is booked to the
+    module the replay is in (`unet.conv_in` at an entry)."""
+    from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.trace import harness_arithmetic
+
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    counter = LeanFlopCounterMode()
+    with counter:
+        torch.mm(a, b)
+    assert counter.get_total_flops() == 2 * 8 * 8 * 8
+    counter = LeanFlopCounterMode()
+    with counter:
+        with harness_arithmetic():
+            torch.mm(a, b)
+    assert counter.get_total_flops() == 0
