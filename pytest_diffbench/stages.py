@@ -305,53 +305,36 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
     what = "the steps between denoiser calls (the harness's replay, against the task's scheduler and guidance scale)"
     if figures.get("problem"):
         return [Mismatch(what, "steps the task's scheduler takes", str(figures["problem"])[:300])]
-    out = []
+    out: list[Mismatch] = []
     if expected_dtype in (None, "float32"):
-        worst = figures.get("worst_residual") or [0.0, None]
-        if not float(worst[0]) <= STEP_RESIDUAL_BOUND:  # (a NaN fails)
-            out.append(Mismatch(f"{what}: the largest share of a step the task's scheduler does not explain",
-                                f"<= {STEP_RESIDUAL_BOUND:g}", f"{float(worst[0]):.4g} (call {worst[1]})"))
+        _over_bound(out, f"{what}: the largest share of a step the task's scheduler does not explain",
+                    figures.get("worst_residual"), STEP_RESIDUAL_BOUND)
+        _over_bound(out, f"{what}: the largest share of a pipeline call's first latents the seeds' draws do not explain",
+                    figures.get("worst_start"), START_RESIDUAL_BOUND)
     else:
-        worst = figures.get("worst_residual_half_units") or [0.0, None]
-        if not float(worst[0]) <= HALF_STEP_RESIDUAL_UNITS:  # (a NaN fails)
-            out.append(Mismatch(f"{what}: the largest part of a step the task's scheduler does not explain, in "
-                                f"units of half precision's rounding of the latents",
-                                f"<= {HALF_STEP_RESIDUAL_UNITS:g}", f"{float(worst[0]):.4g} (call {worst[1]})"))
-    if expected_dtype in (None, "float32"):
-        start = figures.get("worst_start") or [0.0, None]
-        if not float(start[0]) <= START_RESIDUAL_BOUND:  # (a NaN fails)
-            out.append(Mismatch(f"{what}: the largest share of a pipeline call's first latents the seeds' draws do not "
-                                f"explain", f"<= {START_RESIDUAL_BOUND:g}", f"{float(start[0]):.4g} (call {start[1]})"))
-    else:
-        start = figures.get("worst_start_half_units") or [0.0, None]
-        if not float(start[0]) <= HALF_STEP_RESIDUAL_UNITS:  # (a NaN fails)
-            out.append(Mismatch(f"{what}: the largest part of a pipeline call's first latents the seeds' draws do not "
-                                f"explain, in units of half precision's rounding",
-                                f"<= {HALF_STEP_RESIDUAL_UNITS:g}", f"{float(start[0]):.4g} (call {start[1]})"))
+        _over_bound(out, f"{what}: the largest part of a step the task's scheduler does not explain, in units of half "
+                         f"precision's rounding of the latents", figures.get("worst_residual_half_units"),
+                    HALF_STEP_RESIDUAL_UNITS)
+        _over_bound(out, f"{what}: the largest part of a pipeline call's first latents the seeds' draws do not explain, "
+                         f"in units of half precision's rounding", figures.get("worst_start_half_units"),
+                    HALF_STEP_RESIDUAL_UNITS)
     ends = figures.get("end_images")
     if isinstance(ends, Mapping):
         if ends.get("problem"):
             out.append(Mismatch(f"{what}: the images against the harness's decoding of the task's last steps",
                                 "one image per latent, in sample order", str(ends["problem"])[:300]))
         else:
-            worst = ends.get("worst_rms_levels") or [0.0, None]
-            bound = END_IMAGE_RMS_LEVELS if expected_dtype in (None, "float32") else HALF_END_IMAGE_RMS_LEVELS
-            if not float(worst[0]) <= bound:  # (a NaN fails)
-                out.append(Mismatch(f"{what}: the images against the harness's decoding of the latents the task's "
-                                    f"last step makes (root mean square, 8-bit levels)", f"<= {bound:g}",
-                                    f"{float(worst[0]):.3g} (sample {worst[1]})"))
+            _over_bound(out, f"{what}: the images against the harness's decoding of the latents the task's last step "
+                             f"makes (root mean square, 8-bit levels)", ends.get("worst_rms_levels"),
+                        END_IMAGE_RMS_LEVELS if expected_dtype in (None, "float32") else HALF_END_IMAGE_RMS_LEVELS,
+                        "sample")
     # the harness encodes in float32: a float32 run's encoding is the same arithmetic, a half one's not
     own_bound = FLOAT32_OWN_ENCODING_BOUND if expected_dtype in (None, "float32") else START_OWN_ENCODING_BOUND
-    own = figures.get("worst_own_encoding_start") or [0.0, None]
-    if not float(own[0]) <= own_bound:  # (a NaN fails)
-        out.append(Mismatch(f"{what}: the largest share of an img2img call's first latents that the seeds' draws "
-                            f"and the harness's own encoding of its init image do not explain",
-                            f"<= {own_bound:g}", f"{float(own[0]):.4g} (call {own[1]})"))
-    encoding = figures.get("worst_encoding_offset") or [0.0, None]
-    if not float(encoding[0]) <= own_bound:  # (a NaN fails)
-        out.append(Mismatch(f"{what}: the init latents' encoding the replay read, against the harness's own "
-                            f"encoding of the task's init images", f"<= {own_bound:g}",
-                            f"{float(encoding[0]):.4g} (call {encoding[1]})"))
+    _over_bound(out, f"{what}: the largest share of an img2img call's first latents that the seeds' draws and the "
+                     f"harness's own encoding of its init image do not explain",
+                figures.get("worst_own_encoding_start"), own_bound)
+    _over_bound(out, f"{what}: the init latents' encoding the replay read, against the harness's own encoding of the "
+                     f"task's init images", figures.get("worst_encoding_offset"), own_bound)
     other_seeds = figures.get("start_other_seeds") or [0, None]
     if other_seeds[0]:
         out.append(Mismatch(f"{what}: the draws of each pipeline call's first latents, by the seed of the generator "
@@ -390,6 +373,14 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
         out.append(Mismatch(f"{what}: the stochastic steps' noise over the task's scheduler's noise scale",
                             f"{NOISE_RATIO_RANGE[0]}-{NOISE_RATIO_RANGE[1]}", f"{float(ratio):.3f}"))
     return out
+
+
+def _over_bound(out: list[Mismatch], field: str, figure: Any, bound: float, where: str = "call") -> None:
+    """A mismatch in `out` where `figure` ([value, where it is worst], or None: nothing read) is not
+    at most `bound`; a NaN is not (it compares false with every bound)."""
+    value, at = figure if isinstance(figure, (list, tuple)) and len(figure) == 2 else (0.0, None)
+    if not float(value) <= bound:
+        out.append(Mismatch(field, f"<= {bound:g}", f"{float(value):.4g} ({where} {at})"))
 
 
 def caption_mismatches(flops: Mapping | None) -> list[Mismatch]:
