@@ -270,9 +270,10 @@ HALF_END_IMAGE_RMS_LEVELS = 1.0
 #: tasks: a float16 VAE's moments differ from it by 0.14 % (tiny SD 1.5 and SDXL VAEs), so 1 %
 #: holds while a start noised to another timestep (0.6 of the strength's: 15 % and more) fails.
 START_OWN_ENCODING_BOUND = 1e-2
-#: ... and on float32 tasks, where the run's encoder is the harness's arithmetic (session 37's golds:
-#: see docs/integrity.md, "Measured (session 37)")
-FLOAT32_OWN_ENCODING_BOUND = 1e-3
+#: ... and on float32 tasks, where the run's encoder is the harness's arithmetic up to summation order:
+#: session 37's float32 golds 4.2e-7 (one thread), an in-process run on two threads 4.9e-4 (the tiny
+#: zoo's VAE follows the order closely): docs/integrity.md, "Measured (session 37)"
+FLOAT32_OWN_ENCODING_BOUND = 5e-3
 #: the guidance scale a run's steps show may differ from the task's by at most this, plus
 #: GUIDANCE_OFFSET_SIGMAS standard deviations of its reading (pooled over the guided steps, each
 #: weighted by how far the scale moves it). Honest runs: |offset| <= 0.0024 (float16, std 0.002),
@@ -318,6 +319,9 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
         _over_bound(out, f"{what}: the largest part of a pipeline call's first latents the seeds' draws do not explain, "
                          f"in units of half precision's rounding", figures.get("worst_start_half_units"),
                     HALF_STEP_RESIDUAL_UNITS)
+    _over_bound(out, f"{what}: the largest part of a pipeline call's last step the task's scheduler does not explain, "
+                     f"in units of half precision's rounding of the latents", figures.get("worst_end_residual_half_units"),
+                HALF_STEP_RESIDUAL_UNITS)
     ends = figures.get("end_images")
     if isinstance(ends, Mapping):
         if ends.get("problem"):

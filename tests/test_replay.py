@@ -1243,7 +1243,7 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
     # session 37: both ends of each pipeline call's chain, and only standard normal draws as noise
     ("L1-sd15-t2i-0001", "initial_noise_scaled_down.py", "first latents the seeds' draws do not explain"),
     ("L1-sd15-i2i-0008", "init_image_noised_at_another_timestep.py", "first latents the seeds' draws do not explain"),
-    ("L1-dit-c2i-dpmsolver-0015", "decoded_latents_changed.py", "a step the task's scheduler does not explain"),
+    ("L1-dit-c2i-dpmsolver-0015", "decoded_latents_changed.py", "last step the task's scheduler does not explain"),
     ("L1-sd15-t2i-0001", "decoder_input_hidden_from_its_module.py", "the harness's decoding of the latents"),
     ("L1-sd15-i2i-768px-eulera-0028", "ancestral_noise_drawn_at_half_scale.py", "stochastic steps' noise"),
 ])

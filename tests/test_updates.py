@@ -271,7 +271,8 @@ def test_a_start_other_than_the_seeds_draws_fails(tiny_zoo, monkeypatch, strengt
     assert honest["starts_own_encoding"] == int(not encoder_seen), honest
     if strength is not None:  # the encoding read (or the start, read against the harness's) is the init images'
         own_figure = "worst_encoding_offset" if encoder_seen else "worst_own_encoding_start"
-        assert honest[own_figure][0] < stages.START_OWN_ENCODING_BOUND / 100, honest
+        # (the tiny VAE's float32 encodings follow the summation order: 1e-6 on one thread, 5e-4 on two)
+        assert honest[own_figure][0] < stages.FLOAT32_OWN_ENCODING_BOUND / 5, honest
     monkeypatch.setattr(pipeline, "prepare_latents", changed)
     figures = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, strength=strength, encoder_seen=encoder_seen)
     assert figures["problem"] is None and figures["starts_checked"] == 1, figures
@@ -292,9 +293,9 @@ def test_the_last_step_is_read_against_the_latents_the_decoder_takes(tiny_zoo):
 
     figures = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, call={
         "callback_on_step_end": scaled, "callback_on_step_end_tensor_inputs": ["latents"]})
-    assert figures["ends_checked"] == 1 and figures["worst_residual"][1] == 7, figures
-    assert figures["worst_residual"][0] > 10 * stages.STEP_RESIDUAL_BOUND, figures
-    assert any("a step the task's scheduler does not explain" in m.field for m in _judged(figures)), figures
+    assert figures["ends_checked"] == 1 and figures["worst_end_residual_half_units"][1] == 7, figures
+    assert figures["worst_end_residual_half_units"][0] > 10 * stages.HALF_STEP_RESIDUAL_UNITS, figures
+    assert any("last step the task's scheduler does not explain" in m.field for m in _judged(figures)), figures
     assert figures["end_images"]["worst_rms_levels"][0] > 10 * stages.END_IMAGE_RMS_LEVELS, figures
     assert any("harness's decoding" in m.field for m in _judged(figures)), figures
     latent = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, call={"output_type": "latent"})
