@@ -296,7 +296,12 @@ class StepCheck:
         shape = tuple(latents.shape[1:])
         t = self.timesteps[0]
         start = latents[:count].double() / _input_scale(copy.deepcopy(self.scheduler), t)
-        first, self._samples = self._samples, self._samples + count
+        # the samples this call starts: from the seed its noise was drawn with (a run may make other
+        # pipeline calls before, a warm-up or a decoy, whose samples repeat), else counted on
+        peek = self._take_draws(count, shape)
+        base = peek[1][0] if peek is not None and peek[1] and peek[1][0] is not None else None
+        first = base if base is not None else self._samples
+        self._samples = first + count
         own = False
         if self.image_to_image:
             moments = torch.cat([m.double() for m in self._encoded]) if self._encoded else None
@@ -666,6 +671,10 @@ def end_image_figures(final_latents: list[torch.Tensor], images: list[torch.Tens
     if not final_latents:
         return {"samples": 0, "worst_rms_levels": [0.0, None], "problem": "no pipeline call ended"}
     latents = torch.cat(final_latents)
+    if 0 < len(images) < latents.shape[0]:
+        # pipeline calls before the last ones (a warm-up, a decoy, a call repeated) made no image
+        # returned: the images are the last calls' (their samples' seeds: StepCheck._seeds_of)
+        latents = latents[latents.shape[0] - len(images):]
     if latents.shape[0] != len(images):
         return {"samples": int(latents.shape[0]), "worst_rms_levels": [0.0, None],
                 "problem": f"{len(images)} images for the {latents.shape[0]} latents the pipeline calls ended with"}

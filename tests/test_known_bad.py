@@ -52,13 +52,17 @@ BAD = {
     "wrong_parameter": (lambda gold, ref: gold.replace("cache_interval=3", "cache_interval=5"),
                         1, stages.KEY_ATTRIBUTE, "methods.deepcache.cache_interval: expected 3, found 5"),
     # the images are made by torch ops: on FLOP-counted CPU profiles only what torch computes in the
-    # judged call is replayed (an image finished in numpy or PIL is a runtime failure: test_replay.py)
+    # judged call is replayed (an image finished in numpy or PIL is a runtime failure: test_replay.py).
+    # On this L2 task the replay also holds the images to its own decoding of the task's last steps
+    # (updates.end_image_figures, session 37): images changed after the decoder are not what the task
+    # asks, a key-attribute failure before their quality is judged (stages 2 and 3 keep their
+    # categories where no step check runs: L4/L5, GPU profiles; tests/test_stages_metrics.py)
     "degenerate_images": (lambda gold, ref: gold + wrap_generate(
         "import torch\nfrom PIL import Image\n"
         "images = _gold_generate(pipe, batch)\n"
         "gray = [torch.full((im.size[1], im.size[0], 3), 0.5) for im in images]\n"
         "return [Image.fromarray((g * 255).round().to(torch.uint8).numpy()) for g in gray]"),
-        2, stages.ABSOLUTE_QUALITY, "constant images"),
+        1, stages.KEY_ATTRIBUTE, "the harness's decoding of the latents"),
     "noisy_images": (lambda gold, ref: gold + wrap_generate(
         "import torch\nfrom PIL import Image\n"
         "noise = torch.Generator().manual_seed(0)\n"
@@ -71,7 +75,7 @@ BAD = {
         "    x = (x + torch.randn(x.shape, generator=noise) * (40 / 255)).clamp(0, 1)\n"
         "    out.append(Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()))\n"
         "return out"),
-        3, stages.RELATIVE_QUALITY, "expected <="),
+        1, stages.KEY_ATTRIBUTE, "the harness's decoding of the latents"),
     "much_slower": (lambda gold, ref: gold + wrap_generate(
         "for _ in range(3):\n    _gold_generate(pipe, batch)\nreturn _gold_generate(pipe, batch)"),
         3, stages.RELATIVE_SPEED, "within 2x of the gold solution"),

@@ -364,7 +364,8 @@ def test_a_start_drawn_with_another_samples_seed_fails(tiny_zoo):
     honest = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5)
     assert honest["start_other_seeds"] == [0, None] and _judged(honest) == [], honest
     swapped = _steps_of(tiny_zoo, SD15, "DDIMScheduler", 8, 7.5, seeds_swapped=True)
-    assert swapped["start_other_seeds"] == [2, 0] and swapped["worst_start"][0] < stages.START_RESIDUAL_BOUND, swapped
+    # (row 0's seed is the call's first sample: row 1 was drawn with sample 0's seed, not sample 2's)
+    assert swapped["start_other_seeds"] == [1, 0] and swapped["worst_start"][0] < stages.START_RESIDUAL_BOUND, swapped
     assert any("by the seed of the generator" in m.field for m in _judged(swapped)), swapped
 
 
