@@ -262,7 +262,7 @@ def steps_asked(task, batch: dict | None = None) -> dict | None:
 
 
 def _png_b64(paths: list) -> list[str]:
-    """The batch's init images (PNG files the harness resized: workload.make_batch), base64."""
+    """The batch's init images (PNG files the harness resized: workload.build_batch), base64."""
     import base64
 
     return [base64.b64encode(Path(path).read_bytes()).decode("ascii") for path in paths]
