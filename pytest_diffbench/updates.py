@@ -334,7 +334,7 @@ class StepCheck:
             noising = copy.deepcopy(self.scheduler)
             expected = noising.add_noise(init, drawn[images:], torch.stack([torch.as_tensor(t)] * count)).double()
         else:
-            taken = self._take_draws(count, shape)
+            taken = peek  # the noise alone: the rows already taken to find the call's samples
             drawn = taken[0] if taken is not None else None
             if drawn is None:
                 self.problem = (f"call {index}: the draws before it are not {count} standard normal draws of the "
