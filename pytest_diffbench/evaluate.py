@@ -241,6 +241,12 @@ def deepcache_least_share(attributes: Any, mid_calls: Any = None) -> float | Non
     return len(full) / calls * (1 - stages.MODULE_WORK_TOLERANCE)
 
 
+#: the methods that change what one denoiser call computes, with settings beyond those a task fixes
+#: (ToMe's tiles and randomness, DeepCache's cached steps, T-GATE's cached attention): a run's call
+#: is not the plain gold's, so gold_calls.py does not compare them
+CALL_CHANGING_METHODS = frozenset({"tomesd", "deepcache", "tgate"})
+
+
 def steps_asked(task, batch: dict | None = None) -> dict | None:
     """What the replay checks the steps between denoiser calls against (updates.StepCheck;
     stages.step_mismatches): on L1-L3, where the task fixes its scheduler, step count, guidance
@@ -258,7 +264,10 @@ def steps_asked(task, batch: dict | None = None) -> dict | None:
             "guidance_scale": float(task.guidance_scale), "cond_first": task.family == "dit",
             "steps_model_input": task.family == "dit", "noise_times_sigma": task.family != "dit",
             "init_images": (_png_b64(batch["images"]) if task.strength is not None and batch and batch.get("images")
-                            else None)}
+                            else None),
+            "kind": task.pipeline,
+            # the gold, run at the run's latents (gold_calls.py), where no method asked changes a call
+            "gold": task.gold if task.gold and not set(task_methods(task)) & CALL_CHANGING_METHODS else None}
 
 
 def _png_b64(paths: list) -> list[str]:

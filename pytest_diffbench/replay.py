@@ -55,13 +55,16 @@ def load_zoo(model: str, settings: dict | None = None):
 
 def asked_checks(job: dict, settings: dict) -> tuple:
     """(an updates.StepCheck for the task's scheduler, steps, strength and guidance scale in
-    `job["steps_check"]`, or None; captions.expected_rows for `job["captions_check"]`, or None):
-    L1-L3, where the task fixes them. Made before the trace is given: a failure here is the
-    harness's (its task data, its zoo), not the candidate's."""
-    from pytest_diffbench import captions, updates
+    `job["steps_check"]`, or None; captions.expected_rows for `job["captions_check"]`, or None;
+    a gold_calls.GoldCalls for its "gold" code, or None): L1-L3, where the task fixes them. Made
+    before the trace is given: a failure here is the harness's (its task data, its zoo), not the
+    candidate's."""
+    from pytest_diffbench import captions, gold_calls, updates
 
-    steps, expected = None, None
+    steps, expected, gold = None, None, None
     step_spec, caption_spec = job.get("steps_check"), job.get("captions_check")
+    if step_spec and step_spec.get("gold"):
+        gold = gold_calls.GoldCalls(*gold_calls.load_gold(step_spec["gold"]))
     if step_spec:
         config = settings["scheduler_config"]
         steps = updates.StepCheck(
@@ -72,10 +75,26 @@ def asked_checks(job: dict, settings: dict) -> tuple:
             noise_times_sigma=bool(step_spec.get("noise_times_sigma", True)),
             image_to_image=step_spec.get("strength") is not None,
             own_moments=init_moments(settings["pipe"], step_spec.get("init_images"), job["batch"]),
-            vae=settings["pipe"].vae)
+            vae=settings["pipe"].vae, exit_modules=updates.exit_modules_of(settings["pipe"]),
+            keep_calls=gold is not None)
     if caption_spec:
         expected = captions.expected_rows(settings["pipe"], caption_spec.get("prompts"), caption_spec.get("class_ids"))
-    return steps, expected
+    return steps, expected, gold
+
+
+def gold_batch(job: dict, seeds: list[int]) -> dict:
+    """The batch the gold's generate() takes for gold_calls.GoldCalls (the contract's keys, as the
+    child's BatchFactory gives them: the init images as PIL images)."""
+    from PIL import Image
+
+    spec, batch = job["steps_check"], job["batch"]
+    captions_spec = job.get("captions_check") or {}
+    images = spec.get("init_images")
+    return {"kind": spec.get("kind"), "prompts": captions_spec.get("prompts"), "class_ids": captions_spec.get("class_ids"),
+            "images": ([Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in images] if images else None),
+            "strength": spec.get("strength"), "seeds": list(seeds), "height": int(batch["height"]),
+            "width": int(batch["width"]), "guidance_scale": float(spec["guidance_scale"]),
+            "num_inference_steps": int(spec["steps"])}
 
 
 def init_moments(pipe, images_b64: list | None, batch: dict):
@@ -121,11 +140,12 @@ def decode_png(data: bytes):
 
 
 def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_flushed: bool | None = None,
-               checks: tuple = (None, None)) -> dict:
+               checks: tuple = (None, None, None)) -> dict:
     """Both replays of the trace in `inputs` ({"trace": base64 blob, "run_seeds": the child's seeds,
     "run_images": the child's PNGs as base64}) against `zoo`; the verdict's images go to
     `send_image(index, png)`; `denormals_flushed`: flush_denormals()'s answer, recorded;
-    `checks`: asked_checks' (the steps between denoiser calls and the captions, where the job asks).
+    `checks`: asked_checks' (the steps between denoiser calls, the captions and the calls against
+    the gold's, where the job asks).
     Returns the result document."""
     import PIL.Image
     import torch
@@ -155,7 +175,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
         started = time.process_time()
         # canonical arithmetic outside the counter: the counter sees, and books, each op as recorded
         mode = CanonicalPrecision() if canonical else None
-        steps, expected = checks
+        steps, expected, gold = checks
         with mode if mode is not None else contextlib.nullcontext(), counter:
             kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes,
                                 counter=counter, steps=steps)
@@ -166,6 +186,14 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
         values = [image_values(kept[i], layout, row) for i, layout, row, _ in sources] if steps is not None else []
     except TraceError as exc:
         return _error("replay", exc)
+    step_figures = steps.all_figures(values) if steps is not None else None
+    if gold is not None and step_figures is not None and step_figures["problem"] is None:
+        try:
+            step_figures["gold_calls"] = gold.figures(steps, gold_batch(job, verdict_seeds), canonical)
+        except Exception as exc:  # noqa: BLE001 - the gold at the run's latents: unreadable, not passed
+            step_figures["gold_calls"] = {"compared": 0, "unmatched": [0, None], "worst_relative": [0.0, None],
+                                          "problem": f"the gold's calls at the run's latents failed: "
+                                                     f"{type(exc).__name__}: {exc}"[:300]}
     names = []
     for index, array in enumerate(images):
         buffer = io.BytesIO()
@@ -202,7 +230,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                       "spatial": sorted(list(s) for s in replayer.entry_spatial)},
                    # the steps between denoiser calls against the task's scheduler and guidance
                    # (updates.StepCheck; stages.step_mismatches), where the job asked
-                   "steps": steps.all_figures(values) if steps is not None else None,
+                   "steps": step_figures,
                    # each caption's (class's) row of ids against those the tables looked up (captions.py)
                    "captions": (captions.caption_figures(expected, replayer.token_rows, replayer.table_reads)
                                 if expected is not None else None),

@@ -274,6 +274,11 @@ START_OWN_ENCODING_BOUND = 1e-2
 #: session 37's float32 golds 4.2e-7 (one thread), an in-process run on two threads 4.9e-4 (the tiny
 #: zoo's VAE follows the order closely): docs/integrity.md, "Measured (session 37)"
 FLOAT32_OWN_ENCODING_BOUND = 5e-3
+#: Each denoiser call's output against the gold's call at the run's latents (gold_calls.py: the
+#: tasks whose methods change no call), relative root mean square, the worst call: float32 and
+#: half-precision bounds, measured on golds and honest variants ("Session 38" in docs/integrity.md).
+GOLD_CALL_BOUND = 1e-4
+HALF_GOLD_CALL_BOUND = 1e-2
 #: the guidance scale a run's steps show may differ from the task's by at most this, plus
 #: GUIDANCE_OFFSET_SIGMAS standard deviations of its reading (pooled over the guided steps, each
 #: weighted by how far the scale moves it). Honest runs: |offset| <= 0.0024 (float16, std 0.002),
@@ -322,6 +327,7 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
     _over_bound(out, f"{what}: the largest part of a pipeline call's last step the task's scheduler does not explain, "
                      f"in units of half precision's rounding of the latents", figures.get("worst_end_residual_half_units"),
                 HALF_STEP_RESIDUAL_UNITS)
+    _gold_call_mismatches(out, what, figures.get("gold_calls"), expected_dtype)
     ends = figures.get("end_images")
     if isinstance(ends, Mapping):
         if ends.get("problem"):
@@ -377,6 +383,26 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
         out.append(Mismatch(f"{what}: the stochastic steps' noise over the task's scheduler's noise scale",
                             f"{NOISE_RATIO_RANGE[0]}-{NOISE_RATIO_RANGE[1]}", f"{float(ratio):.3f}"))
     return out
+
+
+def _gold_call_mismatches(out: list[Mismatch], what: str, calls: Any, expected_dtype: str | None) -> None:
+    """gold_calls.py's figures: every call of the gold matched by the run's call of the same samples
+    and step, and its output within GOLD_CALL_BOUND (half precision: HALF_GOLD_CALL_BOUND) of the
+    gold's at the same latents. Nothing where the replay did not compare (methods that change a call)."""
+    if not isinstance(calls, Mapping):
+        return
+    field = f"{what}: each denoiser call's output against the gold's call at the run's latents"
+    unmatched = calls.get("unmatched") or [0, None]
+    if calls.get("problem"):
+        out.append(Mismatch(field, "the gold's calls at the run's latents", str(calls["problem"])[:300]))
+    elif unmatched[0]:
+        out.append(Mismatch(field, "a call of the run of the same samples, step and rows for each of the gold's",
+                            f"none for {unmatched[0]} of the gold's calls (the first: call {unmatched[1]})"))
+    elif not calls.get("compared"):
+        out.append(Mismatch(field, "calls compared", "none"))
+    else:
+        _over_bound(out, f"{field} (relative root mean square)", calls.get("worst_relative"),
+                    GOLD_CALL_BOUND if expected_dtype in (None, "float32") else HALF_GOLD_CALL_BOUND, "gold call")
 
 
 def _over_bound(out: list[Mismatch], field: str, figure: Any, bound: float, where: str = "call") -> None:

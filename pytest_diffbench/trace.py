@@ -1290,6 +1290,9 @@ class Replayer:
                             with harness_arithmetic():
                                 steps.enter(latents)
                 leaving = steps is not None and seeded and self.entries and counter.module in EXIT_MODULES
+                if leaving:  # the module and the activation its product multiplies (updates.exit_output)
+                    exit_module = counter.module
+                    exit_operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
                 if steps is not None and counter.module == DECODER_ENTRY:
                     with harness_arithmetic():
                         steps.decode(entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env))
@@ -1309,7 +1312,9 @@ class Replayer:
             outputs = leaves(out)
             if counter is not None and leaving and outputs and isinstance(outputs[0], torch.Tensor):
                 with harness_arithmetic():
-                    steps.leave(outputs[0])  # the last product of the exit module in the call is its output
+                    # the last product of the exit module in the call is its output: the module's own
+                    # function of that product's activation, where the check has the module
+                    steps.leave(outputs[0], exit_module, exit_operand)
             if counter is not None and encoding and outputs and isinstance(outputs[0], torch.Tensor):
                 with harness_arithmetic():
                     steps.encode(outputs[0])  # an init image's latents' moments (img2img's start)

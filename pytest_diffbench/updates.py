@@ -42,6 +42,10 @@ EXIT_MODULES = frozenset({"unet.conv_out", "transformer.proj_out", "transformer.
 #: two denoiser calls: honest pipelines make one per sample; a run past it fails (a problem)
 MAX_DRAWS = 256
 
+#: the most values (entry latents and outputs) the check keeps of a replay's denoiser calls for
+#: gold_calls.py (a tiny run keeps thousands): a run past it fails (a problem)
+MAX_KEPT_ELEMENTS = 1 << 24
+
 #: the module the VAE's decoder begins with, whose input is the latents a pipeline call decodes
 #: (divided by the VAE's scaling factor): the last step's result (every VAE of the zoo has it)
 DECODER_ENTRY = "vae.post_quant_conv"
@@ -110,6 +114,48 @@ def output_as_latents(output: torch.Tensor, latents_shape: tuple, patch: int | N
     return image[:, :channels]
 
 
+def exit_output(layer: Any, name: str, operand: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
+    """(the output of the exit module `layer` (the zoo's `conv_out` or `proj_out`, float32), named
+    `name`, as its own function of `operand`, the activation a product booked to it multiplied:
+    its weight and bias cast to the operand's dtype, its stride and padding; None and why where
+    `operand` is no input it takes). Why not the product's value: a product is booked to the
+    module by its weight, and one that carries more than the module's function (addmm's additive
+    `self`, patches laid out apart for a strided convolution) carried a term the run solved for
+    each call, so that the task's scheduler, teacher-forced, landed on the run's own latents (the
+    trust review of session 37). Recomputed, that term is not the denoiser's output."""
+    import torch.nn.functional as F
+
+    if layer is None:
+        return None, f"the replay's exit module {name} is not the model's"
+    if not isinstance(operand, torch.Tensor) or not operand.dtype.is_floating_point or operand.numel() == 0:
+        return None, f"the last product of {name} multiplied no activation"
+    weight = layer.weight.detach().to(operand.dtype)
+    bias = layer.bias.detach().to(operand.dtype) if layer.bias is not None else None
+    if isinstance(layer, torch.nn.Conv2d):
+        if operand.dim() != 4 or operand.shape[1] != layer.in_channels:
+            return None, (f"the last product of {name} multiplied {tuple(operand.shape)}, not the "
+                          f"{layer.in_channels} channels it takes")
+        return F.conv2d(operand, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups), None
+    if isinstance(layer, torch.nn.Linear):
+        if operand.dim() < 2 or operand.shape[-1] != layer.in_features:
+            return None, (f"the last product of {name} multiplied {tuple(operand.shape)}, not the "
+                          f"{layer.in_features} features it takes")
+        return F.linear(operand, weight, bias), None
+    return None, f"the replay's exit module {name} is a {type(layer).__name__}"
+
+
+def exit_modules_of(pipe: Any) -> dict:
+    """The exit modules (EXIT_MODULES) of `pipe`'s denoiser (its `unet` or `transformer`), by name."""
+    found = {}
+    for name in EXIT_MODULES:
+        component, _, path = name.partition(".")
+        try:
+            found[name] = getattr(pipe, component).get_submodule(path)
+        except AttributeError:
+            continue
+    return found
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() * b.double()).sum())
 
@@ -147,8 +193,16 @@ class StepCheck:
     def __init__(self, make_scheduler: Callable[[], tuple[Any, list]], guidance_scale: float,
                  cond_first: bool, patch: int | None, steps_model_input: bool = False,
                  scaling_factor: float | None = None, noise_times_sigma: bool = True,
-                 image_to_image: bool = False, own_moments: torch.Tensor | None = None, vae: Any = None):
+                 image_to_image: bool = False, own_moments: torch.Tensor | None = None, vae: Any = None,
+                 exit_modules: dict | None = None, keep_calls: bool = False):
         self.make_scheduler, self.guidance_scale = make_scheduler, float(guidance_scale)
+        # the zoo's exit modules by name (EXIT_MODULES): a call's output is the module's own function
+        # of the activation its last product multiplied (exit_output), not that product's value
+        self.exit_modules = exit_modules
+        self._exit_unread: str | None = None  # why the held call's exit output could not be read
+        # each call's entry latents and output, and each pipeline call's samples (gold_calls.py)
+        self.keep_calls, self._kept_calls, self._kept_elements = keep_calls, [], 0
+        self._pipeline_samples: dict[int, tuple[int, int]] = {}
         self.cond_first, self.patch, self.steps_model_input = cond_first, patch, steps_model_input
         # the ends of each pipeline call's chain (read where the VAE's scaling factor is given, as the
         # replay gives it): the latents decoded
@@ -216,6 +270,7 @@ class StepCheck:
             except Exception as exc:  # noqa: BLE001 - figures the scheduler refuses: unreadable
                 self.problem = f"call {self.calls}: its latents could not be read as the task's start: {exc}"[:300]
         self._held = [latents.detach().clone(), None, []]
+        self._exit_unread = None
         self._start_draws, self._encoded, self._decoded = [], [], []
         self.calls += 1
 
@@ -225,6 +280,8 @@ class StepCheck:
         held, self._held = self._held, None
         position = (self.calls - 1) % max(1, self.per_call)
         last = position == self.per_call - 1
+        if self.keep_calls:
+            self._keep(position, held)
         if not last and next_latents is None:
             return  # the run ended inside a pipeline call: figures() reports the count
         try:
@@ -236,8 +293,40 @@ class StepCheck:
         except Exception as exc:  # noqa: BLE001 - a diffusers step refusing the figures: unreadable
             self.problem = f"call {self.calls - 1}: the task's scheduler could not take its step: {exc}"[:300]
 
-    def leave(self, output: torch.Tensor) -> None:
-        if self._held is not None and self._finite(output, "the denoiser's outputs"):
+    def _keep(self, position: int, held: list) -> None:
+        size = held[0].numel() + (held[1].numel() if held[1] is not None else 0)
+        if self._kept_elements + size > MAX_KEPT_ELEMENTS:
+            self.problem = self.problem or f"the denoiser calls hold more than {MAX_KEPT_ELEMENTS} values to keep"
+            return
+        self._kept_elements += size
+        self._kept_calls.append(((self.calls - 1) // max(1, self.per_call), position, held[0], held[1]))
+
+    def kept_by_sample(self) -> dict:
+        """{(sample, position in its pipeline call): (that call's entry latents, its output, the rows
+        per half, held twice, the sample's row)} from the kept calls (`keep_calls`); a sample held
+        by several pipeline calls (a warm-up, a decoy) from the last one: the images are its."""
+        found = {}
+        for pipeline, position, latents, output in self._kept_calls:
+            samples = self._pipeline_samples.get(pipeline)
+            if samples is None or latents.dim() != 4:
+                continue
+            rows, twice = _latent_count(latents)
+            for j in range(min(samples[1], rows)):
+                found[(samples[0] + j, position)] = (latents, output, rows, twice, j)
+        return found
+
+    def leave(self, output: torch.Tensor, module: str | None = None, operand: torch.Tensor | None = None) -> None:
+        """A product of the exit module `module` in the held call (the last one counts): `output`, its
+        value, or where the check has that module (`exit_modules`), the module's own function of
+        `operand`, the activation the product multiplied (exit_output)."""
+        if self._held is None:
+            return
+        if module is not None and self.exit_modules is not None:
+            output, self._exit_unread = exit_output(self.exit_modules.get(module), module, operand)
+            if output is None:
+                self._held[1] = None
+                return
+        if self._finite(output, "the denoiser's outputs"):
             self._held[1] = output.detach().clone()
 
     @property
@@ -302,6 +391,7 @@ class StepCheck:
         base = peek[1][0] if peek is not None and peek[1] and peek[1][0] is not None else None
         first = base if base is not None else self._samples
         self._samples = first + count
+        self._pipeline_samples[index // max(1, self.per_call)] = (first, count)
         own = False
         if self.image_to_image:
             moments = torch.cat([m.double() for m in self._encoded]) if self._encoded else None
@@ -411,7 +501,8 @@ class StepCheck:
         """The step from call `index` (the `k`-th of its pipeline call) into `next_latents`: the next
         call's latents, or (`final`) the latents decoded after it, which no scale_model_input scaled."""
         if output is None:
-            self.problem = f"call {index}: the replay saw no output of the denoiser ({', '.join(sorted(EXIT_MODULES))})"
+            self.problem = (f"call {index}: {self._exit_unread}" if self._exit_unread else
+                            f"call {index}: the replay saw no output of the denoiser ({', '.join(sorted(EXIT_MODULES))})")
             return
         if latents.dim() != 4:
             self.problem = f"call {index}: latents of shape {tuple(latents.shape)}"

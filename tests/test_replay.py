@@ -1246,6 +1246,10 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
     ("L1-dit-c2i-dpmsolver-0015", "decoded_latents_changed.py", "last step the task's scheduler does not explain"),
     ("L1-sd15-t2i-0001", "decoder_input_hidden_from_its_module.py", "the harness's decoding of the latents"),
     ("L1-sd15-i2i-768px-eulera-0028", "ancestral_noise_drawn_at_half_scale.py", "stochastic steps' noise"),
+    # session 38: the denoiser's output read as its exit module's function, not a product's value
+    ("L1-pixart-alpha-t2i-0006", "guidance_carried_by_the_exit_products_addend.py", "the guidance scale the steps show"),
+    # ... and each call's output against the gold's at the run's latents (gold_calls.py)
+    ("L1-pixart-alpha-t2i-0006", "guidance_mixed_into_the_exit_layers_input.py", "the gold's call at the run's latents"),
 ])
 def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_the_replay(
         task_id, attack, field, tiny_zoo, baseline_cache_dir, tmp_path):
@@ -1278,3 +1282,7 @@ def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_th
     height, width = run_size(task.resolution, "tiny")
     assert replay["denoiser_entry"]["spatial"] == [[height // 8, width // 8]], replay["denoiser_entry"]
     assert all(not f["missing"] and not f["other_rows"] for f in replay["captions"].values()), replay["captions"]
+    # every call of the gold (no method that changes a call) compared with the run's at its latents
+    calls = replay["steps"]["gold_calls"]
+    assert calls["problem"] is None and calls["unmatched"] == [0, None] and calls["compared"] > 0, calls
+    assert calls["worst_relative"][0] == 0.0, calls  # the gold against itself: the same arithmetic

@@ -17,6 +17,7 @@ import torch
 from pytest_diffbench import stages, updates
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 DIT = "facebook/DiT-XL-2-256"
 
 
@@ -24,11 +25,20 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
               task_steps: int | None = None, task_guidance: float | None = None, config: dict | None = None,
               call: dict | None = None, size: int = 64, samples: int = 2, draws: bool = False,
               monkeypatch=None, step=None, strength: float | None = None, encoder_seen: bool = True,
-              seeds_swapped: bool = False) -> dict:
+              seeds_swapped: bool = False, exit_forged: float | None = None, exit_read: bool = True,
+              gold: str | None = None, exit_input_mixed: float | None = None,
+              embeddings_scaled: float | None = None) -> dict:
     """StepCheck's figures for a run of `model` with `scheduler` (from_config of the pipeline's,
     `config` changed) at `steps` and `guidance`, judged as a task asking `task_*` (default: the same).
     `draws`: the ancestral scheduler's noise is given to the check as the replay gives it its draws;
-    `step`: the run's scheduler's step instead of its class's (the check's scheduler keeps its own)."""
+    `step`: the run's scheduler's step instead of its class's (the check's scheduler keeps its own);
+    `exit_forged`: the denoiser's exit module's output forged so that the task's guidance scale on it
+    makes the step of `exit_forged` times that scale (the conditional half moved toward the other);
+    `exit_read`: the check reads the exit module's function of its input (as the replay gives it),
+    else the output's value (the read before session 38); `gold`: a task whose gold is run at the
+    run's latents (gold_calls.py: its figures as "gold_calls"); `exit_input_mixed`: the exit
+    module's input of the conditional half mixed toward the unconditional one's by that share (the
+    guidance moved before the exit layer); `embeddings_scaled`: the text encoder's output scaled."""
     import diffusers
     from PIL import Image
 
@@ -43,7 +53,8 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
     entry = denoiser.conv_in if hasattr(denoiser, "conv_in") else denoiser.pos_embed.proj
     leave = getattr(denoiser, "conv_out", None) or getattr(denoiser, "proj_out_2", None) or denoiser.proj_out
     task_scheduler, task_steps = task_scheduler or scheduler, task_steps or steps
-    images = [Image.new("RGB", (size, size), color) for color in ("red", "teal", "gold", "white")][:samples]
+    images = init_images = [Image.new("RGB", (size, size), color) for color in ("red", "teal", "gold", "white")][:samples]
+    prompts = ["a red cat", "a blue dog", "a green bird", "a white horse"][:samples]
     own = None
     if strength is not None:  # the harness's own encoding of the init images, as the replay makes it
         from pytest_diffbench import replay
@@ -54,9 +65,34 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
                               task_guidance if task_guidance is not None else guidance, model == DIT,
                               getattr(denoiser.config, "patch_size", None), steps_model_input=model == DIT,
                               scaling_factor=pipe.vae.config.scaling_factor, noise_times_sigma=model != DIT,
-                              image_to_image=strength is not None, own_moments=own, vae=pipe.vae)
+                              image_to_image=strength is not None, own_moments=own, vae=pipe.vae,
+                              exit_modules=updates.exit_modules_of(pipe) if exit_read else None,
+                              keep_calls=gold is not None)
     entry.register_forward_pre_hook(lambda module, args: check.enter(args[0]))
-    leave.register_forward_hook(lambda module, args, out: check.leave(out))
+    exit_name = next(name for name, module in updates.exit_modules_of(pipe).items() if module is leave)
+    if exit_forged is not None:
+        def forge(module, args, out):
+            # the conditional half moved toward the unconditional one: the pipeline's guidance on it is
+            # exit_forged times its scale, though the steps read from this output show the full scale
+            half = out.shape[0] // 2
+            cond, uncond = (out[:half], out[half:]) if model == DIT else (out[half:], out[:half])
+            moved = uncond + exit_forged * (cond - uncond)
+            return torch.cat([moved, uncond] if model == DIT else [uncond, moved])
+
+        leave.register_forward_hook(forge)
+    if exit_input_mixed is not None:
+        def mix(module, args):
+            half = args[0].shape[0] // 2  # the unconditional half first (SD's pipelines)
+            uncond, cond = args[0][:half], args[0][half:]
+            return (torch.cat([uncond, uncond + exit_input_mixed * (cond - uncond)]),)
+
+        leave.register_forward_pre_hook(mix)
+    if embeddings_scaled is not None:
+        def scale(module, args, out):
+            out[0].mul_(embeddings_scaled)
+
+        pipe.text_encoder.register_forward_hook(scale)
+    leave.register_forward_hook(lambda module, args, out: check.leave(out, exit_name, args[0]))
     pipe.vae.post_quant_conv.register_forward_pre_hook(lambda module, args: check.decode(args[0]))
     if encoder_seen:  # else as a run that encoded its init images ahead of the call (trace constants)
         pipe.vae.quant_conv.register_forward_hook(lambda module, args, out: check.encode(out))
@@ -83,17 +119,38 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
                        output_type="np")
         elif strength is not None:
             pipe = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
-            prompts = ["a red cat", "a blue dog", "a green bird", "a white horse"][:samples]
             out = pipe(prompt=prompts, image=images, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                        generator=generator, **{"output_type": "np", **(call or {})})
         else:
-            prompts = ["a red cat", "a blue dog", "a green bird", "a white horse"][:samples]
             out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                        height=size, width=size, **{"output_type": "np", **(call or {})})
     # the images as the replay hands them over (H x W x 3 values in [0, 1]); none where the call returned latents
     images = [torch.from_numpy(image) for image in out.images] if isinstance(out.images, numpy.ndarray) \
         and out.images.ndim == 4 and out.images.shape[-1] == 3 else []
-    return check.all_figures(images)
+    figures = check.all_figures(images)
+    if gold is not None:
+        batch = {"prompts": prompts if model != DIT else None, "class_ids": [1, 2] if model == DIT else None,
+                 "images": init_images if strength is not None else None, "strength": strength,
+                 "seeds": list(range(samples)), "height": size, "width": size, "guidance_scale": task_guidance or guidance,
+                 "num_inference_steps": task_steps}
+        figures["gold_calls"] = _gold_calls(tiny_zoo, gold).figures(check, batch)
+    return figures
+
+
+def _gold_calls(tiny_zoo, task_id: str):
+    """gold_calls.GoldCalls of `task_id`'s gold, its model loaded from the tiny zoo's hub cache
+    (the replay process finds it by its environment; here the gold's MODEL_ID is the snapshot)."""
+    import re
+
+    import huggingface_hub
+    import yaml
+
+    from pytest_diffbench import gold_calls
+
+    task = yaml.safe_load(next((REPO / "tasks").glob(f"L*/{task_id}.yaml")).read_text())
+    snapshot = huggingface_hub.snapshot_download(task["model"], cache_dir=str(tiny_zoo.hub_cache), local_files_only=True)
+    code = re.sub(r'^MODEL_ID = .*$', f"MODEL_ID = {snapshot!r}", task["gold"], count=1, flags=re.M)
+    return gold_calls.GoldCalls(*gold_calls.load_gold(code))
 
 
 def _png(image) -> bytes:
@@ -147,6 +204,86 @@ def test_another_guidance_scale_is_read_off_the_steps(tiny_zoo, model, scheduler
         assert figures["guidance_offset"] == pytest.approx(guidance - asked, abs=0.05), figures
     problems = _judged(figures)
     assert any("guidance scale the steps show" in m.field for m in problems), problems
+
+
+@pytest.mark.parametrize("model, scheduler, guidance", [(SD15, "DDIMScheduler", 7.5), (DIT, "DDIMScheduler", 4.0)])
+def test_an_exit_output_forged_to_show_the_tasks_guidance_is_read_as_the_modules_function(tiny_zoo, model,
+                                                                                          scheduler, guidance):
+    """The trust review of session 37: the denoiser's output was the value of the last product booked
+    to its exit module, and a product can carry more than the module's function (addmm's additive
+    `self`), so a run stepped with 0.6 of the task's guidance scale behind an output forged to show
+    the full scale. Read as the exit module's own function of its input, the forgery shows."""
+    read_by_value = _steps_of(tiny_zoo, model, scheduler, 8, guidance, exit_forged=0.6, exit_read=False)
+    assert read_by_value["problem"] is None and _judged(read_by_value) == [], read_by_value  # what it forged
+    figures = _steps_of(tiny_zoo, model, scheduler, 8, guidance, exit_forged=0.6)
+    assert figures["problem"] is None, figures
+    assert figures["guidance_offset"] == pytest.approx(-0.4 * guidance, abs=0.05), figures
+    problems = _judged(figures)
+    assert any("guidance scale the steps show" in m.field for m in problems), problems
+
+
+def _task(task_id: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(next((REPO / "tasks").glob(f"L*/{task_id}.yaml")).read_text())
+
+
+@pytest.mark.parametrize("model, task", [
+    (SD15, "L1-sd15-t2i-768px-ddim-0022"),
+    (SD15, "L1-sd15-i2i-768px-eulera-0028"),  # its noise drawn, the gold's own (its calls' latents are the run's)
+    (DIT, "L1-dit-c2i-dpmsolver-0015"),
+])
+def test_each_call_of_an_honest_run_is_the_golds_call_at_its_latents(tiny_zoo, model, task):
+    """gold_calls.py: the gold (per-sample pipeline calls) run with each denoiser call's latents
+    replaced by the run's (all samples in one call) makes the run's outputs, call by call."""
+    spec = _task(task)
+    figures = _steps_of(tiny_zoo, model, spec["expect"]["scheduler"], spec["expect"]["steps"], spec["guidance_scale"], gold=task,
+                        strength=spec.get("strength"), draws=True)
+    calls = figures["gold_calls"]
+    assert calls["problem"] is None and calls["unmatched"] == [0, None], calls
+    assert calls["compared"] == figures["calls"] * 2, (calls, figures)  # each of the two samples in its own call
+    assert calls["worst_relative"][0] < stages.GOLD_CALL_BOUND / 10, calls
+    assert _judged(figures) == [], figures
+
+
+@pytest.mark.parametrize("attack", ["exit_input_mixed", "embeddings_scaled"])
+def test_what_a_call_computes_besides_its_latents_is_the_golds(tiny_zoo, attack):
+    """The point the denoiser is evaluated at, which the steps between calls cannot see: guidance
+    moved into the exit layer's input (the layer is linear: the same as its output mixed, which
+    the exit module's function of its input reads as honest) and text embeddings scaled after their
+    lookup. The steps show the task's scheduler and guidance; the gold's calls at the same latents
+    do not make the run's outputs."""
+    share = {"exit_input_mixed": 0.9, "embeddings_scaled": 1.05}[attack]
+    spec = _task("L1-sd15-t2i-768px-ddim-0022")
+    figures = _steps_of(tiny_zoo, SD15, spec["expect"]["scheduler"], spec["expect"]["steps"], spec["guidance_scale"],
+                        gold="L1-sd15-t2i-768px-ddim-0022", **{attack: share})
+    assert figures["problem"] is None, figures
+    steps_alone = [m for m in _judged(figures) if "gold's call" not in m.field]
+    assert steps_alone == [], steps_alone  # what the run forged: the steps between calls are the task's
+    problems = _judged(figures)
+    assert any("the gold's call at the run's latents" in m.field for m in problems), problems
+    assert figures["gold_calls"]["worst_relative"][0] > 10 * stages.GOLD_CALL_BOUND, figures["gold_calls"]
+
+
+def test_an_exit_product_of_another_layout_is_unreadable():
+    """exit_output takes the inputs the module takes: patches laid out apart for a strided
+    convolution (one product with conv_out's FLOPs carrying a solved term) are no input of it."""
+    conv = torch.nn.Conv2d(8, 4, 3, padding=1)
+    honest = torch.randn(2, 8, 6, 6)
+    output, why = updates.exit_output(conv, "unet.conv_out", honest)
+    assert why is None and torch.equal(output, conv(honest))
+    for operand in (torch.randn(2, 8 * 9, 6, 6), torch.randn(2, 8, 6)):
+        output, why = updates.exit_output(conv, "unet.conv_out", operand)
+        assert output is None and "not the 8 channels it takes" in why, why
+    import copy
+
+    linear = torch.nn.Linear(8, 16)  # the zoo's, float32
+    half, rows = copy.deepcopy(linear).half(), torch.randn(12, 8).half()
+    output, why = updates.exit_output(linear, "transformer.proj_out", rows)
+    assert output.dtype == torch.float16 and torch.equal(output, half(rows))  # in the operand's precision
+    assert updates.exit_output(linear, "transformer.proj_out", None)[1] == \
+        "the last product of transformer.proj_out multiplied no activation"
+    assert updates.exit_output(None, "transformer.proj_out", rows)[0] is None
 
 
 @pytest.mark.parametrize("config, call", [

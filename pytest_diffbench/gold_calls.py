@@ -1,0 +1,156 @@
+"""Each denoiser call of a replay against the gold's, evaluated at the same latents.
+
+updates.StepCheck reads the steps *between* denoiser calls off the replay, and the two ends of each
+pipeline call's chain. What a call computes from its latents was read by booking alone: its
+timestep, the text embeddings after their lookup, SDXL's time ids, PixArt's resolution inputs, the
+guidance halves and the exit layer's output all were the run's to choose. A run could move 0.4 of
+the guidance into the exit layer's input (the layer is linear, so the conditional half's hidden
+state mixed toward the unconditional one's is the same as its output mixed: the trust review of
+session 37), and a decoy entry product could name latents the denoiser never saw.
+
+On L1-L3 the gold is the specification. Where the task asks no method that changes what one
+denoiser call computes (evaluate.CALL_CHANGING_METHODS: ToMe, DeepCache, T-GATE, whose settings
+beyond those the task fixes are the run's), the harness runs the gold in the replay process on the zoo's weights with a pre-hook
+on the denoiser's entry module that replaces each call's latents by the run's call's (the same
+samples, the same step), and holds the run's output of each call (its exit module's function of
+its input: updates.exit_output) to the gold's, relative root mean square. Everything a call takes
+besides its latents is then the gold's, and the run's output must be what the gold's call makes.
+
+Plain functions over a StepCheck's kept calls: stages.step_mismatches judges the figures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from typing import Any
+
+import torch
+
+from pytest_diffbench import updates
+
+#: the entry module of each denoiser component, whose input is a call's latents (trace.ENTRY_MODULES)
+ENTRY_PATHS = {"unet": "conv_in", "transformer": "pos_embed.proj"}
+
+
+def load_gold(code: str, dtype: str = "float32") -> Any:
+    """The gold's module (its `load_pipeline` and `generate`) and the pipeline it loads on the CPU:
+    (module, pipe). The gold is the harness's own code (task data), never a candidate's."""
+    module = types.ModuleType("diffbench_gold")
+    exec(compile(code, "<gold>", "exec"), module.__dict__)  # noqa: S102 - the task's gold, harness data
+    pipe = module.load_pipeline("cpu", getattr(torch, dtype))
+    return module, pipe
+
+
+def denoiser_of(pipe: Any) -> tuple[str, Any]:
+    for component in ENTRY_PATHS:
+        denoiser = getattr(pipe, component, None)
+        if denoiser is not None:
+            return component, denoiser
+    raise ValueError(f"{type(pipe).__name__} has no unet and no transformer")
+
+
+class GoldCalls:
+    """The gold's pipeline run over the task's batch with each denoiser call's latents replaced by
+    the run's (`StepCheck.kept_calls`) and its output compared with the run's."""
+
+    def __init__(self, module: Any, pipe: Any):
+        self.module, self.pipe = module, pipe
+        component, self.denoiser = denoiser_of(pipe)
+        self.entry = self.denoiser.get_submodule(ENTRY_PATHS[component])
+        self.exit_name, self.exit = next(
+            (name, layer) for name, layer in updates.exit_modules_of(pipe).items()
+            if name.startswith(component + "."))
+
+    def figures(self, check: "updates.StepCheck", batch: dict, canonical: bool = False) -> dict:
+        """{"compared": calls of the gold whose latents were the run's and whose outputs were
+        compared, "unmatched": [count, first gold call] (calls with no run call of the same samples
+        and step, or of other rows), "worst_relative": [the run's output's difference from the
+        gold's over the gold's, root mean square, the gold call], "cpu_s": the gold's run,
+        "problem"}. `canonical`: the gold computes under canonical.CanonicalPrecision, as the
+        replay of a half-precision task did."""
+        runs = check.kept_by_sample()
+        per_call = check.per_call
+        state = {"calls": 0, "samples": 0, "first": 0, "rows": None, "compared": 0,
+                 "unmatched": [0, None], "worst": (0.0, None)}
+
+        def replace(module, args):
+            n = state["calls"]
+            state["calls"] += 1
+            latents = args[0]
+            count, twice = updates._latent_count(latents)  # the gold's own: equal halves where it guides
+            if n % per_call == 0:
+                state["first"] = state["samples"]
+                state["samples"] += count
+            rows = _run_rows(runs, state["first"], count, twice, n % per_call)
+            state["rows"] = None
+            if rows is None or tuple(rows[0].shape) != tuple(latents.shape):
+                state["unmatched"][0] += 1
+                if state["unmatched"][1] is None:
+                    state["unmatched"][1] = n
+                return None
+            state["rows"] = (n, rows[1])
+            return (rows[0].to(latents.dtype),) + tuple(args[1:])
+
+        def compare(module, args, out):
+            if state["rows"] is None:
+                return
+            n, theirs = state["rows"]
+            state["rows"] = None
+            mine = out.detach().double().reshape(out.shape[0], -1)
+            if theirs.numel() != mine.numel():
+                state["unmatched"][0] += 1
+                if state["unmatched"][1] is None:
+                    state["unmatched"][1] = n
+                return
+            theirs = theirs.double().reshape(mine.shape)
+            relative = math.sqrt(float((theirs - mine).pow(2).sum()) / max(float(mine.pow(2).sum()), 1e-300))
+            if not relative <= state["worst"][0]:  # NaN too
+                state["worst"] = (relative, n)
+            state["compared"] += 1
+
+        hooks = [self.entry.register_forward_pre_hook(replace), self.exit.register_forward_hook(compare)]
+        import contextlib
+
+        from pytest_diffbench.canonical import CanonicalPrecision
+
+        started = time.process_time()
+        try:
+            with torch.no_grad(), CanonicalPrecision() if canonical else contextlib.nullcontext():
+                self.module.generate(self.pipe, batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        problem = None
+        if state["calls"] == 0:
+            problem = "the gold made no denoiser call"
+        worst = state["worst"]
+        return {"compared": state["compared"], "unmatched": state["unmatched"],
+                "worst_relative": [float(f"{worst[0]:.4g}") if math.isfinite(worst[0]) else str(worst[0]), worst[1]],
+                "cpu_s": round(time.process_time() - started, 3), "problem": problem}
+
+
+def _run_rows(runs: dict, first: int, count: int, twice: bool, position: int) -> tuple | None:
+    """(the run's latents for the gold call of samples first..first+count at step `position`, in
+    the gold call's row layout (the unconditional halves, then the conditional ones, where it
+    guides), and the run's outputs of those rows), or None where the run has no such call: each
+    sample from the last run pipeline call that held it (earlier ones were a warm-up or a decoy:
+    the images are the last calls'), its rows there picked out."""
+    picked_latents, picked_outputs = [], []
+    halves = (0, 1) if twice else (0,)
+    for half in halves:
+        for sample in range(first, first + count):
+            found = runs.get((sample, position))
+            if found is None:
+                return None
+            latents, output, row_count, run_twice, row = found
+            if run_twice != twice or output is None:
+                return None
+            index = row + half * row_count
+            picked_latents.append(latents[index:index + 1])
+            outputs = output.reshape(latents.shape[0], -1) if output.numel() % latents.shape[0] == 0 else None
+            if outputs is None:
+                return None
+            picked_outputs.append(outputs[index:index + 1])
+    return torch.cat(picked_latents), torch.cat(picked_outputs)
