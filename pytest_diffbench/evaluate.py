@@ -241,10 +241,12 @@ def deepcache_least_share(attributes: Any, mid_calls: Any = None) -> float | Non
     return len(full) / calls * (1 - stages.MODULE_WORK_TOLERANCE)
 
 
-#: the methods that change what one denoiser call computes, with settings beyond those a task fixes
-#: (ToMe's tiles and randomness, DeepCache's cached steps, T-GATE's cached attention): a run's call
-#: is not the plain gold's, so gold_calls.py does not compare them
-CALL_CHANGING_METHODS = frozenset({"tomesd", "deepcache", "tgate"})
+#: the methods under which a run's denoiser call need not be the gold's call at the same latents,
+#: so gold_calls.py does not compare them: ToMe (tomesd draws its merges from a generator forked off
+#: torch's global one, and its tiles and randomness are settings the task leaves free). DeepCache
+#: and T-GATE are deterministic under the settings the task fixes (their cached calls and gate are
+#: read off the replay: stages.py), and their golds' calls are compared like the others
+CALL_CHANGING_METHODS = frozenset({"tomesd"})
 
 
 def steps_asked(task, batch: dict | None = None) -> dict | None:

@@ -8,9 +8,10 @@ the guidance into the exit layer's input (the layer is linear, so the conditiona
 state mixed toward the unconditional one's is the same as its output mixed: the trust review of
 session 37), and a decoy entry product could name latents the denoiser never saw.
 
-On L1-L3 the gold is the specification. Where the task asks no method that changes what one
-denoiser call computes (evaluate.CALL_CHANGING_METHODS: ToMe, DeepCache, T-GATE, whose settings
-beyond those the task fixes are the run's), the harness runs the gold in the replay process on the zoo's weights with a pre-hook
+On L1-L3 the gold is the specification. Where the task asks no method under which a run's call
+need not be the gold's (evaluate.CALL_CHANGING_METHODS: ToMe, whose merges are drawn from torch's
+global generator; DeepCache and T-GATE are deterministic under the task's settings), the harness
+runs the gold in the replay process on the zoo's weights with a pre-hook
 on the denoiser's entry module that replaces each call's latents by the run's call's (the same
 samples, the same step), and holds the run's output of each call (its exit module's function of
 its input: updates.exit_output) to the gold's, relative root mean square. Everything a call takes

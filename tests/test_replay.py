@@ -1250,6 +1250,7 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
     ("L1-pixart-alpha-t2i-0006", "guidance_carried_by_the_exit_products_addend.py", "the guidance scale the steps show"),
     # ... and each call's output against the gold's at the run's latents (gold_calls.py)
     ("L1-pixart-alpha-t2i-0006", "guidance_mixed_into_the_exit_layers_input.py", "the gold's call at the run's latents"),
+    ("L2-sd15-t2i-deepcache-0006", "embeddings_steered_after_the_lookup.py", "the gold's call at the run's latents"),
 ])
 def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_the_replay(
         task_id, attack, field, tiny_zoo, baseline_cache_dir, tmp_path):
