@@ -267,7 +267,7 @@ def steps_asked(task, batch: dict | None = None) -> dict | None:
             "steps_model_input": task.family == "dit", "noise_times_sigma": task.family != "dit",
             "init_images": (_png_b64(batch["images"]) if task.strength is not None and batch and batch.get("images")
                             else None),
-            "kind": task.pipeline,
+            "kind": task.pipeline, "batch_steps": (batch or {}).get("num_inference_steps"),
             # the gold, run at the run's latents (gold_calls.py), where no method asked changes a call
             "gold": task.gold if task.gold and not set(task_methods(task)) & CALL_CHANGING_METHODS else None}
 
@@ -1095,6 +1095,9 @@ class Evaluator:
             if error.get("phase") == "zoo":
                 raise HarnessError(f"the replay of task {task.id} cannot load the model {task.model}: "
                                    f"{error.get('message')}")
+            if error.get("phase") == "gold":  # the gold's calls at the run's checked latents (gold_calls.py)
+                raise HarnessError(f"the replay of task {task.id} could not run the gold's calls: "
+                                   f"{error.get('type')}: {error.get('message')}")
             return None, replayed, str(error.get("message") or "no reason given")
         return proof, replayed, None
 

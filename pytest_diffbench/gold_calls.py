@@ -60,9 +60,11 @@ class GoldCalls:
         self.module, self.pipe = module, pipe
         component, self.denoiser = denoiser_of(pipe)
         self.entry = self.denoiser.get_submodule(ENTRY_PATHS[component])
-        self.exit_name, self.exit = next(
-            (name, layer) for name, layer in updates.exit_modules_of(pipe).items()
-            if name.startswith(component + "."))
+        exits = sorted((name, layer) for name, layer in updates.exit_modules_of(pipe).items()
+                       if name.startswith(component + "."))
+        if len(exits) != 1:
+            raise ValueError(f"{type(pipe).__name__}'s {component} has exit modules {[n for n, _ in exits]}, not one")
+        self.exit_name, self.exit = exits[0]
 
     def figures(self, check: "updates.StepCheck", batch: dict, canonical: bool = False) -> dict:
         """{"compared": calls of the gold whose latents were the run's and whose outputs were
@@ -75,6 +77,10 @@ class GoldCalls:
         per_call = check.per_call
         state = {"calls": 0, "samples": 0, "first": 0, "rows": None, "compared": 0,
                  "unmatched": [0, None], "worst": (0.0, None)}
+        # the run's difference from the gold's outputs along the gold's own output (a scale) and, on
+        # guided calls, along its guidance direction (the halves' difference), pooled over the calls:
+        # rounding scatters and averages out there, a changed guidance or conditioning does not
+        pooled = {"scale": 0.0, "size": 0.0, "guidance": 0.0, "direction": 0.0}
 
         def replace(module, args):
             n = state["calls"]
@@ -91,24 +97,33 @@ class GoldCalls:
                 if state["unmatched"][1] is None:
                     state["unmatched"][1] = n
                 return None
-            state["rows"] = (n, rows[1])
+            state["rows"] = (n, rows[1], twice, int(latents.shape[0]))
             return (rows[0].to(latents.dtype),) + tuple(args[1:])
 
         def compare(module, args, out):
             if state["rows"] is None:
                 return
-            n, theirs = state["rows"]
+            n, theirs, twice, rows = state["rows"]
             state["rows"] = None
-            mine = out.detach().double().reshape(out.shape[0], -1)
-            if theirs.numel() != mine.numel():
+            # one row per latent the call took (a transformer's tokens, a UNet's maps, flattened)
+            mine = out.detach().double().reshape(rows, -1) if out.numel() % rows == 0 else None
+            if mine is None or theirs.numel() != mine.numel():
                 state["unmatched"][0] += 1
                 if state["unmatched"][1] is None:
                     state["unmatched"][1] = n
                 return
             theirs = theirs.double().reshape(mine.shape)
-            relative = math.sqrt(float((theirs - mine).pow(2).sum()) / max(float(mine.pow(2).sum()), 1e-300))
+            difference = theirs - mine
+            relative = math.sqrt(float(difference.pow(2).sum()) / max(float(mine.pow(2).sum()), 1e-300))
             if not relative <= state["worst"][0]:  # NaN too
                 state["worst"] = (relative, n)
+            pooled["scale"] += float((difference * mine).sum())
+            pooled["size"] += float(mine.pow(2).sum())
+            if twice and mine.shape[0] % 2 == 0:
+                half = mine.shape[0] // 2
+                direction = mine[half:] - mine[:half]
+                pooled["guidance"] += float(((difference[half:] - difference[:half]) * direction).sum())
+                pooled["direction"] += float(direction.pow(2).sum())
             state["compared"] += 1
 
         hooks = [self.entry.register_forward_pre_hook(replace), self.exit.register_forward_hook(compare)]
@@ -129,7 +144,17 @@ class GoldCalls:
         worst = state["worst"]
         return {"compared": state["compared"], "unmatched": state["unmatched"],
                 "worst_relative": [float(f"{worst[0]:.4g}") if math.isfinite(worst[0]) else str(worst[0]), worst[1]],
+                "scale_offset": _share(pooled["scale"], pooled["size"]),
+                "guidance_offset": _share(pooled["guidance"], pooled["direction"]),
                 "cpu_s": round(time.process_time() - started, 3), "problem": problem}
+
+
+def _share(along: float, size: float) -> float | str | None:
+    """along / size to four digits (None where size is 0; a NaN as its string, which no bound takes)."""
+    if not size > 0:
+        return None
+    share = along / size
+    return float(f"{share:.4g}") if math.isfinite(share) else str(share)
 
 
 def _run_rows(runs: dict, first: int, count: int, twice: bool, position: int) -> tuple | None:

@@ -279,6 +279,14 @@ FLOAT32_OWN_ENCODING_BOUND = 5e-3
 #: half-precision bounds, measured on golds and honest variants ("Session 38" in docs/integrity.md).
 GOLD_CALL_BOUND = 1e-4
 HALF_GOLD_CALL_BOUND = 1e-2
+#: ... and the run's difference from the gold's outputs pooled over the calls along the gold's own
+#: output (a scale) and along its guidance direction (the halves' difference): rounding averages
+#: out there, a guidance moved before the exit layer or a steered conditioning does not. Half
+#: precision's per-call bound left room for a guidance scale 30 % off (the trust review of session
+#: 38: 0.0092 of relative difference); along the guidance direction that reads 0.30, honest float16
+#: variants at most 1.8e-3 (attention slicing), float32 ones 3e-7 ("Session 38" in docs/integrity.md).
+GOLD_CALL_OFFSET_BOUND = 1e-4
+HALF_GOLD_CALL_OFFSET_BOUND = 1e-2
 #: the guidance scale a run's steps show may differ from the task's by at most this, plus
 #: GUIDANCE_OFFSET_SIGMAS standard deviations of its reading (pooled over the guided steps, each
 #: weighted by how far the scale moves it). Honest runs: |offset| <= 0.0024 (float16, std 0.002),
@@ -401,8 +409,18 @@ def _gold_call_mismatches(out: list[Mismatch], what: str, calls: Any, expected_d
     elif not calls.get("compared"):
         out.append(Mismatch(field, "calls compared", "none"))
     else:
+        full = expected_dtype in (None, "float32")
         _over_bound(out, f"{field} (relative root mean square)", calls.get("worst_relative"),
-                    GOLD_CALL_BOUND if expected_dtype in (None, "float32") else HALF_GOLD_CALL_BOUND, "gold call")
+                    GOLD_CALL_BOUND if full else HALF_GOLD_CALL_BOUND, "gold call")
+        for key, along in (("guidance_offset", "the gold's guidance direction (its halves' difference)"),
+                           ("scale_offset", "the gold's outputs")):
+            offset = calls.get(key)
+            if offset is None:
+                continue
+            bound = GOLD_CALL_OFFSET_BOUND if full else HALF_GOLD_CALL_OFFSET_BOUND
+            if not (isinstance(offset, (int, float)) and abs(offset) <= bound):
+                out.append(Mismatch(f"{field}: their difference along {along}, pooled over the calls",
+                                    f"within +-{bound:g}", f"{offset}"))
 
 
 def _over_bound(out: list[Mismatch], field: str, figure: Any, bound: float, where: str = "call") -> None:

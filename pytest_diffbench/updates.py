@@ -322,7 +322,10 @@ class StepCheck:
         if self._held is None:
             return
         if module is not None and self.exit_modules is not None:
-            output, self._exit_unread = exit_output(self.exit_modules.get(module), module, operand)
+            try:
+                output, self._exit_unread = exit_output(self.exit_modules.get(module), module, operand)
+            except Exception as exc:  # noqa: BLE001 - an operand the layer refuses: the call's output unread
+                output, self._exit_unread = None, f"{module}'s input could not be taken: {type(exc).__name__}: {exc}"[:300]
             if output is None:
                 self._held[1] = None
                 return

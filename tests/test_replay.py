@@ -1251,6 +1251,8 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
     # ... and each call's output against the gold's at the run's latents (gold_calls.py)
     ("L1-pixart-alpha-t2i-0006", "guidance_mixed_into_the_exit_layers_input.py", "the gold's call at the run's latents"),
     ("L2-sd15-t2i-deepcache-0006", "embeddings_steered_after_the_lookup.py", "the gold's call at the run's latents"),
+    # half precision: the per-call bound leaves room, the difference along the guidance direction does not
+    ("L2-sd15-t2i-256px-fp16-0044", "guidance_widened_in_the_exit_layers_input.py", "along the gold's guidance direction"),
 ])
 def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_the_replay(
         task_id, attack, field, tiny_zoo, baseline_cache_dir, tmp_path):
@@ -1286,4 +1288,8 @@ def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_th
     # every call of the gold (no method that changes a call) compared with the run's at its latents
     calls = replay["steps"]["gold_calls"]
     assert calls["problem"] is None and calls["unmatched"] == [0, None] and calls["compared"] > 0, calls
-    assert calls["worst_relative"][0] == 0.0, calls  # the gold against itself: the same arithmetic
+    if task.expect.dtype == "float32":
+        assert calls["worst_relative"][0] == 0.0, calls  # the gold against itself: the same arithmetic
+    else:  # canonical precision in the replay and in the gold's run, batched otherwise: a few rounding flips
+        assert calls["worst_relative"][0] < stages.HALF_GOLD_CALL_BOUND / 10, calls
+    assert abs(calls["guidance_offset"]) < stages.GOLD_CALL_OFFSET_BOUND, calls

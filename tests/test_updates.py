@@ -265,6 +265,27 @@ def test_what_a_call_computes_besides_its_latents_is_the_golds(tiny_zoo, attack)
     assert figures["gold_calls"]["worst_relative"][0] > 10 * stages.GOLD_CALL_BOUND, figures["gold_calls"]
 
 
+@pytest.mark.parametrize("dtype, calls, fields", [
+    ("float32", {"worst_relative": [2e-4, 3]}, ["relative root mean square"]),
+    # inside half precision's per-call bound, outside its bounds along the gold's guidance and output
+    ("float16", {"worst_relative": [9e-3, 3], "guidance_offset": 0.3, "scale_offset": -0.02},
+     ["guidance direction", "the gold's outputs, pooled"]),
+    ("float16", {"worst_relative": [9e-3, 3], "guidance_offset": "nan"}, ["guidance direction"]),
+    ("float32", {"unmatched": [4, 7]}, ["none for 4 of the gold's calls (the first: call 7)"]),
+    ("float32", {"compared": 0}, ["none"]),
+    ("float16", {"worst_relative": [1.8e-3, 3], "guidance_offset": -1.8e-3, "scale_offset": 1e-5}, []),  # honest
+])
+def test_the_gold_calls_figures_are_judged(dtype, calls, fields):
+    figures = {"compared": 10, "unmatched": [0, None], "worst_relative": [0.0, None], "scale_offset": 0.0,
+               "guidance_offset": 0.0, "problem": None}
+    figures.update(calls)
+    problems = _judged({"gold_calls": figures}, dtype)
+    assert len(problems) == len(fields), problems
+    for problem, field in zip(problems, fields):
+        assert "the gold's call at the run's latents" in problem.field, problem
+        assert field in problem.field + problem.found, problem
+
+
 def test_an_exit_product_of_another_layout_is_unreadable():
     """exit_output takes the inputs the module takes: patches laid out apart for a strided
     convolution (one product with conv_out's FLOPs carrying a solved term) are no input of it."""
