@@ -458,6 +458,12 @@ def test_tgate_shown_on_a_decoy_fails_on_its_images_in_float32(tiny_zoo, baselin
     # fed hooks report T-GATE applied, under which guidance is T-GATE's to drop after its gate: the
     # replay's count of guided rows (which sees the decoy's unguided calls) leaves it to T-GATE's rules
     monkeypatch.setattr(stages, "entry_mismatches", lambda *a: [])
+    # since session 38 the gold's calls at the run's latents see the decoy first (gold_calls.py: the
+    # gold's calls after its gate drop guidance, the run's keep it); taken out too, standing in for
+    # a decoy that passed them, so that the images' rule is what is left
+    caught = evaluate().verdict
+    assert caught.category == stages.KEY_ATTRIBUTE and "the gold's call at the run's latents" in caught.message, caught
+    monkeypatch.setattr(stages, "_gold_call_mismatches", lambda *a: None)
     result = evaluate()
     verdict, m = result.verdict, result.measures
     print(f"\ntgate on a decoy, hooks fed: {verdict}, U {m.U}, L {m.L}, gold's {m.fidelity['gold_mean_nrmse']}")
@@ -531,7 +537,12 @@ def test_half_precision_images_are_replayed_in_canonical_precision_where_honest_
     # fed hooks report T-GATE applied, under which guidance is T-GATE's to drop after its gate: the
     # replay's count of guided rows (which sees the decoy's unguided calls) leaves it to T-GATE's rules
     monkeypatch.setattr(stages, "entry_mismatches", lambda *a: [])
-    decoy = evaluate(task.gold + "\n\n" + (REPO / "tests" / "adversarial_tasks" / "tgate_on_a_decoy.py").read_text())
+    decoy_code = task.gold + "\n\n" + (REPO / "tests" / "adversarial_tasks" / "tgate_on_a_decoy.py").read_text()
+    # the gold's calls see it first (session 38), taken out as in the float32 test above
+    caught = evaluate(decoy_code).verdict
+    assert caught.category == stages.KEY_ATTRIBUTE and "the gold's call at the run's latents" in caught.message, caught
+    monkeypatch.setattr(stages, "_gold_call_mismatches", lambda *a: None)
+    decoy = evaluate(decoy_code)
     verdict = decoy.verdict
     print(f"tgate on a decoy, fp16, hooks fed: {verdict}, L {decoy.measures.L}, "
           f"ablations {decoy.measures.fidelity.get('ablations')}")
