@@ -22,6 +22,7 @@ Plain functions over a StepCheck's kept calls: stages.step_mismatches judges the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import types
@@ -54,7 +55,7 @@ def denoiser_of(pipe: Any) -> tuple[str, Any]:
 
 class GoldCalls:
     """The gold's pipeline run over the task's batch with each denoiser call's latents replaced by
-    the run's (`StepCheck.kept_calls`) and its output compared with the run's."""
+    the run's (`StepCheck.kept_by_sample`) and its output compared with the run's."""
 
     def __init__(self, module: Any, pipe: Any):
         self.module, self.pipe = module, pipe
@@ -70,8 +71,10 @@ class GoldCalls:
         """{"compared": calls of the gold whose latents were the run's and whose outputs were
         compared, "unmatched": [count, first gold call] (calls with no run call of the same samples
         and step, or of other rows), "worst_relative": [the run's output's difference from the
-        gold's over the gold's, root mean square, the gold call], "cpu_s": the gold's run,
-        "problem"}. `canonical`: the gold computes under canonical.CanonicalPrecision, as the
+        gold's over the gold's, root mean square, the gold call], "scale_offset" and
+        "guidance_offset" (the run's difference from the gold's outputs pooled over the calls along
+        the gold's outputs and along its guidance direction, the difference of its halves, as shares
+        of them; None where there is none), "cpu_s": the gold's run, "problem"}. `canonical`: the gold computes under canonical.CanonicalPrecision, as the
         replay of a half-precision task did."""
         runs = check.kept_by_sample()
         per_call = check.per_call
@@ -126,11 +129,9 @@ class GoldCalls:
                 pooled["direction"] += float(direction.pow(2).sum())
             state["compared"] += 1
 
-        hooks = [self.entry.register_forward_pre_hook(replace), self.exit.register_forward_hook(compare)]
-        import contextlib
-
         from pytest_diffbench.canonical import CanonicalPrecision
 
+        hooks = [self.entry.register_forward_pre_hook(replace), self.exit.register_forward_hook(compare)]
         started = time.process_time()
         try:
             with torch.no_grad(), CanonicalPrecision() if canonical else contextlib.nullcontext():
