@@ -74,8 +74,8 @@ class GoldCalls:
         gold's over the gold's, root mean square, the gold call], "scale_offset" and
         "guidance_offset" (the run's difference from the gold's outputs pooled over the calls along
         the gold's outputs and along its guidance direction, the difference of its halves, as shares
-        of them; None where there is none), "cpu_s": the gold's run, "problem"}. `canonical`: the gold computes under canonical.CanonicalPrecision, as the
-        replay of a half-precision task did."""
+        of them; None where there is none), "cpu_s": the gold's run, "problem"}. `canonical`: the
+        gold computes under canonical.CanonicalPrecision, as the replay of a half-precision task did."""
         runs = check.kept_by_sample()
         per_call = check.per_call
         state = {"calls": 0, "samples": 0, "first": 0, "rows": None, "compared": 0,
@@ -84,6 +84,11 @@ class GoldCalls:
         # guided calls, along its guidance direction (the halves' difference), pooled over the calls:
         # rounding scatters and averages out there, a changed guidance or conditioning does not
         pooled = {"scale": 0.0, "size": 0.0, "guidance": 0.0, "direction": 0.0}
+
+        def unmatched(n: int) -> None:
+            state["unmatched"][0] += 1
+            if state["unmatched"][1] is None:
+                state["unmatched"][1] = n
 
         def replace(module, args):
             n = state["calls"]
@@ -96,9 +101,7 @@ class GoldCalls:
             rows = _run_rows(runs, state["first"], count, twice, n % per_call)
             state["rows"] = None
             if rows is None or tuple(rows[0].shape) != tuple(latents.shape):
-                state["unmatched"][0] += 1
-                if state["unmatched"][1] is None:
-                    state["unmatched"][1] = n
+                unmatched(n)
                 return None
             state["rows"] = (n, rows[1], twice, int(latents.shape[0]))
             return (rows[0].to(latents.dtype),) + tuple(args[1:])
@@ -111,9 +114,7 @@ class GoldCalls:
             # one row per latent the call took (a transformer's tokens, a UNet's maps, flattened)
             mine = out.detach().double().reshape(rows, -1) if out.numel() % rows == 0 else None
             if mine is None or theirs.numel() != mine.numel():
-                state["unmatched"][0] += 1
-                if state["unmatched"][1] is None:
-                    state["unmatched"][1] = n
+                unmatched(n)
                 return
             theirs = theirs.double().reshape(mine.shape)
             difference = theirs - mine

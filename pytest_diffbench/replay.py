@@ -85,13 +85,11 @@ def asked_checks(job: dict, settings: dict) -> tuple:
 def gold_batch(job: dict, seeds: list[int]) -> dict:
     """The batch the gold's generate() takes for gold_calls.GoldCalls (the contract's keys, as the
     child's BatchFactory gives them: the init images as PIL images)."""
-    from PIL import Image
-
     spec, batch = job["steps_check"], job["batch"]
     captions_spec = job.get("captions_check") or {}
     images = spec.get("init_images")
     return {"kind": spec.get("kind"), "prompts": captions_spec.get("prompts"), "class_ids": captions_spec.get("class_ids"),
-            "images": ([Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in images] if images else None),
+            "images": init_images(images) if images else None,
             "strength": spec.get("strength"), "seeds": list(seeds), "height": int(batch["height"]),
             "width": int(batch["width"]), "guidance_scale": float(spec["guidance_scale"]),
             # the contract's batch key (the task's steps; a gold may fix its own)
@@ -107,12 +105,17 @@ def init_moments(pipe, images_b64: list | None, batch: dict):
     if not images_b64:
         return None
     import torch
-    from PIL import Image
 
-    images = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in images_b64]
-    pixels = pipe.image_processor.preprocess(images, height=int(batch["height"]), width=int(batch["width"]))
+    pixels = pipe.image_processor.preprocess(init_images(images_b64), height=int(batch["height"]), width=int(batch["width"]))
     with torch.no_grad():
         return pipe.vae.encode(pixels.to(torch.float32)).latent_dist.parameters.detach()
+
+
+def init_images(images_b64: list[str]) -> list:
+    """The task's init images (PNG, base64, in sample order: evaluate.steps_asked) as RGB PIL images."""
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in images_b64]
 
 
 def flush_denormals() -> bool:

@@ -274,8 +274,8 @@ START_OWN_ENCODING_BOUND = 1e-2
 #: session 37's float32 golds 4.2e-7 (one thread), an in-process run on two threads 4.9e-4 (the tiny
 #: zoo's VAE follows the order closely): docs/integrity.md, "Measured (session 37)"
 FLOAT32_OWN_ENCODING_BOUND = 5e-3
-#: Each denoiser call's output against the gold's call at the run's latents (gold_calls.py: the
-#: tasks whose methods change no call), relative root mean square, the worst call: float32 and
+#: Each denoiser call's output against the gold's call at the run's latents (gold_calls.py: every
+#: L1-L3 task but ToMe's), relative root mean square, the worst call: float32 and
 #: half-precision bounds, measured on golds and honest variants ("Session 38" in docs/integrity.md).
 GOLD_CALL_BOUND = 1e-4
 HALF_GOLD_CALL_BOUND = 1e-2
@@ -396,7 +396,8 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
 def _gold_call_mismatches(out: list[Mismatch], what: str, calls: Any, expected_dtype: str | None) -> None:
     """gold_calls.py's figures: every call of the gold matched by the run's call of the same samples
     and step, and its output within GOLD_CALL_BOUND (half precision: HALF_GOLD_CALL_BOUND) of the
-    gold's at the same latents. Nothing where the replay did not compare (methods that change a call)."""
+    gold's at the same latents, and the pooled offsets within their bounds. Nothing where the replay
+    did not compare (evaluate.CALL_CHANGING_METHODS)."""
     if not isinstance(calls, Mapping):
         return
     field = f"{what}: each denoiser call's output against the gold's call at the run's latents"
