@@ -8,14 +8,23 @@ the guidance into the exit layer's input (the layer is linear, so the conditiona
 state mixed toward the unconditional one's is the same as its output mixed: the trust review of
 session 37), and a decoy entry product could name latents the denoiser never saw.
 
-On L1-L3 the gold is the specification. Where the task asks no method under which a run's call
-need not be the gold's (evaluate.CALL_CHANGING_METHODS: ToMe, whose merges are drawn from torch's
-global generator; DeepCache and T-GATE are deterministic under the task's settings), the harness
-runs the gold in the replay process on the zoo's weights with a pre-hook
+On L1-L3 the gold is the specification. The harness runs the gold in the replay process on the
+zoo's weights with a pre-hook
 on the denoiser's entry module that replaces each call's latents by the run's call's (the same
 samples, the same step), and holds the run's output of each call (its exit module's function of
 its input: updates.exit_output) to the gold's, relative root mean square. Everything a call takes
 besides its latents is then the gold's, and the run's output must be what the gold's call makes.
+
+ToMe (tomesd) merges each transformer block's tokens to destinations drawn from a generator forked
+off torch's global one, and its tiles (sx, sy) and the parts it merges (attention, cross-attention,
+MLP) are settings the task leaves free. The replay keeps each call's draws
+(updates.StepCheck.merge_draw); the gold's blocks then merge with the run's call's draws, in order
+(`merges_of_the_run`), their tiles read off the draws' shapes, and the gold's parts are those the
+run reported (stage 1's `tome_merged`): a run that reports other parts than it merges is held to
+a gold that merges those, and its outputs do not match. The ratio and max_downsample stay the
+gold's (the task's). A gold call whose rows come from run calls of different draws, or whose
+blocks take more or fewer draws than the run's call made, is a call the run's merges do not give
+(`merges_unmatched`).
 
 Plain functions over a StepCheck's kept calls: stages.step_mismatches judges the figures.
 """
@@ -67,7 +76,8 @@ class GoldCalls:
             raise ValueError(f"{type(pipe).__name__}'s {component} has exit modules {[n for n, _ in exits]}, not one")
         self.exit_name, self.exit = exits[0]
 
-    def figures(self, check: "updates.StepCheck", batch: dict, canonical: bool = False) -> dict:
+    def figures(self, check: "updates.StepCheck", batch: dict, canonical: bool = False,
+                tome_parts: dict | None = None) -> dict:
         """{"compared": calls of the gold whose latents were the run's and whose outputs were
         compared, "unmatched": [count, first gold call] (calls with no run call of the same samples
         and step, or of other rows), "worst_relative": [the run's output's difference from the
@@ -75,11 +85,15 @@ class GoldCalls:
         "guidance_offset" (the run's difference from the gold's outputs pooled over the calls along
         the gold's outputs and along its guidance direction, the difference of its halves, as shares
         of them; None where there is none), "cpu_s": the gold's run, "problem"}. `canonical`: the
-        gold computes under canonical.CanonicalPrecision, as the replay of a half-precision task did."""
+        gold computes under canonical.CanonicalPrecision, as the replay of a half-precision task did;
+        `tome_parts`: the parts ToMe merges as the run reported them ({"attn1", "attn2", "ff": bool}),
+        for a gold that patches tomesd; "merges_unmatched": [count, first gold call] of the calls whose
+        merges the run's draws could not give (the module docstring)."""
         runs = check.kept_by_sample()
         per_call = check.per_call
         state = {"calls": 0, "samples": 0, "first": 0, "rows": None, "compared": 0,
-                 "unmatched": [0, None], "worst": (0.0, None)}
+                 "unmatched": [0, None], "worst": (0.0, None), "merges_unmatched": [0, None]}
+        merging = MergesOfTheRun(self.denoiser, tome_parts)
         # the run's difference from the gold's outputs along the gold's own output (a scale) and, on
         # guided calls, along its guidance direction (the halves' difference), pooled over the calls:
         # rounding scatters and averages out there, a changed guidance or conditioning does not
@@ -100,10 +114,12 @@ class GoldCalls:
                 state["samples"] += count
             rows = _run_rows(runs, state["first"], count, twice, n % per_call)
             state["rows"] = None
+            merging.begin(None)
             if rows is None or tuple(rows[0].shape) != tuple(latents.shape):
                 unmatched(n)
                 return None
             state["rows"] = (n, rows[1], twice, int(latents.shape[0]))
+            merging.begin(rows[2])
             return (rows[0].to(latents.dtype),) + tuple(args[1:])
 
         def compare(module, args, out):
@@ -111,6 +127,11 @@ class GoldCalls:
                 return
             n, theirs, twice, rows = state["rows"]
             state["rows"] = None
+            if not merging.end():
+                state["merges_unmatched"][0] += 1
+                if state["merges_unmatched"][1] is None:
+                    state["merges_unmatched"][1] = n
+                return
             # one row per latent the call took (a transformer's tokens, a UNet's maps, flattened)
             mine = out.detach().double().reshape(rows, -1) if out.numel() % rows == 0 else None
             if mine is None or theirs.numel() != mine.numel():
@@ -135,7 +156,7 @@ class GoldCalls:
         hooks = [self.entry.register_forward_pre_hook(replace), self.exit.register_forward_hook(compare)]
         started = time.process_time()
         try:
-            with torch.no_grad(), CanonicalPrecision() if canonical else contextlib.nullcontext():
+            with torch.no_grad(), CanonicalPrecision() if canonical else contextlib.nullcontext(), merging:
                 self.module.generate(self.pipe, batch)
         finally:
             for hook in hooks:
@@ -148,6 +169,7 @@ class GoldCalls:
                 "worst_relative": [float(f"{worst[0]:.4g}") if math.isfinite(worst[0]) else str(worst[0]), worst[1]],
                 "scale_offset": _share(pooled["scale"], pooled["size"]),
                 "guidance_offset": _share(pooled["guidance"], pooled["direction"]),
+                "merges_unmatched": state["merges_unmatched"] if merging.active else None,
                 "cpu_s": round(time.process_time() - started, 3), "problem": problem}
 
 
@@ -162,17 +184,19 @@ def _share(along: float, size: float) -> float | str | None:
 def _run_rows(runs: dict, first: int, count: int, twice: bool, position: int) -> tuple | None:
     """(the run's latents for the gold call of samples first..first+count at step `position`, in
     the gold call's row layout (the unconditional halves, then the conditional ones, where it
-    guides), and the run's outputs of those rows), or None where the run has no such call: each
+    guides), the run's outputs of those rows, and the merge draws of the run's call that held them
+    (None where they come from calls of different draws)), or None where the run has no such call: each
     sample from the last run pipeline call that held it (earlier ones were a warm-up or a decoy:
     the images are the last calls'), its rows there picked out."""
-    picked_latents, picked_outputs = [], []
+    picked_latents, picked_outputs, draws = [], [], []
     halves = (0, 1) if twice else (0,)
     for half in halves:
         for sample in range(first, first + count):
             found = runs.get((sample, position))
             if found is None:
                 return None
-            latents, output, row_count, run_twice, row = found
+            latents, output, row_count, run_twice, row, merges = found
+            draws.append(merges)
             if run_twice != twice or output is None:
                 return None
             index = row + half * row_count
@@ -181,4 +205,92 @@ def _run_rows(runs: dict, first: int, count: int, twice: bool, position: int) ->
             if outputs is None:
                 return None
             picked_outputs.append(outputs[index:index + 1])
-    return torch.cat(picked_latents), torch.cat(picked_outputs)
+    same = all(_same_draws(draws[0], other) for other in draws[1:])
+    return torch.cat(picked_latents), torch.cat(picked_outputs), draws[0] if same else None
+
+
+def _same_draws(a: list, b: list) -> bool:
+    return a is b or (len(a) == len(b) and all(
+        k == m and tuple(x.shape) == tuple(y.shape) and bool(torch.equal(x, y)) for (x, k), (y, m) in zip(a, b)))
+
+
+class MergesOfTheRun:
+    """tomesd's merges in the gold's denoiser made with the run's draws (the module docstring): a
+    context in which tomesd.merge.bipartite_soft_matching_random2d takes, for each block that
+    merges, the next draw of the run's call `begin` named, its tiles (sx, sy) read off that draw's
+    shape. Inert where the denoiser is not patched by tomesd."""
+
+    def __init__(self, denoiser: Any, parts: dict | None):
+        info = getattr(denoiser, "_tome_info", None)
+        self.active = isinstance(info, dict) and isinstance(info.get("args"), dict)
+        self.args = info["args"] if self.active else None
+        self.parts = {flag: bool(parts[part]) for part, flag in
+                      (("attn1", "merge_attn"), ("attn2", "merge_crossattn"), ("ff", "merge_mlp"))
+                      if isinstance(parts, dict) and isinstance(parts.get(part), bool)}
+        self.draws: list | None = None
+        self.taken, self.failed = 0, False
+
+    def begin(self, draws: list | None) -> None:
+        self.draws, self.taken, self.failed = draws, 0, draws is None
+
+    def end(self) -> bool:
+        """Whether the call's merges were all the run's: every draw taken, none missing."""
+        matched = not self.active or (not self.failed and self.draws is not None and self.taken == len(self.draws))
+        self.draws = None
+        return matched
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        import tomesd.merge
+
+        self._module, self._saved_parts = tomesd.merge, {flag: self.args.get(flag) for flag in self.parts}
+        self.args.update(self.parts)
+        self._original = tomesd.merge.bipartite_soft_matching_random2d
+        tomesd.merge.bipartite_soft_matching_random2d = self._merge
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self._module.bipartite_soft_matching_random2d = self._original
+            self.args.update(self._saved_parts)
+        return False
+
+    def _merge(self, metric, w, h, sx, sy, r, no_rand=False, generator=None):
+        if r <= 0:  # tomesd returns before it draws
+            return self._original(metric, w, h, sx, sy, r, no_rand=no_rand, generator=generator)
+        drawn = self.draws[self.taken] if self.draws is not None and self.taken < len(self.draws) else None
+        tiles = _tiles(h, w, drawn, (sx, sy)) if drawn is not None else None
+        if tiles is None:
+            self.failed = True
+            return self._original(metric, w, h, sx, sy, r, no_rand=no_rand, generator=generator)
+        self.taken += 1
+        index, choices = drawn
+        sx, sy = tiles
+
+        def randint(high, size, *args, **kwargs):
+            if int(high) != choices or tuple(size) != tuple(index.shape):  # not the draw _tiles made it: no match
+                self.failed = True
+                return torch.zeros(tuple(size), dtype=torch.int64)
+            return index.clone()
+
+        randint_before = torch.randint
+        torch.randint = randint
+        try:
+            return self._original(metric, w, h, sx, sy, r, no_rand=False,
+                                  generator=generator if generator is not None else torch.Generator())
+        finally:
+            torch.randint = randint_before
+
+
+def _tiles(h: int, w: int, drawn: tuple, prefer: tuple[int, int]) -> tuple[int, int] | None:
+    """The tiles (sx, sy) of a draw of (h // sy, w // sx, 1) destinations among sy * sx choices
+    (the gold's own first), or None where none gives that shape, or its values are no choices."""
+    index, choices = drawn
+    if not 0 < choices <= h * w or index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= choices:
+        return None
+    options = [prefer] + [(choices // sy, sy) for sy in range(1, choices + 1) if choices % sy == 0]
+    for sx, sy in options:
+        if sx > 0 and sy > 0 and sx * sy == choices and (h // sy, w // sx, 1) == tuple(index.shape):
+            return sx, sy
+    return None

@@ -395,9 +395,10 @@ def step_mismatches(flops: Mapping | None, expected_dtype: str | None) -> list[M
 
 def _gold_call_mismatches(out: list[Mismatch], what: str, calls: Any, expected_dtype: str | None) -> None:
     """gold_calls.py's figures: every call of the gold matched by the run's call of the same samples
-    and step, and its output within GOLD_CALL_BOUND (half precision: HALF_GOLD_CALL_BOUND) of the
-    gold's at the same latents, and the pooled offsets within their bounds. Nothing where the replay
-    did not compare (evaluate.CALL_CHANGING_METHODS)."""
+    and step, made with the run's call's ToMe merges where the gold merges (gold_calls.MergesOfTheRun),
+    and its output within GOLD_CALL_BOUND (half precision: HALF_GOLD_CALL_BOUND) of the gold's at the
+    same latents, and the pooled offsets within their bounds. Nothing where the replay did not compare
+    (no gold, or a result of before session 38)."""
     if not isinstance(calls, Mapping):
         return
     field = f"{what}: each denoiser call's output against the gold's call at the run's latents"
@@ -407,6 +408,13 @@ def _gold_call_mismatches(out: list[Mismatch], what: str, calls: Any, expected_d
     elif unmatched[0]:
         out.append(Mismatch(field, "a call of the run of the same samples, step and rows for each of the gold's",
                             f"none for {unmatched[0]} of the gold's calls (the first: call {unmatched[1]})"))
+    elif (calls.get("merges_unmatched") or [0])[0]:
+        merges = calls["merges_unmatched"]
+        out.append(Mismatch(f"{field}: ToMe's merges", "the gold's blocks merging with the run's call's draws, one "
+                            "each, in order (tomesd's tiles)",
+                            f"not for {merges[0]} of the gold's calls (the first: call {merges[1]}): the run's "
+                            f"call drew for other blocks, another count or tiles, or its rows came from calls "
+                            f"of different draws"))
     elif not calls.get("compared"):
         out.append(Mismatch(field, "calls compared", "none"))
     else:

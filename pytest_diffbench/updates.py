@@ -45,6 +45,9 @@ MAX_DRAWS = 256
 #: the most values (entry latents and outputs) the check keeps of a replay's denoiser calls for
 #: gold_calls.py (a tiny run keeps thousands): a run past it fails (a problem)
 MAX_KEPT_ELEMENTS = 1 << 24
+#: the most merge draws (merge_draw) one denoiser call keeps: tomesd draws once per transformer block
+MAX_MERGE_DRAWS = 256
+_SCATTERS = (torch.ops.aten.scatter_, torch.ops.aten.scatter)
 
 #: the module the VAE's decoder begins with, whose input is the latents a pipeline call decodes
 #: (divided by the VAE's scaling factor): the last step's result (every VAE of the zoo has it)
@@ -269,7 +272,7 @@ class StepCheck:
                 self._check_start(self.calls, latents)
             except Exception as exc:  # noqa: BLE001 - figures the scheduler refuses: unreadable
                 self.problem = f"call {self.calls}: its latents could not be read as the task's start: {exc}"[:300]
-        self._held = [latents.detach().clone(), None, []]
+        self._held = [latents.detach().clone(), None, [], []]
         self._exit_unread = None
         self._start_draws, self._encoded, self._decoded = [], [], []
         self.calls += 1
@@ -299,20 +302,41 @@ class StepCheck:
             self.problem = self.problem or f"the denoiser calls hold more than {MAX_KEPT_ELEMENTS} values to keep"
             return
         self._kept_elements += size
-        self._kept_calls.append(((self.calls - 1) // max(1, self.per_call), position, held[0], held[1]))
+        self._kept_calls.append(((self.calls - 1) // max(1, self.per_call), position, held[0], held[1], held[3]))
+
+    def merge_draw(self, func: Any, args: tuple, kwargs: dict) -> None:
+        """Where the held call's op is tomesd's draw of its merge's destinations (merge.py's
+        `idx_buffer_view.scatter_(dim=2, index=rand_idx, ...)`: an int64 (h/sy, w/sx, sy*sx) buffer
+        given one (h/sy, w/sx, 1) index), keep that index and sy*sx for the call (`keep_calls`):
+        gold_calls.py makes the gold's merges with the run's draws. Any such op counts; one that is
+        not tomesd's only gives the gold other merges, which the run's outputs then do not match."""
+        if self._held is None or not self.keep_calls or func._overloadpacket not in _SCATTERS:
+            return
+        buffer = args[0] if args else kwargs.get("self")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        index = args[2] if len(args) > 2 else kwargs.get("index")
+        if not (isinstance(buffer, torch.Tensor) and isinstance(index, torch.Tensor) and dim in (2, -1)
+                and buffer.dtype == index.dtype == torch.int64 and buffer.dim() == index.dim() == 3
+                and tuple(index.shape) == (*buffer.shape[:2], 1)):
+            return
+        if len(self._held[3]) >= MAX_MERGE_DRAWS or self._kept_elements + index.numel() > MAX_KEPT_ELEMENTS:
+            self.problem = self.problem or f"call {self.calls - 1}: more merge draws than the check keeps"
+            return
+        self._kept_elements += index.numel()
+        self._held[3].append((index.detach().clone(), int(buffer.shape[2])))
 
     def kept_by_sample(self) -> dict:
         """{(sample, position in its pipeline call): (that call's entry latents, its output, the rows
-        per half, held twice, the sample's row)} from the kept calls (`keep_calls`); a sample held
+        per half, held twice, the sample's row, its merge draws: merge_draw)} from the kept calls (`keep_calls`); a sample held
         by several pipeline calls (a warm-up, a decoy) from the last one: the images are its."""
         found = {}
-        for pipeline, position, latents, output in self._kept_calls:
+        for pipeline, position, latents, output, merges in self._kept_calls:
             samples = self._pipeline_samples.get(pipeline)
             if samples is None or latents.dim() != 4:
                 continue
             rows, twice = _latent_count(latents)
             for j in range(min(samples[1], rows)):
-                found[(samples[0] + j, position)] = (latents, output, rows, twice, j)
+                found[(samples[0] + j, position)] = (latents, output, rows, twice, j, merges)
         return found
 
     def leave(self, output: torch.Tensor, module: str | None = None, operand: torch.Tensor | None = None) -> None:

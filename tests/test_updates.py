@@ -7,6 +7,7 @@ tests/test_replay.py checks the same through the replay of candidates in the san
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 
@@ -27,7 +28,8 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
               monkeypatch=None, step=None, strength: float | None = None, encoder_seen: bool = True,
               seeds_swapped: bool = False, exit_forged: float | None = None, exit_read: bool = True,
               gold: str | None = None, exit_input_mixed: float | None = None,
-              embeddings_scaled: float | None = None) -> dict:
+              embeddings_scaled: float | None = None, tome: dict | None = None, tome_draws: str = "given",
+              tome_parts: dict | None = None) -> dict:
     """StepCheck's figures for a run of `model` with `scheduler` (from_config of the pipeline's,
     `config` changed) at `steps` and `guidance`, judged as a task asking `task_*` (default: the same).
     `draws`: the ancestral scheduler's noise is given to the check as the replay gives it its draws;
@@ -38,7 +40,10 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
     else the output's value (the read before session 38); `gold`: a task whose gold is run at the
     run's latents (gold_calls.py: its figures as "gold_calls"); `exit_input_mixed`: the exit
     module's input of the conditional half mixed toward the unconditional one's by that share (the
-    guidance moved before the exit layer); `embeddings_scaled`: the text encoder's output scaled."""
+    guidance moved before the exit layer); `embeddings_scaled`: the text encoder's output scaled.
+    `tome`: tomesd.apply_patch's arguments, the run patched so; `tome_draws`: its merge draws given to
+    the check as the replay gives them ("given"), each shifted to the next choice ("shifted": draws
+    the run did not merge with), or not at all ("none"); `tome_parts`: the parts the run reports."""
     import diffusers
     from PIL import Image
 
@@ -68,6 +73,10 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
                               image_to_image=strength is not None, own_moments=own, vae=pipe.vae,
                               exit_modules=updates.exit_modules_of(pipe) if exit_read else None,
                               keep_calls=gold is not None)
+    if tome is not None:
+        import tomesd
+
+        tomesd.apply_patch(pipe, **tome)
     entry.register_forward_pre_hook(lambda module, args: check.enter(args[0]))
     exit_name = next(name for name, module in updates.exit_modules_of(pipe).items() if module is leave)
     if exit_forged is not None:
@@ -113,7 +122,18 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
                 check.draw(out, drawn_by.initial_seed())  # sample i's seed is i (as the replay knows its seeds)
             return out
 
-    with Draws():
+    class MergeDraws(torch.utils._python_dispatch.TorchDispatchMode):
+        """tomesd's draws as the replay hands its ops to the check (trace.Replayer.run)."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if tome_draws == "shifted" and func._overloadpacket is torch.ops.aten.scatter_ and args[0].dim() == 3:
+                args = (args[0], args[1], (args[2] + 1) % args[0].shape[2]) + tuple(args[3:])
+            if tome_draws != "none":
+                check.merge_draw(func, args, kwargs or {})
+            return out
+
+    with Draws(), MergeDraws() if tome is not None else contextlib.nullcontext():
         if model == DIT:
             out = pipe(class_labels=[1, 2], num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                        output_type="np")
@@ -133,7 +153,7 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
                  "images": init_images if strength is not None else None, "strength": strength,
                  "seeds": list(range(samples)), "height": size, "width": size, "guidance_scale": task_guidance or guidance,
                  "num_inference_steps": task_steps}
-        figures["gold_calls"] = _gold_calls(tiny_zoo, gold).figures(check, batch)
+        figures["gold_calls"] = _gold_calls(tiny_zoo, gold).figures(check, batch, tome_parts=tome_parts)
     return figures
 
 
@@ -246,6 +266,45 @@ def test_each_call_of_an_honest_run_is_the_golds_call_at_its_latents(tiny_zoo, m
     assert _judged(figures) == [], figures
 
 
+TOME_TASK = "L2-sd15-t2i-tomesd-0009"  # tomesd.apply_patch(pipe, ratio=0.5, max_downsample=1)
+
+
+@pytest.mark.parametrize("tome, parts", [
+    ({}, None),  # tomesd's defaults beside the task's ratio and max_downsample: the gold's settings
+    ({"sx": 4, "sy": 1, "use_rand": False}, None),  # tiles and randomness: settings the task leaves free
+    ({"merge_mlp": True}, {"attn1": True, "attn2": False, "ff": True}),  # a part it leaves free, reported
+])
+def test_each_call_of_an_honest_tome_run_is_the_golds_call_with_the_runs_merges(tiny_zoo, tome, parts):
+    """ToMe's merges come from a generator forked off torch's global one (not the seeds) and from
+    tiles and parts the task leaves free: the gold's blocks merge with the run's call's draws, its
+    tiles read off their shapes and its parts the run's report (gold_calls.MergesOfTheRun). An
+    honest run, batched otherwise than the gold, makes the gold's outputs call by call."""
+    spec = _task(TOME_TASK)
+    figures = _steps_of(tiny_zoo, SD15, spec["expect"]["scheduler"], 4, spec["guidance_scale"], task_steps=4,
+                        gold=TOME_TASK, tome={"ratio": 0.5, "max_downsample": 1, **tome}, tome_parts=parts)
+    calls = figures["gold_calls"]
+    assert calls["problem"] is None and calls["unmatched"] == [0, None], calls
+    assert calls["merges_unmatched"] == [0, None] and calls["compared"] == figures["calls"] * 2, (calls, figures)
+    assert calls["worst_relative"][0] < stages.GOLD_CALL_BOUND / 10, calls
+    assert _judged(figures) == [], figures
+
+
+@pytest.mark.parametrize("draws, parts, field", [
+    ("shifted", None, "relative root mean square"),  # the gold merges as the draws say: other draws, other outputs
+    ("none", None, "ToMe's merges"),  # a run call whose merges the replay did not see
+    ("given", {"attn1": True, "attn2": False, "ff": True}, "relative root mean square"),  # a part it does not merge
+])
+def test_the_golds_merges_follow_the_runs_draws_and_reported_parts(tiny_zoo, draws, parts, field):
+    """The other side of the test above: the gold's merges are made from what the replay gave, so
+    draws other than those the run merged with, none, or parts the run reported but did not merge
+    make other outputs (or no call to compare): no run passes on the gold's own merges."""
+    spec = _task(TOME_TASK)
+    figures = _steps_of(tiny_zoo, SD15, spec["expect"]["scheduler"], 4, spec["guidance_scale"], task_steps=4,
+                        gold=TOME_TASK, tome={"ratio": 0.5, "max_downsample": 1}, tome_draws=draws, tome_parts=parts)
+    problems = [m for m in _judged(figures) if "the gold's call at the run's latents" in m.field]
+    assert any(field in m.field for m in problems), (problems, figures["gold_calls"])
+
+
 @pytest.mark.parametrize("attack", ["exit_input_mixed", "embeddings_scaled"])
 def test_what_a_call_computes_besides_its_latents_is_the_golds(tiny_zoo, attack):
     """The point the denoiser is evaluated at, which the steps between calls cannot see: guidance
@@ -273,6 +332,7 @@ def test_what_a_call_computes_besides_its_latents_is_the_golds(tiny_zoo, attack)
     ("float16", {"worst_relative": [9e-3, 3], "guidance_offset": "nan"}, ["guidance direction"]),
     ("float32", {"unmatched": [4, 7]}, ["none for 4 of the gold's calls (the first: call 7)"]),
     ("float32", {"compared": 0}, ["none"]),
+    ("float32", {"merges_unmatched": [2, 5]}, ["not for 2 of the gold's calls (the first: call 5)"]),
     ("float16", {"worst_relative": [1.8e-3, 3], "guidance_offset": -1.8e-3, "scale_offset": 1e-5}, []),  # honest
 ])
 def test_the_gold_calls_figures_are_judged(dtype, calls, fields):
