@@ -241,16 +241,12 @@ def deepcache_least_share(attributes: Any, mid_calls: Any = None) -> float | Non
     return len(full) / calls * (1 - stages.MODULE_WORK_TOLERANCE)
 
 
-
-
-def steps_asked(task, batch: dict | None = None, attributes: Mapping | None = None) -> dict | None:
+def steps_asked(task, batch: dict | None = None) -> dict | None:
     """What the replay checks the steps between denoiser calls against (updates.StepCheck;
     stages.step_mismatches): on L1-L3, where the task fixes its scheduler, step count, guidance
     scale and strength, those, and img2img's init images from `batch` (PNG, for the harness's own
-    encoding of them: replay.init_moments), and the gold, run at the run's latents (gold_calls.py)
-    with the parts ToMe merges as the run's `attributes` report them (a setting the task leaves
-    free: a run that reports other parts than it merges is held to a gold that merges those); None
-    on L4/L5 (the scheduler and steps are the candidate's)."""
+    encoding of them: replay.init_moments), and the gold, run at the run's latents (gold_calls.py);
+    None on L4/L5 (the scheduler and steps are the candidate's)."""
     expect = task.expect
     if task.level not in ("L1", "L2", "L3") or not expect.scheduler or not expect.steps \
             or task.guidance_scale is None:
@@ -264,15 +260,7 @@ def steps_asked(task, batch: dict | None = None, attributes: Mapping | None = No
             "init_images": (_png_b64(batch["images"]) if task.strength is not None and batch and batch.get("images")
                             else None),
             "kind": task.pipeline, "batch_steps": (batch or {}).get("num_inference_steps"),
-            "gold": task.gold or None, "tome_parts": _tome_parts(attributes)}
-
-
-def _tome_parts(attributes: Mapping | None) -> dict | None:
-    """The parts ToMe merges as the run reported them (introspect.tome_merged), its flags only."""
-    merged = attributes.get("tome_merged") if isinstance(attributes, Mapping) else None
-    if not isinstance(merged, Mapping):
-        return None
-    return {part: merged[part] for part in ("attn1", "attn2", "ff") if isinstance(merged.get(part), bool)}
+            "gold": task.gold or None}
 
 
 def _png_b64(paths: list) -> list[str]:
@@ -1040,8 +1028,7 @@ class Evaluator:
             return fail(result.get("trace_problem") or "the child sent no trace of the call")
         proof, replayed, problem = self._replay(task, batch, run_batch, outcome.trace, task_dir / "run-images",
                                                 result.get("images") or [], task_dir / "images", task_dir / "replay",
-                                                canonical=canonical_images(task, self.profile),
-                                                attributes=result.get("attributes"))
+                                                canonical=canonical_images(task, self.profile))
         if problem:
             return fail(problem)
         # result.json's `flops`: the replay's count, the child's own (`run`, for the record only) and
@@ -1060,8 +1047,8 @@ class Evaluator:
 
     def _replay(self, task, batch: dict, run_batch: dict, trace: bytes, run_images_dir: Path,
                 run_image_names, out_dir: Path, harness_dir: Path,
-                canonical: bool = False, baseline_role: str | None = None, asked_checks: bool = True,
-                attributes: Mapping | None = None) -> tuple[dict | None, SandboxOutcome | None, str | None]:
+                canonical: bool = False, baseline_role: str | None = None, asked_checks: bool = True
+                ) -> tuple[dict | None, SandboxOutcome | None, str | None]:
         """Replay `trace` (replay.py) on `batch`'s seeds, its images into `out_dir` (`canonical`: in
         canonical precision, canonical_images; `baseline_role`: the baseline whose call it is, replayed
         in the baselines' zygote pool; `asked_checks`: a candidate's replay reads the steps and
@@ -1077,8 +1064,7 @@ class Evaluator:
                "threads": self.profile.threads, "out_dir": str(out_dir),
                "max_constant_bytes": bounds["max_constant_bytes"], "canonical": canonical,
                # a candidate's judged replay reads what the task asks (a baseline's, the held-out one: the same trace)
-               "steps_check": (steps_asked(task, batch, attributes) if baseline_role is None and asked_checks
-                               else None),
+               "steps_check": steps_asked(task, batch) if baseline_role is None and asked_checks else None,
                "captions_check": captions_asked(task, batch) if baseline_role is None and asked_checks else None,
                "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
                          "replay": {"trace": base64.b64encode(trace).decode("ascii"),

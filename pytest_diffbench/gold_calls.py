@@ -19,10 +19,9 @@ ToMe (tomesd) merges each transformer block's tokens to destinations drawn from 
 off torch's global one, and its tiles (sx, sy) and the parts it merges (attention, cross-attention,
 MLP) are settings the task leaves free. The replay keeps each call's draws
 (updates.StepCheck.merge_draw); the gold's blocks then merge with the run's call's draws, in order
-(`merges_of_the_run`), their tiles read off the draws' shapes, and the gold's parts are those the
-run reported (stage 1's `tome_merged`): a run that reports other parts than it merges is held to
-a gold that merges those, and its outputs do not match. The ratio and max_downsample stay the
-gold's (the task's). A gold call whose rows come from run calls of different draws, or whose
+(MergesOfTheRun), their tiles read off the draws' shapes. The ratio, max_downsample and the parts
+merged stay the gold's (the task's: a run that merges other parts than the gold fails the gold's
+work per module anyway, stages.py). A gold call whose rows come from run calls of different draws, or whose
 blocks take more or fewer draws than the run's call made, is a call the run's merges do not give
 (`merges_unmatched`).
 
@@ -40,6 +39,9 @@ from typing import Any
 import torch
 
 from pytest_diffbench import updates
+
+#: the most choices per tile of a ToMe draw the gold takes (tomesd's default 2 x 2 tiles: 4)
+MAX_TILE_CHOICES = 64
 
 #: the entry module of each denoiser component, whose input is a call's latents (trace.ENTRY_MODULES)
 ENTRY_PATHS = {"unet": "conv_in", "transformer": "pos_embed.proj"}
@@ -76,8 +78,7 @@ class GoldCalls:
             raise ValueError(f"{type(pipe).__name__}'s {component} has exit modules {[n for n, _ in exits]}, not one")
         self.exit_name, self.exit = exits[0]
 
-    def figures(self, check: "updates.StepCheck", batch: dict, canonical: bool = False,
-                tome_parts: dict | None = None) -> dict:
+    def figures(self, check: "updates.StepCheck", batch: dict, canonical: bool = False) -> dict:
         """{"compared": calls of the gold whose latents were the run's and whose outputs were
         compared, "unmatched": [count, first gold call] (calls with no run call of the same samples
         and step, or of other rows), "worst_relative": [the run's output's difference from the
@@ -86,14 +87,13 @@ class GoldCalls:
         the gold's outputs and along its guidance direction, the difference of its halves, as shares
         of them; None where there is none), "cpu_s": the gold's run, "problem"}. `canonical`: the
         gold computes under canonical.CanonicalPrecision, as the replay of a half-precision task did;
-        `tome_parts`: the parts ToMe merges as the run reported them ({"attn1", "attn2", "ff": bool}),
-        for a gold that patches tomesd; "merges_unmatched": [count, first gold call] of the calls whose
-        merges the run's draws could not give (the module docstring)."""
+        "merges_unmatched" (where the gold patches tomesd, else None): [count, first gold call] of the
+        calls whose merges the run's draws could not give (the module docstring)."""
         runs = check.kept_by_sample()
         per_call = check.per_call
         state = {"calls": 0, "samples": 0, "first": 0, "rows": None, "compared": 0,
                  "unmatched": [0, None], "worst": (0.0, None), "merges_unmatched": [0, None]}
-        merging = MergesOfTheRun(self.denoiser, tome_parts)
+        merging = MergesOfTheRun(self.denoiser)
         # the run's difference from the gold's outputs along the gold's own output (a scale) and, on
         # guided calls, along its guidance direction (the halves' difference), pooled over the calls:
         # rounding scatters and averages out there, a changed guidance or conditioning does not
@@ -220,13 +220,9 @@ class MergesOfTheRun:
     merges, the next draw of the run's call `begin` named, its tiles (sx, sy) read off that draw's
     shape. Inert where the denoiser is not patched by tomesd."""
 
-    def __init__(self, denoiser: Any, parts: dict | None):
+    def __init__(self, denoiser: Any):
         info = getattr(denoiser, "_tome_info", None)
         self.active = isinstance(info, dict) and isinstance(info.get("args"), dict)
-        self.args = info["args"] if self.active else None
-        self.parts = {flag: bool(parts[part]) for part, flag in
-                      (("attn1", "merge_attn"), ("attn2", "merge_crossattn"), ("ff", "merge_mlp"))
-                      if isinstance(parts, dict) and isinstance(parts.get(part), bool)}
         self.draws: list | None = None
         self.taken, self.failed = 0, False
 
@@ -244,8 +240,7 @@ class MergesOfTheRun:
             return self
         import tomesd.merge
 
-        self._module, self._saved_parts = tomesd.merge, {flag: self.args.get(flag) for flag in self.parts}
-        self.args.update(self.parts)
+        self._module = tomesd.merge
         self._original = tomesd.merge.bipartite_soft_matching_random2d
         tomesd.merge.bipartite_soft_matching_random2d = self._merge
         return self
@@ -253,7 +248,6 @@ class MergesOfTheRun:
     def __exit__(self, *exc):
         if self.active:
             self._module.bipartite_soft_matching_random2d = self._original
-            self.args.update(self._saved_parts)
         return False
 
     def _merge(self, metric, w, h, sx, sy, r, no_rand=False, generator=None):
@@ -285,9 +279,12 @@ class MergesOfTheRun:
 
 def _tiles(h: int, w: int, drawn: tuple, prefer: tuple[int, int]) -> tuple[int, int] | None:
     """The tiles (sx, sy) of a draw of (h // sy, w // sx, 1) destinations among sy * sx choices
-    (the gold's own first), or None where none gives that shape, or its values are no choices."""
+    (the gold's own first; then by sy, the first that fits: on a grid where two fit, e.g. 5 x 5 of
+    12 choices, the gold may place its destinations otherwise than the run), or None where none
+    gives that shape, its values are no choices, or the tiles are larger than MAX_TILE_CHOICES."""
     index, choices = drawn
-    if not 0 < choices <= h * w or index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= choices:
+    if not 0 < choices <= min(h * w, MAX_TILE_CHOICES) or index.numel() == 0 or int(index.min()) < 0 \
+            or int(index.max()) >= choices:
         return None
     options = [prefer] + [(choices // sy, sy) for sy in range(1, choices + 1) if choices % sy == 0]
     for sx, sy in options:

@@ -193,8 +193,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
     step_figures = steps.all_figures(values) if steps is not None else None
     if gold is not None and step_figures is not None and step_figures["problem"] is None:
         try:
-            step_figures["gold_calls"] = gold.figures(steps, gold_batch(job, verdict_seeds), canonical,
-                                                      tome_parts=job["steps_check"].get("tome_parts"))
+            step_figures["gold_calls"] = gold.figures(steps, gold_batch(job, verdict_seeds), canonical)
         except Exception as exc:  # noqa: BLE001 - the harness's own code on checked inputs: its failure
             # (the run's latents reach the gold finite and of the gold call's shape, or not at all)
             return _error("gold", exc)

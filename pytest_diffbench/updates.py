@@ -305,7 +305,8 @@ class StepCheck:
         self._kept_calls.append(((self.calls - 1) // max(1, self.per_call), position, held[0], held[1], held[3]))
 
     def merge_draw(self, func: Any, args: tuple, kwargs: dict) -> None:
-        """Where the held call's op is tomesd's draw of its merge's destinations (merge.py's
+        """Where an op after the held call's entry (until the next call's: a scatter between calls
+        counts as the held call's) is tomesd's draw of its merge's destinations (merge.py's
         `idx_buffer_view.scatter_(dim=2, index=rand_idx, ...)`: an int64 (h/sy, w/sx, sy*sx) buffer
         given one (h/sy, w/sx, 1) index), keep that index and sy*sx for the call (`keep_calls`):
         gold_calls.py makes the gold's merges with the run's draws. Any such op counts; one that is

@@ -1253,6 +1253,10 @@ def test_products_of_no_parameter_are_counted_by_their_dimensions_in_the_recordi
     ("L2-sd15-t2i-deepcache-0006", "embeddings_steered_after_the_lookup.py", "the gold's call at the run's latents"),
     # half precision: the per-call bound leaves room, the difference along the guidance direction does not
     ("L2-sd15-t2i-256px-fp16-0044", "guidance_widened_in_the_exit_layers_input.py", "along the gold's guidance direction"),
+    # session 39: ToMe's calls too, the gold's blocks merging with the run's draws
+    ("L2-sd15-t2i-tomesd-0009", "embeddings_steered_after_the_lookup.py", "the gold's call at the run's latents"),
+    ("L3-sd15-t2i-256px-fp16-tomesd-0111", "guidance_widened_in_the_exit_layers_input.py",
+     "along the gold's guidance direction"),
 ])
 def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_the_replay(
         task_id, attack, field, tiny_zoo, baseline_cache_dir, tmp_path):
@@ -1285,9 +1289,10 @@ def test_what_the_task_asks_between_and_before_the_denoiser_calls_is_read_off_th
     height, width = run_size(task.resolution, "tiny")
     assert replay["denoiser_entry"]["spatial"] == [[height // 8, width // 8]], replay["denoiser_entry"]
     assert all(not f["missing"] and not f["other_rows"] for f in replay["captions"].values()), replay["captions"]
-    # every call of the gold (no method that changes a call) compared with the run's at its latents
+    # every call of the gold compared with the run's at its latents (ToMe's merges made with the run's draws)
     calls = replay["steps"]["gold_calls"]
     assert calls["problem"] is None and calls["unmatched"] == [0, None] and calls["compared"] > 0, calls
+    assert calls["merges_unmatched"] == ([0, None] if "tomesd" in task.expect.methods else None), calls
     if task.expect.dtype == "float32":
         assert calls["worst_relative"][0] == 0.0, calls  # the gold against itself: the same arithmetic
     else:  # canonical precision in the replay and in the gold's run, batched otherwise: a few rounding flips

@@ -28,8 +28,7 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
               monkeypatch=None, step=None, strength: float | None = None, encoder_seen: bool = True,
               seeds_swapped: bool = False, exit_forged: float | None = None, exit_read: bool = True,
               gold: str | None = None, exit_input_mixed: float | None = None,
-              embeddings_scaled: float | None = None, tome: dict | None = None, tome_draws: str = "given",
-              tome_parts: dict | None = None) -> dict:
+              embeddings_scaled: float | None = None, tome: dict | None = None, tome_draws: str = "given") -> dict:
     """StepCheck's figures for a run of `model` with `scheduler` (from_config of the pipeline's,
     `config` changed) at `steps` and `guidance`, judged as a task asking `task_*` (default: the same).
     `draws`: the ancestral scheduler's noise is given to the check as the replay gives it its draws;
@@ -43,7 +42,7 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
     guidance moved before the exit layer); `embeddings_scaled`: the text encoder's output scaled.
     `tome`: tomesd.apply_patch's arguments, the run patched so; `tome_draws`: its merge draws given to
     the check as the replay gives them ("given"), each shifted to the next choice ("shifted": draws
-    the run did not merge with), or not at all ("none"); `tome_parts`: the parts the run reports."""
+    the run did not merge with), or not at all ("none")."""
     import diffusers
     from PIL import Image
 
@@ -153,7 +152,7 @@ def _steps_of(tiny_zoo, model: str, scheduler: str, steps: int, guidance: float,
                  "images": init_images if strength is not None else None, "strength": strength,
                  "seeds": list(range(samples)), "height": size, "width": size, "guidance_scale": task_guidance or guidance,
                  "num_inference_steps": task_steps}
-        figures["gold_calls"] = _gold_calls(tiny_zoo, gold).figures(check, batch, tome_parts=tome_parts)
+        figures["gold_calls"] = _gold_calls(tiny_zoo, gold).figures(check, batch)
     return figures
 
 
@@ -269,19 +268,18 @@ def test_each_call_of_an_honest_run_is_the_golds_call_at_its_latents(tiny_zoo, m
 TOME_TASK = "L2-sd15-t2i-tomesd-0009"  # tomesd.apply_patch(pipe, ratio=0.5, max_downsample=1)
 
 
-@pytest.mark.parametrize("tome, parts", [
-    ({}, None),  # tomesd's defaults beside the task's ratio and max_downsample: the gold's settings
-    ({"sx": 4, "sy": 1, "use_rand": False}, None),  # tiles and randomness: settings the task leaves free
-    ({"merge_mlp": True}, {"attn1": True, "attn2": False, "ff": True}),  # a part it leaves free, reported
+@pytest.mark.parametrize("tome", [
+    {},  # tomesd's defaults beside the task's ratio and max_downsample: the gold's settings
+    {"sx": 4, "sy": 1, "use_rand": False},  # tiles and randomness: settings the task leaves free
 ])
-def test_each_call_of_an_honest_tome_run_is_the_golds_call_with_the_runs_merges(tiny_zoo, tome, parts):
+def test_each_call_of_an_honest_tome_run_is_the_golds_call_with_the_runs_merges(tiny_zoo, tome):
     """ToMe's merges come from a generator forked off torch's global one (not the seeds) and from
-    tiles and parts the task leaves free: the gold's blocks merge with the run's call's draws, its
-    tiles read off their shapes and its parts the run's report (gold_calls.MergesOfTheRun). An
-    honest run, batched otherwise than the gold, makes the gold's outputs call by call."""
+    tiles the task leaves free: the gold's blocks merge with the run's call's draws, its tiles read
+    off their shapes (gold_calls.MergesOfTheRun). An honest run, batched otherwise than the gold,
+    makes the gold's outputs call by call."""
     spec = _task(TOME_TASK)
     figures = _steps_of(tiny_zoo, SD15, spec["expect"]["scheduler"], 4, spec["guidance_scale"], task_steps=4,
-                        gold=TOME_TASK, tome={"ratio": 0.5, "max_downsample": 1, **tome}, tome_parts=parts)
+                        gold=TOME_TASK, tome={"ratio": 0.5, "max_downsample": 1, **tome})
     calls = figures["gold_calls"]
     assert calls["problem"] is None and calls["unmatched"] == [0, None], calls
     assert calls["merges_unmatched"] == [0, None] and calls["compared"] == figures["calls"] * 2, (calls, figures)
@@ -289,18 +287,20 @@ def test_each_call_of_an_honest_tome_run_is_the_golds_call_with_the_runs_merges(
     assert _judged(figures) == [], figures
 
 
-@pytest.mark.parametrize("draws, parts, field", [
-    ("shifted", None, "relative root mean square"),  # the gold merges as the draws say: other draws, other outputs
-    ("none", None, "ToMe's merges"),  # a run call whose merges the replay did not see
-    ("given", {"attn1": True, "attn2": False, "ff": True}, "relative root mean square"),  # a part it does not merge
+@pytest.mark.parametrize("draws, tome, field", [
+    ("shifted", {}, "relative root mean square"),  # the gold merges as the draws say: other draws, other outputs
+    ("none", {}, "ToMe's merges"),  # a run call whose merges the replay did not see
+    ("given", {"merge_mlp": True}, "relative root mean square"),  # a part the gold does not merge
+    ("given", {"max_downsample": 2}, "ToMe's merges"),  # blocks the gold does not merge
 ])
-def test_the_golds_merges_follow_the_runs_draws_and_reported_parts(tiny_zoo, draws, parts, field):
-    """The other side of the test above: the gold's merges are made from what the replay gave, so
-    draws other than those the run merged with, none, or parts the run reported but did not merge
-    make other outputs (or no call to compare): no run passes on the gold's own merges."""
+def test_the_golds_merges_follow_the_runs_draws_and_the_tasks_settings(tiny_zoo, draws, tome, field):
+    """The other side of the test above: the gold's merges are made from what the replay gave, with
+    the task's ratio, blocks and parts, so draws other than those the run merged with, none, or a
+    run merging other parts or blocks make other outputs (or no call to compare): no run passes on
+    the gold's own merges."""
     spec = _task(TOME_TASK)
     figures = _steps_of(tiny_zoo, SD15, spec["expect"]["scheduler"], 4, spec["guidance_scale"], task_steps=4,
-                        gold=TOME_TASK, tome={"ratio": 0.5, "max_downsample": 1}, tome_draws=draws, tome_parts=parts)
+                        gold=TOME_TASK, tome={"ratio": 0.5, "max_downsample": 1, **tome}, tome_draws=draws)
     problems = [m for m in _judged(figures) if "the gold's call at the run's latents" in m.field]
     assert any(field in m.field for m in problems), (problems, figures["gold_calls"])
 
