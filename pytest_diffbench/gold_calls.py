@@ -184,11 +184,11 @@ def _share(along: float, size: float) -> float | str | None:
 def _run_rows(runs: dict, first: int, count: int, twice: bool, position: int) -> tuple | None:
     """(the run's latents for the gold call of samples first..first+count at step `position`, in
     the gold call's row layout (the unconditional halves, then the conditional ones, where it
-    guides), the run's outputs of those rows, and the merge draws of the run's call that held them
-    (None where they come from calls of different draws)), or None where the run has no such call: each
+    guides), the run's outputs of those rows, and for each row the ToMe merges of the run's call
+    that held it with the row's index there), or None where the run has no such call: each
     sample from the last run pipeline call that held it (earlier ones were a warm-up or a decoy:
     the images are the last calls'), its rows there picked out."""
-    picked_latents, picked_outputs, draws = [], [], []
+    picked_latents, picked_outputs, merges_of_rows = [], [], []
     halves = (0, 1) if twice else (0,)
     for half in halves:
         for sample in range(first, first + count):
@@ -196,43 +196,52 @@ def _run_rows(runs: dict, first: int, count: int, twice: bool, position: int) ->
             if found is None:
                 return None
             latents, output, row_count, run_twice, row, merges = found
-            draws.append(merges)
             if run_twice != twice or output is None:
                 return None
             index = row + half * row_count
+            merges_of_rows.append((merges, index))
             picked_latents.append(latents[index:index + 1])
             outputs = output.reshape(latents.shape[0], -1) if output.numel() % latents.shape[0] == 0 else None
             if outputs is None:
                 return None
             picked_outputs.append(outputs[index:index + 1])
-    same = all(_same_draws(draws[0], other) for other in draws[1:])
-    return torch.cat(picked_latents), torch.cat(picked_outputs), draws[0] if same else None
+    return torch.cat(picked_latents), torch.cat(picked_outputs), merges_of_rows
 
 
-def _same_draws(a: list, b: list) -> bool:
-    return a is b or (len(a) == len(b) and all(
-        k == m and tuple(x.shape) == tuple(y.shape) and bool(torch.equal(x, y)) for (x, k), (y, m) in zip(a, b)))
+#: how far below the best similarity (cosine, in [-1, 1]) the run's choice of a destination, or the
+#: least similar source it merged below the most similar it left, may sit on the gold's scores: the
+#: rounding of honest forms of the same call (batched, attention sliced), where tomesd's greedy
+#: matching is discontinuous at near-ties (the trust review of session 39, F1). Half precision: its
+#: rounding (2^-11 relative per op) over the scores' few ops
+MATCHING_TOLERANCE = {"full": 1e-4, "half": 1e-2}
 
 
 class MergesOfTheRun:
-    """tomesd's merges in the gold's denoiser made with the run's draws (the module docstring): a
-    context in which tomesd.merge.bipartite_soft_matching_random2d takes, for each block that
-    merges, the next draw of the run's call `begin` named, its tiles (sx, sy) read off that draw's
-    shape. Inert where the denoiser is not patched by tomesd."""
+    """tomesd's merges in the gold's denoiser made as the run's call made them (the module
+    docstring): a context in which tomesd.merge.bipartite_soft_matching_random2d takes, for each
+    block that merges, the next merge of the run's call (updates.StepCheck.merge_op) for the gold
+    call's rows: its draw (tiles read off its shape), and where the run's destinations and merge
+    order sit within MATCHING_TOLERANCE of optimal on the gold's own similarities, those (so that a
+    near-tie the run broke otherwise than the gold's rounding would is no difference); else the
+    call counts as one the run's merges do not give. Inert where the denoiser is not patched by
+    tomesd."""
 
     def __init__(self, denoiser: Any):
         info = getattr(denoiser, "_tome_info", None)
         self.active = isinstance(info, dict) and isinstance(info.get("args"), dict)
-        self.draws: list | None = None
+        self.rows: list | None = None
         self.taken, self.failed = 0, False
 
-    def begin(self, draws: list | None) -> None:
-        self.draws, self.taken, self.failed = draws, 0, draws is None
+    def begin(self, merges_of_rows: list | None) -> None:
+        """The gold call's rows' merges ((the run call's merges, the row's index there) per row, as
+        _run_rows gives them), or None where the gold call has no run call."""
+        self.rows, self.taken, self.failed = merges_of_rows, 0, merges_of_rows is None
 
     def end(self) -> bool:
         """Whether the call's merges were all the run's: every draw taken, none missing."""
-        matched = not self.active or (not self.failed and self.draws is not None and self.taken == len(self.draws))
-        self.draws = None
+        matched = not self.active or (not self.failed and self.rows is not None
+                                      and all(self.taken == len(merges) for merges, _ in self.rows))
+        self.rows = None
         return matched
 
     def __enter__(self):
@@ -250,17 +259,44 @@ class MergesOfTheRun:
             self._module.bipartite_soft_matching_random2d = self._original
         return False
 
+    def _next(self) -> tuple | None:
+        """The run's merge `taken` for the gold call's rows: (draw, choices, destinations, order),
+        the last two of the gold's rows (None where the run kept none), or None where the rows'
+        calls have no such merge or drew differently."""
+        if not self.rows:
+            return None
+        picked = []
+        for merges, row in self.rows:
+            if self.taken >= len(merges):
+                return None
+            picked.append((merges[self.taken], row))
+        (index, choices, _, _), _ = picked[0]
+        if any(m[1] != choices or tuple(m[0].shape) != tuple(index.shape) or not torch.equal(m[0], index)
+               for m, _ in picked[1:]):
+            return None
+        rows_of = []
+        for slot in (2, 3):
+            parts = [m[slot] for m, _ in picked]
+            if any(part is None or part.dim() < 1 or row >= part.shape[0] for part, (_, row) in zip(parts, picked)):
+                rows_of.append(None)
+            else:
+                rows_of.append(torch.cat([part[row:row + 1] for part, (_, row) in zip(parts, picked)]))
+        return index, choices, rows_of[0], rows_of[1]
+
     def _merge(self, metric, w, h, sx, sy, r, no_rand=False, generator=None):
         if r <= 0:  # tomesd returns before it draws
             return self._original(metric, w, h, sx, sy, r, no_rand=no_rand, generator=generator)
-        drawn = self.draws[self.taken] if self.draws is not None and self.taken < len(self.draws) else None
-        tiles = _tiles(h, w, drawn, (sx, sy)) if drawn is not None else None
+        merge = self._next()
+        tiles = _tiles(h, w, merge[:2], (sx, sy)) if merge is not None else None
         if tiles is None:
             self.failed = True
             return self._original(metric, w, h, sx, sy, r, no_rand=no_rand, generator=generator)
         self.taken += 1
-        index, choices = drawn
+        index, choices, destinations, order = merge
         sx, sy = tiles
+        tolerance = MATCHING_TOLERANCE["half" if metric.dtype in (torch.float16, torch.bfloat16) else "full"]
+        sources = metric.shape[1] - (h // sy) * (w // sx)
+        matching = _RunsMatching(destinations, order, min(sources, r), tolerance)
 
         def randint(high, size, *args, **kwargs):
             if int(high) != choices or tuple(size) != tuple(index.shape):  # not the draw _tiles made it: no match
@@ -271,10 +307,65 @@ class MergesOfTheRun:
         randint_before = torch.randint
         torch.randint = randint
         try:
-            return self._original(metric, w, h, sx, sy, r, no_rand=False,
-                                  generator=generator if generator is not None else torch.Generator())
+            with matching:
+                merged = self._original(metric, w, h, sx, sy, r, no_rand=False,
+                                        generator=generator if generator is not None else torch.Generator())
         finally:
             torch.randint = randint_before
+        if not matching.followed:
+            self.failed = True
+        return merged
+
+
+class _RunsMatching(torch.overrides.TorchFunctionMode):
+    """Inside one tomesd merge: its first floating-point `max` along a dimension (each source's most
+    similar destination) and its first floating-point `argsort` (the sources by that similarity,
+    most similar first) answered with the run's, where the run's sit within `tolerance` of optimal
+    on the gold's scores; `followed`: both were the run's."""
+
+    def __init__(self, destinations, order, merged: int, tolerance: float):
+        super().__init__()
+        self.destinations, self.order, self.merged, self.tolerance = destinations, order, merged, tolerance
+        self.seen = {"max": False, "argsort": False}
+        self.followed_by = {"max": False, "argsort": False}
+
+    @property
+    def followed(self) -> bool:
+        return all(self.followed_by.values())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        source = args[0] if args else None
+        if not isinstance(source, torch.Tensor) or not source.dtype.is_floating_point:
+            return out
+        if func in (torch.Tensor.max, torch.max) and not self.seen["max"] and isinstance(out, tuple):
+            self.seen["max"] = True
+            theirs = self.destinations
+            best, _ = out
+            if theirs is None or tuple(theirs.shape) != tuple(best.shape) \
+                    or int(theirs.min()) < 0 or int(theirs.max()) >= source.shape[-1]:
+                return out
+            chosen = source.gather(-1, theirs.unsqueeze(-1)).squeeze(-1)
+            if bool((chosen >= best - self.tolerance).all()):
+                self.followed_by["max"] = True
+                return torch.return_types.max((chosen, theirs.clone()))
+            return out
+        if func in (torch.Tensor.argsort, torch.argsort) and not self.seen["argsort"]:
+            self.seen["argsort"] = True
+            theirs = self.order
+            if theirs is None or tuple(theirs.shape) != tuple(out.shape) or source.dim() != 2 \
+                    or not torch.equal(theirs.sort(dim=-1).values,
+                                       torch.arange(source.shape[-1]).expand_as(theirs)):
+                return out
+            similarity = source.gather(-1, theirs)  # the gold's similarities in the run's order
+            merged, kept = similarity[:, :self.merged], similarity[:, self.merged:]
+            if merged.shape[1] == 0 or kept.shape[1] == 0 or bool(
+                    (merged.min(dim=-1).values >= kept.max(dim=-1).values - self.tolerance).all()):
+                self.followed_by["argsort"] = True
+                return theirs.clone()
+            return out
+        return out
 
 
 def _tiles(h: int, w: int, drawn: tuple, prefer: tuple[int, int]) -> tuple[int, int] | None:

@@ -1310,8 +1310,8 @@ class Replayer:
                     counter.seeded = counter.other_component = False
                     counter.module = counter.dims = counter.call_books = None
             outputs = leaves(out)
-            if steps is not None and self.entries:  # tomesd's draw of a merge's destinations (gold_calls.py)
-                steps.merge_draw(func, args, kwargs)
+            if steps is not None and self.entries:  # tomesd's merges (gold_calls.MergesOfTheRun)
+                steps.merge_op(func, args, kwargs, outputs)
             if counter is not None and leaving and outputs and isinstance(outputs[0], torch.Tensor):
                 with harness_arithmetic():
                     # the last product of the exit module in the call is its output: the module's own

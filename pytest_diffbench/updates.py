@@ -304,31 +304,55 @@ class StepCheck:
         self._kept_elements += size
         self._kept_calls.append(((self.calls - 1) // max(1, self.per_call), position, held[0], held[1], held[3]))
 
-    def merge_draw(self, func: Any, args: tuple, kwargs: dict) -> None:
-        """Where an op after the held call's entry (until the next call's: a scatter between calls
-        counts as the held call's) is tomesd's draw of its merge's destinations (merge.py's
+    def merge_op(self, func: Any, args: tuple, kwargs: dict, outputs: list) -> None:
+        """tomesd's merge as the replay computes it, kept for the held call (`keep_calls`; an op after
+        its entry, until the next call's: one between calls counts as the held call's) for
+        gold_calls.MergesOfTheRun. A draw of the merge's destinations (merge.py's
         `idx_buffer_view.scatter_(dim=2, index=rand_idx, ...)`: an int64 (h/sy, w/sx, sy*sx) buffer
-        given one (h/sy, w/sx, 1) index), keep that index and sy*sx for the call (`keep_calls`):
-        gold_calls.py makes the gold's merges with the run's draws. Any such op counts; one that is
-        not tomesd's only gives the gold other merges, which the run's outputs then do not match."""
-        if self._held is None or not self.keep_calls or func._overloadpacket not in _SCATTERS:
+        given one (h/sy, w/sx, 1) index) starts a merge, kept as [index, sy*sx, None, None]; the
+        first floating-point `max` along a dimension after it gives its third item (each source
+        token's most similar destination: `scores.max(dim=-1)`'s indices), the first floating-point
+        descending sort its fourth (the order the sources merge in: `node_max.argsort(...)`). Any such
+        ops count; ones that are not tomesd's give the gold merges the run's outputs do not match."""
+        if self._held is None or not self.keep_calls:
             return
-        buffer = args[0] if args else kwargs.get("self")
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        index = args[2] if len(args) > 2 else kwargs.get("index")
-        if not (isinstance(buffer, torch.Tensor) and isinstance(index, torch.Tensor) and dim in (2, -1)
-                and buffer.dtype == index.dtype == torch.int64 and buffer.dim() == index.dim() == 3
-                and tuple(index.shape) == (*buffer.shape[:2], 1)):
+        merges, packet = self._held[3], func._overloadpacket
+        if packet in _SCATTERS:
+            buffer = args[0] if args else kwargs.get("self")
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            index = args[2] if len(args) > 2 else kwargs.get("index")
+            if not (isinstance(buffer, torch.Tensor) and isinstance(index, torch.Tensor) and dim in (2, -1)
+                    and buffer.dtype == index.dtype == torch.int64 and buffer.dim() == index.dim() == 3
+                    and tuple(index.shape) == (*buffer.shape[:2], 1)):
+                return
+            self._keep_merge(merges, index, [index.detach().clone(), int(buffer.shape[2]), None, None])
             return
-        if len(self._held[3]) >= MAX_MERGE_DRAWS or self._kept_elements + index.numel() > MAX_KEPT_ELEMENTS:
-            self.problem = self.problem or f"call {self.calls - 1}: more merge draws than the check keeps"
+        if not merges or packet not in (torch.ops.aten.max, torch.ops.aten.sort) or len(outputs) != 2:
             return
-        self._kept_elements += index.numel()
-        self._held[3].append((index.detach().clone(), int(buffer.shape[2])))
+        source = args[0] if args else kwargs.get("self")
+        indices = outputs[1]
+        if not (isinstance(source, torch.Tensor) and source.dtype.is_floating_point
+                and isinstance(indices, torch.Tensor) and indices.dtype == torch.int64):
+            return
+        merge = merges[-1]
+        if packet is torch.ops.aten.max and merge[2] is None:
+            self._keep_merge(merges, indices, indices.detach().clone(), 2)
+        elif packet is torch.ops.aten.sort and merge[3] is None and _descending(args, kwargs):
+            self._keep_merge(merges, indices, indices.detach().clone(), 3)
+
+    def _keep_merge(self, merges: list, tensor: torch.Tensor, item: Any, slot: int | None = None) -> None:
+        if (slot is None and len(merges) >= MAX_MERGE_DRAWS) or self._kept_elements + tensor.numel() > MAX_KEPT_ELEMENTS:
+            self.problem = self.problem or f"call {self.calls - 1}: more of ToMe's merges than the check keeps"
+            return
+        self._kept_elements += tensor.numel()
+        if slot is None:
+            merges.append(item)
+        else:
+            merges[-1][slot] = item
 
     def kept_by_sample(self) -> dict:
         """{(sample, position in its pipeline call): (that call's entry latents, its output, the rows
-        per half, held twice, the sample's row, its merge draws: merge_draw)} from the kept calls (`keep_calls`); a sample held
+        per half, held twice, the sample's row, its merges: merge_op)} from the kept calls (`keep_calls`); a sample held
         by several pipeline calls (a warm-up, a decoy) from the last one: the images are its."""
         found = {}
         for pipeline, position, latents, output, merges in self._kept_calls:
@@ -764,6 +788,14 @@ def _drawn_noise(draws: list, count: int, shape: tuple, first: bool = False) -> 
     if not first and draws and sum(d.numel() for d in draws) == size:
         return torch.cat([d.double().reshape(-1) for d in draws]).reshape((count,) + tuple(shape))
     return None
+
+
+def _descending(args: tuple, kwargs: dict) -> bool:
+    """Whether a sort's arguments ask descending order (aten::sort(self, dim, descending) and
+    aten::sort.stable(self, *, stable, dim, descending))."""
+    if "descending" in kwargs:
+        return bool(kwargs["descending"])
+    return len(args) > 2 and isinstance(args[2], bool) and args[2]
 
 
 def _latent_count(latents: torch.Tensor) -> tuple[int, bool]:
