@@ -713,3 +713,35 @@ def test_the_runs_tome_matching_is_taken_where_it_is_optimal_on_the_golds_simila
         merged = merge(metric)
         assert int(order[0, 0]) == source  # the most similar source: the one merged
         assert torch.allclose(merged[0, -3], (axes[1] + metric[0, 1]) / 2), merged  # dsts last, in order
+
+
+@pytest.mark.parametrize("merge", [
+    [torch.zeros(4, 4, 1, dtype=torch.int64), 1, torch.zeros(2, 0, dtype=torch.int64), torch.zeros(2, 0, dtype=torch.int64)],
+    [torch.zeros(1, 1, 1, dtype=torch.int64), 16, None, None],  # one destination, no matching kept
+    [torch.zeros(2, 2, 1, dtype=torch.int64), 4, torch.full((2, 12), 99), torch.zeros(2, 12, dtype=torch.int64)],
+    [torch.zeros(2, 2, 1, dtype=torch.int64), 4, torch.zeros(2, 0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)],
+    [torch.zeros(2, 2, 1, dtype=torch.int64), 4, torch.zeros(2, 12, dtype=torch.int64), torch.full((2, 12), -5)],
+    [torch.zeros(2, 2, 1, dtype=torch.int64), 4, torch.zeros(2, 12, 3, dtype=torch.int64), None],
+    [torch.full((2, 2, 1), 7), 4, None, None],  # values that are no choice
+])
+def test_whatever_merges_a_run_hands_over_the_golds_merge_runs_and_torch_is_restored(merge):
+    """The run's merges are its code's figures: tiles at the extremes (1 x 1: nothing to match;
+    one destination), destinations out of range, empty, of another rank, an order that is no
+    permutation, draws that are no choice. None of them makes tomesd raise in the replay process
+    (that would be a harness error the candidate chose); each is a merge the run's do not give, or
+    with 1 x 1 tiles nothing to give; torch.randint is tomesd's again after."""
+    import tomesd.merge
+
+    from pytest_diffbench import gold_calls
+
+    denoiser = torch.nn.Module()
+    denoiser._tome_info = {"args": {}}
+    metric = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1))
+    randint, original = torch.randint, tomesd.merge.bipartite_soft_matching_random2d
+    merging = gold_calls.MergesOfTheRun(denoiser)
+    merging.begin([([merge], 0), ([merge], 1)])
+    with merging:
+        merged, unmerged = tomesd.merge.bipartite_soft_matching_random2d(metric, 4, 4, 2, 2, 4)
+        assert tuple(unmerged(merged(metric)).shape) == (2, 16, 4)
+    assert merging.end() is (merge[1] == 1)
+    assert torch.randint is randint and tomesd.merge.bipartite_soft_matching_random2d is original
