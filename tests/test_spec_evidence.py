@@ -81,6 +81,12 @@ def test_tome_shown_on_a_decoy_but_not_in_the_images_fails_stage_1_on_the_work(t
 
     gold = evaluate(task.gold)
     assert gold.verdict.passed, gold.verdict.message
+    # since session 39 the gold's calls at the run's latents see the decoy first (gold_calls.py: the
+    # images' calls merged nothing, so no draws for the gold's blocks); taken out, standing in for a
+    # decoy that passed them, so that the rules below are what is left
+    caught = evaluate(task.gold + "\n\n" + ATTACK.read_text()).verdict
+    assert caught.category == stages.KEY_ATTRIBUTE and "ToMe's merges" in caught.message, caught
+    monkeypatch.setattr(stages, "_gold_call_mismatches", lambda *a: None)
     attack = evaluate(task.gold + "\n\n" + ATTACK.read_text())
     verdict, m = attack.verdict, attack.measures
     # stage 1's introspection saw the real ToMe with the asked parameters ...
