@@ -88,7 +88,9 @@ class GoldCalls:
         of them; None where there is none), "cpu_s": the gold's run, "problem"}. `canonical`: the
         gold computes under canonical.CanonicalPrecision, as the replay of a half-precision task did;
         "merges_unmatched" (where the gold patches tomesd, else None): [count, first gold call] of the
-        calls whose merges the run's draws could not give (the module docstring)."""
+        calls whose merges the run's draws could not give (the module docstring); "merges_differed":
+        the merges whose matching was the run's within MATCHING_TOLERANCE where the gold's own differs
+        (a near-tie broken otherwise: a figure, not judged)."""
         runs = check.kept_by_sample()
         per_call = check.per_call
         state = {"calls": 0, "samples": 0, "first": 0, "rows": None, "compared": 0,
@@ -170,6 +172,7 @@ class GoldCalls:
                 "scale_offset": _share(pooled["scale"], pooled["size"]),
                 "guidance_offset": _share(pooled["guidance"], pooled["direction"]),
                 "merges_unmatched": state["merges_unmatched"] if merging.active else None,
+                "merges_differed": merging.differed if merging.active else None,
                 "cpu_s": round(time.process_time() - started, 3), "problem": problem}
 
 
@@ -231,6 +234,7 @@ class MergesOfTheRun:
         self.active = isinstance(info, dict) and isinstance(info.get("args"), dict)
         self.rows: list | None = None
         self.taken, self.failed = 0, False
+        self.differed = 0  # merges whose matching, the run's within MATCHING_TOLERANCE, the gold's rounding breaks otherwise
 
     def begin(self, merges_of_rows: list | None) -> None:
         """The gold call's rows' merges ((the run call's merges, the row's index there) per row, as
@@ -324,6 +328,8 @@ class MergesOfTheRun:
             torch.randint = randint_before
         if not matching.followed:
             self.failed = True
+        elif matching.differed:
+            self.differed += 1
         if merged is None:  # the gold's own merge in its place, for a call that fails as the run's anyway
             merged = self._original(metric, w, h, self._gold_tiles[0], self._gold_tiles[1], r, no_rand=no_rand,
                                     generator=generator)
@@ -341,6 +347,7 @@ class _RunsMatching(torch.overrides.TorchFunctionMode):
         self.destinations, self.order, self.merged, self.tolerance = destinations, order, merged, tolerance
         self.seen = {"max": False, "argsort": False}
         self.followed_by = {"max": False, "argsort": False}
+        self.differed = False  # the run's matching, taken, was not the one the gold's rounding makes
 
     @property
     def followed(self) -> bool:
@@ -372,6 +379,7 @@ class _RunsMatching(torch.overrides.TorchFunctionMode):
             chosen = source.gather(-1, theirs.unsqueeze(-1)).squeeze(-1)
             if bool((chosen >= best - self.tolerance).all()):
                 self.followed_by["max"] = True
+                self.differed = self.differed or not torch.equal(theirs, out[1])
                 return torch.return_types.max((chosen, theirs.clone()))
             return out
         if func in (torch.Tensor.argsort, torch.argsort) and not self.seen["argsort"]:
@@ -386,6 +394,7 @@ class _RunsMatching(torch.overrides.TorchFunctionMode):
             if merged.shape[1] == 0 or kept.shape[1] == 0 or bool(
                     (merged.min(dim=-1).values >= kept.max(dim=-1).values - self.tolerance).all()):
                 self.followed_by["argsort"] = True
+                self.differed = self.differed or not torch.equal(theirs, out)
                 return theirs.clone()
             return out
         return out

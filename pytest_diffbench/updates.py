@@ -233,6 +233,7 @@ class StepCheck:
         self.ends_checked = self.ends_unread = 0
         self.worst_end_units: tuple[float, int | None] = (0.0, None)  # the last steps' residuals (rounding units)
         self.final_latents: list[torch.Tensor] = []  # each pipeline call's, as the task's last step makes them
+        self.final_pipelines: list[int] = []  # the pipeline call of each (its samples: _pipeline_samples)
         self.calls = 0
         self.checked = self.guided = 0
         self.problem: str | None = None
@@ -610,6 +611,7 @@ class StepCheck:
                 self.problem = f"call {index}: the last step adds noise the replay did not read from its draws"
                 return
             self.final_latents.append(expected + sigma * drawn if drawn is not None else expected)
+            self.final_pipelines.append(index // max(1, self.per_call))
             if next_latents is None:
                 return
         next_scale = 1.0 if final else _input_scale(after, self.timesteps[k + 1])
@@ -682,12 +684,30 @@ class StepCheck:
         figures = self.figures()
         if self.vae is not None and self.scaling_factor is not None and figures["problem"] is None:
             try:
-                figures["end_images"] = end_image_figures(self.final_latents, images, self.vae, self.scaling_factor)
+                figures["end_images"] = end_image_figures(self.final_latents_by_sample(), images, self.vae,
+                                                          self.scaling_factor)
             except Exception as exc:  # noqa: BLE001 - latents the VAE cannot take: the run's, named
                 figures["end_images"] = {"samples": len(images), "worst_rms_levels": [0.0, None],
                                          "problem": f"the latents the task's last steps make cannot be decoded: "
                                                     f"{type(exc).__name__}: {exc}"[:300]}
         return figures
+
+    def final_latents_by_sample(self) -> list[torch.Tensor]:
+        """The final latents (one row each) of samples 0, 1, ... in order, as far as every one has
+        some: each from the last pipeline call that held it (its samples from the seeds its first
+        latents were drawn with: _check_start), so that a run making its samples in another order
+        than the batch's (last first, say) has its images held to their own latents."""
+        by_sample: dict[int, torch.Tensor] = {}
+        for latents, pipeline in zip(self.final_latents, self.final_pipelines):
+            first, count = self._pipeline_samples.get(pipeline, (None, 0))
+            if first is None or latents.dim() < 1 or latents.shape[0] < count:
+                continue
+            for j in range(count):
+                by_sample[first + j] = latents[j:j + 1]
+        ordered = []
+        while len(ordered) in by_sample:
+            ordered.append(by_sample[len(ordered)])
+        return ordered
 
     def figures(self) -> dict:
         """{"calls", "per_pipeline_call", "checked", "guided", "worst_residual": [share, call] (of the
@@ -815,7 +835,7 @@ def end_image_figures(final_latents: list[torch.Tensor], images: list[torch.Tens
     """The run's images (the replay's, H x W x 3 values in [0, 1] before rounding to 8 bits:
     trace.image_values, in sample order) against the harness's own
     decoding (the zoo's VAE, float32) of the latents the task's last step makes of each pipeline
-    call's last denoiser call (StepCheck.final_latents, in the order of the calls): {"samples",
+    call's last denoiser call (StepCheck.final_latents_by_sample: in sample order): {"samples",
     "worst_rms_levels": [root mean square difference in 8-bit levels, sample], "problem"}. Whatever
     the run did after its last denoiser call (another last step, a change of the latents, a decoder
     fed a decoy) shows here, as the images are what is judged."""
@@ -823,9 +843,8 @@ def end_image_figures(final_latents: list[torch.Tensor], images: list[torch.Tens
         return {"samples": 0, "worst_rms_levels": [0.0, None], "problem": "no pipeline call ended"}
     latents = torch.cat(final_latents)
     if 0 < len(images) < latents.shape[0]:
-        # pipeline calls before the last ones (a warm-up, a decoy, a call repeated) made no image
-        # returned: the images are the last calls' (their samples' seeds: StepCheck._seeds_of)
-        latents = latents[latents.shape[0] - len(images):]
+        # samples past the images' (a warm-up's whose draws no seed explains, counted on): no image of theirs
+        latents = latents[:len(images)]
     if latents.shape[0] != len(images):
         return {"samples": int(latents.shape[0]), "worst_rms_levels": [0.0, None],
                 "problem": f"{len(images)} images for the {latents.shape[0]} latents the pipeline calls ended with"}

@@ -283,6 +283,7 @@ def test_each_call_of_an_honest_tome_run_is_the_golds_call_with_the_runs_merges(
     calls = figures["gold_calls"]
     assert calls["problem"] is None and calls["unmatched"] == [0, None], calls
     assert calls["merges_unmatched"] == [0, None] and calls["compared"] == figures["calls"] * 2, (calls, figures)
+    assert calls["merges_differed"] == 0, calls  # the same arithmetic here: no near-tie broken otherwise
     assert calls["worst_relative"][0] < stages.GOLD_CALL_BOUND / 10, calls
     assert _judged(figures) == [], figures
 
@@ -709,6 +710,7 @@ def test_the_runs_tome_matching_is_taken_where_it_is_optimal_on_the_golds_simila
     with merging:
         merge, _ = tomesd.merge.bipartite_soft_matching_random2d(metric, 4, 4, 2, 2, 1)
     assert merging.end() is followed
+    assert merging.differed == (1 if followed else 0)  # a tie broken otherwise than the gold's, counted
     if followed:  # the one merged source went to destination 1: the run's choice, not the gold's
         merged = merge(metric)
         assert int(order[0, 0]) == source  # the most similar source: the one merged
@@ -745,3 +747,19 @@ def test_whatever_merges_a_run_hands_over_the_golds_merge_runs_and_torch_is_rest
         assert tuple(unmerged(merged(metric)).shape) == (2, 16, 4)
     assert merging.end() is (merge[1] == 1)
     assert torch.randint is randint and tomesd.merge.bipartite_soft_matching_random2d is original
+
+
+def test_the_images_are_held_to_their_own_samples_final_latents_in_whatever_order_the_run_made_them():
+    """An honest run may make its samples in another order than the batch's (last first) and
+    return the images in sample order: each image is held to the final latents of the pipeline
+    call that made its sample (its samples read off the seeds its first latents were drawn with),
+    not to the calls' order. A sample held by a later call (a repeat) is that call's."""
+    check = updates.StepCheck(lambda: (None, [0]), 7.5, False, None)
+    latents = {name: torch.full((1, 4, 2, 2), value) for name, value in (("a", 0.0), ("b", 1.0), ("c", 2.0))}
+    check.final_latents = [latents["b"], latents["a"], latents["c"]]
+    check.final_pipelines = [0, 1, 2]
+    check._pipeline_samples = {0: (1, 1), 1: (0, 1), 2: (1, 1)}  # sample 1, sample 0, sample 1 again
+    ordered = check.final_latents_by_sample()
+    assert [float(t.flatten()[0]) for t in ordered] == [0.0, 2.0]
+    check._pipeline_samples = {0: (1, 1), 1: (2, 1), 2: (3, 1)}  # no call made sample 0: no image has latents
+    assert check.final_latents_by_sample() == []
