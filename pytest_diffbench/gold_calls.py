@@ -16,14 +16,17 @@ its input: updates.exit_output) to the gold's, relative root mean square. Everyt
 besides its latents is then the gold's, and the run's output must be what the gold's call makes.
 
 ToMe (tomesd) merges each transformer block's tokens to destinations drawn from a generator forked
-off torch's global one, and its tiles (sx, sy) and the parts it merges (attention, cross-attention,
-MLP) are settings the task leaves free. The replay keeps each call's draws
-(updates.StepCheck.merge_draw); the gold's blocks then merge with the run's call's draws, in order
-(MergesOfTheRun), their tiles read off the draws' shapes. The ratio, max_downsample and the parts
-merged stay the gold's (the task's: a run that merges other parts than the gold fails the gold's
-work per module anyway, stages.py). A gold call whose rows come from run calls of different draws, or whose
-blocks take more or fewer draws than the run's call made, is a call the run's merges do not give
-(`merges_unmatched`).
+off torch's global one, and its tiles (sx, sy) and randomness are settings the task leaves free.
+The replay keeps each call's merges (updates.StepCheck.merge_op: the draw, and the matching the run
+made); the gold's blocks then merge with the run's call's draws, in order (MergesOfTheRun), their
+tiles read off the draws' shapes, and with the run's matching where it is optimal on the gold's
+similarities (near-ties an honest form breaks otherwise than the gold's rounding). The ratio,
+max_downsample and the parts merged stay the gold's, the task's (a run that merges other parts
+fails the gold's work per module too: measured in session 39). A gold call whose rows come from
+run calls of different draws, whose blocks take more or fewer merges than the run's call made, or
+whose run matching is off, is a call the run's merges do not give (`merges_unmatched`). Only
+tomesd's own code is followed (stage 1 requires it): a merge written otherwise (`topk`, `argmax`)
+keeps no matching and fails here.
 
 Plain functions over a StepCheck's kept calls: stages.step_mismatches judges the figures.
 """

@@ -45,7 +45,7 @@ MAX_DRAWS = 256
 #: the most values (entry latents and outputs) the check keeps of a replay's denoiser calls for
 #: gold_calls.py (a tiny run keeps thousands): a run past it fails (a problem)
 MAX_KEPT_ELEMENTS = 1 << 24
-#: the most merge draws (merge_draw) one denoiser call keeps: tomesd draws once per transformer block
+#: the most ToMe merges (merge_op) one denoiser call keeps: tomesd draws once per transformer block
 MAX_MERGE_DRAWS = 256
 _SCATTERS = (torch.ops.aten.scatter_, torch.ops.aten.scatter)
 
@@ -843,7 +843,8 @@ def end_image_figures(final_latents: list[torch.Tensor], images: list[torch.Tens
         return {"samples": 0, "worst_rms_levels": [0.0, None], "problem": "no pipeline call ended"}
     latents = torch.cat(final_latents)
     if 0 < len(images) < latents.shape[0]:
-        # samples past the images' (a warm-up's whose draws no seed explains, counted on): no image of theirs
+        # samples past the images' (counted on where no seed explains a call's draws, which fails
+        # the start's seeds anyway): no image of theirs
         latents = latents[:len(images)]
     if latents.shape[0] != len(images):
         return {"samples": int(latents.shape[0]), "worst_rms_levels": [0.0, None],
