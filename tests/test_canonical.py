@@ -51,7 +51,10 @@ def test_an_op_on_half_tensors_is_computed_in_float64_and_rounded_as_the_op_woul
     if name == "sdpa":  # q * 0.5 and q + 1 are rounded to half first, as recorded: compare in that form
         exact = F.scaled_dot_product_attention(wide["q"], (q * 0.5).double(), (q + 1).double()).half()
     assert torch.equal(canonical, exact), (canonical - exact).abs().max()
-    if name in ("conv2d", "sdpa"):  # natively rounded otherwise in places (1 of 972 and 40 of 336 here)
+    # natively rounded otherwise in places: sdpa here (40 of 336), so canonical is what makes it
+    # exact; a convolution's native half kernel depends on the CPU (1 of 972 elements off on the
+    # machines of sessions 11-38, none on session 39's, whose oneDNN uses AMX), so it is not asserted
+    if name == "sdpa":
         assert not torch.equal(native, exact)
 
 
