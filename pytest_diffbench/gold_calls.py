@@ -104,10 +104,10 @@ class GoldCalls:
         # rounding scatters and averages out there, a changed guidance or conditioning does not
         pooled = {"scale": 0.0, "size": 0.0, "guidance": 0.0, "direction": 0.0}
 
-        def unmatched(n: int) -> None:
-            state["unmatched"][0] += 1
-            if state["unmatched"][1] is None:
-                state["unmatched"][1] = n
+        def unmatched(n: int, key: str = "unmatched") -> None:
+            state[key][0] += 1
+            if state[key][1] is None:
+                state[key][1] = n
 
         def replace(module, args):
             n = state["calls"]
@@ -133,9 +133,7 @@ class GoldCalls:
             n, theirs, twice, rows = state["rows"]
             state["rows"] = None
             if not merging.end():
-                state["merges_unmatched"][0] += 1
-                if state["merges_unmatched"][1] is None:
-                    state["merges_unmatched"][1] = n
+                unmatched(n, "merges_unmatched")
                 return
             # one row per latent the call took (a transformer's tokens, a UNet's maps, flattened)
             mine = out.detach().double().reshape(rows, -1) if out.numel() % rows == 0 else None
@@ -308,8 +306,7 @@ class MergesOfTheRun:
             return self._original(metric, w, h, sx, sy, r, no_rand=no_rand, generator=generator)
         self.taken += 1
         index, choices, destinations, order = merge
-        self._gold_tiles = (sx, sy)
-        sx, sy = tiles
+        gold_tiles, (sx, sy) = (sx, sy), tiles
         tolerance = MATCHING_TOLERANCE["half" if metric.dtype in (torch.float16, torch.bfloat16) else "full"]
         sources = metric.shape[1] - (h // sy) * (w // sx)
         matching = _RunsMatching(destinations, order, min(sources, r), tolerance)
@@ -334,8 +331,7 @@ class MergesOfTheRun:
         elif matching.differed:
             self.differed += 1
         if merged is None:  # the gold's own merge in its place, for a call that fails as the run's anyway
-            merged = self._original(metric, w, h, self._gold_tiles[0], self._gold_tiles[1], r, no_rand=no_rand,
-                                    generator=generator)
+            merged = self._original(metric, w, h, *gold_tiles, r, no_rand=no_rand, generator=generator)
         return merged
 
 
