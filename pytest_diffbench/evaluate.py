@@ -150,6 +150,16 @@ def canonical_images(task, profile: "Profile") -> bool:
             and getattr(task.expect, "dtype", None) in HALF_DTYPES)
 
 
+def child_env(profile: "Profile") -> dict:
+    """The environment every sandboxed run of `profile` gets: the scrubbed one of this process, the
+    zoo's settings, the profile's thread count and CUDA device."""
+    extra = dict(profile.model_env)
+    extra["OMP_NUM_THREADS"] = str(profile.threads)
+    if profile.visible_devices is not None:
+        extra["CUDA_VISIBLE_DEVICES"] = profile.visible_devices
+    return scrubbed_env(os.environ, extra)
+
+
 def throwaway_seeds(count: int) -> list[int]:
     """Seeds for a candidate's own run when its call is proved by replay: fresh for every run,
     distinct, and never the verdict's."""
@@ -943,11 +953,7 @@ class Evaluator:
 
     # -- children -------------------------------------------------------------------------
     def _child_env(self) -> dict:
-        extra = dict(self.profile.model_env)
-        extra["OMP_NUM_THREADS"] = str(self.profile.threads)
-        if self.profile.visible_devices is not None:
-            extra["CUDA_VISIBLE_DEVICES"] = self.profile.visible_devices
-        return scrubbed_env(os.environ, extra)
+        return child_env(self.profile)
 
     def run_code(self, role: str, task, code: str, batch: dict, images_dir: Path, harness_dir: Path,
                  measure: bool = True, dtype: str = "float32", record_trace: dict | None = None) -> SandboxOutcome:

@@ -706,6 +706,7 @@ def pytest_configure(config):
     session.tasks_dir = tasks_dir
     session.shard = _shard_option(config)
     session.resolve_session_profile()
+    _protect_harness_files(session)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "diffbench-session")
     if config.args_source != pytest.Config.ArgsSource.ARGS:
@@ -856,6 +857,25 @@ def _check_sandbox(config) -> str:
     try:
         return resolve_isolation(config.getoption("diffbench_sandbox"))
     except (SandboxUnavailable, ValueError) as exc:
+        raise pytest.UsageError(f"--diffbench-sandbox: {exc}") from None
+
+
+def _protect_harness_files(session) -> None:
+    """Register what no candidate may read (sandbox.protect) and stop the session (a usage error,
+    before any candidate runs) where the candidates' readable paths, which the environment and the
+    zoo's settings add to, would show one of them under the strong backend."""
+    from .evaluate import child_env
+    from .sandbox import STRONG_ISOLATIONS, SandboxUnavailable, check_protected, protect
+
+    protect({"the baseline cache (its key, baselines, the LLM cache)": session.cache_dir,
+             "the run directory": session.run_dir, "the task files (golds, calibrations)": session.tasks_dir,
+             "the rootdir": session.config.rootpath, "your home": Path.home()})
+    profile = session.profile
+    if profile is None or profile.limits.isolation not in STRONG_ISOLATIONS:
+        return
+    try:
+        check_protected(child_env(profile))
+    except SandboxUnavailable as exc:
         raise pytest.UsageError(f"--diffbench-sandbox: {exc}") from None
 
 

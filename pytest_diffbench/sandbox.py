@@ -145,9 +145,16 @@ class SandboxUnavailable(RuntimeError):
     strong one (a harness error: the session stops before any candidate runs)."""
 
 
+# A URL's user information (`scheme://user:password@host`): a credential inside an allowed variable's value.
+_URL_CREDENTIALS = re.compile(r"://[^/@\s]*@")
+
+
 def scrubbed_env(base: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: allowlisted, secret-free variables of `base`, then `extra`."""
-    env = {k: v for k, v in base.items() if ENV_ALLOWLIST.match(k) and not SECRET_PATTERN.search(k)}
+    """The child's environment: allowlisted, secret-free variables of `base`, then `extra`. A
+    variable of `base` whose value carries a URL's user information (HF_ENDPOINT=https://user:token@...)
+    is left out too: its name is allowed, the credential inside is not."""
+    env = {k: v for k, v in base.items()
+           if ENV_ALLOWLIST.match(k) and not SECRET_PATTERN.search(k) and not _URL_CREDENTIALS.search(v)}
     for key, value in (extra or {}).items():
         if SECRET_PATTERN.search(key):
             raise ValueError(f"refusing to pass secret-looking variable {key!r} to a candidate")
@@ -516,7 +523,51 @@ def _readable_paths(env: Mapping[str, str], job: dict, extra: Sequence[os.PathLi
         for variant in (os.path.abspath(path), os.path.realpath(path)):
             if variant not in out and not variant.startswith(("/proc", "/dev", "/sys")):
                 out.append(variant)
+    shown = protected_paths_shown(out)
+    if shown:
+        raise SandboxUnavailable(shown[0])
     return sorted(out, key=lambda p: (p.count("/"), p))
+
+
+#: what no strong backend may show a candidate, whatever the environment names: registered by the
+#: session (`protect`): the baseline cache (its key, baselines, the LLM cache), the run directory,
+#: the task files, the rootdir and the user's home. A readable path taken from the environment
+#: (TORCH_HOME, HF_HUB_CACHE, VIRTUAL_ENV, LD_LIBRARY_PATH, ...) or the zoo's settings that is one of
+#: them or a folder above one would bind it whole (TORCH_HOME=~/.cache shows the key that the
+#: secret seeds and every authenticated record derive from).
+_PROTECTED: dict[str, str] = {}
+
+
+def protect(paths: Mapping[str, os.PathLike | str | None]) -> None:
+    """Register what each path is (`{"the baseline cache": cache_dir, ...}`) as never readable by a
+    candidate; a child whose readable paths would show one is refused (`SandboxUnavailable`)."""
+    for what, path in paths.items():
+        if path:
+            _PROTECTED[os.path.realpath(os.path.abspath(path))] = what
+
+
+def check_protected(env: Mapping[str, str]) -> None:
+    """Raise `SandboxUnavailable` where a candidate run in `env` (the child's environment) would be
+    shown a protected path (`protect`): called before any candidate runs, so that the session stops."""
+    env = dict(env)
+    env.setdefault("HF_HUB_CACHE", _effective_hub_cache(env))
+    _readable_paths(env, {}, ())
+
+
+def protected_paths_shown(readable: Sequence[str], protected: Mapping[str, str] | None = None) -> list[str]:
+    """For each readable path that is, or holds, a protected one: what it would show and how to fix it."""
+    protected = _PROTECTED if protected is None else protected
+    hidden = _hidden_paths()
+    shown = []
+    for path in readable:
+        real = os.path.realpath(path)
+        for guarded, what in protected.items():
+            # (the suite installed inside the package: hidden by its own layer, HIDDEN_PACKAGES)
+            if _within(guarded, real) and not any(_within(guarded, h) for h in hidden):
+                shown.append(f"the candidates' readable path {path} would show {what} ({guarded}): it comes from "
+                             f"the environment (TORCH_HOME, HF_HUB_CACHE, VIRTUAL_ENV, LD_LIBRARY_PATH, ...) or the "
+                             f"zoo's folder; point it at a folder that holds none of the harness's files")
+    return shown
 
 
 def _effective_hub_cache(env: Mapping[str, str]) -> str:

@@ -62,6 +62,19 @@ def test_unknown_level_is_a_usage_error():
     assert "--diffbench-level" in out.stderr and "L9" in out.stderr
 
 
+def test_an_environment_that_would_show_candidates_the_cache_stops_the_session(tmp_path):
+    """TORCH_HOME set to the folder that holds the baseline cache (and its key): a usage error before
+    any candidate runs, naming the path; the same session with TORCH_HOME beside it collects."""
+    cache = tmp_path / "cache" / "diffbench"
+    args = ("--diffbench-level=L1", "-k", "L1-sd15-t2i-0001", "--collect-only", "-q")
+    out = run_pytest(*args, env={"DIFFBENCH_CACHE_DIR": str(cache), "TORCH_HOME": str(tmp_path / "cache")})
+    assert out.returncode == 4, out.stdout + out.stderr
+    assert f"readable path {tmp_path / 'cache'} would show the baseline cache" in out.stderr
+    (tmp_path / "torch").mkdir()
+    out = run_pytest(*args, env={"DIFFBENCH_CACHE_DIR": str(cache), "TORCH_HOME": str(tmp_path / "torch")})
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_bad_task_file_names_file_task_and_field(tmp_path):
     tasks = tmp_path / "tasks"
     shutil.copytree(TASKS / "L1", tasks / "L1")

@@ -60,6 +60,32 @@ def test_secret_in_extra_env_is_refused():
         scrubbed_env({}, {"ANTHROPIC_API_KEY": "x"})
 
 
+def test_a_credential_inside_an_allowed_variables_value_is_left_out():
+    env = scrubbed_env({"HF_ENDPOINT": "https://user:hf_secret@mirror.example/", "HF_HUB_CACHE": "/models",
+                        "TORCH_HOME": "/srv/torch"})
+    assert "HF_ENDPOINT" not in env
+    assert env["HF_HUB_CACHE"] == "/models" and env["TORCH_HOME"] == "/srv/torch"
+
+
+def test_a_readable_path_that_holds_a_protected_one_is_refused(tmp_path, monkeypatch):
+    """TORCH_HOME (or HF_HUB_CACHE, VIRTUAL_ENV, ...) naming a folder above the baseline cache would
+    bind the cache whole, its key included (review of session 40, F5): refused, naming both."""
+    cache = tmp_path / "cache" / "pytest-diffbench"
+    cache.mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    monkeypatch.setattr(sandbox, "_PROTECTED", {})
+    sandbox.protect({"the baseline cache": cache})
+    assert sandbox._readable_paths({"TORCH_HOME": str(tmp_path / "models")}, {}, ())  # beside it: fine
+    for exposing in (tmp_path / "cache", cache):
+        with pytest.raises(SandboxUnavailable, match=f"readable path {exposing} would show the baseline cache"):
+            sandbox._readable_paths({"TORCH_HOME": str(exposing)}, {}, ())
+    with pytest.raises(SandboxUnavailable, match="the baseline cache"):
+        sandbox.check_protected({"LD_LIBRARY_PATH": f"/usr/lib:{tmp_path}"})
+    # a folder inside the protected one (the zoo inside the default cache folder) shows nothing above it
+    (cache / "zoo").mkdir()
+    assert str(cache / "zoo") in sandbox._readable_paths({"HF_HUB_CACHE": str(cache / "zoo")}, {}, ())
+
+
 def test_isolation_is_resolved_and_recorded(monkeypatch):
     monkeypatch.delenv("DIFFBENCH_SANDBOX", raising=False)
     assert BACKENDS[-1] == "none"
