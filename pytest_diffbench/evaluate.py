@@ -385,14 +385,22 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
                 least_shares.update({f"tgate+deepcache:{attention}": share for attention, share
                                      in tgate_with_deepcache_shares(attributes, _mid_call_list(candidate)).items()})
         if "fast_sampler" in allowed:
-            # the steps are free: held to the reference's work per denoiser call times the calls per
-            # pipeline call that stage 1 reports (a denoiser answering some calls from an earlier
-            # output reports every call; red team round 8 on a hard L4 task that allows step cuts)
-            cand_calls, ref_calls = _denoiser_calls(candidate), _denoiser_calls(reference)
+            # the steps are free: held to the reference's work per denoiser call times the calls each
+            # image went through. Where the call was replayed, those the harness's replay counted at
+            # the denoiser's entry: the mean of the calls stage 1 reports per pipeline call is the
+            # run's own partition (a `set_timesteps` on a spare scheduler opens a "pipeline call":
+            # reported as [1, 1, ...], every module was held to one call per image, and guidance
+            # dropped on 8 of 12 calls passed a hard L4 task: red team round 21). Elsewhere (GPU
+            # profiles) the report (a denoiser answering some calls from an earlier output reports
+            # every call; red team round 8 on a hard L4 task that allows step cuts)
+            replayed_calls = _replayed_calls_per_image(candidate)
+            cand_calls = replayed_calls if replayed_calls is not None else _denoiser_calls(candidate)
+            ref_calls = _denoiser_calls(reference)
             if not cand_calls or not ref_calls:
                 return None
             scale, per_call = cand_calls / ref_calls, True
-            name = f"the reference's per denoiser call, times the {cand_calls:g} calls per image reported"
+            name = (f"the reference's per denoiser call, times the {cand_calls:g} calls per image "
+                    + ("the harness's replay counted" if replayed_calls is not None else "reported"))
 
     def per_image(run: Mapping) -> dict | None:
         by_module = ((run.get("flops") or {}).get("seeded") or {}).get("by_module")
@@ -491,6 +499,13 @@ def module_work_evidence(task, candidate: Mapping, reference: Mapping, gold: Map
                 "tgate_settings": attributes.get("tgate_intervals") if "tgate" in methods else None,
                 "tgate_guided_calls": guided if "tgate" in methods else None}
     evidence.update(rows)
+    # L1-L3 judge speed against the gold's (stage 3: at most MAX_SLOWDOWN_VS_GOLD slower), so a run
+    # doing more than that is failed there whatever it computes; L4/L5 compare U with the target only
+    evidence["slowdown_judged"] = against is gold
+    # the calls DeepCache computed exempt the UNet's modules from computing on every call only where
+    # DeepCache can be at work: asked by the task (L1-L3), or allowed and seen applied, its branch
+    # observed (L4/L5); not for any run of a task that merely allows it (red team round 21)
+    evidence["deepcache_calls_exempt"] = "deepcache" in (task_methods(task) if against is gold else methods)
     if against is gold:
         evidence["unlightened_dims"] = dims_per_image(reference)
         # L1-L3: where the gold's steps or methods lighten a module, the reference's figure too
@@ -904,6 +919,23 @@ def _mid_call_list(run: Mapping) -> list | None:
     """The calls the UNet's mid block computed on, as the replay's call books list them."""
     mid = (_row_work(run) or {}).get(stages.DEEPCACHE_MID_CALLS)
     return mid.get("call_list") if isinstance(mid, Mapping) else None
+
+
+def _replayed_calls_per_image(run: Mapping) -> float | None:
+    """The denoiser calls each image went through, as the harness's replay counted the latents
+    entering the denoiser (a latent held twice for guidance is one pass), over the images; None
+    where the call was not replayed. Batching and looping give the same figure; no partition of
+    the calls the run chooses enters it (stages.entry_mismatches holds the entries to the calls)."""
+    flops = run.get("flops") if isinstance(run.get("flops"), Mapping) else {}
+    replay = flops.get("replay") if isinstance(flops.get("replay"), Mapping) else {}
+    entry = replay.get("denoiser_entry")
+    count = run.get("num_images")
+    if not isinstance(entry, Mapping) or not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        return None
+    rows, twice = entry.get("rows"), entry.get("rows_twice")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (rows, twice)) or twice > rows:
+        return None
+    return (twice / 2 + (rows - twice)) / count
 
 
 def _denoiser_calls(run: Mapping) -> float | None:

@@ -1308,6 +1308,9 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
     allowed = evidence.get("task_methods") or ()
     tgate, token_merging = "tgate" in allowed, "tomesd" in allowed
     mid = work.get(DEEPCACHE_MID_CALLS)
+    # DeepCache's calls exempt a UNet module only where DeepCache can be at work (evaluate.
+    # module_work_evidence: asked on L1-L3, seen applied on L4/L5); records before session 40: the task's
+    deepcache_calls = evidence.get("deepcache_calls_exempt", "deepcache" in allowed)
     kept = tome_kept_shares(work, units) if token_merging else {}
     merged = {part: share for part, share in kept.items() if share < 1 - ROW_WORK_TOLERANCE}
     # a book the reference has that the run computed on no call at all has no figures: it is held
@@ -1327,8 +1330,8 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
         least, most = figures["least_per_row"], figures["most_per_row"]
         own_schedule = tgate and TGATE_ATTENTION.search(module)
         if not own_schedule and isinstance(calls, int) and figures["calls"] != calls and not (
-                module.startswith("unet.") and isinstance(mid, Mapping) and mid.get("calls_digest") is not None
-                and figures.get("calls_digest") == mid.get("calls_digest")):
+                deepcache_calls and module.startswith("unet.") and isinstance(mid, Mapping)
+                and mid.get("calls_digest") is not None and figures.get("calls_digest") == mid.get("calls_digest")):
             # DeepCache skips the UNet's blocks whole on the calls it answers from its cache, the mid
             # block's among them, and T-GATE caches attention on calls of its own: any other set is a
             # module's work cached across calls (an MLP reused on some calls, which its floor at
@@ -1336,7 +1339,7 @@ def row_work_problem(evidence: Mapping[str, Any]) -> str | None:
             # (the trust review of session 33, F3)
             return (f"a denoiser module computed on calls that are neither every call nor DeepCache's: expected "
                     f"{module} to compute on all {calls} denoiser calls"
-                    + (f" or on the {mid.get('calls')} the UNet's mid block computed" if isinstance(mid, Mapping)
+                    + (f" or on the {mid.get('calls')} the UNet's mid block computed" if isinstance(mid, Mapping) and deepcache_calls
                        and module.startswith("unet.") else "")
                     + f", found it on {figures['calls']} calls of another set (counted by the harness's replay); "
                       f"its work reused from an earlier call, booked to another module, or done out of the "
@@ -1934,10 +1937,14 @@ def module_work_problem(evidence: Mapping[str, Any] | None) -> str | None:
                     f"{ref:.4g} FLOPs per image that follow the seeds ({against}{allowed}{unseen_text}), found "
                     f"{found:.4g} (counted by the harness's replay); a step or guidance's unconditional branch answered "
                     f"without computing it, its work done elsewhere, or fewer tokens than the call's")
-    # A candidate doing more than twice the work it is held to is too slow whatever it computes:
-    # stage 3 says so, and the rules that read more work somewhere as steered work stand aside
+    # A candidate doing more than twice the work it is held to is too slow whatever it computes
+    # where stage 3 says so (L1-L3, against the gold's speed), and there the rules that read more
+    # work somewhere as steered work stand aside. Not on L4/L5, where stage 3 compares U with the
+    # target only: a run held to a figure it made small (the calls per pipeline call it partitioned)
+    # switched the ceilings and the outside-work rule off so (red team round 21)
     found_total = sum(_figure(candidate, book) for book in candidate)
-    too_slow = found_total > MAX_SLOWDOWN_VS_GOLD * sum(_figure(reference, book) for book in reference)
+    too_slow = bool(evidence.get("slowdown_judged")) and \
+        found_total > MAX_SLOWDOWN_VS_GOLD * sum(_figure(reference, book) for book in reference)
     problem = (None if too_slow else (free_products_problem(evidence)
                                       or self_attention_projections_problem(candidate, reference, judged))) or \
         attention_keys_problem(candidate, reference, judged, methods, upper=not too_slow)

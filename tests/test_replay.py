@@ -702,6 +702,40 @@ def test_text_encoded_before_the_judged_call_buys_no_speed(tiny_zoo, baseline_ca
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("forge", [True, False])
+def test_guidance_dropped_behind_a_partition_of_the_calls_fails_the_module_work(forge, tiny_zoo, baseline_cache_dir,
+                                                                                 tmp_path):
+    """Red team round 21 (tests/adversarial_tasks/guidance_dropped_behind_a_partition_of_the_calls.py):
+    a `set_timesteps` on a spare scheduler before every denoiser call made each call a "pipeline
+    call", so the module rule held every module to one reference call per image; the run then
+    counted as "too slow" and the ceilings and the outside-work rule stood aside, while 8 of 12
+    calls ran everything after the entry on the conditional row alone, on weights booked to no
+    module. The calls per image are now the replay's (the latents entering the denoiser) and every
+    rule holds on L4/L5. The same code with guidance on every call (forge=False) is no forgery:
+    stage 1 passes it, and it is too slow for the target."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
+        load_task(REPO / "tasks" / "L4" / "L4-sd15-i2i-hard-0021.yaml"))
+    code = (TASK_ATTACKS / "guidance_dropped_behind_a_partition_of_the_calls.py").read_text()
+    if not forge:
+        code = code.replace("FORGE = True", "FORGE = False")
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    print(f"\nforge={forge} on {task.id}: {result.verdict}, U {result.measures.U}, L {result.measures.L}")
+    assert result.flops["source"] == "replay", result.flops.get("source")
+    if forge:
+        assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+        assert "the denoiser's work falls short" in result.verdict.message, result.verdict.message
+        assert "calls per image the harness's replay counted" in result.verdict.message, result.verdict.message
+    else:
+        assert result.verdict.stage_reached >= 3 and result.verdict.category == stages.RELATIVE_SPEED, result.verdict
+
+
+@pytest.mark.slow
 def test_seed_free_work_done_off_the_record_buys_no_speed(tiny_zoo, baseline_cache_dir, tmp_path):
     """tests/adversarial_tasks/seed_free_work_off_the_record.py (red team round 7, S1): the
     reference's configuration, with every seed-free part of the call computed while the recorder

@@ -390,6 +390,11 @@ def test_on_l1_l3_a_module_the_gold_lightens_must_be_nearer_the_golds_work_than_
     assert stages.module_work_problem(module_work_evidence(spec, run(four_times), run(reference), gold=run(gold))) is None
     l4 = SimpleNamespace(level="L4", expect=SimpleNamespace(allowed_methods=("tgate",)))
     assert "unlightened" not in module_work_evidence(l4, run(reference), run(reference))  # L4/L5: lower side only
+    # ... and no "too slow" there: stage 3 compares U with the target only, so four times the work
+    # held to is work steered into the modules (red team round 21: the ceilings had stood aside)
+    problem = stages.module_work_problem(module_work_evidence(l4, run({k: 4 * v for k, v in reference.items()}),
+                                                              run(reference)))
+    assert problem is not None and "exceeds" in problem, problem
 
 
 @pytest.mark.slow
@@ -1552,11 +1557,15 @@ def test_a_call_computing_part_of_the_rows_that_entered_the_denoiser_fails_stage
     # a convolution computes on every call or on the calls DeepCache computed (the mid block's),
     # not on a set of its own (its work booked elsewhere on some calls: the review's F3)
     deep = "unet.down_blocks.1.resnets.0.conv1"
-    skipped = row_work_evidence(candidate(100.0, name=deep), reference)
+    skipped = row_work_evidence(candidate(100.0, name=deep), reference, ("deepcache",))
     skipped["row_work"] = {deep: dict(skipped["row_work"][deep], calls=2, calls_digest="aa"),
                            module: dict(skipped["row_work"][deep], calls=2, calls_digest="aa"),
                            attention: dict(skipped["row_work"][attention], calls=2, calls_digest="aa")}
     assert module == stages.DEEPCACHE_MID_CALLS and stages.row_work_problem(skipped) is None
+    # ... only where DeepCache can be at work (module_work_evidence: asked on L1-L3, seen applied on
+    # L4/L5): not for a run that merely may apply it (red team round 21), nor where no task allows it
+    assert "neither every call nor DeepCache's" in stages.row_work_problem(dict(skipped, deepcache_calls_exempt=False))
+    assert "neither every call nor DeepCache's" in stages.row_work_problem(dict(skipped, task_methods=[]))
     skipped["row_work"][deep]["calls_digest"] = "bb"
     assert "neither every call nor DeepCache's" in stages.row_work_problem(skipped)
     # so does every other module (an MLP computed on some calls and reused on the others), except
