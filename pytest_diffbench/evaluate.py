@@ -1248,7 +1248,13 @@ class Evaluator:
             tb = err.get("traceback") or outcome.stderr_tail[-2000:]
             return {"ok": False, "category": stages.RUNTIME, "message": f"{failure}\n{tb}".strip(), "attributes": None}
         attributes = outcome.result.get("attributes") or {}
-        mismatches = stages.key_attribute_mismatches(task.expect, task.level, attributes, None)
+        try:
+            mismatches = stages.key_attribute_mismatches(task.expect, task.level, attributes, None)
+        except Exception as exc:  # noqa: BLE001 - the candidate's document: its failure, never a harness error
+            # (as stages._judge has it for the verdict: a steps record `[1]` raised here, out of the generator)
+            return {"ok": False, "category": stages.RUNTIME, "attributes": None,
+                    "message": f"bad result: the parent could not judge the attributes of the candidate's "
+                               f"document ({type(exc).__name__}: {stages.printable(str(exc))[:200]})"}
         if mismatches:
             return {"ok": False, "category": stages.KEY_ATTRIBUTE, "message": "; ".join(map(str, mismatches)),
                     "attributes": attributes}

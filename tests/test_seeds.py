@@ -397,3 +397,23 @@ def test_a_candidate_that_passes_on_its_own_seeds_fails_on_the_held_out_ones_and
         data = path.read_bytes()
         assert data not in secret_images, path
         assert not any(str(seed).encode() in data for seed in batch["seeds"]), path
+
+
+@pytest.mark.parametrize("attributes, category", [({"steps": [1]}, "runtime"), ({"methods": [1]}, "runtime"),
+                                                 ({"steps": {"denoiser_calls": "x"}}, "key_attribute")])
+def test_a_smoke_runs_malformed_document_is_the_candidates_failure_never_an_exception(
+        attributes, category, make_evaluator, tmp_path, monkeypatch):
+    """The debugging agent's smoke run judges the child's attributes as the verdict does: a document
+    the parent cannot judge is the candidate's runtime failure (review of session 40, F3), never an
+    exception out of the generator (a harness error of the task). The child's document is a test
+    double here (SandboxOutcome): a real child sends only what its hooks observed."""
+    from pytest_diffbench.sandbox import SandboxOutcome
+
+    evaluator = make_evaluator(tmp_path / "run")
+    monkeypatch.setattr(evaluator, "run_code", lambda *a, **k: SandboxOutcome(
+        "ok", 0, {"status": "ok", "attributes": attributes}, 0.1))
+    t = task(C2I)
+    smoke = evaluator.smoke(t, t.gold, tmp_path / "smoke")
+    assert (smoke["ok"], smoke["category"]) == (False, category), smoke
+    if category == "runtime":
+        assert "bad result: the parent could not judge the attributes" in smoke["message"], smoke
