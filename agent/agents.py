@@ -78,20 +78,24 @@ class Check:
     attributes: dict | None = None
 
     def feedback(self) -> str:
+        """What the debugging agent is told: the harness's sentence, and what the module's run
+        produced (its traceback, the attributes it reported) in a data block (prompts.data_block)."""
         msg = clip_message(sanitise(self.message or "").strip())
         if self.ok:
             return "It ran on one sample in the benchmark's sandbox and its key attributes match the task."
         if self.category == SYNTAX:
-            return f"The module does not compile:\n\n{msg}"
-        if self.category == NO_CODE:
+            return "The module does not compile:\n\n" + prompts.data_block("Python's report", msg)
+        if self.category == NO_CODE:  # the harness's own words (extract.py)
             return f"No module could be taken from the answer: {msg}"
         if self.category == "key_attribute":
             items = "\n".join(f"- {m.strip()}" for m in msg.split("; ") if m.strip())
             return ("It ran on one sample in the benchmark's sandbox, but the key attributes of the returned "
-                    "pipeline (read by inspecting the object) do not match the task:\n" + items)
+                    "pipeline (read by inspecting the object) do not match the task:\n\n"
+                    + prompts.data_block("The mismatches found", items))
         if self.category == "runtime":
-            return f"It failed when the benchmark ran it on one sample in its sandbox:\n\n{msg}"
-        return f"It failed ({self.category}): {msg}"
+            return ("It failed when the benchmark ran it on one sample in its sandbox:\n\n"
+                    + prompts.data_block("The module's output", msg))
+        return f"It failed ({self.category}):\n\n" + prompts.data_block("The module's output", msg)
 
     def summary(self) -> str:
         first = sanitise(self.message or "").strip().splitlines()
@@ -136,7 +140,9 @@ class PlainAgent:
 
     def run(self) -> AgentResult:
         # An answer without a usable module is asked for again like a failed request (the plain
-        # baseline has no debugging agent to feed it back to); still none after the retries: harness error.
+        # baseline has no debugging agent to feed it back to); the last answer, when the retries ran
+        # out on such answers, is the model's: no module in it is a no_candidate verdict with the reason
+        # (an LLMError is left for failed exchanges).
         reply = self.llm.complete(prompts.plain(self.task), purpose="plain: single shot",
                                   accept=lambda text: extract_code(text).problem)
         found = extract_code(reply.text)
@@ -147,15 +153,18 @@ class PlainAgent:
                 self.transcript.note("no code in the answer", found.problem)
         stats = {"llm_calls": {"plain": 1}}
         if found.code is None:
-            return AgentResult(None, f"the model's answer has no usable module: {found.problem}", False, stats)
+            cut = f" ({reply.problem})" if reply.problem and reply.problem != found.problem else ""
+            return AgentResult(None, f"the model's answer has no usable module: {found.problem}{cut}", False, stats)
         return AgentResult(found.code, "", True, stats)
 
 
 class DiffAgent:
     def __init__(self, task, llm, *, smoke, kb: KnowledgeBase | None = None, transcript=None,
                  bounds: Bounds = Bounds(), profile: dict | None = None, memory=None,
-                 evaluate_population=None, ga_dir=None, progress=None, measurements: dict | None = None):
+                 evaluate_population=None, ga_dir=None, progress=None, measurements: dict | None = None,
+                 tag_key: bytes | None = None):
         self.task, self.llm, self.smoke = task, llm, smoke
+        self.tag_key = tag_key  # the harness's key: tags the GA's checkpoints (pytest_diffbench.keys)
         self.kb = kb or load_knowledge()
         self.transcript = transcript
         self.bounds = bounds
@@ -379,7 +388,8 @@ class DiffAgent:
 
             if self.evaluate_population is None:
                 raise RuntimeError("L4/L5 need a population evaluator (the harness's context.evaluate_population)")
-            selector = GeneticSelector(self, self.evaluate_population, self.bounds, self.ga_dir, self.memory)
+            selector = GeneticSelector(self, self.evaluate_population, self.bounds, self.ga_dir, self.memory,
+                                       tag_key=self.tag_key)
             best = selector.run()
             stats = {**self.stats_dict(), "ga_rounds": selector.rounds_run, "ga_stopped_early": selector.stopped_early}
             if best is None or best.code is None:

@@ -5,6 +5,10 @@ python/py/none) the last one that defines both `load_pipeline` and `generate` at
 that, all Python blocks joined when together they define both; failing that, the whole answer
 when it is bare code. Reasoning models' `<think>...</think>` sections are ignored. When nothing
 fits, `problem` says why, in words that go back to the model as feedback.
+
+The text is the model's, of any size and shape: nothing here raises on it (Python's compiler gives
+up on deeply nested code with RecursionError or MemoryError: that is the module's syntax problem)
+and nothing takes more than linear time (`strip_thinking`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import re
 from dataclasses import dataclass
 
 CODE_LANGS = {"", "python", "py", "python3", "py3"}
-_THINK = re.compile(r"<(think|thinking|reasoning)>.*?</\1>", re.S | re.I)
+_THINK_OPEN = re.compile(r"<(think|thinking|reasoning)>", re.I)
+_THINK_CLOSE = {name: re.compile(rf"</{name}>", re.I) for name in ("think", "thinking", "reasoning")}
 _OPEN = re.compile(r"^[ \t]{0,3}(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$")
 _LOAD = re.compile(r"^def[ \t]+load_pipeline[ \t]*\(", re.M)
 _GENERATE = re.compile(r"^def[ \t]+generate[ \t]*\(", re.M)
@@ -39,7 +44,30 @@ class Extraction:
 
 
 def strip_thinking(text: str) -> str:
-    return _THINK.sub("", text or "")
+    """`text` without its `<think>...</think>` (thinking, reasoning) sections: each opening tag up to
+    the first closing tag of its name, left to right; an opening tag without one stays. In linear
+    time: an opening tag after the last closing tag of its name is skipped without a search (a
+    regular expression searches the rest of the text again for each, quadratic in unclosed tags)."""
+    text = text or ""
+    last_close = {}
+    for name, close in _THINK_CLOSE.items():
+        ends = [m.start() for m in close.finditer(text)]
+        last_close[name] = ends[-1] if ends else -1
+    kept: list[str] = []
+    done = pos = 0
+    while True:
+        opener = _THINK_OPEN.search(text, pos)
+        if opener is None:
+            break
+        name = opener.group(1).lower()
+        if last_close[name] < opener.end():
+            pos = opener.end()  # never closed: kept as text
+            continue
+        close = _THINK_CLOSE[name].search(text, opener.end())
+        kept.append(text[done:opener.start()])
+        done = pos = close.end()
+    kept.append(text[done:])
+    return "".join(kept)
 
 
 def fenced_blocks(text: str) -> list[Block]:
@@ -86,7 +114,7 @@ def extract_code(answer: str) -> Extraction:
         try:
             ast.parse(text)
             return Extraction(text.strip("\n") + "\n", None, 0)
-        except SyntaxError:
+        except Exception:  # noqa: BLE001 - SyntaxError, or RecursionError/MemoryError on deep nesting: not bare code
             pass
     return Extraction(None, f"the answer contains no code block; answer with {CONTRACT_HINT}", 0)
 
@@ -104,6 +132,10 @@ def syntax_problem(code: str) -> str | None:
                 f"SyntaxError: {exc.msg}")
     except ValueError as exc:  # null bytes
         return f"SyntaxError: {exc}"
+    except Exception as exc:  # noqa: BLE001 - RecursionError, MemoryError, OverflowError: nesting too deep
+        # for the compiler (a few KB of `-` or `(` do it). The module's problem, as the sandbox would find.
+        why = str(exc)[:200] or "too deeply nested"
+        return f"SyntaxError: the module cannot be compiled ({type(exc).__name__}: {why})"
     return None
 
 
@@ -112,10 +144,11 @@ def extract_json(answer: str):
     text = strip_thinking(answer)
     candidates = [b.text for b in fenced_blocks(text) if b.lang in ("json", "json5", "")]
     candidates += [b.text for b in fenced_blocks(text) if b.lang not in ("json", "json5", "")]
+    # RecursionError: JSON nested deeper than the parser goes is no JSON value of the answer's either
     for c in candidates:
         try:
             return json.loads(c)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     decoder = json.JSONDecoder()
     for m in re.finditer(r"[\[{]", text):
@@ -124,4 +157,6 @@ def extract_json(answer: str):
             return value
         except ValueError:
             continue
+        except RecursionError:  # and so is every bracket inside it: trying each would be quadratic
+            break
     raise ValueError("the answer contains no JSON value")

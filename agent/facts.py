@@ -182,9 +182,11 @@ def measured_section(task, profile: dict | None, measurements: dict | None, memo
     if table:
         parts.append(table)
     if memory:
+        from .prompts import data_block
+
         parts.append("From DiffAgent's tuning memory: candidates its GA measured in earlier runs on this profile "
                      "(the configuration the benchmark found on the pipeline; L on the task's own samples with the "
-                     "agent's seeds):\n\n" + memory)
+                     "agent's seeds):\n\n" + data_block("Recorded measurements", memory))
     return "\n\n".join(parts)
 
 
@@ -203,24 +205,38 @@ def _flops_unit(values) -> tuple[float, str]:
     return 1.0, "FLOPs"
 
 
+def _number(value) -> float | None:
+    """`value` as a float when it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def cost_breakdown(task, result: dict | None) -> str:
     """Where a measured candidate's cost goes, from what the harness returned: its FLOPs per image
     (the whole call, and the denoiser's share: the counter watches the denoiser), the denoiser calls
     per image (the harness's step probe) and so the cost of one denoiser call on average; on a FLOP
     profile the reference's FLOPs per image follow exactly from U, and a reference call's cost is
     estimated from them on the assumption that the parts outside the denoiser (text encoders, VAE)
-    cost the same in both ('' when the result has no FLOP count)."""
-    result = result or {}
-    flops = result.get("flops") or {}
-    total, den, counted = flops.get("total"), flops.get("denoiser"), flops.get("samples_counted")
-    if not total or not counted:
+    cost the same in both ('' when the result has no FLOP count).
+
+    The FLOP count and the step probe's counts may come from the candidate's process (the FLOPs where
+    they are not replayed; attributes always): a part that is not the numbers the harness writes is
+    left out (no FLOP count: ''), never an exception."""
+    result = result if isinstance(result, dict) else {}
+    flops = result.get("flops") if isinstance(result.get("flops"), dict) else {}
+    total, den, counted = (_number(flops.get(k)) for k in ("total", "denoiser", "samples_counted"))
+    if not total or not counted or total < 0 or counted < 0:
         return ""
     per_image = total / counted
-    steps = ((result.get("attributes") or {}).get("steps") or {})
-    calls = [c for c in steps.get("denoiser_calls") or [] if isinstance(c, (int, float))]
+    attributes = result.get("attributes") if isinstance(result.get("attributes"), dict) else {}
+    steps = attributes.get("steps") if isinstance(attributes.get("steps"), dict) else {}
+    listed = steps.get("denoiser_calls") if isinstance(steps.get("denoiser_calls"), list) else []
+    calls = [c for c in map(_number, listed) if c is not None and c >= 0]
     calls_per_image = sum(calls) / len(calls) if calls else None
     den_image = den / counted if den is not None else None
-    U = result.get("U")
+    U = _number(result.get("U"))
     ref_image = per_image * U if U and result.get("speed_method") == "flops" else None
     scale, unit = _flops_unit([per_image, ref_image or 0.0])
     f = lambda v: f"{v / scale:.4g}"  # noqa: E731
@@ -238,7 +254,7 @@ def cost_breakdown(task, result: dict | None) -> str:
             if ref_calls and ref_den > 0:
                 text += (f", about {f(ref_den / ref_calls)} per denoiser call over its {ref_calls} calls "
                          f"(estimated: the parts outside the denoiser cost the same)")
-                if calls_per_image:
+                if calls_per_image and ref_den / ref_calls > 0:  # (not 0 by underflow)
                     ratio = (den_image / calls_per_image) / (ref_den / ref_calls)
                     if math.isfinite(ratio):
                         text += f"; this candidate's average call costs {ratio:.2f} of a reference call"

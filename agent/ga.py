@@ -16,6 +16,14 @@ One round:
 5. M survivors are drawn without replacement with probabilities proportional to fitness
    (normalised to sum 1; a floor keeps zero-fitness candidates drawable when too few score).
 
+A candidate the harness gave no verdict (the child session wrote it no result that verifies, or one
+of the harness's own category, or it was not reached within the round's time limit:
+`pytest_diffbench.population.NotEvaluated`) is not the candidate's failure: it gets no fitness
+(None), is left out of selection and of the tuning memory, and the planner is told "not evaluated
+(harness)" or "not evaluated within the round's time limit", never a failure. A round in which every
+candidate is a harness error is the harness's error (`PopulationError`, raised by the harness); a
+round whose time limit passed before any candidate was evaluated ends the search.
+
 After at most T_sel rounds the best candidate ever measured is the answer: passing first, then
 the one that comes closest to the target while keeping its quality (min(1, achieved / required),
 the term of S_a), then fitness.
@@ -29,7 +37,8 @@ checkpointed ``result`` dict, `_slim`)::
                         r = latency_target / latency (L5)          1: twice better)
     fitness = W_Q * q + W_S * s,  W_Q = 0.4, W_S = 0.6
     x 0.5 when L > L_bound or stage 2 failed; 0 when the module did not run or its key attributes
-    are wrong; + 1 when the candidate passed (every passing candidate ranks above every failing one)
+    are wrong; + 1 when the candidate passed (every passing candidate ranks above every failing one);
+    None (not scored) when the harness gave no verdict
 
 Progress: each round says on the session's terminal (`DiffAgent.report`, through the harness's
 `context.progress`; also logged) when it starts, how many of its plans run, and when it ends: the
@@ -37,8 +46,14 @@ candidates evaluated and the best so far. The harness adds a line per candidate 
 arrives.
 
 Checkpoints: ``<agent dir>/ga/state.json`` and ``round-<r>/population.json`` (plans, code,
-results, fitness, feedback, survivors). A task that is run again with the same run directory
-resumes after its last finished round.
+results, fitness, feedback, survivors), each with an HMAC tag made with the harness's key
+(`pytest_diffbench.keys`, bound to the file's place in the GA folder). A task that is run again
+with the same run directory resumes after its last finished round; checkpoints whose tags do not
+verify (written by anything but this harness) are ignored, and the search starts afresh.
+
+Tuning memory (`agent.memory`): each evaluated candidate's configuration as the harness found it
+on the pipeline when the knowledge base accepts it (`check_config`), else the plan's own (the
+attributes come from the candidate's process: a scheduler class may carry any name).
 """
 
 from __future__ import annotations
@@ -50,10 +65,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from pytest_diffbench import keys
 from pytest_diffbench.atomic import write_json_atomic
 
 from .facts import cost_breakdown
-from .knowledge import config_from_attributes, config_key
+from .knowledge import check_config, config_from_attributes, config_key
 
 if TYPE_CHECKING:
     from pytest_diffbench.result import TaskResult
@@ -64,19 +80,27 @@ SPEED_CAP = 2.0
 PENALTY = 0.5
 PASS_BONUS = 1.0
 FLOOR = 1e-3
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: tagged checkpoints; fitness None for a candidate without a verdict
+#: the purpose of the checkpoints' tags (`pytest_diffbench.keys.mac`)
+CHECKPOINT_TAG = "ga-checkpoint"
+#: an individual's note (and the planner's feedback) when the harness gave it no verdict
+NOT_EVALUATED_HARNESS = "not evaluated (harness)"
+NOT_EVALUATED_TIME_LIMIT = "not evaluated within the round's time limit"
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
     return max(lo, min(hi, x))
 
 
-def fitness(task, result: dict | None) -> float:
-    """The documented weighted sum of quality and speed (see the module docstring)."""
+def fitness(task, result: dict | None) -> float | None:
+    """The documented weighted sum of quality and speed (see the module docstring); None for a
+    result of the harness's own category (no verdict on the candidate: not scored)."""
     if not result:
         return 0.0
     category = result.get("category")
-    if category in ("runtime", "key_attribute", "harness", "no_candidate"):
+    if category == "harness":
+        return None
+    if category in ("runtime", "key_attribute", "no_candidate"):
         return 0.0
     L, bound = result.get("L"), result.get("L_bound")
     if bound is None:
@@ -156,27 +180,47 @@ class Individual:
     smoke_ok: bool = False
     note: str = ""  # why it was not evaluated (rejected plan, smoke failure)
     result: dict | None = None
-    fitness: float = 0.0
+    fitness: float | None = 0.0  # None: the harness gave it no verdict (note: NOT_EVALUATED_*), never drawn
     feedback: str = ""
     cost: str = ""  # where its cost goes (cost_text), shown with the feedback of its round
-
 
     @property
     def passed(self) -> bool:
         return bool(self.result and self.result.get("passed"))
+
+    @property
+    def scored(self) -> bool:
+        return self.fitness is not None
 
     def brief(self) -> dict:
         return {"id": self.id, "round": self.round, "config": self.config, "feedback": self.feedback,
                 "fitness": self.fitness, "cost": self.cost}
 
 
-# A population evaluator: ([(candidate id, code)], round_dir) -> {candidate id: TaskResult or None},
-# the harness's GenerationContext.evaluate_population for this task (agent/plugin.py)
+# A population evaluator: ([(candidate id, code)], round_dir) -> {candidate id: TaskResult, or
+# population.NotEvaluated where the harness gave it no verdict}, the harness's
+# GenerationContext.evaluate_population for this task (agent/plugin.py)
 PopulationEvaluator = Callable[[list, Path], dict]
 
 
 def _original(p: Individual) -> bool:
     return p.note != "rejected" and not p.note.startswith("duplicate")
+
+
+def not_evaluated(result) -> str | None:
+    """Why the harness gave the candidate of `result` (a value of a population evaluation) no
+    verdict, as its note; None when `result` is a verdict."""
+    from pytest_diffbench.population import TIME_LIMIT, NotEvaluated
+
+    if isinstance(result, NotEvaluated):
+        return NOT_EVALUATED_TIME_LIMIT if result.reason == TIME_LIMIT else NOT_EVALUATED_HARNESS
+    if result is None or result.verdict.category == "harness":
+        return NOT_EVALUATED_HARNESS
+    return None
+
+
+def _fitness_text(p: Individual) -> str:
+    return f"fitness {p.fitness:.3f}" if p.scored else "not scored"
 
 
 def _slim(result: TaskResult | None) -> dict | None:
@@ -194,10 +238,14 @@ def _slim(result: TaskResult | None) -> dict | None:
 
 
 class GeneticSelector:
-    def __init__(self, agent, evaluate: PopulationEvaluator, bounds, folder: Path | None = None, memory=None):
+    def __init__(self, agent, evaluate: PopulationEvaluator, bounds, folder: Path | None = None, memory=None,
+                 tag_key: bytes | None = None):
+        if folder is not None and not tag_key:
+            raise ValueError("GA checkpoints need the harness key they are tagged with (tag_key)")
         self.agent, self.evaluate, self.bounds = agent, evaluate, bounds
         self.task = agent.task
         self.folder = Path(folder) if folder is not None else None
+        self.tag_key = tag_key  # pytest_diffbench.keys.secret_key of the session's cache dir
         self.memory = memory
         self.history: list[Individual] = []  # every individual of every round
         self.rounds_run = 0
@@ -212,8 +260,30 @@ class GeneticSelector:
         return {"task_id": self.task.id, "population": b.population, "survivors": b.survivors,
                 "t_debug": b.t_debug, "t_code": b.t_code, "format": STATE_FORMAT}
 
+    def _tag_context(self, path: Path) -> str:
+        """What a checkpoint's tag is bound to: the GA folder and the file's place in it."""
+        return keys.run_context(self.folder, path.relative_to(self.folder).as_posix())
+
     def _write(self, path: Path, data: dict) -> None:
-        write_json_atomic(path, data, indent=1, sort_keys=True, default=str)
+        record = keys.sign_record(self.tag_key, CHECKPOINT_TAG, self._tag_context(path), data)
+        write_json_atomic(path, record, indent=1, sort_keys=True, default=str)
+
+    def _read(self, path: Path) -> dict | None:
+        """A checkpoint as written by `_write`; None when it is missing, unreadable, not an object or
+        its tag does not verify."""
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not keys.verify_record(self.tag_key, CHECKPOINT_TAG, self._tag_context(path), record):
+            return None
+        return {k: v for k, v in record.items() if k != keys.MAC_FIELD}
+
+    def _restart(self, why: str) -> tuple[int, list[Individual]]:
+        self.agent.note("GA checkpoints ignored", f"{why}; starting afresh")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.history, self.baseline = [], None
+        return 0, []
 
     def _resume(self) -> tuple[int, list[Individual]]:
         """(last finished round, its survivors) from the checkpoints; (0, []) for a fresh start."""
@@ -222,20 +292,22 @@ class GeneticSelector:
         state_path = self.folder / "state.json"
         if not state_path.is_file():
             return 0, []
-        try:
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-        except ValueError:
-            state = {}
+        state = self._read(state_path)
+        if state is None:
+            return self._restart("state.json is not one this harness wrote (its tag does not verify)")
         if state.get("settings") != self._settings():
-            self.agent.note("GA checkpoints ignored", "they were written with other settings; starting afresh")
-            shutil.rmtree(self.folder, ignore_errors=True)
-            return 0, []
-        finished = int(state.get("finished_rounds", 0))
+            return self._restart("they were written with other settings")
+        finished = state.get("finished_rounds")
+        if not isinstance(finished, int) or isinstance(finished, bool) or finished < 0:
+            return self._restart("state.json names no finished round")
         self.baseline = state.get("baseline_plan")
         survivors: list[Individual] = []
         for r in range(1, finished + 1):
-            data = json.loads((self.folder / f"round-{r}" / "population.json").read_text(encoding="utf-8"))
-            people = [Individual(**p) for p in data["individuals"]]
+            data = self._read(self.folder / f"round-{r}" / "population.json")
+            try:
+                people = [Individual(**p) for p in data["individuals"]]
+            except (TypeError, KeyError):  # None (no tag that verifies) or not this version's individuals
+                return self._restart(f"round-{r}/population.json is not one this harness wrote")
             self.history.extend(people)
             by_id = {p.id: p for p in people}
             survivors = [by_id[i] for i in data.get("survivors", []) if i in by_id]
@@ -256,8 +328,9 @@ class GeneticSelector:
 
     # -- selection ---------------------------------------------------------------------------
     def select(self, people: list[Individual], k: int, rng: random.Random) -> list[Individual]:
-        """k distinct individuals drawn with probability proportional to (floored) fitness."""
-        pool = list(people)
+        """k distinct individuals drawn with probability proportional to (floored) fitness; those
+        without a fitness (no verdict from the harness) are never drawn."""
+        pool = [p for p in people if p.scored]
         chosen = []
         while pool and len(chosen) < k:
             weights = [max(p.fitness, FLOOR) for p in pool]
@@ -277,7 +350,8 @@ class GeneticSelector:
         measured = [p for p in self.history if p.code is not None]
         if not measured:
             return None
-        return max(measured, key=lambda p: (p.passed, attainment(self.task, p.result), p.fitness, p.smoke_ok, -p.round))
+        return max(measured, key=lambda p: (p.passed, attainment(self.task, p.result), p.fitness or 0.0, p.smoke_ok,
+                                            -p.round))
 
     def best_so_far(self) -> str:
         """The best individual measured yet (`best`), as the progress lines show it."""
@@ -290,7 +364,7 @@ class GeneticSelector:
         parts += [f"{name} {res[key]:.{digits}f}{unit}" for name, key, digits, unit in
                   (("U", "U", 3, ""), ("L", "L", 4, ""), ("latency", "latency_ms", 1, " ms"))
                   if isinstance(res.get(key), (int, float))]
-        parts.append(f"fitness {best.fitness:.3f}")
+        parts.append(_fitness_text(best))
         return "  ".join(parts)
 
     # -- the search --------------------------------------------------------------------------
@@ -319,13 +393,21 @@ class GeneticSelector:
             pool = [p for p in people if not p.note.startswith(f"duplicate of r{r}c")]
             survivors = [] if passed else self.select(pool, b.survivors, rng)
             self._save_round(r, people, survivors)
-            table = "\n".join(f"{p.id:>6}  fitness {p.fitness:.3f}  {json.dumps(p.config, sort_keys=True)}  {p.feedback}"
+            table = "\n".join(f"{p.id:>6}  {_fitness_text(p)}  {json.dumps(p.config, sort_keys=True)}  {p.feedback}"
                               for p in people)
             self.agent.note(f"GA round {r}: fitness", table + ("\nsurvivors: " + ", ".join(s.id for s in survivors)
                                                                 if survivors else ""))
             if passed:
                 self.stopped_early = True
                 self.agent.note(f"GA stops after round {r}", f"{passed[0].id} meets the constraint")
+                break
+            late = [p for p in people if p.note == NOT_EVALUATED_TIME_LIMIT]
+            if late and not any(p.scored and p.result for p in people):
+                # the next round would run into the same limit: the best measured so far is the answer
+                self.agent.note(f"GA stops after round {r}", f"the round's time limit passed before any of its "
+                                f"{len(late)} candidate(s) was evaluated; a longer --agent-ga-timeout evaluates more")
+                self.agent.report(f"GA round {r}/{b.rounds}: no candidate evaluated within the time limit; the search "
+                                  f"stops")
                 break
         return self.best()
 
@@ -335,8 +417,9 @@ class GeneticSelector:
         plans = self.agent.acceleration_plans(self.baseline, b.population, [s.brief() for s in survivors], tried,
                                              round_no=r)
         people: list[Individual] = []
-        # configurations measured before (originals only: a duplicate points to its original)
-        known = {config_key(p.config): p for p in self.history if p.config is not None and _original(p)}
+        # configurations measured before (originals only: a duplicate points to its original; one the
+        # harness gave no verdict is measured again)
+        known = {config_key(p.config): p for p in self.history if p.config is not None and _original(p) and p.scored}
         duplicates: list[tuple[Individual, Individual]] = []
         to_run: list[Individual] = []
         for i, plan in enumerate(plans[: b.population], 1):
@@ -375,10 +458,17 @@ class GeneticSelector:
             self.evaluations += len(unique)
             for ind in to_run:
                 first = unique[ind.code]
-                ind.result = _slim(results.get(first.id))
                 if first is not ind:
                     ind.note = f"same code as {first.id}"
+                why = not_evaluated(results.get(first.id))
+                if why:  # the harness's, not the candidate's: no result, no fitness, no failure told
+                    ind.note = why
+                else:
+                    ind.result = _slim(results.get(first.id))
         for ind in to_run:
+            if ind.note in (NOT_EVALUATED_HARNESS, NOT_EVALUATED_TIME_LIMIT):
+                ind.fitness, ind.feedback = None, ind.note
+                continue
             ind.fitness = fitness(self.task, ind.result)
             ind.feedback = feedback_text(self.task, ind.result)
             ind.cost = cost_text(self.task, ind.result)
@@ -386,7 +476,7 @@ class GeneticSelector:
             ind.code, ind.smoke_ok, ind.result = twin.code, twin.smoke_ok, twin.result
             ind.fitness, ind.feedback, ind.cost = twin.fitness, twin.feedback, twin.cost
         self.history.extend(people)
-        self._remember([ind for ind in to_run if ind.result])
+        self._remember([ind for ind in to_run if ind.result and ind.scored])
         return people
 
     def _remember(self, people: list[Individual]) -> None:
@@ -395,8 +485,14 @@ class GeneticSelector:
         entries = []
         for p in people:
             res = p.result or {}
-            attrs = res.get("attributes") or {}
-            config = config_from_attributes(attrs, self.task) if attrs else p.config
+            # the plan's configuration passed the knowledge base before it was coded; what the harness
+            # found on the pipeline comes from the candidate's process (a scheduler class can carry any
+            # name, `methods` any content): kept only when the knowledge base accepts it too
+            config = p.config
+            # None: not the document introspection writes
+            found = config_from_attributes(res.get("attributes"), self.task) if res.get("attributes") else None
+            if found is not None and not check_config(self.agent.kb, self.task, found):
+                config = found
             entries.append({"config": config, "L": res.get("L"), "U": res.get("U"),
                             "latency_ms": res.get("latency_ms"), "passed": bool(res.get("passed")),
                             "category": res.get("category"), "steps_reference": self.task.steps})

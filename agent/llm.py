@@ -9,11 +9,21 @@ choices are retried up to `retries` times. The wait honours the server's `Retry-
 (authentication, bad request, unknown model) are not retried. A final failure raises `LLMError`;
 the plugin turns it into a harness error of that task.
 
+An answer is not a failure of the exchange: one cut off at the token limit (finish_reason
+"length") or one the caller cannot use (`accept`) is asked for again the same way, since a fresh
+sample may do, but when the retries run out the model's last answer is returned as it is, with
+`Reply.problem` saying what is wrong with it: what the caller makes of it is the model's failure
+(no code: a `no_candidate` verdict), never an `LLMError`.
+
 Cache: the answer to a request is stored under the sha256 of the full request (model, messages,
 temperature, max_tokens, api_base, extra parameters) and of its occurrence number within this
 client: the n-th identical request of a task replays the n-th stored answer. A rerun of a task
 therefore replays the same conversation at no cost, and a regeneration that asks the same
-question twice in one run still gets a fresh answer the first time.
+question twice in one run still gets a fresh answer the first time. Each entry carries an HMAC tag
+(`pytest_diffbench.keys`, the harness's per-user key of the session's cache dir, bound to the
+entry's key): an entry that does not verify, or is not a JSON object, is a miss, so a file planted
+in the cache folder is never replayed as the model's answer. Credentials in `api_base`
+(``https://user:token@host``) are left out of what is stored and printed (`redact_url`).
 
 Accounting: tokens from the response's usage; cost from `litellm.completion_cost` (litellm's
 price map), or from `price_per_mtok` when given, or 0 with `cost_known = False` when the model
@@ -30,6 +40,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -40,7 +51,16 @@ from pytest_diffbench.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry an HMAC tag
+#: the purpose of the cache entries' tags (`pytest_diffbench.keys.mac`)
+CACHE_TAG = "llm-cache"
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def redact_url(text: str | None) -> str | None:
+    """`text` with the credentials of every URL in it (``scheme://user:token@host``) replaced by
+    ``***``: `--llm-api-base` is printed in the report header and may appear in error messages."""
+    return None if text is None else _URL_USERINFO.sub(r"\1***@", str(text))
 
 
 class LLMError(Exception):
@@ -59,7 +79,8 @@ class EmptyResponse(Exception):
 class UnusableAnswer(Exception):
     """An answer cut off at the token limit (finish_reason "length") or one the caller cannot use
     (`accept` said why, e.g. no code block where code was asked for). Retried like a server error
-    and never cached; when the retries run out the task is a harness error, not the model's failure."""
+    and never cached; when the retries run out the last such answer is returned (`Reply.problem`):
+    the model's failure, not the exchange's."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +99,8 @@ class LLMSettings:
     extra: dict = field(default_factory=dict)  # more litellm.completion parameters
 
     def request(self, messages: list[dict]) -> dict:
-        """The request as it identifies an answer (the cache key's content); no secrets."""
+        """The request as it identifies an answer (the cache key's content); no API key (the
+        api_base's credentials are part of it: stored entries show `redact_url` of it)."""
         return {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, "api_base": self.api_base,
                 "extra": {k: self.extra[k] for k in sorted(self.extra)}}
@@ -117,6 +139,7 @@ class Reply:
     attempts: int
     key: str
     finish_reason: str | None = None
+    problem: str | None = None  # why the answer is unusable, when the retries ran out on such answers
 
 
 _litellm = None
@@ -172,7 +195,7 @@ def retry_after_s(exc: BaseException) -> float | None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().replace("\n", " ")
+    text = redact_url(str(exc).strip().replace("\n", " "))
     return f"{type(exc).__name__}: {text[:500]}"
 
 
@@ -180,8 +203,11 @@ class LLMClient:
     """One client per task: usage and the occurrence counter of the cache are per client."""
 
     def __init__(self, settings: LLMSettings, *, transcript=None, sleep: Callable[[float], None] = time.sleep,
-                 completion: Callable | None = None, rng: random.Random | None = None):
+                 completion: Callable | None = None, rng: random.Random | None = None, tag_key: bytes | None = None):
+        if settings.cache_dir is not None and not tag_key:
+            raise ValueError("a response cache needs the harness key its entries are tagged with (tag_key)")
         self.settings = settings
+        self.tag_key = tag_key  # pytest_diffbench.keys.secret_key of the session's cache dir
         self.transcript = transcript
         self.usage = Usage()
         self.sleep = sleep
@@ -205,12 +231,18 @@ class LLMClient:
         return Path(self.settings.cache_dir) / key[:2] / f"{key}.json"
 
     def _cache_get(self, key: str) -> dict | None:
+        """The stored answer for `key`, or None: no file, not a JSON object, or a tag that does not
+        verify (not written by this harness for this request)."""
+        from pytest_diffbench import keys
+
         path = self._cache_path(key)
         if path is None or not path.is_file():
             return None
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not keys.verify_record(self.tag_key, CACHE_TAG, key, entry):
             return None
         return entry if isinstance(entry.get("text"), str) else None
 
@@ -218,14 +250,18 @@ class LLMClient:
         path = self._cache_path(key)
         if path is None:
             return
+        from pytest_diffbench import keys
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        entry = {"format": CACHE_FORMAT, "request": self.settings.request(messages), "purpose": purpose,
+        request = self.settings.request(messages)
+        request["api_base"] = redact_url(request["api_base"])
+        entry = {"format": CACHE_FORMAT, "request": request, "purpose": purpose,
                  "text": reply.text, "finish_reason": reply.finish_reason,
                  "usage": {"prompt_tokens": reply.usage.prompt_tokens,
                            "completion_tokens": reply.usage.completion_tokens,
                            "cost_usd": reply.usage.cost_usd},
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json_atomic(path, entry, indent=1, ensure_ascii=False)
+        write_json_atomic(path, keys.sign_record(self.tag_key, CACHE_TAG, key, entry), indent=1, ensure_ascii=False)
 
     # -- calls ------------------------------------------------------------------------------
     def _call(self, messages: list[dict]):
@@ -277,7 +313,10 @@ class LLMClient:
         """The answer to `messages` (from the cache when there is one).
 
         `accept(text)` returns None for a usable answer or why it is not (e.g. no code where code
-        was asked for): an unusable or truncated answer is asked for again like a failed request."""
+        was asked for): an unusable or truncated answer is asked for again like a failed request;
+        when the retries run out on such an answer it is returned, with `problem` set (the model's
+        answer, not a failed exchange). LLMError only for failed exchanges (transport, server,
+        authentication, bad request)."""
         key = self.cache_key(messages)
         cached = self._cache_get(key)
         if cached is not None and accept is not None and accept(cached["text"]):
@@ -308,6 +347,14 @@ class LLMClient:
                     problem = f"the answer was cut off at the token limit after {len(text)} characters"
                 else:
                     problem = accept(text) if accept is not None else None
+                if problem and failed >= self.settings.retries:
+                    # the retries ran out on answers: the model's last one, as it is (never cached)
+                    usage = self._usage_of(response)
+                    usage.retries = failed
+                    reply = Reply(text, usage, False, attempts, key, finish_reason, problem)
+                    self.usage.add(usage)
+                    self._log(purpose, messages, reply, None)
+                    return reply
                 if problem:
                     billed = self._usage_of(response)
                     self.usage.add(billed)  # billed even though it is asked again
@@ -363,6 +410,8 @@ class LLMClient:
             meta.update({"cached": reply.cached, "attempts": reply.attempts, "cache_key": reply.key,
                          "finish_reason": reply.finish_reason,
                          "usage": {k: v for k, v in asdict(reply.usage).items() if k != "cost_known"}})
+            if reply.problem:
+                meta["unusable"] = reply.problem
         self.transcript.exchange(purpose, messages, reply.text if reply else None, meta)
 
 

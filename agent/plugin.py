@@ -74,7 +74,8 @@ def pytest_addoption(parser):
     group.addoption("--agent-rounds", type=int, default=4, metavar="T",
                     help="GA rounds at most (default: 4)")
     group.addoption("--agent-ga-timeout", type=float, default=7200.0, metavar="SECONDS",
-                    help="time limit of one GA round's child pytest session (default: 7200)")
+                    help="time limit of one GA round's child pytest session; candidates not evaluated by then "
+                         "are left out of the round (default: 7200)")
 
 
 class DiffAgentGenerator:
@@ -127,6 +128,7 @@ class DiffAgentGenerator:
         for the agent's files (`agent/`)."""
         from functools import partial
 
+        from pytest_diffbench import keys
         from pytest_diffbench.evaluate import Candidate, HarnessError
         from pytest_diffbench.population import PopulationError
 
@@ -140,7 +142,10 @@ class DiffAgentGenerator:
             raise HarnessError(f"the LLM is unusable ({self.fatal}); no further calls are made")
         agent_dir = context.folder("agent")
         transcript = Transcript(agent_dir, f"{task.id}: --agent={self.kind} --llm={self.settings.model}")
-        llm = LLMClient(self.settings, transcript=transcript)
+        # the harness's key of the session's cache dir tags what is read back later: the response
+        # cache's entries and the GA's checkpoints
+        tag_key = keys.secret_key(context.cache_dir)
+        llm = LLMClient(self.settings, transcript=transcript, tag_key=tag_key)
         try:
             if self.kind == "plain":
                 result = PlainAgent(task, llm, transcript=transcript).run()
@@ -149,11 +154,12 @@ class DiffAgentGenerator:
                 memory_dir = context.cache_dir / "agent-memory" if self.memory else None
                 agent = DiffAgent(task, llm, smoke=smoke_function(context, agent_dir / "smoke"), kb=self.kb,
                                   transcript=transcript, bounds=self.bounds, profile=self._profile(profile),
-                                  memory=TuningMemory(memory_dir, profile.name),
+                                  memory=TuningMemory(memory_dir, profile.name,
+                                                      generator=self.pytest_diffbench_generator_id(config)),
                                   # the GA's rounds, measured by the harness as the verdict will be
                                   evaluate_population=(partial(context.evaluate_population, timeout_s=self.ga_timeout)
                                                        if task.level in ("L4", "L5") else None),
-                                  ga_dir=agent_dir / "ga", progress=context.progress,
+                                  ga_dir=agent_dir / "ga", progress=context.progress, tag_key=tag_key,
                                   # what the profile's calibration measured on this family (no optima)
                                   measurements=(context.measurements() if task.level in ("L4", "L5")
                                                 and hasattr(context, "measurements") else None))
@@ -204,6 +210,11 @@ def pytest_configure(config):
     cache_dir = None
     if config.getoption("llm_cache") == "on":
         cache_dir = Path(config.getoption("llm_cache_dir") or os.environ.get("DIFFAGENT_CACHE_DIR") or DEFAULT_CACHE)
+        from pytest_diffbench.sandbox import protect
+
+        # never readable by a candidate, whatever the environment adds to its paths (a run that would
+        # get it is refused: sandbox._readable_paths)
+        protect({"the LLM response cache": cache_dir})
     settings = LLMSettings(model=model, api_base=api_base, api_key=api_key,
                            temperature=config.getoption("llm_temperature"),
                            max_tokens=config.getoption("llm_max_tokens"), timeout_s=config.getoption("llm_timeout"),
@@ -222,8 +233,10 @@ def pytest_report_header(config):
     generator = config.pluginmanager.get_plugin("diffagent-generator")
     if generator is None:
         return None
+    from .llm import redact_url
+
     s, b = generator.settings, generator.bounds
-    where = f" at {s.api_base}" if s.api_base else ""
+    where = f" at {redact_url(s.api_base)}" if s.api_base else ""
     cache = f"cache {s.cache_dir}" if s.cache_dir else "cache off"
     line = f"diffagent: --agent={generator.kind} --llm={s.model}{where}; {cache}"
     if generator.kind == "diffagent":

@@ -77,6 +77,8 @@ class Transcript:
                 flags.append("FAILED")
             if meta.get("rejected"):
                 flags.append(f"REJECTED, asked again: {meta['rejected']}")
+            if meta.get("unusable"):
+                flags.append(f"UNUSABLE, the retries ran out: {meta['unusable']}")
             parts = [f"## {self._n}. LLM: {purpose}" + (f" ({', '.join(flags)})" if flags else "") + "\n\n"]
             for msg in messages:
                 parts.append(f"### {msg.get('role', '?')}\n\n{fence(str(msg.get('content', '')), 'text')}\n")

@@ -21,7 +21,9 @@ Decisions (issue 14):
   this plugin over them (pytest_diffbench/population.py), under the profile of the verdict with
   the agent's seed scope, the same sandbox and the session's rootdir, tasks and cache folders, all
   fixed by the harness when it builds the context. The generator chooses only the candidates, the
-  folder (one from `context.folder`, or below it) and the time limit.
+  folder (one from `context.folder`, or below it) and the time limit. A candidate without a
+  verdict (the harness failed it, or the time limit came first) is marked
+  (`population.NotEvaluated`), never given a failing verdict.
 * A generation can take hours (DiffAgent's GA rounds): `context.progress(text)` shows one line of
   how it goes on the session's terminal (under xdist the controller's) and in
   `<run dir>/progress.jsonl` (pytest_diffbench/progress.py); `evaluate_population` reports each
@@ -100,9 +102,12 @@ class GenerationContext:
 
     def evaluate_population(self, candidates, folder: Path, *, timeout_s: float | None = None) -> dict:
         """Evaluate `candidates` ([(candidate id, code)]) of this task together, as the verdict
-        would be (one child pytest session; the agent's seeds): {candidate id: TaskResult, or None
-        where the child wrote no result}. Its files go to `folder`. A child session that breaks or
-        runs past `timeout_s` raises `population.PopulationError` (a HarnessError); a candidate's
+        would be (one child pytest session; the agent's seeds): {candidate id: TaskResult (its
+        verdict), or `population.NotEvaluated` where the harness gave it none: HARNESS (no result
+        that verifies, or one of the harness's category) or TIME_LIMIT (not reached within
+        `timeout_s`; the verdicts reached by then are kept)}. Neither is the candidate's failure.
+        Its files go to `folder`. A child session that breaks, or that gives no candidate a verdict
+        because of the harness, raises `population.PopulationError` (a HarnessError); a candidate's
         own failure is its result's verdict. ValueError for a malformed candidate list."""
         from .population import DEFAULT_TIMEOUT_S, PopulationError
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_diffbench.agent.extract import extract_code, extract_json, syntax_problem
+from pytest_diffbench.agent.extract import extract_code, extract_json, strip_thinking, syntax_problem
 from pytest_diffbench.agent.knowledge import (KnowledgeError, check_config, config_from_attributes, config_from_task, excerpt,
                              load_knowledge, normalise_config, render_candidate)
 from pytest_diffbench.tasks import load_tasks
@@ -87,6 +87,20 @@ def test_configuration_from_introspected_attributes(tasks):
     attrs = {"scheduler": "DPMSolverMultistepScheduler", "steps": {"requested": [20], "denoiser_calls": [20]},
              "dtype": "float32", "methods": {"deepcache": {"cache_interval": 3, "cache_branch_id": 0}}}
     assert config_from_attributes(attrs, task) == config_from_task(task)
+
+
+def test_malformed_attributes_and_plans_are_named_not_raised(kb, tasks):
+    """The attributes come from the candidate's process and the plans from the model: any shape is
+    read without an exception (a part that is not what introspection writes is left out), and the
+    knowledge base names what is wrong instead of raising."""
+    task = tasks["L3-sd15-t2i-dpmsolver-deepcache-0001"]
+    for attrs in ({"steps": [1], "methods": [1]}, {"steps": {"requested": 5}}, {"methods": {"deepcache": 1}},
+                  {"scheduler": 5}, {"methods": "deepcache"}, [1, 2], "attributes", None):
+        assert config_from_attributes(attrs, task) is None, attrs  # not what introspection writes
+    assert config_from_attributes({"dtype": "float16", "steps": {}, "methods": None}, task) == {"fp16": {}}
+    for steps in ("twenty", [20], {"n": 1}, float("nan"), True):
+        problems = check_config(kb, task, {"fast_sampler": {"steps": steps}})
+        assert any("fast_sampler.steps: expected int" in p for p in problems), (steps, problems)
 
 
 def test_excerpt_carries_parameters_pitfalls_and_templates(kb):
@@ -170,11 +184,40 @@ def test_syntax_problem_reads_like_python():
     assert syntax_problem(GOOD) is None
 
 
+@pytest.mark.parametrize("depth", [3000, 6000])
+def test_code_too_deep_for_the_compiler_is_the_modules_syntax_problem(depth):
+    """3 KB of unary minus make Python's compiler raise RecursionError (3000) or MemoryError (6000):
+    the model's text, so its syntax problem, never an exception out of the generator."""
+    deep = GOOD.replace("return []", "return " + "-" * depth + "1")
+    msg = syntax_problem(deep)
+    assert msg.startswith("SyntaxError: the module cannot be compiled (") and ("RecursionError" in msg
+                                                                            or "MemoryError" in msg), msg
+    found = extract_code(deep)  # bare code Python cannot parse: not taken as bare code
+    assert found.code is None and "no code block" in found.problem
+    assert extract_code(f"```python\n{deep}```").code == deep  # fenced: taken, then judged by compiling
+
+
+def test_thinking_sections_are_stripped_in_linear_time():
+    """4000 unclosed <think> tags (28 KB): a regular expression that searches the rest of the text for
+    each takes about 0.6 s (quadratic); the scan is linear. The result is what the expression gave."""
+    text = "a<THINK>x</think>b<reasoning>y\n</reasoning>c<thinking>z</think>"
+    assert strip_thinking(text) == "abc<thinking>z</think>"
+    assert strip_thinking("<think>a<think>b</think>c<think>open") == "c<think>open"
+    unclosed = "<think>" * 4000
+    assert strip_thinking(unclosed) == unclosed
+    assert strip_thinking(unclosed + "</think>" + GOOD) == GOOD
+    mixed = "<thinking>" * 4000 + "</think>" * 4000
+    assert strip_thinking(mixed) == mixed
+    assert extract_code(unclosed + f"\n```python\n{GOOD}```").code == GOOD
+
+
 def test_extract_json_from_fences_or_prose():
     assert extract_json('Here:\n```json\n{"plans": [1]}\n```') == {"plans": [1]}
     assert extract_json('The plan is {"methods": {"fp16": {}}} as said.') == {"methods": {"fp16": {}}}
     with pytest.raises(ValueError):
         extract_json("no json here")
+    with pytest.raises(ValueError):  # nested deeper than the parser goes: not an exception of its own
+        extract_json("```json\n" + "[" * 100000 + "\n```")
 
 
 def test_l4_variant_of_a_task(kb, tasks):

@@ -14,6 +14,7 @@ from pytest_diffbench.agent.scripted import ScriptedModel, ScriptedServer  # noq
 from pytest_diffbench.agent.transcript import Transcript  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+KEY = b"k" * 32  # the harness key the cache entries are tagged with (the plugin's: of the session's cache dir)
 
 
 class Sleeps(list):
@@ -34,7 +35,7 @@ def make(server, tmp_path=None, model="openai/scripted", **kw):
     sleeps = Sleeps()
     settings = LLMSettings(model=model, api_base=server.api_base, api_key="sk-test",
                            cache_dir=(tmp_path / "cache") if tmp_path else None, **kw)
-    return LLMClient(settings, sleep=sleeps), sleeps
+    return LLMClient(settings, sleep=sleeps, tag_key=KEY), sleeps
 
 
 def test_answer_tokens_and_transcript(server, tmp_path):
@@ -102,16 +103,32 @@ def test_truncated_answers_are_asked_again_and_never_cached(server, tmp_path):
     assert len(server.requests) == 2
 
 
-def test_unusable_answers_are_retried_then_an_llm_error(server):
+def test_unusable_answers_are_retried_then_returned_as_the_models(server, tmp_path):
+    """An answer the caller cannot use is asked for again; when the retries run out on such answers
+    the last one is the model's answer (`problem` says what is wrong): its failure, not an LLMError."""
     server.faults.extend([{"text": "Sure! Here is how you could do it, in words."}] * 3)
-    llm, sleeps = make(server, retries=2, backoff_s=0.01)
+    llm, sleeps = make(server, tmp_path, retries=2, backoff_s=0.01)
+    llm.transcript = Transcript(tmp_path / "agent")
     no_code = lambda text: None if "```" in text else "no code block"  # noqa: E731
-    with pytest.raises(LLMError, match="gave up after 3 attempts.*UnusableAnswer: no code block") as info:
-        llm.complete(MESSAGES, accept=no_code)
-    assert not info.value.fatal and len(server.requests) == 3
+    reply = llm.complete(MESSAGES, accept=no_code)
+    assert reply.text == "Sure! Here is how you could do it, in words." and reply.problem == "no code block"
+    assert reply.attempts == 3 and len(server.requests) == 3 and len(sleeps) == 2
+    assert llm.usage.llm_calls == 3 and llm.usage.retries == 2  # every answer billed
+    assert "UNUSABLE, the retries ran out: no code block" in (tmp_path / "agent" / "transcript.md").read_text()
+    assert not list((tmp_path / "cache").rglob("*.json"))  # never cached: a rerun asks again
     server.faults.append({"text": "prose"})
-    assert llm.complete(MESSAGES, accept=lambda t: None if t.startswith("hello") else "not a greeting").text \
-        == "hello 5"
+    reply = llm.complete(MESSAGES, accept=lambda t: None if t.startswith("hello") else "not a greeting")
+    assert reply.text == "hello 5" and reply.problem is None
+
+
+def test_answers_cut_off_at_the_token_limit_are_the_models_after_the_retries(server):
+    """finish_reason "length": asked again (a fresh sample may fit); when every answer is cut off the
+    last one is returned as it is, marked, for the agent to use as the model's (docs/agent.md)."""
+    server.faults.extend([{"truncate": 4}] * 2)
+    llm, sleeps = make(server, retries=1, backoff_s=0.01)
+    reply = llm.complete(MESSAGES)
+    assert reply.text == "hell" and reply.finish_reason == "length" and reply.attempts == 2
+    assert reply.problem.startswith("the answer was cut off at the token limit")
 
 
 def test_final_failure_is_an_llm_error_after_the_retries(server):
@@ -146,6 +163,40 @@ def test_cache_replays_a_rerun_without_requests(server, tmp_path):
 
     other, _ = make(server, tmp_path, temperature=0.7)  # another request: not in the cache
     assert other.complete(MESSAGES).text == "hello 4" and len(server.requests) == 4
+
+
+def test_cache_entries_that_do_not_verify_are_misses(server, tmp_path):
+    """Each entry carries an HMAC tag made with the harness key: an entry planted or edited in the
+    cache folder (or written under another key, or not a JSON object) is a miss, never replayed and
+    never an exception."""
+    first, _ = make(server, tmp_path)
+    assert first.complete(MESSAGES).text == "hello 1"
+    (path,) = (tmp_path / "cache").rglob("*.json")
+    entry = json.loads(path.read_text())
+    assert entry["mac"] and entry["text"] == "hello 1"
+    path.write_text(json.dumps({**entry, "text": "import os; os.system('planted')"}))
+    rerun, _ = make(server, tmp_path)
+    assert rerun.complete(MESSAGES).text == "hello 2" and len(server.requests) == 2  # a miss: asked again
+    assert json.loads(path.read_text())["text"] == "hello 2"  # and stored, tagged, in its place
+    again, _ = make(server, tmp_path)
+    assert again.complete(MESSAGES).text == "hello 2" and again.usage.cache_hits == 1
+    other = LLMClient(again.settings, tag_key=b"o" * 32)  # another user's key (another cache dir)
+    assert other.complete(MESSAGES).text == "hello 3" and other.usage.cache_hits == 0
+    for planted in ([1, 2], "text", {"text": 5}):
+        path.write_text(json.dumps(planted))
+        fresh, _ = make(server, tmp_path)
+        assert fresh.complete(MESSAGES).text.startswith("hello ") and fresh.usage.cache_hits == 0
+    with pytest.raises(ValueError, match="tag_key"):
+        LLMClient(again.settings)  # a cache without the key to tag it: refused
+
+
+def test_credentials_in_the_api_base_are_redacted():
+    from pytest_diffbench.agent.llm import _describe, redact_url
+
+    assert redact_url("https://user:t0ken@llm.example/v1") == "https://***@llm.example/v1"
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1" and redact_url(None) is None
+    text = _describe(ConnectionError("cannot reach http://bob:s3cret@10.0.0.1:9/v1/chat/completions"))
+    assert "s3cret" not in text and "http://***@10.0.0.1:9/v1" in text
 
 
 def test_cache_off_always_asks(server):

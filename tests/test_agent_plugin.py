@@ -141,6 +141,28 @@ def test_llm_failures_are_harness_errors_and_the_session_continues(tmp_path):
     assert code == 1 and "AuthenticationError" in out and "the LLM is unusable" in out, out
 
 
+def test_plain_without_code_after_its_retries_is_no_candidate_and_the_api_base_stays_private(tmp_path):
+    """--agent=plain: a model that answers without a module after the retries gets a no_candidate
+    verdict with the reason (its failure, counted), not a harness error; credentials in
+    --llm-api-base are printed as *** in the header and written nowhere in the agent's files."""
+    from pytest_diffbench.agent.scripted import ScriptedModel, ScriptedServer
+
+    run = tmp_path / "run"
+    with ScriptedServer(ScriptedModel(by_role={"plain": ["I would rather not write that module."] * 2})) as server:
+        api_base = server.api_base.replace("http://", "http://user:s3cret@")
+        code, out = pytest_run(["--diffbench-level=L1", "-k", "L1-sd15-t2i-0001", "--agent=plain", "--llm=openai/shy",
+                                f"--llm-api-base={api_base}", "--llm-retries=1", "--llm-cache=off",
+                                f"--diffbench-out={run}"])
+        assert len(server.requests) == 2  # the answer and one retry, both answered
+    assert code == 1, out
+    assert "no candidate 1" in out and "harness error 0" in out, out
+    assert "at http://***@127.0.0.1:" in out and "s3cret" not in out
+    record = json.loads((run / "L1-sd15-t2i-0001" / "result.json").read_text())
+    assert record["category"] == "no_candidate" and "no code block" in record["message"]
+    agent_files = list((run / "L1-sd15-t2i-0001" / "agent").iterdir())
+    assert agent_files and not [f.name for f in agent_files if "s3cret" in f.read_text()]
+
+
 # -- end to end ----------------------------------------------------------------------------------------
 
 E2E_TASKS = ["L1-pixart-alpha-t2i-0006", "L2-pixart-alpha-t2i-unipc-0005", "L3-sd15-t2i-dpmsolver-deepcache-0001"]

@@ -52,7 +52,7 @@ def test_debugging_in_the_real_sandbox_and_replay_from_the_cache(evaluator, tmp_
     def run(model, folder):
         register_provider(model)
         transcript = Transcript(tmp_path / folder, task.id)
-        agent = DiffAgent(task, LLMClient(settings, transcript=transcript), transcript=transcript,
+        agent = DiffAgent(task, LLMClient(settings, transcript=transcript, tag_key=b"k" * 32), transcript=transcript,
                           smoke=smoke_function(GenerationContext.for_evaluator(task, evaluator),
                                                                tmp_path / folder / "smoke"), bounds=Bounds())
         return agent, agent.run()

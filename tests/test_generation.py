@@ -79,16 +79,17 @@ def test_a_stub_generator_uses_its_context(tmp_path, tiny_zoo, baseline_cache_di
 
 # A stand-in interpreter for the child session: it records its command line and environment and
 # writes the results a child session would (tagged with the cache dir's key), except for candidates
-# whose code says "forged" (untagged: not the harness's) and "silent" (no result at all).
+# whose code says "forged" (untagged: not the harness's), "silent" (no result at all), "harness" (a
+# result of the harness's category) and "sleep" (it starts a process that sleeps, then sleeps itself).
 FAKE_PYTHON = '''#!{python}
-import json, os, sys
+import json, os, subprocess, sys, time
 from pathlib import Path
 from pytest_diffbench import keys
 args = sys.argv[1:]
 opt = lambda name: next(a.split("=", 1)[1] for a in args if a.startswith(name + "="))
 Path(os.environ["FAKE_LOG"]).open("a").write(json.dumps({{"args": args, "cwd": os.getcwd(),
     "child": os.environ.get("DIFFBENCH_POPULATION_CHILD"), "addopts": os.environ.get("PYTEST_ADDOPTS"),
-    "xdist": os.environ.get("PYTEST_XDIST_WORKER")}}) + "\\n")
+    "xdist": os.environ.get("PYTEST_XDIST_WORKER"), "env": sorted(os.environ)}}) + "\\n")
 if os.environ.get("FAKE_EXIT"):
     sys.exit(int(os.environ["FAKE_EXIT"]))
 key, out_dir = keys.secret_key(opt("--diffbench-cache-dir")), Path(opt("--diffbench-out"))
@@ -97,9 +98,15 @@ for line in Path(opt("--diffbench-candidates")).read_text().splitlines():
     label = e["task_id"] + "@" + e["candidate_id"]
     if "silent" in e["code"]:
         continue
+    if "sleep" in e["code"]:
+        sleeper = subprocess.Popen(["sleep", "300"])
+        Path(os.environ["FAKE_LOG"] + ".sleeper").write_text(str(sleeper.pid))
+        time.sleep(300)
+    harness = "harness" in e["code"]
     record = {{"task_id": e["task_id"], "label": label, "level": "L4", "passed": "fast" in e["code"],
-              "stage_reached": 3, "category": None if "fast" in e["code"] else "relative_speed", "message": "",
-              "U": 2.0, "L": 0.01}}
+              "stage_reached": 0 if harness else 3,
+              "category": "harness" if harness else None if "fast" in e["code"] else "relative_speed",
+              "message": "baseline changed again" if harness else "", "U": 2.0, "L": 0.01}}
     if "forged" not in e["code"]:
         record = keys.sign_record(key, "result", keys.run_context(out_dir, label), record)
     (out_dir / label).mkdir(parents=True)
@@ -152,6 +159,8 @@ def test_a_population_is_one_child_session_under_the_verdicts_profile(seeds, fak
 
     from pytest_diffbench.evaluate import Profile
     from pytest_diffbench.generation import GenerationContext
+    from pytest_diffbench.population import HARNESS
+    from pytest_diffbench.result import TaskResult
 
     sessions, calls = fake_child
     sessions = dataclasses.replace(sessions, profile=_profile(seeds))
@@ -161,8 +170,9 @@ def test_a_population_is_one_child_session_under_the_verdicts_profile(seeds, fak
     folder = context.folder("gen") / "round-1"
     results = context.evaluate_population([("r1c1", "fast code"), ("r1c2", "slow code"), ("r1c3", "fast forged"),
                                            ("r1c4", "silent")], folder, timeout_s=60)
-    assert {k: (v.verdict.passed, v.verdict.category) if v else None for k, v in results.items()} == {
-        "r1c1": (True, None), "r1c2": (False, "relative_speed"), "r1c3": None, "r1c4": None}
+    assert {k: (v.verdict.passed, v.verdict.category) if isinstance(v, TaskResult) else v.reason
+            for k, v in results.items()} == {
+        "r1c1": (True, None), "r1c2": (False, "relative_speed"), "r1c3": HARNESS, "r1c4": HARNESS}
     manifest = [json.loads(line) for line in (folder / "candidates.jsonl").read_text().splitlines()]
     assert [(e["task_id"], e["candidate_id"]) for e in manifest] == [(task.id, f"r1c{i}") for i in range(1, 5)]
     (call,) = calls()
@@ -193,6 +203,65 @@ def test_a_broken_child_session_is_a_harness_error(fake_child, tmp_path, monkeyp
         sessions.evaluate(_l4_task(), [("a", "fast")], tmp_path / "round")
     assert isinstance(info.value, HarnessError)
     assert "$ " in (tmp_path / "round" / "pytest.log").read_text()  # the command, for whoever reads the log
+
+
+def test_a_candidate_the_harness_gave_no_verdict_is_marked_not_failed(fake_child, tmp_path):
+    """pytest exits 1 when items error too: a candidate without a result that verifies, or with one
+    of the harness's category, is NotEvaluated(HARNESS), never a failing verdict; a population in
+    which the harness gave no candidate a verdict is the session's failure (PopulationError)."""
+    from pytest_diffbench.population import HARNESS, NotEvaluated, PopulationError
+
+    sessions, _ = fake_child
+    results = sessions.evaluate(_l4_task(), [("a", "fast"), ("b", "silent"), ("c", "harness"), ("d", "forged")],
+                                tmp_path / "round")
+    assert results["a"].verdict.passed
+    assert {k: v for k, v in results.items() if k != "a"} == {
+        "b": NotEvaluated(HARNESS, "the child session wrote no result.json that verifies"),
+        "c": NotEvaluated(HARNESS, "baseline changed again"),
+        "d": NotEvaluated(HARNESS, "the child session wrote no result.json that verifies")}
+    with pytest.raises(PopulationError, match=r"gave no candidate a verdict \(log: .*\): baseline changed again"):
+        sessions.evaluate(_l4_task(), [("c", "harness"), ("b", "silent")], tmp_path / "round2")
+
+
+def test_the_time_limit_keeps_the_verdicts_so_far_and_ends_the_whole_child(fake_child, tmp_path):
+    """The round's time limit is not a harness error of the task: the verdicts verified by then are
+    returned, the rest marked NotEvaluated(TIME_LIMIT); the child's process group goes (a process it
+    started too)."""
+    import time
+
+    from pytest_diffbench.population import TIME_LIMIT, NotEvaluated
+
+    sessions, _ = fake_child
+    started = time.monotonic()
+    results = sessions.evaluate(_l4_task(), [("a", "fast"), ("b", "sleep"), ("c", "slow")], tmp_path / "round",
+                                timeout_s=4)
+    assert time.monotonic() - started < 60
+    assert results["a"].verdict.passed
+    assert results["b"] == results["c"] == NotEvaluated(TIME_LIMIT, "not evaluated within 4 s")
+    assert "[stopped at the time limit of 4 s" in (tmp_path / "round" / "pytest.log").read_text()
+    sleeper = int(Path(os.environ["FAKE_LOG"] + ".sleeper").read_text())
+    for _ in range(50):  # gone, or a zombie until init reaps it
+        stat = Path(f"/proc/{sleeper}/stat")
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the child's process {sleeper} outlived the time limit")
+
+
+def test_the_child_gets_no_secrets_and_no_llm_provider_settings(fake_child, tmp_path, monkeypatch):
+    """The child session refuses --llm and runs no candidate itself: API keys, tokens and the LLM
+    providers' settings stay in the parent (sandbox.SECRET_PATTERN, population.PROVIDER_ENV)."""
+    sessions, calls = fake_child
+    secrets = {"OPENAI_API_KEY": "sk-1", "ANTHROPIC_API_KEY": "sk-2", "HF_TOKEN": "hf_3", "OPENAI_API_BASE": "http://x",
+               "AZURE_API_BASE": "http://y", "AWS_REGION_NAME": "eu", "MY_SERVICE_PASSWORD": "pw",
+               "OLLAMA_API_BASE": "http://z"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sessions.evaluate(_l4_task(), [("a", "fast")], tmp_path / "round")
+    (call,) = calls()
+    assert not set(secrets) & set(call["env"]) and {"HF_HUB_OFFLINE", "PYTHONPATH", "FAKE_LOG"} <= set(call["env"])
 
 
 def test_a_population_is_checked_before_any_session_runs(fake_child, tmp_path):

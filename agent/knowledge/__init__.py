@@ -24,6 +24,7 @@ coding agent is shown); `check_config` lists what the knowledge base says is wro
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import string
@@ -272,9 +273,12 @@ def config_key(config: Mapping[str, Mapping]) -> str:
 
 
 def run_steps(task, config: Mapping[str, Mapping]) -> int:
+    """The steps a configuration's calls request: its fast_sampler's when that is a number (any other
+    value is `check_config`'s to name, not an exception here), else the task's."""
     fs = config.get("fast_sampler") or {}
-    if fs.get("steps") is not None:
-        return int(fs["steps"])
+    steps = fs.get("steps") if isinstance(fs, Mapping) else None
+    if isinstance(steps, (int, float)) and not isinstance(steps, bool) and math.isfinite(steps):
+        return int(steps)
     if getattr(task.expect, "steps", None) is not None:
         return int(task.expect.steps)
     return int(task.steps)
@@ -298,22 +302,35 @@ def config_from_task(task) -> dict[str, dict]:
     return config
 
 
-def config_from_attributes(attributes: Mapping, task) -> dict[str, dict]:
-    """The configuration a candidate actually ran, from the harness's introspection of its pipeline."""
+def config_from_attributes(attributes: Mapping, task) -> dict[str, dict] | None:
+    """The configuration a candidate actually ran, from the harness's introspection of its pipeline.
+
+    The attributes come from the candidate's process, so they may have any shape: None when they
+    are not what introspection writes (an object; `scheduler` a string; `steps` an object whose
+    `requested` is a list; `methods` an object of objects), never an exception. Nothing is checked
+    against the knowledge base here (`check_config` does that)."""
+    if not isinstance(attributes, Mapping):
+        return None
+    scheduler, steps, methods = attributes.get("scheduler"), attributes.get("steps"), attributes.get("methods")
+    requested = steps.get("requested") if isinstance(steps, Mapping) else None
+    shapes = (scheduler is None or isinstance(scheduler, str), steps is None or isinstance(steps, Mapping),
+              requested is None or isinstance(requested, list),
+              methods is None or (isinstance(methods, Mapping)
+                                  and all(p is None or isinstance(p, Mapping) for p in methods.values())))
+    if not all(shapes):
+        return None
     config: dict[str, dict] = {}
     fs = {}
-    scheduler = attributes.get("scheduler")
     if scheduler and scheduler != task.scheduler:
         fs["scheduler"] = scheduler
-    requested = list((attributes.get("steps") or {}).get("requested") or [])
     if requested and requested[0] != task.steps:
         fs["steps"] = requested[0]
     if fs:
         config["fast_sampler"] = fs
     if attributes.get("dtype") == "float16":
         config["fp16"] = {}
-    for name, params in (attributes.get("methods") or {}).items():
-        config[name] = {k: v for k, v in (params or {}).items()}
+    for name, params in (methods or {}).items():
+        config[str(name)] = dict(params or {})
     return config
 
 
