@@ -46,6 +46,12 @@ CANDIDATE_IMAGES = "images"
 BASELINE_ROLES = ("reference", "gold")
 #: the options run.json records: the harness's and the agent's (`--llm...`, `--agent...`)
 _RECORDED_OPTIONS = ("diffbench_", "llm", "agent_")
+#: a URL's user information (`--llm-api-base=https://user:token@host`): no part of the record
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def _redacted(value):
+    return _URL_CREDENTIALS.sub(r"\1***@", value) if isinstance(value, str) else value
 
 
 class RunError(ValueError):
@@ -94,13 +100,13 @@ def run_info(config, *, profile, levels, tasks_dir, generator: str, tasks_at_lev
     the harness's cache folder, whose key derives the secret seeds (`seed_key`)."""
     from .profile import harness_versions
 
-    options = {name: _plain(value) for name, value in sorted(vars(config.option).items())
+    options = {name: _redacted(_plain(value)) for name, value in sorted(vars(config.option).items())
                if name.startswith(_RECORDED_OPTIONS)}
     versions = dict(profile.versions) if profile is not None else harness_versions()
     versions["python"] = platform.python_version()
     return {"run_format": RUN_FORMAT, "generator": generator, "model": options.get("llm"),
             "levels": sorted(levels), "tasks_at_levels": tasks_at_levels, "suite": suite_version(tasks_dir),
-            "command": [sys.executable, "-m", "pytest", *map(str, config.invocation_params.args)],
+            "command": [sys.executable, "-m", "pytest", *(_redacted(str(a)) for a in config.invocation_params.args)],
             "options": options, "profile": None if profile is None else json.loads(profile.to_json()),
             "seed_key": None if cache_dir is None else seed_key_id(cache_dir),
             "versions": versions, "platform": platform.platform()}

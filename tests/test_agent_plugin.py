@@ -161,6 +161,8 @@ def test_plain_without_code_after_its_retries_is_no_candidate_and_the_api_base_s
     assert record["category"] == "no_candidate" and "no code block" in record["message"]
     agent_files = list((run / "L1-sd15-t2i-0001" / "agent").iterdir())
     assert agent_files and not [f.name for f in agent_files if "s3cret" in f.read_text()]
+    run_record = (run / "run.json").read_text()  # the command and options recorded: redacted too
+    assert "s3cret" not in run_record and "http://***@127.0.0.1:" in run_record
 
 
 # -- end to end ----------------------------------------------------------------------------------------
