@@ -736,6 +736,32 @@ def test_guidance_dropped_behind_a_partition_of_the_calls_fails_the_module_work(
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open (red team round 22): the passes per image are counted without whose latents "
+                                       "entered; docs/integrity.md, 'Still open'")
+def test_guidance_dropped_behind_an_entry_of_one_latent_twice_fails_stage_1(tiny_zoo, baseline_cache_dir, tmp_path):
+    """Red team round 22 (tests/adversarial_tasks/guidance_dropped_behind_an_entry_of_one_latent_twice.py):
+    samples in pairs; after four guided calls each call's visible entry holds image A's latent twice
+    (one guided pass for the pair, as the replay counts it), and a hook swaps the second row for
+    image B's, entered on a weight mixed with the latents (booked to no module, no entry): every
+    module then computes two images' conditional rows, guidance dropped, with the row counts, the
+    passes per image and the floors agreeing. A forged pass today: this test is expected to fail
+    (strict) until the replay counts each sample's passes; then it must pass."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(
+        load_task(REPO / "tasks" / "L4" / "L4-sd15-i2i-hard-0021.yaml"))
+    code = (TASK_ATTACKS / "guidance_dropped_behind_an_entry_of_one_latent_twice.py").read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    print(f"\none latent twice at the entry on {task.id}: {result.verdict}, U {result.measures.U}")
+    assert result.flops["source"] == "replay", result.flops.get("source")
+    assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+
+
+@pytest.mark.slow
 def test_seed_free_work_done_off_the_record_buys_no_speed(tiny_zoo, baseline_cache_dir, tmp_path):
     """tests/adversarial_tasks/seed_free_work_off_the_record.py (red team round 7, S1): the
     reference's configuration, with every seed-free part of the call computed while the recorder
