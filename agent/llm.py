@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -48,19 +47,14 @@ from pathlib import Path
 from typing import Callable
 
 from pytest_diffbench.atomic import write_json_atomic
+# (`--llm-api-base` is printed in the report header and may appear in error messages)
+from pytest_diffbench.sandbox import redact_url
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2  # 2: entries carry an HMAC tag
 #: the purpose of the cache entries' tags (`pytest_diffbench.keys.mac`)
 CACHE_TAG = "llm-cache"
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
-
-
-def redact_url(text: str | None) -> str | None:
-    """`text` with the credentials of every URL in it (``scheme://user:token@host``) replaced by
-    ``***``: `--llm-api-base` is printed in the report header and may appear in error messages."""
-    return None if text is None else _URL_USERINFO.sub(r"\1***@", str(text))
 
 
 class LLMError(Exception):

@@ -46,12 +46,13 @@ CANDIDATE_IMAGES = "images"
 BASELINE_ROLES = ("reference", "gold")
 #: the options run.json records: the harness's and the agent's (`--llm...`, `--agent...`)
 _RECORDED_OPTIONS = ("diffbench_", "llm", "agent_")
-#: a URL's user information (`--llm-api-base=https://user:token@host`): no part of the record
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
 
 
 def _redacted(value):
-    return _URL_CREDENTIALS.sub(r"\1***@", value) if isinstance(value, str) else value
+    """A recorded option or argument without a URL's credentials (`--llm-api-base=https://user:token@host`)."""
+    from .sandbox import redact_url
+
+    return redact_url(value) if isinstance(value, str) else value
 
 
 class RunError(ValueError):

@@ -145,8 +145,14 @@ class SandboxUnavailable(RuntimeError):
     strong one (a harness error: the session stops before any candidate runs)."""
 
 
-# A URL's user information (`scheme://user:password@host`): a credential inside an allowed variable's value.
-_URL_CREDENTIALS = re.compile(r"://[^/@\s]*@")
+# A URL's user information (`scheme://user:password@host`): a credential inside an allowed variable's
+# value, or in `--llm-api-base` where it is printed or recorded (`redact_url`).
+URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def redact_url(text: str | None) -> str | None:
+    """`text` with the user information of every URL in it (``scheme://user:token@host``) as ``***``."""
+    return None if text is None else URL_CREDENTIALS.sub(r"\1***@", str(text))
 
 
 def scrubbed_env(base: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -154,7 +160,7 @@ def scrubbed_env(base: Mapping[str, str], extra: Mapping[str, str] | None = None
     variable of `base` whose value carries a URL's user information (HF_ENDPOINT=https://user:token@...)
     is left out too: its name is allowed, the credential inside is not."""
     env = {k: v for k, v in base.items()
-           if ENV_ALLOWLIST.match(k) and not SECRET_PATTERN.search(k) and not _URL_CREDENTIALS.search(v)}
+           if ENV_ALLOWLIST.match(k) and not SECRET_PATTERN.search(k) and not URL_CREDENTIALS.search(v)}
     for key, value in (extra or {}).items():
         if SECRET_PATTERN.search(key):
             raise ValueError(f"refusing to pass secret-looking variable {key!r} to a candidate")
