@@ -229,6 +229,10 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                       "rows_twice": sum(rows for rows, twice in replayer.entries if twice),
                                       # which calls ran guidance (T-GATE ends it at its gate: stages.tgate_guidance_problem)
                                       "guided_calls": [i for i, (_, twice) in enumerate(replayer.entries) if twice],
+                                      # guided calls whose halves differed before the conditioning enters
+                                      # (trace.PRE_CONDITIONING_MODULES): [count, the first]
+                                      "split_halves": [len(replayer.split_calls),
+                                                       replayer.split_calls[0] if replayer.split_calls else None],
                                       # the latents' spatial sizes (the resolution: stages.entry_mismatches)
                                       "spatial": sorted(list(s) for s in replayer.entry_spatial)},
                    # the steps between denoiser calls against the task's scheduler and guidance

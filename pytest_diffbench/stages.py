@@ -235,6 +235,15 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
         # which the run can rewrite): latents denoised smaller and the images scaled up are less work
         out.append(Mismatch("latent size entering the denoiser (the resolution, read by the harness's replay)",
                             sorted(list(s) for s in want["spatial"]), sorted(list(s) for s in spatial)))
+    split = entry.get("split_halves")
+    if isinstance(split, list) and split and isinstance(split[0], int) and split[0] > 0:
+        # an entry holding one image's latent twice followed by other rows than its two halves: the
+        # second half's latents entered on a hidden weight, guidance dropped behind a guided entry
+        # (red team round 22). Honest guided calls keep the halves equal until the conditioning enters
+        out.append(Mismatch("classifier-free guidance's two halves until the conditioning enters (the first "
+                            "resnet's convolution, PixArt's first self-attention: counted by the harness's replay)",
+                            "equal halves on every call whose entry holds each latent twice",
+                            f"different halves on {split[0]} of {calls} calls, the first call {split[1]}"))
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     if want.get("cfg") and "tgate" not in methods and twice < rows:
         out.append(Mismatch("classifier-free guidance on every denoiser call (each latent entering the denoiser "

@@ -495,6 +495,47 @@ def harness_arithmetic():
     return _disable_current_modes()
 
 
+#: the denoiser modules whose products, on a call whose entry holds each latent twice (guidance),
+#: still multiply two equal halves: the conditioning (the caption, the timestep's embedding where it
+#: differs) enters after them. SD's and SDXL's first resnet's first convolution (the timestep's
+#: embedding is added after it); PixArt's first block's self-attention projections (adaLN-single
+#: modulates both halves by the same timestep). Not DiT's: its first block is modulated by the class
+#: label at once. An entry holding one image's latent twice followed by two images' rows (the second
+#: entered on a hidden weight) split these halves: red team round 22.
+PRE_CONDITIONING_MODULES = frozenset({"unet.down_blocks.0.resnets.0.conv1"})
+PIXART_PRE_CONDITIONING_MODULES = frozenset({
+    "transformer.transformer_blocks.0.attn1.to_q", "transformer.transformer_blocks.0.attn1.to_k",
+    "transformer.transformer_blocks.0.attn1.to_v"})
+#: a parameter only PixArt's transformer has (adaLN-single: one timestep modulation for every row)
+PIXART_MARK = "transformer.adaln_single."
+
+
+def pre_conditioning_modules(parameter_names) -> frozenset:
+    """`PRE_CONDITIONING_MODULES` of the model whose parameters these are, by name (PixArt's added;
+    DiT's blocks have the same names, and there the class label modulates them)."""
+    if any(str(name).startswith(PIXART_MARK) for name in parameter_names):
+        return PRE_CONDITIONING_MODULES | PIXART_PRE_CONDITIONING_MODULES
+    return PRE_CONDITIONING_MODULES
+#: how far those halves may differ, over the operand's largest magnitude: float32 rounding of the
+#: same arithmetic on two rows (0 where the kernels treat rows alike), half precision's wider
+HALVES_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
+HALF_HALVES_TOLERANCE = 1e-2
+
+
+def halves_split(operand: torch.Tensor) -> bool:
+    """Whether an operand of a `PRE_CONDITIONING_MODULES` product, on a call whose entry held each
+    latent twice, is not two equal halves (rows, then the same rows again) within rounding."""
+    rows = operand.shape[0] if operand.dim() else 0
+    if rows < 2 or rows % 2:
+        return True
+    first, second = operand[: rows // 2], operand[rows // 2:]
+    if torch.equal(first, second):
+        return False
+    scale = float(operand.detach().abs().max().double())
+    tolerance = HALVES_TOLERANCE.get(operand.dtype, HALF_HALVES_TOLERANCE)
+    return not (float((first.double() - second.double()).abs().max()) <= tolerance * max(scale, 1e-30))
+
+
 def latents_rows(latents: torch.Tensor) -> tuple[int, bool]:
     """(rows, each row twice) of the latents a product of an `ENTRY_MODULES` weight multiplies
     (entry_latents): their batch and whether they are two equal halves, as classifier-free guidance
@@ -1121,6 +1162,9 @@ class Replayer:
                 value = torch.empty_strided(value.shape, spec["stride"], dtype=value.dtype).copy_(value)
             self.params.append(value)
         self._param_storages = {_storage(p) for p in self.params}
+        # by the model's own parameters (the harness's load), not the call's: a call that left
+        # PixArt's adaLN-single out of its trace (computed off the record) must not pass as DiT's
+        self.pre_conditioning = pre_conditioning_modules(zoo)
         self.last_use = self._last_uses()
         self._plans = self._op_plans()
 
@@ -1181,6 +1225,10 @@ class Replayer:
         # the denoiser calls the replay saw, as (rows, each latent twice) of each entry (ENTRY_MODULES)
         self.entries: list[tuple[int, bool]] = []
         self.entry_spatial: set[tuple[int, ...]] = set()
+        # the calls (indices into `entries`) whose entry held each latent twice while a product of a
+        # PRE_CONDITIONING_MODULES module multiplied two halves that differ (stages.entry_mismatches)
+        self.split_calls: list[int] = []
+        pre_conditioning = self.pre_conditioning
         # the denoiser's modules per call (stages.row_work_problem)
         self.call_books = CallBooks()
         taint = SeedTaint()
@@ -1289,6 +1337,11 @@ class Replayer:
                         if steps is not None:
                             with harness_arithmetic():
                                 steps.enter(latents)
+                elif (seeded and counter.module in pre_conditioning and self.entries and self.entries[-1][1]
+                      and (not self.split_calls or self.split_calls[-1] != len(self.entries) - 1)):
+                    operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
+                    if operand is None or halves_split(operand):
+                        self.split_calls.append(len(self.entries) - 1)
                 leaving = steps is not None and seeded and self.entries and counter.module in EXIT_MODULES
                 if leaving:  # the module and the activation its product multiplies (updates.exit_output)
                     exit_module = counter.module

@@ -736,16 +736,15 @@ def test_guidance_dropped_behind_a_partition_of_the_calls_fails_the_module_work(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open (red team round 22): the passes per image are counted without whose latents "
-                                       "entered; docs/integrity.md, 'Still open'")
 def test_guidance_dropped_behind_an_entry_of_one_latent_twice_fails_stage_1(tiny_zoo, baseline_cache_dir, tmp_path):
     """Red team round 22 (tests/adversarial_tasks/guidance_dropped_behind_an_entry_of_one_latent_twice.py):
     samples in pairs; after four guided calls each call's visible entry holds image A's latent twice
     (one guided pass for the pair, as the replay counts it), and a hook swaps the second row for
     image B's, entered on a weight mixed with the latents (booked to no module, no entry): every
     module then computes two images' conditional rows, guidance dropped, with the row counts, the
-    passes per image and the floors agreeing. A forged pass today: this test is expected to fail
-    (strict) until the replay counts each sample's passes; then it must pass."""
+    passes per image and the floors agreeing (a forged pass at c1936a9). The first resnet's
+    convolution, before the conditioning enters, multiplies two halves that differ on those calls
+    (trace.PRE_CONDITIONING_MODULES): an entry mismatch."""
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
@@ -759,6 +758,23 @@ def test_guidance_dropped_behind_an_entry_of_one_latent_twice_fails_stage_1(tiny
     print(f"\none latent twice at the entry on {task.id}: {result.verdict}, U {result.measures.U}")
     assert result.flops["source"] == "replay", result.flops.get("source")
     assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+    assert "two halves until the conditioning enters" in result.verdict.message, result.verdict.message
+    assert result.flops["replay"]["denoiser_entry"]["split_halves"] == [8, 4], result.flops["replay"]["denoiser_entry"]
+
+
+def test_halves_split_reads_two_equal_halves_within_rounding():
+    """trace.halves_split: the halves of an operand before the conditioning enters, on a guided call."""
+    import torch
+
+    from pytest_diffbench.trace import halves_split
+
+    a = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert not halves_split(torch.cat([a, a]))
+    assert not halves_split(torch.cat([a, a + 1e-7 * a.abs().max()]))  # float32 rounding
+    assert halves_split(torch.cat([a, a.flip(0)]))  # two images' rows, not one image's twice
+    assert halves_split(a[:1]) and halves_split(torch.cat([a, a, a])[:3])  # no two halves at all
+    half = torch.cat([a, a + 5e-3 * a.abs().max()]).half()
+    assert not halves_split(half) and halves_split(torch.cat([a, a + 0.1]).half())
 
 
 @pytest.mark.slow
