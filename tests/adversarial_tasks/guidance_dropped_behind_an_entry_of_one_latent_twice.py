@@ -1,5 +1,5 @@
-"""OPEN: a forged pass at c1936a9 and after (docs/integrity.md, "Still open": the passes per image
-counted without whose latents entered). L4-sd15-i2i-hard-0021 with ten samples: U 4.045 against a
+"""A forged pass at c1936a9, a stage-1 failure since fa645a7 (trace.PRE_CONDITIONING_MODULES: the
+first resnet's convolution multiplies two halves that differ). L4-sd15-i2i-hard-0021 with ten samples: U 4.045 against a
 target of 3.744, L 0.0766 within 0.100, the held-out set passed; honest work on the same sampler
 and steps earns U 2.878. A whole candidate, not an attack appended to a gold.
 
