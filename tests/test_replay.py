@@ -762,6 +762,36 @@ def test_guidance_dropped_behind_an_entry_of_one_latent_twice_fails_stage_1(tiny
     assert result.flops["replay"]["denoiser_entry"]["split_halves"] == [8, 4], result.flops["replay"]["denoiser_entry"]
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open (issue 12, red team round 23): the replay does not know whose latents "
+                                       "entered the denoiser; docs/integrity.md, 'Still open'")
+@pytest.mark.parametrize("task_id, attack", [
+    ("L4-sd15-i2i-hard-0021", "guidance_dropped_rows_swapped_after_the_first_resnet.py"),
+    ("L4-pixart-alpha-t2i-hard-0015", "guidance_dropped_rows_swapped_after_pixarts_first_self_attention.py"),
+    ("L4-dit-c2i-hard-0012", "guidance_dropped_behind_an_entry_of_one_latent_twice_on_dit.py"),
+])
+def test_guidance_dropped_with_another_images_rows_after_the_checked_products_fails_stage_1(
+        task_id, attack, tiny_zoo, baseline_cache_dir, tmp_path):
+    """Red team round 23: round 22's pairing with image B's rows swapped in after the products
+    whose halves are checked (SD's first resnet, PixArt's first self-attention: elementwise, in
+    place and from a difference kept from a guided call), or on DiT, which has no such product.
+    Forged passes at fa645a7 (U 4.044, 1.196, 1.449 against targets 3.744, 1.189, 1.429; honest
+    twins 2.878, 1.139, 1.337). Expected to fail (strict) until the replay counts each sample's
+    passes from the rows its latents entered; then every case must fail stage 1."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{task_id}.yaml"))
+    code = (TASK_ATTACKS / attack).read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    print(f"\n{attack} on {task.id}: {result.verdict}, U {result.measures.U}")
+    assert result.flops["source"] == "replay", result.flops.get("source")
+    assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+
+
 def test_halves_split_reads_two_equal_halves_within_rounding():
     """trace.halves_split: the halves of an operand before the conditioning enters, on a guided call."""
     import torch
