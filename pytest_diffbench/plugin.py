@@ -699,14 +699,14 @@ def pytest_configure(config):
         # node ids printed by an earlier session, given back without --diffbench-level: their levels
         config.option.diffbench_level = _levels_named(suite_args)
     tasks, all_ids, levels, tasks_dir = _load_tasks(config)
-    _check_sandbox(config)
+    backend = _check_sandbox(config)
     seed_mode(config)  # a bad $DIFFBENCH_SEEDS stops the session here
     warm_start_setting(config)  # ... and a bad $DIFFBENCH_WARM_START
     session = DiffbenchSession(config, tasks, levels)
     session.tasks_dir = tasks_dir
     session.shard = _shard_option(config)
     session.resolve_session_profile()
-    _protect_harness_files(session)
+    _protect_harness_files(session, backend)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(session, "diffbench-session")
     if config.args_source != pytest.Config.ArgsSource.ARGS:
@@ -860,21 +860,23 @@ def _check_sandbox(config) -> str:
         raise pytest.UsageError(f"--diffbench-sandbox: {exc}") from None
 
 
-def _protect_harness_files(session) -> None:
+def _protect_harness_files(session, backend: str) -> None:
     """Register what no candidate may read (sandbox.protect) and stop the session (a usage error,
     before any candidate runs) where the candidates' readable paths, which the environment and the
-    zoo's settings add to, would show one of them under the strong backend."""
+    zoo's settings add to, would show one of them under the strong `backend` (the session's,
+    resolved; the profile's where it is resolved, which a GA child session takes from its parent)."""
     from .evaluate import child_env
-    from .sandbox import STRONG_ISOLATIONS, SandboxUnavailable, check_protected, protect
+    from .sandbox import STRONG_ISOLATIONS, SandboxUnavailable, check_protected, protect, scrubbed_env
 
     protect({"the baseline cache (its key, baselines, the LLM cache)": session.cache_dir,
              "the run directory": session.run_dir, "the task files (golds, calibrations)": session.tasks_dir,
              "the rootdir": session.config.rootpath, "your home": Path.home()})
     profile = session.profile
-    if profile is None or profile.limits.isolation not in STRONG_ISOLATIONS:
+    if (profile.limits.isolation if profile is not None else backend) not in STRONG_ISOLATIONS:
         return
     try:
-        check_protected(child_env(profile))
+        # without a profile (not resolved yet, or unavailable) the environment's own paths still count
+        check_protected(child_env(profile) if profile is not None else scrubbed_env(os.environ))
     except SandboxUnavailable as exc:
         raise pytest.UsageError(f"--diffbench-sandbox: {exc}") from None
 

@@ -66,6 +66,7 @@ def test_an_environment_that_would_show_candidates_the_cache_stops_the_session(t
     """TORCH_HOME set to the folder that holds the baseline cache (and its key): a usage error before
     any candidate runs, naming the path; the same session with TORCH_HOME beside it collects."""
     cache = tmp_path / "cache" / "diffbench"
+    cache.mkdir(parents=True)  # a user's cache folder exists (a path that does not is bound to nothing)
     args = ("--diffbench-level=L1", "-k", "L1-sd15-t2i-0001", "--collect-only", "-q")
     out = run_pytest(*args, env={"DIFFBENCH_CACHE_DIR": str(cache), "TORCH_HOME": str(tmp_path / "cache")})
     assert out.returncode == 4, out.stdout + out.stderr
