@@ -516,6 +516,8 @@ def pre_conditioning_modules(parameter_names) -> frozenset:
     if any(str(name).startswith(PIXART_MARK) for name in parameter_names):
         return PRE_CONDITIONING_MODULES | PIXART_PRE_CONDITIONING_MODULES
     return PRE_CONDITIONING_MODULES
+
+
 #: how far those halves may differ, over the operand's largest magnitude: float32 rounding of the
 #: same arithmetic on two rows (0 where the kernels treat rows alike), half precision's wider
 HALVES_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
@@ -1228,7 +1230,6 @@ class Replayer:
         # the calls (indices into `entries`) whose entry held each latent twice while a product of a
         # PRE_CONDITIONING_MODULES module multiplied two halves that differ (stages.entry_mismatches)
         self.split_calls: list[int] = []
-        pre_conditioning = self.pre_conditioning
         # the denoiser's modules per call (stages.row_work_problem)
         self.call_books = CallBooks()
         taint = SeedTaint()
@@ -1337,7 +1338,7 @@ class Replayer:
                         if steps is not None:
                             with harness_arithmetic():
                                 steps.enter(latents)
-                elif (seeded and counter.module in pre_conditioning and self.entries and self.entries[-1][1]
+                elif (seeded and counter.module in self.pre_conditioning and self.entries and self.entries[-1][1]
                       and (not self.split_calls or self.split_calls[-1] != len(self.entries) - 1)):
                     operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
                     if operand is None or halves_split(operand):
