@@ -1104,6 +1104,9 @@ class Evaluator:
                # a candidate's judged replay reads what the task asks (a baseline's, the held-out one: the same trace)
                "steps_check": steps_asked(task, batch) if baseline_role is None and asked_checks else None,
                "captions_check": captions_asked(task, batch) if baseline_role is None and asked_checks else None,
+               # which samples each denoiser call follows (sample_probe.py): a candidate's judged replay
+               # where the steps are free (on L1-L3 the step and gold-call checks hold each sample's chain)
+               "probe_samples": baseline_role is None and asked_checks and steps_asked(task, batch) is None,
                "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
                          "replay": {"trace": base64.b64encode(trace).decode("ascii"),
                                     "run_seeds": list(run_batch["seeds"]),
@@ -1147,14 +1150,15 @@ class Evaluator:
         if canonical:
             identity["images"] = f"canonical {CANONICAL_VERSION}"
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = 12  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
+            identity["recorded"] = 13  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
             # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18);
             # 7: and its FLOPs by denoiser module (flops.seeded.by_module; session 19);
             # 8: by the VAE's modules too, and the products of no parameter by their operands' module
             # (trace.booked_module; session 28); 9: those by the module around their operands' producer;
             # 10: weights computed in the call book to their parameters (trace._derived_origin);
             # 11: the products of no parameter by their dimensions (flops.seeded.by_dims, session 30);
-            # 12: ... keyed by component, and of no parameter by their operands' own origins
+            # 12: ... keyed by component, and of no parameter by their operands' own origins;
+            # 13: torch's global generator seeded with child.LIBRARY_SEED, not the first sample's (tomesd's merges)
         return cache_key(identity)
 
     def baseline(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> CachedRun:

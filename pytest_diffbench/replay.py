@@ -157,6 +157,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
     from pytest_diffbench import captions
     from pytest_diffbench.canonical import CanonicalPrecision
     from pytest_diffbench.flops import LeanFlopCounterMode
+    from pytest_diffbench.sample_probe import SampleProbe, other_seed
     from pytest_diffbench.trace import Replayer, TraceError, decode, image_rows, image_values, match_images, to_uint8
 
     batch = job["batch"]
@@ -180,9 +181,10 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
         # canonical arithmetic outside the counter: the counter sees, and books, each op as recorded
         mode = CanonicalPrecision() if canonical else None
         steps, expected, gold = checks
+        probe = SampleProbe() if job.get("probe_samples") else None
         with mode if mode is not None else contextlib.nullcontext(), counter:
             kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes,
-                                counter=counter, steps=steps)
+                                counter=counter, steps=steps, probe=probe)
         verdict_s = time.process_time() - started
         flops = float(counter.get_total_flops())
         images = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
@@ -205,7 +207,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
             send_image(index, buffer.getvalue())
         names.append(f"{index:03d}.png")
     count = max(1, len(names))
-    return {
+    result = {
         "status": "ok", "error": None, "images": names, "num_images": len(names), "image_size": [height, width],
         "flops": {"total": flops, "per_image": flops / count, "denoiser": None, "samples_counted": count,
                   "elements": replayer.elements,
@@ -244,6 +246,20 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                    # the half-precision ops that ran as recorded under it, by reason (canonical.py)
                    "canonical_as_recorded": dict(mode.as_recorded) if mode is not None else None},
     }
+    if probe is not None:
+        # last: the changed replays reset the replayer's books, which the result above has read
+        started = time.process_time()
+        try:
+            for sample in range(len(verdict_seeds)):
+                seeds = list(verdict_seeds)
+                seeds[sample] = other_seed(verdict_seeds, sample)
+                with CanonicalPrecision() if canonical else contextlib.nullcontext():
+                    replayer.run(seeds, lambda tensor_id, t: False, shapes=run_shapes, books=False, probe=probe)
+        except TraceError as exc:
+            return _error("replay", exc)
+        result["replay"]["denoiser_entry"]["samples"] = {**probe.figures(),
+                                                         "cpu_s": round(time.process_time() - started, 3)}
+    return result
 
 
 def _procedure(job: dict, channel) -> dict:

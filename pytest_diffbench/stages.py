@@ -244,11 +244,34 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
                             "resnet's convolution, PixArt's first self-attention: counted by the harness's replay)",
                             "equal halves on every call whose entry holds each latent twice",
                             f"different halves on {split[0]} of {calls} calls, the first call {split[1]}"))
+    out += sample_mismatches(entry.get("samples"), calls)
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     if want.get("cfg") and "tgate" not in methods and twice < rows:
         out.append(Mismatch("classifier-free guidance on every denoiser call (each latent entering the denoiser "
                             "twice, counted by the harness's replay)", f"all {rows} rows",
                             f"{twice} of {rows} rows"))
+    return out
+
+
+def sample_mismatches(samples: Any, calls: int) -> list[Mismatch]:
+    """Stage 1, from the replays with one sample's seed changed at a time (sample_probe.py): each
+    row entering the denoiser is one sample's latents, and each call's work follows only the
+    samples whose latents entered it. Red team rounds 22-23 entered one image's latents twice (a
+    guided entry) and brought a second image's into the call after the entry, on a hidden weight,
+    in place or from a hook: both images got the conditional branch alone."""
+    if not isinstance(samples, Mapping):
+        return []
+    out = []
+    mixed, hidden = samples.get("mixed_rows"), samples.get("hidden")
+    if isinstance(mixed, list) and len(mixed) == 2 and isinstance(mixed[0], int) and mixed[0] > 0:
+        out.append(Mismatch("the samples each row entering the denoiser follows (the harness's replays with one "
+                            "sample's seed changed at a time)", "one sample per row",
+                            f"{mixed[0]} rows follow more than one sample; the first [call, row]: {mixed[1]}"))
+    if isinstance(hidden, list) and len(hidden) == 2 and isinstance(hidden[0], int) and hidden[0] > 0:
+        out.append(Mismatch("the samples each denoiser call's work follows (the harness's replays with one "
+                            "sample's seed changed at a time)", "only the samples whose latents entered the call",
+                            f"{hidden[0]} (call, sample) pairs of {calls} calls whose work follows a sample whose "
+                            f"latents did not enter the call (a hidden entry); the first [call, sample]: {hidden[1]}"))
     return out
 
 

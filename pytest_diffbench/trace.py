@@ -27,6 +27,7 @@ the values drawn are a constant of the trace. The default generator counts as a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import captions
@@ -338,6 +339,14 @@ def parameter_module(sources: list) -> str | None:
     return names[0].rpartition(".")[0] if names else None
 
 
+def _denoiser_module(book: str) -> bool:
+    """Whether a book is one of the denoiser's modules (`unet.down_blocks.0.resnets.0.conv1`,
+    `...attn1:operands`), not its component's top level (`unet:operands`: products of no parameter
+    on what `conv_out` or `conv_in` made, a scheduler's among them)."""
+    component, _, module = book.partition(":")[0].partition(".")
+    return component in DENOISER_COMPONENTS and bool(module)
+
+
 #: how many marks the storage books (Producers, SeedTaint) take between forgetting freed storages: a
 #: weak reference keeps a freed storage's key from being handed out again, so an entry is met again
 #: only by chance, and a call of millions of ops held an entry for each (the trust review of session 28)
@@ -548,17 +557,23 @@ def latents_rows(latents: torch.Tensor) -> tuple[int, bool]:
     return rows, twice
 
 
-def entry_latents(factor_refs: list, factors: list, env: dict) -> torch.Tensor | None:
-    """The latents a product of an `ENTRY_MODULES` weight multiplies (its operand that is not a
-    parameter's), or None where no operand is an activation, or where its latents hold no element
-    (a product of no rows is no call: red team round 19 counted zero-row `conv_in` products as
-    denoiser calls)."""
+def entry_latents_id(factor_refs: list, factors: list, env: dict) -> int | None:
+    """The tensor id of the latents a product of an `ENTRY_MODULES` weight multiplies (its operand
+    that is not a parameter's), or None where no operand is an activation, or where its latents
+    hold no element (a product of no rows is no call: red team round 19 counted zero-row `conv_in`
+    products as denoiser calls)."""
     for (tag, value), origin in zip(factor_refs, factors):
         if tag == "t" and origin is None:
             latents = env.get(value)
             if isinstance(latents, torch.Tensor) and latents.dim() > 0 and latents.numel() > 0:
-                return latents
+                return value
     return None
+
+
+def entry_latents(factor_refs: list, factors: list, env: dict) -> torch.Tensor | None:
+    """The latents themselves (`entry_latents_id`)."""
+    found = entry_latents_id(factor_refs, factors, env)
+    return None if found is None else env[found]
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -903,7 +918,9 @@ class Recorder(TorchDispatchMode):
             self.producers.mark(outputs + written, producer)
         self.origins.written(written)
         self.derived.written(written)
-        elements = op_elements(func, (args, kwargs), out, outputs)
+        # a draw kept as drawn is a constant of the trace, no op of the replay: not counted, as the
+        # replay does not count it (tomesd's merges, from torch's global generator: child.LIBRARY_SEED)
+        elements = op_elements(func, (args, kwargs), out, outputs) if entry is not None else 0
         self.elements += elements
         if seeded:
             self.seeded_elements += elements
@@ -1205,7 +1222,7 @@ class Replayer:
 
     def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool],
             shapes: list | None = None, counter: Any = None, books: bool = True,
-            steps: Any = None) -> dict[int, torch.Tensor]:
+            steps: Any = None, probe: Any = None) -> dict[int, torch.Tensor]:
         """Replay once; returns the kept tensors by id. Afterwards `shapes` holds every op's output
         shapes and `elements` the work of the ops the FLOP counter does not count (op_elements).
         `shapes`: those of an earlier replay, which this one must repeat exactly (the seeds must
@@ -1215,9 +1232,16 @@ class Replayer:
         `books`: False for a replay that only makes images and shapes (the check pass on the child's
         seeds): no work, seed or parameter-origin books are kept (`elements` stays 0), no counter.
         `steps`: an updates.StepCheck (with a counter) given each denoiser call's entry latents and
-        the output of its exit module (updates.EXIT_MODULES), the last one in the call."""
+        the output of its exit module (updates.EXIT_MODULES), the last one in the call.
+        `probe`: a sample_probe.SampleProbe; a replay under a counter records where each call's
+        entry and denoiser work are and digests them, a replay without books digests the same
+        positions (the replays with one sample's seed changed)."""
         if counter is not None and not books:
             raise ValueError("a replay under a FLOP counter keeps its books")
+        recording = probe is not None and counter is not None
+        digests = probe.begin(recording) if probe is not None else None
+        # the digests' own torch ops outside the replay's modes, where any is on (the counter, canonical)
+        quiet = harness_arithmetic if _get_current_dispatch_mode_stack() else contextlib.nullcontext
         self.shapes, self.elements, self.seeded_elements = [], 0, 0
         # the rows of ids looked up in a text encoder's token table or a class embedder's, by table
         # family (captions.py; with a counter)
@@ -1328,9 +1352,12 @@ class Replayer:
                 counter.module, producer = booked_module(func, booked_factors, args, kwargs, producers)
                 counter.dims = free_product_dims(func, factors, counter.module, args, kwargs)
                 if seeded and counter.module in ENTRY_MODULES:
-                    latents = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
+                    latents_id = entry_latents_id(factor_refs if factor_refs is not None else refs, booked_factors, env)
+                    latents = env[latents_id] if latents_id is not None else None
                     entry = latents_rows(latents) if latents is not None else None
                     if entry is not None:
+                        if recording:
+                            probe.entries[position] = (len(self.entries), latents_id)
                         self.entries.append(entry)
                         # the latents' spatial size: the resolution the denoiser ran at (stages.entry_mismatches)
                         self.entry_spatial.add(tuple(int(n) for n in latents.shape[2:]))
@@ -1343,6 +1370,9 @@ class Replayer:
                     operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
                     if operand is None or halves_split(operand):
                         self.split_calls.append(len(self.entries) - 1)
+                if recording and counter.module is not None and _denoiser_module(counter.module):
+                    # the work of the call of the last entry, this op's own if it is one (-1: none yet)
+                    probe.work[position] = len(self.entries) - 1
                 leaving = steps is not None and seeded and self.entries and counter.module in EXIT_MODULES
                 if leaving:  # the module and the activation its product multiplies (updates.exit_output)
                     exit_module = counter.module
@@ -1354,6 +1384,10 @@ class Replayer:
                 # the call an op belongs to is the last entry's (CallBooks)
                 counter.call_books = (self.call_books.current if self.entries and counter.module is not None
                                       and counter.module.partition(".")[0] in DENOISER_COMPONENTS else None)
+            if digests is not None and position in probe.entries:
+                call, latents_id = probe.entries[position]
+                with quiet():
+                    digests.entry(call, env.get(latents_id))
             try:
                 out = func(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - an op the trace made up fails: its failure
@@ -1364,6 +1398,9 @@ class Replayer:
                     counter.seeded = counter.other_component = False
                     counter.module = counter.dims = counter.call_books = None
             outputs = leaves(out)
+            if digests is not None and position in probe.work:
+                with quiet():
+                    digests.work(probe.work[position], outputs)
             if steps is not None and self.entries:  # tomesd's merges (gold_calls.MergesOfTheRun)
                 steps.merge_op(func, args, kwargs, outputs)
             if counter is not None and leaving and outputs and isinstance(outputs[0], torch.Tensor):

@@ -64,12 +64,17 @@ def _in_a_process(tiny_zoo, call: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _record_and_replay(task_id: str) -> dict:
+def _record_and_replay(task_id: str, global_seed: str = "library") -> dict:
     """In a process of its own (the zoo reached through HF_HUB_CACHE, read when huggingface_hub is
-    imported): record the gold's call on seeds [11, 22], replay it on them and on [33, 44], and call
-    the gold for real on [33, 44]. Returns the figures the test checks."""
+    imported): record the gold's call on seeds [11, 22], replay it on them and on [33, 44] (with the
+    sample probe: once more per sample with its seed changed), and call the gold for real on [33, 44].
+    `global_seed`: torch's global generator seeded as the child does ("library") or with the first
+    sample's seed ("first", as the child did before session 41). Returns the figures the test checks."""
     import torch
 
+    from pytest_diffbench.sample_probe import SampleProbe, other_seed
+
+    from pytest_diffbench.child import LIBRARY_SEED
     from pytest_diffbench.flops import LeanFlopCounterMode
     from pytest_diffbench.introspect import reset_library_state
     from pytest_diffbench.replay import load_zoo
@@ -82,7 +87,7 @@ def _record_and_replay(task_id: str) -> dict:
 
     def call(seeds, *modes):
         reset_library_state(pipe)  # what the child does before every call
-        torch.manual_seed(seeds[0])
+        torch.manual_seed(LIBRARY_SEED if global_seed == "library" else seeds[0])
         with contextlib.ExitStack() as stack:
             for mode in modes:
                 stack.enter_context(mode)
@@ -99,12 +104,13 @@ def _record_and_replay(task_id: str) -> dict:
     sources = match_images(kept, _pixels(run_images), 64, 64, tolerance=0)
     shapes = replayer.shapes
     replay_counter = LeanFlopCounterMode()
+    probe = SampleProbe()
     with replay_counter:
         kept = replayer.run(verdict_seeds, lambda i, t: i in {s[0] for s in sources}, shapes=shapes,
-                            counter=replay_counter)
+                            counter=replay_counter, probe=probe)
     replayed = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
     want = _pixels(verdict_images)
-    return {"problem": recorder.problem, "ops": len(trace.ops), "params": len(trace.params),
+    figures = {"problem": recorder.problem, "ops": len(trace.ops), "params": len(trace.params),
             "diffs": [int((a.int() - b.int()).abs().max()) for a, b in zip(replayed, want)],
             "replay_flops": replay_counter.get_total_flops(), "call_flops": counter.get_total_flops(),
             "replay_elements": replayer.elements, "call_elements": recorder.elements,
@@ -114,6 +120,11 @@ def _record_and_replay(task_id: str) -> dict:
             "call_by_module": recording_counter.seeded_flops_by_module,
             "replay_by_module": replay_counter.seeded_flops_by_module, "entries": replayer.entries,
             "seeds_differ": bool(_pixels(run_images)[0].ne(want[0]).any())}
+    for sample in range(len(verdict_seeds)):  # last: these replays reset the replayer's books read above
+        changed = list(verdict_seeds)
+        changed[sample] = other_seed(verdict_seeds, sample)
+        replayer.run(changed, lambda i, t: False, shapes=shapes, books=False, probe=probe)
+    return {**figures, "probe": probe.figures()}
 
 
 @pytest.mark.parametrize("task_id", ["L2-sd15-t2i-deepcache-0006", "L2-sd15-i2i-768px-tomesd-0073",
@@ -145,6 +156,24 @@ def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_s
     assert got["seeds_differ"], got  # other seeds, other images
     # every denoiser call entered through conv_in / the patch embedding, guided (each latent twice)
     assert len(got["entries"]) >= 4 and all(twice for _, twice in got["entries"]), got["entries"]
+    # each entry row is one sample's latents, and each call's work follows only its own (sample_probe.py)
+    assert got["probe"] == {"samples": 2, "calls": len(got["entries"]), "mixed_rows": [0, []], "hidden": [0, []]}, got
+
+
+def test_a_library_stream_seeded_with_a_samples_seed_ties_the_other_samples_calls_to_it(tiny_zoo):
+    """Why the child seeds torch's global generator with child.LIBRARY_SEED: tomesd forks it once
+    and draws the merges of every later call from it, so with the first sample's seed there (as the
+    child did before session 41) the second sample's calls follow the first sample's seed without
+    its latents: the sample probe reads hidden entries in an honest gold. With the library seed the
+    same gold reads clean (the test above)."""
+    got = _in_a_process(tiny_zoo, "_record_and_replay('L2-sd15-i2i-768px-tomesd-0073', global_seed='first')")
+    assert got["diffs"] == [0, 0], got
+    hidden, first = got["probe"]["hidden"]
+    calls = len(got["entries"])
+    # one pipeline call per sample: the second sample's first call (the second half's first) follows
+    # sample 0 without its latents, and its later calls' entry rows follow both samples
+    assert hidden >= 1 and first[0] == [calls // 2, 0], got["probe"]
+    assert got["probe"]["mixed_rows"][0] > 0 and got["probe"]["mixed_rows"][1][0][0] > calls // 2, got["probe"]
 
 
 def test_the_replay_flushes_denormals_on_every_thread_and_a_late_call_would_not():
@@ -763,8 +792,6 @@ def test_guidance_dropped_behind_an_entry_of_one_latent_twice_fails_stage_1(tiny
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open (issue 12, red team round 23): the replay does not know whose latents "
-                                       "entered the denoiser; docs/integrity.md, 'Still open'")
 @pytest.mark.parametrize("task_id, attack", [
     ("L4-sd15-i2i-hard-0021", "guidance_dropped_rows_swapped_after_the_first_resnet.py"),
     ("L4-pixart-alpha-t2i-hard-0015", "guidance_dropped_rows_swapped_after_pixarts_first_self_attention.py"),
@@ -776,8 +803,8 @@ def test_guidance_dropped_with_another_images_rows_after_the_checked_products_fa
     whose halves are checked (SD's first resnet, PixArt's first self-attention: elementwise, in
     place and from a difference kept from a guided call), or on DiT, which has no such product.
     Forged passes at fa645a7 (U 4.044, 1.196, 1.449 against targets 3.744, 1.189, 1.429; honest
-    twins 2.878, 1.139, 1.337). Expected to fail (strict) until the replay counts each sample's
-    passes from the rows its latents entered; then every case must fail stage 1."""
+    twins 2.878, 1.139, 1.337). The replays with one sample's seed changed at a time
+    (sample_probe.py) see the second image's seed reach the work of calls its latents did not enter."""
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
@@ -790,6 +817,10 @@ def test_guidance_dropped_with_another_images_rows_after_the_checked_products_fa
     print(f"\n{attack} on {task.id}: {result.verdict}, U {result.measures.U}")
     assert result.flops["source"] == "replay", result.flops.get("source")
     assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+    assert "(a hidden entry)" in result.verdict.message, result.verdict.message
+    samples = result.flops["replay"]["denoiser_entry"]["samples"]
+    # the second sample (1) of the pair, on the calls after the guided ones
+    assert samples["samples"] == 2 and samples["hidden"][0] > 0 and samples["hidden"][1][0][1] == 1, samples
 
 
 def test_halves_split_reads_two_equal_halves_within_rounding():
