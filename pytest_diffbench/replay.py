@@ -254,7 +254,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                 seeds = list(verdict_seeds)
                 seeds[sample] = other_seed(verdict_seeds, sample)
                 with CanonicalPrecision() if canonical else contextlib.nullcontext():
-                    replayer.run(seeds, lambda tensor_id, t: False, shapes=run_shapes, books=False, probe=probe)
+                    replayer.run(seeds, lambda tensor_id, t: False, shapes=run_shapes, books=False, probe=probe,
+                                 probe_sample=sample)
         except TraceError as exc:
             return _error("replay", exc)
         result["replay"]["denoiser_entry"]["samples"] = {**probe.figures(),

@@ -22,14 +22,18 @@ Digests are exact: a replay in one process on the same op sequence and shapes is
 repeatable, and any tolerance is room to hide a scaled-down row under. They are xxhash's XXH3
 (128 bits) under a key drawn for each replay job, which no candidate sees: fast enough to read
 every product (about 50 GB/s against blake2b's 1), and keyed, so a trace cannot be built to cancel
-a change it makes. The cost is one replay without books per sample (`Replayer.run(..., books=False)`).
+a change it makes. The cost is at most one replay without books per sample
+(`Replayer.run(..., books=False, probe_sample=)`), less where it starts at its sample's first draw
+(`Resume`) and stops where its state is the judged replay's again (`same_state`).
 """
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
+import numpy
 import torch
 import xxhash
 
@@ -51,12 +55,14 @@ def tensor_bytes(tensor: torch.Tensor):
 
 
 class Digests:
-    """One replay's digests: each call's entry rows, and each call's denoiser work."""
+    """One replay's digests: each call's entry rows, and each denoiser product's output by its
+    position (a changed replay that starts late digests only the positions it runs: the others
+    computed as in the judged replay)."""
 
-    def __init__(self, key: int) -> None:
-        self.key = key
+    def __init__(self, key: int, sample: int | None = None) -> None:
+        self.key, self.sample = key, sample
         self.rows: dict[int, list[bytes]] = {}
-        self._work: dict[int, Any] = {}
+        self.work: dict[int, bytes] = {}
 
     def entry(self, call: int, latents: Any) -> None:
         if isinstance(latents, torch.Tensor) and latents.dim() > 0:
@@ -64,16 +70,12 @@ class Digests:
         else:
             self.rows[call] = []
 
-    def work(self, call: int, outputs: list) -> None:
-        digest = self._work.get(call)
-        if digest is None:
-            digest = self._work[call] = xxhash.xxh3_128(seed=self.key)
+    def product(self, position: int, outputs: list) -> None:
+        digest = xxhash.xxh3_128(seed=self.key)
         for item in outputs:
             if isinstance(item, torch.Tensor):
                 digest.update(tensor_bytes(item))
-
-    def works(self) -> dict[int, bytes]:
-        return {call: digest.digest() for call, digest in self._work.items()}
+        self.work[position] = digest.digest()
 
 
 def other_seed(seeds: list[int], index: int) -> int:
@@ -85,6 +87,74 @@ def other_seed(seeds: list[int], index: int) -> int:
         seed = (seed * 1103515245 + 12345) % (2**31 - 1) + 1
         if seed not in taken:
             return seed
+
+
+@dataclass
+class Resume:
+    """A replay's state before the first draw of a sample's seed (`position`): every op before it
+    computes the same in the replay with that seed changed, which starts here instead."""
+    position: int
+    env: dict
+    generators: dict
+    seeded_with: dict
+
+
+def snapshot_env(env: dict, shared: set) -> dict:
+    """A copy of a replay's live tensors that keeps their aliasing (views of one storage stay views
+    of one copy, so an in-place write reaches all of them as in the replay); the storages in
+    `shared` (the model's parameters, which no trace writes: Replayer._check_writes) are not copied."""
+    copies: dict[int, Any] = {}
+    out = {}
+    for tensor_id, value in env.items():
+        if not isinstance(value, torch.Tensor):
+            out[tensor_id] = value
+            continue
+        storage = value.untyped_storage()
+        key = storage._cdata
+        if key in shared:
+            out[tensor_id] = value
+            continue
+        if key not in copies:
+            copies[key] = storage.clone()
+        out[tensor_id] = torch.empty(0, dtype=value.dtype, device=value.device).set_(
+            copies[key], value.storage_offset(), value.size(), value.stride())
+    return out
+
+
+def same_state(env: dict, generators: dict, resume: Resume, read: set) -> bool:
+    """Whether a changed replay's state at `resume.position` is the judged replay's there, bit for
+    bit (every live value, and every generator in `read`: those a later draw continues, not
+    reseeds): then every op from there on computes as in the judged replay too, and the changed
+    replay can stop (a loop over the samples: the next sample's calls)."""
+    if env.keys() != resume.env.keys():
+        return False
+    for key in read:
+        if key not in generators or key not in resume.generators or not torch.equal(
+                generators[key].get_state(), resume.generators[key].get_state()):
+            return False
+    compared: set = set()
+    for tensor_id, value in env.items():
+        other = resume.env[tensor_id]
+        if not isinstance(value, torch.Tensor):
+            if isinstance(other, torch.Tensor) or value != other:
+                return False
+            continue
+        if not (isinstance(other, torch.Tensor) and value.dtype == other.dtype and value.shape == other.shape
+                and value.stride() == other.stride() and value.storage_offset() == other.storage_offset()):
+            return False
+        # the whole storage, not the view: a later as_strided on a live view reaches the rest of it.
+        # Bits, not values: -0.0 is not 0.0 to a later division
+        key = value.untyped_storage()._cdata
+        if key not in compared:
+            compared.add(key)
+            if not numpy.array_equal(storage_bytes(value), storage_bytes(other)):
+                return False
+    return True
+
+
+def storage_bytes(tensor: torch.Tensor):
+    """The bytes of the whole storage a tensor views, as a numpy uint8 array (no copy)."""
+    return torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(tensor.untyped_storage()).numpy()
 
 
 class SampleProbe:
@@ -99,34 +169,46 @@ class SampleProbe:
         self.base: Digests | None = None
         self.changed: list[Digests] = []
         self.key = secrets.randbits(64)  # the digests' key, the same in every replay of this probe
+        self.resume: dict[int, Resume] = {}  # by sample: where its changed replay starts (Replayer.run)
 
-    def begin(self, recording: bool) -> Digests:
-        """A replay starts: the judged one (`recording`: it finds the positions) or a changed one."""
-        digests = Digests(self.key)
+    def begin(self, recording: bool, sample: int | None = None) -> Digests:
+        """A replay starts: the judged one (`recording`: it finds the positions and keeps where each
+        sample's changed replay may start) or the one with `sample`'s seed changed."""
+        digests = Digests(self.key, sample)
         if recording:
             self.entries.clear()
             self.work.clear()
+            self.resume.clear()
             self.base, self.changed = digests, []
         elif self.base is None:
             raise ValueError("a changed replay before the judged one recorded the positions")
         else:
+            if sample is None:  # a replay that changed the samples' seeds in order
+                digests.sample = len(self.changed)
             self.changed.append(digests)
         return digests
+
+    @property
+    def last_position(self) -> int:
+        """The last op whose values the rules read: a changed replay stops after it (the VAE's decoding)."""
+        return max([*self.entries, *self.work], default=-1)
 
     def figures(self) -> dict:
         """{"samples": replays with a sample's seed changed, "calls": calls probed,
         "mixed_rows": [entry rows that follow more than one sample, the first as [call, row]],
         "hidden": [(call, sample) pairs whose work follows a sample no row of the call's entry
         follows, the first ones as [call, sample]]}."""
-        base_works = self.base.works() if self.base is not None else {}
+        base_work = self.base.work if self.base is not None else {}
         base_rows = self.base.rows if self.base is not None else {}
         owner: dict[tuple[int, int], int] = {}
         mixed: list[list[int]] = []
         hidden: list[list[int]] = []
-        for sample, digests in enumerate(self.changed):
-            entered = set()
+        for digests in self.changed:
+            sample, entered = digests.sample, set()
             for call, rows in base_rows.items():
-                other = digests.rows.get(call, [])
+                other = digests.rows.get(call)
+                if other is None:  # before the replay started: as in the judged one
+                    continue
                 for row, digest in enumerate(rows):
                     if row < len(other) and other[row] == digest:
                         continue
@@ -134,9 +216,9 @@ class SampleProbe:
                     first = owner.setdefault((call, row), sample)
                     if first != sample:
                         mixed.append([call, row])
-            works = digests.works()
-            hidden += [[call, sample] for call, digest in base_works.items()
-                       if call not in entered and works.get(call) != digest]
+            worked = {self.work[position] for position, digest in digests.work.items()
+                      if base_work.get(position) != digest}
+            hidden += [[call, sample] for call in sorted(worked - entered)]
         mixed.sort()
         hidden.sort()
         return {"samples": len(self.changed), "calls": len(base_rows),

@@ -27,6 +27,7 @@ the values drawn are a constant of the trace. The default generator counts as a 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -41,6 +42,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import captions
 from .aten_leaves import leaves
+from .sample_probe import Resume, same_state, snapshot_env
 from .updates import DECODER_ENTRY, ENCODER_EXIT, EXIT_MODULES, standard_normal
 # the denoiser's components (a product whose parameter operand comes from other components alone,
 # text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
@@ -1185,7 +1187,30 @@ class Replayer:
         # PixArt's adaLN-single out of its trace (computed off the record) must not pass as DiT's
         self.pre_conditioning = pre_conditioning_modules(zoo)
         self.last_use = self._last_uses()
+        # per generator, its draws in order as (position, continues its state)
+        self._draws_by_generator: dict[int, list[tuple[int, bool]]] = {}
+        for position, op in enumerate(trace.ops):
+            if len(op) == 5 and op[0] != "<constant>":
+                self._draws_by_generator.setdefault(op[4]["gen"], []).append((position, op[4]["reseed"] is None))
         self._plans = self._op_plans()
+
+    def _first_draws(self) -> dict[int, int]:
+        """The sample whose seed each draw that first reseeds a generator with it draws from, by the
+        draw's position: the first op a change of that sample's seed changes (sample_probe.Resume)."""
+        first: dict[int, int] = {}
+        for position, op in enumerate(self.trace.ops):
+            if len(op) == 5 and op[0] != "<constant>" and op[4].get("reseed") is not None:
+                first.setdefault(int(op[4]["reseed"]), position)
+        return {position: sample for sample, position in first.items()}
+
+    def _generators_read_from(self, position: int) -> set[int]:
+        """The generators whose next draw at or after `position` continues their state (not a reseed)."""
+        read = set()
+        for key, draws in self._draws_by_generator.items():
+            at = bisect.bisect_left(draws, (position, False))
+            if at < len(draws) and draws[at][1]:
+                read.add(key)
+        return read
 
     def _last_uses(self) -> dict[int, int]:
         last: dict[int, int] = {}
@@ -1222,7 +1247,7 @@ class Replayer:
 
     def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool],
             shapes: list | None = None, counter: Any = None, books: bool = True,
-            steps: Any = None, probe: Any = None) -> dict[int, torch.Tensor]:
+            steps: Any = None, probe: Any = None, probe_sample: int | None = None) -> dict[int, torch.Tensor]:
         """Replay once; returns the kept tensors by id. Afterwards `shapes` holds every op's output
         shapes and `elements` the work of the ops the FLOP counter does not count (op_elements).
         `shapes`: those of an earlier replay, which this one must repeat exactly (the seeds must
@@ -1234,12 +1259,13 @@ class Replayer:
         `steps`: an updates.StepCheck (with a counter) given each denoiser call's entry latents and
         the output of its exit module (updates.EXIT_MODULES), the last one in the call.
         `probe`: a sample_probe.SampleProbe; a replay under a counter records where each call's
-        entry and denoiser work are and digests them, a replay without books digests the same
-        positions (the replays with one sample's seed changed)."""
+        entry and denoiser work are and digests them, and keeps its state before each sample's
+        first draw; a replay without books with `probe_sample` (whose seed `seeds` changed)
+        starts from that state and digests the same positions up to the last of them."""
         if counter is not None and not books:
             raise ValueError("a replay under a FLOP counter keeps its books")
         recording = probe is not None and counter is not None
-        digests = probe.begin(recording) if probe is not None else None
+        digests = probe.begin(recording, probe_sample) if probe is not None else None
         # the digests' own torch ops outside the replay's modes, where any is on (the counter, canonical)
         quiet = harness_arithmetic if _get_current_dispatch_mode_stack() else contextlib.nullcontext
         self.shapes, self.elements, self.seeded_elements = [], 0, 0
@@ -1273,6 +1299,21 @@ class Replayer:
         generators: dict[int, torch.Generator] = {}
         seeded_with: dict[int, int] = {}  # each generator's last seed, by the sample index it is the seed of
         params = self.params
+        start, stop, first_draws, converge = 0, len(self.trace.ops), {}, {}
+        if recording:
+            first_draws = self._first_draws()
+        elif digests is not None and probe_sample is not None:
+            stop = probe.last_position + 1
+            resume = probe.resume.pop(probe_sample, None)
+            if resume is not None:  # every op before it computes as in the judged replay
+                start = resume.position
+                env.update(resume.env)
+                generators.update(resume.generators)
+                seeded_with.update(resume.seeded_with)
+                self.shapes = list(shapes[:start]) if shapes is not None else [None] * start
+            # where a later sample's changed replay will start: from there on this one may compute as
+            # the judged replay did (sample_probe.same_state)
+            converge = {later.position: later for later in probe.resume.values() if later.position > start}
 
         def resolve(value):
             if isinstance(value, list):
@@ -1296,6 +1337,19 @@ class Replayer:
             return value
 
         for position, (op, func) in enumerate(zip(self.trace.ops, self.trace.resolved)):
+            if position < start:
+                continue
+            if position >= stop:
+                break
+            if position in first_draws:
+                with quiet():
+                    state = (snapshot_env(env, self._param_storages),
+                             {key: torch.Generator().set_state(g.get_state()) for key, g in generators.items()})
+                probe.resume[first_draws[position]] = Resume(position, *state, dict(seeded_with))
+            if position in converge:
+                with quiet():
+                    if same_state(env, generators, converge[position], self._generators_read_from(position)):
+                        break
             if func is None:  # a constant: a fresh copy for every replay, laid out as recorded
                 value = self.trace.constants[f"c{op[1]}"]
                 env[op[2][0]] = (torch.empty_strided(value.shape, op[3], dtype=value.dtype).copy_(value)
@@ -1400,7 +1454,7 @@ class Replayer:
             outputs = leaves(out)
             if digests is not None and position in probe.work:
                 with quiet():
-                    digests.work(probe.work[position], outputs)
+                    digests.product(position, outputs)
             if steps is not None and self.entries:  # tomesd's merges (gold_calls.MergesOfTheRun)
                 steps.merge_op(func, args, kwargs, outputs)
             if counter is not None and leaving and outputs and isinstance(outputs[0], torch.Tensor):

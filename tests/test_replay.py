@@ -120,11 +120,22 @@ def _record_and_replay(task_id: str, global_seed: str = "library") -> dict:
             "call_by_module": recording_counter.seeded_flops_by_module,
             "replay_by_module": replay_counter.seeded_flops_by_module, "entries": replayer.entries,
             "seeds_differ": bool(_pixels(run_images)[0].ne(want[0]).any())}
-    for sample in range(len(verdict_seeds)):  # last: these replays reset the replayer's books read above
+    # last: these replays reset the replayer's books read above. Each changed replay as the replay
+    # process runs it (from its sample's first draw to the last product digested), and once more
+    # whole, into a second probe on the same positions: the two must read the same digests
+    whole = SampleProbe()
+    whole.entries, whole.work, whole.base, whole.key = probe.entries, probe.work, probe.base, probe.key
+    starts = {sample: resume.position for sample, resume in probe.resume.items()}
+    for sample in range(len(verdict_seeds)):
         changed = list(verdict_seeds)
         changed[sample] = other_seed(verdict_seeds, sample)
-        replayer.run(changed, lambda i, t: False, shapes=shapes, books=False, probe=probe)
-    return {**figures, "probe": probe.figures()}
+        replayer.run(changed, lambda i, t: False, shapes=shapes, books=False, probe=probe, probe_sample=sample)
+        replayer.run(changed, lambda i, t: False, shapes=shapes, books=False, probe=whole)
+    agree = all(whole.changed[i].work.get(position) == digest and all(
+        whole.changed[i].rows.get(call) == rows for call, rows in part.rows.items())
+        for i, part in enumerate(probe.changed) for position, digest in part.work.items())
+    return {**figures, "probe": probe.figures(), "probe_whole": whole.figures(), "resumed_agree": agree,
+            "resume_starts": starts, "ops": len(trace.ops), "last_digested": probe.last_position}
 
 
 @pytest.mark.parametrize("task_id", ["L2-sd15-t2i-deepcache-0006", "L2-sd15-i2i-768px-tomesd-0073",
@@ -158,6 +169,10 @@ def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_s
     assert len(got["entries"]) >= 4 and all(twice for _, twice in got["entries"]), got["entries"]
     # each entry row is one sample's latents, and each call's work follows only its own (sample_probe.py)
     assert got["probe"] == {"samples": 2, "calls": len(got["entries"]), "mixed_rows": [0, []], "hidden": [0, []]}, got
+    # ... read the same by the changed replays started at each sample's first draw as by whole ones
+    assert got["resumed_agree"] and got["probe_whole"] == got["probe"], got
+    # (the golds loop over the samples: the second sample's replay starts past the first's calls)
+    assert 0 <= got["resume_starts"]["0"] < got["resume_starts"]["1"] < got["last_digested"] < got["ops"], got
 
 
 def test_a_library_stream_seeded_with_a_samples_seed_ties_the_other_samples_calls_to_it(tiny_zoo):
@@ -168,6 +183,7 @@ def test_a_library_stream_seeded_with_a_samples_seed_ties_the_other_samples_call
     same gold reads clean (the test above)."""
     got = _in_a_process(tiny_zoo, "_record_and_replay('L2-sd15-i2i-768px-tomesd-0073', global_seed='first')")
     assert got["diffs"] == [0, 0], got
+    assert got["resumed_agree"] and got["probe_whole"] == got["probe"], got
     hidden, first = got["probe"]["hidden"]
     calls = len(got["entries"])
     # one pipeline call per sample: the second sample's first call (the second half's first) follows

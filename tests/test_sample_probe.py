@@ -16,7 +16,10 @@ def _replay(probe: SampleProbe, recording: bool, entries: dict, work: dict) -> N
     for call, latents in entries.items():
         digests.entry(call, latents)
     for call, outputs in work.items():
-        digests.work(call, outputs)
+        position = 1000 + call  # one product per call, at a position of its own
+        if recording:
+            probe.work[position] = call
+        digests.product(position, outputs)
 
 
 def _latents(*rows: float) -> torch.Tensor:
@@ -57,6 +60,18 @@ def test_an_entry_row_that_follows_two_samples_is_mixed():
     _replay(probe, False, {0: torch.cat([_latents(1), _latents(1) + 1e-3])}, {0: [torch.zeros(1)]})
     figures = probe.figures()
     assert figures["mixed_rows"] == [1, [[0, 1]]] and figures["hidden"] == [0, []], figures
+
+
+def test_a_changed_replay_that_starts_late_reads_the_calls_before_it_as_the_judged_ones():
+    """A changed replay starts at its sample's first draw (sample_probe.Resume): the calls before it
+    are not digested, and computed as in the judged replay."""
+    probe = SampleProbe()
+    _replay(probe, True, {0: _latents(1, 1), 1: _latents(2, 2)}, {0: [torch.ones(1)], 1: [torch.ones(1)]})
+    _replay(probe, False, {0: _latents(5, 5), 1: _latents(2, 2)}, {0: [torch.zeros(1)], 1: [torch.ones(1)]})
+    _replay(probe, False, {1: _latents(6, 6)}, {1: [torch.zeros(1)]})  # sample 1: from call 1 on
+    assert probe.figures() == {"samples": 2, "calls": 2, "mixed_rows": [0, []], "hidden": [0, []]}
+    probe.changed[1].rows.pop(1)  # ... and its work there without its latents: hidden
+    assert probe.figures()["hidden"] == [1, [[1, 1]]]
 
 
 def test_tensor_bytes_are_the_logical_order_and_tell_one_bit_apart():
@@ -111,3 +126,30 @@ def test_stage_one_reads_mixed_rows_and_hidden_entries():
     assert len(found) == 2
     assert "one sample per row" in found[0].expected and "[[4, 1]]" in str(found[0].found)
     assert "hidden entry" in str(found[1].found) and "8 (call, sample) pairs of 12 calls" in str(found[1].found)
+
+
+def test_a_changed_state_is_the_judged_one_only_bit_for_bit_and_storage_by_storage():
+    """sample_probe.same_state, where a changed replay stops: every live value's whole storage (a
+    later as_strided on a live view reaches the rest of it), bit for bit, and the generators a later
+    draw continues."""
+    from pytest_diffbench.sample_probe import Resume, same_state, snapshot_env
+
+    base = torch.arange(8.0)
+    env = {1: base[:4], 2: 3}
+    resume = Resume(10, snapshot_env(env, set()), {0: torch.Generator().manual_seed(1)}, {})
+    mine = {0: torch.Generator().manual_seed(1)}
+    assert same_state(env, mine, resume, read={0})
+    assert not same_state(env, {0: torch.Generator().manual_seed(2)}, resume, read={0})
+    assert same_state(env, {0: torch.Generator().manual_seed(2)}, resume, read=set())  # reseeded later
+    hidden = base.clone()
+    hidden[6] = 99.0  # outside the live view
+    assert not same_state({1: hidden[:4], 2: 3}, mine, resume, read={0})
+    signed = base.clone()
+    signed[0] = -0.0  # equal in value, not in bits
+    assert not same_state({1: signed[:4], 2: 3}, mine, resume, read={0})
+    assert not same_state({1: base[:4]}, mine, resume, read={0})  # another set of live values
+    # the snapshot keeps aliasing: two views of one storage stay views of one copy
+    shared = torch.zeros(4)
+    copy = snapshot_env({1: shared[:2], 2: shared[1:]}, set())
+    copy[1][1] = 5.0
+    assert float(copy[2][0]) == 5.0 and float(shared[1]) == 0.0
