@@ -235,6 +235,11 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                       # (trace.PRE_CONDITIONING_MODULES): [count, the first]
                                       "split_halves": [len(replayer.split_calls),
                                                        replayer.split_calls[0] if replayer.split_calls else None],
+                                      # products of a denoiser module's parameter after the module's first in
+                                      # a call (a second evaluation inside one call's window): [count, the
+                                      # first as [call, module]]
+                                      "repeated_modules": [len(replayer.repeated),
+                                                           list(replayer.repeated[0]) if replayer.repeated else None],
                                       # the latents' spatial sizes (the resolution: stages.entry_mismatches)
                                       "spatial": sorted(list(s) for s in replayer.entry_spatial)},
                    # the steps between denoiser calls against the task's scheduler and guidance

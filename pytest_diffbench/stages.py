@@ -244,6 +244,14 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
                             "resnet's convolution, PixArt's first self-attention: counted by the harness's replay)",
                             "equal halves on every call whose entry holds each latent twice",
                             f"different halves on {split[0]} of {calls} calls, the first call {split[1]}"))
+    repeated = entry.get("repeated_modules")
+    if isinstance(repeated, list) and repeated and isinstance(repeated[0], int) and repeated[0] > 0:
+        # a second evaluation of the denoiser inside one call's window, its entry hidden (a weight mixed
+        # with the latents books to no module): one guided-looking entry paid for two unguided steps
+        # (red team round 24). An honest call runs each module's parameter once (DeepCache, T-GATE: none)
+        out.append(Mismatch("products of each denoiser module's weights per denoiser call (counted by the harness's "
+                            "replay from each entry into the denoiser to the next)", "at most one",
+                            f"{repeated[0]} more than one; the first [call, module]: {repeated[1]}"))
     out += sample_mismatches(entry.get("samples"), calls)
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     if want.get("cfg") and "tgate" not in methods and twice < rows:

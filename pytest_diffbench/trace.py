@@ -713,6 +713,16 @@ class SeedTaint:
                     self.storages = _alive(self.storages, lambda ref: ref)
 
 
+#: draws of integers (indices: tomesd's random merges), which the recorder keeps as drawn (constants
+#: of the trace), whatever generator they come from: they pick, they carry no sample's noise. Drawn
+#: from a sample's seed (a candidate's own `torch.manual_seed(seeds[0])` before tomesd forks the
+#: global generator), the merges every image of a batch shares followed that sample, and the sample
+#: probe read every image as following it (red team round 24, FF1). Latents built from integers
+#: drawn from a sample's generator are constants too, and so the run's, not the verdict's seeds'.
+INDEX_DRAWS = frozenset(getattr(torch.ops.aten, name) for name in (
+    "randint", "randint_like", "random", "random_", "randperm", "multinomial", "geometric", "geometric_")
+    if hasattr(torch.ops.aten, name))
+
 # Facts of an op's schema, asked of every op the recorder and the replay run: read once per op.
 _DRAWS: dict = {}
 _WRITTEN: dict = {}
@@ -862,6 +872,10 @@ class Recorder(TorchDispatchMode):
         if generator.device.type != "cpu":
             return None, generator
         key = self._generator_key(generator)
+        if func._overloadpacket in INDEX_DRAWS:
+            # integers (tomesd's merges): kept as drawn, and the generator no longer follows a seed
+            self._anchored[key] = False
+            return None, generator
         state = bytes(generator.get_state().numpy())
         if self._anchored.get(key) and self._last_state.get(key) == state:
             return {"gen": key, "reseed": None}, generator
@@ -1282,6 +1296,11 @@ class Replayer:
         self.split_calls: list[int] = []
         # the denoiser's modules per call (stages.row_work_problem)
         self.call_books = CallBooks()
+        # (call, module) of each product of a denoiser module's parameter that follows the seeds after
+        # the module's first in a call's window: a second evaluation of the denoiser inside one call
+        # (stages.entry_mismatches)
+        self.repeated: list[tuple[int, str]] = []
+        in_window: set[str] = set()
         taint = SeedTaint()
         # origins (ParameterOrigins): for a parameter, and a view or copy of one (any dtype), the
         # components it comes from; none for anything computed (an op that computes could build
@@ -1413,6 +1432,7 @@ class Replayer:
                         if recording:
                             probe.entries[position] = (len(self.entries), latents_id)
                         self.entries.append(entry)
+                        in_window = set()  # this op opens a call: its window starts here
                         # the latents' spatial size: the resolution the denoiser ran at (stages.entry_mismatches)
                         self.entry_spatial.add(tuple(int(n) for n in latents.shape[2:]))
                         self.call_books.begin(entry[0])
@@ -1424,6 +1444,13 @@ class Replayer:
                     operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
                     if operand is None or halves_split(operand):
                         self.split_calls.append(len(self.entries) - 1)
+                if seeded and counter.module is not None and _denoiser_module(counter.module) \
+                        and OPERANDS not in counter.module:
+                    # not the products that follow no seed: DiT's final layer runs block 0's timestep
+                    # embedding a second time, on the timestep alone
+                    if counter.module in in_window:
+                        self.repeated.append((len(self.entries) - 1, counter.module))
+                    in_window.add(counter.module)
                 if recording and counter.module is not None and _denoiser_module(counter.module):
                     # the work of the call of the last entry, this op's own if it is one (-1: none yet)
                     probe.work[position] = len(self.entries) - 1

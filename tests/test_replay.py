@@ -135,6 +135,7 @@ def _record_and_replay(task_id: str, global_seed: str = "library") -> dict:
         whole.changed[i].rows.get(call) == rows for call, rows in part.rows.items())
         for i, part in enumerate(probe.changed) for position, digest in part.work.items())
     return {**figures, "probe": probe.figures(), "probe_whole": whole.figures(), "resumed_agree": agree,
+            "draw_ops": sorted({op[0] for op in trace.ops if len(op) == 5}),
             "resume_starts": starts, "ops": len(trace.ops), "last_digested": probe.last_position}
 
 
@@ -175,21 +176,21 @@ def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_s
     assert 0 <= got["resume_starts"]["0"] < got["resume_starts"]["1"] < got["last_digested"] < got["ops"], got
 
 
-def test_a_library_stream_seeded_with_a_samples_seed_ties_the_other_samples_calls_to_it(tiny_zoo):
-    """Why the child seeds torch's global generator with child.LIBRARY_SEED: tomesd forks it once
-    and draws the merges of every later call from it, so with the first sample's seed there (as the
-    child did before session 41) the second sample's calls follow the first sample's seed without
-    its latents: the sample probe reads hidden entries in an honest gold. With the library seed the
-    same gold reads clean (the test above)."""
+def test_tomesds_merges_follow_no_samples_seed_whatever_seeds_torchs_global_generator(tiny_zoo):
+    """tomesd forks torch's global generator once and draws every later merge from it, shared by all
+    images of a batch and all pipeline calls of a loop. Seeded with the first sample's seed (as the
+    child did before session 41, and as a candidate may itself), those draws were read as that
+    sample's: the probe saw the second sample's calls follow the first sample (red team round 24,
+    FF1). Integer draws are kept as drawn (trace.INDEX_DRAWS), and the child seeds the global
+    generator with child.LIBRARY_SEED: the looped ToMe gold reads clean either way."""
     got = _in_a_process(tiny_zoo, "_record_and_replay('L2-sd15-i2i-768px-tomesd-0073', global_seed='first')")
-    assert got["diffs"] == [0, 0], got
+    # the replay made the run's images exactly (match_images, tolerance 0); on the verdict's seeds its
+    # merges are the run's, where a real call's follow its own first seed: near, not equal
+    assert got["problem"] is None and max(got["diffs"]) <= 32, got
     assert got["resumed_agree"] and got["probe_whole"] == got["probe"], got
-    hidden, first = got["probe"]["hidden"]
-    calls = len(got["entries"])
-    # one pipeline call per sample: the second sample's first call (the second half's first) follows
-    # sample 0 without its latents, and its later calls' entry rows follow both samples
-    assert hidden >= 1 and first[0] == [calls // 2, 0], got["probe"]
-    assert got["probe"]["mixed_rows"][0] > 0 and got["probe"]["mixed_rows"][1][0][0] > calls // 2, got["probe"]
+    assert got["probe"]["mixed_rows"] == [0, []] and got["probe"]["hidden"] == [0, []], got["probe"]
+    # the latents' draws are replayed from the seeds, the merges' are not draws of the replay
+    assert got["draw_ops"] and not any("randint" in name for name in got["draw_ops"]), got["draw_ops"]
 
 
 def test_the_replay_flushes_denormals_on_every_thread_and_a_late_call_would_not():
@@ -837,6 +838,37 @@ def test_guidance_dropped_with_another_images_rows_after_the_checked_products_fa
     samples = result.flops["replay"]["denoiser_entry"]["samples"]
     # the second sample (1) of the pair, on the calls after the guided ones
     assert samples["samples"] == 2 and samples["hidden"][0] > 0 and samples["hidden"][1][0][1] == 1, samples
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_id, attack", [
+    ("L4-dit-c2i-hard-0012", "two_unguided_steps_in_one_calls_window_on_dit.py"),
+    ("L4-pixart-alpha-t2i-hard-0015", "two_unguided_steps_in_one_calls_window_on_pixart.py"),
+    ("L4-sd15-i2i-hard-0021", "two_unguided_steps_in_one_calls_window_on_sd15_i2i.py"),
+])
+def test_a_second_evaluation_inside_one_calls_window_fails_stage_1(task_id, attack, tiny_zoo, baseline_cache_dir,
+                                                                   tmp_path):
+    """Red team round 24: each guided-looking entry (both images twice) pays for two conditional-only
+    steps, the second evaluation's entry on a weight mixed with the latents (no entry, no new
+    window), so every module computes the rows its entry holds and every row follows a sample that
+    entered. Forged passes at 42bad76 (U 1.450, 1.206, 4.045 against 1.429, 1.189, 3.744; honest
+    twins 1.337, 1.139, 2.878). The replay counts each module's products that follow the seeds
+    per call: a second one is a second evaluation."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{task_id}.yaml"))
+    code = (TASK_ATTACKS / attack).read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    print(f"\n{attack} on {task.id}: {result.verdict}, U {result.measures.U}")
+    assert result.flops["source"] == "replay", result.flops.get("source")
+    assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+    assert "products of each denoiser module's weights per denoiser call" in result.verdict.message, result.verdict
+    repeated = result.flops["replay"]["denoiser_entry"]["repeated_modules"]
+    assert repeated[0] > 0 and repeated[1][0] > 0, repeated  # not on the first, honest calls
 
 
 def test_halves_split_reads_two_equal_halves_within_rounding():

@@ -1,4 +1,4 @@
-"""OPEN (issue 12): a forged pass at fa645a7 (red team round 23, /work/s40/rt23/REPORT.md; docs/integrity.md,
+"""Closed in session 41 (the sample probe): a forged pass at fa645a7 (red team round 23, /work/s40/rt23/REPORT.md; docs/integrity.md,
 "Still open": whose latents entered the denoiser). A whole candidate.
 
 Red team round 23, attack D1: round 22's pairing on DiT (no pre-conditioning check there).
