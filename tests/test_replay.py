@@ -808,6 +808,24 @@ def test_guidance_dropped_behind_an_entry_of_one_latent_twice_fails_stage_1(tiny
     assert result.flops["replay"]["denoiser_entry"]["split_halves"] == [8, 4], result.flops["replay"]["denoiser_entry"]
 
 
+def _judge_l4_attack(task_id: str, attack: str, tiny_zoo, baseline_cache_dir, tmp_path):
+    """The verdict on `tests/adversarial_tasks/<attack>` for L4 task `task_id` (two samples, the call
+    replayed), which must fail stage 1 (key attribute)."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{task_id}.yaml"))
+    code = (TASK_ATTACKS / attack).read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    print(f"\n{attack} on {task.id}: {result.verdict}, U {result.measures.U}")
+    assert result.flops["source"] == "replay", result.flops.get("source")
+    assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task_id, attack", [
     ("L4-sd15-i2i-hard-0021", "guidance_dropped_rows_swapped_after_the_first_resnet.py"),
@@ -822,18 +840,7 @@ def test_guidance_dropped_with_another_images_rows_after_the_checked_products_fa
     Forged passes at fa645a7 (U 4.044, 1.196, 1.449 against targets 3.744, 1.189, 1.429; honest
     twins 2.878, 1.139, 1.337). The replays with one sample's seed changed at a time
     (sample_probe.py) see the second image's seed reach the work of calls its latents did not enter."""
-    from pytest_diffbench.calibration import load_calibration
-    from pytest_diffbench.evaluate import Candidate
-    from pytest_diffbench.tasks import load_task
-    from pytest_diffbench.zoo.profiles import tiny_evaluator
-
-    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{task_id}.yaml"))
-    code = (TASK_ATTACKS / attack).read_text()
-    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
-    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
-    print(f"\n{attack} on {task.id}: {result.verdict}, U {result.measures.U}")
-    assert result.flops["source"] == "replay", result.flops.get("source")
-    assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+    result = _judge_l4_attack(task_id, attack, tiny_zoo, baseline_cache_dir, tmp_path)
     assert "(a hidden entry)" in result.verdict.message, result.verdict.message
     samples = result.flops["replay"]["denoiser_entry"]["samples"]
     # the second sample (1) of the pair, on the calls after the guided ones
@@ -854,18 +861,7 @@ def test_a_second_evaluation_inside_one_calls_window_fails_stage_1(task_id, atta
     entered. Forged passes at 42bad76 (U 1.450, 1.206, 4.045 against 1.429, 1.189, 3.744; honest
     twins 1.337, 1.139, 2.878). The replay counts each module's products that follow the seeds
     per call: a second one is a second evaluation."""
-    from pytest_diffbench.calibration import load_calibration
-    from pytest_diffbench.evaluate import Candidate
-    from pytest_diffbench.tasks import load_task
-    from pytest_diffbench.zoo.profiles import tiny_evaluator
-
-    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{task_id}.yaml"))
-    code = (TASK_ATTACKS / attack).read_text()
-    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
-    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
-    print(f"\n{attack} on {task.id}: {result.verdict}, U {result.measures.U}")
-    assert result.flops["source"] == "replay", result.flops.get("source")
-    assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
+    result = _judge_l4_attack(task_id, attack, tiny_zoo, baseline_cache_dir, tmp_path)
     assert "products of each denoiser module's weights per denoiser call" in result.verdict.message, result.verdict
     repeated = result.flops["replay"]["denoiser_entry"]["repeated_modules"]
     assert repeated[0] > 0 and repeated[1][0] > 0, repeated  # not on the first, honest calls
