@@ -671,6 +671,10 @@ class Runner:
         self.result["attributes"] = self._introspect(pipe, probe)
         self.result["attributes"]["denoiser_inputs"] = {**denoiser_inputs,
                                                         "spatial": [list(s) for s in denoiser_inputs["spatial"]]}
+        if recorder is not None and recorder.problem is None and flop_mode is not None:
+            # the longest chain of the denoiser's products in one call (trace.CallDepth): read for the
+            # reference only, the model's own depth that stage 1 holds each replayed call to
+            self.result["attributes"]["denoiser_inputs"]["depth"] = max(recorder.depth.deepest, default=0)
         if self.channel is not None:
             # to the parent now, before any more candidate code runs: the copy in the result could be
             # rewritten by the timed calls (a frame walk from the candidate's generate to this

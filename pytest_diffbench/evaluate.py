@@ -1150,7 +1150,7 @@ class Evaluator:
         if canonical:
             identity["images"] = f"canonical {CANONICAL_VERSION}"
         if self.profile.replay:  # measured with the judged call recorded (run_code)
-            identity["recorded"] = 13  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
+            identity["recorded"] = 14  # 5: lookups, solves and copying views counted as in trace.op_elements (session 17);
             # 6: the work that follows the seeds (flops.seeded, trace.SeedTaint; session 18);
             # 7: and its FLOPs by denoiser module (flops.seeded.by_module; session 19);
             # 8: by the VAE's modules too, and the products of no parameter by their operands' module
@@ -1159,6 +1159,7 @@ class Evaluator:
             # 11: the products of no parameter by their dimensions (flops.seeded.by_dims, session 30);
             # 12: ... keyed by component, and of no parameter by their operands' own origins;
             # 13: torch's global generator seeded with child.LIBRARY_SEED, not the first sample's (tomesd's merges)
+            # 14: the denoiser's depth per call (denoiser_inputs.depth, trace.CallDepth; session 42)
         return cache_key(identity)
 
     def baseline(self, role: str, task, code: str, batch: dict, dtype: str = "float32") -> CachedRun:

@@ -240,6 +240,9 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                       # first as [call, module]]
                                       "repeated_modules": [len(replayer.repeated),
                                                            list(replayer.repeated[0]) if replayer.repeated else None],
+                                      # the longest chain of the denoiser's products in any call, and the
+                                      # first call with it (trace.CallDepth): [depth, call]
+                                      "depth": replayer.depth.figure(),
                                       # the latents' spatial sizes (the resolution: stages.entry_mismatches)
                                       "spatial": sorted(list(s) for s in replayer.entry_spatial)},
                    # the steps between denoiser calls against the task's scheduler and guidance

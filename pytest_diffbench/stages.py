@@ -194,6 +194,8 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
     - the calls reported must be the entries the replay counted (fewer would hold each module to
       less work than was done on the calls not reported; more are entries the replay did not see);
     - the latents' spatial size at every entry is the reference's (the resolution);
+    - each call is one pass through the model: its longest chain of the denoiser's products
+      (trace.CallDepth) is at most the reference's, whatever modules a second evaluation books to;
     - where the reference runs classifier-free guidance, every entry holds each latent twice, not
       only the first; T-GATE drops guidance's unconditional branch after its gate step, so with it
       applied only the first two checks apply (its own least share rules there: module_work_problem).
@@ -252,6 +254,16 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
         out.append(Mismatch("products of each denoiser module's weights per denoiser call (counted by the harness's "
                             "replay from each entry into the denoiser to the next)", "at most one",
                             f"{repeated[0]} more than one; the first [call, module]: {repeated[1]}"))
+    depth, model_depth = entry.get("depth"), want.get("depth")
+    if (isinstance(model_depth, int) and model_depth > 0 and isinstance(depth, list) and depth
+            and isinstance(depth[0], int) and depth[0] > model_depth):
+        # a second evaluation inside one call's window feeds on the first one's output: a chain of the
+        # denoiser's products longer than one pass, whatever modules it books to (red team round 24).
+        # Honest methods only shorten it (DeepCache's and T-GATE's caches enter a call at depth 0)
+        out.append(Mismatch("the longest chain of the denoiser's products in one denoiser call (one pass through "
+                            "the model, counted by the harness's replay from each entry into the denoiser)",
+                            f"at most {model_depth} (the reference's)",
+                            f"{depth[0]} on call {depth[1] if len(depth) > 1 else '?'}"))
     out += sample_mismatches(entry.get("samples"), calls)
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     if want.get("cfg") and "tgate" not in methods and twice < rows:

@@ -682,10 +682,14 @@ class SeedTaint:
     task's public inputs (prompts, class ids, init images), and a candidate can do it there, in
     load_pipeline, where no trace sees it (docs/integrity.md, "Work done before the call"); U on
     the work that follows the seeds does not credit that (crosscheck.seed_speedup: U_seed, one of
-    the three figures whose smallest is the judged U)."""
+    the three figures whose smallest is the judged U).
+
+    Each mark also carries a depth in a denoiser call (`CallDepth`): the call it was made in and
+    the longest chain of the denoiser's products behind it there."""
 
     def __init__(self) -> None:
-        self.storages: dict[int, Any] = {}  # storage (its StorageImpl's address) -> a weak reference to it
+        # storage (its StorageImpl's address) -> (a weak reference to it, call, depth in that call)
+        self.storages: dict[int, tuple[Any, int, int]] = {}
         self._marks = 0
 
     def follows(self, args: Any, kwargs: Any) -> bool:
@@ -693,24 +697,84 @@ class SeedTaint:
             if not isinstance(t, torch.Tensor):
                 continue
             key = t.untyped_storage()._cdata
-            ref = self.storages.get(key)
-            if ref is None:
+            entry = self.storages.get(key)
+            if entry is None:
                 continue
-            if not ref.expired():
+            if not entry[0].expired():
                 return True
             del self.storages[key]  # freed: the address belongs to another storage now
         return False
 
-    def mark(self, func, args: Any, kwargs: Any, outputs: list) -> None:
-        """`outputs`: the op's output leaves."""
+    def depth(self, args: Any, kwargs: Any, call: int) -> int:
+        """The deepest of the inputs' depths in `call` (0 for what an earlier call made)."""
+        deepest = 0
+        for t in leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                entry = self.storages.get(t.untyped_storage()._cdata)
+                if entry is not None and entry[1] == call and entry[2] > deepest and not entry[0].expired():
+                    deepest = entry[2]
+        return deepest
+
+    def mark(self, func, args: Any, kwargs: Any, outputs: list, call: int = -1, depth: int = 0) -> None:
+        """`outputs`: the op's output leaves; `call`, `depth`: where they stand (`CallDepth`)."""
         written = [t for t in outputs if isinstance(t, torch.Tensor)]
         for t in written + written_tensors(func, args, kwargs):  # in place or out=: the arguments it wrote to
             storage = t.untyped_storage()
             if storage.nbytes():  # an empty one holds nothing that follows the seeds
-                self.storages[storage._cdata] = StorageWeakRef(storage)
+                self.storages[storage._cdata] = (StorageWeakRef(storage), call, depth)
                 self._marks += 1
                 if self._marks % PURGE_EVERY == 0:
-                    self.storages = _alive(self.storages, lambda ref: ref)
+                    self.storages = _alive(self.storages, lambda entry: entry[0])
+
+
+class CallDepth:
+    """Per denoiser call, the longest chain of products of the denoiser's modules from its entry:
+    one pass through the model (conv_in ... conv_out) is the model's own depth, the same on every
+    call (the reference's, `denoiser_inputs.depth`). Red team round 24 ran a second, unguided
+    evaluation of the denoiser inside one call's window (its entry on a weight mixed with the
+    latents opens no window; it is called past the child's hooks), so one guided-looking entry paid
+    for two steps; each module computing once per window (`Replayer.repeated`) holds that only
+    where the second evaluation books to the modules the first ran, and a weight mixed with
+    another module's parameter books to the name that sorts first. A second evaluation feeds on
+    the first one's output, so its chain is about twice the model's, whatever modules its
+    products book to.
+
+    A product counts where it follows the seeds and is booked to a denoiser module by a
+    parameter (not `...:operands`: attention's products of activations, and tomesd's similarity
+    products, which would deepen a merging block). Every other op passes its inputs' deepest on,
+    in place too (marks ride on `SeedTaint`'s storages); what an earlier call made enters a call
+    at depth 0, so DeepCache's and T-GATE's caches lower a call's depth, never raise it."""
+
+    def __init__(self) -> None:
+        self.deepest: list[int] = []  # per call
+
+    @property
+    def call(self) -> int:
+        return len(self.deepest) - 1
+
+    def enter(self) -> None:
+        self.deepest.append(0)
+
+    def step(self, inputs_depth: int, counts: bool) -> int:
+        """The depth of an op's outputs in the open call (none open: 0)."""
+        if not self.deepest:
+            return 0
+        depth = inputs_depth + (1 if counts else 0)
+        if depth > self.deepest[-1]:
+            self.deepest[-1] = depth
+        return depth
+
+    def figure(self) -> list:
+        """[the deepest chain of any call, the first call that reaches it] ([0, None]: no call)."""
+        if not self.deepest:
+            return [0, None]
+        most = max(self.deepest)
+        return [most, self.deepest.index(most)]
+
+
+def deepens(book: str | None) -> bool:
+    """Whether a seeded product booked to `book` adds one to its call's depth (`CallDepth`)."""
+    return book is not None and OPERANDS not in book and _denoiser_module(book)
 
 
 #: draws of integers (indices: tomesd's random merges), which the recorder keeps as drawn (constants
@@ -766,6 +830,10 @@ class Recorder(TorchDispatchMode):
         # under, outside this mode) books an op's FLOPs as following the seeds while `seeded` is set
         self.counter = counter
         self.taint = SeedTaint()
+        # each denoiser call's longest chain of the denoiser's products, as Replayer.run's (with a
+        # counter): read for the reference only (its `denoiser_inputs.depth`), whose calls each begin
+        # with one product on an entry weight; a candidate's figure is the replay's
+        self.depth = CallDepth()
         self.seeded_elements = 0
         self.origins = ParameterOrigins()  # as in Replayer.run
         self.derived = ParameterOrigins()  # as in Replayer.run
@@ -921,6 +989,11 @@ class Recorder(TorchDispatchMode):
             self.counter.module, producer = booked_module(func, booked_factors, args, kwargs, self.producers)
             kept_factors = [] if factor_refs is None else _origin_sources(factor_refs, self._param_names_list, self.origins)
             self.counter.dims = free_product_dims(func, kept_factors, self.counter.module, args, kwargs)
+            depth_in = self.taint.depth(args, kwargs, self.depth.call) if seeded else 0
+            if seeded and self.counter.module in ENTRY_MODULES:
+                self.depth.enter()
+                depth_in = 0
+            deepening = seeded and deepens(self.counter.module)
         try:
             out = func(*args, **kwargs)
         finally:
@@ -940,7 +1013,10 @@ class Recorder(TorchDispatchMode):
         self.elements += elements
         if seeded:
             self.seeded_elements += elements
-            self.taint.mark(func, args, kwargs, outputs)
+            if self.counter is not None:
+                self.taint.mark(func, args, kwargs, outputs, self.depth.call, self.depth.step(depth_in, deepening))
+            else:
+                self.taint.mark(func, args, kwargs, outputs)
         try:
             if entry is None:  # values the replay cannot draw itself: kept as drawn
                 self._record_outputs(outputs, constant=True)
@@ -1301,6 +1377,9 @@ class Replayer:
         # (stages.entry_mismatches)
         self.repeated: list[tuple[int, str]] = []
         in_window: set[str] = set()
+        # each call's longest chain of the denoiser's products (stages.entry_mismatches: the reference's)
+        self.depth = CallDepth()
+        depth_in, deepening = 0, False
         taint = SeedTaint()
         # origins (ParameterOrigins): for a parameter, and a view or copy of one (any dtype), the
         # components it comes from; none for anything computed (an op that computes could build
@@ -1420,6 +1499,7 @@ class Replayer:
             if counter is not None:
                 counter.seeded = seeded
                 counter.other_component = other
+                depth_in = taint.depth(args, kwargs, self.depth.call) if seeded else 0
                 # by the operands it multiplies too: an inert slice of another module's weight (addmm's
                 # `self` with beta 0) booked a product to a module of the author's choice (red team round 9)
                 counter.module, producer = booked_module(func, booked_factors, args, kwargs, producers)
@@ -1433,6 +1513,8 @@ class Replayer:
                             probe.entries[position] = (len(self.entries), latents_id)
                         self.entries.append(entry)
                         in_window = set()  # this op opens a call: its window starts here
+                        self.depth.enter()
+                        depth_in = 0  # its latents are the previous call's
                         # the latents' spatial size: the resolution the denoiser ran at (stages.entry_mismatches)
                         self.entry_spatial.add(tuple(int(n) for n in latents.shape[2:]))
                         self.call_books.begin(entry[0])
@@ -1444,8 +1526,8 @@ class Replayer:
                     operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
                     if operand is None or halves_split(operand):
                         self.split_calls.append(len(self.entries) - 1)
-                if seeded and counter.module is not None and _denoiser_module(counter.module) \
-                        and OPERANDS not in counter.module:
+                deepening = seeded and deepens(counter.module)
+                if deepening:
                     # not the products that follow no seed: DiT's final layer runs block 0's timestep
                     # embedding a second time, on the timestep alone
                     if counter.module in in_window:
@@ -1506,7 +1588,10 @@ class Replayer:
                 self.elements += elements
                 if seeded:
                     self.seeded_elements += elements
-                    taint.mark(func, args, kwargs, outputs)
+                    if counter is not None:
+                        taint.mark(func, args, kwargs, outputs, self.depth.call, self.depth.step(depth_in, deepening))
+                    else:
+                        taint.mark(func, args, kwargs, outputs)
                 written = written_tensors(func, args, kwargs)  # read once: every op of the replay pays for it
                 origins.written(written)
                 origins.set(op[3], outputs, origin)

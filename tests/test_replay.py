@@ -119,6 +119,7 @@ def _record_and_replay(task_id: str, global_seed: str = "library") -> dict:
             "replay_seeded": [replay_counter.seeded_flops, replayer.seeded_elements],
             "call_by_module": recording_counter.seeded_flops_by_module,
             "replay_by_module": replay_counter.seeded_flops_by_module, "entries": replayer.entries,
+            "recorded_depth": recorder.depth.deepest, "replayed_depth": replayer.depth.deepest,
             "seeds_differ": bool(_pixels(run_images)[0].ne(want[0]).any())}
     # last: these replays reset the replayer's books read above. Each changed replay as the replay
     # process runs it (from its sample's first draw to the last product digested), and once more
@@ -168,6 +169,11 @@ def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_s
     assert got["seeds_differ"], got  # other seeds, other images
     # every denoiser call entered through conv_in / the patch embedding, guided (each latent twice)
     assert len(got["entries"]) >= 4 and all(twice for _, twice in got["entries"]), got["entries"]
+    # one pass through the model per call, as deep on every call (trace.CallDepth), in the recorder (the
+    # reference's figure) and in the replay (the candidate's); DeepCache's cached calls are shallower
+    deepest = got["recorded_depth"]
+    assert deepest == got["replayed_depth"] and len(deepest) == len(got["entries"]), got
+    assert min(deepest) > 5 and (len(set(deepest)) == 1 or "deepcache" in task_id), deepest
     # each entry row is one sample's latents, and each call's work follows only its own (sample_probe.py)
     assert got["probe"] == {"samples": 2, "calls": len(got["entries"]), "mixed_rows": [0, []], "hidden": [0, []]}, got
     # ... read the same by the changed replays started at each sample's first draw as by whole ones
@@ -863,8 +869,13 @@ def test_a_second_evaluation_inside_one_calls_window_fails_stage_1(task_id, atta
     per call: a second one is a second evaluation."""
     result = _judge_l4_attack(task_id, attack, tiny_zoo, baseline_cache_dir, tmp_path)
     assert "products of each denoiser module's weights per denoiser call" in result.verdict.message, result.verdict
-    repeated = result.flops["replay"]["denoiser_entry"]["repeated_modules"]
+    entry = result.flops["replay"]["denoiser_entry"]
+    repeated = entry["repeated_modules"]
     assert repeated[0] > 0 and repeated[1][0] > 0, repeated  # not on the first, honest calls
+    # ... and, whatever modules the second evaluation books to, a chain of the denoiser's products
+    # deeper than one pass through the model (trace.CallDepth), on a call after the honest ones
+    assert "the longest chain of the denoiser's products in one denoiser call" in result.verdict.message, result.verdict
+    assert entry["depth"][1] > 0, entry["depth"]
 
 
 def test_halves_split_reads_two_equal_halves_within_rounding():
