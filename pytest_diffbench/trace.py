@@ -103,6 +103,13 @@ _NEVER = ("sparse", "nested", "quantize", "unsafe", "pin_memory", "from_file", "
           "record_stream", "_print", "_assert")
 
 
+#: ops whose outputs hold whatever the allocator hands out: the replay fills them with zeros, so that
+#: nothing a freed tensor held (a value that follows the seeds, its depth in a call) reaches a later op
+#: past every mark (SeedTaint, CallDepth) and the sample probe; honest code writes them before reading
+UNINITIALIZED = frozenset(getattr(torch.ops.aten, name) for name in ("empty", "empty_like", "new_empty",
+                                                                     "empty_strided", "new_empty_strided"))
+
+
 def replayable(func, name: str) -> bool:
     """Whether the replay runs `func` (recorded as `name`): see GOLD_OPS."""
     base = name.partition(".")[0]
@@ -1561,6 +1568,11 @@ class Replayer:
                     counter.seeded = counter.other_component = False
                     counter.module = counter.dims = counter.call_books = None
             outputs = leaves(out)
+            if func._overloadpacket in UNINITIALIZED:
+                with quiet():
+                    for item in outputs:
+                        if isinstance(item, torch.Tensor):
+                            item.zero_()
             if digests is not None and position in probe.work:
                 with quiet():
                     digests.product(position, outputs)

@@ -376,6 +376,27 @@ def test_the_check_pass_keeps_no_books_and_makes_the_same_images_and_shapes():
         replayer.run([3], lambda i, t: False, counter=LeanFlopCounterMode(), books=False)
 
 
+def test_memory_the_allocator_hands_out_holds_zeros_in_the_replay():
+    """`torch.empty` and its kin return whatever the allocator hands out, in a replay too: often the
+    block a tensor the replay just freed held, with its values, which would reach later ops past
+    every mark that follows values (the seeds' taint, a call's depth: trace.UNINITIALIZED). The
+    replay fills them with zeros; an honest call writes them before it reads them."""
+    import torch
+
+    from pytest_diffbench.trace import Replayer, decode
+
+    ops = [["aten::randn.generator", [[64, 64]], {}, [0], {"gen": 0, "reseed": 0}],
+           ["aten::mul.Tensor", [{"t": 0}, 3.0], {}, [1]],
+           ["aten::sum", [{"t": 1}], {}, [2]],  # the last use of 0 and 1: the replay frees them
+           ["aten::empty.memory_format", [[64, 64]], {}, [3]],
+           ["aten::empty_like", [{"t": 3}], {}, [4]],
+           ["aten::new_empty", [{"t": 2}, [64, 64]], {}, [5]],
+           ["aten::add.Tensor", [{"t": 3}, {"t": 4}], {}, [6]],
+           ["aten::add.Tensor", [{"t": 6}, {"t": 5}], {}, [7]]]
+    kept = Replayer(decode(_trace_blob(ops), 1 << 20), {}).run([3], lambda i, t: i == 7)
+    assert torch.equal(kept[7], torch.zeros(64, 64))
+
+
 def test_constants_over_the_bound_are_refused():
     import torch
 
