@@ -243,6 +243,14 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                       # the longest chain of the denoiser's products in any call, and the
                                       # first call with it (trace.CallDepth): [depth, call]
                                       "depth": replayer.depth.figure(),
+                                      # products of a denoiser module's parameter that read an earlier call's
+                                      # denoiser work by another way than the call's entry, and of those past
+                                      # a method's cache: [count, the first as [call, module]] (SeedTaint.reach)
+                                      "carried": [len(replayer.carried),
+                                                  list(replayer.carried[0]) if replayer.carried else None],
+                                      "carried_past_caches": [len(replayer.carried_past_caches),
+                                                              list(replayer.carried_past_caches[0])
+                                                              if replayer.carried_past_caches else None],
                                       # the latents' spatial sizes (the resolution: stages.entry_mismatches)
                                       "spatial": sorted(list(s) for s in replayer.entry_spatial)},
                    # the steps between denoiser calls against the task's scheduler and guidance

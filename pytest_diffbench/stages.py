@@ -183,7 +183,19 @@ def work_mismatches(attributes: Mapping, reference_attributes: Mapping | None) -
     return out
 
 
-def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attributes: Mapping | None) -> list[Mismatch]:
+#: the methods whose caches carry a denoiser call's work into later calls (DeepCache's features of an
+#: up block, T-GATE's attention outputs: trace.CACHE_PRODUCERS)
+CACHING_METHODS = frozenset({"deepcache", "tgate"})
+
+
+def caches_allowed(expect: Any, level: str) -> bool:
+    """Whether the task asks for or allows a method that carries work from call to call."""
+    names = getattr(expect, "methods", None) if level in ("L1", "L2", "L3") else getattr(expect, "allowed_methods", None)
+    return bool(CACHING_METHODS & set(names or ()))
+
+
+def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attributes: Mapping | None,
+                     caches: bool = False) -> list[Mismatch]:
     """Stage 1, from the harness's replay of the judged call: the denoiser calls the trace really
     made, counted by the entries into the denoiser (trace.ENTRY_MODULES: `conv_in`, the patch
     embedding), against what the candidate's process reports. Red team round 9 (B F3) rewrote the
@@ -196,6 +208,9 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
     - the latents' spatial size at every entry is the reference's (the resolution);
     - each call is one pass through the model: its longest chain of the denoiser's products
       (trace.CallDepth) is at most the reference's, whatever modules a second evaluation books to;
+    - no product of a denoiser module reads an earlier call's denoiser work by another way than the
+      call's entry, except (`caches`: where the task allows DeepCache or T-GATE) what their caches
+      hold (trace.CACHE_PRODUCERS);
     - where the reference runs classifier-free guidance, every entry holds each latent twice, not
       only the first; T-GATE drops guidance's unconditional branch after its gate step, so with it
       applied only the first two checks apply (its own least share rules there: module_work_problem).
@@ -264,6 +279,17 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
                             "the model, counted by the harness's replay from each entry into the denoiser)",
                             f"at most {model_depth} (the reference's)",
                             f"{depth[0]} on call {depth[1] if len(depth) > 1 else '?'}"))
+    carried = entry.get("carried_past_caches" if caches else "carried")
+    if isinstance(carried, list) and carried and isinstance(carried[0], int) and carried[0] > 0:
+        # a guided-looking entry whose twin rows are swapped after it for a latent made from the last
+        # call's prediction: one pass serves two conditional-only steps (red team round 25). An honest
+        # call computes from its entry alone; only a method's cache carries work from call to call
+        out.append(Mismatch("what each denoiser call computes from (counted by the harness's replay: its entry's "
+                            "latents, and no earlier call's work by another way" + (" than a method's cache"
+                                                                                    if caches else "") + ")",
+                            "nothing carried past the entry",
+                            f"{carried[0]} products of the denoiser's modules read an earlier call's work; the first "
+                            f"[call, module]: {carried[1]}"))
     out += sample_mismatches(entry.get("samples"), calls)
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     if want.get("cfg") and "tgate" not in methods and twice < rows:
@@ -2197,7 +2223,8 @@ def _judge(inp: StageInputs) -> Verdict:
         mismatches = key_attribute_mismatches(inp.expect, inp.level, attributes, inp.gold_attributes)
         mismatches += work_mismatches(attributes, inp.reference_attributes)
         mismatches += replay_mismatches(attributes, inp.result.get("flops"), getattr(inp.expect, "dtype", None))
-        mismatches += entry_mismatches(attributes, inp.result.get("flops"), inp.reference_attributes)
+        mismatches += entry_mismatches(attributes, inp.result.get("flops"), inp.reference_attributes,
+                                       caches=caches_allowed(inp.expect, inp.level))
         mismatches += step_mismatches(inp.result.get("flops"), getattr(inp.expect, "dtype", None))
         mismatches += caption_mismatches(inp.result.get("flops"))
         missing = None if mismatches else (spec_evidence_problem(inp) or module_work_problem(inp.module_work))

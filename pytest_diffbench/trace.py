@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -691,12 +692,14 @@ class SeedTaint:
     the work that follows the seeds does not credit that (crosscheck.seed_speedup: U_seed, one of
     the three figures whose smallest is the judged U).
 
-    Each mark also carries a depth in a denoiser call (`CallDepth`): the call it was made in and
-    the longest chain of the denoiser's products behind it there."""
+    Each mark also carries a depth in a denoiser call (`CallDepth`): the call it was made in, the
+    longest chain of the denoiser's products behind it there, and whether it carries the
+    denoiser's work of an earlier call by another way than the call's entry (`reach`)."""
 
     def __init__(self) -> None:
-        # storage (its StorageImpl's address) -> (a weak reference to it, call, depth in that call)
-        self.storages: dict[int, tuple[Any, int, int]] = {}
+        # storage (its StorageImpl's address) -> (a weak reference to it, call, depth in that call,
+        # CARRIED | CARRIED_PAST_CACHES)
+        self.storages: dict[int, tuple[Any, int, int, int]] = {}
         self._marks = 0
 
     def follows(self, args: Any, kwargs: Any) -> bool:
@@ -712,26 +715,46 @@ class SeedTaint:
             del self.storages[key]  # freed: the address belongs to another storage now
         return False
 
-    def depth(self, args: Any, kwargs: Any, call: int) -> int:
-        """The deepest of the inputs' depths in `call` (0 for what an earlier call made)."""
-        deepest = 0
+    def reach(self, args: Any, kwargs: Any, call: int, skip: Any = None,
+              cache: Callable[[torch.Tensor], bool] | None = None) -> tuple[int, int]:
+        """(the deepest of the inputs' depths in `call`, 0 for what an earlier call made; what they
+        carry: CARRIED where an input holds the denoiser's work of an earlier call (made there past
+        one of its products, or marked so in this call), CARRIED_PAST_CACHES where such an input is
+        no method's cache (`cache`: whether an earlier call's tensor is one). `skip`: an input left
+        out (the entry's latents, which every call reads from the one before)."""
+        deepest, carried = 0, 0
         for t in leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t is not skip:
                 entry = self.storages.get(t.untyped_storage()._cdata)
-                if entry is not None and entry[1] == call and entry[2] > deepest and not entry[0].expired():
-                    deepest = entry[2]
-        return deepest
+                if entry is None or entry[0].expired():
+                    continue
+                if entry[1] == call:
+                    if entry[2] > deepest:
+                        deepest = entry[2]
+                    carried |= entry[3]
+                elif entry[1] < call and entry[2] > 0:
+                    carried |= CARRIED if cache is not None and cache(t) else CARRIED | CARRIED_PAST_CACHES
+        return deepest, carried
 
-    def mark(self, func, args: Any, kwargs: Any, outputs: list, call: int = -1, depth: int = 0) -> None:
-        """`outputs`: the op's output leaves; `call`, `depth`: where they stand (`CallDepth`)."""
+    def mark(self, func, args: Any, kwargs: Any, outputs: list, call: int = -1, depth: int = 0,
+             carried: int = 0) -> None:
+        """`outputs`: the op's output leaves; `call`, `depth`, `carried`: where they stand (`reach`)."""
         written = [t for t in outputs if isinstance(t, torch.Tensor)]
         for t in written + written_tensors(func, args, kwargs):  # in place or out=: the arguments it wrote to
             storage = t.untyped_storage()
             if storage.nbytes():  # an empty one holds nothing that follows the seeds
-                self.storages[storage._cdata] = (StorageWeakRef(storage), call, depth)
+                self.storages[storage._cdata] = (StorageWeakRef(storage), call, depth, carried)
                 self._marks += 1
                 if self._marks % PURGE_EVERY == 0:
                     self.storages = _alive(self.storages, lambda entry: entry[0])
+
+
+#: SeedTaint's flags of what a value carries from earlier denoiser calls past the entry (SeedTaint.reach)
+CARRIED, CARRIED_PAST_CACHES = 1, 2
+
+#: the modules whose outputs a method's cache carries from call to call, by their producer
+#: (`Producers`): DeepCache's features of an up block, T-GATE's attention outputs
+CACHE_PRODUCERS = re.compile(r"^unet\.up_blocks\.|\.attn[12]\.to_out\.0$")
 
 
 class CallDepth:
@@ -996,7 +1019,7 @@ class Recorder(TorchDispatchMode):
             self.counter.module, producer = booked_module(func, booked_factors, args, kwargs, self.producers)
             kept_factors = [] if factor_refs is None else _origin_sources(factor_refs, self._param_names_list, self.origins)
             self.counter.dims = free_product_dims(func, kept_factors, self.counter.module, args, kwargs)
-            depth_in = self.taint.depth(args, kwargs, self.depth.call) if seeded else 0
+            depth_in = self.taint.reach(args, kwargs, self.depth.call)[0] if seeded else 0
             if seeded and self.counter.module in ENTRY_MODULES:
                 self.depth.enter()
                 depth_in = 0
@@ -1386,7 +1409,12 @@ class Replayer:
         in_window: set[str] = set()
         # each call's longest chain of the denoiser's products (stages.entry_mismatches: the reference's)
         self.depth = CallDepth()
-        depth_in, deepening = 0, False
+        depth_in, deepening, carried = 0, False, 0
+        # (call, module) of each product of a denoiser module's parameter that reads the denoiser's work
+        # of an earlier call by another way than the call's entry (SeedTaint.reach: a latent made from an
+        # earlier call's output entered past the entry), and of those past a method's cache (stages.entry_mismatches)
+        self.carried: list[tuple[int, str]] = []
+        self.carried_past_caches: list[tuple[int, str]] = []
         taint = SeedTaint()
         # origins (ParameterOrigins): for a parameter, and a view or copy of one (any dtype), the
         # components it comes from; none for anything computed (an op that computes could build
@@ -1400,6 +1428,11 @@ class Replayer:
         derived = ParameterOrigins()  # the same through what computes weights from them, for booking (_derived_origin)
         producers = Producers()  # whose product made each storage's values, for the products of no parameter
         env: dict[int, Any] = {}
+
+        def cache(t: torch.Tensor) -> bool:
+            producer = producers.of(t)
+            return producer is not None and CACHE_PRODUCERS.search(producer) is not None
+
         kept: dict[int, torch.Tensor] = {}
         generators: dict[int, torch.Generator] = {}
         seeded_with: dict[int, int] = {}  # each generator's last seed, by the sample index it is the seed of
@@ -1506,7 +1539,7 @@ class Replayer:
             if counter is not None:
                 counter.seeded = seeded
                 counter.other_component = other
-                depth_in = taint.depth(args, kwargs, self.depth.call) if seeded else 0
+                depth_in, carried = taint.reach(args, kwargs, self.depth.call, cache=cache) if seeded else (0, 0)
                 # by the operands it multiplies too: an inert slice of another module's weight (addmm's
                 # `self` with beta 0) booked a product to a module of the author's choice (red team round 9)
                 counter.module, producer = booked_module(func, booked_factors, args, kwargs, producers)
@@ -1521,7 +1554,8 @@ class Replayer:
                         self.entries.append(entry)
                         in_window = set()  # this op opens a call: its window starts here
                         self.depth.enter()
-                        depth_in = 0  # its latents are the previous call's
+                        # its latents are the previous call's; what else it reads is held as any op's
+                        depth_in, carried = 0, taint.reach(args, kwargs, self.depth.call, skip=latents, cache=cache)[1]
                         # the latents' spatial size: the resolution the denoiser ran at (stages.entry_mismatches)
                         self.entry_spatial.add(tuple(int(n) for n in latents.shape[2:]))
                         self.call_books.begin(entry[0])
@@ -1534,6 +1568,10 @@ class Replayer:
                     if operand is None or halves_split(operand):
                         self.split_calls.append(len(self.entries) - 1)
                 deepening = seeded and deepens(counter.module)
+                if deepening and carried:
+                    self.carried.append((self.depth.call, counter.module))
+                    if carried & CARRIED_PAST_CACHES:
+                        self.carried_past_caches.append((self.depth.call, counter.module))
                 if deepening:
                     # not the products that follow no seed: DiT's final layer runs block 0's timestep
                     # embedding a second time, on the timestep alone
@@ -1601,7 +1639,8 @@ class Replayer:
                 if seeded:
                     self.seeded_elements += elements
                     if counter is not None:
-                        taint.mark(func, args, kwargs, outputs, self.depth.call, self.depth.step(depth_in, deepening))
+                        taint.mark(func, args, kwargs, outputs, self.depth.call, self.depth.step(depth_in, deepening),
+                                   carried)
                     else:
                         taint.mark(func, args, kwargs, outputs)
                 written = written_tensors(func, args, kwargs)  # read once: every op of the replay pays for it

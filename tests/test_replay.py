@@ -120,6 +120,7 @@ def _record_and_replay(task_id: str, global_seed: str = "library") -> dict:
             "call_by_module": recording_counter.seeded_flops_by_module,
             "replay_by_module": replay_counter.seeded_flops_by_module, "entries": replayer.entries,
             "recorded_depth": recorder.depth.deepest, "replayed_depth": replayer.depth.deepest,
+            "carried": replayer.carried, "carried_past_caches": replayer.carried_past_caches,
             "seeds_differ": bool(_pixels(run_images)[0].ne(want[0]).any())}
     # last: these replays reset the replayer's books read above. Each changed replay as the replay
     # process runs it (from its sample's first draw to the last product digested), and once more
@@ -174,6 +175,10 @@ def test_a_recorded_call_replays_to_its_own_images_and_on_other_seeds_to_those_s
     deepest = got["recorded_depth"]
     assert deepest == got["replayed_depth"] and len(deepest) == len(got["entries"]), got
     assert min(deepest) > 5 and (len(set(deepest)) == 1 or "deepcache" in task_id), deepest
+    # nothing an earlier call computed reaches a call past its entry, but DeepCache's cached features
+    # (trace.CACHE_PRODUCERS: an up block's output), which only its cached calls read
+    assert got["carried_past_caches"] == [], got["carried_past_caches"]
+    assert bool(got["carried"]) == ("deepcache" in task_id), got["carried"][:3]
     # each entry row is one sample's latents, and each call's work follows only its own (sample_probe.py)
     assert got["probe"] == {"samples": 2, "calls": len(got["entries"]), "mixed_rows": [0, []], "hidden": [0, []]}, got
     # ... read the same by the changed replays started at each sample's first draw as by whole ones
@@ -899,6 +904,27 @@ def test_a_second_evaluation_inside_one_calls_window_fails_stage_1(task_id, atta
     assert entry["depth"][1] > 0, entry["depth"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("task_id, attack", [
+    ("L4-dit-c2i-hard-0012", "twin_rows_swapped_after_the_entry_for_an_extrapolated_latent_on_dit.py"),
+    ("L4-sd15-i2i-hard-0021", "twin_rows_swapped_past_the_first_resnet_for_an_extrapolated_latent_on_sd15_i2i.py"),
+])
+def test_twin_rows_swapped_after_the_entry_for_an_earlier_calls_work_fail_stage_1(task_id, attack, tiny_zoo,
+                                                                                  baseline_cache_dir, tmp_path):
+    """Red team round 25: one pass of four rows serves two conditional-only steps. The entry holds
+    both images' latents twice (a guided pass, one sample per row, one pass deep), and rows 2-3 are
+    swapped after it (on SD past the first resnet, whose halves are checked) for an extrapolation
+    through the previous call's entry output, elementwise. Forged passes at 0e40bfa (U 1.565 and
+    5.078 against 1.429 and 3.744; the best honest setups 1.525 and 4.506). The replay marks what
+    carries an earlier call's denoiser work past the call's entry (trace.SeedTaint.reach): a product
+    of a denoiser module reading it fails, on SD 1.5 too, where DeepCache is allowed (its cache, an
+    up block's output, is the one exception there)."""
+    result = _judge_l4_attack(task_id, attack, tiny_zoo, baseline_cache_dir, tmp_path)
+    assert "no earlier call's work by another way" in result.verdict.message, result.verdict
+    carried = result.flops["replay"]["denoiser_entry"]["carried_past_caches"]
+    assert carried[0] > 0 and carried[1][0] > 0, carried  # not on the first, honest calls
+
+
 def test_halves_split_reads_two_equal_halves_within_rounding():
     """trace.halves_split: the halves of an operand before the conditioning enters, on a guided call."""
     import torch
@@ -938,6 +964,49 @@ def test_seed_free_work_done_off_the_record_buys_no_speed(tiny_zoo, baseline_cac
     assert m.U_seed == pytest.approx(1.0, abs=0.01), m
     assert m.U < 1.02 and (result.verdict.passed, result.verdict.category) == (False, stages.RELATIVE_SPEED), \
         (m, result.verdict)
+
+
+def test_the_seeds_taint_carries_each_values_call_depth_and_what_it_carries_from_earlier_calls():
+    """SeedTaint.reach: an input's depth counts in the call it was made in (0 in a later one), and an
+    earlier call's value made past one of the denoiser's products is carried, through every later op
+    of the call, past a method's cache only where `cache` says it is none; the entry's latents are
+    left out (every call reads them from the one before)."""
+    import torch
+
+    from pytest_diffbench.trace import CARRIED, CARRIED_PAST_CACHES, SeedTaint
+
+    taint, add = SeedTaint(), torch.ops.aten.add.Tensor
+    latents, drawn, cached = torch.ones(4), torch.ones(4), torch.ones(4)
+    taint.mark(add, (), {}, [drawn], call=0, depth=0)  # a draw of call 0's window: no product behind it
+    taint.mark(add, (), {}, [latents], call=0, depth=7)  # call 0's output, stepped
+    taint.mark(add, (), {}, [cached], call=0, depth=3)
+    assert taint.reach((latents, drawn), {}, call=0) == (7, 0)  # in its own call: its depth, nothing carried
+    assert taint.reach((drawn,), {}, call=1) == (0, 0)
+    assert taint.reach((latents,), {}, call=1) == (0, CARRIED | CARRIED_PAST_CACHES)
+    assert taint.reach((latents,), {}, call=1, skip=latents) == (0, 0)  # the entry's own latents
+    assert taint.reach((cached[1:],), {}, call=1, cache=lambda t: True) == (0, CARRIED)  # a view of a cache
+    made = torch.zeros(4)
+    taint.mark(add, (), {}, [made], call=1, depth=2, carried=CARRIED | CARRIED_PAST_CACHES)
+    assert taint.reach(([made],), {}, call=1) == (2, CARRIED | CARRIED_PAST_CACHES)  # marked so in this call
+
+
+def test_stage_one_reads_work_carried_past_the_entry_beside_the_caches_the_task_allows():
+    from types import SimpleNamespace
+
+    entry = {"calls": 4, "rows": 16, "rows_twice": 16, "carried": [9, [2, "unet.up_blocks.1.resnets.0.conv1"]],
+             "carried_past_caches": [0, None]}
+    flops = {"replay": {"denoiser_entry": entry}}
+    attributes = {"steps": {"denoiser_calls": [4]}}
+    reference = {"denoiser_inputs": {"first": [2, 4, 8, 8], "cfg": True}}
+    message = "what each denoiser call computes from"
+    assert not [m for m in stages.entry_mismatches(attributes, flops, reference, caches=True) if message in str(m)]
+    assert [m for m in stages.entry_mismatches(attributes, flops, reference, caches=False) if message in str(m)]
+    entry["carried_past_caches"] = [1, [2, "unet.down_blocks.0.resnets.0.conv2"]]
+    assert [m for m in stages.entry_mismatches(attributes, flops, reference, caches=True) if message in str(m)]
+    allowing = SimpleNamespace(allowed_methods=["fast_sampler", "deepcache"], methods=None)
+    assert stages.caches_allowed(allowing, "L4") and not stages.caches_allowed(allowing, "L2")
+    assert not stages.caches_allowed(SimpleNamespace(allowed_methods=["fp16"]), "L5")
+    assert stages.caches_allowed(SimpleNamespace(methods={"tgate": {"gate_step": 10}}), "L3")
 
 
 def test_the_seeds_taint_follows_storages_through_views_and_in_place_writes_and_ends_with_them():
