@@ -468,7 +468,7 @@ def test_tgate_shown_on_a_decoy_fails_on_its_images_in_float32(tiny_zoo, baselin
         m for m in real_mismatches(*a) if not str(m).startswith("methods.tgate")])
     # fed hooks report T-GATE applied, under which guidance is T-GATE's to drop after its gate: the
     # replay's count of guided rows (which sees the decoy's unguided calls) leaves it to T-GATE's rules
-    monkeypatch.setattr(stages, "entry_mismatches", lambda *a: [])
+    monkeypatch.setattr(stages, "entry_mismatches", lambda *a, **k: [])
     # since session 38 the gold's calls at the run's latents see the decoy first (gold_calls.py: the
     # gold's calls after its gate drop guidance, the run's keep it); taken out too, standing in for
     # a decoy that passed them, so that the images' rule is what is left
@@ -547,7 +547,7 @@ def test_half_precision_images_are_replayed_in_canonical_precision_where_honest_
         m for m in real_mismatches(*a) if not str(m).startswith("methods.tgate")])
     # fed hooks report T-GATE applied, under which guidance is T-GATE's to drop after its gate: the
     # replay's count of guided rows (which sees the decoy's unguided calls) leaves it to T-GATE's rules
-    monkeypatch.setattr(stages, "entry_mismatches", lambda *a: [])
+    monkeypatch.setattr(stages, "entry_mismatches", lambda *a, **k: [])
     decoy_code = task.gold + "\n\n" + (REPO / "tests" / "adversarial_tasks" / "tgate_on_a_decoy.py").read_text()
     # the gold's calls see it first (session 38), taken out as in the float32 test above
     caught = evaluate(decoy_code).verdict
