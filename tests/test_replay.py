@@ -908,17 +908,19 @@ def test_a_second_evaluation_inside_one_calls_window_fails_stage_1(task_id, atta
 @pytest.mark.parametrize("task_id, attack", [
     ("L4-dit-c2i-hard-0012", "twin_rows_swapped_after_the_entry_for_an_extrapolated_latent_on_dit.py"),
     ("L4-sd15-i2i-hard-0021", "twin_rows_swapped_past_the_first_resnet_for_an_extrapolated_latent_on_sd15_i2i.py"),
+    # T-GATE allowed: its cache (an attention's output) passes, the kept entry output does not
+    ("L4-pixart-alpha-t2i-hard-0015", "twin_rows_swapped_past_pixarts_first_self_attention_for_an_extrapolated_latent.py"),
 ])
 def test_twin_rows_swapped_after_the_entry_for_an_earlier_calls_work_fail_stage_1(task_id, attack, tiny_zoo,
                                                                                   baseline_cache_dir, tmp_path):
     """Red team round 25: one pass of four rows serves two conditional-only steps. The entry holds
     both images' latents twice (a guided pass, one sample per row, one pass deep), and rows 2-3 are
     swapped after it (on SD past the first resnet, whose halves are checked) for an extrapolation
-    through the previous call's entry output, elementwise. Forged passes at 0e40bfa (U 1.565 and
-    5.078 against 1.429 and 3.744; the best honest setups 1.525 and 4.506). The replay marks what
+    through the previous call's entry output, elementwise. Forged passes at 0e40bfa (U 1.565, 5.078
+    and 1.224 against 1.429, 3.744 and 1.189; the best honest setups 1.525, 4.506 and 1.225). The replay marks what
     carries an earlier call's denoiser work past the call's entry (trace.SeedTaint.reach): a product
-    of a denoiser module reading it fails, on SD 1.5 too, where DeepCache is allowed (its cache, an
-    up block's output, is the one exception there)."""
+    of a denoiser module reading it fails, on SD 1.5 and PixArt too, where DeepCache and T-GATE are
+    allowed (their caches, an up block's or an attention's output, are the exceptions there)."""
     result = _judge_l4_attack(task_id, attack, tiny_zoo, baseline_cache_dir, tmp_path)
     assert "no earlier call's work by another way" in result.verdict.message, result.verdict
     carried = result.flops["replay"]["denoiser_entry"]["carried_past_caches"]
