@@ -386,6 +386,7 @@ class DenoiserInputs:
     def __init__(self, module):
         self.shapes: list[list[int]] = []
         self.cfg: bool | None = None
+        self._first = None  # the first call's latents, where they are not two equal halves
         self._handle = None
         if module is not None:
             self._handle = module.register_forward_pre_hook(self._on_call, with_kwargs=True)
@@ -401,6 +402,12 @@ class DenoiserInputs:
             # classifier-free guidance runs each latent twice: the batch is two equal halves
             half = tensor.shape[0] // 2
             self.cfg = bool(tensor.shape[0] % 2 == 0 and half and torch.equal(tensor[:half], tensor[half:]))
+            self._first = None if self.cfg else tensor.detach().clone()
+        elif len(self.shapes) == 1 and self._first is not None:
+            # ... or two calls on the same latents, its branches one after the other (red team round 25's
+            # honest `ff_dit_cfg2calls` read as no guidance)
+            self.cfg = bool(self._first.shape == tensor.shape and torch.equal(self._first, tensor))
+            self._first = None
         if len(self.shapes) < 10000:
             self.shapes.append(list(tensor.shape))
         return None

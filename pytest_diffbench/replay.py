@@ -228,9 +228,13 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                    # rows, and the rows of calls that held each latent twice (guidance)
                    "denoiser_entry": {"calls": len(replayer.entries),
                                       "rows": sum(rows for rows, _ in replayer.entries),
-                                      "rows_twice": sum(rows for rows, twice in replayer.entries if twice),
-                                      # which calls ran guidance (T-GATE ends it at its gate: stages.tgate_guidance_problem)
-                                      "guided_calls": [i for i, (_, twice) in enumerate(replayer.entries) if twice],
+                                      "rows_twice": sum(rows for i, (rows, twice) in enumerate(replayer.entries)
+                                                        if twice or i in replayer.paired),
+                                      # which calls ran guidance (T-GATE ends it at its gate: stages.tgate_guidance_problem),
+                                      # in one call or as a pair of calls on the same latents
+                                      "guided_calls": [i for i, (_, twice) in enumerate(replayer.entries)
+                                                       if twice or i in replayer.paired],
+                                      "paired_calls": len(replayer.paired),
                                       # guided calls whose halves differed before the conditioning enters
                                       # (trace.PRE_CONDITIONING_MODULES): [count, the first]
                                       "split_halves": [len(replayer.split_calls),

@@ -1396,6 +1396,11 @@ class Replayer:
         tables = {i: captions.table_family(spec["name"]) for i, spec in enumerate(self.trace.params)}
         # the denoiser calls the replay saw, as (rows, each latent twice) of each entry (ENTRY_MODULES)
         self.entries: list[tuple[int, bool]] = []
+        # the calls that are one guided pair with the call before or after them: two consecutive entries,
+        # neither holding each latent twice, on the same latents bit for bit (guidance's branches as two
+        # calls: red team round 25's honest `ff_dit_cfg2calls`)
+        self.paired: set[int] = set()
+        unpaired_latents = None  # the last entry's latents, a copy, while it may open a pair
         self.entry_spatial: set[tuple[int, ...]] = set()
         # the calls (indices into `entries`) whose entry held each latent twice while a product of a
         # PRE_CONDITIONING_MODULES module multiplied two halves that differ (stages.entry_mismatches)
@@ -1551,6 +1556,12 @@ class Replayer:
                     if entry is not None:
                         if recording:
                             probe.entries[position] = (len(self.entries), latents_id)
+                        with quiet():
+                            pair = (not entry[1] and unpaired_latents is not None
+                                    and unpaired_latents.shape == latents.shape and torch.equal(unpaired_latents, latents))
+                            unpaired_latents = None if pair or entry[1] else latents.detach().clone()
+                        if pair:
+                            self.paired.update((len(self.entries) - 1, len(self.entries)))
                         self.entries.append(entry)
                         in_window = set()  # this op opens a call: its window starts here
                         self.depth.enter()

@@ -927,6 +927,28 @@ def test_twin_rows_swapped_after_the_entry_for_an_earlier_calls_work_fail_stage_
     assert carried[0] > 0 and carried[1][0] > 0, carried  # not on the first, honest calls
 
 
+@pytest.mark.slow
+def test_guidance_as_two_calls_on_the_same_latents_is_guidance(tiny_zoo, baseline_cache_dir, tmp_path):
+    """Classifier-free guidance's two branches as two denoiser calls per step, the conditional then
+    the unconditional, each on the same latents (tests/honest_tasks/guidance_as_two_calls_per_step_on_dit.py):
+    honest, and it failed stage 1 at 0e40bfa (L 0.038, U 1.451 against 1.429), both readings of
+    guidance (the child's first call, the replay's rows) wanting each latent twice in one entry.
+    Two consecutive entries on the same latents, bit for bit, are now one guided pair in both."""
+    from pytest_diffbench.calibration import load_calibration
+    from pytest_diffbench.evaluate import Candidate
+    from pytest_diffbench.tasks import load_task
+    from pytest_diffbench.zoo.profiles import tiny_evaluator
+
+    task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / "L4-dit-c2i-hard-0012.yaml"))
+    code = (Path(__file__).resolve().parent / "honest_tasks" / "guidance_as_two_calls_per_step_on_dit.py").read_text()
+    evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
+    result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
+    assert result.verdict.passed, result.verdict
+    entry = result.flops["replay"]["denoiser_entry"]
+    assert entry["paired_calls"] == entry["calls"] == entry["rows"] == entry["rows_twice"] > 0, entry
+    assert result.attributes["denoiser_inputs"]["cfg"] is True, result.attributes["denoiser_inputs"]
+
+
 def test_halves_split_reads_two_equal_halves_within_rounding():
     """trace.halves_split: the halves of an operand before the conditioning enters, on a guided call."""
     import torch
