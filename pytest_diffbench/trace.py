@@ -719,9 +719,9 @@ class SeedTaint:
               cache: Callable[[torch.Tensor], bool] | None = None) -> tuple[int, int]:
         """(the deepest of the inputs' depths in `call`, 0 for what an earlier call made; what they
         carry: CARRIED where an input holds the denoiser's work of an earlier call (made there past
-        one of its products, or marked so in this call), CARRIED_PAST_CACHES where such an input is
-        no method's cache (`cache`: whether an earlier call's tensor is one). `skip`: an input left
-        out (the entry's latents, which every call reads from the one before)."""
+        one of its products, or marked so in any call), CARRIED_PAST_CACHES where such an input is
+        no method's cache (`cache`: whether an earlier call's tensor is one) or was marked so. `skip`:
+        an input left out (the entry's latents, which every call reads from the one before)."""
         deepest, carried = 0, 0
         for t in leaves((args, kwargs)):
             if isinstance(t, torch.Tensor) and t is not skip:
@@ -732,8 +732,13 @@ class SeedTaint:
                     if entry[2] > deepest:
                         deepest = entry[2]
                     carried |= entry[3]
-                elif entry[1] < call and entry[2] > 0:
-                    carried |= CARRIED if cache is not None and cache(t) else CARRIED | CARRIED_PAST_CACHES
+                elif entry[1] < call:
+                    # what it carried already, into any later call (a copy made in the next call past no
+                    # product, read one call later, laundered the flag: red team round 26, L1), and the
+                    # earlier call's own work, where it holds some
+                    carried |= entry[3]
+                    if entry[2] > 0:
+                        carried |= CARRIED if cache is not None and cache(t) else CARRIED | CARRIED_PAST_CACHES
         return deepest, carried
 
     def mark(self, func, args: Any, kwargs: Any, outputs: list, call: int = -1, depth: int = 0,

@@ -1012,6 +1012,11 @@ def test_the_seeds_taint_carries_each_values_call_depth_and_what_it_carries_from
     made = torch.zeros(4)
     taint.mark(add, (), {}, [made], call=1, depth=2, carried=CARRIED | CARRIED_PAST_CACHES)
     assert taint.reach(([made],), {}, call=1) == (2, CARRIED | CARRIED_PAST_CACHES)  # marked so in this call
+    # ... and in any later call, though no product made it there: a copy of a kept value made past no
+    # product in the next call, read one call later (red team round 26, L1)
+    copy = torch.zeros(4)
+    taint.mark(add, (), {}, [copy], call=1, depth=0, carried=CARRIED | CARRIED_PAST_CACHES)
+    assert taint.reach((copy,), {}, call=2, cache=lambda t: True) == (0, CARRIED | CARRIED_PAST_CACHES)
 
 
 def test_stage_one_reads_work_carried_past_the_entry_beside_the_caches_the_task_allows():
