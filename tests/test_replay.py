@@ -928,6 +928,19 @@ def test_twin_rows_swapped_after_the_entry_for_an_earlier_calls_work_fail_stage_
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="open: guidance credited by the entry's equal halves alone "
+                                       "(docs/integrity.md, red team round 26, N0)")
+def test_two_conditional_steps_in_one_guided_looking_pass_fail_stage_1(tiny_zoo, baseline_cache_dir, tmp_path):
+    """Red team round 26's N0: each later call's entry holds each latent twice, the conditional labels
+    in both halves and two timesteps, so one pass serves two conditional-only steps with nothing
+    after the entry touching a row. A forged pass at 0a6e086 (U 1.565 against 1.429; the best
+    honest 1.525). It should fail stage 1; it does not yet (strict: a fix makes this test fail until
+    the mark is removed)."""
+    _judge_l4_attack("L4-dit-c2i-hard-0012", "guidance_credited_by_equal_halves_at_two_timesteps_on_dit.py",
+                     tiny_zoo, baseline_cache_dir, tmp_path)
+
+
+@pytest.mark.slow
 def test_guidance_as_two_calls_on_the_same_latents_is_guidance(tiny_zoo, baseline_cache_dir, tmp_path):
     """Classifier-free guidance's two branches as two denoiser calls per step, the conditional then
     the unconditional, each on the same latents (tests/honest_tasks/guidance_as_two_calls_per_step_on_dit.py):
