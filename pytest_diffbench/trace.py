@@ -1439,9 +1439,23 @@ class Replayer:
         producers = Producers()  # whose product made each storage's values, for the products of no parameter
         env: dict[int, Any] = {}
 
+        # the caches read in the open call, by the module that made them: a cache is what a module made in
+        # an earlier call in place of computing in this one (DeepCache's skipped blocks, T-GATE's gated
+        # attention), so its module must compute nothing in the call that reads it (a block's attention
+        # kept and extrapolated by name passed as T-GATE's: red team round 26, L3)
+        cache_reads: set[str] = set()
+
         def cache(t: torch.Tensor) -> bool:
             producer = producers.of(t)
-            return producer is not None and CACHE_PRODUCERS.search(producer) is not None
+            if producer is None or CACHE_PRODUCERS.search(producer) is None:
+                return False
+            cache_reads.add(producer)
+            return True
+
+        def close_call() -> None:
+            for producer in sorted(cache_reads & in_window):
+                self.carried_past_caches.append((self.depth.call, producer))
+            cache_reads.clear()
 
         kept: dict[int, torch.Tensor] = {}
         generators: dict[int, torch.Generator] = {}
@@ -1567,6 +1581,7 @@ class Replayer:
                             unpaired_latents = None if pair or entry[1] else latents.detach().clone()
                         if pair:
                             self.paired.update((len(self.entries) - 1, len(self.entries)))
+                        close_call()
                         self.entries.append(entry)
                         in_window = set()  # this op opens a call: its window starts here
                         self.depth.enter()
@@ -1682,6 +1697,7 @@ class Replayer:
                 env.pop(tensor_id, None)
                 origins.drop(tensor_id)
                 derived.drop(tensor_id)
+        close_call()
         self.call_books.finish()
         return kept
 
