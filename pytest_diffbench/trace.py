@@ -1013,6 +1013,7 @@ class Recorder(TorchDispatchMode):
         # on what follows from one follow the seeds, as in Replayer.run
         seeded = self.problem is None and ((random and draw is not None) or self.taint.follows(args, kwargs))
         sources = [] if entry is None else _origin_sources(refs, self._param_names_list, self.origins)
+        depth_in, deepening = 0, False
         if self.counter is not None:
             self.counter.seeded = seeded
             # by the operands it multiplies, as Replayer.run books it (baselines' figures are the recorder's)
@@ -1048,10 +1049,8 @@ class Recorder(TorchDispatchMode):
         self.elements += elements
         if seeded:
             self.seeded_elements += elements
-            if self.counter is not None:
-                self.taint.mark(func, args, kwargs, outputs, self.depth.call, self.depth.step(depth_in, deepening))
-            else:
-                self.taint.mark(func, args, kwargs, outputs)
+            # without a counter no call opens: the marks stand outside any call (CallDepth.step: 0)
+            self.taint.mark(func, args, kwargs, outputs, self.depth.call, self.depth.step(depth_in, deepening))
         try:
             if entry is None:  # values the replay cannot draw itself: kept as drawn
                 self._record_outputs(outputs, constant=True)
@@ -1669,11 +1668,9 @@ class Replayer:
                 self.elements += elements
                 if seeded:
                     self.seeded_elements += elements
-                    if counter is not None:
-                        taint.mark(func, args, kwargs, outputs, self.depth.call, self.depth.step(depth_in, deepening),
-                                   carried)
-                    else:
-                        taint.mark(func, args, kwargs, outputs)
+                    # without a counter no call opens and nothing is carried: marks outside any call
+                    taint.mark(func, args, kwargs, outputs, self.depth.call, self.depth.step(depth_in, deepening),
+                               carried)
                 written = written_tensors(func, args, kwargs)  # read once: every op of the replay pays for it
                 origins.written(written)
                 origins.set(op[3], outputs, origin)
