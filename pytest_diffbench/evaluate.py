@@ -273,6 +273,23 @@ def steps_asked(task, batch: dict | None = None) -> dict | None:
             "gold": task.gold or None}
 
 
+def guidance_asked(task, batch: dict) -> dict | None:
+    """What the replay computes each guided denoiser call again with (guided_calls.py; stages.
+    entry_mismatches): on L4/L5, where the steps are the candidate's and the reference guides, the
+    reference's code (its pipeline gives the task's conditioning) and the batch's prompts or classes,
+    init images, strength and guidance scale; None elsewhere (on L1-L3 gold_calls.py holds each call)."""
+    if task.level not in ("L4", "L5") or task.guidance_scale is None or float(task.guidance_scale) <= 1.0 \
+            or not task.reference:
+        return None
+    prompts, class_ids = batch.get("prompts"), batch.get("class_ids")
+    return {"reference": task.reference, "kind": task.pipeline, "cond_first": task.family == "dit",
+            "prompts": list(prompts) if prompts else None,
+            "class_ids": [int(c) for c in class_ids] if class_ids else None,
+            "init_images": _png_b64(batch["images"]) if task.strength is not None and batch.get("images") else None,
+            "strength": float(task.strength) if task.strength is not None else None,
+            "guidance_scale": float(task.guidance_scale), "steps": int(batch.get("num_inference_steps") or task.steps)}
+
+
 def _png_b64(paths: list) -> list[str]:
     """The batch's init images (PNG files the harness resized: workload.build_batch), base64."""
     import base64
@@ -1107,6 +1124,9 @@ class Evaluator:
                # which samples each denoiser call follows (sample_probe.py): a candidate's judged replay
                # where the steps are free (on L1-L3 the step and gold-call checks hold each sample's chain)
                "probe_samples": baseline_role is None and asked_checks and steps_asked(task, batch) is None,
+               # each guided call computed again with the task's conditioning (guided_calls.py): the same
+               "guidance_check": (guidance_asked(task, batch) if baseline_role is None and asked_checks
+                                  and steps_asked(task, batch) is None else None),
                "batch": {"height": batch["height"], "width": batch["width"], "seeds": list(batch["seeds"]),
                          "replay": {"trace": base64.b64encode(trace).decode("ascii"),
                                     "run_seeds": list(run_batch["seeds"]),

@@ -56,12 +56,17 @@ def load_zoo(model: str, settings: dict | None = None):
 def asked_checks(job: dict, settings: dict) -> tuple:
     """(an updates.StepCheck for the task's scheduler, steps, strength and guidance scale in
     `job["steps_check"]`, or None; captions.expected_rows for `job["captions_check"]`, or None;
-    a gold_calls.GoldCalls for its "gold" code, or None): L1-L3, where the task fixes them. Made
-    before the trace is given: a failure here is the harness's (its task data, its zoo), not the
-    candidate's."""
-    from pytest_diffbench import captions, gold_calls, updates
+    a gold_calls.GoldCalls for its "gold" code, or None): L1-L3, where the task fixes them; and a
+    guided_calls.TaskConditioning for `job["guidance_check"]` (L4/L5), or None. Made before the
+    trace is given: a failure here is the harness's (its task data, its zoo), not the candidate's."""
+    from pytest_diffbench import captions, gold_calls, guided_calls, updates
 
-    steps, expected, gold = None, None, None
+    steps, expected, gold, conditioning = None, None, None, None
+    guidance_spec = job.get("guidance_check")
+    if guidance_spec:
+        module, pipe = gold_calls.load_gold(guidance_spec["reference"])
+        conditioning = guided_calls.TaskConditioning(module, pipe, guidance_batch(guidance_spec, job),
+                                                     bool(guidance_spec.get("cond_first")))
     step_spec, caption_spec = job.get("steps_check"), job.get("captions_check")
     if step_spec and step_spec.get("gold"):
         gold = gold_calls.GoldCalls(*gold_calls.load_gold(step_spec["gold"]))
@@ -79,7 +84,20 @@ def asked_checks(job: dict, settings: dict) -> tuple:
             keep_calls=gold is not None)
     if caption_spec:
         expected = captions.expected_rows(settings["pipe"], caption_spec.get("prompts"), caption_spec.get("class_ids"))
-    return steps, expected, gold
+    return steps, expected, gold, conditioning
+
+
+def guidance_batch(spec: dict, job: dict) -> dict:
+    """The batch the reference's generate() takes for guided_calls.TaskConditioning: the task's
+    prompts (or classes) and init images, its guidance scale and strength; seeds of no meaning (its
+    call ends at the denoiser's first call, before any draw is used)."""
+    batch = job["batch"]
+    images = spec.get("init_images")
+    count = len(spec.get("prompts") or spec.get("class_ids") or [])
+    return {"kind": spec.get("kind"), "prompts": spec.get("prompts"), "class_ids": spec.get("class_ids"),
+            "images": init_images(images) if images else None, "strength": spec.get("strength"),
+            "seeds": list(range(count)), "height": int(batch["height"]), "width": int(batch["width"]),
+            "guidance_scale": float(spec["guidance_scale"]), "num_inference_steps": int(spec["steps"])}
 
 
 def gold_batch(job: dict, seeds: list[int]) -> dict:
@@ -144,17 +162,17 @@ def decode_png(data: bytes):
 
 
 def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_flushed: bool | None = None,
-               checks: tuple = (None, None, None)) -> dict:
+               checks: tuple = (None, None, None, None)) -> dict:
     """Both replays of the trace in `inputs` ({"trace": base64 blob, "run_seeds": the child's seeds,
     "run_images": the child's PNGs as base64}) against `zoo`; the verdict's images go to
     `send_image(index, png)`; `denormals_flushed`: flush_denormals()'s answer, recorded;
     `checks`: asked_checks' (the steps between denoiser calls, the captions and the calls against
-    the gold's, where the job asks).
+    the gold's, where the job asks; the task's conditioning, for the guided calls computed again).
     Returns the result document."""
     import PIL.Image
     import torch
 
-    from pytest_diffbench import captions
+    from pytest_diffbench import captions, guided_calls, updates
     from pytest_diffbench.canonical import CanonicalPrecision
     from pytest_diffbench.flops import LeanFlopCounterMode
     from pytest_diffbench.sample_probe import SampleProbe, other_seed
@@ -180,12 +198,17 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
         started = time.process_time()
         # canonical arithmetic outside the counter: the counter sees, and books, each op as recorded
         mode = CanonicalPrecision() if canonical else None
-        steps, expected, gold = checks
+        steps, expected, gold, conditioning = checks
         probe = SampleProbe() if job.get("probe_samples") else None
+        keeper = (guided_calls.CallKeeper(updates.exit_modules_of(conditioning.pipe),
+                                          guided_calls.time_projections(conditioning.pipe))
+                  if conditioning is not None and probe is not None else None)
         with mode if mode is not None else contextlib.nullcontext(), counter:
             kept = replayer.run(verdict_seeds, lambda tensor_id, t: tensor_id in wanted, shapes=run_shapes,
-                                counter=counter, steps=steps, probe=probe)
+                                counter=counter, steps=steps, probe=probe, keeper=keeper)
         verdict_s = time.process_time() - started
+        # the calls as the judged replay saw them (the probe's replays reset the replayer's books)
+        judged_calls = (list(replayer.entries), set(replayer.paired), set(replayer.cache_calls))
         flops = float(counter.get_total_flops())
         images = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
         # the images' values before rounding: the step check holds them to its own decoding (updates.end_image_figures)
@@ -280,6 +303,16 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
             return _error("replay", exc)
         result["replay"]["denoiser_entry"]["samples"] = {**probe.figures(),
                                                          "cpu_s": round(time.process_time() - started, 3)}
+        if keeper is not None:
+            # each guided call computed again by the zoo's denoiser with the task's conditioning, its
+            # rows' samples read off the probe (guided_calls.py; stages.entry_mismatches)
+            try:
+                result["replay"]["denoiser_entry"]["guided"] = guided_calls.figures(
+                    keeper, *judged_calls, probe.owners(), conditioning)
+            except Exception as exc:  # noqa: BLE001 - the zoo's denoiser on the run's latents: figures it
+                # cannot compute with (a shape, a value) are the run's, never a harness error
+                result["replay"]["denoiser_entry"]["guided"] = {
+                    "problem": f"the run's calls could not be computed again: {type(exc).__name__}: {exc}"[:300]}
     return result
 
 

@@ -193,6 +193,22 @@ class SampleProbe:
         """The last op whose values the rules read: a changed replay stops after it (the VAE's decoding)."""
         return max([*self.entries, *self.work], default=-1)
 
+    def owners(self) -> dict[tuple[int, int], int]:
+        """{(call, row): the one sample that row of the call's entry follows} (rows that follow
+        several samples, or none, are left out): which sample's conditioning a row is computed
+        with (guided_calls.figures)."""
+        base_rows = self.base.rows if self.base is not None else {}
+        followed: dict[tuple[int, int], set] = {}
+        for digests in self.changed:
+            for call, rows in base_rows.items():
+                other = digests.rows.get(call)
+                if other is None:
+                    continue
+                for row, digest in enumerate(rows):
+                    if row >= len(other) or other[row] != digest:
+                        followed.setdefault((call, row), set()).add(digests.sample)
+        return {key: next(iter(samples)) for key, samples in followed.items() if len(samples) == 1}
+
     def figures(self) -> dict:
         """{"samples": replays with a sample's seed changed, "calls": calls probed,
         "mixed_rows": [entry rows that follow more than one sample, the first as [call, row]],

@@ -291,11 +291,43 @@ def entry_mismatches(attributes: Mapping, flops: Mapping | None, reference_attri
                             f"{carried[0]} products of the denoiser's modules read an earlier call's work; the first "
                             f"[call, module]: {carried[1]}"))
     out += sample_mismatches(entry.get("samples"), calls)
+    out += guided_mismatches(entry.get("guided"))
     methods = attributes.get("methods") if isinstance(attributes.get("methods"), Mapping) else {}
     if want.get("cfg") and "tgate" not in methods and twice < rows:
         out.append(Mismatch("classifier-free guidance on every denoiser call (each latent entering the denoiser "
                             "twice, counted by the harness's replay)", f"all {rows} rows",
                             f"{twice} of {rows} rows"))
+    return out
+
+
+def guided_mismatches(guided: Any) -> list[Mismatch]:
+    """Stage 1, from the guided calls the replay computed again with the zoo's denoiser and the
+    task's conditioning (guided_calls.py; L4/L5): each guided latent's two rows at one timestep, and
+    the run's guidance direction the model's. Red team round 26 (N0, P0) entered each latent twice
+    and computed both rows with the conditional inputs at two timesteps: one pass, credited as a
+    guided call, served two conditional-only steps."""
+    from pytest_diffbench.guided_calls import DIRECTION_BOUND
+
+    if not isinstance(guided, Mapping):
+        return []
+    subject = "guided denoiser calls computed again by the harness (the zoo's denoiser at each call's latents and timestep, " \
+              "with the task's conditioning)"
+    if guided.get("problem"):
+        return [Mismatch(subject, "calls it can read", str(guided["problem"])[:300])]
+    out = []
+    units = guided.get("guided")
+    for key, what in (("timesteps_split", "each latent's two rows at one timestep (the time embedding's input)"),
+                      ("unread", "each call's timesteps, output and samples readable")):
+        figure = guided.get(key)
+        if isinstance(figure, list) and len(figure) == 2 and isinstance(figure[0], int) and figure[0] > 0:
+            out.append(Mismatch(f"{subject}: {what}", "on every guided call",
+                                f"not on {figure[0]} of {units} guided calls, the first call {figure[1]}"))
+    worst = guided.get("worst_direction")
+    if isinstance(worst, list) and len(worst) == 2 and not (isinstance(worst[0], (int, float))
+                                                            and worst[0] <= DIRECTION_BOUND):
+        out.append(Mismatch(f"{subject}: classifier-free guidance's direction (the conditional half's output minus the "
+                            "unconditional half's)", f"the model's to within {DIRECTION_BOUND} of it",
+                            f"{worst[0]} off on call {worst[1]}"))
     return out
 
 

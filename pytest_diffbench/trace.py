@@ -1371,7 +1371,8 @@ class Replayer:
 
     def run(self, seeds: list[int], keep: Callable[[int, torch.Tensor], bool],
             shapes: list | None = None, counter: Any = None, books: bool = True,
-            steps: Any = None, probe: Any = None, probe_sample: int | None = None) -> dict[int, torch.Tensor]:
+            steps: Any = None, probe: Any = None, probe_sample: int | None = None,
+            keeper: Any = None) -> dict[int, torch.Tensor]:
         """Replay once; returns the kept tensors by id. Afterwards `shapes` holds every op's output
         shapes and `elements` the work of the ops the FLOP counter does not count (op_elements).
         `shapes`: those of an earlier replay, which this one must repeat exactly (the seeds must
@@ -1385,7 +1386,10 @@ class Replayer:
         `probe`: a sample_probe.SampleProbe; a replay under a counter records where each call's
         entry and denoiser work are and digests them, and keeps its state before each sample's
         first draw; a replay without books with `probe_sample` (whose seed `seeds` changed)
-        starts from that state and digests the same positions up to the last of them."""
+        starts from that state and digests the same positions up to the last of them.
+        `keeper`: a guided_calls.CallKeeper (with a counter) given each call's entry latents, the input
+        of its time embedding's first product and its exit module's output; afterwards `cache_calls`
+        holds the calls that read a method's cache."""
         if counter is not None and not books:
             raise ValueError("a replay under a FLOP counter keeps its books")
         recording = probe is not None and counter is not None
@@ -1443,6 +1447,7 @@ class Replayer:
         # attention), so its module must compute nothing in the call that reads it (a block's attention
         # kept and extrapolated by name passed as T-GATE's: red team round 26, L3)
         cache_reads: set[str] = set()
+        self.cache_calls: set[int] = set()  # the calls that read one (guided_calls.figures)
 
         def cache(t: torch.Tensor) -> bool:
             producer = producers.of(t)
@@ -1452,6 +1457,8 @@ class Replayer:
             return True
 
         def close_call() -> None:
+            if cache_reads:
+                self.cache_calls.add(len(self.entries) - 1)
             for producer in sorted(cache_reads & in_window):
                 self.carried_past_caches.append((self.depth.call, producer))
             cache_reads.clear()
@@ -1592,6 +1599,9 @@ class Replayer:
                         if steps is not None:
                             with harness_arithmetic():
                                 steps.enter(latents)
+                        if keeper is not None:
+                            with harness_arithmetic():
+                                keeper.enter(latents)
                 elif (seeded and counter.module in self.pre_conditioning and self.entries and self.entries[-1][1]
                       and (not self.split_calls or self.split_calls[-1] != len(self.entries) - 1)):
                     operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
@@ -1615,6 +1625,16 @@ class Replayer:
                 if leaving:  # the module and the activation its product multiplies (updates.exit_output)
                     exit_module = counter.module
                     exit_operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
+                if keeper is not None and (counter.module in keeper.projections
+                                           or (seeded and self.entries and counter.module in EXIT_MODULES)):
+                    # a call's timesteps (the time embedding's input, any product: it follows no seed)
+                    # and its output (guided_calls.CallKeeper)
+                    operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
+                    with harness_arithmetic():
+                        if counter.module in keeper.projections:
+                            keeper.timestep(counter.module, operand)
+                        else:
+                            keeper.leave(counter.module, operand)
                 if steps is not None and counter.module == DECODER_ENTRY:
                     with harness_arithmetic():
                         steps.decode(entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env))

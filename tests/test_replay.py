@@ -928,16 +928,33 @@ def test_twin_rows_swapped_after_the_entry_for_an_earlier_calls_work_fail_stage_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="open: guidance credited by the entry's equal halves alone "
-                                       "(docs/integrity.md, red team round 26, N0)")
-def test_two_conditional_steps_in_one_guided_looking_pass_fail_stage_1(tiny_zoo, baseline_cache_dir, tmp_path):
-    """Red team round 26's N0: each later call's entry holds each latent twice, the conditional labels
-    in both halves and two timesteps, so one pass serves two conditional-only steps with nothing
-    after the entry touching a row. A forged pass at 0a6e086 (U 1.565 against 1.429; the best
-    honest 1.525). It should fail stage 1; it does not yet (strict: a fix makes this test fail until
-    the mark is removed)."""
-    _judge_l4_attack("L4-dit-c2i-hard-0012", "guidance_credited_by_equal_halves_at_two_timesteps_on_dit.py",
-                     tiny_zoo, baseline_cache_dir, tmp_path)
+@pytest.mark.parametrize("task_id, attack, figure", [
+    ("L4-dit-c2i-hard-0012", "guidance_credited_by_equal_halves_at_two_timesteps_on_dit.py", "timesteps_split"),
+    ("L4-dit-c2i-hard-0012", "guidance_credited_by_equal_halves_with_the_timestep_swapped_after_its_embedding_on_dit.py",
+     "worst_direction"),
+    ("L4-pixart-alpha-t2i-hard-0015", "guidance_credited_to_a_pair_of_calls_at_two_timesteps_on_pixart.py",
+     "timesteps_split"),
+])
+def test_two_conditional_steps_in_one_guided_looking_pass_fail_stage_1(task_id, attack, figure, tiny_zoo,
+                                                                       baseline_cache_dir, tmp_path):
+    """Red team round 26's N0 and P0: each later call's entry holds each latent twice (or two calls
+    enter the same latents), the conditional labels or captions in both halves, two timesteps, so one
+    pass serves two conditional-only steps with nothing after the entry touching a row. Forged passes
+    at 0a6e086 (DiT U 1.565 against 1.429; the best honest 1.525). The harness now reads each call's
+    timesteps off its time embedding's input, and computes each guided call again with the zoo's
+    denoiser and the task's conditioning (guided_calls.py): the timesteps given split the halves; the
+    timesteps swapped after their embedding give a guidance direction that is not the model's."""
+    from pytest_diffbench.guided_calls import DIRECTION_BOUND
+
+    result = _judge_l4_attack(task_id, attack, tiny_zoo, baseline_cache_dir, tmp_path)
+    assert "computed again by the harness" in result.verdict.message, result.verdict
+    guided = result.flops["replay"]["denoiser_entry"]["guided"]
+    assert guided["guided"] > 0 and guided["problem"] is None, guided
+    if figure == "timesteps_split":
+        assert guided["timesteps_split"][0] > 0 and guided["timesteps_split"][1] > 0, guided  # not the honest first
+    else:
+        assert guided["timesteps_split"][0] == 0 and guided["worst_direction"][0] > DIRECTION_BOUND, guided
+        assert guided["worst_direction"][1] > 0, guided
 
 
 @pytest.mark.slow
@@ -960,6 +977,10 @@ def test_guidance_as_two_calls_on_the_same_latents_is_guidance(tiny_zoo, baselin
     entry = result.flops["replay"]["denoiser_entry"]
     assert entry["paired_calls"] == entry["calls"] == entry["rows"] == entry["rows_twice"] > 0, entry
     assert result.attributes["denoiser_inputs"]["cfg"] is True, result.attributes["denoiser_inputs"]
+    # each pair computed again by the zoo's denoiser with the task's conditioning: the model's guidance
+    guided = entry["guided"]
+    assert guided["guided"] == guided["checked"] == entry["calls"] // 2, guided
+    assert guided["worst_direction"][0] < 1e-3, guided
 
 
 def test_halves_split_reads_two_equal_halves_within_rounding():
