@@ -25,15 +25,18 @@ What is held here, on L4/L5 (on L1-L3 gold_calls.py runs the gold at the run's l
   both halves much alike, and on the tiny SD models the conditioning moves the output by 2-7 %
   where ToMe moves it by up to 30 %.
 
-Calls that read a method's cache (DeepCache's cached steps, T-GATE's after its gate:
-`Replayer.cache_calls`) are not computed again: their output is the cache's, not the model's at
-their latents (honest DeepCache moves the guidance direction by up to 1.1 of itself there, on
-the tiny SD). Their timesteps are still held. See docs/integrity.md "Guided calls computed again".
+A call that reads a method's cache (DeepCache's cached steps, T-GATE's cached attention: a value a
+`trace.CACHE_PRODUCERS` module made in an earlier call, read where that module computes nothing) is
+computed with that value in place of the module's output (`cached_module`: DeepCache caches an up
+block's block, T-GATE an attention's output projection), as the method computes it; a cache read of
+any other module cannot be taken and fails. Without the cache in place, honest DeepCache moved the
+guidance direction by up to 1.1 of itself on the tiny SD. See docs/integrity.md, session 43.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Any
 
@@ -43,10 +46,11 @@ from pytest_diffbench import updates
 
 #: the most the run's guidance direction (its conditional half's output minus its unconditional
 #: half's) may differ from the recomputed one, relative root mean square over a call's rows. Honest
-#: calls that read no cache measured up to 0.49 (ToMe at ratio 0.7, max_downsample 2, on the tiny
-#: SD 2.1, where the conditioning moves the output by 2-7 %); exact float32 forms 1e-5. A conditional
-#: half in place of the unconditional one is 1.0 (the two halves equal), and swapped timesteps 0.999
-#: (docs/integrity.md, session 43)
+#: runs measured up to 0.49 (ToMe at ratio 0.7, max_downsample 2, on the tiny SD 2.1, where the
+#: conditioning moves the output by 2-7 %), DeepCache's cached calls with their cache in place 0.36
+#: (with ToMe), float32 forms without ToMe 1e-5 and less. A conditional half in place of the
+#: unconditional one is 1.0 (the two halves equal), swapped timesteps 0.999, guidance dropped on
+#: DeepCache's cached steps 0.87 (docs/integrity.md, session 43)
 DIRECTION_BOUND = 0.75
 
 #: how far (absolute, on values in [-1, 1]) a row of the time embedding's input may sit from the
@@ -131,7 +135,14 @@ class CallKeeper:
         return tensor.detach().clone()
 
     def enter(self, latents: torch.Tensor) -> None:
-        self.calls.append({"latents": self._kept(latents), "time": None, "output": None, "unread": None})
+        self.calls.append({"latents": self._kept(latents), "time": None, "output": None, "unread": None,
+                           "caches": {}})
+
+    def cache_read(self, producer: str, value: torch.Tensor) -> None:
+        """A value the open call read from a method's cache (trace.CACHE_PRODUCERS), by the module
+        that made it in an earlier call: the first read of each (the module's output itself)."""
+        if self.calls and producer not in self.calls[-1]["caches"]:
+            self.calls[-1]["caches"][producer] = self._kept(value)
 
     def timestep(self, module: str, operand: Any) -> None:
         if self._pending is None and isinstance(operand, torch.Tensor):
@@ -222,23 +233,55 @@ class TaskConditioning:
             cond, uncond = (0, 1) if cond_first else (1, 0)
             self.samples.append((_rows(kwargs, uncond, rows), _rows(kwargs, cond, rows)))
 
-    def outputs(self, latents: torch.Tensor, timesteps: torch.Tensor, conditional: list[int | None]) -> torch.Tensor:
+    def outputs(self, latents: torch.Tensor, timesteps: torch.Tensor, conditional: list[int | None],
+                forced: dict | None = None) -> torch.Tensor:
         """The zoo's denoiser's exit-module output (float64, one row per latent) on `latents` at
         `timesteps`, each row with sample `conditional[i]`'s conditional inputs, or the
-        unconditional ones where it is None."""
+        unconditional ones where it is None. `forced`: {a module's path in the denoiser: the value
+        its output is replaced with} (a method's cache the run's call read: `cached_module`).
+        Raises ValueError where a forced value is not of its module's output's shape."""
         kwargs = _stack([self.samples[0][0] if sample is None else self.samples[sample][1] for sample in conditional])
         taken = {}
 
         def keep(_module, _args, out):
             taken["out"] = out
 
-        hook = self.exit.register_forward_hook(keep)
+        def force(value):
+            def replace(_module, _args, out):
+                first = out[0] if isinstance(out, tuple) else out
+                if not isinstance(first, torch.Tensor) or tuple(first.shape) != tuple(value.shape):
+                    raise ValueError(f"a cache of {tuple(value.shape)} for a module's output of "
+                                     f"{tuple(first.shape) if isinstance(first, torch.Tensor) else type(first).__name__}")
+                value_as = value.to(first.dtype)
+                return (value_as,) + tuple(out[1:]) if isinstance(out, tuple) else value_as
+            return replace
+
+        hooks = [self.exit.register_forward_hook(keep)]
         try:
+            for path, value in (forced or {}).items():
+                hooks.append(self.denoiser.get_submodule(path).register_forward_hook(force(value)))
             with torch.no_grad():
                 self.denoiser(latents.to(torch.float32), timestep=timesteps.to(torch.float32), **kwargs, return_dict=False)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         return taken["out"].detach().to(torch.float64).reshape(latents.shape[0], -1)
+
+
+#: a cache's module by the producer of the value read (trace.Producers): T-GATE's an attention's
+#: output projection; DeepCache's a block of an up block (its output's producer is a module inside it)
+_ATTENTION_CACHE = re.compile(r"^(?:unet|transformer)\.(.*\.attn[12]\.to_out\.0)$")
+_BLOCK_CACHE = re.compile(r"^unet\.(up_blocks\.\d+\.(?:resnets|attentions|upsamplers)\.\d+)(?:\.|$)")
+
+
+def cached_module(producer: str) -> str | None:
+    """The path in the denoiser of the module whose output a cache read from `producer` stands
+    for (DeepCache caches a block's output, T-GATE an attention's), or None for neither."""
+    for pattern in (_ATTENTION_CACHE, _BLOCK_CACHE):
+        found = pattern.match(producer)
+        if found is not None:
+            return found.group(1)
+    return None
 
 
 def guided_units(entries: list, paired: set) -> list[tuple[int, ...]]:
@@ -255,10 +298,9 @@ def guided_units(entries: list, paired: set) -> list[tuple[int, ...]]:
     return units
 
 
-def figures(keeper: CallKeeper, entries: list, paired: set, cache_calls: set, owners: dict,
-            conditioning: TaskConditioning) -> dict:
-    """{"guided": guided units, "checked": those computed again, "cached": those not (a cache
-    read: the module docstring), "timesteps_split": [units whose two rows of a latent were
+def figures(keeper: CallKeeper, entries: list, paired: set, owners: dict, conditioning: TaskConditioning) -> dict:
+    """{"guided": guided units, "checked": those computed again, "cached": those of them that read
+    a method's cache (computed with it in place: the module docstring), "timesteps_split": [units whose two rows of a latent were
     embedded at different timesteps, the first call], "unread": [units whose timesteps or output
     the replay could not read, or whose conditional rows follow no one sample, the first call],
     "worst_direction": [the largest relative difference of a unit's guidance direction from the
@@ -316,9 +358,6 @@ def figures(keeper: CallKeeper, entries: list, paired: set, cache_calls: set, ow
         if not torch.equal(halves_time[0], halves_time[1]):
             count("timesteps_split", first)
             continue
-        if any(call in cache_calls for call in unit):
-            found["cached"] += 1
-            continue
         projection = keeper.projections.get(kept[0]["time"][0])
         timesteps = read_timesteps(halves_time[0], projection) if projection is not None else None
         samples = [next((owners[key] for key in keys if key in owners), None) for keys in owner_rows]
@@ -326,20 +365,46 @@ def figures(keeper: CallKeeper, entries: list, paired: set, cache_calls: set, ow
             count("unread", first, "rows of no one sample" if timesteps is not None
                   else "the time embedding's input is no timestep's embedding")
             continue
-        unconditional = conditioning.outputs(latents, timesteps, [None] * rows)
-        conditional = conditioning.outputs(latents, timesteps, samples)
-        wanted = conditional - unconditional
-        size = float(wanted.pow(2).sum())
-        a, b = (half.detach().to(torch.float64).reshape(rows, -1) for half in halves_out)
-        if a.shape != wanted.shape:
-            count("unread", first, f"outputs of {tuple(a.shape)}, the model's {tuple(wanted.shape)}")
+        # the caches each call read, fed to the modules the run did not compute (its cached steps)
+        forced = [{cached_module(producer): value for producer, value in call["caches"].items()} for call in kept]
+        if any(None in caches or any(value is None for value in caches.values()) for caches in forced):
+            count("unread", first, "a cache read that is no DeepCache block's nor attention's output")
             continue
-        # either half may be the unconditional one (diffusers' DiT puts the conditional first)
-        direction = min(math.sqrt(float((b - a - wanted).pow(2).sum()) / max(size, 1e-300)),
-                        math.sqrt(float((a - b - wanted).pow(2).sum()) / max(size, 1e-300)))
+        if any(caches for caches in forced):
+            found["cached"] += 1
+        a, b = (half.detach().to(torch.float64).reshape(rows, -1) for half in halves_out)
+        try:
+            # each order of the halves (diffusers' DiT puts the conditional one first): the unconditional
+            # inputs on one, the rows' samples' conditional ones on the other
+            direction = min(_direction(conditioning, kept, latents, timesteps, samples, forced, a, b, unconditional)
+                            for unconditional in (0, 1))
+        except ValueError as exc:
+            count("unread", first, str(exc)[:200])
+            continue
         found["checked"] += 1
         if found["worst_direction"][1] is None or not direction <= found["worst_direction"][0]:  # NaN too
             found["worst_direction"] = [float(f"{direction:.4g}") if math.isfinite(direction) else str(direction),
                                         first]
     found["cpu_s"] = round(time.process_time() - started, 3)
     return found
+
+
+def _direction(conditioning: TaskConditioning, kept: list, latents: torch.Tensor, timesteps: torch.Tensor,
+               samples: list, forced: list, a: torch.Tensor, b: torch.Tensor, unconditional: int) -> float:
+    """The relative root mean square difference of the run's guidance direction (its conditional
+    half's output minus its unconditional half's: `a` and `b` are the halves, `unconditional` which
+    one) from the zoo's denoiser's on the same rows, computed in the run's layout with the caches
+    each call read (a guided call computes its halves together, a pair one per call)."""
+    rows = latents.shape[0]
+    roles = [[None] * rows, samples] if unconditional == 0 else [samples, [None] * rows]
+    if len(kept) == 1:  # one call, its halves side by side
+        out = conditioning.outputs(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
+                                   roles[0] + roles[1], forced[0])
+        halves = (out[:rows], out[rows:])
+    else:
+        halves = tuple(conditioning.outputs(latents, timesteps, role, caches) for role, caches in zip(roles, forced))
+    wanted = halves[1 - unconditional] - halves[unconditional]
+    found = (b - a) if unconditional == 0 else (a - b)
+    if found.shape != wanted.shape:
+        raise ValueError(f"outputs of {tuple(found.shape)}, the model's {tuple(wanted.shape)}")
+    return math.sqrt(float((found - wanted).pow(2).sum()) / max(float(wanted.pow(2).sum()), 1e-300))

@@ -208,7 +208,7 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
                                 counter=counter, steps=steps, probe=probe, keeper=keeper)
         verdict_s = time.process_time() - started
         # the calls as the judged replay saw them (the probe's replays reset the replayer's books)
-        judged_calls = (list(replayer.entries), set(replayer.paired), set(replayer.cache_calls))
+        judged_calls = (list(replayer.entries), set(replayer.paired))
         flops = float(counter.get_total_flops())
         images = [to_uint8(kept[i], layout, row, rounding) for i, layout, row, rounding in sources]
         # the images' values before rounding: the step check holds them to its own decoding (updates.end_image_figures)

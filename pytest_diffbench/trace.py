@@ -1388,8 +1388,8 @@ class Replayer:
         first draw; a replay without books with `probe_sample` (whose seed `seeds` changed)
         starts from that state and digests the same positions up to the last of them.
         `keeper`: a guided_calls.CallKeeper (with a counter) given each call's entry latents, the input
-        of its time embedding's first product and its exit module's output; afterwards `cache_calls`
-        holds the calls that read a method's cache."""
+        of its time embedding's first product, the values it read from a method's cache and its exit
+        module's output."""
         if counter is not None and not books:
             raise ValueError("a replay under a FLOP counter keeps its books")
         recording = probe is not None and counter is not None
@@ -1447,18 +1447,18 @@ class Replayer:
         # attention), so its module must compute nothing in the call that reads it (a block's attention
         # kept and extrapolated by name passed as T-GATE's: red team round 26, L3)
         cache_reads: set[str] = set()
-        self.cache_calls: set[int] = set()  # the calls that read one (guided_calls.figures)
 
         def cache(t: torch.Tensor) -> bool:
             producer = producers.of(t)
             if producer is None or CACHE_PRODUCERS.search(producer) is None:
                 return False
             cache_reads.add(producer)
+            if keeper is not None:  # the value the call took in place of computing (guided_calls: forced)
+                with harness_arithmetic():
+                    keeper.cache_read(producer, t)
             return True
 
         def close_call() -> None:
-            if cache_reads:
-                self.cache_calls.add(len(self.entries) - 1)
             for producer in sorted(cache_reads & in_window):
                 self.carried_past_caches.append((self.depth.call, producer))
             cache_reads.clear()

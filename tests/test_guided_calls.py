@@ -72,3 +72,23 @@ def test_stage_1_passes_guided_calls_the_model_computed():
               "worst_direction": [DIRECTION_BOUND / 2, 3], "problem": None}
     assert stages.guided_mismatches(guided) == []
     assert stages.guided_mismatches(None) == []  # not asked (L1-L3, a baseline, the GPU profiles)
+
+
+@pytest.mark.parametrize("producer, module", [
+    # T-GATE's caches: an attention's output, made by its output projection
+    ("unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0",
+     "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"),
+    ("transformer.transformer_blocks.3.attn1.to_out.0", "transformer_blocks.3.attn1.to_out.0"),
+    # DeepCache's: an up block's resnet, attention or upsampler, whose output's producer is inside it
+    ("unet.up_blocks.2.attentions.1.proj_out", "up_blocks.2.attentions.1"),
+    ("unet.up_blocks.0.resnets.2.conv2", "up_blocks.0.resnets.2"),
+    ("unet.up_blocks.1.upsamplers.0.conv", "up_blocks.1.upsamplers.0"),
+    # no method caches these: a recomputation cannot put them in place
+    ("unet.down_blocks.1.resnets.0.conv2", None),
+    ("unet.up_blocks.1", None),
+    ("transformer.proj_out", None),
+])
+def test_a_cache_stands_for_the_module_the_method_caches(producer, module):
+    from pytest_diffbench.guided_calls import cached_module
+
+    assert cached_module(producer) == module

@@ -934,6 +934,9 @@ def test_twin_rows_swapped_after_the_entry_for_an_earlier_calls_work_fail_stage_
      "worst_direction"),
     ("L4-pixart-alpha-t2i-hard-0015", "guidance_credited_to_a_pair_of_calls_at_two_timesteps_on_pixart.py",
      "timesteps_split"),
+    # DeepCache's cached steps, computed again with the cache the run read in place
+    ("L4-sd15-t2i-hard-0003", "guidance_dropped_on_deepcaches_cached_steps_behind_guided_entries.py",
+     "worst_direction"),
 ])
 def test_two_conditional_steps_in_one_guided_looking_pass_fail_stage_1(task_id, attack, figure, tiny_zoo,
                                                                        baseline_cache_dir, tmp_path):
@@ -943,7 +946,8 @@ def test_two_conditional_steps_in_one_guided_looking_pass_fail_stage_1(task_id, 
     at 0a6e086 (DiT U 1.565 against 1.429; the best honest 1.525). The harness now reads each call's
     timesteps off its time embedding's input, and computes each guided call again with the zoo's
     denoiser and the task's conditioning (guided_calls.py): the timesteps given split the halves; the
-    timesteps swapped after their embedding give a guidance direction that is not the model's."""
+    timesteps swapped after their embedding give a guidance direction that is not the model's; and a
+    call that read DeepCache's cache is computed with it in place (guidance dropped on the cached steps)."""
     from pytest_diffbench.guided_calls import DIRECTION_BOUND
 
     result = _judge_l4_attack(task_id, attack, tiny_zoo, baseline_cache_dir, tmp_path)
@@ -954,7 +958,7 @@ def test_two_conditional_steps_in_one_guided_looking_pass_fail_stage_1(task_id, 
         assert guided["timesteps_split"][0] > 0 and guided["timesteps_split"][1] > 0, guided  # not the honest first
     else:
         assert guided["timesteps_split"][0] == 0 and guided["worst_direction"][0] > DIRECTION_BOUND, guided
-        assert guided["worst_direction"][1] > 0, guided
+        assert guided["worst_direction"][1] > 0 and guided["unread"][0] == 0, guided
 
 
 @pytest.mark.slow
