@@ -1591,6 +1591,9 @@ class Replayer:
                         self.entries.append(entry)
                         in_window = set()  # this op opens a call: its window starts here
                         self.depth.enter()
+                        if keeper is not None:  # before the entry's own reads: any cache it reads is this call's
+                            with harness_arithmetic():
+                                keeper.enter(latents)
                         # its latents are the previous call's; what else it reads is held as any op's
                         depth_in, carried = 0, taint.reach(args, kwargs, self.depth.call, skip=latents, cache=cache)[1]
                         # the latents' spatial size: the resolution the denoiser ran at (stages.entry_mismatches)
@@ -1599,9 +1602,6 @@ class Replayer:
                         if steps is not None:
                             with harness_arithmetic():
                                 steps.enter(latents)
-                        if keeper is not None:
-                            with harness_arithmetic():
-                                keeper.enter(latents)
                 elif (seeded and counter.module in self.pre_conditioning and self.entries and self.entries[-1][1]
                       and (not self.split_calls or self.split_calls[-1] != len(self.entries) - 1)):
                     operand = entry_latents(factor_refs if factor_refs is not None else refs, booked_factors, env)
