@@ -287,7 +287,9 @@ def guidance_asked(task, batch: dict) -> dict | None:
             "class_ids": [int(c) for c in class_ids] if class_ids else None,
             "init_images": _png_b64(batch["images"]) if task.strength is not None and batch.get("images") else None,
             "strength": float(task.strength) if task.strength is not None else None,
-            "guidance_scale": float(task.guidance_scale), "steps": int(batch.get("num_inference_steps") or task.steps)}
+            "guidance_scale": float(task.guidance_scale), "steps": int(batch.get("num_inference_steps") or task.steps),
+            # ToMe's merges are the one method the recomputation does not reproduce (guided_calls.HALF_BOUND)
+            "merging_allowed": "tomesd" in (task.expect.allowed_methods or ())}
 
 
 def _png_b64(paths: list) -> list[str]:

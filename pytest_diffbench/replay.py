@@ -308,7 +308,8 @@ def run_replay(job: dict, inputs: dict, zoo: dict, send_image=None, denormals_fl
             # rows' samples read off the probe (guided_calls.py; stages.entry_mismatches)
             try:
                 result["replay"]["denoiser_entry"]["guided"] = guided_calls.figures(
-                    keeper, *judged_calls, probe.owners(), conditioning)
+                    keeper, *judged_calls, probe.owners(), conditioning,
+                    merging_allowed=bool(job["guidance_check"].get("merging_allowed", True)))
             except Exception as exc:  # noqa: BLE001 - the zoo's denoiser on the run's latents: figures it
                 # cannot compute with (a shape, a value) are the run's, never a harness error
                 result["replay"]["denoiser_entry"]["guided"] = {

@@ -306,7 +306,7 @@ def guided_mismatches(guided: Any) -> list[Mismatch]:
     the run's guidance direction the model's. Red team round 26 (N0, P0) entered each latent twice
     and computed both rows with the conditional inputs at two timesteps: one pass, credited as a
     guided call, served two conditional-only steps."""
-    from pytest_diffbench.guided_calls import DIRECTION_BOUND
+    from pytest_diffbench.guided_calls import DIRECTION_BOUND, HALF_BOUND
 
     if not isinstance(guided, Mapping):
         return []
@@ -328,6 +328,13 @@ def guided_mismatches(guided: Any) -> list[Mismatch]:
         out.append(Mismatch(f"{subject}: classifier-free guidance's direction (the conditional half's output minus the "
                             "unconditional half's)", f"the model's to within {DIRECTION_BOUND} of it",
                             f"{worst[0]} off on call {worst[1]}"))
+    half = guided.get("worst_half")
+    if isinstance(half, list) and len(half) == 2 and half[1] is not None \
+            and not (isinstance(half[0], (int, float)) and half[0] <= HALF_BOUND):
+        # where nothing merges tokens the model's own output, each half on its own: a half at the next
+        # step's timestep kept the direction on the tiny DiT (red team round 27, F2)
+        out.append(Mismatch(f"{subject}: each half's output, on the calls that merge no tokens",
+                            f"the model's to within {HALF_BOUND} of it", f"{half[0]} off on call {half[1]}"))
     return out
 
 

@@ -44,7 +44,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from . import captions
 from .aten_leaves import leaves
 from .sample_probe import Resume, same_state, snapshot_env
-from .updates import DECODER_ENTRY, ENCODER_EXIT, EXIT_MODULES, standard_normal
+from .updates import _SCATTERS, DECODER_ENTRY, ENCODER_EXIT, EXIT_MODULES, standard_normal
 # the denoiser's components (a product whose parameter operand comes from other components alone,
 # text encoders or VAE, is theirs: Replayer.run's origins), and the suffix of a book that holds the
 # products of no parameter (Producers)
@@ -1666,6 +1666,8 @@ class Replayer:
                     digests.product(position, outputs)
             if steps is not None and self.entries:  # tomesd's merges (gold_calls.MergesOfTheRun)
                 steps.merge_op(func, args, kwargs, outputs)
+            if keeper is not None and self.entries and func._overloadpacket in _SCATTERS:
+                keeper.merge_op(func, args, kwargs)  # a call that merges tokens (guided_calls: not exact)
             if counter is not None and leaving and outputs and isinstance(outputs[0], torch.Tensor):
                 with harness_arithmetic():
                     # the last product of the exit module in the call is its output: the module's own

@@ -147,6 +147,22 @@ def exit_output(layer: Any, name: str, operand: torch.Tensor | None) -> tuple[to
     return None, f"the replay's exit module {name} is a {type(layer).__name__}"
 
 
+def merge_draw(func: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int] | None:
+    """(the index, the choices per tile) where an op is tomesd's draw of a merge's destinations
+    (merge.py's `idx_buffer_view.scatter_(dim=2, index=rand_idx, ...)`: an int64 (h/sy, w/sx, sy*sx)
+    buffer given one (h/sy, w/sx, 1) index), else None."""
+    if func._overloadpacket not in _SCATTERS:
+        return None
+    buffer = args[0] if args else kwargs.get("self")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    index = args[2] if len(args) > 2 else kwargs.get("index")
+    if not (isinstance(buffer, torch.Tensor) and isinstance(index, torch.Tensor) and dim in (2, -1)
+            and buffer.dtype == index.dtype == torch.int64 and buffer.dim() == index.dim() == 3
+            and tuple(index.shape) == (*buffer.shape[:2], 1)):
+        return None
+    return index, int(buffer.shape[2])
+
+
 def exit_modules_of(pipe: Any) -> dict:
     """The exit modules (EXIT_MODULES) of `pipe`'s denoiser (its `unet` or `transformer`), by name."""
     found = {}
@@ -319,14 +335,9 @@ class StepCheck:
             return
         merges, packet = self._held[3], func._overloadpacket
         if packet in _SCATTERS:
-            buffer = args[0] if args else kwargs.get("self")
-            dim = args[1] if len(args) > 1 else kwargs.get("dim")
-            index = args[2] if len(args) > 2 else kwargs.get("index")
-            if not (isinstance(buffer, torch.Tensor) and isinstance(index, torch.Tensor) and dim in (2, -1)
-                    and buffer.dtype == index.dtype == torch.int64 and buffer.dim() == index.dim() == 3
-                    and tuple(index.shape) == (*buffer.shape[:2], 1)):
-                return
-            self._keep_merge(merges, index, [index.detach().clone(), int(buffer.shape[2]), None, None])
+            drawn = merge_draw(func, args, kwargs)
+            if drawn is not None:
+                self._keep_merge(merges, drawn[0], [drawn[0].detach().clone(), drawn[1], None, None])
             return
         if not merges or packet not in (torch.ops.aten.max, torch.ops.aten.sort) or len(outputs) != 2:
             return

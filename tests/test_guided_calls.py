@@ -60,6 +60,8 @@ def _entry(guided: dict) -> dict:
      "guidance's direction"),
     ({"guided": 10, "timesteps_split": [0, None], "unread": [0, None], "worst_direction": ["nan", 5]},
      "guidance's direction"),
+    ({"guided": 10, "timesteps_split": [0, None], "unread": [0, None], "worst_direction": [0.1, 2],
+      "exact": 10, "worst_half": [0.05, 3]}, "each half's output"),
     ({"problem": "the run's calls could not be computed again: ValueError"}, "could not be computed again"),
 ])
 def test_stage_1_fails_a_guided_call_the_model_did_not_compute(guided, found):
@@ -68,8 +70,12 @@ def test_stage_1_fails_a_guided_call_the_model_did_not_compute(guided, found):
 
 
 def test_stage_1_passes_guided_calls_the_model_computed():
+    from pytest_diffbench.guided_calls import HALF_BOUND
+
     guided = {"guided": 10, "checked": 8, "cached": 2, "timesteps_split": [0, None], "unread": [0, None],
-              "worst_direction": [DIRECTION_BOUND / 2, 3], "problem": None}
+              "worst_direction": [DIRECTION_BOUND / 2, 3], "exact": 0, "worst_half": [0.0, None], "problem": None}
+    assert stages.guided_mismatches(guided) == []  # every call merged tokens: the halves are not held
+    guided.update(exact=4, worst_half=[HALF_BOUND / 2, 1])
     assert stages.guided_mismatches(guided) == []
     assert stages.guided_mismatches(None) == []  # not asked (L1-L3, a baseline, the GPU profiles)
 

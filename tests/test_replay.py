@@ -937,6 +937,11 @@ def test_twin_rows_swapped_after_the_entry_for_an_earlier_calls_work_fail_stage_
     # DeepCache's cached steps, computed again with the cache the run read in place
     ("L4-sd15-t2i-hard-0003", "guidance_dropped_on_deepcaches_cached_steps_behind_guided_entries.py",
      "worst_direction"),
+    # red team round 27: the timestep read off a throwaway embedding product; the direction pooled over a call
+    ("L4-dit-c2i-hard-0012", "guided_steps_two_per_pass_with_the_unconditional_half_at_the_next_timestep_on_dit.py",
+     "worst_half"),
+    ("L4-dit-c2i-hard-0012", "guidance_forged_for_some_samples_of_each_call_under_a_pooled_bound_on_dit.py",
+     "worst_direction"),
 ])
 def test_two_conditional_steps_in_one_guided_looking_pass_fail_stage_1(task_id, attack, figure, tiny_zoo,
                                                                        baseline_cache_dir, tmp_path):
@@ -956,6 +961,11 @@ def test_two_conditional_steps_in_one_guided_looking_pass_fail_stage_1(task_id, 
     assert guided["guided"] > 0 and guided["problem"] is None, guided
     if figure == "timesteps_split":
         assert guided["timesteps_split"][0] > 0 and guided["timesteps_split"][1] > 0, guided  # not the honest first
+    elif figure == "worst_half":
+        from pytest_diffbench.guided_calls import HALF_BOUND
+
+        assert guided["worst_direction"][0] <= DIRECTION_BOUND < 1, guided  # the direction alone kept it
+        assert guided["exact"] > 0 and guided["worst_half"][0] > HALF_BOUND and guided["worst_half"][1] > 0, guided
     else:
         assert guided["timesteps_split"][0] == 0 and guided["worst_direction"][0] > DIRECTION_BOUND, guided
         assert guided["worst_direction"][1] > 0 and guided["unread"][0] == 0, guided
