@@ -329,12 +329,13 @@ def guided_mismatches(guided: Any) -> list[Mismatch]:
                             "unconditional half's)", f"the model's to within {DIRECTION_BOUND} of it",
                             f"{worst[0]} off on call {worst[1]}"))
     half = guided.get("worst_half")
-    if isinstance(half, list) and len(half) == 2 and half[1] is not None \
-            and not (isinstance(half[0], (int, float)) and half[0] <= HALF_BOUND):
-        # where nothing merges tokens the model's own output, each half on its own: a half at the next
-        # step's timestep kept the direction on the tiny DiT (red team round 27, F2)
-        out.append(Mismatch(f"{subject}: each half's output, on the calls that merge no tokens",
-                            f"the model's to within {HALF_BOUND} of it", f"{half[0]} off on call {half[1]}"))
+    if isinstance(half, list) and len(half) in (2, 3) and half[1] is not None:
+        bound = half[2] if len(half) == 3 and isinstance(half[2], (int, float)) else HALF_BOUND
+        if not (isinstance(half[0], (int, float)) and half[0] <= bound):
+            # where nothing merges tokens the model's own output, each half on its own: a half at the next
+            # step's timestep kept the direction on the tiny DiT (red team round 27, F2)
+            out.append(Mismatch(f"{subject}: each half's output, on the calls that merge no tokens",
+                                f"the model's to within {bound} of it", f"{half[0]} off on call {half[1]}"))
     return out
 
 

@@ -699,15 +699,19 @@ def test_work_moved_into_uncounted_ops_is_an_integrity_failure_naming_both_figur
     """The replay counts what torch's FLOP counter counts; work written with other ops it runs (a
     linear layer as a broadcast multiply and a sum: tests/adversarial_tasks/uncounted_linear.py)
     is not in the FLOP count but is in the work the replay did (its elements), which the parent
-    compares with the reference's: an integrity failure naming U_flops and U_work."""
+    compares with the reference's: an integrity failure naming U_flops and U_work. The exit layer
+    and the time embedding's first layer stay counted here: moved too, the guided-call check cannot
+    read the calls and fails the run at stage 1 first (session 43)."""
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
     from pytest_diffbench.zoo.profiles import tiny_evaluator
 
     task = load_calibration(REPO / "tasks", "cpu-tiny").apply(load_task(REPO / "tasks" / "L4" / f"{FORK_TASK}.yaml"))
-    code = task.reference + "\n\n# ---- the attack (tests/adversarial_tasks/uncounted_linear.py) ----\n" + \
-        (TASK_ATTACKS / "uncounted_linear.py").read_text()
+    attack = (TASK_ATTACKS / "uncounted_linear.py").read_text()
+    assert "KEEP_COUNTED: tuple = ()" in attack
+    attack = attack.replace("KEEP_COUNTED: tuple = ()", "KEEP_COUNTED: tuple = ('proj_out_2', 'timestep_embedder.linear_1')")
+    code = task.reference + "\n\n# ---- the attack (tests/adversarial_tasks/uncounted_linear.py) ----\n" + attack
     evaluator = tiny_evaluator(tiny_zoo, baseline_cache_dir, tmp_path, samples=2, timeout_s=300.0)
     result = evaluator.evaluate(task, Candidate(code=code, source="test"), task.reference, task.gold)
     figures = result.measures.speed_crosscheck
@@ -807,8 +811,11 @@ def test_guidance_dropped_behind_a_partition_of_the_calls_fails_the_module_work(
     assert result.flops["source"] == "replay", result.flops.get("source")
     if forge:
         assert (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), result.verdict
-        assert "the denoiser's work falls short" in result.verdict.message, result.verdict.message
-        assert "calls per image the harness's replay counted" in result.verdict.message, result.verdict.message
+        # the module rule's finding, or since session 43 (judged before it) the guided calls computed
+        # again: the calls whose conditional row alone ran after the entry are not the model's
+        assert ("the denoiser's work falls short" in result.verdict.message
+                and "calls per image the harness's replay counted" in result.verdict.message) \
+            or "computed again by the harness" in result.verdict.message, result.verdict.message
     else:
         assert result.verdict.stage_reached >= 3 and result.verdict.category == stages.RELATIVE_SPEED, result.verdict
 
@@ -1017,7 +1024,9 @@ def test_seed_free_work_done_off_the_record_buys_no_speed(tiny_zoo, baseline_cac
     """tests/adversarial_tasks/seed_free_work_off_the_record.py (red team round 7, S1): the
     reference's configuration, with every seed-free part of the call computed while the recorder
     is off the dispatch stack. The replay never counts that work (U_flops well over the hard
-    target); the work that follows the seeds is the reference's, and U is the smallest figure."""
+    target); the work that follows the seeds is the reference's, and U is the smallest figure.
+    Since session 43 it fails stage 1 first: its timesteps' embedding is made off the record, so
+    the guided calls cannot be computed again (fail closed); the figures are still measured."""
     from pytest_diffbench.calibration import load_calibration
     from pytest_diffbench.evaluate import Candidate
     from pytest_diffbench.tasks import load_task
@@ -1034,8 +1043,9 @@ def test_seed_free_work_done_off_the_record_buys_no_speed(tiny_zoo, baseline_cac
     assert result.flops["source"] == "replay" and m.L < 0.01, (result.flops.get("source"), m.L)
     assert m.U_flops > task.constraint.min_speedup, m  # what hiding the work buys in FLOPs
     assert m.U_seed == pytest.approx(1.0, abs=0.01), m
-    assert m.U < 1.02 and (result.verdict.passed, result.verdict.category) == (False, stages.RELATIVE_SPEED), \
+    assert m.U < 1.02 and (result.verdict.passed, result.verdict.category) == (False, stages.KEY_ATTRIBUTE), \
         (m, result.verdict)
+    assert "timesteps, output and samples readable" in result.verdict.message, result.verdict
 
 
 def test_the_seeds_taint_carries_each_values_call_depth_and_what_it_carries_from_earlier_calls():
